@@ -1,0 +1,60 @@
+"""A tensor-only Adam for the few balancers that learn their weights with their own optimiser.
+
+FAMO's task logits and GradNorm's weights are updated inside the balancer, not by the user's
+optimiser. Keeping Adam's moments as buffers makes them part of ``state_dict``, so a resumed run
+continues the same trajectory, and keeps the update free of Python loops over parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class AdamState(nn.Module):
+    """Adam (Kingma & Ba, 2015) moments for one vector, updated out of place.
+
+    Matches ``torch.optim.Adam`` with L2 ``weight_decay`` added to the gradient.
+
+    Args:
+        size: length of the vector being optimised.
+        lr: step size.
+        betas: decay rates of the first and second moments.
+        eps: added to the denominator for stability.
+        weight_decay: L2 penalty coefficient.
+    """
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step_count: Tensor
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.register_buffer("exp_avg", torch.zeros(size))
+        self.register_buffer("exp_avg_sq", torch.zeros(size))
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+
+    def step(self, param: Tensor, grad: Tensor) -> Tensor:
+        """Advance the moments by ``grad`` and return the updated copy of ``param``."""
+        beta1, beta2 = self.betas
+        grad = grad + self.weight_decay * param
+        self.exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.step_count.add_(1)
+        step = self.step_count.to(param.dtype)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denominator = self.exp_avg_sq.sqrt() / bias_correction2.sqrt() + self.eps
+        return param - (self.lr / bias_correction1) * self.exp_avg / denominator

@@ -1,0 +1,87 @@
+"""The registry: the single list of balancing methods, by lower-case name."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from taskbalance._base import Balancer
+
+_REGISTRY: dict[str, type[Balancer]] = {}
+
+BalancerType = TypeVar("BalancerType", bound=type[Balancer])
+
+
+def register(name: str) -> Callable[[BalancerType], BalancerType]:
+    """Class decorator: make a :class:`Balancer` subclass available under ``name``.
+
+    Example:
+        >>> import taskbalance as tb
+        >>> "dwa" in tb.available()
+        True
+    """
+
+    def decorate(cls: BalancerType) -> BalancerType:
+        if name in _REGISTRY:
+            raise ValueError(f"name: {name!r} is already registered to {_REGISTRY[name].__name__}")
+        if name != name.lower():
+            raise ValueError(f"name: registry names are lower-case, got {name!r}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available() -> list[str]:
+    """Sorted names of every registered method: the single source of truth.
+
+    Example:
+        >>> import taskbalance as tb
+        >>> tb.available()[:3]
+        ['aligned_mtl', 'cagrad', 'config']
+    """
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Balancer]:
+    """The class registered under ``name``; a ValueError lists the valid names otherwise."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"name: unknown method {name!r}; expected one of {available()}")
+    return _REGISTRY[name]
+
+
+def hyperparameters(name: str) -> dict[str, Any]:
+    """The keyword hyperparameters of method ``name`` with their defaults."""
+    signature = inspect.signature(method_class(name).__init__)
+    return {
+        key: parameter.default
+        for key, parameter in signature.parameters.items()
+        if key not in ("self", "num_tasks")
+        and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def create(name: str, num_tasks: int, **hparams: Any) -> Balancer:
+    """Create the balancer registered under ``name``; same as calling its class.
+
+    Args:
+        name: a name from :func:`available`.
+        num_tasks: K, the number of tasks.
+        **hparams: the method's keyword hyperparameters.
+
+    Example:
+        >>> import taskbalance as tb
+        >>> b = tb.create("dwa", num_tasks=3, temperature=2.0)
+        >>> b.weights
+        tensor([1., 1., 1.])
+    """
+    cls = method_class(name)
+    accepted = hyperparameters(name)
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"{name}: unknown hyperparameter(s) {unknown}; expected some of {sorted(accepted)}"
+        )
+    return cls(num_tasks, **hparams)

@@ -1,0 +1,156 @@
+"""Input checks shared by every balancer.
+
+Each check raises before any state changes, and its message names the argument, the value that
+was given and what was expected, so a user can fix the call without reading our source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_num_tasks(num_tasks: object) -> int:
+    """Return ``num_tasks`` as an int after checking it is a positive integer."""
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int):
+        raise TypeError(f"num_tasks: expected a positive int, got {num_tasks!r}")
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks: expected a positive int, got {num_tasks}")
+    return num_tasks
+
+
+def check_real(name: str, value: object) -> float:
+    """Return ``value`` as a float after checking it is a finite real number."""
+    return _as_real(name, value)
+
+
+def check_nonnegative(name: str, value: object) -> float:
+    """Return ``value`` as a float after checking it is a finite number ≥ 0."""
+    number = _as_real(name, value)
+    if number < 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    return number
+
+
+def check_positive(name: str, value: object) -> float:
+    """Return ``value`` as a float after checking it is a finite number > 0."""
+    number = _as_real(name, value)
+    if number <= 0:
+        raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+    return number
+
+
+def check_in_range(
+    name: str, value: object, low: float, high: float, *, low_open: bool = False
+) -> float:
+    """Return ``value`` as a float after checking ``low (<|<=) value <= high``."""
+    number = _as_real(name, value)
+    below = number <= low if low_open else number < low
+    if below or number > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name}: expected a number in {bracket}{low}, {high}], got {value!r}")
+    return number
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` after checking it is an int ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """Return ``value`` after checking it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
+def per_task_values(
+    name: str, value: float | Sequence[float] | Tensor, num_tasks: int
+) -> list[float]:
+    """Broadcast a scalar, or check a length-``num_tasks`` sequence, into a list of floats."""
+    if isinstance(value, Tensor):
+        value = value.detach().flatten().tolist()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)] * num_tasks
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise TypeError(f"{name}: expected a number or {num_tasks} numbers, got {value!r}")
+    values = [_as_real(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if len(values) != num_tasks:
+        raise ValueError(f"{name}: expected {num_tasks} values (one per task), got {len(values)}")
+    return values
+
+
+def _as_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return number
+
+
+def as_loss_vector(losses: Tensor | Sequence[Tensor], num_tasks: int) -> Tensor:
+    """Turn ``losses`` (a 1-D tensor or a sequence of 0-d tensors) into a [K] tensor.
+
+    The result stays in the autograd graph: the objective is built from it.
+    """
+    if isinstance(losses, Tensor):
+        vector = losses
+        if vector.dim() != 1:
+            raise ValueError(
+                f"losses: expected a 1-D tensor of {num_tasks} task losses, "
+                f"got shape {tuple(vector.shape)}"
+            )
+    elif isinstance(losses, Sequence) and not isinstance(losses, str):
+        items = list(losses)
+        for i, item in enumerate(items):
+            if not isinstance(item, Tensor):
+                raise TypeError(f"losses[{i}]: expected a tensor, got {type(item).__name__}")
+            if item.numel() != 1:
+                raise ValueError(
+                    f"losses[{i}]: expected a scalar (0-d) loss, got shape {tuple(item.shape)}"
+                )
+        if not items:
+            raise ValueError(f"losses: expected {num_tasks} task losses, got an empty sequence")
+        vector = torch.stack([item.reshape(()) for item in items])
+    else:
+        raise TypeError(
+            f"losses: expected a 1-D tensor or a list of 0-d tensors, got {type(losses).__name__}"
+        )
+    if vector.shape[0] != num_tasks:
+        raise ValueError(f"losses: expected {num_tasks} task losses, got {vector.shape[0]}")
+    if not vector.is_floating_point():
+        raise TypeError(f"losses: expected a floating-point tensor, got dtype {vector.dtype}")
+    return vector
+
+
+def check_loss_values(values: list[float], *, positive: bool, method: str) -> None:
+    """Check host copies of the losses: finite, and > 0 where the method takes logs or ratios."""
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            raise ValueError(f"losses[{i}] is {value}: every task loss must be finite")
+        if positive and value <= 0:
+            raise ValueError(
+                f"losses[{i}] = {value}: {method} takes logs or ratios of the losses, "
+                "so every loss must be > 0"
+            )
+
+
+def as_kpi_vector(kpis: Tensor | Sequence[float] | None, num_tasks: int, method: str) -> Tensor:
+    """Check per-task KPIs: present, K of them, each in [0, 1]. Returns a detached float tensor."""
+    if kpis is None:
+        raise ValueError(f"kpis: {method} needs per-task KPIs in [0, 1] (kpis=...), got None")
+    vector = torch.as_tensor(kpis).detach().to(torch.float32)
+    if vector.dim() != 1 or vector.shape[0] != num_tasks:
+        raise ValueError(
+            f"kpis: expected {num_tasks} per-task KPIs, got shape {tuple(vector.shape)}"
+        )
+    for i, value in enumerate(vector.tolist()):
+        if not (0.0 <= value <= 1.0):
+            raise ValueError(f"kpis[{i}] = {value}: expected a value in [0, 1]")
+    return vector

@@ -1,0 +1,84 @@
+"""Dynamic Task Prioritization (Guo et al., ECCV 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from taskbalance._base import Balancer
+from taskbalance._registry import register
+from taskbalance._validation import check_in_range, per_task_values
+
+
+@register("dtp")
+class DTP(Balancer):
+    """Dynamic Task Prioritization: focus on the tasks whose KPI is lowest.
+
+    Guo, Haque, Huang, Yeung & Fei-Fei, "Dynamic Task Prioritization for Multitask Learning",
+    ECCV 2018, §3.3. Each step reads a per-task key performance indicator ``κ_k ∈ [0, 1]``
+    (accuracy, mIoU, ...), smooths it and turns it into a focal-loss-style weight:
+
+    ``κ̄_k ← α·κ_k + (1 − α)·κ̄_k``,  ``w_k = −(1 − κ̄_k)^{γ_k} · log κ̄_k``
+
+    A task that is learned (κ̄ → 1) fades out; a hard task (κ̄ small) dominates. The weights are
+    not learned and carry no gradient.
+
+    Defaults: ``γ = 2`` for every task (the DESIGN notes' choice; the paper tunes γ per task),
+    ``α = 0.1``, ``κ̄`` starts at the first observed KPI, and ``κ̄`` is clamped to ``[eps, 1]``
+    with ``eps = 1e-4`` so that a KPI of 0 gives a large finite weight (≈ 9.2) instead of ∞.
+
+    Departures: the paper leaves α open; 0.1 averages over roughly the last 10 steps, which
+    steadies per-batch KPIs. The paper also prioritises examples within a task with the focal
+    loss: use :func:`taskbalance.losses.focal_loss` for that part.
+
+    Args:
+        num_tasks: K.
+        gamma: the focusing parameter γ, for all tasks or one per task (≥ 0).
+        smoothing: α in (0, 1], the weight of the newest KPI in the moving average.
+        eps: lower clamp of κ̄ in (0, 1).
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> b = tb.DTP(num_tasks=2, gamma=2.0)
+        >>> _ = b(torch.tensor([1.0, 1.0]), kpis=torch.tensor([0.9, 0.5]))
+        >>> b.weights
+        tensor([0.0011, 0.1733])
+    """
+
+    requires_kpis = True
+
+    gamma: Tensor
+    smoothed_kpis: Tensor
+    has_kpis: Tensor
+
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        gamma: float | Sequence[float] = 2.0,
+        smoothing: float = 0.1,
+        eps: float = 1e-4,
+    ) -> None:
+        super().__init__(num_tasks)
+        gammas = per_task_values("gamma", gamma, self.num_tasks)
+        for i, value in enumerate(gammas):
+            if value < 0:
+                raise ValueError(f"gamma[{i}] = {value}: expected a focusing parameter >= 0")
+        self.smoothing = check_in_range("smoothing", smoothing, 0.0, 1.0, low_open=True)
+        self.eps = check_in_range("eps", eps, 0.0, 1.0, low_open=True)
+        self.register_buffer("gamma", torch.tensor(gammas))
+        self.register_buffer("smoothed_kpis", torch.ones(self.num_tasks))
+        self.register_buffer("has_kpis", torch.zeros((), dtype=torch.bool))
+
+    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+        assert kpis is not None  # the base class has checked them
+        if bool(self.has_kpis):
+            smoothed = self.smoothing * kpis + (1 - self.smoothing) * self.smoothed_kpis
+        else:
+            smoothed = kpis.clone()
+        self.smoothed_kpis.copy_(smoothed)
+        self.has_kpis.fill_(True)
+        clamped = smoothed.clamp(min=self.eps, max=1.0)
+        return -((1 - clamped) ** self.gamma) * torch.log(clamped)

@@ -1,0 +1,87 @@
+"""Dynamic Weight Average (Liu, Johns & Davison, CVPR 2019)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from taskbalance._base import Balancer
+from taskbalance._registry import register
+from taskbalance._validation import check_positive, check_positive_int
+
+
+@register("dwa")
+class DWA(Balancer):
+    """Dynamic Weight Average: weight each task by how slowly its loss is falling.
+
+    Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019, eq. (1):
+
+    ``r_k = L̄_k(t−1) / L̄_k(t−2)``,  ``w_k = K·exp(r_k/T) / Σ_j exp(r_j/T)``
+
+    where ``L̄_k(t)`` is the mean loss of task k over period t. A period is an epoch (the paper;
+    call :meth:`end_epoch` at each epoch boundary) or, with ``window=N``, N consecutive steps
+    (the variant of the Nash-MTL code base, useful when epochs are long). ``w = 1`` for the first
+    two periods, when no ratio exists yet.
+
+    Defaults: ``T = 2`` (the paper), per-epoch periods.
+
+    Departures: none. Losses must be positive (the rule takes ratios).
+
+    Args:
+        num_tasks: K.
+        temperature: T; larger T gives more even weights.
+        window: None for per-epoch periods, or the number of steps in a period.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> b = tb.DWA(num_tasks=2)
+        >>> for losses in ([4.0, 2.0], [2.0, 2.0]):
+        ...     _ = b(torch.tensor(losses)); b.end_epoch()
+        >>> b.compute_weights(torch.tensor([1.0, 1.0]))
+        tensor([0.7551, 1.2449])
+    """
+
+    requires_positive_losses = True
+
+    period_sum: Tensor
+    period_count: Tensor
+    history: Tensor
+    periods_done: Tensor
+
+    def __init__(self, num_tasks: int, *, temperature: float = 2.0, window: int | None = None):
+        super().__init__(num_tasks)
+        self.temperature = check_positive("temperature", temperature)
+        self.window = None if window is None else check_positive_int("window", window)
+        self.register_buffer("period_sum", torch.zeros(self.num_tasks))
+        self.register_buffer("period_count", torch.zeros((), dtype=torch.long))
+        # history[0] = L̄(t−2), history[1] = L̄(t−1)
+        self.register_buffer("history", torch.ones(2, self.num_tasks))
+        self.register_buffer("periods_done", torch.zeros((), dtype=torch.long))
+
+    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+        if int(self.periods_done) >= 2:
+            ratios = self.history[1] / self.history[0]
+            weights = self.num_tasks * torch.softmax(ratios / self.temperature, dim=0)
+        else:
+            weights = torch.ones_like(losses)
+        self.period_sum.add_(losses)
+        self.period_count.add_(1)
+        if self.window is not None and int(self.period_count) >= self.window:
+            self._close_period()
+        return weights
+
+    def end_epoch(self) -> None:
+        """Close the current period (per-epoch mode); a no-op with ``window=`` set."""
+        if self.window is None and int(self.period_count) > 0:
+            self._close_period()
+
+    def _close_period(self) -> None:
+        mean = self.period_sum / self.period_count
+        self.history[0] = self.history[1]
+        self.history[1] = mean
+        self.periods_done.add_(1)
+        self.period_sum.zero_()
+        self.period_count.zero_()
+
+    def extra_repr(self) -> str:
+        return f"num_tasks={self.num_tasks}, temperature={self.temperature}, window={self.window}"

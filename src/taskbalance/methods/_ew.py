@@ -1,0 +1,30 @@
+"""Equal weighting."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from taskbalance._base import Balancer
+from taskbalance._registry import register
+
+
+@register("ew")
+class EW(Balancer):
+    """Equal weighting: ``w_k = 1``, so the objective is the plain sum ``Σ_k L_k``.
+
+    The baseline every other method is measured against. Note that the objective is the sum,
+    not the mean, of the losses; divide your learning rate by K to reproduce a mean.
+
+    Args:
+        num_tasks: K.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> b = tb.EW(num_tasks=2)
+        >>> b(torch.tensor([1.0, 3.0]))
+        tensor(4.)
+    """
+
+    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+        return torch.ones_like(losses)

@@ -1,0 +1,110 @@
+"""FAMO: Fast Adaptive Multitask Optimization (Liu et al., NeurIPS 2023)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from taskbalance._adam import AdamState
+from taskbalance._base import Balancer
+from taskbalance._registry import register
+from taskbalance._validation import check_nonnegative, check_positive
+
+
+@register("famo")
+class FAMO(Balancer):
+    """FAMO: decrease all task losses at an equal rate, in O(1) time and memory per step.
+
+    Liu, Liu, Jin, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
+    Algorithm 1. Task logits ``ξ`` give ``z = softmax(ξ)``; the update direction is the
+    gradient of ``Σ_k (z_k / c)·log L_k`` with ``c = Σ_k z_k / L_k``, so
+
+    ``w_k = z_k / (c · L_k)``.
+
+    After each step the logits learn from how much each log-loss actually fell,
+    ``δ_k = log L_k(t−1) − log L_k(t)``: their gradient is ``(∂z/∂ξ)ᵀ δ`` (the softmax
+    Jacobian times δ), applied by Adam with learning rate ``lr`` and L2 weight decay
+    ``weight_decay`` (γ in the paper). A task whose loss fell less gains weight.
+
+    Defaults: ``lr = 0.025``, ``weight_decay = 0.001`` (the paper's; 0.01 on Cityscapes),
+    ``ξ = 0`` at the start, ``min_losses = 0`` (the losses' known lower bounds).
+
+    Departures: the official code evaluates the losses a second time on the same batch after
+    the parameter update (one extra forward pass). We read δ from the losses of the next step
+    instead, so the method keeps its O(1) cost and the training loop keeps one forward and one
+    backward; on shuffled mini-batches this is an unbiased but noisier estimate of the same
+    decrease. Under DDP δ uses the rank-averaged losses, so every rank's logits agree.
+
+    Args:
+        num_tasks: K.
+        lr: Adam learning rate of the logits.
+        weight_decay: γ, L2 decay of the logits.
+        min_losses: lower bound of each loss, subtracted before the log (0 for most losses).
+        eps: added to ``L − min_losses`` before the log, as in the official code.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> b = tb.FAMO(num_tasks=2)
+        >>> _ = b(torch.tensor([1.0, 4.0]))
+        >>> b.weights
+        tensor([0.8000, 0.2000])
+    """
+
+    requires_positive_losses = True
+
+    logits: Tensor
+    previous_log_losses: Tensor
+    has_previous: Tensor
+
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        lr: float = 0.025,
+        weight_decay: float = 0.001,
+        min_losses: float = 0.0,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(num_tasks)
+        self.lr = check_positive("lr", lr)
+        self.weight_decay = check_nonnegative("weight_decay", weight_decay)
+        self.min_losses = check_nonnegative("min_losses", min_losses)
+        self.eps = check_nonnegative("eps", eps)
+        self.logit_optimiser = AdamState(self.num_tasks, lr=self.lr, weight_decay=self.weight_decay)
+        self.register_buffer("logits", torch.zeros(self.num_tasks))
+        self.register_buffer("previous_log_losses", torch.zeros(self.num_tasks))
+        self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
+        self._last_weights.fill_(1.0 / self.num_tasks)
+
+    @property
+    def task_probabilities(self) -> Tensor:
+        """``z = softmax(ξ)``, the share of attention each task gets (detached)."""
+        return torch.softmax(self.logits, dim=0)
+
+    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+        shifted = losses - self.min_losses + self.eps
+        if bool((shifted <= 0).any()):
+            raise ValueError(
+                f"losses: FAMO takes log(L − min_losses) with min_losses = {self.min_losses}, "
+                f"so every loss must exceed it; got {losses.tolist()}"
+            )
+        log_losses = torch.log(shifted)
+        if bool(self.has_previous):
+            decrease = self.previous_log_losses - log_losses
+            probabilities = torch.softmax(self.logits, dim=0)
+            # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ)
+            logit_grad = probabilities * (decrease - (probabilities * decrease).sum())
+            self.logits.copy_(self.logit_optimiser.step(self.logits, logit_grad))
+        self.previous_log_losses.copy_(log_losses)
+        self.has_previous.fill_(True)
+        probabilities = torch.softmax(self.logits, dim=0)
+        normaliser = (probabilities / shifted).sum()
+        return probabilities / (normaliser * shifted)
+
+    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+        weighted = (weights.to(losses.dtype) * losses).sum()
+        # Shift the value to the paper's Σ (z/c)·log(L − min) without changing the gradient.
+        shifted = statistics.to(losses.dtype) - self.min_losses + self.eps
+        scale = weights.to(losses.dtype) * shifted  # = z / c
+        shift = (scale * torch.log(shifted)).sum() - (weights * statistics).sum()
+        return weighted + shift.detach()

@@ -1,0 +1,42 @@
+"""Fixed user-given weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from taskbalance._base import Balancer
+from taskbalance._registry import register
+from taskbalance._validation import per_task_values
+
+
+@register("fixed")
+class Fixed(Balancer):
+    """Constant weights chosen by the user: objective ``Σ_k w_k L_k``.
+
+    Args:
+        num_tasks: K.
+        weights: K non-negative weights (a hand-tuned grid search result, say).
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> b = tb.create("fixed", num_tasks=2, weights=[1.0, 0.5])
+        >>> b(torch.tensor([2.0, 2.0]))
+        tensor(3.)
+    """
+
+    fixed_weights: Tensor
+
+    def __init__(self, num_tasks: int, *, weights: Sequence[float] | Tensor) -> None:
+        super().__init__(num_tasks)
+        values = per_task_values("weights", weights, self.num_tasks)
+        for i, value in enumerate(values):
+            if value < 0:
+                raise ValueError(f"weights[{i}] = {value}: expected a weight >= 0")
+        self.register_buffer("fixed_weights", torch.tensor(values, dtype=torch.float32))
+        self._last_weights.copy_(self.fixed_weights)
+
+    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+        return self.fixed_weights.clone()

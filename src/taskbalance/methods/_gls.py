@@ -1,0 +1,41 @@
+"""Geometric loss strategy (Chennupati et al., CVPRW 2019)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from taskbalance._base import Balancer
+from taskbalance._registry import register
+
+
+@register("gls")
+class GLS(Balancer):
+    """Geometric loss strategy: minimise the geometric mean of the losses.
+
+    Chennupati, Sistu, Yogamani & Rawashdeh, "MultiNet++: Multi-Stream Feature Aggregation and
+    Geometric Loss Strategy for Multi-Task Learning", CVPR Workshops 2019:
+    objective ``(Π_k L_k)^{1/K}``.
+
+    Weights: ``w_k = ∂/∂L_k (Π L)^{1/K} = (Π L)^{1/K} / (K·L_k)``; since the geometric mean is
+    homogeneous of degree one, ``Σ w_k L_k`` equals it, so the objective returned is both the
+    geometric mean in value and ``Σ w_k L_k`` in gradient. Computed as ``exp(mean log L)`` for
+    stability. Losses must be positive.
+
+    Departures: none. Under DDP the weights use the rank-averaged losses, which makes the
+    summed gradient exactly that of the geometric mean of the global losses.
+
+    Args:
+        num_tasks: K.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> tb.GLS(num_tasks=2)(torch.tensor([1.0, 4.0]))
+        tensor(2.)
+    """
+
+    requires_positive_losses = True
+
+    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+        geometric_mean = torch.exp(torch.log(losses).mean())
+        return geometric_mean / (self.num_tasks * losses)

@@ -1,0 +1,49 @@
+"""Shared machinery of the methods that learn one log-scale per task (UW, IMTL-L)."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from taskbalance._base import Balancer
+
+
+class LearnedLogScales(Balancer):
+    """Objective ``Σ_k f_k(s_k)·L_k + Σ_k r(s_k)`` with learnable log-scales ``s``.
+
+    ``s`` is an ``nn.Parameter``: add ``balancer.parameters()`` to your optimiser. The weights
+    reported are ``f_k(s_k)``, the factor each loss is multiplied by.
+
+    Under DDP the gradient of ``s`` is taken on the rank-averaged losses, so every rank's ``s``
+    receives the same gradient and stays identical, while the gradient of each rank's own losses
+    is ``f_k(s_k)`` as usual. Outside DDP this is exactly the textbook objective.
+    """
+
+    def __init__(self, num_tasks: int, *, init: float) -> None:
+        super().__init__(num_tasks)
+        self.log_scales = nn.Parameter(torch.full((self.num_tasks,), float(init)))
+
+    def _set_initial_weights(self) -> None:
+        """Report ``f(s_init)`` as the weights before the first call; subclasses call it last."""
+        self._last_weights.copy_(self.loss_factors(self.log_scales.detach()))
+
+    @abstractmethod
+    def loss_factors(self, log_scales: Tensor) -> Tensor:
+        """``f(s)``: the factor each task loss is multiplied by."""
+
+    @abstractmethod
+    def regulariser(self, log_scales: Tensor) -> Tensor:
+        """``r(s)``, per task: what stops the factors collapsing to zero."""
+
+    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+        return self.loss_factors(self.log_scales.detach()).to(losses.dtype)
+
+    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+        log_scales = self.log_scales.to(losses.device)
+        factors = self.loss_factors(log_scales).to(losses.dtype)
+        statistics = statistics.to(losses.dtype)
+        # Value: Σ f·L + Σ r. Gradient in L: f. Gradient in s: f'·(rank-averaged L) + r'.
+        weighted = factors * statistics + factors.detach() * (losses - statistics)
+        return weighted.sum() + self.regulariser(log_scales).sum().to(losses.dtype)

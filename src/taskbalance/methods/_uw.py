@@ -1,0 +1,81 @@
+"""Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from taskbalance._registry import register
+from taskbalance._validation import check_choice, check_num_tasks, check_real
+from taskbalance.methods._learned_log_scales import LearnedLogScales
+
+_KINDS = ("regression", "classification")
+
+
+@register("uw")
+class UW(LearnedLogScales):
+    """Uncertainty weighting: learn each task's homoscedastic noise ``s_k = log σ_k²``.
+
+    Kendall, Gal & Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
+    Geometry and Semantics", CVPR 2018, eqs. (7) and (10):
+
+    - regression task (Gaussian likelihood): ``½·e^{−s}·L + ½·s``
+    - classification task (scaled softmax): ``e^{−s}·L + ½·s``
+
+    Weights: ``w_k = ½·e^{−s_k}`` (regression) or ``e^{−s_k}`` (classification). At the optimum
+    of a regression task with a mean-squared-error loss, ``e^{s} = MSE``: the learned ``e^{s}``
+    is the noise variance.
+
+    Defaults: every task regression (``kinds``), ``s = 0`` at the start (``init``).
+
+    Departures: none from the paper's equations. Public code differs: LibMTL and mtan start at
+    ``s = −0.5`` and several implementations drop the ½ factors; we keep the paper's factors so
+    that ``e^{s}`` estimates σ² directly. ``s`` is learned by *your* optimiser: pass
+    ``balancer.parameters()`` to it.
+
+    Args:
+        num_tasks: K.
+        kinds: ``"regression"`` or ``"classification"``, for all tasks or one per task.
+        init: initial ``s`` for every task.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> b = tb.UW(num_tasks=2, kinds=["regression", "classification"])
+        >>> optimiser = torch.optim.SGD(b.parameters(), lr=0.1)
+        >>> b(torch.tensor([1.0, 1.0])).item()
+        1.5
+    """
+
+    factor: Tensor
+
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        kinds: str | Sequence[str] = "regression",
+        init: float = 0.0,
+    ) -> None:
+        check_num_tasks(num_tasks)
+        kind_list = [kinds] * num_tasks if isinstance(kinds, str) else list(kinds)
+        if len(kind_list) != num_tasks:
+            raise ValueError(f"kinds: expected {num_tasks} task kinds, got {len(kind_list)}")
+        for i, kind in enumerate(kind_list):
+            check_choice(f"kinds[{i}]", kind, _KINDS)
+        self.kinds = kind_list
+        super().__init__(num_tasks, init=check_real("init", init))
+        factor = [0.5 if kind == "regression" else 1.0 for kind in kind_list]
+        self.register_buffer("factor", torch.tensor(factor))
+        self._set_initial_weights()
+
+    def loss_factors(self, log_scales: Tensor) -> Tensor:
+        return self.factor.to(log_scales.device) * torch.exp(-log_scales)
+
+    def regulariser(self, log_scales: Tensor) -> Tensor:
+        return 0.5 * log_scales
+
+    @property
+    def variances(self) -> Tensor:
+        """``e^{s}``: the learned noise variances σ_k² (detached)."""
+        return torch.exp(self.log_scales.detach())
