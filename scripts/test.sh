@@ -9,5 +9,5 @@ VENV="${VENV:-.venv}"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q torch==2.13.0
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
-"$VENV/bin/python" -m ruff check src tests benchmarks
+"$VENV/bin/python" -m ruff check src tests benchmarks examples
 "$VENV/bin/python" -m pytest -q "$@"
