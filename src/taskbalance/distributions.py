@@ -1,0 +1,303 @@
+"""The Gumbel distribution and the Gumbel-max / Gumbel-softmax tricks.
+
+Gumbel noise turns sampling from a categorical distribution into an ``argmax`` (Gumbel, 1954;
+the "Gumbel-max trick"): if ``g_i`` are i.i.d. standard Gumbel variables, then
+``argmax_i (logits_i + g_i)`` is distributed as ``Categorical(softmax(logits))``. Replacing the
+``argmax`` by a tempered softmax gives a differentiable relaxation, the Gumbel-softmax or
+Concrete distribution (Jang, Gu & Poole, ICLR 2017; Maddison, Mnih & Teh, ICLR 2017).
+
+Every sampler takes an optional :class:`torch.Generator` so that draws are reproducible
+without touching the global random state. The generator must live on the device of the
+parameters.
+
+Example:
+    >>> import torch
+    >>> from taskbalance.distributions import Gumbel, gumbel_max_sample, gumbel_softmax
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> logits = torch.log(torch.tensor([0.7, 0.2, 0.1]))
+    >>> gumbel_max_sample(logits, generator=generator).shape
+    torch.Size([])
+    >>> sample = gumbel_softmax(logits, tau=0.5, hard=True, generator=generator)
+    >>> sample.sum().item()
+    1.0
+    >>> round(Gumbel(0.0, 1.0).mean.item(), 4)  # the Euler–Mascheroni constant
+    0.5772
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, constraints
+from torch.distributions.utils import broadcast_all
+
+__all__ = ["Gumbel", "gumbel_max_sample", "gumbel_softmax"]
+
+EULER_GAMMA = 0.57721566490153286060651209008240243
+
+
+def _standard_gumbel(
+    shape: torch.Size,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Standard Gumbel noise ``−log(−log U)``, ``U ~ Uniform(0, 1)``.
+
+    ``torch.rand`` can return exactly 0, where ``−log(−log 0) = −inf``; clamping ``U`` at the
+    smallest normal number bounds the noise below by about ``−4.5`` (float32) instead. ``U < 1``
+    always, so the upper tail needs no guard.
+    """
+    uniform = torch.rand(shape, dtype=dtype, device=device, generator=generator)
+    uniform = uniform.clamp(min=torch.finfo(dtype).tiny)
+    return -torch.log(-torch.log(uniform))
+
+
+class Gumbel(Distribution):
+    """Gumbel (type-I extreme value) distribution with location ``μ`` and scale ``β > 0``.
+
+    Gumbel (1954), "Statistical Theory of Extreme Values"; the ``gumbel_r`` of SciPy. With
+    ``z = (x − μ)/β``::
+
+        pdf(x)   = (1/β) · exp(−(z + e^{−z}))
+        cdf(x)   = exp(−e^{−z})
+        icdf(y)  = μ − β · ln(−ln y)
+        mean     = μ + β · γ_E          (γ_E ≈ 0.5772, the Euler–Mascheroni constant)
+        variance = π² β² / 6
+        entropy  = ln β + γ_E + 1
+
+    Follows :mod:`torch.distributions` conventions (``batch_shape`` from broadcasting ``loc``
+    and ``scale``, ``sample``/``rsample`` with a ``sample_shape``, ``validate_args``), and
+    adds an optional ``generator`` to ``sample`` and ``rsample``. ``rsample`` is the
+    reparameterised sample ``μ + β · g`` with standard Gumbel noise ``g``, differentiable with
+    respect to ``loc`` and ``scale``.
+
+    Args:
+        loc: Location ``μ`` (float or tensor).
+        scale: Scale ``β > 0`` (float or tensor, broadcastable with ``loc``).
+        validate_args: As in :class:`torch.distributions.Distribution` (checks values passed
+            to ``log_prob``/``cdf``/``icdf``). ``scale`` is always checked.
+
+    Raises:
+        ValueError: If any ``scale`` is not positive.
+
+    Example:
+        >>> import torch
+        >>> gumbel = Gumbel(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0]))
+        >>> gumbel.batch_shape
+        torch.Size([2])
+        >>> gumbel.cdf(gumbel.icdf(torch.tensor([0.3, 0.9])))
+        tensor([0.3000, 0.9000])
+        >>> gumbel.rsample((5,), generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 2])
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}  # noqa: RUF012
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(
+        self,
+        loc: Tensor | float,
+        scale: Tensor | float,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.loc, self.scale = broadcast_all(loc, scale)
+        if not self.scale.is_floating_point():
+            raise TypeError(f"scale must be floating point, got dtype {self.scale.dtype}")
+        with torch.no_grad():
+            not_positive = ~(self.scale > 0)
+            if bool(not_positive.any()):
+                bad = self.scale[not_positive].reshape(-1)[0].item()
+                raise ValueError(f"scale must be positive (β > 0), got {bad!r}")
+        super().__init__(self.loc.shape, validate_args=validate_args)
+
+    def expand(
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: Gumbel | None = None
+    ) -> Gumbel:
+        """Returns a view with a larger ``batch_shape`` (see ``Distribution.expand``)."""
+        new = self._get_checked_instance(Gumbel, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        super(Gumbel, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> Tensor:
+        """``μ + β · γ_E``."""
+        return self.loc + self.scale * EULER_GAMMA
+
+    @property
+    def mode(self) -> Tensor:
+        """``μ``."""
+        return self.loc
+
+    @property
+    def variance(self) -> Tensor:
+        """``π² β² / 6``."""
+        return (math.pi**2 / 6.0) * self.scale.square()
+
+    @property
+    def stddev(self) -> Tensor:
+        """``π β / √6``."""
+        return (math.pi / math.sqrt(6.0)) * self.scale
+
+    def rsample(
+        self,
+        sample_shape: torch.Size | tuple[int, ...] = torch.Size(),  # noqa: B008
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Reparameterised sample ``μ + β · g``, shape ``sample_shape + batch_shape``."""
+        shape = self._extended_shape(torch.Size(sample_shape))
+        noise = _standard_gumbel(
+            shape, dtype=self.loc.dtype, device=self.loc.device, generator=generator
+        )
+        return self.loc + self.scale * noise
+
+    def sample(
+        self,
+        sample_shape: torch.Size | tuple[int, ...] = torch.Size(),  # noqa: B008
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Sample without gradient, shape ``sample_shape + batch_shape``."""
+        with torch.no_grad():
+            return self.rsample(sample_shape, generator=generator)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """``−ln β − (z + e^{−z})`` with ``z = (x − μ)/β``."""
+        if self._validate_args:
+            self._validate_sample(value)
+        z = (value - self.loc) / self.scale
+        return -torch.log(self.scale) - (z + torch.exp(-z))
+
+    def cdf(self, value: Tensor) -> Tensor:
+        """``exp(−e^{−z})``."""
+        if self._validate_args:
+            self._validate_sample(value)
+        z = (value - self.loc) / self.scale
+        return torch.exp(-torch.exp(-z))
+
+    def icdf(self, value: Tensor) -> Tensor:
+        """``μ − β · ln(−ln y)`` for ``y ∈ [0, 1]`` (``−inf`` at 0, ``+inf`` at 1)."""
+        value = torch.as_tensor(value, dtype=self.loc.dtype, device=self.loc.device)
+        if self._validate_args:
+            with torch.no_grad():
+                outside = (value < 0) | (value > 1) | torch.isnan(value)
+                if bool(outside.any()):
+                    bad = value[outside].reshape(-1)[0].item()
+                    raise ValueError(f"icdf value must be a probability in [0, 1], got {bad!r}")
+        return self.loc - self.scale * torch.log(-torch.log(value))
+
+    def entropy(self) -> Tensor:
+        """``ln β + γ_E + 1``."""
+        return torch.log(self.scale) + (EULER_GAMMA + 1.0)
+
+
+def _check_logits(logits: object) -> Tensor:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(
+            f"logits must have a non-empty category axis (the last), got shape "
+            f"{tuple(logits.shape)}"
+        )
+    return logits
+
+
+def gumbel_max_sample(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Draws category indices with the Gumbel-max trick.
+
+    Gumbel (1954); Maddison, Tarlow & Minka, NeurIPS 2014, "A* Sampling". With i.i.d. standard
+    Gumbel ``g``::
+
+        k = argmax_i (logits_i + g_i)  ~  Categorical(softmax(logits))
+
+    ``logits`` may be unnormalised (any additive constant cancels) and may contain ``-inf`` for
+    impossible categories.
+
+    Args:
+        logits: Log-probabilities up to a constant, categories along the last axis.
+        generator: Optional random generator for reproducible draws.
+
+    Returns:
+        ``torch.long`` indices of shape ``logits.shape[:-1]``.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[0.0, -torch.inf], [-torch.inf, 0.0]])
+        >>> gumbel_max_sample(logits, generator=torch.Generator().manual_seed(0))
+        tensor([0, 1])
+    """
+    logits = _check_logits(logits)
+    noise = _standard_gumbel(
+        logits.shape, dtype=logits.dtype, device=logits.device, generator=generator
+    )
+    return (logits.detach() + noise).argmax(dim=-1)
+
+
+def gumbel_softmax(
+    logits: Tensor,
+    tau: float = 1.0,
+    hard: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Gumbel-softmax (Concrete) sample, optionally discretised with straight-through gradients.
+
+    Jang, Gu & Poole, ICLR 2017, "Categorical Reparameterization with Gumbel-Softmax", eq. (1);
+    Maddison, Mnih & Teh, ICLR 2017, "The Concrete Distribution". With i.i.d. standard Gumbel
+    ``g`` and temperature ``τ > 0``::
+
+        y = softmax((logits + g) / τ)
+
+    ``y`` lies on the simplex (rows sum to 1); ``argmax y`` is exactly the Gumbel-max sample, so
+    it is distributed as ``Categorical(softmax(logits))`` for every ``τ``, and ``y`` approaches a
+    one-hot vector as ``τ → 0``. With ``hard=True`` the straight-through estimator (Jang et al.,
+    §2.2; Bengio et al., 2013) returns ``one_hot(argmax y) − sg(y) + y``: the forward value is
+    exactly one-hot, the gradient is that of the soft sample ``y``. The mean of hard samples is
+    therefore ``softmax(logits)``.
+
+    Unlike :func:`torch.nn.functional.gumbel_softmax` this accepts a ``generator``.
+
+    Args:
+        logits: Log-probabilities up to a constant, categories along the last axis.
+        tau: Temperature ``τ > 0``.
+        hard: Return one-hot samples with straight-through gradients.
+        generator: Optional random generator for reproducible draws.
+
+    Returns:
+        A sample of ``logits``' shape, dtype and device.
+
+    Raises:
+        ValueError: If ``tau`` is not a finite number > 0.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.zeros(4, 3, requires_grad=True)
+        >>> sample = gumbel_softmax(logits, tau=0.5, hard=True,
+        ...                         generator=torch.Generator().manual_seed(0))
+        >>> sample.sum(dim=-1)
+        tensor([1., 1., 1., 1.], grad_fn=<SumBackward1>)
+        >>> bool(((sample == 0) | (sample == 1)).all())
+        True
+    """
+    logits = _check_logits(logits)
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a finite number > 0 (the temperature), got {tau!r}")
+    noise = _standard_gumbel(
+        logits.shape, dtype=logits.dtype, device=logits.device, generator=generator
+    )
+    soft = torch.softmax((logits + noise) / tau, dim=-1)
+    if not hard:
+        return soft
+    index = soft.argmax(dim=-1, keepdim=True)
+    one_hot = torch.zeros_like(soft).scatter_(-1, index, 1.0)
+    # Straight-through: the value is one_hot (soft − soft.detach() is exactly 0), the gradient
+    # is soft's.
+    return one_hot - soft.detach() + soft

@@ -1,0 +1,188 @@
+"""Tests for taskbalance.distributions: Gumbel against SciPy, Gumbel-max and Gumbel-softmax."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import taskbalance.distributions as distributions
+from taskbalance.distributions import Gumbel, gumbel_max_sample, gumbel_softmax
+
+F64 = torch.float64
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def parameters() -> tuple[torch.Tensor, torch.Tensor]:
+    g = _generator(0)
+    loc = 3 * torch.randn(4, 1, dtype=F64, generator=g)
+    scale = 0.2 + 2 * torch.rand(1, 5, dtype=F64, generator=g)
+    return loc, scale
+
+
+def test_gumbel_matches_scipy(parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
+    loc, scale = parameters
+    gumbel = Gumbel(loc, scale)
+    assert gumbel.batch_shape == (4, 5)
+    reference = scipy.stats.gumbel_r(loc=loc.numpy(), scale=scale.numpy())
+    x = torch.randn(4, 5, dtype=F64, generator=_generator(1)) * 3
+    y = torch.rand(4, 5, dtype=F64, generator=_generator(2)) * 0.98 + 0.01
+    np.testing.assert_allclose(
+        gumbel.log_prob(x).exp().numpy(), reference.pdf(x.numpy()), rtol=1e-12
+    )
+    np.testing.assert_allclose(gumbel.log_prob(x).numpy(), reference.logpdf(x.numpy()), rtol=1e-12)
+    np.testing.assert_allclose(gumbel.cdf(x).numpy(), reference.cdf(x.numpy()), rtol=1e-12)
+    np.testing.assert_allclose(gumbel.icdf(y).numpy(), reference.ppf(y.numpy()), rtol=1e-12)
+    np.testing.assert_allclose(gumbel.mean.numpy(), reference.mean(), rtol=1e-12)
+    np.testing.assert_allclose(gumbel.variance.numpy(), reference.var(), rtol=1e-12)
+    np.testing.assert_allclose(gumbel.stddev.numpy(), reference.std(), rtol=1e-12)
+    np.testing.assert_allclose(gumbel.entropy().numpy(), reference.entropy(), rtol=1e-12)
+    torch.testing.assert_close(gumbel.mode, loc.expand(4, 5))
+
+
+def test_gumbel_agrees_with_torch_gumbel(parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
+    loc, scale = parameters
+    ours, theirs = Gumbel(loc, scale), torch.distributions.Gumbel(loc, scale)
+    x = torch.randn(4, 5, dtype=F64, generator=_generator(3))
+    torch.testing.assert_close(ours.log_prob(x), theirs.log_prob(x))
+    torch.testing.assert_close(ours.entropy(), theirs.entropy())
+
+
+def test_gumbel_samples_follow_the_distribution() -> None:
+    gumbel = Gumbel(torch.tensor(1.5, dtype=F64), torch.tensor(0.7, dtype=F64))
+    samples = gumbel.sample((4000,), generator=_generator(4))
+    assert samples.shape == (4000,)
+    result = scipy.stats.kstest(samples.numpy(), scipy.stats.gumbel_r(loc=1.5, scale=0.7).cdf)
+    assert result.pvalue > 0.001
+    assert abs(samples.mean().item() - gumbel.mean.item()) < 4 * gumbel.stddev.item() / math.sqrt(
+        4000
+    )
+
+
+def test_gumbel_shapes_dtype_reproducibility_and_expand() -> None:
+    gumbel = Gumbel(torch.zeros(3), 1.0)
+    assert gumbel.rsample((2,)).shape == (2, 3)
+    assert gumbel.sample().dtype == torch.float32
+    assert Gumbel(torch.zeros(3, dtype=F64), 1.0).rsample().dtype == F64
+    first = gumbel.sample((5,), generator=_generator(5))
+    torch.testing.assert_close(first, gumbel.sample((5,), generator=_generator(5)), rtol=0, atol=0)
+    expanded = gumbel.expand((4, 3))
+    assert expanded.batch_shape == (4, 3)
+    assert expanded.sample().shape == (4, 3)
+    assert torch.isfinite(Gumbel(0.0, 1.0).sample((100000,), generator=_generator(6))).all()
+
+
+def test_gumbel_rsample_is_differentiable() -> None:
+    loc = torch.tensor([0.3, -1.0], dtype=F64, requires_grad=True)
+    scale = torch.tensor([0.5, 2.0], dtype=F64, requires_grad=True)
+
+    def draw(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return Gumbel(loc, scale).rsample((3,), generator=_generator(7))
+
+    assert torch.autograd.gradcheck(draw, (loc, scale))
+    draw(loc, scale).sum().backward()
+    torch.testing.assert_close(loc.grad, torch.full((2,), 3.0, dtype=F64))  # d x / d μ = 1
+    noise = (draw(loc, scale) - loc) / scale  # d x / d β is the standard Gumbel noise
+    torch.testing.assert_close(scale.grad, noise.sum(0).detach())
+    assert not Gumbel(loc, scale).sample().requires_grad
+
+
+def test_gumbel_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"scale must be positive \(β > 0\), got -1.0"):
+        Gumbel(0.0, -1.0)
+    with pytest.raises(ValueError, match=r"scale must be positive \(β > 0\), got 0.0"):
+        Gumbel(torch.zeros(2), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"icdf value must be a probability in \[0, 1\], got 1.5"):
+        Gumbel(0.0, 1.0, validate_args=True).icdf(torch.tensor([0.5, 1.5]))
+
+
+def _chi_square_pvalue(indices: torch.Tensor, probabilities: torch.Tensor) -> float:
+    counts = torch.bincount(indices.reshape(-1), minlength=len(probabilities)).numpy()
+    expected = probabilities.double().numpy()
+    expected = expected / expected.sum() * counts.sum()  # float32 softmax does not sum to 1 exactly
+    return float(scipy.stats.chisquare(counts, expected).pvalue)
+
+
+LOGITS = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0])
+DRAWS = 20000
+
+
+def test_gumbel_max_frequencies_match_softmax() -> None:
+    indices = gumbel_max_sample(LOGITS.expand(DRAWS, 5), generator=_generator(8))
+    assert indices.shape == (DRAWS,)
+    assert indices.dtype == torch.long
+    assert _chi_square_pvalue(indices, torch.softmax(LOGITS, 0)) > 0.001
+    masked = torch.tensor([0.0, -torch.inf, 0.0])
+    assert (gumbel_max_sample(masked.expand(500, 3), generator=_generator(9)) != 1).all()
+
+
+def test_gumbel_softmax_soft_samples() -> None:
+    samples = gumbel_softmax(LOGITS.expand(DRAWS, 5), tau=0.7, generator=_generator(10))
+    assert samples.shape == (DRAWS, 5)
+    torch.testing.assert_close(samples.sum(-1), torch.ones(DRAWS))
+    assert (samples >= 0).all()
+    # argmax of the relaxed sample is the Gumbel-max sample: categorical(softmax(logits)).
+    assert _chi_square_pvalue(samples.argmax(-1), torch.softmax(LOGITS, 0)) > 0.001
+    # Same generator state, same noise: argmax equals gumbel_max_sample exactly.
+    torch.testing.assert_close(
+        gumbel_softmax(LOGITS, tau=3.0, generator=_generator(11)).argmax(),
+        gumbel_max_sample(LOGITS, generator=_generator(11)),
+    )
+    cold = gumbel_softmax(LOGITS.expand(100, 5), tau=1e-3, generator=_generator(12))
+    assert (cold.max(-1).values > 0.99).all()  # τ → 0 approaches one-hot
+
+
+def test_gumbel_softmax_hard_mean_is_softmax() -> None:
+    samples = gumbel_softmax(LOGITS.expand(DRAWS, 5), tau=0.5, hard=True, generator=_generator(13))
+    assert ((samples == 0) | (samples == 1)).all()
+    torch.testing.assert_close(samples.sum(-1), torch.ones(DRAWS))
+    probabilities = torch.softmax(LOGITS, 0)
+    tolerance = 4 * torch.sqrt(probabilities * (1 - probabilities) / DRAWS)
+    assert ((samples.mean(0) - probabilities).abs() < tolerance).all()
+
+
+def test_gumbel_softmax_straight_through_gradient() -> None:
+    logits = torch.randn(6, 4, generator=_generator(14), requires_grad=True)
+    weights = torch.randn(6, 4, generator=_generator(15))
+    hard = gumbel_softmax(logits, tau=0.8, hard=True, generator=_generator(16))
+    (grad_hard,) = torch.autograd.grad((hard * weights).sum(), logits)
+    soft = gumbel_softmax(logits, tau=0.8, hard=False, generator=_generator(16))
+    (grad_soft,) = torch.autograd.grad((soft * weights).sum(), logits)
+    expected = torch.nn.functional.one_hot(soft.argmax(-1), 4).float()
+    assert torch.equal(hard.detach(), expected)  # forward: exactly one-hot
+    torch.testing.assert_close(grad_hard, grad_soft)  # backward: the soft sample's gradient
+    assert grad_soft.abs().sum() > 0
+    assert gumbel_softmax(logits.double(), hard=True).dtype == F64
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, math.inf, math.nan])
+def test_gumbel_softmax_rejects_bad_tau(tau: float) -> None:
+    with pytest.raises(
+        ValueError, match=r"tau must be a finite number > 0 \(the temperature\), got"
+    ):
+        gumbel_softmax(LOGITS, tau=tau)
+
+
+def test_logits_type_errors() -> None:
+    with pytest.raises(
+        TypeError, match=r"logits must be a floating-point tensor, got dtype torch.int64"
+    ):
+        gumbel_max_sample(torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match=r"logits must be a torch.Tensor, got list"):
+        gumbel_softmax([0.0, 1.0])
+    with pytest.raises(
+        ValueError, match=r"logits must have a non-empty category axis .* got shape \(\)"
+    ):
+        gumbel_softmax(torch.tensor(1.0))
+
+
+def test_module_doctests() -> None:
+    assert doctest.testmod(distributions).failed == 0

@@ -1,0 +1,1037 @@
+"""Tests for taskbalance.losses: references, gradients, dtypes, reductions, modules, errors."""
+
+from __future__ import annotations
+
+import doctest
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import taskbalance.losses as losses
+from taskbalance.losses import _classification, _common, _distances, _modules, _regression
+
+F64 = torch.float64
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _residuals_away_from(
+    shape: tuple[int, ...], bands: list[tuple[float, float]], generator: torch.Generator
+) -> Tensor:
+    """Residuals whose magnitudes fall in the given bands (away from kinks), random signs."""
+    count = math.prod(shape)
+    band = torch.randint(len(bands), (count,), generator=generator)
+    low = torch.tensor([b[0] for b in bands], dtype=F64)[band]
+    high = torch.tensor([b[1] for b in bands], dtype=F64)[band]
+    magnitude = low + (high - low) * torch.rand(count, dtype=F64, generator=generator)
+    sign = torch.where(torch.rand(count, generator=generator) < 0.5, -1.0, 1.0).to(F64)
+    return (sign * magnitude).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# One case per loss: inputs in float64 away from non-differentiable points, converted per test.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossCase:
+    name: str
+    function: Callable[..., Tensor]
+    module: type[nn.Module]
+    make: Callable[[torch.Generator], dict[str, Any]]
+    none_shape: tuple[int, ...]
+    grad_target: bool = True
+    module_options: list[str] = field(default_factory=list)
+
+
+def _regression_pair(bands: list[tuple[float, float]]) -> Callable[[torch.Generator], dict]:
+    def make(generator: torch.Generator) -> dict[str, Any]:
+        target = torch.randn(3, 4, dtype=F64, generator=generator)
+        residual = _residuals_away_from((3, 4), bands, generator)
+        return {"input": target + residual, "target": target, "options": {}, "forward": {}}
+
+    return make
+
+
+def _perceptual_extractor(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+
+
+def _make_case_inputs(case: LossCase, dtype: torch.dtype, device: str = "cpu") -> dict[str, Any]:
+    made = case.make(_generator(7))
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            value = value.to(device)
+            return value.to(dtype) if value.is_floating_point() else value
+        if isinstance(value, nn.Module):
+            return value.to(device=device, dtype=dtype)
+        return value
+
+    return {
+        "input": convert(made["input"]),
+        "target": convert(made["target"]),
+        "options": {k: convert(v) for k, v in made["options"].items()},
+        "forward": {k: convert(v) for k, v in made["forward"].items()},
+    }
+
+
+def _soft_labels(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    return 0.1 + 0.8 * torch.rand(shape, dtype=F64, generator=generator)
+
+
+CASES = [
+    LossCase(
+        "squared_error",
+        losses.squared_error,
+        losses.SquaredErrorLoss,
+        _regression_pair([(0.1, 2.0)]),
+        (3, 4),
+    ),
+    LossCase(
+        "absolute_error",
+        losses.absolute_error,
+        losses.AbsoluteErrorLoss,
+        _regression_pair([(0.1, 2.0)]),
+        (3, 4),
+    ),
+    LossCase(
+        "huber_loss",
+        losses.huber_loss,
+        losses.HuberLoss,
+        _regression_pair([(0.1, 0.8), (1.3, 3.0)]),
+        (3, 4),
+    ),
+    LossCase(
+        "tukey_loss",
+        losses.tukey_loss,
+        losses.TukeyLoss,
+        _regression_pair([(0.2, 4.3), (5.0, 8.0)]),
+        (3, 4),
+    ),
+    LossCase(
+        "binary_cross_entropy",
+        losses.binary_cross_entropy,
+        losses.BinaryCrossEntropyLoss,
+        lambda g: {
+            "input": _soft_labels((4, 3), g),
+            "target": _soft_labels((4, 3), g),
+            "options": {"weight": torch.rand(3, dtype=F64, generator=g) + 0.5},
+            "forward": {},
+        },
+        (4, 3),
+    ),
+    LossCase(
+        "binary_cross_entropy_logits",
+        losses.binary_cross_entropy,
+        losses.BinaryCrossEntropyLoss,
+        lambda g: {
+            "input": torch.randn(4, 3, dtype=F64, generator=g),
+            "target": _soft_labels((4, 3), g),
+            "options": {
+                "from_logits": True,
+                "pos_weight": torch.rand(3, dtype=F64, generator=g) + 0.5,
+            },
+            "forward": {},
+        },
+        (4, 3),
+    ),
+    LossCase(
+        "cross_entropy_indices",
+        losses.cross_entropy,
+        losses.CrossEntropyLoss,
+        lambda g: {
+            "input": torch.randn(4, 3, 2, dtype=F64, generator=g),
+            "target": torch.tensor([[0, 1], [2, -100], [1, 1], [0, 2]]),
+            "options": {
+                "weight": torch.rand(3, dtype=F64, generator=g) + 0.5,
+                "label_smoothing": 0.1,
+            },
+            "forward": {},
+        },
+        (4, 2),
+        grad_target=False,
+    ),
+    LossCase(
+        "cross_entropy_probabilities",
+        losses.cross_entropy,
+        losses.CrossEntropyLoss,
+        lambda g: {
+            "input": torch.randn(4, 3, dtype=F64, generator=g),
+            "target": torch.softmax(torch.randn(4, 3, dtype=F64, generator=g), dim=1),
+            "options": {"label_smoothing": 0.2},
+            "forward": {},
+        },
+        (4,),
+        grad_target=False,
+    ),
+    LossCase(
+        "focal_loss_binary",
+        losses.focal_loss,
+        losses.FocalLoss,
+        lambda g: {
+            "input": torch.randn(5, 3, dtype=F64, generator=g),
+            "target": torch.randint(0, 2, (5, 3), generator=g).to(F64),
+            "options": {"alpha": 0.25, "gamma": 2.0},
+            "forward": {},
+        },
+        (5, 3),
+        grad_target=False,
+    ),
+    LossCase(
+        "focal_loss_multiclass",
+        losses.focal_loss,
+        losses.FocalLoss,
+        lambda g: {
+            "input": torch.randn(6, 4, dtype=F64, generator=g),
+            "target": torch.randint(0, 4, (6,), generator=g),
+            "options": {"alpha": torch.rand(4, dtype=F64, generator=g), "gamma": 1.5},
+            "forward": {},
+        },
+        (6,),
+        grad_target=False,
+    ),
+    LossCase(
+        "dice_loss_binary",
+        losses.dice_loss,
+        losses.DiceLoss,
+        lambda g: {
+            "input": torch.randn(2, 3, 4, dtype=F64, generator=g),
+            "target": _soft_labels((2, 3, 4), g),
+            "options": {"from_logits": True},
+            "forward": {},
+        },
+        (2,),
+    ),
+    LossCase(
+        "dice_loss_multiclass",
+        losses.dice_loss,
+        losses.DiceLoss,
+        lambda g: {
+            "input": torch.randn(2, 3, 4, 4, dtype=F64, generator=g),
+            "target": torch.randint(0, 3, (2, 4, 4), generator=g),
+            "options": {
+                "multiclass": True,
+                "from_logits": True,
+                "weight": torch.tensor([1.0, 2.0, 0.5], dtype=F64),
+            },
+            "forward": {},
+        },
+        (2,),
+        grad_target=False,
+    ),
+    LossCase(
+        "perceptual_loss",
+        losses.perceptual_loss,
+        losses.PerceptualLoss,
+        lambda g: {
+            "input": torch.randn(3, 5, dtype=F64, generator=g),
+            "target": torch.randn(3, 5, dtype=F64, generator=g),
+            "options": {
+                "extractor": _perceptual_extractor(F64),
+                "layers": ["1", "2"],
+                "layer_weights": [1.0, 0.5],
+            },
+            "forward": {},
+        },
+        (3,),
+        module_options=["extractor"],
+    ),
+    LossCase(
+        "gaussian_nll_loss",
+        losses.gaussian_nll_loss,
+        losses.GaussianNLLLoss,
+        lambda g: {
+            "input": torch.randn(3, 4, dtype=F64, generator=g),
+            "target": torch.randn(3, 4, dtype=F64, generator=g),
+            "options": {"full": True},
+            "forward": {"log_variance": torch.randn(3, 4, dtype=F64, generator=g)},
+        },
+        (3, 4),
+    ),
+    LossCase(
+        "bbox_kl_loss",
+        losses.bbox_kl_loss,
+        losses.BBoxKLLoss,
+        lambda g: {
+            **_regression_pair([(0.1, 0.8), (1.3, 3.0)])(g),
+            "forward": {"log_variance": torch.randn(3, 4, dtype=F64, generator=g)},
+        },
+        (3, 4),
+    ),
+    LossCase(
+        "kl_divergence_logits",
+        losses.kl_divergence,
+        losses.KLDivergenceLoss,
+        lambda g: {
+            "input": torch.randn(3, 4, dtype=F64, generator=g),
+            "target": torch.softmax(torch.randn(3, 4, dtype=F64, generator=g), dim=1),
+            "options": {"from_logits": True},
+            "forward": {},
+        },
+        (3,),
+        grad_target=False,
+    ),
+    LossCase(
+        "kl_divergence_probabilities",
+        losses.kl_divergence,
+        losses.KLDivergenceLoss,
+        lambda g: {
+            "input": torch.softmax(torch.randn(3, 4, dtype=F64, generator=g), dim=1),
+            "target": torch.softmax(torch.randn(3, 4, dtype=F64, generator=g), dim=1),
+            "options": {},
+            "forward": {},
+        },
+        (3,),
+    ),
+    LossCase(
+        "wasserstein_1d",
+        losses.wasserstein_1d,
+        losses.Wasserstein1DLoss,
+        lambda g: {
+            "input": torch.randn(2, 5, dtype=F64, generator=g),
+            "target": torch.randn(2, 7, dtype=F64, generator=g) + 0.5,
+            "options": {},
+            "forward": {
+                "input_weights": torch.rand(2, 5, dtype=F64, generator=g) + 0.1,
+                "target_weights": torch.rand(2, 7, dtype=F64, generator=g) + 0.1,
+            },
+        },
+        (2,),
+    ),
+    LossCase(
+        "frechet_distance",
+        losses.frechet_distance,
+        losses.FrechetDistanceLoss,
+        lambda g: {
+            "input": torch.randn(2, 12, 3, dtype=F64, generator=g),
+            "target": 1.5 * torch.randn(2, 10, 3, dtype=F64, generator=g) + 0.3,
+            "options": {},
+            "forward": {},
+        },
+        (2,),
+    ),
+]
+
+
+def _call_function(case: LossCase, inputs: dict[str, Any], **extra: Any) -> Tensor:
+    return case.function(
+        inputs["input"], inputs["target"], **inputs["options"], **inputs["forward"], **extra
+    )
+
+
+def _build_module(case: LossCase, inputs: dict[str, Any], **extra: Any) -> nn.Module:
+    options = dict(inputs["options"])
+    positional = [options.pop(name) for name in case.module_options]
+    return case.module(*positional, **options, **extra)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gradcheck_float64(case: LossCase) -> None:
+    inputs = _make_case_inputs(case, F64)
+    names = ["input"] + (["target"] if case.grad_target else []) + list(inputs["forward"])
+    tensors = [inputs[n] if n in ("input", "target") else inputs["forward"][n] for n in names]
+    tensors = [t.detach().clone().requires_grad_(True) for t in tensors]
+
+    def evaluate(*values: Tensor) -> Tensor:
+        by_name = dict(zip(names, values, strict=True))
+        forward = {k: by_name.get(k, v) for k, v in inputs["forward"].items()}
+        return case.function(
+            by_name["input"],
+            by_name.get("target", inputs["target"]),
+            **inputs["options"],
+            **forward,
+            reduction="none",
+        )
+
+    assert torch.autograd.gradcheck(evaluate, tuple(tensors), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_dtype_device_reduction_and_module(case: LossCase, dtype: torch.dtype, device: str) -> None:
+    inputs = _make_case_inputs(case, dtype, device)
+    per_element = _call_function(case, inputs, reduction="none")
+    assert per_element.shape == case.none_shape
+    assert per_element.dtype == dtype
+    assert per_element.device.type == device
+    total = _call_function(case, inputs, reduction="sum")
+    mean = _call_function(case, inputs, reduction="mean")
+    assert total.shape == mean.shape == ()
+    assert total.dtype == mean.dtype == dtype
+    torch.testing.assert_close(total, per_element.sum())
+    if not case.name.startswith(("cross_entropy_indices", "focal")):
+        # Those two normalise by the (weighted) count of non-ignored targets, tested separately.
+        torch.testing.assert_close(mean, per_element.mean())
+    for reduction in ("mean", "sum", "none"):
+        module = _build_module(case, inputs, reduction=reduction)
+        from_module = module(inputs["input"], inputs["target"], **inputs["forward"])
+        torch.testing.assert_close(from_module, _call_function(case, inputs, reduction=reduction))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_unknown_reduction_is_rejected(case: LossCase) -> None:
+    inputs = _make_case_inputs(case, F64)
+    with pytest.raises(ValueError, match=r"reduction must be one of .* got 'avg'"):
+        _call_function(case, inputs, reduction="avg")
+    with pytest.raises(ValueError, match=r"reduction must be one of .* got 'batchmean'"):
+        _build_module(case, inputs, reduction="batchmean")
+
+
+def test_module_doctests() -> None:
+    for module in (losses, _classification, _common, _distances, _modules, _regression):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0, module.__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Regression losses
+# ---------------------------------------------------------------------------------------------
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_squared_and_absolute_error_match_torch(reduction: str) -> None:
+    g = _generator(1)
+    x, y = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    torch.testing.assert_close(
+        losses.squared_error(x, y, reduction=reduction),
+        nn.functional.mse_loss(x, y, reduction=reduction),
+    )
+    torch.testing.assert_close(
+        losses.absolute_error(x, y, reduction=reduction),
+        nn.functional.l1_loss(x, y, reduction=reduction),
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("delta", [0.3, 1.0, 2.5])
+def test_huber_matches_torch(delta: float, reduction: str) -> None:
+    g = _generator(2)
+    x, y = 3 * torch.randn(40, generator=g), torch.randn(40, generator=g)
+    reference = nn.HuberLoss(delta=delta, reduction=reduction)(x, y)
+    torch.testing.assert_close(losses.huber_loss(x, y, delta=delta, reduction=reduction), reference)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    residual=st.floats(-1e3, 1e3, allow_nan=False),
+    delta=st.floats(1e-3, 1e2, allow_nan=False),
+)
+def test_huber_bounds_property(residual: float, delta: float) -> None:
+    # ½·min(r², δ|r|) ≤ ρ_δ(r) ≤ min(½r², δ|r|): quadratic inside, linear asymptote outside.
+    value = losses.huber_loss(
+        torch.tensor([residual], dtype=F64), torch.zeros(1, dtype=F64), delta=delta
+    ).item()
+    r2, linear = residual * residual, delta * abs(residual)
+    assert 0.5 * min(r2, linear) - 1e-9 <= value <= min(0.5 * r2, linear) + 1e-9 * (1 + r2)
+
+
+def _tukey_numpy(r: np.ndarray, c: float) -> np.ndarray:
+    inside = np.abs(r) <= c
+    return np.where(inside, c**2 / 6 * (1 - (1 - (r / c) ** 2) ** 3), c**2 / 6)
+
+
+def test_tukey_matches_formula_and_is_constant_beyond_c() -> None:
+    g = _generator(3)
+    r = 4 * torch.randn(200, dtype=F64, generator=g)
+    loss = losses.tukey_loss(r, torch.zeros_like(r), reduction="none")
+    np.testing.assert_allclose(loss.numpy(), _tukey_numpy(r.numpy(), 4.685), rtol=1e-9, atol=1e-14)
+    far = torch.tensor([4.7, -5.0, 10.0, 1e6], dtype=F64, requires_grad=True)
+    far_loss = losses.tukey_loss(far, torch.zeros(4, dtype=F64), reduction="none")
+    torch.testing.assert_close(far_loss, torch.full((4,), 4.685**2 / 6, dtype=F64))
+    far_loss.sum().backward()
+    assert torch.equal(far.grad, torch.zeros(4, dtype=F64))  # outliers do not pull
+    custom = losses.tukey_loss(far, torch.zeros(4, dtype=F64), c=2.0, reduction="none")
+    torch.testing.assert_close(custom, torch.full((4,), 4.0 / 6, dtype=F64))
+
+
+@pytest.mark.parametrize("mad_dim", [None, 0])
+def test_tukey_mad_scaling_matches_numpy_and_is_detached(mad_dim: int | None) -> None:
+    g = _generator(4)
+    x = torch.randn(9, 3, dtype=F64, generator=g)
+    x[0, 0] = 40.0  # an outlier
+    y = torch.randn(9, 3, dtype=F64, generator=g)
+    residual = (x - y).numpy()
+    axis = None if mad_dim is None else 0
+    median = np.median(residual, axis=axis, keepdims=True)
+    scale = 1.4826 * np.median(np.abs(residual - median), axis=axis, keepdims=True)
+    expected = _tukey_numpy(residual / scale, 4.685)
+    x.requires_grad_(True)
+    loss = losses.tukey_loss(x, y, mad_scaling=True, mad_dim=mad_dim, reduction="none")
+    np.testing.assert_allclose(loss.detach().numpy(), expected, rtol=1e-9, atol=1e-14)
+    # The MAD is a constant: the gradient is that of the loss on residuals / fixed scale.
+    loss.sum().backward()
+    x_fixed = x.detach().clone().requires_grad_(True)
+    scale_t = torch.from_numpy(scale)
+    reference = losses.tukey_loss(x_fixed / scale_t, y / scale_t, reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(x.grad, x_fixed.grad)
+
+
+def test_tukey_mad_even_count_and_zero_mad() -> None:
+    # Median of an even count is the mean of the middle values: residuals 1, 2, 3, 10.
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=F64)
+    scale = 1.4826 * np.median(np.abs(r.numpy() - np.median(r.numpy())))
+    loss = losses.tukey_loss(r, torch.zeros(4, dtype=F64), mad_scaling=True, reduction="none")
+    np.testing.assert_allclose(loss.numpy(), _tukey_numpy(r.numpy() / scale, 4.685))
+    # All residuals equal: MAD = 0 is floored, the loss stays finite.
+    same = losses.tukey_loss(torch.ones(5), torch.zeros(5), mad_scaling=True, reduction="none")
+    assert torch.isfinite(same).all()
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gaussian_nll_matches_torch(full: bool, reduction: str) -> None:
+    g = _generator(5)
+    mean, target = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g)
+    log_variance = torch.randn(6, 2, generator=g)
+    reference = nn.GaussianNLLLoss(full=full, reduction=reduction)(mean, target, log_variance.exp())
+    ours = losses.gaussian_nll_loss(
+        mean, target, log_variance=log_variance, full=full, reduction=reduction
+    )
+    torch.testing.assert_close(ours, reference)
+    # Homoscedastic: one log-variance per column broadcasts over the batch.
+    shared = torch.randn(2, generator=g)
+    torch.testing.assert_close(
+        losses.gaussian_nll_loss(mean, target, log_variance=shared, reduction=reduction),
+        losses.gaussian_nll_loss(
+            mean, target, log_variance=shared.expand(6, 2), reduction=reduction
+        ),
+    )
+
+
+def test_bbox_kl_loss_closed_forms() -> None:
+    g = _generator(6)
+    target = torch.randn(8, 4, dtype=F64, generator=g)
+    near = target + (torch.rand(8, 4, dtype=F64, generator=g) * 2 - 1)  # |x_g − x_e| ≤ 1
+    zero = torch.zeros(8, 4, dtype=F64)
+    torch.testing.assert_close(
+        losses.bbox_kl_loss(near, target, log_variance=zero, reduction="none"),
+        0.5 * (near - target) ** 2,
+    )
+    # General α, both branches, against the paper's piecewise formula.
+    x_e = target + 3 * torch.randn(8, 4, dtype=F64, generator=g)
+    alpha = torch.randn(8, 4, dtype=F64, generator=g)
+    d = (target - x_e).abs().numpy()
+    a = alpha.numpy()
+    expected = np.where(d <= 1, np.exp(-a) * d**2 / 2 + a / 2, np.exp(-a) * (d - 0.5) + a / 2)
+    np.testing.assert_allclose(
+        losses.bbox_kl_loss(x_e, target, log_variance=alpha, reduction="none").numpy(),
+        expected,
+        rtol=1e-12,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification and segmentation losses
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_binary_cross_entropy_matches_torch(reduction: str) -> None:
+    g = _generator(8)
+    p = torch.rand(5, 3, generator=g).clamp(0.01, 0.99)
+    y = torch.rand(5, 3, generator=g)
+    weight = torch.rand(3, generator=g)
+    torch.testing.assert_close(
+        losses.binary_cross_entropy(p, y, weight=weight, reduction=reduction),
+        nn.BCELoss(weight=weight, reduction=reduction)(p, y),
+    )
+    logits = 10 * torch.randn(5, 3, generator=g)
+    pos_weight = torch.rand(3, generator=g) * 3
+    torch.testing.assert_close(
+        losses.binary_cross_entropy(
+            logits, y, from_logits=True, weight=weight, pos_weight=pos_weight, reduction=reduction
+        ),
+        nn.BCEWithLogitsLoss(weight=weight, pos_weight=pos_weight, reduction=reduction)(logits, y),
+    )
+
+
+def test_binary_cross_entropy_extremes_are_finite() -> None:
+    p = torch.tensor([0.0, 1.0, 0.0, 1.0], requires_grad=True)
+    y = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    loss = losses.binary_cross_entropy(p, y, reduction="none")
+    torch.testing.assert_close(loss, nn.BCELoss(reduction="none")(p, y))  # log floor −100
+    loss.sum().backward()
+    assert torch.isfinite(p.grad).all()
+    logits = torch.tensor([-200.0, 200.0], requires_grad=True)
+    loss = losses.binary_cross_entropy(logits, torch.tensor([1.0, 0.0]), from_logits=True)
+    torch.testing.assert_close(loss, torch.tensor(200.0))
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_indices_match_torch(
+    weighted: bool, label_smoothing: float, reduction: str
+) -> None:
+    g = _generator(9)
+    logits = torch.randn(6, 4, 3, generator=g)
+    target = torch.randint(0, 4, (6, 3), generator=g)
+    target[0, 0] = target[2, 1] = 255
+    weight = torch.rand(4, generator=g) + 0.1 if weighted else None
+    kwargs = {"weight": weight, "ignore_index": 255, "label_smoothing": label_smoothing}
+    reference = nn.CrossEntropyLoss(**kwargs, reduction=reduction)(logits, target)
+    ours = losses.cross_entropy(logits, target, **kwargs, reduction=reduction)
+    torch.testing.assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_probabilities_match_torch(
+    weighted: bool, label_smoothing: float, reduction: str
+) -> None:
+    g = _generator(10)
+    logits = torch.randn(5, 4, 2, generator=g)
+    target = torch.softmax(torch.randn(5, 4, 2, generator=g), dim=1)
+    weight = torch.rand(4, generator=g) + 0.1 if weighted else None
+    reference = nn.CrossEntropyLoss(
+        weight=weight, label_smoothing=label_smoothing, reduction=reduction
+    )(logits, target)
+    ours = losses.cross_entropy(
+        logits, target, weight=weight, label_smoothing=label_smoothing, reduction=reduction
+    )
+    torch.testing.assert_close(ours, reference)
+
+
+def test_cross_entropy_unbatched_matches_torch() -> None:
+    logits = torch.tensor([1.0, -0.5, 2.0])
+    torch.testing.assert_close(
+        losses.cross_entropy(logits, torch.tensor(2)),
+        nn.functional.cross_entropy(logits, torch.tensor(2)),
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_focal_with_gamma_zero_is_cross_entropy(reduction: str) -> None:
+    g = _generator(11)
+    logits = 3 * torch.randn(7, 5, generator=g)
+    labels = torch.randint(0, 5, (7,), generator=g)
+    torch.testing.assert_close(
+        losses.focal_loss(logits, labels, gamma=0.0, reduction=reduction),
+        nn.CrossEntropyLoss(reduction=reduction)(logits, labels),
+    )
+    binary = torch.randint(0, 2, (7, 5), generator=g).float()
+    torch.testing.assert_close(
+        losses.focal_loss(logits, binary, gamma=0.0, reduction=reduction),
+        nn.BCEWithLogitsLoss(reduction=reduction)(logits, binary),
+    )
+    labels[3] = -100  # ignored entries drop out of the mean, as in cross-entropy
+    torch.testing.assert_close(
+        losses.focal_loss(logits, labels, gamma=0.0, reduction=reduction),
+        nn.CrossEntropyLoss(reduction=reduction)(logits, labels),
+    )
+
+
+def test_focal_matches_paper_formula() -> None:
+    g = _generator(12)
+    logits = torch.randn(10, 3, dtype=F64, generator=g)
+    labels = torch.randint(0, 3, (10,), generator=g)
+    alpha = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
+    p_t = torch.softmax(logits, 1).gather(1, labels[:, None]).squeeze(1).numpy()
+    expected = -alpha.numpy()[labels.numpy()] * (1 - p_t) ** 2 * np.log(p_t)
+    ours = losses.focal_loss(logits, labels, alpha=alpha, reduction="none")
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-10)
+    # Binary, torchvision's sigmoid_focal_loss formula with α = 0.25.
+    x = torch.randn(10, dtype=F64, generator=g)
+    y = torch.randint(0, 2, (10,), generator=g).to(F64)
+    p = torch.sigmoid(x).numpy()
+    yn = y.numpy()
+    p_t = p * yn + (1 - p) * (1 - yn)
+    alpha_t = 0.25 * yn + 0.75 * (1 - yn)
+    expected = -alpha_t * (1 - p_t) ** 2 * np.log(p_t)
+    ours = losses.focal_loss(x, y, alpha=0.25, reduction="none")
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-10)
+
+
+def test_focal_is_stable_for_confident_predictions() -> None:
+    logits = torch.tensor([[60.0, -60.0], [-60.0, 60.0]], requires_grad=True)
+    loss = losses.focal_loss(logits, torch.tensor([0, 0]), gamma=0.5)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(logits.grad).all()
+
+
+def _dice_numpy(p: np.ndarray, g: np.ndarray, smooth: float, axes: tuple[int, ...]) -> np.ndarray:
+    return 1 - (2 * (p * g).sum(axes) + smooth) / (p.sum(axes) + g.sum(axes) + smooth)
+
+
+def test_dice_matches_formula_and_perfect_prediction_is_zero() -> None:
+    g = _generator(13)
+    p = torch.rand(3, 4, 5, dtype=F64, generator=g)
+    mask = torch.randint(0, 2, (3, 4, 5), generator=g).to(F64)
+    for smooth in (0.0, 1.0):
+        ours = losses.dice_loss(p, mask, smooth=smooth, reduction="none")
+        np.testing.assert_allclose(
+            ours.numpy(), _dice_numpy(p.numpy(), mask.numpy(), smooth, (1, 2))
+        )
+        assert losses.dice_loss(mask, mask, smooth=smooth).item() == 0.0
+    logits = torch.randn(3, 4, 5, dtype=F64, generator=g)
+    torch.testing.assert_close(
+        losses.dice_loss(logits, mask, from_logits=True), losses.dice_loss(logits.sigmoid(), mask)
+    )
+
+
+def test_dice_multiclass_matches_formula_with_weights() -> None:
+    g = _generator(14)
+    logits = torch.randn(2, 3, 4, 4, dtype=F64, generator=g)
+    labels = torch.randint(0, 3, (2, 4, 4), generator=g)
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    one_hot = nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).to(F64)
+    per_class = _dice_numpy(logits.softmax(1).numpy(), one_hot.numpy(), 1.0, (2, 3))
+    expected = (per_class * weight.numpy()).sum(1) / weight.sum().item()
+    ours = losses.dice_loss(
+        logits, labels, multiclass=True, from_logits=True, weight=weight, reduction="none"
+    )
+    np.testing.assert_allclose(ours.numpy(), expected)
+    # One-hot targets are the same as class indices; perfect predictions give 0.
+    torch.testing.assert_close(
+        losses.dice_loss(logits, one_hot, multiclass=True, from_logits=True, weight=weight),
+        ours.mean(),
+    )
+    assert losses.dice_loss(one_hot, labels, multiclass=True, smooth=0.0).item() == 0.0
+
+
+def test_dice_empty_masks_are_defined() -> None:
+    empty = torch.zeros(2, 6, requires_grad=True)
+    for smooth in (0.0, 1.0):
+        loss = losses.dice_loss(empty, torch.zeros(2, 6), smooth=smooth)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert torch.isfinite(empty.grad).all()
+    # An empty class in a multi-class image (class 2 never appears, never predicted).
+    probabilities = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
+    labels = torch.tensor([[0, 1]])
+    assert losses.dice_loss(probabilities, labels, multiclass=True, smooth=0.0).item() == 0.0
+    # Predicting something where the mask is empty is penalised.
+    assert losses.dice_loss(torch.ones(1, 4), torch.zeros(1, 4), smooth=0.0).item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Distances
+# ---------------------------------------------------------------------------------------------
+
+
+def test_perceptual_loss_matches_manual_features_and_removes_hooks() -> None:
+    extractor = _perceptual_extractor(torch.float32)
+    g = _generator(15)
+    x, y = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    hidden = lambda v: torch.tanh(extractor[0](v))  # noqa: E731
+    expected = ((hidden(x) - hidden(y)) ** 2).mean(1) + 0.25 * (
+        (extractor(x) - extractor(y)) ** 2
+    ).mean(1)
+    ours = losses.perceptual_loss(
+        x, y, extractor=extractor, layers=["1", "2"], layer_weights=[1.0, 0.25], reduction="none"
+    )
+    torch.testing.assert_close(ours, expected)
+    assert all(not m._forward_hooks for m in extractor.modules())
+
+    def two_outputs(v: Tensor) -> list[Tensor]:
+        return [hidden(v), extractor(v)]
+
+    torch.testing.assert_close(
+        losses.perceptual_loss(x, y, extractor=two_outputs, layer_weights=[1.0, 0.25]),
+        expected.mean(),
+    )
+    absolute = losses.perceptual_loss(
+        x, y, extractor=extractor, distance="absolute", reduction="sum"
+    )
+    torch.testing.assert_close(absolute, (extractor(x) - extractor(y)).abs().mean(1).sum())
+    assert losses.perceptual_loss(x, x, extractor=extractor).item() == 0.0
+
+
+def test_perceptual_loss_errors() -> None:
+    extractor = _perceptual_extractor(torch.float32)
+    x = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="layers contains 'head', which is not a submodule"):
+        losses.perceptual_loss(x, x, extractor=extractor, layers=["head"])
+    assert all(not m._forward_hooks for m in extractor.modules())
+    with pytest.raises(ValueError, match=r"layer_weights must have one entry per .* \(1\), got 2"):
+        losses.perceptual_loss(x, x, extractor=extractor, layer_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="distance must be 'squared' or 'absolute', got 'l3'"):
+        losses.perceptual_loss(x, x, extractor=extractor, distance="l3")
+    with pytest.raises(TypeError, match="extractor must return a tensor"):
+        losses.perceptual_loss(x, x, extractor=lambda v: 3)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_kl_divergence_matches_torch(reduction: str) -> None:
+    g = _generator(16)
+    logits = torch.randn(6, 5, generator=g)
+    target = torch.softmax(torch.randn(6, 5, generator=g), dim=1)
+    reference = nn.KLDivLoss(reduction="none" if reduction == "none" else reduction)(
+        torch.log_softmax(logits, 1), target
+    )
+    if reduction == "none":
+        reference = reference.sum(1)  # our "none" is one divergence per distribution
+    ours_reduction = "mean" if reduction == "batchmean" else reduction
+    torch.testing.assert_close(
+        losses.kl_divergence(logits, target, from_logits=True, reduction=ours_reduction),
+        reference,
+    )
+    torch.testing.assert_close(
+        losses.kl_divergence(logits.softmax(1), target, reduction=ours_reduction), reference
+    )
+
+
+def test_kl_divergence_zero_mass_conventions() -> None:
+    target = torch.tensor([[0.5, 0.5, 0.0]])
+    prediction = torch.tensor([[0.25, 0.75, 0.0]], requires_grad=True)
+    loss = losses.kl_divergence(prediction, target)
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(prediction.grad).all()
+    assert (
+        losses.kl_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])).item() == math.inf
+    )
+    with pytest.raises(ValueError, match=r"target must sum to 1 along dim 1 .* got sums in \[1.2"):
+        losses.kl_divergence(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.6, 0.6]]))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_wasserstein_matches_scipy(weighted: bool) -> None:
+    rng = np.random.default_rng(17)
+    for n, m in [(1, 1), (5, 8), (30, 17)]:
+        u, v = rng.normal(size=n), rng.normal(1.0, 2.0, size=m)
+        u_weights = rng.uniform(0.1, 2.0, size=n) if weighted else None
+        v_weights = rng.uniform(0.1, 2.0, size=m) if weighted else None
+        expected = scipy.stats.wasserstein_distance(u, v, u_weights, v_weights)
+        ours = losses.wasserstein_1d(
+            torch.from_numpy(u),
+            torch.from_numpy(v),
+            input_weights=None if u_weights is None else torch.from_numpy(u_weights),
+            target_weights=None if v_weights is None else torch.from_numpy(v_weights),
+        )
+        assert ours.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def test_wasserstein_batched_and_ties() -> None:
+    rng = np.random.default_rng(18)
+    u = rng.integers(0, 4, size=(3, 6)).astype(float)  # many ties
+    v = rng.integers(0, 4, size=(3, 9)).astype(float)
+    ours = losses.wasserstein_1d(torch.from_numpy(u), torch.from_numpy(v), reduction="none")
+    expected = [scipy.stats.wasserstein_distance(a, b) for a, b in zip(u, v, strict=True)]
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    u=st.lists(st.floats(-100, 100), min_size=1, max_size=12),
+    v=st.lists(st.floats(-100, 100), min_size=1, max_size=12),
+)
+def test_wasserstein_symmetric_and_non_negative(u: list[float], v: list[float]) -> None:
+    a, b = torch.tensor(u, dtype=F64), torch.tensor(v, dtype=F64)
+    forward, backward = losses.wasserstein_1d(a, b), losses.wasserstein_1d(b, a)
+    assert forward.item() >= 0
+    assert forward.item() == pytest.approx(backward.item(), rel=1e-9, abs=1e-9)
+    assert forward.item() == pytest.approx(scipy.stats.wasserstein_distance(u, v), abs=1e-8)
+
+
+def _frechet_numpy(x: np.ndarray, y: np.ndarray) -> float:
+    """The reference FID computation (pytorch-fid): numpy.cov and scipy.linalg.sqrtm."""
+    mu1, mu2 = x.mean(0), y.mean(0)
+    sigma1, sigma2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _frechet_symmetric_eigh(x: np.ndarray, y: np.ndarray) -> float:
+    """The symmetric form Tr((Σ1^½ Σ2 Σ1^½)^½) with eigh and clamped eigenvalues."""
+    sigma1, sigma2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    values, vectors = np.linalg.eigh(sigma1)
+    root = vectors @ np.diag(np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = np.linalg.eigvalsh(root @ sigma2 @ root)
+    diff = x.mean(0) - y.mean(0)
+    trace_sqrt = np.sqrt(np.clip(inner, 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero() -> None:
+    g = _generator(19)
+    for shape in [(50, 4), (6, 10)]:
+        features = torch.randn(*shape, dtype=F64, generator=g)
+        assert losses.frechet_distance(features, features).item() == pytest.approx(0, abs=1e-10)
+    features32 = torch.randn(200, 8, generator=g) * 5
+    assert losses.frechet_distance(features32, features32).item() == pytest.approx(0, abs=1e-3)
+
+
+@pytest.mark.parametrize("shapes", [((40, 5), (30, 5)), ((6, 8), (9, 8)), ((3, 4), (30, 4))])
+def test_frechet_distance_matches_scipy_sqrtm(
+    shapes: tuple[tuple[int, int], tuple[int, int]],
+) -> None:
+    rng = np.random.default_rng(20)
+    mixing = rng.normal(size=(shapes[0][1], shapes[0][1]))
+    x = rng.normal(size=shapes[0]) @ mixing
+    y = rng.normal(0.5, 1.5, size=shapes[1])
+    ours = losses.frechet_distance(torch.from_numpy(x), torch.from_numpy(y)).item()
+    assert ours == pytest.approx(_frechet_numpy(x, y), rel=1e-6, abs=1e-8)
+    assert ours == pytest.approx(_frechet_symmetric_eigh(x, y), rel=1e-8, abs=1e-8)
+
+
+def _with_exact_moments(
+    rng: np.random.Generator, n: int, mean: np.ndarray, std: np.ndarray
+) -> np.ndarray:
+    """Samples whose sample mean and unbiased covariance are exactly ``mean``, ``diag(std²)``."""
+    raw = rng.normal(size=(n, len(mean)))
+    raw -= raw.mean(0)
+    orthonormal, _ = np.linalg.qr(raw)  # columns orthonormal and orthogonal to the ones vector
+    return mean + orthonormal * std * np.sqrt(n - 1)
+
+
+def test_frechet_distance_diagonal_gaussians_closed_form() -> None:
+    rng = np.random.default_rng(21)
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    std1, std2 = rng.uniform(0.5, 2, size=4), rng.uniform(0.5, 2, size=4)
+    x = _with_exact_moments(rng, 25, mu1, std1)
+    y = _with_exact_moments(rng, 31, mu2, std2)
+    np.testing.assert_allclose(np.cov(x, rowvar=False), np.diag(std1**2), atol=1e-12)
+    # Diagonal covariances: Tr(Σ1 + Σ2 − 2(Σ1Σ2)^½) = Σ_i (σ1_i − σ2_i)².
+    closed_form = np.sum((mu1 - mu2) ** 2) + np.sum((std1 - std2) ** 2)
+    ours = losses.frechet_distance(torch.from_numpy(x), torch.from_numpy(y)).item()
+    assert ours == pytest.approx(closed_form, rel=1e-10)
+    assert _frechet_numpy(x, y) == pytest.approx(closed_form, rel=1e-8)
+    # Large samples from the Gaussians themselves approach the population value.
+    gx = rng.normal(mu1, std1, size=(20000, 4))
+    gy = rng.normal(mu2, std2, size=(20000, 4))
+    approx = losses.frechet_distance(torch.from_numpy(gx), torch.from_numpy(gy)).item()
+    assert approx == pytest.approx(closed_form, rel=0.05, abs=0.05)
+
+
+def test_frechet_distance_batched() -> None:
+    g = _generator(22)
+    x, y = (
+        torch.randn(3, 20, 4, dtype=F64, generator=g),
+        torch.randn(3, 15, 4, dtype=F64, generator=g),
+    )
+    batched = losses.frechet_distance(x, y, reduction="none")
+    single = torch.stack([losses.frechet_distance(a, b) for a, b in zip(x, y, strict=True)])
+    torch.testing.assert_close(batched, single)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shape_mismatch_names_both_shapes() -> None:
+    x, y = torch.zeros(3, 1), torch.zeros(3)
+    pattern = (
+        r"input and target must have the same shape, "
+        r"got input shape \(3, 1\) and target shape \(3,\)"
+    )
+    for function in (
+        losses.squared_error,
+        losses.absolute_error,
+        losses.huber_loss,
+        losses.tukey_loss,
+        losses.binary_cross_entropy,
+        losses.dice_loss,
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            function(x, y)
+    with pytest.raises(ValueError, match=pattern):
+        losses.gaussian_nll_loss(x, y, log_variance=x)
+    with pytest.raises(ValueError, match=r"log_variance must have the shape of input .* \(4,\)"):
+        losses.bbox_kl_loss(y, y, log_variance=torch.zeros(4))
+    with pytest.raises(
+        ValueError, match=r"got input shape \(2, 3\) .* expected target shape \(2,\)"
+    ):
+        losses.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"got input shape \(2, 3\) and target shape \(2, 4\)"):
+        losses.frechet_distance(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"got input shape \(2, 3\) and target shape \(3, 3\)"):
+        losses.wasserstein_1d(torch.zeros(2, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="pass multiclass=True"):
+        losses.dice_loss(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_bad_hyperparameters_name_the_argument_and_value() -> None:
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"delta must be a finite number > 0, got 0"):
+        losses.huber_loss(x, x, delta=0)
+    with pytest.raises(ValueError, match=r"delta must be a finite number > 0, got -1.0"):
+        losses.HuberLoss(delta=-1.0)
+    with pytest.raises(ValueError, match=r"c must be a finite number > 0, got -2"):
+        losses.tukey_loss(x, x, c=-2)
+    with pytest.raises(ValueError, match=r"gamma must be a finite number >= 0, got -1"):
+        losses.focal_loss(x, x, gamma=-1)
+    with pytest.raises(ValueError, match=r"alpha must be a float in \[0, 1\] .* got 1.5"):
+        losses.focal_loss(x, x, alpha=1.5)
+    with pytest.raises(ValueError, match=r"smooth must be a finite number >= 0, got -1"):
+        losses.dice_loss(torch.zeros(1, 4), torch.zeros(1, 4), smooth=-1)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        losses.cross_entropy(
+            torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), label_smoothing=1.5
+        )
+    with pytest.raises(ValueError, match=r"mad_dim must be None or in \[-1, 0\] .* got 3"):
+        losses.tukey_loss(x, x, mad_scaling=True, mad_dim=3)
+
+
+def test_class_index_out_of_range() -> None:
+    logits = torch.zeros(2, 3)
+    message = (
+        r"target contains class index 3, but input has 3 classes \(expected values in \[0, 2\]"
+    )
+    with pytest.raises(ValueError, match=message):
+        losses.cross_entropy(logits, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"class index -1, but input has 3 classes"):
+        losses.cross_entropy(logits, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match=message):
+        losses.focal_loss(logits, torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match=message):
+        losses.dice_loss(logits, torch.tensor([0, 3]), multiclass=True)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\) .* got shape \(2,\)"):
+        losses.cross_entropy(logits, torch.tensor([0, 1]), weight=torch.ones(2))
+    with pytest.raises(ValueError, match=r"alpha must be a tensor of shape \(C,\)"):
+        losses.focal_loss(logits, torch.tensor([0, 1]), alpha=0.25)
+
+
+def test_invalid_probabilities() -> None:
+    with pytest.raises(ValueError, match=r"input must contain probabilities in \[0, 1\], got 1.5"):
+        losses.binary_cross_entropy(torch.tensor([0.5, 1.5]), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"target must contain probabilities in \[0, 1\], got 2"):
+        losses.binary_cross_entropy(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 2.0]))
+    with pytest.raises(ValueError, match=r"target must sum to 1 along dim 1 .* got sums in \[0.5"):
+        losses.cross_entropy(torch.zeros(2, 2), torch.tensor([[0.25, 0.25], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match=r"input must sum to 1 along dim 1"):
+        losses.kl_divergence(torch.tensor([[0.9, 0.9]]), torch.tensor([[0.5, 0.5]]))
+    with pytest.raises(ValueError, match=r"non-negative entries, got a minimum of -0.5"):
+        losses.kl_divergence(torch.tensor([[1.5, -0.5]]), torch.tensor([[0.5, 0.5]]))
+    with pytest.raises(ValueError, match=r"input_weights must be non-negative"):
+        losses.wasserstein_1d(
+            torch.zeros(2), torch.zeros(2), input_weights=torch.tensor([1.0, -1.0])
+        )
+
+
+def test_type_errors() -> None:
+    with pytest.raises(
+        TypeError, match=r"input must be a floating-point tensor, got dtype torch.int64"
+    ):
+        losses.squared_error(torch.tensor([1, 2]), torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match=r"target must be a torch.Tensor, got list"):
+        losses.squared_error(torch.zeros(2), [0.0, 0.0])
+    with pytest.raises(TypeError, match=r"target must hold integer class indices .* torch.bool"):
+        losses.cross_entropy(torch.zeros(2, 3), torch.tensor([True, False]))
