@@ -7,6 +7,8 @@ continues the same trajectory, and keeps the update free of Python loops over pa
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -50,11 +52,14 @@ class AdamState(nn.Module):
         """Advance the moments by ``grad`` and return the updated copy of ``param``."""
         beta1, beta2 = self.betas
         grad = grad + self.weight_decay * param
-        self.exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        # lerp_, as torch.optim.Adam does, for the same rounding (it needs matching dtypes)
+        self.exp_avg.lerp_(grad.to(self.exp_avg.dtype), 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         self.step_count.add_(1)
-        step = self.step_count.to(param.dtype)
+        # Bias corrections in double precision on the host, as torch.optim.Adam computes them:
+        # in float32, 1 − 0.999 carries a relative error of ~3e-5 that shows in the first steps.
+        step = int(self.step_count)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
-        denominator = self.exp_avg_sq.sqrt() / bias_correction2.sqrt() + self.eps
-        return param - (self.lr / bias_correction1) * self.exp_avg / denominator
+        denominator = self.exp_avg_sq.sqrt() / math.sqrt(bias_correction2) + self.eps
+        return param.addcdiv(self.exp_avg, denominator, value=-self.lr / bias_correction1)

@@ -49,6 +49,12 @@ class Balancer(nn.Module, ABC):
     A call that is rejected (wrong number of tasks, a non-finite loss, KPIs outside [0, 1], ...)
     raises before any state changes.
 
+    Under ``torch.distributed``, the loss statistics and KPIs that drive the weights are
+    averaged over the process group (in calls and in ``compute_weights`` alike), so every rank
+    computes the same weights. Input checks run before that collective: a bad input on one rank
+    raises there while the other ranks wait in the all-reduce, exactly as a crash in any other
+    DDP step would; the process group's timeout then ends them.
+
     Args:
         num_tasks: K, the number of task losses every call receives.
     """
@@ -117,7 +123,7 @@ class Balancer(nn.Module, ABC):
             The ``[K]`` weights of this step (detached).
         """
         vector = as_loss_vector(losses, self.num_tasks).detach()
-        statistics = self._checked_values(vector)
+        statistics = self._loss_statistics(vector)
         kpi_vector = self._kpi_statistics(kpis)
         checked_gram = self._check_gram(gram) if self.requires_gram else None
         return self._advance(statistics, checked_gram, kpi_vector)

@@ -44,20 +44,30 @@ def check_positive(name: str, value: object) -> float:
 
 
 def check_in_range(
-    name: str, value: object, low: float, high: float, *, low_open: bool = False
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
-    """Return ``value`` as a float after checking ``low (<|<=) value <= high``."""
+    """Return ``value`` as a float after checking ``low (<|<=) value (<|<=) high``."""
     number = _as_real(name, value)
     below = number <= low if low_open else number < low
-    if below or number > high:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name}: expected a number in {bracket}{low}, {high}], got {value!r}")
+    above = number >= high if high_open else number > high
+    if below or above:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(f"{name}: expected a number in {left}{low}, {high}{right}, got {value!r}")
     return number
 
 
 def check_positive_int(name: str, value: object) -> int:
     """Return ``value`` after checking it is an int ≥ 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int >= 1, got {value!r}")
+    if value < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     return value
 
@@ -74,9 +84,9 @@ def per_task_values(
 ) -> list[float]:
     """Broadcast a scalar, or check a length-``num_tasks`` sequence, into a list of floats."""
     if isinstance(value, Tensor):
-        value = value.detach().flatten().tolist()
+        value = value.detach().item() if value.dim() == 0 else value.detach().flatten().tolist()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [float(value)] * num_tasks
+        return [_as_real(name, value)] * num_tasks
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{name}: expected a number or {num_tasks} numbers, got {value!r}")
     values = [_as_real(f"{name}[{i}]", v) for i, v in enumerate(value)]

@@ -67,7 +67,7 @@ class DTP(Balancer):
             if value < 0:
                 raise ValueError(f"gamma[{i}] = {value}: expected a focusing parameter >= 0")
         self.smoothing = check_in_range("smoothing", smoothing, 0.0, 1.0, low_open=True)
-        self.eps = check_in_range("eps", eps, 0.0, 1.0, low_open=True)
+        self.eps = check_in_range("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
         self.register_buffer("gamma", torch.tensor(gammas))
         self.register_buffer("smoothed_kpis", torch.ones(self.num_tasks))
         self.register_buffer("has_kpis", torch.zeros((), dtype=torch.bool))

@@ -61,7 +61,12 @@ class DWA(Balancer):
     def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
         if int(self.periods_done) >= 2:
             ratios = self.history[1] / self.history[0]
-            weights = self.num_tasks * torch.softmax(ratios / self.temperature, dim=0)
+            # r/T overflows float32 when a mean loss grows ~1e38-fold between periods; an
+            # infinite logit makes softmax NaN, so cap it at the largest finite float.
+            scaled = torch.nan_to_num(
+                ratios / self.temperature, posinf=torch.finfo(ratios.dtype).max
+            )
+            weights = self.num_tasks * torch.softmax(scaled, dim=0)
         else:
             weights = torch.ones_like(losses)
         self.period_sum.add_(losses)

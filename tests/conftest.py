@@ -1,0 +1,159 @@
+"""Shared helpers for the balancer tests.
+
+The generic tests loop over every registered method. A method that needs hyperparameters
+without defaults (``fixed``'s ``weights=``) or extra inputs (DTP's ``kpis=``, a gradient
+method's ``features=``) gets them here, so a method added to the registry only needs an entry in
+:data:`REQUIRED_HPARAMS` if its constructor has a required argument.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+import taskbalance as tb
+
+#: Hyperparameters without defaults, per method, as a function of K.
+REQUIRED_HPARAMS: dict[str, Any] = {
+    "fixed": lambda K: {"weights": [0.5 + 0.25 * k for k in range(K)]},
+}
+
+#: Every registered method whose weights need no Gramian.
+LOSS_METHODS = [name for name in tb.available() if not tb.method_class(name).requires_gram]
+#: Every registered gradient method (features mode through :func:`call`).
+GRADIENT_METHODS = [name for name in tb.available() if tb.method_class(name).requires_gram]
+#: Methods with learnable parameters that the user's optimiser steps.
+LEARNED_METHODS = ["uw", "imtl_l"]
+#: Methods that take logs or ratios of the losses.
+POSITIVE_METHODS = [
+    name for name in tb.available() if tb.method_class(name).requires_positive_losses
+]
+
+
+def make_balancer(name: str, K: int, **hparams: Any) -> tb.Balancer:
+    """``tb.create(name, K)`` with the method's required hyperparameters filled in."""
+    required = REQUIRED_HPARAMS.get(name)
+    defaults = required(K) if required is not None else {}
+    defaults.update(hparams)
+    return tb.create(name, num_tasks=K, **defaults)
+
+
+def kpis_for(step: int, K: int, rank: int = 0) -> torch.Tensor:
+    """Deterministic per-task KPIs in (0, 1) that vary with the step (and rank)."""
+    k = torch.arange(K, dtype=torch.float32)
+    return (0.15 + 0.7 * torch.sigmoid(torch.sin(1.3 * step + 0.7 * k + 0.9 * rank))).clamp(0, 1)
+
+
+def losses_for(step: int, K: int, rank: int = 0) -> torch.Tensor:
+    """Deterministic positive losses that fall over time, different per task (and rank)."""
+    k = torch.arange(K, dtype=torch.float64)
+    values = (
+        (1.0 + k) * torch.exp(-0.05 * (k + 1) * step) * (1.2 + 0.3 * torch.sin(step + k + rank))
+    )
+    return values.to(torch.float32)
+
+
+FEATURE_SHAPE = (4, 5)
+
+
+def directions_for(step: int, K: int) -> torch.Tensor:
+    """[K, *FEATURE_SHAPE]: the gradient of each task loss w.r.t. the shared features.
+
+    Gradient methods in features mode need losses that depend on ``features=``. :func:`call`
+    gives each loss this gradient without changing its value, so the Gramian is known exactly:
+    :func:`gram_for`.
+    """
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(K, *FEATURE_SHAPE, generator=generator)
+
+
+def gram_for(step: int, K: int) -> torch.Tensor:
+    """The Gramian of the task gradients that :func:`call` builds at ``step``."""
+    rows = directions_for(step, K).flatten(1)
+    return rows @ rows.T
+
+
+def _attach_features(
+    losses: torch.Tensor | list[torch.Tensor], step: int, K: int
+) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    features = torch.zeros(FEATURE_SHAPE, requires_grad=True)
+    coupling = (directions_for(step, K) * features).flatten(1).sum(1)  # value 0, grad = rows
+    if (
+        isinstance(losses, torch.Tensor)
+        and losses.dim() == 1
+        and losses.shape[0] == K
+        and losses.is_floating_point()
+    ):
+        return losses + coupling, features
+    if (
+        isinstance(losses, list)
+        and len(losses) == K
+        and all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in losses)
+    ):
+        return [x + c for x, c in zip(losses, coupling, strict=True)], features
+    return losses, features  # malformed input: let the balancer reject it
+
+
+def call(
+    b: tb.Balancer,
+    losses: torch.Tensor | list[torch.Tensor],
+    step: int = 0,
+    *,
+    kpis: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Call ``b`` with whatever extra inputs the method reads (KPIs for DTP, features for
+    gradient methods in features mode). The gradient of the result w.r.t. ``losses`` is still
+    ``b.weights``: the features enter each loss with value zero."""
+    kwargs: dict[str, Any] = {}
+    if b.requires_kpis:
+        kwargs["kpis"] = kpis if kpis is not None else kpis_for(step, b.num_tasks)
+    if b.requires_gram and getattr(b, "shared_params", None) is None:
+        losses, kwargs["features"] = _attach_features(losses, step, b.num_tasks)
+    return b(losses, **kwargs)
+
+
+def compute(b: tb.Balancer, losses: torch.Tensor, step: int = 0) -> torch.Tensor:
+    """``b.compute_weights`` with the extra inputs :func:`call` would pass."""
+    kpis = kpis_for(step, b.num_tasks) if b.requires_kpis else None
+    gram = gram_for(step, b.num_tasks) if b.requires_gram else None
+    return b.compute_weights(losses, gram=gram, kpis=kpis)
+
+
+def snapshot(b: tb.Balancer) -> dict[str, Any]:
+    """A deep copy of everything that makes up a balancer's state."""
+    state = {"state_dict": copy.deepcopy(b.state_dict())}
+    generator = getattr(b, "generator", None)
+    if isinstance(generator, torch.Generator):
+        state["generator"] = generator.get_state().clone()
+    return state
+
+
+def assert_same_state(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Every tensor (and nested value) of two snapshots is equal, bit for bit."""
+    _assert_equal(before, after, path="state")
+
+
+def _assert_equal(a: Any, b: Any, path: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype, path
+        assert a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} changed: {a} -> {b}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys {sorted(a)} -> {sorted(b)}"
+        for key in a:
+            _assert_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} -> {b!r}"
+
+
+@pytest.fixture(params=LOSS_METHODS)
+def loss_method(request: pytest.FixtureRequest) -> str:
+    return request.param

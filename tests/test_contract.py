@@ -1,0 +1,451 @@
+"""The Balancer contract, checked for every registered loss-based method.
+
+Properties: the objective's gradient with respect to the losses is ``b.weights``;
+``compute_weights`` advances the state exactly like a call; lists of 0-d tensors equal a 1-D
+tensor; weights are finite, of shape [K] and non-negative. Input checks: every bad input is a
+clear ValueError/TypeError naming the argument, and a rejected call changes no state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import taskbalance as tb
+from conftest import (
+    LOSS_METHODS,
+    POSITIVE_METHODS,
+    REQUIRED_HPARAMS,
+    assert_same_state,
+    call,
+    compute,
+    losses_for,
+    make_balancer,
+    snapshot,
+)
+
+K = 3
+
+
+def _maybe_end_epoch(b: tb.Balancer, step: int) -> None:
+    if step % 3 == 2:
+        b.end_epoch()
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+def test_registry_lists_the_loss_based_methods():
+    names = tb.available()
+    assert names == sorted(names)
+    for name in ("ew", "fixed", "uw", "dwa", "dtp", "rlw", "gls", "si", "imtl_l", "famo"):
+        assert name in names
+        assert tb.method_class(name).name == name
+        assert not tb.method_class(name).requires_gram
+
+
+def test_create_is_the_same_as_the_class(loss_method):
+    b = make_balancer(loss_method, K)
+    assert type(b) is tb.method_class(loss_method)
+    assert isinstance(b, tb.Balancer)
+    assert isinstance(b, torch.nn.Module)
+    assert b.num_tasks == K
+
+
+def test_create_unknown_method_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown method 'nope'.*'dwa'.*'ew'"):
+        tb.create("nope", num_tasks=2)
+
+
+def test_create_unknown_hyperparameter(loss_method):
+    with pytest.raises(TypeError, match=rf"{loss_method}: unknown hyperparameter.*'colour'"):
+        make_balancer(loss_method, K, colour=1.0)
+
+
+def test_dwa_unknown_hyperparameter_lists_accepted_ones():
+    with pytest.raises(TypeError, match=r"\['tempreature'\].*\['temperature', 'window'\]"):
+        tb.create("dwa", num_tasks=2, tempreature=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic properties
+
+
+def test_gradient_of_objective_is_weights(loss_method):
+    b = make_balancer(loss_method, K)
+    for step in range(8):
+        losses = losses_for(step, K).requires_grad_(True)
+        objective = call(b, losses, step)
+        assert objective.dim() == 0
+        (grad,) = torch.autograd.grad(objective, losses)
+        torch.testing.assert_close(grad, b.weights, rtol=1e-6, atol=1e-7)
+        _maybe_end_epoch(b, step)
+
+
+def test_gradient_of_objective_is_weights_float64(loss_method):
+    b = make_balancer(loss_method, K)
+    for step in range(4):
+        losses = losses_for(step, K).double().requires_grad_(True)
+        objective = call(b, losses, step)
+        assert objective.dtype == torch.float64
+        (grad,) = torch.autograd.grad(objective, losses)
+        torch.testing.assert_close(grad, b.weights.double(), rtol=1e-6, atol=1e-7)
+        _maybe_end_epoch(b, step)
+
+
+def test_compute_weights_advances_state_like_a_call(loss_method):
+    called = make_balancer(loss_method, K)
+    computed = make_balancer(loss_method, K)
+    for step in range(10):
+        losses = losses_for(step, K)
+        call(called, losses.clone().requires_grad_(True), step)
+        weights = compute(computed, losses, step)
+        torch.testing.assert_close(weights, called.weights, rtol=0, atol=0)
+        torch.testing.assert_close(computed.weights, weights, rtol=0, atol=0)
+        _maybe_end_epoch(called, step)
+        _maybe_end_epoch(computed, step)
+    assert_same_state(snapshot(called), snapshot(computed))
+
+
+def test_list_of_scalars_equals_vector(loss_method):
+    as_vector = make_balancer(loss_method, K)
+    as_list = make_balancer(loss_method, K)
+    for step in range(6):
+        values = losses_for(step, K)
+        vector = values.clone().requires_grad_(True)
+        scalars = [values[k].clone().requires_grad_(True) for k in range(K)]
+        obj_vector = call(as_vector, vector, step)
+        obj_list = call(as_list, scalars, step)
+        torch.testing.assert_close(obj_list, obj_vector, rtol=0, atol=0)
+        torch.testing.assert_close(as_list.weights, as_vector.weights, rtol=0, atol=0)
+        obj_list.backward()
+        torch.testing.assert_close(torch.stack([s.grad for s in scalars]), as_vector.weights)
+        _maybe_end_epoch(as_vector, step)
+        _maybe_end_epoch(as_list, step)
+
+
+def test_weights_are_detached_copies(loss_method):
+    b = make_balancer(loss_method, K)
+    call(b, losses_for(0, K).requires_grad_(True))
+    weights = b.weights
+    assert not weights.requires_grad
+    weights.add_(100.0)
+    assert not torch.equal(b.weights, weights)
+
+
+def test_initial_weights_have_shape_k(loss_method):
+    b = make_balancer(loss_method, K)
+    assert b.weights.shape == (K,)
+    assert torch.isfinite(b.weights).all()
+
+
+def test_single_task(loss_method):
+    b = make_balancer(loss_method, 1)
+    for step in range(4):
+        losses = torch.tensor([0.5 + step], requires_grad=True)
+        objective = call(b, losses, step)
+        (grad,) = torch.autograd.grad(objective, losses)
+        torch.testing.assert_close(grad, b.weights)
+        assert torch.isfinite(b.weights).all()
+        b.end_epoch()
+
+
+positive_losses = st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def loss_sequences(draw: st.DrawFn) -> tuple[int, list[list[float]], list[list[float]]]:
+    k = draw(st.integers(min_value=1, max_value=6))
+    steps = draw(st.integers(min_value=1, max_value=6))
+    losses = draw(
+        st.lists(st.lists(positive_losses, min_size=k, max_size=k), min_size=steps, max_size=steps)
+    )
+    kpis = draw(
+        st.lists(
+            st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=k, max_size=k),
+            min_size=steps,
+            max_size=steps,
+        )
+    )
+    return k, losses, kpis
+
+
+@pytest.mark.parametrize("name", LOSS_METHODS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=loss_sequences(), epoch_every=st.integers(min_value=1, max_value=3))
+def test_property_weights_finite_nonnegative(name, data, epoch_every):
+    k, loss_steps, kpi_steps = data
+    b = make_balancer(name, k)
+    for step, (values, kpis) in enumerate(zip(loss_steps, kpi_steps, strict=True)):
+        losses = torch.tensor(values, requires_grad=True)
+        objective = call(b, losses, step, kpis=torch.tensor(kpis))
+        weights = b.weights
+        assert weights.shape == (k,)
+        assert torch.isfinite(weights).all(), weights
+        assert (weights >= 0).all(), weights  # (gradient methods may give signed weights)
+        assert torch.isfinite(objective)
+        if name in ("rlw", "dwa"):
+            assert weights.sum().item() == pytest.approx(k, rel=1e-5)
+        (grad,) = torch.autograd.grad(objective, losses)
+        torch.testing.assert_close(grad, weights, rtol=1e-5, atol=1e-6)
+        if step % epoch_every == 0:
+            b.end_epoch()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    window=st.integers(min_value=1, max_value=3),
+    temperature=st.floats(min_value=0.1, max_value=10.0),
+    data=loss_sequences(),
+)
+def test_property_dwa_window_sums_to_k(window, temperature, data):
+    k, loss_steps, _ = data
+    b = tb.create("dwa", num_tasks=k, temperature=temperature, window=window)
+    for values in loss_steps:
+        b(torch.tensor(values))
+        assert b.weights.sum().item() == pytest.approx(k, rel=1e-5)
+        assert (b.weights >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+
+
+def test_wrong_number_of_losses(loss_method):
+    b = make_balancer(loss_method, K)
+    with pytest.raises(ValueError, match=r"losses: expected 3 task losses, got 2"):
+        call(b, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"losses: expected 3 task losses, got 4"):
+        call(b, [torch.tensor(1.0)] * 4)
+    with pytest.raises(ValueError, match=r"losses: expected 3 task losses, got an empty"):
+        call(b, [])
+
+
+def test_malformed_losses(loss_method):
+    b = make_balancer(loss_method, K)
+    with pytest.raises(ValueError, match=r"losses: expected a 1-D tensor .* got shape \(3, 1\)"):
+        call(b, torch.ones(3, 1))
+    with pytest.raises(TypeError, match=r"losses\[1\]: expected a tensor, got float"):
+        call(b, [torch.tensor(1.0), 2.0, torch.tensor(3.0)])
+    with pytest.raises(ValueError, match=r"losses\[2\]: expected a scalar \(0-d\) loss"):
+        call(b, [torch.tensor(1.0), torch.tensor(2.0), torch.ones(2)])
+    with pytest.raises(TypeError, match=r"losses: expected a floating-point tensor"):
+        call(b, torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match=r"losses: expected a 1-D tensor or a list"):
+        call(b, "abc")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_loss_names_the_task(loss_method, bad):
+    b = make_balancer(loss_method, K)
+    with pytest.raises(ValueError, match=r"losses\[1\] is (nan|inf|-inf).*finite"):
+        call(b, torch.tensor([1.0, bad, 2.0]))
+    with pytest.raises(ValueError, match=r"losses\[1\] is (nan|inf|-inf).*finite"):
+        compute(b, torch.tensor([1.0, bad, 2.0]))
+
+
+@pytest.mark.parametrize("name", POSITIVE_METHODS)
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_non_positive_loss_rejected_where_logs_or_ratios(name, bad):
+    b = make_balancer(name, K)
+    with pytest.raises(ValueError, match=rf"losses\[2\] = {bad}: {name} takes logs or ratios.*> 0"):
+        call(b, torch.tensor([1.0, 2.0, bad]))
+
+
+def test_methods_taking_logs_or_ratios_declare_it():
+    assert set(POSITIVE_METHODS) >= {"gls", "si", "dwa", "famo"}
+
+
+@pytest.mark.parametrize("name", sorted(set(LOSS_METHODS) - set(POSITIVE_METHODS)))
+def test_zero_and_negative_losses_accepted_elsewhere(name):
+    b = make_balancer(name, K)
+    losses = torch.tensor([0.0, -1.0, 2.0], requires_grad=True)
+    objective = call(b, losses)
+    (grad,) = torch.autograd.grad(objective, losses)
+    torch.testing.assert_close(grad, b.weights)
+
+
+@pytest.mark.parametrize(
+    ("kpis", "match"),
+    [
+        ([0.5, 1.5, 0.2], r"kpis\[1\] = 1.5: expected a value in \[0, 1\]"),
+        ([0.5, 0.2, -0.1], r"kpis\[2\] = -0.1.*: expected a value in \[0, 1\]"),
+        ([math.nan, 0.2, 0.1], r"kpis\[0\] = nan: expected a value in \[0, 1\]"),
+        ([0.5, 0.5], r"kpis: expected 3 per-task KPIs, got shape \(2,\)"),
+        (None, r"kpis: dtp needs per-task KPIs"),
+    ],
+)
+def test_bad_kpis(kpis, match):
+    b = tb.create("dtp", num_tasks=3)
+    with pytest.raises(ValueError, match=match):
+        b(torch.ones(3), kpis=None if kpis is None else torch.tensor(kpis))
+    with pytest.raises(ValueError, match=match):
+        b.compute_weights(torch.ones(3), kpis=kpis)
+
+
+BAD_HPARAMS = [
+    ("dwa", {"temperature": 0.0}, ValueError, r"temperature: expected a number > 0, got 0.0"),
+    ("dwa", {"temperature": -2.0}, ValueError, r"temperature: expected a number > 0, got -2.0"),
+    ("dwa", {"temperature": math.inf}, ValueError, r"temperature: expected a finite number"),
+    ("dwa", {"temperature": "2"}, TypeError, r"temperature: expected a real number, got '2'"),
+    ("dwa", {"window": 0}, ValueError, r"window: expected an int >= 1, got 0"),
+    ("dwa", {"window": 2.5}, TypeError, r"window: expected an int >= 1, got 2.5"),
+    ("dtp", {"gamma": -1.0}, ValueError, r"gamma\[0\] = -1.0: expected .* >= 0"),
+    ("dtp", {"gamma": [1.0, 2.0, -0.5]}, ValueError, r"gamma\[2\] = -0.5: expected .* >= 0"),
+    ("dtp", {"gamma": [1.0, 2.0]}, ValueError, r"gamma: expected 3 values \(one per task\), got 2"),
+    ("dtp", {"gamma": [1.0, math.nan, 2.0]}, ValueError, r"gamma\[1\]: expected a finite"),
+    (
+        "dtp",
+        {"smoothing": 0.0},
+        ValueError,
+        r"smoothing: expected a number in \(0.0, 1.0\], got 0.0",
+    ),
+    (
+        "dtp",
+        {"smoothing": 1.5},
+        ValueError,
+        r"smoothing: expected a number in \(0.0, 1.0\], got 1.5",
+    ),
+    ("dtp", {"eps": 0.0}, ValueError, r"eps: expected a number in \(0.0, 1.0\), got 0.0"),
+    ("dtp", {"eps": -1e-3}, ValueError, r"eps: expected a number in \(0.0, 1.0\), got -0.001"),
+    ("dtp", {"eps": 1.0}, ValueError, r"eps: expected a number in \(0.0, 1.0\), got 1.0"),
+    ("fixed", {"weights": [1.0, -1.0, 0.5]}, ValueError, r"weights\[1\] = -1.0: expected .* >= 0"),
+    ("fixed", {"weights": [1.0, 1.0]}, ValueError, r"weights: expected 3 values .*got 2"),
+    ("fixed", {"weights": [1.0, math.inf, 1.0]}, ValueError, r"weights\[1\]: expected a finite"),
+    ("fixed", {"weights": "abc"}, TypeError, r"weights: expected a number or 3 numbers"),
+    ("fixed", {"weights": math.nan}, ValueError, r"weights: expected a finite number, got nan"),
+    ("fixed", {"weights": -1.0}, ValueError, r"weights\[0\] = -1.0: expected .* >= 0"),
+    ("dtp", {"gamma": math.inf}, ValueError, r"gamma: expected a finite number, got inf"),
+    ("rlw", {"seed": -1}, ValueError, r"seed: expected an int >= 0, got -1"),
+    ("rlw", {"seed": 1.5}, ValueError, r"seed: expected an int >= 0, got 1.5"),
+    ("famo", {"lr": 0.0}, ValueError, r"lr: expected a number > 0, got 0.0"),
+    ("famo", {"lr": -0.1}, ValueError, r"lr: expected a number > 0, got -0.1"),
+    ("famo", {"weight_decay": -0.001}, ValueError, r"weight_decay: expected a number >= 0"),
+    ("famo", {"min_losses": -1.0}, ValueError, r"min_losses: expected a number >= 0, got -1.0"),
+    ("famo", {"eps": -1e-8}, ValueError, r"eps: expected a number >= 0, got -1e-08"),
+    ("famo", {"lr": math.nan}, ValueError, r"lr: expected a finite number, got nan"),
+    ("uw", {"kinds": "regresion"}, ValueError, r"kinds\[0\]: expected one of .*got 'regresion'"),
+    ("uw", {"kinds": ["regression"]}, ValueError, r"kinds: expected 3 task kinds, got 1"),
+    ("uw", {"init": math.nan}, ValueError, r"init: expected a finite number, got nan"),
+    ("imtl_l", {"init": math.inf}, ValueError, r"init: expected a finite number, got inf"),
+    ("imtl_l", {"init": "0"}, TypeError, r"init: expected a real number, got '0'"),
+]
+
+
+@pytest.mark.parametrize(("name", "hparams", "error", "match"), BAD_HPARAMS)
+def test_bad_hyperparameters(name, hparams, error, match):
+    with pytest.raises(error, match=match):
+        make_balancer(name, K, **hparams)
+
+
+def test_every_method_with_hyperparameters_has_bad_hyperparameter_cases():
+    covered = {name for name, *_ in BAD_HPARAMS}
+    for name in LOSS_METHODS:
+        if tb.hyperparameters(name):
+            assert name in covered, f"add bad-hyperparameter cases for {name} to BAD_HPARAMS"
+
+
+@pytest.mark.parametrize("name", tb.available())
+def test_non_finite_numeric_hyperparameters_rejected(name):
+    """Generic: a NaN for any hyperparameter whose default is a float is refused by name."""
+    for key, default in tb.hyperparameters(name).items():
+        if isinstance(default, float):
+            with pytest.raises((ValueError, TypeError), match=rf"{key}(\[\d+\])?: expected"):
+                make_balancer(name, K, **{key: math.nan})
+
+
+@pytest.mark.parametrize("num_tasks", [0, -2])
+def test_bad_num_tasks(loss_method, num_tasks):
+    with pytest.raises(ValueError, match=rf"num_tasks: expected a positive int, got {num_tasks}"):
+        make_balancer(loss_method, num_tasks)
+
+
+@pytest.mark.parametrize("num_tasks", [2.0, True, "3"])
+def test_num_tasks_of_wrong_type(loss_method, num_tasks):
+    required = REQUIRED_HPARAMS.get(loss_method)
+    hparams = required(K) if required else {}
+    with pytest.raises(TypeError, match=r"num_tasks: expected a positive int"):
+        tb.method_class(loss_method)(num_tasks, **hparams)
+
+
+# ---------------------------------------------------------------------------------------------
+# A rejected call changes nothing
+
+
+def _bad_calls(b: tb.Balancer) -> list:
+    """Callables that must each raise without touching the balancer's state."""
+    good = torch.tensor([1.0, 2.0, 3.0])
+    calls = [
+        lambda: call(b, torch.tensor([1.0, 2.0])),
+        lambda: call(b, torch.tensor([1.0, math.nan, 3.0])),
+        lambda: call(b, torch.tensor([math.inf, 2.0, 3.0])),
+        lambda: call(b, torch.ones(3, 1)),
+        lambda: call(b, [torch.tensor(1.0), 2.0, torch.tensor(3.0)]),
+        lambda: compute(b, torch.tensor([1.0, 2.0, math.nan])),
+        lambda: compute(b, torch.tensor([1.0, 2.0, 3.0, 4.0])),
+    ]
+    if b.requires_positive_losses:
+        calls += [
+            lambda: call(b, torch.tensor([1.0, 0.0, 3.0])),
+            lambda: call(b, torch.tensor([1.0, 2.0, -3.0])),
+            lambda: compute(b, torch.tensor([-1.0, 2.0, 3.0])),
+        ]
+    if b.requires_kpis:
+        calls += [
+            lambda: b(good, kpis=torch.tensor([0.5, 1.5, 0.5])),
+            lambda: b(good, kpis=torch.tensor([0.5, 0.5])),
+            lambda: b(good, kpis=None),
+            lambda: b(good),
+            lambda: b.compute_weights(good, kpis=[0.1, -0.2, 0.3]),
+            # a good loss vector must not sneak a KPI update through
+            lambda: b(good, kpis=torch.tensor([0.5, 0.5, math.nan])),
+        ]
+    return calls
+
+
+def test_rejected_call_leaves_state_unchanged(loss_method):
+    b = make_balancer(loss_method, K)
+    twin = make_balancer(loss_method, K)  # sees only the good calls
+    for step in range(5):
+        call(b, losses_for(step, K).requires_grad_(True), step)
+        call(twin, losses_for(step, K).requires_grad_(True), step)
+        _maybe_end_epoch(b, step)
+        _maybe_end_epoch(twin, step)
+    for bad in _bad_calls(b):
+        before = snapshot(b)
+        weights_before = b.weights
+        with pytest.raises((ValueError, TypeError)):
+            bad()
+        assert_same_state(before, snapshot(b))
+        assert torch.equal(b.weights, weights_before)
+    # and the trajectory goes on as if the bad calls never happened
+    for step in range(5, 9):
+        call(b, losses_for(step, K).requires_grad_(True), step)
+        call(twin, losses_for(step, K).requires_grad_(True), step)
+        assert torch.equal(b.weights, twin.weights)
+        _maybe_end_epoch(b, step)
+        _maybe_end_epoch(twin, step)
+    assert_same_state(snapshot(twin), snapshot(b))
+
+
+def test_famo_below_min_losses_leaves_state_unchanged():
+    b = tb.create("famo", num_tasks=2, min_losses=0.5)
+    for step in range(3):
+        b(torch.tensor([1.0 + step, 2.0]))
+    before = snapshot(b)
+    with pytest.raises(ValueError, match=r"losses: FAMO takes log\(L − min_losses\)"):
+        b(torch.tensor([0.2, 2.0]))
+    assert_same_state(before, snapshot(b))
+
+
+def test_rlw_rejected_call_does_not_draw():
+    b = tb.create("rlw", num_tasks=3, seed=5)
+    state = b.generator.get_state().clone()
+    with pytest.raises(ValueError, match=r"losses\[0\]"):
+        b(torch.tensor([math.nan, 1.0, 1.0]))
+    assert torch.equal(b.generator.get_state(), state)

@@ -1,0 +1,137 @@
+"""Every rank of a 2-process run computes identical weights.
+
+One spawn of two CPU processes (gloo, file:// rendezvous) drives every loss-based method with
+different local losses and KPIs on each rank. The weights must agree across ranks and equal a
+single-process run fed the rank-averaged losses and KPIs; for the methods with learnable
+log-scales (UW, IMTL-L) an SGD step on their parameters each step must keep them identical.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import LEARNED_METHODS, LOSS_METHODS, kpis_for, losses_for, make_balancer
+
+K = 3
+STEPS = 7
+WORLD_SIZE = 2
+
+
+def _end_epoch_after(step: int) -> bool:
+    return step % 2 == 1
+
+
+def _drive(name: str, local_losses, local_kpis):
+    """Run one method over STEPS steps; returns weights, objectives' loss-grads and parameters."""
+    b = make_balancer(name, K)
+    params = list(b.parameters())  # stepped by plain SGD (lr 0.3), written out: torch.optim's
+    # first step costs seconds of imports in each fresh process
+    weights, grads, log_scales = [], [], []
+    for step in range(STEPS):
+        losses = local_losses(step).requires_grad_(True)
+        kwargs = {"kpis": local_kpis(step)} if b.requires_kpis else {}
+        for param in params:
+            param.grad = None
+        objective = b(losses, **kwargs)
+        objective.backward()
+        if params:
+            with torch.no_grad():
+                for param in params:
+                    param.sub_(0.3 * param.grad)
+            log_scales.append(b.log_scales.detach().clone())
+        weights.append(b.weights)
+        grads.append(losses.grad.clone())
+        if _end_epoch_after(step):
+            b.end_epoch()
+    return {"weights": weights, "grads": grads, "log_scales": log_scales}
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        results = {
+            name: _drive(
+                name,
+                lambda step: losses_for(step, K, rank=rank),
+                lambda step: kpis_for(step, K, rank=rank),
+            )
+            for name in LOSS_METHODS
+        }
+        for name in LOSS_METHODS:
+            b = make_balancer(name, K)
+            computed = []
+            for step in range(STEPS):
+                kpis = kpis_for(step, K, rank=rank) if b.requires_kpis else None
+                computed.append(b.compute_weights(losses_for(step, K, rank=rank), kpis=kpis))
+                if _end_epoch_after(step):
+                    b.end_epoch()
+            results[name]["computed"] = computed
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _mean_losses(step: int) -> torch.Tensor:
+    return sum(losses_for(step, K, rank=r) for r in range(WORLD_SIZE)) / WORLD_SIZE
+
+
+def _mean_kpis(step: int) -> torch.Tensor:
+    return sum(kpis_for(step, K, rank=r) for r in range(WORLD_SIZE)) / WORLD_SIZE
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory: pytest.TempPathFactory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    tmp = tmp_path_factory.mktemp("ddp")
+    store = tmp / "store"
+    # spawned children re-import this module; multiprocessing hands them our sys.path
+    context = mp.spawn(_worker, args=(str(store), str(tmp)), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2-process run did not finish within 120 s")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_ranks_agree(rank_results, name):
+    rank0, rank1 = (results[name] for results in rank_results)
+    for step, (w0, w1) in enumerate(zip(rank0["weights"], rank1["weights"], strict=True)):
+        torch.testing.assert_close(w0, w1, rtol=0, atol=0, msg=f"{name}, step {step}")
+    # each rank's own losses get the shared weights as their gradient
+    for step, (g0, w0) in enumerate(zip(rank0["grads"], rank0["weights"], strict=True)):
+        torch.testing.assert_close(g0, w0, msg=f"{name}, step {step}")
+    for step, (s0, s1) in enumerate(zip(rank0["log_scales"], rank1["log_scales"], strict=True)):
+        torch.testing.assert_close(s0, s1, rtol=0, atol=0, msg=f"{name}, step {step}")
+    if name in LEARNED_METHODS:
+        assert len(rank0["log_scales"]) == STEPS
+        assert not torch.equal(rank0["log_scales"][-1], rank0["log_scales"][0])
+
+
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_ranks_equal_single_process_on_averaged_statistics(rank_results, name):
+    reference = _drive(name, _mean_losses, _mean_kpis)
+    got = rank_results[0][name]
+    for step, (want, have) in enumerate(zip(reference["weights"], got["weights"], strict=True)):
+        torch.testing.assert_close(have, want, rtol=1e-6, atol=1e-7, msg=f"{name}, step {step}")
+    for step, (want, have) in enumerate(
+        zip(reference["log_scales"], got["log_scales"], strict=True)
+    ):
+        torch.testing.assert_close(have, want, rtol=1e-6, atol=1e-7, msg=f"{name}, step {step}")
+
+
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_compute_weights_ranks_agree(rank_results, name):
+    rank0, rank1 = (results[name]["computed"] for results in rank_results)
+    for step, (w0, w1) in enumerate(zip(rank0, rank1, strict=True)):
+        torch.testing.assert_close(w0, w1, rtol=0, atol=0, msg=f"{name}, step {step}")

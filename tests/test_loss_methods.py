@@ -1,0 +1,373 @@
+"""Each loss-based method against values computed by hand from its paper's formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import taskbalance as tb
+
+
+def _softmax(values: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def _dwa_by_hand(previous: list[float], before: list[float], T: float) -> list[float]:
+    ratios = [p / q for p, q in zip(previous, before, strict=True)]
+    return [len(ratios) * s for s in _softmax([r / T for r in ratios])]
+
+
+# ---------------------------------------------------------------------------------------------
+# EW and fixed
+
+
+def test_ew_is_the_plain_sum():
+    b = tb.create("ew", num_tasks=3)
+    losses = torch.tensor([1.0, 2.5, 4.0], requires_grad=True)
+    objective = b(losses)
+    assert objective.item() == pytest.approx(7.5)
+    objective.backward()
+    assert torch.equal(losses.grad, torch.ones(3))
+    assert torch.equal(b.weights, torch.ones(3))
+
+
+def test_fixed_uses_the_given_weights():
+    b = tb.create("fixed", num_tasks=3, weights=[0.5, 0.0, 2.0])
+    assert torch.equal(b.weights, torch.tensor([0.5, 0.0, 2.0]))  # before any call
+    losses = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    objective = b(losses)
+    assert objective.item() == pytest.approx(6.5)
+    objective.backward()
+    assert torch.equal(losses.grad, torch.tensor([0.5, 0.0, 2.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# DWA
+
+
+EPOCHS = [
+    [[3.0, 1.0, 0.5], [2.0, 1.2, 0.4]],  # epoch 1: mean [2.5, 1.1, 0.45]
+    [[2.0, 0.9, 0.3], [1.0, 1.1, 0.5]],  # epoch 2: mean [1.5, 1.0, 0.4]
+    [[0.9, 0.8, 0.6], [1.1, 0.8, 0.2]],  # epoch 3: mean [1.0, 0.8, 0.4]
+    [[1.0, 1.0, 1.0]],
+]
+
+
+@pytest.mark.parametrize("T", [2.0, 0.5])
+def test_dwa_per_epoch_over_three_epochs(T):
+    b = tb.create("dwa", num_tasks=3, temperature=T)
+    means = []
+    seen = []
+    for epoch in EPOCHS:
+        for losses in epoch:
+            seen.append(b(torch.tensor(losses)).detach())
+            seen[-1] = b.weights
+        means.append([sum(col) / len(epoch) for col in zip(*epoch, strict=True)])
+        b.end_epoch()
+    # w = 1 throughout the first two epochs
+    for weights in seen[:4]:
+        assert torch.equal(weights, torch.ones(3))
+    # epoch 3: r = L̄(2) / L̄(1)
+    expected3 = torch.tensor(_dwa_by_hand(means[1], means[0], T))
+    for weights in seen[4:6]:
+        torch.testing.assert_close(weights, expected3, rtol=1e-6, atol=1e-7)
+    # epoch 4: r = L̄(3) / L̄(2)
+    expected4 = torch.tensor(_dwa_by_hand(means[2], means[1], T))
+    torch.testing.assert_close(seen[6], expected4, rtol=1e-6, atol=1e-7)
+    assert seen[6].sum().item() == pytest.approx(3.0, rel=1e-6)
+
+
+def test_dwa_window_mode():
+    b = tb.create("dwa", num_tasks=3, window=2)
+    steps = [losses for epoch in EPOCHS[:3] for losses in epoch]  # 6 steps = 3 windows
+    seen = []
+    for losses in steps:
+        b(torch.tensor(losses))
+        seen.append(b.weights)
+        b.end_epoch()  # a no-op in window mode
+    weights7 = b.compute_weights(torch.tensor([1.0, 1.0, 1.0]))
+    means = [[(a + c) / 2 for a, c in zip(steps[i], steps[i + 1], strict=True)] for i in (0, 2, 4)]
+    for weights in seen[:4]:
+        assert torch.equal(weights, torch.ones(3))
+    expected = torch.tensor(_dwa_by_hand(means[1], means[0], 2.0))
+    torch.testing.assert_close(seen[4], expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(seen[5], expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        weights7, torch.tensor(_dwa_by_hand(means[2], means[1], 2.0)), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_dwa_end_epoch_without_steps_does_not_open_a_period():
+    b = tb.create("dwa", num_tasks=2)
+    b(torch.tensor([2.0, 1.0]))
+    b.end_epoch()
+    b.end_epoch()  # empty period: ignored
+    b(torch.tensor([1.0, 1.0]))
+    b.end_epoch()
+    torch.testing.assert_close(
+        b.compute_weights(torch.tensor([1.0, 1.0])),
+        torch.tensor(_dwa_by_hand([1.0, 1.0], [2.0, 1.0], 2.0)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# DTP
+
+
+def _dtp_by_hand(kpi_steps, gamma, alpha, eps):
+    smoothed = None
+    out = []
+    for kpis in kpi_steps:
+        if smoothed is None:
+            smoothed = list(kpis)
+        else:
+            smoothed = [alpha * k + (1 - alpha) * s for k, s in zip(kpis, smoothed, strict=True)]
+        weights = []
+        for s, g in zip(smoothed, gamma, strict=True):
+            c = min(max(s, eps), 1.0)
+            weights.append(-((1 - c) ** g) * math.log(c))
+        out.append(weights)
+    return out
+
+
+def test_dtp_from_given_kpis_with_per_task_gamma():
+    gamma = [2.0, 0.5, 0.0]
+    kpi_steps = [[0.9, 0.5, 0.2], [0.7, 0.6, 0.4], [1.0, 0.1, 0.8], [0.95, 0.3, 0.5]]
+    b = tb.create("dtp", num_tasks=3, gamma=gamma, smoothing=0.3, eps=1e-3)
+    expected = _dtp_by_hand(kpi_steps, gamma, 0.3, 1e-3)
+    for kpis, want in zip(kpi_steps, expected, strict=True):
+        losses = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+        objective = b(losses, kpis=torch.tensor(kpis))
+        torch.testing.assert_close(b.weights, torch.tensor(want), rtol=1e-5, atol=1e-7)
+        (grad,) = torch.autograd.grad(objective, losses)
+        torch.testing.assert_close(grad, torch.tensor(want), rtol=1e-5, atol=1e-7)
+
+
+def test_dtp_default_gamma_and_list_kpis():
+    b = tb.create("dtp", num_tasks=2)
+    b(torch.tensor([1.0, 1.0]), kpis=[0.9, 0.5])
+    expected = [-(0.1**2) * math.log(0.9), -(0.5**2) * math.log(0.5)]
+    torch.testing.assert_close(b.weights, torch.tensor(expected))
+
+
+def test_dtp_clamps_a_zero_kpi_with_eps():
+    b = tb.create("dtp", num_tasks=2, gamma=2.0, eps=1e-4)
+    b(torch.tensor([1.0, 1.0]), kpis=torch.tensor([0.0, 1.0]))
+    expected = [-((1 - 1e-4) ** 2) * math.log(1e-4), 0.0]
+    torch.testing.assert_close(b.weights, torch.tensor(expected), rtol=1e-5, atol=1e-7)
+    assert torch.isfinite(b.weights).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# UW and IMTL-L
+
+
+def _set_log_scales(b: tb.Balancer, s: list[float]) -> None:
+    with torch.no_grad():
+        b.log_scales.copy_(torch.tensor(s))
+
+
+def test_uw_objective_and_gradients_by_hand():
+    kinds = ["regression", "classification", "regression"]
+    s_values = [0.3, -0.7, 1.5]
+    L_values = [2.0, 0.8, 5.0]
+    b = tb.create("uw", num_tasks=3, kinds=kinds)
+    _set_log_scales(b, s_values)
+    losses = torch.tensor(L_values, requires_grad=True)
+    objective = b(losses)
+
+    s = torch.tensor(s_values, requires_grad=True)
+    L = torch.tensor(L_values, requires_grad=True)
+    c = torch.tensor([0.5, 1.0, 0.5])
+    reference = (c * torch.exp(-s) * L + 0.5 * s).sum()
+    ref_grad_L, ref_grad_s = torch.autograd.grad(reference, (L, s))
+
+    value_by_hand = sum(
+        (0.5 if k == "regression" else 1.0) * math.exp(-sv) * lv + 0.5 * sv
+        for k, sv, lv in zip(kinds, s_values, L_values, strict=True)
+    )
+    assert objective.item() == pytest.approx(value_by_hand, rel=1e-6)
+    grad_L, grad_s = torch.autograd.grad(objective, (losses, b.log_scales))
+    torch.testing.assert_close(grad_L, ref_grad_L)
+    torch.testing.assert_close(grad_s, ref_grad_s)
+    # Hand formulas: ∂/∂L = c·e^{−s}; ∂/∂s = −c·e^{−s}·L + ½
+    hand_L = [
+        (0.5 if k == "regression" else 1.0) * math.exp(-sv)
+        for k, sv in zip(kinds, s_values, strict=True)
+    ]
+    hand_s = [-h * lv + 0.5 for h, lv in zip(hand_L, L_values, strict=True)]
+    torch.testing.assert_close(grad_L, torch.tensor(hand_L))
+    torch.testing.assert_close(grad_s, torch.tensor(hand_s))
+    torch.testing.assert_close(b.weights, torch.tensor(hand_L))
+    torch.testing.assert_close(b.variances, torch.exp(torch.tensor(s_values)))
+
+
+def test_uw_defaults_and_optimum():
+    b = tb.create("uw", num_tasks=2)
+    assert torch.equal(b.log_scales.detach(), torch.zeros(2))
+    torch.testing.assert_close(b.weights, torch.tensor([0.5, 0.5]))  # ½·e^0 before any call
+    # The regression optimum of ½e^{−s}L + ½s is e^s = L: the gradient wrt s vanishes there.
+    _set_log_scales(b, [math.log(3.0), math.log(0.25)])
+    objective = b(torch.tensor([3.0, 0.25]))
+    (grad_s,) = torch.autograd.grad(objective, b.log_scales)
+    torch.testing.assert_close(grad_s, torch.zeros(2), atol=1e-6, rtol=0)
+
+
+def test_imtl_l_objective_and_gradients_by_hand():
+    s_values = [0.4, -1.2]
+    L_values = [3.0, 0.5]
+    b = tb.create("imtl_l", num_tasks=2)
+    torch.testing.assert_close(b.weights, torch.ones(2))
+    _set_log_scales(b, s_values)
+    losses = torch.tensor(L_values, requires_grad=True)
+    objective = b(losses)
+    value = sum(math.exp(sv) * lv - sv for sv, lv in zip(s_values, L_values, strict=True))
+    assert objective.item() == pytest.approx(value, rel=1e-6)
+    grad_L, grad_s = torch.autograd.grad(objective, (losses, b.log_scales))
+    torch.testing.assert_close(grad_L, torch.tensor([math.exp(sv) for sv in s_values]))
+    torch.testing.assert_close(
+        grad_s,
+        torch.tensor([math.exp(sv) * lv - 1 for sv, lv in zip(s_values, L_values, strict=True)]),
+    )
+    torch.testing.assert_close(b.weights, grad_L)
+
+
+def test_imtl_l_drives_scaled_losses_to_one():
+    b = tb.create("imtl_l", num_tasks=3)
+    opt = torch.optim.SGD(b.parameters(), lr=0.1)
+    L = torch.tensor([10.0, 1.0, 0.1])
+    for _ in range(500):
+        opt.zero_grad()
+        b(L).backward()
+        opt.step()
+    torch.testing.assert_close(
+        torch.exp(b.log_scales.detach()) * L, torch.ones(3), rtol=1e-3, atol=0
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# GLS and SI
+
+
+def test_gls_objective_value_and_gradient():
+    L_values = [0.5, 2.0, 8.0, 1.5]
+    losses = torch.tensor(L_values, dtype=torch.float64, requires_grad=True)
+    objective = tb.create("gls", num_tasks=4)(losses)
+    reference_L = torch.tensor(L_values, dtype=torch.float64, requires_grad=True)
+    reference = torch.prod(reference_L) ** 0.25
+    assert objective.item() == pytest.approx(math.prod(L_values) ** 0.25, rel=1e-6)
+    (grad,) = torch.autograd.grad(objective, losses)
+    (ref_grad,) = torch.autograd.grad(reference, reference_L)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=0)
+    gm = math.prod(L_values) ** 0.25
+    torch.testing.assert_close(
+        grad,
+        torch.tensor([gm / (4 * lv) for lv in L_values], dtype=torch.float64),
+        rtol=1e-6,
+        atol=0,
+    )
+
+
+def test_si_objective_value_and_gradient():
+    L_values = [0.5, 2.0, 8.0]
+    losses = torch.tensor(L_values, requires_grad=True)
+    b = tb.create("si", num_tasks=3)
+    objective = b(losses)
+    assert objective.item() == pytest.approx(sum(math.log(v) for v in L_values), rel=1e-6)
+    (grad,) = torch.autograd.grad(objective, losses)
+    torch.testing.assert_close(grad, torch.tensor([1 / v for v in L_values]))
+    torch.testing.assert_close(b.weights, torch.tensor([1 / v for v in L_values]))
+
+
+# ---------------------------------------------------------------------------------------------
+# RLW
+
+
+@pytest.mark.parametrize("seed", [0, 7, 12345])
+def test_rlw_matches_seeded_softmax_of_normal_draws(seed):
+    K = 4
+    b = tb.create("rlw", num_tasks=K, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(5):
+        b(torch.ones(K))
+        expected = K * torch.softmax(torch.randn(K, generator=generator), dim=0)
+        torch.testing.assert_close(b.weights, expected)
+        assert b.weights.sum().item() == pytest.approx(K, rel=1e-6)
+        assert (b.weights > 0).all()
+
+
+def test_rlw_same_seed_same_draws_different_seed_different_draws():
+    a, b, c = (tb.create("rlw", num_tasks=3, seed=s) for s in (3, 3, 4))
+    for x in (a, b, c):
+        x(torch.ones(3))
+    assert torch.equal(a.weights, b.weights)
+    assert not torch.equal(a.weights, c.weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# FAMO
+
+
+def test_famo_weights_and_logit_update_by_hand():
+    K, lr, gamma = 3, 0.025, 0.001
+    b = tb.create("famo", num_tasks=K, lr=lr, weight_decay=gamma)
+    xi = torch.zeros(K, requires_grad=True)  # a copy of the logits, stepped by torch's Adam
+    adam = torch.optim.Adam([xi], lr=lr, weight_decay=gamma)
+    steps = [[2.0, 1.0, 0.5], [1.8, 0.7, 0.45], [1.7, 0.6, 0.5], [1.2, 0.65, 0.3], [1.1, 0.5, 0.2]]
+    previous = None
+    for L_values in steps:
+        L = torch.tensor(L_values)
+        if previous is not None:
+            delta = torch.log(previous + 1e-8) - torch.log(L + 1e-8)
+            # gradient of the logits: (∂softmax/∂ξ)ᵀ δ, the softmax Jacobian transposed times δ
+            z = torch.softmax(xi.detach(), 0)
+            jacobian = torch.diag(z) - torch.outer(z, z)  # J[i, j] = ∂z_i/∂ξ_j
+            adam.zero_grad()
+            xi.grad = jacobian.T @ delta
+            adam.step()
+        previous = L
+        losses = L.clone().requires_grad_(True)
+        objective = b(losses)
+        torch.testing.assert_close(b.logits, xi.detach(), rtol=1e-6, atol=1e-8)
+        z = torch.softmax(xi.detach(), 0)
+        D = L + 1e-8
+        c = (z / D).sum()
+        expected_weights = z / (c * D)
+        torch.testing.assert_close(b.weights, expected_weights, rtol=1e-6, atol=1e-8)
+        # value: Σ (z/c)·log D, gradient: z/(c·D)
+        assert objective.item() == pytest.approx(float((z / c * torch.log(D)).sum()), abs=1e-6)
+        (grad,) = torch.autograd.grad(objective, losses)
+        torch.testing.assert_close(grad, expected_weights, rtol=1e-6, atol=1e-8)
+    assert not torch.equal(b.logits, torch.zeros(K))  # the logits did move
+
+
+def test_famo_min_losses_shift():
+    b = tb.create("famo", num_tasks=2, min_losses=0.5)
+    b(torch.tensor([1.5, 0.75]))
+    D = torch.tensor([1.0, 0.25]) + 1e-8
+    z = torch.full((2,), 0.5)
+    torch.testing.assert_close(b.weights, z / ((z / D).sum() * D))
+    with pytest.raises(ValueError, match=r"min_losses"):
+        b(torch.tensor([0.4, 1.0]))
+
+
+def test_famo_initial_weights_are_uniform():
+    b = tb.create("famo", num_tasks=4)
+    torch.testing.assert_close(b.weights, torch.full((4,), 0.25))
+    b(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(b.weights, torch.full((4,), 0.25))
+
+
+def test_dwa_huge_loss_ratio_gives_finite_weights():
+    # L̄(2)/L̄(1) = 1e30/1e-30 overflows float32: the weights must stay finite, not NaN.
+    b = tb.create("dwa", num_tasks=3, temperature=0.5)
+    for losses in ([1e-30, 1.0, 1.0], [1e30, 1.0, 1.0]):
+        b(torch.tensor(losses))
+        b.end_epoch()
+    weights = b.compute_weights(torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.isfinite(weights).all(), weights
+    torch.testing.assert_close(weights, torch.tensor([3.0, 0.0, 0.0]))
