@@ -4,15 +4,40 @@ Three lines in any training loop::
 
     import taskbalance as tb
     balancer = tb.create("dwa", num_tasks=3)
-    balancer(torch.stack([loss_a, loss_b, loss_c])).backward()
+    balancer(torch.stack([loss_a, loss_b, loss_c]), features=z).backward()
 
 Every method returns one objective for one ordinary ``backward()``; ``tb.available()`` lists
-them all.
+them all. Losses live in :mod:`taskbalance.losses`, probability tools in
+:mod:`taskbalance.distributions` and :mod:`taskbalance.info`, per-task learning rates in
+:mod:`taskbalance.optim`.
 """
 
+from taskbalance import distributions, info, losses, optim
 from taskbalance._base import Balancer
+from taskbalance._gramian import gramian
 from taskbalance._registry import available, create, hyperparameters, method_class, register
-from taskbalance.methods import DTP, DWA, EW, FAMO, GLS, IMTLL, RLW, SI, UW, Fixed
+from taskbalance._solvers import SolverError
+from taskbalance.distributions import Gumbel, gumbel_max_sample, gumbel_softmax
+from taskbalance.methods import (
+    DTP,
+    DWA,
+    EW,
+    FAMO,
+    GLS,
+    IMTLL,
+    MGDA,
+    RLW,
+    SI,
+    UW,
+    CAGrad,
+    DualProj,
+    FairGrad,
+    Fixed,
+    GradientBalancer,
+    NashMTL,
+    UPGrad,
+)
+from taskbalance.optim import stop_gradient, task_param_groups
 
 __version__ = "0.1.0"
 
@@ -23,15 +48,33 @@ __all__ = [
     "FAMO",
     "GLS",
     "IMTLL",
+    "MGDA",
     "RLW",
     "SI",
     "UW",
     "Balancer",
+    "CAGrad",
+    "DualProj",
+    "FairGrad",
     "Fixed",
+    "GradientBalancer",
+    "Gumbel",
+    "NashMTL",
+    "SolverError",
+    "UPGrad",
     "__version__",
     "available",
     "create",
+    "distributions",
+    "gramian",
+    "gumbel_max_sample",
+    "gumbel_softmax",
     "hyperparameters",
+    "info",
+    "losses",
     "method_class",
+    "optim",
     "register",
+    "stop_gradient",
+    "task_param_groups",
 ]

@@ -38,7 +38,7 @@ class DWA(Balancer):
         >>> for losses in ([4.0, 2.0], [2.0, 2.0]):
         ...     _ = b(torch.tensor(losses)); b.end_epoch()
         >>> b.compute_weights(torch.tensor([1.0, 1.0]))
-        tensor([0.7551, 1.2449])
+        tensor([0.8756, 1.1244])
     """
 
     requires_positive_losses = True

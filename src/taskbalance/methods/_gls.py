@@ -22,6 +22,8 @@ class GLS(Balancer):
     geometric mean in value and ``Σ w_k L_k`` in gradient. Computed as ``exp(mean log L)`` for
     stability. Losses must be positive.
 
+    Defaults: none to set (the method has no hyperparameters).
+
     Departures: none. Under DDP the weights use the rank-averaged losses, which makes the
     summed gradient exactly that of the geometric mean of the global losses.
 

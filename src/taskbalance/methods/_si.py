@@ -19,6 +19,8 @@ class SI(Balancer):
     Weights: ``w_k = 1/L_k``. The objective returned has the value ``Σ log L_k`` and the
     gradient ``Σ w_k ∇L_k``. Losses must be positive.
 
+    Defaults: none to set (the method has no hyperparameters).
+
     Departures: none.
 
     Args:

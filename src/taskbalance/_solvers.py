@@ -1,0 +1,955 @@
+"""Pure-torch solvers for Gramian-based multi-task weightings.
+
+Every solver works on the ``K x K`` Gramian ``G = J Jᵀ`` of the task gradients (rows of ``J``)
+and returns task weights ``w`` such that the combined direction is ``d = Jᵀ w``.
+
+Numerical conventions shared by all solvers:
+
+* The Gramian is validated (square, finite; otherwise :class:`SolverError`), symmetrised and
+  copied to the host in ``float64``. ``K`` is small (1..64), so one device-to-host copy is far
+  cheaper than launching dozens of tiny kernels, and the active-set / Newton loops need scalar
+  decisions (``.item()``) anyway. The result is returned with the dtype and device of ``G``.
+* Results are detached: the weights are treated as constants w.r.t. ``G`` (as in torchjd).
+* Iteration caps and tolerances are keyword arguments. An exact solver that does not converge
+  within its cap raises :class:`SolverError` naming the solver, the iterations and the residual.
+  There is never a silent fallback to another method.
+* Linear algebra on faces uses Jacobi (unit-diagonal) scaling and a symmetric eigendecomposition,
+  which keeps badly scaled Gramians (task gradient norms spanning many orders of magnitude)
+  accurate and handles singular (rank-deficient, duplicated-row) faces exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SolverError",
+    "cagrad_weights",
+    "dual_cone_weights",
+    "fairgrad_weights",
+    "min_norm_weights",
+    "nash_weights",
+    "nonneg_qp",
+    "project_simplex",
+]
+
+_F64 = torch.float64
+_EPS = torch.finfo(torch.float64).eps
+# Eigenvalues of a unit-diagonal (Jacobi-scaled) PSD block below ``_RANK_RTOL * max(1, λ_max)``
+# are treated as exact zeros (duplicated / linearly dependent task gradients).
+_RANK_RTOL = 1e-12
+
+
+class SolverError(RuntimeError):
+    """Raised when a solver gets invalid numerical input or does not converge within its cap."""
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: float, *, positive: bool = False) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0.0 or (positive and v == 0.0):
+        kind = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {kind}, got {value!r}")
+    return v
+
+
+def _work_gramian(G: Tensor, solver: str) -> Tensor:
+    """Validates ``G`` and returns a symmetric float64 host copy."""
+    if not isinstance(G, Tensor):
+        raise SolverError(f"{solver}: G must be a torch.Tensor, got {type(G).__name__}")
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise SolverError(f"{solver}: G must be a square K x K matrix, got shape {tuple(G.shape)}")
+    if G.shape[0] == 0:
+        raise SolverError(f"{solver}: G must have at least one row (K >= 1), got K = 0")
+    if G.is_complex() or not G.is_floating_point():
+        raise SolverError(f"{solver}: G must be a real floating point tensor, got {G.dtype}")
+    Gw = G.detach().to(device="cpu", dtype=_F64)
+    if not bool(torch.isfinite(Gw).all()):
+        raise SolverError(f"{solver}: G contains non-finite values (nan or inf)")
+    Gw = 0.5 * (Gw + Gw.T)
+    diag = Gw.diagonal()
+    if bool((diag < 0).any()):
+        raise SolverError(f"{solver}: G has a negative diagonal entry, so it is not PSD")
+    # a PSD matrix with G_ii = 0 has a zero row: other entries there are rounding/underflow
+    live = (diag > 0).to(_F64)
+    return Gw * live[:, None] * live[None, :]
+
+
+def _out(x: Tensor, like: Tensor) -> Tensor:
+    return x.to(device=like.device, dtype=like.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# simplex projection
+# --------------------------------------------------------------------------------------------
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    r"""Euclidean projection onto the probability simplex along the last dimension.
+
+    Solves :math:`\operatorname{argmin}_{w \ge 0,\ \mathbf 1^\top w = 1} \lVert w - v \rVert_2`
+    with the sorting algorithm (Held et al. 1974; Duchi et al. 2008):
+    :math:`w = \max(v - \tau, 0)` with :math:`\tau = (\sum_{i \le \rho} u_i - 1) / \rho`, where
+    :math:`u` is :math:`v` sorted decreasingly and :math:`\rho` the largest index with
+    :math:`u_\rho > (\sum_{i\le\rho} u_i - 1)/\rho`. Fully vectorised, no host synchronisation.
+
+    Args:
+        v: Tensor of shape ``[..., K]`` (floating point, finite).
+
+    Returns:
+        Tensor of the same shape, dtype and device, each row on the simplex.
+
+    Raises:
+        ValueError: If ``v`` is not a floating point tensor with at least one dimension.
+
+    Example:
+        >>> project_simplex(torch.tensor([0.5, 0.5, 1.0]))
+        tensor([0.1667, 0.1667, 0.6667])
+    """
+    if not isinstance(v, Tensor) or not v.is_floating_point() or v.ndim == 0 or v.shape[-1] == 0:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"v must be a floating point tensor of shape [..., K], got {shape}")
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    css = torch.cumsum(u, dim=-1) - 1.0
+    k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    cond = u - css / k > 0
+    rho = cond.to(torch.int64).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    tau = torch.gather(css, -1, rho) / (rho + 1).to(v.dtype)
+    return torch.clamp(v - tau, min=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# MGDA: min-norm point of the convex hull
+# --------------------------------------------------------------------------------------------
+
+
+def _face_min_norm(Gs: Tensor, y_cur: Tensor) -> Tensor:
+    """Minimiser of ``yᵀ Gs y`` subject to ``1ᵀ y = 1`` (no sign constraint), nearest ``y_cur``.
+
+    Jacobi scaling ``y = D ỹ`` (``D = diag(Gs)^{-1/2}``) then an eigendecomposition of the
+    unit-diagonal block. With ``c = D 1`` split into range/null components: if ``c`` has a null
+    component the optimal value is 0 and ``ỹ = c_N / ‖c_N‖²``; otherwise
+    ``ỹ = A⁺c / (cᵀA⁺c)``. Flat directions (null space orthogonal to ``c``) keep ``y_cur``.
+    """
+    d = Gs.diagonal().clamp_min(1e-300).rsqrt()
+    A = d[:, None] * Gs * d[None, :]
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0 and float(L.diagonal().min()) ** 2 > 1e-8:
+        # well-conditioned face: y ∝ G⁻¹1, computed as D (DGD)⁻¹ D 1
+        y = d * torch.cholesky_solve(d[:, None], L)[:, 0]
+        return y / y.sum()
+    lam, V = torch.linalg.eigh(A)
+    lam_max = float(lam[-1].clamp_min(1.0))
+    null = lam <= _RANK_RTOL * lam_max
+    c = d
+    cv = V.T @ c
+    yt_cur = y_cur / d
+    cn = torch.where(null, cv, torch.zeros_like(cv))
+    cn_norm2 = float(cn @ cn)
+    if cn_norm2 > (1e-8) ** 2 * float(c @ c):
+        base = cn / cn_norm2  # coordinates in eigenbasis
+        # keep the component of the current point in N ∩ c_N^⊥ (flat directions)
+        cur = V.T @ yt_cur
+        cur_n = torch.where(null, cur, torch.zeros_like(cur))
+        cur_n = cur_n - (cur_n @ cn) / cn_norm2 * cn
+        yt = V @ (base + cur_n)
+    else:
+        inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
+        z = inv * cv
+        denom = float(cv @ z)
+        cur = V.T @ yt_cur
+        cur_n = torch.where(null, cur, torch.zeros_like(cur))
+        yt = V @ (z / denom + cur_n)
+    y = d * yt
+    return y / y.sum()
+
+
+def _mgda_active_set(G: Tensor, max_iter: int, tol: float) -> Tensor:
+    """Wolfe's min-norm-point active-set algorithm on a float64 host Gramian (no special cases)."""
+    K = G.shape[0]
+    scale = float(G.diagonal().max())
+    Gn = G / scale
+    diag = Gn.diagonal()
+    sq = diag.sqrt()
+    i0 = int(torch.argmin(diag))
+    S = [i0]
+    w = torch.zeros(K, dtype=_F64)
+    w[i0] = 1.0
+    it = 0
+    gap = float("inf")
+    thresh = 0.0
+    while True:
+        Gw = Gn @ w
+        val = float(w @ Gw)
+        # rounding level of (Gw)_i: K eps sqrt(G_ii) sum_j sqrt(G_jj) w_j
+        noise = 4.0 * K * _EPS * sq * float(sq @ w)
+        slack = Gw - val + noise
+        mask = torch.ones(K, dtype=torch.bool)
+        mask[S] = False
+        if not bool(mask.any()):
+            break
+        slack = torch.where(mask, slack, torch.full_like(slack, float("inf")))
+        j = int(torch.argmin(slack))
+        gap = val - float(Gw[j])
+        thresh = tol * val + float(noise[j])
+        if gap <= thresh:
+            break
+        S.append(j)
+        # minor cycles
+        while True:
+            it += 1
+            if it > max_iter:
+                raise SolverError(
+                    f"min_norm_weights(method='active_set'): no convergence within max_iter="
+                    f"{max_iter} iterations (KKT residual {gap:.3e} > {thresh:.3e})"
+                )
+            idx = torch.tensor(S, dtype=torch.long)
+            y = _face_min_norm(Gn[idx][:, idx], w[idx])
+            if bool((y > 0).all()):
+                w = torch.zeros(K, dtype=_F64)
+                w[idx] = y
+                break
+            wS = w[idx]
+            neg = y <= 0
+            ratios = torch.where(neg, wS / (wS - y), torch.full_like(y, float("inf")))
+            theta = float(ratios.min())
+            new = wS + theta * (y - wS)
+            block = int(torch.argmin(ratios))
+            if S[block] == j and theta <= 0.0:
+                # the entering vertex is rejected at rounding level: KKT holds numerically
+                S.pop(block)
+                return w
+            new[block] = 0.0
+            new = new.clamp_min(0.0)
+            keep = [k for k in range(len(S)) if new[k] > 0]
+            w = torch.zeros(K, dtype=_F64)
+            w[idx] = new
+            S = [S[k] for k in keep]
+            w = w / w.sum()
+    return w
+
+
+def _mgda_frank_wolfe(G: Tensor, max_iter: int, tol: float) -> Tensor:
+    """Sener & Koltun's Frank-Wolfe with exact line search, best-pair initialisation."""
+    K = G.shape[0]
+    scale = float(G.diagonal().max())
+    Gn = G / scale
+    diag = Gn.diagonal()
+    # best pair initialisation (closed form for every pair)
+    gi = diag[:, None]
+    gj = diag[None, :]
+    den = gi + gj - 2.0 * Gn
+    gamma = torch.where(den > 0, (gj - Gn) / torch.where(den > 0, den, 1.0), 0.5).clamp(0.0, 1.0)
+    cost = gamma**2 * gi + (1 - gamma) ** 2 * gj + 2 * gamma * (1 - gamma) * Gn
+    cost = cost + torch.eye(K, dtype=_F64) * float("inf")
+    flat = int(torch.argmin(cost))
+    a, b = divmod(flat, K)
+    w = torch.zeros(K, dtype=_F64)
+    w[a] = gamma[a, b]
+    w[b] += 1.0 - gamma[a, b]
+    for _ in range(max_iter):
+        Gw = Gn @ w
+        v1v1 = float(w @ Gw)
+        t = int(torch.argmin(Gw))
+        v1v2 = float(Gw[t])
+        if v1v1 - v1v2 <= tol * max(v1v1, 1e-300):
+            break
+        v2v2 = float(diag[t])
+        den_t = v1v1 + v2v2 - 2.0 * v1v2
+        g = 1.0 if den_t <= 0 else min(max((v2v2 - v1v2) / den_t, 0.0), 1.0)
+        w = g * w
+        w[t] += 1.0 - g
+    return w
+
+
+def min_norm_weights(
+    G: Tensor,
+    *,
+    max_iter: int = 250,
+    tol: float = 1e-10,
+    method: Literal["active_set", "frank_wolfe"] = "active_set",
+) -> Tensor:
+    r"""MGDA weights: the minimum-norm point of the convex hull of the task gradients.
+
+    Solves :math:`w^\star = \operatorname{argmin}_{w \in \Delta_K} w^\top G w` with
+    :math:`\Delta_K = \{w \ge 0, \mathbf 1^\top w = 1\}` (Sener & Koltun, NeurIPS 2018). The
+    optimality (KKT) conditions are :math:`(Gw)_i \ge w^\top G w` for all :math:`i`, with equality
+    where :math:`w_i > 0`. The value :math:`w^\top G w = \lVert J^\top w\rVert^2` is unique even
+    when :math:`w` is not (duplicated or affinely dependent gradients).
+
+    * ``K = 1``: ``[1]``. ``K = 2``: closed form (Sener's Algorithm 1),
+      :math:`\gamma = \operatorname{clamp}\big((G_{22} - G_{12}) / (G_{11} + G_{22} - 2G_{12}),
+      0, 1\big)`, :math:`w = (\gamma, 1 - \gamma)` (``0.5`` if both gradients are equal).
+    * ``G = 0``: every simplex point is optimal; the uniform ``1/K`` is returned. Zero rows
+      (:math:`G_{ii} = 0`) give value 0: the weight is spread uniformly over them.
+    * ``method="active_set"`` (default): Wolfe's (1976) exact min-norm-point active-set method on
+      Jacobi-scaled faces with an eigendecomposition, exact on singular faces. It stops when the
+      Frank-Wolfe gap :math:`w^\top G w - \min_i (Gw)_i \le` ``tol`` :math:`\cdot w^\top G w` plus
+      the rounding level of :math:`Gw`; each face solve counts as one iteration and reaching
+      ``max_iter`` raises :class:`SolverError`.
+    * ``method="frank_wolfe"``: the paper's Frank-Wolfe with exact line search, started from the
+      best pair. It stops when the duality gap is ``<= tol * wᵀGw`` or after ``max_iter``
+      iterations. Reaching the cap is **not** an error: Frank-Wolfe converges sublinearly and the
+      paper uses it as an approximate solver, so the current iterate is returned. (The official
+      code's loop never incremented its counter; its line search also clamps at 0.999/0.001
+      instead of the exact 1/0 used here.)
+
+    Args:
+        G: Gramian ``J Jᵀ`` of shape ``[K, K]`` (symmetric PSD, float32 or float64).
+        max_iter: Iteration cap (face solves for ``active_set``, steps for ``frank_wolfe``).
+        tol: Relative tolerance on the duality gap.
+        method: ``"active_set"`` or ``"frank_wolfe"``.
+
+    Returns:
+        Weights of shape ``[K]`` on the simplex, dtype and device of ``G``.
+
+    Raises:
+        SolverError: Non-square or non-finite ``G``, or ``active_set`` hit ``max_iter``.
+        ValueError: Invalid ``max_iter``, ``tol`` or ``method``.
+
+    Example:
+        >>> G = torch.tensor([[1.0, -0.5], [-0.5, 1.0]])
+        >>> min_norm_weights(G)
+        tensor([0.5000, 0.5000])
+    """
+    _check_int("max_iter", max_iter, 1)
+    tol = _check_float("tol", tol)
+    if method not in ("active_set", "frank_wolfe"):
+        raise ValueError(f"method must be 'active_set' or 'frank_wolfe', got {method!r}")
+    Gw = _work_gramian(G, "min_norm_weights")
+    K = Gw.shape[0]
+    diag = Gw.diagonal()
+    if float(diag.max()) == 0.0:
+        return _out(torch.full((K,), 1.0 / K, dtype=_F64), G)
+    zero = diag == 0
+    if bool(zero.any()):
+        w = zero.to(_F64)
+        return _out(w / w.sum(), G)
+    if K == 1:
+        return _out(torch.ones(1, dtype=_F64), G)
+    if K == 2:
+        g11, g12, g22 = float(Gw[0, 0]), float(Gw[0, 1]), float(Gw[1, 1])
+        den = g11 + g22 - 2.0 * g12
+        gamma = 0.5 if den <= 0 else min(max((g22 - g12) / den, 0.0), 1.0)
+        return _out(torch.tensor([gamma, 1.0 - gamma], dtype=_F64), G)
+    if method == "active_set":
+        w = _mgda_active_set(Gw, max_iter, tol)
+    else:
+        w = _mgda_frank_wolfe(Gw, max_iter, tol)
+    return _out(w, G)
+
+
+# --------------------------------------------------------------------------------------------
+# non-negative QP
+# --------------------------------------------------------------------------------------------
+
+
+def _face_qp(A: Tensor, c: Tensor, x_cur: Tensor) -> tuple[Tensor, bool]:
+    """Minimiser of ``½xᵀAx + cᵀx`` (unit-diagonal PSD ``A``) nearest ``x_cur``.
+
+    Returns ``(x, True)``, or ``(p, False)`` with a descent direction ``p`` along which the
+    objective decreases linearly without bound (``c`` has a significant null-space component).
+    """
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0 and float(L.diagonal().min()) ** 2 > 1e-8:
+        # well-conditioned face (pivots bounded away from 0): fast exact path
+        return -torch.cholesky_solve(c[:, None], L)[:, 0], True
+    lam, V = torch.linalg.eigh(A)
+    lam_max = float(lam[-1].clamp_min(1.0))
+    null = lam <= _RANK_RTOL * lam_max
+    cv = V.T @ c
+    cn = torch.where(null, cv, torch.zeros_like(cv))
+    # near-null directions of a consistent problem carry at most ~sqrt(rtol) of c
+    if float(cn.norm()) > 1e-4 * max(float(c.norm()), 1e-300):
+        return -(V @ cn), False
+    inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
+    cur = V.T @ x_cur
+    xv = torch.where(null, cur, -inv * cv)
+    return V @ xv, True
+
+
+def _nnqp(Q: Tensor, b: Tensor, max_iter: int, tol: float, solver: str) -> Tensor:
+    """Lawson-Hanson style primal active set for ``min ½uᵀQu + bᵀu, u ≥ 0`` (float64 host)."""
+    n = b.shape[0]
+    d = Q.diagonal()
+    zero = d <= 0
+    if bool((zero & (b < 0)).any()):
+        i = int(torch.nonzero(zero & (b < 0))[0])
+        raise SolverError(
+            f"{solver}: objective unbounded below (Q[{i},{i}] = 0 and b[{i}] = {float(b[i]):.3e})"
+        )
+    s = torch.where(zero, torch.zeros_like(d), d.clamp_min(1e-300).rsqrt())
+    Qs = s[:, None] * Q * s[None, :]
+    bs = s * b
+    u = torch.zeros(n, dtype=_F64)
+    bscale = float(bs.abs().max()) if n else 0.0
+    if bscale == 0.0:
+        return u
+    F: list[int] = []
+    it = 0
+    worst = 0.0
+    thr = 0.0
+    while True:
+        g = Qs @ u + bs
+        thr = tol * (bscale + float(u.abs().sum()))
+        mask = ~zero
+        if F:
+            mask[F] = False
+        cand = torch.where(mask, g, torch.full_like(g, float("inf")))
+        j = int(torch.argmin(cand))
+        worst = -float(cand[j])
+        if worst <= thr:
+            break
+        F.append(j)
+        while True:
+            it += 1
+            if it > max_iter:
+                raise SolverError(
+                    f"{solver}: no convergence within max_iter={max_iter} iterations "
+                    f"(KKT residual {worst:.3e} > {thr:.3e})"
+                )
+            idx = torch.tensor(F, dtype=torch.long)
+            uF = u[idx]
+            x, bounded = _face_qp(Qs[idx][:, idx], bs[idx], uF)
+            if bounded and bool((x > 0).all()):
+                u = torch.zeros(n, dtype=_F64)
+                u[idx] = x
+                break
+            if bounded:
+                p = x - uF
+                neg = x <= 0
+            else:
+                p = x
+                neg = p < 0
+                if not bool(neg.any()):
+                    raise SolverError(
+                        f"{solver}: objective unbounded below along a non-negative direction "
+                        f"of the null space of Q (after {it} iterations)"
+                    )
+            ratios = torch.where(
+                neg, uF / torch.where(neg, -p, 1.0), torch.full_like(uF, float("inf"))
+            )
+            theta = float(ratios.min())
+            block = int(torch.argmin(ratios))
+            if F[block] == j and theta <= 0.0 and bounded:
+                # the entering index is rejected at rounding level: KKT holds numerically
+                F.pop(block)
+                return s * u
+            new = (uF + theta * p).clamp_min(0.0)
+            new[block] = 0.0
+            u = torch.zeros(n, dtype=_F64)
+            u[idx] = new
+            F = [F[k] for k in range(len(F)) if new[k] > 0]
+            if not F:
+                break
+    return s * u
+
+
+def nonneg_qp(Q: Tensor, b: Tensor, *, max_iter: int = 500, tol: float = 1e-12) -> Tensor:
+    r"""Exact solution of the non-negatively constrained convex QP.
+
+    .. math:: u^\star = \operatorname{argmin}_{u \ge 0}\ \tfrac12 u^\top Q u + b^\top u
+
+    for symmetric PSD :math:`Q` (possibly singular). KKT: :math:`g = Qu + b \ge 0`,
+    :math:`u \ge 0`, :math:`u_i g_i = 0`. Lawson-Hanson style primal active-set method: start
+    at :math:`u = 0`, free the index with the most negative gradient, solve the face problem,
+    and step back to the boundary when it leaves the orthant. Each face problem is solved on the
+    Jacobi-scaled (unit-diagonal) block with an eigendecomposition: on singular faces the
+    minimiser nearest to the current point is taken (exact, no ridge); if the face is unbounded
+    the method follows the linear descent ray until a bound blocks it, and raises if none does.
+    Converged when :math:`\min_i g_i \ge -` ``tol`` :math:`\cdot(\lVert \tilde b\rVert_\infty +
+    \lVert \tilde u\rVert_1)` in Jacobi-scaled variables.
+
+    Args:
+        Q: Symmetric PSD matrix ``[n, n]``.
+        b: Linear term ``[n]``.
+        max_iter: Cap on face solves; exceeding it raises :class:`SolverError`.
+        tol: Relative KKT tolerance.
+
+    Returns:
+        ``u*`` of shape ``[n]`` (dtype/device of ``Q``). Not unique when ``Q`` is singular; the
+        value and ``Qu*`` are.
+
+    Raises:
+        SolverError: Non-square/non-finite ``Q``, non-finite ``b``, unbounded problem, or cap hit.
+        ValueError: Shape mismatch or invalid ``max_iter``/``tol``.
+
+    Example:
+        >>> nonneg_qp(torch.eye(2), torch.tensor([-1.0, 2.0]))
+        tensor([1., 0.])
+    """
+    _check_int("max_iter", max_iter, 1)
+    tol = _check_float("tol", tol)
+    Qw = _work_gramian(Q, "nonneg_qp")
+    if not isinstance(b, Tensor) or b.shape != (Qw.shape[0],):
+        shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+        raise ValueError(f"b must be a tensor of shape ({Qw.shape[0]},), got {shape}")
+    bw = b.detach().to(device="cpu", dtype=_F64)
+    if not bool(torch.isfinite(bw).all()):
+        raise SolverError("nonneg_qp: b contains non-finite values (nan or inf)")
+    return _out(_nnqp(Qw, bw, max_iter, tol, "nonneg_qp"), Q)
+
+
+# --------------------------------------------------------------------------------------------
+# dual cone projection (UPGrad / DualProj)
+# --------------------------------------------------------------------------------------------
+
+
+def dual_cone_weights(
+    G: Tensor,
+    prefs: Tensor,
+    *,
+    norm_eps: float = 1e-4,
+    reg_eps: float = 1e-4,
+    max_iter: int = 500,
+    tol: float = 1e-12,
+) -> Tensor:
+    r"""Weights of the projection of :math:`J^\top p` onto the dual cone of the rows of :math:`J`.
+
+    The dual cone is :math:`C = \{v : Jv \ge 0\}` (directions that conflict with no task). For a
+    preference vector :math:`p`, :math:`\pi_C(J^\top p) = J^\top w` with
+    :math:`w = \operatorname{argmin}_{w \ge p} w^\top G w` (Quinton & Rey 2024, Prop. 1).
+    Writing :math:`w = p + u`:
+
+    .. math:: u^\star = \operatorname{argmin}_{u \ge 0}\ \tfrac12 u^\top G u + u^\top (G p),
+              \qquad w = p + u^\star,
+
+    solved exactly by :func:`nonneg_qp`. Its KKT condition :math:`G(p + u^\star) \ge 0` is
+    exactly non-conflict: :math:`g_i^\top J^\top w \ge 0` for every task.
+
+    Following torchjd (``UPGradWeighting`` / ``DualProj``, ``_utils/gramian.py``): the Gramian
+    is first normalised by its trace, :math:`G/\operatorname{tr}(G)` (the Gramian of the
+    Frobenius-normalised Jacobian), replaced by zeros when :math:`\operatorname{tr}(G) <`
+    ``norm_eps``, and regularised as :math:`+` ``reg_eps`` :math:`\cdot I`. Defaults are
+    torchjd's (``norm_eps = reg_eps = 1e-4``). Caveats inherited from those defaults:
+    ``norm_eps`` is absolute, so Jacobians with :math:`\lVert J\rVert_F^2 < 10^{-4}` are not
+    projected at all (``w = max(p, 0)``); ``reg_eps > 0`` guarantees only
+    :math:`(G/\operatorname{tr} G + \text{reg\_eps}\, I)\, w \ge 0`. Pass ``norm_eps=0`` and
+    ``reg_eps=0`` for the exact projection (singular ``G`` is handled exactly). UPGrad uses
+    ``prefs = diag(pref)/...`` rows and sums the returned rows; DualProj uses one row.
+
+    Args:
+        G: Gramian ``[K, K]``.
+        prefs: Preference vectors ``[K]`` or ``[M, K]``.
+        norm_eps: Trace threshold below which ``G`` is treated as zero.
+        reg_eps: Ridge added to the trace-normalised Gramian.
+        max_iter: Cap per QP (see :func:`nonneg_qp`).
+        tol: Relative KKT tolerance of the QP.
+
+    Returns:
+        Weights ``p + u*`` with the shape of ``prefs``, dtype/device of ``G``.
+
+    Raises:
+        SolverError: Invalid ``G``, non-finite ``prefs`` or a QP hit its cap.
+        ValueError: Bad ``prefs`` shape or invalid keyword values.
+
+    Example:
+        >>> G = torch.tensor([[1.0, -1.5], [-1.5, 4.0]])
+        >>> dual_cone_weights(G, torch.tensor([0.5, 0.5]), norm_eps=0.0, reg_eps=0.0)
+        tensor([0.7500, 0.5000])
+    """
+    norm_eps = _check_float("norm_eps", norm_eps)
+    reg_eps = _check_float("reg_eps", reg_eps)
+    _check_int("max_iter", max_iter, 1)
+    tol = _check_float("tol", tol)
+    Gw = _work_gramian(G, "dual_cone_weights")
+    K = Gw.shape[0]
+    if not isinstance(prefs, Tensor) or prefs.ndim not in (1, 2) or prefs.shape[-1] != K:
+        shape = tuple(prefs.shape) if isinstance(prefs, Tensor) else type(prefs).__name__
+        raise ValueError(f"prefs must have shape [{K}] or [M, {K}], got {shape}")
+    P = prefs.detach().to(device="cpu", dtype=_F64).reshape(-1, K)
+    if not bool(torch.isfinite(P).all()):
+        raise SolverError("dual_cone_weights: prefs contains non-finite values (nan or inf)")
+    tr = float(Gw.diagonal().sum())
+    Gn = torch.zeros_like(Gw) if (tr < norm_eps or tr == 0.0) else Gw / tr
+    Gn = Gn + reg_eps * torch.eye(K, dtype=_F64)
+    out = torch.empty_like(P)
+    for m in range(P.shape[0]):
+        p = P[m]
+        u = _nnqp(Gn, Gn @ p, max_iter, tol, "dual_cone_weights")
+        out[m] = p + u
+    return _out(out.reshape(prefs.shape), G)
+
+
+# --------------------------------------------------------------------------------------------
+# damped Newton on strictly convex potentials (Nash-MTL, FairGrad)
+# --------------------------------------------------------------------------------------------
+
+
+def _barrier_newton(
+    C: Tensor, w0: Tensor, p: float, max_iter: int, tol: float, solver: str
+) -> Tensor:
+    """Solves ``(C w)_i = w_i^{-p}`` (``p = 1/α > 0``), ``w > 0``, by damped Newton on
+    ``f(w) = ½wᵀCw − Σ φ(w_i)`` with ``φ' = w^{-p}``.
+
+    Convergence: ``max_i |w_i^p (Cw)_i − 1| <= tol``; Armijo backtracking with a
+    fraction-to-the-boundary rule keeps ``w > 0``.
+    """
+
+    def phi(x: Tensor) -> Tensor:
+        if p == 1.0:
+            return torch.log(x)
+        return x ** (1.0 - p) / (1.0 - p)
+
+    def f(x: Tensor) -> float:
+        return float(0.5 * (x @ (C @ x)) - phi(x).sum())
+
+    w = w0.clone()
+    fw = f(w)
+    res = float("inf")
+    for it in range(max_iter + 1):
+        Cw = C @ w
+        wp = w**p
+        # rounding level of w^p (Cw): 4 K eps w^p (|C| w)
+        noise = ((4.0 * C.shape[0] * _EPS) * wp * (C.abs() @ w)).clamp_max(1e-2)
+        res = float(((wp * Cw - 1.0).abs() - noise).max())
+        if res <= tol:
+            return w
+        if it == max_iter:
+            break
+        grad = Cw - 1.0 / wp
+        H = C + torch.diag(p * w ** (-p - 1.0))
+        s = H.diagonal().rsqrt()
+        Hs = s[:, None] * H * s[None, :]
+        L, info = torch.linalg.cholesky_ex(Hs)
+        if int(info) == 0:
+            step = -s * torch.cholesky_solve((s * grad)[:, None], L)[:, 0]
+        else:  # PD in exact arithmetic; rounding made it indefinite: clamp the spectrum
+            lam, V = torch.linalg.eigh(Hs)
+            lam = lam.clamp_min(_EPS * float(lam[-1].clamp_min(1.0)))
+            step = -s * (V @ ((V.T @ (s * grad)) / lam))
+        dec = -float(grad @ step)  # Newton decrement squared
+        neg = step < 0
+        tmax = float(torch.where(neg, -w / torch.where(neg, step, -1.0), torch.inf).min())
+        t = min(1.0, 0.99 * tmax)
+        if dec < 1e-3 and t == 1.0:
+            w = w + step
+            fw = f(w)
+            continue
+        while True:
+            cand = w + t * step
+            fc = f(cand)
+            if fc <= fw - 1e-4 * t * dec:
+                break
+            t *= 0.5
+            if t < 1e-20:
+                raise SolverError(
+                    f"{solver}: line search failed at iteration {it} (residual {res:.3e})"
+                )
+        w, fw = cand, fc
+    raise SolverError(
+        f"{solver}: damped Newton did not converge within max_iter={max_iter} iterations "
+        f"(residual max|w^p (Gw) - 1| = {res:.3e} above rounding level > tol={tol:.1e})"
+    )
+
+
+def _ridged(Gw: Tensor, eps: float, solver: str) -> tuple[Tensor, Tensor]:
+    """Returns ``G + eps·diag(r)`` and ``r`` with ``r_i = G_ii`` (or ``tr(G)/K`` on zero rows)."""
+    K = Gw.shape[0]
+    diag = Gw.diagonal()
+    tr = float(diag.sum())
+    if tr == 0.0:
+        raise SolverError(f"{solver}: G is zero; the weights are unbounded (no solution exists)")
+    r = torch.where(diag > 0, diag, torch.full_like(diag, tr / K))
+    Gr = Gw + torch.diag(eps * r)
+    if bool((Gr.diagonal() <= 0).any()):
+        raise SolverError(
+            f"{solver}: G has a zero row and eps=0; the weights are unbounded (use eps > 0)"
+        )
+    return Gr, r
+
+
+def nash_weights(
+    G: Tensor, *, max_iter: int = 100, tol: float = 1e-10, eps: float = 1e-8
+) -> Tensor:
+    r"""Nash-MTL bargaining weights (Navon et al., ICML 2022).
+
+    Solves :math:`G\alpha = 1/\alpha` (elementwise), :math:`\alpha > 0`, i.e.
+    :math:`\alpha_i\, (G\alpha)_i = 1` for all tasks. This is the stationarity condition of the
+    strictly convex potential
+
+    .. math:: f(\alpha) = \tfrac12 \alpha^\top G \alpha - \textstyle\sum_k \log \alpha_k,
+
+    (Hessian :math:`G + \operatorname{diag}(\alpha^{-2}) \succ 0`), solved by damped Newton with
+    Armijo backtracking and a fraction-to-the-boundary rule keeping :math:`\alpha > 0`, until
+    :math:`\max_i |\alpha_i (G\alpha)_i - 1| \le` ``tol``. The paper/official code instead runs up
+    to 20 sequential convex approximations with cvxpy/ECOS (stopping on
+    :math:`\lVert\alpha - \alpha_{prev}\rVert < 10^{-6}`); both target the same fixed point, which
+    this solver reaches to ``tol``.
+
+    Scaling: identical to the official code (AvivNavon/nash-mtl, ``methods/weight_methods.py``),
+    which divides ``GTG`` by its Frobenius norm :math:`N` internally but folds :math:`N` back into
+    the constraint :math:`\alpha_i N (G/N\, \alpha)_i \ge 1`, so the returned :math:`\alpha`
+    solves the *unnormalised* :math:`\alpha_i (G\alpha)_i = 1`, hence
+    :math:`\lVert J^\top\alpha\rVert^2 = \alpha^\top G\alpha = K`. (The official ``max_norm``
+    gradient clipping is the caller's job.) Internally we solve on the Jacobi-scaled Gramian
+    :math:`D^{-1/2} G D^{-1/2}` (:math:`D = \operatorname{diag} G`), to which the problem is
+    exactly equivariant (:math:`\alpha = D^{-1/2}\beta`).
+
+    Existence: the potential is unbounded below iff some :math:`v \ge 0, v \ne 0` has
+    :math:`Gv = 0` (e.g. opposite gradients, a zero gradient). We therefore always add the tiny
+    documented ridge :math:`\text{eps}\cdot\operatorname{diag}(r)`, :math:`r_i = G_{ii}`
+    (or :math:`\operatorname{tr}(G)/K` for a zero row), i.e. ``eps`` times the identity on the
+    Jacobi-scaled problem; the solution exists for ``eps > 0`` and moves by :math:`O(\text{eps})`
+    when :math:`G` is well conditioned. With ``eps=0`` an unbounded problem makes Newton hit its
+    cap and raise. ``G = 0`` always raises :class:`SolverError` (no finite weights exist).
+
+    Args:
+        G: Gramian ``[K, K]``.
+        max_iter: Newton iteration cap (exceeding it raises).
+        tol: Tolerance on :math:`\max_i |\alpha_i (G\alpha)_i - 1|` (scale free).
+        eps: Relative diagonal ridge.
+
+    Returns:
+        :math:`\alpha > 0` of shape ``[K]`` (dtype/device of ``G``).
+
+    Raises:
+        SolverError: Invalid ``G``, zero ``G``, or no convergence.
+        ValueError: Invalid keyword values.
+
+    Example:
+        >>> nash_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), eps=0.0)
+        tensor([0.5000, 1.0000])
+    """
+    _check_int("max_iter", max_iter, 1)
+    tol = _check_float("tol", tol, positive=True)
+    eps = _check_float("eps", eps)
+    Gw = _work_gramian(G, "nash_weights")
+    Gr, _ = _ridged(Gw, eps, "nash_weights")
+    s = Gr.diagonal().rsqrt()
+    C = s[:, None] * Gr * s[None, :]
+    beta = _barrier_newton(C, torch.ones_like(s), 1.0, max_iter, tol, "nash_weights")
+    return _out(s * beta, G)
+
+
+def fairgrad_weights(
+    G: Tensor, alpha: float, *, max_iter: int = 100, tol: float = 1e-10, eps: float = 1e-8
+) -> Tensor:
+    r"""FairGrad weights (Ban & Ji, ICML 2024, "Fair Resource Allocation in Multi-Task Learning").
+
+    Solves :math:`(Gw)_i = w_i^{-1/\alpha}`, :math:`w > 0` (the :math:`\alpha`-fair allocation;
+    :math:`\alpha = 1` is Nash-MTL). It is the stationarity condition of the strictly convex
+    potential (for :math:`\alpha > 0`)
+
+    .. math:: f(w) = \tfrac12 w^\top G w - \textstyle\sum_i \varphi(w_i),\quad
+              \varphi(w) = \frac{w^{1-1/\alpha}}{1-1/\alpha}\ (\alpha\ne1),\quad
+              \varphi(w) = \log w\ (\alpha = 1),
+
+    solved by damped Newton (Hessian :math:`G + \operatorname{diag}(\alpha^{-1}
+    w^{-1/\alpha-1}) \succ 0`) to :math:`\max_i |w_i^{1/\alpha}(Gw)_i - 1| \le` ``tol``. The
+    official code (OptMN-Lab/fairgrad, ``methods/weight_methods.py``) calls
+    ``scipy.optimize.least_squares(lambda x: A @ x - (1/x)**(1/alpha), x0=1/K,
+    bounds=(0, inf))`` on the raw ``GTG`` (no normalisation) with default ``alpha=1.0`` (its
+    experiment scripts use e.g. ``alpha=2.0`` on QM9); the returned :math:`w` solves the same
+    equation with the same (unnormalised) scaling. Internally ``G`` is divided by
+    :math:`\sigma = \operatorname{tr}(G)/K` and the result rescaled by
+    :math:`\sigma^{-\alpha/(\alpha+1)}`. The same existence caveat and relative ridge ``eps`` as in
+    :func:`nash_weights` apply.
+
+    Args:
+        G: Gramian ``[K, K]``.
+        alpha: Fairness parameter, finite and ``> 0``.
+        max_iter: Newton iteration cap (exceeding it raises).
+        tol: Tolerance on the scale-free residual.
+        eps: Relative diagonal ridge.
+
+    Returns:
+        :math:`w > 0` of shape ``[K]`` (dtype/device of ``G``).
+
+    Raises:
+        SolverError: Invalid ``G``, zero ``G``, or no convergence.
+        ValueError: Invalid ``alpha`` or keyword values.
+
+    Example:
+        >>> fairgrad_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), 1.0, eps=0.0)
+        tensor([0.5000, 1.0000])
+    """
+    alpha = _check_float("alpha", alpha, positive=True)
+    _check_int("max_iter", max_iter, 1)
+    tol = _check_float("tol", tol, positive=True)
+    eps = _check_float("eps", eps)
+    Gw = _work_gramian(G, "fairgrad_weights")
+    Gr, _ = _ridged(Gw, eps, "fairgrad_weights")
+    K = Gr.shape[0]
+    sigma = float(Gr.diagonal().sum()) / K
+    C = Gr / sigma
+    expo = alpha / (alpha + 1.0)
+    w0 = C.diagonal() ** (-expo)
+    w = _barrier_newton(C, w0, 1.0 / alpha, max_iter, tol, "fairgrad_weights")
+    return _out(w * sigma ** (-expo), G)
+
+
+# --------------------------------------------------------------------------------------------
+# CAGrad
+# --------------------------------------------------------------------------------------------
+
+
+def cagrad_weights(
+    G: Tensor,
+    c: float = 0.4,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-12,
+    rescale: int = 1,
+    inner_max_iter: int = 250,
+) -> Tensor:
+    r"""CAGrad weights (Liu et al., NeurIPS 2021, "Conflict-Averse Gradient Descent").
+
+    With :math:`g_0 = J^\top \mathbf 1/K`, :math:`b = G\mathbf 1/K` (:math:`b_i = g_i^\top g_0`)
+    and :math:`r = c\lVert g_0\rVert`, :math:`\lVert g_0\rVert^2 = \mathbf 1^\top G \mathbf 1/K^2`,
+    the inner problem is the convex
+
+    .. math:: w^\star = \operatorname{argmin}_{w\in\Delta_K} F(w) = b^\top w + r\sqrt{w^\top G w},
+
+    and the update is :math:`d = g_0 + (r/\lVert g_{w^\star}\rVert)\, g_{w^\star}`, divided by
+    :math:`1 + c^2` (``rescale=1``, the official default), :math:`1` (``rescale=0``) or
+    :math:`1 + c` (``rescale=2``). The returned weights satisfy :math:`d = J^\top w_{out}`:
+
+    .. math:: w_{out} = \big(\mathbf 1/K + (r/\sqrt{w^{\star\top} G w^\star})\, w^\star\big)
+              / \text{factor}.
+
+    The official code (Cranial-XIX/CAGrad, also copied in AvivNavon/nash-mtl) minimises
+    :math:`F` with ``scipy.optimize.minimize`` (SLSQP, ``x0 = 1/K``) and adds absolute ``1e-8``
+    guards (``sqrt(GG.mean() + 1e-8)``, ``sqrt(wᵀGw + 1e-8)``, ``c/(‖g_w‖ + 1e-8)``) which we
+    drop (they make the result scale dependent). Here :math:`F` is minimised exactly with
+    :math:`\sqrt q = \min_{t>0} q/(2t) + t/2`: for fixed :math:`t`,
+    :math:`\min_{w\in\Delta} b^\top w + \tfrac{r}{2t} w^\top G w` is the min-norm problem of the
+    shifted gradients :math:`g_i + (t/r) g_0` (:func:`min_norm_weights`, exact active set) and
+    the optimal :math:`t` is the root of :math:`t = \lVert g_{w(t)}\rVert`, found by safeguarded
+    regula falsi (Illinois) to relative ``tol``. Degenerate cases: :math:`g_0 = 0` or
+    :math:`c = 0` give :math:`d = g_0`. If the optimum has :math:`g_{w^\star} = 0` (the hull
+    contains 0 and :math:`F^\star = 0`; detected as
+    :math:`\lVert g_{w^\star}\rVert \le 10^{-6}\max_i \lVert g_i\rVert`, the rounding level
+    of a norm computed from :math:`G`), the direction :math:`g_{w^\star}/\lVert g_{w^\star}
+    \rVert` is undefined (the official code then amplifies rounding noise by ``c/(‖g_w‖+1e-8)``)
+    and we return :math:`d = g_0`, i.e. ``1/K / factor``.
+
+    Args:
+        G: Gramian ``[K, K]``.
+        c: Conflict-aversion radius :math:`c \ge 0` (official default for the function 0.5,
+            experiments use 0.4).
+        max_iter: Cap on root-finding iterations (exceeding it raises).
+        tol: Relative tolerance on :math:`t`.
+        rescale: 0, 1 or 2 as in the official code.
+        inner_max_iter: ``max_iter`` of each inner min-norm solve.
+
+    Returns:
+        Weights of shape ``[K]`` (dtype/device of ``G``).
+
+    Raises:
+        SolverError: Invalid ``G`` or no convergence.
+        ValueError: Invalid ``c``, ``rescale`` or keyword values.
+
+    Example:
+        >>> cagrad_weights(torch.eye(2), c=0.0)
+        tensor([0.5000, 0.5000])
+    """
+    c = _check_float("c", c)
+    _check_int("max_iter", max_iter, 1)
+    _check_int("inner_max_iter", inner_max_iter, 1)
+    tol = _check_float("tol", tol)
+    if rescale not in (0, 1, 2) or isinstance(rescale, bool):
+        raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
+    Gw = _work_gramian(G, "cagrad_weights")
+    K = Gw.shape[0]
+    factor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    mean = torch.full((K,), 1.0 / K, dtype=_F64)
+    gg = float(mean @ Gw @ mean)
+    r = c * math.sqrt(max(gg, 0.0))
+    # c < 1e-12: the conflict-averse term is below rounding relative to g0, d = g0
+    if c < 1e-12 or r <= 0.0 or gg <= 1e-300 * max(float(Gw.diagonal().max()), 1e-300):
+        return _out(mean / factor, G)
+    b = Gw @ mean
+
+    def inner(t: float) -> tuple[Tensor, float]:
+        beta = t / r
+        Gs = Gw + beta * (b[:, None] + b[None, :]) + beta * beta * gg
+        Gs = 0.5 * (Gs + Gs.T)
+        w = torch.ones(1, dtype=_F64) if K == 1 else _min_norm_host(Gs, inner_max_iter)
+        return w, math.sqrt(max(float(w @ Gw @ w), 0.0))
+
+    smax = math.sqrt(float(Gw.diagonal().max()))
+    hi = smax
+    w_hi, s_hi = inner(hi)
+    if s_hi - hi > 0:  # cannot happen in exact arithmetic (s <= smax)
+        w_star, s_star = w_hi, s_hi
+    else:
+        lo = 0.0
+        w_lo, s_lo = inner(0.0)
+        h_lo, h_hi = s_lo - lo, s_hi - hi
+        w_star, s_star = w_hi, s_hi
+        side = 0
+        it = 0
+        floor = 1e-7 * smax  # below 1e-6 smax the result is declared degenerate anyway
+        while True:
+            it += 1
+            if it > max_iter:
+                raise SolverError(
+                    f"cagrad_weights: root finding did not converge within max_iter={max_iter} "
+                    f"iterations (bracket [{lo:.3e}, {hi:.3e}], residual {h_hi:.3e})"
+                )
+            if hi - lo <= tol * hi or hi <= floor:
+                break
+            t = (lo * h_hi - hi * h_lo) / (h_hi - h_lo) if h_hi != h_lo else 0.5 * (lo + hi)
+            if not (lo < t < hi):
+                t = 0.5 * (lo + hi)
+            if it % 2 == 0:  # guaranteed interval reduction (h may jump at a kink)
+                t = 0.5 * (lo + hi)
+            w_t, s_t = inner(t)
+            h_t = s_t - t
+            if h_t == 0.0:
+                w_star, s_star = w_t, s_t
+                break
+            if h_t > 0:
+                lo, h_lo, w_lo, s_lo = t, h_t, w_t, s_t
+                if side == -1:
+                    h_hi *= 0.5
+                side = -1
+            else:
+                hi, h_hi, w_hi = t, h_t, w_t
+                w_star, s_star = w_t, s_t
+                if side == 1:
+                    h_lo *= 0.5
+                side = 1
+        if lo > 0.0 and s_lo > 0.0 and abs(s_lo - lo) < abs(s_star - hi):
+            w_star, s_star = w_lo, s_lo
+    if s_star <= 1e-6 * smax:
+        # g_{w*} = 0 up to rounding (sqrt(eps) relative): degenerate, return d = g0
+        return _out(mean / factor, G)
+    return _out((mean + (r / s_star) * w_star) / factor, G)
+
+
+def _min_norm_host(Gs: Tensor, max_iter: int) -> Tensor:
+    """min_norm_weights on a validated float64 host Gramian (special cases included)."""
+    K = Gs.shape[0]
+    diag = Gs.diagonal()
+    if float(diag.max()) <= 0.0:
+        return torch.full((K,), 1.0 / K, dtype=_F64)
+    zero = diag <= 0
+    if bool(zero.any()):
+        w = zero.to(_F64)
+        return w / w.sum()
+    if K == 2:
+        g11, g12, g22 = float(Gs[0, 0]), float(Gs[0, 1]), float(Gs[1, 1])
+        den = g11 + g22 - 2.0 * g12
+        gamma = 0.5 if den <= 0 else min(max((g22 - g12) / den, 0.0), 1.0)
+        return torch.tensor([gamma, 1.0 - gamma], dtype=_F64)
+    return _mgda_active_set(Gs, max_iter, 1e-12)
