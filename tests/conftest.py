@@ -154,6 +154,6 @@ def _assert_equal(a: Any, b: Any, path: str) -> None:
         assert a == b, f"{path}: {a!r} -> {b!r}"
 
 
-@pytest.fixture(params=LOSS_METHODS)
+@pytest.fixture(params=tb.available())
 def loss_method(request: pytest.FixtureRequest) -> str:
     return request.param

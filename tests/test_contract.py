@@ -175,7 +175,12 @@ def loss_sequences(draw: st.DrawFn) -> tuple[int, list[list[float]], list[list[f
     return k, losses, kpis
 
 
-@pytest.mark.parametrize("name", LOSS_METHODS)
+# Methods whose combination of task gradients may subtract one from another (projections,
+# pseudo-inverses, whitening): their weights are legitimately signed.
+SIGNED_WEIGHT_METHODS = {"pcgrad", "gradvac", "imtl_g", "aligned_mtl", "config"}
+
+
+@pytest.mark.parametrize("name", tb.available())
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=loss_sequences(), epoch_every=st.integers(min_value=1, max_value=3))
 def test_property_weights_finite_nonnegative(name, data, epoch_every):
@@ -187,7 +192,8 @@ def test_property_weights_finite_nonnegative(name, data, epoch_every):
         weights = b.weights
         assert weights.shape == (k,)
         assert torch.isfinite(weights).all(), weights
-        assert (weights >= 0).all(), weights  # (gradient methods may give signed weights)
+        if name not in SIGNED_WEIGHT_METHODS:
+            assert (weights >= 0).all(), weights
         assert torch.isfinite(objective)
         if name in ("rlw", "dwa"):
             assert weights.sum().item() == pytest.approx(k, rel=1e-5)
@@ -261,7 +267,7 @@ def test_methods_taking_logs_or_ratios_declare_it():
     assert set(POSITIVE_METHODS) >= {"gls", "si", "dwa", "famo"}
 
 
-@pytest.mark.parametrize("name", sorted(set(LOSS_METHODS) - set(POSITIVE_METHODS)))
+@pytest.mark.parametrize("name", sorted(set(tb.available()) - set(POSITIVE_METHODS)))
 def test_zero_and_negative_losses_accepted_elsewhere(name):
     b = make_balancer(name, K)
     losses = torch.tensor([0.0, -1.0, 2.0], requires_grad=True)

@@ -1,9 +1,10 @@
 """Every rank of a 2-process run computes identical weights.
 
-One spawn of two CPU processes (gloo, file:// rendezvous) drives every loss-based method with
-different local losses and KPIs on each rank. The weights must agree across ranks and equal a
-single-process run fed the rank-averaged losses and KPIs; for the methods with learnable
-log-scales (UW, IMTL-L) an SGD step on their parameters each step must keep them identical.
+One spawn of two CPU processes (gloo, file:// rendezvous) drives every method with different
+local losses, KPIs and (for gradient methods) task gradients on each rank. The weights must
+agree across ranks; loss-based methods must also equal a single-process run fed the
+rank-averaged losses and KPIs; for the methods with learnable log-scales (UW, IMTL-L) an SGD
+step on their parameters each step must keep them identical.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import LEARNED_METHODS, LOSS_METHODS, kpis_for, losses_for, make_balancer
+import taskbalance as tb
+from conftest import (
+    FEATURE_SHAPE,
+    LEARNED_METHODS,
+    LOSS_METHODS,
+    directions_for,
+    kpis_for,
+    losses_for,
+    make_balancer,
+)
 
 K = 3
 STEPS = 7
@@ -27,8 +37,11 @@ def _end_epoch_after(step: int) -> bool:
     return step % 2 == 1
 
 
-def _drive(name: str, local_losses, local_kpis):
-    """Run one method over STEPS steps; returns weights, objectives' loss-grads and parameters."""
+def _drive(name: str, local_losses, local_kpis, rank: int = 0):
+    """Run one method over STEPS steps; returns weights, objectives' loss-grads and parameters.
+
+    Gradient methods get features whose task gradients differ from rank to rank, so their
+    local Gramians differ and only the engine's all-reduce can make the ranks agree."""
     b = make_balancer(name, K)
     params = list(b.parameters())  # stepped by plain SGD (lr 0.3), written out: torch.optim's
     # first step costs seconds of imports in each fresh process
@@ -36,9 +49,15 @@ def _drive(name: str, local_losses, local_kpis):
     for step in range(STEPS):
         losses = local_losses(step).requires_grad_(True)
         kwargs = {"kpis": local_kpis(step)} if b.requires_kpis else {}
+        objective_losses = losses
+        if b.requires_gram:
+            features = torch.zeros(FEATURE_SHAPE, requires_grad=True)
+            directions = directions_for(step + 100 * rank, K)
+            objective_losses = losses + (directions * features).flatten(1).sum(1)
+            kwargs["features"] = features
         for param in params:
             param.grad = None
-        objective = b(losses, **kwargs)
+        objective = b(objective_losses, **kwargs)
         objective.backward()
         if params:
             with torch.no_grad():
@@ -61,8 +80,9 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
                 name,
                 lambda step: losses_for(step, K, rank=rank),
                 lambda step: kpis_for(step, K, rank=rank),
+                rank=rank,
             )
-            for name in LOSS_METHODS
+            for name in tb.available()
         }
         for name in LOSS_METHODS:
             b = make_balancer(name, K)
@@ -103,7 +123,7 @@ def rank_results(tmp_path_factory: pytest.TempPathFactory):
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
 
-@pytest.mark.parametrize("name", LOSS_METHODS)
+@pytest.mark.parametrize("name", tb.available())
 def test_ranks_agree(rank_results, name):
     rank0, rank1 = (results[name] for results in rank_results)
     for step, (w0, w1) in enumerate(zip(rank0["weights"], rank1["weights"], strict=True)):

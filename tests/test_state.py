@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import taskbalance as tb
-from conftest import LEARNED_METHODS, LOSS_METHODS, call, losses_for, make_balancer
+from conftest import LEARNED_METHODS, call, losses_for, make_balancer
 
 K = 3
 
@@ -58,7 +58,7 @@ def _check_same_trajectory(name: str, save_load) -> None:
         torch.testing.assert_close(resumed.log_scales, reference.log_scales, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", LOSS_METHODS)
+@pytest.mark.parametrize("name", tb.available())
 def test_resume_from_state_dict_continues_the_trajectory(name):
     _check_same_trajectory(name, lambda state: state)
 
@@ -73,7 +73,7 @@ def _through_bytes(weights_only: bool):
     return save_load
 
 
-@pytest.mark.parametrize("name", LOSS_METHODS)
+@pytest.mark.parametrize("name", tb.available())
 def test_resume_through_torch_save_weights_only(name):
     """``torch.load(..., weights_only=True)`` suffices: the state holds only tensors and dicts
     (RLW's generator state is a uint8 tensor in ``_extra_state``)."""
@@ -85,7 +85,7 @@ def test_resume_through_torch_save_full_pickle():
 
 
 def test_learned_methods_expose_their_parameters():
-    for name in LOSS_METHODS:
+    for name in tb.available():
         b = make_balancer(name, K)
         params = list(b.parameters())
         if name in LEARNED_METHODS:

@@ -1,0 +1,104 @@
+"""ConFIG: conflict-free inverse gradients (Liu, Chu & Thuerey, ICLR 2025)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from taskbalance._registry import register
+from taskbalance._validation import check_positive
+from taskbalance.methods._gradient_base import GradientBalancer
+
+
+@register("config")
+class ConFIG(GradientBalancer):
+    """ConFIG: the direction with equal cosine to every task gradient, of projected length.
+
+    Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
+    Networks", ICLR 2025, Eq. 2. With unit vectors ``u_i = g_i/‖g_i‖`` stacked as the rows of
+    ``U`` (K×P):
+
+    ``g_v = U⁺·1``,  ``ĝ_v = g_v/‖g_v‖``,  direction ``(Σ_i g_iᵀ ĝ_v)·ĝ_v``.
+
+    ``g_v`` solves ``u_iᵀ g_v = 1`` for every i (minimum-norm solution), so it makes the same
+    angle with every task gradient and conflicts with none; its length is the sum of the
+    projections of the task gradients onto it (the official ``ProjectionLength``).
+
+    As ``Jᵀw`` from G: ``U = D J`` with ``D = diag(1/‖g_i‖)``, and ``U⁺ = Uᵀ(U Uᵀ)⁺`` with
+    ``U Uᵀ = D G D =: Ĝ``. So ``g_v = Jᵀc`` with ``c = D Ĝ⁺ 1``, ``‖g_v‖² = cᵀGc`` and
+    ``Σ_i g_iᵀ g_v = 1ᵀGc``; the direction is ``(1ᵀGc / cᵀGc)·Jᵀc``, i.e.
+    ``w = (1ᵀGc / cᵀGc)·c``.
+
+    Defaults (the official ``ConFIGOperator``): equal weights 1 in ``U⁺·1``, projection
+    length. The official code solves ``lstsq(U, 1)`` (the minimum-norm solution, = ``U⁺·1``),
+    or ``pinv(U)`` on request, and uses an equivalent closed form for K = 2. Here ``Ĝ⁺`` drops
+    eigenvalues at or below ``rtol`` times the largest, default ``100·K·eps`` of the Gramian's
+    dtype: eigenvalues of ``Ĝ`` are squared singular values of U, so the Gramian route cannot
+    resolve them below its own rounding error (≈ K·eps·λ_max at P = 10⁴), and inverting that
+    noise would point the direction at noise.
+
+    Degenerate cases: a task with a zero gradient has ``u_i = 0`` (as the official
+    ``nan_to_num``) and weight 0: it adds nothing to the direction either way. "Zero" means
+    ``‖g_i‖² ≤ eps²·max_k ‖g_k‖²`` (eps of the Gramian's dtype), which keeps ``1/‖g_i‖``
+    finite. When every
+    gradient is zero, the direction is zero and the weights are 0.
+
+    Departures: none in the direction; computed in float64 from G.
+
+    Args:
+        num_tasks: K.
+        rtol: relative eigenvalue cut-off of ``Ĝ⁺``; None for ``100·K·eps`` of G's dtype.
+        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> b = tb.create("config", num_tasks=2)
+        >>> b.compute_weights(torch.ones(2), gram=torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
+        tensor([1.5000, 0.7500])
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        rtol: float | None = None,
+        params: Iterable[Tensor] | None = None,
+        update_every: int = 1,
+        gram_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        self.rtol = None if rtol is None else check_positive("rtol", rtol)
+
+    def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        return config_weights(gram, self.rtol).to(torch.float32)
+
+
+def config_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
+    """``w = (1ᵀGc / cᵀGc)·c`` with ``c = D Ĝ⁺ 1`` (float64 ``[K]``)."""
+    num_tasks = gram.shape[0]
+    if rtol is None:
+        rtol = 100 * num_tasks * torch.finfo(gram.dtype).eps
+    g = gram.detach().to(torch.float64)
+    g = 0.5 * (g + g.T)
+    norms = g.diagonal().clamp_min(0).sqrt()
+    # Gradients with ‖g_i‖² ≤ eps²·max‖g‖² count as zero (u_i = 0), so 1/‖g_i‖ stays bounded.
+    negligible = torch.finfo(gram.dtype).eps ** 2 * g.diagonal().max().clamp_min(0)
+    significant = g.diagonal() > negligible
+    inverse_norms = torch.where(significant, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    normalised = inverse_norms[:, None] * g * inverse_norms[None, :]
+    eigenvalues, vectors = torch.linalg.eigh(normalised)
+    largest = eigenvalues.max()
+    keep = eigenvalues > rtol * largest.clamp_min(0)
+    if not bool(largest > 0) or not bool(keep.any()):
+        return torch.zeros(num_tasks, dtype=torch.float64, device=g.device)
+    kept = vectors[:, keep]
+    ones = torch.ones(num_tasks, dtype=torch.float64, device=g.device)
+    solution = kept @ ((kept.T @ ones) / eigenvalues[keep])  # Ĝ⁺ 1
+    coefficients = inverse_norms * solution
+    gc = g @ coefficients
+    squared_length = coefficients @ gc
+    if not bool(squared_length > 0):
+        return torch.zeros(num_tasks, dtype=torch.float64, device=g.device)
+    return (gc.sum() / squared_length) * coefficients

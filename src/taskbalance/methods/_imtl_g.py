@@ -1,0 +1,95 @@
+"""IMTL-G: impartial multi-task learning, gradient part (Liu et al., ICLR 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from taskbalance._registry import register
+from taskbalance._validation import check_positive
+from taskbalance.methods._gradient_base import GradientBalancer
+
+
+@register("imtl_g")
+class IMTLG(GradientBalancer):
+    """IMTL-G: the aggregate gradient has equal projections onto every unit task gradient.
+
+    Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task Learning",
+    ICLR 2021, §3.1 (gradient balance). Find ``g = Σ_i α_i g_i`` with ``Σ_i α_i = 1`` and
+    ``g·u_1 = g·u_i`` for all i, where ``u_i = g_i/‖g_i‖``. The paper's closed form, with task
+    1 as the reference (LibMTL's convention: the first task, index 0):
+
+    ``α_{2:K} = g_1 Uᵀ (D Uᵀ)⁻¹``,  ``α_1 = 1 − Σ_{i≥2} α_i``,
+
+    ``U = [u_1 − u_2; …; u_1 − u_K]`` and ``D = [g_1 − g_2; …; g_1 − g_K]`` (rows).
+
+    As ``Jᵀw`` from G: let ``N = diag(1/‖g_i‖)`` and ``A`` the (K−1)×K matrix with rows
+    ``e_1 − e_i``. Then ``D = A J`` and ``U = A N J``, so ``g_1 Uᵀ = (G N Aᵀ)_{1,:}`` and
+    ``D Uᵀ = A G N Aᵀ``: both are products of G only, and the direction is ``Jᵀα``, ``w = α``.
+    When G is invertible this equals ``α ∝ G⁻¹·diag(G)^{1/2}`` (normalised to sum 1).
+
+    Singular cases: ``(D Uᵀ)⁻¹`` is replaced by the pseudo-inverse (the ConFIG authors' IMTL-G
+    does the same; LibMTL uses ``torch.inverse`` and fails there), with singular values below
+    ``rtol`` times the largest treated as zero. Unlike ``G⁺·diag(G)^{1/2}``, this keeps the
+    equal-projection property where it is still solvable, e.g. for two opposite gradients
+    (where it gives the zero direction). A task with a zero gradient has ``u_i = 0``, where
+    "zero" means ``‖g_i‖² ≤ eps²·max_k ‖g_k‖²`` (eps of the Gramian's dtype).
+
+    Defaults: ``rtol = 100·K·eps`` of the Gramian's dtype (above the Gramian's own rounding
+    error, ≈ K·eps at P = 10⁴). The weights sum to 1 (the paper's
+    constraint), so the step is about 1/K of an equal-weights sum of the losses.
+
+    Departures: pseudo-inverse instead of inverse (identical when D Uᵀ is invertible); computed
+    in float64.
+
+    Args:
+        num_tasks: K.
+        rtol: relative cut-off of the pseudo-inverse; None for ``100·K·eps`` of G's dtype.
+        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> b = tb.create("imtl_g", num_tasks=2)
+        >>> b.compute_weights(torch.ones(2), gram=torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
+        tensor([0.6667, 0.3333])
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        rtol: float | None = None,
+        params: Iterable[Tensor] | None = None,
+        update_every: int = 1,
+        gram_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        self.rtol = None if rtol is None else check_positive("rtol", rtol)
+
+    def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        return imtl_g_weights(gram, self.rtol).to(torch.float32)
+
+
+def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
+    """IMTL-G's α (float64 ``[K]``, sums to 1) from the Gramian, task 0 as the reference."""
+    num_tasks = gram.shape[0]
+    if rtol is None:
+        rtol = 100 * num_tasks * torch.finfo(gram.dtype).eps
+    g = gram.detach().to(torch.float64)
+    if num_tasks == 1:
+        return torch.ones(1, dtype=torch.float64, device=g.device)
+    norms = g.diagonal().clamp_min(0).sqrt()
+    # Gradients with ‖g_i‖² ≤ eps²·max‖g‖² count as zero (u_i = 0), so 1/‖g_i‖ stays bounded.
+    negligible = torch.finfo(gram.dtype).eps ** 2 * g.diagonal().max().clamp_min(0)
+    significant = g.diagonal() > negligible
+    inverse_norms = torch.where(significant, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    difference = torch.zeros(num_tasks - 1, num_tasks, dtype=torch.float64, device=g.device)
+    difference[:, 0] = 1.0
+    difference[:, 1:] -= torch.eye(num_tasks - 1, dtype=torch.float64, device=g.device)
+    right = g @ (inverse_norms[:, None] * difference.T)  # G N Aᵀ, K × (K−1)
+    reference = right[0]  # g_1 Uᵀ
+    system = difference @ right  # D Uᵀ = A G N Aᵀ
+    rest = reference @ torch.linalg.pinv(system, rtol=rtol)
+    return torch.cat([(1.0 - rest.sum()).reshape(1), rest])

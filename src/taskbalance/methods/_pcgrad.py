@@ -1,0 +1,154 @@
+"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from taskbalance._distributed import seeded_generator
+from taskbalance._registry import register
+from taskbalance._validation import check_choice
+from taskbalance.methods._gradient_base import GradientBalancer
+
+_ORDERS = ("random", "fixed")
+
+
+@register("pcgrad")
+class PCGrad(GradientBalancer):
+    """PCGrad: remove from each task gradient its component along every gradient it conflicts with.
+
+    Yu, Kumar, Gupta, Levine, Hausman & Finn, "Gradient Surgery for Multi-Task Learning",
+    NeurIPS 2020, Algorithm 1. For each task i, start from ``g_i' = g_i`` and, for each other
+    task j in random order, if ``g_i'·g_j < 0``:
+
+    ``g_i' ← g_i' − (g_i'·g_j / ‖g_j‖²)·g_j``
+
+    (always projecting onto the normal plane of the *original* g_j). The update direction is
+    ``Σ_i g_i'``.
+
+    As ``Jᵀw``: every g_i' is g_i minus multiples of task gradients, so ``g_i' = Jᵀc_i`` for a
+    coefficient vector ``c_i`` (``c_i = e_i`` at the start). The projection subtracts
+    ``(g_i'·g_j/‖g_j‖²)`` from ``c_i[j]``, and both numbers come from G:
+    ``g_i'·g_j = (G c_i)_j`` and ``‖g_j‖² = G_jj``. Hence ``Σ_i g_i' = Jᵀ(Σ_i c_i)`` and
+    ``w = Σ_i c_i``. The direction is exactly the paper's, computed in O(K³) from G.
+
+    Order: ``order="random"`` (default) follows the paper's Algorithm 1 and LibMTL: for each
+    task i a fresh random permutation of the other tasks, drawn as
+    ``torch.randperm(K − 1, generator=g)`` (i from 0 to K−1) from the balancer's own
+    generator (seeded with ``seed``, identical on every rank, saved in ``state_dict``). The
+    official TensorFlow code shuffles the losses with ``tf.random.shuffle`` but discards the
+    result, so in effect it projects in the fixed order ``0, …, K−1`` (including ``j = i``,
+    a no-op unless ``g_i'·g_i < 0``); ``order="fixed"`` reproduces that. For K = 2 the
+    order does not matter.
+
+    Defaults: ``order="random"``, ``seed=0``.
+
+    Departures: a task gradient with zero (or negligible: ``‖g_j‖² ≤ eps²·max_k ‖g_k‖²``, eps
+    of the Gramian's dtype) norm is skipped as a projection target; the reference code divides
+    by zero there, and a near-zero g_j would need a coefficient up to ``‖g_i‖/‖g_j‖``. Weights
+    are computed in float64 on the CPU (K×K numbers).
+
+    Args:
+        num_tasks: K.
+        order: ``"random"`` (paper, LibMTL) or ``"fixed"`` (what the official code does).
+        seed: seed of the balancer's own random generator.
+        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> b = tb.create("pcgrad", num_tasks=2)
+        >>> b.compute_weights(torch.ones(2), gram=torch.tensor([[1.0, -1.0], [-1.0, 2.0]]))
+        tensor([2.0000, 1.5000])
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        order: str = "random",
+        seed: int = 0,
+        params: Iterable[Tensor] | None = None,
+        update_every: int = 1,
+        gram_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        self.order = check_choice("order", order, _ORDERS)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        self.seed = seed
+        self.generator = seeded_generator(seed)
+
+    def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        saved = self.generator.get_state()
+        try:
+            orders = task_orders(self.num_tasks, self.order, self.generator)
+            weights = pcgrad_weights(gram, orders)
+        except BaseException:
+            self.generator.set_state(saved)
+            raise
+        return weights
+
+    def get_extra_state(self) -> Any:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.generator.set_state(state["generator"])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, order={self.order!r}, seed={self.seed}"
+
+
+def task_orders(num_tasks: int, order: str, generator: torch.Generator) -> list[list[int]]:
+    """For each task i, the order in which the other tasks are visited.
+
+    ``"random"``: a fresh ``torch.randperm(K − 1, generator=generator)`` per task, indexing the
+    other tasks in increasing order. ``"fixed"``: ``0, …, K−1`` including i itself.
+    """
+    orders = []
+    for i in range(num_tasks):
+        if order == "fixed":
+            orders.append(list(range(num_tasks)))
+            continue
+        others = [j for j in range(num_tasks) if j != i]
+        permutation = torch.randperm(num_tasks - 1, generator=generator).tolist()
+        orders.append([others[p] for p in permutation])
+    return orders
+
+
+def pcgrad_weights(gram: Tensor, orders: list[list[int]]) -> Tensor:
+    """``w = Σ_i c_i`` with ``g_i' = Jᵀc_i`` the projected gradients (float32 ``[K]``)."""
+    negligible = negligible_squared_norm(gram)
+    g = gram.detach().to(device="cpu", dtype=torch.float64).tolist()
+    num_tasks = len(g)
+    total = [0.0] * num_tasks
+    for i in range(num_tasks):
+        coefficients = [0.0] * num_tasks
+        coefficients[i] = 1.0
+        # products[m] = g_i'·g_m = (G c_i)_m, kept up to date as c_i changes.
+        products = list(g[i])
+        for j in orders[i]:
+            squared_norm = g[j][j]
+            if products[j] < 0.0 and squared_norm > negligible:
+                step = products[j] / squared_norm
+                coefficients[j] -= step
+                row = g[j]
+                for m in range(num_tasks):
+                    products[m] -= step * row[m]
+        for m in range(num_tasks):
+            total[m] += coefficients[m]
+    return torch.tensor(total, dtype=torch.float64).to(torch.float32)
+
+
+def negligible_squared_norm(gram: Tensor) -> float:
+    """``eps²·max_k G_kk`` (eps of G's dtype): task gradients this small are not targets.
+
+    Projecting onto a gradient ``g_j`` moves the direction by at most ``‖g_i‖``, but needs the
+    coefficient ``g_i·g_j/‖g_j‖²``, up to ``‖g_i‖/‖g_j‖``: skipping ``‖g_j‖ ≤ eps·max‖g‖``
+    keeps every weight below ``1/eps`` (finite in float32) at a negligible cost in direction.
+    """
+    diagonal = gram.detach().diagonal().to(torch.float64)
+    largest = float(diagonal.max()) if diagonal.numel() else 0.0
+    return torch.finfo(gram.dtype).eps ** 2 * max(largest, 0.0)
