@@ -332,7 +332,7 @@ BAD_HPARAMS = [
     ("famo", {"lr": 0.0}, ValueError, r"lr: expected a number > 0, got 0.0"),
     ("famo", {"lr": -0.1}, ValueError, r"lr: expected a number > 0, got -0.1"),
     ("famo", {"weight_decay": -0.001}, ValueError, r"weight_decay: expected a number >= 0"),
-    ("famo", {"min_losses": -1.0}, ValueError, r"min_losses: expected a number >= 0, got -1.0"),
+    ("famo", {"min_losses": [0.0, 1.0]}, ValueError, r"min_losses: expected 3 values"),
     ("famo", {"eps": -1e-8}, ValueError, r"eps: expected a number >= 0, got -1e-08"),
     ("famo", {"lr": math.nan}, ValueError, r"lr: expected a finite number, got nan"),
     ("uw", {"kinds": "regresion"}, ValueError, r"kinds\[0\]: expected one of .*got 'regresion'"),

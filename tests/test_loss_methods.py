@@ -371,3 +371,18 @@ def test_dwa_huge_loss_ratio_gives_finite_weights():
     weights = b.compute_weights(torch.tensor([1.0, 1.0, 1.0]))
     assert torch.isfinite(weights).all(), weights
     torch.testing.assert_close(weights, torch.tensor([3.0, 0.0, 0.0]))
+
+
+def test_famo_negative_lower_bounds_allow_negative_losses():
+    """A Gaussian NLL can be negative: with min_losses below it, FAMO takes log(L − min)."""
+    b = tb.create("famo", num_tasks=2, min_losses=[-5.0, 0.0])
+    losses = torch.tensor([-1.0, 2.0], requires_grad=True)
+    objective = b(losses)
+    shifted = torch.tensor([4.0, 2.0]) + 1e-8
+    z = torch.full((2,), 0.5)
+    expected = z / ((z / shifted).sum() * shifted)
+    torch.testing.assert_close(b.weights, expected)
+    (grad,) = torch.autograd.grad(objective, losses)
+    torch.testing.assert_close(grad, expected)
+    with pytest.raises(ValueError, match=r"FAMO takes log\(L − min_losses\)"):
+        b(torch.tensor([-6.0, 2.0]))

@@ -51,9 +51,9 @@ class Balancer(nn.Module, ABC):
 
     Under ``torch.distributed``, the loss statistics and KPIs that drive the weights are
     averaged over the process group (in calls and in ``compute_weights`` alike), so every rank
-    computes the same weights. Input checks run before that collective: a bad input on one rank
-    raises there while the other ranks wait in the all-reduce, exactly as a crash in any other
-    DDP step would; the process group's timeout then ends them.
+    computes the same weights. Every input check runs before the first collective: a bad input
+    on one rank raises there while the other ranks wait in the all-reduce, exactly as a crash
+    in any other DDP step would; the process group's timeout then ends them.
 
     Args:
         num_tasks: K, the number of task losses every call receives.
@@ -100,8 +100,13 @@ class Balancer(nn.Module, ABC):
             The 0-d objective, whose gradient with respect to ``losses[k]`` is ``weights[k]``.
         """
         vector = as_loss_vector(losses, self.num_tasks)
-        statistics = self._loss_statistics(vector)
-        kpi_vector = self._kpi_statistics(kpis)
+        # Every local check runs before the first collective, so a bad input raises on its
+        # rank without leaving the other ranks waiting in a half-finished sequence of them.
+        local_losses = self._checked_values(vector)
+        local_kpis = self._checked_kpis(kpis)
+        self._check_call_inputs(vector, features)
+        statistics = all_reduce_mean(local_losses)
+        kpi_vector = None if local_kpis is None else all_reduce_mean(local_kpis)
         gram = self._gram_for_call(vector, features)
         weights = self._advance(statistics, gram, kpi_vector)
         return self._objective(vector, weights.to(vector.device), statistics.to(vector.device))
@@ -123,9 +128,11 @@ class Balancer(nn.Module, ABC):
             The ``[K]`` weights of this step (detached).
         """
         vector = as_loss_vector(losses, self.num_tasks).detach()
-        statistics = self._loss_statistics(vector)
-        kpi_vector = self._kpi_statistics(kpis)
+        local_losses = self._checked_values(vector)
+        local_kpis = self._checked_kpis(kpis)
         checked_gram = self._check_gram(gram) if self.requires_gram else None
+        statistics = all_reduce_mean(local_losses)
+        kpi_vector = None if local_kpis is None else all_reduce_mean(local_kpis)
         return self._advance(statistics, checked_gram, kpi_vector)
 
     def end_epoch(self) -> None:
@@ -145,6 +152,9 @@ class Balancer(nn.Module, ABC):
     def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
         """The objective to backward: ``Σ w_k L_k`` unless the method defines its own."""
         return (weights.to(losses.dtype) * losses).sum()
+
+    def _check_call_inputs(self, losses: Tensor, features: Tensor | None) -> None:
+        """Method-specific checks of a call's inputs, run before any collective."""
 
     def _gram_for_call(self, losses: Tensor, features: Tensor | None) -> Tensor | None:
         """Gradient methods compute the Gramian here; loss-based methods need none."""
@@ -170,15 +180,12 @@ class Balancer(nn.Module, ABC):
         )
         return values
 
-    def _loss_statistics(self, losses: Tensor) -> Tensor:
-        """Checked loss values averaged over the process group (identity outside DDP)."""
-        return all_reduce_mean(self._checked_values(losses))
-
-    def _kpi_statistics(self, kpis: KpisLike) -> Tensor | None:
+    def _checked_kpis(self, kpis: KpisLike) -> Tensor | None:
+        """Checked KPIs on this module's device, for methods that read them."""
         if not self.requires_kpis:
             return None
         vector = as_kpi_vector(kpis, self.num_tasks, self._method_name)
-        return all_reduce_mean(vector.to(self._last_weights.device))
+        return vector.to(self._last_weights.device)
 
     def _check_gram(self, gram: Tensor | None) -> Tensor:
         if gram is None:

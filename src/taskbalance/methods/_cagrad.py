@@ -35,7 +35,9 @@ class CAGrad(GradientBalancer):
     0.4 on NYUv2/Cityscapes), ``rescale = 1``.
 
     Departures: the official code solves the inner problem with scipy's SLSQP; we solve the
-    same convex problem in pure torch to the given tolerance.
+    same convex problem in pure torch to the given tolerance. The official training
+    loops also clip the shared gradient to norm 1 (``max_norm``); clipping is the loop's
+    business, do it with ``torch.nn.utils.clip_grad_norm_`` to reproduce the paper's runs.
 
     Args:
         num_tasks: K.

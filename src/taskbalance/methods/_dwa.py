@@ -19,13 +19,17 @@ class DWA(Balancer):
     ``r_k = L̄_k(t−1) / L̄_k(t−2)``,  ``w_k = K·exp(r_k/T) / Σ_j exp(r_j/T)``
 
     where ``L̄_k(t)`` is the mean loss of task k over period t. A period is an epoch (the paper;
-    call :meth:`end_epoch` at each epoch boundary) or, with ``window=N``, N consecutive steps
-    (the variant of the Nash-MTL code base, useful when epochs are long). ``w = 1`` for the first
-    two periods, when no ratio exists yet.
+    call :meth:`end_epoch` at each epoch boundary) or, with ``window=N``, back-to-back blocks of
+    N steps, useful when epochs are long. ``w = 1`` for the first two periods, when no ratio
+    exists yet.
 
     Defaults: ``T = 2`` (the paper), per-epoch periods.
 
-    Departures: none. Losses must be positive (the rule takes ratios).
+    Departures: none in per-epoch mode. ``window=N`` is our adaptation of the Nash-MTL code
+    base's iteration variant: that code keeps a sliding buffer of the last 2N steps and
+    recomputes every step; ours uses consecutive blocks, so the weights change once per block
+    and a resumed run needs no buffer of past losses. Losses must be positive (the rule takes
+    ratios).
 
     Args:
         num_tasks: K.

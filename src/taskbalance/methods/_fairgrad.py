@@ -33,7 +33,10 @@ class FairGrad(GradientBalancer):
 
     Defaults: ``alpha = 1.0``.
 
-    Departures: none in the rule; the solver differs as above and raises on failure.
+    Departures: none in the rule; the solver differs as above and raises on failure. The
+    official training loops also clip the shared gradient to norm 1 (``max_norm``); clipping
+    is the loop's business, do it with ``torch.nn.utils.clip_grad_norm_`` to reproduce the
+    paper's runs.
 
     Args:
         num_tasks: K.

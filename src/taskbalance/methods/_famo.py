@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from taskbalance._adam import AdamState
 from taskbalance._base import Balancer
 from taskbalance._registry import register
-from taskbalance._validation import check_nonnegative, check_positive
+from taskbalance._validation import check_nonnegative, check_positive, per_task_values
 
 
 @register("famo")
@@ -26,20 +28,26 @@ class FAMO(Balancer):
     Jacobian times δ), applied by Adam with learning rate ``lr`` and L2 weight decay
     ``weight_decay`` (γ in the paper). A task whose loss fell less gains weight.
 
-    Defaults: ``lr = 0.025``, ``weight_decay = 0.001`` (the paper's; 0.01 on Cityscapes),
-    ``ξ = 0`` at the start, ``min_losses = 0`` (the losses' known lower bounds).
+    Defaults: ``lr = 0.025``, ``weight_decay = 0.001`` (the paper's Algorithm 2 and its QM9
+    runs; the official code's argument default and its CelebA runs use 0.01), ``ξ = 0`` at the
+    start, ``min_losses = 0`` (the losses' known lower bounds, one per task or one for all).
 
     Departures: the official code evaluates the losses a second time on the same batch after
-    the parameter update (one extra forward pass). We read δ from the losses of the next step
-    instead, so the method keeps its O(1) cost and the training loop keeps one forward and one
-    backward; on shuffled mini-batches this is an unbiased but noisier estimate of the same
-    decrease. Under DDP δ uses the rank-averaged losses, so every rank's logits agree.
+    the parameter update (one extra forward pass) and so measures how much fitting *that* batch
+    lowered each loss. We read δ from the losses of the next step instead, a different batch,
+    so the method keeps its O(1) cost and the loop keeps one forward and one backward; δ then
+    also carries the batch-to-batch variation of the losses, which is large at small batch
+    sizes. The official training loop also clips the shared gradient to norm 1 (``max_norm``):
+    clipping is the loop's business, do it with ``torch.nn.utils.clip_grad_norm_`` to
+    reproduce the paper's runs. Under DDP δ uses the rank-averaged losses, so every rank's
+    logits agree.
 
     Args:
         num_tasks: K.
         lr: Adam learning rate of the logits.
         weight_decay: γ, L2 decay of the logits.
-        min_losses: lower bound of each loss, subtracted before the log (0 for most losses).
+        min_losses: lower bound of each loss, subtracted before the log (0 for most losses;
+            negative for, e.g., a Gaussian NLL); one number, or one per task.
         eps: added to ``L − min_losses`` before the log, as in the official code.
 
     Example:
@@ -52,6 +60,7 @@ class FAMO(Balancer):
 
     requires_positive_losses = True
 
+    min_losses: Tensor
     logits: Tensor
     previous_log_losses: Tensor
     has_previous: Tensor
@@ -62,15 +71,18 @@ class FAMO(Balancer):
         *,
         lr: float = 0.025,
         weight_decay: float = 0.001,
-        min_losses: float = 0.0,
+        min_losses: float | Sequence[float] = 0.0,
         eps: float = 1e-8,
     ) -> None:
         super().__init__(num_tasks)
         self.lr = check_positive("lr", lr)
         self.weight_decay = check_nonnegative("weight_decay", weight_decay)
-        self.min_losses = check_nonnegative("min_losses", min_losses)
+        lower_bounds = per_task_values("min_losses", min_losses, self.num_tasks)
         self.eps = check_nonnegative("eps", eps)
         self.logit_optimiser = AdamState(self.num_tasks, lr=self.lr, weight_decay=self.weight_decay)
+        self.register_buffer("min_losses", torch.tensor(lower_bounds))
+        # With a negative lower bound a loss may itself be <= 0; _update checks L > min_losses.
+        self.requires_positive_losses = min(lower_bounds) >= 0
         self.register_buffer("logits", torch.zeros(self.num_tasks))
         self.register_buffer("previous_log_losses", torch.zeros(self.num_tasks))
         self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
@@ -85,8 +97,9 @@ class FAMO(Balancer):
         shifted = losses - self.min_losses + self.eps
         if bool((shifted <= 0).any()):
             raise ValueError(
-                f"losses: FAMO takes log(L − min_losses) with min_losses = {self.min_losses}, "
-                f"so every loss must exceed it; got {losses.tolist()}"
+                "losses: FAMO takes log(L − min_losses) with min_losses = "
+                f"{self.min_losses.tolist()}, so every loss must exceed its bound; "
+                f"got {losses.tolist()}"
             )
         log_losses = torch.log(shifted)
         if bool(self.has_previous):

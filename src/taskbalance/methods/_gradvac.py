@@ -46,9 +46,8 @@ class GradVac(GradientBalancer):
     every rank; saved in ``state_dict`` with the targets, so a resumed run continues the same
     trajectory). LibMTL and the paper also visit the other tasks in random order.
 
-    Defaults: ``beta = 0.01`` (β = 1e-2, the paper's value as cited by an earlier torchjd
-    implementation; LibMTL and current torchjd default to 0.5, a much faster-moving target),
-    targets initialised to 0.
+    Defaults: ``beta = 0.01`` (β = 1e-2, the paper's value, also torchjd's GradVac default;
+    LibMTL defaults to 0.5, a much faster-moving target), targets initialised to 0.
 
     Departures:
 

@@ -35,8 +35,9 @@ class PCGrad(GradientBalancer):
     ``g_i'·g_j = (G c_i)_j`` and ``‖g_j‖² = G_jj``. Hence ``Σ_i g_i' = Jᵀ(Σ_i c_i)`` and
     ``w = Σ_i c_i``. The direction is exactly the paper's, computed in O(K³) from G.
 
-    Order: ``order="random"`` (default) follows the paper's Algorithm 1 and LibMTL: for each
-    task i a fresh random permutation of the other tasks, drawn as
+    Order: ``order="random"`` (default) follows the paper's Algorithm 1: for each task i a
+    fresh random permutation of the other tasks (LibMTL shuffles all tasks, i included, where
+    projecting g_i' on g_i is a no-op unless it conflicts with itself), drawn as
     ``torch.randperm(K − 1, generator=g)`` (i from 0 to K−1) from the balancer's own
     generator (seeded with ``seed``, identical on every rank, saved in ``state_dict``). The
     official TensorFlow code shuffles the losses with ``tf.random.shuffle`` but discards the

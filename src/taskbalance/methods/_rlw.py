@@ -17,13 +17,16 @@ class RLW(Balancer):
     """Random loss weighting: fresh random weights every step.
 
     Lin, Ye, Xu, Shi & Zhang, "Reasonable Effectiveness of Random Weighting: A Litmus Test for
-    Multi-Task Learning", TMLR 2022: ``z ~ N(0, I)``, ``w = K·softmax(z)`` (so ``Σ w = K``).
+    Multi-Task Learning", TMLR 2022: ``z ~ N(0, I)``, ``w = softmax(z)``; here ``w = K·softmax(z)``
+    (so ``Σ w = K``, see Departures).
 
-    Defaults: standard normal logits (the paper's best-performing choice), ``seed = 0``.
+    Defaults: standard normal logits (LibMTL's default ``dist='Normal'``), ``seed = 0``.
 
-    Departures: none. The draws come from a generator owned by the balancer, seeded identically
-    on every rank, so DDP ranks agree; its state is saved in ``state_dict`` so a resumed run
-    draws the same sequence.
+    Departures: the paper and LibMTL use ``softmax(z)`` (weights summing to 1); we multiply by K
+    so that the weights sum to K like equal weighting's, which keeps the learning rate tuned for
+    ``ew`` meaningful. Divide the learning rate by K to reproduce the paper's runs. The draws
+    come from a generator owned by the balancer, seeded identically on every rank, so DDP ranks
+    agree; its state is saved in ``state_dict`` so a resumed run draws the same sequence.
 
     Args:
         num_tasks: K.

@@ -1,0 +1,195 @@
+"""The command line: error paths (exit 2, one line on stderr, no training) and smoke runs."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from taskbalance.bench import cli
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _no_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(cli, "train_run", fail)
+
+
+def test_list_shows_methods_and_benchmarks(capsys):
+    code, out, _ = _run(["list"], capsys)
+    assert code == 0
+    for name in ["ew", "uw", "multidigits", "noisy-regression", "toy-2d", "higher is better"]:
+        assert name in out
+
+
+def test_unknown_benchmark(capsys, monkeypatch, tmp_path):
+    _no_training(monkeypatch)
+    code, _, err = _run(
+        ["train", "--bench", "mnist", "--method", "ew", "--out", str(tmp_path)], capsys
+    )
+    assert code == 2
+    assert "unknown benchmark 'mnist'" in err
+    assert "multidigits" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_method(capsys, monkeypatch, tmp_path):
+    _no_training(monkeypatch)
+    code, _, err = _run(["compare", "--methods", "ew,nope", "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert "nope" in err
+    assert "'dwa'" in err
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("temperature=hot", "--set temperature='hot': expected float"),
+        ("window=2.5", "window: expected an int"),
+        ("colour=red", "dwa has no hyperparameter 'colour'"),
+        ("temperature", "expected key=value"),
+        ("temperature=-1", "temperature"),
+    ],
+)
+def test_bad_set_value(capsys, monkeypatch, tmp_path, setting, expected):
+    _no_training(monkeypatch)
+    argv = [
+        "train",
+        "--bench",
+        "multidigits",
+        "--method",
+        "dwa",
+        "--small",
+        "--set",
+        setting,
+        "--out",
+        str(tmp_path),
+    ]
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_set_converts_lists_and_types():
+    assert cli.parse_settings("fixed", ["weights=1,2.5"]) == {"weights": [1.0, 2.5]}
+    assert cli.parse_settings("dwa", ["temperature=3"]) == {"temperature": 3.0}
+    assert cli.parse_settings("uw", ["kinds=regression,classification"]) == {
+        "kinds": ["regression", "classification"]
+    }
+
+
+def test_unwritable_output_directory(capsys, monkeypatch, tmp_path):
+    _no_training(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, _, err = _run(
+        ["train", "--bench", "multidigits", "--method", "ew", "--out", str(blocker / "sub")],
+        capsys,
+    )
+    assert code == 2
+    assert "cannot write to output directory" in err
+
+
+def test_compare_refuses_toy(capsys, tmp_path):
+    code, _, err = _run(["compare", "--bench", "toy-2d", "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert "taskbalance toy" in err
+
+
+@pytest.mark.parametrize(
+    "bench", ["multidigits", "digits-mixed", "gradnorm-toy", "noisy-regression", "toy-2d"]
+)
+def test_train_one_epoch_on_each_benchmark(capsys, tmp_path, bench):
+    method = "uw" if bench == "noisy-regression" else "dwa"
+    argv = [
+        "train",
+        "--bench",
+        bench,
+        "--method",
+        method,
+        "--epochs",
+        "1",
+        "--small",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
+    code, out, _ = _run(argv, capsys)
+    assert code == 0
+    assert (tmp_path / "metrics.csv").exists()
+    assert (tmp_path / "weights.csv").exists()
+    assert list(tmp_path.glob("*.png"))
+    if bench == "noisy-regression":
+        assert "learned σ²" in out
+        assert "recovered within 5%" in out
+    elif bench != "toy-2d":
+        assert "test metrics" in out
+        assert "final weights" in out
+
+
+def test_compare_small_and_ctrl_c_writes_finished_runs(capsys, monkeypatch, tmp_path):
+    real_train_run = cli.train_run
+    calls = []
+
+    def interrupt_on_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_train_run(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "train_run", interrupt_on_fourth)
+    argv = [
+        "compare",
+        "--methods",
+        "ew,uw",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--small",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
+    code, out, err = _run(argv, capsys)
+    assert code == 130
+    assert "interrupted" in err
+    with (tmp_path / "runs.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == ["single-task", "single-task", "ew"]
+    assert "Δm%" in (tmp_path / "comparison.md").read_text()
+    assert "ew" in out
+
+
+def test_compare_small_complete(capsys, tmp_path):
+    argv = [
+        "compare",
+        "--methods",
+        "ew,fixed",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--small",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
+    code, _out, _ = _run(argv, capsys)
+    assert code == 0
+    table = (tmp_path / "comparison.md").read_text()
+    assert "single-task" in table
+    assert "| 1 |" in table
+    for name in ["comparison.csv", "weights.png", "task_metrics.png", "delta_m.png"]:
+        assert (tmp_path / name).exists()
