@@ -144,11 +144,18 @@ def project_simplex(v: Tensor) -> Tensor:
 def _face_min_norm(Gs: Tensor, y_cur: Tensor) -> Tensor:
     """Minimiser of ``yᵀ Gs y`` subject to ``1ᵀ y = 1`` (no sign constraint), nearest ``y_cur``.
 
-    Jacobi scaling ``y = D ỹ`` (``D = diag(Gs)^{-1/2}``) then an eigendecomposition of the
-    unit-diagonal block. With ``c = D 1`` split into range/null components: if ``c`` has a null
-    component the optimal value is 0 and ``ỹ = c_N / ‖c_N‖²``; otherwise
-    ``ỹ = A⁺c / (cᵀA⁺c)``. Flat directions (null space orthogonal to ``c``) keep ``y_cur``.
+    Jacobi scaling ``y = D ỹ`` (``D = diag(Gs)^{-1/2}``) then, unless a Cholesky factorisation
+    has well-bounded pivots, an eigendecomposition of the unit-diagonal block ``A``. Eigenvalues
+    at the rounding level of ``eigh`` (``n eps λ_max``) are exact zeros. With ``c = D 1`` split
+    into range/null components there are two candidates: ``ỹ = A⁺c / (cᵀA⁺c)`` (value
+    ``1/(cᵀA⁺c)``) and, if ``c`` has a null component, ``ỹ = c_N / ‖c_N‖²`` (value 0). Both are
+    feasible, so the one whose value ``ỹᵀAỹ``, evaluated directly on ``A``, is smaller is
+    returned: a tiny but genuine eigenvalue (a nearly singular face, e.g. two almost
+    anti-parallel gradients and a tiny third one) is never mistaken for an exact zero, and a
+    rounding-level null component of ``c`` (huge ``ỹ``) is never preferred. Flat directions
+    (null space orthogonal to ``c``: affinely dependent vertices) keep ``y_cur``.
     """
+    n = Gs.shape[0]
     d = Gs.diagonal().clamp_min(1e-300).rsqrt()
     A = d[:, None] * Gs * d[None, :]
     L, info = torch.linalg.cholesky_ex(A)
@@ -158,27 +165,30 @@ def _face_min_norm(Gs: Tensor, y_cur: Tensor) -> Tensor:
         return y / y.sum()
     lam, V = torch.linalg.eigh(A)
     lam_max = float(lam[-1].clamp_min(1.0))
-    null = lam <= _RANK_RTOL * lam_max
+    null = lam <= 8.0 * n * _EPS * lam_max
     c = d
     cv = V.T @ c
-    yt_cur = y_cur / d
+    cur = V.T @ (y_cur / d)
+    cur_n = torch.where(null, cur, torch.zeros_like(cur))
     cn = torch.where(null, cv, torch.zeros_like(cv))
     cn_norm2 = float(cn @ cn)
-    if cn_norm2 > (1e-8) ** 2 * float(c @ c):
-        base = cn / cn_norm2  # coordinates in eigenbasis
-        # keep the component of the current point in N ∩ c_N^⊥ (flat directions)
-        cur = V.T @ yt_cur
-        cur_n = torch.where(null, cur, torch.zeros_like(cur))
-        cur_n = cur_n - (cur_n @ cn) / cn_norm2 * cn
-        yt = V @ (base + cur_n)
-    else:
-        inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
-        z = inv * cv
-        denom = float(cv @ z)
-        cur = V.T @ yt_cur
-        cur_n = torch.where(null, cur, torch.zeros_like(cur))
+    best = None
+    best_val = float("inf")
+    if cn_norm2 > 0.0:
+        # value-0 candidate; keep the current point's component in N ∩ c_N^⊥ (flat directions)
+        yt = V @ (cn / cn_norm2 + cur_n - (cur_n @ cn) / cn_norm2 * cn)
+        best, best_val = yt, float(yt @ A @ yt)
+    inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
+    z = inv * cv
+    denom = float(cv @ z)
+    if denom > 0.0:
         yt = V @ (z / denom + cur_n)
-    y = d * yt
+        val = float(yt @ A @ yt)
+        if best is None or val < best_val:
+            best, best_val = yt, val
+    if best is None:  # c = 0 cannot happen (d > 0); keep the current point
+        return y_cur / y_cur.sum()
+    y = d * best
     return y / y.sum()
 
 
@@ -199,8 +209,10 @@ def _mgda_active_set(G: Tensor, max_iter: int, tol: float) -> Tensor:
     while True:
         Gw = Gn @ w
         val = float(w @ Gw)
-        # rounding level of (Gw)_i: K eps sqrt(G_ii) sum_j sqrt(G_jj) w_j
-        noise = 4.0 * K * _EPS * sq * float(sq @ w)
+        # rounding level of the gap val - (Gw)_j = (w - e_j)ᵀ G w, i.e. of both val and (Gw)_j:
+        # K eps (Σ_k sqrt(G_kk) |w - e_j|_k) (Σ_k sqrt(G_kk) w_k)
+        m = float(sq @ w)
+        noise = 4.0 * K * _EPS * m * (sq + m)
         slack = Gw - val + noise
         mask = torch.ones(K, dtype=torch.bool)
         mask[S] = False
@@ -229,16 +241,20 @@ def _mgda_active_set(G: Tensor, max_iter: int, tol: float) -> Tensor:
                 break
             wS = w[idx]
             neg = y <= 0
-            ratios = torch.where(neg, wS / (wS - y), torch.full_like(y, float("inf")))
+            # step from wS towards y until the first weight reaches 0; a vertex with wS = 0
+            # (only the entering one) and y <= 0 blocks at theta = 0 (no 0/0)
+            ratios = torch.where(
+                neg & (wS > 0), wS / (wS - y).clamp_min(1e-300), torch.full_like(y, float("inf"))
+            )
+            ratios = torch.where(neg & (wS <= 0), torch.zeros_like(y), ratios)
             theta = float(ratios.min())
-            new = wS + theta * (y - wS)
             block = int(torch.argmin(ratios))
             if S[block] == j and theta <= 0.0:
                 # the entering vertex is rejected at rounding level: KKT holds numerically
                 S.pop(block)
                 return w
+            new = (wS + theta * (y - wS)).clamp_min(0.0)
             new[block] = 0.0
-            new = new.clamp_min(0.0)
             keep = [k for k in range(len(S)) if new[k] > 0]
             w = torch.zeros(K, dtype=_F64)
             w[idx] = new
@@ -303,7 +319,7 @@ def min_norm_weights(
     * ``method="active_set"`` (default): Wolfe's (1976) exact min-norm-point active-set method on
       Jacobi-scaled faces with an eigendecomposition, exact on singular faces. It stops when the
       Frank-Wolfe gap :math:`w^\top G w - \min_i (Gw)_i \le` ``tol`` :math:`\cdot w^\top G w` plus
-      the rounding level of :math:`Gw`; each face solve counts as one iteration and reaching
+      the rounding level of the gap; each face solve counts as one iteration and reaching
       ``max_iter`` raises :class:`SolverError`.
     * ``method="frank_wolfe"``: the paper's Frank-Wolfe with exact line search, started from the
       best pair. It stops when the duality gap is ``<= tol * wᵀGw`` or after ``max_iter``
@@ -600,31 +616,38 @@ def _barrier_newton(
     """Solves ``(C w)_i = w_i^{-p}`` (``p = 1/α > 0``), ``w > 0``, by damped Newton on
     ``f(w) = ½wᵀCw − Σ φ(w_i)`` with ``φ' = w^{-p}``.
 
-    Convergence: ``max_i |w_i^p (Cw)_i − 1| <= tol``; Armijo backtracking with a
-    fraction-to-the-boundary rule keeps ``w > 0``.
+    Convergence: ``max_i |w_i^p (Cw)_i − 1| <= tol`` above the rounding level of ``w^p (Cw)``.
+    Where that rounding level is large (``(Cw)_i`` a tiny difference of large terms, e.g. an
+    exactly rank-deficient ``C`` plus a ridge) the residual is only accepted together with a
+    Newton decrement below both ``tol`` and the rounding level of the gradient. Armijo
+    backtracking with a fraction-to-the-boundary rule keeps ``w > 0``; the decrease
+    ``f(w + t p) − f(w)`` is evaluated as ``t gᵀp + ½t² pᵀCp − Σ R_i`` with the second-order
+    remainders ``R_i`` of ``φ`` computed by ``log1p``/``expm1``, so it is accurate even when
+    ``|f|`` is many orders of magnitude above the decrease (evaluating ``f`` twice and
+    subtracting stalls there).
     """
+    K = C.shape[0]
+    Cabs = C.abs()
 
-    def phi(x: Tensor) -> Tensor:
+    def remainder(x: Tensor, h: Tensor) -> Tensor:
+        # φ(x + h) − φ(x) − φ'(x) h, without cancellation (x > 0, x + h > 0)
+        u = h / x
         if p == 1.0:
-            return torch.log(x)
-        return x ** (1.0 - p) / (1.0 - p)
-
-    def f(x: Tensor) -> float:
-        return float(0.5 * (x @ (C @ x)) - phi(x).sum())
+            return torch.log1p(u) - u
+        q = 1.0 - p
+        return x**q / q * (torch.expm1(q * torch.log1p(u)) - q * u)
 
     w = w0.clone()
-    fw = f(w)
     res = float("inf")
     for it in range(max_iter + 1):
         Cw = C @ w
         wp = w**p
         # rounding level of w^p (Cw): 4 K eps w^p (|C| w)
-        noise = ((4.0 * C.shape[0] * _EPS) * wp * (C.abs() @ w)).clamp_max(1e-2)
-        res = float(((wp * Cw - 1.0).abs() - noise).max())
+        noise = (4.0 * K * _EPS) * wp * (Cabs @ w)
+        err = (wp * Cw - 1.0).abs()
+        res = float((err - noise.clamp_max(1e-2)).max())
         if res <= tol:
             return w
-        if it == max_iter:
-            break
         grad = Cw - 1.0 / wp
         H = C + torch.diag(p * w ** (-p - 1.0))
         s = H.diagonal().rsqrt()
@@ -637,24 +660,31 @@ def _barrier_newton(
             lam = lam.clamp_min(_EPS * float(lam[-1].clamp_min(1.0)))
             step = -s * (V @ ((V.T @ (s * grad)) / lam))
         dec = -float(grad @ step)  # Newton decrement squared
+        # rounding level of gᵀp: 4 K eps |p|ᵀ(|C| w + w^{-p})
+        dec_noise = 4.0 * K * _EPS * float(step.abs() @ (Cabs @ w + 1.0 / wp))
+        if float((err - noise).max()) <= tol and dec <= min(dec_noise, tol):
+            # the residual is at its (large) rounding level and Newton cannot improve f (the
+            # affine-invariant decrement bounds f - f*; an unbounded f keeps it O(1))
+            return w
+        if it == max_iter:
+            break
         neg = step < 0
         tmax = float(torch.where(neg, -w / torch.where(neg, step, -1.0), torch.inf).min())
         t = min(1.0, 0.99 * tmax)
         if dec < 1e-3 and t == 1.0:
             w = w + step
-            fw = f(w)
             continue
+        sCs = float(step @ (C @ step))
         while True:
-            cand = w + t * step
-            fc = f(cand)
-            if fc <= fw - 1e-4 * t * dec:
+            delta = -t * dec + 0.5 * t * t * sCs - float(remainder(w, t * step).sum())
+            if delta <= -1e-4 * t * dec + t * dec_noise:
                 break
             t *= 0.5
             if t < 1e-20:
                 raise SolverError(
                     f"{solver}: line search failed at iteration {it} (residual {res:.3e})"
                 )
-        w, fw = cand, fc
+        w = w + t * step
     raise SolverError(
         f"{solver}: damped Newton did not converge within max_iter={max_iter} iterations "
         f"(residual max|w^p (Gw) - 1| = {res:.3e} above rounding level > tol={tol:.1e})"
@@ -670,6 +700,13 @@ def _ridged(Gw: Tensor, eps: float, solver: str) -> tuple[Tensor, Tensor]:
         raise SolverError(f"{solver}: G is zero; the weights are unbounded (no solution exists)")
     r = torch.where(diag > 0, diag, torch.full_like(diag, tr / K))
     Gr = Gw + torch.diag(eps * r)
+    # A Gramian accumulated in float32 can be indefinite by more than the ridge (an eigenvalue
+    # of -1e-8 where two gradients are opposite); the barrier potential is then unbounded below.
+    # Only then, clamp the spectrum at 0 (restoring PSD) before adding the ridge.
+    if eps > 0 and float(torch.linalg.eigvalsh(Gr).min()) <= 0.0:
+        eigenvalues, eigenvectors = torch.linalg.eigh(Gw)
+        Gw = (eigenvectors * eigenvalues.clamp_min(0.0)) @ eigenvectors.T
+        Gr = 0.5 * (Gw + Gw.T) + torch.diag(eps * r)
     if bool((Gr.diagonal() <= 0).any()):
         raise SolverError(
             f"{solver}: G has a zero row and eps=0; the weights are unbounded (use eps > 0)"
