@@ -1,0 +1,164 @@
+"""Mixed precision: the Gramian under ``torch.autocast`` and the objective under GradScaler.
+
+The forward runs in bfloat16 under CPU autocast; the engine must still return ``G`` in the
+requested full precision, close to the float32 reference, and the user's (scaled) backward of
+the returned objective must be exactly ``Jᵀw`` once unscaled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import taskbalance as tb
+from taskbalance._gramian import gramian as _engine_gramian
+from taskbalance.methods._gradient_base import GradientBalancer
+
+gramian = getattr(tb, "gramian", _engine_gramian)
+
+GRADIENT_METHODS = [n for n in tb.available() if tb.method_class(n).requires_gram]
+
+
+class Probe(GradientBalancer):
+    """A local gradient method whose weights depend on G: 1/‖g_k‖, normalised to sum to K."""
+
+    def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        inv = 1.0 / gram.diagonal().clamp_min(1e-12).sqrt()
+        return (inv * self.num_tasks / inv.sum()).to(torch.float32)
+
+
+def make_model(K: int, seed: int = 0):
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+    heads = nn.ModuleList([nn.Linear(32, 1) for _ in range(K)])
+    x = torch.randn(64, 16)
+    y = torch.randn(64, K)
+    return trunk, heads, x, y
+
+
+def forward(trunk, heads, x, y, autocast: bool) -> tuple[Tensor, Tensor]:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        z = trunk(x)
+        losses = torch.stack(
+            [
+                nn.functional.mse_loss(head(z).squeeze(-1), y[:, k]) * (k + 1)
+                for k, head in enumerate(heads)
+            ]
+        )
+    return losses, z
+
+
+def jacobian(losses: Tensor, inputs: list[Tensor]) -> Tensor:
+    rows = []
+    for k in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[k], inputs, retain_graph=True)
+        rows.append(torch.cat([g.reshape(-1).double() for g in grads]))
+    return torch.stack(rows)
+
+
+def test_autocast_really_runs_in_bfloat16():
+    trunk, heads, x, y = make_model(2)
+    _, z = forward(trunk, heads, x, y, autocast=True)
+    assert z.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [2, 4])
+def test_gramian_under_autocast_is_full_precision_and_close(mode, dtype, K):
+    trunk, heads, x, y = make_model(K)
+    ref_losses, ref_z = forward(trunk, heads, x, y, autocast=False)
+    losses, z = forward(trunk, heads, x, y, autocast=True)
+    params = list(trunk.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # called inside the autocast region too
+        G = gramian(losses, z if mode == "features" else params, dtype=dtype)
+    reference = gramian(ref_losses, ref_z if mode == "features" else params, dtype=torch.float64)
+    assert G.dtype == dtype
+    assert torch.isfinite(G).all()
+    # bfloat16 has an 8-bit mantissa: loose, relative to the largest entry.
+    scale = reference.abs().max()
+    assert (G.double() - reference).abs().max() <= 0.05 * scale
+    # The diagonal (squared gradient norms) within a few percent each.
+    torch.testing.assert_close(G.double().diagonal(), reference.diagonal(), rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+def test_balancer_under_autocast_gives_float32_gram(mode):
+    K = 3
+    trunk, heads, x, y = make_model(K)
+    grams = []
+
+    class Recording(Probe):
+        def _gradient_weights(self, losses, gram):
+            grams.append(gram)
+            return super()._gradient_weights(losses, gram)
+
+    b = Recording(K, params=list(trunk.parameters()) if mode == "params" else None)
+    losses, z = forward(trunk, heads, x, y, autocast=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        objective = b(losses, features=z)
+    assert grams[0].dtype == torch.float32
+    assert b.weights.dtype == torch.float32
+    assert torch.isfinite(b.weights).all()
+    objective.backward()
+    assert all(torch.isfinite(p.grad).all() for p in trunk.parameters())
+
+
+def _scaled_step_grads(mode: str, use_grad_scaler: bool):
+    K = 3
+    trunk, heads, x, y = make_model(K)
+    params = list(trunk.parameters())
+    b = Probe(K, params=params if mode == "params" else None)
+    losses, z = forward(trunk, heads, x, y, autocast=True)
+    expected_jac = jacobian(losses, params)  # from the same bfloat16 graph
+    objective = b(losses, features=z)
+    w = b.weights.double()
+    # The plain, unscaled backward of the same objective, for comparison.
+    objective.backward(retain_graph=True)
+    plain = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    optimizer = torch.optim.SGD([*params, *heads.parameters()], lr=0.0)
+    optimizer.zero_grad()
+    if use_grad_scaler:
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale(objective).backward()
+        assert params[0].grad.abs().max() > 100 * plain.abs().max()  # really scaled
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)  # finite grads: the step is taken
+        scaler.update()
+        assert scaler.get_scale() == 1024.0  # no overflow was found
+    else:
+        (objective * 1024.0).backward()
+        for p in params:
+            p.grad /= 1024.0
+    scaled = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    return scaled, plain, expected_jac.T @ w
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+@pytest.mark.parametrize("use_grad_scaler", [False, True])
+def test_scaled_objective_backward_is_jt_w(mode, use_grad_scaler):
+    scaled, plain, jt_w = _scaled_step_grads(mode, use_grad_scaler)
+    # 1024 is a power of two: scaling then unscaling changes nothing, bit for bit.
+    assert torch.equal(scaled, plain)
+    # Against Jᵀw assembled in float64 from the K per-task gradients of the same bfloat16
+    # graph: the one backward mixes the tasks' cotangents in bfloat16 (8-bit mantissa), so the
+    # two agree to bfloat16 precision relative to the gradient's scale, not elementwise.
+    error = (scaled - jt_w).norm() / jt_w.norm()
+    assert error < 2e-2, f"relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_registered_gradient_methods_under_autocast(name):
+    from conftest import make_balancer
+
+    K = 3
+    trunk, heads, x, y = make_model(K)
+    b = make_balancer(name, K)
+    losses, z = forward(trunk, heads, x, y, autocast=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        objective = b(losses, features=z)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(objective).backward()
+    assert torch.isfinite(b.weights).all()
+    assert all(torch.isfinite(p.grad).all() for p in trunk.parameters())

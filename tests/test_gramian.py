@@ -1,0 +1,611 @@
+"""The Gramian engine (``taskbalance._gramian``) and the GradientBalancer plumbing around it.
+
+Every test compares against an explicit reference ``J Jᵀ`` built from K separate
+``torch.autograd.grad`` calls, so the engine's batching, flattening, precision and DDP
+reduction are all checked against the definition rather than against themselves.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+import taskbalance as tb
+import taskbalance.methods._gradient_base as gradient_base
+from conftest import assert_same_state, snapshot
+from taskbalance._gramian import gramian as _engine_gramian
+from taskbalance.methods._gradient_base import GradientBalancer
+
+gramian = getattr(tb, "gramian", _engine_gramian)
+
+KS = [1, 2, 5]
+DTYPES = [torch.float32, torch.float64]
+
+
+# ---------------------------------------------------------------------------------------------
+# References and small models
+
+
+def reference_jacobian(losses: Tensor, inputs: list[Tensor]) -> Tensor:
+    """K×P Jacobian in float64 from K separate ``autograd.grad`` calls (unused inputs: zeros)."""
+    rows = []
+    for k in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[k], inputs, retain_graph=True, allow_unused=True)
+        rows.append(
+            torch.cat(
+                [
+                    torch.zeros(t.numel(), dtype=torch.float64)
+                    if g is None
+                    else g.reshape(-1).to(torch.float64)
+                    for g, t in zip(grads, inputs, strict=False)
+                ]
+            )
+        )
+    return torch.stack(rows)
+
+
+def reference_gramian(losses: Tensor, inputs: list[Tensor]) -> Tensor:
+    jac = reference_jacobian(losses, inputs)
+    return jac @ jac.T
+
+
+def assert_gram_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, model_dtype) -> None:
+    assert actual.dtype == dtype
+    assert actual.shape == expected.shape
+    assert not actual.requires_grad
+    tol = 1e-10 if model_dtype == torch.float64 and dtype == torch.float64 else 2e-5
+    scale = expected.abs().max().item() + 1e-12
+    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=tol, atol=tol * scale)
+
+
+class MLP(nn.Module):
+    """A small trunk and K heads whose losses differ in shape (so G is not rank one)."""
+
+    def __init__(self, K: int, dim_in: int = 6, width: int = 8, dtype=torch.float32) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Linear(dim_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()
+        ).to(dtype)
+        self.heads = nn.ModuleList([nn.Linear(width, 2) for _ in range(K)]).to(dtype)
+
+    def losses(self, x: Tensor, y: Tensor, source: str = "stack") -> tuple[Tensor, Tensor]:
+        """The K losses, ``torch.stack``-ed (``source="stack"``) or as one vector op."""
+        z = self.trunk(x)
+        K = len(self.heads)
+        scale = 1.0 + 0.5 * torch.arange(K, dtype=z.dtype)
+        if source == "vector":  # the same values, computed without a stack of K scalars
+            out = torch.cat([head(z) for head in self.heads], dim=1).reshape(-1, K, 2)
+            return ((out - y.unsqueeze(-1)) ** 2).mean(dim=(0, 2)) * scale, z
+        losses = torch.stack(
+            [
+                ((head(z) - y[:, k : k + 1]) ** 2).mean() * (1.0 + 0.5 * k)
+                for k, head in enumerate(self.heads)
+            ]
+        )
+        return losses, z
+
+
+def mlp_problem(K: int, dtype=torch.float32, seed: int = 0, batch: int = 7):
+    torch.manual_seed(seed)
+    model = MLP(K, dtype=dtype)
+    x = torch.randn(batch, 6, dtype=dtype)
+    y = torch.randn(batch, K, dtype=dtype)
+    return model, x, y
+
+
+class Probe(GradientBalancer):
+    """A local gradient method: weights that depend on G (1/‖g_k‖, normalised), Gs recorded."""
+
+    def __init__(self, num_tasks: int, **kwargs) -> None:
+        super().__init__(num_tasks, **kwargs)
+        self.grams: list[Tensor] = []
+
+    def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        self.grams.append(gram.clone())
+        inv = 1.0 / gram.diagonal().clamp_min(1e-12).sqrt()
+        return (inv * self.num_tasks / inv.sum()).to(torch.float32)
+
+
+class NumpySquare(torch.autograd.Function):
+    """x², with a backward through NumPy, as wrapped external kernels do.
+
+    Under ``is_grads_batched`` its backward receives a vmap BatchedTensor, which has no storage
+    for NumPy to read: torch 2.13 raises "Batching rule not implemented for aten::detach".
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.from_numpy(2.0 * x.detach().numpy() * grad.detach().numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Features mode
+
+
+@pytest.mark.parametrize("source", ["stack", "vector"])
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model_dtype", DTYPES)
+def test_features_mode_matches_reference(K, dtype, model_dtype, source):
+    model, x, y = mlp_problem(K, model_dtype)
+    losses, z = model.losses(x, y, source)
+    G = gramian(losses, z, dtype=dtype)
+    assert_gram_close(G, reference_gramian(losses, [z]), dtype, model_dtype)
+    # Symmetric PSD.
+    torch.testing.assert_close(G, G.T)
+    assert torch.linalg.eigvalsh(G.double()).min() > -1e-6 * G.abs().max()
+
+
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_features_mode_conv_feature_map(K, dtype):
+    torch.manual_seed(1)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1))
+    heads = nn.ModuleList(
+        [nn.Sequential(nn.Conv2d(5, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()) for _ in range(K)]
+    )
+    x = torch.randn(3, 3, 6, 5)
+    z = trunk(x)  # [B, C, H, W]
+    assert z.dim() == 4
+    losses = torch.stack([(head(z) ** 2).sum() + head(z).sum() * k for k, head in enumerate(heads)])
+    G = gramian(losses, z, dtype=dtype)
+    assert_gram_close(G, reference_gramian(losses, [z]), dtype, torch.float32)
+
+
+def test_losses_may_be_a_list_of_scalars():
+    model, x, y = mlp_problem(3)
+    losses, z = model.losses(x, y)
+    torch.testing.assert_close(gramian(list(losses.unbind()), z), gramian(losses, z))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters mode
+
+
+@pytest.mark.parametrize("source", ["stack", "vector"])
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model_dtype", DTYPES)
+def test_params_mode_matches_reference(K, dtype, model_dtype, source):
+    model, x, y = mlp_problem(K, model_dtype)
+    # `partial` is used by task 0 only; `unused` by no task: both still count as shared params.
+    partial = nn.Parameter(torch.linspace(0.5, 1.5, 8, dtype=model_dtype))
+    unused = nn.Parameter(torch.ones(3, dtype=model_dtype))
+    losses, z = model.losses(x, y, source)
+    extra = (z * partial).sum().pow(2) * 1e-2
+    if source == "stack":
+        losses = torch.stack([losses[0] + extra, *losses[1:].unbind()])
+    else:
+        losses = losses + torch.cat([extra.reshape(1), torch.zeros(K - 1)])
+    params = [*model.trunk.parameters(), partial, unused]
+    G = gramian(losses, params, dtype=dtype)
+    assert_gram_close(G, reference_gramian(losses, params), dtype, model_dtype)
+    # The unused parameter contributes nothing; `partial` only to G[0, 0].
+    without_unused = gramian(losses, params[:-1], dtype=dtype)
+    torch.testing.assert_close(G, without_unused, rtol=1e-6, atol=0)
+    if K > 1:
+        only_partial = gramian(losses, [partial], dtype=dtype)
+        assert only_partial[0, 0] > 0
+        assert torch.all(only_partial[1:] == 0)
+        assert torch.all(only_partial[:, 1:] == 0)
+
+
+def test_params_mode_accepts_a_generator():
+    model, x, y = mlp_problem(3)
+    losses, _ = model.losses(x, y)
+    torch.testing.assert_close(
+        gramian(losses, model.trunk.parameters()), gramian(losses, list(model.trunk.parameters()))
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched backward, loop, fallback
+
+
+@pytest.mark.parametrize("source", ["stack", "vector"])
+@pytest.mark.parametrize("mode", ["features", "params"])
+@pytest.mark.parametrize("K", [2, 5])
+def test_batched_and_loop_agree(mode, K, source):
+    model, x, y = mlp_problem(K)
+    losses, z = model.losses(x, y, source)
+    wrt = z if mode == "features" else list(model.trunk.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no path may warn on a batchable graph
+        batched = gramian(losses, wrt, batched=True)
+        looped = gramian(losses, wrt, batched=False)
+        default = gramian(losses, wrt)
+    torch.testing.assert_close(batched, looped, rtol=1e-6, atol=1e-7)
+    # The default: the per-task loop over the stack's edges, else the batched backward.
+    assert torch.equal(default, looped if source == "stack" else batched)
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+def test_default_path_per_loss_source(monkeypatch, mode):
+    """Stacked losses take the per-edge loop (one head per task); a vector the batched call."""
+    calls: list[bool] = []
+    original = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        calls.append(bool(kwargs.get("is_grads_batched", False)))
+        return original(*args, **kwargs)
+
+    model, x, y = mlp_problem(4)
+    wrt_of = {"features": lambda z: z, "params": lambda z: list(model.trunk.parameters())}
+    for source, expected in (("stack", [False] * 4), ("vector", [True])):
+        losses, z = model.losses(x, y, source)
+        monkeypatch.setattr(torch.autograd, "grad", spy)
+        gramian(losses, wrt_of[mode](z))
+        monkeypatch.setattr(torch.autograd, "grad", original)
+        assert calls == expected, source
+        calls.clear()
+
+
+def test_per_edge_loop_handles_constant_and_list_losses():
+    model, x, y = mlp_problem(3)
+    losses, z = model.losses(x, y)
+    constant = torch.tensor(2.0)  # a task whose loss does not depend on anything
+    mixed = torch.stack([losses[0], constant, losses[2]])
+    G = gramian(mixed, z)
+    assert torch.all(G[1] == 0)
+    assert torch.all(G[:, 1] == 0)
+    assert_gram_close(G, reference_gramian(mixed, [z]), torch.float32, torch.float32)
+    # A balancer given a list stacks it: the same per-edge path, the same G.
+    b = Probe(3)
+    b([losses[0], losses[1], losses[2]], features=z)
+    assert_gram_close(b.grams[-1], reference_gramian(losses, [z]), torch.float32, torch.float32)
+
+
+def _unbatchable_problem(K: int = 3, source: str = "vector"):
+    model, x, _y = mlp_problem(K)
+    z = model.trunk(x)
+    h = NumpySquare.apply(z)
+    if source == "vector":
+        out = torch.cat([head(h) for head in model.heads], dim=1).reshape(-1, K, 2)
+        losses = (out**2).mean(dim=(0, 2)) + torch.arange(K)
+    else:
+        losses = torch.stack([(head(h) ** 2).mean() + k for k, head in enumerate(model.heads)])
+    return model, losses, z
+
+
+@pytest.mark.parametrize("source", ["stack", "vector"])
+def test_custom_function_is_really_unbatchable(source):
+    _, losses, z = _unbatchable_problem(source=source)
+    with pytest.raises(RuntimeError, match="Batching rule not implemented"):
+        torch.autograd.grad(
+            losses, [z], grad_outputs=torch.eye(3), is_grads_batched=True, retain_graph=True
+        )
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+def test_fallback_to_loop_warns_and_is_correct(mode):
+    model, losses, z = _unbatchable_problem(source="vector")
+    wrt = z if mode == "features" else list(model.trunk.parameters())
+    inputs = [z] if mode == "features" else wrt
+    with pytest.warns(RuntimeWarning, match="loop of backward passes"):
+        G = gramian(losses, wrt)
+    assert_gram_close(G, reference_gramian(losses, inputs), torch.float32, torch.float32)
+    with pytest.raises(RuntimeError, match="Batching rule not implemented"):
+        gramian(losses, wrt, batched=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(gramian(losses, wrt, batched=False), G)
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+def test_stacked_unbatchable_graph_needs_no_fallback(mode):
+    model, losses, z = _unbatchable_problem(source="stack")
+    wrt = z if mode == "features" else list(model.trunk.parameters())
+    inputs = [z] if mode == "features" else wrt
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the per-edge loop never tries the batched backward
+        G = gramian(losses, wrt)
+    assert_gram_close(G, reference_gramian(losses, inputs), torch.float32, torch.float32)
+    with pytest.raises(RuntimeError, match="Batching rule not implemented"):
+        gramian(losses, wrt, batched=True)
+
+
+def test_balancer_falls_back_once_and_stops_retrying():
+    b = Probe(3)
+    for step in range(3):
+        _, losses, z = _unbatchable_problem()
+        expected = reference_gramian(losses, [z])
+        if step == 0:
+            with pytest.warns(RuntimeWarning, match="loop of backward passes"):
+                objective = b(losses, features=z)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # the balancer remembers: no retry, no warning
+                objective = b(losses, features=z)
+        objective.backward()
+        assert_gram_close(b.grams[-1], expected, torch.float32, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph is kept: the user's backward is exactly Jᵀw
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+@pytest.mark.parametrize("K", KS)
+def test_objective_backward_gives_jt_w(mode, K):
+    model, x, y = mlp_problem(K)
+    trunk_params = list(model.trunk.parameters())
+    b = Probe(K, params=trunk_params) if mode == "params" else Probe(K)
+    losses, z = model.losses(x, y)
+    expected_jac = reference_jacobian(losses, trunk_params)
+    objective = b(losses, features=z) if mode == "features" else b(losses)
+    objective.backward()  # the graph survived the Gramian computation
+    w = b.weights.to(torch.float64)
+    assert b.grams
+    assert b.grams[-1].shape == (K, K)
+    expected = expected_jac.T @ w
+    actual = torch.cat([p.grad.reshape(-1) for p in trunk_params]).to(torch.float64)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    # The heads got Σ_k w_k ∇L_k as well (head k: w_k ∇L_k).
+    assert all(head.weight.grad is not None for head in model.heads)
+
+
+def test_engine_then_weighted_backward():
+    model, x, y = mlp_problem(4)
+    losses, z = model.losses(x, y)
+    G = gramian(losses, z)
+    w = torch.linalg.solve(G.double() + torch.eye(4, dtype=torch.float64), torch.ones(4).double())
+    expected = reference_jacobian(losses, list(model.trunk.parameters())).T @ w
+    (w.float().detach() * losses).sum().backward()
+    actual = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()]).double()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: clear messages, and a rejected call changes no state
+
+
+def test_engine_errors():
+    model, x, y = mlp_problem(2)
+    losses, z = model.losses(x, y)
+    with pytest.raises(ValueError, match="features: the tensor does not require grad"):
+        gramian(losses, z.detach())
+    with pytest.raises(ValueError, match="losses: the losses do not require grad"):
+        gramian(losses.detach(), z)
+    with pytest.raises(ValueError, match="params: expected at least one shared parameter"):
+        gramian(losses, [])
+    with pytest.raises(ValueError, match="params: expected at least one shared parameter"):
+        gramian(losses, iter(()))
+    with pytest.raises(ValueError, match=r"params\[1\]: the parameter does not require grad"):
+        gramian(losses, [model.trunk[0].weight, torch.ones(3)])
+    with pytest.raises(ValueError, match="losses: expected a 1-D tensor"):
+        gramian(losses.reshape(1, 2), z)
+    with pytest.raises(ValueError, match=r"dtype: expected torch\.float32 or torch\.float64"):
+        gramian(losses, z, dtype=torch.float16)
+
+
+def test_balancer_construction_errors():
+    with pytest.raises(ValueError, match="params: expected at least one shared parameter"):
+        Probe(2, params=[])
+    with pytest.raises(ValueError, match="update_every"):
+        Probe(2, update_every=0)
+    with pytest.raises(ValueError, match="gram_dtype"):
+        Probe(2, gram_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("update_every", [1, 3])
+def test_rejected_calls_change_no_state(update_every):
+    model, x, y = mlp_problem(2)
+    b = Probe(2, update_every=update_every)
+    losses, z = model.losses(x, y)
+    b(losses, features=z).backward()  # one good step, so there is state to preserve
+    for _ in range(update_every):  # on refresh steps and on steps that reuse the weights alike
+        before = snapshot(b)
+        losses, z = model.losses(x, y)
+        with pytest.raises(ValueError, match=r"features: Probe is a gradient method.*got neither"):
+            b(losses)
+        with pytest.raises(ValueError, match="features: the tensor does not require grad"):
+            b(losses, features=z.detach())
+        with pytest.raises(TypeError, match="features: expected a tensor"):
+            b(losses, features=[z])
+        with pytest.raises(ValueError, match="losses: the losses do not require grad"):
+            b(losses.detach(), features=z)
+        with pytest.raises(ValueError, match=r"finite"):
+            b(losses * float("nan"), features=z)
+        assert_same_state(before, snapshot(b))
+        assert len(b.grams) == 1
+        b(losses, features=z).backward()  # and it still works afterwards
+
+
+def test_registered_gradient_method_without_features_or_params():
+    names = [n for n in tb.available() if tb.method_class(n).requires_gram]
+    if not names:
+        pytest.skip("no gradient method registered yet")
+    from conftest import make_balancer
+
+    model, x, y = mlp_problem(2)
+    for name in names:
+        b = make_balancer(name, 2)
+        before = snapshot(b)
+        losses, _ = model.losses(x, y)
+        with pytest.raises(ValueError, match="features"):
+            b(losses)
+        assert_same_state(before, snapshot(b))
+
+
+# ---------------------------------------------------------------------------------------------
+# update_every
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+def test_update_every_computes_the_gramian_only_on_refresh_steps(monkeypatch, mode):
+    calls = []
+    original = gradient_base.jacobian_rows
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gradient_base, "jacobian_rows", counting)
+    model, x, y = mlp_problem(3)
+    params = list(model.trunk.parameters()) if mode == "params" else None
+    b = Probe(3, update_every=3, params=params)
+    history = []
+    for step in range(7):
+        torch.manual_seed(100 + step)
+        x = torch.randn_like(x)
+        losses, z = model.losses(x, y)
+        objective = b(losses, features=z)
+        expected_calls = step // 3 + 1
+        assert len(calls) == expected_calls, f"step {step}"
+        assert len(b.grams) == expected_calls
+        objective.backward()
+        history.append(b.weights)
+        if step % 3:
+            # Reused weights; and the objective is Σ w L with them.
+            assert torch.equal(history[-1], history[step - step % 3])
+            torch.testing.assert_close(objective, (history[-1] * losses).sum())
+        model.zero_grad()
+    assert int(b.num_steps) == 7
+    assert not torch.equal(history[0], history[3])  # refreshed weights really change
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: every rank gets the Gramian of the global (rank-averaged) losses
+
+
+_WORLD = 2
+
+
+def _ddp_data(rank: int, K: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1000 + rank)
+    return torch.randn(5, 6, generator=generator), torch.randn(5, K, generator=generator)
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str, K: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=_WORLD)
+    try:
+        torch.manual_seed(0)
+        model = MLP(K)  # same initial weights on every rank
+        x, y = _ddp_data(rank, K)
+        losses, z = model.losses(x, y)
+        G_features = gramian(losses, z)
+        G_params = gramian(losses, list(model.trunk.parameters()))
+        b = Probe(K)
+        b(losses, features=z).backward()
+        torch.save(
+            {"features": G_features, "params": G_params, "weights": b.weights},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gramian_is_the_global_gramian(tmp_path: Path):
+    K = 3
+    mp.spawn(
+        _ddp_worker,
+        args=(str(tmp_path / "init"), str(tmp_path), K),
+        nprocs=_WORLD,
+        join=True,
+    )
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(_WORLD)]
+
+    # Single process, concatenated data: the global loss is the rank average of local losses.
+    torch.manual_seed(0)
+    model = MLP(K)
+    data = [_ddp_data(r, K) for r in range(_WORLD)]
+    x = torch.cat([d[0] for d in data])
+    y = torch.cat([d[1] for d in data])
+    z = model.trunk(x)
+    n = data[0][0].shape[0]
+    per_rank = []
+    for r in range(_WORLD):
+        zr, yr = z[r * n : (r + 1) * n], y[r * n : (r + 1) * n]
+        per_rank.append(
+            torch.stack(
+                [
+                    ((head(zr) - yr[:, k : k + 1]) ** 2).mean() * (1.0 + 0.5 * k)
+                    for k, head in enumerate(model.heads)
+                ]
+            )
+        )
+    global_losses = torch.stack(per_rank).mean(0)
+    expected_features = reference_gramian(global_losses, [z])
+    expected_params = reference_gramian(global_losses, list(model.trunk.parameters()))
+
+    for result in results:
+        torch.testing.assert_close(
+            result["features"].double(), expected_features, rtol=1e-5, atol=1e-7
+        )
+        torch.testing.assert_close(result["params"].double(), expected_params, rtol=1e-5, atol=1e-7)
+    for key in ("features", "params", "weights"):
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Every registered gradient method drives the same engine: its backward is Jᵀw in both modes
+
+
+GRADIENT_METHODS = [n for n in tb.available() if tb.method_class(n).requires_gram]
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_registered_gradient_methods_backward_is_jt_w(name, mode):
+    from conftest import make_balancer
+
+    K = 3
+    model, x, y = mlp_problem(K)
+    trunk_params = list(model.trunk.parameters())
+    extra = {"params": trunk_params} if mode == "params" else {}
+    b = make_balancer(name, K, **extra)
+    for _ in range(2):
+        losses, z = model.losses(x, y)
+        jac = reference_jacobian(losses, trunk_params)
+        objective = b(losses, features=z) if mode == "features" else b(losses)
+        model.zero_grad()
+        objective.backward()
+        w = b.weights.double()
+        assert w.shape == (K,)
+        assert torch.isfinite(w).all()
+        actual = torch.cat([p.grad.reshape(-1) for p in trunk_params]).double()
+        torch.testing.assert_close(actual, jac.T @ w, rtol=1e-5, atol=1e-6)
+
+
+def test_without_edge_outputs_the_batched_path_is_used(monkeypatch):
+    """On a torch < 2.5 (no GradientEdge outputs) stacked losses take the batched call."""
+    import taskbalance._gramian as engine
+
+    model, x, y = mlp_problem(3)
+    losses, z = model.losses(x, y)
+    expected = reference_gramian(losses, [z])
+    monkeypatch.setattr(engine, "_EDGE_OUTPUTS", False)
+    rows, path = engine.jacobian_rows(losses, [z], batched=None)
+    assert path is True
+    G = engine.gramian_from_rows(rows, features_mode=True, dtype=torch.float32)
+    assert_gram_close(G, expected, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("batched", [None, True, False])
+def test_retained_grad_of_features_is_left_alone(batched):
+    """A user's z.retain_grad() must see only the objective's gradient, not the task gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3)
+    weight = torch.randn(3, 4, requires_grad=True)
+    z = x @ weight
+    z.retain_grad()
+    losses = torch.stack([(z**2).sum(), z.sum()]) if batched is None else torch.cat(
+        [(z**2).sum().reshape(1), z.sum().reshape(1)]
+    )
+    tb.gramian(losses, z, batched=batched)
+    assert z.grad is None
+    losses.sum().backward()
+    torch.testing.assert_close(z.grad, 2 * z.detach() + 1)
