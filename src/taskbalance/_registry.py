@@ -54,13 +54,20 @@ def method_class(name: str) -> type[Balancer]:
 
 def hyperparameters(name: str) -> dict[str, Any]:
     """The keyword hyperparameters of method ``name`` with their defaults."""
-    signature = inspect.signature(method_class(name).__init__)
-    return {
-        key: parameter.default
-        for key, parameter in signature.parameters.items()
-        if key not in ("self", "num_tasks")
-        and parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
-    }
+    found: dict[str, Any] = {}
+    # A method that forwards **options to its base class (every gradient method hands
+    # params/update_every/gram_dtype/heads to GradientBalancer) accepts its bases' keywords too.
+    for cls in method_class(name).__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(cls.__init__).parameters
+        for key, parameter in parameters.items():
+            keyword = parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+            if keyword and key not in ("self", "num_tasks") and key not in found:
+                found[key] = parameter.default
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    return found
 
 
 def create(name: str, num_tasks: int, **hparams: Any) -> Balancer:

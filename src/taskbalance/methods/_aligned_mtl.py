@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +52,8 @@ class AlignedMTL(GradientBalancer):
         num_tasks: K.
         scale: ``"min"``, ``"median"`` or ``"rmse"``: the common singular value s.
         rtol: relative eigenvalue cut-off; None for ``100·K·eps`` of the Gramian's dtype.
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -67,11 +68,9 @@ class AlignedMTL(GradientBalancer):
         *,
         scale: str = "min",
         rtol: float | None = None,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         self.scale = check_choice("scale", scale, _SCALES)
         self.rtol = None if rtol is None else check_positive("rtol", rtol)
 

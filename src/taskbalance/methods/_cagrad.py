@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +45,8 @@ class CAGrad(GradientBalancer):
         rescale: 0 (no rescaling), 1 (divide by 1 + c², the default) or 2 (divide by 1 + c).
         max_iter: iteration cap of the inner solver.
         tol: tolerance of the inner solver.
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -62,11 +63,9 @@ class CAGrad(GradientBalancer):
         rescale: int = 1,
         max_iter: int = 500,
         tol: float = 1e-9,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         self.c = check_nonnegative("c", c)
         self.rescale = int(check_choice("rescale", str(rescale), ("0", "1", "2")))
         self.max_iter = check_positive_int("max_iter", max_iter)

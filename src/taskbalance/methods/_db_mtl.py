@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,7 +48,8 @@ class DBMTL(GradientBalancer):
         beta: EMA rate β of the gradient norms, in [0, 1].
         beta_sigma: σ ≥ 0 in ``β_t = β / t^σ``.
         eps: ε added to each loss before the log.
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -69,11 +70,9 @@ class DBMTL(GradientBalancer):
         beta: float = 0.9,
         beta_sigma: float = 0.0,
         eps: float = 1e-8,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         self.beta = check_in_range("beta", beta, 0.0, 1.0)
         self.beta_sigma = check_nonnegative("beta_sigma", beta_sigma)
         self.eps = check_positive("eps", eps)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,7 +43,8 @@ class FairGrad(GradientBalancer):
         alpha: the fairness parameter α > 0.
         max_iter: Newton iteration cap.
         tol: tolerance on the residual.
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -59,11 +60,9 @@ class FairGrad(GradientBalancer):
         alpha: float = 1.0,
         max_iter: int = 100,
         tol: float = 1e-9,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         self.alpha = check_positive("alpha", alpha)
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_positive("tol", tol)

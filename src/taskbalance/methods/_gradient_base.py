@@ -10,7 +10,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._gramian import gramian_from_rows, jacobian_rows
-from taskbalance._validation import check_positive_int
+from taskbalance._validation import check_choice, check_positive_int
 
 
 class GradientBalancer(Balancer):
@@ -27,6 +27,19 @@ class GradientBalancer(Balancer):
     - parameters mode: give ``params=`` (e.g. ``trunk[-1].parameters()``) at construction;
       ``G`` is the exact Gramian of the gradients with respect to those parameters.
 
+    Task heads: with the objective ``Σ w_k L_k`` (``heads="weighted"``, the default), head k's
+    parameters receive ``w_k·∇L_k``, as in the reference code of MGDA, Nash-MTL and GradNorm.
+    The reference code of PCGrad, GradVac, IMTL-G, CAGrad, DB-MTL, Aligned-MTL and torchjd's
+    ``mtl_backward`` instead rewrite only the shared gradient and give every head its own
+    unweighted gradient. ``heads="unweighted"`` (features mode) reproduces that within one
+    ordinary backward: the objective becomes ``Σ_k L_k + ⟨z, Σ_k (w_k − 1)·∇_z L_k⟩`` with the
+    second factor detached, so the heads get ``∇L_k``, ``z`` gets ``Σ_k w_k ∇_z L_k`` and the
+    trunk below it exactly ``J_zᵀw``; its value is ``Σ L_k``. The task gradients are then
+    needed at every step, ``update_every`` steps included. Methods whose weights sum to about 1
+    (IMTL-G, UPGrad, DualProj, CAGrad) otherwise train their heads at about 1/K the rate of
+    equal weighting, and DB-MTL's heads at ``max n/n_k`` times it; with Adam-type optimisers
+    a constant per-head factor matters little.
+
     Args:
         num_tasks: K.
         params: shared parameters for parameters mode; None for features mode.
@@ -34,6 +47,8 @@ class GradientBalancer(Balancer):
             (the Gramian is not even computed then). Nash-MTL's published speed-ups come from
             exactly this. 1 recomputes at every step.
         gram_dtype: precision of the Gramian, ``torch.float32`` (default) or ``torch.float64``.
+        heads: ``"weighted"`` (objective ``Σ w_k L_k``) or ``"unweighted"`` (features mode
+            only: heads get their own unweighted gradients, the shared trunk ``J_zᵀw``).
     """
 
     requires_gram = True
@@ -45,6 +60,7 @@ class GradientBalancer(Balancer):
         params: Iterable[Tensor] | None = None,
         update_every: int = 1,
         gram_dtype: torch.dtype = torch.float32,
+        heads: str = "weighted",
     ) -> None:
         super().__init__(num_tasks)
         # A plain list, so the model's parameters do not become this module's parameters.
@@ -57,8 +73,18 @@ class GradientBalancer(Balancer):
                 f"gram_dtype: expected torch.float32 or torch.float64, got {gram_dtype}"
             )
         self.gram_dtype = gram_dtype
+        self.heads = check_choice("heads", heads, ("weighted", "unweighted"))
+        if self.heads == "unweighted" and self.shared_params is not None:
+            raise ValueError(
+                "heads: 'unweighted' needs features mode (the shared features at each call); "
+                "with params= only the listed parameters could be given J^T w"
+            )
         # None until the first call tells whether this graph supports the batched backward.
         self._batched_backward: bool | None = None
+        # The features and their per-task gradient rows of the call in progress (heads=
+        # "unweighted" only); dropped as soon as the objective is built, so no graph is kept.
+        self._call_features: Tensor | None = None
+        self._call_rows: Tensor | None = None
 
     @abstractmethod
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
@@ -77,12 +103,17 @@ class GradientBalancer(Balancer):
         weights = self._gradient_weights(losses, gram.to(losses.device))
         return weights.to(device=losses.device, dtype=losses.dtype)
 
-    def _gram_for_call(self, losses: Tensor, features: Tensor | None) -> Tensor | None:
-        # The inputs are checked on every call, refresh step or not, so a wrong call fails at
-        # once rather than only on the next refresh step.
-        if self.shared_params is not None:
-            inputs, features_mode = self.shared_params, False
-        elif features is not None:
+    def _check_call_inputs(self, losses: Tensor, features: Tensor | None) -> None:
+        # Checked on every call, refresh step or not, so a wrong call fails at once rather than
+        # only on the next refresh step, and before any DDP collective.
+        if self.shared_params is None:
+            if features is None:
+                raise ValueError(
+                    f"features: {self._method_name} is a gradient method and needs the shared "
+                    "features at each call (b(losses, features=z)) or shared parameters at "
+                    f"construction (tb.create({self._method_name!r}, num_tasks=..., "
+                    "params=...)); got neither"
+                )
             if not isinstance(features, Tensor):
                 raise TypeError(f"features: expected a tensor, got {type(features).__name__}")
             if not features.requires_grad:
@@ -90,27 +121,47 @@ class GradientBalancer(Balancer):
                     "features: the tensor does not require grad; pass the shared "
                     "representation the task heads consume (not a detached copy)"
                 )
-            inputs, features_mode = [features], True
-        else:
-            raise ValueError(
-                f"features: {self._method_name} is a gradient method and needs the shared "
-                "features at each call (b(losses, features=z)) or shared parameters at "
-                f"construction (tb.create({self._method_name!r}, num_tasks=..., params=...)); "
-                "got neither"
-            )
         if not losses.requires_grad:
             raise ValueError(
                 "losses: the losses do not require grad, so the task gradients cannot be "
                 "measured; compute them from the model's output without .detach()"
             )
-        if not self._is_refresh_step():
+
+    def _gram_for_call(self, losses: Tensor, features: Tensor | None) -> Tensor | None:
+        refresh = self._is_refresh_step()
+        if not refresh and self.heads == "weighted":
             return None
+        features_mode = self.shared_params is None
+        if self.shared_params is not None:
+            inputs = self.shared_params
+        else:
+            assert features is not None  # _check_call_inputs ran first
+            inputs = [features]
         rows, path = jacobian_rows(losses, inputs, batched=self._batched_backward)
         # Once a graph needed the loop (path False), stop retrying the batched backward.
         if path is False:
             self._batched_backward = False
+        if self.heads == "unweighted":
+            self._call_features, self._call_rows = features, rows[0]
+        if not refresh:
+            return None
         return gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
+
+    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+        if self.heads == "weighted":
+            return super()._objective(losses, weights, statistics)
+        features, rows = self._call_features, self._call_rows
+        self._call_features = self._call_rows = None
+        assert features is not None
+        assert rows is not None
+        # ⟨z, v⟩ adds (w_k − 1)·∇_z L_k to z's gradient only: the heads never see it.
+        correction = ((weights - 1).to(rows.dtype) @ rows).reshape(features.shape).detach()
+        inner = (features * correction.to(features.dtype)).sum()
+        return losses.sum() + inner - inner.detach()
 
     def extra_repr(self) -> str:
         mode = "features" if self.shared_params is None else "params"
-        return f"num_tasks={self.num_tasks}, mode={mode}, update_every={self.update_every}"
+        return (
+            f"num_tasks={self.num_tasks}, mode={mode}, update_every={self.update_every}, "
+            f"heads={self.heads}"
+        )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,7 +60,8 @@ class GradNorm(GradientBalancer):
         lr: Adam learning rate of the weights.
         initial_losses: ``"first"`` or ``"log_c"``.
         num_classes: ``C_k`` per task (or one int for all) when ``initial_losses="log_c"``.
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -85,11 +87,9 @@ class GradNorm(GradientBalancer):
         lr: float = 0.025,
         initial_losses: str = "first",
         num_classes: int | Sequence[int] | None = None,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         self.alpha = check_nonnegative("alpha", alpha)
         self.lr = check_positive("lr", lr)
         self.initial_losses = check_choice("initial_losses", initial_losses, _INITIAL_LOSSES)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -66,7 +65,8 @@ class GradVac(GradientBalancer):
         num_tasks: K.
         beta: EMA rate β of the targets, in [0, 1].
         seed: seed of the balancer's own random generator.
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -83,11 +83,9 @@ class GradVac(GradientBalancer):
         *,
         beta: float = 0.01,
         seed: int = 0,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         self.beta = check_in_range("beta", beta, 0.0, 1.0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {seed!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,7 +47,8 @@ class IMTLG(GradientBalancer):
     Args:
         num_tasks: K.
         rtol: relative cut-off of the pseudo-inverse; None for ``100·K·eps`` of G's dtype.
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -61,11 +62,9 @@ class IMTLG(GradientBalancer):
         num_tasks: int,
         *,
         rtol: float | None = None,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         self.rtol = None if rtol is None else check_positive("rtol", rtol)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:

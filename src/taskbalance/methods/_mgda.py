@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,7 +48,8 @@ class MGDA(GradientBalancer):
         solver: ``"active_set"`` (exact) or ``"frank_wolfe"`` (the paper's).
         max_iter: iteration cap of the solver.
         tol: solver tolerance.
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -65,11 +66,9 @@ class MGDA(GradientBalancer):
         solver: str = "active_set",
         max_iter: int = 250,
         tol: float = 1e-10,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         self.normalization = check_choice("normalization", normalization, _NORMALISATIONS)
         self.solver = check_choice("solver", solver, _SOLVERS)
         self.max_iter = check_positive_int("max_iter", max_iter)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -56,7 +55,8 @@ class PCGrad(GradientBalancer):
         num_tasks: K.
         order: ``"random"`` (paper, LibMTL) or ``"fixed"`` (what the official code does).
         seed: seed of the balancer's own random generator.
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -71,11 +71,9 @@ class PCGrad(GradientBalancer):
         *,
         order: str = "random",
         seed: int = 0,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         self.order = check_choice("order", order, _ORDERS)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {seed!r}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -23,11 +24,9 @@ class _DualConeBalancer(GradientBalancer):
         num_tasks: int,
         *,
         pref: Sequence[float] | Tensor | None,
-        params: Iterable[Tensor] | None,
-        update_every: int,
-        gram_dtype: torch.dtype,
+        **options: Any,
     ) -> None:
-        super().__init__(num_tasks, params=params, update_every=update_every, gram_dtype=gram_dtype)
+        super().__init__(num_tasks, **options)
         if pref is None:
             values = [1.0 / self.num_tasks] * self.num_tasks
         else:
@@ -60,7 +59,8 @@ class UPGrad(_DualConeBalancer):
     Args:
         num_tasks: K.
         pref: non-negative preference weights, one per task (default ``1/K`` each).
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -74,13 +74,9 @@ class UPGrad(_DualConeBalancer):
         num_tasks: int,
         *,
         pref: Sequence[float] | Tensor | None = None,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            num_tasks, pref=pref, params=params, update_every=update_every, gram_dtype=gram_dtype
-        )
+        super().__init__(num_tasks, pref=pref, **options)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         rows = torch.diag(self.preferences.to(gram.device))
@@ -102,7 +98,8 @@ class DualProj(_DualConeBalancer):
     Args:
         num_tasks: K.
         pref: non-negative preference weights, one per task (default ``1/K`` each).
-        params, update_every, gram_dtype: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -116,13 +113,9 @@ class DualProj(_DualConeBalancer):
         num_tasks: int,
         *,
         pref: Sequence[float] | Tensor | None = None,
-        params: Iterable[Tensor] | None = None,
-        update_every: int = 1,
-        gram_dtype: torch.dtype = torch.float32,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            num_tasks, pref=pref, params=params, update_every=update_every, gram_dtype=gram_dtype
-        )
+        super().__init__(num_tasks, pref=pref, **options)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         preferences = self.preferences.to(gram.device)
