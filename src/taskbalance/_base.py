@@ -206,9 +206,14 @@ class Balancer(nn.Module, ABC):
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}"
 
-    # nn.Module hooks for non-tensor state (e.g. random generators) that must survive a resume.
+    # nn.Module's hooks for state that is not a tensor: a method that draws random numbers
+    # keeps its own torch.Generator as ``self.generator`` (seeded identically on every rank),
+    # and its state must travel with state_dict so a resumed run draws the same sequence.
     def get_extra_state(self) -> Any:
-        return {}
+        generator = getattr(self, "generator", None)
+        return {} if generator is None else {"generator": generator.get_state()}
 
     def set_extra_state(self, state: Any) -> None:
-        return None
+        generator = getattr(self, "generator", None)
+        if generator is not None:
+            generator.set_state(state["generator"])

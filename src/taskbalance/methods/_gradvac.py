@@ -108,11 +108,6 @@ class GradVac(GradientBalancer):
         self.target_cosines.copy_(torch.tensor(targets, dtype=torch.float64))
         return weights
 
-    def get_extra_state(self) -> Any:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}, seed={self.seed}"

@@ -90,11 +90,6 @@ class PCGrad(GradientBalancer):
             raise
         return weights
 
-    def get_extra_state(self) -> Any:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, order={self.order!r}, seed={self.seed}"

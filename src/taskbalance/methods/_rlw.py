@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -50,9 +48,3 @@ class RLW(Balancer):
     def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
         logits = torch.randn(self.num_tasks, generator=self.generator)
         return self.num_tasks * torch.softmax(logits, dim=0).to(losses.device)
-
-    def get_extra_state(self) -> Any:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
