@@ -678,3 +678,115 @@ def test_unbounded_problems_raise():
 def test_value_errors_name_argument(call, arg):
     with pytest.raises(ValueError, match=rf"^{arg} "):
         call(torch.eye(3))
+
+
+# --------------------------------------------------------------------------------------------
+# small-K Python-float path vs the general torch path
+# --------------------------------------------------------------------------------------------
+
+
+def _crossover_gramians(seed: int, count: int):
+    """Random and degenerate Gramians with K around the Python/torch crossover."""
+    rng = np.random.default_rng(seed)
+    kinds = ["full", "rankdef", "dup", "scaled", "zero", "neg"]
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        K = int(rng.choice([2, 3, 4, 5, 8, 12, 15, 16, 17, 20]))
+        n = int(rng.integers(1, K)) if kind == "rankdef" else int(rng.integers(K, 2 * K + 3))
+        J = rng.standard_normal((K, n)) + rng.choice([0.0, 0.5]) * rng.standard_normal(n)
+        if kind == "neg":
+            J[0] = -0.5 * J[1]
+        if kind == "dup":
+            J[int(rng.integers(K))] = J[0]
+            J[-1] = J[1]
+        if kind == "scaled":
+            J = J * 10.0 ** rng.uniform(-4, 4, size=(K, 1))
+        if kind == "zero":
+            J = J * (rng.random((K, 1)) < 0.6)
+        yield kind, J @ J.T
+    for G in list(_degenerate_mgda_cases())[::6]:
+        yield "degenerate", G
+
+
+def _both_paths(monkeypatch, fn):
+    import taskbalance._solvers as solvers
+
+    fast = fn()
+    with monkeypatch.context() as m:
+        m.setattr(solvers, "_PY_MAX_K", 0)
+        general = fn()
+    return fast, general
+
+
+def test_fast_path_matches_general_path(monkeypatch):
+    import taskbalance._solvers as solvers
+
+    assert 8 <= solvers._PY_MAX_K <= 32
+    n = 0
+    for i, (kind, G) in enumerate(_crossover_gramians(23, 240)):
+        Gt = torch.from_numpy(G)
+        K = len(G)
+        floor = 1e-11 * max(np.max(np.diag(G)), 1e-300)
+        if not np.any(G):
+            continue
+        # MGDA: same value (unique), same direction
+        a, b = (x.numpy() for x in _both_paths(monkeypatch, lambda Gt=Gt: min_norm_weights(Gt)))
+        va, vb = a @ G @ a, b @ G @ b
+        assert abs(va - vb) <= 1e-8 * max(vb, floor), (kind, K, va, vb)
+        assert (a - b) @ G @ (a - b) <= 1e-6 * max(vb, floor) + 2 * abs(va - vb), (kind, K)
+        # UPGrad / DualProj (torchjd defaults and exact mode)
+        prefs = torch.eye(K, dtype=torch.float64) / K
+        for kw in ({}, {"norm_eps": 0.0, "reg_eps": 0.0}):
+            a, b = _both_paths(
+                monkeypatch, lambda Gt=Gt, kw=kw, P=prefs: dual_cone_weights(Gt, P, **kw)
+            )
+            a, b = a.sum(0).numpy(), b.sum(0).numpy()
+            Gn = torchjd_gramian(G) if not kw else G
+            assert (a - b) @ Gn @ (a - b) <= 1e-10 * (b @ Gn @ b) + 1e-15 * np.trace(Gn), kind
+        # Nash / FairGrad: unique solution of a well-posed (ridged) system
+        for alpha in (1.0, 2.0):
+            a, b = _both_paths(monkeypatch, lambda Gt=Gt, al=alpha: fairgrad_weights(Gt, al))
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+        a, b = _both_paths(monkeypatch, lambda Gt=Gt: nash_weights(Gt))
+        # rtol as vs scipy above: ridge-dominated (degenerate) systems are ill-conditioned
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+        # CAGrad: the same d = Jᵀw up to the root tolerance
+        c = [0.4, 0.8, 1.5][i % 3]
+        a, b = (
+            x.numpy() for x in _both_paths(monkeypatch, lambda Gt=Gt, c=c: cagrad_weights(Gt, c))
+        )
+        gg = np.full(K, 1 / K) @ G @ np.full(K, 1 / K)
+        assert (a - b) @ G @ (a - b) <= 1e-10 * gg + floor, (kind, K, c)
+        n += 1
+    assert n >= 200
+
+
+def test_fast_path_nonneg_qp_matches_general_path(monkeypatch):
+    rng = np.random.default_rng(29)
+    for kind, G in _crossover_gramians(31, 120):
+        K = len(G)
+        b = torch.from_numpy(G @ rng.standard_normal(K))
+        Gt = torch.from_numpy(G)
+        u, v = (x.numpy() for x in _both_paths(monkeypatch, lambda Gt=Gt, b=b: nonneg_qp(Gt, b)))
+        bn = b.numpy()
+
+        def f(x, G=G, bn=bn):
+            return 0.5 * x @ G @ x + bn @ x
+
+        scale = abs(f(v)) + 1e-10 * (0.5 * v @ G @ v + np.abs(bn) @ v) + 1e-300
+        assert abs(f(u) - f(v)) <= 1e-8 * scale, kind
+
+
+def test_fast_path_float32_and_errors():
+    G32 = torch.randn(4, 6) @ torch.randn(4, 6).T
+    G32 = G32 @ G32.T
+    for w in (
+        min_norm_weights(G32),
+        nash_weights(G32),
+        fairgrad_weights(G32, 2.0),
+        cagrad_weights(G32),
+        dual_cone_weights(G32, torch.eye(4) / 4),
+    ):
+        assert w.dtype == torch.float32
+    with pytest.raises(SolverError, match="negative diagonal"):
+        min_norm_weights(-torch.eye(3))

@@ -21,6 +21,7 @@ Numerical conventions shared by all solvers:
 from __future__ import annotations
 
 import math
+from operator import mul as _mul
 from typing import Literal
 
 import torch
@@ -350,6 +351,10 @@ def min_norm_weights(
     tol = _check_float("tol", tol)
     if method not in ("active_set", "frank_wolfe"):
         raise ValueError(f"method must be 'active_set' or 'frank_wolfe', got {method!r}")
+    if method == "active_set" and isinstance(G, Tensor) and G.ndim == 2 and G.shape[0] <= _PY_MAX_K:
+        Gl = _work_list(G, "min_norm_weights")
+        wl = _min_norm_special_py(Gl)
+        return _out_list(wl if wl is not None else _mgda_active_set_py(Gl, max_iter, tol), G)
     Gw = _work_gramian(G, "min_norm_weights")
     K = Gw.shape[0]
     diag = Gw.diagonal()
@@ -521,6 +526,8 @@ def nonneg_qp(Q: Tensor, b: Tensor, *, max_iter: int = 500, tol: float = 1e-12) 
     bw = b.detach().to(device="cpu", dtype=_F64)
     if not bool(torch.isfinite(bw).all()):
         raise SolverError("nonneg_qp: b contains non-finite values (nan or inf)")
+    if Qw.shape[0] <= _PY_MAX_K:
+        return _out_list(_nnqp_py(Qw.tolist(), bw.tolist(), max_iter, tol, "nonneg_qp"), Q)
     return _out(_nnqp(Qw, bw, max_iter, tol, "nonneg_qp"), Q)
 
 
@@ -586,11 +593,32 @@ def dual_cone_weights(
     reg_eps = _check_float("reg_eps", reg_eps)
     _check_int("max_iter", max_iter, 1)
     tol = _check_float("tol", tol)
-    Gw = _work_gramian(G, "dual_cone_weights")
-    K = Gw.shape[0]
+    if isinstance(G, Tensor) and G.ndim == 2 and G.shape[0] <= _PY_MAX_K:
+        Gl = _work_list(G, "dual_cone_weights")
+        K = len(Gl)
+    else:
+        Gw = _work_gramian(G, "dual_cone_weights")
+        K = Gw.shape[0]
     if not isinstance(prefs, Tensor) or prefs.ndim not in (1, 2) or prefs.shape[-1] != K:
         shape = tuple(prefs.shape) if isinstance(prefs, Tensor) else type(prefs).__name__
         raise ValueError(f"prefs must have shape [{K}] or [M, {K}], got {shape}")
+    if K <= _PY_MAX_K:
+        Pl = prefs.detach().to(dtype=_F64).reshape(-1, K).tolist()
+        if not all(math.isfinite(v) for row in Pl for v in row):
+            raise SolverError("dual_cone_weights: prefs contains non-finite values (nan or inf)")
+        tr = sum(Gl[i][i] for i in range(K))
+        if tr < norm_eps or tr == 0.0:
+            Gl = [[0.0] * K for _ in range(K)]
+        else:
+            Gl = [[v / tr for v in row] for row in Gl]
+        for i in range(K):
+            Gl[i][i] += reg_eps
+        rows = []
+        for p in Pl:
+            bq = [sum(map(_mul, row, p)) for row in Gl]
+            u = _nnqp_py(Gl, bq, max_iter, tol, "dual_cone_weights")
+            rows.append([a + b for a, b in zip(p, u, strict=False)])
+        return _out_list(rows, G).reshape(prefs.shape)
     P = prefs.detach().to(device="cpu", dtype=_F64).reshape(-1, K)
     if not bool(torch.isfinite(P).all()):
         raise SolverError("dual_cone_weights: prefs contains non-finite values (nan or inf)")
@@ -769,6 +797,12 @@ def nash_weights(
     _check_int("max_iter", max_iter, 1)
     tol = _check_float("tol", tol, positive=True)
     eps = _check_float("eps", eps)
+    if isinstance(G, Tensor) and G.ndim == 2 and G.shape[0] <= min(_PY_MAX_K, _PY_MAX_K_NEWTON):
+        Gr = _ridged_py(_work_list(G, "nash_weights"), eps, "nash_weights")
+        sl = [1.0 / math.sqrt(Gr[i][i]) for i in range(len(Gr))]
+        C = [[sl[i] * v * sl[k] for k, v in enumerate(row)] for i, row in enumerate(Gr)]
+        beta = _barrier_newton_py(C, [1.0] * len(Gr), 1.0, max_iter, tol, "nash_weights")
+        return _out_list([a * b for a, b in zip(sl, beta, strict=False)], G)
     Gw = _work_gramian(G, "nash_weights")
     Gr, _ = _ridged(Gw, eps, "nash_weights")
     s = Gr.diagonal().rsqrt()
@@ -823,6 +857,15 @@ def fairgrad_weights(
     _check_int("max_iter", max_iter, 1)
     tol = _check_float("tol", tol, positive=True)
     eps = _check_float("eps", eps)
+    if isinstance(G, Tensor) and G.ndim == 2 and G.shape[0] <= min(_PY_MAX_K, _PY_MAX_K_NEWTON):
+        Gr = _ridged_py(_work_list(G, "fairgrad_weights"), eps, "fairgrad_weights")
+        K = len(Gr)
+        sigma = sum(Gr[i][i] for i in range(K)) / K
+        C = [[v / sigma for v in row] for row in Gr]
+        expo = alpha / (alpha + 1.0)
+        w0 = [C[i][i] ** (-expo) for i in range(K)]
+        w = _barrier_newton_py(C, w0, 1.0 / alpha, max_iter, tol, "fairgrad_weights")
+        return _out_list([v * sigma ** (-expo) for v in w], G)
     Gw = _work_gramian(G, "fairgrad_weights")
     Gr, _ = _ridged(Gw, eps, "fairgrad_weights")
     K = Gr.shape[0]
@@ -871,9 +914,11 @@ def cagrad_weights(
     :math:`\min_{w\in\Delta} b^\top w + \tfrac{r}{2t} w^\top G w` is the min-norm problem of the
     shifted gradients :math:`g_i + (t/r) g_0` (:func:`min_norm_weights`, exact active set) and
     the optimal :math:`t` is the root of :math:`t = \lVert g_{w(t)}\rVert`, found by safeguarded
-    regula falsi (Illinois) to relative ``tol``. Degenerate cases: :math:`g_0 = 0` or
-    :math:`c = 0` give :math:`d = g_0`. If the optimum has :math:`g_{w^\star} = 0` (the hull
-    contains 0 and :math:`F^\star = 0`; detected as
+    regula falsi (Illinois) to relative ``tol``; for small ``K`` the trial points are instead
+    predicted exactly on the current face (there :math:`w(t)` is affine in :math:`t`), which
+    needs a handful of inner solves instead of ~17, with the same bracketing stopping rule.
+    Degenerate cases: :math:`g_0 = 0` or :math:`c = 0` give :math:`d = g_0`. If the optimum
+    has :math:`g_{w^\star} = 0` (the hull contains 0 and :math:`F^\star = 0`; detected as
     :math:`\lVert g_{w^\star}\rVert \le 10^{-6}\max_i \lVert g_i\rVert`, the rounding level
     of a norm computed from :math:`G`), the direction :math:`g_{w^\star}/\lVert g_{w^\star}
     \rVert` is undefined (the official code then amplifies rounding noise by ``c/(‖g_w‖+1e-8)``)
@@ -905,9 +950,80 @@ def cagrad_weights(
     tol = _check_float("tol", tol)
     if rescale not in (0, 1, 2) or isinstance(rescale, bool):
         raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
+    factor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    if isinstance(G, Tensor) and G.ndim == 2 and G.shape[0] <= _PY_MAX_K:
+        Gl = _work_list(G, "cagrad_weights")
+        K = len(Gl)
+        m = 1.0 / K
+        bl = [sum(row) * m for row in Gl]
+        gg = sum(bl) * m
+        r = c * math.sqrt(max(gg, 0.0))
+        dmax = max(Gl[i][i] for i in range(K))
+        if c < 1e-12 or r <= 0.0 or gg <= 1e-300 * max(dmax, 1e-300):
+            return _out_list([m / factor] * K, G)
+
+        def inner_py(t: float) -> tuple[list[float], float]:
+            beta = t / r
+            b2 = beta * beta * gg
+            Gs = [
+                [v + beta * (bl[i] + bl[k]) + b2 for k, v in enumerate(row)]
+                for i, row in enumerate(Gl)
+            ]
+            if K == 1:
+                w = [1.0]
+            else:
+                w = _min_norm_special_py(Gs) or _mgda_active_set_py(Gs, inner_max_iter, 1e-12)
+            Gw_w = [sum(map(_mul, row, w)) for row in Gl]
+            q = sum(map(_mul, w, Gw_w))
+            st = math.sqrt(max(q, 0.0))
+            # root of s(t) = t predicted on the current face S = {w > 0}: there the minimiser of
+            # wᵀGw + 2β bᵀw, 1ᵀw = 1 is affine in β, w(β) = w + (β - β_c) w1, so s(t)² = t² is
+            # a quadratic equation in β (a trial point only: the bracket decides)
+            S = [i for i in range(K) if w[i] > 0]
+            if len(S) < 2:
+                return w, st, None
+            if not all(Gs[i][i] > 0 for i in S):
+                return w, st, None
+            dS = [1.0 / math.sqrt(Gs[i][i]) for i in S]
+            A = [[dS[a] * Gs[i][k] * dS[e] for e, k in enumerate(S)] for a, i in enumerate(S)]
+            L = _chol_py(A, 1e-8)
+            if L is None:  # singular face: no prediction
+                return w, st, None
+            av = [x * y for x, y in zip(dS, _chol_solve_py(L, dS), strict=False)]
+            bS = [dS[a] * bl[i] for a, i in enumerate(S)]
+            ev = [x * y for x, y in zip(dS, _chol_solve_py(L, bS), strict=False)]
+            sa, se = sum(av), sum(ev)
+            if not sa > 0.0:
+                return w, st, None
+            w1 = [0.0] * K
+            for a, i in enumerate(S):
+                w1[i] = av[a] * se / sa - ev[a]
+            Gw1 = [sum(map(_mul, row, w1)) for row in Gl]
+            q1 = sum(map(_mul, w, Gw1))
+            q2 = sum(map(_mul, w1, Gw1))
+            r2 = r * r
+            qa, qb, qc = q2 - r2, q1 - r2 * beta, q - r2 * beta * beta  # qa δ² + 2 qb δ + qc = 0
+            roots = []
+            if qa != 0.0:
+                disc = qb * qb - qa * qc
+                if disc >= 0.0:
+                    sd = math.sqrt(disc)
+                    # numerically stable pair of roots
+                    big = -(qb + math.copysign(sd, qb))
+                    if big != 0.0:
+                        roots = [big / qa, qc / big]
+            elif qb != 0.0:
+                roots = [-qc / (2.0 * qb)]
+            ts = [r * (beta + dl) for dl in roots if r * (beta + dl) > 0.0]
+            return w, st, (min(ts, key=lambda x: abs(x - t)) if ts else None)
+
+        smax = math.sqrt(dmax)
+        w_star, s_star = _cagrad_root(inner_py, smax, max_iter, tol)
+        if s_star <= 1e-6 * smax:
+            return _out_list([m / factor] * K, G)
+        return _out_list([(m + (r / s_star) * v) / factor for v in w_star], G)
     Gw = _work_gramian(G, "cagrad_weights")
     K = Gw.shape[0]
-    factor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
     mean = torch.full((K,), 1.0 / K, dtype=_F64)
     gg = float(mean @ Gw @ mean)
     r = c * math.sqrt(max(gg, 0.0))
@@ -921,57 +1037,86 @@ def cagrad_weights(
         Gs = Gw + beta * (b[:, None] + b[None, :]) + beta * beta * gg
         Gs = 0.5 * (Gs + Gs.T)
         w = torch.ones(1, dtype=_F64) if K == 1 else _min_norm_host(Gs, inner_max_iter)
-        return w, math.sqrt(max(float(w @ Gw @ w), 0.0))
+        return w, math.sqrt(max(float(w @ Gw @ w), 0.0)), None
 
     smax = math.sqrt(float(Gw.diagonal().max()))
+    w_star, s_star = _cagrad_root(inner, smax, max_iter, tol)
+    if s_star <= 1e-6 * smax:
+        # g_{w*} = 0 up to rounding (sqrt(eps) relative): degenerate, return d = g0
+        return _out(mean / factor, G)
+    return _out((mean + (r / s_star) * w_star) / factor, G)
+
+
+def _cagrad_root(inner, smax: float, max_iter: int, tol: float):  # noqa: ANN001
+    """Root of ``h(t) = s(t) - t`` on ``[0, smax]`` for CAGrad.
+
+    ``inner(t)`` returns ``(w(t), s(t), t_pred)`` with an optional predicted root ``t_pred``
+    (``None`` if unknown). Bracketing: safeguarded regula falsi (Illinois, every other step a
+    bisection). A prediction from the latest evaluation, nudged by ``tol·hi/4`` past the root
+    so that the next evaluation closes the bracket, replaces the regula falsi step while it lies
+    strictly inside the bracket and the bracket keeps halving at least every two iterations.
+    The stopping rule (bracket width ``<= tol·hi``) is the same either way. Returns
+    ``(w*, s*)``."""
     hi = smax
-    w_hi, s_hi = inner(hi)
+    w_hi, s_hi, pred = inner(hi)
     if s_hi - hi > 0:  # cannot happen in exact arithmetic (s <= smax)
-        w_star, s_star = w_hi, s_hi
+        return w_hi, s_hi
+    lo = 0.0
+    h_hi = s_hi - hi
+    pred_hi, h_last = pred, h_hi
+    w_lo, s_lo, pred = inner(0.0)
+    h_lo = s_lo - lo
+    # the prediction of the evaluation nearer the root (|h| smaller) is the better one
+    if pred_hi is not None and (pred is None or abs(h_hi) < abs(h_lo)):
+        pred, h_last = pred_hi, h_hi
     else:
-        lo = 0.0
-        w_lo, s_lo = inner(0.0)
-        h_lo, h_hi = s_lo - lo, s_hi - hi
-        w_star, s_star = w_hi, s_hi
-        side = 0
-        it = 0
-        floor = 1e-7 * smax  # below 1e-6 smax the result is declared degenerate anyway
-        while True:
-            it += 1
-            if it > max_iter:
-                raise SolverError(
-                    f"cagrad_weights: root finding did not converge within max_iter={max_iter} "
-                    f"iterations (bracket [{lo:.3e}, {hi:.3e}], residual {h_hi:.3e})"
-                )
-            if hi - lo <= tol * hi or hi <= floor:
-                break
+        h_last = h_lo
+    w_star, s_star = w_hi, s_hi
+    side = 0
+    it = 0
+    floor = 1e-7 * smax  # below 1e-6 smax the result is declared degenerate anyway
+    widths = [float("inf"), float("inf")]
+    while True:
+        it += 1
+        if it > max_iter:
+            raise SolverError(
+                f"cagrad_weights: root finding did not converge within max_iter={max_iter} "
+                f"iterations (bracket [{lo:.3e}, {hi:.3e}], residual {h_hi:.3e})"
+            )
+        if hi - lo <= tol * hi or hi <= floor:
+            break
+        t = None
+        if pred is not None and hi - lo <= 0.5 * widths[-2]:
+            t = pred + (0.25 * tol * hi if h_last > 0 else -0.25 * tol * hi)
+            if not (lo < t < hi):
+                t = None
+        if t is None:
             t = (lo * h_hi - hi * h_lo) / (h_hi - h_lo) if h_hi != h_lo else 0.5 * (lo + hi)
             if not (lo < t < hi):
                 t = 0.5 * (lo + hi)
             if it % 2 == 0:  # guaranteed interval reduction (h may jump at a kink)
                 t = 0.5 * (lo + hi)
-            w_t, s_t = inner(t)
-            h_t = s_t - t
-            if h_t == 0.0:
-                w_star, s_star = w_t, s_t
-                break
-            if h_t > 0:
-                lo, h_lo, w_lo, s_lo = t, h_t, w_t, s_t
-                if side == -1:
-                    h_hi *= 0.5
-                side = -1
-            else:
-                hi, h_hi, w_hi = t, h_t, w_t
-                w_star, s_star = w_t, s_t
-                if side == 1:
-                    h_lo *= 0.5
-                side = 1
-        if lo > 0.0 and s_lo > 0.0 and abs(s_lo - lo) < abs(s_star - hi):
-            w_star, s_star = w_lo, s_lo
-    if s_star <= 1e-6 * smax:
-        # g_{w*} = 0 up to rounding (sqrt(eps) relative): degenerate, return d = g0
-        return _out(mean / factor, G)
-    return _out((mean + (r / s_star) * w_star) / factor, G)
+        widths.append(hi - lo)
+        w_t, s_t, pred = inner(t)
+        h_t = s_t - t
+        h_last = h_t
+        if h_t == 0.0:
+            w_star, s_star = w_t, s_t
+            break
+        if h_t > 0:
+            lo, h_lo, w_lo, s_lo = t, h_t, w_t, s_t
+            if side == -1:
+                h_hi *= 0.5
+            side = -1
+        else:
+            hi, h_hi, w_hi = t, h_t, w_t
+            w_star, s_star = w_t, s_t
+            if side == 1:
+                h_lo *= 0.5
+            side = 1
+    if lo > 0.0 and s_lo > 0.0 and abs(s_lo - lo) < abs(s_star - hi):
+        w_star, s_star = w_lo, s_lo
+    return w_star, s_star
 
 
 def _min_norm_host(Gs: Tensor, max_iter: int) -> Tensor:
@@ -990,3 +1135,410 @@ def _min_norm_host(Gs: Tensor, max_iter: int) -> Tensor:
         gamma = 0.5 if den <= 0 else min(max((g22 - g12) / den, 0.0), 1.0)
         return torch.tensor([gamma, 1.0 - gamma], dtype=_F64)
     return _mgda_active_set(Gs, max_iter, 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# small-K host paths in plain Python floats
+# --------------------------------------------------------------------------------------------
+#
+# For small K every torch call on a K x K tensor costs several microseconds of dispatch, far
+# more than its arithmetic. The functions below run the *same* algorithms (same iterates, stopping
+# rules, caps, tolerances and error messages) on lists of Python floats, with a hand-written
+# Cholesky factorisation for the well-conditioned faces / Newton systems. Whenever that fast
+# factorisation is not applicable (a face with a small pivot, an indefinite Newton matrix) the
+# step is delegated to the torch helper above (eigendecomposition), so singular and degenerate
+# faces are handled exactly as on the torch path. The public solvers use these for
+# ``K <= _PY_MAX_K`` (``_PY_MAX_K_NEWTON`` for Nash-MTL / FairGrad); the crossovers were
+# measured on CPU with one thread, and both paths agree to rounding.
+
+_PY_MAX_K = 16
+# damped Newton (Nash-MTL, FairGrad): dense K x K Cholesky per step, crossover lower
+_PY_MAX_K_NEWTON = 12
+
+
+def _work_list(G: Tensor, solver: str) -> list[list[float]]:
+    """:func:`_work_gramian` on a list of Python floats (same checks, same messages)."""
+    if not isinstance(G, Tensor):
+        raise SolverError(f"{solver}: G must be a torch.Tensor, got {type(G).__name__}")
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise SolverError(f"{solver}: G must be a square K x K matrix, got shape {tuple(G.shape)}")
+    if G.shape[0] == 0:
+        raise SolverError(f"{solver}: G must have at least one row (K >= 1), got K = 0")
+    if G.is_complex() or not G.is_floating_point():
+        raise SolverError(f"{solver}: G must be a real floating point tensor, got {G.dtype}")
+    rows = G.detach().tolist()  # float16/32/64 values are exact in Python floats
+    isfinite = math.isfinite
+    for row in rows:
+        if not all(map(isfinite, row)):
+            raise SolverError(f"{solver}: G contains non-finite values (nan or inf)")
+    K = len(rows)
+    A = [[0.5 * (rows[i][j] + rows[j][i]) for j in range(K)] for i in range(K)]
+    for i in range(K):
+        if A[i][i] < 0:
+            raise SolverError(f"{solver}: G has a negative diagonal entry, so it is not PSD")
+    for i in range(K):
+        if not A[i][i] > 0:  # a PSD matrix with G_ii = 0 has a zero row
+            for j in range(K):
+                A[i][j] = 0.0
+                A[j][i] = 0.0
+    return A
+
+
+def _out_list(x: list, like: Tensor) -> Tensor:
+    return torch.tensor(x, dtype=like.dtype, device=like.device)
+
+
+def _chol_py(A: list[list[float]], min_pivot2: float) -> list[list[float]] | None:
+    """Cholesky factor of ``A`` or ``None`` when a squared pivot is ``<= min_pivot2`` (or nan)."""
+    n = len(A)
+    L = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        Li = L[i]
+        Ai = A[i]
+        for j in range(i):
+            Lj = L[j]
+            s = Ai[j]
+            for k in range(j):
+                s -= Li[k] * Lj[k]
+            Li[j] = s / Lj[j]
+        s = Ai[i]
+        for k in range(i):
+            s -= Li[k] * Li[k]
+        if not s > min_pivot2:
+            return None
+        Li[i] = math.sqrt(s)
+    return L
+
+
+def _chol_solve_py(L: list[list[float]], b: list[float]) -> list[float]:
+    n = len(b)
+    y = [0.0] * n
+    for i in range(n):
+        Li = L[i]
+        s = b[i]
+        for k in range(i):
+            s -= Li[k] * y[k]
+        y[i] = s / Li[i]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        s = y[i]
+        for k in range(i + 1, n):
+            s -= L[k][i] * x[k]
+        x[i] = s / L[i][i]
+    return x
+
+
+def _t(x: list) -> Tensor:
+    return torch.tensor(x, dtype=_F64)
+
+
+def _face_min_norm_py(Gn: list[list[float]], S: list[int], y_cur: list[float]) -> list[float]:
+    """:func:`_face_min_norm` on the face ``S`` of ``Gn``."""
+    d = [1.0 / math.sqrt(max(Gn[i][i], 1e-300)) for i in S]
+    n = len(S)
+    A = [[d[a] * Gn[S[a]][S[b]] * d[b] for b in range(n)] for a in range(n)]
+    L = _chol_py(A, 1e-8)
+    if L is None:  # (nearly) singular face: exact eigendecomposition path
+        Gs = [[Gn[i][k] for k in S] for i in S]
+        return _face_min_norm(_t(Gs), _t(y_cur)).tolist()
+    z = _chol_solve_py(L, d)
+    y = [d[a] * z[a] for a in range(n)]
+    tot = sum(y)
+    return [v / tot for v in y]
+
+
+def _mgda_active_set_py(G: list[list[float]], max_iter: int, tol: float) -> list[float]:
+    """:func:`_mgda_active_set` in Python floats."""
+    K = len(G)
+    scale = max(G[i][i] for i in range(K))
+    Gn = [[v / scale for v in row] for row in G]
+    diag = [Gn[i][i] for i in range(K)]
+    sq = [math.sqrt(v) for v in diag]
+    i0 = diag.index(min(diag))
+    S = [i0]
+    w = [0.0] * K
+    w[i0] = 1.0
+    it = 0
+    gap = float("inf")
+    thresh = 0.0
+    noise_c = 4.0 * K * _EPS
+    while True:
+        Gw = [sum([row[k] * w[k] for k in S]) for row in Gn]
+        val = sum(w[k] * Gw[k] for k in S)
+        m = sum(sq[k] * w[k] for k in S)
+        if len(S) >= K:
+            break
+        inS = set(S)
+        j = -1
+        best = float("inf")
+        for i in range(K):
+            if i in inS:
+                continue
+            sl = Gw[i] - val + noise_c * m * (sq[i] + m)
+            if j < 0 or sl < best:
+                j, best = i, sl
+        gap = val - Gw[j]
+        thresh = tol * val + noise_c * m * (sq[j] + m)
+        if gap <= thresh:
+            break
+        S.append(j)
+        while True:
+            it += 1
+            if it > max_iter:
+                raise SolverError(
+                    f"min_norm_weights(method='active_set'): no convergence within max_iter="
+                    f"{max_iter} iterations (KKT residual {gap:.3e} > {thresh:.3e})"
+                )
+            wS = [w[k] for k in S]
+            y = _face_min_norm_py(Gn, S, wS)
+            if all(v > 0 for v in y):
+                w = [0.0] * K
+                for k, v in zip(S, y, strict=False):
+                    w[k] = v
+                break
+            inf = float("inf")
+            ratios = [
+                (ws / max(ws - yv, 1e-300) if ws > 0 else 0.0) if yv <= 0 else inf
+                for ws, yv in zip(wS, y, strict=False)
+            ]
+            theta = min(ratios)
+            block = ratios.index(theta)
+            if S[block] == j and theta <= 0.0:
+                S.pop(block)
+                return w
+            new = [max(ws + theta * (yv - ws), 0.0) for ws, yv in zip(wS, y, strict=False)]
+            new[block] = 0.0
+            w = [0.0] * K
+            for k, v in zip(S, new, strict=False):
+                w[k] = v
+            S = [S[k] for k in range(len(S)) if new[k] > 0]
+            tot = sum(w)
+            w = [v / tot for v in w]
+    return w
+
+
+def _min_norm_special_py(G: list[list[float]]) -> list[float] | None:
+    """The closed-form cases of :func:`min_norm_weights` (``None`` if none applies)."""
+    K = len(G)
+    diag = [G[i][i] for i in range(K)]
+    if max(diag) <= 0.0:
+        return [1.0 / K] * K
+    nz = sum(1 for v in diag if v <= 0)
+    if nz:
+        return [(1.0 if v <= 0 else 0.0) / nz for v in diag]
+    if K == 1:
+        return [1.0]
+    if K == 2:
+        g11, g12, g22 = G[0][0], G[0][1], G[1][1]
+        den = g11 + g22 - 2.0 * g12
+        gamma = 0.5 if den <= 0 else min(max((g22 - g12) / den, 0.0), 1.0)
+        return [gamma, 1.0 - gamma]
+    return None
+
+
+def _face_qp_py(
+    Qs: list[list[float]], bs: list[float], F: list[int], x_cur: list[float]
+) -> tuple[list[float], bool]:
+    """:func:`_face_qp` on the face ``F`` of the unit-diagonal ``Qs``."""
+    A = [[Qs[i][k] for k in F] for i in F]
+    c = [bs[i] for i in F]
+    L = _chol_py(A, 1e-8)
+    if L is None:  # (nearly) singular face: exact eigendecomposition path
+        x, bounded = _face_qp(_t(A), _t(c), _t(x_cur))
+        return x.tolist(), bounded
+    return [-v for v in _chol_solve_py(L, c)], True
+
+
+def _nnqp_py(
+    Q: list[list[float]], b: list[float], max_iter: int, tol: float, solver: str
+) -> list[float]:
+    """:func:`_nnqp` in Python floats."""
+    n = len(b)
+    d = [Q[i][i] for i in range(n)]
+    zero = [v <= 0 for v in d]
+    for i in range(n):
+        if zero[i] and b[i] < 0:
+            raise SolverError(
+                f"{solver}: objective unbounded below (Q[{i},{i}] = 0 and b[{i}] = {b[i]:.3e})"
+            )
+    s = [0.0 if zero[i] else 1.0 / math.sqrt(max(d[i], 1e-300)) for i in range(n)]
+    Qs = [[s[i] * Q[i][k] * s[k] for k in range(n)] for i in range(n)]
+    bs = [s[i] * b[i] for i in range(n)]
+    u = [0.0] * n
+    bscale = max(abs(v) for v in bs) if n else 0.0
+    if bscale == 0.0:
+        return u
+    F: list[int] = []
+    it = 0
+    worst = 0.0
+    thr = 0.0
+    inf = float("inf")
+    while True:
+        thr = tol * (bscale + sum(abs(v) for v in u))
+        inF = set(F)
+        j = -1
+        gj = inf
+        for i in range(n):
+            if zero[i] or i in inF:
+                continue
+            row = Qs[i]
+            g = sum(row[k] * u[k] for k in F) + bs[i]
+            if j < 0 or g < gj:
+                j, gj = i, g
+        if j < 0:
+            break
+        worst = -gj
+        if worst <= thr:
+            break
+        F.append(j)
+        while True:
+            it += 1
+            if it > max_iter:
+                raise SolverError(
+                    f"{solver}: no convergence within max_iter={max_iter} iterations "
+                    f"(KKT residual {worst:.3e} > {thr:.3e})"
+                )
+            uF = [u[k] for k in F]
+            x, bounded = _face_qp_py(Qs, bs, F, uF)
+            if bounded and all(v > 0 for v in x):
+                u = [0.0] * n
+                for k, v in zip(F, x, strict=False):
+                    u[k] = v
+                break
+            if bounded:
+                p = [xv - uv for xv, uv in zip(x, uF, strict=False)]
+                neg = [xv <= 0 for xv in x]
+            else:
+                p = x
+                neg = [pv < 0 for pv in p]
+                if not any(neg):
+                    raise SolverError(
+                        f"{solver}: objective unbounded below along a non-negative direction "
+                        f"of the null space of Q (after {it} iterations)"
+                    )
+            # -p >= u_F >= 0 where neg; -p == 0 only for the entering index at x = 0 (blocks)
+            ratios = [
+                (uv / -pv if pv < 0 else 0.0) if ng else inf
+                for uv, pv, ng in zip(uF, p, neg, strict=False)
+            ]
+            theta = min(ratios)
+            block = ratios.index(theta)
+            if F[block] == j and theta <= 0.0 and bounded:
+                F.pop(block)
+                return [s[i] * u[i] for i in range(n)]
+            new = [max(uv + theta * pv, 0.0) for uv, pv in zip(uF, p, strict=False)]
+            new[block] = 0.0
+            u = [0.0] * n
+            for k, v in zip(F, new, strict=False):
+                u[k] = v
+            F = [F[k] for k in range(len(F)) if new[k] > 0]
+            if not F:
+                break
+    return [s[i] * u[i] for i in range(n)]
+
+
+def _ridged_py(Gw: list[list[float]], eps: float, solver: str) -> list[list[float]]:
+    """:func:`_ridged` in Python floats (returns ``G + eps·diag(r)``)."""
+    K = len(Gw)
+    diag = [Gw[i][i] for i in range(K)]
+    tr = sum(diag)
+    if tr == 0.0:
+        raise SolverError(f"{solver}: G is zero; the weights are unbounded (no solution exists)")
+    r = [v if v > 0 else tr / K for v in diag]
+    Gr = [row[:] for row in Gw]
+    for i in range(K):
+        Gr[i][i] += eps * r[i]
+    if eps > 0:
+        # PD test on the Jacobi-scaled Gr (Sylvester: same inertia). A factorisation with all
+        # squared pivots > 1e-6 certifies a positive spectrum; anything closer to singular is
+        # decided by eigvalsh exactly as on the torch path.
+        sc = [1.0 / math.sqrt(Gr[i][i]) for i in range(K)]
+        A = [[sc[i] * Gr[i][k] * sc[k] for k in range(K)] for i in range(K)]
+        if _chol_py(A, 1e-6) is None:
+            Grt, _ = _ridged(_t(Gw), eps, solver)
+            return Grt.tolist()
+    for i in range(K):
+        if not Gr[i][i] > 0:
+            raise SolverError(
+                f"{solver}: G has a zero row and eps=0; the weights are unbounded (use eps > 0)"
+            )
+    return Gr
+
+
+def _barrier_newton_py(
+    C: list[list[float]], w0: list[float], p: float, max_iter: int, tol: float, solver: str
+) -> list[float]:
+    """:func:`_barrier_newton` in Python floats."""
+    K = len(C)
+    Cabs = [[abs(v) for v in row] for row in C]
+    q = 1.0 - p
+    log1p, expm1 = math.log1p, math.expm1
+
+    def remainder_sum(x: list[float], h: list[float]) -> float:
+        if p == 1.0:
+            return sum(log1p(hv / xv) - hv / xv for xv, hv in zip(x, h, strict=False))
+        return sum(
+            xv**q / q * (expm1(q * log1p(hv / xv)) - q * (hv / xv))
+            for xv, hv in zip(x, h, strict=False)
+        )
+
+    def matvec(M: list[list[float]], v: list[float]) -> list[float]:
+        return [sum(map(_mul, row, v)) for row in M]
+
+    nc = 4.0 * K * _EPS
+    w = list(w0)
+    res = float("inf")
+    for it in range(max_iter + 1):
+        Cw = matvec(C, w)
+        Caw = matvec(Cabs, w)
+        wp = [v**p for v in w]
+        noise = [nc * a * b for a, b in zip(wp, Caw, strict=False)]
+        err = [abs(a * b - 1.0) for a, b in zip(wp, Cw, strict=False)]
+        res = max(e - min(nz, 1e-2) for e, nz in zip(err, noise, strict=False))
+        if res <= tol:
+            return w
+        grad = [a - 1.0 / b for a, b in zip(Cw, wp, strict=False)]
+        H = [row[:] for row in C]
+        for i in range(K):
+            H[i][i] += p * w[i] ** (-p - 1.0)
+        s = [1.0 / math.sqrt(H[i][i]) for i in range(K)]
+        Hs = [[s[i] * H[i][k] * s[k] for k in range(K)] for i in range(K)]
+        L = _chol_py(Hs, 0.0)
+        if L is not None:
+            z = _chol_solve_py(L, [a * b for a, b in zip(s, grad, strict=False)])
+            step = [-a * b for a, b in zip(s, z, strict=False)]
+        else:  # PD in exact arithmetic; rounding made it indefinite: clamp the spectrum
+            lam, V = torch.linalg.eigh(_t(Hs))
+            lam = lam.clamp_min(_EPS * float(lam[-1].clamp_min(1.0)))
+            st = _t(s)
+            step = (-st * (V @ ((V.T @ (st * _t(grad))) / lam))).tolist()
+        dec = -sum(map(_mul, grad, step))
+        dec_noise = nc * sum(abs(a) * (b + 1.0 / c) for a, b, c in zip(step, Caw, wp, strict=False))
+        if max(e - nz for e, nz in zip(err, noise, strict=False)) <= tol and dec <= min(
+            dec_noise, tol
+        ):
+            return w
+        if it == max_iter:
+            break
+        tmax = min(
+            (-wv / sv for wv, sv in zip(w, step, strict=False) if sv < 0), default=float("inf")
+        )
+        t = min(1.0, 0.99 * tmax)
+        if dec < 1e-3 and t == 1.0:
+            w = [a + b for a, b in zip(w, step, strict=False)]
+            continue
+        sCs = sum(map(_mul, step, matvec(C, step)))
+        while True:
+            delta = -t * dec + 0.5 * t * t * sCs - remainder_sum(w, [t * v for v in step])
+            if delta <= -1e-4 * t * dec + t * dec_noise:
+                break
+            t *= 0.5
+            if t < 1e-20:
+                raise SolverError(
+                    f"{solver}: line search failed at iteration {it} (residual {res:.3e})"
+                )
+        w = [a + t * b for a, b in zip(w, step, strict=False)]
+    raise SolverError(
+        f"{solver}: damped Newton did not converge within max_iter={max_iter} iterations "
+        f"(residual max|w^p (Gw) - 1| = {res:.3e} above rounding level > tol={tol:.1e})"
+    )
