@@ -123,6 +123,15 @@ def call(
     return b(losses, **kwargs)
 
 
+def loss_gradient(b: tb.Balancer) -> torch.Tensor:
+    """The gradient of ``b``'s last objective with respect to each loss: ``b.weights``, or ones
+    for a gradient method whose heads take unweighted gradients (its weights then act on the
+    shared tensors only)."""
+    if getattr(b, "heads", "weighted") == "unweighted":
+        return torch.ones_like(b.weights)
+    return b.weights
+
+
 def compute(b: tb.Balancer, losses: torch.Tensor, step: int = 0) -> torch.Tensor:
     """``b.compute_weights`` with the extra inputs :func:`call` would pass."""
     kpis = kpis_for(step, b.num_tasks) if b.requires_kpis else None

@@ -24,6 +24,7 @@ from conftest import (
     LOSS_METHODS,
     directions_for,
     kpis_for,
+    loss_gradient,
     losses_for,
     make_balancer,
 )
@@ -45,7 +46,7 @@ def _drive(name: str, local_losses, local_kpis, rank: int = 0):
     b = make_balancer(name, K)
     params = list(b.parameters())  # stepped by plain SGD (lr 0.3), written out: torch.optim's
     # first step costs seconds of imports in each fresh process
-    weights, grads, log_scales = [], [], []
+    weights, grads, expected_grads, log_scales = [], [], [], []
     for step in range(STEPS):
         losses = local_losses(step).requires_grad_(True)
         kwargs = {"kpis": local_kpis(step)} if b.requires_kpis else {}
@@ -66,9 +67,15 @@ def _drive(name: str, local_losses, local_kpis, rank: int = 0):
             log_scales.append(b.log_scales.detach().clone())
         weights.append(b.weights)
         grads.append(losses.grad.clone())
+        expected_grads.append(loss_gradient(b))
         if _end_epoch_after(step):
             b.end_epoch()
-    return {"weights": weights, "grads": grads, "log_scales": log_scales}
+    return {
+        "weights": weights,
+        "grads": grads,
+        "expected_grads": expected_grads,
+        "log_scales": log_scales,
+    }
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:
@@ -129,8 +136,8 @@ def test_ranks_agree(rank_results, name):
     for step, (w0, w1) in enumerate(zip(rank0["weights"], rank1["weights"], strict=True)):
         torch.testing.assert_close(w0, w1, rtol=0, atol=0, msg=f"{name}, step {step}")
     # each rank's own losses get the shared weights as their gradient
-    for step, (g0, w0) in enumerate(zip(rank0["grads"], rank0["weights"], strict=True)):
-        torch.testing.assert_close(g0, w0, msg=f"{name}, step {step}")
+    for step, (g0, e0) in enumerate(zip(rank0["grads"], rank0["expected_grads"], strict=True)):
+        torch.testing.assert_close(g0, e0, msg=f"{name}, step {step}")
     for step, (s0, s1) in enumerate(zip(rank0["log_scales"], rank1["log_scales"], strict=True)):
         torch.testing.assert_close(s0, s1, rtol=0, atol=0, msg=f"{name}, step {step}")
     if name in LEARNED_METHODS:

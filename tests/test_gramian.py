@@ -454,7 +454,7 @@ def test_update_every_computes_the_gramian_only_on_refresh_steps(monkeypatch, mo
     monkeypatch.setattr(gradient_base, "jacobian_rows", counting)
     model, x, y = mlp_problem(3)
     params = list(model.trunk.parameters()) if mode == "params" else None
-    b = Probe(3, update_every=3, params=params)
+    b = Probe(3, update_every=3, params=params, heads="weighted")
     history = []
     for step in range(7):
         torch.manual_seed(100 + step)

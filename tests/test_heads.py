@@ -75,10 +75,36 @@ def test_heads_unweighted_reuses_weights_between_refreshes_and_keeps_trunk_exact
         torch.testing.assert_close(trunk[-1].weight.grad, gz, rtol=1e-5, atol=1e-6)
 
 
-def test_heads_unweighted_needs_features_mode():
-    trunk, _ = _model(2)
-    with pytest.raises(ValueError, match="heads: 'unweighted' needs features mode"):
-        tb.create("mgda", num_tasks=2, heads="unweighted", params=trunk.parameters())
+def test_heads_unweighted_in_parameters_mode_gives_listed_params_jtw():
+    """Parameters mode: the listed shared parameters get J^T w, everything else (heads, and
+    shared parameters left out of params) the plain sum of the task gradients."""
+    K = 3
+    trunk, heads = _model(K)
+    torch.manual_seed(4)
+    x, y = torch.randn(16, 5), torch.randn(16, K)
+    listed = list(trunk[-1].parameters())
+    b = tb.create("pcgrad", num_tasks=K, params=listed)
+    assert b.heads == "unweighted"
+    _, losses = _losses(trunk, heads, x, y)
+    b(losses).backward()
+    weights = b.weights
+    _, losses_ref = _losses(trunk, heads, x, y)
+    unlisted = list(trunk[0].parameters())
+    for group, coefficients in ((listed, weights), (unlisted, torch.ones(K))):
+        for param in group:
+            expected = sum(
+                c * torch.autograd.grad(losses_ref[k], [param], retain_graph=True)[0]
+                for k, c in enumerate(coefficients)
+            )
+            torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_default_heads_follow_the_reference_code():
+    weighted = {"mgda", "nash_mtl", "gradnorm"}
+    for name in GRADIENT_METHODS:
+        expected = "weighted" if name in weighted else "unweighted"
+        assert tb.create(name, num_tasks=2).heads == expected, name
+        assert tb.create(name, num_tasks=2, heads="weighted").heads == "weighted"
     with pytest.raises(ValueError, match=r"heads: expected one of \['weighted', 'unweighted'\]"):
         tb.create("mgda", num_tasks=2, heads="sometimes")
 

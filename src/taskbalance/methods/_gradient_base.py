@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -27,18 +28,25 @@ class GradientBalancer(Balancer):
     - parameters mode: give ``params=`` (e.g. ``trunk[-1].parameters()``) at construction;
       ``G`` is the exact Gramian of the gradients with respect to those parameters.
 
-    Task heads: with the objective ``Σ w_k L_k`` (``heads="weighted"``, the default), head k's
-    parameters receive ``w_k·∇L_k``, as in the reference code of MGDA, Nash-MTL and GradNorm.
-    The reference code of PCGrad, GradVac, IMTL-G, CAGrad, DB-MTL, Aligned-MTL and torchjd's
-    ``mtl_backward`` instead rewrite only the shared gradient and give every head its own
-    unweighted gradient. ``heads="unweighted"`` (features mode) reproduces that within one
-    ordinary backward: the objective becomes ``Σ_k L_k + ⟨z, Σ_k (w_k − 1)·∇_z L_k⟩`` with the
-    second factor detached, so the heads get ``∇L_k``, ``z`` gets ``Σ_k w_k ∇_z L_k`` and the
-    trunk below it exactly ``J_zᵀw``; its value is ``Σ L_k``. The task gradients are then
-    needed at every step, ``update_every`` steps included. Methods whose weights sum to about 1
-    (IMTL-G, UPGrad, DualProj, CAGrad) otherwise train their heads at about 1/K the rate of
-    equal weighting, and DB-MTL's heads at ``max n/n_k`` times it; with Adam-type optimisers
-    a constant per-head factor matters little.
+    Task heads: each method follows its reference code (class attribute ``default_heads``).
+
+    - ``heads="weighted"``: the objective is ``Σ w_k L_k``, so head k's parameters receive
+      ``w_k·∇L_k`` — the reference code of MGDA, Nash-MTL and GradNorm backpropagates the
+      weighted loss.
+    - ``heads="unweighted"``: only the shared gradient becomes ``Jᵀw``; every head gets its own
+      unweighted ``∇L_k`` — what the reference code of PCGrad, GradVac, IMTL-G, CAGrad,
+      DB-MTL, Aligned-MTL, ConFIG and FairGrad, LibMTL and torchjd's ``mtl_backward`` do.
+      Still one ordinary backward: the objective is ``Σ_k L_k + Σ_x ⟨x, Σ_k (w_k − 1)·∇_x L_k⟩``
+      over the shared tensors x (the features z, or the listed parameters) with the second
+      factor detached. Its value is ``Σ L_k``; its gradient at x is ``Σ_k w_k ∇_x L_k``, so the
+      trunk below z (or each listed parameter) gets exactly ``Jᵀw``, the heads ``∇L_k``, and in
+      parameters mode any shared parameter left out of ``params`` the plain sum. It matters
+      most for methods with signed weights (PCGrad, GradVac, IMTL-G, Aligned-MTL, ConFIG),
+      whose heads would otherwise be trained to *increase* their loss whenever ``w_k < 0``.
+      The task gradients are then needed at every step, ``update_every`` steps included.
+
+    ``b.weights`` are the weights of the shared direction in both cases; the gradient of the
+    objective with respect to ``losses[k]`` is ``w_k`` (weighted) or 1 (unweighted).
 
     Args:
         num_tasks: K.
@@ -47,11 +55,14 @@ class GradientBalancer(Balancer):
             (the Gramian is not even computed then). Nash-MTL's published speed-ups come from
             exactly this. 1 recomputes at every step.
         gram_dtype: precision of the Gramian, ``torch.float32`` (default) or ``torch.float64``.
-        heads: ``"weighted"`` (objective ``Σ w_k L_k``) or ``"unweighted"`` (features mode
-            only: heads get their own unweighted gradients, the shared trunk ``J_zᵀw``).
+        heads: ``"weighted"`` (objective ``Σ w_k L_k``), ``"unweighted"`` (heads get their own
+            unweighted gradients, the shared tensors ``Jᵀw``) or None for the method's
+            ``default_heads``.
     """
 
     requires_gram = True
+    #: What the method's reference code gives the task heads; see "Task heads" above.
+    default_heads: ClassVar[str] = "unweighted"
 
     def __init__(
         self,
@@ -60,7 +71,7 @@ class GradientBalancer(Balancer):
         params: Iterable[Tensor] | None = None,
         update_every: int = 1,
         gram_dtype: torch.dtype = torch.float32,
-        heads: str = "weighted",
+        heads: str | None = None,
     ) -> None:
         super().__init__(num_tasks)
         # A plain list, so the model's parameters do not become this module's parameters.
@@ -73,18 +84,14 @@ class GradientBalancer(Balancer):
                 f"gram_dtype: expected torch.float32 or torch.float64, got {gram_dtype}"
             )
         self.gram_dtype = gram_dtype
-        self.heads = check_choice("heads", heads, ("weighted", "unweighted"))
-        if self.heads == "unweighted" and self.shared_params is not None:
-            raise ValueError(
-                "heads: 'unweighted' needs features mode (the shared features at each call); "
-                "with params= only the listed parameters could be given J^T w"
-            )
+        chosen = self.default_heads if heads is None else heads
+        self.heads = check_choice("heads", chosen, ("weighted", "unweighted"))
         # None until the first call tells whether this graph supports the batched backward.
         self._batched_backward: bool | None = None
-        # The features and their per-task gradient rows of the call in progress (heads=
+        # The shared tensors and their per-task gradient rows of the call in progress (heads=
         # "unweighted" only); dropped as soon as the objective is built, so no graph is kept.
-        self._call_features: Tensor | None = None
-        self._call_rows: Tensor | None = None
+        self._call_inputs: list[Tensor] | None = None
+        self._call_rows: list[Tensor] | None = None
 
     @abstractmethod
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
@@ -142,7 +149,7 @@ class GradientBalancer(Balancer):
         if path is False:
             self._batched_backward = False
         if self.heads == "unweighted":
-            self._call_features, self._call_rows = features, rows[0]
+            self._call_inputs, self._call_rows = list(inputs), rows
         if not refresh:
             return None
         return gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
@@ -150,13 +157,16 @@ class GradientBalancer(Balancer):
     def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
         if self.heads == "weighted":
             return super()._objective(losses, weights, statistics)
-        features, rows = self._call_features, self._call_rows
-        self._call_features = self._call_rows = None
-        assert features is not None
+        inputs, rows = self._call_inputs, self._call_rows
+        self._call_inputs = self._call_rows = None
+        assert inputs is not None
         assert rows is not None
-        # ⟨z, v⟩ adds (w_k − 1)·∇_z L_k to z's gradient only: the heads never see it.
-        correction = ((weights - 1).to(rows.dtype) @ rows).reshape(features.shape).detach()
-        inner = (features * correction.to(features.dtype)).sum()
+        # ⟨x, v⟩ adds Σ_k (w_k − 1)·∇_x L_k to the shared tensor's gradient only: the heads
+        # never see it.
+        inner = losses.new_zeros(())
+        for tensor, row in zip(inputs, rows, strict=True):
+            correction = ((weights - 1).to(row.dtype) @ row).reshape(tensor.shape).detach()
+            inner = inner + (tensor * correction.to(tensor.dtype)).sum().to(losses.dtype)
         return losses.sum() + inner - inner.detach()
 
     def extra_repr(self) -> str:

@@ -79,6 +79,8 @@ class GradNorm(GradientBalancer):
     initial_loss_values: Tensor
     has_initial_losses: Tensor
 
+    default_heads = "weighted"
+
     def __init__(
         self,
         num_tasks: int,

@@ -58,6 +58,8 @@ class MGDA(GradientBalancer):
         tensor([0.8000, 0.2000])
     """
 
+    default_heads = "weighted"
+
     def __init__(
         self,
         num_tasks: int,

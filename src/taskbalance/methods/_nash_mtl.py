@@ -54,6 +54,8 @@ class NashMTL(GradientBalancer):
         tensor([0.5000, 1.0000])
     """
 
+    default_heads = "weighted"
+
     def __init__(
         self,
         num_tasks: int,
