@@ -329,7 +329,7 @@ BAD_HPARAMS = [
     ("fixed", {"weights": -1.0}, ValueError, r"weights\[0\] = -1.0: expected .* >= 0"),
     ("dtp", {"gamma": math.inf}, ValueError, r"gamma: expected a finite number, got inf"),
     ("rlw", {"seed": -1}, ValueError, r"seed: expected an int >= 0, got -1"),
-    ("rlw", {"seed": 1.5}, ValueError, r"seed: expected an int >= 0, got 1.5"),
+    ("rlw", {"seed": 1.5}, TypeError, r"seed: expected an int >= 0, got 1.5"),
     ("famo", {"lr": 0.0}, ValueError, r"lr: expected a number > 0, got 0.0"),
     ("famo", {"lr": -0.1}, ValueError, r"lr: expected a number > 0, got -0.1"),
     ("famo", {"weight_decay": -0.001}, ValueError, r"weight_decay: expected a number >= 0"),

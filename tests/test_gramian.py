@@ -609,3 +609,33 @@ def test_retained_grad_of_features_is_left_alone(batched):
     assert z.grad is None
     losses.sum().backward()
     torch.testing.assert_close(z.grad, 2 * z.detach() + 1)
+
+
+@pytest.mark.parametrize("name", [n for n in tb.available() if tb.method_class(n).requires_gram])
+def test_non_finite_task_gradients_are_rejected_without_changing_state(name):
+    """AMP routinely produces inf gradients: the call must fail loudly and leave no trace."""
+    b = tb.create(name, num_tasks=2)
+    z_good = torch.ones(3, requires_grad=True)
+    b(torch.stack([(z_good**2).sum(), z_good.sum()]), features=z_good)  # one good step
+    before = snapshot(b)
+    z = torch.zeros(3, requires_grad=True)
+    losses = torch.stack([torch.sqrt(z).sum() + 1.0, z.sum() + 1.0])  # d sqrt(z)/dz at 0 = inf
+    with pytest.raises(ValueError, match=r"features: the task gradients are not finite"):
+        b(losses, features=z)
+    assert_same_state(before, snapshot(b))
+    assert getattr(b, "_call_inputs", None) is None  # no graph kept alive by the failed call
+
+
+@pytest.mark.parametrize(
+    ("losses", "error", "match"),
+    [
+        ([1.0, 2.0], TypeError, r"losses\[0\]: expected a tensor, got float"),
+        ([], ValueError, r"losses: expected at least one task loss"),
+        (torch.ones(2, 2), ValueError, r"losses: expected a 1-D tensor of task losses"),
+        (3.0, TypeError, r"losses: expected a 1-D tensor or a list of 0-d tensors, got float"),
+    ],
+)
+def test_gramian_rejects_malformed_losses_by_name(losses, error, match):
+    z = torch.ones(2, 3, requires_grad=True)
+    with pytest.raises(error, match=match):
+        tb.gramian(losses, z)

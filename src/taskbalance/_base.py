@@ -33,8 +33,10 @@ class Balancer(nn.Module, ABC):
 
     Subclasses implement :meth:`_update`, the pure weight rule, and override :meth:`_objective`
     only when the objective is not ``Σ w_k L_k`` (learned weights with a regulariser, or a method
-    defined by its objective such as the geometric mean). Whatever the method, the gradient of
-    the returned objective with respect to ``losses[k]`` equals ``weights[k]``.
+    defined by its objective such as the geometric mean). The gradient of the returned
+    objective with respect to ``losses[k]`` equals ``weights[k]`` (for gradient methods whose
+    heads take unweighted gradients, see :class:`GradientBalancer`, it is 1 and the weights act
+    on the shared tensors).
 
     Calling a balancer:
 
@@ -103,10 +105,9 @@ class Balancer(nn.Module, ABC):
         # Every local check runs before the first collective, so a bad input raises on its
         # rank without leaving the other ranks waiting in a half-finished sequence of them.
         local_losses = self._checked_values(vector)
-        local_kpis = self._checked_kpis(kpis)
+        local_kpis = self._checked_kpis(kpis, local_losses.device)
         self._check_call_inputs(vector, features)
-        statistics = all_reduce_mean(local_losses)
-        kpi_vector = None if local_kpis is None else all_reduce_mean(local_kpis)
+        statistics, kpi_vector = self._reduced(local_losses, local_kpis)
         gram = self._gram_for_call(vector, features)
         weights = self._advance(statistics, gram, kpi_vector)
         return self._objective(vector, weights.to(vector.device), statistics.to(vector.device))
@@ -129,10 +130,9 @@ class Balancer(nn.Module, ABC):
         """
         vector = as_loss_vector(losses, self.num_tasks).detach()
         local_losses = self._checked_values(vector)
-        local_kpis = self._checked_kpis(kpis)
+        local_kpis = self._checked_kpis(kpis, local_losses.device)
         checked_gram = self._check_gram(gram) if self.requires_gram else None
-        statistics = all_reduce_mean(local_losses)
-        kpi_vector = None if local_kpis is None else all_reduce_mean(local_kpis)
+        statistics, kpi_vector = self._reduced(local_losses, local_kpis)
         return self._advance(statistics, checked_gram, kpi_vector)
 
     def end_epoch(self) -> None:
@@ -170,22 +170,31 @@ class Balancer(nn.Module, ABC):
         return weights
 
     def _checked_values(self, losses: Tensor) -> Tensor:
-        """Detached float32 copy of the losses on this module's device, after the value checks.
+        """Detached float32 copy of the losses, on their own device, after the value checks.
 
         One host transfer of K numbers per step: it is what naming the offending task costs.
         """
-        values = losses.detach().to(device=self._last_weights.device, dtype=torch.float32)
+        values = losses.detach().to(dtype=torch.float32)
         check_loss_values(
             values.tolist(), positive=self.requires_positive_losses, method=self._method_name
         )
         return values
 
-    def _checked_kpis(self, kpis: KpisLike) -> Tensor | None:
-        """Checked KPIs on this module's device, for methods that read them."""
+    def _checked_kpis(self, kpis: KpisLike, device: torch.device) -> Tensor | None:
+        """Checked KPIs on ``device`` (the losses'), for methods that read them."""
         if not self.requires_kpis:
             return None
-        vector = as_kpi_vector(kpis, self.num_tasks, self._method_name)
-        return vector.to(self._last_weights.device)
+        return as_kpi_vector(kpis, self.num_tasks, self._method_name).to(device)
+
+    def _reduced(self, losses: Tensor, kpis: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Rank averages, moved to this module's device.
+
+        Reduced on the losses' device, not the module's: NCCL reduces only CUDA tensors, and a
+        balancer without parameters is often left on the CPU while the model trains on a GPU.
+        """
+        device = self._last_weights.device
+        statistics = all_reduce_mean(losses).to(device)
+        return statistics, None if kpis is None else all_reduce_mean(kpis).to(device)
 
     def _check_gram(self, gram: Tensor | None) -> Tensor:
         if gram is None:
@@ -216,4 +225,5 @@ class Balancer(nn.Module, ABC):
     def set_extra_state(self, state: Any) -> None:
         generator = getattr(self, "generator", None)
         if generator is not None:
-            generator.set_state(state["generator"])
+            # torch.load(map_location="cuda") moves every tensor; a generator's state is CPU.
+            generator.set_state(state["generator"].cpu())

@@ -47,11 +47,14 @@ import torch
 from torch import Tensor
 
 from taskbalance._distributed import all_reduce_mean, all_reduce_sum, is_distributed, world_size
+from taskbalance._validation import as_loss_vector
 
 try:
     from torch.autograd.graph import GradientEdge
 except ImportError:  # pragma: no cover
     GradientEdge = None  # type: ignore[assignment,misc]
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 # torch.autograd.grad takes GradientEdge *outputs* from torch 2.5 on (pytorch#127766).
 _EDGE_OUTPUTS = GradientEdge is not None and tuple(
@@ -133,7 +136,8 @@ def _rows_by_fastest_path(
         try:
             return _batched_rows(losses, inputs, num_tasks), True
         except RuntimeError as error:
-            if batched:
+            # Only a missing batching rule justifies the loop; running out of memory does not.
+            if batched or isinstance(error, _OUT_OF_MEMORY):
                 raise
             warnings.warn(
                 "taskbalance.gramian: the batched backward is not supported by this graph "
@@ -237,14 +241,19 @@ def _flat_rows(grad: Tensor | None, tensor: Tensor, num_tasks: int) -> Tensor:
 
 
 def _loss_vector(losses: Tensor | Sequence[Tensor]) -> Tensor:
-    if isinstance(losses, Tensor):
-        if losses.dim() != 1:
-            raise ValueError(
-                f"losses: expected a 1-D tensor of task losses, got shape {tuple(losses.shape)}"
-            )
-        vector = losses
-    else:
-        vector = torch.stack([loss.reshape(()) for loss in losses])
+    if isinstance(losses, Tensor) and losses.dim() != 1:
+        raise ValueError(
+            f"losses: expected a 1-D tensor of task losses, got shape {tuple(losses.shape)}"
+        )
+    if isinstance(losses, Sequence) and not isinstance(losses, Tensor) and not losses:
+        raise ValueError("losses: expected at least one task loss, got an empty sequence")
+    if not isinstance(losses, (Tensor, Sequence)):
+        raise TypeError(
+            "losses: expected a 1-D tensor or a list of 0-d tensors, "
+            f"got {type(losses).__name__}"
+        )
+    count = losses.shape[0] if isinstance(losses, Tensor) else len(losses)
+    vector = as_loss_vector(losses, count)
     if not vector.requires_grad:
         raise ValueError(
             "losses: the losses do not require grad, so they have no gradient to measure; "

@@ -72,6 +72,15 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
+def check_seed(value: object) -> int:
+    """Return ``value`` after checking it is an int ≥ 0 (a generator seed)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"seed: expected an int >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     """Return ``value`` after checking it is one of ``choices``."""
     if value not in choices:

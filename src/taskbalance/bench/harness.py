@@ -36,10 +36,16 @@ from taskbalance.bench.models import MultiTaskModel
 #: Adam's usual β₂ = 0.999 that memory stalls ``s`` for thousands of steps, with 0.99 for ~100.
 BALANCER_ADAM_BETAS = (0.9, 0.9)
 
-#: What a balancer call may raise mid-run on bad numbers: a rejected loss (ValueError), a
-#: solver that did not converge (``SolverError``, a RuntimeError) or an arithmetic error. The
-#: run stops and records the message as its ``failure``; the comparison reports it.
-BALANCER_FAILURES: tuple[type[Exception], ...] = (ValueError, RuntimeError, ArithmeticError)
+#: What a balancer call may raise mid-run on bad numbers: a rejected loss or non-finite task
+#: gradients (ValueError), a solver that did not converge (``SolverError``), a singular linear
+#: system, or an arithmetic error. The run stops and records the message as its ``failure``; the
+#: comparison reports it. Anything else (out of memory, a bug) propagates.
+BALANCER_FAILURES: tuple[type[Exception], ...] = (
+    ValueError,
+    tb.SolverError,
+    torch.linalg.LinAlgError,
+    ArithmeticError,
+)
 
 #: Steps whose weights are kept before the recorder starts thinning its history.
 DEFAULT_WEIGHT_CAPACITY = 2048

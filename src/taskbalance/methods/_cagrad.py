@@ -10,7 +10,6 @@ from torch import Tensor
 from taskbalance._registry import register
 from taskbalance._solvers import cagrad_weights
 from taskbalance._validation import (
-    check_choice,
     check_nonnegative,
     check_positive,
     check_positive_int,
@@ -43,8 +42,9 @@ class CAGrad(GradientBalancer):
         num_tasks: K.
         c: radius of the ball around the average gradient, ≥ 0 (0 gives the average).
         rescale: 0 (no rescaling), 1 (divide by 1 + c², the default) or 2 (divide by 1 + c).
-        max_iter: iteration cap of the inner solver.
-        tol: tolerance of the inner solver.
+        max_iter: iteration cap of the search for the step radius (each iteration is one
+            exact min-norm solve).
+        tol: relative tolerance of that search.
         **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
             :class:`GradientBalancer`.
 
@@ -67,7 +67,9 @@ class CAGrad(GradientBalancer):
     ) -> None:
         super().__init__(num_tasks, **options)
         self.c = check_nonnegative("c", c)
-        self.rescale = int(check_choice("rescale", str(rescale), ("0", "1", "2")))
+        if isinstance(rescale, bool) or rescale not in (0, 1, 2):
+            raise ValueError(f"rescale: expected 0, 1 or 2, got {rescale!r}")
+        self.rescale = int(rescale)
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_positive("tol", tol)
 

@@ -25,7 +25,7 @@ class DTP(Balancer):
     A task that is learned (κ̄ → 1) fades out; a hard task (κ̄ small) dominates. The weights are
     not learned and carry no gradient.
 
-    Defaults: ``γ = 2`` for every task (the DESIGN notes' choice; the paper tunes γ per task),
+    Defaults: ``γ = 2`` for every task (a common choice; the paper tunes γ per task),
     ``α = 0.1``, ``κ̄`` starts at the first observed KPI, and ``κ̄`` is clamped to ``[eps, 1]``
     with ``eps = 1e-4`` so that a KPI of 0 gives a large finite weight (≈ 9.2) instead of ∞.
 

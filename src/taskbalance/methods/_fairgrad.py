@@ -42,7 +42,7 @@ class FairGrad(GradientBalancer):
         num_tasks: K.
         alpha: the fairness parameter α > 0.
         max_iter: Newton iteration cap.
-        tol: tolerance on the residual.
+        tol: tolerance on the scale-free residual ``max_k |w_k^{1/α}·(Gw)_k − 1|``.
         **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
             :class:`GradientBalancer`.
 

@@ -117,7 +117,7 @@ class FAMO(Balancer):
     def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
         weighted = (weights.to(losses.dtype) * losses).sum()
         # Shift the value to the paper's Σ (z/c)·log(L − min) without changing the gradient.
-        shifted = statistics.to(losses.dtype) - self.min_losses + self.eps
+        shifted = statistics.to(losses.dtype) - self.min_losses.to(statistics.device) + self.eps
         scale = weights.to(losses.dtype) * shifted  # = z / c
         shift = (scale * torch.log(shifted)).sum() - (weights * statistics).sum()
         return weighted + shift.detach()

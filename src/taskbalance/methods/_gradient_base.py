@@ -21,7 +21,7 @@ class GradientBalancer(Balancer):
     losses) from the Gramian ``G = J Jᵀ`` alone, and returns the objective ``Σ_k w_k L_k`` with
     ``w`` detached, whose ordinary backward is exactly ``Jᵀw``.
 
-    Modes (DESIGN.md §2):
+    Modes:
 
     - features mode (default): pass ``features=z``, the shared representation the task heads
       consume, at every call; ``G`` is taken with respect to ``z`` (MGDA-UB-style, cheap).
@@ -152,7 +152,24 @@ class GradientBalancer(Balancer):
             self._call_inputs, self._call_rows = list(inputs), rows
         if not refresh:
             return None
-        return gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
+        gram = gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
+        if not bool(torch.isfinite(gram).all()):
+            self._call_inputs = self._call_rows = None
+            source = "features" if features_mode else "params"
+            raise ValueError(
+                f"{source}: the task gradients are not finite (the Gramian has nan or inf "
+                "entries), so no weights can be computed; the call is rejected and the "
+                "balancer's state is unchanged. Under AMP, skip this step as GradScaler does"
+            )
+        return gram
+
+    def _advance(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+        try:
+            return super()._advance(losses, gram, kpis)
+        except BaseException:
+            # A failed step must not keep the call's graph alive through the stashed tensors.
+            self._call_inputs = self._call_rows = None
+            raise
 
     def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
         if self.heads == "weighted":

@@ -156,7 +156,14 @@ def _class_counts(num_classes: int | Sequence[int] | None, num_tasks: int) -> li
             "num_classes: initial_losses='log_c' needs the number of classes C_k of each task "
             "(L_k(0) = log C_k), got None"
         )
-    values = [num_classes] * num_tasks if isinstance(num_classes, int) else list(num_classes)
+    if isinstance(num_classes, int):
+        values = [num_classes] * num_tasks
+    elif isinstance(num_classes, Sequence) and not isinstance(num_classes, str):
+        values = list(num_classes)
+    else:
+        raise TypeError(
+            f"num_classes: expected an int or {num_tasks} ints (one per task), got {num_classes!r}"
+        )
     if len(values) != num_tasks:
         raise ValueError(
             f"num_classes: expected {num_tasks} values (one per task), got {len(values)}"

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
-from taskbalance._validation import check_in_range
+from taskbalance._validation import check_in_range, check_seed
 from taskbalance.methods._gradient_base import GradientBalancer
 from taskbalance.methods._pcgrad import negligible_squared_norm, task_orders
 
@@ -87,8 +87,7 @@ class GradVac(GradientBalancer):
     ) -> None:
         super().__init__(num_tasks, **options)
         self.beta = check_in_range("beta", beta, 0.0, 1.0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        check_seed(seed)
         self.seed = seed
         self.generator = seeded_generator(seed)
         self.register_buffer(

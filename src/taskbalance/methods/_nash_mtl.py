@@ -43,7 +43,7 @@ class NashMTL(GradientBalancer):
     Args:
         num_tasks: K.
         max_iter: Newton iteration cap.
-        tol: tolerance on the residual ``‖Gα − 1/α‖``.
+        tol: tolerance on the scale-free residual ``max_k |α_k·(Gα)_k − 1|``.
         **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
             :class:`GradientBalancer`.
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
-from taskbalance._validation import check_choice
+from taskbalance._validation import check_choice, check_seed
 from taskbalance.methods._gradient_base import GradientBalancer
 
 _ORDERS = ("random", "fixed")
@@ -75,8 +75,7 @@ class PCGrad(GradientBalancer):
     ) -> None:
         super().__init__(num_tasks, **options)
         self.order = check_choice("order", order, _ORDERS)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        check_seed(seed)
         self.seed = seed
         self.generator = seeded_generator(seed)
 

@@ -8,6 +8,7 @@ from torch import Tensor
 from taskbalance._base import Balancer
 from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
+from taskbalance._validation import check_seed
 
 
 @register("rlw")
@@ -40,8 +41,7 @@ class RLW(Balancer):
 
     def __init__(self, num_tasks: int, *, seed: int = 0) -> None:
         super().__init__(num_tasks)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+        check_seed(seed)
         self.seed = seed
         self.generator = seeded_generator(seed)
 

@@ -58,7 +58,15 @@ class UW(LearnedLogScales):
         init: float = 0.0,
     ) -> None:
         check_num_tasks(num_tasks)
-        kind_list = [kinds] * num_tasks if isinstance(kinds, str) else list(kinds)
+        if isinstance(kinds, str):
+            kind_list = [kinds] * num_tasks
+        elif isinstance(kinds, Sequence):
+            kind_list = list(kinds)
+        else:
+            raise TypeError(
+                f"kinds: expected 'regression', 'classification' or one of them per task, "
+                f"got {kinds!r}"
+            )
         if len(kind_list) != num_tasks:
             raise ValueError(f"kinds: expected {num_tasks} task kinds, got {len(kind_list)}")
         for i, kind in enumerate(kind_list):
