@@ -9,7 +9,7 @@ from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._validation import check_positive
-from taskbalance.methods._gradient_base import GradientBalancer
+from taskbalance.methods._gradient_base import GradientBalancer, inverse_gradient_norms
 
 
 @register("config")
@@ -81,11 +81,7 @@ def config_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
         rtol = 100 * num_tasks * torch.finfo(gram.dtype).eps
     g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.T)
-    norms = g.diagonal().clamp_min(0).sqrt()
-    # Gradients with ‖g_i‖² ≤ eps²·max‖g‖² count as zero (u_i = 0), so 1/‖g_i‖ stays bounded.
-    negligible = torch.finfo(gram.dtype).eps ** 2 * g.diagonal().max().clamp_min(0)
-    significant = g.diagonal() > negligible
-    inverse_norms = torch.where(significant, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
     normalised = inverse_norms[:, None] * g * inverse_norms[None, :]
     eigenvalues, vectors = torch.linalg.eigh(normalised)
     largest = eigenvalues.max()

@@ -192,3 +192,17 @@ class GradientBalancer(Balancer):
             f"num_tasks={self.num_tasks}, mode={mode}, update_every={self.update_every}, "
             f"heads={self.heads}"
         )
+
+
+def inverse_gradient_norms(gram: Tensor, eps: float) -> Tensor:
+    """``1/‖g_i‖`` from a float64 Gramian, for the methods that normalise task gradients.
+
+    A gradient with ``‖g_i‖² ≤ eps²·max_j ‖g_j‖²`` (``eps`` the machine epsilon of the dtype
+    the Gramian was accumulated in) is rounding noise: it counts as zero, with ``1/‖g_i‖ = 0``,
+    so the normalised Gramian stays bounded.
+    """
+    squared_norms = gram.diagonal()
+    negligible = eps**2 * squared_norms.max().clamp_min(0)
+    norms = squared_norms.clamp_min(0).sqrt()
+    inverse = 1.0 / norms.clamp_min(1e-300)
+    return torch.where(squared_norms > negligible, inverse, torch.zeros_like(norms))

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._validation import check_positive
-from taskbalance.methods._gradient_base import GradientBalancer
+from taskbalance.methods._gradient_base import GradientBalancer, inverse_gradient_norms
 
 
 @register("imtl_g")
@@ -79,11 +79,7 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     g = gram.detach().to(torch.float64)
     if num_tasks == 1:
         return torch.ones(1, dtype=torch.float64, device=g.device)
-    norms = g.diagonal().clamp_min(0).sqrt()
-    # Gradients with ‖g_i‖² ≤ eps²·max‖g‖² count as zero (u_i = 0), so 1/‖g_i‖ stays bounded.
-    negligible = torch.finfo(gram.dtype).eps ** 2 * g.diagonal().max().clamp_min(0)
-    significant = g.diagonal() > negligible
-    inverse_norms = torch.where(significant, 1.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
     difference = torch.zeros(num_tasks - 1, num_tasks, dtype=torch.float64, device=g.device)
     difference[:, 0] = 1.0
     difference[:, 1:] -= torch.eye(num_tasks - 1, dtype=torch.float64, device=g.device)

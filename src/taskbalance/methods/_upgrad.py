@@ -23,7 +23,7 @@ class _DualConeBalancer(GradientBalancer):
         self,
         num_tasks: int,
         *,
-        pref: Sequence[float] | Tensor | None,
+        pref: Sequence[float] | Tensor | None = None,
         **options: Any,
     ) -> None:
         super().__init__(num_tasks, **options)
@@ -69,14 +69,6 @@ class UPGrad(_DualConeBalancer):
         tensor([0.5000, 0.5000])
     """
 
-    def __init__(
-        self,
-        num_tasks: int,
-        *,
-        pref: Sequence[float] | Tensor | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(num_tasks, pref=pref, **options)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         rows = torch.diag(self.preferences.to(gram.device))
@@ -108,14 +100,6 @@ class DualProj(_DualConeBalancer):
         tensor([0.5000, 0.5000])
     """
 
-    def __init__(
-        self,
-        num_tasks: int,
-        *,
-        pref: Sequence[float] | Tensor | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(num_tasks, pref=pref, **options)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         preferences = self.preferences.to(gram.device)
