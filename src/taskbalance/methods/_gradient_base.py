@@ -180,11 +180,12 @@ class GradientBalancer(Balancer):
         assert rows is not None
         # ⟨x, v⟩ adds Σ_k (w_k − 1)·∇_x L_k to the shared tensor's gradient only: the heads
         # never see it.
+        shifts = (weights - 1).detach()
         inner = losses.new_zeros(())
         for tensor, row in zip(inputs, rows, strict=True):
-            correction = ((weights - 1).to(row.dtype) @ row).reshape(tensor.shape).detach()
-            inner = inner + (tensor * correction.to(tensor.dtype)).sum().to(losses.dtype)
-        return losses.sum() + inner - inner.detach()
+            correction = torch.mv(row.T, shifts.to(row.dtype)).to(tensor.dtype)
+            inner = inner + torch.dot(tensor.reshape(-1), correction).to(losses.dtype)
+        return losses.sum() + (inner - inner.detach())
 
     def extra_repr(self) -> str:
         mode = "features" if self.shared_params is None else "params"
