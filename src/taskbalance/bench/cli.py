@@ -15,7 +15,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -507,22 +507,23 @@ def _write_toy_outputs(trajectories: dict[str, list[Any]], out: Path) -> None:
                     f"{distance:9.3f}" + (f"  stopped at {path.failure}" if path.failure else "")
                 )
     if len(trajectories) == 1:
-        with (out / "weights.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["method", "start", "step", "w_f1", "w_f2"])
-            for method, paths in trajectories.items():
-                for path in paths:
-                    for step, row in enumerate(path.weights.tolist()):
-                        writer.writerow([method, str(path.start), step, *row])
-        with (out / "metrics.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["method", "start", "step", "f1", "f2"])
-            for method, paths in trajectories.items():
-                for path in paths:
-                    for step, row in enumerate(path.objectives.tolist()):
-                        writer.writerow([method, str(path.start), step, *row])
+        _write_trajectory_steps(trajectories, "weights", ["w_f1", "w_f2"], out / "weights.csv")
+        _write_trajectory_steps(trajectories, "objectives", ["f1", "f2"], out / "metrics.csv")
     plot_toy_trajectories(trajectories, front_points.tolist(), out / "toy-2d.png")
     print(f"wrote {out / 'toy-2d.png'} and {out / 'toy-2d.csv'}")
+
+
+def _write_trajectory_steps(
+    trajectories: Mapping[str, Sequence[Any]], attribute: str, columns: list[str], path: Path
+) -> None:
+    """One row per (method, start, step) with the trajectory's ``attribute`` at that step."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "start", "step", *columns])
+        for method, paths in trajectories.items():
+            for trajectory in paths:
+                for step, row in enumerate(getattr(trajectory, attribute).tolist()):
+                    writer.writerow([method, str(trajectory.start), step, *row])
 
 
 def command_toy(arguments: argparse.Namespace) -> int:
