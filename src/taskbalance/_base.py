@@ -78,6 +78,8 @@ class Balancer(nn.Module, ABC):
         self.num_tasks = check_num_tasks(num_tasks)
         self.register_buffer("_last_weights", torch.ones(self.num_tasks))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        # A host copy of num_steps, so the per-step branches on it need no device sync.
+        self._steps_taken = 0
 
     @property
     def weights(self) -> Tensor:
@@ -167,6 +169,7 @@ class Balancer(nn.Module, ABC):
         weights = self._update(losses, gram, kpis).detach()
         self._last_weights.copy_(weights)
         self.num_steps.add_(1)
+        self._steps_taken += 1
         return weights
 
     def _checked_values(self, losses: Tensor) -> Tensor:
@@ -214,6 +217,10 @@ class Balancer(nn.Module, ABC):
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}"
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._steps_taken = int(self.num_steps)
 
     # nn.Module's hooks for state that is not a tensor: a method that draws random numbers
     # keeps its own torch.Generator as ``self.generator`` (seeded identically on every rank),

@@ -63,7 +63,6 @@ class FAMO(Balancer):
     min_losses: Tensor
     logits: Tensor
     previous_log_losses: Tensor
-    has_previous: Tensor
 
     def __init__(
         self,
@@ -85,7 +84,6 @@ class FAMO(Balancer):
         self.requires_positive_losses = min(lower_bounds) >= 0
         self.register_buffer("logits", torch.zeros(self.num_tasks))
         self.register_buffer("previous_log_losses", torch.zeros(self.num_tasks))
-        self.register_buffer("has_previous", torch.zeros((), dtype=torch.bool))
         self._last_weights.fill_(1.0 / self.num_tasks)
 
     @property
@@ -102,14 +100,13 @@ class FAMO(Balancer):
                 f"got {losses.tolist()}"
             )
         log_losses = torch.log(shifted)
-        if bool(self.has_previous):
+        if self._steps_taken > 0:  # a previous step's losses exist
             decrease = self.previous_log_losses - log_losses
             probabilities = torch.softmax(self.logits, dim=0)
             # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ)
             logit_grad = probabilities * (decrease - (probabilities * decrease).sum())
             self.logits.copy_(self.logit_optimiser.step(self.logits, logit_grad))
         self.previous_log_losses.copy_(log_losses)
-        self.has_previous.fill_(True)
         probabilities = torch.softmax(self.logits, dim=0)
         normaliser = (probabilities / shifted).sum()
         return probabilities / (normaliser * shifted)

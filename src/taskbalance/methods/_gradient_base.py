@@ -101,7 +101,7 @@ class GradientBalancer(Balancer):
         """
 
     def _is_refresh_step(self) -> bool:
-        return int(self.num_steps) % self.update_every == 0
+        return self._steps_taken % self.update_every == 0
 
     def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
         if not self._is_refresh_step():
