@@ -8,9 +8,15 @@ import torch
 from torch import Tensor
 
 from taskbalance._adam import AdamState
-from taskbalance._base import Balancer
+from taskbalance._base import Balancer, LossesLike
 from taskbalance._registry import register
-from taskbalance._validation import check_nonnegative, check_positive, per_task_values
+from taskbalance._validation import (
+    as_loss_vector,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    per_task_values,
+)
 
 
 @register("famo")
@@ -34,13 +40,13 @@ class FAMO(Balancer):
 
     Departures: the official code evaluates the losses a second time on the same batch after
     the parameter update (one extra forward pass) and so measures how much fitting *that* batch
-    lowered each loss. We read δ from the losses of the next step instead, a different batch,
-    so the method keeps its O(1) cost and the loop keeps one forward and one backward; δ then
-    also carries the batch-to-batch variation of the losses, which is large at small batch
-    sizes. The official training loop also clips the shared gradient to norm 1 (``max_norm``):
-    clipping is the loop's business, do it with ``torch.nn.utils.clip_grad_norm_`` to
-    reproduce the paper's runs. Under DDP δ uses the rank-averaged losses, so every rank's
-    logits agree.
+    lowered each loss; ``delta="same_batch"`` with :meth:`update` does exactly that. By default
+    (``delta="next_step"``) we read δ from the losses of the next step instead, a different
+    batch, so the loop keeps one forward and one backward; δ then also carries the
+    batch-to-batch variation of the losses, which is large at small batch sizes. The official
+    training loop also clips the shared gradient to norm 1 (``max_norm``): clipping is the
+    loop's business, do it with ``torch.nn.utils.clip_grad_norm_`` to reproduce the paper's
+    runs. Under DDP δ uses the rank-averaged losses, so every rank's logits agree.
 
     Args:
         num_tasks: K.
@@ -49,6 +55,9 @@ class FAMO(Balancer):
         min_losses: lower bound of each loss, subtracted before the log (0 for most losses;
             negative for, e.g., a Gaussian NLL); one number, or one per task.
         eps: added to ``L − min_losses`` before the log, as in the official code.
+        delta: ``"next_step"`` (δ from the next call's losses, no extra forward) or
+            ``"same_batch"`` (the official code: call :meth:`update` with the losses
+            re-evaluated on the same batch after ``optimizer.step()``).
 
     Example:
         >>> import torch, taskbalance as tb
@@ -72,8 +81,10 @@ class FAMO(Balancer):
         weight_decay: float = 0.001,
         min_losses: float | Sequence[float] = 0.0,
         eps: float = 1e-8,
+        delta: str = "next_step",
     ) -> None:
         super().__init__(num_tasks)
+        self.delta = check_choice("delta", delta, ("next_step", "same_batch"))
         self.lr = check_positive("lr", lr)
         self.weight_decay = check_nonnegative("weight_decay", weight_decay)
         lower_bounds = per_task_values("min_losses", min_losses, self.num_tasks)
@@ -91,21 +102,50 @@ class FAMO(Balancer):
         """``z = softmax(ξ)``, the share of attention each task gets (detached)."""
         return torch.softmax(self.logits, dim=0)
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
-        shifted = losses - self.min_losses + self.eps
+    def update(self, losses: LossesLike) -> None:
+        """The official code's logit update (``delta="same_batch"``): call after the step.
+
+        Pass the losses re-evaluated on the *same batch* after ``optimizer.step()`` (one extra
+        forward pass, without grad); the logits learn from ``δ = log L(before) − log L(after)``.
+
+        Args:
+            losses: the K task losses after the parameter update.
+        """
+        if self.delta != "same_batch":
+            raise ValueError(
+                "delta: FAMO.update() is the same-batch update of delta='same_batch'; this "
+                "balancer was created with delta='next_step', which updates at the next call"
+            )
+        if self._steps_taken == 0:
+            raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
+        vector = as_loss_vector(losses, self.num_tasks)
+        statistics, _ = self._reduced(self._checked_values(vector), None)
+        self._learn_from(torch.log(self._shifted(statistics)))
+
+    def _shifted(self, losses: Tensor) -> Tensor:
+        """``L − min_losses + eps``, checked to be > 0 (the method takes its log)."""
+        shifted = losses - self.min_losses.to(losses.device) + self.eps
         if bool((shifted <= 0).any()):
             raise ValueError(
                 "losses: FAMO takes log(L − min_losses) with min_losses = "
                 f"{self.min_losses.tolist()}, so every loss must exceed its bound; "
                 f"got {losses.tolist()}"
             )
+        return shifted
+
+    def _learn_from(self, log_losses: Tensor) -> None:
+        """One Adam step on the logits from the decrease since ``previous_log_losses``."""
+        decrease = self.previous_log_losses - log_losses
+        probabilities = torch.softmax(self.logits, dim=0)
+        # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ)
+        logit_grad = probabilities * (decrease - (probabilities * decrease).sum())
+        self.logits.copy_(self.logit_optimiser.step(self.logits, logit_grad))
+
+    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+        shifted = self._shifted(losses)
         log_losses = torch.log(shifted)
-        if self._steps_taken > 0:  # a previous step's losses exist
-            decrease = self.previous_log_losses - log_losses
-            probabilities = torch.softmax(self.logits, dim=0)
-            # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ)
-            logit_grad = probabilities * (decrease - (probabilities * decrease).sum())
-            self.logits.copy_(self.logit_optimiser.step(self.logits, logit_grad))
+        if self.delta == "next_step" and self._steps_taken > 0:  # previous losses exist
+            self._learn_from(log_losses)
         self.previous_log_losses.copy_(log_losses)
         probabilities = torch.softmax(self.logits, dim=0)
         normaliser = (probabilities / shifted).sum()
