@@ -386,3 +386,38 @@ def test_famo_negative_lower_bounds_allow_negative_losses():
     torch.testing.assert_close(grad, expected)
     with pytest.raises(ValueError, match=r"FAMO takes log\(L − min_losses\)"):
         b(torch.tensor([-6.0, 2.0]))
+
+
+def test_famo_same_batch_update_is_the_official_loop():
+    """delta='same_batch': weights from z; update(L_after) does one Adam step on the logits
+    with δ = log L_before − log L_after, exactly as the official training loop."""
+    b = tb.create("famo", num_tasks=3, delta="same_batch")
+    logits = torch.zeros(3, requires_grad=True)
+    reference = torch.optim.Adam([logits], lr=0.025, weight_decay=0.001)
+    before_steps = [torch.tensor([2.0, 1.0, 0.5]), torch.tensor([1.5, 0.9, 0.45])]
+    after_steps = [torch.tensor([1.6, 0.95, 0.49]), torch.tensor([1.2, 0.88, 0.3])]
+    for before, after in zip(before_steps, after_steps, strict=True):
+        b(before.clone().requires_grad_(True))
+        z = torch.softmax(logits.detach(), dim=0)
+        shifted = before + 1e-8
+        expected = z / ((z / shifted).sum() * shifted)
+        torch.testing.assert_close(b.weights, expected)
+        b.update(after)
+        decrease = torch.log(shifted) - torch.log(after + 1e-8)
+        reference.zero_grad()
+        logits.grad = z * (decrease - (z * decrease).sum())
+        reference.step()
+        torch.testing.assert_close(b.logits, logits.detach(), rtol=0, atol=1e-7)
+
+
+def test_famo_update_is_refused_in_next_step_mode_and_before_a_call():
+    with pytest.raises(ValueError, match=r"delta: FAMO.update\(\) is the same-batch update"):
+        tb.create("famo", num_tasks=2).update(torch.ones(2))
+    b = tb.create("famo", num_tasks=2, delta="same_batch")
+    with pytest.raises(ValueError, match=r"needs a call first"):
+        b.update(torch.ones(2))
+    b(torch.ones(2, requires_grad=True))
+    logits = b.logits.clone()
+    with pytest.raises(ValueError, match=r"losses\[1\] is nan"):
+        b.update(torch.tensor([1.0, float("nan")]))
+    assert torch.equal(b.logits, logits)
