@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
         "--torchjd",
         default="upgrad,mgda",
         help="methods to compare with torchjd (parameters mode), 'all' or 'none' "
-        "(default: upgrad,mgda, the two DESIGN.md §7 names; 'all' adds ~1.5 min)",
+        "(default: upgrad,mgda, the two our targets name; 'all' adds ~1.5 min)",
     )
     parser.add_argument("--engine", action="store_true", help="also time batched vs loop rows")
     parser.add_argument("--csv", type=Path, default=None, help="also write raw medians here")
