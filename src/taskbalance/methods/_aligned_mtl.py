@@ -8,14 +8,14 @@ import torch
 from torch import Tensor
 
 from taskbalance._registry import register
-from taskbalance._validation import check_choice, check_positive
-from taskbalance.methods._gradient_base import GradientBalancer
+from taskbalance._validation import check_choice
+from taskbalance.methods._gradient_base import SpectralGradientBalancer, spectral_cutoff
 
 _SCALES = ("min", "median", "rmse")
 
 
 @register("aligned_mtl")
-class AlignedMTL(GradientBalancer):
+class AlignedMTL(SpectralGradientBalancer):
     """Aligned-MTL: replace the task gradients by the closest system with condition number one.
 
     Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment for Multi-Task
@@ -70,9 +70,8 @@ class AlignedMTL(GradientBalancer):
         rtol: float | None = None,
         **options: Any,
     ) -> None:
-        super().__init__(num_tasks, **options)
+        super().__init__(num_tasks, rtol=rtol, **options)
         self.scale = check_choice("scale", scale, _SCALES)
-        self.rtol = None if rtol is None else check_positive("rtol", rtol)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return aligned_mtl_weights(gram, self.scale, self.rtol).to(torch.float32)
@@ -81,8 +80,7 @@ class AlignedMTL(GradientBalancer):
 def aligned_mtl_weights(gram: Tensor, scale: str = "min", rtol: float | None = None) -> Tensor:
     """``w = B·1`` with ``B = s·V Λ^{-1/2} Vᵀ`` on the kept eigenpairs (float64 ``[K]``)."""
     num_tasks = gram.shape[0]
-    if rtol is None:
-        rtol = 100 * num_tasks * torch.finfo(gram.dtype).eps
+    rtol = spectral_cutoff(gram, rtol)
     g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.T)
     preference = torch.ones(num_tasks, dtype=torch.float64, device=g.device)

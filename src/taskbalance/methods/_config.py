@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
-from taskbalance._validation import check_positive
-from taskbalance.methods._gradient_base import GradientBalancer, inverse_gradient_norms
+from taskbalance.methods._gradient_base import (
+    SpectralGradientBalancer,
+    inverse_gradient_norms,
+    spectral_cutoff,
+)
 
 
 @register("config")
-class ConFIG(GradientBalancer):
+class ConFIG(SpectralGradientBalancer):
     """ConFIG: the direction with equal cosine to every task gradient, of projected length.
 
     Liu, Chu & Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
@@ -60,16 +61,6 @@ class ConFIG(GradientBalancer):
         tensor([1.5000, 0.7500])
     """
 
-    def __init__(
-        self,
-        num_tasks: int,
-        *,
-        rtol: float | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(num_tasks, **options)
-        self.rtol = None if rtol is None else check_positive("rtol", rtol)
-
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return config_weights(gram, self.rtol).to(torch.float32)
 
@@ -77,8 +68,7 @@ class ConFIG(GradientBalancer):
 def config_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     """``w = (1ᵀGc / cᵀGc)·c`` with ``c = D Ĝ⁺ 1`` (float64 ``[K]``)."""
     num_tasks = gram.shape[0]
-    if rtol is None:
-        rtol = 100 * num_tasks * torch.finfo(gram.dtype).eps
+    rtol = spectral_cutoff(gram, rtol)
     g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.T)
     inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)

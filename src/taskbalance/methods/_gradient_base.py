@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._gramian import gramian_from_rows, jacobian_rows
-from taskbalance._validation import check_choice, check_positive_int
+from taskbalance._validation import check_choice, check_positive, check_positive_int
 
 
 class GradientBalancer(Balancer):
@@ -207,3 +207,29 @@ def inverse_gradient_norms(gram: Tensor, eps: float) -> Tensor:
     norms = squared_norms.clamp_min(0).sqrt()
     inverse = 1.0 / norms.clamp_min(1e-300)
     return torch.where(squared_norms > negligible, inverse, torch.zeros_like(norms))
+
+
+def spectral_cutoff(gram: Tensor, rtol: float | None) -> float:
+    """Relative eigenvalue cut-off: ``rtol``, or ``100·K·eps`` of the Gramian's dtype.
+
+    The reference codes use ``K·eps``; a Gramian accumulated over 10⁴ coordinates carries
+    rounding of about ``K·eps·λ_max``, which that cut would take for a real eigenvalue.
+    """
+    if rtol is not None:
+        return rtol
+    return 100 * gram.shape[0] * torch.finfo(gram.dtype).eps
+
+
+class SpectralGradientBalancer(GradientBalancer):
+    """A gradient method that inverts or whitens the Gramian (IMTL-G, ConFIG, Aligned-MTL).
+
+    Args:
+        num_tasks: K.
+        rtol: relative eigenvalue cut-off below which directions count as rank-deficient;
+            None for ``100·K·eps`` of the Gramian's dtype (see :func:`spectral_cutoff`).
+        **options: see :class:`GradientBalancer`.
+    """
+
+    def __init__(self, num_tasks: int, *, rtol: float | None = None, **options: Any) -> None:
+        super().__init__(num_tasks, **options)
+        self.rtol = None if rtol is None else check_positive("rtol", rtol)

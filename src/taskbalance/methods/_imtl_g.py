@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
-from taskbalance._validation import check_positive
-from taskbalance.methods._gradient_base import GradientBalancer, inverse_gradient_norms
+from taskbalance.methods._gradient_base import (
+    SpectralGradientBalancer,
+    inverse_gradient_norms,
+    spectral_cutoff,
+)
 
 
 @register("imtl_g")
-class IMTLG(GradientBalancer):
+class IMTLG(SpectralGradientBalancer):
     """IMTL-G: the aggregate gradient has equal projections onto every unit task gradient.
 
     Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task Learning",
@@ -57,16 +58,6 @@ class IMTLG(GradientBalancer):
         tensor([0.6667, 0.3333])
     """
 
-    def __init__(
-        self,
-        num_tasks: int,
-        *,
-        rtol: float | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(num_tasks, **options)
-        self.rtol = None if rtol is None else check_positive("rtol", rtol)
-
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return imtl_g_weights(gram, self.rtol).to(torch.float32)
 
@@ -74,8 +65,7 @@ class IMTLG(GradientBalancer):
 def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     """IMTL-G's α (float64 ``[K]``, sums to 1) from the Gramian, task 0 as the reference."""
     num_tasks = gram.shape[0]
-    if rtol is None:
-        rtol = 100 * num_tasks * torch.finfo(gram.dtype).eps
+    rtol = spectral_cutoff(gram, rtol)
     g = gram.detach().to(torch.float64)
     if num_tasks == 1:
         return torch.ones(1, dtype=torch.float64, device=g.device)
