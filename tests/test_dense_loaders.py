@@ -20,9 +20,12 @@ from taskbalance.bench.real_datasets import (
 H, W = 8, 12
 
 
-def write_npy_layout(root: Path, dataset: str, sizes=(4, 3), label_folder="label", seed=0):
+def write_npy_layout(
+    root: Path, dataset: str, sizes=(4, 3), label_folder="label", seed=0, size=(H, W)
+):
     """MTAN's preprocessed layout: root/{train,val}/{image,label,depth[,normal]}/<i>.npy."""
     rng = np.random.default_rng(seed)
+    H, W = size
     arrays = {}
     for split, count in zip(("train", "val"), sizes, strict=True):
         for i in range(count):

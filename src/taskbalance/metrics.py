@@ -86,7 +86,7 @@ def _channel_valid(target: Tensor) -> Tensor:
     return (target != 0).any(dim=1)
 
 
-class SplitMetric:
+class Accumulator:
     """Base of the accumulators: one number from a whole split.
 
     Subclasses set ``name`` and ``direction`` and implement ``update``, ``compute`` and
@@ -190,7 +190,7 @@ class ConfusionMatrix:
         return float(counts.diagonal().sum() / counts.sum())
 
 
-class MeanIoU(SplitMetric):
+class MeanIoU(Accumulator):
     """Mean intersection over union from a confusion matrix over the split (higher is better).
 
     Args:
@@ -233,7 +233,7 @@ class MeanIoU(SplitMetric):
         self.matrix.reset()
 
 
-class PixelAccuracy(SplitMetric):
+class PixelAccuracy(Accumulator):
     """Fraction of labelled pixels predicted correctly, over the split (higher is better).
 
     Args:
@@ -266,7 +266,7 @@ class PixelAccuracy(SplitMetric):
         self.matrix.reset()
 
 
-class _MaskedMean(SplitMetric):
+class _MaskedMean(Accumulator):
     """A per-pixel error averaged over valid pixels, by pixel or by batch."""
 
     def __init__(self, reduction: Reduction = "pixel") -> None:
@@ -391,7 +391,7 @@ def normal_angles(pred: Tensor, target: Tensor) -> Tensor:
     return torch.rad2deg(torch.acos(cosine.clamp(-1.0, 1.0)))
 
 
-class _NormalMetric(SplitMetric):
+class _NormalMetric(Accumulator):
     def __init__(self, reduction: Reduction = "pixel") -> None:
         _check_reduction(reduction)
         self.reduction = reduction
@@ -509,7 +509,7 @@ class NormalWithinAngle(_NormalMetric):
         return float((angles < self.threshold).double().mean())
 
 
-class _BinaryCounts(SplitMetric):
+class _BinaryCounts(Accumulator):
     direction: Direction = "higher"
 
     def __init__(self, logits: bool = True) -> None:
@@ -605,7 +605,7 @@ def nyuv2_metrics(
     num_classes: int = 13,
     reduction: Reduction = "pixel",
     empty_classes: Literal["nan", "ignore"] = "nan",
-) -> tuple[list[SplitMetric], list[SplitMetric], list[SplitMetric]]:
+) -> tuple[list[Accumulator], list[Accumulator], list[Accumulator]]:
     """The nine NYUv2 metrics, grouped by task: segmentation, depth, normals.
 
     Args:
@@ -621,12 +621,12 @@ def nyuv2_metrics(
         >>> [m.name for m in seg + depth + normal][:4]
         ['miou', 'pixel_acc', 'depth_abs', 'depth_rel']
     """
-    segmentation: list[SplitMetric] = [
+    segmentation: list[Accumulator] = [
         MeanIoU(num_classes, empty_classes=empty_classes),
         PixelAccuracy(num_classes),
     ]
-    depth: list[SplitMetric] = [DepthAbsError(reduction), DepthRelError(reduction)]
-    normal: list[SplitMetric] = [NormalMeanAngle(reduction), NormalMedianAngle(reduction)]
+    depth: list[Accumulator] = [DepthAbsError(reduction), DepthRelError(reduction)]
+    normal: list[Accumulator] = [NormalMeanAngle(reduction), NormalMedianAngle(reduction)]
     normal += [NormalWithinAngle(threshold, reduction) for threshold in NORMAL_THRESHOLDS]
     return segmentation, depth, normal
 
@@ -698,6 +698,7 @@ def delta_m(
 
 __all__ = [
     "NORMAL_THRESHOLDS",
+    "Accumulator",
     "BinaryAccuracy",
     "BinaryF1",
     "ConfusionMatrix",
@@ -709,7 +710,6 @@ __all__ = [
     "NormalMedianAngle",
     "NormalWithinAngle",
     "PixelAccuracy",
-    "SplitMetric",
     "delta_m",
     "normal_angles",
     "nyuv2_metrics",

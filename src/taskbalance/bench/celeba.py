@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,18 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from taskbalance.bench.datasets import require_module
+from taskbalance.bench.api import (
+    Benchmark,
+    Task,
+    TrainingDefaults,
+    binary_kpi,
+    register_benchmark,
+    require_module,
+)
+from taskbalance.bench.dense import FieldMetrics
+from taskbalance.bench.losses import binary_cross_entropy
 from taskbalance.bench.real_datasets import DatasetLayoutError
+from taskbalance.metrics import BinaryF1
 
 #: The image size of FAMO's CelebA protocol.
 IMAGE_SIZE = (64, 64)
@@ -211,3 +222,78 @@ def celeba_model(
     )
     heads = [nn.Linear(8 * w, 1) for _ in range(num_attributes)]
     return trunk, heads
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark (``--bench celeba --data-root DIR``).
+
+#: FAMO's CelebA settings: 15 epochs of Adam at 3e-4, batch 256, constant rate.
+DEFAULTS = TrainingDefaults(epochs=15, batch_size=256, lr=3e-4, schedule="constant")
+#: ``--small``: images per split, and the trunk's first width (smoke tests).
+SMALL_IMAGES, SMALL_WIDTH = 64, 8
+DESCRIPTION = "CelebA (your files): 40 binary face attributes at 64×64; FAMO's CNN; F1"
+
+
+def build(data_root: str | None = None, small: bool = False) -> Benchmark:
+    """Build ``celeba``: one task per attribute, FAMO's protocol.
+
+    Every task is binary cross-entropy on a logit with the split's F1 as metric; Δm% averages
+    the 40 F1 scores' relative changes. FAMO selects the epoch of best validation mean F1:
+    ``--select best-val``.
+
+    Args:
+        data_root: the CelebA directory (official or flat layout, see :data:`LAYOUT`).
+        small: 64 images per split, a narrow trunk and 1 epoch (smoke tests).
+
+    Returns:
+        The benchmark.
+
+    Raises:
+        DatasetLayoutError: no ``data_root``, or a directory without the expected layout.
+    """
+    if data_root is None:
+        raise DatasetLayoutError(
+            f"--bench celeba reads your files: pass --data-root DIR with\n{LAYOUT}"
+        )
+    limit = SMALL_IMAGES if small else None
+    train, validation, test = (
+        CelebADataset(data_root, split, limit=limit) for split in ("train", "val", "test")
+    )
+    width = SMALL_WIDTH if small else 64
+    tasks = tuple(
+        Task(
+            name,
+            binary_cross_entropy,
+            (FieldMetrics([BinaryF1()]),),
+            kind="classification",
+            kpi=binary_kpi,
+            description=f"attribute {name} (binary cross-entropy; F1)",
+        )
+        for name in train.attributes
+    )
+    return Benchmark(
+        name="celeba",
+        tasks=tasks,
+        train=train,
+        validation=validation,
+        test=test,
+        model=lambda: celeba_model(len(tasks), width),
+        defaults=replace(DEFAULTS, epochs=1) if small else DEFAULTS,
+        description=DESCRIPTION,
+        settings={
+            "data_root": str(Path(data_root).resolve()),
+            "small": small,
+            "images": [len(train), len(validation), len(test)],
+            "image_size": list(IMAGE_SIZE),
+            "width": width,
+        },
+    )
+
+
+register_benchmark(
+    "celeba",
+    build,
+    description=DESCRIPTION,
+    tasks=("40 attributes: binary cross-entropy; F1 ↑ each",),
+    needs_data_root=True,
+)

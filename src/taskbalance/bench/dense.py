@@ -1,4 +1,4 @@
-"""The dense tasks of NYUv2-style benchmarks: MTAN's losses and the invalid-pixel conventions.
+"""The dense tasks of NYUv2-style benchmarks: MTAN's losses, the field's metrics, DTP's KPIs.
 
 Shared by ``scenes``, ``nyuv2`` and ``cityscapes``. Targets follow the preprocessed NYUv2 files
 of MTAN / LibMTL / Nash-MTL: a label map ``[N, H, W]`` where anything outside
@@ -24,8 +24,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 from torch import Tensor
 from torch.nn import functional
+
+from taskbalance.bench.api import Metric, Task
+from taskbalance.metrics import Accumulator, Reduction, nyuv2_metrics
 
 #: The label value the losses give to unlabelled pixels.
 IGNORE_INDEX = -1
@@ -93,3 +99,119 @@ def normal_loss(pred: Tensor, target: Tensor) -> Tensor:
     """
     mask = _valid_pixels(target)
     return 1.0 - (pred * target * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class FieldMetrics(Metric):
+    """Accumulators of :mod:`taskbalance.metrics` reported together as one benchmark Metric.
+
+    Args:
+        accumulators: e.g. ``[MeanIoU(13), PixelAccuracy(13)]``; their names and directions
+            become this metric's.
+
+    Example:
+        >>> from taskbalance.metrics import DepthAbsError, DepthRelError
+        >>> metric = FieldMetrics([DepthAbsError(), DepthRelError()])
+        >>> metric.names, metric.higher_is_better
+        (('depth_abs', 'depth_rel'), (False, False))
+    """
+
+    def __init__(self, accumulators: Sequence[Accumulator]) -> None:
+        self.accumulators = list(accumulators)
+        self.names = tuple(a.name for a in self.accumulators)
+        self.higher_is_better = tuple(a.higher_is_better for a in self.accumulators)
+
+    def reset(self) -> None:
+        """Forget every batch."""
+        for accumulator in self.accumulators:
+            accumulator.reset()
+
+    def update(self, output: Tensor, target: Tensor) -> None:
+        """Add one batch to every accumulator."""
+        for accumulator in self.accumulators:
+            accumulator.update(output, target)
+
+    def compute(self) -> list[float]:
+        """One number per accumulator."""
+        return [accumulator.compute() for accumulator in self.accumulators]
+
+
+def segmentation_kpi(output: Tensor, target: Tensor, loss: Tensor) -> float:
+    """DTP's KPI for segmentation: the batch's pixel accuracy over labelled pixels."""
+    labels = target.long()
+    labelled = (labels >= 0) & (labels < output.shape[1])
+    if not bool(labelled.any()):
+        return 0.0
+    return float((output.argmax(1) == labels)[labelled].float().mean())
+
+
+def depth_kpi(output: Tensor, target: Tensor, loss: Tensor) -> float:
+    """DTP's KPI for depth: ``max(0, 1 − relative error)`` over the batch's valid pixels."""
+    valid = _valid_pixels(target).bool().expand_as(target)
+    if not bool(valid.any()):
+        return 0.0
+    relative = ((output - target).abs()[valid] / target[valid]).mean()
+    return max(0.0, 1.0 - float(relative))
+
+
+def normal_kpi(output: Tensor, target: Tensor, loss: Tensor) -> float:
+    """DTP's KPI for normals: the mean cosine over valid pixels (``1 − loss``), clipped at 0."""
+    return min(1.0, max(0.0, 1.0 - float(loss.detach())))
+
+
+def dense_tasks(
+    num_classes: int,
+    normals: bool = True,
+    reduction: Reduction = "pixel",
+    empty_classes: Literal["nan", "ignore"] = "nan",
+) -> tuple[Task, ...]:
+    """NYUv2's tasks (segmentation, depth, normals) or Cityscapes' (without normals).
+
+    Segmentation reports mIoU and pixel accuracy, depth the absolute and relative errors,
+    normals the mean and median angle and the fractions within 11.25°, 22.5° and 30°: the nine
+    numbers of the NYUv2 tables (seven on Cityscapes).
+
+    Args:
+        num_classes: segmentation classes.
+        normals: include the surface-normal task.
+        reduction: ``"pixel"`` (LibMTL) or ``"batch"`` (MTAN / Nash-MTL) for depth and normals.
+        empty_classes: how mIoU treats a class absent from a split (see
+            :class:`~taskbalance.metrics.MeanIoU`).
+
+    Returns:
+        The tasks, in the order of the model's heads.
+
+    Example:
+        >>> [task.name for task in dense_tasks(13)]
+        ['segmentation', 'depth', 'normal']
+    """
+    segmentation, depth, normal = nyuv2_metrics(num_classes, reduction, empty_classes)
+    tasks = [
+        Task(
+            "segmentation",
+            segmentation_loss,
+            (FieldMetrics(segmentation),),
+            kind="classification",
+            kpi=segmentation_kpi,
+            description=f"{num_classes}-class segmentation (cross-entropy; mIoU, pixel acc)",
+        ),
+        Task(
+            "depth",
+            depth_loss,
+            (FieldMetrics(depth),),
+            kind="regression",
+            kpi=depth_kpi,
+            description="depth (L1 over valid pixels; abs and rel error)",
+        ),
+    ]
+    if normals:
+        tasks.append(
+            Task(
+                "normal",
+                normal_loss,
+                (FieldMetrics(normal),),
+                kind="regression",
+                kpi=normal_kpi,
+                description="normals (1 − cosine; mean/median angle, within 11.25/22.5/30°)",
+            )
+        )
+    return tuple(tasks)

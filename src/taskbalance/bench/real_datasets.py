@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,16 @@ from torch import Tensor
 from torch.nn import functional
 from torch.utils.data import Dataset
 
-from taskbalance.bench.datasets import require_module
+from taskbalance.bench.api import (
+    Benchmark,
+    BenchmarkError,
+    TrainingDefaults,
+    register_benchmark,
+    require_module,
+)
+from taskbalance.bench.dense import dense_tasks
+from taskbalance.bench.models import MultiTaskModel
+from taskbalance.bench.segnet import CPU_FILTERS, PAPER_FILTERS, segnet_model
 
 #: MTAN's random scale-crop factors.
 SCALES = (1.0, 1.2, 1.5)
@@ -58,8 +68,8 @@ CITYSCAPES_SIZE = (128, 256)
 _NUMBERED = re.compile(r"^(\d+)\.npy$")
 
 
-class DatasetLayoutError(ValueError):
-    """A data directory that is missing or does not have the expected layout."""
+class DatasetLayoutError(BenchmarkError):
+    """A data directory that is missing or does not have the expected layout (a ValueError)."""
 
 
 def layout_text(dataset: str, num_classes: int = 7) -> str:
@@ -320,3 +330,142 @@ def dense_splits(
     train = NpyDenseDataset(root, "train", dataset, num_classes, augment=augment, indices=kept)
     validation = NpyDenseDataset(root, "train", dataset, num_classes, indices=held_out)
     return train, validation, test
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks (``--bench nyuv2|cityscapes --data-root DIR``).
+
+#: Nash-MTL's NYUv2 settings (MTAN's SegNet): 200 epochs, batch 2, Adam 1e-4, halved at 100.
+NYUV2_DEFAULTS = TrainingDefaults(
+    epochs=200,
+    batch_size=2,
+    lr=1e-4,
+    schedule="step",
+    step_epochs=100,
+    gamma=0.5,
+    eval_batch_size=8,
+)
+#: Nash-MTL's Cityscapes settings: as NYUv2 with batch 8.
+CITYSCAPES_DEFAULTS = TrainingDefaults(
+    epochs=200,
+    batch_size=8,
+    lr=1e-4,
+    schedule="step",
+    step_epochs=100,
+    gamma=0.5,
+    eval_batch_size=8,
+)
+#: ``--small``: the first few scenes of each split, a CPU-sized SegNet, 1 epoch (smoke tests).
+SMALL_SCENES = 8
+
+
+def _dense_benchmark(
+    dataset: str, data_root: str | None, small: bool, data_seed: int, num_classes: int
+) -> Benchmark:
+    if data_root is None:
+        raise DatasetLayoutError(
+            f"--bench {dataset} reads your files: pass --data-root DIR with\n"
+            f"{layout_text(dataset, num_classes)}"
+        )
+    normals = dataset == "nyuv2"
+    train, validation, test = dense_splits(data_root, dataset, num_classes, data_seed=data_seed)
+    if small:
+        for split in {id(s): s for s in (train, validation, test)}.values():
+            split.indices = split.indices[:SMALL_SCENES]
+    filters = CPU_FILTERS if small else PAPER_FILTERS
+    out_channels = (num_classes, 1, 3) if normals else (num_classes, 1)
+
+    def model() -> MultiTaskModel:
+        return segnet_model(out_channels, (False, False, True)[: len(out_channels)], filters)
+
+    defaults = NYUV2_DEFAULTS if normals else CITYSCAPES_DEFAULTS
+    if small:
+        defaults = replace(defaults, epochs=1)
+    return Benchmark(
+        name=dataset,
+        # MTAN and Nash-MTL average depth and normal errors per batch; LibMTL over pixels.
+        tasks=dense_tasks(num_classes, normals=normals),
+        train=train,
+        validation=validation,
+        test=test,
+        model=model,
+        defaults=defaults,
+        description=NYUV2_DESCRIPTION if normals else CITYSCAPES_DESCRIPTION,
+        settings={
+            "data_root": str(Path(data_root).resolve()),
+            "small": small,
+            "data_seed": data_seed,
+            "num_classes": num_classes,
+            "train_scenes": len(train),
+            "test_scenes": len(test),
+            "augment": True,
+            "filters": list(filters),
+        },
+    )
+
+
+NYUV2_DESCRIPTION = "NYUv2 (your .npy files): 13-class segmentation, depth, normals; SegNet"
+CITYSCAPES_DESCRIPTION = "Cityscapes (your .npy files): 7-class segmentation, depth; SegNet"
+
+
+def build_nyuv2(data_root: str | None = None, small: bool = False, data_seed: int = 0) -> Benchmark:
+    """Build ``nyuv2`` from MTAN's preprocessed files (795 train, 654 test scenes, 288×384).
+
+    Model: MTAN's SegNet (:data:`~taskbalance.bench.segnet.PAPER_FILTERS`); training: Nash-MTL's
+    settings (:data:`NYUV2_DEFAULTS`), augmentation on. Compare with the published tables using
+    ``--select mean-last-10`` (Nash-MTL, FAMO) or ``--select last``.
+
+    Args:
+        data_root: the directory with ``train/`` and ``val/`` (see :func:`layout_text`).
+        small: the first 8 scenes per split, a CPU-sized SegNet and 1 epoch (smoke tests).
+        data_seed: seed of a held-out validation subset (unused with the papers' splits).
+
+    Returns:
+        The benchmark.
+
+    Raises:
+        DatasetLayoutError: no ``data_root``, or a directory without the expected layout.
+    """
+    return _dense_benchmark("nyuv2", data_root, small, data_seed, 13)
+
+
+def build_cityscapes(
+    data_root: str | None = None, small: bool = False, data_seed: int = 0
+) -> Benchmark:
+    """Build ``cityscapes`` (7 classes) from MTAN's preprocessed files (2975 / 500, 128×256).
+
+    Model: MTAN's SegNet with two heads; training: Nash-MTL's settings
+    (:data:`CITYSCAPES_DEFAULTS`), augmentation on.
+
+    Args:
+        data_root: the directory with ``train/`` and ``val/`` (see :func:`layout_text`).
+        small: the first 8 scenes per split, a CPU-sized SegNet and 1 epoch (smoke tests).
+        data_seed: seed of a held-out validation subset (unused with the papers' splits).
+
+    Returns:
+        The benchmark.
+
+    Raises:
+        DatasetLayoutError: no ``data_root``, or a directory without the expected layout.
+    """
+    return _dense_benchmark("cityscapes", data_root, small, data_seed, 7)
+
+
+register_benchmark(
+    "nyuv2",
+    build_nyuv2,
+    description=NYUV2_DESCRIPTION,
+    tasks=(
+        "segmentation: cross-entropy; mIoU ↑, pixel acc ↑",
+        "depth: L1; abs err ↓, rel err ↓",
+        "normal: 1 − cos; mean ↓, median ↓, within 11.25° ↑ 22.5° ↑ 30° ↑",
+    ),
+    needs_data_root=True,
+)
+register_benchmark(
+    "cityscapes",
+    build_cityscapes,
+    description=CITYSCAPES_DESCRIPTION,
+    tasks=("segmentation: cross-entropy; mIoU ↑, pixel acc ↑", "depth: L1; abs err ↓, rel err ↓"),
+    needs_data_root=True,
+)
