@@ -346,15 +346,7 @@ NYUV2_DEFAULTS = TrainingDefaults(
     eval_batch_size=8,
 )
 #: Nash-MTL's Cityscapes settings: as NYUv2 with batch 8.
-CITYSCAPES_DEFAULTS = TrainingDefaults(
-    epochs=200,
-    batch_size=8,
-    lr=1e-4,
-    schedule="step",
-    step_epochs=100,
-    gamma=0.5,
-    eval_batch_size=8,
-)
+CITYSCAPES_DEFAULTS = replace(NYUV2_DEFAULTS, batch_size=8)
 #: ``--small``: the first few scenes of each split, a CPU-sized SegNet, 1 epoch (smoke tests).
 SMALL_SCENES = 8
 
@@ -435,18 +427,8 @@ def build_cityscapes(
     """Build ``cityscapes`` (7 classes) from MTAN's preprocessed files (2975 / 500, 128×256).
 
     Model: MTAN's SegNet with two heads; training: Nash-MTL's settings
-    (:data:`CITYSCAPES_DEFAULTS`), augmentation on.
-
-    Args:
-        data_root: the directory with ``train/`` and ``val/`` (see :func:`layout_text`).
-        small: the first 8 scenes per split, a CPU-sized SegNet and 1 epoch (smoke tests).
-        data_seed: seed of a held-out validation subset (unused with the papers' splits).
-
-    Returns:
-        The benchmark.
-
-    Raises:
-        DatasetLayoutError: no ``data_root``, or a directory without the expected layout.
+    (:data:`CITYSCAPES_DEFAULTS`), augmentation on. Arguments, result and errors as
+    :func:`build_nyuv2`.
     """
     return _dense_benchmark("cityscapes", data_root, small, data_seed, 7)
 

@@ -22,7 +22,7 @@ carry depth, shape carries the class: the three tasks share a scene but want dif
 features, which is what makes their balance matter.
 
 Everything is vectorised over scenes and pixels in torch and deterministic given the seed; a
-few hundred 32×48 scenes take about a second, and :func:`render_scenes` caches its result.
+few hundred 32×48 scenes take a second or two, and :func:`render_scenes` caches its result.
 
 Example:
     >>> scenes = render_scenes(4, seed=0, height=16, width=24)
@@ -547,7 +547,7 @@ SMALL_SIZES = (64, 16, 32)
 DESCRIPTION = (
     "rendered rooms, 32×48: 13-class segmentation, depth, normals (NYUv2's 3 tasks, 9 metrics)"
 )
-DEFAULTS = TrainingDefaults(epochs=10, batch_size=16, lr=1e-3, eval_batch_size=100)
+DEFAULTS = TrainingDefaults(epochs=10, batch_size=16, lr=3e-3, eval_batch_size=100)
 # Enough steps that every single-task baseline metric is non-zero (Δm% divides by them).
 SMALL_DEFAULTS = TrainingDefaults(
     epochs=3, batch_size=8, lr=2e-3, schedule="constant", eval_batch_size=100
