@@ -685,6 +685,10 @@ def train_run(
             if balancer is not None:
                 balancer.end_epoch()
             seconds = time.perf_counter() - started
+            if world_size > 1:
+                # Each rank averaged its slice of every batch; report the global mean.
+                torch.distributed.all_reduce(loss_sums)
+                loss_sums /= world_size
             result.epochs.append(
                 EpochRecord(
                     epoch=epoch,
