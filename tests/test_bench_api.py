@@ -134,7 +134,7 @@ def test_bad_tasks_and_benchmarks_are_named():
     with pytest.raises(ValueError, match="kind"):
         Task("a", mse, (mean_metric("m", _absolute, higher_is_better=False),), kind="ranking")
     benchmark = _tiny()
-    with pytest.raises(TypeError, match="train: expected a torch.utils.data.Dataset"):
+    with pytest.raises(TypeError, match=r"train: expected a torch\.utils\.data\.Dataset"):
         Benchmark(
             "b",
             benchmark.tasks,
