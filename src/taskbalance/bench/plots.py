@@ -85,13 +85,13 @@ def plot_weights_over_time(
         loc="upper center",
         ncol=min(len(task_names), 8),
         fontsize=9,
-        bbox_to_anchor=(0.5, 1.0 - 0.35 / (2.0 * rows + 0.9)),
+        bbox_to_anchor=(0.5, 1.0 - 0.3 / (2.0 * rows + 0.9)),
         frameon=False,
     )
     figure.supxlabel("training step", fontsize=10)
     figure.supylabel("task weight", fontsize=10)
     figure.suptitle(title or "task weights during training", fontsize=11, y=0.995)
-    figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.75 / (2.0 * rows + 0.9)))
+    figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.6 / (2.0 * rows + 0.9)))
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
     return True
@@ -359,8 +359,12 @@ def plot_conflicts(
     A heatmap (methods × training progress, mean over seeds) stays readable for 25 methods.
     """
     plt = _pyplot()
+    recorded = max(
+        (len(run.diagnostic_steps) for r in runs_by_method.values() for run in r), default=0
+    )
+    bins = max(1, min(CONFLICT_BINS, recorded))
     profiles = {
-        label: _conflict_profile(runs, CONFLICT_BINS)
+        label: _conflict_profile(runs, bins)
         for label, runs in runs_by_method.items()
         if any(run.diagnostic_steps for run in runs)
     }
