@@ -101,7 +101,10 @@ def test_params_names_a_submodule():
     with pytest.raises(ValueError, match="no submodule 'body'"):
         balancer_arguments(parse_method("mgda[params=body]"), benchmark, 0, model)
     # Example values fill a required hyperparameter; the user's value wins.
-    assert balancer_arguments(Method("fixed"), benchmark, 0)["weights"] == [1.0, 1.0]
+    import taskbalance as tb
+
+    unit = tb.create("fixed", num_tasks=2, **balancer_arguments(Method("fixed"), benchmark, 0))
+    assert float(unit(torch.tensor([2.0, 3.0]))) == 5.0  # unit weights
     assert balancer_arguments(Method("fixed", {"weights": [2, 1]}), benchmark, 0)["weights"] == [
         2,
         1,
