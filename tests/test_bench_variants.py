@@ -110,3 +110,10 @@ def test_params_names_a_submodule():
         1,
     ]
     assert balancer_arguments(Method("uw"), benchmark, 0)["kinds"] == ["classification"] * 2
+
+
+def test_set_params_applies_only_to_methods_that_take_it():
+    ew, mgda = parse_methods("ew,mgda", ["params=trunk"])
+    assert ew.hyperparameters == {}
+    assert mgda.hyperparameters == {"params": "trunk"}
+    assert mgda.label == "mgda[params=trunk]"
