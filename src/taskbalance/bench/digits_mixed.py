@@ -66,9 +66,8 @@ def build(small: bool = False, data_seed: int = 0) -> Benchmark:
         The benchmark.
     """
     digits = split_digits(data_seed)
-    pools = digits.pools
-    if small:
-        pools = tuple(pool[:SMALL_SIZE] for pool in pools)
+    limit = SMALL_SIZE if small else None
+    pools = [pool[:limit] for pool in digits.pools]
     train, validation, test = (
         _split(digits.images, digits.raw_images, digits.labels, pool, digits.rng) for pool in pools
     )

@@ -95,7 +95,7 @@ def progress_bar(total: int, description: str, enabled: bool) -> ProgressBar:
     if not enabled or not sys.stderr.isatty():
         return SilentProgress()
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:
         return SilentProgress()
     return tqdm(total=total, desc=description, file=sys.stderr, leave=False, dynamic_ncols=True)
