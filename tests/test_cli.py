@@ -192,3 +192,23 @@ def test_compare_small_complete_with_variants(capsys, tmp_path):
     assert metadata["training"]["epochs"] == 2
     assert metadata["selection"] == "best-val"
     assert metadata["benchmark"]["settings"]["data_seed"] == 0
+
+
+def test_train_on_a_benchmark_file(capsys, tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_benchmark.py"
+    argv = ["train", "--bench", f"{example}:make_benchmark", "--method", "dtp", "--small"]
+    code, out, err = _run([*argv, "--epochs", "1", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "sensors / dtp / seed 0" in out
+    assert "state/macro_f1" in out
+
+
+def test_bad_benchmark_file_is_one_line(capsys, tmp_path):
+    code, _, err = _run(
+        ["compare", "--bench", f"{tmp_path}/absent.py:make", "--out", str(tmp_path)], capsys
+    )
+    assert code == 2
+    assert "no such file" in err
+    assert "Traceback" not in err

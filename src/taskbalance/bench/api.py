@@ -488,6 +488,16 @@ class Benchmark:
                 raise TypeError(
                     f"Benchmark {self.name!r}: tasks: expected Task instances, got {task!r}"
                 )
+        owners: dict[int, str] = {}
+        for task in tasks:
+            for metric in task.metrics:
+                other = owners.setdefault(id(metric), task.name)
+                if other != task.name or sum(m is metric for m in task.metrics) > 1:
+                    # One accumulator updated by two tasks would mix their outputs.
+                    raise ValueError(
+                        f"Benchmark {self.name!r}: one Metric instance is used twice (tasks "
+                        f"{other!r} and {task.name!r}); give each task its own instances"
+                    )
         names = [task.name for task in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"Benchmark {self.name!r}: task names must differ, got {names}")

@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,6 @@ class Comparison:
     resumed: int = 0
     interrupted: bool = False
     seconds: float = 0.0
-    files: list[Path] = field(default_factory=list)
 
 
 def plan_jobs(

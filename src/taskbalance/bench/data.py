@@ -17,6 +17,9 @@ from torch.utils.data import Dataset, default_collate
 
 from taskbalance.bench.api import require_module
 
+#: Evaluation batch size of the bundled in-memory benchmarks: a whole small split at once.
+EVAL_BATCH_SIZE = 4096
+
 #: Fractions of the source data given to train, validation and test.
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
@@ -108,3 +111,30 @@ def load_digits() -> tuple[Tensor, Tensor]:
     images = torch.as_tensor(digits.images, dtype=torch.float32)
     labels = torch.as_tensor(digits.target, dtype=torch.long)
     return images, labels
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """The sklearn digits split into train/validation/test pools by a data seed.
+
+    Args:
+        raw_images: ``[1797, 8, 8]`` pixel values in 0..16.
+        images: the same scaled to [0, 1].
+        labels: the digit of each image.
+        pools: image indices of the train, validation and test splits.
+        rng: the generator, advanced past the split (for what the benchmark draws next).
+    """
+
+    raw_images: Tensor
+    images: Tensor
+    labels: Tensor
+    pools: tuple[Tensor, Tensor, Tensor]
+    rng: torch.Generator
+
+
+def split_digits(data_seed: int) -> DigitsSplit:
+    """Load the digits and split the images 60/20/20 with a generator seeded by ``data_seed``."""
+    raw_images, labels = load_digits()
+    rng = generator(data_seed)
+    pools = split_indices(raw_images.shape[0], rng)
+    return DigitsSplit(raw_images, raw_images / 16.0, labels, pools, rng)

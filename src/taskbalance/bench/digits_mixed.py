@@ -25,14 +25,16 @@ from taskbalance.bench.api import (
     register_benchmark,
     regression_kpi,
 )
-from taskbalance.bench.data import TensorTaskDataset, generator, load_digits, split_indices
+from taskbalance.bench.data import EVAL_BATCH_SIZE, TensorTaskDataset, split_digits
 from taskbalance.bench.losses import binary_cross_entropy, cross_entropy, mse
 from taskbalance.bench.models import linear_heads, mlp_trunk
 
 INPUT_NOISE = 0.3
 SMALL_SIZE = 256
 DESCRIPTION = "one noisy digit; class, parity, ink mass and denoising: mixed kinds and scales"
-DEFAULTS = TrainingDefaults(epochs=30, batch_size=64, lr=2e-3, balancer_lr=2e-2)
+DEFAULTS = TrainingDefaults(
+    epochs=30, batch_size=64, lr=2e-3, balancer_lr=2e-2, eval_batch_size=EVAL_BATCH_SIZE
+)
 
 
 def _split(
@@ -63,13 +65,12 @@ def build(small: bool = False, data_seed: int = 0) -> Benchmark:
     Returns:
         The benchmark.
     """
-    raw_images, labels = load_digits()
-    images = raw_images / 16.0
-    rng = generator(data_seed)
-    pools = split_indices(images.shape[0], rng)
-    if small:
-        pools = tuple(pool[:SMALL_SIZE] for pool in pools)
-    train, validation, test = (_split(images, raw_images, labels, pool, rng) for pool in pools)
+    digits = split_digits(data_seed)
+    limit = SMALL_SIZE if small else None
+    pools = [pool[:limit] for pool in digits.pools]
+    train, validation, test = (
+        _split(digits.images, digits.raw_images, digits.labels, pool, digits.rng) for pool in pools
+    )
     ink_reference = reference_loss(train.targets[2])
     denoise_reference = reference_loss(train.targets[3])
     tasks = (

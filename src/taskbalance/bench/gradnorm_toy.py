@@ -29,7 +29,7 @@ from taskbalance.bench.api import (
     register_benchmark,
     regression_kpi,
 )
-from taskbalance.bench.data import TensorTaskDataset, generator
+from taskbalance.bench.data import EVAL_BATCH_SIZE, TensorTaskDataset, generator
 from taskbalance.bench.losses import mse
 from taskbalance.bench.models import linear_heads, mlp_trunk
 
@@ -41,7 +41,9 @@ EPSILON_STD = 3.5
 SIZES = (4000, 1000, 1000)
 SMALL_SIZES = (256, 128, 128)
 DESCRIPTION = "GradNorm's synthetic regression, 10 tasks with scales σ_i from 1 to 100"
-DEFAULTS = TrainingDefaults(epochs=20, batch_size=100, lr=1e-3, balancer_lr=2e-2)
+DEFAULTS = TrainingDefaults(
+    epochs=20, batch_size=100, lr=1e-3, balancer_lr=2e-2, eval_batch_size=EVAL_BATCH_SIZE
+)
 
 
 def sigmas(num_tasks: int = NUM_TASKS) -> list[float]:

@@ -6,7 +6,7 @@ comparison needs. The same loop trains the single-task baselines (one model per 
 that task alone with loss weight 1, same budget). It never branches on a method's name: what a
 method needs comes from its hyperparameters (``kinds``, ``seed``, ``params``), its class
 (``requires_kpis``) and, for required hyperparameters with no default, an example value
-(:data:`EXAMPLE_HYPERPARAMETERS`, or a class attribute ``example_hyperparameters``).
+(the class attribute ``required_hyperparameters``, else :data:`EXAMPLE_HYPERPARAMETERS`).
 
 Determinism: the model is initialised after ``torch.manual_seed(seed)`` and batches are drawn
 from a generator seeded with ``seed``, so a run is a function of (benchmark, method, hyper-
@@ -57,9 +57,8 @@ DEFAULT_WEIGHT_CAPACITY = 2048
 #: Gradient-conflict diagnostics recorded per run when no interval is given.
 DEFAULT_DIAGNOSTIC_POINTS = 50
 
-#: Example values of required hyperparameters (no default), per method, as a function of K.
-#: A method class may declare ``example_hyperparameters(num_tasks) -> dict`` instead; the
-#: class's declaration wins.
+#: Values of required hyperparameters (no default), per method, as a function of K, for method
+#: classes that do not declare ``required_hyperparameters`` themselves (the class wins).
 EXAMPLE_HYPERPARAMETERS: dict[str, Callable[[int], dict[str, Any]]] = {
     "fixed": lambda num_tasks: {"weights": [1.0] * num_tasks},
 }
@@ -96,7 +95,7 @@ def progress_bar(total: int, description: str, enabled: bool) -> ProgressBar:
     if not enabled or not sys.stderr.isatty():
         return SilentProgress()
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:
         return SilentProgress()
     return tqdm(total=total, desc=description, file=sys.stderr, leave=False, dynamic_ncols=True)
@@ -315,10 +314,14 @@ class RunResult:
 
 
 def example_hyperparameters(name: str, num_tasks: int) -> dict[str, Any]:
-    """Example values of the required hyperparameters of ``name`` for K tasks."""
-    declared = getattr(tb.method_class(name), "example_hyperparameters", None)
-    if callable(declared):
-        return dict(declared(num_tasks))
+    """Values of the required hyperparameters (no default) of ``name`` for K tasks.
+
+    The method class's own declaration ``required_hyperparameters`` (a dict of values that work
+    for any K) wins; :data:`EXAMPLE_HYPERPARAMETERS` covers classes without one.
+    """
+    declared = getattr(tb.method_class(name), "required_hyperparameters", None)
+    if isinstance(declared, Mapping) and declared:
+        return dict(declared)
     example = EXAMPLE_HYPERPARAMETERS.get(name)
     return example(num_tasks) if example is not None else {}
 
@@ -685,6 +688,10 @@ def train_run(
             if balancer is not None:
                 balancer.end_epoch()
             seconds = time.perf_counter() - started
+            if world_size > 1:
+                # Each rank averaged its slice of every batch; report the global mean.
+                torch.distributed.all_reduce(loss_sums)
+                loss_sums /= world_size
             result.epochs.append(
                 EpochRecord(
                     epoch=epoch,

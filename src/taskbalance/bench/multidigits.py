@@ -19,7 +19,7 @@ from taskbalance.bench.api import (
     classification_kpi,
     register_benchmark,
 )
-from taskbalance.bench.data import TensorTaskDataset, generator, load_digits, split_indices
+from taskbalance.bench.data import EVAL_BATCH_SIZE, TensorTaskDataset, split_digits
 from taskbalance.bench.losses import cross_entropy
 from taskbalance.bench.models import linear_heads, mlp_trunk
 
@@ -28,7 +28,9 @@ OFFSET = 4
 PAIRS = (6000, 1500, 1500)
 SMALL_PAIRS = (256, 128, 128)
 DESCRIPTION = "two overlapping sklearn digits on a 12×12 canvas (MultiMNIST analogue)"
-DEFAULTS = TrainingDefaults(epochs=8, batch_size=128, lr=2e-3, balancer_lr=2e-2)
+DEFAULTS = TrainingDefaults(
+    epochs=8, batch_size=128, lr=2e-3, balancer_lr=2e-2, eval_batch_size=EVAL_BATCH_SIZE
+)
 
 
 def tasks() -> tuple[Task, ...]:
@@ -98,14 +100,11 @@ def build(small: bool = False, data_seed: int = 0) -> Benchmark:
     Returns:
         The benchmark.
     """
-    raw_images, labels = load_digits()
-    images = raw_images / 16.0
-    rng = generator(data_seed)
-    pools = split_indices(images.shape[0], rng)
+    digits = split_digits(data_seed)
     counts = SMALL_PAIRS if small else PAIRS
     train, validation, test = (
-        _pair_split(images, labels, pool, count, rng)
-        for pool, count in zip(pools, counts, strict=True)
+        _pair_split(digits.images, digits.labels, pool, count, digits.rng)
+        for pool, count in zip(digits.pools, counts, strict=True)
     )
     return Benchmark(
         name="multidigits",

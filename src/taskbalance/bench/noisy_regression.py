@@ -21,7 +21,7 @@ from taskbalance.bench.api import (
     register_benchmark,
     regression_kpi,
 )
-from taskbalance.bench.data import TensorTaskDataset, generator
+from taskbalance.bench.data import EVAL_BATCH_SIZE, TensorTaskDataset, generator
 from taskbalance.bench.losses import mse
 from taskbalance.bench.models import linear_heads, mlp_trunk
 
@@ -30,7 +30,9 @@ INPUT_SIZE = 4
 SIZES = (16384, 2048, 2048)
 SMALL_SIZES = (512, 256, 256)
 DESCRIPTION = "3 regression tasks with known noise σ = 0.5, 2, 8 (UW should recover σ²)"
-DEFAULTS = TrainingDefaults(epochs=12, batch_size=256, lr=3e-3, balancer_lr=3e-2)
+DEFAULTS = TrainingDefaults(
+    epochs=12, batch_size=256, lr=3e-3, balancer_lr=3e-2, eval_batch_size=EVAL_BATCH_SIZE
+)
 
 
 def signal(inputs: Tensor, weights: Tensor) -> Tensor:

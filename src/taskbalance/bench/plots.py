@@ -17,14 +17,16 @@ import torch
 from taskbalance.bench.api import Benchmark, require_module
 from taskbalance.bench.diagnostics import gradient_diagnostics
 from taskbalance.bench.harness import RunResult
-from taskbalance.bench.metrics import SINGLE_TASK, MethodSummary
+from taskbalance.bench.metrics import REFERENCE_METHOD, SINGLE_TASK, MethodSummary
 from taskbalance.bench.toy import TOY_BOUNDS, ToyTrajectory, toy_objectives
 
 DPI = 90
 #: The toy figure has one contour panel per method: a lower resolution keeps it small.
 TOY_DPI = 70
 #: Most points drawn per curve (the PNG's size grows with them).
-MAX_CURVE_POINTS = 120
+MAX_CURVE_POINTS = 80
+#: The weights figure has one panel per method (25 and counting): drawn a little smaller.
+WEIGHTS_DPI = 64
 #: Columns of the per-method grids.
 GRID_COLUMNS = 5
 #: Time bins of the conflicts heatmap.
@@ -85,14 +87,14 @@ def plot_weights_over_time(
         loc="upper center",
         ncol=min(len(task_names), 8),
         fontsize=9,
-        bbox_to_anchor=(0.5, 1.0 - 0.35 / (2.0 * rows + 0.9)),
+        bbox_to_anchor=(0.5, 1.0 - 0.3 / (2.0 * rows + 0.9)),
         frameon=False,
     )
     figure.supxlabel("training step", fontsize=10)
     figure.supylabel("task weight", fontsize=10)
     figure.suptitle(title or "task weights during training", fontsize=11, y=0.995)
-    figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.75 / (2.0 * rows + 0.9)))
-    figure.savefig(path, dpi=DPI)
+    figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.6 / (2.0 * rows + 0.9)))
+    figure.savefig(path, dpi=WEIGHTS_DPI)
     plt.close(figure)
     return True
 
@@ -183,13 +185,24 @@ def plot_delta_m_ranking(rows: Sequence[MethodSummary], path: Path, title: str =
     return True
 
 
+def _inlier_range(values: Sequence[float]) -> tuple[float, float]:
+    """Values within 3 interquartile ranges of the middle half (outliers would squash the rest)."""
+    ordered = sorted(values)
+    q1 = ordered[len(ordered) // 4]
+    q3 = ordered[(3 * len(ordered)) // 4]
+    spread = max(q3 - q1, 1e-3 * max(abs(q3), 1e-12))
+    return q1 - 3 * spread, q3 + 3 * spread
+
+
 def plot_pareto(
     rows: Sequence[MethodSummary], benchmark: Benchmark, path: Path, title: str = ""
 ) -> bool:
     """For 2-task benchmarks: each method's first metric of task 1 against that of task 2.
 
-    Points are means over seeds with ± one standard deviation; the non-dominated methods are
-    joined by a line (the empirical Pareto front) and the single-task models drawn in grey.
+    Points are means over seeds with ± one standard deviation. The non-dominated methods are
+    joined by a line (the empirical Pareto front) and labelled, with equal weights and the
+    single-task models (grey, always shown); far outliers are listed under the axes instead of
+    squashing the rest.
 
     Returns:
         True when a file was written (the benchmark has exactly two tasks).
@@ -206,11 +219,29 @@ def plot_pareto(
     ]
     if not points:
         return False
+    x_low, x_high = _inlier_range([x for _, x, _ in points])
+    y_low, y_high = _inlier_range([y for _, _, y in points])
+    shown = [
+        p
+        for p in points
+        if p[0].method == SINGLE_TASK or (x_low <= p[1] <= x_high and y_low <= p[2] <= y_high)
+    ]
+    hidden = [p for p in points if p not in shown]
     sign_x = 1.0 if directions[first] else -1.0
     sign_y = 1.0 if directions[second] else -1.0
-    figure, axis = plt.subplots(figsize=(6.5, 5.0))
-    for row, x, y in points:
-        colour = "0.55" if row.method == SINGLE_TASK else "C0"
+    methods = [(row, x, y) for row, x, y in points if row.method != SINGLE_TASK]
+    front = {
+        row.method
+        for row, x, y in methods
+        if not any(
+            sign_x * (x2 - x) >= 0 and sign_y * (y2 - y) >= 0 and (x2, y2) != (x, y)
+            for _, x2, y2 in methods
+        )
+    }
+    figure, axis = plt.subplots(figsize=(7.0, 5.5))
+    for row, x, y in shown:
+        on_front = row.method in front
+        colour = "0.55" if row.method == SINGLE_TASK else ("C1" if on_front else "C0")
         axis.errorbar(
             x,
             y,
@@ -221,34 +252,24 @@ def plot_pareto(
             markersize=4,
             linewidth=0.8,
         )
-        axis.annotate(row.method, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    front = [
-        (x, y)
-        for row, x, y in points
-        if row.method != SINGLE_TASK
-        and not any(
-            sign_x * (x2 - x) >= 0 and sign_y * (y2 - y) >= 0 and (x2, y2) != (x, y)
-            for other, x2, y2 in points
-            if other.method != SINGLE_TASK
-        )
-    ]
-    front.sort()
-    if len(front) > 1:
-        axis.plot(
-            [x for x, _ in front],
-            [y for _, y in front],
-            color="C1",
-            linewidth=1.0,
-            label="non-dominated methods",
-        )
-        axis.legend(fontsize=8)
+        if on_front or row.method in (SINGLE_TASK, REFERENCE_METHOD):
+            axis.annotate(row.method, (x, y), fontsize=9, xytext=(4, 4), textcoords="offset points")
+    line = sorted((x, y) for row, x, y in shown if row.method in front)
+    if len(line) > 1:
+        axis.plot(*zip(*line, strict=True), color="C1", linewidth=1.0, label="non-dominated")
+        axis.legend(fontsize=9)
     arrow = {True: "higher is better", False: "lower is better"}
     axis.set_xlabel(f"{names[first]} ({arrow[directions[first]]})", fontsize=10)
     axis.set_ylabel(f"{names[second]} ({arrow[directions[second]]})", fontsize=10)
     axis.tick_params(labelsize=9)
     axis.grid(alpha=0.3)
     axis.set_title(title or f"{benchmark.name}: task trade-off", fontsize=11)
-    figure.tight_layout()
+    if hidden:
+        note = "not shown (far outside): " + ", ".join(
+            f"{row.method} ({x:.4g}, {y:.4g})" for row, x, y in hidden
+        )
+        figure.text(0.01, 0.01, note, fontsize=8)
+    figure.tight_layout(rect=(0, 0.03 if hidden else 0, 1, 1))
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
     return True
@@ -359,8 +380,12 @@ def plot_conflicts(
     A heatmap (methods × training progress, mean over seeds) stays readable for 25 methods.
     """
     plt = _pyplot()
+    recorded = max(
+        (len(run.diagnostic_steps) for r in runs_by_method.values() for run in r), default=0
+    )
+    bins = max(1, min(CONFLICT_BINS, recorded))
     profiles = {
-        label: _conflict_profile(runs, CONFLICT_BINS)
+        label: _conflict_profile(runs, bins)
         for label, runs in runs_by_method.items()
         if any(run.diagnostic_steps for run in runs)
     }

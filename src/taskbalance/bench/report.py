@@ -420,7 +420,9 @@ def run_metadata(
             "architecture": str(model),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
         },
-        "training": _plain(config.resolved(benchmark.defaults)),
+        "training": _plain(
+            {k: v for k, v in config.resolved(benchmark.defaults).items() if k != "seed"}
+        ),
         "seeds": list(seeds),
         "selection": str(selection),
         "methods": [method_metadata(method, benchmark) for method in methods],
