@@ -116,7 +116,7 @@ class SegNetTrunk(nn.Module):
             x, index = functional.max_pool2d(block(x), 2, 2, return_indices=True)
             indices.append(index)
         for level in reversed(range(len(self.filters))):
-            x = functional.max_unpool2d(x, indices[level], 2, 2)
+            x = functional.max_unpool2d(x, indices[level], (2, 2), (2, 2))
             x = self.decoder[level](x)
         return x
 
