@@ -371,7 +371,8 @@ def normal_angles(pred: Tensor, target: Tensor) -> Tensor:
             pixel.
 
     Returns:
-        A 1-D tensor (float64) with one angle per valid pixel.
+        A 1-D tensor with one angle per valid pixel, in the inputs' precision (at least
+        float32).
 
     Example:
         >>> import torch
@@ -384,11 +385,14 @@ def normal_angles(pred: Tensor, target: Tensor) -> Tensor:
     _check_same_shape(pred, target, "normals")
     if target.dim() < 2:
         raise ValueError(f"normals: expected [N, 3, ...] tensors, got {target.dim()}-d")
-    pred = pred.detach().double()
-    target = target.detach().double()
-    unit = pred / pred.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    cosine = (unit * target).sum(dim=1)[_channel_valid(target)]
-    return torch.rad2deg(torch.acos(cosine.clamp(-1.0, 1.0)))
+    # The precision of the inputs (float32 in the reference code), at 1/5 the cost of float64.
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    pred = pred.detach().to(dtype)
+    target = target.detach().to(dtype)
+    valid = _channel_valid(target)
+    dot = (pred * target).sum(dim=1)[valid]
+    length = (pred * pred).sum(dim=1)[valid].sqrt().clamp_min(1e-12)
+    return torch.rad2deg(torch.acos((dot / length).clamp(-1.0, 1.0)))
 
 
 class _NormalMetric(Accumulator):
