@@ -283,3 +283,10 @@ def test_regression_kpi_and_kpi_required_by_dtp():
     with pytest.raises(ValueError, match="have no kpi"):
         check_method(Method("dtp"), no_kpi)
     check_method(Method("dtp"), benchmark)
+
+
+def test_missing_data_files_are_a_benchmark_error(tmp_path):
+    path = tmp_path / "needs_data.py"
+    path.write_text("def make(data_root=None):\n    return open(f'{data_root}/train.npy', 'rb')\n")
+    with pytest.raises(BenchmarkError, match="No such file"):
+        load_benchmark(f"{path}:make", data_root=str(tmp_path / "absent"))

@@ -714,7 +714,9 @@ def load_benchmark(
 
     Raises:
         BenchmarkError: unknown name, missing file or function, a factory returning something
-            other than a :class:`Benchmark`, or ``data_root`` given to a factory without it.
+            other than a :class:`Benchmark`, ``data_root`` given to a factory without it, or
+            an ``OSError`` raised by the factory (missing data files). A factory that finds a
+            malformed data directory should raise :class:`BenchmarkError` itself.
     """
     factory = resolve_factory(spec)
     offered: dict[str, Any] = {"small": small, "data_seed": data_seed, "data_root": data_root}
@@ -726,7 +728,11 @@ def load_benchmark(
     accepted = {key: value for key, value in offered.items() if takes_all or key in parameters}
     if data_root is not None and "data_root" not in accepted:
         raise BenchmarkError(f"--data-root: benchmark {spec!r} does not read a data directory")
-    built = factory(**accepted)
+    try:
+        built = factory(**accepted)
+    except OSError as error:
+        # Missing or unreadable data files are the user's to fix: one line, not a traceback.
+        raise BenchmarkError(f"--bench {spec!r}: {error}") from error
     if not isinstance(built, Benchmark):
         raise BenchmarkError(
             f"--bench {spec!r}: the factory returned {type(built).__name__}; expected a "
