@@ -69,7 +69,7 @@ def test_create_unknown_hyperparameter(loss_method):
 
 
 def test_dwa_unknown_hyperparameter_lists_accepted_ones():
-    with pytest.raises(TypeError, match=r"\['tempreature'\].*\['temperature', 'window'\]"):
+    with pytest.raises(TypeError, match=r"\['tempreature'\].*'temperature', 'window'\]"):
         tb.create("dwa", num_tasks=2, tempreature=2.0)
 
 
@@ -353,7 +353,7 @@ def test_bad_hyperparameters(name, hparams, error, match):
 def test_every_method_with_hyperparameters_has_bad_hyperparameter_cases():
     covered = {name for name, *_ in BAD_HPARAMS}
     for name in LOSS_METHODS:
-        if tb.hyperparameters(name):
+        if set(tb.hyperparameters(name)) - {"accumulation_steps", "on_nonfinite"}:
             assert name in covered, f"add bad-hyperparameter cases for {name} to BAD_HPARAMS"
 
 

@@ -412,7 +412,7 @@ def test_rejected_calls_change_no_state(update_every):
         with pytest.raises(ValueError, match="features: the tensor does not require grad"):
             b(losses, features=z.detach())
         with pytest.raises(TypeError, match="features: expected a tensor"):
-            b(losses, features=[z])
+            b(losses, features="z")
         with pytest.raises(ValueError, match="losses: the losses do not require grad"):
             b(losses.detach(), features=z)
         with pytest.raises(ValueError, match=r"finite"):

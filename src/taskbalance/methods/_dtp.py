@@ -9,6 +9,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import check_in_range, per_task_values
 
 
@@ -72,7 +73,8 @@ class DTP(Balancer):
         self.register_buffer("smoothed_kpis", torch.ones(self.num_tasks))
         self.register_buffer("has_kpis", torch.zeros((), dtype=torch.bool))
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        kpis = step.kpis
         assert kpis is not None  # the base class has checked them
         if bool(self.has_kpis):
             smoothed = self.smoothing * kpis + (1 - self.smoothing) * self.smoothed_kpis

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import check_positive, check_positive_int
 
 
@@ -62,7 +63,8 @@ class DWA(Balancer):
         self.register_buffer("history", torch.ones(2, self.num_tasks))
         self.register_buffer("periods_done", torch.zeros((), dtype=torch.long))
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         if int(self.periods_done) >= 2:
             ratios = self.history[1] / self.history[0]
             # r/T overflows float32 when a mean loss grows ~1e38-fold between periods; an

@@ -10,6 +10,7 @@ from torch import Tensor
 from taskbalance._adam import AdamState
 from taskbalance._base import Balancer, LossesLike
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import (
     as_loss_vector,
     check_choice,
@@ -119,7 +120,7 @@ class FAMO(Balancer):
         if self._steps_taken == 0:
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
         vector = as_loss_vector(losses, self.num_tasks)
-        statistics, _ = self._reduced(self._checked_values(vector), None)
+        statistics = self._mean_over_ranks(vector)
         self._learn_from(torch.log(self._shifted(statistics)))
 
     def _shifted(self, losses: Tensor) -> Tensor:
@@ -141,7 +142,8 @@ class FAMO(Balancer):
         logit_grad = probabilities * (decrease - (probabilities * decrease).sum())
         self.logits.copy_(self.logit_optimiser.step(self.logits, logit_grad))
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         shifted = self._shifted(losses)
         log_losses = torch.log(shifted)
         if self.delta == "next_step" and self._steps_taken > 0:  # previous losses exist
@@ -151,7 +153,9 @@ class FAMO(Balancer):
         normaliser = (probabilities / shifted).sum()
         return probabilities / (normaliser * shifted)
 
-    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+    def _objective(self, step: Step, weights: Tensor) -> Tensor:
+        losses = step.losses
+        statistics = step.mean_losses
         weighted = (weights.to(losses.dtype) * losses).sum()
         # Shift the value to the paper's Σ (z/c)·log(L − min) without changing the gradient.
         shifted = statistics.to(losses.dtype) - self.min_losses.to(statistics.device) + self.eps

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import per_task_values
 
 
@@ -38,5 +39,5 @@ class Fixed(Balancer):
         self.register_buffer("fixed_weights", torch.tensor(values, dtype=torch.float32))
         self._last_weights.copy_(self.fixed_weights)
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
         return self.fixed_weights.clone()

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance._base import Balancer
+from taskbalance._step import Step
 
 
 class LearnedLogScales(Balancer):
@@ -37,10 +38,13 @@ class LearnedLogScales(Balancer):
     def regulariser(self, log_scales: Tensor) -> Tensor:
         """``r(s)``, per task: what stops the factors collapsing to zero."""
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         return self.loss_factors(self.log_scales.detach()).to(losses.dtype)
 
-    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+    def _objective(self, step: Step, weights: Tensor) -> Tensor:
+        losses = step.losses
+        statistics = step.mean_losses
         log_scales = self.log_scales.to(losses.device)
         factors = self.loss_factors(log_scales).to(losses.dtype)
         statistics = statistics.to(losses.dtype)

@@ -8,6 +8,7 @@ from torch import Tensor
 from taskbalance._base import Balancer
 from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import check_seed
 
 
@@ -45,6 +46,7 @@ class RLW(Balancer):
         self.seed = seed
         self.generator = seeded_generator(seed)
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         logits = torch.randn(self.num_tasks, generator=self.generator)
         return self.num_tasks * torch.softmax(logits, dim=0).to(losses.device)
