@@ -53,7 +53,7 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 
 #: Fingerprint entries are reduced modulo this, so their squares sum exactly in float64.
-_FINGERPRINT_MODULUS = 2**20
+_FINGERPRINT_MODULUS = 2**16
 
 
 def fingerprint_value(value: object) -> int:
@@ -67,7 +67,8 @@ def all_reduce_packed(payload: Tensor, fingerprint: dict[str, int]) -> tuple[Ten
     """Sum ``payload`` over ranks and compare ``fingerprint`` across ranks in the same call.
 
     Each fingerprint entry travels as ``(v, v²)``: after the sum, the entry agrees on every
-    rank exactly when ``mean(v²) = mean(v)²`` (integers below 2²⁰, so float64 sums are exact).
+    rank exactly when ``R·Σv² = (Σv)²`` (Cauchy–Schwarz; integers below 2¹⁶, so the float64
+    sums are exact and the test runs on Python ints).
     One all-reduce of ``len(payload) + 2·len(fingerprint)`` float64 numbers per call.
 
     Returns:
@@ -84,8 +85,11 @@ def all_reduce_packed(payload: Tensor, fingerprint: dict[str, int]) -> tuple[Ten
     size = payload.numel()
     count = len(fingerprint)
     ranks = dist.get_world_size()
-    mean = packed[size : size + count] / ranks
-    mean_square = packed[size + count :] / ranks
-    spread = (mean_square - mean * mean).tolist()
-    differing = [name for name, gap in zip(fingerprint, spread, strict=True) if gap > 0.25]
+    sums = [int(v) for v in packed[size : size + count].tolist()]
+    squares = [int(v) for v in packed[size + count :].tolist()]
+    differing = [
+        name
+        for name, total, square in zip(fingerprint, sums, squares, strict=True)
+        if ranks * square != total * total
+    ]
     return packed[:size], differing
