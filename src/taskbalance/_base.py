@@ -201,6 +201,10 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """Detached ``[K]`` weights of the last call (the initial weights before any call)."""
         return torch.where(self._last_present, self._last_weights, 0).detach().clone()
 
+    # The call runs eagerly inside a compiled training step: it branches on host copies of its
+    # counters and reads K loss values on the host, which under torch.compile would guard on
+    # a new step count (a recompile) at every call. One graph break per call instead.
+    @torch.compiler.disable
     def forward(
         self,
         losses: LossesLike,
