@@ -49,7 +49,7 @@ def constructor_defaults(cls: type) -> dict[str, Any]:
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
-        parameters = inspect.signature(klass.__init__).parameters
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters
         for key, parameter in parameters.items():
             keyword = parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
             if keyword and key not in ("self", "num_tasks") and key not in found:
@@ -390,7 +390,18 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         sums, counts = summed[:K].to(device), summed[K : 2 * K].to(device)
         if float(summed[2 * K]) > 0:
             self._nonfinite_losses(nonfinite)
-            return Step(vector, values, None, local_present, None, False, False, nonfinite=True)
+            return Step(
+                losses=vector,
+                graph_losses=vector,
+                mean_losses=values,
+                kpis=None,
+                present=local_present,
+                local_present=local_present,
+                features=None,
+                advances=False,
+                refresh=False,
+                nonfinite=True,
+            )
         present = counts > 0
         mean = torch.where(present, sums / counts.clamp_min(1), self._last_losses.double())
         reduced_kpis = None

@@ -19,11 +19,13 @@ class Step:
     Attributes:
         losses: the ``[K]`` losses the objective is built from, in the graph, in at least
             float32; an absent task's entry is 0 and passes no gradient.
+        graph_losses: the ``[K]`` losses exactly as given (the Gramian engine's input).
         mean_losses: detached float32 ``[K]`` loss values on the module's device: averaged
             over the ranks that have each task (under DDP); an absent task carries its last
             value forward. What the update rules read.
         kpis: rank-averaged KPIs for methods that read them, else None.
         present: bool ``[K]``, True where some rank has the task's labels in this batch.
+        local_present: bool ``[K]``, True where this rank has the task's labels.
         features: the shared tensors of features mode (a list), or None.
         advances: True when the state advances at this call: the first call of an
             accumulation window. Otherwise the window's weights are reused and nothing changes.
@@ -33,14 +35,14 @@ class Step:
         shared: the shared tensors the task gradients were taken with respect to.
         rows: the per-task gradient blocks ``[K, numel]``, one per tensor of ``shared``.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
-        graph_losses: the ``[K]`` losses exactly as given (the Gramian engine's input).
-        local_present: bool ``[K]``, True where this rank has the task's labels.
     """
 
     losses: Tensor
+    graph_losses: Tensor
     mean_losses: Tensor
     kpis: Tensor | None
     present: Tensor
+    local_present: Tensor
     features: list[Tensor] | None
     advances: bool
     refresh: bool
@@ -48,5 +50,3 @@ class Step:
     shared: list[Tensor] | None = None
     rows: list[Tensor] | None = None
     nonfinite: bool = False
-    graph_losses: Tensor | None = None
-    local_present: Tensor | None = None
