@@ -27,8 +27,20 @@ class GradientBalancer(Balancer):
 
     - features mode (default): pass ``features=z``, the shared representation the task heads
       consume, at every call; ``G`` is taken with respect to ``z`` (MGDA-UB-style, cheap).
-    - parameters mode: give ``params=`` (e.g. ``trunk[-1].parameters()``) at construction;
-      ``G`` is the exact Gramian of the gradients with respect to those parameters.
+      Several shared tensors (multi-scale features, two encoders) go as a list,
+      ``features=[z1, z2]``: ``G`` is the sum of their Gramians, and with
+      ``heads="unweighted"`` each of them receives its own ``J_iᵀw``.
+    - parameters mode: give ``params=`` (e.g. ``trunk[-1].parameters()``, or one tensor) at
+      construction; ``G`` is the exact Gramian of the gradients with respect to those
+      parameters. A deep copy of a model that holds the balancer points the copy's balancer at
+      the copied parameters; a balancer deep-copied on its own keeps copies that no loss
+      reaches.
+
+    Every Gramian, computed or given to ``compute_weights``, follows one rule: a float, K×K,
+    finite matrix, symmetric up to rounding (``(G + Gᵀ)/2`` is used; a larger asymmetry is
+    refused). A step with a task absent (``present=``) reuses the last weights for the
+    present tasks: the rule needs every task's gradient. With ``on_nonfinite="skip"``, a
+    non-finite Gramian (the all-reduced one under DDP, so every rank agrees) skips the step.
 
     Task heads: each method follows its reference code (class attribute ``default_heads``).
 
@@ -55,7 +67,8 @@ class GradientBalancer(Balancer):
         params: shared parameters for parameters mode; None for features mode.
         update_every: recompute the weights every N steps and reuse the last weights in between
             (the Gramian is not even computed then). Nash-MTL's published speed-ups come from
-            exactly this. 1 recomputes at every step.
+            exactly this. 1 recomputes at every step. Steps are optimiser steps: with
+            ``accumulation_steps``, windows of micro-batches.
         gram_dtype: precision of the Gramian, ``torch.float32`` (default) or ``torch.float64``.
         heads: ``"weighted"`` (objective ``Σ w_k L_k``), ``"unweighted"`` (heads get their own
             unweighted gradients, the shared tensors ``Jᵀw``) or None for the method's
