@@ -303,3 +303,8 @@ def test_log_dict_names_weights_losses_and_cosines():
 def test_loop_options_are_hyperparameters_of_every_method(name):
     assert tb.hyperparameters(name)["accumulation_steps"] == 1
     assert tb.hyperparameters(name)["on_nonfinite"] == "raise"
+
+
+def test_famo_negative_loss_points_to_min_losses():
+    with pytest.raises(ValueError, match=r"losses\[1\] = -1.0: famo .* set min_losses= below"):
+        tb.create("famo", num_tasks=2)(torch.tensor([1.0, -1.0], requires_grad=True))

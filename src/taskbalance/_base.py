@@ -451,7 +451,12 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         present = [True] * self.num_tasks if mask is None else mask.tolist()
         nonfinite = {i: v for i, v in enumerate(host) if present[i] and not math.isfinite(v)}
         checked = [v if present[i] and i not in nonfinite else 1.0 for i, v in enumerate(host)]
-        check_loss_values(checked, positive=self.requires_positive_losses, method=self._method_name)
+        # A method with lower bounds on the losses (FAMO's min_losses=) accepts losses <= 0
+        # once its bounds are set below them: say so where a loss is refused.
+        hint = "; or set min_losses= below the losses" if hasattr(self, "min_losses") else ""
+        check_loss_values(
+            checked, positive=self.requires_positive_losses, method=self._method_name, hint=hint
+        )
         return losses.detach().to(dtype=torch.float32), nonfinite
 
     def _mean_over_ranks(self, vector: Tensor) -> Tensor:

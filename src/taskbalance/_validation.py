@@ -156,7 +156,7 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FLOAT32_TINY = 2.0**-149
 
 
-def check_loss_values(values: list[float], *, positive: bool, method: str) -> None:
+def check_loss_values(values: list[float], *, positive: bool, method: str, hint: str = "") -> None:
     """Check host copies of the losses: finite in float32, and > 0 where the method takes logs
     or ratios. Values are given in the losses' own precision, so a float64 loss that float32
     cannot hold is named as such rather than as inf or 0."""
@@ -176,7 +176,7 @@ def check_loss_values(values: list[float], *, positive: bool, method: str) -> No
         if positive and value <= 0:
             raise ValueError(
                 f"losses[{i}] = {value}: {method} takes logs or ratios of the losses, "
-                "so every loss must be > 0"
+                f"so every loss must be > 0{hint}"
             )
 
 
