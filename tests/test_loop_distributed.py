@@ -8,15 +8,14 @@ rank saw (weights, objectives, error messages), and the tests compare the two ra
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import taskbalance as tb
+from conftest import run_ranks
 
 K = 3
 WORLD_SIZE = 2
@@ -116,17 +115,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    tmp = tmp_path_factory.mktemp("ddp_loop")
-    context = mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process run did not finish within 120 s")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("ddp_loop"), WORLD_SIZE)
 
 
 @pytest.mark.parametrize("name", ["famo", "rlw", "dwa"])

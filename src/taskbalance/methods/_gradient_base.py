@@ -153,15 +153,8 @@ class GradientBalancer(Balancer):
             raise TypeError(
                 f"features: expected a tensor or a non-empty list of tensors, got {features!r}"
             )
-        for index, tensor in enumerate(tensors):
-            name = "features" if isinstance(features, Tensor) else f"features[{index}]"
-            if not isinstance(tensor, Tensor):
-                raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
-            if not tensor.requires_grad:
-                raise ValueError(
-                    f"{name}: the tensor does not require grad; pass the shared "
-                    "representation the task heads consume (not a detached copy)"
-                )
+        advice = "pass the shared representation the task heads consume (not a detached copy)"
+        _check_tensors("features", tensors, isinstance(features, Tensor), advice)
         return tensors
 
     def _prepare(self, step: Step) -> None:
@@ -216,6 +209,18 @@ class GradientBalancer(Balancer):
         )
 
 
+def _check_tensors(name: str, tensors: Sequence[object], single: bool, advice: str) -> None:
+    """Each of ``tensors`` is a tensor that requires grad; errors name ``name`` (and index)."""
+    for index, tensor in enumerate(tensors):
+        label = name if single else f"{name}[{index}]"
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{label}: expected a tensor, got {tensor!r}")
+        if not tensor.requires_grad:
+            raise ValueError(
+                f"{label}: the tensor does not require grad (shape {tuple(tensor.shape)}); {advice}"
+            )
+
+
 def _checked(params: Iterable[Tensor] | Tensor) -> list[Tensor]:
     """``params=`` as a list: one tensor is ``[tensor]``; each must be a tensor needing grad."""
     if isinstance(params, Tensor):
@@ -228,14 +233,7 @@ def _checked(params: Iterable[Tensor] | Tensor) -> list[Tensor]:
         listed = list(params)
     if not listed:
         raise ValueError("params: expected at least one shared parameter, got an empty list")
-    for index, param in enumerate(listed):
-        if not isinstance(param, Tensor):
-            raise TypeError(f"params[{index}]: expected a tensor, got {param!r}")
-        if not param.requires_grad:
-            raise ValueError(
-                f"params[{index}]: the tensor (shape {tuple(param.shape)}) does not require "
-                "grad, so no task gradient reaches it"
-            )
+    _check_tensors("params", listed, False, "no task gradient reaches it")
     return listed  # type: ignore[return-value]
 
 
