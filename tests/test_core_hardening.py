@@ -308,3 +308,14 @@ def test_loop_options_are_hyperparameters_of_every_method(name):
 def test_famo_negative_loss_points_to_min_losses():
     with pytest.raises(ValueError, match=r"losses\[1\] = -1.0: famo .* set min_losses= below"):
         tb.create("famo", num_tasks=2)(torch.tensor([1.0, -1.0], requires_grad=True))
+
+
+@pytest.mark.parametrize("name", ["famo", "gradnorm", "upgrad", "dwa"])
+def test_autocast_does_not_change_the_rule(name):
+    """The weight rule runs in the balancer's own precision under a bf16 autocast step."""
+    plain, cast = make_balancer(name, K), make_balancer(name, K)
+    for step in range(4):
+        _good(plain, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _good(cast, step)
+        assert torch.equal(plain.weights, cast.weights)

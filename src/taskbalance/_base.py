@@ -240,8 +240,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         self._prepare(step)
         if step.nonfinite:
             return self._skipped_objective(vector, mask)
-        weights = self._advance(step)
-        return self._objective(step, weights.to(device=vector.device, dtype=step.losses.dtype))
+        weights = self._advance(step).to(device=vector.device, dtype=step.losses.dtype)
+        with torch.autocast(vector.device.type, enabled=False):  # Jᵀw in full precision
+            return self._objective(step, weights)
 
     def compute_weights(
         self,
@@ -388,7 +389,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             )
         device = self._last_weights.device
         sums, counts = summed[:K].to(device), summed[K : 2 * K].to(device)
-        if float(summed[2 * K]) > 0:
+        # Outside a process group this rank's own flag is the answer: no device sync for it.
+        if bool(nonfinite) if world_size() == 1 else float(summed[2 * K]) > 0:
             self._nonfinite_losses(nonfinite)
             return Step(
                 losses=vector,
@@ -426,7 +428,10 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     def _advance(self, step: Step) -> Tensor:
         if step.advances:
-            weights = self._update(step).detach()
+            # The rule's arithmetic is the balancer's own: float32 or better, whatever autocast
+            # the training step runs under.
+            with torch.autocast(step.mean_losses.device.type, enabled=False):
+                weights = self._update(step).detach()
             self._last_weights.copy_(weights)
             self._last_losses.copy_(step.mean_losses)
             self.num_steps.add_(1)
