@@ -319,3 +319,23 @@ def test_autocast_does_not_change_the_rule(name):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _good(cast, step)
         assert torch.equal(plain.weights, cast.weights)
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "old", "new", "attribute"),
+    [
+        ("fixed", "weights", [1.0, 2.0, 3.0], [3.0, 2.0, 1.0], "fixed_weights"),
+        ("dtp", "gamma", 2.0, 1.0, "gamma"),
+        ("famo", "min_losses", 0.0, -1.0, "min_losses"),
+    ],
+)
+def test_an_allowed_hyperparameter_change_takes_the_new_value(name, key, old, new, attribute):
+    """Buffers that hold a hyperparameter keep the new value; the learned state is loaded."""
+    saved = tb.create(name, num_tasks=K, **{key: old})
+    for step in range(3):
+        _good(saved, step)
+    b = tb.create(name, num_tasks=K, **{key: new})
+    expected = getattr(b, attribute).clone()
+    b.allow_changed_hyperparameters(key).load_state_dict(saved.state_dict())
+    assert torch.equal(getattr(b, attribute), expected)
+    assert int(b.num_steps) == 3

@@ -87,6 +87,9 @@ class _BalancerMeta(ABCMeta):
         instance.accumulation_steps = steps
         instance.on_nonfinite = mode
         instance._record_configuration(args, kwargs)
+        # Kept to rebuild the method on a resume that changes a hyperparameter; the shared
+        # parameters (often a one-shot generator) are the model's and hold no hyperparameter.
+        instance._init_arguments = (args, {k: v for k, v in kwargs.items() if k != "params"})
         return instance
 
 
@@ -594,11 +597,46 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         # Loading is all or nothing: everything of this balancer (its submodules included) is
         # checked before the first tensor is copied.
         self._check_loadable(state_dict, prefix)
+        kept = self._hyperparameter_buffers(state_dict[prefix + "_extra_state"])
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        for name, value in kept.items():
+            self._buffers[name].copy_(value)  # type: ignore[union-attr]
         self._steps_taken = int(self.num_steps)
         self._calls_taken = int(self.num_calls)
+
+    def _hyperparameter_buffers(self, saved: dict[str, Any]) -> dict[str, Tensor]:
+        """This balancer's buffers that hold a hyperparameter allowed to change on resume.
+
+        They are found by building the method twice, with the saved and with the new values:
+        the buffers that differ hold them (fixed weights, DTP's γ, FAMO's bounds, ...), and
+        keep the new values rather than the checkpoint's.
+        """
+        changed = {
+            key: saved["hyperparameters"][key]
+            for key in self._allowed_changes
+            if saved["hyperparameters"].get(key) != self.configuration.get(key)
+        }
+        if not changed:
+            return {}
+        args, kwargs = getattr(self, "_init_arguments", ((), {}))
+        new = dict(kwargs)
+        try:
+            fresh_new = type(self)(*args, **new)
+            fresh_saved = type(self)(*args, **{**new, **changed})
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"state_dict: cannot rebuild {self._method_name} with the saved values "
+                f"{changed} to tell which buffers hold them: {error}"
+            ) from error
+        saved_buffers = dict(fresh_saved.named_buffers(recurse=False))
+        return {
+            name: buffer.detach().clone()
+            for name, buffer in fresh_new.named_buffers(recurse=False)
+            if not torch.equal(buffer, saved_buffers[name])
+            and torch.equal(buffer, self._buffers[name])  # type: ignore[arg-type]
+        }
 
     def _check_loadable(self, state_dict: Any, prefix: str) -> None:
         what = f"state_dict: cannot load into {self._method_name} (num_tasks={self.num_tasks})"
