@@ -339,3 +339,33 @@ def test_an_allowed_hyperparameter_change_takes_the_new_value(name, key, old, ne
     b.allow_changed_hyperparameters(key).load_state_dict(saved.state_dict())
     assert torch.equal(getattr(b, attribute), expected)
     assert int(b.num_steps) == 3
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda"])
+def test_two_threads_sharing_a_balancer_keep_their_calls_apart(name):
+    """Item 9: per-call tensors live in the call's Step, not on the module, so concurrent calls
+    cannot read each other's task gradients."""
+    import threading
+
+    b = tb.create(name, num_tasks=2)
+    errors: list[Exception] = []
+
+    def work(seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        try:
+            for _ in range(20):
+                z = torch.randn(5, 3, generator=generator, requires_grad=True)
+                losses = torch.stack([(z**2).sum(), (z[:, 0] * 3).sum()])
+                objective = b(losses, features=z)
+                objective.backward()
+                assert z.grad is not None
+                assert bool(torch.isfinite(z.grad).all())
+        except Exception as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
