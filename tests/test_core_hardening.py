@@ -369,3 +369,12 @@ def test_two_threads_sharing_a_balancer_keep_their_calls_apart(name):
     for thread in threads:
         thread.join()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("name", POSITIVE_METHODS)
+def test_tiny_positive_float32_loss_is_refused_before_an_inf_weight(name):
+    b = make_balancer(name, K)
+    before = snapshot(b)
+    with pytest.raises(ValueError, match=r"losses\[1\] = 9[.0-9]*e-41: .* 1/L overflows float32"):
+        call(b, torch.tensor([1.0, 1e-40, 2.0], requires_grad=True))
+    assert_same_state(before, snapshot(b))

@@ -173,6 +173,12 @@ def check_loss_values(values: list[float], *, positive: bool, method: str, hint:
                 f"losses[{i}] = {value:g} does not fit in float32 (it rounds to 0) and "
                 f"{method} takes logs or ratios of the losses; every loss must be > 0 in float32"
             )
+        if positive and 0 < value < 1 / _FLOAT32_MAX:
+            raise ValueError(
+                f"losses[{i}] = {value:g}: {method} takes logs or ratios of the losses, and "
+                f"1/L overflows float32 below {1 / _FLOAT32_MAX:.3g}; add a small constant to "
+                "the loss"
+            )
         if positive and value <= 0:
             raise ValueError(
                 f"losses[{i}] = {value}: {method} takes logs or ratios of the losses, "
