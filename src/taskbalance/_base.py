@@ -9,6 +9,7 @@ accumulation, clipping and torch.compile all expect.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from abc import ABC, ABCMeta, abstractmethod
@@ -22,6 +23,7 @@ from taskbalance._distributed import (
     all_reduce_mean,
     all_reduce_packed,
     fingerprint_value,
+    is_distributed,
     world_size,
 )
 from taskbalance._step import Step
@@ -69,6 +71,13 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_canonical(item) for item in value]
     return value
+
+
+def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for the balancer's own arithmetic (a no-op when autocast is off)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _BalancerMeta(ABCMeta):
@@ -244,7 +253,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         if step.nonfinite:
             return self._skipped_objective(vector, mask)
         weights = self._advance(step).to(device=vector.device, dtype=step.losses.dtype)
-        with torch.autocast(vector.device.type, enabled=False):  # Jᵀw in full precision
+        with _own_precision(vector.device.type):  # Jᵀw in full precision
             return self._objective(step, weights)
 
     def compute_weights(
@@ -370,30 +379,24 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         shared: list[Tensor] | None,
     ) -> Step:
         """Reduce the call's statistics over ranks (one all-reduce) and decide the step."""
-        K = self.num_tasks
-        local_present = torch.ones(K, dtype=torch.bool, device=values.device)
-        if mask is not None:
-            local_present = mask.to(values.device)
-        usable = local_present & torch.isfinite(values)
-        payload = [
-            torch.where(usable, values, 0).double(),
-            local_present.double(),
-            values.new_tensor([float(bool(nonfinite))], dtype=torch.float64),
-        ]
-        if kpis is not None:
-            payload.append(kpis.double())
-        summed, differing = all_reduce_packed(torch.cat(payload), self._fingerprint())
-        if differing:
-            raise ValueError(
-                f"DDP ranks disagree on {differing}: on this rank "
-                + ", ".join(f"{name}={self._fingerprint_fields()[name]!r}" for name in differing)
-                + ". Every rank must create the balancer with the same method, num_tasks and "
-                "hyperparameters (and load the same state), and call it at every step"
-            )
         device = self._last_weights.device
-        sums, counts = summed[:K].to(device), summed[K : 2 * K].to(device)
-        # Outside a process group this rank's own flag is the answer: no device sync for it.
-        if bool(nonfinite) if world_size() == 1 else float(summed[2 * K]) > 0:
+        local_present = (
+            torch.ones(self.num_tasks, dtype=torch.bool, device=values.device)
+            if mask is None
+            else mask.to(values.device)
+        )
+        if is_distributed():
+            any_nonfinite, mean, present, all_present, kpis = self._reduced(
+                values, local_present, kpis, bool(nonfinite)
+            )
+        else:  # this rank's own numbers: no packing, no device sync
+            any_nonfinite, all_present = bool(nonfinite), mask is None or bool(mask.all())
+            present = local_present.to(device)
+            mean = values.to(device)
+            if not all_present:
+                mean = torch.where(present, mean, self._last_losses)
+            kpis = None if kpis is None else kpis.to(device)
+        if any_nonfinite:
             self._nonfinite_losses(nonfinite)
             return Step(
                 losses=vector,
@@ -407,43 +410,80 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 refresh=False,
                 nonfinite=True,
             )
-        present = counts > 0
-        mean = torch.where(present, sums / counts.clamp_min(1), self._last_losses.double())
-        reduced_kpis = None
-        if kpis is not None:
-            reduced_kpis = (summed[2 * K + 1 :] / world_size()).to(device=device)
-            reduced_kpis = reduced_kpis.to(torch.float32)
         # float32 at least: a float16 objective overflows once a weight passes 65504.
-        dtype = torch.promote_types(vector.dtype, torch.float32)
+        losses = vector.to(torch.promote_types(vector.dtype, torch.float32))
         step = Step(
-            losses=torch.where(local_present, vector, 0).to(dtype),
-            mean_losses=mean.to(torch.float32),
-            kpis=reduced_kpis,
+            losses=losses if mask is None else torch.where(local_present, losses, 0),
+            mean_losses=mean,
+            kpis=kpis,
             present=present,
             features=shared,
             advances=self._calls_taken % self.accumulation_steps == 0,
             refresh=False,
             graph_losses=vector,
-            local_present=local_present,
+            local_present=None if mask is None else local_present,
+            all_present=all_present,
         )
         step.refresh = step.advances and self._refreshes(step)
         return step
+
+    def _reduced(
+        self, values: Tensor, local_present: Tensor, kpis: Tensor | None, nonfinite: bool
+    ) -> tuple[bool, Tensor, Tensor, bool, Tensor | None]:
+        """One all-reduce: loss sums and counts of the ranks that have each task, KPIs, the
+        non-finite flag and the configuration fingerprint (checked first)."""
+        K = self.num_tasks
+        payload = [
+            torch.where(local_present & torch.isfinite(values), values, 0).double(),
+            local_present.double(),
+            values.new_tensor([float(nonfinite)], dtype=torch.float64),
+        ]
+        if kpis is not None:
+            payload.append(kpis.double())
+        summed, differing = all_reduce_packed(torch.cat(payload), self._fingerprint())
+        if differing:
+            fields = self._fingerprint_fields()
+            raise ValueError(
+                f"DDP ranks disagree on {differing}: on this rank "
+                + ", ".join(f"{name}={fields[name]!r}" for name in differing)
+                + ". Every rank must create the balancer with the same method, num_tasks and "
+                "hyperparameters (and load the same state), and call it at every step"
+            )
+        device = self._last_weights.device
+        summed = summed.to(device)
+        sums, counts = summed[:K], summed[K : 2 * K]
+        present = counts > 0
+        mean = torch.where(present, sums / counts.clamp_min(1), self._last_losses.double())
+        reduced_kpis = None
+        if kpis is not None:
+            reduced_kpis = (summed[2 * K + 1 :] / world_size()).to(torch.float32)
+        host = counts.tolist()
+        return (
+            float(summed[2 * K]) > 0,
+            mean.to(torch.float32),
+            present,
+            all(count > 0 for count in host),
+            reduced_kpis,
+        )
 
     def _advance(self, step: Step) -> Tensor:
         if step.advances:
             # The rule's arithmetic is the balancer's own: float32 or better, whatever autocast
             # the training step runs under.
-            with torch.autocast(step.mean_losses.device.type, enabled=False):
+            with _own_precision(step.mean_losses.device.type):
                 weights = self._update(step).detach()
             self._last_weights.copy_(weights)
             self._last_losses.copy_(step.mean_losses)
             self.num_steps.add_(1)
-            self._steps_taken += 1
+            # Plain attributes: nn.Module.__setattr__'s checks cost more than the rest of a step.
+            object.__setattr__(self, "_steps_taken", self._steps_taken + 1)
         else:
             weights = self._last_weights.clone()
         self._last_present.copy_(step.present)
         self.num_calls.add_(1)
-        self._calls_taken += 1
+        object.__setattr__(self, "_calls_taken", self._calls_taken + 1)
+        if step.all_present:
+            return weights
         return torch.where(step.present.to(weights.device), weights, 0)
 
     def _checked_values(

@@ -25,7 +25,8 @@ class Step:
             value forward. What the update rules read.
         kpis: rank-averaged KPIs for methods that read them, else None.
         present: bool ``[K]``, True where some rank has the task's labels in this batch.
-        local_present: bool ``[K]``, True where this rank has the task's labels.
+        local_present: bool ``[K]``, True where this rank has the task's labels; None when
+            no ``present=`` mask was given (every task present).
         features: the shared tensors of features mode (a list), or None.
         advances: True when the state advances at this call: the first call of an
             accumulation window. Otherwise the window's weights are reused and nothing changes.
@@ -35,6 +36,7 @@ class Step:
         shared: the shared tensors the task gradients were taken with respect to.
         rows: the per-task gradient blocks ``[K, numel]``, one per tensor of ``shared``.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
+        all_present: True when every task is present (a host copy of ``present.all()``).
     """
 
     losses: Tensor
@@ -42,7 +44,7 @@ class Step:
     mean_losses: Tensor
     kpis: Tensor | None
     present: Tensor
-    local_present: Tensor
+    local_present: Tensor | None
     features: list[Tensor] | None
     advances: bool
     refresh: bool
@@ -50,3 +52,4 @@ class Step:
     shared: list[Tensor] | None = None
     rows: list[Tensor] | None = None
     nonfinite: bool = False
+    all_present: bool = True

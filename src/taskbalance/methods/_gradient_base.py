@@ -114,7 +114,7 @@ class GradientBalancer(Balancer):
     def _refreshes(self, step: Step) -> bool:
         # Every task's gradient is needed to recompute: a step with an absent task reuses the
         # last weights for the present ones, as between two update_every refreshes.
-        return self._steps_taken % self.update_every == 0 and bool(step.present.all())
+        return self._steps_taken % self.update_every == 0 and step.all_present
 
     def _update(self, step: Step) -> Tensor:
         if not step.refresh:
@@ -166,7 +166,7 @@ class GradientBalancer(Balancer):
         # Once a graph needed the loop (path False), stop retrying the batched backward.
         if path is False:
             self._batched_backward = False
-        if not bool(step.local_present.all()):  # an absent task's loss may be NaN
+        if step.local_present is not None:  # an absent task's loss may be NaN
             keep = step.local_present[:, None].to(rows[0].device)
             rows = [torch.where(keep, row, 0) for row in rows]
         step.shared, step.rows = step.features, rows
