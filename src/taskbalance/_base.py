@@ -137,6 +137,16 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     A call that is rejected (wrong number of tasks, KPIs outside [0, 1], ...) raises before any
     state changes.
 
+    Precision: the objective is built in float32 at least (a float16 objective overflows once a
+    weight passes 65504), the rule runs outside autocast, and ``.half()``/``.double()`` on a
+    model holding the balancer leave the balancer's own state in its dtypes (``.to(device)``
+    moves it as usual).
+
+    State: ``state_dict()`` carries the method name, K and the hyperparameters
+    (``b.configuration``); ``load_state_dict`` checks all of it, and every tensor's shape,
+    dtype and values, before copying anything, and refuses a mismatch naming it. To change a
+    hyperparameter on resume, call :meth:`allow_changed_hyperparameters` first.
+
     Under ``torch.distributed``, the loss statistics and KPIs that drive the weights are
     averaged over the process group (in calls and in ``compute_weights`` alike), so every rank
     computes the same weights. That one all-reduce also carries a fingerprint of each rank's
