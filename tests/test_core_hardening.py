@@ -378,3 +378,16 @@ def test_tiny_positive_float32_loss_is_refused_before_an_inf_weight(name):
     with pytest.raises(ValueError, match=r"losses\[1\] = 9[.0-9]*e-41: .* 1/L overflows float32"):
         call(b, torch.tensor([1.0, 1e-40, 2.0], requires_grad=True))
     assert_same_state(before, snapshot(b))
+
+
+def test_signature_shows_the_method_keywords_and_the_loop_options():
+    import inspect
+
+    parameters = inspect.signature(tb.DWA).parameters
+    assert list(parameters) == [
+        "num_tasks",
+        "temperature",
+        "window",
+        "accumulation_steps",
+        "on_nonfinite",
+    ]

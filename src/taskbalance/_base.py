@@ -83,6 +83,24 @@ def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
 class _BalancerMeta(ABCMeta):
     """Takes the loop options off the constructor call, so every method accepts them."""
 
+    def __init__(cls, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # What inspect.signature (help(), IDEs, the docs) shows: the method's own __init__
+        # plus the loop options, rather than this metaclass's (*args, **kwargs).
+        init = inspect.signature(cls.__init__)  # type: ignore[misc]
+        own = list(init.parameters.values())[1:]
+        names = {parameter.name for parameter in own}
+        loop = [
+            inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default)
+            for key, default in LOOP_OPTIONS.items()
+            if key not in names
+        ]
+        variadic = [p for p in own if p.kind is inspect.Parameter.VAR_KEYWORD]
+        fixed = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        cls.__signature__ = init.replace(
+            parameters=fixed + loop + variadic, return_annotation=inspect.Signature.empty
+        )
+
     def __call__(
         cls,
         *args: Any,
