@@ -391,3 +391,14 @@ def test_signature_shows_the_method_keywords_and_the_loop_options():
         "accumulation_steps",
         "on_nonfinite",
     ]
+
+
+def test_state_loads_with_weights_only(tmp_path):
+    import numpy as np
+
+    b = tb.create("fixed", num_tasks=2, weights=[np.float64(0.5), 2], accumulation_steps=2)
+    _ = b(torch.ones(2, requires_grad=True))
+    torch.save(b.state_dict(), tmp_path / "state.pt")
+    other = tb.create("fixed", num_tasks=2, weights=[0.5, 2.0], accumulation_steps=2)
+    other.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert int(other.num_calls) == 1

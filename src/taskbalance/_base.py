@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
 from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
@@ -70,6 +71,11 @@ def _canonical(value: Any) -> Any:
         return str(value)
     if isinstance(value, (list, tuple)):
         return [_canonical(item) for item in value]
+    # numpy scalars and the like: plain numbers, so a checkpoint loads with weights_only=True
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
     return value
 
 
