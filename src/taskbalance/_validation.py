@@ -7,6 +7,7 @@ was given and what was expected, so a user can fix the call without reading our 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -175,15 +176,25 @@ def check_loss_values(values: list[float], *, positive: bool, method: str, hint:
             )
         if positive and 0 < value < 1 / _FLOAT32_MAX:
             raise ValueError(
-                f"losses[{i}] = {value:g}: {method} takes logs or ratios of the losses, and "
-                f"1/L overflows float32 below {1 / _FLOAT32_MAX:.3g}; add a small constant to "
-                "the loss"
+                f"losses[{i}] = {_shortest_float32(value)}: {method} takes logs or ratios of "
+                f"the losses, and 1/L overflows float32 below {1 / _FLOAT32_MAX:.3g}; add a "
+                "small constant to the loss"
             )
         if positive and value <= 0:
             raise ValueError(
                 f"losses[{i}] = {value}: {method} takes logs or ratios of the losses, "
                 f"so every loss must be > 0{hint}"
             )
+
+
+def _shortest_float32(value: float) -> str:
+    """The shortest decimal naming the same float32 as ``value`` (1e-40, not 9.99995e-41)."""
+    packed = struct.pack("f", value)
+    for digits in range(1, 10):
+        shown = f"{value:.{digits}g}"
+        if struct.pack("f", float(shown)) == packed:
+            return shown
+    return repr(value)
 
 
 def as_present_mask(
