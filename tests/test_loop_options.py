@@ -256,3 +256,18 @@ def test_features_list_with_a_detached_tensor_names_it():
     z = torch.ones(2, requires_grad=True)
     with pytest.raises(ValueError, match=r"features\[1\]: the tensor does not require grad"):
         b(torch.stack([z.sum(), (2 * z).sum()]), features=[z, z.detach()])
+
+
+def test_a_skipped_micro_batch_keeps_the_windows_aligned():
+    """A GradScaler skip inside a window must not shift every later window by one call."""
+    b = tb.create("dwa", num_tasks=K, window=1, accumulation_steps=3, on_nonfinite="skip")
+    reference = tb.create("dwa", num_tasks=K, window=1, accumulation_steps=3)
+    for window in range(4):
+        for micro in range(3):
+            losses = losses_for(10 * window + micro, K)
+            reference(losses.clone().requires_grad_(True))
+            if window == 1 and micro == 1:
+                losses[0] = math.inf
+            b(losses.requires_grad_(True))
+            assert torch.equal(b.weights, reference.weights), (window, micro)
+    assert int(b.num_steps) == int(reference.num_steps) == 4

@@ -218,7 +218,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             loss differences, RLW's draws) counts optimiser steps, not micro-batches.
         on_nonfinite: ``"raise"`` (default) refuses a call whose losses or task gradients are
             not finite; ``"skip"`` returns a NaN objective instead (its backward gives NaN
-            gradients, so GradScaler skips the step) and changes no state, on every rank.
+            gradients, so GradScaler skips the step) and changes no state, on every rank
+            (with ``accumulation_steps > 1`` the call still takes its place in its window, so
+            the windows stay aligned with the optimiser steps).
     """
 
     #: Registry name, set by :func:`taskbalance.register`.
@@ -344,6 +346,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         checked_gram = self._check_gram(gram) if self.requires_gram else None
         step = self._step(vector, values, mask, local_kpis, nonfinite, None)
         if step.nonfinite:
+            self._count_skipped_call()
             return torch.full((self.num_tasks,), math.nan)
         step.gram = None if checked_gram is None else checked_gram.to(step.mean_losses.device)
         return self._advance(step)
@@ -607,9 +610,17 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             return (weights * vector.to(dtype)).sum()
         return (torch.where(mask, weights, 0) * torch.where(mask, vector, 0).to(dtype)).sum()
 
+    def _count_skipped_call(self) -> None:
+        """With accumulation, a skipped call still takes its place in the window (nothing else
+        changes), so the windows stay aligned with the optimiser steps of the user's loop."""
+        if self.accumulation_steps > 1:
+            self.num_calls.add_(1)
+            object.__setattr__(self, "_calls_taken", self._calls_taken + 1)
+
     def _skipped_objective(self, vector: Tensor, mask: Tensor | None) -> Tensor:
         """A NaN objective in the graph: its backward gives NaN gradients, which GradScaler
         (or any finite check) skips; every rank returns one, so all ranks skip together."""
+        self._count_skipped_call()
         kept = vector if mask is None else torch.where(mask, vector, 0)
         return kept.to(torch.promote_types(vector.dtype, torch.float32)).sum() * math.nan
 
