@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("method", ["mgda", "upgrad"])  # heads "weighted" and "unweighted"
+# heads="weighted" and heads="unweighted"; each run spawns two processes (~10 s on 2 cores)
+@pytest.mark.parametrize("method", ["mgda", pytest.param("upgrad", marks=pytest.mark.slow)])
 def test_ddp_find_unused_parameters_pattern_and_pitfall(method):
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "ddp_unused_parameters.py"), method],
