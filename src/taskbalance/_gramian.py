@@ -420,8 +420,8 @@ def _refuse_sharded(inputs: Sequence[Tensor], names: Sequence[str]) -> None:
                 f"{name}: a sharded DTensor (placements {tuple(tensor.placements)}, e.g. a "
                 "parameter of a module under FSDP2 fully_shard): the forward runs on gathered "
                 "copies, so autograd cannot give the task gradients with respect to the shards. "
-                "Use features mode (b(losses, features=z), the tensor the heads consume, which "
-                "works under FSDP2), or list parameters of a module left out of fully_shard."
+                "Use features mode instead (b(losses, features=z), the tensor the heads "
+                "consume), which works under FSDP2: see examples/fsdp.py."
             )
 
 
