@@ -511,10 +511,20 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str, K: int) -> None:
         losses, z = model.losses(x, y)
         G_features = gramian(losses, z)
         G_params = gramian(losses, list(model.trunk.parameters()))
+        # The same features in two pieces the heads read (features=[z_a, z_b]): the same G.
+        h = model.trunk(x)
+        z_a, z_b = h[:, :3], h[:, 3:]
+        split_losses = torch.stack(
+            [
+                ((head(torch.cat([z_a, z_b], 1)) - y[:, k : k + 1]) ** 2).mean() * (1.0 + 0.5 * k)
+                for k, head in enumerate(model.heads)
+            ]
+        )
+        G_list = tb.gramian(split_losses, features=[z_a, z_b])
         b = Probe(K)
         b(losses, features=z).backward()
         torch.save(
-            {"features": G_features, "params": G_params, "weights": b.weights},
+            {"features": G_features, "params": G_params, "list": G_list, "weights": b.weights},
             f"{out_dir}/rank{rank}.pt",
         )
     finally:
@@ -559,7 +569,8 @@ def test_ddp_gramian_is_the_global_gramian(tmp_path: Path):
             result["features"].double(), expected_features, rtol=1e-5, atol=1e-7
         )
         torch.testing.assert_close(result["params"].double(), expected_params, rtol=1e-5, atol=1e-7)
-    for key in ("features", "params", "weights"):
+        torch.testing.assert_close(result["list"].double(), expected_features, rtol=1e-5, atol=1e-7)
+    for key in ("features", "params", "list", "weights"):
         assert torch.equal(results[0][key], results[1][key]), key
 
 

@@ -444,9 +444,10 @@ def _all_finite(rows: Sequence[Tensor]) -> bool:
 
 
 def _unscaled(row: Tensor, scale: float) -> Tensor:
-    # Float32 at least, so that dividing by the scale cannot underflow a float16 row again.
+    # Float32 at least, so that dividing by the scale cannot underflow a float16 row again. The
+    # rows are the engine's own tensors (stacked, or fresh from autograd): divide in place.
     wide = row.to(torch.float64 if row.dtype == torch.float64 else torch.float32)
-    return wide if scale == 1.0 else wide / scale
+    return wide if scale == 1.0 else wide.div_(scale)
 
 
 def _per_task_edges(losses: Tensor, num_tasks: int) -> list[GradientEdge | None] | None:
