@@ -107,26 +107,35 @@ def train_single_process(method: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(history), torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def main() -> None:
-    method = sys.argv[1] if len(sys.argv) > 1 else "mgda"
-    with tempfile.TemporaryDirectory() as folder:
-        store = str(Path(folder) / "store")
-        mp.spawn(train_rank, args=(method, store, folder), nprocs=WORLD_SIZE)
-        ranks = [torch.load(Path(folder) / f"{rank}.pt") for rank in range(WORLD_SIZE)]
+def compare_with_single_process(method: str, ranks: list[dict]) -> bool:
+    """Print how the ranks' weights and models compare with the single-process run."""
     weights, parameters = train_single_process(method)
-    refused = all(rank["refused"] for rank in ranks)
     same_ranks = torch.equal(ranks[0]["weights"], ranks[1]["weights"])
     error = max(
         (ranks[0]["weights"] - weights).abs().max().item(),
         (ranks[0]["parameters"] - parameters).abs().max().item(),
     )
-    matches = error <= 1e-5
     print(f"{method}: weights of the last step {[round(w, 4) for w in weights[-1].tolist()]}")
-    print(f"z from the DDP outputs refused on every rank: {refused}")
     print(f"identical weights on both ranks at every step: {same_ranks}")
     print(f"largest difference from the single-process run: {error:.2e}")
-    print(f"weights and model equal the single-process run: {matches}")
-    if not (refused and same_ranks and matches):
+    print(f"weights and model equal the single-process run: {error <= 1e-5}")
+    return same_ranks and error <= 1e-5
+
+
+def spawn(train_rank, method: str) -> list[dict]:
+    """Run ``train_rank(rank, method, store, folder)`` on WORLD_SIZE processes; their results."""
+    with tempfile.TemporaryDirectory() as folder:
+        store = str(Path(folder) / "store")
+        mp.spawn(train_rank, args=(method, store, folder), nprocs=WORLD_SIZE)
+        return [torch.load(Path(folder) / f"{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def main() -> None:
+    method = sys.argv[1] if len(sys.argv) > 1 else "mgda"
+    ranks = spawn(train_rank, method)
+    refused = all(rank["refused"] for rank in ranks)
+    print(f"z from the DDP outputs refused on every rank: {refused}")
+    if not (compare_with_single_process(method, ranks) and refused):
         raise SystemExit(1)
 
 

@@ -21,9 +21,10 @@ import taskbalance as tb
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(*args: str) -> str:
+def run_example(script: str, *args: str) -> str:
+    """Run ``examples/<script>`` in a fresh interpreter; its stdout, after checking it passed."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "compile_model.py"), *args],
+        [sys.executable, str(ROOT / "examples" / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -46,12 +47,15 @@ def check_output(stdout: str, tolerance: float) -> None:
 def test_compiled_trunk_and_heads_train_like_eager_aot_eager():
     # aot_eager traces through AOTAutograd like inductor (the same CompiledFunction node that
     # hides z), without generating C++: the weights equal eager ones to float32 rounding.
-    check_output(run_example("--backend", "aot_eager", "--method", "upgrad"), tolerance=1e-6)
+    check_output(
+        run_example("compile_model.py", "--backend", "aot_eager", "--method", "upgrad"),
+        tolerance=1e-6,
+    )
 
 
 @pytest.mark.slow
 def test_compiled_trunk_and_heads_train_like_eager_inductor():
-    check_output(run_example("--backend", "inductor"), tolerance=1e-5)
+    check_output(run_example("compile_model.py", "--backend", "inductor"), tolerance=1e-5)
 
 
 def test_whole_model_compile_pitfall_raises_in_process():

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import taskbalance as tb
 from taskbalance._gramian import gramian_from_rows, jacobian_rows
+from test_gramian import reference_gramian
 
 
 def two_scale_problem(K: int = 3, seed: int = 0):
@@ -25,34 +26,17 @@ def two_scale_problem(K: int = 3, seed: int = 0):
     return torch.stack(parts), z1, z2
 
 
-def reference(losses: Tensor, inputs: list[Tensor]) -> Tensor:
-    """float64 ``J Jᵀ`` of the concatenated per-task gradients, one autograd call per task."""
-    rows = []
-    for k in range(losses.shape[0]):
-        grads = torch.autograd.grad(losses[k], inputs, retain_graph=True, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [
-                    torch.zeros(t.numel(), dtype=torch.float64)
-                    if g is None
-                    else g.reshape(-1).double()
-                    for g, t in zip(grads, inputs, strict=True)
-                ]
-            )
-        )
-    jac = torch.stack(rows)
-    return jac @ jac.T
-
-
 @pytest.mark.parametrize("batched", [None, True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_features_list_is_the_gramian_of_the_concatenation(batched, dtype):
     losses, z1, z2 = two_scale_problem()
     G = tb.gramian(losses, features=[z1, z2], dtype=dtype, batched=batched)
     assert G.dtype == dtype
-    torch.testing.assert_close(G.double(), reference(losses, [z1, z2]), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(
+        G.double(), reference_gramian(losses, [z1, z2]), rtol=1e-5, atol=1e-8
+    )
     # It is the sum of the per-tensor Gramians.
-    parts = tb.gramian(losses, features=z1, dtype=dtype).double() + reference(losses, [z2])
+    parts = tb.gramian(losses, features=z1, dtype=dtype).double() + reference_gramian(losses, [z2])
     torch.testing.assert_close(G.double(), parts, rtol=1e-5, atol=1e-8)
     # Task 0 reads z1 only: fine in the list, but alone z2 leaves task 0 outside the graph.
     with pytest.raises(ValueError, match=r"^losses\[0\]: this task's loss reaches none"):
@@ -69,7 +53,7 @@ def test_engine_signatures_the_balancer_uses_take_a_list_of_features():
     rows, _ = jacobian_rows(losses, [z1, z2], batched=None)
     assert [row.shape for row in rows] == [(3, z1.numel()), (3, z2.numel())]
     G = gramian_from_rows(rows, features_mode=True, dtype=torch.float64)
-    torch.testing.assert_close(G, reference(losses, [z1, z2]), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(G, reference_gramian(losses, [z1, z2]), rtol=1e-5, atol=1e-8)
 
 
 def test_a_listed_feature_no_head_reads_is_refused_by_index():

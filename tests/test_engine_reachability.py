@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import taskbalance as tb
 from conftest import GRADIENT_METHODS, assert_same_state, make_balancer, snapshot
 from taskbalance._gramian import gramian_from_rows, jacobian_rows
+from test_gramian import reference_gramian
 
 PATHS = [None, True, False]  # default (per-task edges for a stack), batched, looped
 
@@ -26,24 +27,6 @@ def problem(K: int = 3, seed: int = 0):
     z = trunk(x)
     losses = torch.stack([(head(z) ** 2).mean() * (k + 1) for k, head in enumerate(heads)])
     return trunk, heads, x, z, losses
-
-
-def reference_gramian(losses: Tensor, inputs: list[Tensor]) -> Tensor:
-    rows = []
-    for k in range(losses.shape[0]):
-        grads = torch.autograd.grad(losses[k], inputs, retain_graph=True, allow_unused=True)
-        rows.append(
-            torch.cat(
-                [
-                    torch.zeros(t.numel(), dtype=torch.float64)
-                    if g is None
-                    else g.reshape(-1).double()
-                    for g, t in zip(grads, inputs, strict=True)
-                ]
-            )
-        )
-    jac = torch.stack(rows)
-    return jac @ jac.T
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,9 +7,6 @@ one process, on a one-rank mesh.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,24 +15,15 @@ import torch.distributed as dist
 from torch import nn
 
 import taskbalance as tb
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_compile import run_example
 
 
 @pytest.mark.slow
 def test_fsdp2_features_mode_equals_single_process_and_params_mode_is_refused():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "fsdp.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"},
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "parameters mode with sharded parameters refused on every rank: True" in result.stdout
-    assert "identical weights on both ranks at every step: True" in result.stdout
-    assert "weights and model equal the single-process run: True" in result.stdout
+    stdout = run_example("fsdp.py")
+    assert "parameters mode with sharded parameters refused on every rank: True" in stdout
+    assert "identical weights on both ranks at every step: True" in stdout
+    assert "weights and model equal the single-process run: True" in stdout
 
 
 def test_sharded_dtensor_parameters_are_refused_naming_params(tmp_path: Path):
