@@ -37,16 +37,19 @@ would make every method return meaningless weights. The usual causes: a whole-mo
 tensor the heads read: compile the trunk and the heads separately, or take ``z`` from inside
 the forward; see ``examples/compile_model.py`` and ``examples/ddp_unused_parameters.py``), a
 tensor the heads do not read, a task without labels (pass ``present=``). Per-task detection is
-exact on the per-edge path; for a loss vector made by one operation (not a stack) a task whose
-row is all zero cannot be told apart from a zero gradient, and only inputs that no task
-reaches are refused.
+exact whenever the losses were stacked (on the batched and looped paths, a task whose rows are
+all zero gets one confirming backward from its own edge); for a loss vector made by one
+operation a task whose row is all zero cannot be told apart from a zero gradient, and only
+inputs that no task reaches are refused.
 
 Precision: each backward's ``grad_outputs`` are scaled by a power of two (``2**16``, as
-GradScaler starts; on overflow to inf or NaN it retries at ``2**8``, then 1), and the rows
+GradScaler starts, ``2**14`` for float16 losses; on overflow to inf or NaN it retries at
+``2**8``, then 1), and the rows
 are unscaled in float32 (float64 for float64 graphs). Under float16 autocast this keeps small
 per-task gradients (a loss averaged over 32k samples, or weighted by 0.01) out of float16's
 subnormal range, where half of them would flush to zero and ``G`` would be off by 5%; in
-float32, bfloat16 and float64 scaling by a power of two changes no bit. ``G`` is then
+float32, bfloat16 and float64 scaling by a power of two changes no bit (unless a gradient was
+subnormal, which then gains precision). ``G`` is then
 accumulated with autocast disabled in float32 (or float64, as asked). A backward hook
 registered on an intermediate tensor sees the scaled gradients of these passes.
 
@@ -489,13 +492,9 @@ def _stack_rows(
     filled = _filled(per_task, inputs)
     rows = []
     for index, tensor in enumerate(inputs):
-        blocks = [
-            torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-            if grads[index] is None
-            else grads[index].reshape(-1)
-            for grads in filled
-        ]
-        rows.append(torch.stack(blocks))
+        zero = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        grads = [task_grads[index] for task_grads in filled]
+        rows.append(torch.stack([zero if grad is None else grad.reshape(-1) for grad in grads]))
     return rows
 
 
