@@ -262,6 +262,14 @@ def test_genuinely_infinite_gradients_stay_infinite_after_the_retries(monkeypatc
     assert len(calls) == 2 * 3  # scales 2¹⁶, 2⁸ and 1, then it gives up
 
 
+def test_a_non_finite_loss_is_not_retried(monkeypatch):
+    z = torch.ones(3, requires_grad=True)
+    losses = torch.stack([(z * float("inf")).sum(), z.sum()])
+    calls = _count_grad_calls(monkeypatch)
+    assert not torch.isfinite(gramian(losses, z)).all()
+    assert len(calls) == 2  # one pass: smaller scales cannot make an infinite loss finite
+
+
 @pytest.mark.parametrize("batched", [None, True, False])
 def test_scaling_changes_no_bit_in_float32(batched):
     trunk, heads, x, y = make_model(3)

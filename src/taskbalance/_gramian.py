@@ -187,6 +187,9 @@ def jacobian_rows(
         rows, path, reached = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
         _check_reached(reached, names, mask)
         while scale > 1.0 and not _all_finite(rows):
+            present_losses = losses.detach()[torch.tensor(mask, device=losses.device)]
+            if not bool(torch.isfinite(present_losses).all()):
+                break  # a non-finite loss: its gradients are not an overflow of the scale
             scale = max(scale / _BACKOFF, 1.0)
             if path is not None:  # a fallback to the loop warned once: keep to the loop
                 batched = path
