@@ -14,8 +14,6 @@ single-process run on the concatenated data (the model, data and reference of
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -27,9 +25,8 @@ from ddp_unused_parameters import (
     WORLD_SIZE,
     K,
     Model,
-    compare_with_single_process,
+    check,
     shard,
-    spawn,
     task_losses,
 )
 
@@ -71,12 +68,7 @@ def train_rank(rank: int, method: str, store: str, out: str) -> None:
 
 
 def main() -> None:
-    method = sys.argv[1] if len(sys.argv) > 1 else "mgda"
-    ranks = spawn(train_rank, method)
-    refused = all(rank["refused"] for rank in ranks)
-    print(f"parameters mode with sharded parameters refused on every rank: {refused}")
-    if not (compare_with_single_process(method, ranks) and refused):
-        raise SystemExit(1)
+    check(train_rank, "parameters mode with sharded parameters refused")
 
 
 if __name__ == "__main__":
