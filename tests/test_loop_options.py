@@ -271,3 +271,21 @@ def test_a_skipped_micro_batch_keeps_the_windows_aligned():
             b(losses.requires_grad_(True))
             assert torch.equal(b.weights, reference.weights), (window, micro)
     assert int(b.num_steps) == int(reference.num_steps) == 4
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_absent_task_outside_the_graph_is_not_refused(name):
+    """An absent task's loss may be a constant (no labels, no head call): the engine must not
+    take it for a task that reaches no shared tensor."""
+    b = make_balancer(name, K)
+    z = torch.randn(4, 5, requires_grad=True)
+    losses = [(z * (k + 1)).sum() ** 2 for k in range(K)]
+    losses[1] = torch.tensor(math.nan)
+    b(losses, features=z, present=torch.tensor([True, False, True])).backward()
+    assert b.weights[1] == 0
+    assert bool(torch.isfinite(z.grad).all())
+    # Without the mask the same constant is refused, naming the task.
+    losses = [(z * (k + 1)).sum() ** 2 for k in range(K)]
+    losses[1] = torch.tensor(1.0)
+    with pytest.raises(ValueError, match=r"losses\[1\]"):
+        make_balancer(name, K)(losses, features=z)

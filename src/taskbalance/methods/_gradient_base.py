@@ -162,17 +162,22 @@ class GradientBalancer(Balancer):
         if not step.refresh and self.heads == "weighted":
             return
         assert step.features is not None  # _check_call_inputs returned the shared tensors
-        rows, path = jacobian_rows(step.graph_losses, step.features, batched=self._batched_backward)
+        features_mode = self.shared_params is None
+        # Absent tasks are not differentiated (their loss may be NaN or a constant outside the
+        # graph): the engine gives them zero rows instead of refusing them.
+        rows, path = jacobian_rows(
+            step.graph_losses,
+            step.features,
+            batched=self._batched_backward,
+            features_mode=features_mode,
+            present=step.local_present,
+        )
         # Once a graph needed the loop (path False), stop retrying the batched backward.
         if path is False:
             self._batched_backward = False
-        if step.local_present is not None:  # an absent task's loss may be NaN
-            keep = step.local_present[:, None].to(rows[0].device)
-            rows = [torch.where(keep, row, 0) for row in rows]
         step.shared, step.rows = step.features, rows
         if not step.refresh:
             return
-        features_mode = self.shared_params is None
         gram = gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
         if not bool(torch.isfinite(gram).all()):
             step.nonfinite = True
