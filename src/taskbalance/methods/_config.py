@@ -80,7 +80,14 @@ def config_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
         return torch.zeros(num_tasks, dtype=torch.float64, device=g.device)
     kept = vectors[:, keep]
     ones = torch.ones(num_tasks, dtype=torch.float64, device=g.device)
-    solution = kept @ ((kept.T @ ones) / eigenvalues[keep])  # Ĝ⁺ 1
+    components = kept.T @ ones
+    # 1 may lie (exactly) outside the span of Ĝ, e.g. for two opposite gradients, where the
+    # exact g_v is 0. Its computed components there are rounding noise; divided by λ and then
+    # rescaled to full length they would point the step at noise, so they count as zero.
+    components = torch.where(
+        components.abs() > rtol * num_tasks**0.5, components, torch.zeros_like(components)
+    )
+    solution = kept @ (components / eigenvalues[keep])  # Ĝ⁺ 1
     coefficients = inverse_norms * solution
     gc = g @ coefficients
     squared_length = coefficients @ gc

@@ -76,5 +76,9 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     right = g @ (inverse_norms[:, None] * difference.T)  # G N Aᵀ, K × (K−1)
     reference = right[0]  # g_1 Uᵀ
     system = difference @ right  # D Uᵀ = A G N Aᵀ
-    rest = reference @ torch.linalg.pinv(system, rtol=rtol)
+    # The cut-off is relative to the gradients' scale as well as to the system's own largest
+    # singular value: for exactly parallel gradients the whole system is rounding noise of
+    # size ~eps·max‖g_i‖, and a cut relative to that noise alone would invert it.
+    scale = g.diagonal().clamp_min(0).max().sqrt()
+    rest = reference @ torch.linalg.pinv(system, atol=float(rtol * scale), rtol=rtol)
     return torch.cat([(1.0 - rest.sum()).reshape(1), rest])
