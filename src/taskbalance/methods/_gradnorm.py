@@ -110,7 +110,8 @@ class GradNorm(GradientBalancer):
             )
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        current = self.task_weights.clone()
+        # float32 whatever dtype the buffer was cast to (a model's .half() reaches it).
+        current = self.task_weights.to(torch.float32, copy=True)
         values = losses.detach().to(device=current.device, dtype=torch.float64)
         if bool(self.has_initial_losses):
             initial = self.initial_loss_values.to(torch.float64)
