@@ -23,12 +23,29 @@ def test_config_two_opposite_gradients_give_the_zero_direction(dtype):
     assert torch.equal(weights, torch.zeros(2))
 
 
-def test_config_opposite_pair_plus_orthogonal_task_follows_the_orthogonal_task():
-    # u1 = −u2 and u3 ⟂ both: the least-squares g_v is u3 (u1·g_v = u2·g_v = 0, u3·g_v = 1),
-    # so the direction is the projection length of Σ g_i onto u3, i.e. g3 itself.
+def test_config_opposite_pair_plus_orthogonal_task_gives_the_zero_direction():
+    # u1 = −u2: no direction has equal cosines with all three tasks, so the only
+    # equal-angle direction is 0. (The official lstsq returns the least-squares g_v = u3,
+    # orthogonal to tasks 1 and 2; with a third task at another angle it conflicts.)
     J = torch.tensor([[1.0, 0.0], [-3.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
     weights = tb.create("config", num_tasks=3).compute_weights(torch.ones(3), gram=J @ J.T)
-    torch.testing.assert_close(weights, torch.tensor([0.0, 0.0, 1.0]), rtol=0, atol=1e-6)
+    assert torch.equal(weights, torch.zeros(3))
+
+
+def test_config_more_tasks_than_dimensions_never_conflicts():
+    # Three gradients on a line with mixed signs: the least-squares g_v of the official code
+    # points along +x and ascends task 1; the exact answer is 0.
+    J = torch.tensor([[-1.0], [1.0], [2.0]], dtype=torch.float64)
+    weights = tb.create("config", num_tasks=3).compute_weights(torch.ones(3), gram=J @ J.T)
+    assert torch.equal(weights, torch.zeros(3))
+
+
+def test_config_zero_gradient_task_keeps_the_others_direction():
+    # A zero gradient has no equation (u_i = 0), so tasks 1 and 3 still define g_v.
+    J = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    weights = tb.create("config", num_tasks=3).compute_weights(torch.ones(3), gram=J @ J.T)
+    # g_v = (1, 1); projection length (1 + 2)/√2 along (1, 1)/√2: d = (1.5, 1.5) = J^T w
+    torch.testing.assert_close(weights, torch.tensor([1.5, 0.0, 0.75]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._solvers import fairgrad_weights
 from taskbalance._validation import check_in_range, check_positive, check_positive_int
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
+from taskbalance.methods._nash_mtl import bargaining_weights
 
 #: The α the float64 Newton solver handles on Gramians with condition numbers up to 1e12:
 #: below, ``w^{−1/α}`` overflows (α = 0.01 did in 48 of 60 random trials); above, the
@@ -40,7 +41,12 @@ class FairGrad(GradientBalancer):
     stiff or too flat in float64 and the first call would fail, so such an α is refused at
     construction.
 
-    Departures: none in the rule; the solver differs as above and raises on failure. The
+    Degenerate cases: a task with a zero gradient has no finite weight; it is left out with
+    weight 0 and the others share the update (as :class:`NashMTL`). All gradients zero: all
+    weights 0.
+
+    Departures: the zero-gradient rule above; otherwise none in the rule; the solver differs
+    as above and raises on failure. The
     official training loops also clip the shared gradient to norm 1 (``max_norm``); clipping
     is the loop's business, do it with ``torch.nn.utils.clip_grad_norm_`` to reproduce the
     paper's runs.
@@ -60,6 +66,12 @@ class FairGrad(GradientBalancer):
         tensor([1., 1.])
     """
 
+    claimed_properties = frozenset({"non_conflicting"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"alpha": 2.0}, {"alpha": 0.5})
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"alpha": 1e-12}, ValueError, r"alpha: expected a number in \[0.05, 20.0\]"),
+    )
+
     def __init__(
         self,
         num_tasks: int,
@@ -75,5 +87,9 @@ class FairGrad(GradientBalancer):
         self.tol = check_positive("tol", tol)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        weights = fairgrad_weights(gram.double(), self.alpha, max_iter=self.max_iter, tol=self.tol)
-        return weights.to(torch.float32)
+        def solve(unit_gram: Tensor) -> Tensor:
+            return fairgrad_weights(unit_gram, self.alpha, max_iter=self.max_iter, tol=self.tol)
+
+        # (s·G) w = w^{−1/α} is solved by s^{−α/(α+1)}·w(G)
+        exponent = self.alpha / (self.alpha + 1)
+        return bargaining_weights(gram, solve, exponent, self._method_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from taskbalance._validation import (
     check_positive,
     per_task_values,
 )
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("famo")
@@ -66,6 +68,15 @@ class FAMO(Balancer):
         >>> b.weights
         tensor([0.8000, 0.2000])
     """
+
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"lr": 0.1, "weight_decay": 0.0},
+        {"min_losses": -1.0},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"lr": 0.0}, ValueError, r"lr: expected a number > 0"),
+        ({"delta": "next"}, ValueError, r"delta: expected one of"),
+    )
 
     requires_positive_losses = True
 

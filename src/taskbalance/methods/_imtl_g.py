@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import (
     SpectralGradientBalancer,
     inverse_gradient_norms,
@@ -57,6 +60,13 @@ class IMTLG(SpectralGradientBalancer):
         >>> b.compute_weights(torch.ones(2), gram=torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
         tensor([0.6667, 0.3333])
     """
+
+    signed_weights = True
+    claimed_properties = frozenset({"scale_equivariant"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"rtol": 0.9},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"rtol": 0.0}, ValueError, r"rtol: expected a number > 0"),
+    )
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return imtl_g_weights(gram, self.rtol).to(torch.float32)
