@@ -100,43 +100,33 @@ def test_stch_bad_hyperparameters(hparams, match):
 # ExcessMTL
 
 
-def _libmtl_excess_mtl(rows_per_step: list[torch.Tensor], step_size: float, eps: float):
-    """The reference code's per-coordinate (diagonal AdaGrad) rule, written independently."""
-    K = rows_per_step[0].shape[0]
+def _mirror_ascent(excesses: list[torch.Tensor], step_size: float) -> list[torch.Tensor]:
+    """The reference code's weight update from each step's excess estimates."""
+    K = excesses[0].shape[0]
     loss_weight = torch.ones(K, dtype=torch.float64)
-    grad_sum = torch.zeros_like(rows_per_step[0])
-    initial = None
-    history = []
-    for rows in rows_per_step:
-        grad_sum = grad_sum + rows**2
-        excess = ((rows / torch.sqrt(grad_sum + eps)) * rows).sum(1)
-        if initial is None:
-            initial = excess
-        else:
-            loss_weight = loss_weight * torch.exp(step_size * excess / initial)
-            loss_weight = loss_weight / loss_weight.sum() * K
+    history = [loss_weight.clone()]
+    for excess in excesses[1:]:
+        loss_weight = loss_weight * torch.exp(step_size * excess / excesses[0])
+        loss_weight = loss_weight / loss_weight.sum() * K
         history.append(loss_weight.clone())
     return history
+
+
+def _libmtl_excess_mtl(rows_per_step: list[torch.Tensor], step_size: float, eps: float):
+    """The reference code's per-coordinate (diagonal AdaGrad) rule, written independently."""
+    squared_sums = torch.cumsum(torch.stack(rows_per_step) ** 2, dim=0)
+    excesses = [
+        ((rows / torch.sqrt(sums + eps)) * rows).sum(1)
+        for rows, sums in zip(rows_per_step, squared_sums, strict=True)
+    ]
+    return _mirror_ascent(excesses, step_size)
 
 
 def _scalar_excess_mtl(rows_per_step: list[torch.Tensor], step_size: float, eps: float):
     """The AdaGrad-norm form, straight from the docstring's formula."""
-    K = rows_per_step[0].shape[0]
-    loss_weight = torch.ones(K, dtype=torch.float64)
-    sums = torch.zeros(K, dtype=torch.float64)
-    initial = None
-    history = []
-    for rows in rows_per_step:
-        squared = (rows**2).sum(1)
-        sums = sums + squared
-        excess = squared / torch.sqrt(sums + eps)
-        if initial is None:
-            initial = excess
-        else:
-            loss_weight = loss_weight * torch.exp(step_size * excess / initial)
-            loss_weight = loss_weight / loss_weight.sum() * K
-        history.append(loss_weight.clone())
-    return history
+    squared = torch.stack([(rows**2).sum(1) for rows in rows_per_step])
+    sums = torch.cumsum(squared, dim=0)
+    return _mirror_ascent(list(squared / torch.sqrt(sums + eps)), step_size)
 
 
 def _run_balancer(rows_per_step, **hparams):
