@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
@@ -87,7 +87,9 @@ class MGDA(GradientBalancer):
     ) -> None:
         super().__init__(num_tasks, **options)
         self.normalization = check_choice("normalization", normalization, _NORMALISATIONS)
-        self.solver = check_choice("solver", solver, _SOLVERS)
+        self.solver = cast(
+            Literal["active_set", "frank_wolfe"], check_choice("solver", solver, _SOLVERS)
+        )
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_positive("tol", tol)
         self.requires_positive_losses = normalization in ("loss", "loss+")

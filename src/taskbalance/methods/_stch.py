@@ -55,7 +55,7 @@ class STCH(Balancer):
         mu: smoothing μ > 0 (smaller: closer to the hard maximum).
         warmup_epochs: epochs of ``Σ log L`` training; the mean loss over the last one is ``n``.
         nadir: the reference losses ``n_k > 0`` (one number, or one per task), to skip the
-            warm-up; None measures them.
+            warm-up (``warmup_epochs`` is then not read); None measures them.
 
     Example:
         >>> import torch, taskbalance as tb
