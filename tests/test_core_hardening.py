@@ -402,18 +402,3 @@ def test_state_loads_with_weights_only(tmp_path):
     other = tb.create("fixed", num_tasks=2, weights=[0.5, 2.0], accumulation_steps=2)
     other.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert int(other.num_calls) == 1
-
-
-def test_a_method_written_against_the_earlier_hooks_still_works():
-    class Legacy(tb.Balancer):
-        def _update(self, losses, gram, kpis):
-            return 1.0 / losses
-
-        def _objective(self, losses, weights, statistics):
-            return (weights * losses).sum() + 0 * statistics.sum()
-
-    b = Legacy(2)
-    losses = torch.tensor([1.0, 4.0], requires_grad=True)
-    b(losses).backward()
-    torch.testing.assert_close(losses.grad, torch.tensor([1.0, 0.25]))
-    torch.testing.assert_close(b.weights, torch.tensor([1.0, 0.25]))

@@ -86,40 +86,11 @@ def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _adapt_legacy_hooks(cls: type) -> None:
-    """Transitional: a method written against the earlier hooks, ``_update(losses, gram, kpis)``
-    and ``_objective(losses, weights, statistics)``, keeps working; each hook then reads the
-    fields of the call's :class:`Step` that those arguments were."""
-    update = vars(cls).get("_update")
-    if update is not None and list(inspect.signature(update).parameters)[1:] == [
-        "losses",
-        "gram",
-        "kpis",
-    ]:
-
-        def _update(self: Any, step: Step, _rule: Any = update) -> Tensor:
-            return _rule(self, step.mean_losses, step.gram, step.kpis)
-
-        cls._update = _update  # type: ignore[attr-defined]
-    objective = vars(cls).get("_objective")
-    if objective is not None and list(inspect.signature(objective).parameters)[1:] == [
-        "losses",
-        "weights",
-        "statistics",
-    ]:
-
-        def _objective(self: Any, step: Step, weights: Tensor, _rule: Any = objective) -> Tensor:
-            return _rule(self, step.losses, weights, step.mean_losses)
-
-        cls._objective = _objective  # type: ignore[attr-defined]
-
-
 class _BalancerMeta(ABCMeta):
     """Takes the loop options off the constructor call, so every method accepts them."""
 
     def __init__(cls, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _adapt_legacy_hooks(cls)
         # What inspect.signature (help(), IDEs, the docs) shows: the method's own __init__
         # plus the loop options, rather than this metaclass's (*args, **kwargs).
         init = inspect.signature(cls.__init__)  # type: ignore[misc]

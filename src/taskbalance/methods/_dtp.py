@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -11,6 +12,7 @@ from taskbalance._base import Balancer
 from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import check_in_range, per_task_values
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("dtp")
@@ -47,6 +49,14 @@ class DTP(Balancer):
         >>> b.weights
         tensor([0.0011, 0.1733])
     """
+
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"gamma": 0.5},
+        {"smoothing": 0.6},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"smoothing": 0.0}, ValueError, r"smoothing: expected a number in \(0.0, 1.0\]"),
+    )
 
     requires_kpis = True
 

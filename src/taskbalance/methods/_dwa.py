@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
@@ -9,6 +11,7 @@ from taskbalance._base import Balancer
 from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import check_positive, check_positive_int
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("dwa")
@@ -45,6 +48,14 @@ class DWA(Balancer):
         >>> b.compute_weights(torch.tensor([1.0, 1.0]))
         tensor([0.8756, 1.1244])
     """
+
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"temperature": 0.5},
+        {"window": 3},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"temperature": 0.0}, ValueError, r"temperature: expected a number > 0"),
+    )
 
     requires_positive_losses = True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -18,6 +19,7 @@ from taskbalance._validation import (
     check_positive,
     per_task_values,
 )
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("famo")
@@ -67,6 +69,15 @@ class FAMO(Balancer):
         >>> b.weights
         tensor([0.8000, 0.2000])
     """
+
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"lr": 0.1, "weight_decay": 0.0},
+        {"min_losses": -1.0},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"lr": 0.0}, ValueError, r"lr: expected a number > 0"),
+        ({"delta": "next"}, ValueError, r"delta: expected one of"),
+    )
 
     requires_positive_losses = True
 
@@ -125,7 +136,7 @@ class FAMO(Balancer):
 
     def _shifted(self, losses: Tensor) -> Tensor:
         """``L − min_losses + eps``, checked to be > 0 (the method takes its log)."""
-        shifted = losses - self.min_losses.to(losses.device) + self.eps
+        shifted = losses - self.min_losses.to(device=losses.device, dtype=losses.dtype) + self.eps
         if bool((shifted <= 0).any()):
             raise ValueError(
                 "losses: FAMO takes log(L − min_losses) with min_losses = "
@@ -136,11 +147,13 @@ class FAMO(Balancer):
 
     def _learn_from(self, log_losses: Tensor) -> None:
         """One Adam step on the logits from the decrease since ``previous_log_losses``."""
-        decrease = self.previous_log_losses - log_losses
-        probabilities = torch.softmax(self.logits, dim=0)
+        # In float32 whatever dtype the buffers were cast to (a model's .half() reaches them).
+        decrease = self.previous_log_losses.float() - log_losses
+        logits = self.logits.float()
+        probabilities = torch.softmax(logits, dim=0)
         # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ)
         logit_grad = probabilities * (decrease - (probabilities * decrease).sum())
-        self.logits.copy_(self.logit_optimiser.step(self.logits, logit_grad))
+        self.logits.copy_(self.logit_optimiser.step(logits, logit_grad))
 
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
@@ -149,7 +162,7 @@ class FAMO(Balancer):
         if self.delta == "next_step" and self._steps_taken > 0:  # previous losses exist
             self._learn_from(log_losses)
         self.previous_log_losses.copy_(log_losses)
-        probabilities = torch.softmax(self.logits, dim=0)
+        probabilities = torch.softmax(self.logits.float(), dim=0)
         normaliser = (probabilities / shifted).sum()
         return probabilities / (normaliser * shifted)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -11,6 +12,7 @@ from taskbalance._base import Balancer
 from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import per_task_values
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("fixed")
@@ -27,6 +29,12 @@ class Fixed(Balancer):
         >>> b(torch.tensor([2.0, 2.0]))
         tensor(3.)
     """
+
+    required_hyperparameters: ClassVar[dict[str, Any]] = {"weights": 1.0}
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"weights": 2.0},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"weights": [1.0, -2.0, 0.5]}, ValueError, r"weights\[1\] = -2.0: expected"),
+    )
 
     fixed_weights: Tensor
 

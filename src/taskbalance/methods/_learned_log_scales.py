@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 
 import torch
@@ -9,6 +10,11 @@ from torch import Tensor, nn
 
 from taskbalance._base import Balancer
 from taskbalance._step import Step
+from taskbalance._validation import check_in_range
+
+# e^{±s} must be a finite, non-zero float32 at the first call, or the weights start at inf or 0.
+_LOG_FLOAT32_MAX = math.log(torch.finfo(torch.float32).max)  # 88.72
+_LOG_FLOAT32_TINY = math.log(torch.finfo(torch.float32).tiny)  # -87.34
 
 
 class LearnedLogScales(Balancer):
@@ -24,7 +30,9 @@ class LearnedLogScales(Balancer):
 
     def __init__(self, num_tasks: int, *, init: float) -> None:
         super().__init__(num_tasks)
-        self.log_scales = nn.Parameter(torch.full((self.num_tasks,), float(init)))
+        bound = min(_LOG_FLOAT32_MAX, -_LOG_FLOAT32_TINY)
+        init = check_in_range("init", init, -round(bound - 0.05, 1), round(bound - 0.05, 1))
+        self.log_scales = nn.Parameter(torch.full((self.num_tasks,), init))
 
     def _set_initial_weights(self) -> None:
         """Report ``f(s_init)`` as the weights before the first call; subclasses call it last."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
@@ -10,6 +12,7 @@ from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import check_seed
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("rlw")
@@ -39,6 +42,11 @@ class RLW(Balancer):
         >>> float(b.weights.sum())
         3.0
     """
+
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"seed": 7},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"seed": -1}, ValueError, r"seed: expected an int >= 0"),
+    )
 
     def __init__(self, num_tasks: int, *, seed: int = 0) -> None:
         super().__init__(num_tasks)
