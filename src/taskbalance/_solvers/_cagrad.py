@@ -33,7 +33,7 @@ from taskbalance._solvers._min_norm import solve_min_norm
 __all__ = ["cagrad_weights"]
 
 #: Largest K solved on the plain-Python path by ``backend="auto"``.
-PYTHON_MAX_K = 16
+PYTHON_MAX_K = 12
 # Cap of the dual-cone projection used when the optimum is degenerate (see cagrad_weights).
 _PROJECTION_MAX_ITER = 500
 
@@ -163,32 +163,27 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
 
     ``inner(t)`` returns ``(w(t), s(t), size(t), t_pred)`` with an optional predicted root
     ``t_pred``. ``h`` changes sign once, from + to − (``h ∝ −Ψ'`` with ``Ψ(t) = min_w bᵀw +
-    r wᵀGw/(2t) + rt/2`` convex).
-    Bracketing: safeguarded regula falsi (Illinois, every other step a bisection). A prediction
-    from the latest evaluation, nudged by ``tol·hi/4`` past the root so that the next evaluation
-    closes the bracket, replaces the regula falsi step while it lies strictly inside the bracket
-    and the bracket keeps halving at least every two iterations. The stopping rule (bracket
-    width ``<= tol·hi``) is the same either way.
+    r wᵀGw/(2t) + rt/2`` convex), and ``h(smax) <= 0`` since ``s(t) <= max_i ‖g_i‖``, so the
+    search starts from the bracket ``[0, smax]`` with only ``h(0)`` evaluated.
+    Bracketing: safeguarded regula falsi (Illinois, every other step a bisection; a bisection
+    while ``h(hi)`` is unknown). A prediction from the latest evaluation, nudged by ``tol·hi/4``
+    past the root so that the next evaluation closes the bracket, replaces the regula falsi
+    step while it lies strictly inside the bracket and the bracket keeps halving at least every
+    two iterations: typically three inner solves in all. The stopping rule (bracket width
+    ``<= tol·hi``) is the same either way.
     """
-    hi = smax
-    w_hi, s_hi, size_hi, pred = inner(hi)
-    if s_hi - hi > 0:  # cannot happen in exact arithmetic (s <= smax)
-        return w_hi, s_hi, size_hi
-    lo = 0.0
-    h_hi = s_hi - hi
-    pred_hi = pred
+    lo, hi = 0.0, smax
     w_lo, s_lo, size_lo, pred = inner(0.0)
-    h_lo = s_lo - lo
+    h_lo = s_lo
+    h_hi: float | None = None
+    h_last = h_lo
     # s(0) = ‖g_{w(0)}‖ at rounding level (0 in the convex hull): then t = 0 is a root of h in
     # exact arithmetic whatever the sign of h just right of it, and h(0)'s sign is noise, which
     # would pull regula falsi to a spurious root at 0. Bisect until the lower end moves.
     flat_lo = s_lo <= 1e-6 * size_lo
-    # the prediction of the evaluation nearer the root (|h| smaller) is the better one
-    if pred_hi is not None and (pred is None or flat_lo or abs(h_hi) < abs(h_lo)):
-        pred, h_last = pred_hi, h_hi
-    else:
-        h_last = h_lo
-    w_star, s_star, size_star = w_hi, s_hi, size_hi
+    if flat_lo:
+        pred = None
+    best: tuple[W, float, float] | None = None  # the latest evaluation with h <= 0
     side = 0
     it = 0
     # near t = 0, w(t) -> w(0): below 1e-6 size(0) the result is declared degenerate anyway
@@ -200,7 +195,7 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
         if it > max_iter:
             raise SolverError(
                 f"cagrad_weights: root finding did not converge within max_iter={max_iter} "
-                f"iterations (bracket [{lo:.3e}, {hi:.3e}], residual {h_hi:.3e})"
+                f"iterations (bracket [{lo:.3e}, {hi:.3e}], residual {h_hi})"
             )
         if hi - lo <= tol * hi or hi <= floor:
             break
@@ -210,31 +205,38 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
             if not (lo < t < hi):
                 t = None
         if t is None:
-            t = (lo * h_hi - hi * h_lo) / (h_hi - h_lo) if h_hi != h_lo else 0.5 * (lo + hi)
-            # every other step a bisection: guaranteed reduction (h may jump at a kink)
-            if not (lo < t < hi) or it % 2 == 0 or (flat_lo and lo == 0.0):
-                t = 0.5 * (lo + hi)
+            t = 0.5 * (lo + hi)
+            if h_hi is not None and h_hi != h_lo and not (flat_lo and lo == 0.0):
+                falsi = (lo * h_hi - hi * h_lo) / (h_hi - h_lo)
+                # every other step a bisection: guaranteed reduction (h may jump at a kink)
+                if lo < falsi < hi and it % 2 == 1:
+                    t = falsi
         widths.append(hi - lo)
         w_t, s_t, size_t, pred = inner(t)
         h_t = s_t - t
         h_last = h_t
         if h_t == 0.0:
-            w_star, s_star, size_star = w_t, s_t, size_t
+            best = (w_t, s_t, size_t)
             break
         if h_t > 0:
             lo, h_lo, w_lo, s_lo, size_lo = t, h_t, w_t, s_t, size_t
-            if side == -1:
+            if side == -1 and h_hi is not None:
                 h_hi *= 0.5
             side = -1
         else:
             hi, h_hi = t, h_t
-            w_star, s_star, size_star = w_t, s_t, size_t
+            best = (w_t, s_t, size_t)
             if side == 1:
                 h_lo *= 0.5
             side = 1
-    if lo > 0.0 and s_lo > 0.0 and abs(s_lo - lo) < abs(s_star - hi):
-        w_star, s_star, size_star = w_lo, s_lo, size_lo
-    return w_star, s_star, size_star
+    if best is None:
+        if lo == 0.0:  # never below the root: evaluate the upper end after all
+            w_hi, s_hi, size_hi, _ = inner(hi)
+            return w_hi, s_hi, size_hi
+        return w_lo, s_lo, size_lo
+    if lo > 0.0 and s_lo > 0.0 and abs(s_lo - lo) < abs(best[1] - hi):
+        return w_lo, s_lo, size_lo
+    return best
 
 
 def cagrad_weights(
@@ -295,7 +297,7 @@ def cagrad_weights(
         tol: Relative tolerance on :math:`t`.
         rescale: 0, 1 or 2 as in the official code.
         inner_max_iter: ``max_iter`` of each inner min-norm solve.
-        backend: ``"auto"`` (plain Python for ``K <= 16``), ``"python"`` or ``"torch"``.
+        backend: ``"auto"`` (plain Python for ``K <= 12``), ``"python"`` or ``"torch"``.
 
     Returns:
         Weights of shape ``[K]`` (dtype/device of ``G``).

@@ -31,7 +31,7 @@ __all__ = ["dual_cone_weights", "nonneg_qp"]
 #: Largest K solved on the plain-Python path by ``backend="auto"``: one problem, and M problems
 #: (the Python path solves them one after another, the torch path all at once).
 PYTHON_MAX_K = 16
-PYTHON_MAX_K_BATCH = 5
+PYTHON_MAX_K_BATCH = 6
 
 # Eigenvalues of a unit-diagonal (Jacobi-scaled) PSD block below ``_RANK_RTOL * max(1, λ_max)``
 # are treated as exact zeros (duplicated / linearly dependent task gradients).
@@ -171,33 +171,34 @@ def _nnqp_batched(Q: Tensor, B: Tensor, max_iter: int, tol: float, solver: str) 
         raise _unbounded(solver, i, 0.0, float(B[m, i]))
     Qs = s[:, None] * Q * s[None, :]
     Bs = B * s
-    bscale = Bs.abs().amax(dim=1)
-    U = torch.zeros(M, n, dtype=F64)
     live = ~zero
-    free = live[None, :] & (Bs < -tol * bscale[:, None])
-    todo = free.any(dim=1)  # rows with no negative gradient at u = 0 are solved by u = 0
-    fallback = torch.zeros(M, dtype=torch.bool)
-    eye = torch.eye(n, dtype=F64)
+    base = tol * Bs.abs().amax(dim=1, keepdim=True)
+    free = live & (Bs < -base)  # the most negative gradients at u = 0 start free
+    U = torch.zeros(M, n, dtype=F64)
+    fallback = torch.ones(M, dtype=torch.bool)
     for _ in range(_PDAS_MAX_SWEEPS):
-        if not bool(todo.any()):
-            break
-        rows = torch.nonzero(todo)[:, 0]
-        Fm = free[rows].to(F64)
-        A = Fm[:, :, None] * Qs * Fm[:, None, :] + eye * (1.0 - Fm)[:, None, :]
+        # every row is re-solved at every sweep (settled rows reproduce themselves): cheaper
+        # than gathering the unsettled ones for the one to three sweeps this usually takes
+        Fm = free.to(F64)
+        A = Qs * (Fm[:, :, None] * Fm[:, None, :])
+        A.diagonal(dim1=1, dim2=2).fill_(1.0)  # identity rows outside the free set
         L, info = torch.linalg.cholesky_ex(A)
         ok = (info == 0) & (L.diagonal(dim1=1, dim2=2).amin(dim=1) ** 2 > 1e-8)
-        L = torch.where(ok[:, None, None], L, eye)
-        X = -torch.cholesky_solve((Fm * Bs[rows])[:, :, None], L)[:, :, 0]
-        g = X @ Qs + Bs[rows]
-        thr = tol * (bscale[rows] + X.abs().sum(dim=1))
-        F = free[rows]
-        new = (F & (X > 0)) | (~F & live[None, :] & (g < -thr[:, None]))
-        settled = ok & (new == F).all(dim=1)
-        U[rows[settled]] = X[settled]
-        fallback[rows[~ok]] = True
-        free[rows] = new
-        todo[rows[settled | ~ok]] = False
-    fallback |= todo
+        X = torch.cholesky_solve((Fm * Bs).unsqueeze(2), L).squeeze(2).neg_()
+        g = X @ Qs + Bs
+        thr = base + tol * X.abs().sum(dim=1, keepdim=True)
+        new = torch.where(free, X > 0, live & (g < -thr))
+        settled = ok & (new == free).all(dim=1)
+        if bool(settled.all()):
+            U, fallback = X, ~settled
+            break
+        free = torch.where(settled[:, None], free, new)
+        if not bool(ok.all()):
+            U = torch.where(settled[:, None], X, U)
+            fallback = ~settled
+            break
+        U = torch.where(settled[:, None], X, U)
+        fallback = ~settled
     for m in torch.nonzero(fallback)[:, 0].tolist():
         # the sequential active set rescales by s itself: hand it the unscaled problem
         U[m] = _nnqp_torch(Q, B[m], max_iter, tol, solver) / torch.where(zero, 1.0, s)
@@ -407,7 +408,7 @@ def dual_cone_weights(
         reg_eps: Ridge added to the trace-normalised Gramian (0: exact).
         max_iter: Cap per QP of the sequential active set (see :func:`nonneg_qp`).
         tol: Relative KKT tolerance of the QP.
-        backend: ``"auto"`` (plain Python for ``K <= 16`` with one row, ``K <= 5`` with
+        backend: ``"auto"`` (plain Python for ``K <= 16`` with one row, ``K <= 6`` with
             several), ``"python"`` or ``"torch"``.
 
     Returns:
