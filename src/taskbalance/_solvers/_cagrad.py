@@ -33,7 +33,7 @@ from taskbalance._solvers._min_norm import solve_min_norm
 __all__ = ["cagrad_weights"]
 
 #: Largest K solved on the plain-Python path by ``backend="auto"``.
-PYTHON_MAX_K = 12
+PYTHON_MAX_K = 8
 # Cap of the dual-cone projection used when the optimum is degenerate (see cagrad_weights).
 _PROJECTION_MAX_ITER = 500
 
@@ -76,32 +76,54 @@ def _inner_torch(G: Tensor, b: Tensor, gg: float, r: float, max_iter: int) -> In
     K = G.shape[0]
     norms = G.diagonal().sqrt()
 
+    def face_solves(Gs: Tensor, S: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        # D (D Gs_S D)⁻¹ D [1, b_S] on a well-conditioned face S (None: all): the unnormalised
+        # face minimiser and its derivative in β, both from one Jacobi-scaled Cholesky factor
+        GS = Gs if S is None else Gs[S][:, S]
+        bS = b if S is None else b[S]
+        dS = GS.diagonal().clamp_min(1e-300).rsqrt()
+        L, info = torch.linalg.cholesky_ex(dS[:, None] * GS * dS[None, :])
+        if int(info) != 0 or float(L.diagonal().min()) ** 2 <= 1e-8:
+            return None  # singular face
+        av, ev = (dS[:, None] * torch.cholesky_solve(torch.stack([dS, dS * bS], 1), L)).unbind(1)
+        return av, ev
+
     def inner(t: float) -> tuple[Tensor, float, float, float | None]:
         beta = t / r
         # Gramian of the shifted gradients g_i + β g0
         Gs = G + beta * (b[:, None] + b[None, :]) + beta * beta * gg
         Gs = 0.5 * (Gs + Gs.T)
-        w = solve_min_norm(Gs, max_iter, 1e-12)
-        assert isinstance(w, Tensor)
+        # an interior min-norm point (all weights > 0 on the well-conditioned face of all
+        # vertices) is where the active set's top-down start stops at once: take it from the
+        # same factorisation that predicts the root
+        full = face_solves(Gs, None) if K >= 3 and float(Gs.diagonal().min()) > 0 else None
+        S: Tensor | None = None
+        if full is not None and bool((full[0] > 0).all()):
+            w = full[0] / full[0].sum()
+            solves: tuple[Tensor, Tensor] | None = full
+        else:
+            w_any = solve_min_norm(Gs, max_iter, 1e-12)
+            assert isinstance(w_any, Tensor)
+            w = w_any
+            S = torch.nonzero(w > 0)[:, 0]
+            solves = face_solves(Gs, S) if S.numel() >= 2 else None
         Gw = G @ w
         q = float(w @ Gw)
         st = math.sqrt(max(q, 0.0))
         size = float(w @ norms)
-        S = torch.nonzero(w > 0)[:, 0]
-        if S.numel() < 2 or K < 2:
+        if solves is None:
             return w, st, size, None
-        GS = Gs[S][:, S]
-        dS = GS.diagonal().clamp_min(1e-300).rsqrt()
-        L, info = torch.linalg.cholesky_ex(dS[:, None] * GS * dS[None, :])
-        if int(info) != 0 or float(L.diagonal().min()) ** 2 <= 1e-8:
-            return w, st, size, None  # singular face: no prediction
-        rhs = torch.stack([dS, dS * b[S]], dim=1)
-        av, ev = (dS[:, None] * torch.cholesky_solve(rhs, L)).unbind(dim=1)
+        av, ev = solves
         sa = float(av.sum())
         if not sa > 0.0:
             return w, st, size, None
-        w1 = torch.zeros(K, dtype=F64)
-        w1[S] = av * (float(ev.sum()) / sa) - ev
+        # on the face, w(β) = w + (β − β_c) w1
+        w1_face = av * (float(ev.sum()) / sa) - ev
+        if S is None:
+            w1 = w1_face
+        else:
+            w1 = torch.zeros(K, dtype=F64)
+            w1[S] = w1_face
         Gw1 = G @ w1
         return w, st, size, _predicted_root(q, float(w @ Gw1), float(w1 @ Gw1), r, beta, t)
 
@@ -169,8 +191,9 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
     while ``h(hi)`` is unknown). A prediction from the latest evaluation, nudged by ``tol·hi/4``
     past the root so that the next evaluation closes the bracket, replaces the regula falsi
     step while it lies strictly inside the bracket and the bracket keeps halving at least every
-    two iterations: typically three inner solves in all. The stopping rule (bracket width
-    ``<= tol·hi``) is the same either way.
+    two iterations. Stops when the bracket is narrower than ``tol·hi``, or at once when the
+    first prediction (tried without a nudge) leaves a residual ``|h| <= tol·t/4``: then two
+    inner solves in all.
     """
     lo, hi = 0.0, smax
     w_lo, s_lo, size_lo, pred = inner(0.0)
@@ -190,6 +213,8 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
     # (size(0) = 0 where w(0) sits on zero gradients: then 1e-16 smax, ~53 bisections)
     floor = 1e-7 * max(size_lo, 1e-9 * smax)
     widths = [math.inf, math.inf]
+    exact_try = True
+    pred_used: float | None = None
     while True:
         it += 1
         if it > max_iter:
@@ -201,7 +226,11 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
             break
         t: float | None = None
         if pred is not None and hi - lo <= 0.5 * widths[-2]:
-            t = pred + (0.25 * tol * hi if h_last > 0 else -0.25 * tol * hi)
+            # the first prediction is tried as it is (exact when the face does not change),
+            # later ones nudged past the root so that the next evaluation closes the bracket
+            nudge = 0.0 if exact_try else (0.25 * tol * hi if h_last > 0 else -0.25 * tol * hi)
+            t = pred + nudge
+            pred_used = t
             if not (lo < t < hi):
                 t = None
         if t is None:
@@ -215,9 +244,12 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
         w_t, s_t, size_t, pred = inner(t)
         h_t = s_t - t
         h_last = h_t
-        if h_t == 0.0:
+        if h_t == 0.0 or (exact_try and t == pred_used and abs(h_t) <= 0.25 * tol * t):
+            # a root, or the predicted one to within a residual that moves Ψ by at most
+            # r·tol/4 (|Ψ'(t)| = r|h|(s + t)/(2t²))
             best = (w_t, s_t, size_t)
             break
+        exact_try = False
         if h_t > 0:
             lo, h_lo, w_lo, s_lo, size_lo = t, h_t, w_t, s_t, size_t
             if side == -1 and h_hi is not None:
@@ -297,7 +329,7 @@ def cagrad_weights(
         tol: Relative tolerance on :math:`t`.
         rescale: 0, 1 or 2 as in the official code.
         inner_max_iter: ``max_iter`` of each inner min-norm solve.
-        backend: ``"auto"`` (plain Python for ``K <= 12``), ``"python"`` or ``"torch"``.
+        backend: ``"auto"`` (plain Python for ``K <= 8``), ``"python"`` or ``"torch"``.
 
     Returns:
         Weights of shape ``[K]`` (dtype/device of ``G``).
