@@ -396,10 +396,22 @@ def cagrad_objective(G: np.ndarray, w: np.ndarray, c: float) -> float:
     return b @ w + r * math.sqrt(max(w @ G @ w, 0.0))
 
 
-def _on_simplex(x: np.ndarray) -> np.ndarray:
-    # SLSQP may end slightly off the simplex (e.g. sum 1.13 on a rank-deficient G), and F is
-    # 1-homogeneous, so an unnormalised reference would look better than it is
-    x = np.maximum(x, 0.0)
+def slsqp_cagrad(G: np.ndarray, c: float) -> np.ndarray:
+    """The official code's inner solve: SLSQP on the dual from x0 = 1/K (independent reference).
+
+    SLSQP may end off the simplex (e.g. sum 1.13 on a rank-deficient G), and F is 1-homogeneous,
+    so the result is put back on the simplex: unnormalised it would look better than it is.
+    """
+    K = len(G)
+    ref = minimize(
+        lambda x: cagrad_objective(G, x, c),
+        np.full(K, 1 / K),
+        bounds=[(0, 1)] * K,
+        constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 500},
+    )
+    x = np.maximum(ref.x, 0.0)
     return x / x.sum()
 
 
@@ -427,16 +439,8 @@ def test_cagrad_kkt_and_scipy_on_500_gramians():
             assert radius <= r * (1 + 1e-6), kind
             assert np.all(G @ d >= -1e-9 * np.trace(G)), kind
             if K <= 6:  # and F* = 0 indeed (weak duality: the value min_i g_iᵀd <= F*)
-                ref = minimize(
-                    lambda x, G=G, c=c: cagrad_objective(G, x, c),
-                    mean,
-                    bounds=[(0, 1)] * K,
-                    constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
-                    method="SLSQP",
-                    options={"ftol": 1e-15, "maxiter": 500},
-                )
                 Fscale = np.abs(G @ mean).max() + r * math.sqrt(np.max(np.diag(G)))
-                assert cagrad_objective(G, _on_simplex(ref.x), c) >= -1e-6 * Fscale, kind
+                assert cagrad_objective(G, slsqp_cagrad(G, c), c) >= -1e-6 * Fscale, kind
             continue
         w = lam_w / lam_w.sum()
         s = math.sqrt(max(w @ G @ w, 0.0))
@@ -446,15 +450,7 @@ def test_cagrad_kkt_and_scipy_on_500_gramians():
         grad = G @ mean + r * (G @ w) / s
         assert np.all(grad >= F - 1e-7 * Fscale), (kind, (grad - F).min() / Fscale)
         if K <= 12 and kind != "scaled":
-            ref = minimize(
-                lambda x, G=G, c=c: cagrad_objective(G, x, c),
-                mean,
-                bounds=[(0, 1)] * K,
-                constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
-                method="SLSQP",
-                options={"ftol": 1e-15, "maxiter": 500},
-            )
-            Fref = cagrad_objective(G, _on_simplex(ref.x), c)
+            Fref = cagrad_objective(G, slsqp_cagrad(G, c), c)
             err = (F - Fref) / Fscale
             worst = max(worst, err)
             assert err <= 1e-5, (kind, F, Fref)
@@ -838,15 +834,7 @@ def _ref_cagrad(G):
     dg = np.diag(G)
     if not np.any(G) or K > 12 or dg.max() > 1e4 * dg.min():
         return None  # SLSQP is unreliable on badly scaled problems
-    ref = minimize(
-        lambda x: cagrad_objective(G, x, c),
-        mean,
-        bounds=[(0, 1)] * K,
-        constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
-        method="SLSQP",
-        options={"ftol": 1e-15, "maxiter": 500},
-    )
-    x = _on_simplex(ref.x)
+    x = slsqp_cagrad(G, c)
     s = math.sqrt(max(x @ G @ x, 0.0))
     if s <= 1e-3 * math.sqrt(np.max(np.diag(G))):
         return None  # degenerate: checked by the regression tests

@@ -17,6 +17,7 @@ __all__ = [
     "Backend",
     "SolverError",
     "as_f64",
+    "cap_error",
     "check_float",
     "check_int",
     "chol_py",
@@ -38,6 +39,14 @@ Path = Literal["python", "torch"]
 
 class SolverError(RuntimeError):
     """Raised when a solver gets invalid numerical input or does not converge within its cap."""
+
+
+def cap_error(solver: str, max_iter: int, residual: float, threshold: float) -> SolverError:
+    """The error of an exact active-set method that reached its iteration cap."""
+    return SolverError(
+        f"{solver}: no convergence within max_iter={max_iter} iterations "
+        f"(KKT residual {residual:.3e} > {threshold:.3e})"
+    )
 
 
 def check_int(name: str, value: int, minimum: int) -> None:

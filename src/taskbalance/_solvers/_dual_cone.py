@@ -16,6 +16,7 @@ from taskbalance._solvers._common import (
     Backend,
     SolverError,
     as_f64,
+    cap_error,
     check_float,
     check_int,
     chol_py,
@@ -111,10 +112,7 @@ def _nnqp_torch(Q: Tensor, b: Tensor, max_iter: int, tol: float, solver: str) ->
         while True:
             it += 1
             if it > max_iter:
-                raise SolverError(
-                    f"{solver}: no convergence within max_iter={max_iter} iterations "
-                    f"(KKT residual {worst:.3e} > {thr:.3e})"
-                )
+                raise cap_error(solver, max_iter, worst, thr)
             idx = torch.tensor(F, dtype=torch.long)
             uF = u[idx]
             x, bounded = _face_qp(Qs[idx][:, idx], bs[idx], uF)
@@ -263,10 +261,7 @@ def _nnqp_py(
         while True:
             it += 1
             if it > max_iter:
-                raise SolverError(
-                    f"{solver}: no convergence within max_iter={max_iter} iterations "
-                    f"(KKT residual {worst:.3e} > {thr:.3e})"
-                )
+                raise cap_error(solver, max_iter, worst, thr)
             uF = [u[k] for k in F]
             x, bounded = _face_qp_py(Qs, bs, F, uF)
             if bounded and all(v > 0 for v in x):

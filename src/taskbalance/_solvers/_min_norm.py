@@ -15,8 +15,8 @@ from taskbalance._solvers._common import (
     EPS,
     F64,
     Backend,
-    SolverError,
     as_f64,
+    cap_error,
     check_float,
     check_int,
     chol_py,
@@ -31,6 +31,7 @@ __all__ = ["min_norm_weights", "project_simplex", "solve_min_norm"]
 
 #: Largest K solved on the plain-Python path by ``backend="auto"``.
 PYTHON_MAX_K = 16
+_SOLVER = "min_norm_weights(method='active_set')"
 
 
 def project_simplex(v: Tensor) -> Tensor:
@@ -213,10 +214,7 @@ def _active_set_torch(G: Tensor, max_iter: int, tol: float) -> Tensor:
             if y is None:
                 it += 1
                 if it > max_iter:
-                    raise SolverError(
-                        f"min_norm_weights(method='active_set'): no convergence within max_iter="
-                        f"{max_iter} iterations (KKT residual {gap:.3e} > {thresh:.3e})"
-                    )
+                    raise cap_error(_SOLVER, max_iter, gap, thresh)
                 y = _face_min_norm(Gn[idx][:, idx], w[idx])
             if bool((y > 0).all()):
                 w = torch.zeros(K, dtype=F64)
@@ -350,10 +348,7 @@ def _active_set_py(G: list[list[float]], max_iter: int, tol: float) -> list[floa
             if y is None:
                 it += 1
                 if it > max_iter:
-                    raise SolverError(
-                        f"min_norm_weights(method='active_set'): no convergence within max_iter="
-                        f"{max_iter} iterations (KKT residual {gap:.3e} > {thresh:.3e})"
-                    )
+                    raise cap_error(_SOLVER, max_iter, gap, thresh)
                 y = _face_min_norm_py(Gn, S, wS)
             if all(v > 0 for v in y):
                 w = [0.0] * K
