@@ -172,31 +172,26 @@ def _nnqp_batched(Q: Tensor, B: Tensor, max_iter: int, tol: float, solver: str) 
     live = ~zero
     base = tol * Bs.abs().amax(dim=1, keepdim=True)
     free = live & (Bs < -base)  # the most negative gradients at u = 0 start free
-    U = torch.zeros(M, n, dtype=F64)
-    fallback = torch.ones(M, dtype=torch.bool)
+    X = torch.zeros(M, n, dtype=F64)
+    settled = torch.zeros(M, dtype=torch.bool)
     for _ in range(_PDAS_MAX_SWEEPS):
-        # every row is re-solved at every sweep (settled rows reproduce themselves): cheaper
-        # than gathering the unsettled ones for the one to three sweeps this usually takes
+        # every row is re-solved at every sweep (a settled row reproduces itself): cheaper than
+        # gathering the unsettled ones for the one to three sweeps this usually takes
         Fm = free.to(F64)
         A = Qs * (Fm[:, :, None] * Fm[:, None, :])
         A.diagonal(dim1=1, dim2=2).fill_(1.0)  # identity rows outside the free set
         L, info = torch.linalg.cholesky_ex(A)
-        ok = (info == 0) & (L.diagonal(dim1=1, dim2=2).amin(dim=1) ** 2 > 1e-8)
         X = torch.cholesky_solve((Fm * Bs).unsqueeze(2), L).squeeze(2).neg_()
-        g = X @ Qs + Bs
+        g = torch.addmm(Bs, X, Qs)
         thr = base + tol * X.abs().sum(dim=1, keepdim=True)
         new = torch.where(free, X > 0, live & (g < -thr))
+        ok = (info == 0) & (L.diagonal(dim1=1, dim2=2).amin(dim=1) > 1e-4)
         settled = ok & (new == free).all(dim=1)
-        if bool(settled.all()):
-            U, fallback = X, ~settled
+        all_settled, all_ok = torch.stack([settled.all(), ok.all()]).tolist()
+        if all_settled or not all_ok:  # a singular face: the sequential method takes over
             break
-        free = torch.where(settled[:, None], free, new)
-        if not bool(ok.all()):
-            U = torch.where(settled[:, None], X, U)
-            fallback = ~settled
-            break
-        U = torch.where(settled[:, None], X, U)
-        fallback = ~settled
+        free = new
+    U, fallback = X, ~settled
     for m in torch.nonzero(fallback)[:, 0].tolist():
         # the sequential active set rescales by s itself: hand it the unscaled problem
         U[m] = _nnqp_torch(Q, B[m], max_iter, tol, solver) / torch.where(zero, 1.0, s)
