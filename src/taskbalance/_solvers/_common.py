@@ -72,9 +72,10 @@ def select_backend(backend: str, G: object, python_max_k: int) -> Path:
 
     For small K every torch call on a K x K tensor costs microseconds of dispatch, far more than
     its arithmetic, so ``"auto"`` runs the plain-Python path up to ``python_max_k`` (each
-    problem's crossover, measured on one CPU thread) and torch above it. Both paths run the
-    same algorithm to the same stopping rule; a singular face met on the Python path is handed
-    to the torch path's eigendecomposition, so degenerate inputs are treated identically.
+    problem's crossover, measured on one CPU thread) and torch above it. Both paths solve the
+    same problem exactly to the same optimality test (and, except the batched dual-cone solve,
+    by the same iterates); a singular face met on the Python path is handed to the torch
+    path's eigendecomposition, so degenerate inputs are treated identically.
     """
     if backend not in ("auto", "python", "torch"):
         raise ValueError(f"backend must be 'auto', 'python' or 'torch', got {backend!r}")
