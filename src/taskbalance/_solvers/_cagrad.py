@@ -75,6 +75,7 @@ def _predicted_root(
 def _inner_torch(G: Tensor, b: Tensor, gg: float, r: float, max_iter: int) -> Inner[Tensor]:
     K = G.shape[0]
     norms = G.diagonal().sqrt()
+    prev: list[list[float] | None] = [None]  # the latest evaluation's weights
 
     def face_solves(Gs: Tensor, S: Tensor | None) -> tuple[Tensor, Tensor] | None:
         # D (D Gs_S D)⁻¹ D [1, b_S] on a well-conditioned face S (None: all): the unnormalised
@@ -96,17 +97,22 @@ def _inner_torch(G: Tensor, b: Tensor, gg: float, r: float, max_iter: int) -> In
         # an interior min-norm point (all weights > 0 on the well-conditioned face of all
         # vertices) is where the active set's top-down start stops at once: take it from the
         # same factorisation that predicts the root
-        full = face_solves(Gs, None) if K >= 3 and float(Gs.diagonal().min()) > 0 else None
+        interior = prev[0] is None or all(v > 0 for v in prev[0])
+        full = None
+        if interior and K >= 3 and float(Gs.diagonal().min()) > 0:
+            full = face_solves(Gs, None)
         S: Tensor | None = None
         if full is not None and bool((full[0] > 0).all()):
             w = full[0] / full[0].sum()
             solves: tuple[Tensor, Tensor] | None = full
         else:
-            w_any = solve_min_norm(Gs, max_iter, 1e-12)
+            # warm start from the previous evaluation's solution: t moves little, so does w
+            w_any = solve_min_norm(Gs, max_iter, 1e-12, prev[0])
             assert isinstance(w_any, Tensor)
             w = w_any
             S = torch.nonzero(w > 0)[:, 0]
             solves = face_solves(Gs, S) if S.numel() >= 2 else None
+        prev[0] = w.tolist()
         Gw = G @ w
         q = float(w @ Gw)
         st = math.sqrt(max(q, 0.0))
@@ -140,13 +146,16 @@ def _inner_py(
 ) -> Inner[list[float]]:
     K = len(G)
     norms = [math.sqrt(G[i][i]) for i in range(K)]
+    prev: list[list[float] | None] = [None]  # the latest evaluation's weights
 
     def inner(t: float) -> tuple[list[float], float, float, float | None]:
         beta = t / r
         b2 = beta * beta * gg
         Gs = [[v + beta * (b[i] + b[k]) + b2 for k, v in enumerate(row)] for i, row in enumerate(G)]
-        w = solve_min_norm(Gs, max_iter, 1e-12)
+        # warm start from the previous evaluation's solution: t moves little, so does w
+        w = solve_min_norm(Gs, max_iter, 1e-12, prev[0])
         assert isinstance(w, list)
+        prev[0] = w
         Gw = [sum(map(mul, row, w)) for row in G]
         q = sum(map(mul, w, Gw))
         st = math.sqrt(max(q, 0.0))

@@ -169,26 +169,39 @@ def _noise(sq: Tensor, w: Tensor, K: int) -> tuple[Tensor, float]:
     return 4.0 * K * EPS * m * (sq + m), m
 
 
-def _active_set_torch(G: Tensor, max_iter: int, tol: float) -> Tensor:
+def _active_set_torch(
+    G: Tensor, max_iter: int, tol: float, start: list[float] | None = None
+) -> Tensor:
     """Wolfe's min-norm-point active-set method on a float64 host Gramian (no zero rows).
 
-    Starts top-down (every vertex in the corral, ``w`` uniform) when the face of all vertices
-    is well conditioned and its solve keeps at least half of them positive (an interior or
-    nearly interior optimum, typical of many roughly independent gradients: one or a few face
-    solves instead of K), bottom-up from the shortest vertex otherwise. Either start is a
-    feasible point in the relative interior of its corral, so the iterates are Wolfe's and the
-    answer is the same.
+    Starts from the corral ``{i : start_i > 0}`` at ``start`` when given (a warm start: the
+    solution of a nearby problem), else top-down (every vertex in the corral, ``w`` uniform)
+    when the face of all vertices is well conditioned and its solve keeps at least half of them
+    positive (an interior or nearly interior optimum, typical of many roughly independent
+    gradients: one or a few face solves instead of K), else bottom-up from the shortest vertex.
+    Every start is a feasible point in the relative interior of its corral, from which Wolfe's
+    minor and major cycles reach the same minimum.
     """
     K = G.shape[0]
     Gn = G / float(G.diagonal().max())
     diag = Gn.diagonal()
     sq = diag.sqrt()
     it = 1
-    w = torch.full((K,), 1.0 / K, dtype=F64)
-    full = _face_min_norm_chol(Gn)
-    y: Tensor | None = full
-    S = list(range(K))
-    if full is None or int((full > 0).sum()) * 2 < K:
+    y: Tensor | None
+    full: Tensor | None
+    if start is not None:
+        S = [i for i in range(K) if start[i] > 0]
+        w = torch.tensor(start, dtype=F64)
+        w = w / w.sum()
+        idx = torch.tensor(S, dtype=torch.long)
+        y = _face_min_norm(Gn[idx][:, idx], w[idx])
+        full = y
+    else:
+        w = torch.full((K,), 1.0 / K, dtype=F64)
+        full = _face_min_norm_chol(Gn)
+        y = full
+        S = list(range(K))
+    if full is None or (start is None and int((full > 0).sum()) * 2 < K):
         i0 = int(torch.argmin(diag))
         S, y = [i0], None
         w = torch.zeros(K, dtype=F64)
@@ -303,7 +316,9 @@ def _face_min_norm_py(Gn: list[list[float]], S: list[int], y_cur: list[float]) -
     return y
 
 
-def _active_set_py(G: list[list[float]], max_iter: int, tol: float) -> list[float]:
+def _active_set_py(
+    G: list[list[float]], max_iter: int, tol: float, start: list[float] | None = None
+) -> list[float]:
     """:func:`_active_set_torch` in Python floats (same starts, iterates and stopping rule)."""
     K = len(G)
     scale = max(G[i][i] for i in range(K))
@@ -311,11 +326,20 @@ def _active_set_py(G: list[list[float]], max_iter: int, tol: float) -> list[floa
     diag = [Gn[i][i] for i in range(K)]
     sq = [math.sqrt(v) for v in diag]
     it = 1
-    w = [1.0 / K] * K
-    S = list(range(K))
-    full = _face_min_norm_chol_py(Gn, S)
-    y: list[float] | None = full
-    if full is None or 2 * sum(1 for v in full if v > 0) < K:
+    y: list[float] | None
+    full: list[float] | None
+    if start is not None:
+        S = [i for i in range(K) if start[i] > 0]
+        tot = sum(start)
+        w = [v / tot for v in start]
+        y = _face_min_norm_py(Gn, S, [w[i] for i in S])
+        full = y
+    else:
+        w = [1.0 / K] * K
+        S = list(range(K))
+        full = _face_min_norm_chol_py(Gn, S)
+        y = full
+    if full is None or (start is None and 2 * sum(1 for v in full if v > 0) < K):
         i0 = diag.index(min(diag))
         S, y = [i0], None
         w = [0.0] * K
@@ -382,17 +406,18 @@ def _active_set_py(G: list[list[float]], max_iter: int, tol: float) -> list[floa
 
 
 def solve_min_norm(
-    G: Tensor | list[list[float]], max_iter: int, tol: float
+    G: Tensor | list[list[float]], max_iter: int, tol: float, start: list[float] | None = None
 ) -> Tensor | list[float]:
     """Exact min-norm weights of a validated working Gramian, on the path its type names
-    (a float64 host tensor: torch; a list of Python floats: Python)."""
+    (a float64 host tensor: torch; a list of Python floats: Python), optionally warm-started
+    from simplex weights ``start`` (see :func:`_active_set_torch`)."""
     if isinstance(G, Tensor):
         special = _special_case(G.diagonal().tolist(), float(G[0, 1]) if len(G) > 1 else 0.0)
         if special is not None:
             return torch.tensor(special, dtype=F64)
-        return _active_set_torch(G, max_iter, tol)
+        return _active_set_torch(G, max_iter, tol, start)
     special = _special_case([G[i][i] for i in range(len(G))], G[0][1] if len(G) > 1 else 0.0)
-    return special if special is not None else _active_set_py(G, max_iter, tol)
+    return special if special is not None else _active_set_py(G, max_iter, tol, start)
 
 
 def min_norm_weights(
