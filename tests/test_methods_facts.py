@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import taskbalance as tb
-from taskbalance._base import LOOP_OPTIONS
 from conftest import call, compute, directions_for, loss_gradient, losses_for
+from taskbalance._base import LOOP_OPTIONS
 from taskbalance.methods._facts import (
     NON_CONFLICTING,
     PERMUTATION_INVARIANT,
@@ -37,46 +37,8 @@ from taskbalance.methods._facts import (
 
 K = 3
 
-#: Facts of the classes whose modules another part owns (UPGrad, DualProj, CAGrad), kept here
-#: until those classes declare them. UPGrad and DualProj claim no conflict and scale
-#: equivariance once their default is the exact projection (issue 12, item 2).
-PENDING: dict[str, dict[str, Any]] = {
-    "upgrad": {
-        "claimed_properties": frozenset({PERMUTATION_INVARIANT}),
-        "example_hyperparameters": ({"pref": [0.2, 0.3, 0.5]},),
-        "bad_hyperparameters": (
-            ({"pref": [1.0, -1.0, 1.0]}, ValueError, r"pref\[1\] = -1.0: expected"),
-        ),
-    },
-    "dualproj": {
-        "claimed_properties": frozenset({PERMUTATION_INVARIANT}),
-        "example_hyperparameters": ({"pref": [0.2, 0.3, 0.5]},),
-        "bad_hyperparameters": (
-            ({"pref": [1.0, -1.0, 1.0]}, ValueError, r"pref\[1\] = -1.0: expected"),
-        ),
-    },
-    "cagrad": {
-        "claimed_properties": frozenset({PERMUTATION_INVARIANT, SCALE_EQUIVARIANT}),
-        "example_hyperparameters": ({"c": 0.9}, {"rescale": 0}),
-        "bad_hyperparameters": (({"c": -1.0}, ValueError, r"c: expected a number >= 0"),),
-    },
-}
-
-
 def facts(name: str) -> MethodFacts:
-    cls = tb.method_class(name)
-    declared = method_facts(cls)
-    pending = PENDING.get(name)
-    if pending is None:
-        return declared
-    return MethodFacts(
-        requires_positive_losses=declared.requires_positive_losses,
-        signed_weights=declared.signed_weights,
-        claimed_properties=pending["claimed_properties"],
-        required_hyperparameters=declared.required_hyperparameters,
-        example_hyperparameters=pending["example_hyperparameters"],
-        bad_hyperparameters=pending["bad_hyperparameters"],
-    )
+    return method_facts(tb.method_class(name))
 
 
 def build(name: str, num_tasks: int = K, **hparams: Any) -> tb.Balancer:
@@ -133,14 +95,6 @@ def test_every_method_declares_consistent_facts(name):
         J = torch.randn(K, 6, generator=generator)
         J[1] = -J[0]  # a conflict: the methods that subtract gradients would show it here
         assert (build(name).compute_weights(torch.ones(K), gram=J @ J.T) >= 0).all(), name
-
-
-def test_the_facts_table_covers_exactly_the_registry():
-    assert set(PENDING) <= set(tb.available())
-    for name in PENDING:
-        assert not hasattr(tb.method_class(name), "claimed_properties"), (
-            f"{name} now declares its facts: drop it from PENDING"
-        )
 
 
 @pytest.mark.parametrize(("name", "hparams", "error", "match"), BAD_CASES)
@@ -381,5 +335,5 @@ def test_upgrad_weights_are_linear_in_the_preferences():
         for i in range(3)
     ]
     expected = sum(p * part for p, part in zip(pref.double(), parts, strict=True))
-    assert not torch.allclose(w, pref)  # the projections did act
+    assert not torch.allclose(w, pref.double())  # the projections did act
     torch.testing.assert_close(w, expected, rtol=1e-4, atol=1e-6)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from taskbalance._validation import (
     check_positive,
     check_positive_int,
 )
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
 
@@ -63,6 +64,13 @@ class CAGrad(GradientBalancer):
         >>> b.compute_weights(torch.ones(2), gram=torch.eye(2))
         tensor([0.5000, 0.5000])
     """
+
+    claimed_properties = frozenset({"permutation_invariant", "scale_equivariant"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"c": 0.9}, {"rescale": 0})
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"c": -1.0}, ValueError, r"c: expected a number >= 0"),
+        ({"rescale": 3}, ValueError, r"rescale"),
+    )
 
     def __init__(
         self,

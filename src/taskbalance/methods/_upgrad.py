@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -11,11 +11,27 @@ from torch import Tensor
 from taskbalance._registry import register
 from taskbalance._solvers import dual_cone_weights
 from taskbalance._validation import check_nonnegative, per_task_values
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
 
 class _DualConeBalancer(GradientBalancer):
     """Shared set-up of UPGrad and DualProj: preferences and the optional regularisation."""
+
+    # The exact projection (the default) never conflicts with a task; with norm_eps/reg_eps
+    # > 0 (torchjd's regularisation) it may.
+    claimed_properties = frozenset(
+        {"non_conflicting", "permutation_invariant", "scale_equivariant"}
+    )
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"pref": [0.2, 0.3, 0.5]},
+        {"norm_eps": 0.1, "reg_eps": 0.1},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"pref": [1.0, -1.0, 1.0]}, ValueError, r"pref\[1\] = -1.0: expected"),
+        ({"pref": [0.0, 0.0, 0.0]}, ValueError, r"pref: expected at least one preference > 0"),
+        ({"reg_eps": -1.0}, ValueError, r"reg_eps"),
+    )
 
     preferences: Tensor
 
@@ -36,6 +52,11 @@ class _DualConeBalancer(GradientBalancer):
             for i, value in enumerate(values):
                 if value < 0:
                     raise ValueError(f"pref[{i}] = {value}: expected a preference >= 0")
+            if sum(values) <= 0:
+                raise ValueError(
+                    f"pref: expected at least one preference > 0, got {values} (the "
+                    "direction would be 0 at every step)"
+                )
         self.norm_eps = check_nonnegative("norm_eps", norm_eps)
         self.reg_eps = check_nonnegative("reg_eps", reg_eps)
         self.register_buffer("preferences", torch.tensor(values, dtype=torch.float64))
@@ -120,6 +141,10 @@ class DualProj(_DualConeBalancer):
         >>> b.compute_weights(torch.ones(2), gram=torch.eye(2))
         tensor([0.5000, 0.5000])
     """
+
+    # On the shared test trajectories the mean gradient already lies in the dual cone, where
+    # the regularisation changes nothing: only the preferences are a visible example.
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"pref": [0.2, 0.3, 0.5]},)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return self._project(gram, self.preferences)
