@@ -75,3 +75,13 @@ def test_imtl_g_opposite_gradients_give_the_zero_direction(dtype):
     torch.testing.assert_close(
         OPPOSITE_J.T @ weights.double(), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-6
     )
+
+
+def test_cagrad_one_huge_gradient_among_zeros():
+    # Found by the permutation property test: the warm start of the inner min-norm solve was
+    # the zero vector (no point of the simplex) and divided by its sum.
+    J = torch.zeros(5, 1, dtype=torch.float64)
+    J[4] = 1.4826e15
+    weights = tb.create("cagrad", num_tasks=5).compute_weights(torch.ones(5), gram=J @ J.T)
+    assert bool(torch.isfinite(weights).all())
+    assert float((J.T @ weights).squeeze()) > 0  # the one task with a gradient descends

@@ -76,9 +76,9 @@ def check_positive_int(name: str, value: object) -> int:
 def check_seed(value: object) -> int:
     """Return ``value`` after checking it is an int ≥ 0 (a generator seed)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"seed: expected an int >= 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {value!r}")
+        raise TypeError(f"seed: expected an int in [0, 2**64), got {value!r}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {value!r}")
     return value
 
 

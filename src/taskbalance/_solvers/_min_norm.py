@@ -189,7 +189,8 @@ def _active_set_torch(
     it = 1
     y: Tensor | None
     full: Tensor | None
-    if start is not None:
+    # A zero start (e.g. a zero previous answer) is no point of the simplex: start afresh.
+    if start is not None and sum(start) > 0:
         S = [i for i in range(K) if start[i] > 0]
         w = torch.tensor(start, dtype=F64)
         w = w / w.sum()
@@ -328,7 +329,7 @@ def _active_set_py(
     it = 1
     y: list[float] | None
     full: list[float] | None
-    if start is not None:
+    if start is not None and sum(start) > 0:
         S = [i for i in range(K) if start[i] > 0]
         tot = sum(start)
         w = [v / tot for v in start]

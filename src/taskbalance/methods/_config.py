@@ -76,7 +76,7 @@ class ConFIG(SpectralGradientBalancer):
     )
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"rtol": 0.9},)
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
-        ({"rtol": -1.0}, ValueError, r"rtol: expected a number > 0"),
+        ({"rtol": -1.0}, ValueError, r"rtol: expected a number in \(0.0, 1.0\)"),
     )
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:

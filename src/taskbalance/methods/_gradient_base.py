@@ -13,7 +13,11 @@ from torch import Tensor
 from taskbalance._base import Balancer
 from taskbalance._gramian import gramian_from_rows, jacobian_rows
 from taskbalance._step import Step
-from taskbalance._validation import check_choice, check_positive, check_positive_int
+from taskbalance._validation import (
+    check_choice,
+    check_in_range,
+    check_positive_int,
+)
 
 
 class GradientBalancer(Balancer):
@@ -279,4 +283,8 @@ class SpectralGradientBalancer(GradientBalancer):
 
     def __init__(self, num_tasks: int, *, rtol: float | None = None, **options: Any) -> None:
         super().__init__(num_tasks, **options)
-        self.rtol = None if rtol is None else check_positive("rtol", rtol)
+        self.rtol = (
+            None
+            if rtol is None
+            else check_in_range("rtol", rtol, 0.0, 1.0, low_open=True, high_open=True)
+        )

@@ -45,7 +45,7 @@ class RLW(Balancer):
 
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"seed": 7},)
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
-        ({"seed": -1}, ValueError, r"seed: expected an int >= 0"),
+        ({"seed": -1}, ValueError, r"seed: expected an int in \[0, 2\*\*64\)"),
     )
 
     def __init__(self, num_tasks: int, *, seed: int = 0) -> None:
