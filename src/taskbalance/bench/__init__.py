@@ -1,4 +1,9 @@
-"""The benchmark suite: bundled data sets, a plain training harness, Δm% and plots.
+"""The benchmark suite: a public API for your own benchmarks, bundled ones, a harness, Δm%.
+
+A benchmark is tasks (a loss, metrics accumulated over a split, a kind, an optional KPI), three
+``torch.utils.data.Dataset`` splits yielding ``(input, targets)``, a model factory returning the
+shared trunk and the task heads, and training defaults; see :mod:`taskbalance.bench.api` and
+``examples/custom_benchmark.py``. ``taskbalance compare --bench FILE.py:FUNCTION`` runs one.
 
 Importing this package needs only torch; scikit-learn (the digits images) and matplotlib (the
 plots) are imported when a benchmark is built or a plot is drawn, and a missing one raises
@@ -6,34 +11,81 @@ plots) are imported when a benchmark is built or a plot is drawn, and a missing 
 
 Example:
     >>> from taskbalance.bench import benchmark_names
-    >>> benchmark_names()
-    ['multidigits', 'digits-mixed', 'gradnorm-toy', 'noisy-regression', 'toy-2d']
+    >>> benchmark_names()[:4]
+    ['multidigits', 'digits-mixed', 'gradnorm-toy', 'noisy-regression']
 """
 
-from taskbalance.bench.datasets import (
+from taskbalance.bench.api import (
     Benchmark,
+    BenchmarkEntry,
+    BenchmarkError,
+    MeanMetric,
+    Metric,
     MissingExtraError,
-    Split,
+    SplitMetric,
     Task,
-    benchmark_info,
+    TrainingDefaults,
+    accuracy,
+    benchmark_entry,
     benchmark_names,
+    binary_accuracy,
+    binary_kpi,
+    classification_kpi,
     load_benchmark,
+    mean_absolute_error,
+    mean_metric,
+    mean_squared_error,
+    reference_loss,
+    register_benchmark,
+    regression_kpi,
+    split_metric,
 )
-from taskbalance.bench.harness import RunResult, TrainConfig, WeightRecorder, train_run
+from taskbalance.bench.data import TensorTaskDataset
+from taskbalance.bench.harness import (
+    EXAMPLE_HYPERPARAMETERS,
+    Method,
+    RunResult,
+    TrainConfig,
+    WeightRecorder,
+    evaluate,
+    train_run,
+)
 from taskbalance.bench.metrics import delta_m, summarise
+from taskbalance.bench.models import MultiTaskModel
 
 __all__ = [
+    "EXAMPLE_HYPERPARAMETERS",
     "Benchmark",
+    "BenchmarkEntry",
+    "BenchmarkError",
+    "MeanMetric",
+    "Method",
+    "Metric",
     "MissingExtraError",
+    "MultiTaskModel",
     "RunResult",
-    "Split",
+    "SplitMetric",
     "Task",
+    "TensorTaskDataset",
     "TrainConfig",
+    "TrainingDefaults",
     "WeightRecorder",
-    "benchmark_info",
+    "accuracy",
+    "benchmark_entry",
     "benchmark_names",
+    "binary_accuracy",
+    "binary_kpi",
+    "classification_kpi",
     "delta_m",
+    "evaluate",
     "load_benchmark",
+    "mean_absolute_error",
+    "mean_metric",
+    "mean_squared_error",
+    "reference_loss",
+    "register_benchmark",
+    "regression_kpi",
+    "split_metric",
     "summarise",
     "train_run",
 ]

@@ -1,20 +1,24 @@
-"""The ``taskbalance`` command line: list, train, compare and toy.
+"""The ``taskbalance`` command line: list, train, compare and toy (parse → call → print).
 
-Errors a user can fix (unknown benchmark or method, a bad ``--set`` value, an output directory
-that cannot be written, a missing optional dependency) are printed to stderr as one line and
-exit with code 2, before any training starts. Ctrl-C during training writes the results
-finished so far and exits with code 130.
+The work is library code: :func:`taskbalance.bench.compare.run_comparison`,
+:mod:`taskbalance.bench.report`, :func:`taskbalance.bench.train_run`. Errors a user can fix
+(unknown benchmark or method, a bad ``--set`` value, a benchmark file or function that does not
+exist, an output directory that cannot be written, a missing optional dependency) are printed
+to stderr as one line and exit with code 2, before any training starts. Ctrl-C during training
+writes the results finished so far and exits with code 130.
+
+``--bench`` takes a registered name, ``path/to/file.py:function`` or ``package.module:function``
+(a function returning a :class:`taskbalance.bench.Benchmark`). ``--set key=value`` values are
+Python literals (see :mod:`taskbalance.bench.variants`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import inspect
-import math
+import os
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,182 +26,50 @@ from typing import Any
 import torch
 
 import taskbalance as tb
-from taskbalance.bench.datasets import (
+from taskbalance.bench import report
+from taskbalance.bench.api import (
     Benchmark,
+    BenchmarkError,
     MissingExtraError,
-    Task,
-    benchmark_info,
+    benchmark_entry,
     benchmark_names,
     load_benchmark,
+    require_module,
 )
+from taskbalance.bench.compare import BenchmarkSource, run_comparison
 from taskbalance.bench.harness import (
-    RunResult,
+    Method,
     TrainConfig,
-    balancer_arguments,
-    method_kind,
+    check_method,
+    example_hyperparameters,
     progress_bar,
+    steps_per_epoch,
     train_run,
 )
+from taskbalance.bench.selection import Selection, parse_selection
+from taskbalance.bench.variants import parse_methods
 
 #: The benchmark ``taskbalance compare`` runs when none is named.
 DEFAULT_COMPARE_BENCHMARK = "multidigits"
 #: Seeds of the default comparison (chosen so that it finishes within 5 minutes on 2 CPU cores).
 DEFAULT_COMPARE_SEEDS = 5
+#: The toy landscapes: not benchmarks (no data, no single-task baselines); `taskbalance toy`.
+TOYS = ("toy-2d",)
 #: Steps of ``train --bench toy-2d`` per "epoch".
 TOY_STEPS_PER_EPOCH = 250
 #: Exit code after Ctrl-C (128 + SIGINT).
 INTERRUPTED_EXIT_CODE = 130
 USAGE_ERROR_EXIT_CODE = 2
+#: Relative error within which uncertainty weighting counts as having recovered σ².
+VARIANCE_TOLERANCE = 0.05
 
 
 class CommandError(Exception):
     """A mistake in the command line: printed as one line, exit code 2."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Argument checks.
-
-
-def check_benchmark(name: str) -> str:
-    """Return ``name`` if it is a bundled benchmark, else raise a CommandError listing them."""
-    try:
-        benchmark_info(name)
-    except ValueError as error:
-        raise CommandError(str(error)) from None
-    return name
-
-
-def check_methods(names: Sequence[str]) -> list[str]:
-    """Return the method names if all are registered, else a CommandError listing them."""
-    valid = tb.available()
-    unknown = [name for name in names if name not in valid]
-    if unknown:
-        raise CommandError(f"unknown method(s) {unknown}; expected some of {valid}")
-    return list(names)
-
-
-def parse_method_list(text: str) -> list[str]:
-    """``"all"`` or a comma-separated list of method names."""
-    if text.strip() == "all":
-        return tb.available()
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise CommandError("--methods: expected 'all' or a comma-separated list of methods")
-    return check_methods(names)
-
-
-_TRUE = {"true", "yes", "1", "on"}
-_FALSE = {"false", "no", "0", "off"}
-
-
-def _convert_scalar(text: str, example: object) -> object:
-    """Convert ``text`` to the type of ``example`` (None: int, then float, then text)."""
-    text = text.strip()
-    if isinstance(example, bool):
-        lowered = text.lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        raise ValueError(text)
-    if isinstance(example, int):
-        return int(text)
-    if isinstance(example, float):
-        return float(text)
-    if isinstance(example, str):
-        return text
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            continue
-    if text.lower() in {"none", "null"}:
-        return None
-    return text
-
-
-def _type_description(example: object) -> str:
-    if isinstance(example, (list, tuple)):
-        inner = _type_description(example[0]) if example else "float"
-        return f"a comma-separated list of {inner}"
-    if example is inspect.Parameter.empty:
-        return "a float or a comma-separated list of floats"
-    if example is None:
-        return "a number or text"
-    return type(example).__name__
-
-
-def convert_setting(key: str, text: str, default: object) -> object:
-    """Convert one ``--set key=value`` to the type of the hyperparameter's default.
-
-    Lists are comma-separated; a required hyperparameter without a default (``fixed``'s
-    ``weights``) takes floats.
-
-    Args:
-        key: the hyperparameter.
-        text: the value as typed.
-        default: the hyperparameter's default from :func:`taskbalance.hyperparameters`.
-
-    Returns:
-        The converted value.
-
-    Raises:
-        CommandError: the value does not convert; the message names the key and the type.
-    """
-    try:
-        if default is inspect.Parameter.empty:
-            values = [float(part) for part in text.split(",")]
-            return values if len(values) > 1 else values[0]
-        if isinstance(default, (list, tuple)):
-            element = default[0] if default else 0.0
-            return [_convert_scalar(part, element) for part in text.split(",")]
-        if "," in text:
-            return [_convert_scalar(part, default) for part in text.split(",")]
-        return _convert_scalar(text, default)
-    except ValueError:
-        message = f"--set {key}={text!r}: expected {_type_description(default)}"
-        if default is not inspect.Parameter.empty:
-            message += f" (the type of its default {default!r})"
-        raise CommandError(message) from None
-
-
-def parse_settings(method: str, assignments: Sequence[str]) -> dict[str, Any]:
-    """Turn ``--set key=value`` arguments into the method's hyperparameters.
-
-    Args:
-        method: a registered method name.
-        assignments: the ``key=value`` strings.
-
-    Returns:
-        The hyperparameters, converted to the types of their defaults.
-
-    Raises:
-        CommandError: malformed assignment, unknown key or a value of the wrong type.
-    """
-    defaults = tb.hyperparameters(method)
-    settings: dict[str, Any] = {}
-    for assignment in assignments:
-        key, separator, text = assignment.partition("=")
-        key = key.strip()
-        if not separator or not key:
-            raise CommandError(f"--set {assignment!r}: expected key=value")
-        if key not in defaults:
-            raise CommandError(
-                f"--set {key}: {method} has no hyperparameter {key!r}; "
-                f"expected one of {sorted(defaults) or 'none'}"
-            )
-        settings[key] = convert_setting(key, text, defaults[key])
-    return settings
-
-
 def prepare_output_directory(path: Path) -> Path:
     """Create ``path`` and check that a file can be written there, before any training.
-
-    Args:
-        path: the output directory.
-
-    Returns:
-        The directory.
 
     Raises:
         CommandError: the directory cannot be created or written.
@@ -212,144 +84,9 @@ def prepare_output_directory(path: Path) -> Path:
     return path
 
 
-def _check_balancer(method: str, benchmark: Benchmark, settings: dict[str, Any]) -> None:
-    """Create the balancer once so that a bad hyperparameter fails before training."""
-    try:
-        tb.create(
-            method,
-            num_tasks=benchmark.num_tasks,
-            **balancer_arguments(method, benchmark, settings, seed=0),
-        )
-    except (TypeError, ValueError) as error:
-        raise CommandError(f"{method}: {error}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing results.
-
-
-def write_metrics_csv(runs: Sequence[RunResult], path: Path) -> None:
-    """Per-epoch metrics of runs: one row per (run, epoch, split, task).
-
-    Columns: method, seed, single_task, epoch, seconds, split (train/validation/test), task,
-    quantity (``loss`` for train, else the metric name), value.
-    """
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "method",
-                "seed",
-                "single_task",
-                "epoch",
-                "seconds",
-                "split",
-                "task",
-                "quantity",
-                "value",
-            ]
-        )
-        for run in runs:
-            single = "" if run.single_task is None else run.task_names[run.single_task]
-            for record in run.epochs:
-                for split, values in (
-                    ("train", record.train_losses),
-                    ("validation", record.validation),
-                    ("test", record.test),
-                ):
-                    for task_name, value in zip(run.task_names, values, strict=True):
-                        quantity = "loss" if split == "train" else "metric"
-                        writer.writerow(
-                            [
-                                run.method,
-                                run.seed,
-                                single,
-                                record.epoch,
-                                f"{record.seconds:.4f}",
-                                split,
-                                task_name,
-                                quantity,
-                                value,
-                            ]
-                        )
-
-
-def write_weights_csv(runs: Sequence[RunResult], path: Path) -> None:
-    """The recorded weights of runs: method, seed, step, then one column per task."""
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        task_names = runs[0].task_names if runs else []
-        writer.writerow(["method", "seed", "step", *(f"w_{name}" for name in task_names)])
-        for run in runs:
-            for step, row in zip(run.weight_steps, run.weight_rows, strict=True):
-                writer.writerow([run.method, run.seed, step, *row])
-
-
-def write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
-    """One row per finished run: final test metrics, seconds per epoch, status."""
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        task_names = runs[0].task_names if runs else []
-        writer.writerow(
-            [
-                "method",
-                "seed",
-                "single_task",
-                *(f"test_{name}" for name in task_names),
-                "seconds_per_epoch",
-                "epochs",
-                "status",
-            ]
-        )
-        for run in runs:
-            status = "interrupted" if run.interrupted else (run.failure or "ok")
-            single = "" if run.single_task is None else run.task_names[run.single_task]
-            writer.writerow(
-                [
-                    run.method,
-                    run.seed,
-                    single,
-                    *run.final_test,
-                    run.seconds_per_epoch,
-                    len(run.epochs),
-                    status,
-                ]
-            )
-
-
-def _format_metric(value: float, metric: str) -> str:
-    if math.isnan(value):
-        return "—"
-    if metric == "accuracy":
-        return f"{100 * value:.2f}%"
-    return f"{value:.4g}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Commands.
-
-
-def command_list(arguments: argparse.Namespace) -> int:
-    """``taskbalance list``: methods and benchmarks."""
-    methods = tb.available()
-    print(f"Methods ({len(methods)}):")
-    for name in methods:
-        print(f"  {name:<12} {method_kind(name)}-based")
-    print()
-    print("Benchmarks:")
-    for name in benchmark_names():
-        info = benchmark_info(name)
-        print(f"  {name}: {info.description}")
-        for task in info.tasks:
-            print(
-                f"      {task.name:<8} loss {task.loss:<21} metric {task.metric} "
-                f"({task.direction} is better)"
-            )
-    return 0
-
-
-def _progress_enabled(arguments: argparse.Namespace) -> bool:
-    return not arguments.quiet
+def _positive(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
+        raise CommandError(f"{option}: expected an int >= 1, got {value}")
 
 
 def _log(arguments: argparse.Namespace, message: str) -> None:
@@ -357,42 +94,140 @@ def _log(arguments: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _benchmark(arguments: argparse.Namespace) -> Benchmark:
+    return load_benchmark(
+        arguments.bench,
+        small=arguments.small,
+        data_seed=arguments.data_seed,
+        data_root=arguments.data_root,
+    )
+
+
+def _config(arguments: argparse.Namespace, seed: int = 0) -> TrainConfig:
+    return TrainConfig(
+        seed=seed,
+        epochs=arguments.epochs,
+        batch_size=arguments.batch_size,
+        diagnostics_every=arguments.diagnostics_every,
+        device=arguments.device,
+    )
+
+
+def _slug(text: str) -> str:
+    return "".join(
+        character if character.isalnum() or character in "-_." else "_" for character in text
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# list
+
+
+def command_list(arguments: argparse.Namespace) -> int:
+    """``taskbalance list``: methods, benchmarks and toys."""
+    methods = tb.available()
+    print(f"Methods ({len(methods)}):")
+    for name in methods:
+        kind = "gradient" if tb.method_class(name).requires_gram else "loss"
+        print(f"  {name:<12} {kind}-based")
+    print()
+    print("Benchmarks (--bench NAME, or --bench FILE.py:FUNCTION for your own):")
+    for name in benchmark_names():
+        entry = benchmark_entry(name)
+        suffix = "  [needs --data-root]" if entry.needs_data_root else ""
+        print(f"  {name}: {entry.description}{suffix}")
+        for line in entry.tasks:
+            print(f"      {line}")
+    print()
+    print("Toy landscapes (taskbalance toy):")
+    print("  toy-2d: two conflicting objectives on a 2-D plane (CAGrad/Nash-MTL toy)")
+    print()
+    print("Metric arrows: ↑ higher is better, ↓ lower is better.")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def _distributed_setup(device: str) -> bool:
+    """Initialise the process group under torchrun; True when this is a multi-process run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    return True
+
+
 def command_train(arguments: argparse.Namespace) -> int:
     """``taskbalance train``: one run; per-task test metrics, final weights, files."""
-    bench = check_benchmark(arguments.bench)
-    method = check_methods([arguments.method])[0]
-    settings = parse_settings(method, arguments.set or [])
-    if arguments.epochs is not None and arguments.epochs < 1:
-        raise CommandError(f"--epochs: expected an int >= 1, got {arguments.epochs}")
-    out = Path(arguments.out or f"runs/train-{bench}-{method}-seed{arguments.seed}")
-    prepare_output_directory(out)
-    if bench == "toy-2d":
-        return _train_toy(arguments, method, settings, out)
-
-    benchmark = load_benchmark(bench, small=arguments.small)
-    _check_balancer(method, benchmark, settings)
-    config = TrainConfig(seed=arguments.seed, epochs=arguments.epochs)
-    epochs = config.epochs or benchmark.defaults.epochs
-    steps = epochs * math.ceil(len(benchmark.train) / benchmark.defaults.batch_size)
-    bar = progress_bar(steps, f"{bench}/{method}", _progress_enabled(arguments))
     try:
-        run = train_run(benchmark, method, hyperparameters=settings, config=config, progress=bar)
+        methods = parse_methods(arguments.method, arguments.set or [])
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    if len(methods) != 1:
+        raise CommandError(f"--method: expected one method, got {arguments.method!r}")
+    method = methods[0]
+    _positive(arguments.epochs, "--epochs")
+    slug = _slug(f"{arguments.bench}-{method.label}")
+    out = Path(arguments.out or f"runs/train-{slug}-seed{arguments.seed}")
+    if arguments.bench in TOYS:
+        prepare_output_directory(out)
+        return _train_toy(arguments, method, out)
+    if arguments.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {arguments.device}: no CUDA device is available")
+    distributed = _distributed_setup(arguments.device)
+    rank = torch.distributed.get_rank() if distributed else 0
+    if distributed and arguments.device == "cuda":
+        arguments.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    try:
+        if rank == 0:
+            prepare_output_directory(out)
+        benchmark = _benchmark(arguments)
+        try:
+            check_method(method, benchmark)
+        except (TypeError, ValueError) as error:
+            raise CommandError(f"{method.label}: {error}") from None
+        config = _config(arguments, arguments.seed)
+        steps = (arguments.epochs or benchmark.defaults.epochs) * steps_per_epoch(
+            benchmark, arguments.batch_size
+        )
+        bar = progress_bar(
+            steps, f"{benchmark.name}/{method.label}", rank == 0 and not arguments.quiet
+        )
+        try:
+            run = train_run(benchmark, method, config=config, progress=bar)
+        finally:
+            bar.close()
+        if rank == 0:
+            _report_train(benchmark, method, run, out, config)
     finally:
-        bar.close()
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if run.interrupted:
+        print("interrupted: wrote the epochs finished so far", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    return 0
+
+
+def _report_train(
+    benchmark: Benchmark, method: Method, run: Any, out: Path, config: TrainConfig
+) -> None:
+    from taskbalance.bench import plots
 
     print(
-        f"{bench} / {method} / seed {run.seed}: {len(run.epochs)} epoch(s), "
+        f"{benchmark.name} / {method.label} / seed {run.seed}: {len(run.epochs)} epoch(s), "
         f"{run.seconds_per_epoch:.3f} s per epoch"
     )
     if run.failure:
         print(f"training stopped: {run.failure}")
     if run.epochs:
-        print("test metrics:")
-        for task, value in zip(benchmark.tasks, run.epochs[-1].test, strict=True):
-            print(
-                f"  {task.name:<10} {task.metric:<16} {_format_metric(value, task.metric):>10}"
-                f"  ({task.direction} is better)"
-            )
+        print("test metrics (last epoch):")
+        for name, higher, value in zip(
+            benchmark.metric_names, benchmark.directions, run.epochs[-1].test, strict=True
+        ):
+            print(f"  {name:<24} {value:>12.6g}  ({'higher' if higher else 'lower'} is better)")
         if benchmark.summary_name:
             print(f"  {benchmark.summary_name} = {sum(run.epochs[-1].test):.4g}")
     weights = ", ".join(
@@ -401,35 +236,49 @@ def command_train(arguments: argparse.Namespace) -> int:
     )
     print(f"final weights: {weights}")
     if run.learned_variances is not None and benchmark.noise_variances is not None:
-        _print_variance_recovery(benchmark.tasks, benchmark.noise_variances, run.learned_variances)
-
-    write_metrics_csv([run], out / "metrics.csv")
-    write_weights_csv([run], out / "weights.csv")
-    from taskbalance.bench.plots import plot_training_curves, plot_weights_over_time
-
-    plot_training_curves(run, benchmark.tasks, out / "curves.png")
-    plot_weights_over_time({method: run}, run.task_names, out / "weights.png")
-    print(f"wrote {out / 'metrics.csv'}, {out / 'weights.csv'}, curves.png and weights.png")
-    if run.interrupted:
-        print("interrupted: wrote the epochs finished so far", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
-    return 0
-
-
-#: Relative error within which uncertainty weighting counts as having recovered σ².
-VARIANCE_TOLERANCE = 0.05
+        _print_variance_recovery(run.task_names, benchmark.noise_variances, run.learned_variances)
+    files = [
+        out / "metrics.csv",
+        out / "weights.csv",
+        out / "diagnostics.csv",
+        out / "metadata.json",
+    ]
+    report.write_metrics_csv([run], files[0])
+    report.write_weights_csv([run], files[1])
+    report.write_diagnostics_csv([run], files[2])
+    report.write_json(
+        report.run_metadata(
+            benchmark, [method], config=config, seeds=[run.seed], selection=Selection()
+        ),
+        files[3],
+    )
+    for name, draw in (
+        ("curves.png", lambda p: plots.plot_training_curves(run, p)),
+        (
+            "weights.png",
+            lambda p: plots.plot_weights_over_time(
+                {method.label: run}, run.task_names, p, f"{benchmark.name}: task weights"
+            ),
+        ),
+        ("conflicts.png", lambda p: plots.plot_conflicts({method.label: [run]}, p)),
+    ):
+        if draw(out / name):
+            files.append(out / name)
+    print("wrote " + ", ".join(str(path) for path in files))
 
 
 def _print_variance_recovery(
-    tasks: Sequence[Task], true_variances: Sequence[float], learned_variances: Sequence[float]
+    task_names: Sequence[str], true_variances: Sequence[float], learned_variances: Sequence[float]
 ) -> None:
     print("uncertainty weighting: learned σ² = exp(s_k) vs the true noise variance σ_k²")
     print(f"  {'task':<6} {'true σ²':>10} {'learned σ²':>11} {'rel. error':>11}")
     errors = []
-    for task, true_value, learned in zip(tasks, true_variances, learned_variances, strict=True):
+    for name, true_value, learned in zip(
+        task_names, true_variances, learned_variances, strict=True
+    ):
         error = (learned - true_value) / true_value
         errors.append(abs(error))
-        print(f"  {task.name:<6} {true_value:>10.4g} {learned:>11.4g} {100 * error:>10.2f}%")
+        print(f"  {name:<6} {true_value:>10.4g} {learned:>11.4g} {100 * error:>10.2f}%")
     verdict = "yes" if max(errors) <= VARIANCE_TOLERANCE else "no"
     print(
         f"  recovered within {100 * VARIANCE_TOLERANCE:.0f}%: {verdict} "
@@ -437,31 +286,35 @@ def _print_variance_recovery(
     )
 
 
-def _train_toy(
-    arguments: argparse.Namespace, method: str, settings: dict[str, Any], out: Path
-) -> int:
+# ---------------------------------------------------------------------------------------------
+# toy
+
+
+def _train_toy(arguments: argparse.Namespace, method: Method, out: Path) -> int:
     from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy_trajectory
 
     if arguments.epochs is not None:
         steps = arguments.epochs * TOY_STEPS_PER_EPOCH
     else:
         steps = 50 if arguments.small else TOY_STEPS
-    arguments_for_check = {"weights": [1.0, 1.0]} if method == "fixed" else {}
-    arguments_for_check.update(settings)
     try:
-        tb.create(method, num_tasks=2, **arguments_for_check)
+        tb.create(
+            method.name,
+            num_tasks=2,
+            **{**example_hyperparameters(method.name, 2), **method.hyperparameters},
+        )
     except (TypeError, ValueError) as error:
-        raise CommandError(f"{method}: {error}") from None
+        raise CommandError(f"{method.label}: {error}") from None
     trajectories = []
-    bar = progress_bar(steps * len(TOY_STARTS), f"toy-2d/{method}", _progress_enabled(arguments))
+    bar = progress_bar(steps * len(TOY_STARTS), f"toy-2d/{method.label}", not arguments.quiet)
     try:
         for start in TOY_STARTS:
             trajectories.append(
                 run_toy_trajectory(
-                    method,
+                    method.name,
                     start,
                     steps=steps,
-                    hyperparameters=settings,
+                    hyperparameters=method.hyperparameters,
                     seed=arguments.seed,
                     progress=bar,
                 )
@@ -470,7 +323,7 @@ def _train_toy(
         print("interrupted: writing the trajectories finished so far", file=sys.stderr)
     finally:
         bar.close()
-    _write_toy_outputs({method: trajectories}, out)
+    _write_toy_outputs({method.label: trajectories}, out)
     return 0 if len(trajectories) == len(TOY_STARTS) else INTERRUPTED_EXIT_CODE
 
 
@@ -506,11 +359,14 @@ def _write_toy_outputs(trajectories: dict[str, list[Any]], out: Path) -> None:
                     f"({end[0]:6.2f}, {end[1]:6.2f}) {values[0]:8.3f} {values[1]:8.3f} "
                     f"{distance:9.3f}" + (f"  stopped at {path.failure}" if path.failure else "")
                 )
+    written = [out / "toy-2d.csv"]
     if len(trajectories) == 1:
         _write_trajectory_steps(trajectories, "weights", ["w_f1", "w_f2"], out / "weights.csv")
         _write_trajectory_steps(trajectories, "objectives", ["f1", "f2"], out / "metrics.csv")
+        written += [out / "weights.csv", out / "metrics.csv"]
     plot_toy_trajectories(trajectories, front_points.tolist(), out / "toy-2d.png")
-    print(f"wrote {out / 'toy-2d.png'} and {out / 'toy-2d.csv'}")
+    written.append(out / "toy-2d.png")
+    print("wrote " + ", ".join(str(path) for path in written))
 
 
 def _write_trajectory_steps(
@@ -530,22 +386,31 @@ def command_toy(arguments: argparse.Namespace) -> int:
     """``taskbalance toy``: every method's trajectories on the toy-2d landscape, as a PNG."""
     from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy_trajectory
 
-    methods = parse_method_list(arguments.methods)
+    try:
+        methods = parse_methods(arguments.methods)
+    except ValueError as error:
+        raise CommandError(f"--methods: {error}") from None
     steps = arguments.steps if arguments.steps is not None else TOY_STEPS
-    if steps < 1:
-        raise CommandError(f"--steps: expected an int >= 1, got {steps}")
+    _positive(steps, "--steps")
     out = prepare_output_directory(Path(arguments.out))
-    require_plotting()
+    require_module("matplotlib")
     trajectories: dict[str, list[Any]] = {}
-    bar = progress_bar(
-        steps * len(TOY_STARTS) * len(methods), "toy-2d", _progress_enabled(arguments)
-    )
+    bar = progress_bar(steps * len(TOY_STARTS) * len(methods), "toy-2d", not arguments.quiet)
     try:
         for method in methods:
-            paths = [
-                run_toy_trajectory(method, start, steps=steps, progress=bar) for start in TOY_STARTS
+            bar.set_postfix_str(method.label)
+            trajectories[method.label] = [
+                run_toy_trajectory(
+                    method.name,
+                    start,
+                    steps=steps,
+                    hyperparameters=method.hyperparameters,
+                    progress=bar,
+                )
+                for start in TOY_STARTS
             ]
-            trajectories[method] = paths
+            if not sys.stderr.isatty():
+                _log(arguments, f"[{len(trajectories)}/{len(methods)}] {method.label}")
     except KeyboardInterrupt:
         print("interrupted: writing the methods finished so far", file=sys.stderr)
     finally:
@@ -554,120 +419,135 @@ def command_toy(arguments: argparse.Namespace) -> int:
     return 0 if len(trajectories) == len(methods) else INTERRUPTED_EXIT_CODE
 
 
-def require_plotting() -> None:
-    """Fail early, before training, when matplotlib is missing."""
-    from taskbalance.bench.datasets import require_module
-
-    require_module("matplotlib")
+# ---------------------------------------------------------------------------------------------
+# compare
 
 
 def command_compare(arguments: argparse.Namespace) -> int:
     """``taskbalance compare``: every method and the single-task baselines over seeds."""
-    started = time.perf_counter()
-    bench = check_benchmark(arguments.bench)
-    if bench == "toy-2d":
-        raise CommandError("toy-2d has no single-task baselines or Δm%; run `taskbalance toy`")
-    methods = parse_method_list(arguments.methods)
-    if arguments.seeds < 1:
-        raise CommandError(f"--seeds: expected an int >= 1, got {arguments.seeds}")
-    if arguments.epochs is not None and arguments.epochs < 1:
-        raise CommandError(f"--epochs: expected an int >= 1, got {arguments.epochs}")
-    out = prepare_output_directory(Path(arguments.out or f"runs/compare-{bench}"))
-    require_plotting()
-    benchmark = load_benchmark(bench, small=arguments.small)
-    for method in methods:
-        _check_balancer(method, benchmark, {})
-
-    seeds = list(range(arguments.seeds))
-    epochs = arguments.epochs or benchmark.defaults.epochs
-    jobs: list[tuple[str | None, int | None, int]] = [
-        (None, task_index, seed) for seed in seeds for task_index in range(benchmark.num_tasks)
-    ]
-    jobs += [(method, None, seed) for method in methods for seed in seeds]
-    steps_per_run = epochs * math.ceil(len(benchmark.train) / benchmark.defaults.batch_size)
-    bar = progress_bar(steps_per_run * len(jobs), f"compare {bench}", _progress_enabled(arguments))
-    runs: list[RunResult] = []
-    interrupted = False
+    if arguments.bench in TOYS:
+        raise CommandError(
+            f"{arguments.bench} has no single-task baselines or Δm%; run `taskbalance toy`"
+        )
     try:
-        for position, (method, task_index, seed) in enumerate(jobs, start=1):
-            label = method or f"single-task[{benchmark.tasks[task_index or 0].name}]"
-            bar.set_postfix_str(f"{label} seed {seed}")
-            run = train_run(
-                benchmark,
-                method,
-                single_task=task_index,
-                config=TrainConfig(seed=seed, epochs=arguments.epochs),
-                progress=bar,
-            )
-            if run.interrupted:
-                interrupted = True
-                break
-            runs.append(run)
-            status = f" ({run.failure})" if run.failure else ""
-            if not sys.stderr.isatty():
-                _log(
-                    arguments,
-                    f"[{position}/{len(jobs)}] {label} seed {seed}: "
-                    f"{run.seconds_per_epoch:.3f} s/epoch{status}",
-                )
-    except KeyboardInterrupt:
-        interrupted = True
+        methods = parse_methods(arguments.methods, arguments.set or [])
+        selection = parse_selection(arguments.select)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    for value, option in (
+        (arguments.seeds, "--seeds"),
+        (arguments.epochs, "--epochs"),
+        (arguments.jobs, "--jobs"),
+    ):
+        _positive(value, option)
+    if arguments.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {arguments.device}: no CUDA device is available")
+    source = BenchmarkSource(
+        arguments.bench, arguments.small, arguments.data_seed, arguments.data_root
+    )
+    benchmark = _benchmark(arguments)
+    out = prepare_output_directory(Path(arguments.out or f"runs/compare-{_slug(benchmark.name)}"))
+    require_module("matplotlib")
+    seeds = list(range(arguments.seeds))
+    config = _config(arguments)
+    epochs = arguments.epochs or benchmark.defaults.epochs
+    planned_runs = len(seeds) * (benchmark.num_tasks + len(methods))
+    per_run = epochs * steps_per_epoch(benchmark, arguments.batch_size)
+    total = planned_runs * (per_run if arguments.jobs == 1 else 1)
+    bar = progress_bar(total, f"compare {benchmark.name}", not arguments.quiet)
+    threads = arguments.threads
+    try:
+        comparison = run_comparison(
+            source,
+            methods,
+            seeds=seeds,
+            out=out,
+            config=config,
+            selection=selection,
+            jobs=arguments.jobs,
+            threads=max(threads, arguments.jobs),
+            fresh=arguments.fresh,
+            benchmark=benchmark,
+            progress=bar,
+            log=None if sys.stderr.isatty() else (lambda line: _log(arguments, line)),
+        )
+    except (TypeError, ValueError) as error:
+        raise CommandError(str(error)) from None
     finally:
         bar.close()
 
-    _write_comparison(runs, benchmark, out, epochs)
-    for run in runs:
+    print(report.caption(benchmark, epochs=epochs, seeds=seeds, selection=selection))
+    print()
+    print(report.text_table(comparison.rows, benchmark))
+    files = report.write_comparison(
+        benchmark,
+        comparison.runs,
+        comparison.rows,
+        methods,
+        out,
+        config=config,
+        seeds=seeds,
+        selection=selection,
+        extra={
+            "command": ["taskbalance", *sys.argv[1:]],
+            "jobs": arguments.jobs,
+            "threads_per_run": max(1, threads // arguments.jobs) if arguments.jobs > 1 else threads,
+            "device": arguments.device,
+        },
+    )
+    for run in comparison.runs:
         if run.failure:
             print(f"failed: {run.method} seed {run.seed}: {run.failure}")
-    elapsed = time.perf_counter() - started
-    print(f"\n{len(runs)} run(s) in {elapsed:.1f} s; results in {out}")
-    if interrupted:
-        print("interrupted: wrote the runs finished so far", file=sys.stderr)
+    resumed = f" ({comparison.resumed} resumed)" if comparison.resumed else ""
+    print(f"\n{len(comparison.runs)} run(s){resumed} in {comparison.seconds:.1f} s")
+    print("wrote:")
+    for path in files:
+        print(f"  {path}")
+    print(f"  {out / 'runs'}/*.json (one per run; rerun the same command to resume)")
+    if comparison.interrupted:
+        print("interrupted: wrote the runs finished so far; rerun to resume", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     return 0
-
-
-def _write_comparison(runs: list[RunResult], benchmark: Benchmark, out: Path, epochs: int) -> None:
-    from taskbalance.bench.metrics import csv_table, markdown_table, summarise, text_table
-    from taskbalance.bench.plots import (
-        plot_delta_m_ranking,
-        plot_task_metrics,
-        plot_weights_over_time,
-    )
-
-    rows = summarise(runs, benchmark.tasks)
-    print(text_table(rows, benchmark.tasks, benchmark.summary_name))
-    seeds = sorted({run.seed for run in runs})
-    header = (
-        f"Benchmark `{benchmark.name}`: test metrics after {epochs} epochs, mean ± std over "
-        f"{len(seeds)} seed(s); Δm% against single-task models trained by the same harness "
-        "with the same budget (lower is better).\n\n"
-    )
-    (out / "comparison.md").write_text(
-        header + markdown_table(rows, benchmark.tasks, benchmark.summary_name)
-    )
-    (out / "comparison.csv").write_text(csv_table(rows, benchmark.tasks))
-    write_runs_csv(runs, out / "runs.csv")
-    write_metrics_csv(runs, out / "metrics.csv")
-    method_runs = [run for run in runs if run.single_task is None]
-    write_weights_csv(method_runs, out / "weights.csv")
-    first_seed = {}
-    for run in method_runs:
-        first_seed.setdefault(run.method, run)
-    plot_weights_over_time(first_seed, [task.name for task in benchmark.tasks], out / "weights.png")
-    plot_task_metrics(rows, benchmark.tasks, out / "task_metrics.png")
-    plot_delta_m_ranking(rows, out / "delta_m.png")
 
 
 # ---------------------------------------------------------------------------------------------
 # Parser and entry point.
 
 
+def _add_benchmark_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--bench",
+        required=default is None,
+        default=default,
+        help="benchmark: a name from `taskbalance list`, FILE.py:FUNCTION or module:function",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="default: the benchmark's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the benchmark's")
+    parser.add_argument("--out", default=None, help="output directory")
+    parser.add_argument("--small", action="store_true", help="small data, for smoke tests")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the data and splits")
+    parser.add_argument("--data-root", default=None, help="directory of your data files")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--diagnostics-every",
+        type=int,
+        default=None,
+        help="record task-gradient cosines every N steps (default: ~50 times per run; 0: off)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method hyperparameter, a Python literal (repeatable); e.g. update_every=5, "
+        "weights=[1,2], gram_dtype=torch.float64, params=trunk (parameters mode on a submodule)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``taskbalance`` command."""
     parser = argparse.ArgumentParser(
         prog="taskbalance",
-        description="Multi-task loss balancing: bundled benchmarks, training and comparison.",
+        description="Multi-task loss balancing: benchmarks, training and comparison.",
     )
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -680,32 +560,37 @@ def build_parser() -> argparse.ArgumentParser:
     listing = subcommands.add_parser("list", help="methods and benchmarks")
     listing.set_defaults(handler=command_list)
 
-    train = subcommands.add_parser("train", parents=[common], help="one run")
-    train.add_argument("--bench", required=True, help="benchmark name (see `taskbalance list`)")
-    train.add_argument("--method", required=True, help="method name (see `taskbalance list`)")
-    train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    train.add_argument("--epochs", type=int, default=None, help="default: the benchmark's")
-    train.add_argument("--out", default=None, help="output directory")
-    train.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="method hyperparameter (repeatable); lists are comma-separated",
+    train = subcommands.add_parser(
+        "train", parents=[common], help="one run (under torchrun: DDP over the processes)"
     )
-    train.add_argument("--small", action="store_true", help="small data, for smoke tests")
+    _add_benchmark_options(train, None)
+    train.add_argument(
+        "--method", required=True, help="method name, optionally with variants: mgda[params=trunk]"
+    )
+    train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     train.set_defaults(handler=command_train)
 
     compare = subcommands.add_parser(
         "compare", parents=[common], help="every method and the single-task baselines"
     )
-    compare.add_argument("--bench", default=DEFAULT_COMPARE_BENCHMARK)
-    compare.add_argument("--methods", default="all", help="'all' or m1,m2,... (default all)")
+    _add_benchmark_options(compare, DEFAULT_COMPARE_BENCHMARK)
+    compare.add_argument(
+        "--methods",
+        default="all",
+        help="'all' or m1,m2[key=value,...],... (default all); e.g. ew,nash_mtl[update_every=5]",
+    )
     compare.add_argument(
         "--seeds", type=int, default=DEFAULT_COMPARE_SEEDS, help="number of seeds, 0..N-1"
     )
-    compare.add_argument("--epochs", type=int, default=None, help="default: the benchmark's")
-    compare.add_argument("--out", default=None, help="output directory")
-    compare.add_argument("--small", action="store_true", help="small data, for smoke tests")
+    compare.add_argument(
+        "--select",
+        default="last",
+        help="model selection: last (default), best-val or mean-last-K",
+    )
+    compare.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    compare.add_argument(
+        "--fresh", action="store_true", help="discard finished runs of an earlier invocation"
+    )
     compare.set_defaults(handler=command_compare)
 
     toy = subcommands.add_parser("toy", parents=[common], help="toy-2d trajectories as a PNG")
@@ -733,11 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = getattr(arguments, "threads", None)
     try:
         if threads is not None:
-            if threads < 1:
-                raise CommandError(f"--threads: expected an int >= 1, got {threads}")
+            _positive(threads, "--threads")
             torch.set_num_threads(threads)
         return int(arguments.handler(arguments))
-    except (CommandError, MissingExtraError) as error:
+    except (CommandError, MissingExtraError, BenchmarkError) as error:
         print(f"taskbalance: error: {error}", file=sys.stderr)
         return USAGE_ERROR_EXIT_CODE
     except KeyboardInterrupt:

@@ -1,18 +1,21 @@
-"""A plain training loop over a bundled benchmark with any balancer.
+"""A plain training loop over any :class:`~taskbalance.bench.Benchmark` with any balancer.
 
 This is library code, not a framework: :func:`train_run` is one ordinary loop (forward, K task
 losses, the balancer's objective, one backward, one optimiser step) that records what a
 comparison needs. The same loop trains the single-task baselines (one model per task, trained on
-that task alone with loss weight 1, same budget).
+that task alone with loss weight 1, same budget). It never branches on a method's name: what a
+method needs comes from its hyperparameters (``kinds``, ``seed``, ``params``), its class
+(``requires_kpis``) and, for required hyperparameters with no default, an example value
+(the class attribute ``required_hyperparameters``, else :data:`EXAMPLE_HYPERPARAMETERS`).
 
 Determinism: the model is initialised after ``torch.manual_seed(seed)`` and batches are drawn
 from a generator seeded with ``seed``, so a run is a function of (benchmark, method, hyper-
-parameters, seed). Under the same seed every method and every single-task model starts from the
-same initial weights.
+parameters, seed, thread count). Under the same seed every method and every single-task model
+starts from the same initial weights.
 
-Optimiser: Adam on the model (and, in its own parameter group, on the balancer's learnable
-parameters such as UW's log-variances), with the learning rate decayed to zero by a cosine over
-the whole run.
+Distributed: when ``torch.distributed`` is initialised, the model is wrapped in
+``DistributedDataParallel`` and every rank takes its slice of the same global batch (the batch
+size is the global one), so N processes see exactly the batches one process would.
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import taskbalance as tb
-from taskbalance.bench.datasets import Benchmark, Split
-from taskbalance.bench.models import MultiTaskModel
+from taskbalance.bench.api import Benchmark, TrainingDefaults
+from taskbalance.bench.data import collate
 
 #: Adam betas of the balancer's own parameters (UW's and IMTL-L's log-scales). Their first
 #: gradients can be 10⁴× their later ones (a loss in the hundreds against ``e^{s} = 1``); with
@@ -49,6 +53,15 @@ BALANCER_FAILURES: tuple[type[Exception], ...] = (
 
 #: Steps whose weights are kept before the recorder starts thinning its history.
 DEFAULT_WEIGHT_CAPACITY = 2048
+
+#: Gradient-conflict diagnostics recorded per run when no interval is given.
+DEFAULT_DIAGNOSTIC_POINTS = 50
+
+#: Values of required hyperparameters (no default), per method, as a function of K, for method
+#: classes that do not declare ``required_hyperparameters`` themselves (the class wins).
+EXAMPLE_HYPERPARAMETERS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "fixed": lambda num_tasks: {"weights": [1.0] * num_tasks},
+}
 
 
 class ProgressBar(Protocol):
@@ -78,23 +91,11 @@ class SilentProgress:
 
 
 def progress_bar(total: int, description: str, enabled: bool) -> ProgressBar:
-    """A tqdm bar on stderr, or a silent one.
-
-    The bar is shown only when ``enabled`` and stderr is a terminal; without tqdm installed the
-    bar is silent.
-
-    Args:
-        total: number of steps.
-        description: label in front of the bar.
-        enabled: False for ``--quiet``.
-
-    Returns:
-        Something with ``update``, ``set_postfix_str`` and ``close``.
-    """
+    """A tqdm bar on stderr (when ``enabled`` and stderr is a terminal), or a silent one."""
     if not enabled or not sys.stderr.isatty():
         return SilentProgress()
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:
         return SilentProgress()
     return tqdm(total=total, desc=description, file=sys.stderr, leave=False, dynamic_ncols=True)
@@ -137,6 +138,47 @@ class WeightRecorder:
         self.rows.append([float(value) for value in weights.tolist()])
 
 
+@dataclass(frozen=True)
+class Method:
+    """A method and its hyperparameters, as one row of a comparison.
+
+    Args:
+        name: registry name (``tb.available()``).
+        hyperparameters: keyword hyperparameters; ``params`` may be the name of a submodule of
+            the model (``"trunk"``), meaning parameters mode on that submodule.
+        label: the row's name; default ``name`` or ``name[key=value,...]``.
+
+    Example:
+        >>> Method("nash_mtl", {"update_every": 5}).label
+        'nash_mtl[update_every=5]'
+    """
+
+    name: str
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hyperparameters", dict(self.hyperparameters))
+        if not self.label:
+            object.__setattr__(self, "label", method_label(self.name, self.hyperparameters))
+
+
+def method_label(name: str, hyperparameters: Mapping[str, Any]) -> str:
+    """``name`` or ``name[key=value,...]`` with the values as Python literals."""
+    if not hyperparameters:
+        return name
+    parts = ",".join(f"{key}={_literal(value)}" for key, value in hyperparameters.items())
+    return f"{name}[{parts}]"
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    return repr(value)
+
+
 @dataclass
 class TrainConfig:
     """Settings of one run; None takes the benchmark's default.
@@ -144,10 +186,13 @@ class TrainConfig:
     Args:
         seed: training seed (model initialisation, batch order, random methods).
         epochs: passes over the training split.
-        batch_size: examples per step.
-        lr: Adam learning rate of the model.
+        batch_size: examples per step (the global batch under DDP).
+        lr: learning rate of the model.
         balancer_lr: Adam learning rate of the balancer's parameters.
         weight_capacity: most weight rows kept by the :class:`WeightRecorder`.
+        diagnostics_every: record the task-gradient Gramian w.r.t. the shared features every
+            this many steps; None: about :data:`DEFAULT_DIAGNOSTIC_POINTS` times per run; 0: off.
+        device: where the model trains (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     """
 
     seed: int = 0
@@ -156,6 +201,19 @@ class TrainConfig:
     lr: float | None = None
     balancer_lr: float | None = None
     weight_capacity: int = DEFAULT_WEIGHT_CAPACITY
+    diagnostics_every: int | None = None
+    device: str = "cpu"
+
+    def resolved(self, defaults: TrainingDefaults) -> dict[str, Any]:
+        """Every setting that changes the run, defaults filled in (for metadata and resume)."""
+        settings = asdict(defaults)
+        for key in ("epochs", "batch_size", "lr", "balancer_lr"):
+            value = getattr(self, key)
+            if value is not None:
+                settings[key] = value
+        settings["seed"] = self.seed
+        settings["diagnostics_every"] = self.diagnostics_every
+        return settings
 
 
 @dataclass
@@ -166,8 +224,8 @@ class EpochRecord:
         epoch: 1-based epoch number.
         seconds: wall time of the epoch's training steps (evaluation excluded).
         train_losses: mean training loss of each task over the epoch.
-        validation: each task's metric on the validation split after the epoch.
-        test: each task's metric on the test split after the epoch.
+        validation: every metric number (``Benchmark.metric_names``) on the validation split.
+        test: every metric number on the test split.
     """
 
     epoch: int
@@ -179,18 +237,23 @@ class EpochRecord:
 
 @dataclass
 class RunResult:
-    """Everything one run recorded.
+    """Everything one run recorded (JSON round-trips through :meth:`to_dict`).
 
     Args:
         benchmark: benchmark name.
-        method: method name, or ``"single-task"`` for a single-task model.
+        method: the row label (``Method.label``), or ``"single-task"``.
         seed: training seed.
         task_names: names of the tasks, in order.
-        hyperparameters: the hyperparameters the balancer was created with.
+        metric_names: ``task/metric`` of every metric number, in order.
+        method_name: registry name of the method, or ``"single-task"``.
+        hyperparameters: the hyperparameters the balancer was created with (as text for
+            values that are not plain literals).
         single_task: index of the only trained task for a single-task model, else None.
         epochs: one record per finished epoch.
         weight_steps: steps whose weights were kept.
         weight_rows: the kept ``[K]`` weights, one row per kept step.
+        diagnostic_steps: steps at which the task-gradient Gramian was recorded.
+        diagnostic_grams: the recorded ``K×K`` Gramians (w.r.t. the shared features).
         learned_variances: ``e^{s_k}`` of uncertainty weighting at the end, else None.
         interrupted: True when Ctrl-C stopped the run early.
         failure: why training stopped (e.g. a non-finite loss), else None.
@@ -200,11 +263,15 @@ class RunResult:
     method: str
     seed: int
     task_names: list[str]
+    metric_names: list[str] = field(default_factory=list)
+    method_name: str = ""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     single_task: int | None = None
     epochs: list[EpochRecord] = field(default_factory=list)
     weight_steps: list[int] = field(default_factory=list)
     weight_rows: list[list[float]] = field(default_factory=list)
+    diagnostic_steps: list[int] = field(default_factory=list)
+    diagnostic_grams: list[list[list[float]]] = field(default_factory=list)
     learned_variances: list[float] | None = None
     interrupted: bool = False
     failure: str | None = None
@@ -218,7 +285,7 @@ class RunResult:
     def final_test(self) -> list[float]:
         """Test metrics after the last epoch (NaN when the run failed or has no epoch)."""
         if self.failure is not None or not self.epochs:
-            return [math.nan] * len(self.task_names)
+            return [math.nan] * len(self.metric_names)
         return list(self.epochs[-1].test)
 
     @property
@@ -233,110 +300,253 @@ class RunResult:
             return math.nan
         return sum(record.seconds for record in self.epochs) / len(self.epochs)
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dictionary (NaN stays a float)."""
+        return asdict(self)
 
-def method_kind(method: str) -> str:
-    """``"gradient"`` for methods that need the Gramian, ``"loss"`` otherwise."""
-    return "gradient" if tb.method_class(method).requires_gram else "loss"
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunResult:
+        """The inverse of :meth:`to_dict`."""
+        known = {item.name for item in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["epochs"] = [EpochRecord(**record) for record in values.get("epochs", [])]
+        return cls(**values)
+
+
+def example_hyperparameters(name: str, num_tasks: int) -> dict[str, Any]:
+    """Values of the required hyperparameters (no default) of ``name`` for K tasks.
+
+    The method class's own declaration ``required_hyperparameters`` (a dict of values that work
+    for any K) wins; :data:`EXAMPLE_HYPERPARAMETERS` covers classes without one.
+    """
+    declared = getattr(tb.method_class(name), "required_hyperparameters", None)
+    if isinstance(declared, Mapping) and declared:
+        return dict(declared)
+    example = EXAMPLE_HYPERPARAMETERS.get(name)
+    return example(num_tasks) if example is not None else {}
 
 
 def balancer_arguments(
-    method: str, benchmark: Benchmark, hyperparameters: Mapping[str, Any], seed: int
+    method: Method, benchmark: Benchmark, seed: int, model: nn.Module | None = None
 ) -> dict[str, Any]:
     """The keyword arguments the harness creates a balancer with.
 
-    The user's hyperparameters win; the harness fills in what a benchmark implies: ``fixed``
-    gets unit weights, ``uw`` gets each task's kind (classification or regression), and a
-    method with a ``seed`` hyperparameter gets the run's seed.
+    The method's hyperparameters win. Then, by what the method accepts: example values for
+    required hyperparameters without one, ``kinds`` from the tasks, ``seed`` from the run. A
+    ``params`` given as a submodule name becomes that submodule's parameters (parameters mode).
 
     Args:
-        method: registry name.
-        benchmark: the benchmark (for K and the task kinds).
-        hyperparameters: the user's settings.
+        method: the method and its hyperparameters.
+        benchmark: the benchmark (K and the task kinds).
         seed: the run's seed.
+        model: the run's model, to resolve ``params="submodule"``; None leaves the name.
 
     Returns:
         The keyword arguments for :func:`taskbalance.create`.
+
+    Raises:
+        ValueError: ``params`` names no submodule of the model.
     """
-    accepted = tb.hyperparameters(method)
-    arguments = dict(hyperparameters)
-    if method == "fixed" and "weights" not in arguments:
-        arguments["weights"] = [1.0] * benchmark.num_tasks
-    if method == "uw" and "kinds" not in arguments:
-        arguments["kinds"] = [task.kind for task in benchmark.tasks]
-    if "seed" in accepted and "seed" not in arguments:
-        arguments["seed"] = seed
+    accepted = tb.hyperparameters(method.name)
+    arguments = dict(method.hyperparameters)
+    for key, value in example_hyperparameters(method.name, benchmark.num_tasks).items():
+        arguments.setdefault(key, value)
+    if "kinds" in accepted:
+        arguments.setdefault("kinds", [task.kind for task in benchmark.tasks])
+    if "seed" in accepted:
+        arguments.setdefault("seed", seed)
+    params = arguments.get("params")
+    if isinstance(params, str) and model is not None:
+        arguments["params"] = list(submodule(model, params).parameters())
     return arguments
 
 
-def _task_losses(
-    benchmark: Benchmark, outputs: Sequence[Tensor], targets: Sequence[Tensor]
-) -> Tensor:
-    return torch.stack(
-        [
-            task.loss_value(output, target)
-            for task, output, target in zip(benchmark.tasks, outputs, targets, strict=True)
-        ]
+def submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` with an error that lists the valid names."""
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    try:
+        return core.get_submodule(name)
+    except AttributeError:
+        names = [child for child, _ in core.named_children()]
+        raise ValueError(
+            f"params: the model has no submodule {name!r}; expected one of {names} "
+            "(or a dotted path below them)"
+        ) from None
+
+
+def check_method(method: Method, benchmark: Benchmark) -> None:
+    """Create the balancer once (on a fresh model) so a bad setting fails before training.
+
+    Raises:
+        ValueError: unknown method, bad hyperparameter, KPI method on tasks without a KPI.
+        TypeError: unknown hyperparameter.
+    """
+    cls = tb.method_class(method.name)
+    if cls.requires_kpis:
+        missing = [task.name for task in benchmark.tasks if task.kpi is None]
+        if missing:
+            raise ValueError(f"{method.label}: reads KPIs, but task(s) {missing} have no kpi")
+    model = benchmark.build_model()
+    tb.create(
+        method.name,
+        num_tasks=benchmark.num_tasks,
+        **balancer_arguments(method, benchmark, seed=0, model=model),
+    )
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Seeded shuffled batches of a global size; each rank yields its slice of each batch.
+
+    Every rank draws the same permutation (same generator, same seed), so N ranks together
+    see exactly the batches one process sees; the slices are ``tensor_split`` of the batch.
+
+    Args:
+        size: number of examples.
+        batch_size: global batch size.
+        seed: seed of the permutations (one drawn per epoch).
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.size = size
+        self.batch_size = batch_size
+        self.rng = torch.Generator().manual_seed(seed)
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.size, generator=self.rng)
+        for start in range(0, self.size, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if batch.numel() < self.world_size:
+                continue
+            yield batch.tensor_split(self.world_size)[self.rank].tolist()
+
+
+def _targets_in_order(targets: Any, benchmark: Benchmark) -> list[Any]:
+    if isinstance(targets, Mapping):
+        return [targets[task.name] for task in benchmark.tasks]
+    if isinstance(targets, Tensor) and benchmark.num_tasks == 1:
+        return [targets]
+    return list(targets)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
+
+
+def _loader(data: Dataset[Any], defaults: TrainingDefaults, **options: Any) -> DataLoader[Any]:
+    return DataLoader(
+        data,
+        collate_fn=collate,
+        num_workers=defaults.num_workers,
+        pin_memory=defaults.pin_memory,
+        **options,
     )
 
 
 @torch.no_grad()
-def _split_losses(benchmark: Benchmark, model: MultiTaskModel, split: Split) -> list[float]:
-    """Each task's loss against the split's evaluation targets."""
-    _, outputs = model(split.inputs)
-    return [
-        float(task.loss_value(output, target))
-        for task, output, target in zip(
-            benchmark.tasks, outputs, split.evaluation_targets, strict=True
-        )
-    ]
-
-
-@torch.no_grad()
 def evaluate(
-    benchmark: Benchmark,
-    model: MultiTaskModel,
-    split: Split,
-    initial_losses: Sequence[float] | None = None,
+    benchmark: Benchmark, model: nn.Module, data: Dataset[Any], device: str | torch.device = "cpu"
 ) -> list[float]:
-    """Each task's metric on a whole split.
+    """Every metric number (``benchmark.metric_names``) accumulated over a whole split.
 
     Args:
         benchmark: the benchmark.
         model: the model (put in eval mode for the duration).
-        split: the split to score.
-        initial_losses: ``L_i(0)`` on this split, for normalised-loss metrics.
+        data: the split.
+        device: where the model is.
 
     Returns:
-        One metric value per task.
+        The numbers, in ``benchmark.metric_names`` order.
     """
+    defaults = benchmark.defaults
+    loader = _loader(data, defaults, batch_size=defaults.eval_batch_size or defaults.batch_size)
     was_training = model.training
     model.eval()
-    _, outputs = model(split.inputs)
+    for task in benchmark.tasks:
+        for metric in task.metrics:
+            metric.reset()
+    target_device = torch.device(device)
+    for inputs, targets in loader:
+        _, outputs = model(_to_device(inputs, target_device))
+        targets = _to_device(_targets_in_order(targets, benchmark), target_device)
+        for task, output, target in zip(benchmark.tasks, outputs, targets, strict=True):
+            for metric in task.metrics:
+                metric.update(output, target)
     model.train(was_training)
-    references = initial_losses or [1.0] * benchmark.num_tasks
-    return [
-        task.metric_value(output, target, reference)
-        for task, output, target, reference in zip(
-            benchmark.tasks, outputs, split.evaluation_targets, references, strict=True
+    values: list[float] = []
+    for task in benchmark.tasks:
+        for metric in task.metrics:
+            computed = [float(value) for value in metric.compute()]
+            if len(computed) != len(metric.names):
+                raise ValueError(
+                    f"task {task.name!r}: metric {metric.names} returned {len(computed)} values"
+                )
+            values += computed
+    return values
+
+
+def _schedule(defaults: TrainingDefaults, steps_per_epoch: int, total_steps: int) -> Any:
+    def factor(step: int) -> float:
+        if defaults.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        if defaults.schedule == "step":
+            return defaults.gamma ** ((step // steps_per_epoch) // defaults.step_epochs)
+        return 1.0
+
+    return factor
+
+
+def _model_optimiser(
+    parameters: list[nn.Parameter], defaults: TrainingDefaults, lr: float
+) -> torch.optim.Optimizer:
+    if defaults.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=lr, momentum=defaults.momentum, weight_decay=defaults.weight_decay
         )
-    ]
+    if defaults.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=defaults.weight_decay)
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=defaults.weight_decay)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def steps_per_epoch(benchmark: Benchmark, batch_size: int | None = None) -> int:
+    """Optimiser steps in one epoch of the training split."""
+    size = len(benchmark.train)  # type: ignore[arg-type]
+    return math.ceil(size / (batch_size or benchmark.defaults.batch_size))
 
 
 def train_run(
     benchmark: Benchmark,
-    method: str | None,
+    method: Method | str | None,
     *,
-    hyperparameters: Mapping[str, Any] | None = None,
     single_task: int | None = None,
     config: TrainConfig | None = None,
     progress: ProgressBar | None = None,
 ) -> RunResult:
-    """Train the benchmark's default model once and record per-epoch metrics and weights.
+    """Train the benchmark's model once and record per-epoch metrics, weights and diagnostics.
 
     Args:
         benchmark: a built benchmark.
-        method: a registered method name, or None for a single-task model.
-        hyperparameters: the method's hyperparameters (see :func:`balancer_arguments`).
+        method: a :class:`Method` (or a registry name), or None for a single-task model.
         single_task: the task a single-task model trains on (required when ``method`` is None).
         config: seed and budget; None takes the benchmark's defaults with seed 0.
         progress: advanced once per step; None shows nothing.
@@ -348,78 +558,108 @@ def train_run(
     Raises:
         ValueError: unknown method or bad hyperparameters (before any training).
     """
+    if isinstance(method, str):
+        method = Method(method)
     config = config or TrainConfig()
     progress = progress or SilentProgress()
-    defaults = benchmark.defaults
-    epochs = config.epochs if config.epochs is not None else defaults.epochs
-    batch_size = config.batch_size or defaults.batch_size
-    lr = config.lr if config.lr is not None else defaults.lr
-    balancer_lr = config.balancer_lr if config.balancer_lr is not None else defaults.balancer_lr
-    if method is None and (single_task is None or not 0 <= single_task < benchmark.num_tasks):
+    settings = config.resolved(benchmark.defaults)
+    defaults = TrainingDefaults(
+        **{key: settings[key] for key in (item.name for item in fields(TrainingDefaults))}
+    )
+    num_tasks = benchmark.num_tasks
+    if method is None and (single_task is None or not 0 <= single_task < num_tasks):
         raise ValueError(
-            f"single_task: expected a task index in [0, {benchmark.num_tasks}), got {single_task!r}"
+            f"single_task: expected a task index in [0, {num_tasks}), got {single_task!r}"
         )
+    device = torch.device(config.device)
+    rank, world_size = _distributed()
 
     torch.manual_seed(config.seed)
-    model = benchmark.build_model()
+    model = benchmark.build_model().to(device)
     balancer = None
     arguments: dict[str, Any] = {}
     if method is not None:
-        arguments = balancer_arguments(method, benchmark, hyperparameters or {}, config.seed)
-        balancer = tb.create(method, num_tasks=benchmark.num_tasks, **arguments)
+        arguments = balancer_arguments(method, benchmark, config.seed, model)
+        balancer = tb.create(method.name, num_tasks=num_tasks, **arguments).to(device)
+    shown_arguments = dict(method.hyperparameters) if method is not None else {}
+    for key, value in arguments.items():
+        shown_arguments.setdefault(key, value)
     result = RunResult(
         benchmark=benchmark.name,
-        method=method or "single-task",
+        method=method.label if method is not None else "single-task",
+        method_name=method.name if method is not None else "single-task",
         seed=config.seed,
         task_names=[task.name for task in benchmark.tasks],
-        hyperparameters=arguments,
+        metric_names=benchmark.metric_names,
+        hyperparameters={key: _plain(value) for key, value in shown_arguments.items()},
         single_task=single_task if method is None else None,
     )
 
-    groups: list[dict[str, Any]] = [{"params": list(model.parameters()), "lr": lr}]
+    training_model: nn.Module = model
+    if world_size > 1:
+        training_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    per_epoch = steps_per_epoch(benchmark, defaults.batch_size)
+    total_steps = max(defaults.epochs * per_epoch, 1)
+    factor = _schedule(defaults, per_epoch, total_steps)
+    optimisers = [_model_optimiser(list(model.parameters()), defaults, defaults.lr)]
     balancer_parameters = list(balancer.parameters()) if balancer is not None else []
     if balancer_parameters:
-        groups.append(
-            {"params": balancer_parameters, "lr": balancer_lr, "betas": BALANCER_ADAM_BETAS}
+        optimisers.append(
+            torch.optim.Adam(
+                balancer_parameters, lr=defaults.balancer_lr, betas=BALANCER_ADAM_BETAS
+            )
         )
-    optimiser = torch.optim.Adam(groups)
-    train_split = benchmark.train
-    steps_per_epoch = math.ceil(len(train_split) / batch_size)
-    total_steps = max(epochs * steps_per_epoch, 1)
-
-    def cosine_factor(step: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, cosine_factor)
-    batch_generator = torch.Generator().manual_seed(config.seed)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimisers]
+    sampler = GlobalBatchSampler(
+        len(benchmark.train),  # type: ignore[arg-type]
+        defaults.batch_size,
+        config.seed,
+        rank,
+        world_size,
+    )
+    loader = _loader(benchmark.train, defaults, batch_sampler=sampler)
     needs_kpis = balancer is not None and type(balancer).requires_kpis
+    diagnostics_every = config.diagnostics_every
+    if diagnostics_every is None:
+        diagnostics_every = max(1, total_steps // DEFAULT_DIAGNOSTIC_POINTS)
+    record_diagnostics = balancer is not None and num_tasks >= 2 and diagnostics_every > 0
     recorder = WeightRecorder(config.weight_capacity)
-    initial_validation = _split_losses(benchmark, model, benchmark.validation)
-    initial_test = _split_losses(benchmark, model, benchmark.test)
 
     step = 0
     try:
-        for epoch in range(1, epochs + 1):
-            order = torch.randperm(len(train_split), generator=batch_generator)
-            loss_sums = torch.zeros(benchmark.num_tasks)
+        for epoch in range(1, defaults.epochs + 1):
+            loss_sums = torch.zeros(num_tasks, device=device)
+            batches = 0
             started = time.perf_counter()
-            model.train()
-            for start in range(0, len(train_split), batch_size):
-                batch = order[start : start + batch_size]
-                inputs = train_split.inputs[batch]
-                targets = [target[batch] for target in train_split.targets]
-                features, outputs = model(inputs)
-                losses = _task_losses(benchmark, outputs, targets)
+            training_model.train()
+            for inputs, raw_targets in loader:
+                inputs = _to_device(inputs, device)
+                targets = _to_device(_targets_in_order(raw_targets, benchmark), device)
+                features, outputs = training_model(inputs)
+                losses = torch.stack(
+                    [
+                        task.loss(output, target)
+                        for task, output, target in zip(
+                            benchmark.tasks, outputs, targets, strict=True
+                        )
+                    ]
+                )
                 if not bool(torch.isfinite(losses).all()):
                     result.failure = f"non-finite loss at step {step}: {losses.tolist()}"
                     break
+                if record_diagnostics and step % diagnostics_every == 0:
+                    gram = tb.gramian(losses, features, dtype=torch.float64)
+                    result.diagnostic_steps.append(step)
+                    result.diagnostic_grams.append(gram.cpu().tolist())
                 if balancer is None:
                     objective = losses[single_task]
                 else:
                     kpis = None
                     if needs_kpis:
                         kpis = [
-                            task.kpi(output, target, loss)
+                            task.kpi(output, target, loss)  # type: ignore[misc]
                             for task, output, target, loss in zip(
                                 benchmark.tasks, outputs, targets, losses, strict=True
                             )
@@ -430,11 +670,17 @@ def train_run(
                         result.failure = f"step {step}: {type(error).__name__}: {error}"
                         break
                     recorder.record(step, balancer.weights)
-                optimiser.zero_grad(set_to_none=True)
+                for optimiser in optimisers:
+                    optimiser.zero_grad(set_to_none=True)
                 objective.backward()
-                optimiser.step()
-                scheduler.step()
+                if defaults.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), defaults.grad_clip)
+                for optimiser in optimisers:
+                    optimiser.step()
+                for scheduler in schedulers:
+                    scheduler.step()
                 loss_sums += losses.detach()
+                batches += 1
                 step += 1
                 progress.update(1)
             if result.failure is not None:
@@ -442,15 +688,17 @@ def train_run(
             if balancer is not None:
                 balancer.end_epoch()
             seconds = time.perf_counter() - started
-            validation = evaluate(benchmark, model, benchmark.validation, initial_validation)
-            test = evaluate(benchmark, model, benchmark.test, initial_test)
+            if world_size > 1:
+                # Each rank averaged its slice of every batch; report the global mean.
+                torch.distributed.all_reduce(loss_sums)
+                loss_sums /= world_size
             result.epochs.append(
                 EpochRecord(
                     epoch=epoch,
                     seconds=seconds,
-                    train_losses=(loss_sums / steps_per_epoch).tolist(),
-                    validation=validation,
-                    test=test,
+                    train_losses=(loss_sums / max(batches, 1)).tolist(),
+                    validation=evaluate(benchmark, model, benchmark.validation, device),
+                    test=evaluate(benchmark, model, benchmark.test, device),
                 )
             )
     except KeyboardInterrupt:
@@ -461,3 +709,16 @@ def train_run(
     if isinstance(variances, Tensor):
         result.learned_variances = [float(value) for value in variances.tolist()]
     return result
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-compatible form of a hyperparameter value (text for anything else)."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(item, nn.Parameter) for item in value):
+            return f"{len(value)} parameter tensors"
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    return str(value)

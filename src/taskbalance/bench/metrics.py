@@ -13,17 +13,19 @@ scored the same way, so its Δm spread shows the seed noise.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from taskbalance.bench.datasets import Task
+from taskbalance.bench.api import Benchmark
 from taskbalance.bench.harness import RunResult
+from taskbalance.bench.selection import Selection, selected_test
+from taskbalance.bench.stats import PairedComparison, paired_comparison
 
 SINGLE_TASK = "single-task"
+#: The row every method is compared with, seed by seed.
+REFERENCE_METHOD = "ew"
 
 
 def delta_m(
@@ -86,17 +88,20 @@ class MethodSummary:
     """One row of the comparison table.
 
     Args:
-        method: method name, or ``"single-task"``.
-        metric_means: mean over seeds of each task's test metric.
-        metric_stds: sample standard deviation over seeds of each task's test metric.
+        method: method label, or ``"single-task"``.
+        metric_means: mean over seeds of each metric number (selected by the rule).
+        metric_stds: sample standard deviation over seeds of each metric number.
         delta_m_mean: mean over seeds of Δm% (NaN without baselines).
         delta_m_std: sample standard deviation over seeds of Δm%.
         seconds_per_epoch: mean training wall time per epoch.
         seeds: number of seeds aggregated.
         failures: runs that stopped early (non-finite loss, solver error); not aggregated.
         rank: 1 for the lowest Δm% among the methods; None for the single-task row or no Δm.
-        summary_mean: mean over seeds of the sum of the per-task metrics (when meaningful).
+        summary_mean: mean over seeds of the sum of the metric numbers (when meaningful).
         summary_std: its sample standard deviation.
+        delta_m_by_seed: ``{seed: Δm%}``.
+        versus_reference: paired comparison with the reference method (equal weights).
+        tied_with_best: the paired test cannot tell this row from rank 1 (p ≥ 0.05).
     """
 
     method: str
@@ -110,51 +115,76 @@ class MethodSummary:
     rank: int | None = None
     summary_mean: float = math.nan
     summary_std: float = math.nan
-    delta_m_values: list[float] = field(default_factory=list)
+    delta_m_by_seed: dict[int, float] = field(default_factory=dict)
+    versus_reference: PairedComparison | None = None
+    tied_with_best: bool = False
+
+    @property
+    def delta_m_values(self) -> list[float]:
+        """Δm% of each seed, in seed order."""
+        return [self.delta_m_by_seed[seed] for seed in sorted(self.delta_m_by_seed)]
 
 
-def single_task_baselines(runs: Sequence[RunResult], num_tasks: int) -> dict[int, list[float]]:
-    """Each seed's single-task metrics: ``{seed: [metric of task k from model k, ...]}``.
+def _single_task_vectors(
+    runs: Sequence[RunResult],
+    slices: Sequence[slice],
+    pick: Callable[[RunResult], list[float]],
+) -> dict[int, list[float]]:
+    """Per seed, the baseline vector: task k's metric numbers from that seed's model k.
 
     Only seeds whose K single-task models all completed are returned.
-
-    Args:
-        runs: any runs; single-task runs are picked out.
-        num_tasks: K.
-
-    Returns:
-        The per-seed baseline vectors.
     """
-    by_seed: dict[int, dict[int, float]] = {}
+    by_seed: dict[int, dict[int, list[float]]] = {}
     for run in runs:
         if run.single_task is not None and run.completed:
-            by_seed.setdefault(run.seed, {})[run.single_task] = run.final_test[run.single_task]
+            values = pick(run)[slices[run.single_task]]
+            by_seed.setdefault(run.seed, {})[run.single_task] = values
     return {
-        seed: [tasks[k] for k in range(num_tasks)]
+        seed: [value for k in range(len(slices)) for value in tasks[k]]
         for seed, tasks in sorted(by_seed.items())
-        if len(tasks) == num_tasks
+        if len(tasks) == len(slices)
     }
 
 
-def summarise(runs: Sequence[RunResult], tasks: Sequence[Task]) -> list[MethodSummary]:
+def _column_means(vectors: Sequence[Sequence[float]]) -> list[float]:
+    return [statistics.fmean(column) for column in zip(*vectors, strict=True)]
+
+
+def summarise(
+    runs: Sequence[RunResult],
+    benchmark: Benchmark,
+    selection: Selection | None = None,
+    reference_method: str = REFERENCE_METHOD,
+) -> list[MethodSummary]:
     """Aggregate finished runs into table rows: the single-task row first, then by rank.
 
-    Interrupted runs are left out; failed runs are counted but not aggregated.
+    Interrupted runs are left out; failed runs are counted but not aggregated. Each method row
+    carries its paired per-seed comparison with ``reference_method`` and whether the paired
+    test can tell it from the best row.
 
     Args:
         runs: the runs of one benchmark (several methods and seeds, and single-task models).
-        tasks: the benchmark's tasks.
+        benchmark: the benchmark (metric directions and the tasks' metric positions).
+        selection: the model-selection rule (default: last epoch).
+        reference_method: the row every method is compared with, per seed.
 
     Returns:
-        One :class:`MethodSummary` per method (and one for the single-task models).
+        One :class:`MethodSummary` per method label (and one for the single-task models).
     """
-    directions = [task.higher_is_better for task in tasks]
-    num_tasks = len(tasks)
-    per_seed_baselines = single_task_baselines(runs, num_tasks)
-    baseline: list[float] | None = None
-    if per_seed_baselines:
-        vectors = list(per_seed_baselines.values())
-        baseline = [statistics.fmean(vector[k] for vector in vectors) for k in range(num_tasks)]
+    selection = selection or Selection()
+    directions = benchmark.directions
+    slices = benchmark.metric_slices()
+    validation_reference = None
+    last_validation = _single_task_vectors(runs, slices, lambda run: run.epochs[-1].validation)
+    if last_validation:
+        validation_reference = _column_means(list(last_validation.values()))
+
+    def pick(run: RunResult) -> list[float]:
+        used = slices[run.single_task] if run.single_task is not None else None
+        return selected_test(run, selection, directions, validation_reference, used)
+
+    per_seed_baselines = _single_task_vectors(runs, slices, pick)
+    baseline = _column_means(list(per_seed_baselines.values())) if per_seed_baselines else None
 
     rows: list[MethodSummary] = []
     if per_seed_baselines:
@@ -162,20 +192,20 @@ def summarise(runs: Sequence[RunResult], tasks: Sequence[Task]) -> list[MethodSu
         rows.append(
             _summary_row(
                 SINGLE_TASK,
-                list(per_seed_baselines.values()),
+                per_seed_baselines,
                 baseline,
                 directions,
                 seconds=statistics.fmean(run.seconds_per_epoch for run in single_runs),
                 failures=0,
             )
         )
-    methods: list[str] = []
+    labels: list[str] = []
     for run in runs:
-        if run.single_task is None and run.method not in methods:
-            methods.append(run.method)
+        if run.single_task is None and run.method not in labels:
+            labels.append(run.method)
     method_rows = []
-    for method in methods:
-        method_runs = [run for run in runs if run.method == method and run.single_task is None]
+    for label in labels:
+        method_runs = [run for run in runs if run.method == label and run.single_task is None]
         finished = [run for run in method_runs if run.completed]
         failures = sum(run.failure is not None for run in method_runs)
         if not finished and not failures:
@@ -185,8 +215,8 @@ def summarise(runs: Sequence[RunResult], tasks: Sequence[Task]) -> list[MethodSu
         )
         method_rows.append(
             _summary_row(
-                method,
-                [run.final_test for run in finished],
+                label,
+                {run.seed: pick(run) for run in finished},
                 baseline,
                 directions,
                 seconds=seconds,
@@ -199,180 +229,47 @@ def summarise(runs: Sequence[RunResult], tasks: Sequence[Task]) -> list[MethodSu
     )
     for position, row in enumerate(ranked, start=1):
         row.rank = None if math.isnan(row.delta_m_mean) else position
+    reference = next((row for row in ranked if row.method == reference_method), None)
+    best = ranked[0] if ranked and ranked[0].rank is not None else None
+    for row in ranked:
+        if reference is not None and row is not reference:
+            row.versus_reference = paired_comparison(row.delta_m_by_seed, reference.delta_m_by_seed)
+        if best is not None and row.rank is not None:
+            versus_best = paired_comparison(row.delta_m_by_seed, best.delta_m_by_seed)
+            row.tied_with_best = row is best or versus_best.verdict in ("tie", "n/a")
     return rows + ranked
 
 
 def _summary_row(
     method: str,
-    metric_vectors: list[list[float]],
+    vectors_by_seed: dict[int, list[float]],
     baseline: list[float] | None,
     directions: list[bool],
     *,
     seconds: float,
     failures: int,
 ) -> MethodSummary:
-    num_tasks = len(directions)
-    columns = [[vector[k] for vector in metric_vectors] for k in range(num_tasks)]
-    statistics_per_task = [mean_and_std(column) for column in columns]
+    vectors = list(vectors_by_seed.values())
+    count = len(directions)
+    columns = [[vector[m] for vector in vectors] for m in range(count)]
+    statistics_per_metric = [mean_and_std(column) for column in columns]
     deltas = (
-        [delta_m(vector, baseline, directions) for vector in metric_vectors]
+        {seed: delta_m(vector, baseline, directions) for seed, vector in vectors_by_seed.items()}
         if baseline is not None
-        else []
+        else {}
     )
-    delta_mean, delta_std = mean_and_std(deltas)
-    summary_mean, summary_std = mean_and_std([sum(vector) for vector in metric_vectors])
+    delta_mean, delta_std = mean_and_std(list(deltas.values()))
+    summary_mean, summary_std = mean_and_std([sum(vector) for vector in vectors])
     return MethodSummary(
         method=method,
-        metric_means=[mean for mean, _ in statistics_per_task],
-        metric_stds=[std for _, std in statistics_per_task],
+        metric_means=[mean for mean, _ in statistics_per_metric],
+        metric_stds=[std for _, std in statistics_per_metric],
         delta_m_mean=delta_mean,
         delta_m_std=delta_std,
         seconds_per_epoch=seconds,
-        seeds=len(metric_vectors),
+        seeds=len(vectors),
         failures=failures,
         summary_mean=summary_mean,
         summary_std=summary_std,
-        delta_m_values=deltas,
+        delta_m_by_seed=deltas,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Formatting.
-
-
-def metric_scale(task: Task) -> float:
-    """Display factor of a task's metric: accuracies are shown in percent."""
-    return 100.0 if task.metric == "accuracy" else 1.0
-
-
-def metric_header(task: Task) -> str:
-    """Column header of a task's metric, with its direction arrow."""
-    arrow = "↑" if task.higher_is_better else "↓"
-    unit = " %" if task.metric == "accuracy" else ""
-    return f"{task.name} {task.metric}{unit} {arrow}"
-
-
-def _decimals(value: float) -> int:
-    magnitude = abs(value)
-    if magnitude >= 100:
-        return 1
-    if magnitude >= 1:
-        return 2
-    return 4
-
-
-def _number(value: float, decimals: int | None = None) -> str:
-    if math.isnan(value):
-        return "—"
-    places = _decimals(value) if decimals is None else decimals
-    return f"{value:.{places}f}"
-
-
-def _mean_std_text(mean: float, std: float, decimals: int | None = None) -> str:
-    """``mean ± std`` with both numbers to the precision the mean's magnitude calls for."""
-    if math.isnan(mean):
-        return "—"
-    places = _decimals(mean) if decimals is None else decimals
-    return f"{_number(mean, places)} ± {_number(std, places)}"
-
-
-def table_columns(tasks: Sequence[Task], summary_name: str | None) -> list[str]:
-    """Headers of the comparison table."""
-    headers = ["rank", "method", *(metric_header(task) for task in tasks)]
-    if summary_name:
-        headers.append(f"{summary_name} ↓")
-    return [*headers, "Δm% ↓", "s/epoch", "seeds"]
-
-
-def table_cells(
-    rows: Sequence[MethodSummary], tasks: Sequence[Task], summary_name: str | None
-) -> list[list[str]]:
-    """The comparison table as text cells, one list per row (no header)."""
-    cells = []
-    for row in rows:
-        line = [str(row.rank) if row.rank is not None else "—", row.method]
-        for task, mean, std in zip(tasks, row.metric_means, row.metric_stds, strict=True):
-            scale = metric_scale(task)
-            line.append(_mean_std_text(mean * scale, std * scale))
-        if summary_name:
-            line.append(_mean_std_text(row.summary_mean, row.summary_std))
-        delta_text = _mean_std_text(round(row.delta_m_mean, 2) + 0.0, row.delta_m_std, decimals=2)
-        if row.failures:
-            delta_text += f" ({row.failures} failed)"
-        line += [delta_text, _number(row.seconds_per_epoch, 3), str(row.seeds)]
-        cells.append(line)
-    return cells
-
-
-def markdown_table(
-    rows: Sequence[MethodSummary], tasks: Sequence[Task], summary_name: str | None = None
-) -> str:
-    """The comparison table in GitHub Markdown.
-
-    Args:
-        rows: from :func:`summarise`.
-        tasks: the benchmark's tasks.
-        summary_name: header of the per-run sum of metrics, when the benchmark has one.
-
-    Returns:
-        The table, ending with a newline.
-    """
-    headers = table_columns(tasks, summary_name)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(line) + " |" for line in table_cells(rows, tasks, summary_name)]
-    return "\n".join(lines) + "\n"
-
-
-def text_table(
-    rows: Sequence[MethodSummary], tasks: Sequence[Task], summary_name: str | None = None
-) -> str:
-    """The comparison table aligned in plain text for the terminal."""
-    headers = table_columns(tasks, summary_name)
-    body = table_cells(rows, tasks, summary_name)
-    widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in [headers, *body]
-    )
-
-
-def csv_table(rows: Sequence[MethodSummary], tasks: Sequence[Task]) -> str:
-    """The comparison table as CSV with raw numbers (accuracies as fractions).
-
-    Args:
-        rows: from :func:`summarise`.
-        tasks: the benchmark's tasks.
-
-    Returns:
-        CSV text with a header line.
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    header = ["rank", "method"]
-    for task in tasks:
-        header += [f"{task.name}_{task.metric}_mean", f"{task.name}_{task.metric}_std"]
-    header += [
-        "sum_of_metrics_mean",
-        "sum_of_metrics_std",
-        "delta_m_percent_mean",
-        "delta_m_percent_std",
-        "seconds_per_epoch",
-        "seeds",
-        "failed_runs",
-    ]
-    writer.writerow(header)
-    for row in rows:
-        line: list[object] = ["" if row.rank is None else row.rank, row.method]
-        for mean, std in zip(row.metric_means, row.metric_stds, strict=True):
-            line += [mean, std]
-        line += [
-            row.summary_mean,
-            row.summary_std,
-            row.delta_m_mean,
-            row.delta_m_std,
-            row.seconds_per_epoch,
-            row.seeds,
-            row.failures,
-        ]
-        writer.writerow(line)
-    return buffer.getvalue()

@@ -1,6 +1,8 @@
 """PNG plots of runs and comparisons (matplotlib, imported lazily, Agg backend).
 
-Figures are drawn at a modest resolution so that each PNG stays well under 200 KB.
+Every figure has a title naming the benchmark, the seeds and the epochs; fonts are at least
+8 pt at the saved resolution, and figures with one panel per method (25 and counting) wrap
+into a grid with one shared legend.
 """
 
 from __future__ import annotations
@@ -10,18 +12,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from taskbalance.bench.datasets import Task, require_module
+import torch
+
+from taskbalance.bench.api import Benchmark, require_module
+from taskbalance.bench.diagnostics import gradient_diagnostics
 from taskbalance.bench.harness import RunResult
-from taskbalance.bench.metrics import SINGLE_TASK, MethodSummary, metric_scale
+from taskbalance.bench.metrics import REFERENCE_METHOD, SINGLE_TASK, MethodSummary
 from taskbalance.bench.toy import TOY_BOUNDS, ToyTrajectory, toy_objectives
 
-DPI = 80
+DPI = 90
 #: The toy figure has one contour panel per method: a lower resolution keeps it small.
 TOY_DPI = 70
-#: The weights figure has one panel per method (23 and counting): drawn smaller.
+#: Most points drawn per curve (the PNG's size grows with them).
+MAX_CURVE_POINTS = 80
+#: The weights figure has one panel per method (25 and counting): drawn a little smaller.
 WEIGHTS_DPI = 64
-#: Most points drawn per weight curve (the PNG's size grows with them).
-MAX_CURVE_POINTS = 120
+#: Columns of the per-method grids.
+GRID_COLUMNS = 5
+#: Time bins of the conflicts heatmap.
+CONFLICT_BINS = 20
 
 
 def _pyplot() -> ModuleType:
@@ -36,93 +45,105 @@ def _grid(count: int, columns: int) -> tuple[int, int]:
 
 
 def plot_weights_over_time(
-    runs: Mapping[str, RunResult], task_names: Sequence[str], path: Path
-) -> None:
-    """One small panel per method: each task's weight against the training step.
+    runs: Mapping[str, RunResult], task_names: Sequence[str], path: Path, title: str = ""
+) -> bool:
+    """One panel per method: each task's weight against the training step, shared legend.
 
     Args:
-        runs: one run per method (e.g. seed 0), by method name.
+        runs: one run per method (e.g. seed 0), by label.
         task_names: the task names, for the legend.
         path: the PNG to write.
+        title: the figure's title.
+
+    Returns:
+        True when a file was written (some run recorded weights).
     """
     plt = _pyplot()
     names = [name for name, run in runs.items() if run.weight_rows]
     if not names:
-        return
-    rows, columns = _grid(len(names), 5)
+        return False
+    rows, columns = _grid(len(names), GRID_COLUMNS)
     figure, axes = plt.subplots(
-        rows, columns, figsize=(2.6 * columns, 1.9 * rows), squeeze=False, sharex=True
+        rows, columns, figsize=(2.9 * columns, 2.0 * rows + 0.9), squeeze=False, sharex=True
     )
     for axis in axes.flat[len(names) :]:
         axis.set_visible(False)
+    lines = []
     for axis, name in zip(axes.flat, names, strict=False):
         run = runs[name]
         stride = max(1, math.ceil(len(run.weight_steps) / MAX_CURVE_POINTS))
         steps = run.weight_steps[::stride]
-        rows_drawn = run.weight_rows[::stride]
-        for task_index, task_name in enumerate(task_names):
-            axis.plot(
-                steps,
-                [row[task_index] for row in rows_drawn],
-                linewidth=0.9,
-                label=task_name,
-            )
-        axis.set_title(name, fontsize=9)
-        axis.tick_params(labelsize=7)
-    axes.flat[0].legend(fontsize=6, loc="best")
-    figure.supxlabel("step", fontsize=9)
-    figure.supylabel("weight", fontsize=9)
-    figure.tight_layout()
+        drawn = run.weight_rows[::stride]
+        lines = [
+            axis.plot(steps, [row[k] for row in drawn], linewidth=1.1, color=f"C{k % 10}")[0]
+            for k in range(len(task_names))
+        ]
+        axis.set_title(name, fontsize=10)
+        axis.tick_params(labelsize=8)
+        axis.grid(alpha=0.3)
+    figure.legend(
+        lines,
+        list(task_names),
+        loc="upper center",
+        ncol=min(len(task_names), 8),
+        fontsize=9,
+        bbox_to_anchor=(0.5, 1.0 - 0.3 / (2.0 * rows + 0.9)),
+        frameon=False,
+    )
+    figure.supxlabel("training step", fontsize=10)
+    figure.supylabel("task weight", fontsize=10)
+    figure.suptitle(title or "task weights during training", fontsize=11, y=0.995)
+    figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.6 / (2.0 * rows + 0.9)))
     figure.savefig(path, dpi=WEIGHTS_DPI)
     plt.close(figure)
+    return True
 
 
-def plot_task_metrics(rows: Sequence[MethodSummary], tasks: Sequence[Task], path: Path) -> None:
-    """Per-task test metric of every method: bars with ± one standard deviation over seeds.
-
-    Args:
-        rows: table rows from :func:`taskbalance.bench.metrics.summarise`.
-        tasks: the benchmark's tasks.
-        path: the PNG to write.
-    """
+def plot_task_metrics(
+    rows: Sequence[MethodSummary], benchmark: Benchmark, path: Path, title: str = ""
+) -> bool:
+    """Every metric number of every method: bars with ± one standard deviation over seeds."""
     plt = _pyplot()
     plotted = [row for row in rows if not math.isnan(row.metric_means[0])]
     if not plotted:
-        return
-    grid_rows, columns = _grid(len(tasks), 4)
-    height = max(2.5, 0.22 * len(plotted) + 0.8)
+        return False
+    names = benchmark.metric_names
+    grid_rows, columns = _grid(len(names), 4)
+    height = max(2.8, 0.24 * len(plotted) + 1.0)
     figure, axes = plt.subplots(
-        grid_rows, columns, figsize=(3.2 * columns, height * grid_rows), squeeze=False
+        grid_rows, columns, figsize=(3.6 * columns, height * grid_rows + 0.5), squeeze=False
     )
-    for axis in axes.flat[len(tasks) :]:
+    for axis in axes.flat[len(names) :]:
         axis.set_visible(False)
     labels = [row.method for row in plotted]
     positions = list(range(len(plotted)))
-    for task_index, (axis, task) in enumerate(zip(axes.flat, tasks, strict=False)):
-        scale = metric_scale(task)
-        means = [row.metric_means[task_index] * scale for row in plotted]
-        errors = [row.metric_stds[task_index] * scale for row in plotted]
+    for index, (axis, name, higher) in enumerate(
+        zip(axes.flat, names, benchmark.directions, strict=False)
+    ):
+        means = [row.metric_means[index] for row in plotted]
+        errors = [row.metric_stds[index] for row in plotted]
         colours = ["0.55" if row.method == SINGLE_TASK else "C0" for row in plotted]
         axis.barh(positions, means, xerr=errors, color=colours, error_kw={"linewidth": 0.8})
-        axis.set_yticks(positions, labels if task_index % columns == 0 else [""] * len(labels))
+        axis.set_yticks(positions, labels if index % columns == 0 else [""] * len(labels))
         axis.invert_yaxis()
-        axis.tick_params(labelsize=7)
-        low, high = min(means), max(means)
+        axis.tick_params(labelsize=8)
+        finite = [value for value in means if not math.isnan(value)]
+        low, high = min(finite), max(finite)
         margin = max((high - low) * 0.6, abs(high) * 0.01, 1e-9)
         axis.set_xlim(max(0.0, low - margin) if low >= 0 else low - margin, high + margin)
-        direction = "higher is better" if task.higher_is_better else "lower is better"
-        axis.set_title(f"{task.name}: {task.metric} ({direction})", fontsize=8)
+        axis.set_title(f"{name} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+    figure.suptitle(title or benchmark.name, fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
+    return True
 
 
-def plot_delta_m_ranking(rows: Sequence[MethodSummary], path: Path) -> None:
-    """Δm% of every ranked method, best (lowest) at the top, with ± one standard deviation.
+def plot_delta_m_ranking(rows: Sequence[MethodSummary], path: Path, title: str = "") -> bool:
+    """Δm% of every ranked method, best at the top, ± one standard deviation over seeds.
 
-    Args:
-        rows: table rows from :func:`taskbalance.bench.metrics.summarise`.
-        path: the PNG to write.
+    Bars the paired test cannot tell from the best one are hatched and labelled ``≈ best``;
+    the single-task row (grey) shows the seed noise of the baseline itself.
     """
     plt = _pyplot()
     ranked = sorted(
@@ -130,62 +151,264 @@ def plot_delta_m_ranking(rows: Sequence[MethodSummary], path: Path) -> None:
         key=lambda row: row.delta_m_mean,
     )
     if not ranked:
-        return
-    figure, axis = plt.subplots(figsize=(5.5, 0.25 * len(ranked) + 1.0))
+        return False
+    figure, axis = plt.subplots(figsize=(7.0, 0.3 * len(ranked) + 1.4))
     positions = list(range(len(ranked)))
-    values = [row.delta_m_mean for row in ranked]
     colours = [
-        "0.55" if row.method == SINGLE_TASK else ("C2" if row.delta_m_mean <= 0 else "C3")
+        "0.6" if row.method == SINGLE_TASK else ("C2" if row.delta_m_mean <= 0 else "C3")
         for row in ranked
     ]
-    axis.barh(
+    bars = axis.barh(
         positions,
-        values,
+        [row.delta_m_mean for row in ranked],
         xerr=[row.delta_m_std for row in ranked],
         color=colours,
-        error_kw={"linewidth": 0.8},
+        error_kw={"linewidth": 0.9, "capsize": 2},
     )
-    axis.set_yticks(positions, [row.method for row in ranked])
+    labels = []
+    for bar, row in zip(bars, ranked, strict=True):
+        tied = row.tied_with_best and row.rank is not None
+        if tied:
+            bar.set_hatch("///")
+            bar.set_edgecolor("black")
+        labels.append(f"{row.method}  ≈ best" if tied and row.rank != 1 else row.method)
+    axis.set_yticks(positions, labels)
     axis.invert_yaxis()
     axis.axvline(0.0, color="black", linewidth=0.8)
-    axis.set_xlabel("Δm% vs single-task (lower is better)", fontsize=9)
-    axis.tick_params(labelsize=8)
+    axis.set_xlabel("Δm% vs single-task (lower is better); hatched: tied with the best", fontsize=9)
+    axis.tick_params(labelsize=9)
+    axis.grid(axis="x", alpha=0.3)
+    axis.set_title(title or "Δm% ranking", fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
+    return True
 
 
-def plot_training_curves(run: RunResult, tasks: Sequence[Task], path: Path) -> None:
-    """Validation and test metric of each task after every epoch of one run.
+def _inlier_range(values: Sequence[float]) -> tuple[float, float]:
+    """Values within 3 interquartile ranges of the middle half (outliers would squash the rest)."""
+    ordered = sorted(values)
+    q1 = ordered[len(ordered) // 4]
+    q3 = ordered[(3 * len(ordered)) // 4]
+    spread = max(q3 - q1, 1e-3 * max(abs(q3), 1e-12))
+    return q1 - 3 * spread, q3 + 3 * spread
 
-    Args:
-        run: the run.
-        tasks: the benchmark's tasks.
-        path: the PNG to write.
+
+def plot_pareto(
+    rows: Sequence[MethodSummary], benchmark: Benchmark, path: Path, title: str = ""
+) -> bool:
+    """For 2-task benchmarks: each method's first metric of task 1 against that of task 2.
+
+    Points are means over seeds with ± one standard deviation. The non-dominated methods are
+    joined by a line (the empirical Pareto front) and labelled, with equal weights and the
+    single-task models (grey, always shown); far outliers are listed under the axes instead of
+    squashing the rest.
+
+    Returns:
+        True when a file was written (the benchmark has exactly two tasks).
     """
+    if benchmark.num_tasks != 2:
+        return False
+    plt = _pyplot()
+    first, second = (piece.start for piece in benchmark.metric_slices())
+    names, directions = benchmark.metric_names, benchmark.directions
+    points = [
+        (row, row.metric_means[first], row.metric_means[second])
+        for row in rows
+        if not math.isnan(row.metric_means[first]) and not math.isnan(row.metric_means[second])
+    ]
+    if not points:
+        return False
+    x_low, x_high = _inlier_range([x for _, x, _ in points])
+    y_low, y_high = _inlier_range([y for _, _, y in points])
+    shown = [
+        p
+        for p in points
+        if p[0].method == SINGLE_TASK or (x_low <= p[1] <= x_high and y_low <= p[2] <= y_high)
+    ]
+    hidden = [p for p in points if p not in shown]
+    sign_x = 1.0 if directions[first] else -1.0
+    sign_y = 1.0 if directions[second] else -1.0
+    methods = [(row, x, y) for row, x, y in points if row.method != SINGLE_TASK]
+    front = {
+        row.method
+        for row, x, y in methods
+        if not any(
+            sign_x * (x2 - x) >= 0 and sign_y * (y2 - y) >= 0 and (x2, y2) != (x, y)
+            for _, x2, y2 in methods
+        )
+    }
+    figure, axis = plt.subplots(figsize=(7.0, 5.5))
+    for row, x, y in shown:
+        on_front = row.method in front
+        colour = "0.55" if row.method == SINGLE_TASK else ("C1" if on_front else "C0")
+        axis.errorbar(
+            x,
+            y,
+            xerr=row.metric_stds[first],
+            yerr=row.metric_stds[second],
+            fmt="o",
+            color=colour,
+            markersize=4,
+            linewidth=0.8,
+        )
+        if on_front or row.method in (SINGLE_TASK, REFERENCE_METHOD):
+            axis.annotate(row.method, (x, y), fontsize=9, xytext=(4, 4), textcoords="offset points")
+    line = sorted((x, y) for row, x, y in shown if row.method in front)
+    if len(line) > 1:
+        axis.plot(*zip(*line, strict=True), color="C1", linewidth=1.0, label="non-dominated")
+        axis.legend(fontsize=9)
+    arrow = {True: "higher is better", False: "lower is better"}
+    axis.set_xlabel(f"{names[first]} ({arrow[directions[first]]})", fontsize=10)
+    axis.set_ylabel(f"{names[second]} ({arrow[directions[second]]})", fontsize=10)
+    axis.tick_params(labelsize=9)
+    axis.grid(alpha=0.3)
+    axis.set_title(title or f"{benchmark.name}: task trade-off", fontsize=11)
+    if hidden:
+        note = "not shown (far outside): " + ", ".join(
+            f"{row.method} ({x:.4g}, {y:.4g})" for row, x, y in hidden
+        )
+        figure.text(0.01, 0.01, note, fontsize=8)
+    figure.tight_layout(rect=(0, 0.03 if hidden else 0, 1, 1))
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return True
+
+
+def plot_training_curves(run: RunResult, path: Path) -> bool:
+    """Validation and test value of every metric number after every epoch of one run."""
     plt = _pyplot()
     if not run.epochs:
-        return
-    grid_rows, columns = _grid(len(tasks), 4)
+        return False
+    names = run.metric_names
+    grid_rows, columns = _grid(len(names), 4)
     figure, axes = plt.subplots(
-        grid_rows, columns, figsize=(3.0 * columns, 2.4 * grid_rows), squeeze=False
+        grid_rows, columns, figsize=(3.2 * columns, 2.6 * grid_rows + 0.4), squeeze=False
     )
-    for axis in axes.flat[len(tasks) :]:
+    for axis in axes.flat[len(names) :]:
         axis.set_visible(False)
     epochs = [record.epoch for record in run.epochs]
-    for task_index, (axis, task) in enumerate(zip(axes.flat, tasks, strict=False)):
-        scale = metric_scale(task)
+    for index, (axis, name) in enumerate(zip(axes.flat, names, strict=False)):
         for split in ("validation", "test"):
-            values = [getattr(record, split)[task_index] * scale for record in run.epochs]
+            values = [getattr(record, split)[index] for record in run.epochs]
             axis.plot(epochs, values, marker=".", linewidth=1.0, label=split)
-        axis.set_title(f"{task.name}: {task.metric}", fontsize=8)
-        axis.tick_params(labelsize=7)
-    axes.flat[0].legend(fontsize=7)
-    figure.supxlabel("epoch", fontsize=9)
-    figure.suptitle(f"{run.benchmark} — {run.method} (seed {run.seed})", fontsize=10)
+        axis.set_title(name, fontsize=9)
+        axis.tick_params(labelsize=8)
+    axes.flat[0].legend(fontsize=8)
+    figure.supxlabel("epoch", fontsize=10)
+    figure.suptitle(f"{run.benchmark} — {run.method} (seed {run.seed})", fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
+    return True
+
+
+def _mean_cosines(runs: Sequence[RunResult]) -> torch.Tensor | None:
+    matrices = [
+        gradient_diagnostics(torch.tensor(gram, dtype=torch.float64)).cosines
+        for run in runs
+        for gram in run.diagnostic_grams
+    ]
+    return torch.stack(matrices).mean(dim=0) if matrices else None
+
+
+def _conflict_profile(runs: Sequence[RunResult], bins: int) -> list[float]:
+    """Mean fraction of conflicting pairs in each of ``bins`` equal parts of training."""
+    sums, counts = [0.0] * bins, [0] * bins
+    for run in runs:
+        if not run.diagnostic_steps:
+            continue
+        last = max(run.diagnostic_steps) + 1
+        for step, gram in zip(run.diagnostic_steps, run.diagnostic_grams, strict=True):
+            position = min(bins - 1, step * bins // last)
+            found = gradient_diagnostics(torch.tensor(gram, dtype=torch.float64))
+            sums[position] += found.conflict_fraction
+            counts[position] += 1
+    return [total / count if count else math.nan for total, count in zip(sums, counts, strict=True)]
+
+
+def plot_gradient_cosines(
+    runs_by_method: Mapping[str, Sequence[RunResult]],
+    task_names: Sequence[str],
+    path: Path,
+    title: str = "",
+) -> bool:
+    """One K×K heatmap per method: task-gradient cosines, mean over training and seeds."""
+    plt = _pyplot()
+    matrices = {
+        label: matrix
+        for label, runs in runs_by_method.items()
+        if (matrix := _mean_cosines(runs)) is not None
+    }
+    if not matrices:
+        return False
+    rows, columns = _grid(len(matrices), GRID_COLUMNS)
+    size = 2.2 if len(task_names) <= 4 else 3.0
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(size * columns + 1.0, size * rows + 0.6), squeeze=False
+    )
+    for axis in axes.flat[len(matrices) :]:
+        axis.set_visible(False)
+    image = None
+    ticks = list(range(len(task_names)))
+    for axis, (label, matrix) in zip(axes.flat, matrices.items(), strict=False):
+        image = axis.imshow(matrix.numpy(), vmin=-1, vmax=1, cmap="RdBu")
+        axis.set_title(label, fontsize=9)
+        axis.set_xticks(ticks, list(task_names), fontsize=7, rotation=90)
+        axis.set_yticks(ticks, list(task_names), fontsize=7)
+        if len(task_names) <= 4:
+            for i in ticks:
+                for j in ticks:
+                    axis.text(
+                        j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", fontsize=8
+                    )
+    figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="cosine")
+    figure.suptitle(
+        title or "task-gradient cosines w.r.t. the shared features (mean over training)",
+        fontsize=11,
+    )
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return True
+
+
+def plot_conflicts(
+    runs_by_method: Mapping[str, Sequence[RunResult]], path: Path, title: str = ""
+) -> bool:
+    """Fraction of conflicting task pairs (negative cosine) over training, one row per method.
+
+    A heatmap (methods × training progress, mean over seeds) stays readable for 25 methods.
+    """
+    plt = _pyplot()
+    recorded = max(
+        (len(run.diagnostic_steps) for r in runs_by_method.values() for run in r), default=0
+    )
+    bins = max(1, min(CONFLICT_BINS, recorded))
+    profiles = {
+        label: _conflict_profile(runs, bins)
+        for label, runs in runs_by_method.items()
+        if any(run.diagnostic_steps for run in runs)
+    }
+    if not profiles:
+        return False
+    figure, axis = plt.subplots(figsize=(7.5, 0.3 * len(profiles) + 1.6))
+    image = axis.imshow(
+        [profiles[label] for label in profiles],
+        vmin=0,
+        vmax=1,
+        cmap="magma_r",
+        aspect="auto",
+        extent=(0, 100, len(profiles) - 0.5, -0.5),
+    )
+    axis.set_yticks(list(range(len(profiles))), list(profiles), fontsize=9)
+    axis.set_xlabel("training progress (%)", fontsize=10)
+    axis.tick_params(labelsize=9)
+    figure.colorbar(image, ax=axis, label="fraction of conflicting pairs")
+    axis.set_title(title or "gradient conflicts during training", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return True
 
 
 def plot_toy_trajectories(

@@ -25,7 +25,12 @@ import torch
 from torch import Tensor
 
 import taskbalance as tb
-from taskbalance.bench.harness import BALANCER_FAILURES, ProgressBar, SilentProgress
+from taskbalance.bench.harness import (
+    BALANCER_FAILURES,
+    ProgressBar,
+    SilentProgress,
+    example_hyperparameters,
+)
 
 #: The starting points of the CAGrad/Nash-MTL toy figures.
 TOY_STARTS: tuple[tuple[float, float], ...] = (
@@ -102,8 +107,8 @@ def run_toy_trajectory(
         start: the starting point ``(x1, x2)``.
         steps: Adam steps.
         lr: Adam learning rate.
-        hyperparameters: the method's hyperparameters (``fixed`` defaults to unit weights; a
-            method with a ``seed`` gets ``seed``).
+        hyperparameters: the method's hyperparameters (required ones default to the
+            harness's example values; a method with a ``seed`` gets ``seed``).
         seed: seed of random methods.
         progress: advanced once per step.
 
@@ -112,8 +117,8 @@ def run_toy_trajectory(
     """
     progress = progress or SilentProgress()
     arguments = dict(hyperparameters or {})
-    if method == "fixed" and "weights" not in arguments:
-        arguments["weights"] = [1.0, 1.0]
+    for key, value in example_hyperparameters(method, 2).items():
+        arguments.setdefault(key, value)
     if "seed" in tb.hyperparameters(method) and "seed" not in arguments:
         arguments["seed"] = seed
     balancer = tb.create(method, num_tasks=2, **arguments)

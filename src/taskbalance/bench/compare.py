@@ -1,0 +1,321 @@
+"""A comparison: every method and the single-task baselines over seeds, parallel and resumable.
+
+:func:`run_comparison` is what ``taskbalance compare`` calls, usable from Python. Each
+(method, seed) run and each single-task model is an independent job; with ``jobs > 1`` they
+run in that many worker processes (spawned, each with ``threads // jobs`` torch threads, at
+least one), and since a run is a function of its settings and seed, every run's numbers are
+the same as with ``jobs = 1`` at the same thread count per run. Each finished run is written
+at once to ``OUT/runs/<run>.json`` together with the settings it ran under; a rerun with the
+same settings loads those instead of training again (``fresh=True`` starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taskbalance.bench.api import Benchmark, load_benchmark
+from taskbalance.bench.harness import (
+    Method,
+    ProgressBar,
+    RunResult,
+    TrainConfig,
+    _plain,
+    check_method,
+    train_run,
+)
+from taskbalance.bench.metrics import MethodSummary, summarise
+from taskbalance.bench.selection import Selection
+
+RUNS_DIRECTORY = "runs"
+
+
+@dataclass(frozen=True)
+class BenchmarkSource:
+    """How to build the benchmark again in a worker process.
+
+    Args:
+        spec: registered name, ``file.py:function`` or ``module:function``.
+        small: small splits.
+        data_seed: data seed.
+        data_root: the user's data directory, or None.
+    """
+
+    spec: str
+    small: bool = False
+    data_seed: int = 0
+    data_root: str | None = None
+
+    def build(self) -> Benchmark:
+        """The benchmark."""
+        return load_benchmark(
+            self.spec, small=self.small, data_seed=self.data_seed, data_root=self.data_root
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of a comparison.
+
+    Args:
+        method: the method, or None for a single-task model.
+        single_task: the task of a single-task model.
+        seed: the training seed.
+    """
+
+    method: Method | None
+    single_task: int | None
+    seed: int
+
+    def label(self, benchmark: Benchmark) -> str:
+        """``method`` or ``single-task[task]``, for progress lines."""
+        if self.method is not None:
+            return self.method.label
+        return f"single-task[{benchmark.tasks[self.single_task or 0].name}]"
+
+
+@dataclass
+class Comparison:
+    """What :func:`run_comparison` produced.
+
+    Args:
+        benchmark: the benchmark.
+        runs: every finished run (loaded or trained), in job order.
+        rows: the summary rows.
+        resumed: runs loaded from an earlier invocation.
+        interrupted: True when Ctrl-C stopped it.
+        seconds: wall time.
+    """
+
+    benchmark: Benchmark
+    runs: list[RunResult]
+    rows: list[MethodSummary]
+    resumed: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def plan_jobs(
+    benchmark: Benchmark, methods: Sequence[Method], seeds: Sequence[int], single_task: bool = True
+) -> list[Job]:
+    """Single-task models first (each seed, each task), then each method over seeds."""
+    jobs = []
+    if single_task:
+        jobs += [Job(None, k, seed) for seed in seeds for k in range(benchmark.num_tasks)]
+    jobs += [Job(method, None, seed) for method in methods for seed in seeds]
+    return jobs
+
+
+def _run_key(source: BenchmarkSource, job: Job, config: TrainConfig) -> dict[str, Any]:
+    return {
+        "benchmark": _plain(vars(source)),
+        "method": None if job.method is None else job.method.label,
+        "hyperparameters": None if job.method is None else _plain(job.method.hyperparameters),
+        "single_task": job.single_task,
+        "seed": job.seed,
+        "config": _plain({**vars(config), "seed": job.seed}),
+    }
+
+
+def run_file(out: Path, benchmark: Benchmark, job: Job) -> Path:
+    """``OUT/runs/<label>-seed<k>.json`` with the label made file-safe."""
+    label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", job.label(benchmark))
+    return out / RUNS_DIRECTORY / f"{label}-seed{job.seed}.json"
+
+
+def _load_finished(path: Path, key: dict[str, Any]) -> RunResult | None:
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("key") != json.loads(json.dumps(key)):
+        return None
+    run = RunResult.from_dict(stored["result"])
+    return run if not run.interrupted else None
+
+
+def _save(path: Path, key: dict[str, Any], run: RunResult) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"key": key, "result": run.to_dict()}))
+    temporary.replace(path)
+
+
+_WORKER_BENCHMARKS: dict[BenchmarkSource, Benchmark] = {}
+
+
+def _worker_setup(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_run(source: BenchmarkSource, job: Job, config: TrainConfig) -> dict[str, Any]:
+    benchmark = _WORKER_BENCHMARKS.get(source)
+    if benchmark is None:
+        benchmark = _WORKER_BENCHMARKS[source] = source.build()
+    run = train_run(
+        benchmark,
+        job.method,
+        single_task=job.single_task,
+        config=TrainConfig(**{**vars(config), "seed": job.seed}),
+    )
+    return run.to_dict()
+
+
+def run_comparison(
+    source: BenchmarkSource,
+    methods: Sequence[Method],
+    *,
+    seeds: Sequence[int],
+    out: Path,
+    config: TrainConfig | None = None,
+    selection: Selection | None = None,
+    jobs: int = 1,
+    threads: int = 1,
+    fresh: bool = False,
+    benchmark: Benchmark | None = None,
+    progress: ProgressBar | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Comparison:
+    """Train (or load) every run of a comparison and summarise it.
+
+    Args:
+        source: how to build the benchmark (again, in each worker).
+        methods: the methods and variants; the single-task models are added.
+        seeds: the training seeds.
+        out: the output directory (per-run results go to ``out/runs``).
+        config: overrides of the benchmark's training defaults (the seed is ignored).
+        selection: the model-selection rule.
+        jobs: worker processes (1: in this process).
+        threads: torch threads in all; each worker gets ``max(1, threads // jobs)``.
+        fresh: delete earlier per-run results instead of resuming from them.
+        benchmark: the already built benchmark (else built from ``source``).
+        progress: advanced per step with ``jobs = 1``, per run otherwise.
+        log: called with one line per finished run.
+
+    Returns:
+        The comparison (summary rows, runs, what was resumed, whether it was interrupted).
+
+    Raises:
+        ValueError: a method that cannot be created for this benchmark (before training).
+    """
+    started = time.perf_counter()
+    benchmark = benchmark or source.build()
+    config = config or TrainConfig()
+    selection = selection or Selection()
+    for method in methods:
+        check_method(method, benchmark)
+    runs_directory = out / RUNS_DIRECTORY
+    if fresh and runs_directory.exists():
+        shutil.rmtree(runs_directory)
+    runs_directory.mkdir(parents=True, exist_ok=True)
+
+    planned = plan_jobs(benchmark, methods, seeds)
+    results: dict[int, RunResult] = {}
+    pending: list[int] = []
+    keys = [_run_key(source, job, config) for job in planned]
+    for index, job in enumerate(planned):
+        found = _load_finished(run_file(out, benchmark, job), keys[index])
+        if found is not None:
+            results[index] = found
+        else:
+            pending.append(index)
+    resumed = len(results)
+    if resumed and log is not None:
+        log(f"resuming: {resumed} finished run(s) loaded from {runs_directory}")
+
+    def finish(index: int, run: RunResult) -> None:
+        results[index] = run
+        if not run.interrupted:
+            _save(run_file(out, benchmark, planned[index]), keys[index], run)
+        if log is not None:
+            status = f" ({run.failure})" if run.failure else ""
+            job = planned[index]
+            log(
+                f"[{len(results)}/{len(planned)}] {job.label(benchmark)} seed {job.seed}: "
+                f"{run.seconds_per_epoch:.3f} s/epoch{status}"
+            )
+
+    interrupted = False
+    try:
+        if jobs <= 1:
+            for index in pending:
+                job = planned[index]
+                if progress is not None:
+                    progress.set_postfix_str(f"{job.label(benchmark)} seed {job.seed}")
+                run = train_run(
+                    benchmark,
+                    job.method,
+                    single_task=job.single_task,
+                    config=TrainConfig(**{**vars(config), "seed": job.seed}),
+                    progress=progress,
+                )
+                if run.interrupted:
+                    interrupted = True
+                    break
+                finish(index, run)
+        else:
+            interrupted = _run_parallel(
+                source, planned, pending, config, jobs, threads, finish, progress
+            )
+    except KeyboardInterrupt:
+        interrupted = True
+    runs = [results[index] for index in sorted(results)]
+    rows = summarise(runs, benchmark, selection)
+    return Comparison(
+        benchmark=benchmark,
+        runs=runs,
+        rows=rows,
+        resumed=resumed,
+        interrupted=interrupted,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _run_parallel(
+    source: BenchmarkSource,
+    planned: Sequence[Job],
+    pending: Sequence[int],
+    config: TrainConfig,
+    jobs: int,
+    threads: int,
+    finish: Callable[[int, RunResult], None],
+    progress: ProgressBar | None,
+) -> bool:
+    """Run the pending jobs in ``jobs`` spawned processes; True when interrupted."""
+    per_worker = max(1, threads // jobs)
+    executor = ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=get_context("spawn"),
+        initializer=_worker_setup,
+        initargs=(per_worker,),
+    )
+    futures: dict[Future[dict[str, Any]], int] = {}
+    try:
+        for index in pending:
+            job = planned[index]
+            futures[executor.submit(_worker_run, source, job, config)] = index
+        remaining = set(futures)
+        while remaining:
+            done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for future in done:
+                finish(futures[future], RunResult.from_dict(future.result()))
+                if progress is not None:
+                    progress.update(1)
+    except KeyboardInterrupt:
+        for future in futures:
+            future.cancel()
+        executor.shutdown(wait=False, cancel_futures=True)
+        return True
+    executor.shutdown(wait=True)
+    return False

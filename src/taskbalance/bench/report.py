@@ -1,0 +1,531 @@
+"""What a comparison writes: tables (terminal, Markdown, CSV), per-run CSVs and the metadata.
+
+Every table says what it is: the benchmark, epochs, seeds, the model-selection rule, each
+metric with its direction, and for each method the paired per-seed comparison with equal
+weights (wins / losses, the paired t-test's p-value and whether the Δm% difference exceeds
+seed noise).
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import math
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import taskbalance as tb
+from taskbalance.bench.api import Benchmark
+from taskbalance.bench.diagnostics import gradient_diagnostics
+from taskbalance.bench.harness import (
+    Method,
+    RunResult,
+    TrainConfig,
+    _plain,
+    example_hyperparameters,
+)
+from taskbalance.bench.metrics import REFERENCE_METHOD, MethodSummary
+from taskbalance.bench.selection import Selection
+from taskbalance.bench.stats import ALPHA
+
+
+def _decimals(value: float) -> int:
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return 1
+    if magnitude >= 1:
+        return 2
+    return 4
+
+
+def _number(value: float, decimals: int | None = None) -> str:
+    if math.isnan(value):
+        return "—"
+    places = _decimals(value) if decimals is None else decimals
+    return f"{value:.{places}f}"
+
+
+def _mean_std_text(mean: float, std: float, decimals: int | None = None) -> str:
+    """``mean ± std`` with both numbers to the precision the mean's magnitude calls for."""
+    if math.isnan(mean):
+        return "—"
+    places = _decimals(mean) if decimals is None else decimals
+    return f"{_number(mean, places)} ± {_number(std, places)}"
+
+
+def metric_header(name: str, higher_is_better: bool) -> str:
+    """Column header of a metric number, with its direction arrow."""
+    return f"{name} {'↑' if higher_is_better else '↓'}"
+
+
+def table_columns(benchmark: Benchmark) -> list[str]:
+    """Headers of the comparison table."""
+    headers = ["rank", "method"]
+    headers += [
+        metric_header(name, higher)
+        for name, higher in zip(benchmark.metric_names, benchmark.directions, strict=True)
+    ]
+    if benchmark.summary_name:
+        headers.append(f"{benchmark.summary_name} ↓")
+    return [
+        *headers,
+        "Δm% ↓",
+        f"vs {REFERENCE_METHOD} W/L",
+        f"vs {REFERENCE_METHOD} p",
+        f"vs {REFERENCE_METHOD}",
+        "s/epoch",
+        "seeds",
+    ]
+
+
+def table_cells(rows: Sequence[MethodSummary], benchmark: Benchmark) -> list[list[str]]:
+    """The comparison table as text cells, one list per row (no header).
+
+    The rank of a row the paired test cannot tell from rank 1 carries ``≈``.
+    """
+    cells = []
+    for row in rows:
+        rank = "—" if row.rank is None else str(row.rank)
+        if row.rank is not None and row.rank > 1 and row.tied_with_best:
+            rank += " ≈"
+        line = [rank, row.method]
+        line += [
+            _mean_std_text(mean, std)
+            for mean, std in zip(row.metric_means, row.metric_stds, strict=True)
+        ]
+        if benchmark.summary_name:
+            line.append(_mean_std_text(row.summary_mean, row.summary_std))
+        delta_text = _mean_std_text(round(row.delta_m_mean, 2) + 0.0, row.delta_m_std, decimals=2)
+        if row.failures:
+            delta_text += f" ({row.failures} failed)"
+        line.append(delta_text)
+        comparison = row.versus_reference
+        if comparison is None:
+            line += ["—", "—", "reference" if row.method == REFERENCE_METHOD else "—"]
+        else:
+            p_text = "—" if math.isnan(comparison.p_value) else f"{comparison.p_value:.3f}"
+            line += [f"{comparison.wins}/{comparison.losses}", p_text, comparison.verdict]
+        line += [_number(row.seconds_per_epoch, 3), str(row.seeds)]
+        cells.append(line)
+    return cells
+
+
+def caption(
+    benchmark: Benchmark,
+    *,
+    epochs: int,
+    seeds: Sequence[int],
+    selection: Selection,
+    markdown: bool = False,
+) -> str:
+    """What the table is: benchmark, budget, seeds, selection rule, metrics and directions."""
+    name = f"`{benchmark.name}`" if markdown else benchmark.name
+    seed_text = f"{len(seeds)} seed(s) ({', '.join(str(seed) for seed in seeds)})"
+    metrics = "; ".join(
+        f"{metric} ({'higher' if higher else 'lower'} is better)"
+        for metric, higher in zip(benchmark.metric_names, benchmark.directions, strict=True)
+    )
+    return (
+        f"Benchmark {name}: {epochs} epochs, mean ± std over {seed_text}; "
+        f"selection: {selection} ({selection.describe()}).\n"
+        f"Metrics: {metrics}.\n"
+        "Δm%: mean relative change of every metric against single-task models trained by the "
+        "same harness with the same budget (lower is better). "
+        f"vs {REFERENCE_METHOD}: per seed, is the method's Δm% lower (W) or higher (L) than "
+        f"{REFERENCE_METHOD}'s; p: paired t-test over seeds; better/worse when p < {ALPHA}, "
+        "else tie (within seed noise). ≈: rank not distinguishable from rank 1."
+    )
+
+
+def markdown_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
+    """The comparison table in GitHub Markdown, ending with a newline."""
+    headers = table_columns(benchmark)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in table_cells(rows, benchmark)]
+    return "\n".join(lines) + "\n"
+
+
+def text_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
+    """The comparison table aligned in plain text for the terminal."""
+    headers = table_columns(benchmark)
+    body = table_cells(rows, benchmark)
+    widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *body]
+    )
+
+
+def csv_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
+    """The comparison table as CSV with raw numbers, one column pair per metric number."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["rank", "method"]
+    for name in benchmark.metric_names:
+        header += [f"{name}_mean", f"{name}_std"]
+    header += [
+        "sum_of_metrics_mean",
+        "sum_of_metrics_std",
+        "delta_m_percent_mean",
+        "delta_m_percent_std",
+        f"wins_vs_{REFERENCE_METHOD}",
+        f"losses_vs_{REFERENCE_METHOD}",
+        f"mean_delta_m_difference_vs_{REFERENCE_METHOD}",
+        f"p_value_vs_{REFERENCE_METHOD}",
+        f"verdict_vs_{REFERENCE_METHOD}",
+        "tied_with_best",
+        "seconds_per_epoch",
+        "seeds",
+        "failed_runs",
+    ]
+    writer.writerow(header)
+    for row in rows:
+        line: list[object] = ["" if row.rank is None else row.rank, row.method]
+        for mean, std in zip(row.metric_means, row.metric_stds, strict=True):
+            line += [mean, std]
+        comparison = row.versus_reference
+        line += [row.summary_mean, row.summary_std, row.delta_m_mean, row.delta_m_std]
+        if comparison is None:
+            line += ["", "", "", "", ""]
+        else:
+            line += [
+                comparison.wins,
+                comparison.losses,
+                comparison.mean_difference,
+                comparison.p_value,
+                comparison.verdict,
+            ]
+        line += [row.tied_with_best, row.seconds_per_epoch, row.seeds, row.failures]
+        writer.writerow(line)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-run files.
+
+
+def _single_name(run: RunResult) -> str:
+    return "" if run.single_task is None else run.task_names[run.single_task]
+
+
+def write_metrics_csv(runs: Sequence[RunResult], path: Path) -> None:
+    """Per-epoch numbers of runs: one row per (run, epoch, split, quantity).
+
+    Columns: method, seed, single_task, epoch, seconds, split (train/validation/test), name
+    (``task`` for train losses, ``task/metric`` otherwise), value.
+    """
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["method", "seed", "single_task", "epoch", "seconds", "split", "name", "value"]
+        )
+        for run in runs:
+            for record in run.epochs:
+                for split, names, values in (
+                    ("train", [f"{task}/loss" for task in run.task_names], record.train_losses),
+                    ("validation", run.metric_names, record.validation),
+                    ("test", run.metric_names, record.test),
+                ):
+                    for name, value in zip(names, values, strict=True):
+                        writer.writerow(
+                            [
+                                run.method,
+                                run.seed,
+                                _single_name(run),
+                                record.epoch,
+                                f"{record.seconds:.4f}",
+                                split,
+                                name,
+                                value,
+                            ]
+                        )
+
+
+def write_weights_csv(runs: Sequence[RunResult], path: Path) -> None:
+    """The recorded weights of runs: method, seed, step, then one column per task."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        task_names = runs[0].task_names if runs else []
+        writer.writerow(["method", "seed", "step", *(f"w_{name}" for name in task_names)])
+        for run in runs:
+            for step, row in zip(run.weight_steps, run.weight_rows, strict=True):
+                writer.writerow([run.method, run.seed, step, *row])
+
+
+def write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
+    """One row per run: last-epoch test metrics, seconds per epoch, status."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        metric_names = runs[0].metric_names if runs else []
+        writer.writerow(
+            [
+                "method",
+                "seed",
+                "single_task",
+                *(f"test_{name}" for name in metric_names),
+                "seconds_per_epoch",
+                "epochs",
+                "status",
+            ]
+        )
+        for run in runs:
+            status = "interrupted" if run.interrupted else (run.failure or "ok")
+            writer.writerow(
+                [
+                    run.method,
+                    run.seed,
+                    _single_name(run),
+                    *run.final_test,
+                    run.seconds_per_epoch,
+                    len(run.epochs),
+                    status,
+                ]
+            )
+
+
+def write_diagnostics_csv(runs: Sequence[RunResult], path: Path) -> None:
+    """Gradient-conflict diagnostics of runs, one row per (run, step, task pair).
+
+    Columns: method, seed, step, task_i, task_j, cosine (of the two task gradients w.r.t. the
+    shared features), norm_i, norm_j, norm_ratio (``norm_i / norm_j``).
+    """
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "method",
+                "seed",
+                "step",
+                "task_i",
+                "task_j",
+                "cosine",
+                "norm_i",
+                "norm_j",
+                "norm_ratio",
+            ]
+        )
+        for run in runs:
+            names = run.task_names
+            for step, gram in zip(run.diagnostic_steps, run.diagnostic_grams, strict=True):
+                found = gradient_diagnostics(torch.tensor(gram, dtype=torch.float64))
+                norms = found.norms.tolist()
+                cosines = found.cosines.tolist()
+                for i in range(len(names)):
+                    for j in range(i + 1, len(names)):
+                        ratio = norms[i] / norms[j] if norms[j] > 0 else math.nan
+                        writer.writerow(
+                            [
+                                run.method,
+                                run.seed,
+                                step,
+                                names[i],
+                                names[j],
+                                cosines[i][j],
+                                norms[i],
+                                norms[j],
+                                ratio,
+                            ]
+                        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata.
+
+
+def method_metadata(method: Method, benchmark: Benchmark) -> dict[str, Any]:
+    """Every hyperparameter of a method as it runs (defaults included), its mode and heads."""
+    values = dict(tb.hyperparameters(method.name))
+    values.update(example_hyperparameters(method.name, benchmark.num_tasks))
+    if "kinds" in values:
+        values["kinds"] = [task.kind for task in benchmark.tasks]
+    values.update(method.hyperparameters)
+    cls = tb.method_class(method.name)
+    params = values.get("params")
+    if not cls.requires_gram:
+        mode = "loss-based (no gradients)"
+    elif params is None:
+        mode = "features (Gramian w.r.t. the trunk's output)"
+    else:
+        mode = f"parameters of {params!r}"
+    plain = {
+        key: _plain(value) for key, value in values.items() if value is not inspect.Parameter.empty
+    }
+    heads = values.get("heads")
+    if heads is None:
+        heads = getattr(cls, "default_heads", None) if cls.requires_gram else "weighted (Σ w_k L_k)"
+    return {
+        "label": method.label,
+        "name": method.name,
+        "hyperparameters": plain,
+        "mode": mode,
+        "heads": _plain(heads),
+        "seeded": "seed" in values,
+    }
+
+
+def run_metadata(
+    benchmark: Benchmark,
+    methods: Sequence[Method],
+    *,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    selection: Selection,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything that changes a result: data, model, optimiser, schedule, budget, methods.
+
+    Args:
+        benchmark: the benchmark.
+        methods: the compared methods.
+        config: the training overrides (epochs, batch size, learning rates, diagnostics).
+        seeds: the training seeds.
+        selection: the model-selection rule.
+        extra: anything else to pin (the command line, jobs, threads, device).
+
+    Returns:
+        A JSON-compatible dictionary.
+    """
+    torch.manual_seed(0)
+    model = benchmark.build_model()
+    return {
+        "benchmark": {
+            "name": benchmark.name,
+            "description": benchmark.description,
+            "settings": _plain(dict(benchmark.settings)),
+            "sizes": {
+                split: len(getattr(benchmark, split))  # type: ignore[arg-type]
+                for split in ("train", "validation", "test")
+            },
+            "tasks": [
+                {
+                    "name": task.name,
+                    "kind": task.kind,
+                    "loss": getattr(task.loss, "__qualname__", repr(task.loss)),
+                    "metrics": [
+                        {"name": name, "higher_is_better": higher}
+                        for name, higher in zip(task.metric_names, task.directions, strict=True)
+                    ],
+                    "kpi": task.kpi is not None,
+                }
+                for task in benchmark.tasks
+            ],
+        },
+        "model": {
+            "architecture": str(model),
+            "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        },
+        "training": _plain(
+            {k: v for k, v in config.resolved(benchmark.defaults).items() if k != "seed"}
+        ),
+        "seeds": list(seeds),
+        "selection": str(selection),
+        "methods": [method_metadata(method, benchmark) for method in methods],
+        "versions": {
+            "taskbalance": tb.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        **({} if extra is None else {key: _plain(value) for key, value in extra.items()}),
+    }
+
+
+def write_json(data: Mapping[str, Any], path: Path) -> None:
+    """Write ``data`` as indented JSON (NaN allowed)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def comparison_title(benchmark: Benchmark, epochs: int, seeds: Sequence[int]) -> str:
+    """``benchmark — N epochs, S seeds``, the title of every comparison plot."""
+    return f"{benchmark.name} — {epochs} epochs, {len(seeds)} seed(s)"
+
+
+def write_comparison(
+    benchmark: Benchmark,
+    runs: Sequence[RunResult],
+    rows: Sequence[MethodSummary],
+    methods: Sequence[Method],
+    out: Path,
+    *,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    selection: Selection,
+    extra: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write a comparison's tables, per-run CSVs, metadata and plots.
+
+    Args:
+        benchmark: the benchmark.
+        runs: the finished runs.
+        rows: the summary rows of those runs.
+        methods: the compared methods.
+        out: the output directory.
+        config: the training overrides.
+        seeds: the seeds.
+        selection: the model-selection rule.
+        extra: more to pin in the metadata (command line, jobs, threads).
+
+    Returns:
+        The files written, in the order a reader wants them.
+    """
+    from taskbalance.bench import plots
+
+    epochs = config.epochs or benchmark.defaults.epochs
+    written: list[Path] = []
+
+    def target(name: str) -> Path:
+        path = out / name
+        written.append(path)
+        return path
+
+    header = caption(benchmark, epochs=epochs, seeds=seeds, selection=selection, markdown=True)
+    target("comparison.md").write_text(header + "\n\n" + markdown_table(rows, benchmark))
+    target("comparison.csv").write_text(csv_table(rows, benchmark))
+    write_json(
+        run_metadata(
+            benchmark, methods, config=config, seeds=seeds, selection=selection, extra=extra
+        ),
+        target("metadata.json"),
+    )
+    write_runs_csv(runs, target("runs.csv"))
+    write_metrics_csv(runs, target("metrics.csv"))
+    method_runs = [run for run in runs if run.single_task is None]
+    write_weights_csv(method_runs, target("weights.csv"))
+    write_diagnostics_csv(method_runs, target("diagnostics.csv"))
+    title = comparison_title(benchmark, epochs, seeds)
+    first_seed: dict[str, RunResult] = {}
+    by_method: dict[str, list[RunResult]] = {}
+    for run in method_runs:
+        first_seed.setdefault(run.method, run)
+        by_method.setdefault(run.method, []).append(run)
+    task_names = [task.name for task in benchmark.tasks]
+    drawn = [
+        ("delta_m.png", lambda p: plots.plot_delta_m_ranking(rows, p, f"Δm% ranking: {title}")),
+        ("task_metrics.png", lambda p: plots.plot_task_metrics(rows, benchmark, p, title)),
+        ("pareto.png", lambda p: plots.plot_pareto(rows, benchmark, p, f"trade-off: {title}")),
+        (
+            "weights.png",
+            lambda p: plots.plot_weights_over_time(
+                first_seed, task_names, p, f"task weights (seed {seeds[0]}): {title}"
+            ),
+        ),
+        (
+            "cosines.png",
+            lambda p: plots.plot_gradient_cosines(
+                by_method, task_names, p, f"task-gradient cosines: {title}"
+            ),
+        ),
+        (
+            "conflicts.png",
+            lambda p: plots.plot_conflicts(by_method, p, f"gradient conflicts: {title}"),
+        ),
+    ]
+    for name, draw in drawn:
+        if draw(out / name):
+            written.append(out / name)
+    return written

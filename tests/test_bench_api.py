@@ -1,0 +1,292 @@
+"""The public benchmark API: plug-in loading, bad inputs, metrics accumulated over a split."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from taskbalance.bench import (
+    Benchmark,
+    BenchmarkError,
+    Method,
+    Task,
+    TensorTaskDataset,
+    TrainConfig,
+    TrainingDefaults,
+    evaluate,
+    load_benchmark,
+    mean_metric,
+    regression_kpi,
+    split_metric,
+    train_run,
+)
+from taskbalance.bench.losses import mse
+
+
+def _absolute(output, target):
+    return (output.reshape(target.shape) - target).abs()
+
+
+def _tiny(size: int = 10, metrics=None, model=None) -> Benchmark:
+    """Two regression tasks; ``metrics`` is a factory of each task's metrics."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(size, 3, generator=generator)
+    data = TensorTaskDataset(inputs, [inputs.sum(dim=1), inputs[:, 0]])
+    tasks = tuple(
+        Task(
+            name,
+            mse,
+            metrics() if metrics else (mean_metric("mae", _absolute, higher_is_better=False),),
+            kpi=regression_kpi(1.0),
+        )
+        for name in ("sum", "first")
+    )
+    return Benchmark(
+        "tiny",
+        tasks,
+        data,
+        data,
+        data,
+        model=model or (lambda: (nn.Linear(3, 4), [nn.Linear(4, 1), nn.Linear(4, 1)])),
+        defaults=TrainingDefaults(epochs=1, batch_size=3, lr=1e-2),
+    )
+
+
+def test_mean_metric_is_the_split_mean_not_the_mean_of_batch_means():
+    benchmark = _tiny(size=10)  # batches of 3, 3, 3, 1: unequal sizes
+    torch.manual_seed(0)
+    model = benchmark.build_model()
+    values = evaluate(benchmark, model, benchmark.test)
+    with torch.no_grad():
+        _, outputs = model(benchmark.test.inputs)
+    for index, (output, target) in enumerate(zip(outputs, benchmark.test.targets, strict=True)):
+        expected = float((output.squeeze(1) - target).abs().mean())
+        assert values[index] == pytest.approx(expected, rel=1e-6)
+    with torch.no_grad():
+        batch_means = [
+            float(
+                (
+                    model(benchmark.test.inputs[i : i + 3])[1][0].squeeze(1)
+                    - benchmark.test.targets[0][i : i + 3]
+                )
+                .abs()
+                .mean()
+            )
+            for i in range(0, 10, 3)
+        ]
+    assert values[0] != pytest.approx(sum(batch_means) / len(batch_means), rel=1e-6)
+
+
+def test_split_metric_sees_the_whole_split():
+    seen = []
+
+    def median_error(outputs, targets):
+        seen.append(outputs.shape[0])
+        return float((outputs.squeeze(1) - targets).abs().median())
+
+    benchmark = _tiny(
+        size=10, metrics=lambda: (split_metric("median", median_error, higher_is_better=False),)
+    )
+    evaluate(benchmark, benchmark.build_model(), benchmark.test)
+    assert seen == [10, 10]
+
+
+class _Dict(torch.utils.data.Dataset):
+    """Items with targets keyed by task name, through the DataLoader's default collate."""
+
+    def __init__(self, tensor_data):
+        self.data = tensor_data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, (a, b) = self.data[index]
+        return x, {"first": b, "sum": a}
+
+
+def test_mapping_targets_and_plain_datasets_give_the_same_run():
+    tensor_bench = _tiny(size=12)
+    dict_data = _Dict(tensor_bench.train)
+    dict_bench = Benchmark(
+        "tiny",
+        tensor_bench.tasks,
+        dict_data,
+        dict_data,
+        dict_data,
+        model=tensor_bench.model,
+        defaults=tensor_bench.defaults,
+    )
+    first = train_run(tensor_bench, "ew", config=TrainConfig(epochs=2))
+    second = train_run(dict_bench, "ew", config=TrainConfig(epochs=2))
+    assert first.final_test == pytest.approx(second.final_test, rel=1e-6)
+
+
+def test_bad_tasks_and_benchmarks_are_named():
+    with pytest.raises(TypeError, match="loss: expected a callable"):
+        Task("a", "mse", (mean_metric("m", _absolute, higher_is_better=False),))
+    with pytest.raises(TypeError, match="expected Metric instances"):
+        Task("a", mse, (_absolute,))
+    with pytest.raises(ValueError, match="kind"):
+        Task("a", mse, (mean_metric("m", _absolute, higher_is_better=False),), kind="ranking")
+    benchmark = _tiny()
+    with pytest.raises(TypeError, match=r"train: expected a torch\.utils\.data\.Dataset"):
+        Benchmark(
+            "b",
+            benchmark.tasks,
+            [1, 2],
+            benchmark.validation,
+            benchmark.test,
+            model=benchmark.model,
+            defaults=benchmark.defaults,
+        )
+    shared = (mean_metric("m", _absolute, higher_is_better=False),)
+    with pytest.raises(ValueError, match="one Metric instance is used twice"):
+        Benchmark(
+            "b",
+            (Task("a", mse, shared), Task("b", mse, shared)),
+            benchmark.train,
+            benchmark.validation,
+            benchmark.test,
+            model=benchmark.model,
+            defaults=benchmark.defaults,
+        )
+    with pytest.raises(ValueError, match="task names must differ"):
+        Benchmark(
+            "b",
+            (benchmark.tasks[0], benchmark.tasks[0]),
+            benchmark.train,
+            benchmark.validation,
+            benchmark.test,
+            model=benchmark.model,
+            defaults=benchmark.defaults,
+        )
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainingDefaults(epochs=1, batch_size=0, lr=1e-3)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainingDefaults(epochs=1, batch_size=1, lr=1e-3, optimizer="lbfgs")
+
+
+def test_model_factory_returning_the_wrong_thing():
+    wrong_heads = _tiny(model=lambda: (nn.Linear(3, 4), [nn.Linear(4, 1)]))
+    with pytest.raises(BenchmarkError, match="1 head"):
+        wrong_heads.build_model()
+    not_a_model = _tiny(model=lambda: "resnet")
+    with pytest.raises(BenchmarkError, match="returned str"):
+        not_a_model.build_model()
+
+
+def _write(tmp_path, body: str):
+    path = tmp_path / "my_bench.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_load_from_file_and_module(tmp_path, monkeypatch):
+    path = _write(
+        tmp_path,
+        """
+        from tests_helper_tiny import make  # noqa
+        """,
+    )
+    helper = tmp_path / "tests_helper_tiny.py"
+    helper.write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+            from taskbalance.bench import (Benchmark, Task, TensorTaskDataset, TrainingDefaults,
+                                           mean_metric)
+            from taskbalance.bench.losses import mse
+
+            def make(small=False, data_seed=0):
+                g = torch.Generator().manual_seed(data_seed)
+                x = torch.randn(8, 2, generator=g)
+                data = TensorTaskDataset(x, [x[:, 0]])
+                task = Task("y", mse, (mean_metric("se", lambda o, t: (o.squeeze(1) - t) ** 2,
+                                                   higher_is_better=False),))
+                return Benchmark("mine", (task,), data, data, data,
+                                 model=lambda: (nn.Linear(2, 2), [nn.Linear(2, 1)]),
+                                 defaults=TrainingDefaults(epochs=1, batch_size=4, lr=0.1),
+                                 settings={"small": small, "data_seed": data_seed})
+
+            def not_a_benchmark():
+                return 42
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from_file = load_benchmark(f"{path}:make", small=True, data_seed=2)
+    assert from_file.name == "mine"
+    assert dict(from_file.settings) == {"small": True, "data_seed": 2}
+    from_module = load_benchmark("tests_helper_tiny:make")
+    assert from_module.settings["data_seed"] == 0
+    run = train_run(from_module, Method("ew"), config=TrainConfig(epochs=1))
+    assert run.completed
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("missing_file.py:make", "no such file"),
+        ("{tmp}/my_bench.py:nope", "has no function 'nope'"),
+        (
+            "{tmp}/my_bench.py:not_a_benchmark",
+            "returned int; expected a taskbalance.bench.Benchmark",
+        ),
+        ("{tmp}/my_bench.py:CONSTANT", "is not callable"),
+        ("no_such_module_xyz:make", "no module 'no_such_module_xyz'"),
+        ("nonexistent-bench", "unknown benchmark 'nonexistent-bench'"),
+    ],
+)
+def test_bad_plug_ins_are_named(tmp_path, spec, message):
+    _write(
+        tmp_path,
+        """
+        CONSTANT = 3
+
+        def not_a_benchmark():
+            return 42
+        """,
+    )
+    with pytest.raises(BenchmarkError, match=message):
+        load_benchmark(spec.format(tmp=tmp_path))
+
+
+def test_data_root_refused_by_a_benchmark_without_one():
+    with pytest.raises(BenchmarkError, match="does not read a data directory"):
+        load_benchmark("noisy-regression", small=True, data_root="/tmp")
+
+
+def test_regression_kpi_and_kpi_required_by_dtp():
+    kpi = regression_kpi(2.0)
+    assert kpi(None, None, torch.tensor(0.0)) == 1.0
+    assert kpi(None, None, torch.tensor(2.0)) == pytest.approx(math.exp(-1))
+    with pytest.raises(ValueError, match="reference_loss"):
+        regression_kpi(0.0)
+    benchmark = _tiny()
+    no_kpi = Benchmark(
+        "nokpi",
+        tuple(Task(task.name, task.loss, task.metrics) for task in benchmark.tasks),
+        benchmark.train,
+        benchmark.validation,
+        benchmark.test,
+        model=benchmark.model,
+        defaults=benchmark.defaults,
+    )
+    from taskbalance.bench.harness import check_method
+
+    with pytest.raises(ValueError, match="have no kpi"):
+        check_method(Method("dtp"), no_kpi)
+    check_method(Method("dtp"), benchmark)
+
+
+def test_missing_data_files_are_a_benchmark_error(tmp_path):
+    path = tmp_path / "needs_data.py"
+    path.write_text("def make(data_root=None):\n    return open(f'{data_root}/train.npy', 'rb')\n")
+    with pytest.raises(BenchmarkError, match="No such file"):
+        load_benchmark(f"{path}:make", data_root=str(tmp_path / "absent"))

@@ -1,0 +1,124 @@
+"""Comparisons: parallel runs equal serial ones, finished runs are resumed, --fresh restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from taskbalance.bench.compare import BenchmarkSource, run_comparison
+from taskbalance.bench.harness import Method, TrainConfig
+from taskbalance.bench.variants import parse_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "custom_benchmark.py"
+
+
+def _per_run(comparison):
+    return {
+        (run.method, run.single_task, run.seed): (
+            [record.test for record in run.epochs],
+            run.weight_rows,
+            run.diagnostic_grams,
+        )
+        for run in comparison.runs
+    }
+
+
+@pytest.mark.slow
+def test_jobs_two_gives_the_runs_of_jobs_one(tmp_path):
+    pytest.importorskip("sklearn")
+    source = BenchmarkSource("digits-mixed", small=True)
+    methods = parse_methods("rlw,pcgrad")
+    config = TrainConfig(epochs=1)
+    serial = run_comparison(source, methods, seeds=[0, 1], out=tmp_path / "a", config=config)
+    parallel = run_comparison(
+        source, methods, seeds=[0, 1], out=tmp_path / "b", config=config, jobs=2, threads=2
+    )
+    assert len(serial.runs) == 2 * (4 + 2)
+    assert _per_run(serial) == _per_run(parallel)
+    assert [row.delta_m_mean for row in serial.rows] == [row.delta_m_mean for row in parallel.rows]
+
+
+def test_resume_skips_finished_runs_and_fresh_restarts(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    from taskbalance.bench import compare
+
+    source = BenchmarkSource("multidigits", small=True)
+    methods = [Method("ew")]
+    config = TrainConfig(epochs=1)
+    first = run_comparison(source, methods, seeds=[0], out=tmp_path, config=config)
+    files = sorted(path.name for path in (tmp_path / "runs").glob("*.json"))
+    assert files == [
+        "ew-seed0.json",
+        "single-task_left_-seed0.json",
+        "single-task_right_-seed0.json",
+    ]
+    calls = []
+    real = compare.train_run
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = run_comparison(source, methods, seeds=[0], out=tmp_path, config=config)
+    assert calls == []
+    assert again.resumed == 3
+    assert _per_run(again) == _per_run(first)
+    # Other settings do not reuse the stored runs.
+    run_comparison(source, methods, seeds=[0], out=tmp_path, config=TrainConfig(epochs=2))
+    assert len(calls) == 3
+    calls.clear()
+    run_comparison(source, methods, seeds=[0], out=tmp_path, config=config, fresh=True)
+    assert len(calls) == 3
+    stored = json.loads((tmp_path / "runs" / "ew-seed0.json").read_text())
+    assert stored["key"]["config"]["epochs"] == 1
+
+
+def test_custom_benchmark_example_runs():
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ew: level/mae=" in result.stdout
+    assert "uw: level/mae=" in result.stdout
+
+
+@pytest.mark.slow
+def test_compare_on_the_custom_benchmark_from_the_command_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    command = [
+        sys.executable,
+        "-m",
+        "taskbalance.bench.cli",
+        "compare",
+        "--bench",
+        f"{EXAMPLE}:make_benchmark",
+        "--methods",
+        "ew,uw,mgda",
+        "--seeds",
+        "2",
+        "--small",
+        "--epochs",
+        "2",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for text in ["Benchmark sensors", "Δm% ↓", "vs ew W/L", "vs ew p", "level/r2 ↑", "mgda"]:
+        assert text in result.stdout
+    assert str(tmp_path / "comparison.md") in result.stdout
