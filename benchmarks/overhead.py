@@ -41,6 +41,7 @@ try:
 except ImportError:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import taskbalance as tb
+from taskbalance.methods._facts import method_facts
 
 try:
     import torchjd
@@ -53,11 +54,6 @@ DIM_IN = 64
 WIDTH = 256
 BATCH = 256
 LR = 1e-3
-
-#: Hyperparameters without defaults, per method, as a function of K.
-REQUIRED_HPARAMS: dict[str, Callable[[int], dict]] = {
-    "fixed": lambda K: {"weights": [1.0] * K},
-}
 
 #: taskbalance name -> factory of the torchjd aggregator for the same method.
 TORCHJD_AGGREGATORS: dict[str, Callable[[int], object]] = {
@@ -124,8 +120,8 @@ def make_balancer_step(
 ) -> Callable[[], None]:
     K = len(template.heads)
     model = _fresh(template)
-    hparams = REQUIRED_HPARAMS.get(name, lambda K: {})(K)
     cls = tb.method_class(name)
+    hparams = dict(method_facts(cls).required_hyperparameters)
     if mode == "params":
         hparams["params"] = list(model.trunk.parameters())
     balancer = tb.create(name, num_tasks=K, **hparams)
