@@ -11,5 +11,7 @@ VENV="${VENV:-.venv}"
 "$VENV/bin/python" -m pip install -q -e ".[dev,docs]"
 "$VENV/bin/python" -m ruff check src tests benchmarks examples scripts
 # --strict turns every warning (a broken link, a missing docstring reference) into a failure.
-NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
+SITE="$(mktemp -d)"
+NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict --site-dir "$SITE"
+rm -rf "$SITE"
 "$VENV/bin/python" -m pytest -q "$@"
