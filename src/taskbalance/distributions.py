@@ -117,7 +117,7 @@ class Gumbel(torch.distributions.Gumbel):
         super().__init__(loc, scale, validate_args=validate_args)
 
     def expand(
-        self, batch_shape: torch.Size | tuple[int, ...], _instance: Gumbel | None = None
+        self, batch_shape: torch.Size | list[int] | tuple[int, ...], _instance: Gumbel | None = None
     ) -> Gumbel:
         """Returns a view with a larger ``batch_shape`` (see ``Distribution.expand``)."""
         # torch's expand refuses subclasses that define __init__ unless handed the instance.
@@ -126,7 +126,7 @@ class Gumbel(torch.distributions.Gumbel):
 
     def rsample(
         self,
-        sample_shape: torch.Size | tuple[int, ...] = torch.Size(),  # noqa: B008
+        sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size(),  # noqa: B008
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Reparameterised sample ``μ + β · g``, shape ``sample_shape + batch_shape``."""
@@ -138,7 +138,7 @@ class Gumbel(torch.distributions.Gumbel):
 
     def sample(
         self,
-        sample_shape: torch.Size | tuple[int, ...] = torch.Size(),  # noqa: B008
+        sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size(),  # noqa: B008
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Sample without gradient, shape ``sample_shape + batch_shape``."""
