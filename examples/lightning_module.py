@@ -172,6 +172,7 @@ def check(method: str, workdir: Path) -> bool:
     # brought it to the same state.
     trained_after_resume = logged_weight_rows(workdir / method / "resumed")
     if straight.global_rank == 0:  # every rank runs this script; rank 0 reports
+        print(f"{method}: trained on {straight.trainer.world_size} processes (DDP)")
         print(f"{method}: balancer steps {halfway} after epoch 1, {steps} after epoch 2")
         print(f"{method}: resumed balancer state equals the uninterrupted run's: {balancer_same}")
         print(f"{method}: resumed model equals the uninterrupted run's: {model_same}")

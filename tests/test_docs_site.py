@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +14,7 @@ import pytest
 
 import taskbalance as tb
 from taskbalance import distributions, info, losses, optim
+from test_packaging import run_checked
 
 pytest.importorskip("mkdocs", reason="the docs extra (pip install -e '.[docs]') builds the site")
 
@@ -104,17 +104,8 @@ def test_the_kl_argument_orders_are_stated_both_ways() -> None:
 def test_the_site_builds_strictly_with_a_page_per_method(tmp_path: Path) -> None:
     site = tmp_path / "site"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "NO_MKDOCS_2_WARNING": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "WARNING" not in result.stderr
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)]
+    run_checked(command, ROOT, env)  # --strict: any warning fails the build
     for name in tb.available():
         html = (site / "methods" / name / "index.html").read_text()
         summary = (tb.method_class(name).__doc__ or "").strip().splitlines()[0]

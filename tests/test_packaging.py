@@ -21,7 +21,9 @@ _VERSION_LINE = re.search(
 VERSION = _VERSION_LINE[1] if _VERSION_LINE else ""
 
 
-def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+def run_checked(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Runs ``command`` (up to 10 minutes) and returns its stdout; fails the test, showing
+    both streams, on a non-zero exit."""
     result = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env, check=False
     )
@@ -33,7 +35,9 @@ def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> st
 def artefacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("dist")
     # No build isolation: hatchling comes from the dev extra, so the build needs no index.
-    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)], ROOT)
+    run_checked(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)], ROOT
+    )
     wheels, sdists = sorted(out.glob("*.whl")), sorted(out.glob("*.tar.gz"))
     assert len(wheels) == 1, sorted(p.name for p in out.iterdir())
     assert len(sdists) == 1, sorted(p.name for p in out.iterdir())
@@ -49,7 +53,7 @@ def test_version_lives_in_one_place() -> None:
 
 @pytest.mark.slow
 def test_twine_check_passes(artefacts: dict[str, Path]) -> None:
-    output = _run(
+    output = run_checked(
         [sys.executable, "-m", "twine", "check", "--strict", *map(str, artefacts.values())], ROOT
     )
     assert output.count("PASSED") == 2, output
@@ -93,9 +97,9 @@ def test_wheel_installs_into_a_clean_venv_and_runs_the_quickstart(
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     # torch first, exactly as scripts/test.sh does, so the wheel's torch>= requirement is met
     # by the CPU build and nothing pulls CUDA wheels.
-    _run([python, "-m", "pip", "install", "-q", "torch==2.13.0"], tmp_path, env)
-    _run([python, "-m", "pip", "install", "-q", str(artefacts["wheel"])], tmp_path, env)
-    where = _run(
+    run_checked([python, "-m", "pip", "install", "-q", "torch==2.13.0"], tmp_path, env)
+    run_checked([python, "-m", "pip", "install", "-q", str(artefacts["wheel"])], tmp_path, env)
+    where = run_checked(
         [python, "-c", "import taskbalance as tb; print(tb.__file__, tb.__version__)"],
         tmp_path,
         env,
@@ -103,7 +107,7 @@ def test_wheel_installs_into_a_clean_venv_and_runs_the_quickstart(
     location, version = where.split()
     assert Path(location).is_relative_to(environment), location  # the wheel, not the checkout
     assert version == VERSION
-    output = _run([python, str(ROOT / "examples" / "quickstart.py")], tmp_path, env)
+    output = run_checked([python, str(ROOT / "examples" / "quickstart.py")], tmp_path, env)
     learned = re.search(r"learned exp\(s\)\s*:\s*([\d.]+)\s+([\d.]+)", output)
     assert learned is not None, output
     # True noise variances 0.25 and 4: uncertainty weighting recovers them.
