@@ -52,6 +52,7 @@ class MultiTaskModule(pl.LightningModule):
     def __init__(self, method: str = "famo", lr: float = 1e-2) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.lr = lr
         self.trunk = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16))
         self.classify = nn.Linear(16, 3)
         self.regress = nn.Linear(16, 1)
@@ -82,13 +83,13 @@ class MultiTaskModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         model = [p for name, p in self.named_parameters() if not name.startswith("balancer.")]
-        groups: list[dict[str, Any]] = [{"params": model, "lr": self.hparams.lr}]
+        groups: list[dict[str, Any]] = [{"params": model, "lr": self.lr}]
         learned = list(self.balancer.parameters())  # empty except for uw and imtl_l
         if learned:
             groups.append(
                 {
                     "params": learned,
-                    "lr": BALANCER_LR_FACTOR * self.hparams.lr,
+                    "lr": BALANCER_LR_FACTOR * self.lr,
                     "betas": (0.9, 0.9),
                 }
             )

@@ -31,7 +31,7 @@ def method_page_path(name: str) -> str:
 
 
 def _kind(cls: type[tb.Balancer]) -> str:
-    if cls.requires_gram:
+    if issubclass(cls, tb.GradientBalancer):
         return f"gradient (Gramian of the task gradients; heads `{cls.default_heads}` by default)"
     return "loss-based, learned weights" if _has_parameters(cls) else "loss-based"
 

@@ -31,6 +31,10 @@ BLOCK = re.compile(
 SNIPPET = re.compile(r'^--8<-- "(?P<file>[^":]+)(?::[\w-]+)?"\s*$')
 
 
+def _parameters(function: Callable[..., object] | None) -> set[str]:
+    return set() if function is None else set(inspect.signature(function).parameters)
+
+
 def _features_list_supported() -> bool:
     z1 = torch.randn(3, 2, requires_grad=True)
     z2 = torch.randn(3, 2, requires_grad=True)
@@ -47,10 +51,7 @@ FEATURES: dict[str, Callable[[], bool]] = {
     "accumulation_steps": lambda: "accumulation_steps" in tb.hyperparameters("ew"),
     "on_nonfinite": lambda: "on_nonfinite" in tb.hyperparameters("ew"),
     "present": lambda: "present" in inspect.signature(tb.Balancer.forward).parameters,
-    "log_dict": lambda: (
-        callable(getattr(tb.Balancer, "log_dict", None))
-        and "prefix" in inspect.signature(tb.Balancer.log_dict).parameters
-    ),
+    "log_dict": lambda: "prefix" in _parameters(getattr(tb.Balancer, "log_dict", None)),
     "features_list": _features_list_supported,
 }
 

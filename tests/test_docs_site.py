@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -17,6 +18,9 @@ from taskbalance import distributions, info, losses, optim
 from test_packaging import run_checked
 
 pytest.importorskip("mkdocs", reason="the docs extra (pip install -e '.[docs]') builds the site")
+
+if TYPE_CHECKING:
+    from mkdocs.config.defaults import MkDocsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -42,7 +46,7 @@ def _nav_pages(entries: object) -> list[str]:
     return []
 
 
-def _config() -> object:
+def _config() -> MkDocsConfig:
     from mkdocs.config import load_config
 
     return load_config(str(ROOT / "mkdocs.yml"))
