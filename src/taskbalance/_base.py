@@ -180,18 +180,21 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     raises (or is skipped) on every rank, all in step. A rank that stops calling altogether
     leaves the others waiting in the all-reduce until the process group's timeout.
 
+    Loop options, keyword arguments of every method (and of :func:`taskbalance.create`):
+
+    - ``accumulation_steps``: with gradient accumulation over N micro-batches, N: the weights
+      are computed at the first call of each window of N calls (from that call's losses and,
+      for gradient methods, its Gramian) and reused for the other N − 1, which change no
+      state, so every statistic (``num_steps``, ``update_every``, DWA's periods, FAMO's loss
+      differences, RLW's draws) counts optimiser steps, not micro-batches.
+    - ``on_nonfinite``: ``"raise"`` (default) refuses a call whose losses or task gradients
+      are not finite; ``"skip"`` returns a NaN objective instead (its backward gives NaN
+      gradients, so GradScaler skips the step) and changes no state, on every rank (with
+      ``accumulation_steps > 1`` the call still takes its place in its window, so the windows
+      stay aligned with the optimiser steps).
+
     Args:
         num_tasks: K, the number of task losses every call receives.
-        accumulation_steps: with gradient accumulation over N micro-batches, N: the weights are
-            computed at the first call of each window of N calls (from that call's losses and,
-            for gradient methods, its Gramian) and reused for the other N − 1, which change no
-            state, so every statistic (``num_steps``, ``update_every``, DWA's periods, FAMO's
-            loss differences, RLW's draws) counts optimiser steps, not micro-batches.
-        on_nonfinite: ``"raise"`` (default) refuses a call whose losses or task gradients are
-            not finite; ``"skip"`` returns a NaN objective instead (its backward gives NaN
-            gradients, so GradScaler skips the step) and changes no state, on every rank
-            (with ``accumulation_steps > 1`` the call still takes its place in its window, so
-            the windows stay aligned with the optimiser steps).
     """
 
     #: Registry name, set by :func:`taskbalance.register`.
