@@ -48,7 +48,7 @@ from taskbalance.methods import (
 )
 from taskbalance.optim import stop_gradient, task_param_groups
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "DBMTL",
