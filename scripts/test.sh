@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The test command: builds a virtual environment from scratch if needed, installs the CPU build of
 # torch 2.13.0 FIRST (so no later requirement can pull CUDA wheels), then the package with its dev
-# extras, then runs ruff and pytest.
+# and docs extras, then runs ruff, the strict documentation build and pytest (the packaging test
+# inside it builds the wheel and sdist, runs twine check and installs the wheel into a clean venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
-"$VENV/bin/python" -m ruff check src tests benchmarks examples
+"$VENV/bin/python" -m pip install -q -e ".[dev,docs]"
+"$VENV/bin/python" -m ruff check src tests benchmarks examples scripts
+# --strict turns every warning (a broken link, a missing docstring reference) into a failure.
+SITE="$(mktemp -d)"
+NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict --site-dir "$SITE"
+rm -rf "$SITE"
 "$VENV/bin/python" -m pytest -q "$@"

@@ -171,6 +171,27 @@ def _assert_equal(a: Any, b: Any, path: str) -> None:
         assert a == b, f"{path}: {a!r} -> {b!r}"
 
 
+def run_ranks(worker: Any, tmp: Any, world_size: int = 2) -> list[Any]:
+    """Spawn ``worker(rank, store, out_dir)`` on ``world_size`` CPU processes (gloo, file://
+    rendezvous in ``tmp``) and load what each saved as ``rank{r}.pt`` there."""
+    import time
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    # spawned children re-import the test module; multiprocessing hands them our sys.path
+    context = mp.spawn(worker, args=(str(tmp / "store"), str(tmp)), nprocs=world_size, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world_size}-process run did not finish within 120 s")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+
+
 @pytest.fixture(params=tb.available())
 def loss_method(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import taskbalance as tb
 from taskbalance._gramian import gramian as _engine_gramian
+from taskbalance._gramian import jacobian_rows
 from taskbalance.methods._gradient_base import GradientBalancer
 
 gramian = getattr(tb, "gramian", _engine_gramian)
@@ -162,3 +163,120 @@ def test_registered_gradient_methods_under_autocast(name):
     scaler.scale(objective).backward()
     assert torch.isfinite(b.weights).all()
     assert all(torch.isfinite(p.grad).all() for p in trunk.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# float16: the per-task backward is scaled like GradScaler, so small gradients do not flush
+
+
+def fp16_problem(dtype=torch.float32):
+    """Batch 32,768 and loss weights down to 0.01: per-task gradients deep in fp16's subnormals."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU()).to(dtype)
+    heads = nn.ModuleList([nn.Linear(32, 1) for _ in range(3)]).to(dtype)
+    x = torch.randn(32768, 16).to(dtype)
+    y = torch.randn(32768, 3).to(dtype)
+    return trunk, heads, x, y
+
+
+def fp16_forward(trunk, heads, x, y, autocast: bool) -> tuple[Tensor, Tensor]:
+    weights = (1.0, 0.1, 0.01)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        z = trunk(x)
+        losses = torch.stack(
+            [
+                nn.functional.mse_loss(head(z).squeeze(-1), y[:, k]) * weights[k]
+                for k, head in enumerate(heads)
+            ]
+        )
+    return losses, z
+
+
+def relative_gram_error(G: Tensor, reference: Tensor) -> float:
+    """``max |G − R|_ij / sqrt(R_ii R_jj)``: relative error of the norms and the cosines."""
+    norms = reference.diagonal().sqrt()
+    return ((G.double() - reference).abs() / torch.outer(norms, norms)).max().item()
+
+
+def test_cpu_autocast_runs_float16():
+    trunk, heads, x, y = fp16_problem()
+    losses, z = fp16_forward(trunk, heads, x[:8], y[:8], autocast=True)
+    assert z.dtype == torch.float16
+    assert losses.dtype == torch.float32  # mse_loss autocasts to float32
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+def test_fp16_autocast_gramian_within_one_percent_of_float64(mode):
+    trunk, heads, x, y = fp16_problem()
+    trunk64, heads64, x64, y64 = fp16_problem(torch.float64)  # the same weights and data
+    losses, z = fp16_forward(trunk, heads, x, y, autocast=True)
+    losses64, z64 = fp16_forward(trunk64, heads64, x64, y64, autocast=False)
+    wrt = z if mode == "features" else list(trunk[2].parameters())
+    wrt64 = z64 if mode == "features" else list(trunk64[2].parameters())
+    reference = gramian(losses64, wrt64, dtype=torch.float64)
+    if mode == "features":
+        # The problem is real: unscaled, task 2's fp16 feature gradient is mostly flushed to 0
+        # and its Gramian entry is several percent off.
+        unscaled = [torch.autograd.grad(losses[k], z, retain_graph=True)[0] for k in range(3)]
+        assert (unscaled[2] == 0).float().mean() > 0.3
+        jac = torch.stack([g.reshape(-1).double() for g in unscaled])
+        assert relative_gram_error(jac @ jac.T, reference) > 0.03
+    G = gramian(losses, wrt, dtype=torch.float64)
+    assert relative_gram_error(G, reference) < 0.01
+
+
+def _count_grad_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return calls
+
+
+def test_fp16_overflow_at_the_initial_scale_is_retried_smaller(monkeypatch):
+    """A half model whose per-sample gradients are ~1: ×2¹⁶ overflows fp16, ×2⁸ does not."""
+    torch.manual_seed(0)
+    heads = nn.ModuleList([nn.Linear(8, 4) for _ in range(3)]).half()
+    z = torch.randn(64, 8).half().requires_grad_()
+    losses = torch.stack([head(z).float().sum() * (k + 1) for k, head in enumerate(heads)])
+    # Reference: unscaled backward passes (no overflow at scale 1), products in float64.
+    grads = [torch.autograd.grad(losses[k], z, retain_graph=True)[0] for k in range(3)]
+    assert all(torch.isfinite(g).all() for g in grads)
+    jac = torch.stack([g.reshape(-1).double() for g in grads])
+    calls = _count_grad_calls(monkeypatch)
+    G = gramian(losses, z, dtype=torch.float64)
+    assert len(calls) == 6  # K per-task passes at 2¹⁶ (overflow), K again at 2⁸
+    torch.testing.assert_close(G, jac @ jac.T, rtol=1e-12, atol=0)
+
+
+def test_genuinely_infinite_gradients_stay_infinite_after_the_retries(monkeypatch):
+    z = torch.zeros(3, requires_grad=True)
+    losses = torch.stack([torch.sqrt(z).sum() + 1.0, z.sum()])  # d sqrt(z)/dz at 0 = inf
+    calls = _count_grad_calls(monkeypatch)
+    G = gramian(losses, z)
+    assert not torch.isfinite(G).all()
+    assert len(calls) == 2 * 3  # scales 2¹⁶, 2⁸ and 1, then it gives up
+
+
+def test_a_non_finite_loss_is_not_retried(monkeypatch):
+    z = torch.ones(3, requires_grad=True)
+    losses = torch.stack([(z * float("inf")).sum(), z.sum()])
+    calls = _count_grad_calls(monkeypatch)
+    assert not torch.isfinite(gramian(losses, z)).all()
+    assert len(calls) == 2  # one pass: smaller scales cannot make an infinite loss finite
+
+
+@pytest.mark.parametrize("batched", [None, True, False])
+def test_scaling_changes_no_bit_in_float32(batched):
+    trunk, heads, x, y = make_model(3)
+    losses, z = forward(trunk, heads, x, y, autocast=False)
+    rows, _ = jacobian_rows(losses, [z], batched=batched)
+    expected = torch.stack(
+        [torch.autograd.grad(losses[k], z, retain_graph=True)[0].reshape(-1) for k in range(3)]
+    )
+    assert rows[0].dtype == torch.float32
+    assert torch.equal(rows[0], expected)

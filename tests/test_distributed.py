@@ -9,13 +9,11 @@ step on their parameters each step must keep them identical.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import taskbalance as tb
 from conftest import (
@@ -27,6 +25,7 @@ from conftest import (
     loss_gradient,
     losses_for,
     make_balancer,
+    run_ranks,
 )
 
 K = 3
@@ -115,19 +114,7 @@ def _mean_kpis(step: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    tmp = tmp_path_factory.mktemp("ddp")
-    store = tmp / "store"
-    # spawned children re-import this module; multiprocessing hands them our sys.path
-    context = mp.spawn(_worker, args=(str(store), str(tmp)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-process run did not finish within 120 s")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("ddp"), WORLD_SIZE)
 
 
 @pytest.mark.parametrize("name", tb.available())

@@ -48,12 +48,30 @@ def test_gumbel_matches_scipy(parameters: tuple[torch.Tensor, torch.Tensor]) -> 
     torch.testing.assert_close(gumbel.mode, loc.expand(4, 5))
 
 
-def test_gumbel_agrees_with_torch_gumbel(parameters: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_gumbel_is_torchs_gumbel_plus_what_it_lacks(
+    parameters: tuple[torch.Tensor, torch.Tensor],
+) -> None:
     loc, scale = parameters
     ours, theirs = Gumbel(loc, scale), torch.distributions.Gumbel(loc, scale)
-    x = torch.randn(4, 5, dtype=F64, generator=_generator(3))
-    torch.testing.assert_close(ours.log_prob(x), theirs.log_prob(x))
-    torch.testing.assert_close(ours.entropy(), theirs.entropy())
+    assert isinstance(ours, torch.distributions.Gumbel)
+    # Inside torch's working range (cdf not rounding to 0 or 1) the closed forms agree with
+    # its transformed Uniform.
+    x = loc + scale * (4 * torch.rand(4, 5, dtype=F64, generator=_generator(3)) - 1.5)
+    y = torch.rand(4, 5, dtype=F64, generator=_generator(17)) * 0.98 + 0.01
+    torch.testing.assert_close(ours.cdf(x), theirs.cdf(x), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ours.icdf(y), theirs.icdf(y), rtol=1e-12, atol=1e-15)
+    # Where torch's base Uniform(tiny, 1 - eps) clips, the closed forms stay exact.
+    far = torch.tensor([50.0, -10.0], dtype=F64)
+    with pytest.raises(ValueError, match="support"):
+        torch.distributions.Gumbel(0.0, 1.0, validate_args=True).cdf(far.float())
+    np.testing.assert_allclose(
+        Gumbel(0.0, 1.0, validate_args=True).cdf(far).numpy(),
+        scipy.stats.gumbel_r.cdf(far.numpy()),
+        rtol=1e-12,
+    )
+    ends = Gumbel(0.0, 1.0).icdf(torch.tensor([0.0, 1.0]))
+    assert ends.tolist() == [-math.inf, math.inf]
+    assert torch.isfinite(torch.distributions.Gumbel(0.0, 1.0).icdf(torch.tensor([0.0, 1.0]))).all()
 
 
 def test_gumbel_samples_follow_the_distribution() -> None:

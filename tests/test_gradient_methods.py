@@ -143,7 +143,13 @@ def ref_aligned_mtl(J: torch.Tensor, rtol: float) -> torch.Tensor:
 
 def ref_config(J: torch.Tensor) -> torch.Tensor:
     units = J / J.norm(dim=1, keepdim=True)
-    best = torch.linalg.pinv(units) @ torch.ones(J.shape[0], dtype=J.dtype)
+    ones = torch.ones(J.shape[0], dtype=J.dtype)
+    best = torch.linalg.pinv(units) @ ones
+    if not torch.allclose(units @ best, ones, atol=1e-6):
+        # u_iᵀx = 1 for all i has no solution (more tasks than independent gradients): no
+        # direction has equal cosines with every task but 0 (the official lstsq would give the
+        # least-squares x, which conflicts with some task).
+        return torch.zeros(J.shape[1], dtype=J.dtype)
     unit = best / best.norm()
     return (J @ unit).sum() * unit
 
@@ -521,9 +527,7 @@ def test_end_to_end_backward_is_jacobian_transpose_weights(name, mode):
         if mode == "features" or b.heads == "weighted":
             # (in parameters mode with unweighted heads, z carries the plain sum of gradients
             # and only the listed parameters get J^T w)
-            torch.testing.assert_close(
-                z_grad.reshape(-1), Jz.T @ b.weights, rtol=1e-4, atol=1e-6
-            )
+            torch.testing.assert_close(z_grad.reshape(-1), Jz.T @ b.weights, rtol=1e-4, atol=1e-6)
         with torch.no_grad():  # move the model so the next step differs
             for p in trunk_params:
                 p -= 0.05 * p.grad

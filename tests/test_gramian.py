@@ -19,6 +19,7 @@ import taskbalance as tb
 import taskbalance.methods._gradient_base as gradient_base
 from conftest import assert_same_state, snapshot
 from taskbalance._gramian import gramian as _engine_gramian
+from taskbalance._gramian import gramian_from_rows, jacobian_rows
 from taskbalance.methods._gradient_base import GradientBalancer
 
 gramian = getattr(tb, "gramian", _engine_gramian)
@@ -188,14 +189,22 @@ def test_params_mode_matches_reference(K, dtype, model_dtype, source):
         losses = torch.stack([losses[0] + extra, *losses[1:].unbind()])
     else:
         losses = losses + torch.cat([extra.reshape(1), torch.zeros(K - 1)])
-    params = [*model.trunk.parameters(), partial, unused]
+    params = [*model.trunk.parameters(), partial]
     G = gramian(losses, params, dtype=dtype)
     assert_gram_close(G, reference_gramian(losses, params), dtype, model_dtype)
-    # The unused parameter contributes nothing; `partial` only to G[0, 0].
-    without_unused = gramian(losses, params[:-1], dtype=dtype)
-    torch.testing.assert_close(G, without_unused, rtol=1e-6, atol=0)
+    # A parameter that no loss reaches is an error naming it, not a zero contribution.
+    with pytest.raises(ValueError, match=rf"params\[{len(params)}\]: no task loss reaches"):
+        gramian(losses, [*params, unused], dtype=dtype)
+    # `partial` is reached by task 0 only. Stacked losses: the other tasks reach none of
+    # [partial], an error; a loss vector from one op cannot tell that from a zero gradient.
     if K > 1:
-        only_partial = gramian(losses, [partial], dtype=dtype)
+        present = None
+        if source == "stack":
+            with pytest.raises(ValueError, match=r"losses\[1\]: this task's loss reaches none"):
+                gramian(losses, [partial], dtype=dtype)
+            present = [True] + [False] * (K - 1)
+        rows, _ = jacobian_rows(losses, [partial], batched=None, present=present)
+        only_partial = gramian_from_rows(rows, features_mode=False, dtype=dtype)
         assert only_partial[0, 0] > 0
         assert torch.all(only_partial[1:] == 0)
         assert torch.all(only_partial[:, 1:] == 0)
@@ -256,7 +265,11 @@ def test_per_edge_loop_handles_constant_and_list_losses():
     losses, z = model.losses(x, y)
     constant = torch.tensor(2.0)  # a task whose loss does not depend on anything
     mixed = torch.stack([losses[0], constant, losses[2]])
-    G = gramian(mixed, z)
+    with pytest.raises(ValueError, match=r"losses\[1\]: .*reaches none.*present="):
+        gramian(mixed, z)
+    # Marked absent, it is not differentiated: a zero row, the others exact.
+    rows, _ = jacobian_rows(mixed, [z], batched=None, present=torch.tensor([True, False, True]))
+    G = gramian_from_rows(rows, features_mode=True, dtype=torch.float32)
     assert torch.all(G[1] == 0)
     assert torch.all(G[:, 1] == 0)
     assert_gram_close(G, reference_gramian(mixed, [z]), torch.float32, torch.float32)
@@ -412,7 +425,7 @@ def test_rejected_calls_change_no_state(update_every):
         with pytest.raises(ValueError, match="features: the tensor does not require grad"):
             b(losses, features=z.detach())
         with pytest.raises(TypeError, match="features: expected a tensor"):
-            b(losses, features=[z])
+            b(losses, features="z")
         with pytest.raises(ValueError, match="losses: the losses do not require grad"):
             b(losses.detach(), features=z)
         with pytest.raises(ValueError, match=r"finite"):
@@ -498,10 +511,20 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str, K: int) -> None:
         losses, z = model.losses(x, y)
         G_features = gramian(losses, z)
         G_params = gramian(losses, list(model.trunk.parameters()))
+        # The same features in two pieces the heads read (features=[z_a, z_b]): the same G.
+        h = model.trunk(x)
+        z_a, z_b = h[:, :3], h[:, 3:]
+        split_losses = torch.stack(
+            [
+                ((head(torch.cat([z_a, z_b], 1)) - y[:, k : k + 1]) ** 2).mean() * (1.0 + 0.5 * k)
+                for k, head in enumerate(model.heads)
+            ]
+        )
+        G_list = tb.gramian(split_losses, features=[z_a, z_b])
         b = Probe(K)
         b(losses, features=z).backward()
         torch.save(
-            {"features": G_features, "params": G_params, "weights": b.weights},
+            {"features": G_features, "params": G_params, "list": G_list, "weights": b.weights},
             f"{out_dir}/rank{rank}.pt",
         )
     finally:
@@ -546,7 +569,8 @@ def test_ddp_gramian_is_the_global_gramian(tmp_path: Path):
             result["features"].double(), expected_features, rtol=1e-5, atol=1e-7
         )
         torch.testing.assert_close(result["params"].double(), expected_params, rtol=1e-5, atol=1e-7)
-    for key in ("features", "params", "weights"):
+        torch.testing.assert_close(result["list"].double(), expected_features, rtol=1e-5, atol=1e-7)
+    for key in ("features", "params", "list", "weights"):
         assert torch.equal(results[0][key], results[1][key]), key
 
 
@@ -602,8 +626,10 @@ def test_retained_grad_of_features_is_left_alone(batched):
     weight = torch.randn(3, 4, requires_grad=True)
     z = x @ weight
     z.retain_grad()
-    losses = torch.stack([(z**2).sum(), z.sum()]) if batched is None else torch.cat(
-        [(z**2).sum().reshape(1), z.sum().reshape(1)]
+    losses = (
+        torch.stack([(z**2).sum(), z.sum()])
+        if batched is None
+        else torch.cat([(z**2).sum().reshape(1), z.sum().reshape(1)])
     )
     tb.gramian(losses, z, batched=batched)
     assert z.grad is None

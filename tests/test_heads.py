@@ -100,7 +100,7 @@ def test_heads_unweighted_in_parameters_mode_gives_listed_params_jtw():
 
 
 def test_default_heads_follow_the_reference_code():
-    weighted = {"mgda", "nash_mtl", "gradnorm"}
+    weighted = {"mgda", "nash_mtl", "gradnorm", "excess_mtl"}
     for name in GRADIENT_METHODS:
         expected = "weighted" if name in weighted else "unweighted"
         assert tb.create(name, num_tasks=2).heads == expected, name

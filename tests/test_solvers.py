@@ -215,7 +215,9 @@ def test_dual_cone_matches_torchjd_formulation():
     for kind, G in gramians(7, 560):
         K = len(G)
         prefs = np.eye(K) / K if (count % 2 and K < 64) else rng.random((2, K))
-        W = dual_cone_weights(torch.from_numpy(G), torch.from_numpy(prefs)).numpy()
+        W = dual_cone_weights(
+            torch.from_numpy(G), torch.from_numpy(prefs), norm_eps=1e-4, reg_eps=1e-4
+        ).numpy()
         Gt = torchjd_gramian(G)
         for m in range(prefs.shape[0]):
             ref = ref_dual_cone(Gt, prefs[m])
@@ -228,15 +230,13 @@ def test_dual_cone_matches_torchjd_formulation():
     assert count >= 500
 
 
-def test_dual_cone_exact_mode_vs_quadprog():
+def test_dual_cone_default_is_exact_vs_quadprog():
     for kind, G in gramians(8, 200):
         if not np.any(G):
             continue
         K = len(G)
         p = np.full(K, 1.0 / K)
-        w = dual_cone_weights(
-            torch.from_numpy(G), torch.from_numpy(p), norm_eps=0.0, reg_eps=0.0
-        ).numpy()
+        w = dual_cone_weights(torch.from_numpy(G), torch.from_numpy(p)).numpy()
         scale = np.trace(G)
         assert np.all(G @ w >= -1e-9 * scale), kind  # non-conflicting
         dg = np.diag(G)
@@ -250,15 +250,18 @@ def test_dual_cone_exact_mode_vs_quadprog():
 
 def test_dual_cone_shapes_and_norm_eps():
     G = torch.tensor([[1.0, -1.5], [-1.5, 4.0]], dtype=torch.float64)
-    w = dual_cone_weights(G, torch.tensor([0.5, 0.5], dtype=torch.float64), reg_eps=0.0)
+    half = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    w = dual_cone_weights(G, half)
     assert w.shape == (2,)
-    assert float((G @ w).min()) >= -1e-12
+    # hand value: g2ᵀd = 0 binds, w = (0.75, 0.5)
+    torch.testing.assert_close(w, torch.tensor([0.75, 0.5], dtype=torch.float64))
     W = dual_cone_weights(G, torch.eye(2, dtype=torch.float64) / 2)
     assert W.shape == (2, 2)
-    # torchjd: trace < norm_eps means no projection at all
+    # torchjd: trace < norm_eps means no projection at all; the exact default projects
     tiny = G * 1e-6
-    w = dual_cone_weights(tiny, torch.tensor([0.5, 0.5], dtype=torch.float64))
-    assert torch.allclose(w, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    w = dual_cone_weights(tiny, half, norm_eps=1e-4, reg_eps=1e-4)
+    assert torch.allclose(w, half)
+    torch.testing.assert_close(dual_cone_weights(tiny, half), torch.tensor([0.75, 0.5]).double())
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,6 +396,25 @@ def cagrad_objective(G: np.ndarray, w: np.ndarray, c: float) -> float:
     return b @ w + r * math.sqrt(max(w @ G @ w, 0.0))
 
 
+def slsqp_cagrad(G: np.ndarray, c: float) -> np.ndarray:
+    """The official code's inner solve: SLSQP on the dual from x0 = 1/K (independent reference).
+
+    SLSQP may end off the simplex (e.g. sum 1.13 on a rank-deficient G), and F is 1-homogeneous,
+    so the result is put back on the simplex: unnormalised it would look better than it is.
+    """
+    K = len(G)
+    ref = minimize(
+        lambda x: cagrad_objective(G, x, c),
+        np.full(K, 1 / K),
+        bounds=[(0, 1)] * K,
+        constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 500},
+    )
+    x = np.maximum(ref.x, 0.0)
+    return x / x.sum()
+
+
 def test_cagrad_kkt_and_scipy_on_500_gramians():
     worst = 0.0
     n = 0
@@ -409,28 +431,26 @@ def test_cagrad_kkt_and_scipy_on_500_gramians():
         r = c * math.sqrt(gg)
         # recover the inner solution w* from the output: wo (1 + c²) = 1/K + (r/s) w*
         lam_w = wo * (1 + c * c) - mean
-        if lam_w.sum() <= 1e-12:
-            continue  # degenerate: d = g0
+        d = lam_w + mean
+        radius = math.sqrt(max(lam_w @ G @ lam_w, 0.0))
+        if abs(radius - r) > 1e-6 * r:
+            # degenerate (g_w* = 0, F* = 0): d is the projection of g0 onto the dual cone,
+            # inside the ball and conflicting with no task, i.e. it attains the value F* = 0
+            assert radius <= r * (1 + 1e-6), kind
+            assert np.all(G @ d >= -1e-9 * np.trace(G)), kind
+            if K <= 6:  # and F* = 0 indeed (weak duality: the value min_i g_iᵀd <= F*)
+                Fscale = np.abs(G @ mean).max() + r * math.sqrt(np.max(np.diag(G)))
+                assert cagrad_objective(G, slsqp_cagrad(G, c), c) >= -1e-6 * Fscale, kind
+            continue
         w = lam_w / lam_w.sum()
         s = math.sqrt(max(w @ G @ w, 0.0))
-        # d lies on the sphere of radius r around g0 (before rescaling)
-        d2 = (wo * (1 + c * c) - mean) @ G @ (wo * (1 + c * c) - mean)
-        assert math.sqrt(d2) == pytest.approx(r, rel=1e-6)
         F = cagrad_objective(G, w, c)
         Fscale = np.abs(G @ mean).max() + r * math.sqrt(np.max(np.diag(G)))
         # exact optimality certificate (Euler + KKT of a 1-homogeneous convex F):
         grad = G @ mean + r * (G @ w) / s
         assert np.all(grad >= F - 1e-7 * Fscale), (kind, (grad - F).min() / Fscale)
         if K <= 12 and kind != "scaled":
-            ref = minimize(
-                lambda x, G=G, c=c: cagrad_objective(G, x, c),
-                mean,
-                bounds=[(0, 1)] * K,
-                constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
-                method="SLSQP",
-                options={"ftol": 1e-15, "maxiter": 500},
-            )
-            Fref = cagrad_objective(G, ref.x, c)
+            Fref = cagrad_objective(G, slsqp_cagrad(G, c), c)
             err = (F - Fref) / Fscale
             worst = max(worst, err)
             assert err <= 1e-5, (kind, F, Fref)
@@ -681,17 +701,19 @@ def test_value_errors_name_argument(call, arg):
 
 
 # --------------------------------------------------------------------------------------------
-# small-K Python-float path vs the general torch path
+# backends: every problem on every path, against an independent reference and each other
 # --------------------------------------------------------------------------------------------
+
+BACKENDS = ["python", "torch"]
 
 
 def _crossover_gramians(seed: int, count: int):
-    """Random and degenerate Gramians with K around the Python/torch crossover."""
+    """Random and degenerate Gramians with K around the Python/torch crossovers."""
     rng = np.random.default_rng(seed)
     kinds = ["full", "rankdef", "dup", "scaled", "zero", "neg"]
     for i in range(count):
         kind = kinds[i % len(kinds)]
-        K = int(rng.choice([2, 3, 4, 5, 8, 12, 15, 16, 17, 20]))
+        K = int(rng.choice([2, 3, 4, 5, 6, 8, 12, 13, 16, 17, 24]))
         n = int(rng.integers(1, K)) if kind == "rankdef" else int(rng.integers(K, 2 * K + 3))
         J = rng.standard_normal((K, n)) + rng.choice([0.0, 0.5]) * rng.standard_normal(n)
         if kind == "neg":
@@ -704,89 +726,402 @@ def _crossover_gramians(seed: int, count: int):
         if kind == "zero":
             J = J * (rng.random((K, 1)) < 0.6)
         yield kind, J @ J.T
-    for G in list(_degenerate_mgda_cases())[::6]:
+    for G in list(_degenerate_mgda_cases())[::15]:
         yield "degenerate", G
 
 
-def _both_paths(monkeypatch, fn):
-    import taskbalance._solvers as solvers
-
-    fast = fn()
-    with monkeypatch.context() as m:
-        m.setattr(solvers, "_PY_MAX_K", 0)
-        general = fn()
-    return fast, general
+def _floor(G: np.ndarray) -> float:
+    return 1e-11 * max(np.max(np.diag(G)), 1e-300)
 
 
-def test_fast_path_matches_general_path(monkeypatch):
-    import taskbalance._solvers as solvers
+def _check_min_norm(G, w, ref, tight):
+    va, vb = w @ G @ w, ref @ G @ ref
+    rel = 1e-8 if tight else 1e-5
+    # values below ~1e-11 max(G_ii) are rounding noise (0 in the hull)
+    assert va - vb <= rel * vb + _floor(G), (va, vb)
+    if tight:  # the reference (quadprog with a ridge) may be worse than the exact solver
+        assert vb - va <= rel * vb + _floor(G), (va, vb)
+    # the direction is unique: ‖Jᵀ(w − ref)‖² <= f(w) − f(ref) + ... (strong convexity in Jᵀw)
+    assert (w - ref) @ G @ (w - ref) <= 100 * rel * vb + 2 * abs(va - vb) + 4 * _floor(G)
 
-    assert 8 <= solvers._PY_MAX_K <= 32
+
+def _check_dual_cone(Gn):
+    def check(G, w, ref, tight):
+        w, ref = np.atleast_2d(w).sum(0), np.atleast_2d(ref).sum(0)
+        rel = 1e-10 if tight else 1e-8
+        assert (w - ref) @ Gn(G) @ (w - ref) <= rel * (ref @ Gn(G) @ ref) + 1e-15 * np.trace(Gn(G))
+
+    return check
+
+
+def _check_unique(G, w, ref, tight):
+    # Nash / FairGrad: the unique solution of a well-posed (ridged) system; ridge-dominated
+    # (degenerate) systems are ill-conditioned, so 1e-5 as against scipy
+    np.testing.assert_allclose(w, ref, rtol=1e-6 if tight else 1e-5, atol=0)
+
+
+def _check_nnqp(G, u, ref, tight, b):
+    def f(x):
+        return 0.5 * x @ G @ x + b @ x
+
+    scale = abs(f(ref)) + 1e-10 * (0.5 * ref @ G @ ref + np.abs(b) @ ref) + 1e-300
+    assert f(u) - f(ref) <= (1e-8 if tight else 1e-5) * scale  # quadprog may be worse
+    if tight:
+        assert f(ref) - f(u) <= 1e-8 * scale
+
+
+def _check_cagrad(G, w, ref, tight):
+    K = len(G)
+    gg = np.full(K, 1 / K) @ G @ np.full(K, 1 / K)
+    assert (w - ref) @ G @ (w - ref) <= (1e-10 if tight else 1e-6) * gg + _floor(G)
+
+
+def _ref_min_norm(G):
+    return ref_min_norm(G) if np.any(G) else np.full(len(G), 1 / len(G))
+
+
+def _ref_dual_cone_exact(G, P=None):
+    K = len(G)
+    P = np.eye(K) / K if P is None else P
+    if not np.any(G):
+        return P
+    dg = np.diag(G)
+    D = np.where(dg > 0, 1.0 / np.sqrt(np.where(dg > 0, dg, 1.0)), 1.0)
+    A = D[:, None] * G * D[None, :] + 1e-13 * np.eye(K)  # Jacobi-scaled quadprog reference
+    return np.stack([D * ref_dual_cone(A, p / D) for p in P])
+
+
+def _ref_dual_cone_torchjd(G):
+    K = len(G)
+    return np.stack([ref_dual_cone(torchjd_gramian(G), p) for p in np.eye(K) / K])
+
+
+def _nnqp_b(G):
+    return G @ np.random.default_rng(len(G)).standard_normal(len(G))
+
+
+def _ref_nnqp(G):
+    K, b = len(G), _nnqp_b(G)
+    dg = np.diag(G)
+    D = np.where(dg > 0, 1.0 / np.sqrt(np.where(dg > 0, dg, 1.0)), 0.0)
+    A = D[:, None] * G * D[None, :] + 1e-13 * np.eye(K)
+    return np.maximum(D * quadprog.solve_qp(A, -(D * b), np.eye(K), np.zeros(K))[0], 0.0)
+
+
+def _ref_nash(G):
+    # scipy root (hybr) in log space on the Jacobi-scaled ridged system
+    Gr = _ridge(G)
+    s = 1 / np.sqrt(np.diag(Gr))
+    C = s[:, None] * Gr * s[None, :]
+    with np.errstate(all="ignore"):
+        sol = root(
+            lambda y: np.exp(y) * (C @ np.exp(y)) - 1,
+            np.zeros(len(G)),
+            jac=lambda y: (C * np.exp(y)[None, :] + np.diag(C @ np.exp(y))) * np.exp(y)[:, None],
+            method="hybr",
+            tol=1e-14,
+        )
+    if not sol.success or np.abs(np.exp(sol.x) * (C @ np.exp(sol.x)) - 1).max() > 1e-9:
+        return None  # the reference itself failed
+    return s * np.exp(sol.x)
+
+
+def _ref_cagrad(G):
+    # c = 0.8: SLSQP on the dual (as the official code), then the output weights
+    K = len(G)
+    c, mean = 0.8, np.full(K, 1 / K)
+    gg = mean @ G @ mean
+    dg = np.diag(G)
+    if not np.any(G) or K > 12 or dg.max() > 1e4 * dg.min():
+        return None  # SLSQP is unreliable on badly scaled problems
+    x = slsqp_cagrad(G, c)
+    s = math.sqrt(max(x @ G @ x, 0.0))
+    if s <= 1e-3 * math.sqrt(np.max(np.diag(G))):
+        return None  # degenerate: checked by the regression tests
+    return (mean + c * math.sqrt(gg) / s * x) / (1 + c * c)
+
+
+# problem -> (solve(G, backend), independent reference(G) or None, check(G, w, ref, tight))
+PROBLEMS = {
+    "min_norm": (
+        lambda G, be: min_norm_weights(G, backend=be),
+        _ref_min_norm,
+        _check_min_norm,
+    ),
+    "nonneg_qp": (
+        lambda G, be: nonneg_qp(G, torch.from_numpy(_nnqp_b(G.numpy())), backend=be),
+        _ref_nnqp,
+        lambda G, u, ref, tight: _check_nnqp(G, u, ref, tight, _nnqp_b(G)),
+    ),
+    "dualproj": (
+        lambda G, be: dual_cone_weights(G, torch.full((len(G),), 1 / len(G)).double(), backend=be),
+        lambda G: _ref_dual_cone_exact(G, np.full((1, len(G)), 1 / len(G)))[0],
+        _check_dual_cone(lambda G: G),
+    ),
+    "upgrad": (  # K rows sharing G: the batched torch path
+        lambda G, be: dual_cone_weights(G, torch.eye(len(G)).double() / len(G), backend=be),
+        _ref_dual_cone_exact,
+        _check_dual_cone(lambda G: G),
+    ),
+    "upgrad_torchjd": (
+        lambda G, be: dual_cone_weights(
+            G, torch.eye(len(G)).double() / len(G), norm_eps=1e-4, reg_eps=1e-4, backend=be
+        ),
+        _ref_dual_cone_torchjd,
+        _check_dual_cone(torchjd_gramian),
+    ),
+    "nash": (lambda G, be: nash_weights(G, backend=be), _ref_nash, _check_unique),
+    "fairgrad": (
+        lambda G, be: fairgrad_weights(G, 2.0, backend=be),
+        None,
+        _check_unique,
+    ),
+    "cagrad": (lambda G, be: cagrad_weights(G, 0.8, backend=be), _ref_cagrad, _check_cagrad),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_backend_matches_reference(problem, backend):
+    solve, reference, check = PROBLEMS[problem]
+    compared = 0
+    for _, G in _crossover_gramians(23, 40):
+        if not np.any(G) or reference is None:
+            continue
+        if problem in ("nash", "fairgrad") and not np.any(G):
+            continue
+        ref = reference(G)
+        if ref is None:
+            continue
+        w = solve(torch.from_numpy(G), backend).numpy()
+        check(G, w, ref, False)
+        compared += 1
+    assert reference is None or compared >= 15
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_backends_agree(problem):
+    solve, _, check = PROBLEMS[problem]
     n = 0
-    for i, (kind, G) in enumerate(_crossover_gramians(23, 240)):
-        Gt = torch.from_numpy(G)
-        K = len(G)
-        floor = 1e-11 * max(np.max(np.diag(G)), 1e-300)
+    for _, G in _crossover_gramians(31, 50):
         if not np.any(G):
             continue
-        # MGDA: same value (unique), same direction
-        a, b = (x.numpy() for x in _both_paths(monkeypatch, lambda Gt=Gt: min_norm_weights(Gt)))
-        va, vb = a @ G @ a, b @ G @ b
-        assert abs(va - vb) <= 1e-8 * max(vb, floor), (kind, K, va, vb)
-        assert (a - b) @ G @ (a - b) <= 1e-6 * max(vb, floor) + 2 * abs(va - vb), (kind, K)
-        # UPGrad / DualProj (torchjd defaults and exact mode)
-        prefs = torch.eye(K, dtype=torch.float64) / K
-        for kw in ({}, {"norm_eps": 0.0, "reg_eps": 0.0}):
-            a, b = _both_paths(
-                monkeypatch, lambda Gt=Gt, kw=kw, P=prefs: dual_cone_weights(Gt, P, **kw)
-            )
-            a, b = a.sum(0).numpy(), b.sum(0).numpy()
-            Gn = torchjd_gramian(G) if not kw else G
-            assert (a - b) @ Gn @ (a - b) <= 1e-10 * (b @ Gn @ b) + 1e-15 * np.trace(Gn), kind
-        # Nash / FairGrad: unique solution of a well-posed (ridged) system
-        for alpha in (1.0, 2.0):
-            a, b = _both_paths(monkeypatch, lambda Gt=Gt, al=alpha: fairgrad_weights(Gt, al))
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
-        a, b = _both_paths(monkeypatch, lambda Gt=Gt: nash_weights(Gt))
-        # rtol as vs scipy above: ridge-dominated (degenerate) systems are ill-conditioned
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
-        # CAGrad: the same d = Jᵀw up to the root tolerance
-        c = [0.4, 0.8, 1.5][i % 3]
-        a, b = (
-            x.numpy() for x in _both_paths(monkeypatch, lambda Gt=Gt, c=c: cagrad_weights(Gt, c))
-        )
-        gg = np.full(K, 1 / K) @ G @ np.full(K, 1 / K)
-        assert (a - b) @ G @ (a - b) <= 1e-10 * gg + floor, (kind, K, c)
-        n += 1
-    assert n >= 200
-
-
-def test_fast_path_nonneg_qp_matches_general_path(monkeypatch):
-    rng = np.random.default_rng(29)
-    for kind, G in _crossover_gramians(31, 120):
-        K = len(G)
-        b = torch.from_numpy(G @ rng.standard_normal(K))
         Gt = torch.from_numpy(G)
-        u, v = (x.numpy() for x in _both_paths(monkeypatch, lambda Gt=Gt, b=b: nonneg_qp(Gt, b)))
-        bn = b.numpy()
-
-        def f(x, G=G, bn=bn):
-            return 0.5 * x @ G @ x + bn @ x
-
-        scale = abs(f(v)) + 1e-10 * (0.5 * v @ G @ v + np.abs(bn) @ v) + 1e-300
-        assert abs(f(u) - f(v)) <= 1e-8 * scale, kind
+        fast, general = (solve(Gt, be).numpy() for be in BACKENDS)
+        check(G, fast, general, True)
+        n += 1
+    assert n >= 40
 
 
-def test_fast_path_float32_and_errors():
+def test_backend_selection():
+    from taskbalance._solvers import select_backend
+
+    small, big = torch.eye(4), torch.eye(40)
+    assert select_backend("auto", small, 16) == "python"
+    assert select_backend("auto", big, 16) == "torch"
+    assert select_backend("torch", small, 16) == "torch"
+    assert select_backend("python", big, 16) == "python"
+    with pytest.raises(ValueError, match=r"^backend "):
+        min_norm_weights(small, backend="cuda")
+    with pytest.raises(ValueError, match=r"^backend .*frank_wolfe"):
+        min_norm_weights(small, method="frank_wolfe", backend="python")
+
+
+def test_float32_in_float32_out_and_errors():
     G32 = torch.randn(4, 6) @ torch.randn(4, 6).T
     G32 = G32 @ G32.T
-    for w in (
-        min_norm_weights(G32),
-        nash_weights(G32),
-        fairgrad_weights(G32, 2.0),
-        cagrad_weights(G32),
-        dual_cone_weights(G32, torch.eye(4) / 4),
-    ):
-        assert w.dtype == torch.float32
-    with pytest.raises(SolverError, match="negative diagonal"):
-        min_norm_weights(-torch.eye(3))
+    for backend in BACKENDS:
+        for w in (
+            min_norm_weights(G32, backend=backend),
+            nash_weights(G32, backend=backend),
+            fairgrad_weights(G32, 2.0, backend=backend),
+            cagrad_weights(G32, backend=backend),
+            dual_cone_weights(G32, torch.eye(4) / 4, backend=backend),
+        ):
+            assert w.dtype == torch.float32
+        with pytest.raises(SolverError, match="negative diagonal"):
+            min_norm_weights(-torch.eye(3), backend=backend)
+
+
+# --------------------------------------------------------------------------------------------
+# UPGrad / DualProj: exact by default, torchjd on request
+# --------------------------------------------------------------------------------------------
+
+
+def _degenerate_jacobians():
+    """Rank-deficient, duplicated, exactly opposite and 1e±15-scaled task gradients."""
+    rng = np.random.default_rng(41)
+    g = np.array([0.3, -1.2, 0.5])
+    yield np.stack([g, -g])  # exactly opposite
+    yield np.stack([g, -g, np.array([0.0, 0.4, 1.0])])
+    yield np.stack([np.array([0.3, -1.2, 0.5]), np.array([-0.7, 2.8, -7 / 6])])  # issue 12
+    yield np.stack([g, g, -0.5 * g, np.array([1.0, 0.0, 0.0])])  # duplicated + opposite
+    for _ in range(40):
+        K, n = int(rng.integers(2, 9)), int(rng.integers(1, 4))
+        J = rng.standard_normal((K, n))  # K > n often: rank-deficient
+        if rng.random() < 0.5:
+            J[int(rng.integers(K))] = -J[0] * rng.uniform(0.1, 3)
+        if rng.random() < 0.3:
+            J[-1] = J[0]
+        yield J * 10.0 ** rng.choice([-15, 0, 15])
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_dual_cone_methods_never_conflict_by_default(name):
+    import taskbalance as tb
+
+    n = 0
+    for J in _degenerate_jacobians():
+        K = len(J)
+        b = tb.create(name, num_tasks=K)
+        G = torch.from_numpy(J @ J.T)
+        w = b._gradient_weights(torch.ones(K, dtype=torch.float64), G)
+        assert w.dtype == torch.float64
+        d = J.T @ w.numpy()
+        row_norms = np.linalg.norm(J, axis=1)
+        # g_iᵀd >= -1e-9 relative to ‖g_i‖ times the size of the terms of d = Σ w_k g_k (the
+        # rounding level of d; d = 0 is the answer for two exactly opposite gradients, and
+        # then d is rounding noise of any direction)
+        terms = np.abs(w.numpy()) @ row_norms
+        assert np.all(J @ d >= -1e-9 * row_norms * terms), (name, J, J @ d / row_norms / terms)
+        n += 1
+    assert n >= 40
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_dual_cone_methods_reproduce_torchjd_with_its_eps(name):
+    import taskbalance as tb
+
+    rng = np.random.default_rng(43)
+    for _ in range(30):
+        K = int(rng.integers(2, 9))
+        J = rng.standard_normal((K, int(rng.integers(1, 12))))
+        G = J @ J.T
+        b = tb.create(name, num_tasks=K, norm_eps=1e-4, reg_eps=1e-4)
+        w = b._gradient_weights(torch.ones(K, dtype=torch.float64), torch.from_numpy(G))
+        # independent reference: quadprog on torchjd's normalised, regularised Gramian
+        rows = np.eye(K) / K if name == "upgrad" else np.full((1, K), 1 / K)
+        ref = sum(ref_dual_cone(torchjd_gramian(G), p) for p in rows)
+        np.testing.assert_allclose(J.T @ w.numpy(), J.T @ ref, rtol=1e-7, atol=1e-9)
+
+
+def test_upgrad_matches_installed_torchjd():
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    import taskbalance as tb
+
+    rng = np.random.default_rng(47)
+    for _ in range(10):
+        K = int(rng.integers(2, 7))
+        J = torch.from_numpy(rng.standard_normal((K, 5)))
+        for name, theirs in (
+            ("upgrad", aggregation.UPGrad()),
+            ("dualproj", aggregation.DualProj()),
+        ):
+            b = tb.create(name, num_tasks=K, norm_eps=1e-4, reg_eps=1e-4)
+            w = b._gradient_weights(torch.ones(K, dtype=torch.float64), J @ J.T)
+            torch.testing.assert_close(J.T @ w, theirs(J), rtol=1e-5, atol=1e-7)
+
+
+def test_dual_cone_hyperparameters_are_checked():
+    import taskbalance as tb
+
+    for name in ("upgrad", "dualproj"):
+        for arg in ("norm_eps", "reg_eps"):
+            with pytest.raises(ValueError, match=arg):
+                tb.create(name, num_tasks=2, **{arg: -1e-4})
+
+
+# --------------------------------------------------------------------------------------------
+# CAGrad: the degenerate optimum (0 in the convex hull)
+# --------------------------------------------------------------------------------------------
+
+
+def _brute_force_cagrad(J: np.ndarray, c: float, n: int = 801):
+    """Primal max_{‖d − g0‖ ≤ c‖g0‖} min_i g_iᵀd over a polar grid of the (2-D) ball."""
+    g0 = J.mean(0)
+    radius = c * np.linalg.norm(g0)
+    rho = radius * np.sqrt(np.linspace(0, 1, n))[:, None]
+    phi = np.linspace(0, 2 * np.pi, n)[None, :]
+    D = np.stack([g0[0] + rho * np.cos(phi), g0[1] + rho * np.sin(phi)], axis=-1).reshape(-1, 2)
+    values = (D @ J.T).min(axis=1)
+    return D, values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cagrad_zero_in_hull_gives_the_exact_maximiser(backend):
+    # issue 12: J = [[2, 0], [-1, 0]], c = 1: the ball touches 0 and 0 is in the hull; the only
+    # maximiser of min_i g_iᵀd is d = 0 (the old fallback d = g0 conflicts with task 2)
+    J = np.array([[2.0, 0.0], [-1.0, 0.0]])
+    w = cagrad_weights(torch.from_numpy(J @ J.T), 1.0, rescale=0, backend=backend).numpy()
+    d = J.T @ w
+    D, values = _brute_force_cagrad(J, 1.0)
+    best = D[values >= values.max() - 1e-12]
+    assert values.max() == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(best, 0.0, atol=1e-12)  # the brute force's unique maximiser
+    np.testing.assert_allclose(d, 0.0, atol=1e-15)
+    # c > 1 and a third gradient: many maximisers (value 0); ours is the one nearest g0
+    J = np.array([[2.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    c = 1.5
+    w = cagrad_weights(torch.from_numpy(J @ J.T), c, rescale=0, backend=backend).numpy()
+    d = J.T @ w
+    np.testing.assert_allclose(d, [0.0, 1 / 3], atol=1e-12)  # the projection of g0 = (1/3, 1/3)
+    D, values = _brute_force_cagrad(J, c)
+    assert (J @ d).min() >= values.max() - 1e-12  # optimal
+    # grid points within the grid's resolution of the optimal value 0: none is nearer g0
+    maximisers = D[values >= -1e-3]
+    g0 = J.mean(0)
+    assert np.linalg.norm(d - g0) <= np.linalg.norm(maximisers - g0, axis=1).min() + 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(-3, 3), st.floats(-3, 3)).filter(lambda v: abs(v[0]) + abs(v[1]) > 0.1),
+        min_size=2,
+        max_size=5,
+    ),
+    st.floats(0.1, 2.0),
+    st.sampled_from(BACKENDS),
+)
+def test_property_cagrad_optimal_vs_brute_force(rows, c, backend):
+    J = np.array(rows, dtype=np.float64)
+    if np.linalg.norm(J.mean(0)) < 1e-3:
+        return  # g0 = 0: d = g0 = 0 by definition
+    w = cagrad_weights(torch.from_numpy(J @ J.T), c, rescale=0, backend=backend).numpy()
+    d = J.T @ w
+    g0 = J.mean(0)
+    assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) * (1 + 1e-9) + 1e-12
+    _, values = _brute_force_cagrad(J, c, n=301)
+    # the grid lies inside the ball, so no grid point may beat the exact maximiser
+    scale = np.abs(J).max() * np.linalg.norm(g0) * (1 + c)
+    assert (J @ d).min() >= values.max() - 1e-9 * scale
+
+
+@settings(max_examples=40, deadline=None)
+@given(jacobians(), st.sampled_from(BACKENDS))
+def test_property_dual_cone_kkt(J, backend):
+    G = J @ J.T
+    K = G.shape[0]
+    scale = float(G.diagonal().sum()) + 1e-300
+    P = torch.eye(K, dtype=G.dtype) / K
+    W = dual_cone_weights(G, P, backend=backend)
+    for p, w in zip(P, W, strict=True):
+        Gw = G @ w
+        assert bool((w >= p - 1e-12).all())  # primal feasibility, w = p + u, u >= 0
+        assert float(Gw.min()) >= -1e-9 * scale  # dual feasibility: non-conflicting
+        assert abs(float((w - p) @ Gw)) <= 1e-9 * scale * float((w - p).abs().sum() + 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.floats(-3, 3), min_size=6, max_size=6).map(lambda v: np.array(v).reshape(3, 2)),
+    st.sampled_from(BACKENDS),
+)
+def test_property_min_norm_optimal_vs_brute_force(J, backend):
+    G = J @ J.T
+    w = min_norm_weights(torch.from_numpy(G), backend=backend).numpy()
+    a, b = np.meshgrid(np.linspace(0, 1, 201), np.linspace(0, 1, 201))
+    grid = np.stack([a.ravel(), b.ravel(), 1 - a.ravel() - b.ravel()], axis=1)
+    grid = grid[grid[:, 2] >= 0]
+    values = np.einsum("ni,ij,nj->n", grid, G, grid)
+    assert w @ G @ w <= values.min() + 1e-12 * (1 + np.trace(G))

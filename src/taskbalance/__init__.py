@@ -30,11 +30,13 @@ from taskbalance.methods import (
     MGDA,
     RLW,
     SI,
+    STCH,
     UW,
     AlignedMTL,
     CAGrad,
     ConFIG,
     DualProj,
+    ExcessMTL,
     FairGrad,
     Fixed,
     GradientBalancer,
@@ -46,7 +48,7 @@ from taskbalance.methods import (
 )
 from taskbalance.optim import stop_gradient, task_param_groups
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "DBMTL",
@@ -60,12 +62,14 @@ __all__ = [
     "MGDA",
     "RLW",
     "SI",
+    "STCH",
     "UW",
     "AlignedMTL",
     "Balancer",
     "CAGrad",
     "ConFIG",
     "DualProj",
+    "ExcessMTL",
     "FairGrad",
     "Fixed",
     "GradNorm",

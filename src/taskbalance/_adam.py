@@ -8,6 +8,7 @@ continues the same trajectory, and keeps the update free of Python loops over pa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,10 @@ class AdamState(nn.Module):
     """Adam (Kingma & Ba, 2015) moments for one vector, updated out of place.
 
     Matches ``torch.optim.Adam`` with L2 ``weight_decay`` added to the gradient.
+
+    The moments stay float32 and the arithmetic runs in float32 whatever ``.half()``,
+    ``.to(torch.bfloat16)`` or autocast do to the enclosing model: in float16 ``eps = 1e-8``
+    rounds to 0 and the squared gradients underflow, which turns the first step into 0/0.
 
     Args:
         size: length of the vector being optimised.
@@ -48,10 +53,26 @@ class AdamState(nn.Module):
         self.register_buffer("exp_avg_sq", torch.zeros(size))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AdamState:
+        def keep_float32(tensor: Tensor) -> Tensor:
+            moved = fn(tensor)
+            if tensor.dtype == torch.float32 and moved.dtype != torch.float32:
+                # Convert from the original, not from ``moved``: the values must not pass
+                # through the lower precision on the way.
+                return tensor.to(device=moved.device)
+            return moved
+
+        return super()._apply(keep_float32, recurse)
+
     def step(self, param: Tensor, grad: Tensor) -> Tensor:
-        """Advance the moments by ``grad`` and return the updated copy of ``param``."""
+        """Advance the moments by ``grad`` and return the updated copy of ``param``.
+
+        The update is computed in float32 and returned in ``param``'s dtype.
+        """
         beta1, beta2 = self.betas
-        grad = grad + self.weight_decay * param
+        original_dtype = param.dtype
+        param = param.float()
+        grad = grad.float() + self.weight_decay * param
         # lerp_, as torch.optim.Adam does, for the same rounding (it needs matching dtypes)
         self.exp_avg.lerp_(grad.to(self.exp_avg.dtype), 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -62,4 +83,5 @@ class AdamState(nn.Module):
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         denominator = self.exp_avg_sq.sqrt() / math.sqrt(bias_correction2) + self.eps
-        return param.addcdiv(self.exp_avg, denominator, value=-self.lr / bias_correction1)
+        updated = param.addcdiv(self.exp_avg, denominator, value=-self.lr / bias_correction1)
+        return updated.to(original_dtype)

@@ -9,53 +9,189 @@ accumulation, clipping and torch.compile all expect.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+import contextlib
+import inspect
+import math
+import numbers
+from abc import ABC, ABCMeta, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from taskbalance._distributed import all_reduce_mean
+from taskbalance._distributed import (
+    all_reduce_mean,
+    all_reduce_packed,
+    fingerprint_value,
+    is_distributed,
+    world_size,
+)
+from taskbalance._step import Step
 from taskbalance._validation import (
     as_kpi_vector,
     as_loss_vector,
+    as_present_mask,
+    check_choice,
     check_loss_values,
     check_num_tasks,
+    check_positive_int,
 )
 
 LossesLike = Tensor | Sequence[Tensor]
 KpisLike = Tensor | Sequence[float] | None
+PresentLike = Tensor | Sequence[bool] | None
+
+#: Constructor keywords every method accepts; the metaclass takes them off before ``__init__``.
+LOOP_OPTIONS: dict[str, Any] = {"accumulation_steps": 1, "on_nonfinite": "raise"}
 
 
-class Balancer(nn.Module, ABC):
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """The keyword hyperparameters of ``cls`` with their defaults (bases' too via ``**options``)."""
+    found: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters
+        for key, parameter in parameters.items():
+            keyword = parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+            if keyword and key not in ("self", "num_tasks") and key not in found:
+                found[key] = parameter.default
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    found.update(LOOP_OPTIONS)
+    return found
+
+
+def _canonical(value: Any) -> Any:
+    """A plain, comparable form of a hyperparameter value (for state and the DDP check)."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    # numpy scalars and the like: plain numbers, so a checkpoint loads with weights_only=True
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for the balancer's own arithmetic (a no-op when autocast is off)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _BalancerMeta(ABCMeta):
+    """Takes the loop options off the constructor call, so every method accepts them."""
+
+    def __init__(cls, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # What inspect.signature (help(), IDEs, the docs) shows: the method's own __init__
+        # plus the loop options, rather than this metaclass's (*args, **kwargs).
+        init = inspect.signature(cls.__init__)  # type: ignore[misc]
+        own = list(init.parameters.values())[1:]
+        names = {parameter.name for parameter in own}
+        loop = [
+            inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=default)
+            for key, default in LOOP_OPTIONS.items()
+            if key not in names
+        ]
+        variadic = [p for p in own if p.kind is inspect.Parameter.VAR_KEYWORD]
+        fixed = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        cls.__signature__ = init.replace(
+            parameters=fixed + loop + variadic, return_annotation=inspect.Signature.empty
+        )
+
+    def __call__(
+        cls,
+        *args: Any,
+        accumulation_steps: int = 1,
+        on_nonfinite: str = "raise",
+        **kwargs: Any,
+    ) -> Any:
+        steps = check_positive_int("accumulation_steps", accumulation_steps)
+        mode = check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"))
+        instance = super().__call__(*args, **kwargs)
+        instance.accumulation_steps = steps
+        instance.on_nonfinite = mode
+        instance._record_configuration(args, kwargs)
+        # Kept to rebuild the method on a resume that changes a hyperparameter; the shared
+        # parameters (often a one-shot generator) are the model's and hold no hyperparameter.
+        instance._init_arguments = (args, {k: v for k, v in kwargs.items() if k != "params"})
+        return instance
+
+
+class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     """Base class of every balancing method.
 
-    Subclasses implement :meth:`_update`, the pure weight rule, and override :meth:`_objective`
+    Subclasses implement :meth:`_update`, the weight rule, and override :meth:`_objective`
     only when the objective is not ``Σ w_k L_k`` (learned weights with a regulariser, or a method
     defined by its objective such as the geometric mean). The gradient of the returned
     objective with respect to ``losses[k]`` equals ``weights[k]`` (for gradient methods whose
     heads take unweighted gradients, see :class:`GradientBalancer`, it is 1 and the weights act
-    on the shared tensors).
+    on the shared tensors). Each call builds one :class:`~taskbalance._step.Step` and hands it
+    to the hooks in turn: ``_prepare(step)`` (gradient methods take the task gradients),
+    ``_update(step)`` (the rule, from ``step.mean_losses``, ``step.kpis``, ``step.gram``) and
+    ``_objective(step, weights)``.
 
     Calling a balancer:
 
-    - ``objective = b(losses, kpis=None, features=None)`` returns the 0-d objective to backward.
-      ``features=`` is read by gradient methods in features mode and ignored by the others, and
-      ``kpis=`` by methods that read KPIs (DTP), so one training loop can drive any method.
+    - ``objective = b(losses, kpis=None, features=None, present=None)`` returns the 0-d
+      objective to backward. ``features=`` (a tensor or a list of tensors) is read by gradient
+      methods in features mode and ignored by the others, and ``kpis=`` by methods that read
+      KPIs (DTP), so one training loop can drive any method. ``present=`` is a bool ``[K]``
+      mask of the tasks with labels in this batch: an absent task gets weight 0 and no
+      gradient (its loss may be NaN), and its statistics see no new value: loss-based rules
+      read its last mean loss again, and gradient methods reuse the last weights for the
+      present tasks (they need every task's gradient to recompute). Under DDP a task is
+      present where any rank has it, and its mean loss averages over the ranks that have it.
+    - In ``eval()`` mode or under ``torch.no_grad()`` a call returns ``Σ w_k L_k`` with the
+      current weights and changes no state (no collective either).
     - ``b.weights`` is the detached ``[K]`` weight vector of the last call.
     - ``b.compute_weights(losses, gram=None, kpis=None)`` applies the update rule to given
       inputs and advances the state exactly like a call does.
     - ``b.end_epoch()`` marks an epoch boundary (a no-op for most methods).
+    - ``b.log_dict(prefix="balancer/")`` is a flat dict of the last step's numbers to log.
 
-    A call that is rejected (wrong number of tasks, a non-finite loss, KPIs outside [0, 1], ...)
-    raises before any state changes.
+    A call that is rejected (wrong number of tasks, KPIs outside [0, 1], ...) raises before any
+    state changes.
+
+    Precision: the objective is built in float32 at least (a float16 objective overflows once a
+    weight passes 65504), the rule runs outside autocast, and ``.half()``/``.double()`` on a
+    model holding the balancer leave the balancer's own state in its dtypes (``.to(device)``
+    moves it as usual).
+
+    State: ``state_dict()`` carries the method name, K and the hyperparameters
+    (``b.configuration``); ``load_state_dict`` checks all of it, and every tensor's shape,
+    dtype and values, before copying anything, and refuses a mismatch naming it. To change a
+    hyperparameter on resume, call :meth:`allow_changed_hyperparameters` first.
 
     Under ``torch.distributed``, the loss statistics and KPIs that drive the weights are
     averaged over the process group (in calls and in ``compute_weights`` alike), so every rank
-    computes the same weights. Every input check runs before the first collective: a bad input
-    on one rank raises there while the other ranks wait in the all-reduce, exactly as a crash
-    in any other DDP step would; the process group's timeout then ends them.
+    computes the same weights. That one all-reduce also carries a fingerprint of each rank's
+    configuration (method, K, hyperparameters, step and call counts) and whether its losses
+    were finite: ranks configured differently, or out of step because one skipped a call,
+    raise a ValueError naming what differs on every rank, and a non-finite loss on any rank
+    raises (or is skipped) on every rank, all in step. A rank that stops calling altogether
+    leaves the others waiting in the all-reduce until the process group's timeout.
+
+    Loop options, keyword arguments of every method (and of :func:`taskbalance.create`):
+
+    - ``accumulation_steps``: with gradient accumulation over N micro-batches, N: the weights
+      are computed at the first call of each window of N calls (from that call's losses and,
+      for gradient methods, its Gramian) and reused for the other N − 1, which change no
+      state, so every statistic (``num_steps``, ``update_every``, DWA's periods, FAMO's loss
+      differences, RLW's draws) counts optimiser steps, not micro-batches.
+    - ``on_nonfinite``: ``"raise"`` (default) refuses a call whose losses or task gradients
+      are not finite; ``"skip"`` returns a NaN objective instead (its backward gives NaN
+      gradients, so GradScaler skips the step) and changes no state, on every rank (with
+      ``accumulation_steps > 1`` the call still takes its place in its window, so the windows
+      stay aligned with the optimiser steps).
 
     Args:
         num_tasks: K, the number of task losses every call receives.
@@ -71,54 +207,100 @@ class Balancer(nn.Module, ABC):
     requires_gram: ClassVar[bool] = False
 
     _last_weights: Tensor
+    _last_losses: Tensor
+    _last_present: Tensor
     num_steps: Tensor
+    num_calls: Tensor
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
         self.num_tasks = check_num_tasks(num_tasks)
+        self.accumulation_steps = 1
+        self.on_nonfinite = "raise"
+        self.configuration: dict[str, Any] = {}
+        self._allowed_changes: frozenset[str] = frozenset()
         self.register_buffer("_last_weights", torch.ones(self.num_tasks))
+        self.register_buffer("_last_losses", torch.ones(self.num_tasks))
+        self.register_buffer("_last_present", torch.ones(self.num_tasks, dtype=torch.bool))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
-        # A host copy of num_steps, so the per-step branches on it need no device sync.
+        self.register_buffer("num_calls", torch.zeros((), dtype=torch.long))
+        # Host copies of the counters, so the per-call branches on them need no device sync.
         self._steps_taken = 0
+        self._calls_taken = 0
+
+    def _record_configuration(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The method's hyperparameters as given, defaults filled in (stored in the state)."""
+        bound = inspect.signature(type(self).__init__).bind(self, *args, **kwargs)
+        given = dict(bound.arguments)
+        given.pop("self", None)
+        given.pop("num_tasks", None)
+        for key, parameter in inspect.signature(type(self).__init__).parameters.items():
+            if parameter.kind is parameter.VAR_KEYWORD:
+                given.update(given.pop(key, {}))
+        configuration = constructor_defaults(type(self))
+        configuration.update(given)
+        configuration.update(
+            accumulation_steps=self.accumulation_steps, on_nonfinite=self.on_nonfinite
+        )
+        shared = getattr(self, "shared_params", None)
+        if shared is not None:  # the parameters themselves are the model's: keep their shapes
+            configuration["params"] = [list(p.shape) for p in shared]
+        self.configuration = {key: _canonical(value) for key, value in configuration.items()}
 
     @property
     def weights(self) -> Tensor:
         """Detached ``[K]`` weights of the last call (the initial weights before any call)."""
-        return self._last_weights.detach().clone()
+        return torch.where(self._last_present, self._last_weights, 0).detach().clone()
 
+    # The call runs eagerly inside a compiled training step: it branches on host copies of its
+    # counters and reads K loss values on the host, which under torch.compile would guard on
+    # a new step count (a recompile) at every call. One graph break per call instead.
+    @torch.compiler.disable
     def forward(
         self,
         losses: LossesLike,
         *,
         kpis: KpisLike = None,
-        features: Tensor | None = None,
+        features: Tensor | Sequence[Tensor] | None = None,
+        present: PresentLike = None,
     ) -> Tensor:
         """Weights for this step and the objective to backward.
 
         Args:
             losses: the K task losses, a 1-D tensor or a sequence of 0-d tensors, in the graph.
             kpis: per-task KPIs in [0, 1] for methods that read them.
-            features: shared features, for gradient methods in features mode.
+            features: shared features (a tensor or a list of tensors), for gradient methods in
+                features mode.
+            present: optional bool ``[K]`` mask of the tasks with labels in this batch.
 
         Returns:
             The 0-d objective, whose gradient with respect to ``losses[k]`` is ``weights[k]``.
         """
         vector = as_loss_vector(losses, self.num_tasks)
+        mask = as_present_mask(present, self.num_tasks, vector.device)
+        if not (self.training and torch.is_grad_enabled()):
+            return self._frozen_objective(vector, mask)
         # Every local check runs before the first collective, so a bad input raises on its
         # rank without leaving the other ranks waiting in a half-finished sequence of them.
-        local_losses = self._checked_values(vector)
-        local_kpis = self._checked_kpis(kpis, local_losses.device)
-        self._check_call_inputs(vector, features)
-        statistics, kpi_vector = self._reduced(local_losses, local_kpis)
-        gram = self._gram_for_call(vector, features)
-        weights = self._advance(statistics, gram, kpi_vector)
-        return self._objective(vector, weights.to(vector.device), statistics.to(vector.device))
+        values, nonfinite = self._checked_values(vector, mask)
+        local_kpis = self._checked_kpis(kpis, values.device)
+        shared = self._check_call_inputs(vector, features)
+        step = self._step(vector, values, mask, local_kpis, nonfinite, shared)
+        if step.nonfinite:
+            return self._skipped_objective(vector, mask)
+        self._prepare(step)
+        if step.nonfinite:
+            return self._skipped_objective(vector, mask)
+        weights = self._advance(step).to(device=vector.device, dtype=step.losses.dtype)
+        with _own_precision(vector.device.type):  # Jᵀw in full precision
+            return self._objective(step, weights)
 
     def compute_weights(
         self,
         losses: LossesLike,
         gram: Tensor | None = None,
         kpis: KpisLike = None,
+        present: PresentLike = None,
     ) -> Tensor:
         """The pure update rule on given inputs; advances state exactly like a call does.
 
@@ -126,62 +308,267 @@ class Balancer(nn.Module, ABC):
             losses: the K task losses (values only are read).
             gram: the K×K Gramian of the task gradients, for gradient methods.
             kpis: per-task KPIs in [0, 1] for methods that read them.
+            present: optional bool ``[K]`` mask of the tasks present in this batch.
 
         Returns:
-            The ``[K]`` weights of this step (detached).
+            The ``[K]`` weights of this step (detached), in float64 for a float64 Gramian.
         """
         vector = as_loss_vector(losses, self.num_tasks).detach()
-        local_losses = self._checked_values(vector)
-        local_kpis = self._checked_kpis(kpis, local_losses.device)
+        mask = as_present_mask(present, self.num_tasks, vector.device)
+        values, nonfinite = self._checked_values(vector, mask)
+        local_kpis = self._checked_kpis(kpis, values.device)
         checked_gram = self._check_gram(gram) if self.requires_gram else None
-        statistics, kpi_vector = self._reduced(local_losses, local_kpis)
-        return self._advance(statistics, checked_gram, kpi_vector)
+        step = self._step(vector, values, mask, local_kpis, nonfinite, None)
+        if step.nonfinite:
+            self._count_skipped_call()
+            return torch.full((self.num_tasks,), math.nan)
+        step.gram = None if checked_gram is None else checked_gram.to(step.mean_losses.device)
+        return self._advance(step)
 
     def end_epoch(self) -> None:
         """Mark an epoch boundary. Methods with per-epoch statistics (DWA) override this."""
+
+    def log_dict(self, prefix: str = "balancer/") -> dict[str, float]:
+        """The last step's weights, mean losses and (gradient methods) task-gradient cosines.
+
+        A flat ``{name: float}`` dict for Lightning's ``self.log_dict`` or TensorBoard's
+        ``add_scalars``: ``{prefix}weight/{k}``, ``{prefix}loss/{k}`` and, once a Gramian was
+        computed, ``{prefix}cos/{i}_{j}`` for ``i < j``.
+
+        Example:
+            >>> import torch, taskbalance as tb
+            >>> b = tb.create("ew", num_tasks=2)
+            >>> _ = b(torch.tensor([1.0, 3.0], requires_grad=True))
+            >>> b.log_dict()["balancer/loss/1"]
+            3.0
+        """
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
+        logged = {f"{prefix}weight/{k}": w for k, w in enumerate(self.weights.tolist())}
+        for k, value in enumerate(self._last_losses.tolist()):
+            logged[f"{prefix}loss/{k}"] = value
+        cosines = getattr(self, "_last_cosines", None)
+        if cosines is not None and bool(torch.isfinite(cosines).all()):
+            table = cosines.tolist()
+            for i in range(self.num_tasks):
+                for j in range(i + 1, self.num_tasks):
+                    logged[f"{prefix}cos/{i}_{j}"] = table[i][j]
+        return logged
+
+    def allow_changed_hyperparameters(self, *names: str) -> Balancer:
+        """Let :meth:`load_state_dict` accept a state saved with other values of ``names``.
+
+        Loading refuses a state whose hyperparameters differ from this balancer's; to change
+        one on resume, create the balancer with the new value and call this first. The
+        balancer keeps its own (new) values; the learned state comes from the checkpoint.
+
+        Example:
+            >>> import taskbalance as tb
+            >>> old = tb.create("dwa", num_tasks=2, temperature=2.0)
+            >>> new = tb.create("dwa", num_tasks=2, temperature=1.0)
+            >>> _ = new.allow_changed_hyperparameters("temperature").load_state_dict(
+            ...     old.state_dict())
+        """
+        unknown = sorted(set(names) - set(self.configuration))
+        if unknown:
+            raise ValueError(
+                f"names: {unknown} are not hyperparameters of {self._method_name}; expected "
+                f"some of {sorted(self.configuration)}"
+            )
+        self._allowed_changes = frozenset(names)
+        return self
 
     # ----------------------------------------------------------------------------------------
     # Hooks for subclasses.
 
     @abstractmethod
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
         """Return this step's weights. Must not change any state before it can no longer fail.
 
-        ``losses`` is detached, float32, on this module's device and, under DDP, averaged over
-        ranks. ``gram`` is float32 or float64 when the method needs it, else None.
+        Reads ``step.mean_losses`` (detached float32, on this module's device, averaged over
+        ranks), ``step.kpis`` and, for gradient methods, ``step.gram`` (float32 or float64).
         """
 
-    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+    def _prepare(self, step: Step) -> None:
+        """Gradient methods take the task gradients here; loss-based methods need nothing."""
+
+    def _objective(self, step: Step, weights: Tensor) -> Tensor:
         """The objective to backward: ``Σ w_k L_k`` unless the method defines its own."""
-        return (weights.to(losses.dtype) * losses).sum()
+        return (weights * step.losses).sum()
 
-    def _check_call_inputs(self, losses: Tensor, features: Tensor | None) -> None:
+    def _check_call_inputs(
+        self, losses: Tensor, features: Tensor | Sequence[Tensor] | None
+    ) -> list[Tensor] | None:
         """Method-specific checks of a call's inputs, run before any collective."""
-
-    def _gram_for_call(self, losses: Tensor, features: Tensor | None) -> Tensor | None:
-        """Gradient methods compute the Gramian here; loss-based methods need none."""
         return None
+
+    def _refreshes(self, step: Step) -> bool:
+        """Whether the rule runs at a step that advances (gradient methods: ``update_every``)."""
+        return True
 
     # ----------------------------------------------------------------------------------------
     # Shared machinery.
 
-    def _advance(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
-        weights = self._update(losses, gram, kpis).detach()
-        self._last_weights.copy_(weights)
-        self.num_steps.add_(1)
-        self._steps_taken += 1
-        return weights
+    def _step(
+        self,
+        vector: Tensor,
+        values: Tensor,
+        mask: Tensor | None,
+        kpis: Tensor | None,
+        nonfinite: dict[int, float],
+        shared: list[Tensor] | None,
+    ) -> Step:
+        """Reduce the call's statistics over ranks (one all-reduce) and decide the step."""
+        device = self._last_weights.device
+        local_present = (
+            torch.ones(self.num_tasks, dtype=torch.bool, device=values.device)
+            if mask is None
+            else mask.to(values.device)
+        )
+        if is_distributed():
+            any_nonfinite, mean, present, all_present, kpis = self._reduced(
+                values, local_present, kpis, bool(nonfinite)
+            )
+        else:  # this rank's own numbers: no packing, no device sync
+            any_nonfinite, all_present = bool(nonfinite), mask is None or bool(mask.all())
+            present = local_present.to(device)
+            mean = values.to(device)
+            if not all_present:
+                mean = torch.where(present, mean, self._last_losses)
+            kpis = None if kpis is None else kpis.to(device)
+        if any_nonfinite:
+            self._nonfinite_losses(nonfinite)
+            return Step(
+                losses=vector,
+                graph_losses=vector,
+                mean_losses=values,
+                kpis=None,
+                present=local_present,
+                local_present=local_present,
+                features=None,
+                advances=False,
+                refresh=False,
+                nonfinite=True,
+            )
+        # float32 at least: a float16 objective overflows once a weight passes 65504.
+        losses = vector.to(torch.promote_types(vector.dtype, torch.float32))
+        step = Step(
+            losses=losses if mask is None else torch.where(local_present, losses, 0),
+            mean_losses=mean,
+            kpis=kpis,
+            present=present,
+            features=shared,
+            advances=self._calls_taken % self.accumulation_steps == 0,
+            refresh=False,
+            graph_losses=vector,
+            local_present=None if mask is None else local_present,
+            all_present=all_present,
+        )
+        step.refresh = step.advances and self._refreshes(step)
+        return step
 
-    def _checked_values(self, losses: Tensor) -> Tensor:
-        """Detached float32 copy of the losses, on their own device, after the value checks.
+    def _reduced(
+        self, values: Tensor, local_present: Tensor, kpis: Tensor | None, nonfinite: bool
+    ) -> tuple[bool, Tensor, Tensor, bool, Tensor | None]:
+        """One all-reduce: loss sums and counts of the ranks that have each task, KPIs, the
+        non-finite flag and the configuration fingerprint (checked first)."""
+        K = self.num_tasks
+        payload = [
+            torch.where(local_present & torch.isfinite(values), values, 0).double(),
+            local_present.double(),
+            values.new_tensor([float(nonfinite)], dtype=torch.float64),
+        ]
+        if kpis is not None:
+            payload.append(kpis.double())
+        summed, differing = all_reduce_packed(torch.cat(payload), self._fingerprint())
+        if differing:
+            fields = self._fingerprint_fields()
+            raise ValueError(
+                f"DDP ranks disagree on {differing}: on this rank "
+                + ", ".join(f"{name}={fields[name]!r}" for name in differing)
+                + ". Every rank must create the balancer with the same method, num_tasks and "
+                "hyperparameters (and load the same state), and call it at every step"
+            )
+        device = self._last_weights.device
+        summed = summed.to(device)
+        sums, counts = summed[:K], summed[K : 2 * K]
+        present = counts > 0
+        mean = torch.where(present, sums / counts.clamp_min(1), self._last_losses.double())
+        reduced_kpis = None
+        if kpis is not None:
+            reduced_kpis = (summed[2 * K + 1 :] / world_size()).to(torch.float32)
+        host = counts.tolist()
+        return (
+            float(summed[2 * K]) > 0,
+            mean.to(torch.float32),
+            present,
+            all(count > 0 for count in host),
+            reduced_kpis,
+        )
+
+    def _advance(self, step: Step) -> Tensor:
+        if step.advances:
+            # The rule's arithmetic is the balancer's own: float32 or better, whatever autocast
+            # the training step runs under.
+            with _own_precision(step.mean_losses.device.type):
+                weights = self._update(step).detach()
+            self._last_weights.copy_(weights)
+            self._last_losses.copy_(step.mean_losses)
+            self.num_steps.add_(1)
+            # Plain attributes: nn.Module.__setattr__'s checks cost more than the rest of a step.
+            object.__setattr__(self, "_steps_taken", self._steps_taken + 1)
+        else:
+            weights = self._last_weights.clone()
+        self._last_present.copy_(step.present)
+        self.num_calls.add_(1)
+        object.__setattr__(self, "_calls_taken", self._calls_taken + 1)
+        if step.all_present:
+            return weights
+        return torch.where(step.present.to(weights.device), weights, 0)
+
+    def _checked_values(
+        self, losses: Tensor, mask: Tensor | None
+    ) -> tuple[Tensor, dict[int, float]]:
+        """Detached float32 copy of the losses after the value checks, and the non-finite ones.
 
         One host transfer of K numbers per step: it is what naming the offending task costs.
+        Non-finite losses of present tasks are returned, not raised: whether to raise or skip
+        is decided on every rank at once, after the all-reduce.
         """
-        values = losses.detach().to(dtype=torch.float32)
+        host = losses.detach().tolist()
+        present = [True] * self.num_tasks if mask is None else mask.tolist()
+        nonfinite = {i: v for i, v in enumerate(host) if present[i] and not math.isfinite(v)}
+        checked = [v if present[i] and i not in nonfinite else 1.0 for i, v in enumerate(host)]
+        # A method with lower bounds on the losses (FAMO's min_losses=) accepts losses <= 0
+        # once its bounds are set below them: say so where a loss is refused.
+        hint = "; or set min_losses= below the losses" if hasattr(self, "min_losses") else ""
         check_loss_values(
-            values.tolist(), positive=self.requires_positive_losses, method=self._method_name
+            checked, positive=self.requires_positive_losses, method=self._method_name, hint=hint
         )
-        return values
+        return losses.detach().to(dtype=torch.float32), nonfinite
+
+    def _mean_over_ranks(self, vector: Tensor) -> Tensor:
+        """Checked, rank-averaged float32 values of ``vector`` on this module's device."""
+        values, nonfinite = self._checked_values(vector, None)
+        for i, value in nonfinite.items():
+            raise ValueError(f"losses[{i}] is {value}: every task loss must be finite")
+        return all_reduce_mean(values).to(self._last_weights.device)
+
+    def _nonfinite_losses(self, nonfinite: dict[int, float]) -> None:
+        """Raise in ``"raise"`` mode (every rank at once); nothing to do in ``"skip"`` mode."""
+        if self.on_nonfinite == "skip":
+            return
+        where = (
+            " and ".join(f"losses[{i}] is {v}" for i, v in nonfinite.items())
+            if nonfinite
+            else "a loss on another DDP rank is not finite"
+        )
+        raise ValueError(
+            f"{where}: every task loss must be finite; the call is rejected and "
+            "the balancer's state is unchanged. Under AMP, create the balancer with "
+            "on_nonfinite='skip' to skip such steps as GradScaler does, or pass present= "
+            "to leave out tasks without labels"
+        )
 
     def _checked_kpis(self, kpis: KpisLike, device: torch.device) -> Tensor | None:
         """Checked KPIs on ``device`` (the losses'), for methods that read them."""
@@ -189,27 +576,67 @@ class Balancer(nn.Module, ABC):
             return None
         return as_kpi_vector(kpis, self.num_tasks, self._method_name).to(device)
 
-    def _reduced(self, losses: Tensor, kpis: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Rank averages, moved to this module's device.
+    def _frozen_objective(self, vector: Tensor, mask: Tensor | None) -> Tensor:
+        """``Σ w_k L_k`` with the current weights: eval calls and calls under no_grad."""
+        dtype = torch.promote_types(vector.dtype, torch.float32)
+        weights = self._last_weights.to(device=vector.device, dtype=dtype)
+        if mask is None:
+            return (weights * vector.to(dtype)).sum()
+        return (torch.where(mask, weights, 0) * torch.where(mask, vector, 0).to(dtype)).sum()
 
-        Reduced on the losses' device, not the module's: NCCL reduces only CUDA tensors, and a
-        balancer without parameters is often left on the CPU while the model trains on a GPU.
-        """
-        device = self._last_weights.device
-        statistics = all_reduce_mean(losses).to(device)
-        return statistics, None if kpis is None else all_reduce_mean(kpis).to(device)
+    def _count_skipped_call(self) -> None:
+        """With accumulation, a skipped call still takes its place in the window (nothing else
+        changes), so the windows stay aligned with the optimiser steps of the user's loop."""
+        if self.accumulation_steps > 1:
+            self.num_calls.add_(1)
+            object.__setattr__(self, "_calls_taken", self._calls_taken + 1)
+
+    def _skipped_objective(self, vector: Tensor, mask: Tensor | None) -> Tensor:
+        """A NaN objective in the graph: its backward gives NaN gradients, which GradScaler
+        (or any finite check) skips; every rank returns one, so all ranks skip together."""
+        self._count_skipped_call()
+        kept = vector if mask is None else torch.where(mask, vector, 0)
+        return kept.to(torch.promote_types(vector.dtype, torch.float32)).sum() * math.nan
+
+    def _fingerprint_fields(self) -> dict[str, Any]:
+        return {
+            "method": self._method_name,
+            "num_tasks": self.num_tasks,
+            "hyperparameters": sorted(self.configuration.items()),
+            "num_steps": self._steps_taken,
+            "num_calls": self._calls_taken,
+        }
+
+    def _fingerprint(self) -> dict[str, int]:
+        return {key: fingerprint_value(v) for key, v in self._fingerprint_fields().items()}
 
     def _check_gram(self, gram: Tensor | None) -> Tensor:
+        """One rule for every method: a float, K×K, finite and symmetric Gramian.
+
+        An asymmetry beyond rounding (``|G − Gᵀ| > 1e-5·max|G|``) is refused; rounding-level
+        asymmetry is removed by using ``(G + Gᵀ)/2``.
+        """
         if gram is None:
             raise ValueError(f"gram: {self._method_name} needs the K×K Gramian, got None")
         if not isinstance(gram, Tensor):
             raise TypeError(f"gram: expected a tensor, got {type(gram).__name__}")
+        if not gram.is_floating_point():
+            raise TypeError(f"gram: expected a float32 or float64 Gramian, got dtype {gram.dtype}")
         expected = (self.num_tasks, self.num_tasks)
         if tuple(gram.shape) != expected:
             raise ValueError(f"gram: expected shape {expected}, got {tuple(gram.shape)}")
+        gram = gram.detach()
+        if gram.dtype not in (torch.float32, torch.float64):
+            gram = gram.to(torch.float32)
         if not bool(torch.isfinite(gram).all()):
             raise ValueError("gram: every entry of the Gramian must be finite")
-        return gram.detach()
+        asymmetry = float((gram - gram.T).abs().max())
+        if asymmetry > 1e-5 * float(gram.abs().max()):
+            raise ValueError(
+                f"gram: a Gramian G = J Jᵀ is symmetric; got max |G − Gᵀ| = {asymmetry:.3g} "
+                f"for max |G| = {float(gram.abs().max()):.3g}"
+            )
+        return (gram + gram.T) / 2
 
     @property
     def _method_name(self) -> str:
@@ -218,16 +645,168 @@ class Balancer(nn.Module, ABC):
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}"
 
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        self._steps_taken = int(self.num_steps)
+    # ----------------------------------------------------------------------------------------
+    # Precision and state.
 
-    # nn.Module's hooks for state that is not a tensor: a method that draws random numbers
-    # keeps its own torch.Generator as ``self.generator`` (seeded identically on every rank),
-    # and its state must travel with state_dict so a resumed run draws the same sequence.
-    def get_extra_state(self) -> Any:
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Balancer:
+        """``.to(device)`` moves the state; ``.half()``/``.double()`` leave its dtypes alone.
+
+        The state (Adam moments with eps = 1e-8, counters, EMAs) needs float32 or better:
+        ``model.half()`` on a model holding a balancer must not turn it into NaN.
+        """
+        dtypes = {name: t.dtype for name, t in self._state_tensors()}
+        super()._apply(fn, recurse)
+        for name, tensor in self._state_tensors():
+            if tensor.dtype != dtypes[name]:
+                module_name, _, attr = name.rpartition(".")
+                module = self.get_submodule(module_name)
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = tensor.data.to(dtypes[name])
+                    if tensor.grad is not None:
+                        tensor.grad = tensor.grad.to(dtypes[name])
+                else:
+                    module._buffers[attr] = tensor.to(dtypes[name])
+        return self
+
+    def _state_tensors(self) -> Iterable[tuple[str, Tensor]]:
+        yield from self.named_parameters()
+        yield from self.named_buffers()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Loading is all or nothing: everything of this balancer (its submodules included) is
+        # checked before the first tensor is copied.
+        self._check_loadable(state_dict, prefix)
+        kept = self._hyperparameter_buffers(state_dict[prefix + "_extra_state"])
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for name, value in kept.items():
+            self._buffers[name].copy_(value)  # type: ignore[union-attr]
+        self._steps_taken = int(self.num_steps)
+        self._calls_taken = int(self.num_calls)
+
+    def _hyperparameter_buffers(self, saved: dict[str, Any]) -> dict[str, Tensor]:
+        """This balancer's buffers that hold a hyperparameter allowed to change on resume.
+
+        They are found by building the method twice, with the saved and with the new values:
+        the buffers that differ hold them (fixed weights, DTP's γ, FAMO's bounds, ...), and
+        keep the new values rather than the checkpoint's.
+        """
+        changed = {
+            key: saved["hyperparameters"][key]
+            for key in self._allowed_changes
+            if saved["hyperparameters"].get(key) != self.configuration.get(key)
+        }
+        if not changed:
+            return {}
+        args, kwargs = getattr(self, "_init_arguments", ((), {}))
+        new = dict(kwargs)
+        try:
+            fresh_new = type(self)(*args, **new)
+            fresh_saved = type(self)(*args, **{**new, **changed})
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"state_dict: cannot rebuild {self._method_name} with the saved values "
+                f"{changed} to tell which buffers hold them: {error}"
+            ) from error
+        saved_buffers = dict(fresh_saved.named_buffers(recurse=False))
+        return {
+            name: buffer.detach().clone()
+            for name, buffer in fresh_new.named_buffers(recurse=False)
+            if not torch.equal(buffer, saved_buffers[name])
+            and torch.equal(buffer, self._buffers[name])  # type: ignore[arg-type]
+        }
+
+    def _check_loadable(self, state_dict: Any, prefix: str) -> None:
+        what = f"state_dict: cannot load into {self._method_name} (num_tasks={self.num_tasks})"
+        own = self.state_dict()
+        if prefix + "_extra_state" not in state_dict:
+            raise ValueError(f"{what}: the key {prefix + '_extra_state'!r} is missing")
+        # Method and num_tasks first: they explain every other mismatch.
+        self._check_extra_state(state_dict[prefix + "_extra_state"], what)
+        for key, current in own.items():
+            full = prefix + key
+            if full not in state_dict:
+                raise ValueError(f"{what}: the key {full!r} is missing")
+            given = state_dict[full]
+            if key.endswith("_extra_state"):
+                continue
+            if not isinstance(given, Tensor):
+                raise TypeError(f"{what}: {full!r} is a {type(given).__name__}, not a tensor")
+            if given.shape != current.shape:
+                raise ValueError(
+                    f"{what}: {full!r} has shape {tuple(given.shape)}, expected "
+                    f"{tuple(current.shape)} (a state saved with another num_tasks?)"
+                )
+            if current.is_floating_point():
+                if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
+                    raise ValueError(f"{what}: {full!r} must be finite floats, got {given}")
+            elif given.is_floating_point() or given.is_complex():
+                raise ValueError(f"{what}: {full!r} must hold integers, got {given}")
+            elif current.dtype != torch.bool and bool((given < 0).any()):
+                raise ValueError(f"{what}: {full!r} counts something, got {given}")
+
+    def _check_extra_state(self, state: Any, what: str) -> None:
+        if not isinstance(state, dict) or "method" not in state:
+            raise ValueError(
+                f"{what}: the state carries no method name and hyperparameters (saved by an "
+                "older taskbalance?)"
+            )
+        if state["method"] != self._method_name:
+            raise ValueError(f"{what}: the state was saved by method {state['method']!r}")
+        if state.get("num_tasks") != self.num_tasks:
+            raise ValueError(f"{what}: the state was saved with num_tasks={state.get('num_tasks')}")
+        saved = state.get("hyperparameters", {})
+        # The seed only sets the generator's first state, which the saved state replaces.
+        allowed = self._allowed_changes | {"seed"}
+        differing = sorted(
+            key
+            for key in set(saved) | set(self.configuration)
+            if key not in allowed and saved.get(key) != self.configuration.get(key)
+        )
+        if differing:
+            detail = ", ".join(
+                f"{key}: saved {saved.get(key)!r}, here {self.configuration.get(key)!r}"
+                for key in differing
+            )
+            raise ValueError(
+                f"{what}: other hyperparameters ({detail}); to change them on resume, call "
+                f"b.allow_changed_hyperparameters({', '.join(map(repr, differing))}) first"
+            )
         generator = getattr(self, "generator", None)
-        return {} if generator is None else {"generator": generator.get_state()}
+        if generator is not None:
+            saved_generator = state.get("generator")
+            if not isinstance(saved_generator, Tensor) or (
+                saved_generator.numel() != generator.get_state().numel()
+            ):
+                raise ValueError(
+                    f"{what}: the state has no valid random generator state ('generator'), "
+                    f"which {self._method_name} needs to continue the same draws"
+                )
+
+    # nn.Module's hooks for state that is not a tensor: the method name and hyperparameters
+    # (checked on load), and the torch.Generator of a method that draws random numbers
+    # (``self.generator``, seeded identically on every rank), so a resumed run draws the same
+    # sequence.
+    def get_extra_state(self) -> Any:
+        state: dict[str, Any] = {
+            "method": self._method_name,
+            "num_tasks": self.num_tasks,
+            "hyperparameters": dict(self.configuration),
+        }
+        generator = getattr(self, "generator", None)
+        if generator is not None:
+            state["generator"] = generator.get_state()
+        return state
 
     def set_extra_state(self, state: Any) -> None:
         generator = getattr(self, "generator", None)

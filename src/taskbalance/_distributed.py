@@ -7,6 +7,8 @@ process group every function here is the identity and costs nothing.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -48,3 +50,46 @@ def seeded_generator(seed: int) -> torch.Generator:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
     return generator
+
+
+#: Fingerprint entries are reduced modulo this, so their squares sum exactly in float64.
+_FINGERPRINT_MODULUS = 2**16
+
+
+def fingerprint_value(value: object) -> int:
+    """A small integer standing for ``value`` (an int, or anything with a stable ``repr``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value % _FINGERPRINT_MODULUS
+    return zlib.crc32(repr(value).encode()) % _FINGERPRINT_MODULUS
+
+
+def all_reduce_packed(payload: Tensor, fingerprint: dict[str, int]) -> tuple[Tensor, list[str]]:
+    """Sum ``payload`` over ranks and compare ``fingerprint`` across ranks in the same call.
+
+    Each fingerprint entry travels as ``(v, v²)``: after the sum, the entry agrees on every
+    rank exactly when ``R·Σv² = (Σv)²`` (Cauchy–Schwarz; integers below 2¹⁶, so the float64
+    sums are exact and the test runs on Python ints).
+    One all-reduce of ``len(payload) + 2·len(fingerprint)`` float64 numbers per call.
+
+    Returns:
+        The summed payload (``payload`` itself outside a process group) and the names of the
+        fingerprint entries that differ between ranks (every rank gets the same list).
+    """
+    if not is_distributed():
+        return payload, []
+    codes = torch.tensor(
+        [float(v) for v in fingerprint.values()], dtype=torch.float64, device=payload.device
+    )
+    packed = torch.cat([payload.detach().to(torch.float64), codes, codes * codes])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    size = payload.numel()
+    count = len(fingerprint)
+    ranks = dist.get_world_size()
+    sums = [int(v) for v in packed[size : size + count].tolist()]
+    squares = [int(v) for v in packed[size + count :].tolist()]
+    differing = [
+        name
+        for name, total, square in zip(fingerprint, sums, squares, strict=True)
+        if ranks * square != total * total
+    ]
+    return packed[:size], differing

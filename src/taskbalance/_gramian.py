@@ -6,10 +6,11 @@ Jacobian itself: its update is ``Jᵀw`` for a ``w`` computed from ``G`` (and th
 
 Two ways to say what "the task gradient" is taken with respect to:
 
-- **features mode** (``wrt`` a tensor): the gradient of each loss with respect to the shared
-  representation ``z`` (the trunk's output). The backward runs through the task heads only,
-  which is cheap; ``G`` is the sum over samples of per-sample inner products (MGDA-UB, Sener &
-  Koltun 2018, §3.3).
+- **features mode** (``features=`` one tensor or several, or ``wrt`` a tensor): the gradient of
+  each loss with respect to the shared representation ``z`` (the trunk's output). The backward
+  runs through the task heads only, which is cheap; ``G`` is the sum over samples of per-sample
+  inner products (MGDA-UB, Sener & Koltun 2018, §3.3). With several shared tensors (multi-scale
+  features, two encoders) ``G`` sums over them: ``G = Σ_t J_t J_tᵀ``.
 - **parameters mode** (``wrt`` a sequence of parameters): the exact gradient with respect to
   those parameters (the last shared layer, as GradNorm's paper uses, or the whole trunk).
 
@@ -23,11 +24,34 @@ saying so: the result is identical, only slower. Measured on CPU (``benchmarks/o
 --engine``, 3×256 MLP, batch 256), the per-edge loop beats the batched call in both modes:
 2-20× in features mode (the batched call pays K² head backward passes), 1.05-1.6× with
 respect to the whole trunk (K = 2 to 40). The graph is always kept, so the user's
-``objective.backward()`` works afterwards.
+``objective.backward()`` works afterwards. Tasks marked absent (``present``) are not
+differentiated at all: their rows are zero (their loss may be NaN).
 
-Precision: gradients are cast to float32 (or float64, as asked) before the products, and
-autocast is disabled for them, so ``G`` is accumulated in full precision even when the forward
-ran under ``torch.autocast`` in bfloat16 or float16.
+Not in the graph is an error, a zero gradient is not: autograd tells an input that no loss
+reaches (``None`` under ``allow_unused``) from a gradient that is zero (a dead ReLU region).
+A shared tensor or listed parameter that no task reaches, or a task that reaches none of them
+(a constant loss), raises a ``ValueError`` naming it, instead of giving a zero Gramian that
+would make every method return meaningless weights. The usual causes: a whole-model
+``torch.compile`` or ``DDP(find_unused_parameters=True)`` whose forward returns
+``(z, head outputs)`` (the returned ``z`` is a new output of the compiled or DDP node, not the
+tensor the heads read: compile the trunk and the heads separately, or take ``z`` from inside
+the forward; see ``examples/compile_model.py`` and ``examples/ddp_unused_parameters.py``), a
+tensor the heads do not read, a task without labels (pass ``present=``). Per-task detection is
+exact whenever the losses were stacked (on the batched and looped paths, a task whose rows are
+all zero gets one confirming backward from its own edge); for a loss vector made by one
+operation a task whose row is all zero cannot be told apart from a zero gradient, and only
+inputs that no task reaches are refused.
+
+Precision: each backward's ``grad_outputs`` are scaled by a power of two (``2**16``, as
+GradScaler starts, ``2**14`` for float16 losses; on overflow to inf or NaN it retries at
+``2**8``, then 1), and the rows
+are unscaled in float32 (float64 for float64 graphs). Under float16 autocast this keeps small
+per-task gradients (a loss averaged over 32k samples, or weighted by 0.01) out of float16's
+subnormal range, where half of them would flush to zero and ``G`` would be off by 5%; in
+float32, bfloat16 and float64 scaling by a power of two changes no bit (unless a gradient was
+subnormal, which then gains precision). ``G`` is then
+accumulated with autocast disabled in float32 (or float64, as asked). A backward hook
+registered on an intermediate tensor sees the scaled gradients of these passes.
 
 DDP: in features mode each rank's ``G`` is a sum over its own samples, and the gradient of the
 rank-averaged loss with respect to rank r's features is ``1/R`` times the local one, so the
@@ -35,16 +59,19 @@ global Gramian is exactly ``Σ_r G_r / R²``: one all-reduce of K×K numbers. In
 the global task gradient is the rank average of the local ones, which cannot be recovered from
 local Gramians: the engine all-reduces the K×P Jacobian (K times the traffic of one ordinary
 DDP gradient all-reduce, for the chosen parameters). Prefer features mode, or a small set of
-parameters such as the last shared layer, at scale.
+parameters such as the last shared layer, at scale. FSDP2 (``fully_shard``): features mode
+works as under DDP (the features are ordinary tensors); sharded DTensor parameters are refused
+in parameters mode, since the forward runs on gathered copies that autograd cannot map back.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from taskbalance._distributed import all_reduce_mean, all_reduce_sum, is_distributed, world_size
 from taskbalance._validation import as_loss_vector
@@ -54,6 +81,11 @@ try:
 except ImportError:  # pragma: no cover
     GradientEdge = None  # type: ignore[assignment,misc]
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 # torch.autograd.grad takes GradientEdge *outputs* from torch 2.5 on (pytorch#127766).
@@ -61,11 +93,17 @@ _EDGE_OUTPUTS = GradientEdge is not None and tuple(
     int(part) for part in torch.__version__.split("+")[0].split(".")[:2]
 ) >= (2, 5)
 
+# GradScaler's initial scale; after an overflow the backward is redone at a scale _BACKOFF
+# times smaller, down to 1 (a gradient that overflows unscaled is the user's own overflow).
+_INITIAL_SCALE = 2.0**16
+_BACKOFF = 2.0**8
+
 
 def gramian(
     losses: Tensor | Sequence[Tensor],
-    wrt: Tensor | Iterable[Tensor],
+    wrt: Tensor | Iterable[Tensor] | None = None,
     *,
+    features: Tensor | Sequence[Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
     batched: bool | None = None,
 ) -> Tensor:
@@ -75,6 +113,9 @@ def gramian(
         losses: the K task losses, a 1-D tensor or a sequence of 0-d tensors, in the graph.
         wrt: the shared features (a tensor in the graph: features mode) or a sequence of shared
             parameters (parameters mode).
+        features: instead of ``wrt``, the shared features as one tensor or a sequence of
+            tensors (several shared tensors: ``G`` sums over them), as in
+            ``b(losses, features=[z1, z2])``. Give ``wrt`` or ``features``, not both.
         dtype: ``torch.float32`` or ``torch.float64``, the precision of ``G``.
         batched: True to require the batched backward, False to loop over tasks, None (the
             default) to try the batched one and fall back to the loop with a warning.
@@ -83,6 +124,10 @@ def gramian(
         ``G`` of shape ``[K, K]``, symmetric positive semi-definite, detached. Under DDP it is
         the Gramian of the global (rank-averaged) losses.
 
+    Raises:
+        ValueError: naming ``features`` or ``params[i]`` when no loss reaches that tensor, or
+            ``losses[k]`` when task k reaches none of them (see the module docstring).
+
     Example:
         >>> import torch, taskbalance as tb
         >>> z = torch.tensor([[1.0, 2.0]], requires_grad=True)
@@ -90,19 +135,28 @@ def gramian(
         >>> tb.gramian(losses, z)
         tensor([[2., 2.],
                 [2., 4.]])
+        >>> z2 = torch.tensor([[3.0]], requires_grad=True)
+        >>> tb.gramian(torch.stack([z.sum() + z2.sum(), z2.sum()]), features=[z, z2])
+        tensor([[3., 1.],
+                [1., 1.]])
     """
     vector = _loss_vector(losses)
-    inputs, features_mode = _inputs(wrt)
+    inputs, features_mode = _inputs(wrt, features)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
-    rows, _ = jacobian_rows(vector, inputs, batched=batched)
+    rows, _ = jacobian_rows(vector, inputs, batched=batched, features_mode=features_mode)
     return gramian_from_rows(rows, features_mode=features_mode, dtype=dtype)
 
 
 def jacobian_rows(
-    losses: Tensor, inputs: Sequence[Tensor], *, batched: bool | None
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    *,
+    batched: bool | None,
+    features_mode: bool | None = None,
+    present: Tensor | Sequence[bool] | None = None,
 ) -> tuple[list[Tensor], bool | None]:
-    """Per-input Jacobian blocks ``[K, numel]`` and the path taken.
+    """Per-input Jacobian blocks ``[K, numel]`` (float32, or float64) and the path taken.
 
     The path is True for the batched backward, False for a loop over ``losses[k]`` (asked for,
     or the fallback), None for the per-task loop over the stack's edges.
@@ -113,40 +167,37 @@ def jacobian_rows(
     only, where the batched backward (and a loop over ``losses[k]``) runs all K heads for every
     task, K² head backward passes in all (see the module docstring for measured speed-ups).
     Otherwise it tries the batched backward and falls back to a loop with a warning.
+
+    ``features_mode`` only names the inputs in errors (``features`` or ``params[i]``); None
+    guesses it (parameters mode when every input is an ``nn.Parameter``). ``present`` (bool
+    ``[K]``, default all True) marks the tasks to differentiate; absent tasks get zero rows.
+    Raises ``ValueError`` when an input or a present task is outside the graph (see the module
+    docstring), and for sharded DTensor inputs.
     """
+    inputs = list(inputs)
+    num_tasks = losses.shape[0]
+    names = _input_names(inputs, features_mode)
+    _refuse_sharded(inputs, names)
+    mask = _present_list(present, num_tasks)
     # A non-leaf input with retain_grad() would receive these task gradients in .grad (batched
     # ones as unusable vmap tensors): keep what the user had there and put it back afterwards.
     retained = [(tensor, tensor.grad) for tensor in inputs if tensor.retains_grad]
     try:
-        return _rows_by_fastest_path(losses, inputs, batched=batched)
+        scale = min(_INITIAL_SCALE, _largest_power_of_two(losses.dtype))
+        rows, path, reached = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
+        _check_reached(reached, names, mask)
+        while scale > 1.0 and not _all_finite(rows):
+            present_losses = losses.detach()[torch.tensor(mask, device=losses.device)]
+            if not bool(torch.isfinite(present_losses).all()):
+                break  # a non-finite loss: its gradients are not an overflow of the scale
+            scale = max(scale / _BACKOFF, 1.0)
+            if path is not None:  # a fallback to the loop warned once: keep to the loop
+                batched = path
+            rows, path, _ = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
     finally:
         for tensor, grad in retained:
             tensor.grad = grad
-
-
-def _rows_by_fastest_path(
-    losses: Tensor, inputs: Sequence[Tensor], *, batched: bool | None
-) -> tuple[list[Tensor], bool | None]:
-    num_tasks = losses.shape[0]
-    if not batched:
-        edges = _per_task_edges(losses, num_tasks)
-        if edges is not None:
-            return _edge_rows(edges, losses, inputs), None
-    if batched is None or batched:
-        try:
-            return _batched_rows(losses, inputs, num_tasks), True
-        except RuntimeError as error:
-            # Only a missing batching rule justifies the loop; running out of memory does not.
-            if batched or isinstance(error, _OUT_OF_MEMORY):
-                raise
-            warnings.warn(
-                "taskbalance.gramian: the batched backward is not supported by this graph "
-                f"({str(error).splitlines()[0][:200]}); computing the {num_tasks} task "
-                "gradients with a loop of backward passes instead (same result, slower).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _looped_rows(losses, inputs, num_tasks), False
+    return [_unscaled(row, scale) for row in rows], path
 
 
 def gramian_from_rows(rows: Sequence[Tensor], *, features_mode: bool, dtype: torch.dtype) -> Tensor:
@@ -166,25 +217,253 @@ def gramian_from_rows(rows: Sequence[Tensor], *, features_mode: bool, dtype: tor
         return gram
 
 
-def _batched_rows(losses: Tensor, inputs: Sequence[Tensor], num_tasks: int) -> list[Tensor]:
-    identity = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device)
-    grads = torch.autograd.grad(
+# Task k's reachability of each input: reached[k][i] is False when autograd found no path from
+# task k's loss to input i (an unknown per-task answer counts as reached; see _confirm_reached).
+_Reached = list[list[bool]]
+
+
+def _rows_by_fastest_path(
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    batched: bool | None,
+    scale: float,
+    present: Sequence[bool],
+) -> tuple[list[Tensor], bool | None, _Reached]:
+    num_tasks = losses.shape[0]
+    edges = _per_task_edges(losses, num_tasks)
+    if not batched and edges is not None:
+        per_task = [
+            _edge_grads(edge, losses, inputs, scale) if wanted else None
+            for edge, wanted in zip(edges, present, strict=True)
+        ]
+        reached = [[g is not None for g in grads] for grads in _filled(per_task, inputs)]
+        return _stack_rows(per_task, inputs), None, reached
+    if batched is None or batched:
+        try:
+            grads = _batched_grads(losses, inputs, scale, present)
+        except RuntimeError as error:
+            # Only a missing batching rule justifies the loop; running out of memory does not.
+            if batched or isinstance(error, _OUT_OF_MEMORY):
+                raise
+            warnings.warn(
+                "taskbalance.gramian: the batched backward is not supported by this graph "
+                f"({str(error).splitlines()[0][:200]}); computing the {num_tasks} task "
+                "gradients with a loop of backward passes instead (same result, slower).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        else:
+            rows = [
+                _flat_rows(grad, tensor, num_tasks)
+                for grad, tensor in zip(grads, inputs, strict=True)
+            ]
+            used = [grad is not None for grad in grads]
+            return rows, True, _confirm_reached(rows, used, edges, losses, inputs, present)
+    per_task = [
+        _looped_grads(losses[k], inputs, scale) if present[k] else None for k in range(num_tasks)
+    ]
+    used = [
+        any(grads[i] is not None for grads in _filled(per_task, inputs)) for i in range(len(inputs))
+    ]
+    rows = _stack_rows(per_task, inputs)
+    return rows, False, _confirm_reached(rows, used, edges, losses, inputs, present)
+
+
+def _batched_grads(
+    losses: Tensor, inputs: Sequence[Tensor], scale: float, present: Sequence[bool]
+) -> tuple[Tensor | None, ...]:
+    num_tasks = losses.shape[0]
+    cotangents = torch.eye(num_tasks, dtype=losses.dtype, device=losses.device) * scale
+    if not all(present):
+        keep = torch.tensor(present, device=losses.device).to(losses.dtype)
+        cotangents = cotangents * keep.unsqueeze(1)
+    return torch.autograd.grad(
         losses,
         list(inputs),
-        grad_outputs=identity,
+        grad_outputs=cotangents,
         is_grads_batched=True,
         retain_graph=True,
         allow_unused=True,
     )
-    return [_flat_rows(grad, tensor, num_tasks) for grad, tensor in zip(grads, inputs, strict=True)]
 
 
-def _looped_rows(losses: Tensor, inputs: Sequence[Tensor], num_tasks: int) -> list[Tensor]:
-    per_task = [
-        torch.autograd.grad(losses[k], list(inputs), retain_graph=True, allow_unused=True)
-        for k in range(num_tasks)
+def _looped_grads(
+    loss: Tensor, inputs: Sequence[Tensor], scale: float
+) -> tuple[Tensor | None, ...]:
+    cotangent = torch.full_like(loss, scale)
+    return torch.autograd.grad(
+        loss, list(inputs), grad_outputs=cotangent, retain_graph=True, allow_unused=True
+    )
+
+
+def _edge_grads(
+    edge: GradientEdge | None, losses: Tensor, inputs: Sequence[Tensor], scale: float
+) -> tuple[Tensor | None, ...]:
+    if edge is None:  # a loss that does not require grad (a constant)
+        return (None,) * len(inputs)
+    cotangent = torch.full(losses.shape[1:], scale, dtype=losses.dtype, device=losses.device)
+    return torch.autograd.grad(
+        [edge], list(inputs), grad_outputs=[cotangent], retain_graph=True, allow_unused=True
+    )
+
+
+def _confirm_reached(
+    rows: Sequence[Tensor],
+    used: Sequence[bool],
+    edges: Sequence[GradientEdge | None] | None,
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    present: Sequence[bool],
+) -> _Reached:
+    """Per-task reachability after a batched or looped backward.
+
+    Those backward passes start from the whole loss vector, so autograd only says which inputs
+    no task reaches (``used``). A task whose rows are all exactly zero may be a zero gradient
+    or no path at all: when the losses were stacked, one backward from that task's own edge
+    tells which (rare, so cheap); otherwise it counts as reached.
+    """
+    num_tasks = losses.shape[0]
+    reached = [list(used) for _ in range(num_tasks)]
+    if edges is None or not any(used):
+        return reached
+    # The 2-norm is the fastest row reduction here; one that underflows to 0 on a tiny nonzero
+    # row only costs the confirming backward below.
+    norms = [torch.linalg.vector_norm(row, 2, dim=1, dtype=torch.float32) for row in rows]
+    nonzero = (torch.stack(norms) > 0).any(dim=0).tolist()
+    for k in range(num_tasks):
+        if present[k] and not nonzero[k]:
+            grads = _edge_grads(edges[k], losses, inputs, 1.0)
+            reached[k] = [grad is not None for grad in grads]
+    return reached
+
+
+def _check_reached(reached: _Reached, names: Sequence[str], present: Sequence[bool]) -> None:
+    tasks = [k for k, wanted in enumerate(present) if wanted]
+    if not tasks:
+        return
+    unreached = [i for i in range(len(names)) if not any(reached[k][i] for k in tasks)]
+    if len(unreached) == len(names):
+        raise ValueError(_nothing_reached_message(names))
+    # With absent tasks an input may be read only by them (a listed head parameter): only an
+    # input that no task at all reaches is an error, which the present tasks cannot tell.
+    if all(present) and unreached:
+        raise ValueError(_input_unreached_message(names[unreached[0]]))
+    for k in tasks:
+        if not any(reached[k]):
+            raise ValueError(_task_unreached_message(k, names))
+
+
+_CAUSES = (
+    "Common causes: a whole-model torch.compile, or DDP(find_unused_parameters=True), whose "
+    "forward returns (z, head outputs): the returned z is a new output of the compiled (or "
+    "DDP) node, not the tensor the heads read; a tensor the heads do not read (a copy, or a "
+    "second trunk call); a .detach() on the way to the losses."
+)
+_FEATURES_FIX = (
+    "Fix: pass the tensor the task heads consumed, e.g. compile the trunk and the heads "
+    "separately, or take z from inside the forward (a forward hook on the trunk) rather than "
+    "from the wrapped model's outputs; see examples/compile_model.py and "
+    "examples/ddp_unused_parameters.py."
+)
+
+
+def _nothing_reached_message(names: Sequence[str]) -> str:
+    if names[0].startswith("params"):
+        return (
+            f"params: no task loss reaches any of the {len(names)} listed parameters: autograd "
+            "finds them outside the graph of every loss (not a zero gradient), so the Gramian "
+            "would be exactly zero and the weights meaningless. List the shared parameters "
+            "the losses are computed with (e.g. trunk[-1].parameters()) and check that the "
+            "losses come from this forward pass without .detach()."
+        )
+    what = "features" if len(names) == 1 else "features (every tensor listed)"
+    return (
+        f"{what}: no task loss reaches it: autograd finds it outside the graph of every loss "
+        "(not a zero gradient), so the Gramian would be exactly zero and every gradient "
+        f"method would return meaningless weights. {_CAUSES} {_FEATURES_FIX}"
+    )
+
+
+def _input_unreached_message(name: str) -> str:
+    if name.startswith("params"):
+        return (
+            f"{name}: no task loss reaches this parameter (autograd finds it outside the graph "
+            "of every loss, not a zero gradient): it would add nothing to the Gramian. Leave "
+            "it out of params (list only shared parameters the losses use), or check that the "
+            "forward uses it."
+        )
+    return (
+        f"{name}: no task loss reaches this tensor (autograd finds it outside the graph of "
+        f"every loss, not a zero gradient). {_CAUSES} {_FEATURES_FIX}"
+    )
+
+
+def _task_unreached_message(task: int, names: Sequence[str]) -> str:
+    what = "features" if names[0].startswith("features") else "params"
+    return (
+        f"losses[{task}]: this task's loss reaches none of the shared tensors ({what}): "
+        "autograd finds no path from it to them (not a zero gradient), so its row of the "
+        "Gramian would be exactly zero and the weights wrong. Likely a task without labels in "
+        "this batch whose loss is a constant (pass present=, a bool mask of the tasks that "
+        "have labels, so it gets weight 0), or a head that reads another tensor than the one "
+        "given."
+    )
+
+
+def _input_names(inputs: Sequence[Tensor], features_mode: bool | None) -> list[str]:
+    if features_mode is None:
+        features_mode = not all(isinstance(tensor, nn.Parameter) for tensor in inputs)
+    if not features_mode:
+        return [f"params[{i}]" for i in range(len(inputs))]
+    if len(inputs) == 1:
+        return ["features"]
+    return [f"features[{i}]" for i in range(len(inputs))]
+
+
+def _refuse_sharded(inputs: Sequence[Tensor], names: Sequence[str]) -> None:
+    if DTensor is None:  # pragma: no cover
+        return
+    for tensor, name in zip(inputs, names, strict=True):
+        if isinstance(tensor, DTensor):
+            raise ValueError(
+                f"{name}: a sharded DTensor (placements {tuple(tensor.placements)}, e.g. a "
+                "parameter of a module under FSDP2 fully_shard): the forward runs on gathered "
+                "copies, so autograd cannot give the task gradients with respect to the shards. "
+                "Use features mode instead (b(losses, features=z), the tensor the heads "
+                "consume), which works under FSDP2: see examples/fsdp.py."
+            )
+
+
+def _present_list(present: Tensor | Sequence[bool] | None, num_tasks: int) -> list[bool]:
+    if present is None:
+        return [True] * num_tasks
+    values = present.tolist() if isinstance(present, Tensor) else list(present)
+    if len(values) != num_tasks:
+        raise ValueError(f"present: expected {num_tasks} entries, got {len(values)}")
+    return [bool(value) for value in values]
+
+
+def _largest_power_of_two(dtype: torch.dtype) -> float:
+    """The largest power of two that leaves ``dtype`` a factor 2 of headroom."""
+    return 2.0 ** (math.floor(math.log2(torch.finfo(dtype).max)) - 1)
+
+
+def _all_finite(rows: Sequence[Tensor]) -> bool:
+    # A sum is non-finite when any term is, and is 30× cheaper than isfinite().all(); summed in
+    # float32 at least, so finite float16 rows cannot overflow it. A float32 sum that overflows
+    # on finite terms only costs a needless retry at a smaller scale.
+    sums = [
+        row.sum(dtype=torch.float64 if row.dtype == torch.float64 else torch.float32)
+        for row in rows
     ]
-    return _stack_rows(per_task, inputs)
+    return bool(torch.isfinite(torch.stack(sums)).all())
+
+
+def _unscaled(row: Tensor, scale: float) -> Tensor:
+    # Float32 at least, so that dividing by the scale cannot underflow a float16 row again. The
+    # rows are the engine's own tensors (stacked, or fresh from autograd): divide in place.
+    wide = row.to(torch.float64 if row.dtype == torch.float64 else torch.float32)
+    return wide if scale == 1.0 else wide.div_(scale)
 
 
 def _per_task_edges(losses: Tensor, num_tasks: int) -> list[GradientEdge | None] | None:
@@ -203,34 +482,22 @@ def _per_task_edges(losses: Tensor, num_tasks: int) -> list[GradientEdge | None]
     return [None if fn is None else GradientEdge(fn, nr) for fn, nr in edges]
 
 
-def _edge_rows(
-    edges: Sequence[GradientEdge | None], losses: Tensor, inputs: Sequence[Tensor]
-) -> list[Tensor]:
-    one = torch.ones(losses.shape[1:], dtype=losses.dtype, device=losses.device)
-    unused: tuple[None, ...] = (None,) * len(inputs)
-    per_task = [
-        unused
-        if edge is None
-        else torch.autograd.grad(
-            [edge], list(inputs), grad_outputs=[one], retain_graph=True, allow_unused=True
-        )
-        for edge in edges
-    ]
-    return _stack_rows(per_task, inputs)
+def _filled(
+    per_task: Sequence[Sequence[Tensor | None] | None], inputs: Sequence[Tensor]
+) -> list[Sequence[Tensor | None]]:
+    """``per_task`` with an absent task (None) as no gradient for any input."""
+    return [(None,) * len(inputs) if grads is None else grads for grads in per_task]
 
 
 def _stack_rows(
-    per_task: Sequence[Sequence[Tensor | None]], inputs: Sequence[Tensor]
+    per_task: Sequence[Sequence[Tensor | None] | None], inputs: Sequence[Tensor]
 ) -> list[Tensor]:
+    filled = _filled(per_task, inputs)
     rows = []
     for index, tensor in enumerate(inputs):
-        blocks = [
-            torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-            if grads[index] is None
-            else grads[index].reshape(-1)
-            for grads in per_task
-        ]
-        rows.append(torch.stack(blocks))
+        zero = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        grads = [task_grads[index] for task_grads in filled]
+        rows.append(torch.stack([zero if grad is None else grad.reshape(-1) for grad in grads]))
     return rows
 
 
@@ -249,8 +516,7 @@ def _loss_vector(losses: Tensor | Sequence[Tensor]) -> Tensor:
         raise ValueError("losses: expected at least one task loss, got an empty sequence")
     if not isinstance(losses, (Tensor, Sequence)):
         raise TypeError(
-            "losses: expected a 1-D tensor or a list of 0-d tensors, "
-            f"got {type(losses).__name__}"
+            f"losses: expected a 1-D tensor or a list of 0-d tensors, got {type(losses).__name__}"
         )
     count = losses.shape[0] if isinstance(losses, Tensor) else len(losses)
     vector = as_loss_vector(losses, count)
@@ -262,14 +528,33 @@ def _loss_vector(losses: Tensor | Sequence[Tensor]) -> Tensor:
     return vector
 
 
-def _inputs(wrt: Tensor | Iterable[Tensor]) -> tuple[list[Tensor], bool]:
-    if isinstance(wrt, Tensor):
-        if not wrt.requires_grad:
-            raise ValueError(
-                "features: the tensor does not require grad; pass the shared representation "
-                "the task heads consume (the trunk's output, not a detached copy)"
+def _inputs(
+    wrt: Tensor | Iterable[Tensor] | None, features: Tensor | Sequence[Tensor] | None
+) -> tuple[list[Tensor], bool]:
+    if (wrt is None) == (features is None):
+        raise TypeError(
+            "wrt, features: expected exactly one: wrt (the shared features, a tensor, or the "
+            "shared parameters) or features= (one tensor or a sequence of tensors)"
+        )
+    if features is not None:
+        if isinstance(features, Tensor):
+            tensors, names = [features], ["features"]
+        elif isinstance(features, Sequence) and features:
+            tensors = list(features)
+            names = [f"features[{i}]" for i in range(len(tensors))]
+        else:
+            raise TypeError(
+                f"features: expected a tensor or a non-empty sequence of tensors, got {features!r}"[
+                    :200
+                ]
             )
+        for tensor, name in zip(tensors, names, strict=True):
+            _check_feature(tensor, name)
+        return tensors, True
+    if isinstance(wrt, Tensor):
+        _check_feature(wrt, "features")
         return [wrt], True
+    assert wrt is not None
     params = [p for p in wrt]
     if not params:
         raise ValueError("params: expected at least one shared parameter, got none")
@@ -279,3 +564,13 @@ def _inputs(wrt: Tensor | Iterable[Tensor]) -> tuple[list[Tensor], bool]:
         if not param.requires_grad:
             raise ValueError(f"params[{index}]: the parameter does not require grad")
     return params, False
+
+
+def _check_feature(tensor: object, name: str) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+    if not tensor.requires_grad:
+        raise ValueError(
+            f"{name}: the tensor does not require grad; pass the shared representation "
+            "the task heads consume (the trunk's output, not a detached copy)"
+        )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from taskbalance._base import Balancer
+from taskbalance._base import Balancer, constructor_defaults
 
 _REGISTRY: dict[str, type[Balancer]] = {}
 
@@ -53,21 +52,12 @@ def method_class(name: str) -> type[Balancer]:
 
 
 def hyperparameters(name: str) -> dict[str, Any]:
-    """The keyword hyperparameters of method ``name`` with their defaults."""
-    found: dict[str, Any] = {}
-    # A method that forwards **options to its base class (every gradient method hands
-    # params/update_every/gram_dtype/heads to GradientBalancer) accepts its bases' keywords too.
-    for cls in method_class(name).__mro__:
-        if "__init__" not in vars(cls):
-            continue
-        parameters = inspect.signature(cls.__init__).parameters
-        for key, parameter in parameters.items():
-            keyword = parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
-            if keyword and key not in ("self", "num_tasks") and key not in found:
-                found[key] = parameter.default
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            break
-    return found
+    """The keyword hyperparameters of method ``name`` with their defaults.
+
+    Includes the loop options every method accepts (``accumulation_steps``, ``on_nonfinite``)
+    and, through ``**options``, the keywords of a method's base classes.
+    """
+    return constructor_defaults(method_class(name))
 
 
 def create(name: str, num_tasks: int, **hparams: Any) -> Balancer:

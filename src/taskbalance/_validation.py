@@ -7,6 +7,7 @@ was given and what was expected, so a user can fix the call without reading our 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -75,9 +76,9 @@ def check_positive_int(name: str, value: object) -> int:
 def check_seed(value: object) -> int:
     """Return ``value`` after checking it is an int ≥ 0 (a generator seed)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"seed: expected an int >= 0, got {value!r}")
-    if value < 0:
-        raise ValueError(f"seed: expected an int >= 0, got {value!r}")
+        raise TypeError(f"seed: expected an int in [0, 2**64), got {value!r}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {value!r}")
     return value
 
 
@@ -136,6 +137,9 @@ def as_loss_vector(losses: Tensor | Sequence[Tensor], num_tasks: int) -> Tensor:
                 )
         if not items:
             raise ValueError(f"losses: expected {num_tasks} task losses, got an empty sequence")
+        devices = sorted({str(item.device) for item in items})
+        if len(devices) > 1:
+            raise ValueError(f"losses: expected every loss on one device, got {devices}")
         vector = torch.stack([item.reshape(()) for item in items])
     else:
         raise TypeError(
@@ -148,23 +152,88 @@ def as_loss_vector(losses: Tensor | Sequence[Tensor], num_tasks: int) -> Tensor:
     return vector
 
 
-def check_loss_values(values: list[float], *, positive: bool, method: str) -> None:
-    """Check host copies of the losses: finite, and > 0 where the method takes logs or ratios."""
+#: The largest finite float32, and the smallest positive one (subnormal).
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_TINY = 2.0**-149
+
+
+def check_loss_values(values: list[float], *, positive: bool, method: str, hint: str = "") -> None:
+    """Check host copies of the losses: finite in float32, and > 0 where the method takes logs
+    or ratios. Values are given in the losses' own precision, so a float64 loss that float32
+    cannot hold is named as such rather than as inf or 0."""
     for i, value in enumerate(values):
         if not math.isfinite(value):
             raise ValueError(f"losses[{i}] is {value}: every task loss must be finite")
+        if abs(value) > _FLOAT32_MAX:
+            raise ValueError(
+                f"losses[{i}] = {value:g} does not fit in float32 (max {_FLOAT32_MAX:.4g}), "
+                "the precision of the balancer's statistics; rescale the loss"
+            )
+        if positive and 0 < value < _FLOAT32_TINY:
+            raise ValueError(
+                f"losses[{i}] = {value:g} does not fit in float32 (it rounds to 0) and "
+                f"{method} takes logs or ratios of the losses; every loss must be > 0 in float32"
+            )
+        if positive and 0 < value < 1 / _FLOAT32_MAX:
+            raise ValueError(
+                f"losses[{i}] = {_shortest_float32(value)}: {method} takes logs or ratios of "
+                f"the losses, and 1/L overflows float32 below {1 / _FLOAT32_MAX:.3g}; add a "
+                "small constant to the loss"
+            )
         if positive and value <= 0:
             raise ValueError(
                 f"losses[{i}] = {value}: {method} takes logs or ratios of the losses, "
-                "so every loss must be > 0"
+                f"so every loss must be > 0{hint}"
             )
+
+
+def _shortest_float32(value: float) -> str:
+    """The shortest decimal naming the same float32 as ``value`` (1e-40, not 9.99995e-41)."""
+    packed = struct.pack("f", value)
+    for digits in range(1, 10):
+        shown = f"{value:.{digits}g}"
+        if struct.pack("f", float(shown)) == packed:
+            return shown
+    return repr(value)
+
+
+def as_present_mask(
+    present: Tensor | Sequence[bool] | None, num_tasks: int, device: torch.device
+) -> Tensor | None:
+    """Check ``present=``: None, or a bool ``[K]`` mask with at least one task present."""
+    if present is None:
+        return None
+    if isinstance(present, Tensor):
+        mask = present.detach()
+    elif isinstance(present, Sequence) and not isinstance(present, str):
+        if not all(isinstance(item, bool) for item in present):
+            raise TypeError(f"present: expected {num_tasks} bools, got {list(present)!r}")
+        mask = torch.tensor(list(present), dtype=torch.bool)
+    else:
+        raise TypeError(
+            f"present: expected a bool tensor of shape [{num_tasks}], got {type(present).__name__}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"present: expected a bool tensor, got dtype {mask.dtype}")
+    if tuple(mask.shape) != (num_tasks,):
+        raise ValueError(f"present: expected shape ({num_tasks},), got {tuple(mask.shape)}")
+    if not bool(mask.any()):
+        raise ValueError("present: every task is absent; skip the call instead")
+    return mask.to(device)
 
 
 def as_kpi_vector(kpis: Tensor | Sequence[float] | None, num_tasks: int, method: str) -> Tensor:
     """Check per-task KPIs: present, K of them, each in [0, 1]. Returns a detached float tensor."""
     if kpis is None:
         raise ValueError(f"kpis: {method} needs per-task KPIs in [0, 1] (kpis=...), got None")
-    vector = torch.as_tensor(kpis).detach().to(torch.float32)
+    if isinstance(kpis, str) or not isinstance(kpis, (Tensor, Sequence)):
+        raise TypeError(
+            f"kpis: expected a tensor or a sequence of {num_tasks} numbers, got {kpis!r}"
+        )
+    try:
+        vector = torch.as_tensor(kpis).detach().to(torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"kpis: expected {num_tasks} numbers, got {kpis!r}") from error
     if vector.dim() != 1 or vector.shape[0] != num_tasks:
         raise ValueError(
             f"kpis: expected {num_tasks} per-task KPIs, got shape {tuple(vector.shape)}"

@@ -30,12 +30,9 @@ import math
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 
 __all__ = ["Gumbel", "gumbel_max_sample", "gumbel_softmax"]
-
-EULER_GAMMA = 0.57721566490153286060651209008240243
 
 
 def _standard_gumbel(
@@ -56,7 +53,7 @@ def _standard_gumbel(
     return -torch.log(-torch.log(uniform))
 
 
-class Gumbel(Distribution):
+class Gumbel(torch.distributions.Gumbel):
     """Gumbel (type-I extreme value) distribution with location ``μ`` and scale ``β > 0``.
 
     Gumbel (1954), "Statistical Theory of Extreme Values"; the ``gumbel_r`` of SciPy. With
@@ -69,11 +66,18 @@ class Gumbel(Distribution):
         variance = π² β² / 6
         entropy  = ln β + γ_E + 1
 
-    Follows :mod:`torch.distributions` conventions (``batch_shape`` from broadcasting ``loc``
-    and ``scale``, ``sample``/``rsample`` with a ``sample_shape``, ``validate_args``), and
-    adds an optional ``generator`` to ``sample`` and ``rsample``. ``rsample`` is the
-    reparameterised sample ``μ + β · g`` with standard Gumbel noise ``g``, differentiable with
-    respect to ``loc`` and ``scale``.
+    This is :class:`torch.distributions.Gumbel` (``log_prob``, ``mean``, ``mode``, ``stddev``,
+    ``variance``, ``entropy``, ``expand`` and the ``batch_shape`` conventions are torch's) with
+    only what it lacks added:
+
+    - ``cdf`` and ``icdf`` in closed form. Torch's go through its base ``Uniform(tiny, 1 − eps)``:
+      ``cdf`` raises for real values whose cdf rounds to 0 or 1 (e.g. ``x = 50``) and ``icdf``
+      is finite at 0 and 1; here ``icdf(0) = −inf`` and ``icdf(1) = +inf``.
+    - a ``generator`` argument to ``sample`` and ``rsample``, for reproducible draws without
+      the global random state. ``rsample`` is ``μ + β · g`` with standard Gumbel noise ``g``,
+      differentiable with respect to ``loc`` and ``scale``.
+    - a ``ValueError`` naming the offending ``scale`` value, always checked (torch checks it
+      only when argument validation is on).
 
     Args:
         loc: Location ``μ`` (float or tensor).
@@ -83,6 +87,7 @@ class Gumbel(Distribution):
 
     Raises:
         ValueError: If any ``scale`` is not positive.
+        TypeError: If ``scale`` is not floating point.
 
     Example:
         >>> import torch
@@ -95,61 +100,33 @@ class Gumbel(Distribution):
         torch.Size([5, 2])
     """
 
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}  # noqa: RUF012
-    support = constraints.real
-    has_rsample = True
-
     def __init__(
         self,
         loc: Tensor | float,
         scale: Tensor | float,
         validate_args: bool | None = None,
     ) -> None:
-        self.loc, self.scale = broadcast_all(loc, scale)
-        if not self.scale.is_floating_point():
-            raise TypeError(f"scale must be floating point, got dtype {self.scale.dtype}")
+        _, checked = broadcast_all(loc, scale)
+        if not checked.is_floating_point():
+            raise TypeError(f"scale must be floating point, got dtype {checked.dtype}")
         with torch.no_grad():
-            not_positive = ~(self.scale > 0)
+            not_positive = ~(checked > 0)
             if bool(not_positive.any()):
-                bad = self.scale[not_positive].reshape(-1)[0].item()
+                bad = checked[not_positive].reshape(-1)[0].item()
                 raise ValueError(f"scale must be positive (β > 0), got {bad!r}")
-        super().__init__(self.loc.shape, validate_args=validate_args)
+        super().__init__(loc, scale, validate_args=validate_args)
 
     def expand(
-        self, batch_shape: torch.Size | tuple[int, ...], _instance: Gumbel | None = None
+        self, batch_shape: torch.Size | list[int] | tuple[int, ...], _instance: Gumbel | None = None
     ) -> Gumbel:
         """Returns a view with a larger ``batch_shape`` (see ``Distribution.expand``)."""
+        # torch's expand refuses subclasses that define __init__ unless handed the instance.
         new = self._get_checked_instance(Gumbel, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.loc = self.loc.expand(batch_shape)
-        new.scale = self.scale.expand(batch_shape)
-        super(Gumbel, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
-
-    @property
-    def mean(self) -> Tensor:
-        """``μ + β · γ_E``."""
-        return self.loc + self.scale * EULER_GAMMA
-
-    @property
-    def mode(self) -> Tensor:
-        """``μ``."""
-        return self.loc
-
-    @property
-    def variance(self) -> Tensor:
-        """``π² β² / 6``."""
-        return (math.pi**2 / 6.0) * self.scale.square()
-
-    @property
-    def stddev(self) -> Tensor:
-        """``π β / √6``."""
-        return (math.pi / math.sqrt(6.0)) * self.scale
+        return super().expand(torch.Size(batch_shape), _instance=new)
 
     def rsample(
         self,
-        sample_shape: torch.Size | tuple[int, ...] = torch.Size(),  # noqa: B008
+        sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size(),  # noqa: B008
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Reparameterised sample ``μ + β · g``, shape ``sample_shape + batch_shape``."""
@@ -161,22 +138,15 @@ class Gumbel(Distribution):
 
     def sample(
         self,
-        sample_shape: torch.Size | tuple[int, ...] = torch.Size(),  # noqa: B008
+        sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size(),  # noqa: B008
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Sample without gradient, shape ``sample_shape + batch_shape``."""
         with torch.no_grad():
             return self.rsample(sample_shape, generator=generator)
 
-    def log_prob(self, value: Tensor) -> Tensor:
-        """``−ln β − (z + e^{−z})`` with ``z = (x − μ)/β``."""
-        if self._validate_args:
-            self._validate_sample(value)
-        z = (value - self.loc) / self.scale
-        return -torch.log(self.scale) - (z + torch.exp(-z))
-
     def cdf(self, value: Tensor) -> Tensor:
-        """``exp(−e^{−z})``."""
+        """``exp(−e^{−z})``, for every real ``value``."""
         if self._validate_args:
             self._validate_sample(value)
         z = (value - self.loc) / self.scale
@@ -192,10 +162,6 @@ class Gumbel(Distribution):
                     bad = value[outside].reshape(-1)[0].item()
                     raise ValueError(f"icdf value must be a probability in [0, 1], got {bad!r}")
         return self.loc - self.scale * torch.log(-torch.log(value))
-
-    def entropy(self) -> Tensor:
-        """``ln β + γ_E + 1``."""
-        return torch.log(self.scale) + (EULER_GAMMA + 1.0)
 
 
 def _check_logits(logits: object) -> Tensor:

@@ -42,7 +42,6 @@ from taskbalance.bench.api import (
 )
 from taskbalance.bench.data import TensorTaskDataset
 from taskbalance.bench.harness import (
-    EXAMPLE_HYPERPARAMETERS,
     Method,
     RunResult,
     TrainConfig,
@@ -54,7 +53,6 @@ from taskbalance.bench.metrics import delta_m, summarise
 from taskbalance.bench.models import MultiTaskModel
 
 __all__ = [
-    "EXAMPLE_HYPERPARAMETERS",
     "Benchmark",
     "BenchmarkEntry",
     "BenchmarkError",

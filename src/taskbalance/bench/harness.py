@@ -6,7 +6,7 @@ comparison needs. The same loop trains the single-task baselines (one model per 
 that task alone with loss weight 1, same budget). It never branches on a method's name: what a
 method needs comes from its hyperparameters (``kinds``, ``seed``, ``params``), its class
 (``requires_kpis``) and, for required hyperparameters with no default, an example value
-(the class attribute ``required_hyperparameters``, else :data:`EXAMPLE_HYPERPARAMETERS`).
+(the class attribute ``required_hyperparameters``).
 
 Determinism: the model is initialised after ``torch.manual_seed(seed)`` and batches are drawn
 from a generator seeded with ``seed``, so a run is a function of (benchmark, method, hyper-
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import taskbalance as tb
 from taskbalance.bench.api import Benchmark, TrainingDefaults
 from taskbalance.bench.data import collate
+from taskbalance.methods._facts import method_facts
 
 #: Adam betas of the balancer's own parameters (UW's and IMTL-L's log-scales). Their first
 #: gradients can be 10⁴× their later ones (a loss in the hundreds against ``e^{s} = 1``); with
@@ -56,13 +57,6 @@ DEFAULT_WEIGHT_CAPACITY = 2048
 
 #: Gradient-conflict diagnostics recorded per run when no interval is given.
 DEFAULT_DIAGNOSTIC_POINTS = 50
-
-#: Values of required hyperparameters (no default), per method, as a function of K, for method
-#: classes that do not declare ``required_hyperparameters`` themselves (the class wins).
-EXAMPLE_HYPERPARAMETERS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "fixed": lambda num_tasks: {"weights": [1.0] * num_tasks},
-}
-
 
 class ProgressBar(Protocol):
     """What the loop needs from a progress bar (a ``tqdm`` instance fits)."""
@@ -314,16 +308,9 @@ class RunResult:
 
 
 def example_hyperparameters(name: str, num_tasks: int) -> dict[str, Any]:
-    """Values of the required hyperparameters (no default) of ``name`` for K tasks.
-
-    The method class's own declaration ``required_hyperparameters`` (a dict of values that work
-    for any K) wins; :data:`EXAMPLE_HYPERPARAMETERS` covers classes without one.
-    """
-    declared = getattr(tb.method_class(name), "required_hyperparameters", None)
-    if isinstance(declared, Mapping) and declared:
-        return dict(declared)
-    example = EXAMPLE_HYPERPARAMETERS.get(name)
-    return example(num_tasks) if example is not None else {}
+    """Values of the required hyperparameters (no default) of ``name`` for K tasks: what the
+    method class declares in ``required_hyperparameters`` (values that work for any K)."""
+    return dict(method_facts(tb.method_class(name)).required_hyperparameters)
 
 
 def balancer_arguments(

@@ -7,6 +7,7 @@ from taskbalance.methods._db_mtl import DBMTL
 from taskbalance.methods._dtp import DTP
 from taskbalance.methods._dwa import DWA
 from taskbalance.methods._ew import EW
+from taskbalance.methods._excess_mtl import ExcessMTL
 from taskbalance.methods._fairgrad import FairGrad
 from taskbalance.methods._famo import FAMO
 from taskbalance.methods._fixed import Fixed
@@ -21,6 +22,7 @@ from taskbalance.methods._nash_mtl import NashMTL
 from taskbalance.methods._pcgrad import PCGrad
 from taskbalance.methods._rlw import RLW
 from taskbalance.methods._si import SI
+from taskbalance.methods._stch import STCH
 from taskbalance.methods._upgrad import DualProj, UPGrad
 from taskbalance.methods._uw import UW
 
@@ -36,11 +38,13 @@ __all__ = [
     "MGDA",
     "RLW",
     "SI",
+    "STCH",
     "UW",
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
     "DualProj",
+    "ExcessMTL",
     "FairGrad",
     "Fixed",
     "GradNorm",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._validation import check_choice
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import SpectralGradientBalancer, spectral_cutoff
 
 _SCALES = ("min", "median", "rmse")
@@ -61,6 +62,16 @@ class AlignedMTL(SpectralGradientBalancer):
         >>> b.compute_weights(torch.ones(2), gram=torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
         tensor([1.0000, 0.5000])
     """
+
+    signed_weights = True
+    claimed_properties = frozenset({"permutation_invariant", "scale_equivariant"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"scale": "median"},
+        {"scale": "rmse"},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"scale": "max"}, ValueError, r"scale: expected one of"),
+    )
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from taskbalance._validation import (
     check_positive,
     check_positive_int,
 )
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
 
@@ -30,11 +31,20 @@ class CAGrad(GradientBalancer):
     ``rescale=1``). Every term is a combination of the task gradients, so ``d = Jᵀw`` with
     ``w = (1/K + (√φ/‖g_w*‖)·w*) / (1 + c²)``; all the norms come from ``G``.
 
+    That ``d`` is the exact maximiser of ``min_i g_iᵀd`` over the ball ``‖d − g₀‖ ≤ c‖g₀‖``.
+    When 0 is in the convex hull of the gradients and ``c ≥ 1`` (more generally, when the dual
+    optimum has ``g_w* = 0``) the best worst-case improvement is 0 and the maximiser is not
+    unique; we return the one nearest ``g₀``, the projection of ``g₀`` onto the dual cone
+    ``{d : Jd ≥ 0}``, which conflicts with no task (e.g. ``J = [[2, 0], [−1, 0]]``, ``c = 1``:
+    ``d = 0``).
+
     Defaults: ``c = 0.4`` (the Nash-MTL benchmark setting; the paper uses 0.5 on its toy and
     0.4 on NYUv2/Cityscapes), ``rescale = 1``.
 
-    Departures: the official code solves the inner problem with scipy's SLSQP; we solve the
-    same convex problem in pure torch to the given tolerance. The official training
+    Departures: the official code solves the inner problem with scipy's SLSQP and guards the
+    norms with absolute ``1e-8`` terms (so it amplifies rounding noise where ``g_w* = 0``); we
+    solve the same convex problem exactly in pure torch, without the guards, and take the
+    maximiser nearest ``g₀`` in the degenerate case above. The official training
     loops also clip the shared gradient to norm 1 (``max_norm``); clipping is the loop's
     business, do it with ``torch.nn.utils.clip_grad_norm_`` to reproduce the paper's runs.
 
@@ -54,6 +64,13 @@ class CAGrad(GradientBalancer):
         >>> b.compute_weights(torch.ones(2), gram=torch.eye(2))
         tensor([0.5000, 0.5000])
     """
+
+    claimed_properties = frozenset({"permutation_invariant", "scale_equivariant"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"c": 0.9}, {"rescale": 0})
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"c": -1.0}, ValueError, r"c: expected a number >= 0"),
+        ({"rescale": 3}, ValueError, r"rescale"),
+    )
 
     def __init__(
         self,
@@ -77,4 +94,4 @@ class CAGrad(GradientBalancer):
         weights = cagrad_weights(
             gram.double(), self.c, max_iter=self.max_iter, tol=self.tol, rescale=self.rescale
         )
-        return weights.to(torch.float32)
+        return weights.to(torch.float64 if gram.dtype == torch.float64 else torch.float32)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import (
     SpectralGradientBalancer,
     inverse_gradient_norms,
@@ -41,12 +44,18 @@ class ConFIG(SpectralGradientBalancer):
     noise would point the direction at noise.
 
     Degenerate cases: a task with a zero gradient has ``u_i = 0`` (as the official
-    ``nan_to_num``) and weight 0: it adds nothing to the direction either way. "Zero" means
-    ``‖g_i‖² ≤ eps²·max_k ‖g_k‖²`` (eps of the Gramian's dtype), which keeps ``1/‖g_i‖``
-    finite. When every
-    gradient is zero, the direction is zero and the weights are 0.
+    ``nan_to_num``), no equation and weight 0: it adds nothing to the direction either way.
+    "Zero" means ``‖g_i‖² ≤ eps²·max_k ‖g_k‖²`` (eps of the Gramian's dtype), which keeps
+    ``1/‖g_i‖`` finite. When every gradient is zero, the direction is zero and the weights
+    are 0. When ``u_iᵀ g_v = 1`` has no solution (two opposite gradients; more tasks than
+    independent gradients, with mixed signs), no direction makes equal angles with every task
+    but 0, and the direction is 0: the system counts as unsolvable when the part of 1 outside
+    the span of Ĝ exceeds ``sqrt(rtol)·‖1‖``.
 
-    Departures: none in the direction; computed in float64 from G.
+    Departures: on an unsolvable system the official ``lstsq`` returns the least-squares
+    ``g_v``, which conflicts with some task (the paper's conflict-free guarantee assumes the
+    system is solvable); we return the zero direction, so the direction never conflicts with
+    a task. Otherwise none; computed in float64 from G.
 
     Args:
         num_tasks: K.
@@ -60,6 +69,15 @@ class ConFIG(SpectralGradientBalancer):
         >>> b.compute_weights(torch.ones(2), gram=torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
         tensor([1.5000, 0.7500])
     """
+
+    signed_weights = True
+    claimed_properties = frozenset(
+        {"non_conflicting", "permutation_invariant", "scale_equivariant"}
+    )
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"rtol": 0.9},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"rtol": -1.0}, ValueError, r"rtol: expected a number in \(0.0, 1.0\)"),
+    )
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return config_weights(gram, self.rtol).to(torch.float32)
@@ -79,8 +97,19 @@ def config_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     if not bool(largest > 0) or not bool(keep.any()):
         return torch.zeros(num_tasks, dtype=torch.float64, device=g.device)
     kept = vectors[:, keep]
-    ones = torch.ones(num_tasks, dtype=torch.float64, device=g.device)
-    solution = kept @ ((kept.T @ ones) / eigenvalues[keep])  # Ĝ⁺ 1
+    # A task with a zero gradient has u_i = 0 and no equation (the official nan_to_num).
+    ones = (inverse_norms > 0).to(torch.float64)
+    components = kept.T @ ones
+    # ConFIG's direction has equal cosines with every task gradient: U g_v = 1 must be
+    # solvable, i.e. 1 must lie in the span of Ĝ. When it does not (two opposite gradients;
+    # more tasks than independent gradients with mixed signs), the only direction with equal
+    # cosines is 0, and the least-squares g_v of the official lstsq conflicts with a task. The
+    # tolerance sits far above the rounding of a solvable system (~K·eps) and far below the
+    # residual of an unsolvable one (order 1).
+    residual = (ones - kept @ components).norm() / num_tasks**0.5
+    if bool(residual > rtol**0.5):
+        return torch.zeros(num_tasks, dtype=torch.float64, device=g.device)
+    solution = kept @ (components / eigenvalues[keep])  # Ĝ⁺ 1
     coefficients = inverse_norms * solution
     gc = g @ coefficients
     squared_length = coefficients @ gc

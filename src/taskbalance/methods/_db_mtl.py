@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._validation import check_in_range, check_nonnegative, check_positive
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
 
@@ -57,6 +58,15 @@ class DBMTL(GradientBalancer):
         >>> b.compute_weights(torch.ones(2), gram=torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
         tensor([2., 1.])
     """
+
+    claimed_properties = frozenset({"permutation_invariant", "scale_equivariant"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"beta": 0.5},
+        {"beta_sigma": 0.5},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"beta": -0.1}, ValueError, r"beta: expected a number in \[0.0, 1.0\]"),
+    )
 
     requires_positive_losses = True
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import check_in_range, per_task_values
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("dtp")
@@ -47,6 +50,14 @@ class DTP(Balancer):
         tensor([0.0011, 0.1733])
     """
 
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"gamma": 0.5},
+        {"smoothing": 0.6},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"smoothing": 0.0}, ValueError, r"smoothing: expected a number in \(0.0, 1.0\]"),
+    )
+
     requires_kpis = True
 
     gamma: Tensor
@@ -72,7 +83,8 @@ class DTP(Balancer):
         self.register_buffer("smoothed_kpis", torch.ones(self.num_tasks))
         self.register_buffer("has_kpis", torch.zeros((), dtype=torch.bool))
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        kpis = step.kpis
         assert kpis is not None  # the base class has checked them
         if bool(self.has_kpis):
             smoothed = self.smoothing * kpis + (1 - self.smoothing) * self.smoothed_kpis

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import check_positive, check_positive_int
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("dwa")
@@ -45,6 +49,14 @@ class DWA(Balancer):
         tensor([0.8756, 1.1244])
     """
 
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"temperature": 0.5},
+        {"window": 3},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"temperature": 0.0}, ValueError, r"temperature: expected a number > 0"),
+    )
+
     requires_positive_losses = True
 
     period_sum: Tensor
@@ -62,7 +74,8 @@ class DWA(Balancer):
         self.register_buffer("history", torch.ones(2, self.num_tasks))
         self.register_buffer("periods_done", torch.zeros((), dtype=torch.long))
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         if int(self.periods_done) >= 2:
             ratios = self.history[1] / self.history[0]
             # r/T overflows float32 when a mean loss grows ~1e38-fold between periods; an

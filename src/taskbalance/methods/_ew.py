@@ -7,6 +7,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._registry import register
+from taskbalance._step import Step
 
 
 @register("ew")
@@ -26,5 +27,6 @@ class EW(Balancer):
         tensor(4.)
     """
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         return torch.ones_like(losses)

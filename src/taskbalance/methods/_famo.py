@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -10,6 +11,7 @@ from torch import Tensor
 from taskbalance._adam import AdamState
 from taskbalance._base import Balancer, LossesLike
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import (
     as_loss_vector,
     check_choice,
@@ -17,6 +19,7 @@ from taskbalance._validation import (
     check_positive,
     per_task_values,
 )
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("famo")
@@ -66,6 +69,15 @@ class FAMO(Balancer):
         >>> b.weights
         tensor([0.8000, 0.2000])
     """
+
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"lr": 0.1, "weight_decay": 0.0},
+        {"min_losses": -1.0},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"lr": 0.0}, ValueError, r"lr: expected a number > 0"),
+        ({"delta": "next"}, ValueError, r"delta: expected one of"),
+    )
 
     requires_positive_losses = True
 
@@ -119,12 +131,12 @@ class FAMO(Balancer):
         if self._steps_taken == 0:
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
         vector = as_loss_vector(losses, self.num_tasks)
-        statistics, _ = self._reduced(self._checked_values(vector), None)
+        statistics = self._mean_over_ranks(vector)
         self._learn_from(torch.log(self._shifted(statistics)))
 
     def _shifted(self, losses: Tensor) -> Tensor:
         """``L − min_losses + eps``, checked to be > 0 (the method takes its log)."""
-        shifted = losses - self.min_losses.to(losses.device) + self.eps
+        shifted = losses - self.min_losses.to(device=losses.device, dtype=losses.dtype) + self.eps
         if bool((shifted <= 0).any()):
             raise ValueError(
                 "losses: FAMO takes log(L − min_losses) with min_losses = "
@@ -135,23 +147,28 @@ class FAMO(Balancer):
 
     def _learn_from(self, log_losses: Tensor) -> None:
         """One Adam step on the logits from the decrease since ``previous_log_losses``."""
-        decrease = self.previous_log_losses - log_losses
-        probabilities = torch.softmax(self.logits, dim=0)
+        # In float32 whatever dtype the buffers were cast to (a model's .half() reaches them).
+        decrease = self.previous_log_losses.float() - log_losses
+        logits = self.logits.float()
+        probabilities = torch.softmax(logits, dim=0)
         # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ)
         logit_grad = probabilities * (decrease - (probabilities * decrease).sum())
-        self.logits.copy_(self.logit_optimiser.step(self.logits, logit_grad))
+        self.logits.copy_(self.logit_optimiser.step(logits, logit_grad))
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         shifted = self._shifted(losses)
         log_losses = torch.log(shifted)
         if self.delta == "next_step" and self._steps_taken > 0:  # previous losses exist
             self._learn_from(log_losses)
         self.previous_log_losses.copy_(log_losses)
-        probabilities = torch.softmax(self.logits, dim=0)
+        probabilities = torch.softmax(self.logits.float(), dim=0)
         normaliser = (probabilities / shifted).sum()
         return probabilities / (normaliser * shifted)
 
-    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+    def _objective(self, step: Step, weights: Tensor) -> Tensor:
+        losses = step.losses
+        statistics = step.mean_losses
         weighted = (weights.to(losses.dtype) * losses).sum()
         # Shift the value to the paper's Σ (z/c)·log(L − min) without changing the gradient.
         shifted = statistics.to(losses.dtype) - self.min_losses.to(statistics.device) + self.eps

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import per_task_values
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("fixed")
@@ -27,6 +30,12 @@ class Fixed(Balancer):
         tensor(3.)
     """
 
+    required_hyperparameters: ClassVar[dict[str, Any]] = {"weights": 1.0}
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"weights": 2.0},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"weights": [1.0, -2.0, 0.5]}, ValueError, r"weights\[1\] = -2.0: expected"),
+    )
+
     fixed_weights: Tensor
 
     def __init__(self, num_tasks: int, *, weights: Sequence[float] | Tensor) -> None:
@@ -38,5 +47,5 @@ class Fixed(Balancer):
         self.register_buffer("fixed_weights", torch.tensor(values, dtype=torch.float32))
         self._last_weights.copy_(self.fixed_weights)
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
         return self.fixed_weights.clone()

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._registry import register
+from taskbalance._step import Step
 
 
 @register("gls")
@@ -38,6 +39,7 @@ class GLS(Balancer):
 
     requires_positive_losses = True
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         geometric_mean = torch.exp(torch.log(losses).mean())
         return geometric_mean / (self.num_tasks * losses)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -11,7 +12,12 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._gramian import gramian_from_rows, jacobian_rows
-from taskbalance._validation import check_choice, check_positive, check_positive_int
+from taskbalance._step import Step
+from taskbalance._validation import (
+    check_choice,
+    check_in_range,
+    check_positive_int,
+)
 
 
 class GradientBalancer(Balancer):
@@ -25,8 +31,20 @@ class GradientBalancer(Balancer):
 
     - features mode (default): pass ``features=z``, the shared representation the task heads
       consume, at every call; ``G`` is taken with respect to ``z`` (MGDA-UB-style, cheap).
-    - parameters mode: give ``params=`` (e.g. ``trunk[-1].parameters()``) at construction;
-      ``G`` is the exact Gramian of the gradients with respect to those parameters.
+      Several shared tensors (multi-scale features, two encoders) go as a list,
+      ``features=[z1, z2]``: ``G`` is the sum of their Gramians, and with
+      ``heads="unweighted"`` each of them receives its own ``J_iᵀw``.
+    - parameters mode: give ``params=`` (e.g. ``trunk[-1].parameters()``, or one tensor) at
+      construction; ``G`` is the exact Gramian of the gradients with respect to those
+      parameters. A deep copy of a model that holds the balancer points the copy's balancer at
+      the copied parameters; a balancer deep-copied on its own keeps copies that no loss
+      reaches.
+
+    Every Gramian, computed or given to ``compute_weights``, follows one rule: a float, K×K,
+    finite matrix, symmetric up to rounding (``(G + Gᵀ)/2`` is used; a larger asymmetry is
+    refused). A step with a task absent (``present=``) reuses the last weights for the
+    present tasks: the rule needs every task's gradient. With ``on_nonfinite="skip"``, a
+    non-finite Gramian (the all-reduced one under DDP, so every rank agrees) skips the step.
 
     Task heads: each method follows its reference code (class attribute ``default_heads``).
 
@@ -53,7 +71,8 @@ class GradientBalancer(Balancer):
         params: shared parameters for parameters mode; None for features mode.
         update_every: recompute the weights every N steps and reuse the last weights in between
             (the Gramian is not even computed then). Nash-MTL's published speed-ups come from
-            exactly this. 1 recomputes at every step.
+            exactly this. 1 recomputes at every step. Steps are optimiser steps: with
+            ``accumulation_steps``, windows of micro-batches.
         gram_dtype: precision of the Gramian, ``torch.float32`` (default) or ``torch.float64``.
         heads: ``"weighted"`` (objective ``Σ w_k L_k``), ``"unweighted"`` (heads get their own
             unweighted gradients, the shared tensors ``Jᵀw``) or None for the method's
@@ -68,16 +87,14 @@ class GradientBalancer(Balancer):
         self,
         num_tasks: int,
         *,
-        params: Iterable[Tensor] | None = None,
+        params: Iterable[Tensor] | Tensor | None = None,
         update_every: int = 1,
         gram_dtype: torch.dtype = torch.float32,
         heads: str | None = None,
     ) -> None:
         super().__init__(num_tasks)
         # A plain list, so the model's parameters do not become this module's parameters.
-        self.shared_params: list[Tensor] | None = None if params is None else list(params)
-        if self.shared_params is not None and not self.shared_params:
-            raise ValueError("params: expected at least one shared parameter, got an empty list")
+        self.shared_params: list[Tensor] | None = None if params is None else _checked(params)
         self.update_every = check_positive_int("update_every", update_every)
         if gram_dtype not in (torch.float32, torch.float64):
             raise ValueError(
@@ -88,104 +105,110 @@ class GradientBalancer(Balancer):
         self.heads = check_choice("heads", chosen, ("weighted", "unweighted"))
         # None until the first call tells whether this graph supports the batched backward.
         self._batched_backward: bool | None = None
-        # The shared tensors and their per-task gradient rows of the call in progress (heads=
-        # "unweighted" only); dropped as soon as the objective is built, so no graph is kept.
-        self._call_inputs: list[Tensor] | None = None
-        self._call_rows: list[Tensor] | None = None
+        # Cosines of the task gradients at the last refresh, for log_dict (NaN before one).
+        self._last_cosines = torch.full((self.num_tasks, self.num_tasks), math.nan)
 
     @abstractmethod
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        """The method's rule: ``[K]`` weights from the losses and the Gramian.
+        """The method's rule: ``[K]`` weights from the mean losses and the Gramian.
 
         Must not change any state before it can no longer fail.
         """
 
-    def _is_refresh_step(self) -> bool:
-        return self._steps_taken % self.update_every == 0
+    def _refreshes(self, step: Step) -> bool:
+        # Every task's gradient is needed to recompute: a step with an absent task reuses the
+        # last weights for the present ones, as between two update_every refreshes.
+        return self._steps_taken % self.update_every == 0 and step.all_present
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
-        if not self._is_refresh_step():
+    def _update(self, step: Step) -> Tensor:
+        if not step.refresh:
             return self._last_weights.clone()
-        assert gram is not None  # forward and compute_weights both supply it on refresh steps
-        weights = self._gradient_weights(losses, gram.to(losses.device))
-        return weights.to(device=losses.device, dtype=losses.dtype)
+        assert step.gram is not None  # _prepare or compute_weights supplies it on refresh steps
+        gram = step.gram.to(step.mean_losses.device)
+        weights = self._gradient_weights(step.mean_losses, gram)
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        self._last_cosines = (gram / (norms[:, None] * norms[None, :])).detach().cpu()
+        return weights.to(device=step.mean_losses.device, dtype=gram.dtype)
 
-    def _check_call_inputs(self, losses: Tensor, features: Tensor | None) -> None:
+    def _check_call_inputs(
+        self, losses: Tensor, features: Tensor | Sequence[Tensor] | None
+    ) -> list[Tensor]:
         # Checked on every call, refresh step or not, so a wrong call fails at once rather than
         # only on the next refresh step, and before any DDP collective.
-        if self.shared_params is None:
-            if features is None:
-                raise ValueError(
-                    f"features: {self._method_name} is a gradient method and needs the shared "
-                    "features at each call (b(losses, features=z)) or shared parameters at "
-                    f"construction (tb.create({self._method_name!r}, num_tasks=..., "
-                    "params=...)); got neither"
-                )
-            if not isinstance(features, Tensor):
-                raise TypeError(f"features: expected a tensor, got {type(features).__name__}")
-            if not features.requires_grad:
-                raise ValueError(
-                    "features: the tensor does not require grad; pass the shared "
-                    "representation the task heads consume (not a detached copy)"
-                )
         if not losses.requires_grad:
             raise ValueError(
                 "losses: the losses do not require grad, so the task gradients cannot be "
                 "measured; compute them from the model's output without .detach()"
             )
-
-    def _gram_for_call(self, losses: Tensor, features: Tensor | None) -> Tensor | None:
-        refresh = self._is_refresh_step()
-        if not refresh and self.heads == "weighted":
-            return None
-        features_mode = self.shared_params is None
         if self.shared_params is not None:
-            inputs = self.shared_params
+            return self.shared_params
+        if features is None:
+            raise ValueError(
+                f"features: {self._method_name} is a gradient method and needs the shared "
+                "features at each call (b(losses, features=z)) or shared parameters at "
+                f"construction (tb.create({self._method_name!r}, num_tasks=..., "
+                "params=...)); got neither"
+            )
+        if isinstance(features, Tensor):
+            tensors: list[Tensor] = [features]
+        elif isinstance(features, Sequence) and not isinstance(features, str) and features:
+            tensors = list(features)
         else:
-            assert features is not None  # _check_call_inputs ran first
-            inputs = [features]
-        rows, path = jacobian_rows(losses, inputs, batched=self._batched_backward)
+            raise TypeError(
+                f"features: expected a tensor or a non-empty list of tensors, got {features!r}"
+            )
+        advice = "pass the shared representation the task heads consume (not a detached copy)"
+        _check_tensors("features", tensors, isinstance(features, Tensor), advice)
+        return tensors
+
+    def _prepare(self, step: Step) -> None:
+        """The task gradients (on refresh steps, or at every step for unweighted heads)."""
+        if not step.refresh and self.heads == "weighted":
+            return
+        assert step.features is not None  # _check_call_inputs returned the shared tensors
+        features_mode = self.shared_params is None
+        # Absent tasks are not differentiated (their loss may be NaN or a constant outside the
+        # graph): the engine gives them zero rows instead of refusing them.
+        rows, path = jacobian_rows(
+            step.graph_losses,
+            step.features,
+            batched=self._batched_backward,
+            features_mode=features_mode,
+            present=step.local_present,
+        )
         # Once a graph needed the loop (path False), stop retrying the batched backward.
         if path is False:
             self._batched_backward = False
-        if self.heads == "unweighted":
-            self._call_inputs, self._call_rows = list(inputs), rows
-        if not refresh:
-            return None
+        step.shared, step.rows = step.features, rows
+        if not step.refresh:
+            return
         gram = gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
         if not bool(torch.isfinite(gram).all()):
-            self._call_inputs = self._call_rows = None
-            source = "features" if features_mode else "params"
-            raise ValueError(
-                f"{source}: the task gradients are not finite (the Gramian has nan or inf "
-                "entries), so no weights can be computed; the call is rejected and the "
-                "balancer's state is unchanged. Under AMP, skip this step as GradScaler does"
-            )
-        return gram
+            step.nonfinite = True
+            if self.on_nonfinite == "raise":
+                source = "features" if features_mode else "params"
+                raise ValueError(
+                    f"{source}: the task gradients are not finite (the Gramian has nan or inf "
+                    "entries), so no weights can be computed; the call is rejected and the "
+                    "balancer's state is unchanged. Under AMP, create the balancer with "
+                    "on_nonfinite='skip' to skip such steps as GradScaler does"
+                )
+            return
+        step.gram = (gram + gram.T) / 2
 
-    def _advance(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
-        try:
-            return super()._advance(losses, gram, kpis)
-        except BaseException:
-            # A failed step must not keep the call's graph alive through the stashed tensors.
-            self._call_inputs = self._call_rows = None
-            raise
-
-    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+    def _objective(self, step: Step, weights: Tensor) -> Tensor:
         if self.heads == "weighted":
-            return super()._objective(losses, weights, statistics)
-        inputs, rows = self._call_inputs, self._call_rows
-        self._call_inputs = self._call_rows = None
-        assert inputs is not None
-        assert rows is not None
+            return super()._objective(step, weights)
+        assert step.shared is not None  # _prepare took the task gradients
+        assert step.rows is not None
         # ⟨x, v⟩ adds Σ_k (w_k − 1)·∇_x L_k to the shared tensor's gradient only: the heads
         # never see it.
         shifts = (weights - 1).detach()
-        inner = losses.new_zeros(())
-        for tensor, row in zip(inputs, rows, strict=True):
+        inner = step.losses.new_zeros(())
+        for tensor, row in zip(step.shared, step.rows, strict=True):
             correction = torch.mv(row.T, shifts.to(row.dtype)).to(tensor.dtype)
-            inner = inner + torch.dot(tensor.reshape(-1), correction).to(losses.dtype)
-        return losses.sum() + (inner - inner.detach())
+            inner = inner + torch.dot(tensor.reshape(-1), correction).to(inner.dtype)
+        return step.losses.sum() + (inner - inner.detach())
 
     def extra_repr(self) -> str:
         mode = "features" if self.shared_params is None else "params"
@@ -193,6 +216,34 @@ class GradientBalancer(Balancer):
             f"num_tasks={self.num_tasks}, mode={mode}, update_every={self.update_every}, "
             f"heads={self.heads}"
         )
+
+
+def _check_tensors(name: str, tensors: Sequence[object], single: bool, advice: str) -> None:
+    """Each of ``tensors`` is a tensor that requires grad; errors name ``name`` (and index)."""
+    for index, tensor in enumerate(tensors):
+        label = name if single else f"{name}[{index}]"
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{label}: expected a tensor, got {tensor!r}")
+        if not tensor.requires_grad:
+            raise ValueError(
+                f"{label}: the tensor does not require grad (shape {tuple(tensor.shape)}); {advice}"
+            )
+
+
+def _checked(params: Iterable[Tensor] | Tensor) -> list[Tensor]:
+    """``params=`` as a list: one tensor is ``[tensor]``; each must be a tensor needing grad."""
+    if isinstance(params, Tensor):
+        listed: list[object] = [params]
+    elif isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
+        raise TypeError(
+            f"params: expected shared parameters (e.g. trunk[-1].parameters()), got {params!r}"
+        )
+    else:
+        listed = list(params)
+    if not listed:
+        raise ValueError("params: expected at least one shared parameter, got an empty list")
+    _check_tensors("params", listed, False, "no task gradient reaches it")
+    return listed  # type: ignore[return-value]
 
 
 def inverse_gradient_norms(gram: Tensor, eps: float) -> Tensor:
@@ -232,4 +283,8 @@ class SpectralGradientBalancer(GradientBalancer):
 
     def __init__(self, num_tasks: int, *, rtol: float | None = None, **options: Any) -> None:
         super().__init__(num_tasks, **options)
-        self.rtol = None if rtol is None else check_positive("rtol", rtol)
+        self.rtol = (
+            None
+            if rtol is None
+            else check_in_range("rtol", rtol, 0.0, 1.0, low_open=True, high_open=True)
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -12,6 +12,7 @@ from torch import Tensor
 from taskbalance._adam import AdamState
 from taskbalance._registry import register
 from taskbalance._validation import check_choice, check_nonnegative, check_positive
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
 _INITIAL_LOSSES = ("first", "log_c")
@@ -73,6 +74,14 @@ class GradNorm(GradientBalancer):
         tensor([1.0250, 0.9750])
     """
 
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"alpha": 0.5},
+        {"initial_losses": "log_c", "num_classes": 10},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"alpha": -1.0}, ValueError, r"alpha: expected a number >= 0"),
+    )
+
     requires_positive_losses = True
 
     task_weights: Tensor
@@ -110,7 +119,8 @@ class GradNorm(GradientBalancer):
             )
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        current = self.task_weights.clone()
+        # float32 whatever dtype the buffer was cast to (a model's .half() reaches it).
+        current = self.task_weights.to(torch.float32, copy=True)
         values = losses.detach().to(device=current.device, dtype=torch.float64)
         if bool(self.has_initial_losses):
             initial = self.initial_loss_values.to(torch.float64)

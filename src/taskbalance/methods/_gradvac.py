@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -11,6 +11,7 @@ from torch import Tensor
 from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
 from taskbalance._validation import check_in_range, check_seed
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 from taskbalance.methods._pcgrad import negligible_squared_norm, task_orders
 
@@ -75,6 +76,13 @@ class GradVac(GradientBalancer):
         tensor([2.0000, 1.5000])
     """
 
+    signed_weights = True
+    claimed_properties = frozenset({"scale_equivariant"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"beta": 0.5},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"beta": 1.5}, ValueError, r"beta: expected a number in \[0.0, 1.0\]"),
+    )
+
     target_cosines: Tensor
 
     def __init__(
@@ -106,7 +114,6 @@ class GradVac(GradientBalancer):
             raise
         self.target_cosines.copy_(torch.tensor(targets, dtype=torch.float64))
         return weights
-
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, beta={self.beta}, seed={self.seed}"

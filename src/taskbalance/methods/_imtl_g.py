@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import (
     SpectralGradientBalancer,
     inverse_gradient_norms,
@@ -58,6 +61,13 @@ class IMTLG(SpectralGradientBalancer):
         tensor([0.6667, 0.3333])
     """
 
+    signed_weights = True
+    claimed_properties = frozenset({"scale_equivariant"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"rtol": 0.9},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"rtol": 0.0}, ValueError, r"rtol: expected a number in \(0.0, 1.0\)"),
+    )
+
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return imtl_g_weights(gram, self.rtol).to(torch.float32)
 
@@ -76,5 +86,9 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     right = g @ (inverse_norms[:, None] * difference.T)  # G N Aᵀ, K × (K−1)
     reference = right[0]  # g_1 Uᵀ
     system = difference @ right  # D Uᵀ = A G N Aᵀ
-    rest = reference @ torch.linalg.pinv(system, rtol=rtol)
+    # The cut-off is relative to the gradients' scale as well as to the system's own largest
+    # singular value: for exactly parallel gradients the whole system is rounding noise of
+    # size ~eps·max‖g_i‖, and a cut relative to that noise alone would invert it.
+    scale = g.diagonal().clamp_min(0).max().sqrt()
+    rest = reference @ torch.linalg.pinv(system, atol=float(rtol * scale), rtol=rtol)
     return torch.cat([(1.0 - rest.sum()).reshape(1), rest])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._validation import check_real
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._learned_log_scales import LearnedLogScales
 
 
@@ -33,6 +36,11 @@ class IMTLL(LearnedLogScales):
         >>> b(torch.tensor([2.0, 3.0])).item()
         5.0
     """
+
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"init": -0.5},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"init": 100.0}, ValueError, r"init: expected a number in \[-87.3, 87.3\]"),
+    )
 
     def __init__(self, num_tasks: int, *, init: float = 0.0) -> None:
         super().__init__(num_tasks, init=check_real("init", init))

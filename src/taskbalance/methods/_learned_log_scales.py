@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 
 import torch
 from torch import Tensor, nn
 
 from taskbalance._base import Balancer
+from taskbalance._step import Step
+from taskbalance._validation import check_in_range
+
+# e^{±s} must be a finite, non-zero float32 at the first call, or the weights start at inf or 0.
+_LOG_FLOAT32_MAX = math.log(torch.finfo(torch.float32).max)  # 88.72
+_LOG_FLOAT32_TINY = math.log(torch.finfo(torch.float32).tiny)  # -87.34
 
 
 class LearnedLogScales(Balancer):
@@ -23,7 +30,9 @@ class LearnedLogScales(Balancer):
 
     def __init__(self, num_tasks: int, *, init: float) -> None:
         super().__init__(num_tasks)
-        self.log_scales = nn.Parameter(torch.full((self.num_tasks,), float(init)))
+        bound = min(_LOG_FLOAT32_MAX, -_LOG_FLOAT32_TINY)
+        init = check_in_range("init", init, -round(bound - 0.05, 1), round(bound - 0.05, 1))
+        self.log_scales = nn.Parameter(torch.full((self.num_tasks,), init))
 
     def _set_initial_weights(self) -> None:
         """Report ``f(s_init)`` as the weights before the first call; subclasses call it last."""
@@ -37,10 +46,13 @@ class LearnedLogScales(Balancer):
     def regulariser(self, log_scales: Tensor) -> Tensor:
         """``r(s)``, per task: what stops the factors collapsing to zero."""
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         return self.loss_factors(self.log_scales.detach()).to(losses.dtype)
 
-    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+    def _objective(self, step: Step, weights: Tensor) -> Tensor:
+        losses = step.losses
+        statistics = step.mean_losses
         log_scales = self.log_scales.to(losses.device)
         factors = self.loss_factors(log_scales).to(losses.dtype)
         statistics = statistics.to(losses.dtype)

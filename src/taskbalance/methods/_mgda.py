@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
@@ -10,7 +10,8 @@ from torch import Tensor
 from taskbalance._registry import register
 from taskbalance._solvers import min_norm_weights
 from taskbalance._validation import check_choice, check_positive, check_positive_int
-from taskbalance.methods._gradient_base import GradientBalancer
+from taskbalance.methods._facts import BadHyperparameters
+from taskbalance.methods._gradient_base import GradientBalancer, inverse_gradient_norms
 
 _NORMALISATIONS = ("none", "l2", "loss", "loss+")
 _SOLVERS = ("active_set", "frank_wolfe")
@@ -58,6 +59,20 @@ class MGDA(GradientBalancer):
         tensor([0.8000, 0.2000])
     """
 
+    claimed_properties = frozenset(
+        {"non_conflicting", "permutation_invariant", "scale_equivariant"}
+    )
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"normalization": "l2"},
+        {"normalization": "loss"},
+        {"normalization": "loss+"},
+        {"solver": "frank_wolfe", "max_iter": 2},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"normalization": "L2"}, ValueError, r"normalization: expected one of"),
+        ({"max_iter": 0}, ValueError, r"max_iter: expected an int >= 1"),
+    )
+
     default_heads = "weighted"
 
     def __init__(
@@ -72,7 +87,9 @@ class MGDA(GradientBalancer):
     ) -> None:
         super().__init__(num_tasks, **options)
         self.normalization = check_choice("normalization", normalization, _NORMALISATIONS)
-        self.solver = check_choice("solver", solver, _SOLVERS)
+        self.solver = cast(
+            Literal["active_set", "frank_wolfe"], check_choice("solver", solver, _SOLVERS)
+        )
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_positive("tol", tol)
         self.requires_positive_losses = normalization in ("loss", "loss+")
@@ -86,13 +103,19 @@ class MGDA(GradientBalancer):
 
 
 def gradient_normalisers(gram: Tensor, losses: Tensor, normalization: str) -> Tensor:
-    """``1/n_k`` for the reference code's normalisers ``n_k`` (float64, ``[K]``)."""
-    norms = gram.double().diagonal().clamp_min(0).sqrt()
-    tiny = torch.finfo(torch.float64).tiny
+    """``1/n_k`` for the reference code's normalisers ``n_k`` (float64, ``[K]``).
+
+    A zero gradient stays zero under ``l2`` and ``loss+`` (``1/‖g_k‖`` taken as 0, see
+    :func:`inverse_gradient_norms`): its row of the scaled Gramian is then 0, the min-norm
+    point is that task alone, and the direction is 0 (the point is Pareto-stationary), where
+    dividing by ``‖g_k‖ = 0`` would give an infinite Gramian.
+    """
+    g = gram.double()
     if normalization == "none":
-        return torch.ones_like(norms)
-    if normalization == "l2":
-        return 1.0 / norms.clamp_min(tiny)
+        return torch.ones(g.shape[0], dtype=torch.float64, device=g.device)
     if normalization == "loss":
         return 1.0 / losses.double()
-    return 1.0 / (losses.double() * norms).clamp_min(tiny)
+    inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
+    if normalization == "l2":
+        return inverse_norms
+    return inverse_norms / losses.double()

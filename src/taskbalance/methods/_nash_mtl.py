@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -10,6 +11,7 @@ from torch import Tensor
 from taskbalance._registry import register
 from taskbalance._solvers import nash_weights
 from taskbalance._validation import check_positive, check_positive_int
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
 
@@ -36,7 +38,12 @@ class NashMTL(GradientBalancer):
     Defaults: recompute every step (``update_every=1``; the paper reports speed-ups with 5 or
     50 and so can you).
 
-    Departures: the official training loop also clips the shared gradient to norm 1
+    Degenerate cases: a task with a zero gradient has no finite α (its ``g_kᵀd`` is 0 for
+    every d); it is left out of the bargaining with weight 0, and the others bargain among
+    themselves. All gradients zero: all weights 0.
+
+    Departures: the zero-gradient rule above (the official code's solver fails there and it
+    keeps the previous weights). The official training loop also clips the shared gradient to norm 1
     (``max_norm``); clipping is the training loop's business, so do it yourself with
     ``torch.nn.utils.clip_grad_norm_`` to reproduce the paper's runs.
 
@@ -54,6 +61,12 @@ class NashMTL(GradientBalancer):
         tensor([0.5000, 1.0000])
     """
 
+    claimed_properties = frozenset({"non_conflicting"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"tol": 0.1},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"max_iter": 0}, ValueError, r"max_iter: expected an int >= 1"),
+    )
+
     default_heads = "weighted"
 
     def __init__(
@@ -69,5 +82,40 @@ class NashMTL(GradientBalancer):
         self.tol = check_positive("tol", tol)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        weights = nash_weights(gram.double(), max_iter=self.max_iter, tol=self.tol)
-        return weights.to(torch.float32)
+        def solve(unit_gram: Tensor) -> Tensor:
+            return nash_weights(unit_gram, max_iter=self.max_iter, tol=self.tol)
+
+        return bargaining_weights(gram, solve, 0.5, self._method_name)
+
+
+def bargaining_weights(
+    gram: Tensor, solve: Callable[[Tensor], Tensor], exponent: float, method: str
+) -> Tensor:
+    """Weights of ``(G w)_k = f(w_k)`` (Nash-MTL, FairGrad) on the tasks with a gradient.
+
+    The system is homogeneous: ``w(s·G) = s^{−exponent}·w(G)``, so it is solved on ``G``
+    divided by its largest diagonal entry (the solver's tolerances are then scale-free, and
+    gradients of 1e-15 or 1e15 solve as well as gradients of 1) and scaled back. A task whose
+    gradient is zero (``‖g_k‖² ≤ eps²·max_j ‖g_j‖²``, eps of G's dtype) has no finite weight
+    (its utility ``g_kᵀd`` is 0 for every d): it is left out of the game with weight 0.
+    Float32 ``[K]``.
+    """
+    g = gram.detach().double()
+    g = 0.5 * (g + g.T)
+    squared_norms = g.diagonal()
+    largest = squared_norms.max()
+    weights = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+    if not bool(largest > 0):
+        return weights.float()
+    active = squared_norms > torch.finfo(gram.dtype).eps ** 2 * largest
+    index = active.nonzero().flatten()
+    unit = g[index][:, index] / largest
+    weights[index] = solve(unit) * float(largest) ** -exponent
+    result = weights.float()
+    if not bool(torch.isfinite(result).all()):
+        raise ValueError(
+            f"gram: the task gradients are so small (largest ‖g_k‖² = {float(largest):.3g}) "
+            f"that {method}'s weights, which grow like 1/‖g‖, overflow float32; rescale "
+            "the losses"
+        )
+    return result

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -10,6 +10,7 @@ from torch import Tensor
 from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
 from taskbalance._validation import check_choice, check_seed
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
 _ORDERS = ("random", "fixed")
@@ -65,6 +66,16 @@ class PCGrad(GradientBalancer):
         tensor([2.0000, 1.5000])
     """
 
+    signed_weights = True
+    claimed_properties = frozenset({"scale_equivariant"})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"order": "fixed"},
+        {"seed": 3},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"order": "sorted"}, ValueError, r"order: expected one of"),
+    )
+
     def __init__(
         self,
         num_tasks: int,
@@ -88,7 +99,6 @@ class PCGrad(GradientBalancer):
             self.generator.set_state(saved)
             raise
         return weights
-
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, order={self.order!r}, seed={self.seed}"

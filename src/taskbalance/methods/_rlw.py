@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import check_seed
+from taskbalance.methods._facts import BadHyperparameters
 
 
 @register("rlw")
@@ -39,12 +43,18 @@ class RLW(Balancer):
         3.0
     """
 
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"seed": 7},)
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"seed": -1}, ValueError, r"seed: expected an int in \[0, 2\*\*64\)"),
+    )
+
     def __init__(self, num_tasks: int, *, seed: int = 0) -> None:
         super().__init__(num_tasks)
         check_seed(seed)
         self.seed = seed
         self.generator = seeded_generator(seed)
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         logits = torch.randn(self.num_tasks, generator=self.generator)
         return self.num_tasks * torch.softmax(logits, dim=0).to(losses.device)

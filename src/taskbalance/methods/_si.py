@@ -7,6 +7,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._registry import register
+from taskbalance._step import Step
 
 
 @register("si")
@@ -35,10 +36,13 @@ class SI(Balancer):
 
     requires_positive_losses = True
 
-    def _update(self, losses: Tensor, gram: Tensor | None, kpis: Tensor | None) -> Tensor:
+    def _update(self, step: Step) -> Tensor:
+        losses = step.mean_losses
         return 1.0 / losses
 
-    def _objective(self, losses: Tensor, weights: Tensor, statistics: Tensor) -> Tensor:
+    def _objective(self, step: Step, weights: Tensor) -> Tensor:
+        losses = step.losses
+        statistics = step.mean_losses
         weighted = (weights.to(losses.dtype) * losses).sum()
         # A constant shift so the value reads Σ log L without changing the gradient.
         statistics = statistics.to(losses.dtype)

@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._solvers import dual_cone_weights
-from taskbalance._validation import per_task_values
+from taskbalance._validation import check_nonnegative, per_task_values
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
 
 class _DualConeBalancer(GradientBalancer):
-    """Shared set-up of UPGrad and DualProj: preference weights over the tasks."""
+    """Shared set-up of UPGrad and DualProj: preferences and the optional regularisation."""
+
+    # The exact projection (the default) never conflicts with a task; with norm_eps/reg_eps
+    # > 0 (torchjd's regularisation) it may.
+    claimed_properties = frozenset(
+        {"non_conflicting", "permutation_invariant", "scale_equivariant"}
+    )
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"pref": [0.2, 0.3, 0.5]},
+        {"norm_eps": 0.1, "reg_eps": 0.1},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"pref": [1.0, -1.0, 1.0]}, ValueError, r"pref\[1\] = -1.0: expected"),
+        ({"pref": [0.0, 0.0, 0.0]}, ValueError, r"pref: expected at least one preference > 0"),
+        ({"reg_eps": -1.0}, ValueError, r"reg_eps"),
+    )
 
     preferences: Tensor
 
@@ -24,6 +40,8 @@ class _DualConeBalancer(GradientBalancer):
         num_tasks: int,
         *,
         pref: Sequence[float] | Tensor | None = None,
+        norm_eps: float = 0.0,
+        reg_eps: float = 0.0,
         **options: Any,
     ) -> None:
         super().__init__(num_tasks, **options)
@@ -34,7 +52,20 @@ class _DualConeBalancer(GradientBalancer):
             for i, value in enumerate(values):
                 if value < 0:
                     raise ValueError(f"pref[{i}] = {value}: expected a preference >= 0")
+            if sum(values) <= 0:
+                raise ValueError(
+                    f"pref: expected at least one preference > 0, got {values} (the "
+                    "direction would be 0 at every step)"
+                )
+        self.norm_eps = check_nonnegative("norm_eps", norm_eps)
+        self.reg_eps = check_nonnegative("reg_eps", reg_eps)
         self.register_buffer("preferences", torch.tensor(values, dtype=torch.float64))
+
+    def _project(self, gram: Tensor, prefs: Tensor) -> Tensor:
+        weights = dual_cone_weights(
+            gram.double(), prefs, norm_eps=self.norm_eps, reg_eps=self.reg_eps
+        )
+        return weights.to(torch.float64 if gram.dtype == torch.float64 else torch.float32)
 
 
 @register("upgrad")
@@ -50,15 +81,23 @@ class UPGrad(_DualConeBalancer):
     ``u_i = argmin_{u ≥ 0} ½uᵀGu + uᵀG e_i``
 
     (the dual of the projection QP), so ``d = Jᵀw`` with ``w = Σ_i p_i (e_i + u_i)``, and
-    ``G w ≥ 0``: no task is made worse to first order.
+    ``G w ≥ 0``: with the defaults, no task is made worse to first order (to rounding, on any
+    Gramian, singular ones included). The K projections share the Gramian and are solved
+    together.
 
-    Defaults: uniform preferences; the dual-cone solver's regularisation follows torchjd.
+    Defaults: uniform preferences; the exact projection (``norm_eps = reg_eps = 0``).
 
-    Departures: none; the QP is solved exactly in pure torch (torchjd uses quadprog).
+    Departures: torchjd solves the QPs with quadprog on ``G/tr(G) + reg_eps·I`` (zero in place
+    of ``G/tr(G)`` when ``tr(G) < norm_eps``) with ``norm_eps = reg_eps = 1e-4``; its direction
+    can then conflict with a task (the guarantee holds for the regularised Gramian only).
+    ``norm_eps=1e-4, reg_eps=1e-4`` reproduces torchjd; the QP is solved exactly in pure torch
+    either way.
 
     Args:
         num_tasks: K.
         pref: non-negative preference weights, one per task (default ``1/K`` each).
+        norm_eps: Gramians with trace below this are treated as zero (torchjd: 1e-4).
+        reg_eps: ridge added to the trace-normalised Gramian (torchjd: 1e-4).
         **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
             :class:`GradientBalancer`.
 
@@ -69,10 +108,9 @@ class UPGrad(_DualConeBalancer):
         tensor([0.5000, 0.5000])
     """
 
-
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        rows = torch.diag(self.preferences.to(gram.device))
-        return dual_cone_weights(gram.double(), rows).sum(dim=0).to(torch.float32)
+        rows = torch.diag(self.preferences)
+        return self._project(gram, rows).sum(dim=0)
 
 
 @register("dualproj")
@@ -81,15 +119,19 @@ class DualProj(_DualConeBalancer):
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (the baseline
     aggregator of their §5): ``d = π(Jᵀp)`` with ``π`` the projection onto ``{v : Jv ≥ 0}``,
-    so ``d = Jᵀ(p + u)``, ``u = argmin_{u ≥ 0} ½uᵀGu + uᵀGp``, and ``G(p + u) ≥ 0``.
+    so ``d = Jᵀ(p + u)``, ``u = argmin_{u ≥ 0} ½uᵀGu + uᵀGp``, and ``G(p + u) ≥ 0``: with the
+    defaults, no task is made worse to first order.
 
-    Defaults: uniform preferences ``p = 1/K``.
+    Defaults: uniform preferences ``p = 1/K``; the exact projection (``norm_eps = reg_eps = 0``).
 
-    Departures: none; the QP is solved exactly in pure torch.
+    Departures: as :class:`UPGrad`, torchjd regularises the Gramian (``norm_eps = reg_eps =
+    1e-4``, which these arguments reproduce); the QP is solved exactly in pure torch.
 
     Args:
         num_tasks: K.
         pref: non-negative preference weights, one per task (default ``1/K`` each).
+        norm_eps: Gramians with trace below this are treated as zero (torchjd: 1e-4).
+        reg_eps: ridge added to the trace-normalised Gramian (torchjd: 1e-4).
         **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
             :class:`GradientBalancer`.
 
@@ -100,7 +142,9 @@ class DualProj(_DualConeBalancer):
         tensor([0.5000, 0.5000])
     """
 
+    # On the shared test trajectories the mean gradient already lies in the dual cone, where
+    # the regularisation changes nothing: only the preferences are a visible example.
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"pref": [0.2, 0.3, 0.5]},)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        preferences = self.preferences.to(gram.device)
-        return dual_cone_weights(gram.double(), preferences).to(torch.float32)
+        return self._project(gram, self.preferences)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._validation import check_choice, check_num_tasks, check_real
+from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._learned_log_scales import LearnedLogScales
 
 _KINDS = ("regression", "classification")
@@ -47,6 +49,14 @@ class UW(LearnedLogScales):
         >>> b(torch.tensor([1.0, 1.0])).item()
         1.5
     """
+
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"kinds": "classification"},
+        {"init": 0.5},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"init": -100.0}, ValueError, r"init: expected a number in \[-87.3, 87.3\]"),
+    )
 
     factor: Tensor
 

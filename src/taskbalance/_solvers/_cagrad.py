@@ -1,0 +1,390 @@
+"""CAGrad's inner problem: a root search in one scalar over exact min-norm solves.
+
+Torch and plain-Python paths side by side: each evaluates ``t ↦ (w(t), ‖g_{w(t)}‖)`` and a
+predicted root on the current face; the root search itself (:func:`_root`) is shared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from operator import mul
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from taskbalance._solvers._common import (
+    F64,
+    Backend,
+    SolverError,
+    check_float,
+    check_int,
+    chol_py,
+    chol_solve_py,
+    select_backend,
+    to_output,
+    work_list,
+    work_tensor,
+)
+from taskbalance._solvers._dual_cone import _nnqp_py, _nnqp_torch
+from taskbalance._solvers._min_norm import solve_min_norm
+
+__all__ = ["cagrad_weights"]
+
+#: Largest K solved on the plain-Python path by ``backend="auto"``.
+PYTHON_MAX_K = 8
+# Cap of the dual-cone projection used when the optimum is degenerate (see cagrad_weights).
+_PROJECTION_MAX_ITER = 500
+
+W = TypeVar("W", Tensor, list[float])
+# t -> (w(t), s(t) = ‖g_{w(t)}‖, Σ_i w_i ‖g_i‖, predicted root or None); the third is the size
+# of the terms of g_{w(t)}, of which s(t) is known to ~sqrt(K eps) only
+Inner = Callable[[float], tuple[W, float, float, float | None]]
+
+
+def _predicted_root(
+    q: float, q1: float, q2: float, r: float, beta: float, t: float
+) -> float | None:
+    """Root of ``s(t) = t`` on the current face, where ``w(β) = w + (β − β_c) w1`` is affine.
+
+    With ``δ = β − β_c``, ``s² = q + 2δ q1 + δ² q2`` (``q = wᵀGw``, ``q1 = wᵀGw1``,
+    ``q2 = w1ᵀGw1``) and ``t = r β``, so ``s² = t²`` is a quadratic in ``δ``; the positive root
+    nearest the current ``t`` is a trial point only (the bracket decides).
+    """
+    r2 = r * r
+    qa, qb, qc = q2 - r2, q1 - r2 * beta, q - r2 * beta * beta  # qa δ² + 2 qb δ + qc = 0
+    roots: list[float] = []
+    if qa != 0.0:
+        disc = qb * qb - qa * qc
+        if disc >= 0.0:
+            big = -(qb + math.copysign(math.sqrt(disc), qb))  # numerically stable pair
+            if big != 0.0:
+                roots = [big / qa, qc / big]
+    elif qb != 0.0:
+        roots = [-qc / (2.0 * qb)]
+    ts = [r * (beta + dl) for dl in roots if r * (beta + dl) > 0.0]
+    return min(ts, key=lambda x: abs(x - t)) if ts else None
+
+
+# --------------------------------------------------------------------------------------------
+# torch path
+# --------------------------------------------------------------------------------------------
+
+
+def _inner_torch(G: Tensor, b: Tensor, gg: float, r: float, max_iter: int) -> Inner[Tensor]:
+    K = G.shape[0]
+    norms = G.diagonal().sqrt()
+    prev: list[list[float] | None] = [None]  # the latest evaluation's weights
+
+    def face_solves(Gs: Tensor, S: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        # D (D Gs_S D)⁻¹ D [1, b_S] on a well-conditioned face S (None: all): the unnormalised
+        # face minimiser and its derivative in β, both from one Jacobi-scaled Cholesky factor
+        GS = Gs if S is None else Gs[S][:, S]
+        bS = b if S is None else b[S]
+        dS = GS.diagonal().clamp_min(1e-300).rsqrt()
+        L, info = torch.linalg.cholesky_ex(dS[:, None] * GS * dS[None, :])
+        if int(info) != 0 or float(L.diagonal().min()) ** 2 <= 1e-8:
+            return None  # singular face
+        av, ev = (dS[:, None] * torch.cholesky_solve(torch.stack([dS, dS * bS], 1), L)).unbind(1)
+        return av, ev
+
+    def inner(t: float) -> tuple[Tensor, float, float, float | None]:
+        beta = t / r
+        # Gramian of the shifted gradients g_i + β g0
+        Gs = G + beta * (b[:, None] + b[None, :]) + beta * beta * gg
+        Gs = 0.5 * (Gs + Gs.T)
+        # an interior min-norm point (all weights > 0 on the well-conditioned face of all
+        # vertices) is where the active set's top-down start stops at once: take it from the
+        # same factorisation that predicts the root
+        interior = prev[0] is None or all(v > 0 for v in prev[0])
+        full = None
+        if interior and K >= 3 and float(Gs.diagonal().min()) > 0:
+            full = face_solves(Gs, None)
+        S: Tensor | None = None
+        if full is not None and bool((full[0] > 0).all()):
+            w = full[0] / full[0].sum()
+            solves: tuple[Tensor, Tensor] | None = full
+        else:
+            # warm start from the previous evaluation's solution: t moves little, so does w
+            w_any = solve_min_norm(Gs, max_iter, 1e-12, prev[0])
+            assert isinstance(w_any, Tensor)
+            w = w_any
+            S = torch.nonzero(w > 0)[:, 0]
+            solves = face_solves(Gs, S) if S.numel() >= 2 else None
+        prev[0] = w.tolist()
+        Gw = G @ w
+        q = float(w @ Gw)
+        st = math.sqrt(max(q, 0.0))
+        size = float(w @ norms)
+        if solves is None:
+            return w, st, size, None
+        av, ev = solves
+        sa = float(av.sum())
+        if not sa > 0.0:
+            return w, st, size, None
+        # on the face, w(β) = w + (β − β_c) w1
+        w1_face = av * (float(ev.sum()) / sa) - ev
+        if S is None:
+            w1 = w1_face
+        else:
+            w1 = torch.zeros(K, dtype=F64)
+            w1[S] = w1_face
+        Gw1 = G @ w1
+        return w, st, size, _predicted_root(q, float(w @ Gw1), float(w1 @ Gw1), r, beta, t)
+
+    return inner
+
+
+# --------------------------------------------------------------------------------------------
+# plain-Python path
+# --------------------------------------------------------------------------------------------
+
+
+def _inner_py(
+    G: list[list[float]], b: list[float], gg: float, r: float, max_iter: int
+) -> Inner[list[float]]:
+    K = len(G)
+    norms = [math.sqrt(G[i][i]) for i in range(K)]
+    prev: list[list[float] | None] = [None]  # the latest evaluation's weights
+
+    def inner(t: float) -> tuple[list[float], float, float, float | None]:
+        beta = t / r
+        b2 = beta * beta * gg
+        Gs = [[v + beta * (b[i] + b[k]) + b2 for k, v in enumerate(row)] for i, row in enumerate(G)]
+        # warm start from the previous evaluation's solution: t moves little, so does w
+        w = solve_min_norm(Gs, max_iter, 1e-12, prev[0])
+        assert isinstance(w, list)
+        prev[0] = w
+        Gw = [sum(map(mul, row, w)) for row in G]
+        q = sum(map(mul, w, Gw))
+        st = math.sqrt(max(q, 0.0))
+        size = sum(map(mul, w, norms))
+        S = [i for i in range(K) if w[i] > 0]
+        if len(S) < 2 or not all(Gs[i][i] > 0 for i in S):
+            return w, st, size, None
+        dS = [Gs[i][i] ** -0.5 for i in S]
+        A = [[dS[a] * Gs[i][k] * dS[e] for e, k in enumerate(S)] for a, i in enumerate(S)]
+        L = chol_py(A, 1e-8)
+        if L is None:  # singular face: no prediction
+            return w, st, size, None
+        av = [x * y for x, y in zip(dS, chol_solve_py(L, dS), strict=True)]
+        bS = [dS[a] * b[i] for a, i in enumerate(S)]
+        ev = [x * y for x, y in zip(dS, chol_solve_py(L, bS), strict=True)]
+        sa, se = sum(av), sum(ev)
+        if not sa > 0.0:
+            return w, st, size, None
+        w1 = [0.0] * K
+        for a, i in enumerate(S):
+            w1[i] = av[a] * se / sa - ev[a]
+        Gw1 = [sum(map(mul, row, w1)) for row in G]
+        q1, q2 = sum(map(mul, w, Gw1)), sum(map(mul, w1, Gw1))
+        return w, st, size, _predicted_root(q, q1, q2, r, beta, t)
+
+    return inner
+
+
+# --------------------------------------------------------------------------------------------
+# shared root search
+# --------------------------------------------------------------------------------------------
+
+
+def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, float, float]:
+    """Root of ``h(t) = s(t) − t`` on ``[0, smax]``; returns ``(w*, s*, size*)``.
+
+    ``inner(t)`` returns ``(w(t), s(t), size(t), t_pred)`` with an optional predicted root
+    ``t_pred``. ``h`` changes sign once, from + to − (``h ∝ −Ψ'`` with ``Ψ(t) = min_w bᵀw +
+    r wᵀGw/(2t) + rt/2`` convex), and ``h(smax) <= 0`` since ``s(t) <= max_i ‖g_i‖``, so the
+    search starts from the bracket ``[0, smax]`` with only ``h(0)`` evaluated.
+    Bracketing: safeguarded regula falsi (Illinois, every other step a bisection; a bisection
+    while ``h(hi)`` is unknown). A prediction from the latest evaluation, nudged by ``tol·hi/4``
+    past the root so that the next evaluation closes the bracket, replaces the regula falsi
+    step while it lies strictly inside the bracket and the bracket keeps halving at least every
+    two iterations. Stops when the bracket is narrower than ``tol·hi``, or at once when the
+    first prediction (tried without a nudge) leaves a residual ``|h| <= tol·t/4``: then two
+    inner solves in all.
+    """
+    lo, hi = 0.0, smax
+    w_lo, s_lo, size_lo, pred = inner(0.0)
+    h_lo = s_lo
+    h_hi: float | None = None
+    h_last = h_lo
+    # s(0) = ‖g_{w(0)}‖ at rounding level (0 in the convex hull): then t = 0 is a root of h in
+    # exact arithmetic whatever the sign of h just right of it, and h(0)'s sign is noise, which
+    # would pull regula falsi to a spurious root at 0. Bisect until the lower end moves.
+    flat_lo = s_lo <= 1e-6 * size_lo
+    if flat_lo:
+        pred = None
+    best: tuple[W, float, float] | None = None  # the latest evaluation with h <= 0
+    side = 0
+    it = 0
+    # near t = 0, w(t) -> w(0): below 1e-6 size(0) the result is declared degenerate anyway
+    # (size(0) = 0 where w(0) sits on zero gradients: then 1e-16 smax, ~53 bisections)
+    floor = 1e-7 * max(size_lo, 1e-9 * smax)
+    widths = [math.inf, math.inf]
+    exact_try = True
+    pred_used: float | None = None
+    while True:
+        it += 1
+        if it > max_iter:
+            raise SolverError(
+                f"cagrad_weights: root finding did not converge within max_iter={max_iter} "
+                f"iterations (bracket [{lo:.3e}, {hi:.3e}], residual {h_hi})"
+            )
+        if hi - lo <= tol * hi or hi <= floor:
+            break
+        t: float | None = None
+        if pred is not None and hi - lo <= 0.5 * widths[-2]:
+            # the first prediction is tried as it is (exact when the face does not change),
+            # later ones nudged past the root so that the next evaluation closes the bracket
+            nudge = 0.0 if exact_try else (0.25 * tol * hi if h_last > 0 else -0.25 * tol * hi)
+            t = pred + nudge
+            pred_used = t
+            if not (lo < t < hi):
+                t = None
+        if t is None:
+            t = 0.5 * (lo + hi)
+            if h_hi is not None and h_hi != h_lo and not (flat_lo and lo == 0.0):
+                falsi = (lo * h_hi - hi * h_lo) / (h_hi - h_lo)
+                # every other step a bisection: guaranteed reduction (h may jump at a kink)
+                if lo < falsi < hi and it % 2 == 1:
+                    t = falsi
+        widths.append(hi - lo)
+        w_t, s_t, size_t, pred = inner(t)
+        h_t = s_t - t
+        h_last = h_t
+        if h_t == 0.0 or (exact_try and t == pred_used and abs(h_t) <= 0.25 * tol * t):
+            # a root, or the predicted one to within a residual that moves Ψ by at most
+            # r·tol/4 (|Ψ'(t)| = r|h|(s + t)/(2t²))
+            best = (w_t, s_t, size_t)
+            break
+        exact_try = False
+        if h_t > 0:
+            lo, h_lo, w_lo, s_lo, size_lo = t, h_t, w_t, s_t, size_t
+            if side == -1 and h_hi is not None:
+                h_hi *= 0.5
+            side = -1
+        else:
+            hi, h_hi = t, h_t
+            best = (w_t, s_t, size_t)
+            if side == 1:
+                h_lo *= 0.5
+            side = 1
+    if best is None:
+        if lo == 0.0:  # never below the root: evaluate the upper end after all
+            w_hi, s_hi, size_hi, _ = inner(hi)
+            return w_hi, s_hi, size_hi
+        return w_lo, s_lo, size_lo
+    if lo > 0.0 and s_lo > 0.0 and abs(s_lo - lo) < abs(best[1] - hi):
+        return w_lo, s_lo, size_lo
+    return best
+
+
+def cagrad_weights(
+    G: Tensor,
+    c: float = 0.4,
+    *,
+    max_iter: int = 200,
+    tol: float = 1e-12,
+    rescale: int = 1,
+    inner_max_iter: int = 250,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""CAGrad weights (Liu et al., NeurIPS 2021, "Conflict-Averse Gradient Descent").
+
+    CAGrad's step is :math:`d^\star = \operatorname{argmax}_{\lVert d - g_0\rVert \le r}
+    \min_i g_i^\top d` with :math:`g_0 = J^\top \mathbf 1/K` and :math:`r = c\lVert g_0\rVert`.
+    With :math:`b = G\mathbf 1/K` (:math:`b_i = g_i^\top g_0`) and
+    :math:`\lVert g_0\rVert^2 = \mathbf 1^\top G \mathbf 1/K^2` its dual is the convex
+
+    .. math:: w^\star = \operatorname{argmin}_{w\in\Delta_K} F(w) = b^\top w + r\sqrt{w^\top G w},
+
+    and :math:`d^\star = g_0 + (r/\lVert g_{w^\star}\rVert)\, g_{w^\star}`, divided by
+    :math:`1 + c^2` (``rescale=1``, the official default), :math:`1` (``rescale=0``) or
+    :math:`1 + c` (``rescale=2``). The returned weights satisfy :math:`d = J^\top w_{out}`:
+
+    .. math:: w_{out} = \big(\mathbf 1/K + (r/\sqrt{w^{\star\top} G w^\star})\, w^\star\big)
+              / \text{factor}.
+
+    The official code (Cranial-XIX/CAGrad, also copied in AvivNavon/nash-mtl) minimises
+    :math:`F` with ``scipy.optimize.minimize`` (SLSQP, ``x0 = 1/K``) and adds absolute ``1e-8``
+    guards (``sqrt(GG.mean() + 1e-8)``, ``sqrt(wᵀGw + 1e-8)``, ``c/(‖g_w‖ + 1e-8)``) which we
+    drop (they make the result scale dependent). Here :math:`F` is minimised exactly with
+    :math:`\sqrt q = \min_{t>0} q/(2t) + t/2`: for fixed :math:`t`,
+    :math:`\min_{w\in\Delta} b^\top w + \tfrac{r}{2t} w^\top G w` is the min-norm problem of the
+    shifted gradients :math:`g_i + (t/r) g_0` (exact active set) and the optimal :math:`t` is the
+    root of :math:`t = \lVert g_{w(t)}\rVert`, found by safeguarded regula falsi (Illinois) to
+    relative ``tol``, with trial points predicted exactly on the current face (there
+    :math:`w(t)` is affine in :math:`t`): a handful of inner solves instead of ~17, on both
+    backends, the same bracketing stopping rule.
+
+    Degenerate cases: :math:`g_0 = 0` or :math:`c = 0` give :math:`d = g_0`. If the optimum has
+    :math:`g_{w^\star} = 0` (0 is in the convex hull and :math:`F^\star = 0`, always the case
+    when it is and :math:`c \ge 1`; detected as :math:`\lVert g_{w^\star}\rVert \le 10^{-6}
+    \sum_i w^\star_i \lVert g_i\rVert`, above the rounding level of a norm computed from
+    :math:`G`), the best
+    worst-case improvement is 0 and every maximiser lies in the dual cone
+    :math:`\{d : Jd \ge 0\}`; the maximiser is then not unique in general, and we return the one
+    nearest the centre :math:`g_0`: the projection of :math:`g_0` onto the dual cone (it lies in
+    the ball), solved exactly as in :func:`dual_cone_weights`. E.g. :math:`J = [[2, 0], [-1, 0]]`,
+    :math:`c = 1` gives :math:`d = 0`. (The official code amplifies rounding noise there by
+    ``c/(‖g_w‖+1e-8)``; returning :math:`g_0` would conflict with a task.)
+
+    Args:
+        G: Gramian ``[K, K]``.
+        c: Conflict-aversion radius :math:`c \ge 0` (official default for the function 0.5,
+            experiments use 0.4).
+        max_iter: Cap on root-finding iterations (exceeding it raises).
+        tol: Relative tolerance on :math:`t`.
+        rescale: 0, 1 or 2 as in the official code.
+        inner_max_iter: ``max_iter`` of each inner min-norm solve.
+        backend: ``"auto"`` (plain Python for ``K <= 8``), ``"python"`` or ``"torch"``.
+
+    Returns:
+        Weights of shape ``[K]`` (dtype/device of ``G``).
+
+    Raises:
+        SolverError: Invalid ``G`` or no convergence.
+        ValueError: Invalid ``c``, ``rescale`` or keyword values.
+
+    Example:
+        >>> cagrad_weights(torch.eye(2), c=0.0)
+        tensor([0.5000, 0.5000])
+    """
+    c = check_float("c", c)
+    check_int("max_iter", max_iter, 1)
+    check_int("inner_max_iter", inner_max_iter, 1)
+    tol = check_float("tol", tol)
+    if rescale not in (0, 1, 2) or isinstance(rescale, bool):
+        raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
+    factor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    if select_backend(backend, G, PYTHON_MAX_K) == "python":
+        Gl = work_list(G, "cagrad_weights")
+        K = len(Gl)
+        m = 1.0 / K
+        bl = [sum(row) * m for row in Gl]
+        gg = sum(bl) * m
+        r = c * math.sqrt(max(gg, 0.0))
+        smax = math.sqrt(max(Gl[i][i] for i in range(K)))
+        # c < 1e-12: the conflict-averse term is below rounding relative to g0, d = g0
+        if c < 1e-12 or r <= 0.0 or gg <= 1e-300 * max(smax * smax, 1e-300):
+            return to_output([m / factor] * K, G)
+        w_l, s_l, size_l = _root(_inner_py(Gl, bl, gg, r, inner_max_iter), smax, max_iter, tol)
+        if s_l <= 1e-6 * size_l:  # g_{w*} = 0 to rounding: the maximiser nearest g0
+            u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+            return to_output([(m + v) / factor for v in u], G)
+        return to_output([(m + (r / s_l) * v) / factor for v in w_l], G)
+    Gw = work_tensor(G, "cagrad_weights")
+    K = Gw.shape[0]
+    mean = torch.full((K,), 1.0 / K, dtype=F64)
+    b = Gw @ mean
+    gg = float(mean @ b)
+    r = c * math.sqrt(max(gg, 0.0))
+    smax = math.sqrt(float(Gw.diagonal().max()))
+    if c < 1e-12 or r <= 0.0 or gg <= 1e-300 * max(smax * smax, 1e-300):
+        return to_output(mean / factor, G)
+    w_t, s_t, size_t = _root(_inner_torch(Gw, b, gg, r, inner_max_iter), smax, max_iter, tol)
+    if s_t <= 1e-6 * size_t:
+        u_t = _nnqp_torch(Gw, b, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+        return to_output((mean + u_t) / factor, G)
+    return to_output((mean + (r / s_t) * w_t) / factor, G)

@@ -1,0 +1,186 @@
+"""What every solver shares: errors, argument checks, the working Gramian, the backend choice.
+
+The one dispatch point between the two paths of every problem is :func:`select_backend`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EPS",
+    "F64",
+    "Backend",
+    "SolverError",
+    "as_f64",
+    "cap_error",
+    "check_float",
+    "check_int",
+    "chol_py",
+    "chol_solve_py",
+    "select_backend",
+    "to_output",
+    "work_list",
+    "work_tensor",
+]
+
+F64 = torch.float64
+EPS = torch.finfo(torch.float64).eps
+
+#: ``"auto"`` picks the plain-Python path up to a per-problem K and torch above it; ``"python"``
+#: and ``"torch"`` force one path (as ``foreach=`` / ``fused=`` do in ``torch.optim``).
+Backend = Literal["auto", "python", "torch"]
+Path = Literal["python", "torch"]
+
+
+class SolverError(RuntimeError):
+    """Raised when a solver gets invalid numerical input or does not converge within its cap."""
+
+
+def cap_error(solver: str, max_iter: int, residual: float, threshold: float) -> SolverError:
+    """The error of an exact active-set method that reached its iteration cap."""
+    return SolverError(
+        f"{solver}: no convergence within max_iter={max_iter} iterations "
+        f"(KKT residual {residual:.3e} > {threshold:.3e})"
+    )
+
+
+def check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(name: str, value: float, *, positive: bool = False) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0.0 or (positive and v == 0.0):
+        kind = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {kind}, got {value!r}")
+    return v
+
+
+def select_backend(backend: str, G: object, python_max_k: int) -> Path:
+    """The one place that decides between the plain-Python and the torch path.
+
+    For small K every torch call on a K x K tensor costs microseconds of dispatch, far more than
+    its arithmetic, so ``"auto"`` runs the plain-Python path up to ``python_max_k`` (each
+    problem's crossover, measured on one CPU thread) and torch above it. Both paths solve the
+    same problem exactly to the same optimality test (and, except the batched dual-cone solve,
+    by the same iterates); a singular face met on the Python path is handed to the torch
+    path's eigendecomposition, so degenerate inputs are treated identically.
+    """
+    if backend not in ("auto", "python", "torch"):
+        raise ValueError(f"backend must be 'auto', 'python' or 'torch', got {backend!r}")
+    if backend != "auto":
+        return backend  # type: ignore[return-value]
+    small = isinstance(G, Tensor) and G.ndim == 2 and G.shape[0] <= python_max_k
+    return "python" if small else "torch"
+
+
+def _check_matrix(G: object, solver: str) -> Tensor:
+    if not isinstance(G, Tensor):
+        raise SolverError(f"{solver}: G must be a torch.Tensor, got {type(G).__name__}")
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise SolverError(f"{solver}: G must be a square K x K matrix, got shape {tuple(G.shape)}")
+    if G.shape[0] == 0:
+        raise SolverError(f"{solver}: G must have at least one row (K >= 1), got K = 0")
+    if G.is_complex() or not G.is_floating_point():
+        raise SolverError(f"{solver}: G must be a real floating point tensor, got {G.dtype}")
+    return G
+
+
+def work_tensor(G: object, solver: str) -> Tensor:
+    """Validates ``G``; returns a symmetric float64 host copy with exact zero rows.
+
+    ``K`` is small (1..64), so one device-to-host copy is far cheaper than launching dozens of
+    tiny kernels, and the active-set / Newton loops need scalar decisions anyway.
+    """
+    Gw = _check_matrix(G, solver).detach().to(device="cpu", dtype=F64)
+    if not bool(torch.isfinite(Gw).all()):
+        raise SolverError(f"{solver}: G contains non-finite values (nan or inf)")
+    Gw = 0.5 * (Gw + Gw.T)
+    diag = Gw.diagonal()
+    if bool((diag < 0).any()):
+        raise SolverError(f"{solver}: G has a negative diagonal entry, so it is not PSD")
+    # a PSD matrix with G_ii = 0 has a zero row: other entries there are rounding/underflow
+    live = (diag > 0).to(F64)
+    return Gw * live[:, None] * live[None, :]
+
+
+def work_list(G: object, solver: str) -> list[list[float]]:
+    """:func:`work_tensor` as a list of Python floats (same checks, same messages)."""
+    rows: list[list[float]] = _check_matrix(G, solver).detach().tolist()
+    isfinite = math.isfinite
+    for row in rows:
+        if not all(map(isfinite, row)):
+            raise SolverError(f"{solver}: G contains non-finite values (nan or inf)")
+    K = len(rows)
+    A = [[0.5 * (rows[i][j] + rows[j][i]) for j in range(K)] for i in range(K)]
+    if any(A[i][i] < 0 for i in range(K)):
+        raise SolverError(f"{solver}: G has a negative diagonal entry, so it is not PSD")
+    for i in range(K):
+        if not A[i][i] > 0:  # a PSD matrix with G_ii = 0 has a zero row
+            for j in range(K):
+                A[i][j] = 0.0
+                A[j][i] = 0.0
+    return A
+
+
+def to_output(x: Tensor | list[float] | list[list[float]], like: Tensor) -> Tensor:
+    """The result with the dtype and device of the solver's input (results are detached)."""
+    if isinstance(x, Tensor):
+        return x.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(x, dtype=like.dtype, device=like.device)
+
+
+def as_f64(x: list[float] | list[list[float]]) -> Tensor:
+    return torch.tensor(x, dtype=F64)
+
+
+def chol_py(A: list[list[float]], min_pivot2: float) -> list[list[float]] | None:
+    """Cholesky factor of ``A`` or ``None`` when a squared pivot is ``<= min_pivot2`` (or nan)."""
+    n = len(A)
+    L = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        Li = L[i]
+        Ai = A[i]
+        for j in range(i):
+            Lj = L[j]
+            s = Ai[j]
+            for k in range(j):
+                s -= Li[k] * Lj[k]
+            Li[j] = s / Lj[j]
+        s = Ai[i]
+        for k in range(i):
+            s -= Li[k] * Li[k]
+        if not s > min_pivot2:
+            return None
+        Li[i] = math.sqrt(s)
+    return L
+
+
+def chol_solve_py(L: list[list[float]], b: list[float]) -> list[float]:
+    """Solves ``L Lᵀ x = b`` by forward and back substitution."""
+    n = len(b)
+    y = [0.0] * n
+    for i in range(n):
+        Li = L[i]
+        s = b[i]
+        for k in range(i):
+            s -= Li[k] * y[k]
+        y[i] = s / Li[i]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        s = y[i]
+        for k in range(i + 1, n):
+            s -= L[k][i] * x[k]
+        x[i] = s / L[i][i]
+    return x

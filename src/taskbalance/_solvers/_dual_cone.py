@@ -1,0 +1,449 @@
+"""Non-negative QP and the projection onto the dual cone of the task gradients (UPGrad, DualProj).
+
+Torch and plain-Python paths side by side. The torch path of :func:`dual_cone_weights` solves
+all of its M problems (UPGrad: one per task, sharing one Gramian) together.
+"""
+
+from __future__ import annotations
+
+from operator import mul
+
+import torch
+from torch import Tensor
+
+from taskbalance._solvers._common import (
+    F64,
+    Backend,
+    SolverError,
+    as_f64,
+    cap_error,
+    check_float,
+    check_int,
+    chol_py,
+    chol_solve_py,
+    select_backend,
+    to_output,
+    work_list,
+    work_tensor,
+)
+
+__all__ = ["dual_cone_weights", "nonneg_qp"]
+
+#: Largest K solved on the plain-Python path by ``backend="auto"``: one problem, and M problems
+#: (the Python path solves them one after another, the torch path all at once).
+PYTHON_MAX_K = 16
+PYTHON_MAX_K_BATCH = 6
+
+# Eigenvalues of a unit-diagonal (Jacobi-scaled) PSD block below ``_RANK_RTOL * max(1, λ_max)``
+# are treated as exact zeros (duplicated / linearly dependent task gradients).
+_RANK_RTOL = 1e-12
+# Primal-dual active-set sweeps of the batched torch path before the sequential fallback.
+_PDAS_MAX_SWEEPS = 30
+
+
+def _unbounded(solver: str, i: int, q: float, b: float) -> SolverError:
+    return SolverError(
+        f"{solver}: objective unbounded below (Q[{i},{i}] = {q} and b[{i}] = {b:.3e})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# torch path
+# --------------------------------------------------------------------------------------------
+
+
+def _face_qp(A: Tensor, c: Tensor, x_cur: Tensor) -> tuple[Tensor, bool]:
+    """Minimiser of ``½xᵀAx + cᵀx`` (unit-diagonal PSD ``A``) nearest ``x_cur``.
+
+    Returns ``(x, True)``, or ``(p, False)`` with a descent direction ``p`` along which the
+    objective decreases linearly without bound (``c`` has a significant null-space component).
+    """
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0 and float(L.diagonal().min()) ** 2 > 1e-8:
+        # well-conditioned face (pivots bounded away from 0): fast exact path
+        return -torch.cholesky_solve(c[:, None], L)[:, 0], True
+    lam, V = torch.linalg.eigh(A)
+    lam_max = float(lam[-1].clamp_min(1.0))
+    null = lam <= _RANK_RTOL * lam_max
+    cv = V.T @ c
+    cn = torch.where(null, cv, torch.zeros_like(cv))
+    # near-null directions of a consistent problem carry at most ~sqrt(rtol) of c
+    if float(cn.norm()) > 1e-4 * max(float(c.norm()), 1e-300):
+        return -(V @ cn), False
+    inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
+    cur = V.T @ x_cur
+    xv = torch.where(null, cur, -inv * cv)
+    return V @ xv, True
+
+
+def _scaling(Q: Tensor) -> tuple[Tensor, Tensor]:
+    d = Q.diagonal()
+    zero = d <= 0
+    s = torch.where(zero, torch.zeros_like(d), d.clamp_min(1e-300).rsqrt())
+    return s, zero
+
+
+def _nnqp_torch(Q: Tensor, b: Tensor, max_iter: int, tol: float, solver: str) -> Tensor:
+    """Lawson-Hanson style primal active set for ``min ½uᵀQu + bᵀu, u ≥ 0`` (float64 host)."""
+    n = b.shape[0]
+    s, zero = _scaling(Q)
+    if bool((zero & (b < 0)).any()):
+        i = int(torch.nonzero(zero & (b < 0))[0])
+        raise _unbounded(solver, i, 0.0, float(b[i]))
+    Qs = s[:, None] * Q * s[None, :]
+    bs = s * b
+    u = torch.zeros(n, dtype=F64)
+    bscale = float(bs.abs().max())
+    if bscale == 0.0:
+        return u
+    F: list[int] = []
+    it = 0
+    while True:
+        g = Qs @ u + bs
+        thr = tol * (bscale + float(u.abs().sum()))
+        mask = ~zero
+        mask[F] = False
+        cand = torch.where(mask, g, torch.full_like(g, float("inf")))
+        j = int(torch.argmin(cand))
+        worst = -float(cand[j])
+        if worst <= thr:
+            break
+        F.append(j)
+        while True:
+            it += 1
+            if it > max_iter:
+                raise cap_error(solver, max_iter, worst, thr)
+            idx = torch.tensor(F, dtype=torch.long)
+            uF = u[idx]
+            x, bounded = _face_qp(Qs[idx][:, idx], bs[idx], uF)
+            if bounded and bool((x > 0).all()):
+                u = torch.zeros(n, dtype=F64)
+                u[idx] = x
+                break
+            if bounded:
+                p = x - uF
+                neg = x <= 0
+            else:
+                p = x
+                neg = p < 0
+                if not bool(neg.any()):
+                    raise SolverError(
+                        f"{solver}: objective unbounded below along a non-negative direction "
+                        f"of the null space of Q (after {it} iterations)"
+                    )
+            ratios = torch.where(
+                neg, uF / torch.where(neg, -p, 1.0), torch.full_like(uF, float("inf"))
+            )
+            theta = float(ratios.min())
+            block = int(torch.argmin(ratios))
+            if F[block] == j and theta <= 0.0 and bounded:
+                # the entering index is rejected at rounding level: KKT holds numerically
+                return s * u
+            new = (uF + theta * p).clamp_min(0.0)
+            new[block] = 0.0
+            u = torch.zeros(n, dtype=F64)
+            u[idx] = new
+            F = [F[k] for k in range(len(F)) if new[k] > 0]
+            if not F:
+                break
+    return s * u
+
+
+def _nnqp_batched(Q: Tensor, B: Tensor, max_iter: int, tol: float, solver: str) -> Tensor:
+    """Solves ``min ½uᵀQu + b_mᵀu, u ≥ 0`` for every row ``b_m`` of ``B`` together.
+
+    A primal-dual active-set iteration (Hintermüller, Ito & Kunisch 2002) run on all rows at
+    once: with free sets ``F_m``, one batched Cholesky solve of the masked systems
+    ``Q_FF u_F = −b_F`` gives every row's face minimiser and gradient ``g = Qu + b``, and
+    ``F_m ← {i ∈ F_m : u_i > 0} ∪ {i ∉ F_m : g_i < −thr}``. A row whose set no longer changes
+    satisfies exactly the KKT test of :func:`_nnqp_torch` (``u_F > 0``, ``g_F = 0``,
+    ``g ≥ −thr`` elsewhere), so it is solved. A row whose face is singular or badly conditioned
+    (where Cholesky pivots are not bounded away from 0) or that is not settled within
+    ``_PDAS_MAX_SWEEPS`` sweeps is solved by the sequential active set instead, exactly.
+    """
+    M, n = B.shape
+    s, zero = _scaling(Q)
+    bad = zero[None, :] & (B < 0)
+    if bool(bad.any()):
+        m, i = (int(v) for v in torch.nonzero(bad)[0])
+        raise _unbounded(solver, i, 0.0, float(B[m, i]))
+    Qs = s[:, None] * Q * s[None, :]
+    Bs = B * s
+    live = ~zero
+    base = tol * Bs.abs().amax(dim=1, keepdim=True)
+    free = live & (Bs < -base)  # the most negative gradients at u = 0 start free
+    X = torch.zeros(M, n, dtype=F64)
+    settled = torch.zeros(M, dtype=torch.bool)
+    for _ in range(_PDAS_MAX_SWEEPS):
+        # every row is re-solved at every sweep (a settled row reproduces itself): cheaper than
+        # gathering the unsettled ones for the one to three sweeps this usually takes
+        Fm = free.to(F64)
+        A = Qs * (Fm[:, :, None] * Fm[:, None, :])
+        A.diagonal(dim1=1, dim2=2).fill_(1.0)  # identity rows outside the free set
+        L, info = torch.linalg.cholesky_ex(A)
+        X = torch.cholesky_solve((Fm * Bs).unsqueeze(2), L).squeeze(2).neg_()
+        g = torch.addmm(Bs, X, Qs)
+        thr = base + tol * X.abs().sum(dim=1, keepdim=True)
+        new = torch.where(free, X > 0, live & (g < -thr))
+        ok = (info == 0) & (L.diagonal(dim1=1, dim2=2).amin(dim=1) > 1e-4)
+        settled = ok & (new == free).all(dim=1)
+        all_settled, all_ok = torch.stack([settled.all(), ok.all()]).tolist()
+        if all_settled or not all_ok:  # a singular face: the sequential method takes over
+            break
+        free = new
+    U, fallback = X, ~settled
+    for m in torch.nonzero(fallback)[:, 0].tolist():
+        # the sequential active set rescales by s itself: hand it the unscaled problem
+        U[m] = _nnqp_torch(Q, B[m], max_iter, tol, solver) / torch.where(zero, 1.0, s)
+    return U * s
+
+
+# --------------------------------------------------------------------------------------------
+# plain-Python path
+# --------------------------------------------------------------------------------------------
+
+
+def _face_qp_py(
+    Qs: list[list[float]], bs: list[float], F: list[int], x_cur: list[float]
+) -> tuple[list[float], bool]:
+    """:func:`_face_qp` on the face ``F`` of the unit-diagonal ``Qs``."""
+    A = [[Qs[i][k] for k in F] for i in F]
+    c = [bs[i] for i in F]
+    L = chol_py(A, 1e-8)
+    if L is None:  # (nearly) singular face: the exact eigendecomposition path
+        x, bounded = _face_qp(as_f64(A), as_f64(c), as_f64(x_cur))
+        return x.tolist(), bounded
+    return [-v for v in chol_solve_py(L, c)], True
+
+
+def _nnqp_py(
+    Q: list[list[float]], b: list[float], max_iter: int, tol: float, solver: str
+) -> list[float]:
+    """:func:`_nnqp_torch` in Python floats (same iterates and stopping rule)."""
+    n = len(b)
+    d = [Q[i][i] for i in range(n)]
+    zero = [v <= 0 for v in d]
+    for i in range(n):
+        if zero[i] and b[i] < 0:
+            raise _unbounded(solver, i, 0.0, b[i])
+    s = [0.0 if zero[i] else d[i] ** -0.5 for i in range(n)]
+    Qs = [[s[i] * Q[i][k] * s[k] for k in range(n)] for i in range(n)]
+    bs = [s[i] * b[i] for i in range(n)]
+    u = [0.0] * n
+    bscale = max(abs(v) for v in bs)
+    if bscale == 0.0:
+        return u
+    F: list[int] = []
+    it = 0
+    inf = float("inf")
+    while True:
+        thr = tol * (bscale + sum(abs(v) for v in u))
+        inF = set(F)
+        j, gj = -1, inf
+        for i in range(n):
+            if zero[i] or i in inF:
+                continue
+            row = Qs[i]
+            g = sum(row[k] * u[k] for k in F) + bs[i]
+            if j < 0 or g < gj:
+                j, gj = i, g
+        if j < 0:
+            break
+        worst = -gj
+        if worst <= thr:
+            break
+        F.append(j)
+        while True:
+            it += 1
+            if it > max_iter:
+                raise cap_error(solver, max_iter, worst, thr)
+            uF = [u[k] for k in F]
+            x, bounded = _face_qp_py(Qs, bs, F, uF)
+            if bounded and all(v > 0 for v in x):
+                u = [0.0] * n
+                for k, v in zip(F, x, strict=True):
+                    u[k] = v
+                break
+            if bounded:
+                p = [xv - uv for xv, uv in zip(x, uF, strict=True)]
+                neg = [xv <= 0 for xv in x]
+            else:
+                p = x
+                neg = [pv < 0 for pv in p]
+                if not any(neg):
+                    raise SolverError(
+                        f"{solver}: objective unbounded below along a non-negative direction "
+                        f"of the null space of Q (after {it} iterations)"
+                    )
+            # -p >= u_F >= 0 where neg; -p == 0 only for the entering index at x = 0 (blocks)
+            ratios = [
+                (uv / -pv if pv < 0 else 0.0) if ng else inf
+                for uv, pv, ng in zip(uF, p, neg, strict=True)
+            ]
+            theta = min(ratios)
+            block = ratios.index(theta)
+            if F[block] == j and theta <= 0.0 and bounded:
+                return [s[i] * u[i] for i in range(n)]
+            new = [max(uv + theta * pv, 0.0) for uv, pv in zip(uF, p, strict=True)]
+            new[block] = 0.0
+            u = [0.0] * n
+            for k, v in zip(F, new, strict=True):
+                u[k] = v
+            F = [F[k] for k in range(len(F)) if new[k] > 0]
+            if not F:
+                break
+    return [s[i] * u[i] for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# public solvers
+# --------------------------------------------------------------------------------------------
+
+
+def nonneg_qp(
+    Q: Tensor,
+    b: Tensor,
+    *,
+    max_iter: int = 500,
+    tol: float = 1e-12,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""Exact solution of the non-negatively constrained convex QP.
+
+    .. math:: u^\star = \operatorname{argmin}_{u \ge 0}\ \tfrac12 u^\top Q u + b^\top u
+
+    for symmetric PSD :math:`Q` (possibly singular). KKT: :math:`g = Qu + b \ge 0`,
+    :math:`u \ge 0`, :math:`u_i g_i = 0`. Lawson-Hanson style primal active-set method: start
+    at :math:`u = 0`, free the index with the most negative gradient, solve the face problem,
+    and step back to the boundary when it leaves the orthant. Each face problem is solved on the
+    Jacobi-scaled (unit-diagonal) block with an eigendecomposition: on singular faces the
+    minimiser nearest to the current point is taken (exact, no ridge); if the face is unbounded
+    the method follows the linear descent ray until a bound blocks it, and raises if none does.
+    Converged when :math:`\min_i g_i \ge -` ``tol`` :math:`\cdot(\lVert \tilde b\rVert_\infty +
+    \lVert \tilde u\rVert_1)` in Jacobi-scaled variables.
+
+    Args:
+        Q: Symmetric PSD matrix ``[n, n]``.
+        b: Linear term ``[n]``.
+        max_iter: Cap on face solves; exceeding it raises :class:`SolverError`.
+        tol: Relative KKT tolerance.
+        backend: ``"auto"`` (plain Python for ``n <= 16``), ``"python"`` or ``"torch"``.
+
+    Returns:
+        ``u*`` of shape ``[n]`` (dtype/device of ``Q``). Not unique when ``Q`` is singular; the
+        value and ``Qu*`` are.
+
+    Raises:
+        SolverError: Non-square/non-finite ``Q``, non-finite ``b``, unbounded problem, or cap hit.
+        ValueError: Shape mismatch or invalid ``max_iter``/``tol``/``backend``.
+
+    Example:
+        >>> nonneg_qp(torch.eye(2), torch.tensor([-1.0, 2.0]))
+        tensor([1., 0.])
+    """
+    check_int("max_iter", max_iter, 1)
+    tol = check_float("tol", tol)
+    path = select_backend(backend, Q, PYTHON_MAX_K)
+    Qw = work_tensor(Q, "nonneg_qp")
+    if not isinstance(b, Tensor) or b.shape != (Qw.shape[0],):
+        shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+        raise ValueError(f"b must be a tensor of shape ({Qw.shape[0]},), got {shape}")
+    bw = b.detach().to(device="cpu", dtype=F64)
+    if not bool(torch.isfinite(bw).all()):
+        raise SolverError("nonneg_qp: b contains non-finite values (nan or inf)")
+    if path == "python":
+        return to_output(_nnqp_py(Qw.tolist(), bw.tolist(), max_iter, tol, "nonneg_qp"), Q)
+    return to_output(_nnqp_torch(Qw, bw, max_iter, tol, "nonneg_qp"), Q)
+
+
+def dual_cone_weights(
+    G: Tensor,
+    prefs: Tensor,
+    *,
+    norm_eps: float = 0.0,
+    reg_eps: float = 0.0,
+    max_iter: int = 500,
+    tol: float = 1e-12,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""Weights of the projection of :math:`J^\top p` onto the dual cone of the rows of :math:`J`.
+
+    The dual cone is :math:`C = \{v : Jv \ge 0\}` (directions that conflict with no task). For a
+    preference vector :math:`p`, :math:`\pi_C(J^\top p) = J^\top w` with
+    :math:`w = \operatorname{argmin}_{w \ge p} w^\top G w` (Quinton & Rey 2024, Prop. 1).
+    Writing :math:`w = p + u`:
+
+    .. math:: u^\star = \operatorname{argmin}_{u \ge 0}\ \tfrac12 u^\top G u + u^\top (G p),
+              \qquad w = p + u^\star,
+
+    solved exactly. Its KKT condition :math:`G(p + u^\star) \ge 0` is exactly non-conflict:
+    :math:`g_i^\top J^\top w \ge 0` for every task. By default (``norm_eps = reg_eps = 0``) this
+    is the exact projection, singular ``G`` included.
+
+    torchjd (``UPGradWeighting`` / ``DualProj``) instead solves on
+    :math:`G/\operatorname{tr}(G) +` ``reg_eps`` :math:`\cdot I` (zeros in place of
+    :math:`G/\operatorname{tr}(G)` when :math:`\operatorname{tr}(G) <` ``norm_eps``) with
+    ``norm_eps = reg_eps = 1e-4``; pass those values to reproduce it. Its guarantee is then only
+    :math:`(G/\operatorname{tr} G + \text{reg\_eps}\, I)\, w \ge 0`: the direction may conflict
+    with a task, and a Jacobian with :math:`\lVert J\rVert_F^2 <` ``norm_eps`` is not projected
+    at all (``w = p``).
+
+    The M rows of ``prefs`` share the Gramian; the torch path solves them together (one batched
+    Cholesky solve per primal-dual active-set sweep), the plain-Python path one after another.
+
+    Args:
+        G: Gramian ``[K, K]``.
+        prefs: Preference vectors ``[K]`` or ``[M, K]``.
+        norm_eps: Trace threshold below which ``G`` is treated as zero (0: exact).
+        reg_eps: Ridge added to the trace-normalised Gramian (0: exact).
+        max_iter: Cap per QP of the sequential active set (see :func:`nonneg_qp`).
+        tol: Relative KKT tolerance of the QP.
+        backend: ``"auto"`` (plain Python for ``K <= 16`` with one row, ``K <= 6`` with
+            several), ``"python"`` or ``"torch"``.
+
+    Returns:
+        Weights ``p + u*`` with the shape of ``prefs``, dtype/device of ``G``.
+
+    Raises:
+        SolverError: Invalid ``G``, non-finite ``prefs`` or a QP hit its cap.
+        ValueError: Bad ``prefs`` shape or invalid keyword values.
+
+    Example:
+        >>> G = torch.tensor([[1.0, -1.5], [-1.5, 4.0]])
+        >>> dual_cone_weights(G, torch.tensor([0.5, 0.5]))
+        tensor([0.7500, 0.5000])
+    """
+    norm_eps = check_float("norm_eps", norm_eps)
+    reg_eps = check_float("reg_eps", reg_eps)
+    check_int("max_iter", max_iter, 1)
+    tol = check_float("tol", tol)
+    batch = isinstance(prefs, Tensor) and prefs.ndim == 2 and prefs.shape[0] > 1
+    path = select_backend(backend, G, PYTHON_MAX_K_BATCH if batch else PYTHON_MAX_K)
+    work = work_list(G, "dual_cone_weights") if path == "python" else None
+    Gw = work_tensor(G, "dual_cone_weights") if work is None else None
+    K = len(work) if work is not None else int(G.shape[0])
+    if not isinstance(prefs, Tensor) or prefs.ndim not in (1, 2) or prefs.shape[-1] != K:
+        shape = tuple(prefs.shape) if isinstance(prefs, Tensor) else type(prefs).__name__
+        raise ValueError(f"prefs must have shape [{K}] or [M, {K}], got {shape}")
+    P = prefs.detach().to(device="cpu", dtype=F64).reshape(-1, K)
+    if not bool(torch.isfinite(P).all()):
+        raise SolverError("dual_cone_weights: prefs contains non-finite values (nan or inf)")
+    if work is not None:
+        tr = sum(work[i][i] for i in range(K))
+        scale = 0.0 if (tr < norm_eps or tr == 0.0) else 1.0 / tr
+        Gl = [[v * scale for v in row] for row in work]
+        for i in range(K):
+            Gl[i][i] += reg_eps
+        rows = []
+        for p in P.tolist():
+            b = [sum(map(mul, row, p)) for row in Gl]
+            u = _nnqp_py(Gl, b, max_iter, tol, "dual_cone_weights")
+            rows.append([a + c for a, c in zip(p, u, strict=True)])
+        return to_output(rows, G).reshape(prefs.shape)
+    assert Gw is not None
+    tr = float(Gw.diagonal().sum())
+    Gn = torch.zeros_like(Gw) if (tr < norm_eps or tr == 0.0) else Gw / tr
+    if reg_eps > 0.0:
+        Gn = Gn + reg_eps * torch.eye(K, dtype=F64)
+    U = _nnqp_batched(Gn, P @ Gn, max_iter, tol, "dual_cone_weights")
+    return to_output(P + U, G).reshape(prefs.shape)

@@ -1,0 +1,495 @@
+"""Min-norm point of the convex hull (MGDA), and the Euclidean projection onto the simplex.
+
+Both paths of Wolfe's active-set method side by side: torch (eigendecomposition on singular
+faces) and plain Python (hand-written Cholesky, singular faces handed to the torch face solve).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from taskbalance._solvers._common import (
+    EPS,
+    F64,
+    Backend,
+    as_f64,
+    cap_error,
+    check_float,
+    check_int,
+    chol_py,
+    chol_solve_py,
+    select_backend,
+    to_output,
+    work_list,
+    work_tensor,
+)
+
+__all__ = ["min_norm_weights", "project_simplex", "solve_min_norm"]
+
+#: Largest K solved on the plain-Python path by ``backend="auto"``.
+PYTHON_MAX_K = 16
+_SOLVER = "min_norm_weights(method='active_set')"
+
+
+def project_simplex(v: Tensor) -> Tensor:
+    r"""Euclidean projection onto the probability simplex along the last dimension.
+
+    Solves :math:`\operatorname{argmin}_{w \ge 0,\ \mathbf 1^\top w = 1} \lVert w - v \rVert_2`
+    with the sorting algorithm (Held et al. 1974; Duchi et al. 2008):
+    :math:`w = \max(v - \tau, 0)` with :math:`\tau = (\sum_{i \le \rho} u_i - 1) / \rho`, where
+    :math:`u` is :math:`v` sorted decreasingly and :math:`\rho` the largest index with
+    :math:`u_\rho > (\sum_{i\le\rho} u_i - 1)/\rho`. Fully vectorised, no host synchronisation.
+
+    Args:
+        v: Tensor of shape ``[..., K]`` (floating point, finite).
+
+    Returns:
+        Tensor of the same shape, dtype and device, each row on the simplex.
+
+    Raises:
+        ValueError: If ``v`` is not a floating point tensor with at least one dimension.
+
+    Example:
+        >>> project_simplex(torch.tensor([0.5, 0.5, 1.0]))
+        tensor([0.1667, 0.1667, 0.6667])
+    """
+    if not isinstance(v, Tensor) or not v.is_floating_point() or v.ndim == 0 or v.shape[-1] == 0:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"v must be a floating point tensor of shape [..., K], got {shape}")
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    css = torch.cumsum(u, dim=-1) - 1.0
+    k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    cond = u - css / k > 0
+    rho = cond.to(torch.int64).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+    tau = torch.gather(css, -1, rho) / (rho + 1).to(v.dtype)
+    return torch.clamp(v - tau, min=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# closed forms (shared by both paths)
+# --------------------------------------------------------------------------------------------
+
+
+def _special_case(diag: list[float], g12: float) -> list[float] | None:
+    """The closed-form cases (``None`` if none applies); ``g12 = G[0, 1]`` is read for K = 2.
+
+    ``G = 0``: uniform. A zero row has value 0: the weight is spread over the zero rows.
+    ``K = 2``: Sener's Algorithm 1, ``γ = clamp((G22 − G12)/(G11 + G22 − 2G12), 0, 1)``.
+    """
+    K = len(diag)
+    if max(diag) <= 0.0:
+        return [1.0 / K] * K
+    zeros = sum(1 for v in diag if v <= 0)
+    if zeros:
+        return [(1.0 if v <= 0 else 0.0) / zeros for v in diag]
+    if K == 1:
+        return [1.0]
+    if K == 2:
+        g11, g22 = diag
+        den = g11 + g22 - 2.0 * g12
+        gamma = 0.5 if den <= 0 else min(max((g22 - g12) / den, 0.0), 1.0)
+        return [gamma, 1.0 - gamma]
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# torch path
+# --------------------------------------------------------------------------------------------
+
+
+def _face_min_norm(Gs: Tensor, y_cur: Tensor) -> Tensor:
+    """Minimiser of ``yᵀ Gs y`` subject to ``1ᵀ y = 1`` (no sign constraint), nearest ``y_cur``.
+
+    Jacobi scaling ``y = D ỹ`` (``D = diag(Gs)^{-1/2}``) then, unless a Cholesky factorisation
+    has well-bounded pivots, an eigendecomposition of the unit-diagonal block ``A``. Eigenvalues
+    at the rounding level of ``eigh`` (``n eps λ_max``) are exact zeros. With ``c = D 1`` split
+    into range/null components there are two candidates: ``ỹ = A⁺c / (cᵀA⁺c)`` (value
+    ``1/(cᵀA⁺c)``) and, if ``c`` has a null component, ``ỹ = c_N / ‖c_N‖²`` (value 0). Both are
+    feasible, so the one whose value ``ỹᵀAỹ``, evaluated directly on ``A``, is smaller is
+    returned: a tiny but genuine eigenvalue (a nearly singular face, e.g. two almost
+    anti-parallel gradients and a tiny third one) is never mistaken for an exact zero, and a
+    rounding-level null component of ``c`` (huge ``ỹ``) is never preferred. Flat directions
+    (null space orthogonal to ``c``: affinely dependent vertices) keep ``y_cur``.
+    """
+    y = _face_min_norm_chol(Gs)
+    if y is not None:
+        return y
+    n = Gs.shape[0]
+    d = Gs.diagonal().clamp_min(1e-300).rsqrt()
+    A = d[:, None] * Gs * d[None, :]
+    lam, V = torch.linalg.eigh(A)
+    lam_max = float(lam[-1].clamp_min(1.0))
+    null = lam <= 8.0 * n * EPS * lam_max
+    cv = V.T @ d
+    cur = V.T @ (y_cur / d)
+    cur_n = torch.where(null, cur, torch.zeros_like(cur))
+    cn = torch.where(null, cv, torch.zeros_like(cv))
+    cn_norm2 = float(cn @ cn)
+    candidates: list[Tensor] = []
+    if cn_norm2 > 0.0:
+        # value-0 candidate; keep the current point's component in N ∩ c_N^⊥ (flat directions)
+        candidates.append(V @ (cn / cn_norm2 + cur_n - (cur_n @ cn) / cn_norm2 * cn))
+    inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
+    z = inv * cv
+    denom = float(cv @ z)
+    if denom > 0.0:
+        candidates.append(V @ (z / denom + cur_n))
+    # a rounding-level null component of c gives a huge (even non-finite) candidate: its value,
+    # evaluated on A, is then large or nan, and it is never preferred
+    best: Tensor | None = None
+    best_val = math.inf
+    for yt in candidates:
+        val = float(yt @ A @ yt)
+        if math.isfinite(val) and val < best_val and bool(torch.isfinite(yt).all()):
+            best, best_val = yt, val
+    if best is None:  # c = D1 = 0 cannot happen (d > 0); keep the current point
+        return y_cur / y_cur.sum()
+    y = d * best
+    return y / y.sum()
+
+
+def _face_min_norm_chol(Gs: Tensor) -> Tensor | None:
+    """:func:`_face_min_norm` on a well-conditioned face (Cholesky pivots bounded away from 0):
+    ``y ∝ G⁻¹1``, computed as ``D (DGD)⁻¹ D 1``; ``None`` on a (nearly) singular face."""
+    d = Gs.diagonal().clamp_min(1e-300).rsqrt()
+    L, info = torch.linalg.cholesky_ex(d[:, None] * Gs * d[None, :])
+    if int(info) != 0 or float(L.diagonal().min()) ** 2 <= 1e-8:
+        return None
+    y = d * torch.cholesky_solve(d[:, None], L)[:, 0]
+    return y / y.sum()
+
+
+def _noise(sq: Tensor, w: Tensor, K: int) -> tuple[Tensor, float]:
+    # rounding level of the gap val - (Gw)_j = (w - e_j)ᵀ G w, i.e. of both val and (Gw)_j:
+    # K eps (Σ_k sqrt(G_kk) |w - e_j|_k) (Σ_k sqrt(G_kk) w_k)
+    m = float(sq @ w)
+    return 4.0 * K * EPS * m * (sq + m), m
+
+
+def _active_set_torch(
+    G: Tensor, max_iter: int, tol: float, start: list[float] | None = None
+) -> Tensor:
+    """Wolfe's min-norm-point active-set method on a float64 host Gramian (no zero rows).
+
+    Starts from the corral ``{i : start_i > 0}`` at ``start`` when given (a warm start: the
+    solution of a nearby problem), else top-down (every vertex in the corral, ``w`` uniform)
+    when the face of all vertices is well conditioned and its solve keeps at least half of them
+    positive (an interior or nearly interior optimum, typical of many roughly independent
+    gradients: one or a few face solves instead of K), else bottom-up from the shortest vertex.
+    Every start is a feasible point in the relative interior of its corral, from which Wolfe's
+    minor and major cycles reach the same minimum.
+    """
+    K = G.shape[0]
+    Gn = G / float(G.diagonal().max())
+    diag = Gn.diagonal()
+    sq = diag.sqrt()
+    it = 1
+    y: Tensor | None
+    full: Tensor | None
+    # A zero start (e.g. a zero previous answer) is no point of the simplex: start afresh.
+    if start is not None and sum(start) > 0:
+        S = [i for i in range(K) if start[i] > 0]
+        w = torch.tensor(start, dtype=F64)
+        w = w / w.sum()
+        idx = torch.tensor(S, dtype=torch.long)
+        y = _face_min_norm(Gn[idx][:, idx], w[idx])
+        full = y
+    else:
+        w = torch.full((K,), 1.0 / K, dtype=F64)
+        full = _face_min_norm_chol(Gn)
+        y = full
+        S = list(range(K))
+    if full is None or (start is None and int((full > 0).sum()) * 2 < K):
+        i0 = int(torch.argmin(diag))
+        S, y = [i0], None
+        w = torch.zeros(K, dtype=F64)
+        w[i0] = 1.0
+    gap, thresh, j = float("inf"), 0.0, -1
+    while True:
+        if y is None:  # major cycle: the vertex that violates optimality most enters
+            if len(S) >= K:
+                break
+            Gw = Gn @ w
+            val = float(w @ Gw)
+            noise, _ = _noise(sq, w, K)
+            slack = Gw - val + noise
+            slack[S] = float("inf")
+            j = int(torch.argmin(slack))
+            gap = val - float(Gw[j])
+            thresh = tol * val + float(noise[j])
+            if gap <= thresh:
+                break
+            S.append(j)
+        while True:  # minor cycles
+            idx = torch.tensor(S, dtype=torch.long)
+            if y is None:
+                it += 1
+                if it > max_iter:
+                    raise cap_error(_SOLVER, max_iter, gap, thresh)
+                y = _face_min_norm(Gn[idx][:, idx], w[idx])
+            if bool((y > 0).all()):
+                w = torch.zeros(K, dtype=F64)
+                w[idx] = y
+                y = None
+                break
+            wS = w[idx]
+            neg = y <= 0
+            # step from wS towards y until the first weight reaches 0; a vertex with wS = 0
+            # (only the entering one) and y <= 0 blocks at theta = 0 (no 0/0)
+            ratios = torch.where(
+                neg & (wS > 0), wS / (wS - y).clamp_min(1e-300), torch.full_like(y, float("inf"))
+            )
+            ratios = torch.where(neg & (wS <= 0), torch.zeros_like(y), ratios)
+            theta = float(ratios.min())
+            block = int(torch.argmin(ratios))
+            if S[block] == j and theta <= 0.0:
+                # the entering vertex is rejected at rounding level: KKT holds numerically
+                return w
+            new = (wS + theta * (y - wS)).clamp_min(0.0)
+            new[block] = 0.0
+            w = torch.zeros(K, dtype=F64)
+            w[idx] = new
+            S = [S[k] for k in range(len(S)) if new[k] > 0]
+            w = w / w.sum()
+            y = None
+    return w
+
+
+def _frank_wolfe(G: Tensor, max_iter: int, tol: float) -> Tensor:
+    """Sener & Koltun's Frank-Wolfe with exact line search, best-pair initialisation."""
+    K = G.shape[0]
+    Gn = G / float(G.diagonal().max())
+    diag = Gn.diagonal()
+    # best pair: the K = 2 closed form for every pair at once
+    gi = diag[:, None]
+    gj = diag[None, :]
+    den = gi + gj - 2.0 * Gn
+    gamma = torch.where(den > 0, (gj - Gn) / torch.where(den > 0, den, 1.0), 0.5).clamp(0.0, 1.0)
+    cost = gamma**2 * gi + (1 - gamma) ** 2 * gj + 2 * gamma * (1 - gamma) * Gn
+    cost = cost + torch.eye(K, dtype=F64) * float("inf")
+    a, b = divmod(int(torch.argmin(cost)), K)
+    w = torch.zeros(K, dtype=F64)
+    w[a] = gamma[a, b]
+    w[b] += 1.0 - gamma[a, b]
+    for _ in range(max_iter):
+        Gw = Gn @ w
+        v1v1 = float(w @ Gw)
+        t = int(torch.argmin(Gw))
+        v1v2 = float(Gw[t])
+        if v1v1 - v1v2 <= tol * max(v1v1, 1e-300):
+            break
+        v2v2 = float(diag[t])
+        den_t = v1v1 + v2v2 - 2.0 * v1v2
+        g = 1.0 if den_t <= 0 else min(max((v2v2 - v1v2) / den_t, 0.0), 1.0)
+        w = g * w
+        w[t] += 1.0 - g
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# plain-Python path
+# --------------------------------------------------------------------------------------------
+
+
+def _face_min_norm_chol_py(Gn: list[list[float]], S: list[int]) -> list[float] | None:
+    """:func:`_face_min_norm_chol` on the face ``S`` of ``Gn``."""
+    d = [1.0 / math.sqrt(max(Gn[i][i], 1e-300)) for i in S]
+    n = len(S)
+    A = [[d[a] * Gn[S[a]][S[b]] * d[b] for b in range(n)] for a in range(n)]
+    L = chol_py(A, 1e-8)
+    if L is None:
+        return None
+    z = chol_solve_py(L, d)
+    y = [d[a] * z[a] for a in range(n)]
+    tot = sum(y)
+    return [v / tot for v in y]
+
+
+def _face_min_norm_py(Gn: list[list[float]], S: list[int], y_cur: list[float]) -> list[float]:
+    """:func:`_face_min_norm` on the face ``S`` of ``Gn``."""
+    y = _face_min_norm_chol_py(Gn, S)
+    if y is None:  # (nearly) singular face: the exact eigendecomposition path
+        Gs = [[Gn[i][k] for k in S] for i in S]
+        return _face_min_norm(as_f64(Gs), as_f64(y_cur)).tolist()
+    return y
+
+
+def _active_set_py(
+    G: list[list[float]], max_iter: int, tol: float, start: list[float] | None = None
+) -> list[float]:
+    """:func:`_active_set_torch` in Python floats (same starts, iterates and stopping rule)."""
+    K = len(G)
+    scale = max(G[i][i] for i in range(K))
+    Gn = [[v / scale for v in row] for row in G]
+    diag = [Gn[i][i] for i in range(K)]
+    sq = [math.sqrt(v) for v in diag]
+    it = 1
+    y: list[float] | None
+    full: list[float] | None
+    if start is not None and sum(start) > 0:
+        S = [i for i in range(K) if start[i] > 0]
+        tot = sum(start)
+        w = [v / tot for v in start]
+        y = _face_min_norm_py(Gn, S, [w[i] for i in S])
+        full = y
+    else:
+        w = [1.0 / K] * K
+        S = list(range(K))
+        full = _face_min_norm_chol_py(Gn, S)
+        y = full
+    if full is None or (start is None and 2 * sum(1 for v in full if v > 0) < K):
+        i0 = diag.index(min(diag))
+        S, y = [i0], None
+        w = [0.0] * K
+        w[i0] = 1.0
+    gap, thresh, j = float("inf"), 0.0, -1
+    noise_c = 4.0 * K * EPS
+    inf = float("inf")
+    while True:
+        if y is None:
+            if len(S) >= K:
+                break
+            Gw = [sum([row[k] * w[k] for k in S]) for row in Gn]
+            val = sum(w[k] * Gw[k] for k in S)
+            m = sum(sq[k] * w[k] for k in S)
+            inS = set(S)
+            j, best = -1, inf
+            for i in range(K):
+                if i in inS:
+                    continue
+                slack = Gw[i] - val + noise_c * m * (sq[i] + m)
+                if j < 0 or slack < best:
+                    j, best = i, slack
+            gap = val - Gw[j]
+            thresh = tol * val + noise_c * m * (sq[j] + m)
+            if gap <= thresh:
+                break
+            S.append(j)
+        while True:
+            wS = [w[k] for k in S]
+            if y is None:
+                it += 1
+                if it > max_iter:
+                    raise cap_error(_SOLVER, max_iter, gap, thresh)
+                y = _face_min_norm_py(Gn, S, wS)
+            if all(v > 0 for v in y):
+                w = [0.0] * K
+                for k, v in zip(S, y, strict=True):
+                    w[k] = v
+                y = None
+                break
+            ratios = [
+                (ws / max(ws - yv, 1e-300) if ws > 0 else 0.0) if yv <= 0 else inf
+                for ws, yv in zip(wS, y, strict=True)
+            ]
+            theta = min(ratios)
+            block = ratios.index(theta)
+            if S[block] == j and theta <= 0.0:
+                return w
+            new = [max(ws + theta * (yv - ws), 0.0) for ws, yv in zip(wS, y, strict=True)]
+            new[block] = 0.0
+            w = [0.0] * K
+            for k, v in zip(S, new, strict=True):
+                w[k] = v
+            S = [S[k] for k in range(len(S)) if new[k] > 0]
+            tot = sum(w)
+            w = [v / tot for v in w]
+            y = None
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def solve_min_norm(
+    G: Tensor | list[list[float]], max_iter: int, tol: float, start: list[float] | None = None
+) -> Tensor | list[float]:
+    """Exact min-norm weights of a validated working Gramian, on the path its type names
+    (a float64 host tensor: torch; a list of Python floats: Python), optionally warm-started
+    from simplex weights ``start`` (see :func:`_active_set_torch`)."""
+    if isinstance(G, Tensor):
+        special = _special_case(G.diagonal().tolist(), float(G[0, 1]) if len(G) > 1 else 0.0)
+        if special is not None:
+            return torch.tensor(special, dtype=F64)
+        return _active_set_torch(G, max_iter, tol, start)
+    special = _special_case([G[i][i] for i in range(len(G))], G[0][1] if len(G) > 1 else 0.0)
+    return special if special is not None else _active_set_py(G, max_iter, tol, start)
+
+
+def min_norm_weights(
+    G: Tensor,
+    *,
+    max_iter: int = 250,
+    tol: float = 1e-10,
+    method: str = "active_set",
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""MGDA weights: the minimum-norm point of the convex hull of the task gradients.
+
+    Solves :math:`w^\star = \operatorname{argmin}_{w \in \Delta_K} w^\top G w` with
+    :math:`\Delta_K = \{w \ge 0, \mathbf 1^\top w = 1\}` (Sener & Koltun, NeurIPS 2018). The
+    optimality (KKT) conditions are :math:`(Gw)_i \ge w^\top G w` for all :math:`i`, with equality
+    where :math:`w_i > 0`. The value :math:`w^\top G w = \lVert J^\top w\rVert^2` is unique even
+    when :math:`w` is not (duplicated or affinely dependent gradients).
+
+    * ``K = 1``: ``[1]``. ``K = 2``: closed form (Sener's Algorithm 1),
+      :math:`\gamma = \operatorname{clamp}\big((G_{22} - G_{12}) / (G_{11} + G_{22} - 2G_{12}),
+      0, 1\big)`, :math:`w = (\gamma, 1 - \gamma)` (``0.5`` if both gradients are equal).
+    * ``G = 0``: every simplex point is optimal; the uniform ``1/K`` is returned. Zero rows
+      (:math:`G_{ii} = 0`) give value 0: the weight is spread uniformly over them.
+    * ``method="active_set"`` (default): Wolfe's (1976) exact min-norm-point active-set method on
+      Jacobi-scaled faces with an eigendecomposition, exact on singular faces. It stops when the
+      Frank-Wolfe gap :math:`w^\top G w - \min_i (Gw)_i \le` ``tol`` :math:`\cdot w^\top G w` plus
+      the rounding level of the gap; each face solve counts as one iteration and reaching
+      ``max_iter`` raises :class:`SolverError`. When the face of all K vertices keeps at least
+      half of its weights positive the method starts from that face (top-down), so an interior
+      optimum costs one face solve rather than K.
+    * ``method="frank_wolfe"``: the paper's Frank-Wolfe with exact line search, started from the
+      best pair. It stops when the duality gap is ``<= tol * wᵀGw`` or after ``max_iter``
+      iterations. Reaching the cap is **not** an error: Frank-Wolfe converges sublinearly and the
+      paper uses it as an approximate solver, so the current iterate is returned. (The official
+      code's loop never incremented its counter; its line search also clamps at 0.999/0.001
+      instead of the exact 1/0 used here.) Torch path only.
+
+    Args:
+        G: Gramian ``J Jᵀ`` of shape ``[K, K]`` (symmetric PSD, float32 or float64).
+        max_iter: Iteration cap (face solves for ``active_set``, steps for ``frank_wolfe``).
+        tol: Relative tolerance on the duality gap.
+        method: ``"active_set"`` or ``"frank_wolfe"``.
+        backend: ``"auto"`` (plain Python for ``K <= 16``, torch above), ``"python"`` or
+            ``"torch"``; every backend gives the same answer to rounding.
+
+    Returns:
+        Weights of shape ``[K]`` on the simplex, dtype and device of ``G``.
+
+    Raises:
+        SolverError: Non-square or non-finite ``G``, or ``active_set`` hit ``max_iter``.
+        ValueError: Invalid ``max_iter``, ``tol``, ``method`` or ``backend``.
+
+    Example:
+        >>> G = torch.tensor([[1.0, -0.5], [-0.5, 1.0]])
+        >>> min_norm_weights(G)
+        tensor([0.5000, 0.5000])
+    """
+    check_int("max_iter", max_iter, 1)
+    tol = check_float("tol", tol)
+    if method not in ("active_set", "frank_wolfe"):
+        raise ValueError(f"method must be 'active_set' or 'frank_wolfe', got {method!r}")
+    path = select_backend(backend, G, PYTHON_MAX_K if method == "active_set" else 0)
+    if method == "frank_wolfe":
+        if path == "python":
+            raise ValueError("backend must be 'auto' or 'torch' for method='frank_wolfe'")
+        Gw = work_tensor(G, "min_norm_weights")
+        special = _special_case(Gw.diagonal().tolist(), float(Gw[0, 1]) if len(Gw) > 1 else 0.0)
+        if special is not None:
+            return to_output(special, G)
+        return to_output(_frank_wolfe(Gw, max_iter, tol), G)
+    work = (
+        work_list(G, "min_norm_weights") if path == "python" else work_tensor(G, "min_norm_weights")
+    )
+    return to_output(solve_min_norm(work, max_iter, tol), G)

@@ -1,0 +1,55 @@
+"""One balancer call, as the hooks see it: everything local to the call, in one object.
+
+:meth:`Balancer.forward` builds a :class:`Step` and hands the same object to each hook in turn
+(``_prepare``, ``_update``, ``_objective``), so no per-call tensor is ever stashed on the
+module and no hook needs to know which ran before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class Step:
+    """The inputs and decisions of one call (or one ``compute_weights``).
+
+    Attributes:
+        losses: the ``[K]`` losses the objective is built from, in the graph, in at least
+            float32; an absent task's entry is 0 and passes no gradient.
+        graph_losses: the ``[K]`` losses exactly as given (the Gramian engine's input).
+        mean_losses: detached float32 ``[K]`` loss values on the module's device: averaged
+            over the ranks that have each task (under DDP); an absent task carries its last
+            value forward. What the update rules read.
+        kpis: rank-averaged KPIs for methods that read them, else None.
+        present: bool ``[K]``, True where some rank has the task's labels in this batch.
+        local_present: bool ``[K]``, True where this rank has the task's labels; None when
+            no ``present=`` mask was given (every task present).
+        features: the shared tensors of features mode (a list), or None.
+        advances: True when the state advances at this call: the first call of an
+            accumulation window. Otherwise the window's weights are reused and nothing changes.
+        refresh: True when the update rule runs (``advances``, and for gradient methods also
+            an ``update_every`` refresh step with every task present).
+        gram: the ``[K, K]`` Gramian, set by gradient methods' ``_prepare`` on refresh steps.
+        shared: the shared tensors the task gradients were taken with respect to.
+        rows: the per-task gradient blocks ``[K, numel]``, one per tensor of ``shared``.
+        nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
+        all_present: True when every task is present (a host copy of ``present.all()``).
+    """
+
+    losses: Tensor
+    graph_losses: Tensor
+    mean_losses: Tensor
+    kpis: Tensor | None
+    present: Tensor
+    local_present: Tensor | None
+    features: list[Tensor] | None
+    advances: bool
+    refresh: bool
+    gram: Tensor | None = None
+    shared: list[Tensor] | None = None
+    rows: list[Tensor] | None = None
+    nonfinite: bool = False
+    all_present: bool = True

@@ -1,0 +1,55 @@
+"""What each method class declares about itself, for the generic tests and tools.
+
+Every method class may set these class attributes (absent means the default shown):
+
+- ``requires_positive_losses`` (``Balancer``): the method takes logs or ratios of the losses.
+- ``signed_weights = False``: the weights may be negative (projections, pseudo-inverses).
+- ``claimed_properties = frozenset()``: properties of the direction ``d = Jᵀw`` that the
+  method promises on every input, degenerate ones included, from :data:`PROPERTIES`.
+- ``required_hyperparameters = {}``: keyword arguments without defaults, with a value that
+  works for any number of tasks (``fixed``'s ``weights``).
+- ``example_hyperparameters = ()``: non-default settings that the generic tests exercise.
+- ``bad_hyperparameters = ()``: ``(hyperparameters, error type, message pattern)`` triples
+  that construction must refuse.
+
+:func:`method_facts` reads them with those defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+#: The direction decreases no task to first order: ``g_kᵀd ≥ 0`` for every k.
+NON_CONFLICTING = "non_conflicting"
+#: Reordering the tasks reorders the weights and leaves ``d`` unchanged.
+PERMUTATION_INVARIANT = "permutation_invariant"
+#: Scaling every gradient by ``s > 0`` scales ``d`` by ``s``: ``w(s²G) = w(G)``.
+SCALE_EQUIVARIANT = "scale_equivariant"
+PROPERTIES = frozenset({NON_CONFLICTING, PERMUTATION_INVARIANT, SCALE_EQUIVARIANT})
+
+BadHyperparameters = tuple[tuple[dict[str, Any], type[Exception], str], ...]
+
+
+@dataclass(frozen=True)
+class MethodFacts:
+    """The declared facts of one method class, defaults filled in."""
+
+    requires_positive_losses: bool
+    signed_weights: bool
+    claimed_properties: frozenset[str]
+    required_hyperparameters: dict[str, Any]
+    example_hyperparameters: tuple[dict[str, Any], ...]
+    bad_hyperparameters: BadHyperparameters
+
+
+def method_facts(cls: type) -> MethodFacts:
+    """The facts ``cls`` declares, with the defaults above for what it does not."""
+    return MethodFacts(
+        requires_positive_losses=bool(getattr(cls, "requires_positive_losses", False)),
+        signed_weights=bool(getattr(cls, "signed_weights", False)),
+        claimed_properties=frozenset(getattr(cls, "claimed_properties", frozenset())),
+        required_hyperparameters=dict(getattr(cls, "required_hyperparameters", {})),
+        example_hyperparameters=tuple(getattr(cls, "example_hyperparameters", ())),
+        bad_hyperparameters=tuple(getattr(cls, "bad_hyperparameters", ())),
+    )

@@ -1,0 +1,404 @@
+"""Hardening of inputs, precision and state loading (issue 9), and the two property tests:
+mixed call sequences leave the state of the good calls alone, and a corrupted state is refused
+without touching the balancer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import taskbalance as tb
+from conftest import (
+    GRADIENT_METHODS,
+    LOSS_METHODS,
+    POSITIVE_METHODS,
+    assert_same_state,
+    call,
+    gram_for,
+    losses_for,
+    make_balancer,
+    snapshot,
+)
+
+K = 3
+CALL_KINDS = ["good", "rejected", "skipped", "eval", "no_grad"]
+
+
+def _good(b: tb.Balancer, step: int) -> None:
+    call(b, losses_for(step, K).requires_grad_(True), step).backward()
+
+
+def _other(b: tb.Balancer, kind: str, step: int) -> None:
+    losses = losses_for(step, K).requires_grad_(True)
+    if kind == "rejected":
+        with pytest.raises((ValueError, TypeError)):
+            call(b, losses[:2], step)
+    elif kind == "skipped":
+        bad = losses.detach().clone()
+        bad[step % K] = math.nan
+        objective = call(b, bad.requires_grad_(True), step)
+        assert math.isnan(objective.item())
+    elif kind == "eval":
+        b.eval()
+        b(losses)
+        b.train()
+    else:
+        with torch.no_grad():
+            b(losses)
+
+
+@pytest.mark.parametrize("name", tb.available())
+@settings(max_examples=8, deadline=None)
+@given(kinds=st.lists(st.sampled_from(CALL_KINDS), min_size=1, max_size=12))
+def test_property_only_good_calls_change_state(name, kinds):
+    mixed = make_balancer(name, K, on_nonfinite="skip")
+    clean = make_balancer(name, K, on_nonfinite="skip")
+    step = 0
+    for kind in kinds:
+        if kind == "good":
+            _good(mixed, step)
+            _good(clean, step)
+            step += 1
+        else:
+            _other(mixed, kind, step)
+    assert_same_state(snapshot(clean), snapshot(mixed))
+
+
+def _corruptions(name: str, state: dict) -> list[tuple[str, dict]]:
+    other_method = "upgrad" if name != "upgrad" else "mgda"
+    cases = [
+        ("other K", make_balancer(name, K + 1).state_dict()),
+        ("other method", make_balancer(other_method, K).state_dict()),
+    ]
+    for key in list(state):
+        missing = dict(state)
+        del missing[key]
+        cases.append((f"missing {key}", missing))
+        value = state[key]
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            poisoned = dict(state)
+            poisoned[key] = value.clone().view(-1).index_fill(0, torch.tensor([0]), math.nan)
+            cases.append((f"NaN in {key}", {**poisoned, key: poisoned[key].view(value.shape)}))
+        if isinstance(value, torch.Tensor) and value.dtype == torch.long:
+            cases.append((f"negative {key}", {**state, key: value - 10**6}))
+            cases.append((f"fractional {key}", {**state, key: value.double() + 0.5}))
+    return cases
+
+
+@pytest.mark.parametrize("name", tb.available())
+def test_corrupted_state_is_refused_and_changes_nothing(name):
+    b = make_balancer(name, K)
+    for step in range(3):
+        _good(b, step)
+    source = make_balancer(name, K)
+    for step in range(5):
+        _good(source, step)
+    saved = source.state_dict()
+    before = snapshot(b)
+    for what, state in _corruptions(name, saved):
+        with pytest.raises((ValueError, TypeError), match="state_dict"):
+            b.load_state_dict(state)
+        assert_same_state(before, snapshot(b)), what
+    b.load_state_dict(saved)  # the intact state still loads
+    assert torch.equal(b.weights, source.weights)
+
+
+def test_other_hyperparameters_are_refused_by_name_unless_allowed():
+    saved = tb.create("dwa", num_tasks=K, temperature=2.0)
+    _good(saved, 0)
+    b = tb.create("dwa", num_tasks=K, temperature=1.0)
+    with pytest.raises(ValueError, match=r"temperature: saved 2.0, here 1.0"):
+        b.load_state_dict(saved.state_dict())
+    b.allow_changed_hyperparameters("temperature").load_state_dict(saved.state_dict())
+    assert b.temperature == 1.0
+    assert int(b.num_steps) == 1
+    with pytest.raises(ValueError, match=r"names: \['tempo'\] are not hyperparameters of dwa"):
+        b.allow_changed_hyperparameters("tempo")
+
+
+def test_missing_generator_state_is_a_clear_error():
+    b = tb.create("rlw", num_tasks=K)
+    state = b.state_dict()
+    extra = dict(state["_extra_state"])
+    del extra["generator"]
+    with pytest.raises(ValueError, match=r"no valid random generator state \('generator'\)"):
+        b.load_state_dict({**state, "_extra_state": extra})
+
+
+def test_state_records_method_and_hyperparameters():
+    extra = tb.create("famo", num_tasks=2, lr=0.1).state_dict()["_extra_state"]
+    assert extra["method"] == "famo"
+    assert extra["hyperparameters"]["lr"] == 0.1
+    assert extra["hyperparameters"]["accumulation_steps"] == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Item 1: params=.
+
+
+def test_params_one_tensor_is_a_list_of_one():
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    x = torch.randn(5, 3)
+    losses = torch.stack([((x @ weight.T) ** 2).mean(), (x @ weight.T).sum() ** 2 / 100])
+    single = tb.create("mgda", num_tasks=2, params=weight)
+    listed = tb.create("mgda", num_tasks=2, params=[weight])
+    single(losses)
+    listed(losses)
+    assert torch.equal(single.weights, listed.weights)
+    assert not torch.equal(single.weights, torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("params", "error", "match"),
+    [
+        ("trunk", TypeError, r"params: expected shared parameters"),
+        ([1.0], TypeError, r"params\[0\]: expected a tensor, got 1.0"),
+        ([torch.ones(2)], ValueError, r"params\[0\]: the tensor does not require grad \(shape"),
+        (3, TypeError, r"params: expected shared parameters"),
+    ],
+)
+def test_bad_params_are_refused_at_construction(params, error, match):
+    with pytest.raises(error, match=match):
+        tb.create("upgrad", num_tasks=2, params=params)
+
+
+def test_deepcopy_of_a_model_holding_a_parameters_mode_balancer_follows_the_copy():
+    """Documented behaviour: a deep copy of a model that holds its balancer points the copy's
+    balancer at the copied parameters (deepcopy's memo), so the copy trains on its own."""
+    model = torch.nn.Module()
+    model.trunk = torch.nn.Linear(3, 4)
+    model.balancer = tb.create("mgda", num_tasks=2, params=model.trunk.parameters())
+    twin = copy.deepcopy(model)
+    assert twin.balancer.shared_params[0] is twin.trunk.weight
+    assert model.balancer.shared_params[0] is model.trunk.weight
+
+
+# ------------------------------------------------------------------------------------------
+# Items 2 and 4: precision.
+
+
+@pytest.mark.parametrize("name", ["si", "db_mtl", "nash_mtl", "fairgrad", "ew"])
+def test_float16_losses_give_a_float32_objective_that_does_not_overflow(name):
+    z = torch.ones(4, requires_grad=True)
+    losses = torch.stack([(z * 1e-5).sum(), (z * 2e-5).sum()]).half()
+    b = tb.create(name, num_tasks=2)
+    kwargs = {"features": z} if b.requires_gram else {}
+    objective = b(losses, **kwargs)
+    assert objective.dtype == torch.float32
+    assert math.isfinite(objective.item())
+
+
+@pytest.mark.parametrize("name", ["famo", "gradnorm", "uw", "db_mtl", "dwa"])
+def test_half_and_double_leave_the_state_dtypes_alone(name):
+    b = make_balancer(name, K)
+    dtypes = {key: t.dtype for key, t in b.state_dict().items() if isinstance(t, torch.Tensor)}
+    b.half()
+    b.double()
+    assert {k: t.dtype for k, t in b.state_dict().items() if isinstance(t, torch.Tensor)} == dtypes
+    for step in range(4):
+        _good(b, step)
+    assert bool(torch.isfinite(b.weights).all())
+
+
+# ------------------------------------------------------------------------------------------
+# Item 6: one rule for the Gramian.
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_integer_gramian_is_a_clear_error(name):
+    b = make_balancer(name, K)
+    with pytest.raises(TypeError, match=r"gram: expected a float32 or float64 Gramian"):
+        b.compute_weights(losses_for(0, K), gram=torch.eye(K, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_asymmetric_gramian_is_refused_by_every_method(name):
+    b = make_balancer(name, K)
+    before = snapshot(b)
+    gram = torch.tensor([[2.0, 5.0, 0.0], [-3.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match=r"gram: a Gramian G = J Jᵀ is symmetric"):
+        b.compute_weights(losses_for(0, K), gram=gram)
+    assert_same_state(before, snapshot(b))
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_rounding_asymmetry_is_symmetrised(name):
+    gram = gram_for(0, K)
+    nudged = gram.clone()
+    nudged[0, 1] *= 1 + 1e-7
+    a = make_balancer(name, K).compute_weights(losses_for(0, K), gram=nudged)
+    b = make_balancer(name, K).compute_weights(losses_for(0, K), gram=(nudged + nudged.T) / 2)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_compute_weights_keeps_a_float64_gramian_in_float64(name):
+    b = make_balancer(name, K)
+    weights = b.compute_weights(losses_for(0, K), gram=gram_for(0, K).double())
+    assert weights.dtype == torch.float64
+    assert b.weights.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------
+# Item 8: messages.
+
+
+def test_float64_loss_outside_float32_is_named_as_such():
+    b = tb.create("ew", num_tasks=2)
+    with pytest.raises(ValueError, match=r"losses\[1\] = 1e\+300 does not fit in float32"):
+        b(torch.tensor([1.0, 1e300], dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("name", POSITIVE_METHODS)
+def test_float64_loss_rounding_to_zero_is_named_as_such(name):
+    b = make_balancer(name, K)
+    losses = torch.tensor([1.0, 1e-50, 2.0], dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"losses\[1\] = 1e-50 does not fit in float32"):
+        call(b, losses)
+
+
+def test_string_kpis_are_a_clear_error():
+    b = tb.create("dtp", num_tasks=2)
+    with pytest.raises(TypeError, match=r"kpis: expected a tensor or a sequence of 2 numbers"):
+        b(torch.ones(2, requires_grad=True), kpis="abc")
+
+
+def test_losses_on_two_devices_are_a_clear_error():
+    b = tb.create("ew", num_tasks=2)
+    with pytest.raises(ValueError, match=r"losses: expected every loss on one device"):
+        b([torch.ones((), requires_grad=True), torch.ones((), device="meta")])
+
+
+# ------------------------------------------------------------------------------------------
+# log_dict.
+
+
+def test_log_dict_names_weights_losses_and_cosines():
+    b = tb.create("mgda", num_tasks=2)
+    z = torch.tensor([1.0, 0.0], requires_grad=True)
+    losses = torch.stack(
+        [(z * torch.tensor([1.0, 0.0])).sum() + 2, (z * torch.tensor([1.0, 1.0])).sum() + 3]
+    )
+    b(losses, features=z)
+    logged = b.log_dict(prefix="train/")
+    assert logged["train/loss/0"] == 3.0
+    assert logged["train/loss/1"] == 4.0
+    assert logged["train/cos/0_1"] == pytest.approx(1 / math.sqrt(2))
+    assert [logged[f"train/weight/{k}"] for k in range(2)] == b.weights.tolist()
+    assert set(tb.create("ew", num_tasks=2).log_dict()) == {
+        "balancer/weight/0",
+        "balancer/weight/1",
+        "balancer/loss/0",
+        "balancer/loss/1",
+    }
+
+
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_loop_options_are_hyperparameters_of_every_method(name):
+    assert tb.hyperparameters(name)["accumulation_steps"] == 1
+    assert tb.hyperparameters(name)["on_nonfinite"] == "raise"
+
+
+def test_famo_negative_loss_points_to_min_losses():
+    with pytest.raises(ValueError, match=r"losses\[1\] = -1.0: famo .* set min_losses= below"):
+        tb.create("famo", num_tasks=2)(torch.tensor([1.0, -1.0], requires_grad=True))
+
+
+@pytest.mark.parametrize("name", ["famo", "gradnorm", "upgrad", "dwa"])
+def test_autocast_does_not_change_the_rule(name):
+    """The weight rule runs in the balancer's own precision under a bf16 autocast step."""
+    plain, cast = make_balancer(name, K), make_balancer(name, K)
+    for step in range(4):
+        _good(plain, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _good(cast, step)
+        assert torch.equal(plain.weights, cast.weights)
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "old", "new", "attribute"),
+    [
+        ("fixed", "weights", [1.0, 2.0, 3.0], [3.0, 2.0, 1.0], "fixed_weights"),
+        ("dtp", "gamma", 2.0, 1.0, "gamma"),
+        ("famo", "min_losses", 0.0, -1.0, "min_losses"),
+    ],
+)
+def test_an_allowed_hyperparameter_change_takes_the_new_value(name, key, old, new, attribute):
+    """Buffers that hold a hyperparameter keep the new value; the learned state is loaded."""
+    saved = tb.create(name, num_tasks=K, **{key: old})
+    for step in range(3):
+        _good(saved, step)
+    b = tb.create(name, num_tasks=K, **{key: new})
+    expected = getattr(b, attribute).clone()
+    b.allow_changed_hyperparameters(key).load_state_dict(saved.state_dict())
+    assert torch.equal(getattr(b, attribute), expected)
+    assert int(b.num_steps) == 3
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda"])
+def test_two_threads_sharing_a_balancer_keep_their_calls_apart(name):
+    """Item 9: per-call tensors live in the call's Step, not on the module, so concurrent calls
+    cannot read each other's task gradients."""
+    import threading
+
+    b = tb.create(name, num_tasks=2)
+    errors: list[Exception] = []
+
+    def work(seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        try:
+            for _ in range(20):
+                z = torch.randn(5, 3, generator=generator, requires_grad=True)
+                losses = torch.stack([(z**2).sum(), (z[:, 0] * 3).sum()])
+                objective = b(losses, features=z)
+                objective.backward()
+                assert z.grad is not None
+                assert bool(torch.isfinite(z.grad).all())
+        except Exception as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("name", POSITIVE_METHODS)
+def test_tiny_positive_float32_loss_is_refused_before_an_inf_weight(name):
+    b = make_balancer(name, K)
+    before = snapshot(b)
+    with pytest.raises(ValueError, match=r"losses\[1\] = 1e-40: .* 1/L overflows float32"):
+        call(b, torch.tensor([1.0, 1e-40, 2.0], requires_grad=True))
+    assert_same_state(before, snapshot(b))
+
+
+def test_signature_shows_the_method_keywords_and_the_loop_options():
+    import inspect
+
+    parameters = inspect.signature(tb.DWA).parameters
+    assert list(parameters) == [
+        "num_tasks",
+        "temperature",
+        "window",
+        "accumulation_steps",
+        "on_nonfinite",
+    ]
+
+
+def test_state_loads_with_weights_only(tmp_path):
+    import numpy as np
+
+    b = tb.create("fixed", num_tasks=2, weights=[np.float64(0.5), 2], accumulation_steps=2)
+    _ = b(torch.ones(2, requires_grad=True))
+    torch.save(b.state_dict(), tmp_path / "state.pt")
+    other = tb.create("fixed", num_tasks=2, weights=[0.5, 2.0], accumulation_steps=2)
+    other.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert int(other.num_calls) == 1

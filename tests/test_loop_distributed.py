@@ -1,0 +1,169 @@
+"""Two real gloo ranks: non-finite skips, present masks and configuration mismatches stay in
+step on every rank (issue 8 items 4, 6 and 8).
+
+One spawn of two CPU processes runs every scenario in turn; each scenario records what each
+rank saw (weights, objectives, error messages), and the tests compare the two ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import taskbalance as tb
+from conftest import run_ranks
+
+K = 3
+WORLD_SIZE = 2
+
+
+def _error(action) -> str:
+    try:
+        action()
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def _losses(rank: int, step: int) -> torch.Tensor:
+    return torch.tensor([1.0 + rank + step, 2.0 + 0.5 * rank, 3.0 - 0.1 * step])
+
+
+def _skip(rank: int) -> dict:
+    out: dict = {}
+    for name in ("famo", "rlw", "dwa"):
+        b = tb.create(name, num_tasks=K, on_nonfinite="skip")
+        b(_losses(rank, 0).requires_grad_(True))
+        before = b.state_dict()
+        losses = _losses(rank, 1)
+        if rank == 1:
+            losses[2] = math.inf
+        objective = b(losses.requires_grad_(True))
+        unchanged = all(
+            torch.equal(before[k], v)
+            for k, v in b.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        )
+        b(_losses(rank, 2).requires_grad_(True))
+        out[name] = {"objective": objective.item(), "unchanged": unchanged, "after": b.weights}
+    # A gradient method whose task gradients are not finite on one rank only.
+    b = tb.create("mgda", num_tasks=2, on_nonfinite="skip")
+    z = torch.full((3,), 1.0 + rank, requires_grad=True)
+    b(torch.stack([(z**2).sum(), z.sum()]), features=z)
+    z = torch.full((3,), float(rank), requires_grad=True)  # sqrt'(0) = inf on rank 0 only
+    objective = b(torch.stack([torch.sqrt(z).sum() + 1.0, z.sum() + 1.0]), features=z)
+    out["mgda"] = {"objective": objective.item(), "steps": int(b.num_steps)}
+    return out
+
+
+def _raise(rank: int) -> dict:
+    b = tb.create("ew", num_tasks=K)
+    losses = _losses(rank, 0)
+    if rank == 0:
+        losses[1] = math.nan
+    message = _error(lambda: b(losses.requires_grad_(True)))
+    after = b(_losses(rank, 1).requires_grad_(True)).item()  # still in step afterwards
+    return {"message": message, "after": after}
+
+
+def _present(rank: int) -> dict:
+    b = tb.create("dwa", num_tasks=K, window=1)
+    losses = _losses(rank, 0)
+    present = torch.tensor([True, rank == 1, rank == 0])
+    losses = torch.where(present, losses, math.nan)
+    objective = b(losses.requires_grad_(True), present=present)
+    objective.backward()
+    return {"logged": b.log_dict(), "grad": losses.grad, "weights": b.weights}
+
+
+def _mismatch(rank: int) -> dict:
+    hyper = tb.create("dwa", num_tasks=K, temperature=2.0 if rank == 0 else 1.0)
+    method = tb.create("ew" if rank == 0 else "gls", num_tasks=K)
+    seeded = tb.create("rlw", num_tasks=K, seed=rank)
+    # Ranks resumed from checkpoints of different steps (rank 1's is one step behind).
+    resumed = tb.create("ew", num_tasks=K)
+    state = resumed.state_dict()
+    state["num_steps"] = torch.tensor(5 - rank)
+    state["num_calls"] = torch.tensor(5 - rank)
+    resumed.load_state_dict(state)
+    return {
+        "hyper": _error(lambda: hyper(_losses(rank, 0).requires_grad_(True))),
+        "method": _error(lambda: method(_losses(rank, 0).requires_grad_(True))),
+        "seed": _error(lambda: seeded(_losses(rank, 0).requires_grad_(True))),
+        "resumed": _error(lambda: resumed(_losses(rank, 1).requires_grad_(True))),
+    }
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        results = {
+            "skip": _skip(rank),
+            "raise": _raise(rank),
+            "present": _present(rank),
+            "mismatch": _mismatch(rank),
+        }
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory):
+    return run_ranks(_worker, tmp_path_factory.mktemp("ddp_loop"), WORLD_SIZE)
+
+
+@pytest.mark.parametrize("name", ["famo", "rlw", "dwa"])
+def test_nonfinite_loss_on_one_rank_skips_on_every_rank(ranks, name):
+    for rank in ranks:
+        seen = rank["skip"][name]
+        assert math.isnan(seen["objective"])
+        assert seen["unchanged"]
+    assert torch.equal(ranks[0]["skip"][name]["after"], ranks[1]["skip"][name]["after"])
+
+
+def test_nonfinite_gradients_on_one_rank_skip_on_every_rank(ranks):
+    for rank in ranks:
+        assert math.isnan(rank["skip"]["mgda"]["objective"])
+        assert rank["skip"]["mgda"]["steps"] == 1
+
+
+def test_nonfinite_loss_in_raise_mode_raises_on_every_rank_in_step(ranks):
+    assert "losses[1] is nan" in ranks[0]["raise"]["message"]
+    assert "a loss on another DDP rank is not finite" in ranks[1]["raise"]["message"]
+    for rank in ranks:
+        assert math.isfinite(rank["raise"]["after"])
+
+
+def test_present_masks_differing_by_rank(ranks):
+    """Task 1 only on rank 1, task 2 only on rank 0: both count as present, and each mean
+    averages over the ranks that have the task."""
+    for r, rank in enumerate(ranks):
+        logged = rank["present"]["logged"]
+        assert logged["balancer/loss/0"] == pytest.approx(1.5)  # (1 + 2) / 2
+        assert logged["balancer/loss/1"] == pytest.approx(2.5)  # rank 1 only
+        assert logged["balancer/loss/2"] == pytest.approx(3.0)  # rank 0 only
+        assert bool(torch.isfinite(rank["present"]["grad"]).all())
+        assert rank["present"]["grad"][1 if r == 0 else 2] == 0
+    assert torch.equal(ranks[0]["present"]["weights"], ranks[1]["present"]["weights"])
+
+
+@pytest.mark.parametrize(
+    ("case", "names"),
+    [
+        ("hyper", "hyperparameters"),
+        ("method", "method"),
+        ("seed", "hyperparameters"),
+        ("resumed", "num_steps"),
+    ],
+)
+def test_configuration_mismatch_raises_on_every_rank_naming_it(ranks, case, names):
+    for rank in ranks:
+        message = rank["mismatch"][case]
+        assert "DDP ranks disagree on" in message
+        assert names in message

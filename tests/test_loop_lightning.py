@@ -1,0 +1,78 @@
+"""Lightning's ``accumulate_grad_batches`` and validation loop with a balancer (issue 8 items
+2 and 3): one balancer call per micro-batch, one balancer step per optimiser step, and the
+validation calls (eval mode, no grad) change nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import taskbalance as tb
+
+pl = pytest.importorskip("pytorch_lightning")
+
+ACCUMULATE = 3
+BATCHES = 12
+
+
+class TwoTasks(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(4, 8)
+        self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(2)])
+        self.balancer = tb.create("famo", num_tasks=2, accumulation_steps=ACCUMULATE)
+        self.validation_states: list[dict] = []
+
+    def _losses(self, batch):
+        x, y = batch
+        z = self.trunk(x)
+        return torch.stack(
+            [
+                ((head(z).squeeze(1) - y[:, k]) ** 2).mean() + 0.1
+                for k, head in enumerate(self.heads)
+            ]
+        )
+
+    def training_step(self, batch, batch_idx):
+        return self.balancer(self._losses(batch))
+
+    def validation_step(self, batch, batch_idx):
+        before = {k: v.clone() for k, v in self.balancer.state_dict().items() if torch.is_tensor(v)}
+        objective = self.balancer(self._losses(batch))
+        after = self.balancer.state_dict()
+        self.validation_states.append(
+            {"unchanged": all(torch.equal(v, after[k]) for k, v in before.items())}
+        )
+        return objective
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _loader(seed: int, batches: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(8 * batches, 4, generator=generator)
+    y = x[:, :2] * torch.tensor([1.0, -2.0])
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def test_accumulate_grad_batches_steps_the_balancer_once_per_optimiser_step():
+    model = TwoTasks()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=ACCUMULATE,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, _loader(0, BATCHES), _loader(1, 2))
+    assert trainer.global_step == BATCHES // ACCUMULATE
+    assert int(model.balancer.num_calls) == BATCHES
+    assert int(model.balancer.num_steps) == BATCHES // ACCUMULATE
+    assert model.validation_states
+    assert all(state["unchanged"] for state in model.validation_states)

@@ -1,0 +1,291 @@
+"""The training-loop options every method takes: eval calls, accumulation, non-finite skips,
+present masks and several shared tensors (issue 8 items 2, 3, 6, 8, 9)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import taskbalance as tb
+from conftest import (
+    GRADIENT_METHODS,
+    LOSS_METHODS,
+    assert_same_state,
+    call,
+    kpis_for,
+    loss_gradient,
+    losses_for,
+    make_balancer,
+    snapshot,
+)
+
+K = 3
+
+
+def _run(b: tb.Balancer, steps: range) -> list[torch.Tensor]:
+    out = []
+    for step in steps:
+        call(b, losses_for(step, K).requires_grad_(True), step).backward()
+        out.append(b.weights)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Item 3: eval() and no_grad calls change no state.
+
+
+def test_eval_and_no_grad_calls_change_no_state(loss_method):
+    b = make_balancer(loss_method, K)
+    _run(b, range(3))
+    before = snapshot(b)
+    weights = b.weights
+    losses = losses_for(7, K)
+    b.eval()
+    objective = b(losses.clone().requires_grad_(True))  # no features needed: nothing measured
+    torch.testing.assert_close(objective, (weights * losses).sum())
+    assert_same_state(before, snapshot(b))
+    b.train()
+    with torch.no_grad():
+        objective = b(losses, kpis=kpis_for(0, K))
+    torch.testing.assert_close(objective, (weights * losses).sum())
+    assert_same_state(before, snapshot(b))
+
+
+# ------------------------------------------------------------------------------------------
+# Item 2: accumulation_steps.
+
+
+@pytest.mark.parametrize("N", [2, 3])
+def test_accumulation_window_equals_one_step_per_window(loss_method, N):
+    """Weights are fixed within a window; the state advances once per window, from the
+    window's first call, exactly as a balancer called once per window."""
+    plain = make_balancer(loss_method, K)
+    accumulated = make_balancer(loss_method, K, accumulation_steps=N)
+    for window in range(5):
+        call(plain, losses_for(window, K).requires_grad_(True), window).backward()
+        for micro in range(N):
+            step = window if micro == 0 else 100 + 7 * window + micro  # others: unread
+            losses = losses_for(step, K).requires_grad_(True)
+            call(accumulated, losses, window).backward()
+            assert torch.equal(accumulated.weights, plain.weights), (window, micro)
+            torch.testing.assert_close(losses.grad, loss_gradient(accumulated))
+    assert int(accumulated.num_steps) == int(plain.num_steps) == 5
+    assert int(accumulated.num_calls) == 5 * N
+
+
+def test_accumulation_resumes_mid_window():
+    reference = tb.create("dwa", num_tasks=K, window=2, accumulation_steps=3)
+    expected = _run(reference, range(14))
+    first = tb.create("dwa", num_tasks=K, window=2, accumulation_steps=3)
+    got = _run(first, range(7))
+    resumed = tb.create("dwa", num_tasks=K, window=2, accumulation_steps=3)
+    resumed.load_state_dict(first.state_dict())
+    got += _run(resumed, range(7, 14))
+    for want, have in zip(expected, got, strict=True):
+        assert torch.equal(want, have)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_accumulation_steps(bad):
+    error = TypeError if isinstance(bad, (bool, float)) else ValueError
+    with pytest.raises(error, match=r"accumulation_steps: expected an int >= 1"):
+        tb.create("ew", num_tasks=2, accumulation_steps=bad)
+
+
+def test_bad_on_nonfinite():
+    with pytest.raises(ValueError, match=r"on_nonfinite: expected one of \['raise', 'skip'\]"):
+        tb.create("mgda", num_tasks=2, on_nonfinite="ignore")
+
+
+# ------------------------------------------------------------------------------------------
+# Item 6: on_nonfinite="skip".
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_skip_returns_nan_objective_and_changes_no_state(loss_method, bad):
+    b = make_balancer(loss_method, K, on_nonfinite="skip")
+    _run(b, range(2))
+    before = snapshot(b)
+    losses = losses_for(5, K)
+    losses[1] = bad
+    losses.requires_grad_(True)
+    objective = call(b, losses, 5)
+    assert not math.isfinite(objective.item())
+    objective.backward()
+    assert not bool(torch.isfinite(losses.grad).all()), "GradScaler must see non-finite grads"
+    assert_same_state(before, snapshot(b))
+    assert torch.isnan(b.compute_weights(losses.detach(), **_extras(b))).all()
+    assert_same_state(before, snapshot(b))
+
+
+def _extras(b: tb.Balancer) -> dict:
+    from conftest import gram_for
+
+    kwargs = {}
+    if b.requires_kpis:
+        kwargs["kpis"] = kpis_for(0, K)
+    if b.requires_gram:
+        kwargs["gram"] = gram_for(0, K)
+    return kwargs
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_skip_on_nonfinite_task_gradients(name):
+    b = tb.create(name, num_tasks=2, on_nonfinite="skip")
+    z_good = torch.ones(3, requires_grad=True)
+    b(torch.stack([(z_good**2).sum(), z_good.sum()]), features=z_good)
+    before = snapshot(b)
+    z = torch.zeros(3, requires_grad=True)
+    losses = torch.stack([torch.sqrt(z).sum() + 1.0, z.sum() + 1.0])  # d sqrt(z)/dz at 0 = inf
+    objective = b(losses, features=z)
+    assert math.isnan(objective.item())
+    assert_same_state(before, snapshot(b))
+
+
+def test_raise_mode_still_names_the_task():
+    b = tb.create("ew", num_tasks=3)
+    with pytest.raises(ValueError, match=r"losses\[2\] is nan.*on_nonfinite='skip'"):
+        b(torch.tensor([1.0, 2.0, math.nan]))
+
+
+# ------------------------------------------------------------------------------------------
+# Item 8: present masks.
+
+
+def _nan_loss_of_absent_task(x: torch.Tensor) -> torch.Tensor:
+    """The mean over zero labelled samples: NaN, with a graph."""
+    return x[torch.zeros_like(x, dtype=torch.bool)].mean()
+
+
+@pytest.mark.parametrize("name", LOSS_METHODS)
+def test_absent_task_gets_weight_zero_and_no_gradient(name):
+    b = make_balancer(name, K)
+    _run(b, range(2))
+    x = torch.tensor([0.5, 1.0], requires_grad=True)
+    head = [(x * (1 + k)).sum().abs() + 0.5 for k in range(K)]
+    head[1] = _nan_loss_of_absent_task(x)
+    kwargs = {"kpis": kpis_for(0, K)} if b.requires_kpis else {}
+    present = torch.tensor([True, False, True])
+    objective = b(torch.stack(head), present=present, **kwargs)
+    assert math.isfinite(objective.item())
+    assert b.weights[1] == 0
+    objective.backward()
+    assert bool(torch.isfinite(x.grad).all())
+    assert b.log_dict()["balancer/loss/1"] == pytest.approx(losses_for(1, K)[1].item())
+
+
+@pytest.mark.parametrize("name", ["dwa", "famo", "gls", "si", "ew"])
+def test_absent_task_statistics_see_no_new_value(name):
+    """A loss-based rule reads the absent task's last mean loss again."""
+    masked = make_balancer(name, K)
+    filled = make_balancer(name, K)
+    _run(masked, range(2))
+    _run(filled, range(2))
+    losses = losses_for(2, K)
+    carried = losses.clone()
+    carried[1] = losses_for(1, K)[1]
+    masked(torch.tensor([losses[0], math.nan, losses[2]]), present=[True, False, True])
+    filled(carried)
+    expected = filled.weights
+    expected[1] = 0
+    torch.testing.assert_close(masked.weights, expected)
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_gradient_methods_reuse_last_weights_with_an_absent_task(name):
+    b = make_balancer(name, K)
+    _run(b, range(2))
+    last = b.weights
+    z = torch.randn(4, 5, requires_grad=True)
+    losses = torch.stack([(z * (k + 1)).sum() ** 2 for k in range(K)])
+    losses = torch.where(torch.tensor([True, False, True]), losses, math.nan)
+    b(losses, features=z, present=torch.tensor([True, False, True])).backward()
+    expected = last.clone()
+    expected[1] = 0
+    torch.testing.assert_close(b.weights, expected)
+    assert bool(torch.isfinite(z.grad).all())
+
+
+@pytest.mark.parametrize(
+    ("present", "error", "match"),
+    [
+        ([True, False], ValueError, r"present: expected shape \(3,\)"),
+        (torch.tensor([1, 0, 1]), TypeError, r"present: expected a bool tensor"),
+        ([False, False, False], ValueError, "every task is absent"),
+        ("abc", TypeError, "present: expected a bool tensor"),
+    ],
+)
+def test_bad_present_mask(present, error, match):
+    b = tb.create("ew", num_tasks=3)
+    with pytest.raises(error, match=match):
+        b(torch.ones(3, requires_grad=True), present=present)
+
+
+# ------------------------------------------------------------------------------------------
+# Item 9: several shared tensors.
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "pcgrad", "cagrad"])
+def test_features_list_gramian_sums_over_the_tensors(name):
+    generator = torch.Generator().manual_seed(0)
+    z1 = torch.randn(6, 4, generator=generator, requires_grad=True)
+    z2 = torch.randn(6, 3, generator=generator, requires_grad=True)
+    heads = [torch.randn(4, generator=generator) for _ in range(K)]
+    heads2 = [torch.randn(3, generator=generator) for _ in range(K)]
+    losses = torch.stack(
+        [((z1 @ heads[k]) ** 2).mean() + ((z2 @ heads2[k]) ** 2).mean() for k in range(K)]
+    )
+    expected = tb.gramian(losses, z1) + tb.gramian(losses, z2)
+    b = tb.create(name, num_tasks=K)
+    b(losses, features=[z1, z2]).backward(retain_graph=True)
+    reference = tb.create(name, num_tasks=K)
+    torch.testing.assert_close(b.weights, reference.compute_weights(losses.detach(), gram=expected))
+    # The unweighted-heads correction reaches both tensors: z_i.grad = J_iᵀ w.
+    w = b.weights
+    for z in (z1, z2):
+        rows = torch.stack(
+            [torch.autograd.grad(losses[k], z, retain_graph=True)[0] for k in range(K)]
+        )
+        torch.testing.assert_close(z.grad, torch.einsum("k,k...->...", w, rows))
+
+
+def test_features_list_with_a_detached_tensor_names_it():
+    b = tb.create("mgda", num_tasks=2)
+    z = torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"features\[1\]: the tensor does not require grad"):
+        b(torch.stack([z.sum(), (2 * z).sum()]), features=[z, z.detach()])
+
+
+def test_a_skipped_micro_batch_keeps_the_windows_aligned():
+    """A GradScaler skip inside a window must not shift every later window by one call."""
+    b = tb.create("dwa", num_tasks=K, window=1, accumulation_steps=3, on_nonfinite="skip")
+    reference = tb.create("dwa", num_tasks=K, window=1, accumulation_steps=3)
+    for window in range(4):
+        for micro in range(3):
+            losses = losses_for(10 * window + micro, K)
+            reference(losses.clone().requires_grad_(True))
+            if window == 1 and micro == 1:
+                losses[0] = math.inf
+            b(losses.requires_grad_(True))
+            assert torch.equal(b.weights, reference.weights), (window, micro)
+    assert int(b.num_steps) == int(reference.num_steps) == 4
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_absent_task_outside_the_graph_is_not_refused(name):
+    """An absent task's loss may be a constant (no labels, no head call): the engine must not
+    take it for a task that reaches no shared tensor."""
+    b = make_balancer(name, K)
+    z = torch.randn(4, 5, requires_grad=True)
+    losses = [(z * (k + 1)).sum() ** 2 for k in range(K)]
+    losses[1] = torch.tensor(math.nan)
+    b(losses, features=z, present=torch.tensor([True, False, True])).backward()
+    assert b.weights[1] == 0
+    assert bool(torch.isfinite(z.grad).all())
+    # Without the mask the same constant is refused, naming the task.
+    losses = [(z * (k + 1)).sum() ** 2 for k in range(K)]
+    losses[1] = torch.tensor(1.0)
+    with pytest.raises(ValueError, match=r"losses\[1\]"):
+        make_balancer(name, K)(losses, features=z)
