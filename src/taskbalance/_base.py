@@ -199,8 +199,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     #: Registry name, set by :func:`taskbalance.register`.
     name: ClassVar[str] = ""
-    #: True when the method takes logs or ratios of the losses, which must then be > 0.
-    requires_positive_losses: ClassVar[bool] = False
+    #: True when the method takes logs or ratios of the losses, which must then be > 0. The class
+    #: value describes the default configuration; an instance whose hyperparameters change the
+    #: answer (FAMO's ``min_losses=`` below 0, MGDA's loss normalisations) sets its own, so the
+    #: attribute is per instance, not a ``ClassVar``.
+    requires_positive_losses: bool = False
     #: True when the method reads per-task KPIs (``kpis=``).
     requires_kpis: ClassVar[bool] = False
     #: True when the weight rule needs the Gramian of the task gradients.

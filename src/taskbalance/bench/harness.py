@@ -48,7 +48,8 @@ BALANCER_ADAM_BETAS = (0.9, 0.9)
 BALANCER_FAILURES: tuple[type[Exception], ...] = (
     ValueError,
     tb.SolverError,
-    torch.linalg.LinAlgError,
+    # Public (torch.linalg re-exports torch._C._LinAlgError) but left out of its __all__.
+    torch.linalg.LinAlgError,  # type: ignore[attr-defined]
     ArithmeticError,
 )
 
