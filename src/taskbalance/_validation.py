@@ -1,7 +1,9 @@
-"""Input checks shared by every balancer.
+"""The input checks of the whole package: balancers, losses, probability tools and solvers.
 
-Each check raises before any state changes, and its message names the argument, the value that
-was given and what was expected, so a user can fix the call without reading our source.
+Every check takes the argument's name first and its value second, raises before any state
+changes, and words its message as ``"NAME: expected WHAT, got VALUE"``, so a user can fix the
+call without reading our source. A ``TypeError`` means the wrong kind of object, a
+``ValueError`` the right kind with a wrong value.
 """
 
 from __future__ import annotations
@@ -87,6 +89,32 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return str(value)
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    """Return ``value`` after checking it is a tensor."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_floating(name: str, value: object) -> Tensor:
+    """Return ``value`` after checking it is a floating-point tensor."""
+    tensor = check_tensor(name, value)
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
+    return tensor
+
+
+def check_probabilities(name: str, value: Tensor) -> None:
+    """Check that every entry of ``value`` lies in ``[0, 1]`` (NaN does not)."""
+    if value.numel() == 0:
+        return
+    with torch.no_grad():
+        outside = (value < 0) | (value > 1) | torch.isnan(value)
+        if bool(outside.any()):
+            bad = value[outside][0].item()
+            raise ValueError(f"{name}: expected probabilities in [0, 1], got {bad:.6g}")
 
 
 def per_task_values(
