@@ -805,7 +805,9 @@ def test_kl_divergence_zero_mass_conventions() -> None:
     assert (
         losses.kl_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])).item() == math.inf
     )
-    with pytest.raises(ValueError, match=r"target must sum to 1 along dim 1 .* got sums in \[1.2"):
+    with pytest.raises(
+        ValueError, match=r"target: expected sums of 1 along dim 1 .* got sums in \[1.2"
+    ):
         losses.kl_divergence(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.6, 0.6]]))
 
 
@@ -1014,9 +1016,11 @@ def test_invalid_probabilities() -> None:
         losses.binary_cross_entropy(torch.tensor([0.5, 1.5]), torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"target: expected probabilities in \[0, 1\], got 2"):
         losses.binary_cross_entropy(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 2.0]))
-    with pytest.raises(ValueError, match=r"target must sum to 1 along dim 1 .* got sums in \[0.5"):
+    with pytest.raises(
+        ValueError, match=r"target: expected sums of 1 along dim 1 .* got sums in \[0.5"
+    ):
         losses.cross_entropy(torch.zeros(2, 2), torch.tensor([[0.25, 0.25], [0.5, 0.5]]))
-    with pytest.raises(ValueError, match=r"input must sum to 1 along dim 1"):
+    with pytest.raises(ValueError, match=r"input: expected sums of 1 along dim 1"):
         losses.kl_divergence(torch.tensor([[0.9, 0.9]]), torch.tensor([[0.5, 0.5]]))
     with pytest.raises(ValueError, match=r"non-negative entries, got a minimum of -0.5"):
         losses.kl_divergence(torch.tensor([[1.5, -0.5]]), torch.tensor([[0.5, 0.5]]))

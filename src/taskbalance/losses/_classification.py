@@ -7,13 +7,14 @@ from torch import Tensor
 from torch.nn import functional
 
 from taskbalance._validation import (
+    check_distribution,
     check_floating,
     check_in_range,
     check_nonnegative,
     check_probabilities,
+    check_same_shape,
     check_tensor,
 )
-from taskbalance.info import _check_distribution
 from taskbalance.losses._common import (
     Reduction,
     as_float_target,
@@ -22,7 +23,6 @@ from taskbalance.losses._common import (
     check_class_weight,
     check_index_target_shape,
     check_reduction,
-    check_same_shape,
     class_dim,
     reduce,
     safe_log,
@@ -175,7 +175,7 @@ def cross_entropy(
     if target.is_floating_point():
         check_same_shape("input", input, "target", target)
         target = as_float_target(target, input)
-        _check_distribution(target, "target", dim)
+        check_distribution("target", target, dim)
         smoothed = target * (1.0 - label_smoothing) + label_smoothing / num_classes
         weighted_log_q = log_q if weight_view is None else log_q * weight_view
         loss = -(smoothed * weighted_log_q).sum(dim=dim)

@@ -32,19 +32,6 @@ def reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss
 
 
-def check_same_shape(input_name: str, input: Tensor, target_name: str, target: Tensor) -> None:
-    """Raises ``ValueError`` naming both shapes unless they are equal.
-
-    Losses never broadcast ``input`` against ``target``: a silently broadcast ``(N, 1)`` against
-    ``(N,)`` is a classic source of wrong losses.
-    """
-    if input.shape != target.shape:
-        raise ValueError(
-            f"{input_name}, {target_name}: expected the same shape, got {input_name} shape "
-            f"{tuple(input.shape)} and {target_name} shape {tuple(target.shape)}"
-        )
-
-
 def check_broadcastable_to(name: str, x: Tensor, reference: str, shape: torch.Size) -> None:
     """Raises ``ValueError`` unless ``x`` broadcasts to ``shape`` without enlarging it."""
     try:

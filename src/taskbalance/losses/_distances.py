@@ -9,13 +9,18 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from taskbalance._validation import check_choice, check_floating, check_tensor
-from taskbalance.info import _expected_log_ratio, _normalize_dim, _probabilities_and_logs
+from taskbalance._validation import (
+    check_axis,
+    check_choice,
+    check_floating,
+    check_same_shape,
+    check_tensor,
+)
+from taskbalance.info import _expected_log_ratio, _probabilities_and_logs
 from taskbalance.losses._common import (
     Reduction,
     as_float_target,
     check_reduction,
-    check_same_shape,
     reduce,
 )
 
@@ -68,7 +73,7 @@ def kl_divergence(
     check_tensor("target", target)
     check_same_shape("input", input, "target", target)
     target = as_float_target(target, input)
-    dim = _normalize_dim(input, dim, "input")
+    dim = check_axis("input", input, dim)
     p, log_p = _probabilities_and_logs(target, "target", dim, from_logits=False)
     _, log_q = _probabilities_and_logs(input, "input", dim, from_logits=from_logits)
     return reduce(_expected_log_ratio(p, log_p, log_q, dim, keepdim=False), reduction)

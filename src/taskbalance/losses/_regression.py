@@ -7,13 +7,17 @@ import math
 import torch
 from torch import Tensor
 
-from taskbalance._validation import check_floating, check_positive, check_tensor
+from taskbalance._validation import (
+    check_floating,
+    check_positive,
+    check_same_shape,
+    check_tensor,
+)
 from taskbalance.losses._common import (
     Reduction,
     as_float_target,
     check_broadcastable_to,
     check_reduction,
-    check_same_shape,
     reduce,
 )
 
