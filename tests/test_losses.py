@@ -1035,7 +1035,7 @@ def test_type_errors() -> None:
         TypeError, match=r"input: expected a floating-point tensor, got dtype torch.int64"
     ):
         losses.squared_error(torch.tensor([1, 2]), torch.tensor([1, 2]))
-    with pytest.raises(TypeError, match=r"target: expected a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"target: expected a tensor, got list"):
         losses.squared_error(torch.zeros(2), [0.0, 0.0])
     with pytest.raises(TypeError, match=r"target: expected integer class indices .* torch.bool"):
         losses.cross_entropy(torch.zeros(2, 3), torch.tensor([True, False]))

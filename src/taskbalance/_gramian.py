@@ -74,7 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance._distributed import all_reduce_mean, all_reduce_sum, is_distributed, world_size
-from taskbalance._validation import as_loss_vector
+from taskbalance._validation import as_loss_vector, check_tensor
 
 try:
     from torch.autograd.graph import GradientEdge
@@ -549,10 +549,10 @@ def _inputs(
                 ]
             )
         for tensor, name in zip(tensors, names, strict=True):
-            _check_feature(tensor, name)
+            _check_feature(name, tensor)
         return tensors, True
     if isinstance(wrt, Tensor):
-        _check_feature(wrt, "features")
+        _check_feature("features", wrt)
         return [wrt], True
     assert wrt is not None
     params = [p for p in wrt]
@@ -566,9 +566,8 @@ def _inputs(
     return params, False
 
 
-def _check_feature(tensor: object, name: str) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+def _check_feature(name: str, value: object) -> None:
+    tensor = check_tensor(name, value)
     if not tensor.requires_grad:
         raise ValueError(
             f"{name}: the tensor does not require grad; pass the shared representation "

@@ -94,7 +94,7 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
 def check_tensor(name: str, value: object) -> Tensor:
     """Return ``value`` after checking it is a tensor."""
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
     return value
 
 
