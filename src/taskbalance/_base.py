@@ -93,6 +93,7 @@ class _BalancerMeta(ABCMeta):
         super().__init__(*args, **kwargs)
         # What inspect.signature (help(), IDEs, the docs) shows: the method's own __init__
         # plus the loop options, rather than this metaclass's (*args, **kwargs).
+        # mypy calls reading __init__ off an instance unsound; cls is a class here, not one.
         init = inspect.signature(cls.__init__)  # type: ignore[misc]
         own = list(init.parameters.values())[1:]
         names = {parameter.name for parameter in own}
@@ -693,7 +694,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         for name, value in kept.items():
-            self._buffers[name].copy_(value)  # type: ignore[union-attr]
+            self.get_buffer(name).copy_(value)
         self._steps_taken = int(self.num_steps)
         self._calls_taken = int(self.num_calls)
 
@@ -726,7 +727,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             name: buffer.detach().clone()
             for name, buffer in fresh_new.named_buffers(recurse=False)
             if not torch.equal(buffer, saved_buffers[name])
-            and torch.equal(buffer, self._buffers[name])  # type: ignore[arg-type]
+            and torch.equal(buffer, self.get_buffer(name))
         }
 
     def _check_loadable(self, state_dict: Any, prefix: str) -> None:
