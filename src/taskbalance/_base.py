@@ -753,9 +753,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 )
             if current.is_floating_point():
                 if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
-                    raise ValueError(f"{what}: {full!r} must be finite floats, got {given}")
+                    raise ValueError(f"{what}: {full!r}: expected finite floats, got {given}")
             elif given.is_floating_point() or given.is_complex():
-                raise ValueError(f"{what}: {full!r} must hold integers, got {given}")
+                raise ValueError(f"{what}: {full!r}: expected integers, got {given}")
             elif current.dtype != torch.bool and bool((given < 0).any()):
                 raise ValueError(f"{what}: {full!r} counts something, got {given}")
 

@@ -289,7 +289,8 @@ def _extract_features(
         return _as_feature_list(extractor(x), "extractor")
     if not isinstance(extractor, nn.Module):
         raise TypeError(
-            f"layers requires extractor to be a torch.nn.Module, got {type(extractor).__name__}"
+            f"extractor: expected a torch.nn.Module (layers= names its submodules), got "
+            f"{type(extractor).__name__}"
         )
     captured: dict[str, Tensor] = {}
 

@@ -269,7 +269,7 @@ class DiceLoss(_Loss):
         super().__init__(reduction)
         check_nonnegative("smooth", smooth)
         if weight is not None and not multiclass:
-            raise ValueError("weight (per-class weights) is only used with multiclass=True")
+            raise ValueError("weight: expected None (per-class weights need multiclass=True)")
         self.multiclass = multiclass
         self.from_logits = from_logits
         self.smooth = smooth
