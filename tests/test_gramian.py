@@ -604,14 +604,14 @@ def test_registered_gradient_methods_backward_is_jt_w(name, mode):
         torch.testing.assert_close(actual, jac.T @ w, rtol=1e-5, atol=1e-6)
 
 
-def test_without_edge_outputs_the_batched_path_is_used(monkeypatch):
-    """On a torch < 2.5 (no GradientEdge outputs) stacked losses take the batched call."""
+def test_losses_not_made_by_a_stack_take_the_batched_call():
+    """Without K stack edges to differentiate one by one, the automatic choice is batched."""
     import taskbalance._gramian as engine
 
     model, x, y = mlp_problem(3)
-    losses, z = model.losses(x, y)
+    losses, z = model.losses(x, y, source="vector")
     expected = reference_gramian(losses, [z])
-    monkeypatch.setattr(engine, "_EDGE_OUTPUTS", False)
+    assert engine._per_task_edges(losses, 3) is None
     rows, path = engine.jacobian_rows(losses, [z], batched=None)
     assert path is True
     G = engine.gramian_from_rows(rows, features_mode=True, dtype=torch.float32)

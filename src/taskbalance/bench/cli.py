@@ -84,7 +84,7 @@ def prepare_output_directory(path: Path) -> Path:
     return path
 
 
-def _positive(value: int | None, option: str) -> None:
+def _positive(option: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise CommandError(f"{option}: expected an int >= 1, got {value}")
 
@@ -169,7 +169,7 @@ def command_train(arguments: argparse.Namespace) -> int:
     if len(methods) != 1:
         raise CommandError(f"--method: expected one method, got {arguments.method!r}")
     method = methods[0]
-    _positive(arguments.epochs, "--epochs")
+    _positive("--epochs", arguments.epochs)
     slug = _slug(f"{arguments.bench}-{method.label}")
     out = Path(arguments.out or f"runs/train-{slug}-seed{arguments.seed}")
     if arguments.bench in TOYS:
@@ -391,7 +391,7 @@ def command_toy(arguments: argparse.Namespace) -> int:
     except ValueError as error:
         raise CommandError(f"--methods: {error}") from None
     steps = arguments.steps if arguments.steps is not None else TOY_STEPS
-    _positive(steps, "--steps")
+    _positive("--steps", steps)
     out = prepare_output_directory(Path(arguments.out))
     require_module("matplotlib")
     trajectories: dict[str, list[Any]] = {}
@@ -434,12 +434,12 @@ def command_compare(arguments: argparse.Namespace) -> int:
         selection = parse_selection(arguments.select)
     except ValueError as error:
         raise CommandError(str(error)) from None
-    for value, option in (
-        (arguments.seeds, "--seeds"),
-        (arguments.epochs, "--epochs"),
-        (arguments.jobs, "--jobs"),
+    for option, value in (
+        ("--seeds", arguments.seeds),
+        ("--epochs", arguments.epochs),
+        ("--jobs", arguments.jobs),
     ):
-        _positive(value, option)
+        _positive(option, value)
     if arguments.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {arguments.device}: no CUDA device is available")
     source = BenchmarkSource(
@@ -618,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = getattr(arguments, "threads", None)
     try:
         if threads is not None:
-            _positive(threads, "--threads")
+            _positive("--threads", threads)
             torch.set_num_threads(threads)
         return int(arguments.handler(arguments))
     except (CommandError, MissingExtraError, BenchmarkError) as error:

@@ -243,7 +243,7 @@ def _checked(params: Iterable[Tensor] | Tensor) -> list[Tensor]:
     if not listed:
         raise ValueError("params: expected at least one shared parameter, got an empty list")
     _check_tensors("params", listed, False, "no task gradient reaches it")
-    return listed  # type: ignore[return-value]
+    return listed  # type: ignore[return-value]  # _check_tensors checked every item
 
 
 def inverse_gradient_norms(gram: Tensor, eps: float) -> Tensor:
