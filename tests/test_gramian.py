@@ -591,6 +591,8 @@ def test_registered_gradient_methods_backward_is_jt_w(name, mode):
     trunk_params = list(model.trunk.parameters())
     extra = {"params": trunk_params} if mode == "params" else {}
     b = make_balancer(name, K, **extra)
+    if b._direction_from_rows():
+        pytest.skip(f"{name} in {mode} mode sets a direction other than Jᵀw: test_directions.py")
     for _ in range(2):
         losses, z = model.losses(x, y)
         jac = reference_jacobian(losses, trunk_params)
