@@ -56,7 +56,8 @@ def _db_mtl_reference(steps: int, beta: float, beta_sigma: float, heads_weighted
     out = []
     for t in range(1, steps + 1):
         _, losses = _losses(trunk, heads, t)
-        log_grads = torch.stack([_flat_grads(torch.log(losses[k] + 1e-8), params) for k in range(K)])
+        log_losses = torch.log(losses + 1e-8)
+        log_grads = torch.stack([_flat_grads(log_losses[k], params) for k in range(K)])
         rate = beta / t**beta_sigma
         ema = log_grads + rate * (ema - log_grads)
         norms = ema.norm(dim=1)
@@ -64,9 +65,7 @@ def _db_mtl_reference(steps: int, beta: float, beta_sigma: float, heads_weighted
         d = (alpha[:, None] * ema).sum(0)
         weights = alpha / (losses.detach() + 1e-8)
         scale = weights if heads_weighted else torch.ones(K)
-        head_grads = [
-            scale[k] * _flat_grads(losses[k], heads[k].parameters()) for k in range(K)
-        ]
+        head_grads = [scale[k] * _flat_grads(losses[k], heads[k].parameters()) for k in range(K)]
         out.append((d, head_grads, weights))
         with torch.no_grad():  # move the trunk along d so the steps differ
             offset = 0

@@ -243,10 +243,8 @@ class GradientBalancer(Balancer):
         gradients, which the objective's own backward produces and the shift cancels."""
         assert step.shared is not None  # _prepare took the task gradients
         assert step.rows is not None
-        if self.heads == "weighted":
-            coefficients = weights.detach()
-        else:
-            coefficients = torch.ones_like(weights)
+        unweighted = torch.ones_like(weights)
+        coefficients = weights.detach() if self.heads == "weighted" else unweighted
         inner = step.losses.new_zeros(())
         for tensor, row, target in zip(step.shared, step.rows, direction, strict=True):
             own = torch.mv(row.T, coefficients.to(row.dtype))
