@@ -151,3 +151,104 @@ def test_db_mtl_parameters_mode_state_round_trip():
     resumed.load_state_dict(first.state_dict())
     for have, want in zip(run(resumed, trunk, heads, range(3, 6)), expected[3:], strict=True):
         torch.testing.assert_close(have, want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# GradDrop: sign-purity dropout at the shared activations (features) or parameters
+
+
+def _graddrop_reference(rows, signs, leak, generator):
+    """Algorithm 1 written out with per-sample rows ``[K, B, C]`` and ``sign(A)`` ``[B, C]``."""
+    G = (rows * signs).sum(1).double()  # [K, C]
+    P = 0.5 * (1 + G.sum(0) / G.abs().sum(0))
+    P = torch.nan_to_num(P, nan=0.5)
+    U = torch.rand(G.shape[1], generator=generator, dtype=torch.float64)
+    M = ((P > U) & (G > 0)) | ((P < U) & (G < 0))
+    keep = leak + (1 - leak) * M.double()
+    d = (rows * keep[:, None, :].float()).sum(0)
+    shares = (keep * G**2).sum(1) / (G**2).sum(1)
+    return d, shares.float()
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+def test_graddrop_features_mode_is_algorithm_1(leak):
+    trunk, heads = _model(3)
+    b = tb.create("graddrop", num_tasks=K, leak=leak, seed=5)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(4):
+        z, losses = _losses(trunk, heads, step)
+        rows = torch.stack(
+            [torch.autograd.grad(losses[k], z, retain_graph=True)[0] for k in range(K)]
+        )
+        d, shares = _graddrop_reference(rows, torch.sign(z.detach()), leak, generator)
+        head_grads = [_flat_grads(losses[k], heads[k].parameters()) for k in range(K)]
+        trunk.zero_grad()
+        heads.zero_grad()
+        objective = b(losses, features=z)
+        (z_grad,) = torch.autograd.grad(objective, z, retain_graph=True)
+        objective.backward()
+        torch.testing.assert_close(z_grad, d, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b.weights, shares, rtol=1e-5, atol=0)
+        for k in range(K):
+            torch.testing.assert_close(_grad_of(heads[k].parameters()), head_grads[k])
+    assert torch.equal(b.generator.get_state(), generator.get_state())
+
+
+def test_graddrop_parameters_mode_masks_the_parameter_entries():
+    trunk, heads = _model(4)
+    params = list(trunk.parameters())
+    b = tb.create("graddrop", num_tasks=K, params=params, seed=2)
+    generator = torch.Generator().manual_seed(2)
+    _, losses = _losses(trunk, heads, 0)
+    J = torch.stack([_flat_grads(losses[k], params) for k in range(K)])
+    # one draw per listed parameter, in order, as the balancer draws them
+    expected, offset = [], 0
+    for p in params:
+        block = J[:, offset : offset + p.numel()]
+        d, _ = _graddrop_reference(block[:, None, :], torch.ones(1, p.numel()), 0.0, generator)
+        expected.append(d.reshape(-1))
+        offset += p.numel()
+    b(losses).backward()
+    torch.testing.assert_close(_grad_of(params), torch.cat(expected), rtol=1e-5, atol=1e-7)
+
+
+def test_graddrop_hand_computed_cases():
+    z = torch.tensor([[1.0, -2.0, 0.5]], requires_grad=True)
+    # task gradients at z: (1, 1, 2) and (3, -1, 0); sign(z) = (1, -1, 1)
+    # G = (1, -1, 2) and (3, 1, 0): coordinate 0 pure positive (P = 1, both kept), coordinate
+    # 2 only task 1 (P = 1, kept), coordinate 1 has P = 1/2 (one of the two survives).
+    losses = torch.stack(
+        [(z * torch.tensor([1.0, 1.0, 2.0])).sum(), (z * torch.tensor([3.0, -1.0, 0.0])).sum()]
+    )
+    seen = set()
+    b = tb.create("graddrop", num_tasks=2)
+    for _ in range(20):
+        (grad,) = torch.autograd.grad(b(losses, features=z), z, retain_graph=True)
+        assert grad[0, 0].item() == 4.0
+        assert grad[0, 2].item() == 2.0
+        seen.add(grad[0, 1].item())
+    assert seen == {1.0, -1.0}  # the sign of the kept gradient is drawn, never both
+    everything = tb.create("graddrop", num_tasks=2, leak=1.0)
+    (grad,) = torch.autograd.grad(everything(losses, features=z), z)
+    torch.testing.assert_close(grad, torch.tensor([[4.0, 0.0, 2.0]]))
+    torch.testing.assert_close(everything.weights, torch.ones(2))
+
+
+def test_graddrop_keeps_the_positive_sign_with_probability_p():
+    z = torch.ones(1, 4000, requires_grad=True)
+    # per coordinate, task gradients +3 and -1: P = 3/4
+    losses = torch.stack([3 * z.sum(), -z.sum()])
+    b = tb.create("graddrop", num_tasks=2, seed=11)
+    (grad,) = torch.autograd.grad(b(losses, features=z), z)
+    positive = float((grad == 3.0).double().mean())
+    assert set(grad.unique().tolist()) <= {3.0, -1.0}
+    assert abs(positive - 0.75) < 0.03  # 4000 Bernoulli(3/4) draws: sd 0.007
+
+
+def test_graddrop_refuses_compute_weights_and_draws_nothing():
+    b = tb.create("graddrop", num_tasks=2)
+    state = b.generator.get_state()
+    with pytest.raises(ValueError, match=r"gram: graddrop drops gradient coordinates"):
+        b.compute_weights(torch.ones(2), gram=torch.eye(2))
+    assert torch.equal(b.generator.get_state(), state)
+    assert int(b.num_steps) == 0

@@ -12,6 +12,7 @@ from taskbalance.methods._fairgrad import FairGrad
 from taskbalance.methods._famo import FAMO
 from taskbalance.methods._fixed import Fixed
 from taskbalance.methods._gls import GLS
+from taskbalance.methods._graddrop import GradDrop
 from taskbalance.methods._gradient_base import GradientBalancer
 from taskbalance.methods._gradnorm import GradNorm
 from taskbalance.methods._gradvac import GradVac
@@ -47,6 +48,7 @@ __all__ = [
     "ExcessMTL",
     "FairGrad",
     "Fixed",
+    "GradDrop",
     "GradNorm",
     "GradVac",
     "GradientBalancer",
