@@ -252,3 +252,85 @@ def test_graddrop_refuses_compute_weights_and_draws_nothing():
         b.compute_weights(torch.ones(2), gram=torch.eye(2))
     assert torch.equal(b.generator.get_state(), state)
     assert int(b.num_steps) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: the direction is the global one (the rows of parameters mode are local on each rank)
+
+DDP_CASES = [("db_mtl", "params"), ("graddrop", "params"), ("graddrop", "features")]
+DDP_STEPS = 3
+BATCH = 6
+
+
+def _ddp_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(BATCH, 4, generator=generator), torch.randn(BATCH, K, generator=generator)
+
+
+def _ddp_run(name: str, mode: str, batches) -> list[torch.Tensor]:
+    """Trunk gradients per step, averaged over ranks as DDP would (identity in one process)."""
+    from taskbalance._distributed import all_reduce_mean
+
+    trunk, heads = _model(7)
+    params = list(trunk.parameters())
+    b = tb.create(name, num_tasks=K, **({"params": params} if mode == "params" else {}))
+    grads = []
+    for step in range(DDP_STEPS):
+        x, y = batches(step)
+        z = trunk(x)
+        losses = torch.stack(
+            [((head(z).squeeze(1) - y[:, k]) ** 2).mean() for k, head in enumerate(heads)]
+        )
+        trunk.zero_grad()
+        b(losses, features=z).backward()
+        local = _grad_of(params)
+        grads.append(torch.stack([local, all_reduce_mean(local)]))
+        with torch.no_grad():  # the same step on every rank, from the averaged gradient
+            offset = 0
+            for p in params:
+                p -= 0.1 * grads[-1][1][offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+    return grads
+
+
+def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        results = {
+            f"{name}-{mode}": _ddp_run(name, mode, lambda step: _ddp_batch(step, rank))
+            for name, mode in DDP_CASES
+        }
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory):
+    from conftest import run_ranks
+
+    return run_ranks(_ddp_worker, tmp_path_factory.mktemp("directions_ddp"), 2)
+
+
+def _whole_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [_ddp_batch(step, rank) for rank in range(2)]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+@pytest.mark.parametrize(("name", "mode"), DDP_CASES)
+def test_ddp_direction_is_the_global_batchs(ddp_results, name, mode):
+    """Two ranks with different batches apply the direction of one process that sees both
+    batches (equal sizes: the mean loss over the union is the mean of the ranks' losses)."""
+    key = f"{name}-{mode}"
+    reference = _ddp_run(name, mode, _whole_batch)
+    rank0, rank1 = (results[key] for results in ddp_results)
+    for step in range(DDP_STEPS):
+        averaged = rank0[step][1]
+        torch.testing.assert_close(rank1[step][1], averaged, rtol=0, atol=0)
+        torch.testing.assert_close(averaged, reference[step][0], rtol=1e-4, atol=1e-6)
+        if mode == "params":  # every rank's own gradient is already the global direction
+            torch.testing.assert_close(rank0[step][0], averaged, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(rank1[step][0], averaged, rtol=1e-6, atol=1e-7)
