@@ -39,6 +39,10 @@ GRADIENT_METHODS = [name for name in tb.available() if tb.method_class(name).req
 GRAM_METHODS = [
     name for name in GRADIENT_METHODS if method_facts(tb.method_class(name)).weights_from_gram
 ]
+#: Gradient methods that work in features mode (MoCo works in parameters mode only).
+FEATURE_METHODS = [
+    name for name in GRADIENT_METHODS if not method_facts(tb.method_class(name)).requires_params
+]
 #: Methods with learnable parameters that the user's optimiser steps.
 LEARNED_METHODS = ["uw", "imtl_l"]
 #: Methods that take logs or ratios of the losses.
@@ -48,11 +52,32 @@ POSITIVE_METHODS = [
 
 
 def make_balancer(name: str, K: int, **hparams: Any) -> tb.Balancer:
-    """``tb.create(name, K)`` with the method's required hyperparameters filled in."""
+    """``tb.create(name, K)`` with the method's required hyperparameters filled in, and a
+    shared parameter (:func:`shared_parameter`) for a method that works in parameters mode
+    only."""
     required = REQUIRED_HPARAMS.get(name)
     defaults = required(K) if required is not None else {}
+    if method_facts(tb.method_class(name)).requires_params:
+        defaults["params"] = shared_parameter()
     defaults.update(hparams)
     return tb.create(name, num_tasks=K, **defaults)
+
+
+def shared_parameter() -> torch.nn.Parameter:
+    """A shared parameter of the features' shape: :func:`call` couples each loss to it."""
+    return torch.nn.Parameter(shared_features().detach().clone())
+
+
+def drives_shared_parameter(b: tb.Balancer) -> bool:
+    """True for a parameters-only method built by :func:`make_balancer`: :func:`call` gives
+    each loss the gradient :func:`directions_for` with respect to its shared parameter."""
+    shared = getattr(b, "shared_params", None)
+    return (
+        method_facts(type(b)).requires_params
+        and shared is not None
+        and len(shared) == 1
+        and tuple(shared[0].shape) == FEATURE_SHAPE
+    )
 
 
 def kpis_for(step: int, K: int, rank: int = 0) -> torch.Tensor:
@@ -102,9 +127,12 @@ def coupling(directions: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 
 def _attach_features(
-    losses: torch.Tensor | list[torch.Tensor], step: int, K: int
+    losses: torch.Tensor | list[torch.Tensor],
+    step: int,
+    K: int,
+    features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-    features = shared_features()
+    features = shared_features() if features is None else features
     coupling_terms = coupling(directions_for(step, K), features)  # value 0, grad = rows
     if (
         isinstance(losses, torch.Tensor)
@@ -137,6 +165,9 @@ def call(
         kwargs["kpis"] = kpis if kpis is not None else kpis_for(step, b.num_tasks)
     if b.requires_gram and getattr(b, "shared_params", None) is None:
         losses, kwargs["features"] = _attach_features(losses, step, b.num_tasks)
+    elif drives_shared_parameter(b):
+        parameter = b.shared_params[0]  # type: ignore[attr-defined]
+        losses, _ = _attach_features(losses, step, b.num_tasks, parameter)
     return b(losses, **kwargs)
 
 

@@ -257,7 +257,12 @@ def test_graddrop_refuses_compute_weights_and_draws_nothing():
 # ---------------------------------------------------------------------------------------------
 # DDP: the direction is the global one (the rows of parameters mode are local on each rank)
 
-DDP_CASES = [("db_mtl", "params"), ("graddrop", "params"), ("graddrop", "features")]
+DDP_CASES = [
+    ("db_mtl", "params"),
+    ("graddrop", "params"),
+    ("graddrop", "features"),
+    ("moco", "params"),
+]
 DDP_STEPS = 3
 BATCH = 6
 
@@ -334,3 +339,115 @@ def test_ddp_direction_is_the_global_batchs(ddp_results, name, mode):
         if mode == "params":  # every rank's own gradient is already the global direction
             torch.testing.assert_close(rank0[step][0], averaged, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(rank1[step][0], averaged, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# MoCo: tracked gradients and a projected-gradient step on λ
+
+
+def _project_simplex_by_bisection(v: torch.Tensor) -> torch.Tensor:
+    """Π_Δ(v) = max(v − τ, 0) with Σ = 1, τ found by bisection (independent of the sort)."""
+    low, high = float(v.min()) - 1.0, float(v.max())
+    for _ in range(200):
+        tau = (low + high) / 2
+        if float((v - tau).clamp_min(0).sum()) > 1:
+            low = tau
+        else:
+            high = tau
+    return (v - (low + high) / 2).clamp_min(0)
+
+
+def _moco_reference(steps: int, beta, beta_sigma, gamma, gamma_sigma, rho):
+    trunk, heads = _model(5)
+    params = list(trunk.parameters())
+    Y = torch.zeros(K, sum(p.numel() for p in params), dtype=torch.float64)
+    lam = torch.full((K,), 1 / K, dtype=torch.float64)
+    out = []
+    for t in range(1, steps + 1):
+        _, losses = _losses(trunk, heads, t)
+        H = torch.stack([_flat_grads(losses[k], params) for k in range(K)]).double()
+        Y = Y - beta / t**beta_sigma * (Y - H)
+        step = gamma / t**gamma_sigma
+        lam = _project_simplex_by_bisection(lam - step * (Y @ Y.T + rho * torch.eye(K)) @ lam)
+        d = Y.T @ lam
+        out.append((d.float(), lam.float()))
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p -= 0.1 * d[offset : offset + p.numel()].view_as(p).float()
+                offset += p.numel()
+    return out
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [{}, {"beta": 0.9, "beta_sigma": 0.0, "gamma": 2.0, "gamma_sigma": 0.0, "rho": 0.5}],
+)
+def test_moco_is_algorithm_1(hparams):
+    settings = {"beta": 0.5, "beta_sigma": 0.5, "gamma": 0.1, "gamma_sigma": 0.5, "rho": 0.0}
+    settings.update(hparams)
+    expected = _moco_reference(5, **settings)
+    trunk, heads = _model(5)
+    params = list(trunk.parameters())
+    b = tb.create("moco", num_tasks=K, params=params, **hparams)
+    for t, (d, lam) in enumerate(expected, start=1):
+        _, losses = _losses(trunk, heads, t)
+        head_grads = [_flat_grads(losses[k], heads[k].parameters()) for k in range(K)]
+        trunk.zero_grad()
+        heads.zero_grad()
+        b(losses).backward()
+        torch.testing.assert_close(b.weights, lam, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(_grad_of(params), d, rtol=1e-4, atol=1e-7)
+        for k in range(K):
+            torch.testing.assert_close(_grad_of(heads[k].parameters()), head_grads[k])
+        with torch.no_grad():
+            for p in params:
+                p -= 0.1 * p.grad
+
+
+def test_moco_refuses_features_mode_and_compute_weights():
+    with pytest.raises(ValueError, match=r"params: moco tracks each task's gradient"):
+        tb.create("moco", num_tasks=2)
+    trunk, _ = _model()
+    b = tb.create("moco", num_tasks=2, params=trunk.parameters())
+    with pytest.raises(ValueError, match=r"gram: moco tracks the task gradients"):
+        b.compute_weights(torch.ones(2), gram=torch.eye(2))
+    assert int(b.moco_steps) == 0
+    assert torch.equal(b.tracked, torch.zeros_like(b.tracked))
+
+
+def test_moco_skips_non_finite_gradients_and_reuses_weights_for_an_absent_task():
+    import math
+
+    shared = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    b = tb.create("moco", num_tasks=2, params=shared, on_nonfinite="skip")
+    b(torch.stack([(shared**2).sum(), shared.sum()])).backward()
+    state = {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        shared.zero_()
+    objective = b(torch.stack([torch.sqrt(shared).sum() + 1.0, shared.sum() + 1.0]))
+    assert math.isnan(objective.item())
+    for key, value in b.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, state[key]), key
+    # an absent task: the last λ for the present one, Jᵀw of the current gradients
+    with torch.no_grad():
+        shared.fill_(1.0)
+    shared.grad = None
+    last = b.weights
+    losses = torch.stack([(shared**2).sum(), torch.tensor(math.nan)])
+    b(losses, present=torch.tensor([True, False])).backward()
+    torch.testing.assert_close(b.weights, torch.tensor([float(last[0]), 0.0]))
+    torch.testing.assert_close(shared.grad, last[0] * 2 * shared.detach())
+
+
+def test_moco_changes_a_hyperparameter_on_resume():
+    trunk, heads = _model()
+    old = tb.create("moco", num_tasks=K, params=trunk.parameters(), gamma=0.1)
+    _, losses = _losses(trunk, heads, 0)
+    old(losses).backward()
+    new = tb.create("moco", num_tasks=K, params=trunk.parameters(), gamma=0.5)
+    new.allow_changed_hyperparameters("gamma").load_state_dict(old.state_dict())
+    assert new.gamma == 0.5
+    assert torch.equal(new.tracked, old.tracked)
+    assert torch.equal(new.lambdas, old.lambdas)

@@ -52,10 +52,13 @@ def _drive(name: str, local_losses, local_kpis, rank: int = 0):
         kwargs = {"kpis": local_kpis(step)} if b.requires_kpis else {}
         objective_losses = losses
         if b.requires_gram:
-            features = shared_features()
             directions = directions_for(step + 100 * rank, K)
+            if b.shared_params is None:
+                features = shared_features()
+                kwargs["features"] = features
+            else:  # a parameters-only method (MoCo): its shared parameter
+                features = b.shared_params[0]
             objective_losses = losses + coupling(directions, features)
-            kwargs["features"] = features
         for param in params:
             param.grad = None
         objective = b(objective_losses, **kwargs)

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import taskbalance as tb
-
-GRADIENT_METHODS = [name for name in tb.available() if tb.method_class(name).requires_gram]
+from conftest import FEATURE_METHODS as GRADIENT_METHODS  # features mode throughout
 
 
 def _model(K: int) -> tuple[nn.Module, nn.ModuleList]:

@@ -24,7 +24,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import taskbalance as tb
-from conftest import call, compute, directions_for, loss_gradient, losses_for
+from conftest import (
+    call,
+    compute,
+    directions_for,
+    loss_gradient,
+    losses_for,
+    shared_parameter,
+)
 from taskbalance._base import LOOP_OPTIONS
 from taskbalance.methods._facts import (
     NON_CONFLICTING,
@@ -42,6 +49,8 @@ def facts(name: str) -> MethodFacts:
 
 
 def build(name: str, num_tasks: int = K, **hparams: Any) -> tb.Balancer:
+    if facts(name).requires_params:
+        hparams.setdefault("params", shared_parameter())
     return tb.create(name, num_tasks, **{**facts(name).required_hyperparameters, **hparams})
 
 

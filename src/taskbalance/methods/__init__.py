@@ -19,6 +19,7 @@ from taskbalance.methods._gradvac import GradVac
 from taskbalance.methods._imtl_g import IMTLG
 from taskbalance.methods._imtl_l import IMTLL
 from taskbalance.methods._mgda import MGDA
+from taskbalance.methods._moco import MoCo
 from taskbalance.methods._nash_mtl import NashMTL
 from taskbalance.methods._pcgrad import PCGrad
 from taskbalance.methods._rlw import RLW
@@ -52,6 +53,7 @@ __all__ = [
     "GradNorm",
     "GradVac",
     "GradientBalancer",
+    "MoCo",
     "NashMTL",
     "PCGrad",
     "UPGrad",

@@ -11,6 +11,8 @@ Every method class may set these class attributes (absent means the default show
 - ``example_hyperparameters = ()``: non-default settings that the generic tests exercise.
 - ``bad_hyperparameters = ()``: ``(hyperparameters, error type, message pattern)`` triples
   that construction must refuse.
+- ``requires_params = False``: the method works in parameters mode only (``params=``
+  required at construction: MoCo's tracked gradients).
 - ``weights_from_gram = True``: ``compute_weights(gram=...)`` gives a call's weights. False
   for a method whose rule reads the task gradients themselves (GradDrop's signs, MoCo's
   tracked gradients): ``compute_weights`` then refuses it with a ValueError naming ``gram``.
@@ -45,6 +47,7 @@ class MethodFacts:
     example_hyperparameters: tuple[dict[str, Any], ...]
     bad_hyperparameters: BadHyperparameters
     weights_from_gram: bool
+    requires_params: bool
 
 
 def method_facts(cls: type) -> MethodFacts:
@@ -57,4 +60,5 @@ def method_facts(cls: type) -> MethodFacts:
         example_hyperparameters=tuple(getattr(cls, "example_hyperparameters", ())),
         bad_hyperparameters=tuple(getattr(cls, "bad_hyperparameters", ())),
         weights_from_gram=bool(getattr(cls, "weights_from_gram", True)),
+        requires_params=bool(getattr(cls, "requires_params", False)),
     )

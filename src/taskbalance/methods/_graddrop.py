@@ -33,7 +33,9 @@ class GradDrop(GradientBalancer):
 
     ``d`` is not ``Jᵀw``: it is set on the features (or the listed parameters) in the one
     ordinary backward (see "shared direction" in :class:`GradientBalancer`), the heads get
-    their own unweighted gradients (as in LibMTL). ``b.weights`` report, per task, the share
+    their own unweighted gradients (as in LibMTL). A coordinate where the activation is
+    exactly 0 adds nothing to ``G_k`` (``sign(0) = 0``), as in the paper and LibMTL, so where
+    every sample's activation is 0 every task's gradient there is dropped. ``b.weights`` report, per task, the share
     of its squared gradient that passes: ``w_k = Σ (ℓ + (1 − ℓ) M_k) G_k² / Σ G_k²`` (ℓ when
     ``G_k = 0``), in [ℓ, 1].
 
