@@ -35,9 +35,9 @@ class GradDrop(GradientBalancer):
     ordinary backward (see "shared direction" in :class:`GradientBalancer`), the heads get
     their own unweighted gradients (as in LibMTL). A coordinate where the activation is
     exactly 0 adds nothing to ``G_k`` (``sign(0) = 0``), as in the paper and LibMTL, so where
-    every sample's activation is 0 every task's gradient there is dropped. ``b.weights`` report, per task, the share
-    of its squared gradient that passes: ``w_k = Σ (ℓ + (1 − ℓ) M_k) G_k² / Σ G_k²`` (ℓ when
-    ``G_k = 0``), in [ℓ, 1].
+    every sample's activation is 0 every task's gradient there is dropped. ``b.weights``
+    report, per task, the share of its squared gradient that passes:
+    ``w_k = Σ (ℓ + (1 − ℓ) M_k) G_k² / Σ G_k²`` (ℓ when ``G_k = 0``), in [ℓ, 1].
 
     Defaults: ``leak = 0`` (the paper's pure GradDrop and LibMTL's default), ``seed = 0``.
 
