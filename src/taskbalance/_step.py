@@ -37,9 +37,10 @@ class Step:
         rows: the per-task gradient blocks ``[K, numel]``, one per tensor of ``shared``.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
         all_present: True when every task is present (a host copy of ``present.all()``).
-        global_rows: the rows of the global (rank-averaged) task gradients, for methods whose
-            direction is computed from the rows in parameters mode (``rows`` stay local: the
-            objective cancels this rank's own gradients); ``rows`` itself outside DDP.
+        global_rows: on refresh steps, the rows of the global (rank-averaged) task gradients
+            in parameters mode under DDP, for methods whose direction is computed from the
+            rows (``rows`` stay local: the objective cancels this rank's own gradients);
+            ``rows`` itself otherwise (features are this rank's own samples).
         direction: the shared tensors' gradient, one flat tensor per tensor of ``shared``,
             when the method's ``_update`` sets one other than ``Jᵀw``; None for ``Jᵀw``.
     """

@@ -67,6 +67,20 @@ class GradientBalancer(Balancer):
     ``b.weights`` are the weights of the shared direction in both cases; the gradient of the
     objective with respect to ``losses[k]`` is ``w_k`` (weighted) or 1 (unweighted).
 
+    Shared direction: a method may instead set the shared tensors' gradient to any direction
+    ``d`` it computes from the task gradients (DB-MTL's EMA of gradient vectors, MoCo's
+    tracked gradients, GradDrop's sign masks): its rule sets ``step.direction`` on refresh
+    steps, and the objective becomes ``Σ_k c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` with
+    the second factor detached and ``c = w`` (weighted heads) or 1, still one ordinary
+    backward: each shared tensor gets exactly ``d_x``, head k gets ``c_k ∇L_k``. In
+    parameters mode under DDP the rows are averaged over the ranks first (one all-reduce,
+    which also gives the Gramian), so ``d`` is the global batch's on every rank; the
+    objective's shift uses this rank's own rows, so DDP's own gradient average leaves ``d``
+    unchanged. The other calls (between ``update_every`` refreshes, with an absent task, and
+    the micro-batches after the first of an accumulation window) apply ``Jᵀw`` with the
+    last weights and leave the method's state alone; ``compute_weights`` (a Gramian only)
+    cannot update such a rule where it reads the gradients themselves and refuses it.
+
     Args:
         num_tasks: K.
         params: shared parameters for parameters mode; None for features mode.
