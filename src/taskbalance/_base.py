@@ -714,6 +714,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             return {}
         args, kwargs = getattr(self, "_init_arguments", ((), {}))
         new = dict(kwargs)
+        shared = getattr(self, "shared_params", None)
+        if shared is not None:  # the same mode (and buffer shapes) as this balancer's
+            new["params"] = shared
         try:
             fresh_new = type(self)(*args, **new)
             fresh_saved = type(self)(*args, **{**new, **changed})

@@ -192,10 +192,18 @@ def jacobian_rows(
     return [_unscaled(row, scale) for row in rows], path
 
 
-def gramian_from_rows(rows: Sequence[Tensor], *, features_mode: bool, dtype: torch.dtype) -> Tensor:
-    """``Σ_blocks J_b J_bᵀ`` in full precision, reduced over DDP ranks as the mode requires."""
+def gramian_from_rows(
+    rows: Sequence[Tensor], *, features_mode: bool, dtype: torch.dtype, reduce: bool = True
+) -> Tensor:
+    """``Σ_blocks J_b J_bᵀ`` in full precision, reduced over DDP ranks as the mode requires.
+
+    ``reduce=False`` takes rows that are already the global ones (:func:`global_rows`).
+    """
     device = rows[0].device
     with torch.autocast(device_type=device.type, enabled=False):
+        if not reduce:
+            flat = torch.cat([row.to(dtype) for row in rows], dim=1)
+            return flat @ flat.T
         if is_distributed() and not features_mode:
             flat = torch.cat([row.to(dtype) for row in rows], dim=1)
             flat = all_reduce_mean(flat)
@@ -207,6 +215,19 @@ def gramian_from_rows(rows: Sequence[Tensor], *, features_mode: bool, dtype: tor
         if is_distributed():
             gram = all_reduce_sum(gram) / world_size() ** 2
         return gram
+
+
+def global_rows(rows: Sequence[Tensor]) -> list[Tensor]:
+    """Parameters mode: the rank-averaged rows (one all-reduce of K×P numbers under DDP).
+
+    The global task gradient with respect to a replicated parameter is the rank average of the
+    local ones; outside a process group the rows are returned as they are.
+    """
+    if not is_distributed():
+        return list(rows)
+    sizes = [row.shape[1] for row in rows]
+    flat = all_reduce_mean(torch.cat(list(rows), dim=1))
+    return list(flat.split(sizes, dim=1))
 
 
 # Task k's reachability of each input: reached[k][i] is False when autograd found no path from

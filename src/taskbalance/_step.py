@@ -37,6 +37,12 @@ class Step:
         rows: the per-task gradient blocks ``[K, numel]``, one per tensor of ``shared``.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
         all_present: True when every task is present (a host copy of ``present.all()``).
+        global_rows: on refresh steps, the rows of the global (rank-averaged) task gradients
+            in parameters mode under DDP, for methods whose direction is computed from the
+            rows (``rows`` stay local: the objective cancels this rank's own gradients);
+            ``rows`` itself otherwise (features are this rank's own samples).
+        direction: the shared tensors' gradient, one flat tensor per tensor of ``shared``,
+            when the method's ``_update`` sets one other than ``Jᵀw``; None for ``Jᵀw``.
     """
 
     losses: Tensor
@@ -53,3 +59,5 @@ class Step:
     rows: list[Tensor] | None = None
     nonfinite: bool = False
     all_present: bool = True
+    global_rows: list[Tensor] | None = None
+    direction: list[Tensor] | None = None

@@ -48,6 +48,7 @@ from taskbalance.bench.harness import (
 )
 from taskbalance.bench.selection import Selection, parse_selection
 from taskbalance.bench.variants import parse_methods
+from taskbalance.methods._facts import method_facts
 
 #: The benchmark ``taskbalance compare`` runs when none is named.
 DEFAULT_COMPARE_BENCHMARK = "multidigits"
@@ -290,6 +291,13 @@ def _print_variance_recovery(
 # toy
 
 
+def _toy_parameter(name: str) -> dict[str, Any]:
+    """A stand-in for the toy's point, for a parameters-only method (MoCo)."""
+    if method_facts(tb.method_class(name)).requires_params:
+        return {"params": [torch.nn.Parameter(torch.zeros(2))]}
+    return {}
+
+
 def _train_toy(arguments: argparse.Namespace, method: Method, out: Path) -> int:
     from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy_trajectory
 
@@ -302,6 +310,7 @@ def _train_toy(arguments: argparse.Namespace, method: Method, out: Path) -> int:
             method.name,
             num_tasks=2,
             **{**example_hyperparameters(method.name, 2), **method.hyperparameters},
+            **_toy_parameter(method.name),
         )
     except (TypeError, ValueError) as error:
         raise CommandError(f"{method.label}: {error}") from None

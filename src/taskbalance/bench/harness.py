@@ -339,6 +339,9 @@ def balancer_arguments(
     arguments = dict(method.hyperparameters)
     for key, value in example_hyperparameters(method.name, benchmark.num_tasks).items():
         arguments.setdefault(key, value)
+    if method_facts(tb.method_class(method.name)).requires_params:
+        # A parameters-only method (MoCo) runs on the model's shared trunk.
+        arguments.setdefault("params", "trunk")
     if "kinds" in accepted:
         arguments.setdefault("kinds", [task.kind for task in benchmark.tasks])
     if "seed" in accepted:

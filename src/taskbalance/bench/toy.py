@@ -31,6 +31,7 @@ from taskbalance.bench.harness import (
     SilentProgress,
     example_hyperparameters,
 )
+from taskbalance.methods._facts import method_facts
 
 #: The starting points of the CAGrad/Nash-MTL toy figures.
 TOY_STARTS: tuple[tuple[float, float], ...] = (
@@ -121,8 +122,10 @@ def run_toy_trajectory(
         arguments.setdefault(key, value)
     if "seed" in tb.hyperparameters(method) and "seed" not in arguments:
         arguments["seed"] = seed
-    balancer = tb.create(method, num_tasks=2, **arguments)
     point = torch.nn.Parameter(torch.tensor([float(start[0]), float(start[1])]))
+    if method_facts(tb.method_class(method)).requires_params:
+        arguments.setdefault("params", [point])  # a parameters-only method (MoCo)
+    balancer = tb.create(method, num_tasks=2, **arguments)
     groups: list[dict[str, Any]] = [{"params": [point], "lr": lr}]
     balancer_parameters = list(balancer.parameters())
     if balancer_parameters:

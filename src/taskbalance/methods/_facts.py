@@ -11,6 +11,11 @@ Every method class may set these class attributes (absent means the default show
 - ``example_hyperparameters = ()``: non-default settings that the generic tests exercise.
 - ``bad_hyperparameters = ()``: ``(hyperparameters, error type, message pattern)`` triples
   that construction must refuse.
+- ``requires_params = False``: the method works in parameters mode only (``params=``
+  required at construction: MoCo's tracked gradients).
+- ``weights_from_gram = True``: ``compute_weights(gram=...)`` gives a call's weights. False
+  for a method whose rule reads the task gradients themselves (GradDrop's signs, MoCo's
+  tracked gradients): ``compute_weights`` then refuses it with a ValueError naming ``gram``.
 
 :func:`method_facts` reads them with those defaults.
 """
@@ -41,6 +46,8 @@ class MethodFacts:
     required_hyperparameters: dict[str, Any]
     example_hyperparameters: tuple[dict[str, Any], ...]
     bad_hyperparameters: BadHyperparameters
+    weights_from_gram: bool
+    requires_params: bool
 
 
 def method_facts(cls: type) -> MethodFacts:
@@ -52,4 +59,6 @@ def method_facts(cls: type) -> MethodFacts:
         required_hyperparameters=dict(getattr(cls, "required_hyperparameters", {})),
         example_hyperparameters=tuple(getattr(cls, "example_hyperparameters", ())),
         bad_hyperparameters=tuple(getattr(cls, "bad_hyperparameters", ())),
+        weights_from_gram=bool(getattr(cls, "weights_from_gram", True)),
+        requires_params=bool(getattr(cls, "requires_params", False)),
     )

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from taskbalance._base import Balancer
-from taskbalance._gramian import gramian_from_rows, jacobian_rows
+from taskbalance._distributed import is_distributed
+from taskbalance._gramian import global_rows, gramian_from_rows, jacobian_rows
 from taskbalance._step import Step
 from taskbalance._validation import (
     check_choice,
@@ -66,6 +67,20 @@ class GradientBalancer(Balancer):
     ``b.weights`` are the weights of the shared direction in both cases; the gradient of the
     objective with respect to ``losses[k]`` is ``w_k`` (weighted) or 1 (unweighted).
 
+    Shared direction: a method may instead set the shared tensors' gradient to any direction
+    ``d`` it computes from the task gradients (DB-MTL's EMA of gradient vectors, MoCo's
+    tracked gradients, GradDrop's sign masks): its rule sets ``step.direction`` on refresh
+    steps, and the objective becomes ``Σ_k c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` with
+    the second factor detached and ``c = w`` (weighted heads) or 1, still one ordinary
+    backward: each shared tensor gets exactly ``d_x``, head k gets ``c_k ∇L_k``. In
+    parameters mode under DDP the rows are averaged over the ranks first (one all-reduce,
+    which also gives the Gramian), so ``d`` is the global batch's on every rank; the
+    objective's shift uses this rank's own rows, so DDP's own gradient average leaves ``d``
+    unchanged. The other calls (between ``update_every`` refreshes, with an absent task, and
+    the micro-batches after the first of an accumulation window) apply ``Jᵀw`` with the
+    last weights and leave the method's state alone; ``compute_weights`` (a Gramian only)
+    cannot update such a rule where it reads the gradients themselves and refuses it.
+
     Args:
         num_tasks: K.
         params: shared parameters for parameters mode; None for features mode.
@@ -115,6 +130,21 @@ class GradientBalancer(Balancer):
         Must not change any state before it can no longer fail.
         """
 
+    def _rule(self, step: Step, gram: Tensor) -> Tensor:
+        """This refresh step's weights; a method whose shared direction is not ``Jᵀw`` also
+        sets ``step.direction`` here, from ``step.global_rows`` (None in ``compute_weights``).
+
+        The direction is then applied by :meth:`_objective` in one ordinary backward; the
+        other steps (``update_every``, an absent task) apply ``Jᵀw`` with the last weights.
+        """
+        return self._gradient_weights(step.mean_losses, gram)
+
+    def _direction_from_rows(self) -> bool:
+        """True when this balancer computes its direction from the rows (see :meth:`_rule`):
+        in parameters mode under DDP the rows are then averaged over the ranks once, and the
+        Gramian is taken from those averaged rows."""
+        return False
+
     def _refreshes(self, step: Step) -> bool:
         # Every task's gradient is needed to recompute: a step with an absent task reuses the
         # last weights for the present ones, as between two update_every refreshes.
@@ -125,7 +155,7 @@ class GradientBalancer(Balancer):
             return self._last_weights.clone()
         assert step.gram is not None  # _prepare or compute_weights supplies it on refresh steps
         gram = step.gram.to(step.mean_losses.device)
-        weights = self._gradient_weights(step.mean_losses, gram)
+        weights = self._rule(step, gram)
         norms = gram.diagonal().clamp_min(0).sqrt()
         self._last_cosines = (gram / (norms[:, None] * norms[None, :])).detach().cpu()
         return weights.to(device=step.mean_losses.device, dtype=gram.dtype)
@@ -182,7 +212,15 @@ class GradientBalancer(Balancer):
         step.shared, step.rows = step.features, rows
         if not step.refresh:
             return
-        gram = gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
+        if self._direction_from_rows() and not features_mode and is_distributed():
+            # One all-reduce of the K×P rows serves the direction and the Gramian alike.
+            step.global_rows = global_rows(rows)
+            gram = gramian_from_rows(
+                step.global_rows, features_mode=False, dtype=self.gram_dtype, reduce=False
+            )
+        else:
+            step.global_rows = rows
+            gram = gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
         if not bool(torch.isfinite(gram).all()):
             step.nonfinite = True
             if self.on_nonfinite == "raise":
@@ -197,6 +235,8 @@ class GradientBalancer(Balancer):
         step.gram = (gram + gram.T) / 2
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
+        if step.direction is not None:
+            return self._direction_objective(step, weights, step.direction)
         if self.heads == "weighted":
             return super()._objective(step, weights)
         assert step.shared is not None  # _prepare took the task gradients
@@ -209,6 +249,22 @@ class GradientBalancer(Balancer):
             correction = torch.mv(row.T, shifts.to(row.dtype)).to(tensor.dtype)
             inner = inner + torch.dot(tensor.reshape(-1), correction).to(inner.dtype)
         return step.losses.sum() + (inner - inner.detach())
+
+    def _direction_objective(self, step: Step, weights: Tensor, direction: list[Tensor]) -> Tensor:
+        """``Σ c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` (second factor detached), with
+        ``c = w`` (weighted heads) or 1: the heads get ``c_k ∇L_k``, each shared tensor x
+        exactly ``d_x``, still in one ordinary backward. ``step.rows`` are this rank's own
+        gradients, which the objective's own backward produces and the shift cancels."""
+        assert step.shared is not None  # _prepare took the task gradients
+        assert step.rows is not None
+        unweighted = torch.ones_like(weights)
+        coefficients = weights.detach() if self.heads == "weighted" else unweighted
+        inner = step.losses.new_zeros(())
+        for tensor, row, target in zip(step.shared, step.rows, direction, strict=True):
+            own = torch.mv(row.T, coefficients.to(row.dtype))
+            shift = (target.to(row.dtype) - own).to(tensor.dtype)
+            inner = inner + torch.dot(tensor.reshape(-1), shift).to(inner.dtype)
+        return (coefficients * step.losses).sum() + (inner - inner.detach())
 
     def extra_repr(self) -> str:
         mode = "features" if self.shared_params is None else "params"
