@@ -189,6 +189,10 @@ class GradientBalancer(Balancer):
             )
         advice = "pass the shared representation the task heads consume (not a detached copy)"
         _check_tensors("features", tensors, isinstance(features, Tensor), advice)
+        if len(tensors) > 1:
+            # The graph walk costs a pass over the trunk's graph in Python: done at the first
+            # call, which fixes how the model produces its features; the identity check is free.
+            _check_disjoint(tensors, walk_graph=self._calls_taken == 0)
         return tensors
 
     def _prepare(self, step: Step) -> None:
@@ -246,8 +250,8 @@ class GradientBalancer(Balancer):
         shifts = (weights - 1).detach()
         inner = step.losses.new_zeros(())
         for tensor, row in zip(step.shared, step.rows, strict=True):
-            correction = torch.mv(row.T, shifts.to(row.dtype)).to(tensor.dtype)
-            inner = inner + torch.dot(tensor.reshape(-1), correction).to(inner.dtype)
+            correction = torch.mv(row.T, shifts.to(row.dtype))
+            inner = inner + _inner_product(tensor, correction).to(inner.dtype)
         return step.losses.sum() + (inner - inner.detach())
 
     def _direction_objective(self, step: Step, weights: Tensor, direction: list[Tensor]) -> Tensor:
@@ -262,8 +266,8 @@ class GradientBalancer(Balancer):
         inner = step.losses.new_zeros(())
         for tensor, row, target in zip(step.shared, step.rows, direction, strict=True):
             own = torch.mv(row.T, coefficients.to(row.dtype))
-            shift = (target.to(row.dtype) - own).to(tensor.dtype)
-            inner = inner + torch.dot(tensor.reshape(-1), shift).to(inner.dtype)
+            shift = target.to(row.dtype) - own
+            inner = inner + _inner_product(tensor, shift).to(inner.dtype)
         return (coefficients * step.losses).sum() + (inner - inner.detach())
 
     def extra_repr(self) -> str:
@@ -272,6 +276,71 @@ class GradientBalancer(Balancer):
             f"num_tasks={self.num_tasks}, mode={mode}, update_every={self.update_every}, "
             f"heads={self.heads}"
         )
+
+
+def _check_disjoint(tensors: Sequence[Tensor], *, walk_graph: bool) -> None:
+    """Several shared tensors must be separate: none listed twice, none computed from another.
+
+    The Gramian sums the per-tensor blocks and the unweighted-heads objective adds one
+    correction per tensor, so a tensor computed from another (multi-scale features of one
+    backbone, ``z2 = stage2(z1)``) would count the path through ``z2`` twice, silently: the
+    weights and the trunk's gradient would both be wrong.
+    """
+    for j, tensor in enumerate(tensors):
+        for i in range(j):
+            if tensors[i] is tensor:
+                raise ValueError(
+                    f"features[{j}]: the same tensor as features[{i}]; list each shared tensor once"
+                )
+    if not walk_graph:
+        return
+    nodes = {_graph_node(tensor): index for index, tensor in enumerate(tensors)}
+    for j, tensor in enumerate(tensors):
+        ancestor = _first_listed_ancestor(tensor, nodes, j)
+        if ancestor is not None:
+            raise ValueError(
+                f"features[{j}]: computed from features[{ancestor}], so the path through it "
+                "would be counted twice in the Gramian and in the shared gradient; pass "
+                "separate tensors (e.g. two encoders' outputs), only the outermost one (the "
+                "heads' common input), or use parameters mode (params=)"
+            )
+
+
+def _graph_node(tensor: Tensor) -> object:
+    """The autograd node a tensor's gradient flows into (its AccumulateGrad for a leaf)."""
+    if tensor.grad_fn is not None:
+        return tensor.grad_fn
+    return tensor.view_as(tensor).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+
+
+def _first_listed_ancestor(tensor: Tensor, nodes: dict[object, int], own: int) -> int | None:
+    """Index of a listed tensor whose node lies below ``tensor``'s in the graph, if any."""
+    start = tensor.grad_fn
+    if start is None:
+        return None
+    seen = {start}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None or child in seen:
+                continue
+            index = nodes.get(child)
+            if index is not None and index != own:
+                return index
+            seen.add(child)
+            stack.append(child)
+    return None
+
+
+def _inner_product(tensor: Tensor, correction: Tensor) -> Tensor:
+    """``⟨x, c⟩`` in the correction's precision (float32 or float64).
+
+    Computed in the tensor's own dtype, a float16 x would receive the objective's upstream
+    gradient cast to float16 on the way back, which overflows at GradScaler's initial scale of
+    2**16 (float16's largest value is 65504) and turns every step's trunk gradient into inf.
+    """
+    return torch.dot(tensor.reshape(-1).to(correction.dtype), correction)
 
 
 def _check_tensors(name: str, tensors: Sequence[object], single: bool, advice: str) -> None:
