@@ -9,8 +9,8 @@ Two ways to say what "the task gradient" is taken with respect to:
 - **features mode** (``features=`` one tensor or several, or ``wrt`` a tensor): the gradient of
   each loss with respect to the shared representation ``z`` (the trunk's output). The backward
   runs through the task heads only, which is cheap; ``G`` is the sum over samples of per-sample
-  inner products (MGDA-UB, Sener & Koltun 2018, §3.3). With several shared tensors (multi-scale
-  features, two encoders) ``G`` sums over them: ``G = Σ_t J_t J_tᵀ``.
+  inner products (MGDA-UB, Sener & Koltun 2018, §3.3). With several separate shared tensors (two
+  encoders; none computed from another) ``G`` sums over them: ``G = Σ_t J_t J_tᵀ``.
 - **parameters mode** (``wrt`` a sequence of parameters): the exact gradient with respect to
   those parameters (the last shared layer, as GradNorm's paper uses, or the whole trunk).
 

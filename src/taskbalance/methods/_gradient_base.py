@@ -32,9 +32,11 @@ class GradientBalancer(Balancer):
 
     - features mode (default): pass ``features=z``, the shared representation the task heads
       consume, at every call; ``G`` is taken with respect to ``z`` (MGDA-UB-style, cheap).
-      Several shared tensors (multi-scale features, two encoders) go as a list,
-      ``features=[z1, z2]``: ``G`` is the sum of their Gramians, and with
-      ``heads="unweighted"`` each of them receives its own ``J_iᵀw``.
+      Several separate shared tensors (two encoders, or feature maps of parallel branches)
+      go as a list, ``features=[z1, z2]``: ``G`` is the sum of their Gramians, and with
+      ``heads="unweighted"`` each of them receives its own ``J_iᵀw``. None may be computed
+      from another (``z2 = stage2(z1)`` would count the path through ``z2`` twice): that is
+      refused with a ValueError.
     - parameters mode: give ``params=`` (e.g. ``trunk[-1].parameters()``, or one tensor) at
       construction; ``G`` is the exact Gramian of the gradients with respect to those
       parameters. A deep copy of a model that holds the balancer points the copy's balancer at
