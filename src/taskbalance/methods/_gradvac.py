@@ -76,10 +76,20 @@ class GradVac(GradientBalancer):
         tensor([2.0000, 1.5000])
     """
 
+    normalization_refused = None
+    per_group_refused = (
+        "its similarity targets are state carried across steps, one set for the whole gradient"
+    )
+
     signed_weights = True
     claimed_properties = frozenset({"scale_equivariant"})
-    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"beta": 0.5},)
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"beta": 0.5},
+        {"normalization": "l2"},
+        {"normalization": "loss+"},
+    )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"group_aggregation": "per_tensor"}, ValueError, r"does not offer per-group"),
         ({"beta": 1.5}, ValueError, r"beta: expected a number in \[0.0, 1.0\]"),
     )
 
