@@ -241,7 +241,8 @@ class GradientBalancer(Balancer):
                 f"gram: with group_aggregation={self.group_aggregation!r}, expected one Gramian "
                 f"per group, shape {expected}, got {tuple(gram.shape)}"
             )
-        return torch.stack([super()._check_gram(block) for block in gram.unbind(0)])
+        check = super()._check_gram  # (zero-argument super() does not work in a comprehension)
+        return torch.stack([check(block) for block in gram.unbind(0)])
 
     def _weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         """The rule on ``G' = D G D`` (``normalization``), its weights mapped back to ``J``."""
