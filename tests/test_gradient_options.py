@@ -325,3 +325,15 @@ def test_groups_under_joint_aggregation_are_one_gramian_and_recorded():
     assert grouped.configuration["params"][0][0] == "0"
     with pytest.raises(ValueError, match=r"params"):
         flat.load_state_dict(grouped.state_dict())
+
+
+def test_a_per_group_balancer_resumes_with_a_changed_hyperparameter():
+    model = _Model()
+    old = tb.create("cagrad", K, params=_groups(model, "per_group"), group_aggregation="per_group")
+    old(model.losses(0))
+    new = tb.create(
+        "cagrad", K, c=0.9, params=_groups(model, "per_group"), group_aggregation="per_group"
+    )
+    new.allow_changed_hyperparameters("c").load_state_dict(old.state_dict())
+    torch.testing.assert_close(new.group_weights, old.group_weights)
+    assert new.c == 0.9

@@ -138,6 +138,8 @@ class GradientBalancer(Balancer):
     #: Why the method refuses per-group aggregation; None where it offers it.
     per_group_refused: ClassVar[str | None] = "the method does not declare that it offers it"
 
+    _last_group_weights: Tensor
+
     def __init__(
         self,
         num_tasks: int,
@@ -170,7 +172,8 @@ class GradientBalancer(Balancer):
                 f"({self.normalization_refused}); expected 'none', got {normalization!r}"
             )
         if self.normalization in ("loss", "loss+"):
-            self.requires_positive_losses = True  # the losses divide the gradients
+            # The losses divide the gradients: a fact of this instance, not of the class.
+            self.requires_positive_losses = True  # type: ignore[misc]
         self.group_aggregation = check_choice(
             "group_aggregation", group_aggregation, ("joint", "per_group", "per_tensor")
         )
