@@ -337,3 +337,46 @@ def test_a_per_group_balancer_resumes_with_a_changed_hyperparameter():
     new.allow_changed_hyperparameters("c").load_state_dict(old.state_dict())
     torch.testing.assert_close(new.group_weights, old.group_weights)
     assert new.c == 0.9
+
+
+def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = _Model()  # the same parameters on both ranks, other data (step = rank)
+        b = tb.create(
+            "upgrad",
+            K,
+            params=_groups(model, "per_group"),
+            group_aggregation="per_group",
+            normalization="l2",
+            gram_dtype=torch.float64,
+        )
+        losses = model.losses(rank)
+        jacobians = [_per_task_gradients(losses, group) for group in _groups(model, "per_group")]
+        b(losses)
+        values = torch.stack([loss.detach() for loss in losses]).float()
+        torch.save(
+            {"group_weights": b.group_weights, "jacobians": jacobians, "losses": values},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_per_group_weights_under_ddp_are_those_of_the_rank_averaged_gradients(tmp_path):
+    from conftest import run_ranks
+
+    rank0, rank1 = run_ranks(_ddp_worker, tmp_path)
+    torch.testing.assert_close(rank0["group_weights"], rank1["group_weights"], rtol=0, atol=0)
+    losses = (rank0["losses"] + rank1["losses"]) / 2
+    reference = tb.create("upgrad", K, normalization="l2", gram_dtype=torch.float64)
+    for g in range(2):
+        J = (rank0["jacobians"][g] + rank1["jacobians"][g]) / 2  # ∇ of the rank-averaged loss
+        want = reference.compute_weights(losses, gram=J @ J.T)
+        torch.testing.assert_close(
+            rank0["group_weights"][g].double(), want.double(), rtol=1e-5, atol=1e-8
+        )
