@@ -32,7 +32,8 @@ def build(name: str, num_tasks: int, **hparams: Any) -> tb.Balancer:
 def test_the_declarations_split_the_gradient_methods_as_documented():
     assert set(NORMALISING) >= {"mgda", "upgrad", "dualproj", "cagrad", "pcgrad", "gradvac"}
     assert {"imtl_g", "config", "nash_mtl", "gradnorm"} <= set(NOT_NORMALISING)
-    assert {"gradvac", "db_mtl", "gradnorm"} <= set(NOT_PER_GROUP)
+    assert {"db_mtl", "gradnorm"} <= set(NOT_PER_GROUP)
+    assert "gradvac" in PER_GROUP  # the paper's per-layer use: one set of targets per group
     for name in GRADIENT:  # every class says why it refuses what it refuses
         cls = tb.method_class(name)
         for reason in (cls.normalization_refused, cls.per_group_refused):
@@ -171,9 +172,17 @@ def test_per_group_weights_and_gradients_match_each_groups_own_rule(name, aggreg
         for loss, head in zip(losses, model.heads, strict=True)
     ]
     values = torch.stack([loss.detach() for loss in losses]).float()
-    # One reference balancer called group after group: PCGrad's generator advances the same way.
-    reference = build(name, K, gram_dtype=torch.float64)
-    expected = torch.stack([reference.compute_weights(values, gram=J @ J.T) for J in jacobians])
+    # A fresh reference balancer per group (each group has its own state), the random
+    # generator of PCGrad and GradVac handed on from group to group as the balancer's advances.
+    expected_rows, drawn = [], None
+    for J in jacobians:
+        reference = build(name, K, gram_dtype=torch.float64)
+        generator = getattr(reference, "generator", None)
+        if generator is not None and drawn is not None:
+            generator.set_state(drawn)
+        expected_rows.append(reference.compute_weights(values, gram=J @ J.T))
+        drawn = None if generator is None else generator.get_state()
+    expected = torch.stack(expected_rows)
 
     b(losses).backward()
 
@@ -380,3 +389,43 @@ def test_per_group_weights_under_ddp_are_those_of_the_rank_averaged_gradients(tm
         torch.testing.assert_close(
             rank0["group_weights"][g].double(), want.double(), rtol=1e-5, atol=1e-8
         )
+
+
+def test_gradvac_per_layer_keeps_one_set_of_targets_per_layer():
+    # K = 2: each task has one other task, so the visiting order is not random and each
+    # layer's weights are exactly those of a GradVac of its own fed that layer's Gramians.
+    model = _Model()
+    model.heads = model.heads[:2]
+    groups = _groups(model, "per_group")
+
+    def make() -> tb.Balancer:
+        return tb.create(
+            "gradvac",
+            2,
+            beta=0.5,
+            params=groups,
+            group_aggregation="per_group",
+            gram_dtype=torch.float64,
+        )
+
+    b = make()
+    own = [tb.create("gradvac", 2, beta=0.5, gram_dtype=torch.float64) for _ in groups]
+    assert b.target_cosines.shape == (2, 2, 2)
+    for step in range(4):
+        if step == 2:  # a state round trip mid-run
+            resumed = make()
+            resumed.load_state_dict(b.state_dict())
+            b = resumed
+        losses = model.losses(step)[:2]
+        grams = [(J @ J.T) for J in (_per_task_gradients(losses, g) for g in groups)]
+        values = torch.stack([loss.detach() for loss in losses]).float()
+        expected = torch.stack(
+            [o.compute_weights(values, gram=G) for o, G in zip(own, grams, strict=True)]
+        )
+        b(losses)
+        torch.testing.assert_close(
+            b.group_weights.double(), expected.double(), rtol=1e-6, atol=1e-9
+        )
+        for g, reference in enumerate(own):
+            torch.testing.assert_close(b.target_cosines[g], reference.target_cosines)
+    assert not torch.equal(b.target_cosines[0], b.target_cosines[1])

@@ -138,6 +138,11 @@ class GradientBalancer(Balancer):
     #: Why the method refuses per-group aggregation; None where it offers it.
     per_group_refused: ClassVar[str | None] = "the method does not declare that it offers it"
 
+    #: Buffers holding state carried across steps that each parameter group keeps its own
+    #: copy of under per-group aggregation (stacked along a leading group dimension; the rule
+    #: sees one group's copy at a time).
+    group_state: ClassVar[tuple[str, ...]] = ()
+
     _last_group_weights: Tensor
 
     def __init__(
@@ -269,16 +274,36 @@ class GradientBalancer(Balancer):
             return weights
         return (weights.double() * scale.to(weights.device)).to(weights.dtype)
 
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        """As :meth:`torch.nn.Module.register_buffer`; a ``group_state`` buffer gets one copy
+        per parameter group under per-group aggregation."""
+        sizes = getattr(self, "_group_sizes", None)
+        if tensor is not None and sizes is not None and name in self.group_state:
+            tensor = tensor.unsqueeze(0).repeat(len(sizes), *([1] * tensor.dim()))
+        super().register_buffer(name, tensor, persistent)
+
     def _grouped_weights(self, losses: Tensor, grams: Tensor) -> Tensor:
-        """``[num_groups, K]``: the rule on each group's Gramian, all or nothing."""
+        """``[num_groups, K]``: the rule on each group's Gramian (and state), all or nothing."""
         generator = getattr(self, "generator", None)
         saved = None if generator is None else generator.get_state()
+        stacked = {name: self._buffers[name] for name in self.group_state}
+        weights, states = [], []
         try:
-            return torch.stack([self._weights(losses, gram) for gram in grams.unbind(0)])
+            for g, gram in enumerate(grams.unbind(0)):
+                for name, full in stacked.items():
+                    self._buffers[name] = full[g].clone()  # the rule updates its own copy
+                weights.append(self._weights(losses, gram))
+                states.append({name: self._buffers[name] for name in stacked})
         except BaseException:
             if generator is not None:
                 generator.set_state(saved)
             raise
+        finally:
+            self._buffers.update(stacked)
+        for g, state in enumerate(states):
+            for name, value in state.items():
+                stacked[name][g].copy_(value)  # type: ignore[union-attr]
+        return torch.stack(weights)
 
     def _tensor_weights(self, step: Step, weights: Tensor) -> list[Tensor]:
         """The weights acting on each shared tensor: its group's, or ``weights`` for all."""
