@@ -286,8 +286,13 @@ class GradientBalancer(Balancer):
         """``[num_groups, K]``: the rule on each group's Gramian (and state), all or nothing."""
         generator = getattr(self, "generator", None)
         saved = None if generator is None else generator.get_state()
-        stacked = {name: self._buffers[name] for name in self.group_state}
-        weights, states = [], []
+        stacked: dict[str, Tensor] = {}
+        for name in self.group_state:
+            buffer = self._buffers[name]
+            assert buffer is not None  # registered by the method's __init__
+            stacked[name] = buffer
+        weights: list[Tensor] = []
+        states: list[dict[str, Tensor | None]] = []
         try:
             for g, gram in enumerate(grams.unbind(0)):
                 for name, full in stacked.items():
@@ -299,10 +304,11 @@ class GradientBalancer(Balancer):
                 generator.set_state(saved)
             raise
         finally:
-            self._buffers.update(stacked)
+            self._buffers.update(stacked)  # type: ignore[arg-type]
         for g, state in enumerate(states):
             for name, value in state.items():
-                stacked[name][g].copy_(value)  # type: ignore[union-attr]
+                assert value is not None
+                stacked[name][g].copy_(value)
         return torch.stack(weights)
 
     def _tensor_weights(self, step: Step, weights: Tensor) -> list[Tensor]:
