@@ -98,10 +98,12 @@ class GradientBalancer(Balancer):
     weighting of several: refused). ``b.group_weights`` is the ``[num_groups, K]`` weights of
     the last call, ``b.group_names`` the groups' names (the dict's keys, else ``"0"``, ``"1"``,
     ...), and ``b.weights`` their mean over the groups. ``compute_weights`` then takes a
-    ``[num_groups, K, K]`` stack of Gramians. Methods with state carried across steps (GradVac's
-    targets, DB-MTL's averages, GradNorm's learned weights, ExcessMTL's sums) would need one
-    state per group and refuse it (class attribute ``per_group_refused``). Under DDP in
-    parameters mode the engine all-reduces each group's Jacobian block separately.
+    ``[num_groups, K, K]`` stack of Gramians. State carried across steps is kept per group
+    where the method declares it (class attribute ``group_state``: GradVac's targets get a
+    leading group dimension); DB-MTL's averages, GradNorm's learned weights and ExcessMTL's
+    sums do not, and those methods refuse per-group aggregation (class attribute
+    ``per_group_refused``). Under DDP in parameters mode the engine all-reduces each group's
+    Jacobian block separately.
 
     Args:
         num_tasks: K.
