@@ -98,7 +98,9 @@ def test_every_method_declares_consistent_facts(name):
         assert issubclass(error, (ValueError, TypeError))
     required = {k for k, v in accepted.items() if v is inspect.Parameter.empty}
     assert required <= set(info.required_hyperparameters), (name, required)
-    if accepted.keys() - {"params", "update_every", "gram_dtype", "heads", *LOOP_OPTIONS}:
+    generic = {"params", "update_every", "gram_dtype", "heads", *LOOP_OPTIONS}
+    generic |= {"normalization", "group_aggregation"}
+    if accepted.keys() - generic:
         assert info.bad_hyperparameters, f"{name}: declare bad_hyperparameters"
         assert info.example_hyperparameters, f"{name}: declare example_hyperparameters"
     if cls.requires_gram and not info.signed_weights and info.weights_from_gram:

@@ -122,8 +122,10 @@ class _BalancerMeta(ABCMeta):
         instance.on_nonfinite = mode
         instance._record_configuration(args, kwargs)
         # Kept to rebuild the method on a resume that changes a hyperparameter; the shared
-        # parameters (often a one-shot generator) are the model's and hold no hyperparameter.
-        instance._init_arguments = (args, {k: v for k, v in kwargs.items() if k != "params"})
+        # parameters (often a one-shot generator) are the model's and hold no hyperparameter,
+        # and without them there are no parameter groups to aggregate per group.
+        unused = ("params", "group_aggregation")
+        instance._init_arguments = (args, {k: v for k, v in kwargs.items() if k not in unused})
         return instance
 
 

@@ -32,7 +32,8 @@ class Step:
             accumulation window. Otherwise the window's weights are reused and nothing changes.
         refresh: True when the update rule runs (``advances``, and for gradient methods also
             an ``update_every`` refresh step with every task present).
-        gram: the ``[K, K]`` Gramian, set by gradient methods' ``_prepare`` on refresh steps.
+        gram: the ``[K, K]`` Gramian, set by gradient methods' ``_prepare`` on refresh steps
+            (``[num_groups, K, K]``, one per parameter group, with per-group aggregation).
         shared: the shared tensors the task gradients were taken with respect to.
         rows: the per-task gradient blocks ``[K, numel]``, one per tensor of ``shared``.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
@@ -43,6 +44,9 @@ class Step:
             ``rows`` itself otherwise (features are this rank's own samples).
         direction: the shared tensors' gradient, one flat tensor per tensor of ``shared``,
             when the method's ``_update`` sets one other than ``Jᵀw``; None for ``Jᵀw``.
+        group_weights: with per-group aggregation, the ``[num_groups, K]`` weights of each
+            parameter group's shared gradient (set by ``_prepare``, recomputed by ``_update``
+            on refresh steps); None otherwise.
     """
 
     losses: Tensor
@@ -61,3 +65,4 @@ class Step:
     all_present: bool = True
     global_rows: list[Tensor] | None = None
     direction: list[Tensor] | None = None
+    group_weights: Tensor | None = None

@@ -79,12 +79,19 @@ class DBMTL(GradientBalancer):
         tensor([1., 1.])
     """
 
+    normalization_refused = (
+        "it already balances the gradient magnitudes, by the losses and by a max-norm"
+    )
+    per_group_refused = "its gradient averages are state carried across steps"
+
     claimed_properties = frozenset({"permutation_invariant", "scale_equivariant"})
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
         {"beta": 0.5},
         {"beta_sigma": 0.5},
     )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"group_aggregation": "per_tensor"}, ValueError, r"does not offer per-group"),
+        ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"beta": -0.1}, ValueError, r"beta: expected a number in \[0.0, 1.0\]"),
     )
 

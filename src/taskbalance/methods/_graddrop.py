@@ -84,6 +84,11 @@ class GradDrop(GradientBalancer):
         ({"seed": -1}, ValueError, r"seed: expected an int in \[0, 2\*\*64\)"),
     )
     weights_from_gram = False
+    normalization_refused = (
+        "its direction is computed from the task gradients themselves, which the normalisation "
+        "(applied to the Gramian) does not reach"
+    )
+    per_group_refused = "its state and direction are kept for the listed tensors as a whole"
 
     def __init__(self, num_tasks: int, *, leak: float = 0.0, seed: int = 0, **options: Any):
         super().__init__(num_tasks, **options)

@@ -76,6 +76,11 @@ class MoCo(GradientBalancer):
 
     requires_params = True
     weights_from_gram = False
+    normalization_refused = (
+        "its direction is computed from the task gradients themselves, which the normalisation "
+        "(applied to the Gramian) does not reach"
+    )
+    per_group_refused = "its state and direction are kept for the listed tensors as a whole"
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
         {"beta": 0.9, "beta_sigma": 0.0},
         {"gamma": 0.5, "rho": 0.1},
