@@ -149,7 +149,8 @@ def depth_kpi(output: Tensor, target: Tensor, loss: Tensor) -> float:
     valid = _valid_pixels(target).bool().expand_as(target)
     if not bool(valid.any()):
         return 0.0
-    relative = ((output - target).abs()[valid] / target[valid]).mean()
+    # A KPI is a statistic of the batch, not part of the graph.
+    relative = ((output.detach() - target).abs()[valid] / target[valid]).mean()
     return max(0.0, 1.0 - float(relative))
 
 
