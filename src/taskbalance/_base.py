@@ -79,6 +79,15 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def _decoded(value: Any) -> Any:
+    """A constructor argument from its :func:`_canonical` form (a dtype was saved as its str)."""
+    if isinstance(value, str) and value.startswith("torch."):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return value
+
+
 def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
     """Autocast off for the balancer's own arithmetic (a no-op when autocast is off)."""
     if torch.is_autocast_enabled(device_type):
@@ -333,7 +342,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
         A flat ``{name: float}`` dict for Lightning's ``self.log_dict`` or TensorBoard's
         ``add_scalars``: ``{prefix}weight/{k}``, ``{prefix}loss/{k}`` and, once a Gramian was
-        computed, ``{prefix}cos/{i}_{j}`` for ``i < j``.
+        computed, ``{prefix}cos/{i}_{j}`` for ``i < j``. Before the first step the losses
+        are NaN (none was observed yet) and there are no cosines.
 
         Example:
             >>> import torch, taskbalance as tb
@@ -345,8 +355,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
         logged = {f"{prefix}weight/{k}": w for k, w in enumerate(self.weights.tolist())}
+        # Before the first step no loss was observed: NaN, not the buffers' placeholder 1.0
+        # (the keys stay the same from the first log on).
+        observed = self._steps_taken > 0
         for k, value in enumerate(self._last_losses.tolist()):
-            logged[f"{prefix}loss/{k}"] = value
+            logged[f"{prefix}loss/{k}"] = value if observed else math.nan
         cosines = getattr(self, "_last_cosines", None)
         if cosines is not None and bool(torch.isfinite(cosines).all()):
             table = cosines.tolist()
@@ -682,10 +695,34 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Loading is all or nothing: everything of this balancer (its submodules included) is
-        # checked before the first tensor is copied.
-        self._check_loadable(state_dict, prefix)
-        kept = self._hyperparameter_buffers(state_dict[prefix + "_extra_state"])
+        # torch's protocol, all or nothing for this balancer: missing keys go to missing_keys
+        # (torch then honours strict=), a mismatch to error_msgs (torch raises a RuntimeError
+        # listing every module's errors once all were tried); either way nothing of this
+        # balancer, its submodules included, is copied.
+        # A checkpoint without this balancer (a backbone's) misses every key: missing keys.
+        # One that has some of them is this balancer's state, and must be whole and fit.
+        expected = [prefix + key for key in self.state_dict()]
+        missing = [key for key in expected if key not in state_dict]
+        kept: dict[str, Tensor] = {}
+        refused = bool(missing)
+        if len(missing) == len(expected):
+            # Our own keys are reported here, the submodules' by the submodules themselves.
+            missing_keys.extend(key for key in missing if "." not in key[len(prefix) :])
+        else:
+            try:
+                self._check_loadable(state_dict, prefix, missing)
+                kept = self._hyperparameter_buffers(state_dict[prefix + "_extra_state"])
+            except (TypeError, ValueError) as error:
+                error_msgs.append(str(error))
+                refused = True
+        if refused:
+            # torch loads the submodules after this, from the same dict (which torch copies so
+            # that this hook may edit it): they get their current values back, a no-op.
+            current = self.state_dict(prefix=prefix, keep_vars=False)
+            for key in expected:
+                if key in state_dict and "." in key[len(prefix) :]:
+                    state_dict[key] = current[key].detach().clone()
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -702,7 +739,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         keep the new values rather than the checkpoint's.
         """
         changed = {
-            key: saved["hyperparameters"][key]
+            key: _decoded(saved["hyperparameters"][key])
             for key in self._allowed_changes
             if saved["hyperparameters"].get(key) != self.configuration.get(key)
         }
@@ -726,17 +763,19 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             and torch.equal(buffer, self._buffers[name])  # type: ignore[arg-type]
         }
 
-    def _check_loadable(self, state_dict: Any, prefix: str) -> None:
+    def _check_loadable(self, state_dict: Any, prefix: str, missing: Sequence[str]) -> None:
+        """Refuse (ValueError/TypeError) a state this balancer cannot take."""
         what = f"state_dict: cannot load into {self._method_name} (num_tasks={self.num_tasks})"
         own = self.state_dict()
-        if prefix + "_extra_state" not in state_dict:
-            raise ValueError(f"{what}: the key {prefix + '_extra_state'!r} is missing")
+        extra = prefix + "_extra_state"
+        if extra not in state_dict:
+            raise ValueError(f"{what}: the key {extra!r} is missing")
         # Method and num_tasks first: they explain every other mismatch.
-        self._check_extra_state(state_dict[prefix + "_extra_state"], what)
+        self._check_extra_state(state_dict[extra], what)
+        if missing:
+            raise ValueError(f"{what}: the state lacks the keys {list(missing)}")
         for key, current in own.items():
             full = prefix + key
-            if full not in state_dict:
-                raise ValueError(f"{what}: the key {full!r} is missing")
             given = state_dict[full]
             if key.endswith("_extra_state"):
                 continue
