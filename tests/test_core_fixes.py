@@ -5,11 +5,14 @@ step, and DDP configuration and presence checks on two real gloo ranks."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import taskbalance as tb
+from conftest import run_ranks
 
 # --------------------------------------------------------------------------------------------
 # present= and learned parameters
@@ -128,3 +131,94 @@ def test_log_dict_reports_no_loss_before_the_first_step(name):
     assert not any("/cos/" in key for key in logged)
     b.compute_weights(torch.tensor([2.0, 3.0]), gram=torch.eye(2) if b.requires_gram else None)
     assert b.log_dict()["balancer/loss/1"] == 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# DDP: configuration checks before any K-sized collective, presence over the group
+
+
+def _error(action) -> str:
+    try:
+        action()
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def _ddp_scenarios(rank: int) -> dict:
+    out: dict = {}
+    K = 3 if rank == 0 else 4
+    other_k = tb.create("ew", num_tasks=K)
+    out["K"] = _error(lambda: other_k(torch.ones(K, requires_grad=True)))
+    kpi_method = tb.create("dtp" if rank == 0 else "ew", num_tasks=2)
+    out["kpis"] = _error(
+        lambda: kpi_method(torch.ones(2, requires_grad=True), kpis=torch.tensor([0.5, 0.5]))
+    )
+    # Still in step after both refusals: a well-configured call goes through on both ranks.
+    fine = tb.create("ew", num_tasks=2)
+    out["after"] = fine(torch.tensor([1.0, 2.0 + rank], requires_grad=True)).item()
+    out["after_loss"] = fine.log_dict()["balancer/loss/1"]
+    # Rank 1's batch has no labels at all: accepted, task 0 comes from rank 0 alone.
+    dwa = tb.create("dwa", num_tasks=2)
+    present = [True, False] if rank == 0 else [False, False]
+    losses = torch.tensor([2.0, math.nan]) if rank == 0 else torch.full((2,), math.nan)
+    out["absent_error"] = _error(lambda: dwa(losses.requires_grad_(True), present=present))
+    out["absent_logged"] = dwa.log_dict()
+    out["absent_weights"] = dwa.weights
+    # No rank has any task: refused on every rank, state unchanged.
+    out["none"] = _error(lambda: dwa(torch.ones(2, requires_grad=True), present=[False, False]))
+    out["none_steps"] = int(dwa.num_steps)
+    # DTP's KPIs average over the ranks that have the task, like the losses.
+    dtp = tb.create("dtp", num_tasks=2)
+    kpis = torch.tensor([0.2, 0.4]) if rank == 0 else torch.tensor([0.6, 0.9])
+    dtp(torch.ones(2, requires_grad=True), kpis=kpis, present=[True, rank == 0])
+    out["dtp_kpis"] = dtp.smoothed_kpis.clone()
+    return out
+
+
+def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.save(_ddp_scenarios(rank), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory: pytest.TempPathFactory) -> list:
+    return run_ranks(_ddp_worker, tmp_path_factory.mktemp("core_fixes_ddp"))
+
+
+def test_ddp_other_num_tasks_raises_clearly_on_every_rank(ddp_ranks):
+    for rank, seen in enumerate(ddp_ranks):
+        assert "DDP ranks disagree on ['num_tasks']" in seen["K"]
+        assert f"num_tasks={3 if rank == 0 else 4}" in seen["K"]
+        assert seen["after"] == 3.0 + rank  # Σ L with this rank's losses
+        assert seen["after_loss"] == 2.5  # reduced over both ranks: they met in step
+
+
+def test_ddp_method_with_and_without_kpis_raises_clearly_on_every_rank(ddp_ranks):
+    for seen in ddp_ranks:
+        assert "DDP ranks disagree on" in seen["kpis"]
+        assert "'method'" in seen["kpis"]
+        assert "'requires_kpis'" in seen["kpis"]
+
+
+def test_ddp_rank_without_any_label_is_accepted(ddp_ranks):
+    for seen in ddp_ranks:
+        assert seen["absent_error"] == ""
+        assert seen["absent_logged"]["balancer/loss/0"] == 2.0
+        assert seen["absent_weights"][1] == 0
+    assert torch.equal(ddp_ranks[0]["absent_weights"], ddp_ranks[1]["absent_weights"])
+
+
+def test_ddp_no_task_on_any_rank_raises_on_every_rank(ddp_ranks):
+    for seen in ddp_ranks:
+        assert "every task is absent on every DDP rank" in seen["none"]
+        assert seen["none_steps"] == 1
+
+
+def test_ddp_kpis_average_over_the_ranks_that_have_the_task(ddp_ranks):
+    for seen in ddp_ranks:
+        assert torch.allclose(seen["dtp_kpis"], torch.tensor([0.4, 0.4]))
