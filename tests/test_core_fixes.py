@@ -165,6 +165,15 @@ def _ddp_scenarios(rank: int) -> dict:
     out["absent_error"] = _error(lambda: dwa(losses.requires_grad_(True), present=present))
     out["absent_logged"] = dwa.log_dict()
     out["absent_weights"] = dwa.weights
+    # The same with a gradient method: rank 1's losses are means over zero samples (NaN).
+    mgda = tb.create("mgda", num_tasks=2)
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    n = 4 if rank == 0 else 0
+    mgda_losses = torch.stack([(z[:n, 0] ** 2).mean(), (z[:n, 1] ** 2).mean()])
+    present = [True, True] if rank == 0 else [False, False]
+    mgda(mgda_losses, features=z, present=present).backward()
+    out["mgda_weights"] = mgda.weights
+    out["mgda_grad_finite"] = bool(torch.isfinite(z.grad).all())
     # No rank has any task: refused on every rank, state unchanged.
     out["none"] = _error(lambda: dwa(torch.ones(2, requires_grad=True), present=[False, False]))
     out["none_steps"] = int(dwa.num_steps)
@@ -211,6 +220,8 @@ def test_ddp_rank_without_any_label_is_accepted(ddp_ranks):
         assert seen["absent_logged"]["balancer/loss/0"] == 2.0
         assert seen["absent_weights"][1] == 0
     assert torch.equal(ddp_ranks[0]["absent_weights"], ddp_ranks[1]["absent_weights"])
+    assert torch.equal(ddp_ranks[0]["mgda_weights"], ddp_ranks[1]["mgda_weights"])
+    assert all(seen["mgda_grad_finite"] for seen in ddp_ranks)
 
 
 def test_ddp_no_task_on_any_rank_raises_on_every_rank(ddp_ranks):
@@ -222,3 +233,14 @@ def test_ddp_no_task_on_any_rank_raises_on_every_rank(ddp_ranks):
 def test_ddp_kpis_average_over_the_ranks_that_have_the_task(ddp_ranks):
     for seen in ddp_ranks:
         assert torch.allclose(seen["dtp_kpis"], torch.tensor([0.4, 0.4]))
+
+
+def test_famo_same_batch_update_leaves_an_absent_task_logit():
+    b = tb.create("famo", num_tasks=2, delta="same_batch")
+    b(torch.tensor([2.0, 5.0], requires_grad=True))
+    b.update(torch.tensor([1.5, 4.0]))
+    before = b.logits.clone()
+    b(torch.tensor([1.0, math.nan], requires_grad=True), present=[True, False])
+    b.update(torch.tensor([0.5, 1.0]))  # task 1's value is a placeholder
+    assert b.logits[1] == before[1]
+    assert b.logits[0] != before[0]

@@ -123,6 +123,8 @@ class FAMO(Balancer):
 
         Pass the losses re-evaluated on the *same batch* after ``optimizer.step()`` (one extra
         forward pass, without grad); the logits learn from ``δ = log L(before) − log L(after)``.
+        Every loss must be finite; the logits of tasks absent at that call (``present=``) do
+        not learn, so any finite value will do for them.
 
         Args:
             losses: the K task losses after the parameter update.
@@ -136,7 +138,9 @@ class FAMO(Balancer):
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
         vector = as_loss_vector(losses, self.num_tasks)
         statistics = self._mean_over_ranks(vector)
-        self._learn_from(torch.log(self._shifted(statistics)))
+        # The tasks absent at that call (on every rank) learn nothing now either.
+        present = None if bool(self._last_present.all()) else self._last_present
+        self._learn_from(torch.log(self._shifted(statistics)), present)
 
     def _shifted(self, losses: Tensor) -> Tensor:
         """``L − min_losses + eps``, checked to be > 0 (the method takes its log)."""
