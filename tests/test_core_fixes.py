@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import taskbalance as tb
 from conftest import run_ranks
+from conftest import value_error_message as _error
 
 # --------------------------------------------------------------------------------------------
 # present= and learned parameters
@@ -135,14 +136,6 @@ def test_log_dict_reports_no_loss_before_the_first_step(name):
 
 # --------------------------------------------------------------------------------------------
 # DDP: configuration checks before any K-sized collective, presence over the group
-
-
-def _error(action) -> str:
-    try:
-        action()
-    except ValueError as error:
-        return str(error)
-    return ""
 
 
 def _ddp_scenarios(rank: int) -> dict:
