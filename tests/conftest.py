@@ -219,6 +219,16 @@ def _assert_equal(a: Any, b: Any, path: str) -> None:
         assert a == b, f"{path}: {a!r} -> {b!r}"
 
 
+def value_error_message(action: Any) -> str:
+    """The message of the ValueError ``action()`` raises, or "" when it raises none (what a
+    rank records, so the test can compare what every rank saw)."""
+    try:
+        action()
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def run_ranks(worker: Any, tmp: Any, world_size: int = 2) -> list[Any]:
     """Spawn ``worker(rank, store, out_dir)`` on ``world_size`` CPU processes (gloo, file://
     rendezvous in ``tmp``) and load what each saved as ``rank{r}.pt`` there."""

@@ -102,7 +102,7 @@ def test_corrupted_state_is_refused_and_changes_nothing(name):
     saved = source.state_dict()
     before = snapshot(b)
     for what, state in _corruptions(name, saved):
-        with pytest.raises((ValueError, TypeError), match="state_dict"):
+        with pytest.raises(RuntimeError, match="state_dict"):
             b.load_state_dict(state)
         assert_same_state(before, snapshot(b)), what
     b.load_state_dict(saved)  # the intact state still loads
@@ -113,7 +113,7 @@ def test_other_hyperparameters_are_refused_by_name_unless_allowed():
     saved = tb.create("dwa", num_tasks=K, temperature=2.0)
     _good(saved, 0)
     b = tb.create("dwa", num_tasks=K, temperature=1.0)
-    with pytest.raises(ValueError, match=r"temperature: saved 2.0, here 1.0"):
+    with pytest.raises(RuntimeError, match=r"temperature: saved 2.0, here 1.0"):
         b.load_state_dict(saved.state_dict())
     b.allow_changed_hyperparameters("temperature").load_state_dict(saved.state_dict())
     assert b.temperature == 1.0
@@ -127,7 +127,7 @@ def test_missing_generator_state_is_a_clear_error():
     state = b.state_dict()
     extra = dict(state["_extra_state"])
     del extra["generator"]
-    with pytest.raises(ValueError, match=r"no valid random generator state \('generator'\)"):
+    with pytest.raises(RuntimeError, match=r"no valid random generator state \('generator'\)"):
         b.load_state_dict({**state, "_extra_state": extra})
 
 

@@ -16,17 +16,10 @@ import torch.distributed as dist
 
 import taskbalance as tb
 from conftest import run_ranks
+from conftest import value_error_message as _error
 
 K = 3
 WORLD_SIZE = 2
-
-
-def _error(action) -> str:
-    try:
-        action()
-    except ValueError as error:
-        return str(error)
-    return ""
 
 
 def _losses(rank: int, step: int) -> torch.Tensor:

@@ -129,5 +129,5 @@ def test_rlw_state_dict_carries_the_generator():
 
 def test_state_dict_of_a_different_size_is_refused():
     b = tb.create("dwa", num_tasks=3)
-    with pytest.raises(ValueError, match="saved with num_tasks=2"):
+    with pytest.raises(RuntimeError, match="saved with num_tasks=2"):
         b.load_state_dict(tb.create("dwa", num_tasks=2).state_dict())

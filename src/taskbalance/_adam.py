@@ -64,18 +64,26 @@ class AdamState(nn.Module):
 
         return super()._apply(keep_float32, recurse)
 
-    def step(self, param: Tensor, grad: Tensor) -> Tensor:
+    def step(self, param: Tensor, grad: Tensor, mask: Tensor | None = None) -> Tensor:
         """Advance the moments by ``grad`` and return the updated copy of ``param``.
 
-        The update is computed in float32 and returned in ``param``'s dtype.
+        The update is computed in float32 and returned in ``param``'s dtype. With a bool
+        ``mask``, only the entries where it is True move: the others keep their value and
+        their moments (as ``torch.optim.SparseAdam`` does; the step count is shared).
         """
         beta1, beta2 = self.betas
         original_dtype = param.dtype
         param = param.float()
         grad = grad.float() + self.weight_decay * param
+        if mask is not None:
+            kept = (self.exp_avg.clone(), self.exp_avg_sq.clone())
         # lerp_, as torch.optim.Adam does, for the same rounding (it needs matching dtypes)
         self.exp_avg.lerp_(grad.to(self.exp_avg.dtype), 1 - beta1)
         self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if mask is not None:
+            mask = mask.to(self.exp_avg.device)
+            self.exp_avg.copy_(torch.where(mask, self.exp_avg, kept[0]))
+            self.exp_avg_sq.copy_(torch.where(mask, self.exp_avg_sq, kept[1]))
         self.step_count.add_(1)
         # Bias corrections in double precision on the host, as torch.optim.Adam computes them:
         # in float32, 1 − 0.999 carries a relative error of ~3e-5 that shows in the first steps.
@@ -84,4 +92,6 @@ class AdamState(nn.Module):
         bias_correction2 = 1 - beta2**step
         denominator = self.exp_avg_sq.sqrt() / math.sqrt(bias_correction2) + self.eps
         updated = param.addcdiv(self.exp_avg, denominator, value=-self.lr / bias_correction1)
+        if mask is not None:
+            updated = torch.where(mask.to(updated.device), updated, param)
         return updated.to(original_dtype)

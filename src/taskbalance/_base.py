@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from taskbalance._distributed import (
     all_reduce_mean,
-    all_reduce_packed,
+    all_reduce_sum,
+    differing_entries,
     fingerprint_value,
     is_distributed,
     world_size,
@@ -76,6 +77,15 @@ def _canonical(value: Any) -> Any:
         return int(value)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
+    return value
+
+
+def _decoded(value: Any) -> Any:
+    """A constructor argument from its :func:`_canonical` form (a dtype was saved as its str)."""
+    if isinstance(value, str) and value.startswith("torch."):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
     return value
 
 
@@ -175,13 +185,27 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     hyperparameter on resume, call :meth:`allow_changed_hyperparameters` first.
 
     Under ``torch.distributed``, the loss statistics and KPIs that drive the weights are
-    averaged over the process group (in calls and in ``compute_weights`` alike), so every rank
-    computes the same weights. That one all-reduce also carries a fingerprint of each rank's
-    configuration (method, K, hyperparameters, step and call counts) and whether its losses
-    were finite: ranks configured differently, or out of step because one skipped a call,
-    raise a ValueError naming what differs on every rank, and a non-finite loss on any rank
-    raises (or is skipped) on every rank, all in step. A rank that stops calling altogether
-    leaves the others waiting in the all-reduce until the process group's timeout.
+    averaged over the process group (in calls and in ``compute_weights`` alike), each over the
+    ranks that have the task, so every rank computes the same weights. A call runs two
+    all-reduces. The first has a fixed size and carries a fingerprint of each rank's
+    configuration (method, K, hyperparameters, whether KPIs are sent, step and call counts):
+    ranks configured differently, or out of step because one skipped a call, raise a
+    ValueError naming what differs on every rank, before any collective whose size depends on
+    the configuration. The second carries the loss sums, presence counts, KPIs and whether the
+    losses were finite: a non-finite loss on any rank raises (or is skipped) on every rank, all
+    in step. A rank whose batch has no labels may pass ``present=[False] * K``; the call is
+    refused, on every rank, only when no rank has any task.
+
+    Which errors stay on one rank: the checks of a call's own arguments run before the first
+    all-reduce (losses, ``present=``, ``kpis=``, ``features=``, positive losses for the
+    methods that take logs) and raise on the offending rank alone, so the other ranks wait in
+    the first all-reduce until the process group's timeout, as they do for a rank that stops
+    calling altogether. Gradient methods take the task gradients after both all-reduces, on
+    their refresh steps: an error there on one rank only (typically a task loss that reaches
+    none of the shared tensors, such as a constant loss for a batch without that task's
+    labels) leaves the other ranks waiting in the Gramian's all-reduce until the timeout, so
+    mark such tasks absent with ``present=``. The weight rules read only reduced values, so
+    an error in a rule raises on every rank together.
 
     Loop options, keyword arguments of every method (and of :func:`taskbalance.create`):
 
@@ -283,7 +307,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             The 0-d objective, whose gradient with respect to ``losses[k]`` is ``weights[k]``.
         """
         vector = as_loss_vector(losses, self.num_tasks)
-        mask = as_present_mask(present, self.num_tasks, vector.device)
+        mask = as_present_mask(
+            present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
+        )
         if not (self.training and torch.is_grad_enabled()):
             return self._frozen_objective(vector, mask)
         # Every local check runs before the first collective, so a bad input raises on its
@@ -320,7 +346,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             The ``[K]`` weights of this step (detached), in float64 for a float64 Gramian.
         """
         vector = as_loss_vector(losses, self.num_tasks).detach()
-        mask = as_present_mask(present, self.num_tasks, vector.device)
+        mask = as_present_mask(
+            present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
+        )
         values, nonfinite = self._checked_values(vector, mask)
         local_kpis = self._checked_kpis(kpis, values.device)
         checked_gram = self._check_gram(gram) if self.requires_gram else None
@@ -339,7 +367,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
         A flat ``{name: float}`` dict for Lightning's ``self.log_dict`` or TensorBoard's
         ``add_scalars``: ``{prefix}weight/{k}``, ``{prefix}loss/{k}`` and, once a Gramian was
-        computed, ``{prefix}cos/{i}_{j}`` for ``i < j``.
+        computed, ``{prefix}cos/{i}_{j}`` for ``i < j``. Before the first step the losses
+        are NaN (none was observed yet) and there are no cosines.
 
         Example:
             >>> import torch, taskbalance as tb
@@ -351,8 +380,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
         logged = {f"{prefix}weight/{k}": w for k, w in enumerate(self.weights.tolist())}
+        # Before the first step no loss was observed: NaN, not the buffers' placeholder 1.0
+        # (the keys stay the same from the first log on).
+        observed = self._steps_taken > 0
         for k, value in enumerate(self._last_losses.tolist()):
-            logged[f"{prefix}loss/{k}"] = value
+            logged[f"{prefix}loss/{k}"] = value if observed else math.nan
         cosines = getattr(self, "_last_cosines", None)
         if cosines is not None and bool(torch.isfinite(cosines).all()):
             table = cosines.tolist()
@@ -476,17 +508,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     def _reduced(
         self, values: Tensor, local_present: Tensor, kpis: Tensor | None, nonfinite: bool
     ) -> tuple[bool, Tensor, Tensor, bool, Tensor | None]:
-        """One all-reduce: loss sums and counts of the ranks that have each task, KPIs, the
-        non-finite flag and the configuration fingerprint (checked first)."""
-        K = self.num_tasks
-        payload = [
-            torch.where(local_present & torch.isfinite(values), values, 0).double(),
-            local_present.double(),
-            values.new_tensor([float(nonfinite)], dtype=torch.float64),
-        ]
-        if kpis is not None:
-            payload.append(kpis.double())
-        summed, differing = all_reduce_packed(torch.cat(payload), self._fingerprint())
+        """Two all-reduces: the configuration fingerprint (fixed size, checked first), then
+        loss sums and counts of the ranks that have each task, the non-finite flag and KPIs."""
+        differing = differing_entries(self._fingerprint(), values.device)
         if differing:
             fields = self._fingerprint_fields()
             raise ValueError(
@@ -495,15 +519,32 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 + ". Every rank must create the balancer with the same method, num_tasks and "
                 "hyperparameters (and load the same state), and call it at every step"
             )
-        device = self._last_weights.device
-        summed = summed.to(device)
+        K = self.num_tasks
+        present_here = local_present.double()
+        payload = [
+            torch.where(local_present & torch.isfinite(values), values, 0).double(),
+            present_here,
+            values.new_tensor([float(nonfinite)], dtype=torch.float64),
+        ]
+        if kpis is not None:  # over the ranks that have the task, as the losses; else all
+            payload += [kpis.double() * present_here, kpis.double()]
+        summed = all_reduce_sum(torch.cat(payload)).to(self._last_weights.device)
         sums, counts = summed[:K], summed[K : 2 * K]
+        host = counts.tolist()
+        if not any(count > 0 for count in host):
+            raise ValueError(
+                "present: every task is absent on every DDP rank; skip the call on every rank "
+                "instead"
+            )
         present = counts > 0
         mean = torch.where(present, sums / counts.clamp_min(1), self._last_losses.double())
         reduced_kpis = None
         if kpis is not None:
-            reduced_kpis = (summed[2 * K + 1 :] / world_size()).to(torch.float32)
-        host = counts.tolist()
+            kpi_sums, kpi_totals = summed[2 * K + 1 : 3 * K + 1], summed[3 * K + 1 :]
+            ranks = world_size()
+            reduced_kpis = torch.where(
+                present, kpi_sums / counts.clamp_min(1), kpi_totals / ranks
+            ).to(torch.float32)
         return (
             float(summed[2 * K]) > 0,
             mean.to(torch.float32),
@@ -609,6 +650,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             "method": self._method_name,
             "num_tasks": self.num_tasks,
             "hyperparameters": sorted(self.configuration.items()),
+            "requires_kpis": self.requires_kpis,  # whether the call's payload carries KPIs
             "num_steps": self._steps_taken,
             "num_calls": self._calls_taken,
         }
@@ -688,10 +730,34 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Loading is all or nothing: everything of this balancer (its submodules included) is
-        # checked before the first tensor is copied.
-        self._check_loadable(state_dict, prefix)
-        kept = self._hyperparameter_buffers(state_dict[prefix + "_extra_state"])
+        # torch's protocol, all or nothing for this balancer: missing keys go to missing_keys
+        # (torch then honours strict=), a mismatch to error_msgs (torch raises a RuntimeError
+        # listing every module's errors once all were tried); either way nothing of this
+        # balancer, its submodules included, is copied.
+        # A checkpoint without this balancer (a backbone's) misses every key: missing keys.
+        # One that has some of them is this balancer's state, and must be whole and fit.
+        expected = [prefix + key for key in self.state_dict()]
+        missing = [key for key in expected if key not in state_dict]
+        kept: dict[str, Tensor] = {}
+        refused = bool(missing)
+        if len(missing) == len(expected):
+            # Our own keys are reported here, the submodules' by the submodules themselves.
+            missing_keys.extend(key for key in missing if "." not in key[len(prefix) :])
+        else:
+            try:
+                self._check_loadable(state_dict, prefix, missing)
+                kept = self._hyperparameter_buffers(state_dict[prefix + "_extra_state"])
+            except (TypeError, ValueError) as error:
+                error_msgs.append(str(error))
+                refused = True
+        if refused:
+            # torch loads the submodules after this, from the same dict (which torch copies so
+            # that this hook may edit it): they get their current values back, a no-op.
+            current = self.state_dict(prefix=prefix, keep_vars=False)
+            for key in expected:
+                if key in state_dict and "." in key[len(prefix) :]:
+                    state_dict[key] = current[key].detach().clone()
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -708,7 +774,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         keep the new values rather than the checkpoint's.
         """
         changed = {
-            key: saved["hyperparameters"][key]
+            key: _decoded(saved["hyperparameters"][key])
             for key in self._allowed_changes
             if saved["hyperparameters"].get(key) != self.configuration.get(key)
         }
@@ -735,17 +801,19 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             and torch.equal(buffer, self.get_buffer(name))
         }
 
-    def _check_loadable(self, state_dict: Any, prefix: str) -> None:
+    def _check_loadable(self, state_dict: Any, prefix: str, missing: Sequence[str]) -> None:
+        """Refuse (ValueError/TypeError) a state this balancer cannot take."""
         what = f"state_dict: cannot load into {self._method_name} (num_tasks={self.num_tasks})"
         own = self.state_dict()
-        if prefix + "_extra_state" not in state_dict:
-            raise ValueError(f"{what}: the key {prefix + '_extra_state'!r} is missing")
+        extra = prefix + "_extra_state"
+        if extra not in state_dict:
+            raise ValueError(f"{what}: the key {extra!r} is missing")
         # Method and num_tasks first: they explain every other mismatch.
-        self._check_extra_state(state_dict[prefix + "_extra_state"], what)
+        self._check_extra_state(state_dict[extra], what)
+        if missing:
+            raise ValueError(f"{what}: the state lacks the keys {list(missing)}")
         for key, current in own.items():
             full = prefix + key
-            if full not in state_dict:
-                raise ValueError(f"{what}: the key {full!r} is missing")
             given = state_dict[full]
             if key.endswith("_extra_state"):
                 continue

@@ -52,44 +52,32 @@ def seeded_generator(seed: int) -> torch.Generator:
     return generator
 
 
-#: Fingerprint entries are reduced modulo this, so their squares sum exactly in float64.
-_FINGERPRINT_MODULUS = 2**16
-
-
 def fingerprint_value(value: object) -> int:
-    """A small integer standing for ``value`` (an int, or anything with a stable ``repr``)."""
+    """An integer standing for ``value``: an int itself, anything else the CRC-32 of its repr."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return value % _FINGERPRINT_MODULUS
-    return zlib.crc32(repr(value).encode()) % _FINGERPRINT_MODULUS
+        return value
+    return zlib.crc32(repr(value).encode())
 
 
-def all_reduce_packed(payload: Tensor, fingerprint: dict[str, int]) -> tuple[Tensor, list[str]]:
-    """Sum ``payload`` over ranks and compare ``fingerprint`` across ranks in the same call.
+def differing_entries(fingerprint: dict[str, int], device: torch.device) -> list[str]:
+    """The names of the ``fingerprint`` entries that differ between ranks.
 
-    Each fingerprint entry travels as ``(v, v²)``: after the sum, the entry agrees on every
-    rank exactly when ``R·Σv² = (Σv)²`` (Cauchy–Schwarz; integers below 2¹⁶, so the float64
-    sums are exact and the test runs on Python ints).
-    One all-reduce of ``len(payload) + 2·len(fingerprint)`` float64 numbers per call.
+    One all-reduce (MAX) of ``[v, −v]``, int64, whose size depends only on how many entries
+    there are, never on the data: ranks configured differently (another K, a method that
+    sends KPIs) still meet in it and all learn what differs, before any collective whose size
+    depends on the configuration. An entry agrees exactly when its max equals its min.
 
     Returns:
-        The summed payload (``payload`` itself outside a process group) and the names of the
-        fingerprint entries that differ between ranks (every rank gets the same list).
+        The same list on every rank; empty outside a process group.
     """
     if not is_distributed():
-        return payload, []
-    codes = torch.tensor(
-        [float(v) for v in fingerprint.values()], dtype=torch.float64, device=payload.device
-    )
-    packed = torch.cat([payload.detach().to(torch.float64), codes, codes * codes])
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    size = payload.numel()
+        return []
+    codes = torch.tensor(list(fingerprint.values()), dtype=torch.int64, device=device)
+    packed = torch.cat([codes, -codes])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
     count = len(fingerprint)
-    ranks = dist.get_world_size()
-    sums = [int(v) for v in packed[size : size + count].tolist()]
-    squares = [int(v) for v in packed[size + count :].tolist()]
-    differing = [
-        name
-        for name, total, square in zip(fingerprint, sums, squares, strict=True)
-        if ranks * square != total * total
+    highest = packed[:count].tolist()
+    lowest = [-value for value in packed[count:].tolist()]
+    return [
+        name for name, high, low in zip(fingerprint, highest, lowest, strict=True) if high != low
     ]
-    return packed[:size], differing

@@ -280,9 +280,17 @@ def _shortest_float32(value: float) -> str:
 
 
 def as_present_mask(
-    present: Tensor | Sequence[bool] | None, num_tasks: int, device: torch.device
+    present: Tensor | Sequence[bool] | None,
+    num_tasks: int,
+    device: torch.device,
+    *,
+    allow_all_absent: bool = False,
 ) -> Tensor | None:
-    """Check ``present=``: None, or a bool ``[K]`` mask with at least one task present."""
+    """Check ``present=``: None, or a bool ``[K]`` mask with at least one task present.
+
+    ``allow_all_absent`` accepts a mask with no task present (a DDP rank whose batch has no
+    labels; the caller refuses the call when no rank has any task).
+    """
     if present is None:
         return None
     if isinstance(present, Tensor):
@@ -299,7 +307,7 @@ def as_present_mask(
         raise TypeError(f"present: expected a bool tensor, got dtype {mask.dtype}")
     if tuple(mask.shape) != (num_tasks,):
         raise ValueError(f"present: expected shape ({num_tasks},), got {tuple(mask.shape)}")
-    if not bool(mask.any()):
+    if not allow_all_absent and not bool(mask.any()):
         raise ValueError("present: every task is absent; skip the call instead")
     return mask.to(device)
 

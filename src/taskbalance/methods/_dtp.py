@@ -34,7 +34,9 @@ class DTP(Balancer):
 
     Departures: the paper leaves α open; 0.1 averages over roughly the last 10 steps, which
     steadies per-batch KPIs. The paper also prioritises examples within a task with the focal
-    loss: use :func:`taskbalance.losses.focal_loss` for that part.
+    loss: use :func:`taskbalance.losses.focal_loss` for that part. With ``present=``, an
+    absent task's κ̄ keeps its value (at the very first call it starts from the KPI given);
+    under DDP each KPI averages over the ranks that have the task, as the losses do.
 
     Args:
         num_tasks: K.
@@ -88,6 +90,8 @@ class DTP(Balancer):
         assert kpis is not None  # the base class has checked them
         if bool(self.has_kpis):
             smoothed = self.smoothing * kpis + (1 - self.smoothing) * self.smoothed_kpis
+            if not step.all_present:  # an absent task's KPI is not a new observation
+                smoothed = torch.where(step.present, smoothed, self.smoothed_kpis)
         else:
             smoothed = kpis.clone()
         self.smoothed_kpis.copy_(smoothed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -49,7 +50,10 @@ class FAMO(Balancer):
     batch-to-batch variation of the losses, which is large at small batch sizes. The official
     training loop also clips the shared gradient to norm 1 (``max_norm``): clipping is the
     loop's business, do it with ``torch.nn.utils.clip_grad_norm_`` to reproduce the paper's
-    runs. Under DDP δ uses the rank-averaged losses, so every rank's logits agree.
+    runs. Under DDP δ uses the rank-averaged losses, so every rank's logits agree. With
+    ``present=``, only the present tasks' logits learn at that step (through the softmax over
+    the present tasks, their Adam moments moving alone); an absent task's logit, moments and
+    last loss are left as they were, and its δ spans the steps since it was last present.
 
     Args:
         num_tasks: K.
@@ -119,6 +123,8 @@ class FAMO(Balancer):
 
         Pass the losses re-evaluated on the *same batch* after ``optimizer.step()`` (one extra
         forward pass, without grad); the logits learn from ``δ = log L(before) − log L(after)``.
+        Every loss must be finite; the logits of tasks absent at that call (``present=``) do
+        not learn, so any finite value will do for them.
 
         Args:
             losses: the K task losses after the parameter update.
@@ -132,7 +138,9 @@ class FAMO(Balancer):
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
         vector = as_loss_vector(losses, self.num_tasks)
         statistics = self._mean_over_ranks(vector)
-        self._learn_from(torch.log(self._shifted(statistics)))
+        # The tasks absent at that call (on every rank) learn nothing now either.
+        present = None if bool(self._last_present.all()) else self._last_present
+        self._learn_from(torch.log(self._shifted(statistics)), present)
 
     def _shifted(self, losses: Tensor) -> Tensor:
         """``L − min_losses + eps``, checked to be > 0 (the method takes its log)."""
@@ -145,22 +153,32 @@ class FAMO(Balancer):
             )
         return shifted
 
-    def _learn_from(self, log_losses: Tensor) -> None:
-        """One Adam step on the logits from the decrease since ``previous_log_losses``."""
+    def _learn_from(self, log_losses: Tensor, present: Tensor | None = None) -> None:
+        """One Adam step on the logits from the decrease since ``previous_log_losses``.
+
+        With a ``present`` mask, only the present tasks' logits learn, through the softmax
+        over the present tasks alone: an absent task's logit, moments and loss stay as they
+        were (its δ would be 0, but the full softmax would still move its logit).
+        """
         # In float32 whatever dtype the buffers were cast to (a model's .half() reaches them).
         decrease = self.previous_log_losses.float() - log_losses
         logits = self.logits.float()
-        probabilities = torch.softmax(logits, dim=0)
+        if present is None:
+            probabilities = torch.softmax(logits, dim=0)
+        else:
+            present = present.to(logits.device)
+            probabilities = torch.softmax(torch.where(present, logits, -math.inf), dim=0)
+            decrease = torch.where(present, decrease, 0)
         # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ)
         logit_grad = probabilities * (decrease - (probabilities * decrease).sum())
-        self.logits.copy_(self.logit_optimiser.step(logits, logit_grad))
+        self.logits.copy_(self.logit_optimiser.step(logits, logit_grad, mask=present))
 
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
         shifted = self._shifted(losses)
         log_losses = torch.log(shifted)
         if self.delta == "next_step" and self._steps_taken > 0:  # previous losses exist
-            self._learn_from(log_losses)
+            self._learn_from(log_losses, None if step.all_present else step.present)
         self.previous_log_losses.copy_(log_losses)
         probabilities = torch.softmax(self.logits.float(), dim=0)
         normaliser = (probabilities / shifted).sum()

@@ -26,6 +26,9 @@ class LearnedLogScales(Balancer):
     Under DDP the gradient of ``s`` is taken on the rank-averaged losses, so every rank's ``s``
     receives the same gradient and stays identical, while the gradient of each rank's own losses
     is ``f_k(s_k)`` as usual. Outside DDP this is exactly the textbook objective.
+
+    With ``present=``, an absent task's terms (``f_k·L_k`` and ``r(s_k)``) are left out of
+    the objective, so its ``s_k`` gets a zero gradient at that step.
     """
 
     def __init__(self, num_tasks: int, *, init: float) -> None:
@@ -58,4 +61,12 @@ class LearnedLogScales(Balancer):
         statistics = statistics.to(losses.dtype)
         # Value: Σ f·L + Σ r. Gradient in L: f. Gradient in s: f'·(rank-averaged L) + r'.
         weighted = factors * statistics + factors.detach() * (losses - statistics)
-        return weighted.sum() + self.regulariser(log_scales).sum().to(losses.dtype)
+        regularised = self.regulariser(log_scales).to(losses.dtype)
+        if not step.all_present:
+            # An absent task's scale learns nothing: its carried-forward loss is not a new
+            # observation, and its regulariser alone would drift it. Presence is the global
+            # one under DDP, so every rank's s still gets the same gradient.
+            present = step.present.to(losses.device)
+            weighted = torch.where(present, weighted, 0)
+            regularised = torch.where(present, regularised, 0)
+        return weighted.sum() + regularised.sum()

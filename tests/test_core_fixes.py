@@ -1,0 +1,239 @@
+"""Regression tests for the reviewed core defects: partial labels and learned parameters,
+loading through a parent module, hyperparameter changes on resume, logging before the first
+step, and DDP configuration and presence checks on two real gloo ranks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import taskbalance as tb
+from conftest import run_ranks
+from conftest import value_error_message as _error
+
+# --------------------------------------------------------------------------------------------
+# present= and learned parameters
+
+
+@pytest.mark.parametrize("name", ["uw", "imtl_l"])
+def test_absent_task_learned_scale_gets_no_gradient(name):
+    b = tb.create(name, num_tasks=2)
+    b(torch.tensor([2.0, 5.0], requires_grad=True)).backward()
+    b.log_scales.grad = None
+    b(torch.tensor([2.0, math.nan], requires_grad=True), present=[True, False]).backward()
+    grad = b.log_scales.grad
+    assert grad[1] == 0
+    # The present task's gradient is the textbook one, as if the absent task did not exist.
+    alone = tb.create(name, num_tasks=1)
+    alone(torch.tensor([2.0], requires_grad=True)).backward()
+    assert grad[0] == pytest.approx(alone.log_scales.grad[0].item())
+
+
+def test_famo_absent_task_logit_and_moments_do_not_move():
+    b = tb.create("famo", num_tasks=3)
+    b(torch.tensor([2.0, 5.0, 3.0], requires_grad=True))
+    b(torch.tensor([1.0, 4.0, 3.5], requires_grad=True))
+    before = {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+    b(torch.tensor([0.5, math.nan, 2.0], requires_grad=True), present=[True, False, True])
+    after = b.state_dict()
+    for key in ("logits", "logit_optimiser.exp_avg", "logit_optimiser.exp_avg_sq"):
+        assert after[key][1] == before[key][1], key
+        assert not torch.equal(after[key][[0, 2]], before[key][[0, 2]]), key
+    assert after["previous_log_losses"][1] == before["previous_log_losses"][1]
+
+
+def test_famo_present_tasks_learn_through_the_softmax_over_present_tasks():
+    """With task 1 absent, the present tasks' logit gradient is that of a 2-task FAMO."""
+    three = tb.create("famo", num_tasks=3, weight_decay=0.0)
+    two = tb.create("famo", num_tasks=2, weight_decay=0.0)
+    three(torch.tensor([2.0, 5.0, 3.0], requires_grad=True))
+    two(torch.tensor([2.0, 3.0], requires_grad=True))
+    three(torch.tensor([1.0, math.nan, 2.5], requires_grad=True), present=[True, False, True])
+    two(torch.tensor([1.0, 2.5], requires_grad=True))
+    assert torch.allclose(three.logits[[0, 2]], two.logits)
+    assert three.logits[1] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# loading through a parent module
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, name: str = "famo", K: int = 2) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Linear(3, 3)
+        self.balancer = tb.create(name, num_tasks=K)
+
+
+def _trained(name: str = "famo", K: int = 2) -> _Net:
+    net = _Net(name, K)
+    for step in range(3):
+        net.balancer(torch.rand(K, generator=torch.Generator().manual_seed(step)) + 0.5)
+    return net
+
+
+def test_backbone_only_checkpoint_loads_with_strict_false():
+    net = _trained()
+    before = {k: v.clone() for k, v in net.balancer.state_dict().items() if torch.is_tensor(v)}
+    backbone = {k: v for k, v in _Net().state_dict().items() if k.startswith("trunk.")}
+    result = net.load_state_dict(backbone, strict=False)
+    assert torch.equal(net.trunk.weight, backbone["trunk.weight"])
+    balancer_keys = {f"balancer.{k}" for k in net.balancer.state_dict()}
+    assert set(result.missing_keys) == balancer_keys
+    assert len(result.missing_keys) == len(balancer_keys)  # each reported once
+    after = net.balancer.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        net.load_state_dict(backbone)
+
+
+@pytest.mark.parametrize("other", [("famo", 3), ("dwa", 2)])
+def test_mismatched_balancer_in_parent_load_is_listed_and_atomic(other):
+    net = _trained()
+    before = {k: v.clone() for k, v in net.balancer.state_dict().items() if torch.is_tensor(v)}
+    state = _trained(*other).state_dict()
+    with pytest.raises(RuntimeError, match="state_dict: cannot load into famo") as caught:
+        net.load_state_dict(state, strict=False)
+    assert "Missing key" not in str(caught.value)  # present submodule keys are not "missing"
+    after = net.balancer.state_dict()
+    for key, value in before.items():  # the submodule (Adam moments) is untouched too
+        assert torch.equal(value, after[key]), key
+
+
+def test_direct_load_error_names_the_mismatch():
+    b = tb.create("dwa", num_tasks=2, temperature=2.0)
+    with pytest.raises(RuntimeError, match=r"temperature: saved 1.0, here 2.0"):
+        b.load_state_dict(tb.create("dwa", num_tasks=2, temperature=1.0).state_dict())
+
+
+def test_allowed_dtype_hyperparameter_change_loads():
+    old = tb.create("mgda", num_tasks=2, gram_dtype=torch.float64)
+    old.compute_weights(torch.tensor([1.0, 2.0]), gram=torch.eye(2, dtype=torch.float64))
+    new = tb.create("mgda", num_tasks=2)
+    new.allow_changed_hyperparameters("gram_dtype").load_state_dict(old.state_dict())
+    assert new.gram_dtype == torch.float32
+    assert int(new.num_steps) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# logging before the first step
+
+
+@pytest.mark.parametrize("name", ["dwa", "mgda"])
+def test_log_dict_reports_no_loss_before_the_first_step(name):
+    b = tb.create(name, num_tasks=2)
+    logged = b.log_dict()
+    assert math.isnan(logged["balancer/loss/0"])
+    assert math.isnan(logged["balancer/loss/1"])
+    assert not any("/cos/" in key for key in logged)
+    b.compute_weights(torch.tensor([2.0, 3.0]), gram=torch.eye(2) if b.requires_gram else None)
+    assert b.log_dict()["balancer/loss/1"] == 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# DDP: configuration checks before any K-sized collective, presence over the group
+
+
+def _ddp_scenarios(rank: int) -> dict:
+    out: dict = {}
+    K = 3 if rank == 0 else 4
+    other_k = tb.create("ew", num_tasks=K)
+    out["K"] = _error(lambda: other_k(torch.ones(K, requires_grad=True)))
+    kpi_method = tb.create("dtp" if rank == 0 else "ew", num_tasks=2)
+    out["kpis"] = _error(
+        lambda: kpi_method(torch.ones(2, requires_grad=True), kpis=torch.tensor([0.5, 0.5]))
+    )
+    # Still in step after both refusals: a well-configured call goes through on both ranks.
+    fine = tb.create("ew", num_tasks=2)
+    out["after"] = fine(torch.tensor([1.0, 2.0 + rank], requires_grad=True)).item()
+    out["after_loss"] = fine.log_dict()["balancer/loss/1"]
+    # Rank 1's batch has no labels at all: accepted, task 0 comes from rank 0 alone.
+    dwa = tb.create("dwa", num_tasks=2)
+    present = [True, False] if rank == 0 else [False, False]
+    losses = torch.tensor([2.0, math.nan]) if rank == 0 else torch.full((2,), math.nan)
+    out["absent_error"] = _error(lambda: dwa(losses.requires_grad_(True), present=present))
+    out["absent_logged"] = dwa.log_dict()
+    out["absent_weights"] = dwa.weights
+    # The same with a gradient method: rank 1's losses are means over zero samples (NaN).
+    mgda = tb.create("mgda", num_tasks=2)
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    n = 4 if rank == 0 else 0
+    mgda_losses = torch.stack([(z[:n, 0] ** 2).mean(), (z[:n, 1] ** 2).mean()])
+    present = [True, True] if rank == 0 else [False, False]
+    mgda(mgda_losses, features=z, present=present).backward()
+    out["mgda_weights"] = mgda.weights
+    out["mgda_grad_finite"] = bool(torch.isfinite(z.grad).all())
+    # No rank has any task: refused on every rank, state unchanged.
+    out["none"] = _error(lambda: dwa(torch.ones(2, requires_grad=True), present=[False, False]))
+    out["none_steps"] = int(dwa.num_steps)
+    # DTP's KPIs average over the ranks that have the task, like the losses.
+    dtp = tb.create("dtp", num_tasks=2)
+    kpis = torch.tensor([0.2, 0.4]) if rank == 0 else torch.tensor([0.6, 0.9])
+    dtp(torch.ones(2, requires_grad=True), kpis=kpis, present=[True, rank == 0])
+    out["dtp_kpis"] = dtp.smoothed_kpis.clone()
+    return out
+
+
+def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.save(_ddp_scenarios(rank), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory: pytest.TempPathFactory) -> list:
+    return run_ranks(_ddp_worker, tmp_path_factory.mktemp("core_fixes_ddp"))
+
+
+def test_ddp_other_num_tasks_raises_clearly_on_every_rank(ddp_ranks):
+    for rank, seen in enumerate(ddp_ranks):
+        assert "DDP ranks disagree on ['num_tasks']" in seen["K"]
+        assert f"num_tasks={3 if rank == 0 else 4}" in seen["K"]
+        assert seen["after"] == 3.0 + rank  # Σ L with this rank's losses
+        assert seen["after_loss"] == 2.5  # reduced over both ranks: they met in step
+
+
+def test_ddp_method_with_and_without_kpis_raises_clearly_on_every_rank(ddp_ranks):
+    for seen in ddp_ranks:
+        assert "DDP ranks disagree on" in seen["kpis"]
+        assert "'method'" in seen["kpis"]
+        assert "'requires_kpis'" in seen["kpis"]
+
+
+def test_ddp_rank_without_any_label_is_accepted(ddp_ranks):
+    for seen in ddp_ranks:
+        assert seen["absent_error"] == ""
+        assert seen["absent_logged"]["balancer/loss/0"] == 2.0
+        assert seen["absent_weights"][1] == 0
+    assert torch.equal(ddp_ranks[0]["absent_weights"], ddp_ranks[1]["absent_weights"])
+    assert torch.equal(ddp_ranks[0]["mgda_weights"], ddp_ranks[1]["mgda_weights"])
+    assert all(seen["mgda_grad_finite"] for seen in ddp_ranks)
+
+
+def test_ddp_no_task_on_any_rank_raises_on_every_rank(ddp_ranks):
+    for seen in ddp_ranks:
+        assert "every task is absent on every DDP rank" in seen["none"]
+        assert seen["none_steps"] == 1
+
+
+def test_ddp_kpis_average_over_the_ranks_that_have_the_task(ddp_ranks):
+    for seen in ddp_ranks:
+        assert torch.allclose(seen["dtp_kpis"], torch.tensor([0.4, 0.4]))
+
+
+def test_famo_same_batch_update_leaves_an_absent_task_logit():
+    b = tb.create("famo", num_tasks=2, delta="same_batch")
+    b(torch.tensor([2.0, 5.0], requires_grad=True))
+    b.update(torch.tensor([1.5, 4.0]))
+    before = b.logits.clone()
+    b(torch.tensor([1.0, math.nan], requires_grad=True), present=[True, False])
+    b.update(torch.tensor([0.5, 1.0]))  # task 1's value is a placeholder
+    assert b.logits[1] == before[1]
+    assert b.logits[0] != before[0]
