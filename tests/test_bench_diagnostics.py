@@ -1,4 +1,4 @@
-"""Gradient-conflict diagnostics against cosines computed by hand from per-task gradients."""
+"""The harness's gradient-conflict record against cosines computed by hand from task gradients."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 
 import taskbalance as tb
 from taskbalance.bench import TrainConfig, load_benchmark, train_run
-from taskbalance.bench.diagnostics import gradient_diagnostics
 from taskbalance.bench.harness import GlobalBatchSampler
 from taskbalance.bench.report import write_diagnostics_csv
 
@@ -30,38 +29,6 @@ def _by_hand(losses, features):
     return cosines, norms
 
 
-def test_diagnostics_equal_cosines_of_per_task_gradients():
-    torch.manual_seed(0)
-    trunk = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh())
-    heads = [torch.nn.Linear(7, 1) for _ in range(4)]
-    x = torch.randn(16, 5)
-    features = trunk(x)
-    losses = torch.stack([(head(features) - k).pow(2).mean() for k, head in enumerate(heads)])
-    found = gradient_diagnostics(tb.gramian(losses, features, dtype=torch.float64))
-    cosines, norms = _by_hand(losses, features)
-    torch.testing.assert_close(found.cosines, cosines, rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(found.norms, norms, rtol=1e-6, atol=1e-12)
-    torch.testing.assert_close(found.norm_ratios, norms / norms.mean(), rtol=1e-6, atol=1e-12)
-    upper = [float(cosines[i, j]) for i in range(4) for j in range(i + 1, 4)]
-    assert found.conflict_fraction == sum(value < 0 for value in upper) / 6
-
-
-def test_diagnostics_of_opposite_zero_and_orthogonal_gradients():
-    gram = torch.tensor(
-        [[1.0, -1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
-    )
-    found = gradient_diagnostics(gram)
-    assert found.cosines[0, 1] == -1.0
-    assert found.cosines[0, 2] == 0.0
-    assert found.cosines[3, 3] == 0.0  # a zero gradient has no direction
-    assert found.norms.tolist() == [1.0, 1.0, 2.0, 0.0]
-    assert found.conflict_fraction == pytest.approx(1 / 6)
-    with pytest.raises(ValueError, match=r"\[K, K\]"):
-        gradient_diagnostics(torch.ones(2, 3))
-    with pytest.raises(ValueError, match="finite"):
-        gradient_diagnostics(torch.tensor([[float("nan")]]))
-
-
 def test_harness_records_the_first_steps_gramian(tmp_path):
     pytest.importorskip("sklearn")
     benchmark = load_benchmark("digits-mixed", small=True)
@@ -79,7 +46,7 @@ def test_harness_records_the_first_steps_gramian(tmp_path):
         for task, output, target in zip(benchmark.tasks, outputs, targets, strict=True)
     ]
     cosines, norms = _by_hand(losses, features)
-    recorded = gradient_diagnostics(torch.tensor(run.diagnostic_grams[0], dtype=torch.float64))
+    recorded = tb.gradient_diagnostics(torch.tensor(run.diagnostic_grams[0], dtype=torch.float64))
     torch.testing.assert_close(recorded.cosines, cosines, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recorded.norms, norms, rtol=1e-5, atol=1e-9)
     path = tmp_path / "diagnostics.csv"
