@@ -1,6 +1,9 @@
-"""``tb.gradient_diagnostics`` against cosines and norms computed by hand from task gradients."""
+"""``tb.gradient_diagnostics`` and the harness's record of it, against cosines and norms computed
+by hand from per-task gradients."""
 
 from __future__ import annotations
+
+import csv
 
 import pytest
 import torch
@@ -8,6 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from taskbalance.bench import TrainConfig, load_benchmark, train_run
+from taskbalance.bench.harness import GlobalBatchSampler
+from taskbalance.bench.report import write_diagnostics_csv
 
 
 def by_hand(gradients: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,3 +103,38 @@ def test_opposite_zero_and_orthogonal_gradients_and_bad_input():
         tb.gradient_diagnostics(torch.ones(2, 3))
     with pytest.raises(ValueError, match="gram: expected finite"):
         tb.gradient_diagnostics(torch.tensor([[float("nan")]]))
+
+
+def test_harness_records_the_first_steps_gramian(tmp_path):
+    pytest.importorskip("sklearn")
+    benchmark = load_benchmark("digits-mixed", small=True)
+    config = TrainConfig(seed=3, epochs=2, diagnostics_every=2)
+    run = train_run(benchmark, "pcgrad", config=config)
+    assert run.diagnostic_steps == [0, 2, 4, 6]  # 256 examples in batches of 64: 8 steps
+    # Step 0 by hand: same seed, same initial model, same first batch.
+    torch.manual_seed(3)
+    model = benchmark.build_model()
+    batch = next(iter(GlobalBatchSampler(len(benchmark.train), 64, seed=3)))
+    inputs, targets = benchmark.train.__getitems__(batch).batch
+    features, outputs = model(inputs)
+    losses = [
+        task.loss(output, target)
+        for task, output, target in zip(benchmark.tasks, outputs, targets, strict=True)
+    ]
+    gradients = [
+        torch.autograd.grad(loss, features, retain_graph=True)[0].flatten().double()
+        for loss in losses
+    ]
+    cosines, norms = by_hand(gradients)
+    recorded = tb.gradient_diagnostics(torch.tensor(run.diagnostic_grams[0], dtype=torch.float64))
+    torch.testing.assert_close(recorded.cosines, cosines, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recorded.norms, norms, rtol=1e-5, atol=1e-9)
+    path = tmp_path / "diagnostics.csv"
+    write_diagnostics_csv([run], path)
+    with path.open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row["step"] == "0"]
+    assert len(rows) == 6  # 4 tasks: 6 pairs
+    first = rows[0]
+    assert (first["task_i"], first["task_j"]) == ("digit", "parity")
+    assert float(first["cosine"]) == pytest.approx(float(cosines[0, 1]), rel=1e-5, abs=1e-6)
+    assert float(first["norm_ratio"]) == pytest.approx(float(norms[0] / norms[1]), rel=1e-5)

@@ -46,8 +46,10 @@ def gradient_diagnostics(gram: Tensor) -> GradientDiagnostics:
         >>> found = tb.gradient_diagnostics(tb.gramian(losses, z))
         >>> round(found.cosines[0, 1].item(), 4), found.conflict_fraction
         (-0.7071, 1.0)
-        >>> [round(n, 4) for n in found.norms.tolist()], found.norm_ratios.sum().item()
-        ([1.4142, 1.0], 2.0)
+        >>> [round(n, 4) for n in found.norms.tolist()]
+        [1.4142, 1.0]
+        >>> [round(r, 4) for r in found.norm_ratios.tolist()]  # norm over the mean norm
+        [1.1716, 0.8284]
 
     Args:
         gram: a symmetric positive semi-definite ``[K, K]`` tensor (K ≥ 1).

@@ -290,13 +290,8 @@ def _print_variance_recovery(
 # toy
 
 
-def _train_toy(arguments: argparse.Namespace, method: Method, out: Path) -> int:
-    from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy_method
-
-    if arguments.epochs is not None:
-        steps = arguments.epochs * TOY_STEPS_PER_EPOCH
-    else:
-        steps = 50 if arguments.small else TOY_STEPS
+def _check_toy_method(method: Method) -> None:
+    """Refuse bad hyperparameters before any trajectory runs."""
     try:
         tb.create(
             method.name,
@@ -305,6 +300,16 @@ def _train_toy(arguments: argparse.Namespace, method: Method, out: Path) -> int:
         )
     except (TypeError, ValueError) as error:
         raise CommandError(f"{method.label}: {error}") from None
+
+
+def _train_toy(arguments: argparse.Namespace, method: Method, out: Path) -> int:
+    from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy_method
+
+    if arguments.epochs is not None:
+        steps = arguments.epochs * TOY_STEPS_PER_EPOCH
+    else:
+        steps = 50 if arguments.small else TOY_STEPS
+    _check_toy_method(method)
     bar = progress_bar(steps * len(TOY_STARTS), f"toy-2d/{method.label}", not arguments.quiet)
     try:
         trajectories = run_toy_method(
@@ -390,14 +395,7 @@ def command_toy(arguments: argparse.Namespace) -> int:
     _positive(steps, "--steps")
     _positive(arguments.jobs, "--jobs")
     for method in methods:
-        try:
-            tb.create(
-                method.name,
-                num_tasks=2,
-                **{**example_hyperparameters(method.name, 2), **method.hyperparameters},
-            )
-        except (TypeError, ValueError) as error:
-            raise CommandError(f"{method.label}: {error}") from None
+        _check_toy_method(method)
     out = prepare_output_directory(Path(arguments.out))
     require_module("matplotlib")
     bar = progress_bar(steps * len(TOY_STARTS) * len(methods), "toy-2d", not arguments.quiet)
