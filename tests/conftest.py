@@ -17,6 +17,7 @@ import torch
 from hypothesis import settings
 
 import taskbalance as tb
+from taskbalance.methods._facts import method_facts
 
 # CI runs every property test on the same examples (a red CI must be reproducible); local runs
 # keep exploring new ones.
@@ -33,6 +34,15 @@ REQUIRED_HPARAMS: dict[str, Any] = {
 LOSS_METHODS = [name for name in tb.available() if not tb.method_class(name).requires_gram]
 #: Every registered gradient method (features mode through :func:`call`).
 GRADIENT_METHODS = [name for name in tb.available() if tb.method_class(name).requires_gram]
+#: Gradient methods whose ``compute_weights(gram=...)`` gives a call's weights (GradDrop's and
+#: MoCo's rules read the task gradients themselves and refuse it).
+GRAM_METHODS = [
+    name for name in GRADIENT_METHODS if method_facts(tb.method_class(name)).weights_from_gram
+]
+#: Gradient methods that work in features mode (MoCo works in parameters mode only).
+FEATURE_METHODS = [
+    name for name in GRADIENT_METHODS if not method_facts(tb.method_class(name)).requires_params
+]
 #: Methods with learnable parameters that the user's optimiser steps.
 LEARNED_METHODS = ["uw", "imtl_l"]
 #: Methods that take logs or ratios of the losses.
@@ -42,11 +52,32 @@ POSITIVE_METHODS = [
 
 
 def make_balancer(name: str, K: int, **hparams: Any) -> tb.Balancer:
-    """``tb.create(name, K)`` with the method's required hyperparameters filled in."""
+    """``tb.create(name, K)`` with the method's required hyperparameters filled in, and a
+    shared parameter (:func:`shared_parameter`) for a method that works in parameters mode
+    only."""
     required = REQUIRED_HPARAMS.get(name)
     defaults = required(K) if required is not None else {}
+    if method_facts(tb.method_class(name)).requires_params:
+        defaults["params"] = shared_parameter()
     defaults.update(hparams)
     return tb.create(name, num_tasks=K, **defaults)
+
+
+def shared_parameter() -> torch.nn.Parameter:
+    """A shared parameter of the features' shape: :func:`call` couples each loss to it."""
+    return torch.nn.Parameter(shared_features().detach().clone())
+
+
+def drives_shared_parameter(b: tb.Balancer) -> bool:
+    """True for a parameters-only method built by :func:`make_balancer`: :func:`call` gives
+    each loss the gradient :func:`directions_for` with respect to its shared parameter."""
+    shared = getattr(b, "shared_params", None)
+    return (
+        method_facts(type(b)).requires_params
+        and shared is not None
+        and len(shared) == 1
+        and tuple(shared[0].shape) == FEATURE_SHAPE
+    )
 
 
 def kpis_for(step: int, K: int, rank: int = 0) -> torch.Tensor:
@@ -84,24 +115,38 @@ def gram_for(step: int, K: int) -> torch.Tensor:
     return rows @ rows.T
 
 
+def shared_features() -> torch.Tensor:
+    """Fixed features of mixed signs (GradDrop reads their signs), requiring grad."""
+    return torch.linspace(-1.0, 1.0, 20).reshape(FEATURE_SHAPE).requires_grad_(True)
+
+
+def coupling(directions: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``[K]`` terms of value exactly 0 whose gradient with respect to ``features`` is
+    ``directions[k]``."""
+    return (directions * (features - features.detach())).flatten(1).sum(1)
+
+
 def _attach_features(
-    losses: torch.Tensor | list[torch.Tensor], step: int, K: int
+    losses: torch.Tensor | list[torch.Tensor],
+    step: int,
+    K: int,
+    features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-    features = torch.zeros(FEATURE_SHAPE, requires_grad=True)
-    coupling = (directions_for(step, K) * features).flatten(1).sum(1)  # value 0, grad = rows
+    features = shared_features() if features is None else features
+    coupling_terms = coupling(directions_for(step, K), features)  # value 0, grad = rows
     if (
         isinstance(losses, torch.Tensor)
         and losses.dim() == 1
         and losses.shape[0] == K
         and losses.is_floating_point()
     ):
-        return losses + coupling, features
+        return losses + coupling_terms, features
     if (
         isinstance(losses, list)
         and len(losses) == K
         and all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in losses)
     ):
-        return [x + c for x, c in zip(losses, coupling, strict=True)], features
+        return [x + c for x, c in zip(losses, coupling_terms, strict=True)], features
     return losses, features  # malformed input: let the balancer reject it
 
 
@@ -120,6 +165,9 @@ def call(
         kwargs["kpis"] = kpis if kpis is not None else kpis_for(step, b.num_tasks)
     if b.requires_gram and getattr(b, "shared_params", None) is None:
         losses, kwargs["features"] = _attach_features(losses, step, b.num_tasks)
+    elif drives_shared_parameter(b):
+        parameter = b.shared_params[0]  # type: ignore[attr-defined]
+        losses, _ = _attach_features(losses, step, b.num_tasks, parameter)
     return b(losses, **kwargs)
 
 

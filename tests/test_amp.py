@@ -12,13 +12,13 @@ import torch
 from torch import Tensor, nn
 
 import taskbalance as tb
+from conftest import FEATURE_METHODS
 from taskbalance._gramian import gramian as _engine_gramian
 from taskbalance._gramian import jacobian_rows
 from taskbalance.methods._gradient_base import GradientBalancer
 
 gramian = getattr(tb, "gramian", _engine_gramian)
-
-GRADIENT_METHODS = [n for n in tb.available() if tb.method_class(n).requires_gram]
+GRADIENT_METHODS = FEATURE_METHODS  # features mode throughout
 
 
 class Probe(GradientBalancer):

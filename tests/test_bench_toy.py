@@ -11,6 +11,7 @@ import taskbalance as tb
 from taskbalance.bench import toy
 from taskbalance.bench.harness import Method, example_hyperparameters
 from taskbalance.bench.toy import TOY_LOSS_OFFSET, TOY_STARTS, run_toy, run_toy_method
+from taskbalance.methods._facts import method_facts
 
 STEPS = 25
 
@@ -21,8 +22,10 @@ def reference_trajectory(method, start, steps, hyperparameters=None):
     arguments = {**example_hyperparameters(method, 2), **(hyperparameters or {})}
     if "seed" in tb.hyperparameters(method):
         arguments.setdefault("seed", 0)
-    balancer = tb.create(method, num_tasks=2, **arguments)
     point = torch.nn.Parameter(torch.tensor([float(start[0]), float(start[1])]))
+    if method_facts(tb.method_class(method)).requires_params:
+        arguments["params"] = [point]
+    balancer = tb.create(method, num_tasks=2, **arguments)
     groups = [{"params": [point], "lr": toy.TOY_LR}]
     if list(balancer.parameters()):
         groups.append({"params": list(balancer.parameters()), "lr": toy.TOY_LR})

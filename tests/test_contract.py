@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 import taskbalance as tb
 from conftest import (
+    GRADIENT_METHODS,
+    GRAM_METHODS,
     LOSS_METHODS,
     POSITIVE_METHODS,
     REQUIRED_HPARAMS,
@@ -100,6 +102,14 @@ def test_gradient_of_objective_is_weights_float64(loss_method):
 
 
 def test_compute_weights_advances_state_like_a_call(loss_method):
+    if loss_method in GRADIENT_METHODS and loss_method not in GRAM_METHODS:
+        # The rule reads the task gradients themselves: refused, before any state changes.
+        b = make_balancer(loss_method, K)
+        before = snapshot(b)
+        with pytest.raises(ValueError, match=r"^gram: .*call the balancer"):
+            compute(b, losses_for(0, K), 0)
+        assert_same_state(before, snapshot(b))
+        return
     called = make_balancer(loss_method, K)
     computed = make_balancer(loss_method, K)
     for step in range(10):

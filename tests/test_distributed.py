@@ -17,15 +17,16 @@ import torch.distributed as dist
 
 import taskbalance as tb
 from conftest import (
-    FEATURE_SHAPE,
     LEARNED_METHODS,
     LOSS_METHODS,
+    coupling,
     directions_for,
     kpis_for,
     loss_gradient,
     losses_for,
     make_balancer,
     run_ranks,
+    shared_features,
 )
 
 K = 3
@@ -51,10 +52,13 @@ def _drive(name: str, local_losses, local_kpis, rank: int = 0):
         kwargs = {"kpis": local_kpis(step)} if b.requires_kpis else {}
         objective_losses = losses
         if b.requires_gram:
-            features = torch.zeros(FEATURE_SHAPE, requires_grad=True)
             directions = directions_for(step + 100 * rank, K)
-            objective_losses = losses + (directions * features).flatten(1).sum(1)
-            kwargs["features"] = features
+            if b.shared_params is None:
+                features = shared_features()
+                kwargs["features"] = features
+            else:  # a parameters-only method (MoCo): its shared parameter
+                features = b.shared_params[0]
+            objective_losses = losses + coupling(directions, features)
         for param in params:
             param.grad = None
         objective = b(objective_losses, **kwargs)

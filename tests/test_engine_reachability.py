@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import taskbalance as tb
-from conftest import GRADIENT_METHODS, assert_same_state, make_balancer, snapshot
+from conftest import FEATURE_METHODS, assert_same_state, make_balancer, snapshot
 from taskbalance._gramian import gramian_from_rows, jacobian_rows
 from test_gramian import reference_gramian
 
@@ -54,7 +54,7 @@ def test_the_message_names_the_fix_examples():
     assert "examples/ddp_unused_parameters.py" in str(info.value)
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS)
+@pytest.mark.parametrize("name", FEATURE_METHODS)
 def test_every_gradient_method_refuses_instead_of_uniform_weights(name):
     """Before the fix MGDA/UPGrad returned uniform weights here and Nash-MTL a SolverError."""
     b = make_balancer(name, 3)

@@ -135,28 +135,32 @@ def test_information_inequalities(pair: tuple[np.ndarray, np.ndarray]) -> None:
 
 
 def test_invalid_distributions() -> None:
-    with pytest.raises(ValueError, match=r"p must sum to 1 along dim 1 .* got sums in \[0.5, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"p: expected sums of 1 along dim 1 .* got sums in \[0.5, 1\]"
+    ):
         info.entropy(torch.tensor([[0.25, 0.25], [0.5, 0.5]]))
     with pytest.raises(
-        ValueError, match=r"q must sum to 1 along dim 0 .* got sums in \[1.2, 1.2\]"
+        ValueError, match=r"q: expected sums of 1 along dim 0 .* got sums in \[1.2, 1.2\]"
     ):
         info.kl_divergence(torch.tensor([0.5, 0.5]), torch.tensor([0.6, 0.6]))
     with pytest.raises(
         ValueError,
-        match=r"p must be a probability distribution with non-negative entries, "
+        match=r"p: expected a probability distribution with non-negative entries, "
         r"got a minimum of -0.5",
     ):
         info.cross_entropy(torch.tensor([1.5, -0.5]), torch.tensor([0.5, 0.5]))
-    with pytest.raises(ValueError, match=r"p must contain probabilities in \[0, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"p: expected probabilities in \[0, 1\], got 2"):
         info.self_information(torch.tensor([0.5, 2.0]))
     with pytest.raises(
-        ValueError, match=r"p and q must have the same shape, got p shape \(2,\) and q shape \(3,\)"
+        ValueError, match=r"p, q: expected the same shape, got p shape \(2,\) and q shape \(3,\)"
     ):
         info.kl_divergence(torch.tensor([0.5, 0.5]), torch.ones(3) / 3)
-    with pytest.raises(ValueError, match=r"dim must be in \[-1, 0\] for p of shape \(2,\), got 1"):
+    with pytest.raises(
+        ValueError, match=r"dim: expected an axis in \[-1, 0\] for p of shape \(2,\), got 1"
+    ):
         info.entropy(torch.tensor([0.5, 0.5]), dim=1)
     with pytest.raises(
-        TypeError, match=r"p must be a floating-point tensor, got dtype torch.int64"
+        TypeError, match=r"p: expected a floating-point tensor, got dtype torch.int64"
     ):
         info.entropy(torch.tensor([1, 0]))
     # Within the relative tolerance of 1e-4: accepted.

@@ -10,7 +10,7 @@ import torch
 
 import taskbalance as tb
 from conftest import (
-    GRADIENT_METHODS,
+    FEATURE_METHODS,
     LOSS_METHODS,
     assert_same_state,
     call,
@@ -131,7 +131,7 @@ def _extras(b: tb.Balancer) -> dict:
     return kwargs
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS)
+@pytest.mark.parametrize("name", FEATURE_METHODS)
 def test_skip_on_nonfinite_task_gradients(name):
     b = tb.create(name, num_tasks=2, on_nonfinite="skip")
     z_good = torch.ones(3, requires_grad=True)
@@ -193,7 +193,7 @@ def test_absent_task_statistics_see_no_new_value(name):
     torch.testing.assert_close(masked.weights, expected)
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS)
+@pytest.mark.parametrize("name", FEATURE_METHODS)
 def test_gradient_methods_reuse_last_weights_with_an_absent_task(name):
     b = make_balancer(name, K)
     _run(b, range(2))
@@ -273,7 +273,7 @@ def test_a_skipped_micro_batch_keeps_the_windows_aligned():
     assert int(b.num_steps) == int(reference.num_steps) == 4
 
 
-@pytest.mark.parametrize("name", GRADIENT_METHODS)
+@pytest.mark.parametrize("name", FEATURE_METHODS)
 def test_absent_task_outside_the_graph_is_not_refused(name):
     """An absent task's loss may be a constant (no labels, no head call): the engine must not
     take it for a task that reaches no shared tensor."""

@@ -387,9 +387,9 @@ def test_dtype_device_reduction_and_module(case: LossCase, dtype: torch.dtype, d
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_unknown_reduction_is_rejected(case: LossCase) -> None:
     inputs = _make_case_inputs(case, F64)
-    with pytest.raises(ValueError, match=r"reduction must be one of .* got 'avg'"):
+    with pytest.raises(ValueError, match=r"reduction: expected one of .* got 'avg'"):
         _call_function(case, inputs, reduction="avg")
-    with pytest.raises(ValueError, match=r"reduction must be one of .* got 'batchmean'"):
+    with pytest.raises(ValueError, match=r"reduction: expected one of .* got 'batchmean'"):
         _build_module(case, inputs, reduction="batchmean")
 
 
@@ -763,14 +763,14 @@ def test_perceptual_loss_matches_manual_features_and_removes_hooks() -> None:
 def test_perceptual_loss_errors() -> None:
     extractor = _perceptual_extractor(torch.float32)
     x = torch.randn(2, 5)
-    with pytest.raises(ValueError, match="layers contains 'head', which is not a submodule"):
+    with pytest.raises(ValueError, match=r"layers: expected names of submodules .* got 'head'"):
         losses.perceptual_loss(x, x, extractor=extractor, layers=["head"])
     assert all(not m._forward_hooks for m in extractor.modules())
-    with pytest.raises(ValueError, match=r"layer_weights must have one entry per .* \(1\), got 2"):
+    with pytest.raises(ValueError, match=r"layer_weights: expected one entry per .* \(1\), got 2"):
         losses.perceptual_loss(x, x, extractor=extractor, layer_weights=[1.0, 2.0])
-    with pytest.raises(ValueError, match="distance must be 'squared' or 'absolute', got 'l3'"):
+    with pytest.raises(ValueError, match=r"distance: expected one of \[.*\], got 'l3'"):
         losses.perceptual_loss(x, x, extractor=extractor, distance="l3")
-    with pytest.raises(TypeError, match="extractor must return a tensor"):
+    with pytest.raises(TypeError, match="extractor: expected to return a tensor"):
         losses.perceptual_loss(x, x, extractor=lambda v: 3)
 
 
@@ -805,7 +805,9 @@ def test_kl_divergence_zero_mass_conventions() -> None:
     assert (
         losses.kl_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])).item() == math.inf
     )
-    with pytest.raises(ValueError, match=r"target must sum to 1 along dim 1 .* got sums in \[1.2"):
+    with pytest.raises(
+        ValueError, match=r"target: expected sums of 1 along dim 1 .* got sums in \[1.2"
+    ):
         losses.kl_divergence(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.6, 0.6]]))
 
 
@@ -939,7 +941,7 @@ def test_frechet_distance_batched() -> None:
 def test_shape_mismatch_names_both_shapes() -> None:
     x, y = torch.zeros(3, 1), torch.zeros(3)
     pattern = (
-        r"input and target must have the same shape, "
+        r"input, target: expected the same shape, "
         r"got input shape \(3, 1\) and target shape \(3,\)"
     )
     for function in (
@@ -954,10 +956,10 @@ def test_shape_mismatch_names_both_shapes() -> None:
             function(x, y)
     with pytest.raises(ValueError, match=pattern):
         losses.gaussian_nll_loss(x, y, log_variance=x)
-    with pytest.raises(ValueError, match=r"log_variance must have the shape of input .* \(4,\)"):
+    with pytest.raises(ValueError, match=r"log_variance: expected the shape of input .* \(4,\)"):
         losses.bbox_kl_loss(y, y, log_variance=torch.zeros(4))
     with pytest.raises(
-        ValueError, match=r"got input shape \(2, 3\) .* expected target shape \(2,\)"
+        ValueError, match=r"target: expected shape \(2,\) .* shape \(2, 3\).* got shape \(3,\)"
     ):
         losses.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"got input shape \(2, 3\) and target shape \(2, 4\)"):
@@ -970,57 +972,59 @@ def test_shape_mismatch_names_both_shapes() -> None:
 
 def test_bad_hyperparameters_name_the_argument_and_value() -> None:
     x = torch.zeros(4)
-    with pytest.raises(ValueError, match=r"delta must be a finite number > 0, got 0"):
+    with pytest.raises(ValueError, match=r"delta: expected a number > 0, got 0"):
         losses.huber_loss(x, x, delta=0)
-    with pytest.raises(ValueError, match=r"delta must be a finite number > 0, got -1.0"):
+    with pytest.raises(ValueError, match=r"delta: expected a number > 0, got -1.0"):
         losses.HuberLoss(delta=-1.0)
-    with pytest.raises(ValueError, match=r"c must be a finite number > 0, got -2"):
+    with pytest.raises(ValueError, match=r"c: expected a number > 0, got -2"):
         losses.tukey_loss(x, x, c=-2)
-    with pytest.raises(ValueError, match=r"gamma must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"gamma: expected a number >= 0, got -1"):
         losses.focal_loss(x, x, gamma=-1)
-    with pytest.raises(ValueError, match=r"alpha must be a float in \[0, 1\] .* got 1.5"):
+    with pytest.raises(ValueError, match=r"alpha: expected a float in \[0, 1\] .* got 1.5"):
         losses.focal_loss(x, x, alpha=1.5)
-    with pytest.raises(ValueError, match=r"smooth must be a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"smooth: expected a number >= 0, got -1"):
         losses.dice_loss(torch.zeros(1, 4), torch.zeros(1, 4), smooth=-1)
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"label_smoothing: expected a number in \[0.0, 1.0\]"):
         losses.cross_entropy(
             torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), label_smoothing=1.5
         )
-    with pytest.raises(ValueError, match=r"mad_dim must be None or in \[-1, 0\] .* got 3"):
+    with pytest.raises(ValueError, match=r"mad_dim: expected None or in \[-1, 0\] .* got 3"):
         losses.tukey_loss(x, x, mad_scaling=True, mad_dim=3)
 
 
 def test_class_index_out_of_range() -> None:
     logits = torch.zeros(2, 3)
     message = (
-        r"target contains class index 3, but input has 3 classes \(expected values in \[0, 2\]"
+        r"target: expected class indices in \[0, 2\].* \(input has 3 classes\), got 3"
     )
     with pytest.raises(ValueError, match=message):
         losses.cross_entropy(logits, torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match=r"class index -1, but input has 3 classes"):
+    with pytest.raises(ValueError, match=r"target: expected class indices in \[0, 2\] .*, got -1"):
         losses.cross_entropy(logits, torch.tensor([-1, 0]))
     with pytest.raises(ValueError, match=message):
         losses.focal_loss(logits, torch.tensor([3, 0]))
     with pytest.raises(ValueError, match=message):
         losses.dice_loss(logits, torch.tensor([0, 3]), multiclass=True)
-    with pytest.raises(ValueError, match=r"weight must have shape \(3,\) .* got shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"weight: expected shape \(3,\) .* got shape \(2,\)"):
         losses.cross_entropy(logits, torch.tensor([0, 1]), weight=torch.ones(2))
-    with pytest.raises(ValueError, match=r"alpha must be a tensor of shape \(C,\)"):
+    with pytest.raises(ValueError, match=r"alpha: expected a tensor of shape \(C,\)"):
         losses.focal_loss(logits, torch.tensor([0, 1]), alpha=0.25)
 
 
 def test_invalid_probabilities() -> None:
-    with pytest.raises(ValueError, match=r"input must contain probabilities in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"input: expected probabilities in \[0, 1\], got 1.5"):
         losses.binary_cross_entropy(torch.tensor([0.5, 1.5]), torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match=r"target must contain probabilities in \[0, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"target: expected probabilities in \[0, 1\], got 2"):
         losses.binary_cross_entropy(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 2.0]))
-    with pytest.raises(ValueError, match=r"target must sum to 1 along dim 1 .* got sums in \[0.5"):
+    with pytest.raises(
+        ValueError, match=r"target: expected sums of 1 along dim 1 .* got sums in \[0.5"
+    ):
         losses.cross_entropy(torch.zeros(2, 2), torch.tensor([[0.25, 0.25], [0.5, 0.5]]))
-    with pytest.raises(ValueError, match=r"input must sum to 1 along dim 1"):
+    with pytest.raises(ValueError, match=r"input: expected sums of 1 along dim 1"):
         losses.kl_divergence(torch.tensor([[0.9, 0.9]]), torch.tensor([[0.5, 0.5]]))
     with pytest.raises(ValueError, match=r"non-negative entries, got a minimum of -0.5"):
         losses.kl_divergence(torch.tensor([[1.5, -0.5]]), torch.tensor([[0.5, 0.5]]))
-    with pytest.raises(ValueError, match=r"input_weights must be non-negative"):
+    with pytest.raises(ValueError, match=r"input_weights: expected non-negative weights"):
         losses.wasserstein_1d(
             torch.zeros(2), torch.zeros(2), input_weights=torch.tensor([1.0, -1.0])
         )
@@ -1028,10 +1032,10 @@ def test_invalid_probabilities() -> None:
 
 def test_type_errors() -> None:
     with pytest.raises(
-        TypeError, match=r"input must be a floating-point tensor, got dtype torch.int64"
+        TypeError, match=r"input: expected a floating-point tensor, got dtype torch.int64"
     ):
         losses.squared_error(torch.tensor([1, 2]), torch.tensor([1, 2]))
-    with pytest.raises(TypeError, match=r"target must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"target: expected a tensor, got list"):
         losses.squared_error(torch.zeros(2), [0.0, 0.0])
-    with pytest.raises(TypeError, match=r"target must hold integer class indices .* torch.bool"):
+    with pytest.raises(TypeError, match=r"target: expected integer class indices .* torch.bool"):
         losses.cross_entropy(torch.zeros(2, 3), torch.tensor([True, False]))

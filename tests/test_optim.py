@@ -118,15 +118,17 @@ def test_frozen_parameters_are_skipped() -> None:
 
 def test_bad_learning_rate_and_group_arguments() -> None:
     model = TwoHeadModel()
-    with pytest.raises(ValueError, match=r"lr has no entry for groups \['depth'\]"):
+    with pytest.raises(
+        ValueError, match=r"lr: expected one key per group .* no entry for groups \['depth'\]"
+    ):
         _groups(model, lr={"shared": 1e-3, "seg": 1e-2})
-    with pytest.raises(ValueError, match=r"lr has entries for unknown groups \['dpeth'\]"):
+    with pytest.raises(ValueError, match=r"lr: expected keys among .* unknown groups \['dpeth'\]"):
         _groups(model, lr={**LR, "dpeth": 1.0})
-    with pytest.raises(ValueError, match=r"weight_decay has entries for unknown groups \['x'\]"):
+    with pytest.raises(ValueError, match=r"weight_decay: expected keys .* unknown groups \['x'\]"):
         _groups(model, lr=LR, weight_decay={"x": 0.1})
-    with pytest.raises(ValueError, match=r"tasks must not contain a task named 'shared'"):
+    with pytest.raises(ValueError, match=r"tasks: expected task names other than 'shared'"):
         task_param_groups(shared=model.trunk, tasks={"shared": model.seg}, lr=1e-3)
-    with pytest.raises(TypeError, match=r"group 'seg' must be an nn.Module or an iterable"):
+    with pytest.raises(TypeError, match=r"group 'seg': expected an nn.Module or an iterable"):
         task_param_groups(shared=None, tasks={"seg": model.seg.weight}, lr=1e-3)
     with pytest.raises(ValueError, match="no parameter groups"):
         task_param_groups(shared=None, tasks={}, lr=1e-3)
@@ -139,7 +141,7 @@ def test_stop_gradient_keeps_a_term_out_of_backward() -> None:
     torch.testing.assert_close(x.grad, 2 * x.detach())
     assert not stop_gradient(x).requires_grad
     assert stop_gradient(x).data_ptr() == x.data_ptr()  # a view, no copy
-    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got float"):
+    with pytest.raises(TypeError, match=r"x: expected a tensor, got float"):
         stop_gradient(1.0)
 
 

@@ -696,7 +696,7 @@ def test_unbounded_problems_raise():
     ],
 )
 def test_value_errors_name_argument(call, arg):
-    with pytest.raises(ValueError, match=rf"^{arg} "):
+    with pytest.raises(ValueError, match=rf"^{arg}: expected "):
         call(torch.eye(3))
 
 
@@ -921,9 +921,9 @@ def test_backend_selection():
     assert select_backend("auto", big, 16) == "torch"
     assert select_backend("torch", small, 16) == "torch"
     assert select_backend("python", big, 16) == "python"
-    with pytest.raises(ValueError, match=r"^backend "):
+    with pytest.raises(ValueError, match=r"^backend: expected "):
         min_norm_weights(small, backend="cuda")
-    with pytest.raises(ValueError, match=r"^backend .*frank_wolfe"):
+    with pytest.raises(ValueError, match=r"^backend: expected .*frank_wolfe"):
         min_norm_weights(small, method="frank_wolfe", backend="python")
 
 

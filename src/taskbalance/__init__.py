@@ -40,16 +40,18 @@ from taskbalance.methods import (
     ExcessMTL,
     FairGrad,
     Fixed,
+    GradDrop,
     GradientBalancer,
     GradNorm,
     GradVac,
+    MoCo,
     NashMTL,
     PCGrad,
     UPGrad,
 )
 from taskbalance.optim import stop_gradient, task_param_groups
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "DBMTL",
@@ -73,11 +75,13 @@ __all__ = [
     "ExcessMTL",
     "FairGrad",
     "Fixed",
+    "GradDrop",
     "GradNorm",
     "GradVac",
     "GradientBalancer",
     "GradientDiagnostics",
     "Gumbel",
+    "MoCo",
     "NashMTL",
     "PCGrad",
     "SolverError",

@@ -93,6 +93,7 @@ class _BalancerMeta(ABCMeta):
         super().__init__(*args, **kwargs)
         # What inspect.signature (help(), IDEs, the docs) shows: the method's own __init__
         # plus the loop options, rather than this metaclass's (*args, **kwargs).
+        # mypy calls reading __init__ off an instance unsound; cls is a class here, not one.
         init = inspect.signature(cls.__init__)  # type: ignore[misc]
         own = list(init.parameters.values())[1:]
         names = {parameter.name for parameter in own}
@@ -121,8 +122,10 @@ class _BalancerMeta(ABCMeta):
         instance.on_nonfinite = mode
         instance._record_configuration(args, kwargs)
         # Kept to rebuild the method on a resume that changes a hyperparameter; the shared
-        # parameters (often a one-shot generator) are the model's and hold no hyperparameter.
-        instance._init_arguments = (args, {k: v for k, v in kwargs.items() if k != "params"})
+        # parameters (often a one-shot generator) are the model's and hold no hyperparameter,
+        # and without them there are no parameter groups to aggregate per group.
+        unused = ("params", "group_aggregation")
+        instance._init_arguments = (args, {k: v for k, v in kwargs.items() if k not in unused})
         return instance
 
 
@@ -199,8 +202,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     #: Registry name, set by :func:`taskbalance.register`.
     name: ClassVar[str] = ""
-    #: True when the method takes logs or ratios of the losses, which must then be > 0.
-    requires_positive_losses: ClassVar[bool] = False
+    #: True when the method takes logs or ratios of the losses, which must then be > 0. The class
+    #: value describes the default configuration; an instance whose hyperparameters change the
+    #: answer (FAMO's ``min_losses=`` below 0, MGDA's loss normalisations) sets its own, so the
+    #: attribute is per instance, not a ``ClassVar``.
+    requires_positive_losses: bool = False
     #: True when the method reads per-task KPIs (``kpis=``).
     requires_kpis: ClassVar[bool] = False
     #: True when the weight rule needs the Gramian of the task gradients.
@@ -690,7 +696,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         for name, value in kept.items():
-            self._buffers[name].copy_(value)  # type: ignore[union-attr]
+            self.get_buffer(name).copy_(value)
         self._steps_taken = int(self.num_steps)
         self._calls_taken = int(self.num_calls)
 
@@ -710,6 +716,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             return {}
         args, kwargs = getattr(self, "_init_arguments", ((), {}))
         new = dict(kwargs)
+        shared = getattr(self, "shared_params", None)
+        if shared is not None:  # the same mode (and buffer shapes) as this balancer's
+            new["params"] = shared
         try:
             fresh_new = type(self)(*args, **new)
             fresh_saved = type(self)(*args, **{**new, **changed})
@@ -723,7 +732,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             name: buffer.detach().clone()
             for name, buffer in fresh_new.named_buffers(recurse=False)
             if not torch.equal(buffer, saved_buffers[name])
-            and torch.equal(buffer, self._buffers[name])  # type: ignore[arg-type]
+            and torch.equal(buffer, self.get_buffer(name))
         }
 
     def _check_loadable(self, state_dict: Any, prefix: str) -> None:
@@ -749,9 +758,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 )
             if current.is_floating_point():
                 if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
-                    raise ValueError(f"{what}: {full!r} must be finite floats, got {given}")
+                    raise ValueError(f"{what}: {full!r}: expected finite floats, got {given}")
             elif given.is_floating_point() or given.is_complex():
-                raise ValueError(f"{what}: {full!r} must hold integers, got {given}")
+                raise ValueError(f"{what}: {full!r}: expected integers, got {given}")
             elif current.dtype != torch.bool and bool((given < 0).any()):
                 raise ValueError(f"{what}: {full!r} counts something, got {given}")
 

@@ -9,8 +9,8 @@ Two ways to say what "the task gradient" is taken with respect to:
 - **features mode** (``features=`` one tensor or several, or ``wrt`` a tensor): the gradient of
   each loss with respect to the shared representation ``z`` (the trunk's output). The backward
   runs through the task heads only, which is cheap; ``G`` is the sum over samples of per-sample
-  inner products (MGDA-UB, Sener & Koltun 2018, §3.3). With several shared tensors (multi-scale
-  features, two encoders) ``G`` sums over them: ``G = Σ_t J_t J_tᵀ``.
+  inner products (MGDA-UB, Sener & Koltun 2018, §3.3). With several separate shared tensors (two
+  encoders; none computed from another) ``G`` sums over them: ``G = Σ_t J_t J_tᵀ``.
 - **parameters mode** (``wrt`` a sequence of parameters): the exact gradient with respect to
   those parameters (the last shared layer, as GradNorm's paper uses, or the whole trunk).
 
@@ -72,26 +72,18 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 
 from taskbalance._distributed import all_reduce_mean, all_reduce_sum, is_distributed, world_size
-from taskbalance._validation import as_loss_vector
-
-try:
-    from torch.autograd.graph import GradientEdge
-except ImportError:  # pragma: no cover
-    GradientEdge = None  # type: ignore[assignment,misc]
+from taskbalance._validation import as_loss_vector, check_tensor
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch built without distributed support
+    # The name stays bound (to None) so the DTensor check below can skip itself; mypy sees a
+    # class rebound to None, which is exactly the intent here.
     DTensor = None  # type: ignore[assignment,misc]
 
-_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-# torch.autograd.grad takes GradientEdge *outputs* from torch 2.5 on (pytorch#127766).
-_EDGE_OUTPUTS = GradientEdge is not None and tuple(
-    int(part) for part in torch.__version__.split("+")[0].split(".")[:2]
-) >= (2, 5)
 
 # GradScaler's initial scale; after an overflow the backward is redone at a scale _BACKOFF
 # times smaller, down to 1 (a gradient that overflows unscaled is the user's own overflow).
@@ -200,10 +192,18 @@ def jacobian_rows(
     return [_unscaled(row, scale) for row in rows], path
 
 
-def gramian_from_rows(rows: Sequence[Tensor], *, features_mode: bool, dtype: torch.dtype) -> Tensor:
-    """``Σ_blocks J_b J_bᵀ`` in full precision, reduced over DDP ranks as the mode requires."""
+def gramian_from_rows(
+    rows: Sequence[Tensor], *, features_mode: bool, dtype: torch.dtype, reduce: bool = True
+) -> Tensor:
+    """``Σ_blocks J_b J_bᵀ`` in full precision, reduced over DDP ranks as the mode requires.
+
+    ``reduce=False`` takes rows that are already the global ones (:func:`global_rows`).
+    """
     device = rows[0].device
     with torch.autocast(device_type=device.type, enabled=False):
+        if not reduce:
+            flat = torch.cat([row.to(dtype) for row in rows], dim=1)
+            return flat @ flat.T
         if is_distributed() and not features_mode:
             flat = torch.cat([row.to(dtype) for row in rows], dim=1)
             flat = all_reduce_mean(flat)
@@ -215,6 +215,19 @@ def gramian_from_rows(rows: Sequence[Tensor], *, features_mode: bool, dtype: tor
         if is_distributed():
             gram = all_reduce_sum(gram) / world_size() ** 2
         return gram
+
+
+def global_rows(rows: Sequence[Tensor]) -> list[Tensor]:
+    """Parameters mode: the rank-averaged rows (one all-reduce of K×P numbers under DDP).
+
+    The global task gradient with respect to a replicated parameter is the rank average of the
+    local ones; outside a process group the rows are returned as they are.
+    """
+    if not is_distributed():
+        return list(rows)
+    sizes = [row.shape[1] for row in rows]
+    flat = all_reduce_mean(torch.cat(list(rows), dim=1))
+    return list(flat.split(sizes, dim=1))
 
 
 # Task k's reachability of each input: reached[k][i] is False when autograd found no path from
@@ -243,7 +256,7 @@ def _rows_by_fastest_path(
             grads = _batched_grads(losses, inputs, scale, present)
         except RuntimeError as error:
             # Only a missing batching rule justifies the loop; running out of memory does not.
-            if batched or isinstance(error, _OUT_OF_MEMORY):
+            if batched or isinstance(error, torch.OutOfMemoryError):
                 raise
             warnings.warn(
                 "taskbalance.gramian: the batched backward is not supported by this graph "
@@ -469,10 +482,10 @@ def _unscaled(row: Tensor, scale: float) -> Tensor:
 def _per_task_edges(losses: Tensor, num_tasks: int) -> list[GradientEdge | None] | None:
     """The K graph edges into ``torch.stack`` when ``losses`` is one (None for a constant loss).
 
-    None when ``losses`` was not made by stacking K tensors, or this torch is older than 2.5.
+    None when ``losses`` was not made by stacking K tensors.
     """
     node = losses.grad_fn
-    if not _EDGE_OUTPUTS or node is None or type(node).__name__ != "StackBackward0":
+    if node is None or type(node).__name__ != "StackBackward0":
         return None
     edges = node.next_functions
     if len(edges) != num_tasks:
@@ -549,10 +562,10 @@ def _inputs(
                 ]
             )
         for tensor, name in zip(tensors, names, strict=True):
-            _check_feature(tensor, name)
+            _check_feature(name, tensor)
         return tensors, True
     if isinstance(wrt, Tensor):
-        _check_feature(wrt, "features")
+        _check_feature("features", wrt)
         return [wrt], True
     assert wrt is not None
     params = [p for p in wrt]
@@ -566,9 +579,8 @@ def _inputs(
     return params, False
 
 
-def _check_feature(tensor: object, name: str) -> None:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__}")
+def _check_feature(name: str, value: object) -> None:
+    tensor = check_tensor(name, value)
     if not tensor.requires_grad:
         raise ValueError(
             f"{name}: the tensor does not require grad; pass the shared representation "

@@ -32,11 +32,21 @@ class Step:
             accumulation window. Otherwise the window's weights are reused and nothing changes.
         refresh: True when the update rule runs (``advances``, and for gradient methods also
             an ``update_every`` refresh step with every task present).
-        gram: the ``[K, K]`` Gramian, set by gradient methods' ``_prepare`` on refresh steps.
+        gram: the ``[K, K]`` Gramian, set by gradient methods' ``_prepare`` on refresh steps
+            (``[num_groups, K, K]``, one per parameter group, with per-group aggregation).
         shared: the shared tensors the task gradients were taken with respect to.
         rows: the per-task gradient blocks ``[K, numel]``, one per tensor of ``shared``.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
         all_present: True when every task is present (a host copy of ``present.all()``).
+        global_rows: on refresh steps, the rows of the global (rank-averaged) task gradients
+            in parameters mode under DDP, for methods whose direction is computed from the
+            rows (``rows`` stay local: the objective cancels this rank's own gradients);
+            ``rows`` itself otherwise (features are this rank's own samples).
+        direction: the shared tensors' gradient, one flat tensor per tensor of ``shared``,
+            when the method's ``_update`` sets one other than ``Jᵀw``; None for ``Jᵀw``.
+        group_weights: with per-group aggregation, the ``[num_groups, K]`` weights of each
+            parameter group's shared gradient (set by ``_prepare``, recomputed by ``_update``
+            on refresh steps); None otherwise.
     """
 
     losses: Tensor
@@ -53,3 +63,6 @@ class Step:
     rows: list[Tensor] | None = None
     nonfinite: bool = False
     all_present: bool = True
+    global_rows: list[Tensor] | None = None
+    direction: list[Tensor] | None = None
+    group_weights: Tensor | None = None

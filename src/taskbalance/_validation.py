@@ -1,7 +1,9 @@
-"""Input checks shared by every balancer.
+"""The input checks of the whole package: balancers, losses, probability tools and solvers.
 
-Each check raises before any state changes, and its message names the argument, the value that
-was given and what was expected, so a user can fix the call without reading our source.
+Every check takes the argument's name first and its value second, raises before any state
+changes, and words its message as ``"NAME: expected WHAT, got VALUE"``, so a user can fix the
+call without reading our source. A ``TypeError`` means the wrong kind of object, a
+``ValueError`` the right kind with a wrong value.
 """
 
 from __future__ import annotations
@@ -87,6 +89,86 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
     return str(value)
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    """Return ``value`` after checking it is a tensor."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+    return value
+
+
+def check_floating(name: str, value: object) -> Tensor:
+    """Return ``value`` after checking it is a floating-point tensor."""
+    tensor = check_tensor(name, value)
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {tensor.dtype}")
+    return tensor
+
+
+def check_probabilities(name: str, value: Tensor) -> None:
+    """Check that every entry of ``value`` lies in ``[0, 1]`` (NaN does not)."""
+    if value.numel() == 0:
+        return
+    with torch.no_grad():
+        outside = (value < 0) | (value > 1) | torch.isnan(value)
+        if bool(outside.any()):
+            bad = value[outside][0].item()
+            raise ValueError(f"{name}: expected probabilities in [0, 1], got {bad:.6g}")
+
+
+def check_same_shape(first_name: str, first: Tensor, second_name: str, second: Tensor) -> None:
+    """Check that two tensors have the same shape, naming both shapes otherwise.
+
+    Nothing here broadcasts one argument against the other: a silently broadcast ``(N, 1)``
+    against ``(N,)`` is a classic source of wrong losses.
+    """
+    if first.shape != second.shape:
+        raise ValueError(
+            f"{first_name}, {second_name}: expected the same shape, got {first_name} shape "
+            f"{tuple(first.shape)} and {second_name} shape {tuple(second.shape)}"
+        )
+
+
+def check_axis(name: str, value: Tensor, dim: int) -> int:
+    """Return ``dim`` as a non-negative axis of ``value``; a 0-d tensor has no axis."""
+    if value.dim() == 0:
+        raise ValueError(
+            f"{name}: expected at least one dimension (the distribution axis), got a 0-d tensor"
+        )
+    if not -value.dim() <= dim < value.dim():
+        raise ValueError(
+            f"dim: expected an axis in [{-value.dim()}, {value.dim() - 1}] for {name} of shape "
+            f"{tuple(value.shape)}, got {dim}"
+        )
+    return dim % value.dim()
+
+
+#: Sums of probabilities are accepted within this relative distance of 1. Half precision cannot
+#: represent 1 ± 1e-4, so the tolerance grows with the dtype's machine epsilon.
+_SUM_TOLERANCE = 1e-4
+
+
+def check_distribution(name: str, value: Tensor, dim: int) -> None:
+    """Check that ``value`` is non-negative and sums to 1 along ``dim`` (to a tolerance)."""
+    if value.numel() == 0:
+        return
+    with torch.no_grad():
+        minimum = value.min()
+        if bool(torch.isnan(minimum)):
+            raise ValueError(f"{name}: expected a probability distribution, got NaN entries")
+        if minimum < 0:
+            raise ValueError(
+                f"{name}: expected a probability distribution with non-negative entries, "
+                f"got a minimum of {minimum.item():.6g}"
+            )
+        sums = value.sum(dim=dim)
+        tolerance = max(_SUM_TOLERANCE, 10.0 * torch.finfo(value.dtype).eps)
+        if bool(((sums - 1.0).abs() > tolerance).any()):
+            raise ValueError(
+                f"{name}: expected sums of 1 along dim {dim} (relative tolerance "
+                f"{tolerance:.0e}), got sums in [{sums.min().item():.6g}, {sums.max().item():.6g}]"
+            )
 
 
 def per_task_values(

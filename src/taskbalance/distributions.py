@@ -26,11 +26,11 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.distributions.utils import broadcast_all
+
+from taskbalance._validation import check_floating, check_positive
 
 __all__ = ["Gumbel", "gumbel_max_sample", "gumbel_softmax"]
 
@@ -165,16 +165,13 @@ class Gumbel(torch.distributions.Gumbel):
 
 
 def _check_logits(logits: object) -> Tensor:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
-    if logits.dim() == 0 or logits.shape[-1] == 0:
+    checked = check_floating("logits", logits)
+    if checked.dim() == 0 or checked.shape[-1] == 0:
         raise ValueError(
-            f"logits must have a non-empty category axis (the last), got shape "
-            f"{tuple(logits.shape)}"
+            f"logits: expected a non-empty category axis (the last), got shape "
+            f"{tuple(checked.shape)}"
         )
-    return logits
+    return checked
 
 
 def gumbel_max_sample(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -254,8 +251,7 @@ def gumbel_softmax(
         True
     """
     logits = _check_logits(logits)
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite number > 0 (the temperature), got {tau!r}")
+    check_positive("tau", tau)
     noise = _standard_gumbel(
         logits.shape, dtype=logits.dtype, device=logits.device, generator=generator
     )

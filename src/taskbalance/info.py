@@ -34,71 +34,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from taskbalance._validation import (
+    check_axis,
+    check_distribution,
+    check_floating,
+    check_probabilities,
+    check_same_shape,
+)
+
 __all__ = ["cross_entropy", "entropy", "kl_divergence", "self_information"]
-
-# Sums of probabilities are accepted within this relative distance of 1. Half precision cannot
-# represent 1 ± 1e-4, so the tolerance grows with the dtype's machine epsilon.
-_SUM_TOLERANCE = 1e-4
-
-
-def _sum_tolerance(dtype: torch.dtype) -> float:
-    return max(_SUM_TOLERANCE, 10.0 * torch.finfo(dtype).eps)
-
-
-def _check_floating(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    return x
-
-
-def _normalize_dim(x: Tensor, dim: int, name: str) -> int:
-    """Returns ``dim`` as a non-negative axis of ``x``; a 0-d tensor has no distribution axis."""
-    if x.dim() == 0:
-        raise ValueError(
-            f"{name} must have at least one dimension (the distribution axis), got a 0-d tensor"
-        )
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(
-            f"dim must be in [{-x.dim()}, {x.dim() - 1}] for {name} of shape {tuple(x.shape)}, "
-            f"got {dim}"
-        )
-    return dim % x.dim()
-
-
-def _check_distribution(x: Tensor, name: str, dim: int) -> None:
-    """Raises ``ValueError`` unless ``x`` is non-negative and sums to 1 along ``dim``.
-
-    Shared by :mod:`taskbalance.losses`, which validates probability targets the same way.
-    """
-    if x.numel() == 0:
-        return
-    with torch.no_grad():
-        minimum = x.min()
-        if bool(torch.isnan(minimum)):
-            raise ValueError(f"{name} must be a probability distribution, but it contains NaN")
-        if minimum < 0:
-            raise ValueError(
-                f"{name} must be a probability distribution with non-negative entries, "
-                f"got a minimum of {minimum.item():.6g}"
-            )
-        sums = x.sum(dim=dim)
-        tolerance = _sum_tolerance(x.dtype)
-        if bool(((sums - 1.0).abs() > tolerance).any()):
-            raise ValueError(
-                f"{name} must sum to 1 along dim {dim} (relative tolerance {tolerance:.0e}), "
-                f"got sums in [{sums.min().item():.6g}, {sums.max().item():.6g}]"
-            )
-
-
-def _check_same_shape(p: Tensor, q: Tensor, p_name: str = "p", q_name: str = "q") -> None:
-    if p.shape != q.shape:
-        raise ValueError(
-            f"{p_name} and {q_name} must have the same shape, got {p_name} shape "
-            f"{tuple(p.shape)} and {q_name} shape {tuple(q.shape)}"
-        )
-
 
 def _probabilities_and_logs(
     x: Tensor, name: str, dim: int, from_logits: bool
@@ -112,7 +56,7 @@ def _probabilities_and_logs(
     if from_logits:
         log_x = torch.log_softmax(x, dim=dim)
         return log_x.exp(), log_x
-    _check_distribution(x, name, dim)
+    check_distribution(name, x, dim)
     positive = x > 0
     safe_x = torch.where(positive, x, torch.ones_like(x))
     log_x = torch.where(positive, torch.log(safe_x), -torch.inf)
@@ -156,15 +100,10 @@ def self_information(p: Tensor, *, dim: int = -1, from_logits: bool = False) -> 
         >>> self_information(torch.tensor([0.5, 0.25, 1.0]))
         tensor([0.6931, 1.3863, -0.0000])
     """
-    _check_floating(p, "p")
+    check_floating("p", p)
     if from_logits:
-        return -torch.log_softmax(p, dim=_normalize_dim(p, dim, "p"))
-    if p.numel() > 0:
-        with torch.no_grad():
-            outside = (p < 0) | (p > 1) | torch.isnan(p)
-            if bool(outside.any()):
-                bad = p[outside][0].item()
-                raise ValueError(f"p must contain probabilities in [0, 1], got {bad:.6g}")
+        return -torch.log_softmax(p, dim=check_axis("p", p, dim))
+    check_probabilities("p", p)
     return -torch.log(p)
 
 
@@ -194,8 +133,8 @@ def entropy(
         >>> entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
         tensor([0.6931, 0.0000])
     """
-    _check_floating(p, "p")
-    dim = _normalize_dim(p, dim, "p")
+    check_floating("p", p)
+    dim = check_axis("p", p, dim)
     probabilities, log_p = _probabilities_and_logs(p, "p", dim, from_logits)
     has_mass = probabilities > 0
     safe_log_p = torch.where(has_mass, log_p, torch.zeros_like(log_p))
@@ -233,10 +172,10 @@ def cross_entropy(
         >>> round(cross_entropy(p, torch.tensor([0.5, 0.5])).item(), 4)  # log 2
         0.6931
     """
-    _check_floating(p, "p")
-    _check_floating(q, "q")
-    _check_same_shape(p, q)
-    dim = _normalize_dim(p, dim, "p")
+    check_floating("p", p)
+    check_floating("q", q)
+    check_same_shape("p", p, "q", q)
+    dim = check_axis("p", p, dim)
     probabilities_p, _ = _probabilities_and_logs(p, "p", dim, from_logits)
     _, log_q = _probabilities_and_logs(q, "q", dim, from_logits)
     has_mass = probabilities_p > 0
@@ -279,10 +218,10 @@ def kl_divergence(
         >>> kl_divergence(p, torch.tensor([1.0, 0.0]))
         tensor(inf)
     """
-    _check_floating(p, "p")
-    _check_floating(q, "q")
-    _check_same_shape(p, q)
-    dim = _normalize_dim(p, dim, "p")
+    check_floating("p", p)
+    check_floating("q", q)
+    check_same_shape("p", p, "q", q)
+    dim = check_axis("p", p, dim)
     probabilities_p, log_p = _probabilities_and_logs(p, "p", dim, from_logits)
     _, log_q = _probabilities_and_logs(q, "q", dim, from_logits)
     return _expected_log_ratio(probabilities_p, log_p, log_q, dim, keepdim)

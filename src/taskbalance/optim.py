@@ -41,6 +41,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from taskbalance._validation import check_tensor
+
 __all__ = ["SHARED_GROUP", "stop_gradient", "task_param_groups"]
 
 SHARED_GROUP = "shared"
@@ -69,9 +71,7 @@ def stop_gradient(x: Tensor) -> Tensor:
         >>> stop_gradient(w * 2).requires_grad
         False
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    return x.detach()
+    return check_tensor("x", x).detach()
 
 
 def _named_trainable(source: ParameterSource, group: str) -> list[tuple[str, nn.Parameter]]:
@@ -80,7 +80,7 @@ def _named_trainable(source: ParameterSource, group: str) -> list[tuple[str, nn.
         named = [(f"{group}.{name}", p) for name, p in source.named_parameters()]
     elif isinstance(source, Tensor):
         raise TypeError(
-            f"group {group!r} must be an nn.Module or an iterable of parameters, got a single "
+            f"group {group!r}: expected an nn.Module or an iterable of parameters, got a single "
             "tensor; wrap it in a list"
         )
     else:
@@ -88,7 +88,7 @@ def _named_trainable(source: ParameterSource, group: str) -> list[tuple[str, nn.
         for index, parameter in enumerate(source):
             if not isinstance(parameter, Tensor):
                 raise TypeError(
-                    f"group {group!r} must contain tensors, got {type(parameter).__name__} at "
+                    f"group {group!r}: expected tensors, got {type(parameter).__name__} at "
                     f"position {index}"
                 )
             named.append((f"{group}[{index}]", parameter))
@@ -106,13 +106,13 @@ def _per_group_values(
     unknown = sorted(set(value) - set(groups))
     if unknown:
         raise ValueError(
-            f"{argument} has entries for unknown groups {unknown}; expected keys among {groups}"
+            f"{argument}: expected keys among {groups}, got entries for unknown groups {unknown}"
         )
     missing = [group for group in groups if group not in value]
     if required and missing:
         raise ValueError(
-            f"{argument} has no entry for groups {missing}; expected one key per group {groups} "
-            "(or pass a single float for all)"
+            f"{argument}: expected one key per group {groups} (or a single float for all), got "
+            f"no entry for groups {missing}"
         )
     return {group: float(value[group]) for group in groups if group in value}
 
@@ -166,8 +166,8 @@ def task_param_groups(
     """
     if SHARED_GROUP in tasks:
         raise ValueError(
-            f"tasks must not contain a task named {SHARED_GROUP!r}, which is reserved for the "
-            "shared parameters"
+            f"tasks: expected task names other than {SHARED_GROUP!r} (reserved for the shared "
+            f"parameters), got a task named {SHARED_GROUP!r}"
         )
     sources: dict[str, ParameterSource] = {}
     if shared is not None:

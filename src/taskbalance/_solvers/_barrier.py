@@ -17,8 +17,6 @@ from taskbalance._solvers._common import (
     Backend,
     SolverError,
     as_f64,
-    check_float,
-    check_int,
     chol_py,
     chol_solve_py,
     select_backend,
@@ -26,6 +24,7 @@ from taskbalance._solvers._common import (
     work_list,
     work_tensor,
 )
+from taskbalance._validation import check_nonnegative, check_positive, check_positive_int
 
 __all__ = ["fairgrad_weights", "nash_weights"]
 
@@ -318,9 +317,9 @@ def nash_weights(
         >>> nash_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), eps=0.0)
         tensor([0.5000, 1.0000])
     """
-    check_int("max_iter", max_iter, 1)
-    tol = check_float("tol", tol, positive=True)
-    eps = check_float("eps", eps)
+    check_positive_int("max_iter", max_iter)
+    tol = check_positive("tol", tol)
+    eps = check_nonnegative("eps", eps)
     if select_backend(backend, G, PYTHON_MAX_K) == "python":
         Rl = _ridged_py(work_list(G, "nash_weights"), eps, "nash_weights")
         sl = [1.0 / math.sqrt(Rl[i][i]) for i in range(len(Rl))]
@@ -384,10 +383,10 @@ def fairgrad_weights(
         >>> fairgrad_weights(torch.tensor([[4.0, 0.0], [0.0, 1.0]]), 1.0, eps=0.0)
         tensor([0.5000, 1.0000])
     """
-    alpha = check_float("alpha", alpha, positive=True)
-    check_int("max_iter", max_iter, 1)
-    tol = check_float("tol", tol, positive=True)
-    eps = check_float("eps", eps)
+    alpha = check_positive("alpha", alpha)
+    check_positive_int("max_iter", max_iter)
+    tol = check_positive("tol", tol)
+    eps = check_nonnegative("eps", eps)
     expo = alpha / (alpha + 1.0)
     if select_backend(backend, G, PYTHON_MAX_K) == "python":
         Rl = _ridged_py(work_list(G, "fairgrad_weights"), eps, "fairgrad_weights")

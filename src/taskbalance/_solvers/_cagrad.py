@@ -18,8 +18,6 @@ from taskbalance._solvers._common import (
     F64,
     Backend,
     SolverError,
-    check_float,
-    check_int,
     chol_py,
     chol_solve_py,
     select_backend,
@@ -29,6 +27,7 @@ from taskbalance._solvers._common import (
 )
 from taskbalance._solvers._dual_cone import _nnqp_py, _nnqp_torch
 from taskbalance._solvers._min_norm import solve_min_norm
+from taskbalance._validation import check_nonnegative, check_positive_int
 
 __all__ = ["cagrad_weights"]
 
@@ -351,12 +350,12 @@ def cagrad_weights(
         >>> cagrad_weights(torch.eye(2), c=0.0)
         tensor([0.5000, 0.5000])
     """
-    c = check_float("c", c)
-    check_int("max_iter", max_iter, 1)
-    check_int("inner_max_iter", inner_max_iter, 1)
-    tol = check_float("tol", tol)
+    c = check_nonnegative("c", c)
+    check_positive_int("max_iter", max_iter)
+    check_positive_int("inner_max_iter", inner_max_iter)
+    tol = check_nonnegative("tol", tol)
     if rescale not in (0, 1, 2) or isinstance(rescale, bool):
-        raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
+        raise ValueError(f"rescale: expected 0, 1 or 2, got {rescale!r}")
     factor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
     if select_backend(backend, G, PYTHON_MAX_K) == "python":
         Gl = work_list(G, "cagrad_weights")

@@ -6,10 +6,12 @@ The one dispatch point between the two paths of every problem is :func:`select_b
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
+
+from taskbalance._validation import check_choice
 
 __all__ = [
     "EPS",
@@ -18,8 +20,6 @@ __all__ = [
     "SolverError",
     "as_f64",
     "cap_error",
-    "check_float",
-    "check_int",
     "chol_py",
     "chol_solve_py",
     "select_backend",
@@ -49,23 +49,6 @@ def cap_error(solver: str, max_iter: int, residual: float, threshold: float) -> 
     )
 
 
-def check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_float(name: str, value: float, *, positive: bool = False) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0.0 or (positive and v == 0.0):
-        kind = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {kind}, got {value!r}")
-    return v
-
 
 def select_backend(backend: str, G: object, python_max_k: int) -> Path:
     """The one place that decides between the plain-Python and the torch path.
@@ -77,10 +60,9 @@ def select_backend(backend: str, G: object, python_max_k: int) -> Path:
     by the same iterates); a singular face met on the Python path is handed to the torch
     path's eigendecomposition, so degenerate inputs are treated identically.
     """
-    if backend not in ("auto", "python", "torch"):
-        raise ValueError(f"backend must be 'auto', 'python' or 'torch', got {backend!r}")
+    check_choice("backend", backend, ("auto", "python", "torch"))
     if backend != "auto":
-        return backend  # type: ignore[return-value]
+        return cast(Path, backend)
     small = isinstance(G, Tensor) and G.ndim == 2 and G.shape[0] <= python_max_k
     return "python" if small else "torch"
 

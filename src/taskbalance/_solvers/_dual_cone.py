@@ -17,8 +17,6 @@ from taskbalance._solvers._common import (
     SolverError,
     as_f64,
     cap_error,
-    check_float,
-    check_int,
     chol_py,
     chol_solve_py,
     select_backend,
@@ -26,6 +24,7 @@ from taskbalance._solvers._common import (
     work_list,
     work_tensor,
 )
+from taskbalance._validation import check_nonnegative, check_positive_int
 
 __all__ = ["dual_cone_weights", "nonneg_qp"]
 
@@ -341,13 +340,13 @@ def nonneg_qp(
         >>> nonneg_qp(torch.eye(2), torch.tensor([-1.0, 2.0]))
         tensor([1., 0.])
     """
-    check_int("max_iter", max_iter, 1)
-    tol = check_float("tol", tol)
+    check_positive_int("max_iter", max_iter)
+    tol = check_nonnegative("tol", tol)
     path = select_backend(backend, Q, PYTHON_MAX_K)
     Qw = work_tensor(Q, "nonneg_qp")
     if not isinstance(b, Tensor) or b.shape != (Qw.shape[0],):
         shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-        raise ValueError(f"b must be a tensor of shape ({Qw.shape[0]},), got {shape}")
+        raise ValueError(f"b: expected a tensor of shape ({Qw.shape[0]},), got {shape}")
     bw = b.detach().to(device="cpu", dtype=F64)
     if not bool(torch.isfinite(bw).all()):
         raise SolverError("nonneg_qp: b contains non-finite values (nan or inf)")
@@ -413,10 +412,10 @@ def dual_cone_weights(
         >>> dual_cone_weights(G, torch.tensor([0.5, 0.5]))
         tensor([0.7500, 0.5000])
     """
-    norm_eps = check_float("norm_eps", norm_eps)
-    reg_eps = check_float("reg_eps", reg_eps)
-    check_int("max_iter", max_iter, 1)
-    tol = check_float("tol", tol)
+    norm_eps = check_nonnegative("norm_eps", norm_eps)
+    reg_eps = check_nonnegative("reg_eps", reg_eps)
+    check_positive_int("max_iter", max_iter)
+    tol = check_nonnegative("tol", tol)
     batch = isinstance(prefs, Tensor) and prefs.ndim == 2 and prefs.shape[0] > 1
     path = select_backend(backend, G, PYTHON_MAX_K_BATCH if batch else PYTHON_MAX_K)
     work = work_list(G, "dual_cone_weights") if path == "python" else None
@@ -424,7 +423,7 @@ def dual_cone_weights(
     K = len(work) if work is not None else int(G.shape[0])
     if not isinstance(prefs, Tensor) or prefs.ndim not in (1, 2) or prefs.shape[-1] != K:
         shape = tuple(prefs.shape) if isinstance(prefs, Tensor) else type(prefs).__name__
-        raise ValueError(f"prefs must have shape [{K}] or [M, {K}], got {shape}")
+        raise ValueError(f"prefs: expected shape [{K}] or [M, {K}], got {shape}")
     P = prefs.detach().to(device="cpu", dtype=F64).reshape(-1, K)
     if not bool(torch.isfinite(P).all()):
         raise SolverError("dual_cone_weights: prefs contains non-finite values (nan or inf)")

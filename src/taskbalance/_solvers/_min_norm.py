@@ -17,8 +17,6 @@ from taskbalance._solvers._common import (
     Backend,
     as_f64,
     cap_error,
-    check_float,
-    check_int,
     chol_py,
     chol_solve_py,
     select_backend,
@@ -26,6 +24,7 @@ from taskbalance._solvers._common import (
     work_list,
     work_tensor,
 )
+from taskbalance._validation import check_choice, check_nonnegative, check_positive_int
 
 __all__ = ["min_norm_weights", "project_simplex", "solve_min_norm"]
 
@@ -58,7 +57,7 @@ def project_simplex(v: Tensor) -> Tensor:
     """
     if not isinstance(v, Tensor) or not v.is_floating_point() or v.ndim == 0 or v.shape[-1] == 0:
         shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-        raise ValueError(f"v must be a floating point tensor of shape [..., K], got {shape}")
+        raise ValueError(f"v: expected a floating point tensor of shape [..., K], got {shape}")
     u, _ = torch.sort(v, dim=-1, descending=True)
     css = torch.cumsum(u, dim=-1) - 1.0
     k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
@@ -476,14 +475,15 @@ def min_norm_weights(
         >>> min_norm_weights(G)
         tensor([0.5000, 0.5000])
     """
-    check_int("max_iter", max_iter, 1)
-    tol = check_float("tol", tol)
-    if method not in ("active_set", "frank_wolfe"):
-        raise ValueError(f"method must be 'active_set' or 'frank_wolfe', got {method!r}")
+    check_positive_int("max_iter", max_iter)
+    tol = check_nonnegative("tol", tol)
+    check_choice("method", method, ("active_set", "frank_wolfe"))
     path = select_backend(backend, G, PYTHON_MAX_K if method == "active_set" else 0)
     if method == "frank_wolfe":
         if path == "python":
-            raise ValueError("backend must be 'auto' or 'torch' for method='frank_wolfe'")
+            raise ValueError(
+                f"backend: expected 'auto' or 'torch' for method='frank_wolfe', got {backend!r}"
+            )
         Gw = work_tensor(G, "min_norm_weights")
         special = _special_case(Gw.diagonal().tolist(), float(Gw[0, 1]) if len(Gw) > 1 else 0.0)
         if special is not None:

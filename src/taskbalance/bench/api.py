@@ -720,10 +720,11 @@ def load_benchmark(
     """
     factory = resolve_factory(spec)
     offered: dict[str, Any] = {"small": small, "data_seed": data_seed, "data_root": data_root}
+    parameters: Mapping[str, inspect.Parameter]
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
-        parameters = {}  # type: ignore[assignment]
+        parameters = {}
     takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     accepted = {key: value for key, value in offered.items() if takes_all or key in parameters}
     if data_root is not None and "data_root" not in accepted:

@@ -12,6 +12,9 @@ BUNDLED_MODULES = (
     "taskbalance.bench.digits_mixed",
     "taskbalance.bench.gradnorm_toy",
     "taskbalance.bench.noisy_regression",
+    "taskbalance.bench.scenes",
+    "taskbalance.bench.real_datasets",
+    "taskbalance.bench.celeba",
 )
 
 for _module in BUNDLED_MODULES:

@@ -48,6 +48,7 @@ from taskbalance.bench.harness import (
 )
 from taskbalance.bench.selection import Selection, parse_selection
 from taskbalance.bench.variants import parse_methods
+from taskbalance.methods._facts import method_facts
 
 #: The benchmark ``taskbalance compare`` runs when none is named.
 DEFAULT_COMPARE_BENCHMARK = "multidigits"
@@ -84,7 +85,7 @@ def prepare_output_directory(path: Path) -> Path:
     return path
 
 
-def _positive(value: int | None, option: str) -> None:
+def _positive(option: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise CommandError(f"{option}: expected an int >= 1, got {value}")
 
@@ -169,7 +170,7 @@ def command_train(arguments: argparse.Namespace) -> int:
     if len(methods) != 1:
         raise CommandError(f"--method: expected one method, got {arguments.method!r}")
     method = methods[0]
-    _positive(arguments.epochs, "--epochs")
+    _positive("--epochs", arguments.epochs)
     slug = _slug(f"{arguments.bench}-{method.label}")
     out = Path(arguments.out or f"runs/train-{slug}-seed{arguments.seed}")
     if arguments.bench in TOYS:
@@ -290,6 +291,13 @@ def _print_variance_recovery(
 # toy
 
 
+def _toy_parameter(name: str) -> dict[str, Any]:
+    """A stand-in for the toy's point, for a parameters-only method (MoCo)."""
+    if method_facts(tb.method_class(name)).requires_params:
+        return {"params": [torch.nn.Parameter(torch.zeros(2))]}
+    return {}
+
+
 def _check_toy_method(method: Method) -> None:
     """Refuse bad hyperparameters before any trajectory runs."""
     try:
@@ -297,6 +305,7 @@ def _check_toy_method(method: Method) -> None:
             method.name,
             num_tasks=2,
             **{**example_hyperparameters(method.name, 2), **method.hyperparameters},
+            **_toy_parameter(method.name),
         )
     except (TypeError, ValueError) as error:
         raise CommandError(f"{method.label}: {error}") from None
@@ -392,8 +401,8 @@ def command_toy(arguments: argparse.Namespace) -> int:
     except ValueError as error:
         raise CommandError(f"--methods: {error}") from None
     steps = arguments.steps if arguments.steps is not None else TOY_STEPS
-    _positive(steps, "--steps")
-    _positive(arguments.jobs, "--jobs")
+    _positive("--steps", steps)
+    _positive("--jobs", arguments.jobs)
     for method in methods:
         _check_toy_method(method)
     out = prepare_output_directory(Path(arguments.out))
@@ -434,12 +443,12 @@ def command_compare(arguments: argparse.Namespace) -> int:
         selection = parse_selection(arguments.select)
     except ValueError as error:
         raise CommandError(str(error)) from None
-    for value, option in (
-        (arguments.seeds, "--seeds"),
-        (arguments.epochs, "--epochs"),
-        (arguments.jobs, "--jobs"),
+    for option, value in (
+        ("--seeds", arguments.seeds),
+        ("--epochs", arguments.epochs),
+        ("--jobs", arguments.jobs),
     ):
-        _positive(value, option)
+        _positive(option, value)
     if arguments.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {arguments.device}: no CUDA device is available")
     source = BenchmarkSource(
@@ -619,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = getattr(arguments, "threads", None)
     try:
         if threads is not None:
-            _positive(threads, "--threads")
+            _positive("--threads", threads)
             torch.set_num_threads(threads)
         return int(arguments.handler(arguments))
     except (CommandError, MissingExtraError, BenchmarkError) as error:

@@ -48,7 +48,8 @@ BALANCER_ADAM_BETAS = (0.9, 0.9)
 BALANCER_FAILURES: tuple[type[Exception], ...] = (
     ValueError,
     tb.SolverError,
-    torch.linalg.LinAlgError,
+    # Public (torch.linalg re-exports torch._C._LinAlgError) but left out of its __all__.
+    torch.linalg.LinAlgError,  # type: ignore[attr-defined]
     ArithmeticError,
 )
 
@@ -89,7 +90,7 @@ def progress_bar(total: int, description: str, enabled: bool) -> ProgressBar:
     if not enabled or not sys.stderr.isatty():
         return SilentProgress()
     try:
-        from tqdm import tqdm  # type: ignore[import-untyped]
+        from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
     except ImportError:
         return SilentProgress()
     return tqdm(total=total, desc=description, file=sys.stderr, leave=False, dynamic_ncols=True)
@@ -338,6 +339,9 @@ def balancer_arguments(
     arguments = dict(method.hyperparameters)
     for key, value in example_hyperparameters(method.name, benchmark.num_tasks).items():
         arguments.setdefault(key, value)
+    if method_facts(tb.method_class(method.name)).requires_params:
+        # A parameters-only method (MoCo) runs on the model's shared trunk.
+        arguments.setdefault("params", "trunk")
     if "kinds" in accepted:
         arguments.setdefault("kinds", [task.kind for task in benchmark.tasks])
     if "seed" in accepted:
@@ -517,6 +521,7 @@ def _distributed() -> tuple[int, int]:
 
 def steps_per_epoch(benchmark: Benchmark, batch_size: int | None = None) -> int:
     """Optimiser steps in one epoch of the training split."""
+    # torch's Dataset declares no __len__; every benchmark split is a sized map-style dataset.
     size = len(benchmark.train)  # type: ignore[arg-type]
     return math.ceil(size / (batch_size or benchmark.defaults.batch_size))
 
@@ -600,7 +605,7 @@ def train_run(
         )
     schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimisers]
     sampler = GlobalBatchSampler(
-        len(benchmark.train),  # type: ignore[arg-type]
+        len(benchmark.train),  # type: ignore[arg-type]  # a sized split (see steps_per_epoch)
         defaults.batch_size,
         config.seed,
         rank,
@@ -650,6 +655,7 @@ def train_run(
                     kpis = None
                     if needs_kpis:
                         kpis = [
+                            # check_method refused a KPI method on a task without a kpi.
                             task.kpi(output, target, loss)  # type: ignore[misc]
                             for task, output, target, loss in zip(
                                 benchmark.tasks, outputs, targets, losses, strict=True

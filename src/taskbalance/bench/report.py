@@ -398,7 +398,7 @@ def run_metadata(
             "description": benchmark.description,
             "settings": _plain(dict(benchmark.settings)),
             "sizes": {
-                split: len(getattr(benchmark, split))  # type: ignore[arg-type]
+                split: len(getattr(benchmark, split))
                 for split in ("train", "validation", "test")
             },
             "tasks": [

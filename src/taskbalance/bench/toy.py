@@ -34,6 +34,7 @@ from taskbalance.bench.harness import (
     SilentProgress,
     example_hyperparameters,
 )
+from taskbalance.methods._facts import method_facts
 
 #: The starting points of the CAGrad/Nash-MTL toy figures.
 TOY_STARTS: tuple[tuple[float, float], ...] = (
@@ -117,7 +118,9 @@ def run_toy_method(
     - any other method is called on the two loss values as leaves, and ``x`` moves along
       ``Jᵀ ∂objective/∂f``, which also gives learned balancer parameters their gradients.
 
-    ``tests/test_bench_toy.py`` checks this against the per-start ``backward()`` path.
+    ``tests/test_bench_toy.py`` checks this against the per-start ``backward()`` path, which
+    runs instead for the methods outside that scope (GradDrop's masked gradients, MoCo's
+    parameters mode, with the point as its parameter).
 
     Args:
         method: a registered method name.
@@ -147,6 +150,11 @@ def run_toy_method(
         arguments.setdefault(key, value)
     if "seed" in tb.hyperparameters(method) and "seed" not in arguments:
         arguments["seed"] = seed
+    if not _batchable(method):
+        trajectories = []
+        for start in starts:
+            trajectories.append(_plain_trajectory(method, start, steps, lr, arguments, progress))
+        return trajectories
     balancers = [tb.create(method, num_tasks=2, **arguments) for _ in starts]
     by_gram = type(balancers[0]).requires_gram
     points = torch.tensor([[float(x1), float(x2)] for x1, x2 in starts]).requires_grad_()
@@ -304,6 +312,67 @@ def _run_toy_parallel(
         executor.shutdown(wait=False, cancel_futures=True)
         raise
     executor.shutdown(wait=True)
+
+
+def _batchable(method: str) -> bool:
+    """Whether the batched path computes what a call would: a loss-based method, or a gradient
+    method in features mode whose direction is ``Jᵀw`` from the Gramian (not GradDrop's
+    masked gradients, nor a parameters-only method such as MoCo)."""
+    cls = tb.method_class(method)
+    if method_facts(cls).requires_params:
+        return False
+    if not cls.requires_gram:
+        return True
+    hooks = ("_prepare", "_objective", "_direction_from_rows")
+    return all(getattr(cls, hook) is getattr(tb.GradientBalancer, hook) for hook in hooks)
+
+
+def _plain_trajectory(
+    method: str,
+    start: Sequence[float],
+    steps: int,
+    lr: float,
+    arguments: Mapping[str, Any],
+    progress: ProgressBar,
+) -> ToyTrajectory:
+    """One start the plain way: ``balancer(f + 21, features=x).backward()`` and an Adam step."""
+    arguments = dict(arguments)
+    point = torch.nn.Parameter(torch.tensor([float(start[0]), float(start[1])]))
+    if method_facts(tb.method_class(method)).requires_params:
+        arguments.setdefault("params", [point])  # a parameters-only method (MoCo)
+    balancer = tb.create(method, num_tasks=2, **arguments)
+    groups: list[dict[str, Any]] = [{"params": [point], "lr": lr}]
+    if list(balancer.parameters()):
+        groups.append({"params": list(balancer.parameters()), "lr": lr})
+    optimiser = torch.optim.Adam(groups)
+    points, objectives, weights = [point.detach().clone()], [], []
+    failure = None
+    for step in range(steps):
+        features = point.unsqueeze(0)
+        values = toy_objectives(features[0])
+        kpis = torch.exp(-(values.detach() + 20.0) / 10.0).clamp(0.0, 1.0)
+        try:
+            objective = balancer(values + TOY_LOSS_OFFSET, kpis=kpis, features=features)
+        except BALANCER_FAILURES as error:
+            failure = f"step {step}: {type(error).__name__}: {error}"
+            break
+        objectives.append(values.detach().clone())
+        weights.append(balancer.weights)
+        optimiser.zero_grad(set_to_none=True)
+        objective.backward()
+        optimiser.step()
+        points.append(point.detach().clone())
+        progress.update(1)
+    with torch.no_grad():
+        objectives.append(toy_objectives(point.detach()))
+    return ToyTrajectory(
+        method=method,
+        start=(float(start[0]), float(start[1])),
+        points=torch.stack(points),
+        objectives=torch.stack(objectives),
+        weights=torch.stack(weights) if weights else torch.empty(0, 2),
+        failure=failure,
+    )
 
 
 def _task_gradients(values: Tensor, points: Tensor) -> Tensor:

@@ -6,20 +6,23 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from taskbalance.info import _check_distribution
+from taskbalance._validation import (
+    check_distribution,
+    check_floating,
+    check_in_range,
+    check_nonnegative,
+    check_probabilities,
+    check_same_shape,
+    check_tensor,
+)
 from taskbalance.losses._common import (
     Reduction,
     as_float_target,
     check_broadcastable_to,
     check_class_indices,
     check_class_weight,
-    check_floating,
-    check_in_unit_interval,
     check_index_target_shape,
-    check_non_negative,
     check_reduction,
-    check_same_shape,
-    check_tensor,
     class_dim,
     reduce,
     safe_log,
@@ -82,27 +85,27 @@ def binary_cross_entropy(
         True
     """
     check_reduction(reduction)
-    check_floating(input, "input")
-    check_tensor(target, "target")
-    check_same_shape(input, target)
+    check_floating("input", input)
+    check_tensor("target", target)
+    check_same_shape("input", input, "target", target)
     target = as_float_target(target, input)
-    check_in_unit_interval(target, "target")
+    check_probabilities("target", target)
     if from_logits:
         log_p = functional.logsigmoid(input)
         log_one_minus_p = functional.logsigmoid(-input)
     else:
-        check_in_unit_interval(input, "input")
+        check_probabilities("input", input)
         log_p = safe_log(input, floor=_BCE_LOG_FLOOR)
         log_one_minus_p = safe_log(1.0 - input, floor=_BCE_LOG_FLOOR)
     positive_term = target * log_p
     if pos_weight is not None:
-        check_floating(pos_weight, "pos_weight")
-        check_broadcastable_to(pos_weight, input.shape, "pos_weight", "input")
+        check_floating("pos_weight", pos_weight)
+        check_broadcastable_to("pos_weight", pos_weight, "input", input.shape)
         positive_term = pos_weight.to(dtype=input.dtype) * positive_term
     loss = -(positive_term + (1.0 - target) * log_one_minus_p)
     if weight is not None:
-        check_floating(weight, "weight")
-        check_broadcastable_to(weight, input.shape, "weight", "input")
+        check_floating("weight", weight)
+        check_broadcastable_to("weight", weight, "input", input.shape)
         loss = weight.to(dtype=input.dtype) * loss
     return reduce(loss, reduction)
 
@@ -156,31 +159,30 @@ def cross_entropy(
         True
     """
     check_reduction(reduction)
-    check_floating(input, "input")
-    check_tensor(target, "target")
+    check_floating("input", input)
+    check_tensor("target", target)
     if input.dim() == 0:
         raise ValueError(
-            "input must have a class axis, shape (C,) or (N, C, ...), got a 0-d tensor"
+            "input: expected a class axis, shape (C,) or (N, C, ...), got a 0-d tensor"
         )
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
     dim = class_dim(input)
     num_classes = input.shape[dim]
-    check_class_weight(weight, num_classes)
+    check_class_weight("weight", weight, num_classes)
     log_q = torch.log_softmax(input, dim=dim)
     weight_view = None if weight is None else _class_weight_view(weight, input, dim)
 
     if target.is_floating_point():
-        check_same_shape(input, target)
+        check_same_shape("input", input, "target", target)
         target = as_float_target(target, input)
-        _check_distribution(target, "target", dim)
+        check_distribution("target", target, dim)
         smoothed = target * (1.0 - label_smoothing) + label_smoothing / num_classes
         weighted_log_q = log_q if weight_view is None else log_q * weight_view
         loss = -(smoothed * weighted_log_q).sum(dim=dim)
         return reduce(loss, reduction)
 
-    check_index_target_shape(input, target)
-    valid = check_class_indices(target, num_classes, ignore_index)
+    check_index_target_shape("target", target, input)
+    valid = check_class_indices("target", target, num_classes, ignore_index)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     log_q_target = log_q.gather(dim, safe_target.unsqueeze(dim)).squeeze(dim)
     target_weight = (
@@ -258,11 +260,11 @@ def focal_loss(
         True
     """
     check_reduction(reduction)
-    check_floating(input, "input")
-    check_tensor(target, "target")
-    check_non_negative(gamma, "gamma")
+    check_floating("input", input)
+    check_tensor("target", target)
+    check_nonnegative("gamma", gamma)
     if input.dim() == 0:
-        raise ValueError("input must have at least one dimension, got a 0-d tensor")
+        raise ValueError("input: expected at least one dimension, got a 0-d tensor")
 
     if target.shape == input.shape:
         valid = (
@@ -272,7 +274,7 @@ def focal_loss(
         )
         labels = as_float_target(target, input)
         labels = torch.where(valid, labels, torch.zeros_like(labels))
-        check_in_unit_interval(labels, "target")
+        check_probabilities("target", labels)
         # −log p_t: the binary cross-entropy with logits, stable for large |x|.
         log_p_t = labels * functional.logsigmoid(input) + (1.0 - labels) * functional.logsigmoid(
             -input
@@ -282,18 +284,18 @@ def focal_loss(
         if alpha is not None:
             if isinstance(alpha, Tensor) or not 0.0 <= alpha <= 1.0:
                 raise ValueError(
-                    f"alpha must be a float in [0, 1] for binary focal loss, got {alpha!r}"
+                    f"alpha: expected a float in [0, 1] for binary focal loss, got {alpha!r}"
                 )
             alpha_t = alpha * labels + (1.0 - alpha) * (1.0 - labels)
         else:
             alpha_t = None
     else:
         if input.dim() == target.dim() or target.is_floating_point():
-            check_same_shape(input, target)
-        check_index_target_shape(input, target)
+            check_same_shape("input", input, "target", target)
+        check_index_target_shape("target", target, input)
         dim = class_dim(input)
         num_classes = input.shape[dim]
-        valid = check_class_indices(target, num_classes, ignore_index)
+        valid = check_class_indices("target", target, num_classes, ignore_index)
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         log_p_t = torch.log_softmax(input, dim=dim).gather(dim, safe_target.unsqueeze(dim))
         log_p_t = log_p_t.squeeze(dim)
@@ -301,10 +303,10 @@ def focal_loss(
         if alpha is not None:
             if not isinstance(alpha, Tensor):
                 raise ValueError(
-                    "alpha must be a tensor of shape (C,) with one weight per class for "
+                    "alpha: expected a tensor of shape (C,) with one weight per class for "
                     f"multi-class focal loss, got {alpha!r}"
                 )
-            check_class_weight(alpha, num_classes, name="alpha")
+            check_class_weight("alpha", alpha, num_classes)
             alpha_t = alpha.to(dtype=input.dtype)[safe_target]
         else:
             alpha_t = None
@@ -376,49 +378,49 @@ def dice_loss(
         tensor(0.)
     """
     check_reduction(reduction)
-    check_floating(input, "input")
-    check_tensor(target, "target")
-    check_non_negative(smooth, "smooth")
+    check_floating("input", input)
+    check_tensor("target", target)
+    check_nonnegative("smooth", smooth)
     if input.dim() < 2:
         raise ValueError(
-            "input must have a batch axis and at least one more axis, shape (N, ...) or "
+            "input: expected a batch axis and at least one more axis, shape (N, ...) or "
             f"(N, C, ...), got shape {tuple(input.shape)}"
         )
 
     if multiclass:
         num_classes = input.shape[1]
-        check_class_weight(weight, num_classes)
+        check_class_weight("weight", weight, num_classes)
         if target.is_floating_point():
-            check_same_shape(input, target)
+            check_same_shape("input", input, "target", target)
             ground_truth = as_float_target(target, input)
-            check_in_unit_interval(ground_truth, "target")
+            check_probabilities("target", ground_truth)
         else:
-            check_index_target_shape(input, target)
-            check_class_indices(target, num_classes, ignore_index=None)
+            check_index_target_shape("target", target, input)
+            check_class_indices("target", target, num_classes, ignore_index=None)
             one_hot = functional.one_hot(target, num_classes).movedim(-1, 1)
             ground_truth = one_hot.to(dtype=input.dtype)
         if from_logits:
             probabilities = torch.softmax(input, dim=1)
         else:
-            check_in_unit_interval(input, "input")
+            check_probabilities("input", input)
             probabilities = input
         sum_dims = tuple(range(2, input.dim()))
     else:
         if weight is not None:
-            raise ValueError("weight (per-class weights) is only used with multiclass=True")
+            raise ValueError("weight: expected None (per-class weights need multiclass=True)")
         if input.shape != target.shape and input.dim() == target.dim() + 1:
             raise ValueError(
-                f"input and target must have the same shape, got input shape "
+                f"input, target: expected the same shape, got input shape "
                 f"{tuple(input.shape)} and target shape {tuple(target.shape)}; for class-index "
                 "targets pass multiclass=True"
             )
-        check_same_shape(input, target)
+        check_same_shape("input", input, "target", target)
         ground_truth = as_float_target(target, input)
-        check_in_unit_interval(ground_truth, "target")
+        check_probabilities("target", ground_truth)
         if from_logits:
             probabilities = torch.sigmoid(input)
         else:
-            check_in_unit_interval(input, "input")
+            check_probabilities("input", input)
             probabilities = input
         sum_dims = tuple(range(1, input.dim()))
 

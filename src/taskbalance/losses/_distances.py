@@ -9,14 +9,18 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from taskbalance.info import _expected_log_ratio, _normalize_dim, _probabilities_and_logs
+from taskbalance._validation import (
+    check_axis,
+    check_choice,
+    check_floating,
+    check_same_shape,
+    check_tensor,
+)
+from taskbalance.info import _expected_log_ratio, _probabilities_and_logs
 from taskbalance.losses._common import (
     Reduction,
     as_float_target,
-    check_floating,
     check_reduction,
-    check_same_shape,
-    check_tensor,
     reduce,
 )
 
@@ -65,25 +69,27 @@ def kl_divergence(
         0.1438
     """
     check_reduction(reduction)
-    check_floating(input, "input")
-    check_tensor(target, "target")
-    check_same_shape(input, target)
+    check_floating("input", input)
+    check_tensor("target", target)
+    check_same_shape("input", input, "target", target)
     target = as_float_target(target, input)
-    dim = _normalize_dim(input, dim, "input")
+    dim = check_axis("input", input, dim)
     p, log_p = _probabilities_and_logs(target, "target", dim, from_logits=False)
     _, log_q = _probabilities_and_logs(input, "input", dim, from_logits=from_logits)
     return reduce(_expected_log_ratio(p, log_p, log_q, dim, keepdim=False), reduction)
 
 
-def _check_sample_weights(weights: Tensor, values: Tensor, name: str, values_name: str) -> Tensor:
-    check_floating(weights, name)
-    check_same_shape(values, weights, values_name, name)
+def _check_sample_weights(name: str, weights: Tensor, values_name: str, values: Tensor) -> Tensor:
+    check_floating(name, weights)
+    check_same_shape(values_name, values, name, weights)
     weights = weights.to(dtype=values.dtype)
     with torch.no_grad():
         if bool((weights < 0).any()) or bool(torch.isnan(weights).any()):
-            raise ValueError(f"{name} must be non-negative, got a minimum of {weights.min():.6g}")
+            raise ValueError(
+                f"{name}: expected non-negative weights, got a minimum of {weights.min():.6g}"
+            )
         if bool((weights.sum(dim=-1) <= 0).any()):
-            raise ValueError(f"{name} must have a positive sum along the last axis, got 0")
+            raise ValueError(f"{name}: expected a positive sum along the last axis, got 0")
     return weights
 
 
@@ -142,23 +148,23 @@ def wasserstein_1d(
         tensor(2.)
     """
     check_reduction(reduction)
-    check_floating(input, "input")
-    check_floating(target, "target")
+    check_floating("input", input)
+    check_floating("target", target)
     target = as_float_target(target, input)
     if input.dim() == 0 or target.dim() == 0 or input.shape[:-1] != target.shape[:-1]:
         raise ValueError(
-            "input and target must be samples along the last axis with equal leading (batch) "
+            "input, target: expected samples along the last axis with equal leading (batch) "
             f"axes, got input shape {tuple(input.shape)} and target shape {tuple(target.shape)}"
         )
     if input.shape[-1] == 0 or target.shape[-1] == 0:
         raise ValueError(
-            f"input and target must hold at least one sample each, got input shape "
+            f"input, target: expected at least one sample each, got input shape "
             f"{tuple(input.shape)} and target shape {tuple(target.shape)}"
         )
     if input_weights is not None:
-        input_weights = _check_sample_weights(input_weights, input, "input_weights", "input")
+        input_weights = _check_sample_weights("input_weights", input_weights, "input", input)
     if target_weights is not None:
-        target_weights = _check_sample_weights(target_weights, target, "target_weights", "target")
+        target_weights = _check_sample_weights("target_weights", target_weights, "target", target)
 
     sorted_input, input_order = input.sort(dim=-1)
     sorted_target, target_order = target.sort(dim=-1)
@@ -230,8 +236,8 @@ def frechet_distance(input: Tensor, target: Tensor, *, reduction: Reduction = "m
         3.0
     """
     check_reduction(reduction)
-    check_floating(input, "input")
-    check_floating(target, "target")
+    check_floating("input", input)
+    check_floating("target", target)
     target = as_float_target(target, input)
     if (
         input.dim() < 2
@@ -240,13 +246,13 @@ def frechet_distance(input: Tensor, target: Tensor, *, reduction: Reduction = "m
         or input.shape[:-2] != target.shape[:-2]
     ):
         raise ValueError(
-            "input and target must be feature sets (..., N, D) and (..., M, D) with the same D "
+            "input, target: expected feature sets (..., N, D) and (..., M, D) with the same D "
             f"and leading axes, got input shape {tuple(input.shape)} and target shape "
             f"{tuple(target.shape)}"
         )
     if input.shape[-2] < 2 or target.shape[-2] < 2:
         raise ValueError(
-            "input and target need at least 2 samples (rows) each for a covariance, got input "
+            "input, target: expected at least 2 samples (rows) each for a covariance, got input "
             f"shape {tuple(input.shape)} and target shape {tuple(target.shape)}"
         )
     mean_input, trace_input, factor_input = _centred_factor(input)
@@ -271,7 +277,7 @@ def _as_feature_list(output: object, source: str) -> list[Tensor]:
     if isinstance(output, Sequence) and all(isinstance(item, Tensor) for item in output):
         return list(output)
     raise TypeError(
-        f"{source} must return a tensor, a sequence of tensors or a mapping of tensors, got "
+        f"{source}: expected to return a tensor, a sequence or a mapping of tensors, got "
         f"{type(output).__name__}"
     )
 
@@ -283,14 +289,17 @@ def _extract_features(
         return _as_feature_list(extractor(x), "extractor")
     if not isinstance(extractor, nn.Module):
         raise TypeError(
-            f"layers requires extractor to be a torch.nn.Module, got {type(extractor).__name__}"
+            f"extractor: expected a torch.nn.Module (layers= names its submodules), got "
+            f"{type(extractor).__name__}"
         )
     captured: dict[str, Tensor] = {}
 
     def capture(name: str) -> Callable[[nn.Module, object, object], None]:
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             if not isinstance(output, Tensor):
-                raise TypeError(f"layer {name!r} must output a tensor, got {type(output).__name__}")
+                raise TypeError(
+                    f"layer {name!r}: expected a tensor output, got {type(output).__name__}"
+                )
             captured[name] = output
 
         return hook
@@ -301,7 +310,9 @@ def _extract_features(
             try:
                 module = extractor.get_submodule(name)
             except AttributeError as error:
-                raise ValueError(f"layers contains {name!r}, which is not a submodule") from error
+                raise ValueError(
+                    f"layers: expected names of submodules of extractor, got {name!r}"
+                ) from error
             handles.append(module.register_forward_hook(capture(name)))
         extractor(x)
     finally:
@@ -365,13 +376,12 @@ def perceptual_loss(
         tensor(0., grad_fn=<MeanBackward0>)
     """
     check_reduction(reduction)
-    check_floating(input, "input")
-    check_tensor(target, "target")
-    check_same_shape(input, target)
-    if distance not in ("squared", "absolute"):
-        raise ValueError(f"distance must be 'squared' or 'absolute', got {distance!r}")
+    check_floating("input", input)
+    check_tensor("target", target)
+    check_same_shape("input", input, "target", target)
+    check_choice("distance", distance, ("squared", "absolute"))
     if input.dim() == 0:
-        raise ValueError("input must have a batch axis, got a 0-d tensor")
+        raise ValueError("input: expected a batch axis, got a 0-d tensor")
     target = as_float_target(target, input)
     input_features = _extract_features(extractor, input, layers)
     target_features = _extract_features(extractor, target, layers)
@@ -379,17 +389,17 @@ def perceptual_loss(
         layer_weights = [1.0] * len(input_features)
     elif len(layer_weights) != len(input_features):
         raise ValueError(
-            f"layer_weights must have one entry per feature tensor ({len(input_features)}), got "
+            f"layer_weights: expected one entry per feature tensor ({len(input_features)}), got "
             f"{len(layer_weights)} entries"
         )
     total = input.new_zeros(input.shape[0])
     for index, (weight, feature, reference) in enumerate(
         zip(layer_weights, input_features, target_features, strict=True)
     ):
-        check_same_shape(feature, reference, f"input features {index}", f"target features {index}")
+        check_same_shape(f"input features {index}", feature, f"target features {index}", reference)
         if feature.dim() == 0 or feature.shape[0] != input.shape[0]:
             raise ValueError(
-                f"features {index} must keep the batch axis of size {input.shape[0]}, got shape "
+                f"features {index}: expected the batch axis of size {input.shape[0]}, got shape "
                 f"{tuple(feature.shape)}"
             )
         difference = feature - reference

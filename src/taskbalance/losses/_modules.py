@@ -12,6 +12,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from taskbalance._validation import check_choice, check_in_range, check_nonnegative, check_positive
 from taskbalance.losses._classification import (
     binary_cross_entropy,
     cross_entropy,
@@ -20,8 +21,6 @@ from taskbalance.losses._classification import (
 )
 from taskbalance.losses._common import (
     Reduction,
-    check_non_negative,
-    check_positive,
     check_reduction,
 )
 from taskbalance.losses._distances import (
@@ -95,7 +94,7 @@ class HuberLoss(_Loss):
 
     def __init__(self, *, delta: float = 1.0, reduction: Reduction = "mean") -> None:
         super().__init__(reduction)
-        check_positive(delta, "delta")
+        check_positive("delta", delta)
         self.delta = delta
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -121,7 +120,7 @@ class TukeyLoss(_Loss):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__(reduction)
-        check_positive(c, "c")
+        check_positive("c", c)
         self.c = c
         self.mad_scaling = mad_scaling
         self.mad_dim = mad_dim
@@ -192,8 +191,7 @@ class CrossEntropyLoss(_Loss):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__(reduction)
-        if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.weight: Tensor | None
@@ -229,7 +227,7 @@ class FocalLoss(_Loss):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__(reduction)
-        check_non_negative(gamma, "gamma")
+        check_nonnegative("gamma", gamma)
         self.gamma = gamma
         self.ignore_index = ignore_index
         self.alpha: float | Tensor | None
@@ -269,9 +267,9 @@ class DiceLoss(_Loss):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__(reduction)
-        check_non_negative(smooth, "smooth")
+        check_nonnegative("smooth", smooth)
         if weight is not None and not multiclass:
-            raise ValueError("weight (per-class weights) is only used with multiclass=True")
+            raise ValueError("weight: expected None (per-class weights need multiclass=True)")
         self.multiclass = multiclass
         self.from_logits = from_logits
         self.smooth = smooth
@@ -315,11 +313,10 @@ class PerceptualLoss(_Loss):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__(reduction)
-        if distance not in ("squared", "absolute"):
-            raise ValueError(f"distance must be 'squared' or 'absolute', got {distance!r}")
+        check_choice("distance", distance, ("squared", "absolute"))
         if layers is not None and layer_weights is not None and len(layers) != len(layer_weights):
             raise ValueError(
-                f"layer_weights must have one entry per layer ({len(layers)}), got "
+                f"layer_weights: expected one entry per layer ({len(layers)}), got "
                 f"{len(layer_weights)} entries"
             )
         self.extractor = extractor

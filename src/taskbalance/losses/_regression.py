@@ -7,15 +7,17 @@ import math
 import torch
 from torch import Tensor
 
+from taskbalance._validation import (
+    check_floating,
+    check_positive,
+    check_same_shape,
+    check_tensor,
+)
 from taskbalance.losses._common import (
     Reduction,
     as_float_target,
     check_broadcastable_to,
-    check_floating,
-    check_positive,
     check_reduction,
-    check_same_shape,
-    check_tensor,
     reduce,
 )
 
@@ -27,9 +29,9 @@ TUKEY_C = 4.685
 
 
 def _residual(input: Tensor, target: Tensor) -> Tensor:
-    check_floating(input, "input")
-    check_tensor(target, "target")
-    check_same_shape(input, target)
+    check_floating("input", input)
+    check_tensor("target", target)
+    check_same_shape("input", input, "target", target)
     return input - as_float_target(target, input)
 
 
@@ -111,7 +113,7 @@ def huber_loss(
         tensor([0.1250, 2.5000])
     """
     check_reduction(reduction)
-    check_positive(delta, "delta")
+    check_positive("delta", delta)
     residual = _residual(input, target)
     absolute = residual.abs()
     # Split |r| = q + l with q = min(|r|, δ): ½q² + δl is the Huber function on both branches
@@ -188,12 +190,12 @@ def tukey_loss(
         True
     """
     check_reduction(reduction)
-    check_positive(c, "c")
+    check_positive("c", c)
     residual = _residual(input, target)
     if mad_scaling:
         if mad_dim is not None and not -residual.dim() <= mad_dim < max(residual.dim(), 1):
             raise ValueError(
-                f"mad_dim must be None or in [{-residual.dim()}, {residual.dim() - 1}] for input "
+                f"mad_dim: expected None or in [{-residual.dim()}, {residual.dim() - 1}] for input "
                 f"of shape {tuple(residual.shape)}, got {mad_dim}"
             )
         if residual.numel() > 0:
@@ -244,8 +246,8 @@ def gaussian_nll_loss(
     """
     check_reduction(reduction)
     residual = _residual(input, target)
-    check_floating(log_variance, "log_variance")
-    check_broadcastable_to(log_variance, input.shape, "log_variance", "input")
+    check_floating("log_variance", log_variance)
+    check_broadcastable_to("log_variance", log_variance, "input", input.shape)
     log_variance = log_variance.to(dtype=input.dtype)
     loss = 0.5 * torch.exp(-log_variance) * residual.square() + 0.5 * log_variance
     if full:
@@ -292,8 +294,8 @@ def bbox_kl_loss(
     """
     check_reduction(reduction)
     residual = _residual(input, target)
-    check_floating(log_variance, "log_variance")
-    check_broadcastable_to(log_variance, input.shape, "log_variance", "input")
+    check_floating("log_variance", log_variance)
+    check_broadcastable_to("log_variance", log_variance, "input", input.shape)
     log_variance = log_variance.to(dtype=input.dtype)
     absolute = residual.abs()
     quadratic = absolute.clamp(max=1.0)

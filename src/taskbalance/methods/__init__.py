@@ -12,12 +12,14 @@ from taskbalance.methods._fairgrad import FairGrad
 from taskbalance.methods._famo import FAMO
 from taskbalance.methods._fixed import Fixed
 from taskbalance.methods._gls import GLS
+from taskbalance.methods._graddrop import GradDrop
 from taskbalance.methods._gradient_base import GradientBalancer
 from taskbalance.methods._gradnorm import GradNorm
 from taskbalance.methods._gradvac import GradVac
 from taskbalance.methods._imtl_g import IMTLG
 from taskbalance.methods._imtl_l import IMTLL
 from taskbalance.methods._mgda import MGDA
+from taskbalance.methods._moco import MoCo
 from taskbalance.methods._nash_mtl import NashMTL
 from taskbalance.methods._pcgrad import PCGrad
 from taskbalance.methods._rlw import RLW
@@ -47,9 +49,11 @@ __all__ = [
     "ExcessMTL",
     "FairGrad",
     "Fixed",
+    "GradDrop",
     "GradNorm",
     "GradVac",
     "GradientBalancer",
+    "MoCo",
     "NashMTL",
     "PCGrad",
     "UPGrad",

@@ -63,6 +63,11 @@ class AlignedMTL(SpectralGradientBalancer):
         tensor([1.0000, 0.5000])
     """
 
+    normalization_refused = (
+        "it already equalises the task gradients: the aligned system has condition number one"
+    )
+    per_group_refused = None
+
     signed_weights = True
     claimed_properties = frozenset({"permutation_invariant", "scale_equivariant"})
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
@@ -70,6 +75,7 @@ class AlignedMTL(SpectralGradientBalancer):
         {"scale": "rmse"},
     )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"scale": "max"}, ValueError, r"scale: expected one of"),
     )
 

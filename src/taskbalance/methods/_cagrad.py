@@ -65,8 +65,16 @@ class CAGrad(GradientBalancer):
         tensor([0.5000, 0.5000])
     """
 
+    normalization_refused = None
+    per_group_refused = None
+
     claimed_properties = frozenset({"permutation_invariant", "scale_equivariant"})
-    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"c": 0.9}, {"rescale": 0})
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"c": 0.9},
+        {"rescale": 0},
+        {"normalization": "l2"},
+        {"normalization": "loss+"},
+    )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
         ({"c": -1.0}, ValueError, r"c: expected a number >= 0"),
         ({"rescale": 3}, ValueError, r"rescale"),

@@ -70,12 +70,16 @@ class ConFIG(SpectralGradientBalancer):
         tensor([1.5000, 0.7500])
     """
 
+    normalization_refused = "it already uses the unit task gradients u_k = g_k/‖g_k‖"
+    per_group_refused = None
+
     signed_weights = True
     claimed_properties = frozenset(
         {"non_conflicting", "permutation_invariant", "scale_equivariant"}
     )
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"rtol": 0.9},)
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"rtol": -1.0}, ValueError, r"rtol: expected a number in \(0.0, 1.0\)"),
     )
 

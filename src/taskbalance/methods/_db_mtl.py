@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from taskbalance._registry import register
+from taskbalance._step import Step
 from taskbalance._validation import check_in_range, check_nonnegative, check_positive
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
@@ -25,28 +26,42 @@ class DBMTL(GradientBalancer):
       at the start, ``β_t = β / t^{σ}``) and the update ``Σ_k α_k ĝ_k`` with
       ``α_k = max_i ‖ĝ_i‖ / ‖ĝ_k‖``: every task's term gets the largest task's magnitude.
 
-    As ``Jᵀw``, with the departure below: ``‖g̃_k‖ = √G_kk / (L_k + ε)``; we keep the EMA
-    ``n̂_k ← β_t·n̂_k + (1 − β_t)·‖g̃_k‖`` of these norms (buffers) and scale the *current*
-    log-loss gradients, ``Σ_k α_k g̃_k = Jᵀw`` with
+    Parameters mode (``params=``) follows the paper exactly: the balancer keeps the EMA
+    ``ĝ_k`` of each task's log-loss gradient *vector* (a ``K×P`` buffer, P the number of
+    listed parameter entries: K times the memory of those parameters' gradients, saved in
+    ``state_dict``) and sets the listed parameters' gradient to ``d = Σ_k α_k ĝ_k`` in the
+    one ordinary backward (see "shared direction" in :class:`GradientBalancer`); the task
+    heads get their own unweighted gradients, as in LibMTL. Under DDP the rows are the global
+    (rank-averaged) task gradients, all-reduced once, so every rank applies the same ``d``.
+    ``b.weights`` are then ``w_k = α_k / (L_k + ε)``: the weights that give ``d = Jᵀw`` when
+    β = 0 (ĝ_k = g̃_k); for β > 0, ``d`` is not ``Jᵀw`` of the current step. Like the paper
+    and LibMTL, ĝ starts at zero without bias correction, so the first update is ``(1 − β)``
+    times the later ones' scale. ``compute_weights`` (a Gramian only) cannot update a vector
+    EMA and is refused in this mode; steps between ``update_every`` refreshes apply ``Jᵀw``
+    with the last weights and leave ĝ unchanged.
+
+    Features mode keeps a rule of the current step, ``Jᵀw``: the features are a new batch's
+    activations at every step, so an EMA of gradient vectors with respect to them would mix
+    the gradients of different samples and has no meaning. There, ``‖g̃_k‖ = √G_kk / (L_k + ε)``;
+    we keep the EMA ``n̂_k ← β_t·n̂_k + (1 − β_t)·‖g̃_k‖`` of these norms (buffers) and scale
+    the *current* log-loss gradients, ``Σ_k α_k g̃_k = Jᵀw`` with
 
     ``w_k = (max_i n̂_i / n̂_k) / (L_k + ε)``.
 
-    Departure (documented, necessary): the paper's EMA of gradient *vectors* is a combination
-    of past Jacobians and cannot be written as ``Jᵀw`` of the current step, which is what one
-    ordinary backward computes. We therefore average the gradient *norms* and apply the
-    magnitude balancing to the current gradients. The two agree exactly when β = 0, and the
-    balancing ratios agree whenever the gradient directions are stable over the EMA window.
-    Because every ``n̂_k`` carries the same zero-initialisation bias, the ratios need no bias
-    correction, and the update has its full magnitude from the first step (LibMTL's vector EMA
-    starts at ``(1 − β)`` times it). A task whose averaged norm is zero (at most eps·max_i n̂_i,
-    eps of the Gramian's dtype) gets ``α_k = 1``; LibMTL adds 1e-8 to the norm instead.
+    Departures: in features mode (and in ``compute_weights``) the EMA is of gradient *norms*
+    applied to the current gradients, as above (it agrees with the paper exactly when β = 0,
+    and its balancing ratios agree whenever the gradient directions are stable over the EMA
+    window; since every ``n̂_k`` carries the same zero-initialisation bias, the update has its
+    full magnitude from the first step). In both modes a task whose averaged norm is zero (at
+    most eps·max_i of them, eps of the dtype) gets ``α_k = 1``; LibMTL adds 1e-8 to the norm
+    instead.
 
     Defaults: ``beta = 0.9``, ``beta_sigma = 0`` (LibMTL's ``DB_beta``/``DB_beta_sigma``
     defaults, the paper's setting), ``eps = 1e-8`` (LibMTL's ``log(L + 1e-8)``).
 
     Args:
         num_tasks: K.
-        beta: EMA rate β of the gradient norms, in [0, 1].
+        beta: EMA rate β of the gradient vectors (parameters mode) or norms, in [0, 1].
         beta_sigma: σ ≥ 0 in ``β_t = β / t^σ``.
         eps: ε added to each loss before the log.
         **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
@@ -57,7 +72,17 @@ class DBMTL(GradientBalancer):
         >>> b = tb.create("db_mtl", num_tasks=2)
         >>> b.compute_weights(torch.ones(2), gram=torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
         tensor([2., 1.])
+        >>> shared = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        >>> p = tb.create("db_mtl", num_tasks=2, params=shared, beta=0.0)
+        >>> p(torch.stack([2 * shared[0], 8 * shared[1]])).backward()
+        >>> shared.grad  # log-loss gradients (1, 0) and (0, 1), rescaled to the largest
+        tensor([1., 1.])
     """
+
+    normalization_refused = (
+        "it already balances the gradient magnitudes, by the losses and by a max-norm"
+    )
+    per_group_refused = "its gradient averages are state carried across steps"
 
     claimed_properties = frozenset({"permutation_invariant", "scale_equivariant"})
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
@@ -65,12 +90,15 @@ class DBMTL(GradientBalancer):
         {"beta_sigma": 0.5},
     )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"group_aggregation": "per_tensor"}, ValueError, r"does not offer per-group"),
+        ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"beta": -0.1}, ValueError, r"beta: expected a number in \[0.0, 1.0\]"),
     )
 
     requires_positive_losses = True
 
     norm_averages: Tensor
+    grad_averages: Tensor
     ema_steps: Tensor
 
     def __init__(
@@ -87,6 +115,17 @@ class DBMTL(GradientBalancer):
         self.beta_sigma = check_nonnegative("beta_sigma", beta_sigma)
         self.eps = check_positive("eps", eps)
         self.register_buffer("norm_averages", torch.zeros(self.num_tasks, dtype=torch.float64))
+        # Parameters mode: the EMA of each task's log-loss gradient vector (K×0 otherwise).
+        shared = self.shared_params or []
+        wide = any(p.dtype == torch.float64 for p in shared)
+        self.register_buffer(
+            "grad_averages",
+            torch.zeros(
+                self.num_tasks,
+                sum(p.numel() for p in shared),
+                dtype=torch.float64 if wide else torch.float32,
+            ),
+        )
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
@@ -96,6 +135,28 @@ class DBMTL(GradientBalancer):
         )
         self.norm_averages.copy_(averages)
         self.ema_steps.fill_(step)
+        return weights
+
+    def _direction_from_rows(self) -> bool:
+        return self.shared_params is not None
+
+    def _rule(self, step: Step, gram: Tensor) -> Tensor:
+        if self.shared_params is None:
+            return self._gradient_weights(step.mean_losses, gram)
+        if step.global_rows is None:
+            raise ValueError(
+                "gram: db_mtl in parameters mode keeps an EMA of the task gradient vectors, "
+                "which a Gramian cannot update; call the balancer with the losses instead of "
+                "compute_weights (or use features mode)"
+            )
+        count = int(self.ema_steps) + 1
+        rows = step.global_rows
+        weights, averages, direction = db_mtl_direction(
+            step.mean_losses, rows, self.grad_averages, count, self.beta, self.beta_sigma, self.eps
+        )
+        self.grad_averages.copy_(averages)
+        self.ema_steps.fill_(count)
+        step.direction = list(direction.split([row.shape[1] for row in rows]))
         return weights
 
     def extra_repr(self) -> str:
@@ -122,3 +183,33 @@ def db_mtl_weights(
     significant = new > torch.finfo(gram.dtype).eps * largest
     ratios = torch.where(significant, largest / new.clamp_min(1e-300), torch.ones_like(new))
     return (ratios / shifted).to(torch.float32), new.to(averages.device)
+
+
+def db_mtl_direction(
+    losses: Tensor,
+    rows: list[Tensor],
+    averages: Tensor,
+    step: int,
+    beta: float,
+    beta_sigma: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The paper's rule on gradient vectors: weights (float32), new EMA ``[K, P]``, ``d [P]``.
+
+    ``rows`` are the global task gradients, one ``[K, numel]`` block per listed parameter;
+    the inputs are untouched.
+    """
+    dtype = averages.dtype
+    flat = torch.cat([row.to(dtype) for row in rows], dim=1)
+    shifted = losses.detach().to(device=flat.device, dtype=torch.float64) + eps
+    log_grads = flat / shifted.to(dtype)[:, None]  # ∇ log(L_k + ε) = g_k / (L_k + ε)
+    rate = beta / step**beta_sigma
+    new = rate * averages.to(flat.device) + (1 - rate) * log_grads
+    norms = torch.linalg.vector_norm(new, dim=1).to(torch.float64)
+    largest = norms.max()
+    # A norm at most eps·max (eps of the EMA's dtype; zero included) counts as zero: α_k = 1.
+    significant = norms > torch.finfo(dtype).eps * largest
+    ratios = torch.where(significant, largest / norms.clamp_min(1e-300), torch.ones_like(norms))
+    direction = (ratios.to(dtype)[:, None] * new).sum(dim=0)
+    weights = (ratios / shifted).to(torch.float32)
+    return weights, new.to(averages.device), direction

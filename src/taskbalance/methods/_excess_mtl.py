@@ -71,11 +71,18 @@ class ExcessMTL(GradientBalancer):
         True
     """
 
+    normalization_refused = (
+        "its excess-risk estimates g_kᵀH_k⁻¹g_k read the raw gradients by design"
+    )
+    per_group_refused = "its gradient-norm sums are state carried across steps"
+
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
         {"step_size": 0.5},
         {"eps": 1e3},
     )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"group_aggregation": "per_tensor"}, ValueError, r"does not offer per-group"),
+        ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"step_size": 0.0}, ValueError, r"step_size: expected a number > 0"),
         ({"eps": -1.0}, ValueError, r"eps: expected a number >= 0"),
     )

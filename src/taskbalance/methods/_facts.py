@@ -11,6 +11,14 @@ Every method class may set these class attributes (absent means the default show
 - ``example_hyperparameters = ()``: non-default settings that the generic tests exercise.
 - ``bad_hyperparameters = ()``: ``(hyperparameters, error type, message pattern)`` triples
   that construction must refuse.
+- ``requires_params = False``: the method works in parameters mode only (``params=``
+  required at construction: MoCo's tracked gradients).
+- ``weights_from_gram = True``: ``compute_weights(gram=...)`` gives a call's weights. False
+  for a method whose rule reads the task gradients themselves (GradDrop's signs, MoCo's
+  tracked gradients): ``compute_weights`` then refuses it with a ValueError naming ``gram``.
+- ``normalization_refused`` / ``per_group_refused`` (``GradientBalancer``): why the method
+  refuses gradient normalisation / per-group aggregation, or None where it offers it (a
+  gradient method that declares nothing refuses both).
 
 :func:`method_facts` reads them with those defaults.
 """
@@ -41,6 +49,10 @@ class MethodFacts:
     required_hyperparameters: dict[str, Any]
     example_hyperparameters: tuple[dict[str, Any], ...]
     bad_hyperparameters: BadHyperparameters
+    weights_from_gram: bool
+    requires_params: bool
+    offers_normalization: bool
+    offers_per_group: bool
 
 
 def method_facts(cls: type) -> MethodFacts:
@@ -52,4 +64,10 @@ def method_facts(cls: type) -> MethodFacts:
         required_hyperparameters=dict(getattr(cls, "required_hyperparameters", {})),
         example_hyperparameters=tuple(getattr(cls, "example_hyperparameters", ())),
         bad_hyperparameters=tuple(getattr(cls, "bad_hyperparameters", ())),
+        weights_from_gram=bool(getattr(cls, "weights_from_gram", True)),
+        requires_params=bool(getattr(cls, "requires_params", False)),
+        offers_normalization=bool(getattr(cls, "requires_gram", False))
+        and getattr(cls, "normalization_refused", "") is None,
+        offers_per_group=bool(getattr(cls, "requires_gram", False))
+        and getattr(cls, "per_group_refused", "") is None,
     )

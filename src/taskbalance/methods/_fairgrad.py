@@ -66,9 +66,16 @@ class FairGrad(GradientBalancer):
         tensor([1., 1.])
     """
 
+    normalization_refused = (
+        "its α-fair utilities are the raw loss decreases g_kᵀd by design (and α = 1 is "
+        "invariant to rescaling each gradient)"
+    )
+    per_group_refused = None
+
     claimed_properties = frozenset({"non_conflicting"})
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"alpha": 2.0}, {"alpha": 0.5})
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"alpha": 1e-12}, ValueError, r"alpha: expected a number in \[0.05, 20.0\]"),
     )
 

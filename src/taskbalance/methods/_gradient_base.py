@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from taskbalance._base import Balancer
-from taskbalance._gramian import gramian_from_rows, jacobian_rows
+from taskbalance._distributed import is_distributed
+from taskbalance._gramian import global_rows, gramian_from_rows, jacobian_rows
 from taskbalance._step import Step
 from taskbalance._validation import (
     check_choice,
@@ -31,9 +33,11 @@ class GradientBalancer(Balancer):
 
     - features mode (default): pass ``features=z``, the shared representation the task heads
       consume, at every call; ``G`` is taken with respect to ``z`` (MGDA-UB-style, cheap).
-      Several shared tensors (multi-scale features, two encoders) go as a list,
-      ``features=[z1, z2]``: ``G`` is the sum of their Gramians, and with
-      ``heads="unweighted"`` each of them receives its own ``J_iᵀw``.
+      Several separate shared tensors (two encoders, or feature maps of parallel branches)
+      go as a list, ``features=[z1, z2]``: ``G`` is the sum of their Gramians, and with
+      ``heads="unweighted"`` each of them receives its own ``J_iᵀw``. None may be computed
+      from another (``z2 = stage2(z1)`` would count the path through ``z2`` twice): that is
+      refused with a ValueError.
     - parameters mode: give ``params=`` (e.g. ``trunk[-1].parameters()``, or one tensor) at
       construction; ``G`` is the exact Gramian of the gradients with respect to those
       parameters. A deep copy of a model that holds the balancer points the copy's balancer at
@@ -66,6 +70,58 @@ class GradientBalancer(Balancer):
     ``b.weights`` are the weights of the shared direction in both cases; the gradient of the
     objective with respect to ``losses[k]`` is ``w_k`` (weighted) or 1 (unweighted).
 
+    Shared direction: a method may instead set the shared tensors' gradient to any direction
+    ``d`` it computes from the task gradients (DB-MTL's EMA of gradient vectors, MoCo's
+    tracked gradients, GradDrop's sign masks): its rule sets ``step.direction`` on refresh
+    steps, and the objective becomes ``Σ_k c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` with
+    the second factor detached and ``c = w`` (weighted heads) or 1, still one ordinary
+    backward: each shared tensor gets exactly ``d_x``, head k gets ``c_k ∇L_k``. In
+    parameters mode under DDP the rows are averaged over the ranks first (one all-reduce,
+    which also gives the Gramian), so ``d`` is the global batch's on every rank; the
+    objective's shift uses this rank's own rows, so DDP's own gradient average leaves ``d``
+    unchanged. The other calls (between ``update_every`` refreshes, with an absent task, and
+    the micro-batches after the first of an accumulation window) apply ``Jᵀw`` with the
+    last weights and leave the method's state alone; ``compute_weights`` (a Gramian only)
+    cannot update such a rule where it reads the gradients themselves and refuses it.
+
+    Gradient normalisation (``normalization=``, the normalisers of MGDA's reference code, for
+    every method whose class offers it): each task gradient is divided by ``n_k`` before the
+    method's rule runs, ``g'_k = g_k / n_k``, i.e. ``J' = D J`` with ``D = diag(1/n_k)``:
+
+    - ``"none"``: ``n_k = 1`` (the default everywhere);
+    - ``"l2"``: ``n_k = ‖g_k‖`` (a negligible gradient, ``‖g_k‖² ≤ eps²·max_j ‖g_j‖²``, keeps
+      ``1/n_k = 0``: it stays zero rather than becoming an amplified rounding error);
+    - ``"loss"``: ``n_k = L_k``, the (rank-averaged) loss value, which must then be > 0;
+    - ``"loss+"``: ``n_k = L_k·‖g_k‖``.
+
+    Only the Gramian is needed: the rule runs on ``G' = D G D`` and gives ``w'``, and the
+    weights are mapped back, ``w_k = w'_k / n_k``, so that ``Jᵀw = J'ᵀw'``: the direction is
+    the method's direction for the normalised gradients. MGDA follows its reference code
+    instead (``normalization_maps_back = False``): ``w'`` multiplies the raw gradients. Methods
+    that already remove the gradients' magnitudes (IMTL-G, ConFIG, Aligned-MTL, DB-MTL), or
+    whose rule reads the raw magnitudes by design (GradNorm, Nash-MTL, FairGrad, ExcessMTL),
+    refuse any value but ``"none"``, saying why (class attribute ``normalization_refused``).
+
+    Per-group aggregation (parameters mode): ``params=`` may list parameter groups, as a
+    list of lists (``[list(layer1.parameters()), list(layer2.parameters())]``) or a dict
+    ``{name: parameters}``. With ``group_aggregation="per_group"`` each group g gets its own
+    Gramian ``G_g = J_g J_gᵀ`` (``J_g`` the task gradients with respect to the group's
+    parameters), its own weights ``w_g`` from the method's rule (normalised per group, as
+    above), and its parameters the gradient ``J_gᵀw_g``: GradVac's paper applies its rule per
+    layer, LibMTL and torchjd offer the same. ``"per_tensor"`` makes each listed tensor its own
+    group; ``"joint"`` (default) takes one Gramian over every listed parameter, groups or not.
+    Still one ordinary backward; the heads get their own unweighted gradients, so per-group
+    aggregation needs ``heads="unweighted"`` (with ``"weighted"`` the heads would get one
+    weighting of several: refused). ``b.group_weights`` is the ``[num_groups, K]`` weights of
+    the last call, ``b.group_names`` the groups' names (the dict's keys, else ``"0"``, ``"1"``,
+    ...), and ``b.weights`` their mean over the groups. ``compute_weights`` then takes a
+    ``[num_groups, K, K]`` stack of Gramians. State carried across steps is kept per group
+    where the method declares it (class attribute ``group_state``: GradVac's targets get a
+    leading group dimension); DB-MTL's averages, GradNorm's learned weights and ExcessMTL's
+    sums do not, and those methods refuse per-group aggregation (class attribute
+    ``per_group_refused``). Under DDP in parameters mode the engine all-reduces each group's
+    Jacobian block separately.
+
     Args:
         num_tasks: K.
         params: shared parameters for parameters mode; None for features mode.
@@ -77,11 +133,36 @@ class GradientBalancer(Balancer):
         heads: ``"weighted"`` (objective ``Σ w_k L_k``), ``"unweighted"`` (heads get their own
             unweighted gradients, the shared tensors ``Jᵀw``) or None for the method's
             ``default_heads``.
+        normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (see above).
+        group_aggregation: ``"joint"``, ``"per_group"`` or ``"per_tensor"`` (see above).
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> layer1, layer2 = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4)
+        >>> b = tb.create("upgrad", num_tasks=2, normalization="l2",
+        ...               params={"layer1": layer1.parameters(), "layer2": layer2.parameters()},
+        ...               group_aggregation="per_group")
+        >>> b.group_weights.shape, b.group_names
+        (torch.Size([2, 2]), ('layer1', 'layer2'))
     """
 
     requires_gram = True
     #: What the method's reference code gives the task heads; see "Task heads" above.
     default_heads: ClassVar[str] = "unweighted"
+    #: Why the method refuses ``normalization`` other than ``"none"``; None where it offers it.
+    normalization_refused: ClassVar[str | None] = "the method does not declare that it offers it"
+    #: True where the normalised rule's weights are mapped back (``w = D w'``); MGDA's
+    #: reference code applies ``w'`` to the raw gradients instead.
+    normalization_maps_back: ClassVar[bool] = True
+    #: Why the method refuses per-group aggregation; None where it offers it.
+    per_group_refused: ClassVar[str | None] = "the method does not declare that it offers it"
+
+    #: Buffers holding state carried across steps that each parameter group keeps its own
+    #: copy of under per-group aggregation (stacked along a leading group dimension; the rule
+    #: sees one group's copy at a time).
+    group_state: ClassVar[tuple[str, ...]] = ()
+
+    _last_group_weights: Tensor
 
     def __init__(
         self,
@@ -91,10 +172,15 @@ class GradientBalancer(Balancer):
         update_every: int = 1,
         gram_dtype: torch.dtype = torch.float32,
         heads: str | None = None,
+        normalization: str = "none",
+        group_aggregation: str = "joint",
     ) -> None:
         super().__init__(num_tasks)
+        groups = None if params is None else _checked_groups(params)
         # A plain list, so the model's parameters do not become this module's parameters.
-        self.shared_params: list[Tensor] | None = None if params is None else _checked(params)
+        self.shared_params: list[Tensor] | None = (
+            None if groups is None else [p for _, group in groups for p in group]
+        )
         self.update_every = check_positive_int("update_every", update_every)
         if gram_dtype not in (torch.float32, torch.float64):
             raise ValueError(
@@ -103,10 +189,154 @@ class GradientBalancer(Balancer):
         self.gram_dtype = gram_dtype
         chosen = self.default_heads if heads is None else heads
         self.heads = check_choice("heads", chosen, ("weighted", "unweighted"))
+        self.normalization = check_choice("normalization", normalization, _NORMALIZATIONS)
+        if self.normalization != "none" and self.normalization_refused is not None:
+            raise ValueError(
+                f"normalization: {self._method_name} does not offer gradient normalisation "
+                f"({self.normalization_refused}); expected 'none', got {normalization!r}"
+            )
+        if self.normalization in ("loss", "loss+"):
+            # The losses divide the gradients: a fact of this instance, not of the class.
+            self.requires_positive_losses = True
+        self.group_aggregation = check_choice(
+            "group_aggregation", group_aggregation, ("joint", "per_group", "per_tensor")
+        )
+        # The groups' names and sizes (tensors per group) where each gets its own Gramian.
+        self._group_sizes: tuple[int, ...] | None = None
+        self.group_names: tuple[str, ...] = ("all",)
+        # The grouping is part of the method's definition: recorded (as shapes) in the state.
+        self._group_shapes = (
+            None
+            if groups is None or len(groups) == 1
+            else [[name, [list(p.shape) for p in group]] for name, group in groups]
+        )
+        if self.group_aggregation != "joint":
+            self._check_per_group(groups)
+            assert groups is not None
+            if self.group_aggregation == "per_tensor":
+                groups = [
+                    (f"{name}.{i}" if len(groups) > 1 else str(i), [p])
+                    for name, group in groups
+                    for i, p in enumerate(group)
+                ]
+            self._group_sizes = tuple(len(group) for _, group in groups)
+            self.group_names = tuple(name for name, _ in groups)
+            self.register_buffer("_last_group_weights", torch.ones(len(groups), self.num_tasks))
         # None until the first call tells whether this graph supports the batched backward.
         self._batched_backward: bool | None = None
         # Cosines of the task gradients at the last refresh, for log_dict (NaN before one).
         self._last_cosines = torch.full((self.num_tasks, self.num_tasks), math.nan)
+
+    def _check_per_group(self, groups: list[tuple[str, list[Tensor]]] | None) -> None:
+        what = f"group_aggregation: {self.group_aggregation!r}"
+        if self.per_group_refused is not None:
+            raise ValueError(
+                f"{what}: {self._method_name} does not offer per-group aggregation "
+                f"({self.per_group_refused}); use group_aggregation='joint'"
+            )
+        if groups is None:
+            raise ValueError(
+                f"{what} needs parameters mode: pass params= as a list of parameter groups or "
+                "a dict {name: parameters} (features mode has one Gramian per call)"
+            )
+        if self.heads != "unweighted":
+            raise ValueError(
+                f"{what} needs heads='unweighted' (got heads={self.heads!r}): the heads get one "
+                "weighting of the losses, which cannot be each group's"
+            )
+
+    @property
+    def group_weights(self) -> Tensor:
+        """Detached ``[num_groups, K]`` weights of the last call (``[1, K]`` unless each
+        parameter group has its own; see "Per-group aggregation")."""
+        if self._group_sizes is None:
+            return self.weights[None]
+        present = self._last_present[None]
+        return torch.where(present, self._last_group_weights, 0).detach().clone()
+
+    def _record_configuration(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super()._record_configuration(args, kwargs)
+        if self._group_shapes is not None:
+            self.configuration["params"] = self._group_shapes
+
+    def _check_gram(self, gram: Tensor | None) -> Tensor:
+        if self._group_sizes is None or gram is None or not isinstance(gram, Tensor):
+            return super()._check_gram(gram)
+        expected = (len(self._group_sizes), self.num_tasks, self.num_tasks)
+        if tuple(gram.shape) != expected:
+            raise ValueError(
+                f"gram: with group_aggregation={self.group_aggregation!r}, expected one Gramian "
+                f"per group, shape {expected}, got {tuple(gram.shape)}"
+            )
+        check = super()._check_gram  # (zero-argument super() does not work in a comprehension)
+        return torch.stack([check(block) for block in gram.unbind(0)])
+
+    def _weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        """The rule on ``G' = D G D`` (``normalization``), its weights mapped back to ``J``."""
+        if self.normalization == "none":
+            return self._gradient_weights(losses, gram)
+        scale = gradient_normalisers(gram, losses, self.normalization)
+        # The rule sees the dtype the Gramian was accumulated in: its rounding cut-offs
+        # (negligible norms, rank) are relative to that precision.
+        normalised = gram.double() * torch.outer(scale, scale)
+        # Cauchy-Schwarz, |G'_ij| ≤ √(G'_ii·G'_jj), holds for every Gramian, but the scaling's
+        # rounding may break it by an ulp (opposite unit gradients give 1 − 2⁻⁵³ on the diagonal
+        # next to −1), and a QP solver then follows a negative curvature that does not exist.
+        # Off-diagonal entries are kept a few ulps (of the accumulation dtype) inside the bound.
+        roots = normalised.diagonal().clamp_min(0).sqrt()
+        bound = torch.outer(roots, roots) * (1 - 4 * torch.finfo(gram.dtype).eps)
+        clamped = torch.minimum(torch.maximum(normalised, -bound), bound)
+        off_diagonal = ~torch.eye(len(roots), dtype=torch.bool, device=roots.device)
+        normalised = torch.where(off_diagonal, clamped, normalised).to(gram.dtype)
+        weights = self._gradient_weights(losses, normalised)
+        if not self.normalization_maps_back:
+            return weights
+        return (weights.double() * scale.to(weights.device)).to(weights.dtype)
+
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        """As :meth:`torch.nn.Module.register_buffer`; a ``group_state`` buffer gets one copy
+        per parameter group under per-group aggregation."""
+        sizes = getattr(self, "_group_sizes", None)
+        if tensor is not None and sizes is not None and name in self.group_state:
+            tensor = tensor.unsqueeze(0).repeat(len(sizes), *([1] * tensor.dim()))
+        super().register_buffer(name, tensor, persistent)
+
+    def _grouped_weights(self, losses: Tensor, grams: Tensor) -> Tensor:
+        """``[num_groups, K]``: the rule on each group's Gramian (and state), all or nothing."""
+        generator = getattr(self, "generator", None)
+        saved = None if generator is None else generator.get_state()
+        stacked: dict[str, Tensor] = {}
+        for name in self.group_state:
+            buffer = self._buffers[name]
+            assert buffer is not None  # registered by the method's __init__
+            stacked[name] = buffer
+        weights: list[Tensor] = []
+        states: list[dict[str, Tensor | None]] = []
+        try:
+            for g, gram in enumerate(grams.unbind(0)):
+                for name, full in stacked.items():
+                    self._buffers[name] = full[g].clone()  # the rule updates its own copy
+                weights.append(self._weights(losses, gram))
+                states.append({name: self._buffers[name] for name in stacked})
+        except BaseException:
+            if generator is not None:
+                generator.set_state(saved)
+            raise
+        finally:
+            self._buffers.update(stacked)
+        for g, state in enumerate(states):
+            for name, value in state.items():
+                assert value is not None
+                stacked[name][g].copy_(value)
+        return torch.stack(weights)
+
+    def _tensor_weights(self, step: Step, weights: Tensor) -> list[Tensor]:
+        """The weights acting on each shared tensor: its group's, or ``weights`` for all."""
+        assert step.shared is not None
+        if step.group_weights is None or self._group_sizes is None:
+            return [weights] * len(step.shared)
+        per_group = step.group_weights.to(device=weights.device, dtype=weights.dtype)
+        return [per_group[g] for g, size in enumerate(self._group_sizes) for _ in range(size)]
 
     @abstractmethod
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
@@ -114,6 +344,21 @@ class GradientBalancer(Balancer):
 
         Must not change any state before it can no longer fail.
         """
+
+    def _rule(self, step: Step, gram: Tensor) -> Tensor:
+        """This refresh step's weights; a method whose shared direction is not ``Jᵀw`` also
+        sets ``step.direction`` here, from ``step.global_rows`` (None in ``compute_weights``).
+
+        The direction is then applied by :meth:`_objective` in one ordinary backward; the
+        other steps (``update_every``, an absent task) apply ``Jᵀw`` with the last weights.
+        """
+        return self._weights(step.mean_losses, gram)
+
+    def _direction_from_rows(self) -> bool:
+        """True when this balancer computes its direction from the rows (see :meth:`_rule`):
+        in parameters mode under DDP the rows are then averaged over the ranks once, and the
+        Gramian is taken from those averaged rows."""
+        return False
 
     def _refreshes(self, step: Step) -> bool:
         # Every task's gradient is needed to recompute: a step with an absent task reuses the
@@ -125,9 +370,18 @@ class GradientBalancer(Balancer):
             return self._last_weights.clone()
         assert step.gram is not None  # _prepare or compute_weights supplies it on refresh steps
         gram = step.gram.to(step.mean_losses.device)
-        weights = self._gradient_weights(step.mean_losses, gram)
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        self._last_cosines = (gram / (norms[:, None] * norms[None, :])).detach().cpu()
+        if self._group_sizes is None:
+            weights = self._rule(step, gram)
+            total = gram
+        else:
+            group_weights = self._grouped_weights(step.mean_losses, gram).to(
+                device=step.mean_losses.device, dtype=gram.dtype
+            )
+            weights, total = group_weights.mean(0), gram.sum(0)
+            self._last_group_weights.copy_(group_weights)
+            step.group_weights = group_weights
+        norms = total.diagonal().clamp_min(0).sqrt()
+        self._last_cosines = (total / (norms[:, None] * norms[None, :])).detach().cpu()
         return weights.to(device=step.mean_losses.device, dtype=gram.dtype)
 
     def _check_call_inputs(
@@ -159,6 +413,10 @@ class GradientBalancer(Balancer):
             )
         advice = "pass the shared representation the task heads consume (not a detached copy)"
         _check_tensors("features", tensors, isinstance(features, Tensor), advice)
+        if len(tensors) > 1:
+            # The graph walk costs a pass over the trunk's graph in Python: done at the first
+            # call, which fixes how the model produces its features; the identity check is free.
+            _check_disjoint(tensors, walk_graph=self._calls_taken == 0)
         return tensors
 
     def _prepare(self, step: Step) -> None:
@@ -180,9 +438,28 @@ class GradientBalancer(Balancer):
         if path is False:
             self._batched_backward = False
         step.shared, step.rows = step.features, rows
+        if self._group_sizes is not None:
+            # Reused between refreshes (update_every, accumulation, absent tasks).
+            step.group_weights = self._last_group_weights.clone()
         if not step.refresh:
             return
-        gram = gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
+        if self._group_sizes is not None:
+            bounds = [0, *itertools.accumulate(self._group_sizes)]
+            gram = torch.stack(
+                [
+                    gramian_from_rows(rows[a:b], features_mode=False, dtype=self.gram_dtype)
+                    for a, b in itertools.pairwise(bounds)
+                ]
+            )
+        elif self._direction_from_rows() and not features_mode and is_distributed():
+            # One all-reduce of the K×P rows serves the direction and the Gramian alike.
+            step.global_rows = global_rows(rows)
+            gram = gramian_from_rows(
+                step.global_rows, features_mode=False, dtype=self.gram_dtype, reduce=False
+            )
+        else:
+            step.global_rows = rows
+            gram = gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
         if not bool(torch.isfinite(gram).all()):
             step.nonfinite = True
             if self.on_nonfinite == "raise":
@@ -194,28 +471,117 @@ class GradientBalancer(Balancer):
                     "on_nonfinite='skip' to skip such steps as GradScaler does"
                 )
             return
-        step.gram = (gram + gram.T) / 2
+        step.gram = (gram + gram.transpose(-2, -1)) / 2
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
+        if step.direction is not None:
+            return self._direction_objective(step, weights, step.direction)
         if self.heads == "weighted":
             return super()._objective(step, weights)
         assert step.shared is not None  # _prepare took the task gradients
         assert step.rows is not None
         # ⟨x, v⟩ adds Σ_k (w_k − 1)·∇_x L_k to the shared tensor's gradient only: the heads
         # never see it.
-        shifts = (weights - 1).detach()
         inner = step.losses.new_zeros(())
-        for tensor, row in zip(step.shared, step.rows, strict=True):
-            correction = torch.mv(row.T, shifts.to(row.dtype)).to(tensor.dtype)
-            inner = inner + torch.dot(tensor.reshape(-1), correction).to(inner.dtype)
+        per_tensor = self._tensor_weights(step, weights)
+        for tensor, row, tensor_weights in zip(step.shared, step.rows, per_tensor, strict=True):
+            shifts = (tensor_weights - 1).detach()
+            correction = torch.mv(row.T, shifts.to(row.dtype))
+            inner = inner + _inner_product(tensor, correction).to(inner.dtype)
         return step.losses.sum() + (inner - inner.detach())
+
+    def _direction_objective(self, step: Step, weights: Tensor, direction: list[Tensor]) -> Tensor:
+        """``Σ c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` (second factor detached), with
+        ``c = w`` (weighted heads) or 1: the heads get ``c_k ∇L_k``, each shared tensor x
+        exactly ``d_x``, still in one ordinary backward. ``step.rows`` are this rank's own
+        gradients, which the objective's own backward produces and the shift cancels."""
+        assert step.shared is not None  # _prepare took the task gradients
+        assert step.rows is not None
+        unweighted = torch.ones_like(weights)
+        coefficients = weights.detach() if self.heads == "weighted" else unweighted
+        inner = step.losses.new_zeros(())
+        for tensor, row, target in zip(step.shared, step.rows, direction, strict=True):
+            own = torch.mv(row.T, coefficients.to(row.dtype))
+            shift = target.to(row.dtype) - own
+            inner = inner + _inner_product(tensor, shift).to(inner.dtype)
+        return (coefficients * step.losses).sum() + (inner - inner.detach())
 
     def extra_repr(self) -> str:
         mode = "features" if self.shared_params is None else "params"
-        return (
+        text = (
             f"num_tasks={self.num_tasks}, mode={mode}, update_every={self.update_every}, "
             f"heads={self.heads}"
         )
+        if self.normalization != "none":
+            text += f", normalization={self.normalization}"
+        if self._group_sizes is not None:
+            text += f", group_aggregation={self.group_aggregation}, groups={len(self.group_names)}"
+        return text
+
+
+def _check_disjoint(tensors: Sequence[Tensor], *, walk_graph: bool) -> None:
+    """Several shared tensors must be separate: none listed twice, none computed from another.
+
+    The Gramian sums the per-tensor blocks and the unweighted-heads objective adds one
+    correction per tensor, so a tensor computed from another (multi-scale features of one
+    backbone, ``z2 = stage2(z1)``) would count the path through ``z2`` twice, silently: the
+    weights and the trunk's gradient would both be wrong.
+    """
+    for j, tensor in enumerate(tensors):
+        for i in range(j):
+            if tensors[i] is tensor:
+                raise ValueError(
+                    f"features[{j}]: the same tensor as features[{i}]; list each shared tensor once"
+                )
+    if not walk_graph:
+        return
+    nodes = {_graph_node(tensor): index for index, tensor in enumerate(tensors)}
+    for j, tensor in enumerate(tensors):
+        ancestor = _first_listed_ancestor(tensor, nodes, j)
+        if ancestor is not None:
+            raise ValueError(
+                f"features[{j}]: computed from features[{ancestor}], so the path through it "
+                "would be counted twice in the Gramian and in the shared gradient; pass "
+                "separate tensors (e.g. two encoders' outputs), only the outermost one (the "
+                "heads' common input), or use parameters mode (params=)"
+            )
+
+
+def _graph_node(tensor: Tensor) -> object:
+    """The autograd node a tensor's gradient flows into (its AccumulateGrad for a leaf)."""
+    if tensor.grad_fn is not None:
+        return tensor.grad_fn
+    return tensor.view_as(tensor).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+
+
+def _first_listed_ancestor(tensor: Tensor, nodes: dict[object, int], own: int) -> int | None:
+    """Index of a listed tensor whose node lies below ``tensor``'s in the graph, if any."""
+    start = tensor.grad_fn
+    if start is None:
+        return None
+    seen = {start}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None or child in seen:
+                continue
+            index = nodes.get(child)
+            if index is not None and index != own:
+                return index
+            seen.add(child)
+            stack.append(child)
+    return None
+
+
+def _inner_product(tensor: Tensor, correction: Tensor) -> Tensor:
+    """``⟨x, c⟩`` in the correction's precision (float32 or float64).
+
+    Computed in the tensor's own dtype, a float16 x would receive the objective's upstream
+    gradient cast to float16 on the way back, which overflows at GradScaler's initial scale of
+    2**16 (float16's largest value is 65504) and turns every step's trunk gradient into inf.
+    """
+    return torch.dot(tensor.reshape(-1).to(correction.dtype), correction)
 
 
 def _check_tensors(name: str, tensors: Sequence[object], single: bool, advice: str) -> None:
@@ -230,20 +596,68 @@ def _check_tensors(name: str, tensors: Sequence[object], single: bool, advice: s
             )
 
 
-def _checked(params: Iterable[Tensor] | Tensor) -> list[Tensor]:
+def _checked(params: Iterable[Tensor] | Tensor, name: str = "params") -> list[Tensor]:
     """``params=`` as a list: one tensor is ``[tensor]``; each must be a tensor needing grad."""
     if isinstance(params, Tensor):
         listed: list[object] = [params]
     elif isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
         raise TypeError(
-            f"params: expected shared parameters (e.g. trunk[-1].parameters()), got {params!r}"
+            f"{name}: expected shared parameters (e.g. trunk[-1].parameters()), got {params!r}"
         )
     else:
         listed = list(params)
     if not listed:
-        raise ValueError("params: expected at least one shared parameter, got an empty list")
-    _check_tensors("params", listed, False, "no task gradient reaches it")
-    return listed  # type: ignore[return-value]
+        raise ValueError(f"{name}: expected at least one shared parameter, got an empty list")
+    _check_tensors(name, listed, False, "no task gradient reaches it")
+    return listed  # type: ignore[return-value]  # _check_tensors checked every item
+
+
+ParamGroups = Iterable[Tensor] | Tensor | Iterable[Iterable[Tensor]] | Mapping[str, Any]
+
+
+def _checked_groups(params: ParamGroups) -> list[tuple[str, list[Tensor]]]:
+    """``params=`` as named groups: a dict, a list of lists, or one group of tensors."""
+    if isinstance(params, Mapping):
+        if not params:
+            raise ValueError("params: expected at least one parameter group, got an empty dict")
+        for key in params:
+            if not isinstance(key, str):
+                raise TypeError(f"params: group names must be str, got {key!r}")
+        return [(key, _checked(group, f"params[{key!r}]")) for key, group in params.items()]
+    if isinstance(params, (Tensor, str, bytes)) or not isinstance(params, Iterable):
+        return [("all", _checked(params))]  # one tensor, or the TypeError
+    listed = list(params)
+    nested = [not isinstance(item, Tensor) and isinstance(item, Iterable) for item in listed]
+    if listed and all(nested):
+        return [(str(i), _checked(group, f"params[{i}]")) for i, group in enumerate(listed)]
+    if any(nested):
+        raise TypeError(
+            "params: expected parameters or a list of parameter groups, got a mix of tensors "
+            "and groups"
+        )
+    return [("all", _checked(listed))]
+
+
+#: The gradient normalisations of MGDA's reference code (see "Gradient normalisation").
+_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+def gradient_normalisers(gram: Tensor, losses: Tensor, normalization: str) -> Tensor:
+    """``1/n_k`` for the reference code's normalisers ``n_k`` (float64, ``[K]``).
+
+    A zero gradient stays zero under ``l2`` and ``loss+`` (``1/‖g_k‖`` taken as 0, see
+    :func:`inverse_gradient_norms`): its row of the scaled Gramian is then 0, where dividing by
+    ``‖g_k‖ = 0`` would give an infinite Gramian.
+    """
+    g = gram.double()
+    if normalization == "none":
+        return torch.ones(g.shape[0], dtype=torch.float64, device=g.device)
+    if normalization == "loss":
+        return 1.0 / losses.double().to(g.device)
+    inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
+    if normalization == "l2":
+        return inverse_norms
+    return inverse_norms / losses.double().to(g.device)
 
 
 def inverse_gradient_norms(gram: Tensor, eps: float) -> Tensor:

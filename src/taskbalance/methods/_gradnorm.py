@@ -74,11 +74,18 @@ class GradNorm(GradientBalancer):
         tensor([1.0250, 0.9750])
     """
 
+    normalization_refused = (
+        "its rule equalises the raw gradient norms, which normalising would make all 1"
+    )
+    per_group_refused = "its learned weights and their Adam moments are state carried across steps"
+
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
         {"alpha": 0.5},
         {"initial_losses": "log_c", "num_classes": 10},
     )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"group_aggregation": "per_tensor"}, ValueError, r"does not offer per-group"),
+        ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"alpha": -1.0}, ValueError, r"alpha: expected a number >= 0"),
     )
 

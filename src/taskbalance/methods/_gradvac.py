@@ -52,8 +52,13 @@ class GradVac(GradientBalancer):
     Departures:
 
     - The paper (and LibMTL's ``GradVac_group_type``) can apply the rule per layer or per
-      parameter block, with one target per block. Here it is applied to the whole shared
-      gradient with one Gramian (LibMTL's ``group_type=0``, "whole model").
+      parameter block, with one target per block. By default it is applied to the whole
+      shared gradient with one Gramian (LibMTL's ``group_type=0``, "whole model"); in
+      parameters mode, ``params=`` as a list (or dict) of layers with
+      ``group_aggregation="per_group"`` applies it per layer (``group_type=1``), and
+      ``"per_tensor"`` per parameter tensor (``group_type=2``), each group with its own
+      targets (``target_cosines`` then has shape ``[num_groups, K, K]``). The task orders of
+      all groups come from the one random generator, group after group.
     - The EMA is updated for every visited pair (the paper's Eq. 3 tracks the observed
       similarity; torchjd does the same); LibMTL and the Aligned-MTL authors' copy update it
       only when an adjustment was made, so there the targets can only decrease.
@@ -66,8 +71,8 @@ class GradVac(GradientBalancer):
         num_tasks: K.
         beta: EMA rate β of the targets, in [0, 1].
         seed: seed of the balancer's own random generator.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``,
+            ``normalization``, ``group_aggregation``: see :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -76,9 +81,17 @@ class GradVac(GradientBalancer):
         tensor([2.0000, 1.5000])
     """
 
+    normalization_refused = None
+    per_group_refused = None
+    group_state = ("target_cosines",)
+
     signed_weights = True
     claimed_properties = frozenset({"scale_equivariant"})
-    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"beta": 0.5},)
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"beta": 0.5},
+        {"normalization": "l2"},
+        {"normalization": "loss+"},
+    )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
         ({"beta": 1.5}, ValueError, r"beta: expected a number in \[0.0, 1.0\]"),
     )

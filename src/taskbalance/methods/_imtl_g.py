@@ -61,10 +61,14 @@ class IMTLG(SpectralGradientBalancer):
         tensor([0.6667, 0.3333])
     """
 
+    normalization_refused = "it already uses the unit task gradients u_k = g_k/‖g_k‖"
+    per_group_refused = None
+
     signed_weights = True
     claimed_properties = frozenset({"scale_equivariant"})
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"rtol": 0.9},)
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"rtol": 0.0}, ValueError, r"rtol: expected a number in \(0.0, 1.0\)"),
     )
 

@@ -11,9 +11,8 @@ from taskbalance._registry import register
 from taskbalance._solvers import min_norm_weights
 from taskbalance._validation import check_choice, check_positive, check_positive_int
 from taskbalance.methods._facts import BadHyperparameters
-from taskbalance.methods._gradient_base import GradientBalancer, inverse_gradient_norms
+from taskbalance.methods._gradient_base import GradientBalancer
 
-_NORMALISATIONS = ("none", "l2", "loss", "loss+")
 _SOLVERS = ("active_set", "frank_wolfe")
 
 
@@ -28,7 +27,8 @@ class MGDA(GradientBalancer):
     where Δ_K is the probability simplex. The direction decreases every task loss unless the
     point is Pareto-stationary (then it is zero). ``G̃ = D G D`` with the gradient
     normalisation of the reference code: ``none`` (``D = I``), ``l2`` (``1/‖g_k‖``), ``loss``
-    (``1/L_k``) or ``loss+`` (``1/(L_k‖g_k‖)``). In features mode this is MGDA-UB, the paper's
+    (``1/L_k``) or ``loss+`` (``1/(L_k‖g_k‖)``), the option every gradient method that offers
+    it shares (see :class:`GradientBalancer`). In features mode this is MGDA-UB, the paper's
     upper-bound variant taken with respect to the shared representation (§3.3).
 
     Solver: K = 2 in closed form (the paper's Algorithm 1 line search); otherwise an exact
@@ -41,16 +41,17 @@ class MGDA(GradientBalancer):
 
     Departures: as in the reference code, the normalisation chooses the combination but the
     weights then multiply the raw losses (``Σ w_k L_k``), so the step size keeps the losses'
-    scale. The default solver is exact where the paper's Frank–Wolfe is approximate.
+    scale (``normalization_maps_back = False``, where the other methods map the weights back
+    to the raw gradients). The default solver is exact where the paper's Frank–Wolfe is approximate.
 
     Args:
         num_tasks: K.
-        normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``.
         solver: ``"active_set"`` (exact) or ``"frank_wolfe"`` (the paper's).
         max_iter: iteration cap of the solver.
         tol: solver tolerance.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``,
+            ``normalization`` (``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``),
+            ``group_aggregation``: see :class:`GradientBalancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -74,48 +75,27 @@ class MGDA(GradientBalancer):
     )
 
     default_heads = "weighted"
+    normalization_refused = None
+    normalization_maps_back = False
+    per_group_refused = None
 
     def __init__(
         self,
         num_tasks: int,
         *,
-        normalization: str = "none",
         solver: str = "active_set",
         max_iter: int = 250,
         tol: float = 1e-10,
         **options: Any,
     ) -> None:
         super().__init__(num_tasks, **options)
-        self.normalization = check_choice("normalization", normalization, _NORMALISATIONS)
         self.solver = cast(
             Literal["active_set", "frank_wolfe"], check_choice("solver", solver, _SOLVERS)
         )
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.tol = check_positive("tol", tol)
-        self.requires_positive_losses = normalization in ("loss", "loss+")
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        scale = gradient_normalisers(gram, losses, self.normalization)
-        normalised = gram.double() * torch.outer(scale, scale)
         return min_norm_weights(
-            normalised, max_iter=self.max_iter, tol=self.tol, method=self.solver
+            gram.double(), max_iter=self.max_iter, tol=self.tol, method=self.solver
         ).to(torch.float32)
-
-
-def gradient_normalisers(gram: Tensor, losses: Tensor, normalization: str) -> Tensor:
-    """``1/n_k`` for the reference code's normalisers ``n_k`` (float64, ``[K]``).
-
-    A zero gradient stays zero under ``l2`` and ``loss+`` (``1/‖g_k‖`` taken as 0, see
-    :func:`inverse_gradient_norms`): its row of the scaled Gramian is then 0, the min-norm
-    point is that task alone, and the direction is 0 (the point is Pareto-stationary), where
-    dividing by ``‖g_k‖ = 0`` would give an infinite Gramian.
-    """
-    g = gram.double()
-    if normalization == "none":
-        return torch.ones(g.shape[0], dtype=torch.float64, device=g.device)
-    if normalization == "loss":
-        return 1.0 / losses.double()
-    inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
-    if normalization == "l2":
-        return inverse_norms
-    return inverse_norms / losses.double()

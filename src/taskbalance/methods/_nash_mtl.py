@@ -61,9 +61,15 @@ class NashMTL(GradientBalancer):
         tensor([0.5000, 1.0000])
     """
 
+    normalization_refused = (
+        "its bargaining solution is invariant to rescaling each task gradient: a no-op"
+    )
+    per_group_refused = None
+
     claimed_properties = frozenset({"non_conflicting"})
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"tol": 0.1},)
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"max_iter": 0}, ValueError, r"max_iter: expected an int >= 1"),
     )
 

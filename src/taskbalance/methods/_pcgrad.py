@@ -66,11 +66,16 @@ class PCGrad(GradientBalancer):
         tensor([2.0000, 1.5000])
     """
 
+    normalization_refused = None
+    per_group_refused = None
+
     signed_weights = True
     claimed_properties = frozenset({"scale_equivariant"})
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
         {"order": "fixed"},
         {"seed": 3},
+        {"normalization": "l2"},
+        {"normalization": "loss"},
     )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
         ({"order": "sorted"}, ValueError, r"order: expected one of"),

@@ -18,6 +18,9 @@ from taskbalance.methods._gradient_base import GradientBalancer
 class _DualConeBalancer(GradientBalancer):
     """Shared set-up of UPGrad and DualProj: preferences and the optional regularisation."""
 
+    normalization_refused = None
+    per_group_refused = None
+
     # The exact projection (the default) never conflicts with a task; with norm_eps/reg_eps
     # > 0 (torchjd's regularisation) it may.
     claimed_properties = frozenset(
@@ -26,6 +29,8 @@ class _DualConeBalancer(GradientBalancer):
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
         {"pref": [0.2, 0.3, 0.5]},
         {"norm_eps": 0.1, "reg_eps": 0.1},
+        {"normalization": "l2"},
+        {"normalization": "loss+"},
     )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
         ({"pref": [1.0, -1.0, 1.0]}, ValueError, r"pref\[1\] = -1.0: expected"),
@@ -144,7 +149,11 @@ class DualProj(_DualConeBalancer):
 
     # On the shared test trajectories the mean gradient already lies in the dual cone, where
     # the regularisation changes nothing: only the preferences are a visible example.
-    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"pref": [0.2, 0.3, 0.5]},)
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"pref": [0.2, 0.3, 0.5]},
+        {"normalization": "l2"},
+        {"normalization": "loss"},
+    )
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return self._project(gram, self.preferences)

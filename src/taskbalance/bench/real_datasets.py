@@ -1,0 +1,453 @@
+"""NYUv2 and Cityscapes in the preprocessed ``.npy`` layout of MTAN, LibMTL and Nash-MTL.
+
+The files are the user's (never downloaded); the layout, shapes and conventions are those the
+published comparisons read (MTAN's ``create_dataset.py``, copied by CAGrad, Nash-MTL, FAMO and
+LibMTL)::
+
+    NYUv2 root/                          Cityscapes root/
+      train/  (795 scenes)                 train/  (2975 scenes)
+        image/0.npy   288×384×3 float        image/0.npy     128×256×3 float in [0, 1]
+        label/0.npy   288×384 (−1 = none)    label_7/0.npy   128×256 (−1 = none; or label_19/)
+        depth/0.npy   288×384×1 (0 = none)   depth/0.npy     128×256×1 (0 = none)
+        normal/0.npy  288×384×3 (unit or 0)
+      val/    (654 scenes, same folders)   val/    (500 scenes, same folders)
+
+Files are numbered ``0.npy … (n−1).npy`` in every folder of a split. Arrays are channel-last
+and are moved to ``[C, H, W]``; labels come back as int64 ``[H, W]`` (anything outside
+``[0, num_classes)``, e.g. ``−1`` or ``255``, is unlabelled for the losses and metrics).
+
+Splits, as the papers: ``train/`` trains and ``val/`` is the reported test split. The papers
+select nothing on a separate validation split (MTAN, Nash-MTL and LibMTL print ``val/`` as
+"test"; Nash-MTL averages the last 10 epochs); ``val_size=0`` (default) gives ``val/`` as the
+validation split too, as they do, and ``val_size=n`` holds ``n`` training scenes out instead
+(Nash-MTL's Cityscapes variant holds out 475 with seed 42).
+
+Augmentation (training split only, ``augment=True``, as Nash-MTL / CAGrad / LibMTL; MTAN's
+paper had none): a random scale-crop (scale ``s ∈ {1.0, 1.2, 1.5}`` uniformly, a random
+``H/s × W/s`` window resized back to ``H × W``: bilinear for the image and normals, nearest for
+labels and depth, and depth divided by ``s``), then a horizontal flip with probability 1/2
+(negating the normals' x channel). Random draws use torch's generator, so a seeded run (and each
+``DataLoader`` worker, which torch seeds) is reproducible.
+
+Example:
+    >>> layout_text("nyuv2").splitlines()[1]
+    '  train/'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional
+from torch.utils.data import Dataset
+
+from taskbalance.bench.api import (
+    Benchmark,
+    BenchmarkError,
+    TrainingDefaults,
+    register_benchmark,
+    require_module,
+)
+from taskbalance.bench.dense import dense_tasks
+from taskbalance.bench.models import MultiTaskModel
+from taskbalance.bench.segnet import CPU_FILTERS, PAPER_FILTERS, segnet_model
+
+#: MTAN's random scale-crop factors.
+SCALES = (1.0, 1.2, 1.5)
+
+#: Image size of the preprocessed files.
+NYUV2_SIZE = (288, 384)
+CITYSCAPES_SIZE = (128, 256)
+
+_NUMBERED = re.compile(r"^(\d+)\.npy$")
+
+
+class DatasetLayoutError(BenchmarkError):
+    """A data directory that is missing or does not have the expected layout (a ValueError)."""
+
+
+def layout_text(dataset: str, num_classes: int = 7) -> str:
+    """The expected directory tree of ``"nyuv2"`` or ``"cityscapes"``, for error messages.
+
+    Args:
+        dataset: ``"nyuv2"`` or ``"cityscapes"``.
+        num_classes: Cityscapes' label set (7 or 19), which names its label folder.
+
+    Returns:
+        A few lines showing the tree.
+    """
+    if dataset == "nyuv2":
+        height, width = NYUV2_SIZE
+        folders = [
+            ("image", f"{height}×{width}×3 float"),
+            ("label", f"{height}×{width}, -1 = unlabelled"),
+            ("depth", f"{height}×{width}×1, 0 = missing"),
+            ("normal", f"{height}×{width}×3 unit vectors, 0 = missing"),
+        ]
+    else:
+        height, width = CITYSCAPES_SIZE
+        folders = [
+            ("image", f"{height}×{width}×3 float"),
+            (f"label_{num_classes}", f"{height}×{width}, -1 = unlabelled"),
+            ("depth", f"{height}×{width}×1, 0 = missing"),
+        ]
+    lines = ["DATA_ROOT/"]
+    for split in ("train", "val"):
+        lines.append(f"  {split}/")
+        lines += [f"    {name}/0.npy, 1.npy, ...   ({what})" for name, what in folders]
+    return "\n".join(lines)
+
+
+def _numbered_files(folder: Path) -> int:
+    """How many files ``0.npy … (n−1).npy`` a folder holds; raises if numbering has gaps."""
+    numbers = sorted(
+        int(match.group(1))
+        for match in map(_NUMBERED.match, (p.name for p in folder.iterdir()))
+        if match
+    )
+    if numbers != list(range(len(numbers))):
+        missing = sorted(set(range(len(numbers))) - set(numbers))[:5]
+        raise DatasetLayoutError(
+            f"{folder}: files must be numbered 0.npy … {len(numbers) - 1}.npy; missing "
+            f"{[f'{n}.npy' for n in missing]}"
+        )
+    return len(numbers)
+
+
+def _check_split(root: Path, split: str, folders: Sequence[str], layout: str) -> int:
+    """Check that ``root/split/<folder>/`` exist with the same numbered files; their count."""
+    if not root.is_dir():
+        raise DatasetLayoutError(f"data root {str(root)!r} is not a directory; expected:\n{layout}")
+    counts = {}
+    for folder in folders:
+        path = root / split / folder
+        if not path.is_dir():
+            raise DatasetLayoutError(
+                f"{str(path)!r} is missing; the data root must look like:\n{layout}"
+            )
+        counts[folder] = _numbered_files(path)
+    if len(set(counts.values())) != 1 or next(iter(counts.values())) == 0:
+        raise DatasetLayoutError(
+            f"{root / split}: every folder must hold the same number (≥ 1) of numbered .npy "
+            f"files, found {counts}; expected:\n{layout}"
+        )
+    return next(iter(counts.values()))
+
+
+def random_scale_crop(
+    image: Tensor,
+    label: Tensor,
+    depth: Tensor,
+    normal: Tensor | None = None,
+    scales: Sequence[float] = SCALES,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """MTAN's random scale-crop: zoom into a random window by a random factor.
+
+    Args:
+        image: ``[3, H, W]``.
+        label: ``[H, W]``.
+        depth: ``[1, H, W]``.
+        normal: ``[3, H, W]`` or None (Cityscapes).
+        scales: the factors ``s`` drawn from, uniformly.
+
+    Returns:
+        The four tensors at the same size; depth divided by ``s`` (the scene looks ``s`` times
+        nearer).
+
+    Example:
+        >>> import torch
+        >>> image, label = torch.rand(3, 4, 6), torch.zeros(4, 6, dtype=torch.long)
+        >>> out = random_scale_crop(image, label, torch.ones(1, 4, 6), scales=(2.0,))
+        >>> tuple(out[0].shape), float(out[2].max())
+        ((3, 4, 6), 0.5)
+    """
+    height, width = image.shape[-2:]
+    scale = scales[int(torch.randint(len(scales), ()))]
+    crop_h, crop_w = int(height / scale), int(width / scale)
+    top = int(torch.randint(height - crop_h + 1, ()))
+    left = int(torch.randint(width - crop_w + 1, ()))
+    window = (slice(top, top + crop_h), slice(left, left + crop_w))
+    size = (height, width)
+
+    def smooth(x: Tensor) -> Tensor:
+        return functional.interpolate(
+            x[None, :, window[0], window[1]], size=size, mode="bilinear", align_corners=True
+        )[0]
+
+    def nearest(x: Tensor) -> Tensor:
+        return functional.interpolate(x[None, :, window[0], window[1]], size=size, mode="nearest")[
+            0
+        ]
+
+    label_out = nearest(label[None].double())[0].to(label.dtype)
+    normal_out = None if normal is None else smooth(normal)
+    return smooth(image), label_out, nearest(depth) / scale, normal_out
+
+
+def horizontal_flip(
+    image: Tensor, label: Tensor, depth: Tensor, normal: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Mirror left–right; a mirrored normal has its x (first) channel negated.
+
+    Example:
+        >>> import torch
+        >>> normal = torch.tensor([[[0.5, 0.0]], [[0.0, 0.0]], [[0.75, 1.0]]])
+        >>> horizontal_flip(normal, normal[0, 0], normal[:1], normal)[3][:, 0, :].tolist()
+        [[-0.0, -0.5], [0.0, 0.0], [1.0, 0.75]]
+    """
+    flipped = None
+    if normal is not None:
+        flipped = normal.flip(-1)
+        flipped = torch.cat([-flipped[:1], flipped[1:]])
+    return image.flip(-1), label.flip(-1), depth.flip(-1), flipped
+
+
+class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
+    """One split of NYUv2 or Cityscapes in the preprocessed ``.npy`` layout.
+
+    Items are ``(image, (label, depth[, normal]))``: ``[3, H, W]`` float32, ``[H, W]`` int64,
+    ``[1, H, W]`` float32 and ``[3, H, W]`` float32.
+
+    Args:
+        root: the data root (containing ``train/`` and ``val/``).
+        split: ``"train"`` or ``"val"``.
+        dataset: ``"nyuv2"`` (label, depth, normals) or ``"cityscapes"`` (label, depth).
+        num_classes: Cityscapes' label set (7 or 19: folder ``label_7/`` or ``label_19/``).
+        augment: apply the random scale-crop and flip (training split).
+        indices: use only these scene numbers (a held-out validation subset).
+
+    Raises:
+        DatasetLayoutError: a missing folder, uneven or gapped numbering, or arrays of the wrong
+            shape; the message shows the expected tree.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        dataset: str = "nyuv2",
+        num_classes: int = 7,
+        augment: bool = False,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        if dataset not in ("nyuv2", "cityscapes"):
+            raise ValueError(f"dataset must be 'nyuv2' or 'cityscapes', got {dataset!r}")
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if dataset == "cityscapes" and num_classes not in (7, 19):
+            raise ValueError(f"Cityscapes num_classes must be 7 or 19, got {num_classes!r}")
+        self.numpy: Any = require_module("numpy")
+        self.root = Path(root)
+        self.split = split
+        self.dataset = dataset
+        self.augment = augment
+        label_folder = "label" if dataset == "nyuv2" else f"label_{num_classes}"
+        self.folders = ["image", label_folder, "depth"] + (["normal"] if dataset == "nyuv2" else [])
+        self.layout = layout_text(dataset, num_classes)
+        count = _check_split(self.root, split, self.folders, self.layout)
+        self.indices = list(range(count)) if indices is None else list(indices)
+        self._check_first_item()
+
+    def _load(self, folder: str, number: int) -> Tensor:
+        path = self.root / self.split / folder / f"{number}.npy"
+        return torch.from_numpy(self.numpy.load(path))
+
+    def _check_first_item(self) -> None:
+        image, label, depth, *normal = (self._load(f, 0) for f in self.folders)
+        height, width = label.shape[-2:] if label.dim() == 2 else (-1, -1)
+        expected = {
+            "image": (height, width, 3),
+            self.folders[1]: (height, width),
+            "depth": (height, width, 1),
+            "normal": (height, width, 3),
+        }
+        for folder, array in zip(self.folders, (image, label, depth, *normal), strict=True):
+            if label.dim() != 2 or tuple(array.shape) != expected[folder]:
+                raise DatasetLayoutError(
+                    f"{self.root / self.split / folder / '0.npy'}: shape {tuple(array.shape)}; "
+                    f"expected H×W×3 images, H×W labels, H×W×1 depth and H×W×3 normals "
+                    f"(channel last), as:\n{self.layout}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+        number = self.indices[index]
+        arrays = [self._load(folder, number) for folder in self.folders]
+        image = arrays[0].permute(2, 0, 1).float()
+        label = arrays[1].round().long()
+        depth = arrays[2].permute(2, 0, 1).float()
+        normal = arrays[3].permute(2, 0, 1).float() if len(arrays) == 4 else None
+        if self.augment:
+            image, label, depth, normal = random_scale_crop(image, label, depth, normal)
+            if bool(torch.rand(()) < 0.5):
+                image, label, depth, normal = horizontal_flip(image, label, depth, normal)
+        targets = (label, depth) if normal is None else (label, depth, normal)
+        return image, targets
+
+
+def dense_splits(
+    root: str | Path,
+    dataset: str,
+    num_classes: int = 7,
+    augment: bool = True,
+    val_size: int = 0,
+    data_seed: int = 0,
+) -> tuple[NpyDenseDataset, NpyDenseDataset, NpyDenseDataset]:
+    """The papers' train / validation / test splits of NYUv2 or Cityscapes.
+
+    Args:
+        root: the data root.
+        dataset: ``"nyuv2"`` or ``"cityscapes"``.
+        num_classes: Cityscapes' label set (7 or 19).
+        augment: augment the training split (scale-crop and flip).
+        val_size: 0: validation is ``val/`` (the papers); n > 0: n training scenes held out
+            (chosen by ``data_seed``, not augmented).
+        data_seed: seed of the held-out subset.
+
+    Returns:
+        ``(train, validation, test)``; test is always ``val/``.
+
+    Raises:
+        DatasetLayoutError: see :class:`NpyDenseDataset`.
+        ValueError: ``val_size`` negative or not below the training size.
+    """
+    train = NpyDenseDataset(root, "train", dataset, num_classes, augment=augment)
+    test = NpyDenseDataset(root, "val", dataset, num_classes)
+    if val_size == 0:
+        return train, test, test
+    if not 0 < val_size < len(train):
+        raise ValueError(f"val_size must be in [0, {len(train)}), got {val_size!r}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(data_seed)).tolist()
+    held_out, kept = order[:val_size], order[val_size:]
+    train = NpyDenseDataset(root, "train", dataset, num_classes, augment=augment, indices=kept)
+    validation = NpyDenseDataset(root, "train", dataset, num_classes, indices=held_out)
+    return train, validation, test
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks (``--bench nyuv2|cityscapes --data-root DIR``).
+
+#: Nash-MTL's NYUv2 settings (MTAN's SegNet): 200 epochs, batch 2, Adam 1e-4, halved at 100.
+NYUV2_DEFAULTS = TrainingDefaults(
+    epochs=200,
+    batch_size=2,
+    lr=1e-4,
+    schedule="step",
+    step_epochs=100,
+    gamma=0.5,
+    eval_batch_size=8,
+)
+#: Nash-MTL's Cityscapes settings: as NYUv2 with batch 8.
+CITYSCAPES_DEFAULTS = replace(NYUV2_DEFAULTS, batch_size=8)
+#: ``--small``: the first few scenes of each split, a CPU-sized SegNet, 1 epoch (smoke tests).
+SMALL_SCENES = 8
+
+
+def _dense_benchmark(
+    dataset: str, data_root: str | None, small: bool, data_seed: int, num_classes: int
+) -> Benchmark:
+    if data_root is None:
+        raise DatasetLayoutError(
+            f"--bench {dataset} reads your files: pass --data-root DIR with\n"
+            f"{layout_text(dataset, num_classes)}"
+        )
+    normals = dataset == "nyuv2"
+    train, validation, test = dense_splits(data_root, dataset, num_classes, data_seed=data_seed)
+    if small:
+        for split in {id(s): s for s in (train, validation, test)}.values():
+            split.indices = split.indices[:SMALL_SCENES]
+    filters = CPU_FILTERS if small else PAPER_FILTERS
+    out_channels = (num_classes, 1, 3) if normals else (num_classes, 1)
+
+    def model() -> MultiTaskModel:
+        return segnet_model(out_channels, (False, False, True)[: len(out_channels)], filters)
+
+    defaults = NYUV2_DEFAULTS if normals else CITYSCAPES_DEFAULTS
+    if small:
+        defaults = replace(defaults, epochs=1)
+    return Benchmark(
+        name=dataset,
+        # MTAN and Nash-MTL average depth and normal errors per batch; LibMTL over pixels.
+        tasks=dense_tasks(num_classes, normals=normals),
+        train=train,
+        validation=validation,
+        test=test,
+        model=model,
+        defaults=defaults,
+        description=NYUV2_DESCRIPTION if normals else CITYSCAPES_DESCRIPTION,
+        settings={
+            "data_root": str(Path(data_root).resolve()),
+            "small": small,
+            "data_seed": data_seed,
+            "num_classes": num_classes,
+            "train_scenes": len(train),
+            "test_scenes": len(test),
+            "augment": True,
+            "filters": list(filters),
+        },
+    )
+
+
+NYUV2_DESCRIPTION = "NYUv2 (your .npy files): 13-class segmentation, depth, normals; SegNet"
+CITYSCAPES_DESCRIPTION = "Cityscapes (your .npy files): 7-class segmentation, depth; SegNet"
+
+
+def build_nyuv2(data_root: str | None = None, small: bool = False, data_seed: int = 0) -> Benchmark:
+    """Build ``nyuv2`` from MTAN's preprocessed files (795 train, 654 test scenes, 288×384).
+
+    Model: MTAN's SegNet (:data:`~taskbalance.bench.segnet.PAPER_FILTERS`); training: Nash-MTL's
+    settings (:data:`NYUV2_DEFAULTS`), augmentation on. Compare with the published tables using
+    ``--select mean-last-10`` (Nash-MTL, FAMO) or ``--select last``.
+
+    Args:
+        data_root: the directory with ``train/`` and ``val/`` (see :func:`layout_text`).
+        small: the first 8 scenes per split, a CPU-sized SegNet and 1 epoch (smoke tests).
+        data_seed: seed of a held-out validation subset (unused with the papers' splits).
+
+    Returns:
+        The benchmark.
+
+    Raises:
+        DatasetLayoutError: no ``data_root``, or a directory without the expected layout.
+    """
+    return _dense_benchmark("nyuv2", data_root, small, data_seed, 13)
+
+
+def build_cityscapes(
+    data_root: str | None = None, small: bool = False, data_seed: int = 0
+) -> Benchmark:
+    """Build ``cityscapes`` (7 classes) from MTAN's preprocessed files (2975 / 500, 128×256).
+
+    Model: MTAN's SegNet with two heads; training: Nash-MTL's settings
+    (:data:`CITYSCAPES_DEFAULTS`), augmentation on. Arguments, result and errors as
+    :func:`build_nyuv2`.
+    """
+    return _dense_benchmark("cityscapes", data_root, small, data_seed, 7)
+
+
+register_benchmark(
+    "nyuv2",
+    build_nyuv2,
+    description=NYUV2_DESCRIPTION,
+    tasks=(
+        "segmentation: cross-entropy; mIoU ↑, pixel acc ↑",
+        "depth: L1; abs err ↓, rel err ↓",
+        "normal: 1 − cos; mean ↓, median ↓, within 11.25° ↑ 22.5° ↑ 30° ↑",
+    ),
+    needs_data_root=True,
+)
+register_benchmark(
+    "cityscapes",
+    build_cityscapes,
+    description=CITYSCAPES_DESCRIPTION,
+    tasks=("segmentation: cross-entropy; mIoU ↑, pixel acc ↑", "depth: L1; abs err ↓, rel err ↓"),
+    needs_data_root=True,
+)

@@ -1,0 +1,182 @@
+"""MoCo: multi-objective gradient correction (Fernando et al., ICLR 2023)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from taskbalance._registry import register
+from taskbalance._solvers import project_simplex
+from taskbalance._step import Step
+from taskbalance._validation import check_in_range, check_nonnegative, check_positive
+from taskbalance.methods._facts import BadHyperparameters
+from taskbalance.methods._gradient_base import GradientBalancer
+
+
+@register("moco")
+class MoCo(GradientBalancer):
+    """MoCo: min-norm weights of tracked gradient estimates, which removes MGDA's bias.
+
+    Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, "Mitigating Gradient Bias in
+    Multi-objective Learning: A Provably Convergent Approach", ICLR 2023, Algorithm 1. With
+    ``H`` the K×P Jacobian of this step's task losses (the listed parameters) and
+    ``β_t = β / t^{σ_β}``, ``γ_t = γ / t^{σ_γ}`` at refresh t:
+
+    - tracked gradients ``Y ← Y − β_t (Y − H)`` (``Y = 0`` at the start);
+    - weights ``λ ← Π_Δ(λ − γ_t (Y Yᵀ + ρI) λ)`` (``λ = 1/K`` at the start; ``Π_Δ`` the
+      Euclidean projection onto the simplex), one projected gradient step on MGDA's
+      min-norm problem for the tracked gradients;
+    - the shared direction ``d = Yᵀλ``.
+
+    ``d`` is not ``Jᵀw`` of the current step: it is set on the listed parameters in the one
+    ordinary backward (see "shared direction" in :class:`GradientBalancer`), and the heads get
+    their own unweighted gradients (as in LibMTL). ``b.weights`` are λ. Under DDP the rows
+    are the global (rank-averaged) task gradients, all-reduced once per step, so every rank
+    tracks the same ``Y``.
+
+    Parameters mode only: give ``params=`` (e.g. ``trunk[-1].parameters()``). ``Y`` is a
+    ``K×P`` buffer (P the number of listed parameter entries), K times the memory of those
+    parameters' gradients, and is saved in ``state_dict``: list the last shared layer rather
+    than the whole trunk when memory matters. Features mode is refused: the features are a
+    new batch's activations at every step, so tracking their gradients over steps has no
+    meaning.
+
+    Defaults: ``beta = 0.5``, ``beta_sigma = 0.5``, ``gamma = 0.1``, ``gamma_sigma = 0.5``,
+    ``rho = 0`` (LibMTL's ``MoCo_*`` flags, from the authors' code).
+
+    Departures: none from the paper's Algorithm 1. LibMTL (after the authors' shared code)
+    differs in two ways we do not follow: it rescales each task gradient to norm ``L_k``
+    (``h_k ← L_k·h_k/(‖h_k‖ + 1e-8)``) before tracking it, and replaces ``Π_Δ`` by a softmax.
+    ``compute_weights`` is refused (``Y`` needs the gradients, not their Gramian); steps
+    between ``update_every`` refreshes apply ``Jᵀλ`` with the last λ and leave ``Y``
+    unchanged.
+
+    Args:
+        num_tasks: K.
+        beta: step size β of the tracking update, in (0, 1].
+        beta_sigma: σ_β ≥ 0 in ``β_t = β / t^{σ_β}``.
+        gamma: step size γ > 0 of the λ update.
+        gamma_sigma: σ_γ ≥ 0 in ``γ_t = γ / t^{σ_γ}``.
+        rho: ρ ≥ 0, the ℓ2 regularisation of the λ update.
+        **options: ``params`` (required), ``update_every``, ``gram_dtype``, ``heads``: see
+            :class:`GradientBalancer`.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> shared = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        >>> b = tb.create("moco", num_tasks=2, params=shared, beta=1.0)
+        >>> b(torch.stack([shared[0], 2 * shared[1]])).backward()
+        >>> b.weights  # λ = Π_Δ((1/2, 1/2) − 0.1·diag(1, 4)·(1/2, 1/2))
+        tensor([0.5750, 0.4250])
+        >>> shared.grad  # d = Yᵀλ with Y = H = diag(1, 2)
+        tensor([0.5750, 0.8500])
+    """
+
+    requires_params = True
+    weights_from_gram = False
+    normalization_refused = (
+        "its direction is computed from the task gradients themselves, which the normalisation "
+        "(applied to the Gramian) does not reach"
+    )
+    per_group_refused = "its state and direction are kept for the listed tensors as a whole"
+    example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
+        {"beta": 0.9, "beta_sigma": 0.0},
+        {"gamma": 0.5, "rho": 0.1},
+    )
+    bad_hyperparameters: ClassVar[BadHyperparameters] = (
+        ({"beta": 0.0}, ValueError, r"beta: expected a number in \(0.0, 1.0\]"),
+        ({"gamma": -1.0}, ValueError, r"gamma: expected a number"),
+        ({"rho": -0.5}, ValueError, r"rho: expected"),
+    )
+
+    tracked: Tensor
+    lambdas: Tensor
+    moco_steps: Tensor
+
+    def __init__(
+        self,
+        num_tasks: int,
+        *,
+        beta: float = 0.5,
+        beta_sigma: float = 0.5,
+        gamma: float = 0.1,
+        gamma_sigma: float = 0.5,
+        rho: float = 0.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(num_tasks, **options)
+        self.beta = check_in_range("beta", beta, 0.0, 1.0, low_open=True)
+        self.beta_sigma = check_nonnegative("beta_sigma", beta_sigma)
+        self.gamma = check_positive("gamma", gamma)
+        self.gamma_sigma = check_nonnegative("gamma_sigma", gamma_sigma)
+        self.rho = check_nonnegative("rho", rho)
+        if self.shared_params is None:
+            raise ValueError(
+                "params: moco tracks each task's gradient over steps, which only means "
+                "something for parameters (features are a new batch's activations at every "
+                "step): give the shared parameters, e.g. tb.create('moco', num_tasks=..., "
+                "params=trunk[-1].parameters()); got none (features mode)"
+            )
+        wide = any(p.dtype == torch.float64 for p in self.shared_params)
+        size = sum(p.numel() for p in self.shared_params)
+        dtype = torch.float64 if wide else torch.float32
+        self.register_buffer("tracked", torch.zeros(self.num_tasks, size, dtype=dtype))
+        self.register_buffer(
+            "lambdas", torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
+        )
+        self.register_buffer("moco_steps", torch.zeros((), dtype=torch.long))
+
+    def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        raise ValueError(
+            "gram: moco tracks the task gradients themselves (a K×P estimate), which a Gramian "
+            "cannot update; compute_weights cannot apply it: call the balancer with the losses"
+        )
+
+    def _direction_from_rows(self) -> bool:
+        return True
+
+    def _rule(self, step: Step, gram: Tensor) -> Tensor:
+        if step.global_rows is None:
+            return self._gradient_weights(step.mean_losses, gram)
+        count = int(self.moco_steps) + 1
+        rows = step.global_rows
+        tracked, lambdas, direction = moco_update(
+            rows,
+            self.tracked,
+            self.lambdas,
+            self.beta / count**self.beta_sigma,
+            self.gamma / count**self.gamma_sigma,
+            self.rho,
+        )
+        self.tracked.copy_(tracked)
+        self.lambdas.copy_(lambdas)
+        self.moco_steps.fill_(count)
+        step.direction = list(direction.split([row.shape[1] for row in rows]))
+        return lambdas.to(torch.float32)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, beta={self.beta}, beta_sigma={self.beta_sigma}, "
+            f"gamma={self.gamma}, gamma_sigma={self.gamma_sigma}, rho={self.rho}"
+        )
+
+
+def moco_update(
+    rows: list[Tensor], tracked: Tensor, lambdas: Tensor, beta: float, gamma: float, rho: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One MoCo step: the new ``Y [K, P]``, ``λ [K]`` (float64) and ``d = Yᵀλ [P]``.
+
+    ``rows`` are the global task gradients, one ``[K, numel]`` block per listed parameter;
+    the inputs are untouched.
+    """
+    flat = torch.cat([row.to(tracked.dtype) for row in rows], dim=1)
+    new = tracked.to(flat.device)
+    new = new - beta * (new - flat)
+    wide = new.to(torch.float64)
+    lam = lambdas.to(device=flat.device, dtype=torch.float64)
+    hessian = wide @ wide.T + rho * torch.eye(lam.shape[0], dtype=torch.float64, device=lam.device)
+    lam = project_simplex(lam - gamma * (hessian @ lam))
+    direction = new.T @ lam.to(new.dtype)
+    return new.to(tracked.device), lam.to(lambdas.device), direction
