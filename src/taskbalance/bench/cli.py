@@ -606,7 +606,13 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--methods", default="all", help="'all' or m1,m2,... (default all)")
     toy.add_argument("--steps", type=int, default=None, help="Adam steps per trajectory")
     toy.add_argument("--out", default="runs/toy-2d", help="output directory")
-    toy.add_argument("--jobs", type=int, default=1, help="parallel worker processes (methods)")
+    toy.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes, one method each at a time (default: 2 where 2 CPUs exist; "
+        "the trajectories are the same for any N)",
+    )
     toy.set_defaults(handler=command_toy)
     return parser
 
