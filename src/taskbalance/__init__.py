@@ -14,6 +14,7 @@ them all. Losses live in :mod:`taskbalance.losses`, probability tools in
 
 from taskbalance import distributions, info, losses, optim
 from taskbalance._base import Balancer
+from taskbalance._diagnostics import GradientDiagnostics, gradient_diagnostics
 from taskbalance._gramian import gramian
 from taskbalance._registry import available, create, hyperparameters, method_class, register
 from taskbalance._solvers import SolverError
@@ -78,6 +79,7 @@ __all__ = [
     "GradNorm",
     "GradVac",
     "GradientBalancer",
+    "GradientDiagnostics",
     "Gumbel",
     "MoCo",
     "NashMTL",
@@ -88,6 +90,7 @@ __all__ = [
     "available",
     "create",
     "distributions",
+    "gradient_diagnostics",
     "gramian",
     "gumbel_max_sample",
     "gumbel_softmax",

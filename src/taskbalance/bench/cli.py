@@ -298,13 +298,8 @@ def _toy_parameter(name: str) -> dict[str, Any]:
     return {}
 
 
-def _train_toy(arguments: argparse.Namespace, method: Method, out: Path) -> int:
-    from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy_trajectory
-
-    if arguments.epochs is not None:
-        steps = arguments.epochs * TOY_STEPS_PER_EPOCH
-    else:
-        steps = 50 if arguments.small else TOY_STEPS
+def _check_toy_method(method: Method) -> None:
+    """Refuse bad hyperparameters before any trajectory runs."""
     try:
         tb.create(
             method.name,
@@ -314,26 +309,32 @@ def _train_toy(arguments: argparse.Namespace, method: Method, out: Path) -> int:
         )
     except (TypeError, ValueError) as error:
         raise CommandError(f"{method.label}: {error}") from None
-    trajectories = []
+
+
+def _train_toy(arguments: argparse.Namespace, method: Method, out: Path) -> int:
+    from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy_method
+
+    if arguments.epochs is not None:
+        steps = arguments.epochs * TOY_STEPS_PER_EPOCH
+    else:
+        steps = 50 if arguments.small else TOY_STEPS
+    _check_toy_method(method)
     bar = progress_bar(steps * len(TOY_STARTS), f"toy-2d/{method.label}", not arguments.quiet)
     try:
-        for start in TOY_STARTS:
-            trajectories.append(
-                run_toy_trajectory(
-                    method.name,
-                    start,
-                    steps=steps,
-                    hyperparameters=method.hyperparameters,
-                    seed=arguments.seed,
-                    progress=bar,
-                )
-            )
+        trajectories = run_toy_method(
+            method.name,
+            steps=steps,
+            hyperparameters=method.hyperparameters,
+            seed=arguments.seed,
+            progress=bar,
+        )
     except KeyboardInterrupt:
-        print("interrupted: writing the trajectories finished so far", file=sys.stderr)
+        print("interrupted: no trajectory written", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     finally:
         bar.close()
     _write_toy_outputs({method.label: trajectories}, out)
-    return 0 if len(trajectories) == len(TOY_STARTS) else INTERRUPTED_EXIT_CODE
+    return 0
 
 
 def _write_toy_outputs(trajectories: dict[str, list[Any]], out: Path) -> None:
@@ -393,7 +394,7 @@ def _write_trajectory_steps(
 
 def command_toy(arguments: argparse.Namespace) -> int:
     """``taskbalance toy``: every method's trajectories on the toy-2d landscape, as a PNG."""
-    from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy_trajectory
+    from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy
 
     try:
         methods = parse_methods(arguments.methods)
@@ -401,29 +402,28 @@ def command_toy(arguments: argparse.Namespace) -> int:
         raise CommandError(f"--methods: {error}") from None
     steps = arguments.steps if arguments.steps is not None else TOY_STEPS
     _positive("--steps", steps)
+    _positive("--jobs", arguments.jobs)
+    for method in methods:
+        _check_toy_method(method)
     out = prepare_output_directory(Path(arguments.out))
     require_module("matplotlib")
-    trajectories: dict[str, list[Any]] = {}
     bar = progress_bar(steps * len(TOY_STARTS) * len(methods), "toy-2d", not arguments.quiet)
+    count = 0
+
+    def finished(method: Method) -> None:
+        nonlocal count
+        count += 1
+        if not sys.stderr.isatty():
+            _log(arguments, f"[{count}/{len(methods)}] {method.label}")
+
     try:
-        for method in methods:
-            bar.set_postfix_str(method.label)
-            trajectories[method.label] = [
-                run_toy_trajectory(
-                    method.name,
-                    start,
-                    steps=steps,
-                    hyperparameters=method.hyperparameters,
-                    progress=bar,
-                )
-                for start in TOY_STARTS
-            ]
-            if not sys.stderr.isatty():
-                _log(arguments, f"[{len(trajectories)}/{len(methods)}] {method.label}")
-    except KeyboardInterrupt:
-        print("interrupted: writing the methods finished so far", file=sys.stderr)
+        trajectories = run_toy(
+            methods, steps=steps, jobs=arguments.jobs, progress=bar, finished=finished
+        )
     finally:
         bar.close()
+    if len(trajectories) < len(methods):
+        print("interrupted: writing the methods finished so far", file=sys.stderr)
     _write_toy_outputs(trajectories, out)
     return 0 if len(trajectories) == len(methods) else INTERRUPTED_EXIT_CODE
 
@@ -606,6 +606,13 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--methods", default="all", help="'all' or m1,m2,... (default all)")
     toy.add_argument("--steps", type=int, default=None, help="Adam steps per trajectory")
     toy.add_argument("--out", default="runs/toy-2d", help="output directory")
+    toy.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes, one method each at a time (default: 2 where 2 CPUs exist; "
+        "the trajectories are the same for any N)",
+    )
     toy.set_defaults(handler=command_toy)
     return parser
 

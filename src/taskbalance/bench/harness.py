@@ -642,6 +642,10 @@ def train_run(
                     result.failure = f"non-finite loss at step {step}: {losses.tolist()}"
                     break
                 if record_diagnostics and step % diagnostics_every == 0:
+                    # Measured here for gradient methods too, not read from the balancer: its
+                    # log_dict() has cosines only (no norms), from its last refresh
+                    # (update_every), in its gram_dtype, over all ranks under DDP, and w.r.t.
+                    # the parameters in parameters mode. ~50 Gramians per run cost little.
                     gram = tb.gramian(losses, features, dtype=torch.float64)
                     result.diagnostic_steps.append(step)
                     result.diagnostic_grams.append(gram.cpu().tolist())

@@ -14,8 +14,8 @@ from types import ModuleType
 
 import torch
 
+import taskbalance as tb
 from taskbalance.bench.api import Benchmark, require_module
-from taskbalance.bench.diagnostics import gradient_diagnostics
 from taskbalance.bench.harness import RunResult
 from taskbalance.bench.metrics import REFERENCE_METHOD, SINGLE_TASK, MethodSummary
 from taskbalance.bench.toy import TOY_BOUNDS, ToyTrajectory, toy_objectives
@@ -305,7 +305,7 @@ def plot_training_curves(run: RunResult, path: Path) -> bool:
 
 def _mean_cosines(runs: Sequence[RunResult]) -> torch.Tensor | None:
     matrices = [
-        gradient_diagnostics(torch.tensor(gram, dtype=torch.float64)).cosines
+        tb.gradient_diagnostics(torch.tensor(gram, dtype=torch.float64)).cosines
         for run in runs
         for gram in run.diagnostic_grams
     ]
@@ -321,7 +321,7 @@ def _conflict_profile(runs: Sequence[RunResult], bins: int) -> list[float]:
         last = max(run.diagnostic_steps) + 1
         for step, gram in zip(run.diagnostic_steps, run.diagnostic_grams, strict=True):
             position = min(bins - 1, step * bins // last)
-            found = gradient_diagnostics(torch.tensor(gram, dtype=torch.float64))
+            found = tb.gradient_diagnostics(torch.tensor(gram, dtype=torch.float64))
             sums[position] += found.conflict_fraction
             counts[position] += 1
     return [total / count if count else math.nan for total, count in zip(sums, counts, strict=True)]

@@ -22,7 +22,6 @@ import torch
 
 import taskbalance as tb
 from taskbalance.bench.api import Benchmark
-from taskbalance.bench.diagnostics import gradient_diagnostics
 from taskbalance.bench.harness import (
     Method,
     RunResult,
@@ -313,7 +312,7 @@ def write_diagnostics_csv(runs: Sequence[RunResult], path: Path) -> None:
         for run in runs:
             names = run.task_names
             for step, gram in zip(run.diagnostic_steps, run.diagnostic_grams, strict=True):
-                found = gradient_diagnostics(torch.tensor(gram, dtype=torch.float64))
+                found = tb.gradient_diagnostics(torch.tensor(gram, dtype=torch.float64))
                 norms = found.norms.tolist()
                 cosines = found.cosines.tolist()
                 for i in range(len(names)):

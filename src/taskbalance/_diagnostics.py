@@ -1,17 +1,10 @@
 """Gradient-conflict diagnostics from a Gramian: cosines, norms, norm ratios, conflicts.
 
-Given ``G = J Jᵀ`` of the K task gradients (``taskbalance.gramian(losses, features)``), the
-cosine of tasks i and j is ``G_ij / √(G_ii·G_jj)``, the norm of task k's gradient ``√G_kk``, and
-a pair *conflicts* when its cosine is negative (the two gradients pull the shared features in
-opposing directions, the situation PCGrad, CAGrad and MGDA were designed for). The harness
-records ``G`` w.r.t. the shared features every N steps of every run, for every method alike;
-it does not read a balancer's internals.
-
-Example:
-    >>> import torch
-    >>> found = gradient_diagnostics(torch.tensor([[4.0, -2.0], [-2.0, 4.0]]))
-    >>> found.cosines[0, 1].item(), found.norms.tolist(), found.conflict_fraction
-    (-0.5, [2.0, 2.0], 1.0)
+Given ``G = J Jᵀ`` of the K task gradients (:func:`taskbalance.gramian`), the cosine of tasks
+i and j is ``G_ij / √(G_ii·G_jj)``, the norm of task k's gradient ``√G_kk``, and a pair
+*conflicts* when its cosine is negative (the two gradients pull the shared tensor in opposing
+directions, the situation PCGrad, CAGrad and MGDA were designed for). The benchmark harness
+records these for every run (``diagnostics.csv``); any training loop can do the same.
 """
 
 from __future__ import annotations
@@ -42,6 +35,21 @@ class GradientDiagnostics:
 
 def gradient_diagnostics(gram: Tensor) -> GradientDiagnostics:
     """Cosines, norms, norm ratios and the fraction of conflicting pairs of a ``K×K`` Gramian.
+
+    Works on any Gramian of task gradients: :func:`taskbalance.gramian` of the losses with
+    respect to the shared features or parameters, or one a training loop already has.
+
+    Example:
+        >>> import torch, taskbalance as tb
+        >>> z = torch.tensor([[1.0, 2.0]], requires_grad=True)
+        >>> losses = torch.stack([z.sum(), -z[:, 0].sum()])  # gradients (1, 1) and (-1, 0)
+        >>> found = tb.gradient_diagnostics(tb.gramian(losses, z))
+        >>> round(found.cosines[0, 1].item(), 4), found.conflict_fraction
+        (-0.7071, 1.0)
+        >>> [round(n, 4) for n in found.norms.tolist()]
+        [1.4142, 1.0]
+        >>> [round(r, 4) for r in found.norm_ratios.tolist()]  # norm over the mean norm
+        [1.1716, 0.8284]
 
     Args:
         gram: a symmetric positive semi-definite ``[K, K]`` tensor (K ≥ 1).
