@@ -239,7 +239,7 @@ def _scale(J: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     a float64 noise floor relative to the largest gradient (the exact answer may be 0 with w
     of order 1, as for IMTL-G when only one task has a gradient)."""
     norms = J.norm(dim=1)
-    return (w.abs() * norms).sum() + 1e-8 * norms.max() * w.abs().sum()
+    return (w.abs() * norms).sum() + 1e-7 * norms.max() * w.abs().sum()
 
 
 def _claiming(prop: str) -> list[str]:
