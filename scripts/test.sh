@@ -10,8 +10,7 @@ VENV="${VENV:-.venv}"
 "$VENV/bin/python" -m pip install -q torch==2.13.0
 "$VENV/bin/python" -m pip install -q -e ".[dev,docs]"
 "$VENV/bin/python" -m ruff check src tests benchmarks examples scripts
-# enabled after the one-time format: the tree is formatted once, after every branch is merged.
-# "$VENV/bin/python" -m ruff format --check src tests benchmarks examples scripts
+"$VENV/bin/python" -m ruff format --check src tests benchmarks examples scripts
 # The type checker, configured under [tool.mypy] in pyproject.toml (strict, over src/taskbalance).
 "$VENV/bin/python" -m mypy
 # --strict turns every warning (a broken link, a missing docstring reference) into a failure.

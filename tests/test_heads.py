@@ -71,9 +71,7 @@ def test_heads_unweighted_reuses_weights_between_refreshes_and_keeps_trunk_exact
         z, losses = _losses(trunk, heads, x, y)
         b(losses, features=z).backward()
         w = b.weights
-        (gz,) = torch.autograd.grad(
-            (w * _losses(trunk, heads, x, y)[1]).sum(), [trunk[-1].weight]
-        )
+        (gz,) = torch.autograd.grad((w * _losses(trunk, heads, x, y)[1]).sum(), [trunk[-1].weight])
         torch.testing.assert_close(trunk[-1].weight.grad, gz, rtol=1e-5, atol=1e-6)
 
 

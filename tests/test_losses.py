@@ -994,9 +994,7 @@ def test_bad_hyperparameters_name_the_argument_and_value() -> None:
 
 def test_class_index_out_of_range() -> None:
     logits = torch.zeros(2, 3)
-    message = (
-        r"target: expected class indices in \[0, 2\].* \(input has 3 classes\), got 3"
-    )
+    message = r"target: expected class indices in \[0, 2\].* \(input has 3 classes\), got 3"
     with pytest.raises(ValueError, match=message):
         losses.cross_entropy(logits, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match=r"target: expected class indices in \[0, 2\] .*, got -1"):

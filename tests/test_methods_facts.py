@@ -44,6 +44,7 @@ from taskbalance.methods._facts import (
 
 K = 3
 
+
 def facts(name: str) -> MethodFacts:
     return method_facts(tb.method_class(name))
 

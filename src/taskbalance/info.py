@@ -44,6 +44,7 @@ from taskbalance._validation import (
 
 __all__ = ["cross_entropy", "entropy", "kl_divergence", "self_information"]
 
+
 def _probabilities_and_logs(
     x: Tensor, name: str, dim: int, from_logits: bool
 ) -> tuple[Tensor, Tensor]:

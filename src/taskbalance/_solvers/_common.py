@@ -49,7 +49,6 @@ def cap_error(solver: str, max_iter: int, residual: float, threshold: float) -> 
     )
 
 
-
 def select_backend(backend: str, G: object, python_max_k: int) -> Path:
     """The one place that decides between the plain-Python and the torch path.
 

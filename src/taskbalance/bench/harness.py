@@ -59,6 +59,7 @@ DEFAULT_WEIGHT_CAPACITY = 2048
 #: Gradient-conflict diagnostics recorded per run when no interval is given.
 DEFAULT_DIAGNOSTIC_POINTS = 50
 
+
 class ProgressBar(Protocol):
     """What the loop needs from a progress bar (a ``tqdm`` instance fits)."""
 

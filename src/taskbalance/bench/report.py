@@ -398,8 +398,7 @@ def run_metadata(
             "description": benchmark.description,
             "settings": _plain(dict(benchmark.settings)),
             "sizes": {
-                split: len(getattr(benchmark, split))
-                for split in ("train", "validation", "test")
+                split: len(getattr(benchmark, split)) for split in ("train", "validation", "test")
             },
             "tasks": [
                 {
