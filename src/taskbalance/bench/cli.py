@@ -203,6 +203,11 @@ def command_train(arguments: argparse.Namespace) -> int:
             bar.close()
         if rank == 0:
             _report_train(benchmark, method, run, out, config)
+            if arguments.tensorboard is not None:
+                from taskbalance.bench.tensorboard import write_run
+
+                written = write_run(run, benchmark, Path(arguments.tensorboard))
+                print(f"wrote TensorBoard scalars to {written} (tensorboard --logdir {written})")
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
@@ -577,6 +582,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", required=True, help="method name, optionally with variants: mgda[params=trunk]"
     )
     train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    train.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="also write the run's weights, losses, metrics and gradient cosines as TensorBoard "
+        "scalars to DIR (needs the tensorboard package)",
+    )
     train.set_defaults(handler=command_train)
 
     compare = subcommands.add_parser(
