@@ -197,7 +197,10 @@ def run_comparison(
         config: overrides of the benchmark's training defaults (the seed is ignored).
         selection: the model-selection rule.
         jobs: worker processes (1: in this process).
-        threads: torch threads in all; each worker gets ``max(1, threads // jobs)``.
+        threads: torch threads in all: with ``jobs = 1`` the runs use them all, otherwise each
+            worker gets ``max(1, threads // jobs)``. A run's results are bit-identical across
+            ``jobs`` when it gets the same number of threads (the thread count changes the
+            order of float reductions).
         fresh: delete earlier per-run results instead of resuming from them.
         benchmark: the already built benchmark (else built from ``source``).
         progress: advanced per step with ``jobs = 1``, per run otherwise.
@@ -247,8 +250,12 @@ def run_comparison(
             )
 
     interrupted = False
+    # The serial path runs with the same thread count as each parallel worker would: the
+    # number of intra-op threads changes the order of float reductions, and so the results.
+    caller_threads = torch.get_num_threads()
     try:
         if jobs <= 1:
+            torch.set_num_threads(max(1, threads))
             for index in pending:
                 job = planned[index]
                 if progress is not None:
@@ -270,6 +277,8 @@ def run_comparison(
             )
     except KeyboardInterrupt:
         interrupted = True
+    finally:
+        torch.set_num_threads(caller_threads)
     runs = [results[index] for index in sorted(results)]
     rows = summarise(runs, benchmark, selection)
     return Comparison(
