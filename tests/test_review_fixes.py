@@ -94,3 +94,22 @@ def test_unweighted_heads_fp16_features_survive_gradscaler_initial_scale():
         for k in range(2)
     )
     assert float((got - expected).norm() / expected.norm()) < 1e-3
+
+
+def test_a_gradient_method_that_never_sees_every_task_warns():
+    """With one task absent from every batch, a gradient method can never recompute its
+    weights (its rule needs every task's gradient): that must not stay silent."""
+    b = tb.create("mgda", num_tasks=3)
+    z = torch.randn(4, 2, requires_grad=True)
+
+    def call(step: int) -> None:
+        losses = torch.stack([(z * (k + 1)).sum() ** 2 for k in range(3)])
+        present = torch.ones(3, dtype=torch.bool)
+        present[step % 3] = False
+        b(losses, features=z, present=present)
+
+    for step in range(99):
+        call(step)
+    with pytest.warns(RuntimeWarning, match=r"present: mgda has not recomputed its weights"):
+        call(99)
+    assert torch.equal(b.weights, torch.tensor([0.0, 1.0, 1.0]))  # never recomputed

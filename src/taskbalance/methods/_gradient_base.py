@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -20,6 +21,9 @@ from taskbalance._validation import (
     check_in_range,
     check_positive_int,
 )
+
+#: Refresh steps in a row without every task after which a gradient method warns.
+_ABSENT_REFRESHES_WARNING = 100
 
 
 class GradientBalancer(Balancer):
@@ -224,6 +228,9 @@ class GradientBalancer(Balancer):
             self.register_buffer("_last_group_weights", torch.ones(len(groups), self.num_tasks))
         # None until the first call tells whether this graph supports the batched backward.
         self._batched_backward: bool | None = None
+        # Refresh steps in a row skipped because a task was absent (a host counter for a
+        # warning; not part of the state).
+        self._absent_refreshes = 0
         # Cosines of the task gradients at the last refresh, for log_dict (NaN before one).
         self._last_cosines = torch.full((self.num_tasks, self.num_tasks), math.nan)
 
@@ -363,7 +370,22 @@ class GradientBalancer(Balancer):
     def _refreshes(self, step: Step) -> bool:
         # Every task's gradient is needed to recompute: a step with an absent task reuses the
         # last weights for the present ones, as between two update_every refreshes.
-        return self._steps_taken % self.update_every == 0 and step.all_present
+        due = self._steps_taken % self.update_every == 0
+        if due and not step.all_present:
+            self._absent_refreshes += 1
+            if self._absent_refreshes == _ABSENT_REFRESHES_WARNING:
+                warnings.warn(
+                    f"present: {self._method_name} has not recomputed its weights for "
+                    f"{_ABSENT_REFRESHES_WARNING} refresh steps in a row because some task was "
+                    "absent each time; its rule needs every task's gradient, so it keeps "
+                    "reusing its last weights. If some task is missing from most batches, "
+                    "use a loss-based method, or larger batches that hold every task",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        elif due:
+            self._absent_refreshes = 0
+        return due and step.all_present
 
     def _update(self, step: Step) -> Tensor:
         if not step.refresh:
