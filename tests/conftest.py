@@ -43,6 +43,19 @@ GRAM_METHODS = [
 FEATURE_METHODS = [
     name for name in GRADIENT_METHODS if not method_facts(tb.method_class(name)).requires_params
 ]
+
+
+def applies_jtw(name: str, mode: str) -> bool:
+    """True when method ``name`` in ``mode`` ("features" or "params") sends the shared tensors
+    ``Jᵀw`` (not its own direction: DB-MTL in parameters mode, GradDrop, MoCo), so the tests
+    that compare a backward with ``Jᵀw`` apply to it."""
+    facts = method_facts(tb.method_class(name))
+    if not facts.weights_from_gram or (mode == "features" and facts.requires_params):
+        return False
+    extra = {"params": [shared_parameter()]} if mode == "params" else {}
+    return not make_balancer(name, 3, **extra)._direction_from_rows()
+
+
 #: Methods with learnable parameters that the user's optimiser steps.
 LEARNED_METHODS = ["uw", "imtl_l"]
 #: Methods that take logs or ratios of the losses.

@@ -26,6 +26,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 import taskbalance as tb
+from conftest import applies_jtw
 from taskbalance.methods._aligned_mtl import AlignedMTL
 from taskbalance.methods._config import ConFIG
 from taskbalance.methods._db_mtl import DBMTL
@@ -499,8 +500,15 @@ def _flat_jacobian(losses, inputs):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("mode", ["features", "params"])
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [
+        (name, mode)
+        for name in METHODS
+        for mode in ("features", "params")
+        if applies_jtw(name, mode)  # the others' own directions: test_directions.py
+    ],
+)
 def test_end_to_end_backward_is_jacobian_transpose_weights(name, mode):
     K = 3
     trunk, heads, x, targets = _tiny_model(K, seed=METHODS.index(name))
@@ -509,8 +517,6 @@ def test_end_to_end_backward_is_jacobian_transpose_weights(name, mode):
         b = tb.create(name, num_tasks=K, params=trunk.parameters())
     else:
         b = tb.create(name, num_tasks=K)
-    if b._direction_from_rows():
-        pytest.skip(f"{name} in {mode} mode sets a direction other than Jᵀw: test_directions.py")
     twin = tb.create(name, num_tasks=K)  # same defaults and seed: same trajectory
     for _ in range(3):
         trunk.zero_grad()
