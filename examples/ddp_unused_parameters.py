@@ -13,6 +13,7 @@ pattern's weights and trained model equal a single-process run on the concatenat
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -122,11 +123,23 @@ def compare_with_single_process(method: str, ranks: list[dict]) -> bool:
     return same_ranks and error <= 1e-5
 
 
+def run_then_exit(rank: int, train_rank, *args: str) -> None:
+    """``train_rank(rank, *args)``, then end the process without tearing torch down.
+
+    torch 2.13 can deadlock freeing a gloo process group whose last DDP all-reduce is still
+    being freed on gloo's worker thread: that thread waits for the GIL, which the main thread
+    holds while it joins it (seen here about once in ten runs). Every result is saved by then,
+    so the process ends without running that teardown; an exception still propagates.
+    """
+    train_rank(rank, *args)
+    os._exit(0)
+
+
 def spawn(train_rank, method: str) -> list[dict]:
     """Run ``train_rank(rank, method, store, folder)`` on WORLD_SIZE processes; their results."""
     with tempfile.TemporaryDirectory() as folder:
         store = str(Path(folder) / "store")
-        mp.spawn(train_rank, args=(method, store, folder), nprocs=WORLD_SIZE)
+        mp.spawn(run_then_exit, args=(train_rank, method, store, folder), nprocs=WORLD_SIZE)
         return [torch.load(Path(folder) / f"{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
