@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -87,7 +88,7 @@ def train_rank(rank: int, method: str, store: str, out: str) -> None:
         {"refused": refused, "weights": torch.stack(history), "parameters": parameters},
         f"{out}/{rank}.pt",
     )
-    dist.destroy_process_group()
+    end_rank()
 
 
 def train_single_process(method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,15 +124,14 @@ def compare_with_single_process(method: str, ranks: list[dict]) -> bool:
     return same_ranks and error <= 1e-5
 
 
-def run_then_exit(rank: int, train_rank, *args: str) -> None:
-    """``train_rank(rank, *args)``, then end the process without tearing torch down.
+def end_rank() -> NoReturn:
+    """End this rank's process once its results are saved, without tearing torch down.
 
-    torch 2.13 can deadlock freeing a gloo process group whose last DDP all-reduce is still
-    being freed on gloo's worker thread: that thread waits for the GIL, which the main thread
-    holds while it joins it (seen here about once in ten runs). Every result is saved by then,
-    so the process ends without running that teardown; an exception still propagates.
+    torch 2.13 can deadlock freeing a DDP model's gloo process group: the main thread holds
+    the GIL while it joins gloo's worker thread, which waits for the GIL to free its last
+    all-reduce's thread-local state (seen in about one run in ten here, under pytest). Called
+    while the model is still alive, so nothing of it is freed; an exception still propagates.
     """
-    train_rank(rank, *args)
     os._exit(0)
 
 
@@ -139,7 +139,7 @@ def spawn(train_rank, method: str) -> list[dict]:
     """Run ``train_rank(rank, method, store, folder)`` on WORLD_SIZE processes; their results."""
     with tempfile.TemporaryDirectory() as folder:
         store = str(Path(folder) / "store")
-        mp.spawn(run_then_exit, args=(train_rank, method, store, folder), nprocs=WORLD_SIZE)
+        mp.spawn(train_rank, args=(method, store, folder), nprocs=WORLD_SIZE)
         return [torch.load(Path(folder) / f"{rank}.pt") for rank in range(WORLD_SIZE)]
 
 

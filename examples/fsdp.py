@@ -26,6 +26,7 @@ from ddp_unused_parameters import (
     K,
     Model,
     check,
+    end_rank,
     shard,
     task_losses,
 )
@@ -64,7 +65,7 @@ def train_rank(rank: int, method: str, store: str, out: str) -> None:
         {"refused": refused, "weights": torch.stack(history), "parameters": parameters},
         f"{out}/{rank}.pt",
     )
-    dist.destroy_process_group()
+    end_rank()
 
 
 def main() -> None:
