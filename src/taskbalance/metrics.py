@@ -46,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Hashable, Sequence
 from typing import Literal
 
@@ -86,7 +87,7 @@ def _channel_valid(target: Tensor) -> Tensor:
     return (target != 0).any(dim=1)
 
 
-class Accumulator:
+class Accumulator(ABC):
     """Base of the accumulators: one number from a whole split.
 
     Subclasses set ``name`` and ``direction`` and implement ``update``, ``compute`` and
@@ -105,17 +106,17 @@ class Accumulator:
         """``True`` when higher values are better (δ_m = 1 in Δm%)."""
         return self.direction == "higher"
 
+    @abstractmethod
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add one batch."""
-        raise NotImplementedError
 
+    @abstractmethod
     def compute(self) -> float:
         """The metric over every batch added since the last reset."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reset(self) -> None:
         """Forget every batch."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, direction={self.direction!r})"
@@ -300,8 +301,9 @@ class _MaskedMean(Accumulator):
 class _DepthError(_MaskedMean):
     direction: Direction = "lower"
 
+    @abstractmethod
     def _errors(self, pred: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Per-pixel errors at the valid pixels."""
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add one batch.
@@ -414,8 +416,9 @@ class _NormalMetric(Accumulator):
         """
         self._angles.append(normal_angles(pred, target).float().cpu())
 
+    @abstractmethod
     def _statistic(self, angles: Tensor) -> float:
-        raise NotImplementedError
+        """The metric of a set of angles (degrees)."""
 
     def compute(self) -> float:
         """The statistic over the split's valid pixels, or the mean of per-batch values."""
