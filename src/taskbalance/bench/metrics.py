@@ -22,49 +22,11 @@ from taskbalance.bench.api import Benchmark
 from taskbalance.bench.harness import RunResult
 from taskbalance.bench.selection import Selection, selected_test
 from taskbalance.bench.stats import PairedComparison, paired_comparison
+from taskbalance.metrics import delta_m as delta_m  # re-exported: the one Δm% formula
 
 SINGLE_TASK = "single-task"
 #: The row every method is compared with, seed by seed.
 REFERENCE_METHOD = "ew"
-
-
-def delta_m(
-    method_metrics: Sequence[float],
-    single_task_metrics: Sequence[float],
-    higher_is_better: Sequence[bool],
-) -> float:
-    """Δm% of one method against the single-task baselines (lower is better).
-
-    Args:
-        method_metrics: the method's value of each metric.
-        single_task_metrics: the single-task baseline of each metric (non-zero).
-        higher_is_better: each metric's direction (δ_m = 1 when True).
-
-    Returns:
-        ``(1/M)·Σ_m (−1)^{δ_m}·(M_method,m − M_single,m)/M_single,m·100``; NaN when any input is.
-
-    Raises:
-        ValueError: the three sequences differ in length, are empty, or a baseline is zero.
-
-    Example:
-        >>> round(delta_m([0.9, 2.0], [1.0, 1.0], [True, False]), 6)  # (+10% + 100%) / 2
-        55.0
-    """
-    count = len(method_metrics)
-    if count == 0 or len(single_task_metrics) != count or len(higher_is_better) != count:
-        raise ValueError(
-            "delta_m: expected three non-empty sequences of equal length, got lengths "
-            f"{count}, {len(single_task_metrics)}, {len(higher_is_better)}"
-        )
-    total = 0.0
-    for index, (value, baseline, higher) in enumerate(
-        zip(method_metrics, single_task_metrics, higher_is_better, strict=True)
-    ):
-        if baseline == 0:
-            raise ValueError(f"delta_m: single-task metric {index} is 0; Δm% divides by it")
-        sign = -1.0 if higher else 1.0
-        total += sign * (value - baseline) / baseline
-    return 100.0 * total / count
 
 
 def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
