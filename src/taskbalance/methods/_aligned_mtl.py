@@ -91,7 +91,7 @@ class AlignedMTL(SpectralGradientBalancer):
         self.scale = check_choice("scale", scale, _SCALES)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        return aligned_mtl_weights(gram, self.scale, self.rtol).to(torch.float32)
+        return aligned_mtl_weights(gram, self.scale, self.rtol)
 
 
 def aligned_mtl_weights(gram: Tensor, scale: str = "min", rtol: float | None = None) -> Tensor:

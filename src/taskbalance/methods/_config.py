@@ -84,7 +84,7 @@ class ConFIG(SpectralGradientBalancer):
     )
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        return config_weights(gram, self.rtol).to(torch.float32)
+        return config_weights(gram, self.rtol)
 
 
 def config_weights(gram: Tensor, rtol: float | None = None) -> Tensor:

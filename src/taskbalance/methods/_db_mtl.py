@@ -182,7 +182,7 @@ def db_mtl_weights(
     # A norm at most eps·max (eps of G's dtype; zero included) counts as zero: α_k = 1.
     significant = new > torch.finfo(gram.dtype).eps * largest
     ratios = torch.where(significant, largest / new.clamp_min(1e-300), torch.ones_like(new))
-    return (ratios / shifted).to(torch.float32), new.to(averages.device)
+    return ratios / shifted, new.to(averages.device)
 
 
 def db_mtl_direction(
@@ -211,5 +211,5 @@ def db_mtl_direction(
     significant = norms > torch.finfo(dtype).eps * largest
     ratios = torch.where(significant, largest / norms.clamp_min(1e-300), torch.ones_like(norms))
     direction = (ratios.to(dtype)[:, None] * new).sum(dim=0)
-    weights = (ratios / shifted).to(torch.float32)
+    weights = ratios / shifted
     return weights, new.to(averages.device), direction

@@ -160,7 +160,7 @@ def graddrop_direction(
         masked = per_sample * keep.to(row.dtype)[:, None, :]
         direction.append(masked.sum(dim=0).reshape(-1))
     weights = torch.where(total > 0, kept / total.clamp_min(1e-300), torch.full_like(kept, leak))
-    return weights.to(torch.float32), direction
+    return weights, direction
 
 
 def sign_dropout_mask(signed: Tensor, generator: torch.Generator) -> Tensor:

@@ -167,4 +167,4 @@ def gradvac_weights(
             targets[i][j] = (1.0 - beta) * target + beta * cosine
         for m in range(num_tasks):
             total[m] += coefficients[m]
-    return torch.tensor(total, dtype=torch.float64).to(torch.float32), targets
+    return torch.tensor(total, dtype=torch.float64), targets

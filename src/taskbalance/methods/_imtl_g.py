@@ -73,7 +73,7 @@ class IMTLG(SpectralGradientBalancer):
     )
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        return imtl_g_weights(gram, self.rtol).to(torch.float32)
+        return imtl_g_weights(gram, self.rtol)
 
 
 def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:

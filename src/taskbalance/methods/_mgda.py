@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, cast
 
-import torch
 from torch import Tensor
 
 from taskbalance._registry import register
@@ -98,4 +97,4 @@ class MGDA(GradientBalancer):
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return min_norm_weights(
             gram.double(), max_iter=self.max_iter, tol=self.tol, method=self.solver
-        ).to(torch.float32)
+        )

@@ -104,24 +104,25 @@ def bargaining_weights(
     gradients of 1e-15 or 1e15 solve as well as gradients of 1) and scaled back. A task whose
     gradient is zero (``‖g_k‖² ≤ eps²·max_j ‖g_j‖²``, eps of G's dtype) has no finite weight
     (its utility ``g_kᵀd`` is 0 for every d): it is left out of the game with weight 0.
-    Float32 ``[K]``.
+    ``[K]``, float64 for a float64 Gramian, else float32.
     """
     g = gram.detach().double()
     g = 0.5 * (g + g.T)
     squared_norms = g.diagonal()
     largest = squared_norms.max()
     weights = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+    output = torch.float64 if gram.dtype == torch.float64 else torch.float32
     if not bool(largest > 0):
-        return weights.float()
+        return weights.to(output)
     active = squared_norms > torch.finfo(gram.dtype).eps ** 2 * largest
     index = active.nonzero().flatten()
     unit = g[index][:, index] / largest
     weights[index] = solve(unit) * float(largest) ** -exponent
-    result = weights.float()
+    result = weights.to(output)
     if not bool(torch.isfinite(result).all()):
         raise ValueError(
             f"gram: the task gradients are so small (largest ‖g_k‖² = {float(largest):.3g}) "
-            f"that {method}'s weights, which grow like 1/‖g‖, overflow float32; rescale "
+            f"that {method}'s weights, which grow like 1/‖g‖, overflow {output}; rescale "
             "the losses"
         )
     return result

@@ -147,7 +147,7 @@ def pcgrad_weights(gram: Tensor, orders: list[list[int]]) -> Tensor:
                     products[m] -= step * row[m]
         for m in range(num_tasks):
             total[m] += coefficients[m]
-    return torch.tensor(total, dtype=torch.float64).to(torch.float32)
+    return torch.tensor(total, dtype=torch.float64)
 
 
 def negligible_squared_norm(gram: Tensor) -> float:
