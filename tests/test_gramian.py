@@ -458,13 +458,13 @@ def test_registered_gradient_method_without_features_or_params():
 @pytest.mark.parametrize("mode", ["features", "params"])
 def test_update_every_computes_the_gramian_only_on_refresh_steps(monkeypatch, mode):
     calls = []
-    original = gradient_base.jacobian_rows
+    original = gradient_base.task_gradients
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(gradient_base, "jacobian_rows", counting)
+    monkeypatch.setattr(gradient_base, "task_gradients", counting)
     model, x, y = mlp_problem(3)
     params = list(model.trunk.parameters()) if mode == "params" else None
     b = Probe(3, update_every=3, params=params, heads="weighted")

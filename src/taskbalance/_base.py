@@ -385,7 +385,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         observed = self._steps_taken > 0
         for k, value in enumerate(self._last_losses.tolist()):
             logged[f"{prefix}loss/{k}"] = value if observed else math.nan
-        cosines = getattr(self, "_last_cosines", None)
+        gram = getattr(self, "_last_gram", None)  # gradient methods, once they refreshed
+        cosines = None
+        if gram is not None:
+            norms = gram.diagonal().clamp_min(0).sqrt()
+            cosines = (gram / (norms[:, None] * norms[None, :])).cpu()
         if cosines is not None and bool(torch.isfinite(cosines).all()):
             table = cosines.tolist()
             for i in range(self.num_tasks):

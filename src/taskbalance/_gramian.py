@@ -66,9 +66,11 @@ in parameters mode, since the forward runs on gathered copies that autograd cann
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -136,22 +138,55 @@ def gramian(
     inputs, features_mode = _inputs(wrt, features)
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
-    rows, _ = jacobian_rows(vector, inputs, batched=batched, features_mode=features_mode)
-    return gramian_from_rows(rows, features_mode=features_mode, dtype=dtype)
+    grads = task_gradients(
+        vector,
+        inputs,
+        batched=batched,
+        features_mode=features_mode,
+        gramian_of=lambda rows: gramian_from_rows(rows, features_mode=features_mode, dtype=dtype),
+    )
+    assert grads.gram is not None  # gramian_of was given
+    return grads.gram
 
 
-def jacobian_rows(
+@dataclass(frozen=True)
+class TaskGradients:
+    """The task gradients of one call, as the engine computed them.
+
+    Attributes:
+        rows: per-input Jacobian blocks ``[K, numel]`` (float32, or float64) **times**
+            ``scale``: dividing K×numel numbers by a power of two is a pass over memory that
+            a consumer can fold into a K-vector (``Jᵀ(w / scale)``) or a K×K matrix.
+        scale: the power of two the backward passes were scaled by (see the module docstring).
+        path: True for the batched backward, False for a loop over ``losses[k]``, None for
+            the per-task loop over the stack's edges.
+        gram: the unscaled Gramian made by ``gramian_of`` (None when none was asked for).
+        finite: whether the rows (with ``gramian_of``: the Gramian) are finite.
+    """
+
+    rows: list[Tensor]
+    scale: float
+    path: bool | None
+    gram: Tensor | None
+    finite: bool
+
+    def unscaled_rows(self) -> list[Tensor]:
+        """The rows divided by ``scale`` (new tensors; ``rows`` stay as they are)."""
+        if self.scale == 1.0:
+            return list(self.rows)
+        return [row / self.scale for row in self.rows]
+
+
+def task_gradients(
     losses: Tensor,
     inputs: Sequence[Tensor],
     *,
     batched: bool | None,
     features_mode: bool | None = None,
     present: Tensor | Sequence[bool] | None = None,
-) -> tuple[list[Tensor], bool | None]:
-    """Per-input Jacobian blocks ``[K, numel]`` (float32, or float64) and the path taken.
-
-    The path is True for the batched backward, False for a loop over ``losses[k]`` (asked for,
-    or the fallback), None for the per-task loop over the stack's edges.
+    gramian_of: Callable[[list[Tensor]], Tensor] | None = None,
+) -> TaskGradients:
+    """The K task gradients with respect to ``inputs``, and their Gramian when asked for.
 
     ``batched=None`` picks the fastest path that works. When ``losses`` was stacked from K
     separate losses (``torch.stack``, which is what a list passed to a balancer becomes), it
@@ -163,6 +198,13 @@ def jacobian_rows(
     ``features_mode`` only names the inputs in errors (``features`` or ``params[i]``); None
     guesses it (parameters mode when every input is an ``nn.Parameter``). ``present`` (bool
     ``[K]``, default all True) marks the tasks to differentiate; absent tasks get zero rows.
+
+    ``gramian_of(rows)`` gives the Gramian of (scaled) rows, reduced over DDP ranks as the
+    caller needs; it is unscaled here. An overflow at the current scale shows in it as a
+    non-finite entry, so the retry at a smaller scale is decided on those K² numbers (the same
+    on every rank) rather than on a pass over the rows. Without ``gramian_of`` a sum of each
+    block decides.
+
     Raises ``ValueError`` when an input or a present task is outside the graph (see the module
     docstring), and for sharded DTensor inputs.
     """
@@ -178,10 +220,11 @@ def jacobian_rows(
         scale = min(_INITIAL_SCALE, _largest_power_of_two(losses.dtype))
         rows, path, reached = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
         _check_reached(reached, names, mask)
-        while scale > 1.0 and not _all_finite(rows):
-            present_losses = losses.detach()[torch.tensor(mask, device=losses.device)]
-            if not bool(torch.isfinite(present_losses).all()):
-                break  # a non-finite loss: its gradients are not an overflow of the scale
+        while True:
+            gram = None if gramian_of is None else _unscaled_gram(gramian_of(rows), scale)
+            finite = _all_finite(rows) if gram is None else _gram_finite(gram)
+            if finite or scale == 1.0 or not _retry_can_help(losses, mask, gram is not None):
+                break
             scale = max(scale / _BACKOFF, 1.0)
             if path is not None:  # a fallback to the loop warned once: keep to the loop
                 batched = path
@@ -189,7 +232,24 @@ def jacobian_rows(
     finally:
         for tensor, grad in retained:
             tensor.grad = grad
-    return [_unscaled(row, scale) for row in rows], path
+    return TaskGradients(rows, scale, path, gram, finite)
+
+
+def jacobian_rows(
+    losses: Tensor,
+    inputs: Sequence[Tensor],
+    *,
+    batched: bool | None,
+    features_mode: bool | None = None,
+    present: Tensor | Sequence[bool] | None = None,
+) -> tuple[list[Tensor], bool | None]:
+    """Per-input Jacobian blocks ``[K, numel]`` (float32, or float64), unscaled, and the path
+    taken: :func:`task_gradients` without a Gramian (see there for the arguments)."""
+    grads = task_gradients(
+        losses, inputs, batched=batched, features_mode=features_mode, present=present
+    )
+    # The rows are the engine's own tensors (stacked, or fresh from autograd): in place.
+    return [row if grads.scale == 1.0 else row.div_(grads.scale) for row in grads.rows], grads.path
 
 
 def gramian_from_rows(
@@ -200,21 +260,30 @@ def gramian_from_rows(
     ``reduce=False`` takes rows that are already the global ones (:func:`global_rows`).
     """
     device = rows[0].device
-    with torch.autocast(device_type=device.type, enabled=False):
+    with _autocast_off(device.type):
+        distributed = is_distributed()
         if not reduce:
             flat = torch.cat([row.to(dtype) for row in rows], dim=1)
             return flat @ flat.T
-        if is_distributed() and not features_mode:
+        if distributed and not features_mode:
             flat = torch.cat([row.to(dtype) for row in rows], dim=1)
             flat = all_reduce_mean(flat)
             return flat @ flat.T
-        gram = torch.zeros(rows[0].shape[0], rows[0].shape[0], dtype=dtype, device=device)
-        for row in rows:
+        first = rows[0].to(dtype)
+        gram = first @ first.T
+        for row in rows[1:]:
             row = row.to(dtype)
             gram.addmm_(row, row.T)
-        if is_distributed():
+        if distributed:
             gram = all_reduce_sum(gram) / world_size() ** 2
         return gram
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[object]:
+    # Entering torch.autocast costs more than a small Gramian: only when it is on.
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def global_rows(rows: Sequence[Tensor]) -> list[Tensor]:
@@ -245,8 +314,9 @@ def _rows_by_fastest_path(
     num_tasks = losses.shape[0]
     edges = _per_task_edges(losses, num_tasks)
     if not batched and edges is not None:
+        cotangent = torch.full(losses.shape[1:], scale, dtype=losses.dtype, device=losses.device)
         per_task = [
-            _edge_grads(edge, losses, inputs, scale) if wanted else None
+            _edge_grads(edge, cotangent, inputs) if wanted else None
             for edge, wanted in zip(edges, present, strict=True)
         ]
         reached = [[g is not None for g in grads] for grads in _filled(per_task, inputs)]
@@ -310,11 +380,11 @@ def _looped_grads(
 
 
 def _edge_grads(
-    edge: GradientEdge | None, losses: Tensor, inputs: Sequence[Tensor], scale: float
+    edge: GradientEdge | None, cotangent: Tensor, inputs: Sequence[Tensor]
 ) -> tuple[Tensor | None, ...]:
+    """One task's gradients from its edge into the stack; ``cotangent`` is a 0-d tensor."""
     if edge is None:  # a loss that does not require grad (a constant)
         return (None,) * len(inputs)
-    cotangent = torch.full(losses.shape[1:], scale, dtype=losses.dtype, device=losses.device)
     return torch.autograd.grad(
         [edge], list(inputs), grad_outputs=[cotangent], retain_graph=True, allow_unused=True
     )
@@ -345,7 +415,8 @@ def _confirm_reached(
     nonzero = (torch.stack(norms) > 0).any(dim=0).tolist()
     for k in range(num_tasks):
         if present[k] and not nonzero[k]:
-            grads = _edge_grads(edges[k], losses, inputs, 1.0)
+            one = torch.ones((), dtype=losses.dtype, device=losses.device)
+            grads = _edge_grads(edges[k], one, inputs)
             reached[k] = [grad is not None for grad in grads]
     return reached
 
@@ -462,21 +533,43 @@ def _largest_power_of_two(dtype: torch.dtype) -> float:
 
 
 def _all_finite(rows: Sequence[Tensor]) -> bool:
-    # A sum is non-finite when any term is, and is 30× cheaper than isfinite().all(); summed in
-    # float32 at least, so finite float16 rows cannot overflow it. A float32 sum that overflows
-    # on finite terms only costs a needless retry at a smaller scale.
-    sums = [
-        row.sum(dtype=torch.float64 if row.dtype == torch.float64 else torch.float32)
-        for row in rows
-    ]
-    return bool(torch.isfinite(torch.stack(sums)).all())
+    # A sum is non-finite when any term is, and is 30× cheaper than isfinite().all(). The rows
+    # are float32 at least (see _widened): a float32 sum that overflows on finite terms only
+    # costs a needless retry at a smaller scale.
+    return bool(torch.isfinite(torch.stack([row.sum() for row in rows])).all())
 
 
-def _unscaled(row: Tensor, scale: float) -> Tensor:
-    # Float32 at least, so that dividing by the scale cannot underflow a float16 row again. The
-    # rows are the engine's own tensors (stacked, or fresh from autograd): divide in place.
-    wide = row.to(torch.float64 if row.dtype == torch.float64 else torch.float32)
-    return wide if scale == 1.0 else wide.div_(scale)
+def _gram_finite(gram: Tensor) -> bool:
+    # One reduction and one host copy: a sum is non-finite when any entry is, and in float64 the
+    # K² entries of a float32 Gramian cannot overflow it.
+    return math.isfinite(gram.sum(dtype=torch.float64))
+
+
+def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _widened(row: Tensor) -> Tensor:
+    # Float32 at least, so that unscaling cannot underflow a float16 row again and the
+    # Gramian and Jᵀw are accumulated in full precision.
+    return row.to(_wide_dtype(row.dtype))
+
+
+def _unscaled_gram(gram: Tensor, scale: float) -> Tensor:
+    # Exact: a power of two (a Gramian of rows scaled by s is s² times theirs).
+    return gram if scale == 1.0 else gram / (scale * scale)
+
+
+def _retry_can_help(losses: Tensor, present: Sequence[bool], reduced: bool) -> bool:
+    """False when a present loss is itself non-finite: no smaller scale makes it finite.
+
+    Under DDP a reduced Gramian decides the retry on every rank alike (a rank's own losses
+    would not: its peers would then wait in a collective it skipped), so it always retries.
+    """
+    if reduced and is_distributed():
+        return True
+    present_losses = losses.detach()[torch.tensor(present, device=losses.device)]
+    return bool(torch.isfinite(present_losses).all())
 
 
 def _per_task_edges(losses: Tensor, num_tasks: int) -> list[GradientEdge | None] | None:
@@ -508,16 +601,21 @@ def _stack_rows(
     filled = _filled(per_task, inputs)
     rows = []
     for index, tensor in enumerate(inputs):
-        zero = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
         grads = [task_grads[index] for task_grads in filled]
-        rows.append(torch.stack([zero if grad is None else grad.reshape(-1) for grad in grads]))
+        zero = None
+        if any(grad is None for grad in grads):
+            zero = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        rows.append(
+            _widened(torch.stack([zero if grad is None else grad.reshape(-1) for grad in grads]))
+        )
     return rows
 
 
 def _flat_rows(grad: Tensor | None, tensor: Tensor, num_tasks: int) -> Tensor:
     if grad is None:
-        return torch.zeros(num_tasks, tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    return grad.reshape(num_tasks, -1)
+        wide = _wide_dtype(tensor.dtype)
+        return torch.zeros(num_tasks, tensor.numel(), dtype=wide, device=tensor.device)
+    return _widened(grad.reshape(num_tasks, -1))
 
 
 def _loss_vector(losses: Tensor | Sequence[Tensor]) -> Tensor:

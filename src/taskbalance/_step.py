@@ -35,13 +35,16 @@ class Step:
         gram: the ``[K, K]`` Gramian, set by gradient methods' ``_prepare`` on refresh steps
             (``[num_groups, K, K]``, one per parameter group, with per-group aggregation).
         shared: the shared tensors the task gradients were taken with respect to.
-        rows: the per-task gradient blocks ``[K, numel]``, one per tensor of ``shared``.
+        rows: the per-task gradient blocks ``[K, numel]``, one per tensor of ``shared``, times
+            ``row_scale``: the engine's power-of-two scale is left in (see
+            :class:`taskbalance._gramian.TaskGradients`), so use ``Jᵀ(w / row_scale)``.
+        row_scale: the power of two ``rows`` are scaled by.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
         all_present: True when every task is present (a host copy of ``present.all()``).
-        global_rows: on refresh steps, the rows of the global (rank-averaged) task gradients
-            in parameters mode under DDP, for methods whose direction is computed from the
-            rows (``rows`` stay local: the objective cancels this rank's own gradients);
-            ``rows`` itself otherwise (features are this rank's own samples).
+        global_rows: on refresh steps, for methods whose direction is computed from the rows,
+            the unscaled rows: of the global (rank-averaged) task gradients in parameters mode
+            under DDP (``rows`` stay local: the objective cancels this rank's own gradients),
+            of this rank's own otherwise (features are this rank's own samples).
         direction: the shared tensors' gradient, one flat tensor per tensor of ``shared``,
             when the method's ``_update`` sets one other than ``Jᵀw``; None for ``Jᵀw``.
         group_weights: with per-group aggregation, the ``[num_groups, K]`` weights of each
@@ -61,6 +64,7 @@ class Step:
     gram: Tensor | None = None
     shared: list[Tensor] | None = None
     rows: list[Tensor] | None = None
+    row_scale: float = 1.0
     nonfinite: bool = False
     all_present: bool = True
     global_rows: list[Tensor] | None = None

@@ -6,6 +6,7 @@ all of its M problems (UPGrad: one per task, sharing one Gramian) together.
 
 from __future__ import annotations
 
+import math
 from operator import mul
 
 import torch
@@ -27,6 +28,8 @@ from taskbalance._solvers._common import (
 from taskbalance._validation import check_nonnegative, check_positive_int
 
 __all__ = ["dual_cone_weights", "nonneg_qp"]
+
+_NON_FINITE_PREFS = "dual_cone_weights: prefs contains non-finite values (nan or inf)"
 
 #: Largest K solved on the plain-Python path by ``backend="auto"``: one problem, and M problems
 #: (the Python path solves them one after another, the torch path all at once).
@@ -424,22 +427,25 @@ def dual_cone_weights(
     if not isinstance(prefs, Tensor) or prefs.ndim not in (1, 2) or prefs.shape[-1] != K:
         shape = tuple(prefs.shape) if isinstance(prefs, Tensor) else type(prefs).__name__
         raise ValueError(f"prefs: expected shape [{K}] or [M, {K}], got {shape}")
-    P = prefs.detach().to(device="cpu", dtype=F64).reshape(-1, K)
-    if not bool(torch.isfinite(P).all()):
-        raise SolverError("dual_cone_weights: prefs contains non-finite values (nan or inf)")
     if work is not None:
+        pref_rows: list[list[float]] = prefs.detach().reshape(-1, K).tolist()
+        if not all(math.isfinite(v) for row in pref_rows for v in row):
+            raise SolverError(_NON_FINITE_PREFS)
         tr = sum(work[i][i] for i in range(K))
         scale = 0.0 if (tr < norm_eps or tr == 0.0) else 1.0 / tr
         Gl = [[v * scale for v in row] for row in work]
         for i in range(K):
             Gl[i][i] += reg_eps
         rows = []
-        for p in P.tolist():
+        for p in pref_rows:
             b = [sum(map(mul, row, p)) for row in Gl]
             u = _nnqp_py(Gl, b, max_iter, tol, "dual_cone_weights")
             rows.append([a + c for a, c in zip(p, u, strict=True)])
         return to_output(rows, G).reshape(prefs.shape)
     assert Gw is not None
+    P = prefs.detach().to(device="cpu", dtype=F64).reshape(-1, K)
+    if not bool(torch.isfinite(P).all()):
+        raise SolverError(_NON_FINITE_PREFS)
     tr = float(Gw.diagonal().sum())
     Gn = torch.zeros_like(Gw) if (tr < norm_eps or tr == 0.0) else Gw / tr
     if reg_eps > 0.0:

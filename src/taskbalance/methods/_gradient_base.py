@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,7 +13,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._distributed import is_distributed
-from taskbalance._gramian import global_rows, gramian_from_rows, jacobian_rows
+from taskbalance._gramian import global_rows, gramian_from_rows, task_gradients
 from taskbalance._step import Step
 from taskbalance._validation import (
     check_choice,
@@ -231,8 +230,8 @@ class GradientBalancer(Balancer):
         # Refresh steps in a row skipped because a task was absent (a host counter for a
         # warning; not part of the state).
         self._absent_refreshes = 0
-        # Cosines of the task gradients at the last refresh, for log_dict (NaN before one).
-        self._last_cosines = torch.full((self.num_tasks, self.num_tasks), math.nan)
+        # The Gramian of the last refresh, for log_dict's cosines (None before one).
+        self._last_gram: Tensor | None = None
 
     def _check_per_group(self, groups: list[tuple[str, list[Tensor]]] | None) -> None:
         what = f"group_aggregation: {self.group_aggregation!r}"
@@ -383,7 +382,7 @@ class GradientBalancer(Balancer):
                     RuntimeWarning,
                     stacklevel=4,
                 )
-        elif due:
+        elif due and self._absent_refreshes:
             self._absent_refreshes = 0
         return due and step.all_present
 
@@ -402,8 +401,9 @@ class GradientBalancer(Balancer):
             weights, total = group_weights.mean(0), gram.sum(0)
             self._last_group_weights.copy_(group_weights)
             step.group_weights = group_weights
-        norms = total.diagonal().clamp_min(0).sqrt()
-        self._last_cosines = (total / (norms[:, None] * norms[None, :])).detach().cpu()
+        # Kept for log_dict's cosines, which are computed only when asked for (a plain
+        # attribute: nn.Module.__setattr__'s checks would cost more than the clone).
+        object.__setattr__(self, "_last_gram", total.detach().clone())
         return weights.to(device=step.mean_losses.device, dtype=gram.dtype)
 
     def _check_call_inputs(
@@ -447,42 +447,53 @@ class GradientBalancer(Balancer):
             return
         assert step.features is not None  # _check_call_inputs returned the shared tensors
         features_mode = self.shared_params is None
+        # Rows of the global (rank-averaged) gradients for a direction computed from them in
+        # parameters mode under DDP: one all-reduce of the K×P rows serves the direction and
+        # the Gramian alike.
+        reduce_rows = self._direction_from_rows() and not features_mode and is_distributed()
+        averaged: list[list[Tensor]] = []
+
+        def gramian_of(rows: list[Tensor]) -> Tensor:
+            if self._group_sizes is not None:
+                bounds = [0, *itertools.accumulate(self._group_sizes)]
+                return torch.stack(
+                    [
+                        gramian_from_rows(rows[a:b], features_mode=False, dtype=self.gram_dtype)
+                        for a, b in itertools.pairwise(bounds)
+                    ]
+                )
+            if reduce_rows:
+                averaged[:] = [global_rows(rows)]
+                return gramian_from_rows(
+                    averaged[0], features_mode=False, dtype=self.gram_dtype, reduce=False
+                )
+            return gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
+
         # Absent tasks are not differentiated (their loss may be NaN or a constant outside the
         # graph): the engine gives them zero rows instead of refusing them.
-        rows, path = jacobian_rows(
+        grads = task_gradients(
             step.graph_losses,
             step.features,
             batched=self._batched_backward,
             features_mode=features_mode,
             present=step.local_present,
+            gramian_of=gramian_of if step.refresh else None,
         )
         # Once a graph needed the loop (path False), stop retrying the batched backward.
-        if path is False:
+        if grads.path is False:
             self._batched_backward = False
-        step.shared, step.rows = step.features, rows
+        step.shared, step.rows, step.row_scale = step.features, grads.rows, grads.scale
         if self._group_sizes is not None:
             # Reused between refreshes (update_every, accumulation, absent tasks).
             step.group_weights = self._last_group_weights.clone()
         if not step.refresh:
             return
-        if self._group_sizes is not None:
-            bounds = [0, *itertools.accumulate(self._group_sizes)]
-            gram = torch.stack(
-                [
-                    gramian_from_rows(rows[a:b], features_mode=False, dtype=self.gram_dtype)
-                    for a, b in itertools.pairwise(bounds)
-                ]
-            )
-        elif self._direction_from_rows() and not features_mode and is_distributed():
-            # One all-reduce of the K×P rows serves the direction and the Gramian alike.
-            step.global_rows = global_rows(rows)
-            gram = gramian_from_rows(
-                step.global_rows, features_mode=False, dtype=self.gram_dtype, reduce=False
-            )
-        else:
-            step.global_rows = rows
-            gram = gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
-        if not bool(torch.isfinite(gram).all()):
+        if self._direction_from_rows():
+            rows = averaged[0] if averaged else grads.rows
+            step.global_rows = [row / grads.scale for row in rows] if grads.scale != 1 else rows
+        gram = grads.gram
+        assert gram is not None  # gramian_of was given on a refresh step
+        if not grads.finite:
             step.nonfinite = True
             if self.on_nonfinite == "raise":
                 source = "features" if features_mode else "params"
@@ -503,14 +514,15 @@ class GradientBalancer(Balancer):
         assert step.shared is not None  # _prepare took the task gradients
         assert step.rows is not None
         # ⟨x, v⟩ adds Σ_k (w_k − 1)·∇_x L_k to the shared tensor's gradient only: the heads
-        # never see it.
-        inner = step.losses.new_zeros(())
+        # never see it. The rows are scaled by a power of two: dividing the K shifts is exact.
+        inner: Tensor | None = None
         per_tensor = self._tensor_weights(step, weights)
         for tensor, row, tensor_weights in zip(step.shared, step.rows, per_tensor, strict=True):
-            shifts = (tensor_weights - 1).detach()
-            correction = torch.mv(row.T, shifts.to(row.dtype))
-            inner = inner + _inner_product(tensor, correction).to(inner.dtype)
-        return step.losses.sum() + (inner - inner.detach())
+            shifts = ((tensor_weights.detach() - 1) / step.row_scale).to(row.dtype)
+            term = _inner_product(tensor, torch.mv(row.T, shifts))
+            inner = term if inner is None else inner + term
+        assert inner is not None  # one term per shared tensor, and there is at least one
+        return step.losses.sum() + (inner - inner.detach()).to(step.losses.dtype)
 
     def _direction_objective(self, step: Step, weights: Tensor, direction: list[Tensor]) -> Tensor:
         """``Σ c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` (second factor detached), with
@@ -523,7 +535,7 @@ class GradientBalancer(Balancer):
         coefficients = weights.detach() if self.heads == "weighted" else unweighted
         inner = step.losses.new_zeros(())
         for tensor, row, target in zip(step.shared, step.rows, direction, strict=True):
-            own = torch.mv(row.T, coefficients.to(row.dtype))
+            own = torch.mv(row.T, (coefficients / step.row_scale).to(row.dtype))
             shift = target.to(row.dtype) - own
             inner = inner + _inner_product(tensor, shift).to(inner.dtype)
         return (coefficients * step.losses).sum() + (inner - inner.detach())
