@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,13 +15,14 @@ from taskbalance.bench import (
     Task,
     TensorTaskDataset,
     TrainingDefaults,
+    ZeroBaselineWarning,
     accuracy,
     mean_absolute_error,
 )
 from taskbalance.bench.harness import EpochRecord, RunResult, WeightRecorder
 from taskbalance.bench.losses import cross_entropy, mse
 from taskbalance.bench.metrics import SINGLE_TASK, delta_m, mean_and_std, summarise
-from taskbalance.bench.report import csv_table, markdown_table
+from taskbalance.bench.report import csv_table, delta_m_notes, markdown_table, text_table
 from taskbalance.bench.selection import Selection, parse_selection
 
 _DATA = TensorTaskDataset(torch.zeros(4, 2), [torch.zeros(4, dtype=torch.long), torch.zeros(4)])
@@ -203,3 +207,104 @@ def test_rows_compare_with_equal_weights_per_seed():
     assert rows["ew"].versus_reference is None
     assert rows["better"].rank == 1
     assert rows["ew"].tied_with_best is False
+
+
+# A zero single-task baseline: Δm% n/a everywhere, one warning, no abort.
+
+
+def _single_task_runs(b_values):
+    """Single-task models of seeds 0, 1, ...: task a at 0.8 accuracy, task b's MAE per seed."""
+    return [
+        run
+        for seed, b in enumerate(b_values)
+        for run in (
+            _run(SINGLE_TASK, seed, [0.8, 9.9], single_task=0),
+            _run(SINGLE_TASK, seed, [0.1, b], single_task=1),
+        )
+    ]
+
+
+def test_zero_mean_baseline_names_each_seed_and_gives_na_everywhere():
+    # The baseline is the mean over seeds: +0.5 and −0.5 average to exactly 0.
+    runs = [
+        *_single_task_runs([0.5, -0.5]),
+        _run("ew", 0, [0.9, 1.0]),
+        _run("ew", 1, [0.7, 2.0]),
+        _run("better", 0, [0.9, 0.5]),
+        _run("better", 1, [0.9, 0.5]),
+    ]
+    with pytest.warns(ZeroBaselineWarning) as record:
+        rows = summarise(runs, FAKE)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "benchmark 'fake'" in message
+    assert "b/mae is 0 (seed 0: 0.5, seed 1: -0.5)" in message
+    assert "a/accuracy" not in message
+    assert [row.rank for row in rows] == [None, None, None]
+    assert all(math.isnan(row.delta_m_mean) and math.isnan(row.delta_m_std) for row in rows)
+    assert delta_m_notes(rows) == [message]
+    # The metric columns are unaffected.
+    by_name = {row.method: row for row in rows}
+    assert by_name["ew"].metric_means == pytest.approx([0.8, 1.5])
+    assert by_name["better"].versus_reference.verdict == "n/a"
+    text = text_table(rows, FAKE)
+    assert "nan" not in text
+    assert text.count("n/a") == 3 + 1  # Δm% of every row, and the verdict of "better"
+    assert "| — | better |" in markdown_table(rows, FAKE)
+    parsed = list(csv.DictReader(io.StringIO(csv_table(rows, FAKE))))
+    assert [math.isnan(float(line["delta_m_percent_mean"])) for line in parsed] == [True] * 3
+    assert [line["delta_m_note"] for line in parsed] == [message] * 3
+
+
+def test_nonzero_baselines_have_no_note_and_no_warning():
+    runs = [*_single_task_runs([1.0, 1.0]), _run("ew", 0, [0.8, 2.0]), _run("ew", 1, [0.8, 2.0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = summarise(runs, FAKE)
+    assert delta_m_notes(rows) == []
+    assert rows[1].delta_m_mean == pytest.approx(50.0)
+    assert rows[1].rank == 1
+    assert "delta_m_note" in csv_table(rows, FAKE).splitlines()[0]
+
+
+def test_a_nan_metric_at_one_seed_unranks_only_that_row():
+    """A NaN metric (e.g. a macro-F1 with no classes) gives NaN, not a crash in the std."""
+    runs = [
+        *_single_task_runs([2.0, 2.0]),
+        _run("ew", 0, [0.8, 2.0]),
+        _run("ew", 1, [0.8, 3.0]),
+        _run("odd", 0, [0.8, 1.0]),
+        _run("odd", 1, [math.nan, 1.0]),
+    ]
+    rows = {row.method: row for row in summarise(runs, FAKE)}
+    odd = rows["odd"]
+    assert math.isnan(odd.metric_means[0])
+    assert math.isnan(odd.metric_stds[0])
+    assert odd.metric_means[1] == 1.0
+    assert odd.delta_m_by_seed[0] == pytest.approx(-25.0)
+    assert math.isnan(odd.delta_m_by_seed[1])
+    assert math.isnan(odd.delta_m_mean)
+    assert odd.rank is None
+    assert odd.delta_m_note == ""
+    assert rows["ew"].rank == 1
+    # The paired test uses the one seed both rows have a Δm% for: too few for a verdict.
+    assert (odd.versus_reference.seeds, odd.versus_reference.wins) == (1, 1)
+    assert odd.versus_reference.verdict == "n/a"
+
+
+def test_delta_m_plot_lists_the_rows_it_leaves_out(tmp_path):
+    pytest.importorskip("matplotlib")
+    from taskbalance.bench import plots
+
+    runs = [
+        *_single_task_runs([2.0, 2.0]),
+        _run("ew", 0, [0.8, 2.0]),
+        _run("odd", 0, [math.nan, 1.0]),
+    ]
+    rows = summarise(runs, FAKE)
+    assert plots.plot_delta_m_ranking(rows, tmp_path / "ranked.png")
+    assert (tmp_path / "ranked.png").stat().st_size > 0
+    with pytest.warns(ZeroBaselineWarning):
+        unranked = summarise([*_single_task_runs([0.0, 0.0]), _run("ew", 0, [0.8, 2.0])], FAKE)
+    assert not plots.plot_delta_m_ranking(unranked, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

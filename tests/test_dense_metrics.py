@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import confusion_matrix, f1_score
 
 from taskbalance.metrics import (
@@ -247,6 +249,40 @@ def test_delta_m_by_hand_and_libmtl_task_average():
 def test_delta_m_rejects_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
         delta_m(*args)
+
+
+def test_delta_m_zero_baseline_raises_by_default_or_is_nan_on_request():
+    args = ([0.9, 2.0, 1.0], [1.0, 0.0, 1.0], [True, False, False])
+    with pytest.raises(ValueError, match=r"baselines\[1\] is 0.*on_zero_baseline='nan'"):
+        delta_m(*args)
+    assert math.isnan(delta_m(*args, on_zero_baseline="nan"))
+    assert math.isnan(delta_m(*args, tasks=[0, 0, 1], on_zero_baseline="nan"))
+    # "nan" is only about zero baselines: malformed input still raises.
+    with pytest.raises(ValueError, match=r"directions\[2\]"):
+        delta_m([1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [True, True, "up"], on_zero_baseline="nan")
+    with pytest.raises(ValueError, match="equal length"):
+        delta_m([1.0], [0.0, 1.0], [True], on_zero_baseline="nan")
+    with pytest.raises(ValueError, match="on_zero_baseline must be 'raise' or 'nan', got 'skip'"):
+        delta_m([1.0], [1.0], [True], on_zero_baseline="skip")  # type: ignore[arg-type]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(-1e3, 1e3), st.floats(-1e3, 1e3), st.booleans()),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_delta_m_nan_mode_agrees_with_raise_mode(triples):
+    values, baselines, directions = (list(column) for column in zip(*triples, strict=True))
+    if any(baseline == 0 for baseline in baselines):
+        with pytest.raises(ValueError, match="is 0"):
+            delta_m(values, baselines, directions)
+        assert math.isnan(delta_m(values, baselines, directions, on_zero_baseline="nan"))
+    else:
+        strict = delta_m(values, baselines, directions)
+        assert delta_m(values, baselines, directions, on_zero_baseline="nan") == strict
 
 
 def test_bad_inputs_are_named():

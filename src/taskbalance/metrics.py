@@ -651,6 +651,8 @@ def delta_m(
     baselines: Sequence[float],
     directions: Sequence[Direction | bool],
     tasks: Sequence[Hashable] | None = None,
+    *,
+    on_zero_baseline: Literal["raise", "nan"] = "raise",
 ) -> float:
     """Δm% (Maninis et al., CVPR 2019) of a model against single-task baselines; lower is better.
 
@@ -660,24 +662,38 @@ def delta_m(
     tasks: LibMTL's ``Δp``, which is ``−Δm`` of that task-averaged form (LibMTL reports
     improvements, higher is better).
 
+    A baseline of exactly 0 leaves Δm% undefined (it divides by ``B_m``); no metric is dropped
+    and no ε is added, since either would change the number silently.
+
     Args:
         values: the model's value of each metric.
-        baselines: the single-task baseline of each metric (non-zero).
+        baselines: the single-task baseline of each metric.
         directions: each metric's direction: ``"higher"``/``"lower"`` or a bool (True = higher).
         tasks: optional task label of each metric, for the task-averaged form.
+        on_zero_baseline: ``"raise"`` (default) raises on a zero baseline; ``"nan"`` returns
+            NaN instead, for callers that report many Δm% and say themselves which one was
+            undefined (the benchmark suite does).
 
     Returns:
-        Δm in percent; NaN when any value or baseline is NaN.
+        Δm in percent; NaN when any value or baseline is NaN, or a baseline is 0 under
+        ``on_zero_baseline="nan"``.
 
     Raises:
-        ValueError: empty or unequal lengths, a zero baseline, or a bad direction.
+        ValueError: empty or unequal lengths, a bad direction or ``on_zero_baseline``, or a
+            zero baseline under ``on_zero_baseline="raise"``.
 
     Example:
         >>> round(delta_m([0.9, 2.0], [1.0, 1.0], ["higher", "lower"]), 6)  # (10% + 100%) / 2
         55.0
         >>> round(delta_m([0.9, 2.0, 1.0], [1.0, 1.0, 1.0], [True, False, False], [0, 0, 1]), 6)
         27.5
+        >>> delta_m([0.9, 2.0], [0.0, 1.0], [True, False], on_zero_baseline="nan")
+        nan
     """
+    if on_zero_baseline not in ("raise", "nan"):
+        raise ValueError(
+            f"delta_m: on_zero_baseline must be 'raise' or 'nan', got {on_zero_baseline!r}"
+        )
     count = len(values)
     if count == 0 or len(baselines) != count or len(directions) != count:
         raise ValueError(
@@ -686,15 +702,19 @@ def delta_m(
         )
     if tasks is not None and len(tasks) != count:
         raise ValueError(f"delta_m: tasks must have {count} labels, got {len(tasks)}")
-    relative: list[float] = []
-    for index, (value, baseline, direction) in enumerate(
-        zip(values, baselines, directions, strict=True)
-    ):
-        higher = _as_higher(direction, index)
-        if baseline == 0:
-            raise ValueError(f"delta_m: baselines[{index}] is 0; Δm% divides by it")
-        sign = -1.0 if higher else 1.0
-        relative.append(sign * (float(value) - float(baseline)) / float(baseline))
+    highers = [_as_higher(direction, index) for index, direction in enumerate(directions)]
+    zero = [index for index, baseline in enumerate(baselines) if baseline == 0]
+    if zero:
+        if on_zero_baseline == "raise":
+            raise ValueError(
+                f"delta_m: baselines[{zero[0]}] is 0; Δm% divides by it "
+                "(on_zero_baseline='nan' returns NaN instead)"
+            )
+        return math.nan
+    relative = [
+        (-1.0 if higher else 1.0) * (float(value) - float(baseline)) / float(baseline)
+        for value, baseline, higher in zip(values, baselines, highers, strict=True)
+    ]
     if tasks is None:
         return 100.0 * sum(relative) / count
     groups: dict[Hashable, list[float]] = {}

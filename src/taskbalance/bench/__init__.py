@@ -49,7 +49,7 @@ from taskbalance.bench.harness import (
     evaluate,
     train_run,
 )
-from taskbalance.bench.metrics import delta_m, summarise
+from taskbalance.bench.metrics import ZeroBaselineWarning, delta_m, summarise
 from taskbalance.bench.models import MultiTaskModel
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "TrainConfig",
     "TrainingDefaults",
     "WeightRecorder",
+    "ZeroBaselineWarning",
     "accuracy",
     "benchmark_entry",
     "benchmark_names",

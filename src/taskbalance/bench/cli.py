@@ -19,6 +19,7 @@ import csv
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from taskbalance.bench.harness import (
     steps_per_epoch,
     train_run,
 )
+from taskbalance.bench.metrics import ZeroBaselineWarning
 from taskbalance.bench.selection import Selection, parse_selection
 from taskbalance.bench.variants import parse_methods
 from taskbalance.methods._facts import method_facts
@@ -471,28 +473,34 @@ def command_compare(arguments: argparse.Namespace) -> int:
     bar = progress_bar(total, f"compare {benchmark.name}", not arguments.quiet)
     threads = arguments.threads
     try:
-        comparison = run_comparison(
-            source,
-            methods,
-            seeds=seeds,
-            out=out,
-            config=config,
-            selection=selection,
-            jobs=arguments.jobs,
-            threads=max(threads, arguments.jobs),
-            fresh=arguments.fresh,
-            benchmark=benchmark,
-            progress=bar,
-            log=None if sys.stderr.isatty() else (lambda line: _log(arguments, line)),
-        )
+        with warnings.catch_warnings():
+            # Printed below as one plain line, after the table it explains.
+            warnings.simplefilter("ignore", ZeroBaselineWarning)
+            comparison = run_comparison(
+                source,
+                methods,
+                seeds=seeds,
+                out=out,
+                config=config,
+                selection=selection,
+                jobs=arguments.jobs,
+                threads=max(threads, arguments.jobs),
+                fresh=arguments.fresh,
+                benchmark=benchmark,
+                progress=bar,
+                log=None if sys.stderr.isatty() else (lambda line: _log(arguments, line)),
+            )
     except (TypeError, ValueError) as error:
         raise CommandError(str(error)) from None
     finally:
         bar.close()
 
-    print(report.caption(benchmark, epochs=epochs, seeds=seeds, selection=selection))
+    notes = report.delta_m_notes(comparison.rows)
+    print(report.caption(benchmark, epochs=epochs, seeds=seeds, selection=selection, notes=notes))
     print()
     print(report.text_table(comparison.rows, benchmark))
+    for note in notes:
+        print(f"taskbalance: warning: {note}", file=sys.stderr)
     files = report.write_comparison(
         benchmark,
         comparison.runs,

@@ -9,13 +9,21 @@ single-task model for that task, trained by the same harness with the same budge
 of a method gives one Δm against that baseline, and the table reports the mean ± sample
 standard deviation over seeds, for Δm and for every metric. The ``single-task`` row itself is
 scored the same way, so its Δm spread shows the seed noise.
+
+A baseline of exactly 0 (e.g. an error count that the single-task model drives to zero on tiny
+data) leaves Δm% undefined, since it divides by the baseline. A comparison is not aborted for
+that: every row's Δm% is NaN (``n/a`` in the tables, unranked, left out of the Δm% plot), each
+row's :attr:`MethodSummary.delta_m_note` says which metric was 0, and :func:`summarise` emits
+one :class:`ZeroBaselineWarning` naming the benchmark, the metric and each seed's baseline.
+A NaN metric (a failed metric, an empty class) likewise gives a NaN mean, std and Δm%.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from taskbalance.bench.api import Benchmark
@@ -29,16 +37,26 @@ SINGLE_TASK = "single-task"
 REFERENCE_METHOD = "ew"
 
 
+class ZeroBaselineWarning(UserWarning):
+    """A single-task baseline metric is exactly 0, so Δm% (which divides by it) is undefined."""
+
+
 def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value; NaN for none).
+    """Mean and sample standard deviation (0 for a single value; NaN for none or any NaN).
 
     Args:
         values: the numbers, e.g. one per seed.
 
     Returns:
         ``(mean, std)``.
+
+    Example:
+        >>> mean_and_std([1.0, 3.0])[0], mean_and_std([1.0, float("nan")])
+        (2.0, (nan, nan))
     """
-    if not values:
+    # statistics.stdev cannot take a NaN (it converts to exact fractions): a NaN seed makes
+    # the whole column undefined rather than being dropped, which would hide it.
+    if not values or any(math.isnan(value) for value in values):
         return math.nan, math.nan
     if len(values) == 1:
         return float(values[0]), 0.0
@@ -64,6 +82,7 @@ class MethodSummary:
         delta_m_by_seed: ``{seed: Δm%}``.
         versus_reference: paired comparison with the reference method (equal weights).
         tied_with_best: the paired test cannot tell this row from rank 1 (p ≥ 0.05).
+        delta_m_note: why Δm% is undefined (a zero single-task baseline), else ``""``.
     """
 
     method: str
@@ -80,6 +99,7 @@ class MethodSummary:
     delta_m_by_seed: dict[int, float] = field(default_factory=dict)
     versus_reference: PairedComparison | None = None
     tied_with_best: bool = False
+    delta_m_note: str = ""
 
     @property
     def delta_m_values(self) -> list[float]:
@@ -110,6 +130,34 @@ def _single_task_vectors(
 
 def _column_means(vectors: Sequence[Sequence[float]]) -> list[float]:
     return [statistics.fmean(column) for column in zip(*vectors, strict=True)]
+
+
+def zero_baseline_note(
+    benchmark: Benchmark, per_seed: Mapping[int, Sequence[float]], baseline: Sequence[float]
+) -> str:
+    """The sentence saying which baseline metrics are 0 (and so Δm% undefined), or ``""``.
+
+    Args:
+        benchmark: the benchmark (its name and metric names).
+        per_seed: ``{seed: baseline vector}`` of the single-task models.
+        baseline: their mean over seeds, the baseline Δm% divides by.
+
+    Returns:
+        One sentence naming the benchmark, each zero metric and its value at every seed.
+    """
+    names = benchmark.metric_names
+    zero = [index for index, value in enumerate(baseline) if value == 0]
+    if not zero:
+        return ""
+
+    def by_seed(index: int) -> str:
+        return ", ".join(f"seed {seed}: {vector[index]:g}" for seed, vector in per_seed.items())
+
+    metrics = "; ".join(f"{names[index]} is 0 ({by_seed(index)})" for index in zero)
+    return (
+        f"benchmark {benchmark.name!r}: the single-task baseline of {metrics}, and Δm% divides "
+        "by it: Δm% is n/a in every row, and no row is ranked or plotted by Δm%"
+    )
 
 
 def summarise(
@@ -147,6 +195,9 @@ def summarise(
 
     per_seed_baselines = _single_task_vectors(runs, slices, pick)
     baseline = _column_means(list(per_seed_baselines.values())) if per_seed_baselines else None
+    note = "" if baseline is None else zero_baseline_note(benchmark, per_seed_baselines, baseline)
+    if note:
+        warnings.warn(note, ZeroBaselineWarning, stacklevel=2)
 
     rows: list[MethodSummary] = []
     if per_seed_baselines:
@@ -159,6 +210,7 @@ def summarise(
                 directions,
                 seconds=statistics.fmean(run.seconds_per_epoch for run in single_runs),
                 failures=0,
+                note=note,
             )
         )
     labels: list[str] = []
@@ -183,6 +235,7 @@ def summarise(
                 directions,
                 seconds=seconds,
                 failures=failures,
+                note=note,
             )
         )
     ranked = sorted(
@@ -210,13 +263,17 @@ def _summary_row(
     *,
     seconds: float,
     failures: int,
+    note: str,
 ) -> MethodSummary:
     vectors = list(vectors_by_seed.values())
     count = len(directions)
     columns = [[vector[m] for vector in vectors] for m in range(count)]
     statistics_per_metric = [mean_and_std(column) for column in columns]
     deltas = (
-        {seed: delta_m(vector, baseline, directions) for seed, vector in vectors_by_seed.items()}
+        {
+            seed: delta_m(vector, baseline, directions, on_zero_baseline="nan")
+            for seed, vector in vectors_by_seed.items()
+        }
         if baseline is not None
         else {}
     )
@@ -234,4 +291,5 @@ def _summary_row(
         summary_mean=summary_mean,
         summary_std=summary_std,
         delta_m_by_seed=deltas,
+        delta_m_note=note,
     )

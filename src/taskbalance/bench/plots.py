@@ -128,9 +128,10 @@ def plot_task_metrics(
         axis.invert_yaxis()
         axis.tick_params(labelsize=8)
         finite = [value for value in means if not math.isnan(value)]
-        low, high = min(finite), max(finite)
-        margin = max((high - low) * 0.6, abs(high) * 0.01, 1e-9)
-        axis.set_xlim(max(0.0, low - margin) if low >= 0 else low - margin, high + margin)
+        if finite:  # a metric NaN in every row (e.g. empty classes) leaves the axis to matplotlib
+            low, high = min(finite), max(finite)
+            margin = max((high - low) * 0.6, abs(high) * 0.01, 1e-9)
+            axis.set_xlim(max(0.0, low - margin) if low >= 0 else low - margin, high + margin)
         axis.set_title(f"{name} ({'higher' if higher else 'lower'} is better)", fontsize=9)
     figure.suptitle(title or benchmark.name, fontsize=11)
     figure.tight_layout()
@@ -143,7 +144,12 @@ def plot_delta_m_ranking(rows: Sequence[MethodSummary], path: Path, title: str =
     """Δm% of every ranked method, best at the top, ± one standard deviation over seeds.
 
     Bars the paired test cannot tell from the best one are hatched and labelled ``≈ best``;
-    the single-task row (grey) shows the seed noise of the baseline itself.
+    the single-task row (grey) shows the seed noise of the baseline itself. Rows without a
+    Δm% (every run failed, a NaN metric) are listed under the axes, each with its reason.
+
+    Returns:
+        True when a file was written (some row has a Δm%; a zero single-task baseline leaves
+        none, and the table's caption says why).
     """
     plt = _pyplot()
     ranked = sorted(
@@ -152,6 +158,7 @@ def plot_delta_m_ranking(rows: Sequence[MethodSummary], path: Path, title: str =
     )
     if not ranked:
         return False
+    left_out = [row for row in rows if math.isnan(row.delta_m_mean)]
     figure, axis = plt.subplots(figsize=(7.0, 0.3 * len(ranked) + 1.4))
     positions = list(range(len(ranked)))
     colours = [
@@ -179,10 +186,24 @@ def plot_delta_m_ranking(rows: Sequence[MethodSummary], path: Path, title: str =
     axis.tick_params(labelsize=9)
     axis.grid(axis="x", alpha=0.3)
     axis.set_title(title or "Δm% ranking", fontsize=11)
-    figure.tight_layout()
+    if left_out:
+        reasons = [row.delta_m_note or _no_delta_reason(row) for row in left_out]
+        note = "not shown (no Δm%): " + "; ".join(
+            f"{row.method} ({reason})" for row, reason in zip(left_out, reasons, strict=True)
+        )
+        figure.text(0.01, 0.01, note, fontsize=8, wrap=True)
+    figure.tight_layout(rect=(0, 0.06 if left_out else 0, 1, 1))
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
     return True
+
+
+def _no_delta_reason(row: MethodSummary) -> str:
+    if not row.seeds:
+        return "every run failed"
+    if any(math.isnan(value) for value in row.metric_means):
+        return "a metric is NaN"
+    return "Δm% is NaN"
 
 
 def _inlier_range(values: Sequence[float]) -> tuple[float, float]:

@@ -3,7 +3,9 @@
 Every table says what it is: the benchmark, epochs, seeds, the model-selection rule, each
 metric with its direction, and for each method the paired per-seed comparison with equal
 weights (wins / losses, the paired t-test's p-value and whether the Δm% difference exceeds
-seed noise).
+seed noise). A Δm% left undefined by a zero single-task baseline shows as ``n/a`` (empty in the
+CSV's rank, ``nan`` in its numbers) and the caption, the CSV's ``delta_m_note`` column and
+``metadata.json``'s ``delta_m_notes`` say which metric was 0.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ def _mean_std_text(mean: float, std: float, decimals: int | None = None) -> str:
     return f"{_number(mean, places)} ± {_number(std, places)}"
 
 
+def delta_m_notes(rows: Sequence[MethodSummary]) -> list[str]:
+    """The distinct reasons some rows have no Δm% (a zero single-task baseline), in row order."""
+    return list(dict.fromkeys(row.delta_m_note for row in rows if row.delta_m_note))
+
+
 def metric_header(name: str, higher_is_better: bool) -> str:
     """Column header of a metric number, with its direction arrow."""
     return f"{name} {'↑' if higher_is_better else '↓'}"
@@ -100,13 +107,19 @@ def table_cells(rows: Sequence[MethodSummary], benchmark: Benchmark) -> list[lis
         ]
         if benchmark.summary_name:
             line.append(_mean_std_text(row.summary_mean, row.summary_std))
-        delta_text = _mean_std_text(round(row.delta_m_mean, 2) + 0.0, row.delta_m_std, decimals=2)
+        if row.delta_m_note:
+            delta_text = "n/a"
+        else:
+            rounded = round(row.delta_m_mean, 2) + 0.0  # + 0.0: no "-0.00"
+            delta_text = _mean_std_text(rounded, row.delta_m_std, decimals=2)
         if row.failures:
             delta_text += f" ({row.failures} failed)"
         line.append(delta_text)
         comparison = row.versus_reference
         if comparison is None:
             line += ["—", "—", "reference" if row.method == REFERENCE_METHOD else "—"]
+        elif comparison.seeds == 0:
+            line += ["—", "—", comparison.verdict]
         else:
             p_text = "—" if math.isnan(comparison.p_value) else f"{comparison.p_value:.3f}"
             line += [f"{comparison.wins}/{comparison.losses}", p_text, comparison.verdict]
@@ -122,8 +135,12 @@ def caption(
     seeds: Sequence[int],
     selection: Selection,
     markdown: bool = False,
+    notes: Sequence[str] = (),
 ) -> str:
-    """What the table is: benchmark, budget, seeds, selection rule, metrics and directions."""
+    """What the table is: benchmark, budget, seeds, selection rule, metrics and directions.
+
+    ``notes`` (e.g. :func:`delta_m_notes`) are added as a last line each, ``Note: ...``.
+    """
     name = f"`{benchmark.name}`" if markdown else benchmark.name
     seed_text = f"{len(seeds)} seed(s) ({', '.join(str(seed) for seed in seeds)})"
     metrics = "; ".join(
@@ -139,7 +156,7 @@ def caption(
         f"vs {REFERENCE_METHOD}: per seed, is the method's Δm% lower (W) or higher (L) than "
         f"{REFERENCE_METHOD}'s; p: paired t-test over seeds; better/worse when p < {ALPHA}, "
         "else tie (within seed noise). ≈: rank not distinguishable from rank 1."
-    )
+    ) + "".join(f"\nNote: {note}." for note in notes)
 
 
 def markdown_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
@@ -182,6 +199,7 @@ def csv_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
         "seconds_per_epoch",
         "seeds",
         "failed_runs",
+        "delta_m_note",
     ]
     writer.writerow(header)
     for row in rows:
@@ -201,6 +219,7 @@ def csv_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
                 comparison.verdict,
             ]
         line += [row.tied_with_best, row.seconds_per_epoch, row.seeds, row.failures]
+        line.append(row.delta_m_note)
         writer.writerow(line)
     return buffer.getvalue()
 
@@ -481,15 +500,16 @@ def write_comparison(
         written.append(path)
         return path
 
-    header = caption(benchmark, epochs=epochs, seeds=seeds, selection=selection, markdown=True)
+    notes = delta_m_notes(rows)
+    header = caption(
+        benchmark, epochs=epochs, seeds=seeds, selection=selection, markdown=True, notes=notes
+    )
     target("comparison.md").write_text(header + "\n\n" + markdown_table(rows, benchmark))
     target("comparison.csv").write_text(csv_table(rows, benchmark))
-    write_json(
-        run_metadata(
-            benchmark, methods, config=config, seeds=seeds, selection=selection, extra=extra
-        ),
-        target("metadata.json"),
+    metadata = run_metadata(
+        benchmark, methods, config=config, seeds=seeds, selection=selection, extra=extra
     )
+    write_json({**metadata, "delta_m_notes": notes}, target("metadata.json"))
     write_runs_csv(runs, target("runs.csv"))
     write_metrics_csv(runs, target("metrics.csv"))
     method_runs = [run for run in runs if run.single_task is None]

@@ -7,7 +7,10 @@ rule:
 - ``best-val``: the test metrics of the epoch whose validation metrics have the lowest Δm%
   against a reference (the single-task models' last-epoch validation metrics, mean over seeds;
   a run without that reference uses its own first epoch). A single-task model is judged on its
-  own task's metrics only.
+  own task's metrics only. Metrics whose reference is 0 or NaN are left out of this score (it
+  divides by the reference), so a zero baseline changes which epoch is picked but cannot stop
+  the selection; the Δm% reported for the table is then NaN (see
+  :mod:`taskbalance.bench.metrics`).
 - ``mean-last-K`` (e.g. ``mean-last-3``; ``mean-last-k`` means 3): the mean of the test
   metrics over the last K epochs (as several papers average the last epochs).
 """

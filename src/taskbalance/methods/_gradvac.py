@@ -32,7 +32,8 @@ class GradVac(GradientBalancer):
     - if ``φ_ij < φ̂_ij``: ``g_i' ← g_i' + a·g_j`` with
       ``a = ‖g_i'‖·(φ̂_ij·√(1−φ_ij²) − φ_ij·√(1−φ̂_ij²)) / (‖g_j‖·√(1−φ̂_ij²))``,
       which rotates g_i' in the plane of (g_i', g_j) until its cosine with g_j is φ̂_ij;
-    - then ``φ̂_ij ← (1−β)·φ̂_ij + β·φ_ij`` (EMA of the observed similarity, Eq. 3).
+    - then, adjusted or not, ``φ̂_ij ← (1−β)·φ̂_ij + β·φ_ij`` with the cosine φ_ij observed
+      before the adjustment (EMA of the observed similarity, Eq. 3).
 
     The direction is ``Σ_i g_i'``. With a constant target of 0 this is PCGrad.
 
@@ -46,8 +47,23 @@ class GradVac(GradientBalancer):
     every rank; saved in ``state_dict`` with the targets, so a resumed run continues the same
     trajectory). LibMTL and the paper also visit the other tasks in random order.
 
-    Defaults: ``beta = 0.01`` (β = 1e-2, the paper's value, also torchjd's GradVac default;
-    LibMTL defaults to 0.5, a much faster-moving target), targets initialised to 0.
+    Defaults: ``beta = 0.01`` (β = 1e-2, the paper's setting as we read it), targets
+    initialised to 0. LibMTL (``GradVac_beta``) and torchjd (``GradVac(beta=0.5)``) both
+    default to 0.5, a much faster-moving target.
+
+    The moving average against the references (what was read, and at which commit):
+
+    - the paper's Algorithm 1, as we read it, updates ``φ̂_ij`` after the ``end if``, for
+      every visited pair; torchjd's reviewers compared their code with the paper's
+      pseudo-code (Appendix E; SimplexLab/TorchJD PR #638) and found only the order of the
+      group loop to differ.
+    - torchjd, ``aggregation/_gradvac.py`` at ``e626475d`` and ``0b454f12``: every visited
+      pair, as here.
+    - LibMTL, ``LibMTL/weighting/GradVac.py`` at ``13f5fc7d`` (the one version we could read;
+      the same in copies of it in other repositories): the update is inside
+      ``if rho_ijk < rho_T``, so a target moves only on steps that adjust, and then only
+      down. We found no LibMTL commit or issue that moves it out of the branch, so on this
+      point we follow the paper and torchjd, not LibMTL at ``13f5fc7d``.
 
     Departures:
 
@@ -58,10 +74,9 @@ class GradVac(GradientBalancer):
       ``group_aggregation="per_group"`` applies it per layer (``group_type=1``), and
       ``"per_tensor"`` per parameter tensor (``group_type=2``), each group with its own
       targets (``target_cosines`` then has shape ``[num_groups, K, K]``). The task orders of
-      all groups come from the one random generator, group after group.
-    - The EMA is updated for every visited pair (the paper's Eq. 3 tracks the observed
-      similarity; torchjd does the same); LibMTL and the Aligned-MTL authors' copy update it
-      only when an adjustment was made, so there the targets can only decrease.
+      all groups come from the one random generator, group after group, so each group has
+      its own random order, as in the paper's pseudo-code (groups in the outer loop); LibMTL
+      visits the tasks in one order for all groups.
     - A pair where ``g_i'`` or ``g_j`` is zero is skipped (no cosine exists; "zero" means
       ``‖·‖² ≤ eps²·max_k ‖g_k‖²``, eps of the Gramian's dtype, as in PCGrad), and
       ``√(1−φ̂²)`` is floored at 1e-8 in the denominator.
