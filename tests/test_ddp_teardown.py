@@ -80,7 +80,7 @@ def _train(rank: int, name: str, seen: list[tuple[str, list[str]]], where: list[
     model = nn.parallel.DistributedDataParallel(Model())
 
     # Unannotated: DDP refuses a hook whose annotations are strings (future annotations here).
-    def ddp_hook(state, bucket):  # type: ignore[no-untyped-def]
+    def ddp_hook(state, bucket):
         where.append("ddp")  # DDP's default all-reduce, through the probed dist.all_reduce
         try:
             return default_hooks.allreduce_hook(state, bucket)
