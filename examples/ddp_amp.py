@@ -65,8 +65,8 @@ def train(rank: int, method: str, store: str, out: str) -> None:
         history.append(balancer.weights)
     parameters = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.save({"weights": torch.stack(history), "parameters": parameters}, f"{out}/{rank}.pt")
-    # End without freeing the DDP model: torch 2.13 can deadlock on the GIL tearing down its
-    # gloo process group (see end_rank in examples/ddp_unused_parameters.py).
+    # End without tearing torch down: torch 2.13 can hang or abort a gloo rank at exit (see
+    # end_rank in examples/ddp_unused_parameters.py, and docs/recipes/ddp.md).
     os._exit(0)
 
 

@@ -127,10 +127,12 @@ def compare_with_single_process(method: str, ranks: list[dict]) -> bool:
 def end_rank() -> NoReturn:
     """End this rank's process once its results are saved, without tearing torch down.
 
-    torch 2.13 can deadlock freeing a DDP model's gloo process group: the main thread holds
-    the GIL while it joins gloo's worker thread, which waits for the GIL to free its last
-    all-reduce's thread-local state (seen in about one run in ten here, under pytest). Called
-    while the model is still alive, so nothing of it is freed; an exception still propagates.
+    torch 2.13 can hang or abort a gloo rank at exit, with or without a balancer: gloo's
+    worker thread needs the GIL to free the last DDP all-reduce, whose thread-local state
+    holds the Python context ``backward()`` stashes there, while the main thread holds the
+    GIL to tear the process group down or to finalize the interpreter (docs/recipes/ddp.md,
+    "Ending a rank"; scripts/ddp_teardown.py measures it). Called while the model is still
+    alive, so nothing of it is freed; an exception raised before it still propagates.
     """
     os._exit(0)
 
