@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import taskbalance as tb
+from taskbalance._distributed import all_reduce_sum
 from taskbalance.bench.api import Benchmark, TrainingDefaults
 from taskbalance.bench.data import collate
 from taskbalance.methods._facts import method_facts
@@ -639,7 +640,7 @@ def train_run(
                         )
                     ]
                 )
-                if not bool(torch.isfinite(losses).all()):
+                if not _finite_on_every_rank(losses):
                     result.failure = f"non-finite loss at step {step}: {losses.tolist()}"
                     break
                 if record_diagnostics and step % diagnostics_every == 0:
@@ -720,3 +721,10 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(key): _plain(item) for key, item in value.items()}
     return str(value)
+
+
+def _finite_on_every_rank(losses: Tensor) -> bool:
+    """Whether every rank's losses are finite: under DDP the ranks stop together, or one would
+    wait alone in the next collective (DDP's backward, the balancer's) until the timeout."""
+    local_nonfinite = (~torch.isfinite(losses.detach())).any().to(torch.float32).reshape(1)
+    return float(all_reduce_sum(local_nonfinite)) == 0.0
