@@ -210,8 +210,7 @@ def task_gradients(
     """
     inputs = list(inputs)
     num_tasks = losses.shape[0]
-    names = _input_names(inputs, features_mode)
-    _refuse_sharded(inputs, names)
+    _refuse_sharded(inputs, features_mode)
     mask = _present_list(present, num_tasks)
     # A non-leaf input with retain_grad() would receive these task gradients in .grad (batched
     # ones as unusable vmap tensors): keep what the user had there and put it back afterwards.
@@ -219,7 +218,7 @@ def task_gradients(
     try:
         scale = min(_INITIAL_SCALE, _largest_power_of_two(losses.dtype))
         rows, path, reached = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
-        _check_reached(reached, names, mask)
+        _check_reached(reached, inputs, features_mode, mask)
         while True:
             gram = None if gramian_of is None else _unscaled_gram(gramian_of(rows), scale)
             finite = _all_finite(rows) if gram is None else _gram_finite(gram)
@@ -421,11 +420,19 @@ def _confirm_reached(
     return reached
 
 
-def _check_reached(reached: _Reached, names: Sequence[str], present: Sequence[bool]) -> None:
+def _check_reached(
+    reached: _Reached,
+    inputs: Sequence[Tensor],
+    features_mode: bool | None,
+    present: Sequence[bool],
+) -> None:
     tasks = [k for k, wanted in enumerate(present) if wanted]
     if not tasks:
         return
-    unreached = [i for i in range(len(names)) if not any(reached[k][i] for k in tasks)]
+    unreached = [i for i in range(len(inputs)) if not any(reached[k][i] for k in tasks)]
+    if not unreached and all(any(reached[k]) for k in tasks):
+        return
+    names = _input_names(inputs, features_mode)  # only to name what is wrong
     if len(unreached) == len(names):
         raise ValueError(_nothing_reached_message(names))
     # With absent tasks an input may be read only by them (a listed head parameter): only an
@@ -504,9 +511,12 @@ def _input_names(inputs: Sequence[Tensor], features_mode: bool | None) -> list[s
     return [f"features[{i}]" for i in range(len(inputs))]
 
 
-def _refuse_sharded(inputs: Sequence[Tensor], names: Sequence[str]) -> None:
+def _refuse_sharded(inputs: Sequence[Tensor], features_mode: bool | None) -> None:
     if DTensor is None:  # pragma: no cover
         return
+    if not any(isinstance(tensor, DTensor) for tensor in inputs):
+        return
+    names = _input_names(inputs, features_mode)
     for tensor, name in zip(inputs, names, strict=True):
         if isinstance(tensor, DTensor):
             raise ValueError(

@@ -519,7 +519,7 @@ class GradientBalancer(Balancer):
         per_tensor = self._tensor_weights(step, weights)
         for tensor, row, tensor_weights in zip(step.shared, step.rows, per_tensor, strict=True):
             shifts = ((tensor_weights.detach() - 1) / step.row_scale).to(row.dtype)
-            term = _inner_product(tensor, torch.mv(row.T, shifts))
+            term = _inner_product(tensor, shifts @ row)
             inner = term if inner is None else inner + term
         assert inner is not None  # one term per shared tensor, and there is at least one
         return step.losses.sum() + (inner - inner.detach()).to(step.losses.dtype)
@@ -535,7 +535,7 @@ class GradientBalancer(Balancer):
         coefficients = weights.detach() if self.heads == "weighted" else unweighted
         inner = step.losses.new_zeros(())
         for tensor, row, target in zip(step.shared, step.rows, direction, strict=True):
-            own = torch.mv(row.T, (coefficients / step.row_scale).to(row.dtype))
+            own = (coefficients / step.row_scale).to(row.dtype) @ row
             shift = target.to(row.dtype) - own
             inner = inner + _inner_product(tensor, shift).to(inner.dtype)
         return (coefficients * step.losses).sum() + (inner - inner.detach())
