@@ -611,13 +611,16 @@ def _stack_rows(
     filled = _filled(per_task, inputs)
     rows = []
     for index, tensor in enumerate(inputs):
-        grads = [task_grads[index] for task_grads in filled]
-        zero = None
-        if any(grad is None for grad in grads):
-            zero = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-        rows.append(
-            _widened(torch.stack([zero if grad is None else grad.reshape(-1) for grad in grads]))
-        )
+        flat: list[Tensor] = []
+        zero: Tensor | None = None  # for a task that does not reach this input
+        for task_grads in filled:
+            grad = task_grads[index]
+            if grad is None:
+                if zero is None:
+                    zero = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+                grad = zero
+            flat.append(grad.reshape(-1))
+        rows.append(_widened(torch.stack(flat)))
     return rows
 
 
