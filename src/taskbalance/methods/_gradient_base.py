@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -701,11 +702,14 @@ def inverse_gradient_norms(gram: Tensor, eps: float) -> Tensor:
     the Gramian was accumulated in) is rounding noise: it counts as zero, with ``1/‖g_i‖ = 0``,
     so the normalised Gramian stays bounded.
     """
-    squared_norms = gram.diagonal()
-    negligible = eps**2 * squared_norms.max().clamp_min(0)
-    norms = squared_norms.clamp_min(0).sqrt()
-    inverse = 1.0 / norms.clamp_min(1e-300)
-    return torch.where(squared_norms > negligible, inverse, torch.zeros_like(norms))
+    # K numbers: on the host, where each is one float operation rather than a tensor call.
+    squared_norms: list[float] = gram.diagonal().tolist()
+    negligible = eps**2 * max(max(squared_norms), 0.0)
+    inverse = [
+        1.0 / max(math.sqrt(max(value, 0.0)), 1e-300) if value > negligible else 0.0
+        for value in squared_norms
+    ]
+    return torch.tensor(inverse, dtype=gram.dtype, device=gram.device)
 
 
 def spectral_cutoff(gram: Tensor, rtol: float | None) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -84,15 +85,15 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     if num_tasks == 1:
         return torch.ones(1, dtype=torch.float64, device=g.device)
     inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
-    difference = torch.zeros(num_tasks - 1, num_tasks, dtype=torch.float64, device=g.device)
-    difference[:, 0] = 1.0
-    difference[:, 1:] -= torch.eye(num_tasks - 1, dtype=torch.float64, device=g.device)
-    right = g @ (inverse_norms[:, None] * difference.T)  # G N Aᵀ, K × (K−1)
+    # With A = [1, −I] (task 0 minus each other task) and N = diag(1/‖g_k‖): the columns of
+    # G N Aᵀ are (G N)[:, 0] − (G N)[:, k], and A G N Aᵀ takes row 0 minus each other row.
+    scaled = g * inverse_norms[None, :]  # G N
+    right = scaled[:, :1] - scaled[:, 1:]  # G N Aᵀ, K × (K−1)
     reference = right[0]  # g_1 Uᵀ
-    system = difference @ right  # D Uᵀ = A G N Aᵀ
+    system = right[:1] - right[1:]  # D Uᵀ = A G N Aᵀ
     # The cut-off is relative to the gradients' scale as well as to the system's own largest
     # singular value: for exactly parallel gradients the whole system is rounding noise of
     # size ~eps·max‖g_i‖, and a cut relative to that noise alone would invert it.
-    scale = g.diagonal().clamp_min(0).max().sqrt()
-    rest = reference @ torch.linalg.pinv(system, atol=float(rtol * scale), rtol=rtol)
-    return torch.cat([(1.0 - rest.sum()).reshape(1), rest])
+    scale = math.sqrt(max(max(g.diagonal().tolist()), 0.0))
+    rest = (reference @ torch.linalg.pinv(system, atol=rtol * scale, rtol=rtol)).tolist()
+    return torch.tensor([1.0 - math.fsum(rest), *rest], dtype=torch.float64, device=g.device)
