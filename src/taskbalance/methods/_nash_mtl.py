@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -106,22 +107,25 @@ def bargaining_weights(
     (its utility ``g_kᵀd`` is 0 for every d): it is left out of the game with weight 0.
     ``[K]``, float64 for a float64 Gramian, else float32.
     """
-    g = gram.detach().double()
-    g = 0.5 * (g + g.T)
-    squared_norms = g.diagonal()
-    largest = squared_norms.max()
-    weights = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+    # K×K numbers: on the host, where each is one float operation rather than a tensor call.
+    g: list[list[float]] = gram.detach().double().tolist()
+    K = len(g)
+    squared_norms = [g[k][k] for k in range(K)]
+    largest = max(squared_norms)
     output = torch.float64 if gram.dtype == torch.float64 else torch.float32
-    if not bool(largest > 0):
-        return weights.to(output)
-    active = squared_norms > torch.finfo(gram.dtype).eps ** 2 * largest
-    index = active.nonzero().flatten()
-    unit = g[index][:, index] / largest
-    weights[index] = solve(unit) * float(largest) ** -exponent
-    result = weights.to(output)
-    if not bool(torch.isfinite(result).all()):
+    weights = [0.0] * K
+    if largest > 0:
+        negligible = torch.finfo(gram.dtype).eps ** 2 * largest
+        active = [k for k in range(K) if squared_norms[k] > negligible]
+        unit = [[0.5 * (g[i][j] + g[j][i]) / largest for j in active] for i in active]
+        solved = solve(torch.tensor(unit, dtype=torch.float64, device=gram.device)).tolist()
+        factor = largest**-exponent
+        for k, value in zip(active, solved, strict=True):
+            weights[k] = value * factor
+    result = torch.tensor(weights, dtype=output, device=gram.device)
+    if not all(math.isfinite(value) for value in result.tolist()):
         raise ValueError(
-            f"gram: the task gradients are so small (largest ‖g_k‖² = {float(largest):.3g}) "
+            f"gram: the task gradients are so small (largest ‖g_k‖² = {largest:.3g}) "
             f"that {method}'s weights, which grow like 1/‖g‖, overflow {output}; rescale "
             "the losses"
         )
