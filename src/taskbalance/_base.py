@@ -436,7 +436,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         """The objective to backward: ``Σ w_k L_k`` unless the method defines its own."""
-        return (weights * step.losses).sum()
+        return torch.dot(weights, step.losses)
 
     def _check_call_inputs(
         self, losses: Tensor, features: Tensor | Sequence[Tensor] | None

@@ -67,6 +67,7 @@ in parameters mode, since the forward runs on gathered copies that autograd cann
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -537,6 +538,7 @@ def _present_list(present: Tensor | Sequence[bool] | None, num_tasks: int) -> li
     return [bool(value) for value in values]
 
 
+@functools.cache
 def _largest_power_of_two(dtype: torch.dtype) -> float:
     """The largest power of two that leaves ``dtype`` a factor 2 of headroom."""
     return 2.0 ** (math.floor(math.log2(torch.finfo(dtype).max)) - 1)
@@ -550,9 +552,8 @@ def _all_finite(rows: Sequence[Tensor]) -> bool:
 
 
 def _gram_finite(gram: Tensor) -> bool:
-    # One reduction and one host copy: a sum is non-finite when any entry is, and in float64 the
-    # K² entries of a float32 Gramian cannot overflow it.
-    return math.isfinite(gram.sum(dtype=torch.float64))
+    # K² numbers: one host copy, checked there.
+    return all(map(math.isfinite, gram.reshape(-1).tolist()))
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
