@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -100,19 +101,21 @@ def aligned_mtl_weights(gram: Tensor, scale: str = "min", rtol: float | None = N
     rtol = spectral_cutoff(gram, rtol)
     g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.T)
-    preference = torch.ones(num_tasks, dtype=torch.float64, device=g.device)
     eigenvalues, vectors = torch.linalg.eigh(g)
-    largest = eigenvalues.max()
-    keep = eigenvalues > rtol * largest
-    if not bool(largest > 0) or not bool(keep.any()):
-        return preference
-    eigenvalues, vectors = eigenvalues[keep], vectors[:, keep]
-    sigma = eigenvalues.sqrt()
+    # The K eigenvalues and the decisions on them on the host; B·1 = s·V Λ^{-1/2} (Vᵀ1)
+    # without forming B.
+    values: list[float] = eigenvalues.tolist()
+    largest = max(values)
+    keep = [i for i, value in enumerate(values) if value > rtol * largest]
+    if not largest > 0 or not keep:
+        return torch.ones(num_tasks, dtype=torch.float64, device=g.device)
+    sigma = [math.sqrt(values[i]) for i in keep]
     if scale == "min":
-        common = sigma.min()
+        common = min(sigma)
     elif scale == "median":
-        common = sigma.median()
+        common = sorted(sigma)[(len(sigma) - 1) // 2]  # the lower middle value, as torch's
     else:
-        common = eigenvalues.mean().sqrt()
-    balance = common * (vectors / sigma) @ vectors.T
-    return balance @ preference
+        common = math.sqrt(math.fsum(values[i] for i in keep) / len(keep))
+    kept = vectors[:, keep]
+    inverse_sigma = torch.tensor([common / value for value in sigma], dtype=torch.float64)
+    return kept @ (kept.sum(dim=0) * inverse_sigma.to(g.device))

@@ -94,29 +94,30 @@ def config_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.T)
     inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
-    normalised = inverse_norms[:, None] * g * inverse_norms[None, :]
-    eigenvalues, vectors = torch.linalg.eigh(normalised)
-    largest = eigenvalues.max()
-    keep = eigenvalues > rtol * largest.clamp_min(0)
-    if not bool(largest > 0) or not bool(keep.any()):
-        return torch.zeros(num_tasks, dtype=torch.float64, device=g.device)
+    eigenvalues, vectors = torch.linalg.eigh(torch.outer(inverse_norms, inverse_norms) * g)
+    # The K eigenvalues and the decisions on them on the host.
+    values: list[float] = eigenvalues.tolist()
+    largest = max(values)
+    keep = [i for i, value in enumerate(values) if value > rtol * max(largest, 0.0)]
+    if not largest > 0 or not keep:
+        return torch.zeros_like(inverse_norms)
     kept = vectors[:, keep]
     # A task with a zero gradient has u_i = 0 and no equation (the official nan_to_num).
     ones = (inverse_norms > 0).to(torch.float64)
-    components = kept.T @ ones
+    components = ones @ kept
     # ConFIG's direction has equal cosines with every task gradient: U g_v = 1 must be
     # solvable, i.e. 1 must lie in the span of Ĝ. When it does not (two opposite gradients;
     # more tasks than independent gradients with mixed signs), the only direction with equal
     # cosines is 0, and the least-squares g_v of the official lstsq conflicts with a task. The
     # tolerance sits far above the rounding of a solvable system (~K·eps) and far below the
     # residual of an unsolvable one (order 1).
-    residual = (ones - kept @ components).norm() / num_tasks**0.5
-    if bool(residual > rtol**0.5):
-        return torch.zeros(num_tasks, dtype=torch.float64, device=g.device)
-    solution = kept @ (components / eigenvalues[keep])  # Ĝ⁺ 1
-    coefficients = inverse_norms * solution
+    residual = float((ones - kept @ components).norm()) / num_tasks**0.5
+    if residual > rtol**0.5:
+        return torch.zeros_like(inverse_norms)
+    kept_values = torch.tensor([values[i] for i in keep], dtype=torch.float64, device=g.device)
+    coefficients = inverse_norms * (kept @ (components / kept_values))  # N Ĝ⁺ 1
     gc = g @ coefficients
-    squared_length = coefficients @ gc
-    if not bool(squared_length > 0):
-        return torch.zeros(num_tasks, dtype=torch.float64, device=g.device)
-    return (gc.sum() / squared_length) * coefficients
+    squared_length = float(coefficients @ gc)
+    if not squared_length > 0:
+        return torch.zeros_like(inverse_norms)
+    return (float(gc.sum()) / squared_length) * coefficients
