@@ -218,18 +218,34 @@ def _face_qp_py(
     return [-v for v in chol_solve_py(L, c)], True
 
 
+_Scaling = tuple[list[float], list[bool], list[list[float]]]
+
+
+def _jacobi_scaling(Q: list[list[float]]) -> _Scaling:
+    """``s = diag(Q)^{-1/2}`` (0 on zero rows), the zero rows, and the unit-diagonal
+    ``Qs = S Q S``: what every QP on ``Q`` shares (UPGrad solves K of them)."""
+    n = len(Q)
+    zero = [Q[i][i] <= 0 for i in range(n)]
+    s = [0.0 if zero[i] else Q[i][i] ** -0.5 for i in range(n)]
+    Qs = [[s[i] * Q[i][k] * s[k] for k in range(n)] for i in range(n)]
+    return s, zero, Qs
+
+
 def _nnqp_py(
-    Q: list[list[float]], b: list[float], max_iter: int, tol: float, solver: str
+    Q: list[list[float]],
+    b: list[float],
+    max_iter: int,
+    tol: float,
+    solver: str,
+    scaling: _Scaling | None = None,
 ) -> list[float]:
-    """:func:`_nnqp_torch` in Python floats (same iterates and stopping rule)."""
+    """:func:`_nnqp_torch` in Python floats (same iterates and stopping rule); ``scaling`` is
+    :func:`_jacobi_scaling` of ``Q`` when the caller solves several QPs on it."""
     n = len(b)
-    d = [Q[i][i] for i in range(n)]
-    zero = [v <= 0 for v in d]
+    s, zero, Qs = _jacobi_scaling(Q) if scaling is None else scaling
     for i in range(n):
         if zero[i] and b[i] < 0:
             raise _unbounded(solver, i, 0.0, b[i])
-    s = [0.0 if zero[i] else d[i] ** -0.5 for i in range(n)]
-    Qs = [[s[i] * Q[i][k] * s[k] for k in range(n)] for i in range(n)]
     bs = [s[i] * b[i] for i in range(n)]
     u = [0.0] * n
     bscale = max(abs(v) for v in bs)
@@ -437,9 +453,10 @@ def dual_cone_weights(
         for i in range(K):
             Gl[i][i] += reg_eps
         rows = []
+        scaling = _jacobi_scaling(Gl)
         for p in pref_rows:
             b = [sum(map(mul, row, p)) for row in Gl]
-            u = _nnqp_py(Gl, b, max_iter, tol, "dual_cone_weights")
+            u = _nnqp_py(Gl, b, max_iter, tol, "dual_cone_weights", scaling)
             rows.append([a + c for a, c in zip(p, u, strict=True)])
         return to_output(rows, G).reshape(prefs.shape)
     assert Gw is not None
