@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from operator import mul
 from typing import Any, ClassVar
 
 import torch
@@ -160,8 +161,8 @@ def gradvac_weights(
         coefficients = [0.0] * num_tasks
         coefficients[i] = 1.0
         products = list(g[i])  # (G c_i)_m = g_i'·g_m
+        squared_i = sum(map(mul, coefficients, products))
         for j in orders[i]:
-            squared_i = sum(c * p for c, p in zip(coefficients, products, strict=True))
             if squared_i <= negligible or g[j][j] <= negligible:
                 continue
             norm_i, norm_j = math.sqrt(squared_i), math.sqrt(g[j][j])
@@ -176,9 +177,9 @@ def gradvac_weights(
                     / (norm_j * max(target_sine, _MIN_SINE))
                 )
                 coefficients[j] += step
-                row = g[j]
-                for m in range(num_tasks):
-                    products[m] += step * row[m]
+                products = [p + step * r for p, r in zip(products, g[j], strict=True)]
+                # ‖g_i'‖² changes only here: O(K) per adjustment, not per pair.
+                squared_i = sum(map(mul, coefficients, products))
             targets[i][j] = (1.0 - beta) * target + beta * cosine
         for m in range(num_tasks):
             total[m] += coefficients[m]
