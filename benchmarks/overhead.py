@@ -495,11 +495,12 @@ def write_csv(path: Path, results: dict[int, dict[str, Variant]]) -> None:
 
 
 def engine_table(ks: list[int], steps: int, clock: str) -> str:
-    from taskbalance._gramian import jacobian_rows
+    from taskbalance._gramian import task_gradients
 
     timer = time.thread_time if clock == "cpu" else time.perf_counter
     lines = [
-        "### Engine: `jacobian_rows` batched vs loop (ms, median; graph built once per K)",
+        "### Engine: `task_gradients` (the rows a balancer takes) batched vs loop (ms, median; "
+        "graph built once per K)",
         "",
         "| K | features batched | features loop | features edges | params batched "
         "| params loop | params edges |",
@@ -516,12 +517,12 @@ def engine_table(ks: list[int], steps: int, clock: str) -> str:
         # the per-task edges and loops over vector[k] (each backward runs all K heads).
         vector = stacked * 1.0
         cases = {
-            ("features", "batched"): lambda s=stacked, z=z: jacobian_rows(s, [z], batched=True),
-            ("features", "loop"): lambda v=vector, z=z: jacobian_rows(v, [z], batched=False),
-            ("features", "edges"): lambda s=stacked, z=z: jacobian_rows(s, [z], batched=False),
-            ("params", "batched"): lambda s=stacked, p=params: jacobian_rows(s, p, batched=True),
-            ("params", "loop"): lambda v=vector, p=params: jacobian_rows(v, p, batched=False),
-            ("params", "edges"): lambda s=stacked, p=params: jacobian_rows(s, p, batched=False),
+            ("features", "batched"): lambda s=stacked, z=z: task_gradients(s, [z], batched=True),
+            ("features", "loop"): lambda v=vector, z=z: task_gradients(v, [z], batched=False),
+            ("features", "edges"): lambda s=stacked, z=z: task_gradients(s, [z], batched=False),
+            ("params", "batched"): lambda s=stacked, p=params: task_gradients(s, p, batched=True),
+            ("params", "loop"): lambda v=vector, p=params: task_gradients(v, p, batched=False),
+            ("params", "edges"): lambda s=stacked, p=params: task_gradients(s, p, batched=False),
         }
         times: dict = {key: [] for key in cases}
         keys = list(cases)

@@ -262,6 +262,18 @@ def test_genuinely_infinite_gradients_stay_infinite_after_the_retries(monkeypatc
     assert len(calls) == 2 * 3  # scales 2¹⁶, 2⁸ and 1, then it gives up
 
 
+def test_large_float32_gradients_take_no_second_backward(monkeypatch):
+    """‖g‖ ≈ 2e15: finite float32 rows whose Gramian overflows only at scale 2¹⁶. The Gramian of
+    the unscaled rows settles it, without running the K backward passes again."""
+    z = torch.ones(4, requires_grad=True)
+    losses = torch.stack([(z * 1e15).sum(), (z * -2e15).sum()])
+    calls = _count_grad_calls(monkeypatch)
+    G = gramian(losses, z)
+    assert len(calls) == 2  # one backward per task
+    expected = torch.tensor([[4e30, -8e30], [-8e30, 16e30]])
+    torch.testing.assert_close(G, expected, rtol=1e-6, atol=0)
+
+
 def test_a_non_finite_loss_is_not_retried(monkeypatch):
     z = torch.ones(3, requires_grad=True)
     losses = torch.stack([(z * float("inf")).sum(), z.sum()])

@@ -43,15 +43,18 @@ operation a task whose row is all zero cannot be told apart from a zero gradient
 inputs that no task reaches are refused.
 
 Precision: each backward's ``grad_outputs`` are scaled by a power of two (``2**16``, as
-GradScaler starts, ``2**14`` for float16 losses; on overflow to inf or NaN it retries at
-``2**8``, then 1), and the rows
-are unscaled in float32 (float64 for float64 graphs). Under float16 autocast this keeps small
+GradScaler starts, ``2**14`` for float16 losses). Under float16 autocast this keeps small
 per-task gradients (a loss averaged over 32k samples, or weighted by 0.01) out of float16's
 subnormal range, where half of them would flush to zero and ``G`` would be off by 5%; in
 float32, bfloat16 and float64 scaling by a power of two changes no bit (unless a gradient was
-subnormal, which then gains precision). ``G`` is then
-accumulated with autocast disabled in float32 (or float64, as asked). A backward hook
-registered on an intermediate tensor sees the scaled gradients of these passes.
+subnormal, which then gains precision). The rows are widened to float32 (float64 for float64
+graphs) and keep the scale: ``G`` is accumulated from them with autocast disabled (in float32,
+or float64 as asked) and divided by the scale's square, and ``Jᵀw`` is taken as ``Jᵀ(w/s)``,
+both exact, so no pass over the K×numel rows unscales them. An overflow to inf or NaN shows in
+``G`` (or, when no ``G`` is computed, in a sum of the rows): ``G`` of the unscaled rows is tried
+first (large float32 gradients overflow only the scaled ``G``), then the backward is retried at
+``2**8``, then at 1. A backward hook registered on an intermediate tensor sees the scaled
+gradients of these passes.
 
 DDP: in features mode each rank's ``G`` is a sum over its own samples, and the gradient of the
 rank-averaged loss with respect to rank r's features is ``1/R`` times the local one, so the
@@ -171,11 +174,12 @@ class TaskGradients:
     gram: Tensor | None
     finite: bool
 
-    def unscaled_rows(self) -> list[Tensor]:
-        """The rows divided by ``scale`` (new tensors; ``rows`` stay as they are)."""
-        if self.scale == 1.0:
-            return list(self.rows)
-        return [row / self.scale for row in self.rows]
+
+def unscaled_rows(rows: Sequence[Tensor], scale: float) -> list[Tensor]:
+    """``rows`` divided by ``scale`` (new tensors; ``rows`` stay as they are)."""
+    if scale == 1.0:
+        return list(rows)
+    return [row / scale for row in rows]
 
 
 def task_gradients(
@@ -202,9 +206,10 @@ def task_gradients(
 
     ``gramian_of(rows)`` gives the Gramian of (scaled) rows, reduced over DDP ranks as the
     caller needs; it is unscaled here. An overflow at the current scale shows in it as a
-    non-finite entry, so the retry at a smaller scale is decided on those K² numbers (the same
-    on every rank) rather than on a pass over the rows. Without ``gramian_of`` a sum of each
-    block decides.
+    non-finite entry, so the retry is decided on those K² numbers rather than on a pass over
+    the rows. ``gramian_of`` must return the same Gramian on every rank (a reduced one, or the
+    one of rows that are themselves global): every rank then takes the same retries and issues
+    the same collectives. Without ``gramian_of`` a sum of each block decides, locally.
 
     Raises ``ValueError`` when an input or a present task is outside the graph (see the module
     docstring), and for sharded DTensor inputs.
@@ -225,6 +230,16 @@ def task_gradients(
             finite = _all_finite(rows) if gram is None else _gram_finite(gram)
             if finite or scale == 1.0 or not _retry_can_help(losses, mask, gram is not None):
                 break
+            if gramian_of is not None:
+                # Float32 rows scaled by 2**16 give a Gramian that overflows once ‖g‖ passes
+                # ~1e14 although the rows are finite: one pass over them is cheaper than K
+                # backward passes, and the reduced Gramian decides alike on every rank.
+                unscaled = unscaled_rows(rows, scale)
+                gram = gramian_of(unscaled)
+                finite = _gram_finite(gram)
+                if finite:
+                    rows, scale = unscaled, 1.0
+                    break
             scale = max(scale / _BACKOFF, 1.0)
             if path is not None:  # a fallback to the loop warned once: keep to the loop
                 batched = path
@@ -571,13 +586,14 @@ def _unscaled_gram(gram: Tensor, scale: float) -> Tensor:
     return gram if scale == 1.0 else gram / (scale * scale)
 
 
-def _retry_can_help(losses: Tensor, present: Sequence[bool], reduced: bool) -> bool:
+def _retry_can_help(losses: Tensor, present: Sequence[bool], decided_globally: bool) -> bool:
     """False when a present loss is itself non-finite: no smaller scale makes it finite.
 
-    Under DDP a reduced Gramian decides the retry on every rank alike (a rank's own losses
-    would not: its peers would then wait in a collective it skipped), so it always retries.
+    When the retry is decided on a Gramian that is the same on every rank (``gramian_of``),
+    a rank's own losses must not overrule it under DDP (its peers would then wait in a
+    collective it skipped): it always retries.
     """
-    if reduced and is_distributed():
+    if decided_globally and is_distributed():
         return True
     present_losses = losses.detach()[torch.tensor(present, device=losses.device)]
     return bool(torch.isfinite(present_losses).all())

@@ -172,7 +172,7 @@ def db_mtl_weights(
     beta_sigma: float,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """DB-MTL's weights (float32) and the new norm averages (float64); inputs are untouched."""
+    """DB-MTL's weights and the new norm averages (both float64); inputs are untouched."""
     shifted = losses.detach().to(torch.float64) + eps
     g = gram.detach().to(device=shifted.device, dtype=torch.float64)
     log_norms = g.diagonal().clamp_min(0).sqrt() / shifted  # ‖∇ log(L_k + ε)‖
@@ -194,7 +194,7 @@ def db_mtl_direction(
     beta_sigma: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The paper's rule on gradient vectors: weights (float32), new EMA ``[K, P]``, ``d [P]``.
+    """The paper's rule on gradient vectors: weights (float64), new EMA ``[K, P]``, ``d [P]``.
 
     ``rows`` are the global task gradients, one ``[K, numel]`` block per listed parameter;
     the inputs are untouched.

@@ -132,7 +132,7 @@ def graddrop_direction(
     leak: float,
     generator: torch.Generator,
 ) -> tuple[Tensor, list[Tensor]]:
-    """The kept shares ``w`` (float32 ``[K]``) and ``d``, one flat tensor per shared tensor.
+    """The kept shares ``w`` (float64 ``[K]``) and ``d``, one flat tensor per shared tensor.
 
     ``rows`` are this rank's rows in features mode (the masks come from the global sums) and
     the global rows in parameters mode; one ``torch.rand`` per tensor is drawn from

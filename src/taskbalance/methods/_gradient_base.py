@@ -14,7 +14,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._distributed import is_distributed
-from taskbalance._gramian import global_rows, gramian_from_rows, task_gradients
+from taskbalance._gramian import global_rows, gramian_from_rows, task_gradients, unscaled_rows
 from taskbalance._step import Step
 from taskbalance._validation import (
     check_choice,
@@ -349,6 +349,8 @@ class GradientBalancer(Balancer):
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         """The method's rule: ``[K]`` weights from the mean losses and the Gramian.
 
+        In float64 or the Gramian's dtype, never rounded to float32 first: :meth:`_update`
+        casts them to the Gramian's dtype, so a float64 Gramian gets float64-precise weights.
         Must not change any state before it can no longer fail.
         """
 
@@ -491,7 +493,7 @@ class GradientBalancer(Balancer):
             return
         if self._direction_from_rows():
             rows = averaged[0] if averaged else grads.rows
-            step.global_rows = [row / grads.scale for row in rows] if grads.scale != 1 else rows
+            step.global_rows = unscaled_rows(rows, grads.scale)
         gram = grads.gram
         assert gram is not None  # gramian_of was given on a refresh step
         if not grads.finite:

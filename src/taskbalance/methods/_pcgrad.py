@@ -127,7 +127,7 @@ def task_orders(num_tasks: int, order: str, generator: torch.Generator) -> list[
 
 
 def pcgrad_weights(gram: Tensor, orders: list[list[int]]) -> Tensor:
-    """``w = Σ_i c_i`` with ``g_i' = Jᵀc_i`` the projected gradients (float32 ``[K]``)."""
+    """``w = Σ_i c_i`` with ``g_i' = Jᵀc_i`` the projected gradients (float64 ``[K]``)."""
     negligible = negligible_squared_norm(gram)
     g = gram.detach().to(device="cpu", dtype=torch.float64).tolist()
     num_tasks = len(g)
