@@ -263,8 +263,7 @@ def jacobian_rows(
     grads = task_gradients(
         losses, inputs, batched=batched, features_mode=features_mode, present=present
     )
-    # The rows are the engine's own tensors (stacked, or fresh from autograd): in place.
-    return [row if grads.scale == 1.0 else row.div_(grads.scale) for row in grads.rows], grads.path
+    return unscaled_rows(grads.rows, grads.scale), grads.path
 
 
 def gramian_from_rows(

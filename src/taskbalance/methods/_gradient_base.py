@@ -705,13 +705,17 @@ def inverse_gradient_norms(gram: Tensor, eps: float) -> Tensor:
     so the normalised Gramian stays bounded.
     """
     # K numbers: on the host, where each is one float operation rather than a tensor call.
-    squared_norms: list[float] = gram.diagonal().tolist()
+    inverse = inverse_norms(gram.diagonal().tolist(), eps)
+    return torch.tensor(inverse, dtype=gram.dtype, device=gram.device)
+
+
+def inverse_norms(squared_norms: list[float], eps: float) -> list[float]:
+    """:func:`inverse_gradient_norms` from the Gramian's diagonal, already on the host."""
     negligible = eps**2 * max(max(squared_norms), 0.0)
-    inverse = [
+    return [
         1.0 / max(math.sqrt(max(value, 0.0)), 1e-300) if value > negligible else 0.0
         for value in squared_norms
     ]
-    return torch.tensor(inverse, dtype=gram.dtype, device=gram.device)
 
 
 def spectral_cutoff(gram: Tensor, rtol: float | None) -> float:

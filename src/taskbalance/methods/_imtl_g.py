@@ -12,7 +12,7 @@ from taskbalance._registry import register
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import (
     SpectralGradientBalancer,
-    inverse_gradient_norms,
+    inverse_norms,
     spectral_cutoff,
 )
 
@@ -84,16 +84,21 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     g = gram.detach().to(torch.float64)
     if num_tasks == 1:
         return torch.ones(1, dtype=torch.float64, device=g.device)
-    inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
+    squared_norms: list[float] = g.diagonal().tolist()
+    n_diagonal = torch.tensor(  # N = diag(1/‖g_k‖)
+        inverse_norms(squared_norms, torch.finfo(gram.dtype).eps),
+        dtype=torch.float64,
+        device=g.device,
+    )
     # With A = [1, −I] (task 0 minus each other task) and N = diag(1/‖g_k‖): the columns of
     # G N Aᵀ are (G N)[:, 0] − (G N)[:, k], and A G N Aᵀ takes row 0 minus each other row.
-    scaled = g * inverse_norms[None, :]  # G N
+    scaled = g * n_diagonal[None, :]  # G N
     right = scaled[:, :1] - scaled[:, 1:]  # G N Aᵀ, K × (K−1)
     reference = right[0]  # g_1 Uᵀ
     system = right[:1] - right[1:]  # D Uᵀ = A G N Aᵀ
     # The cut-off is relative to the gradients' scale as well as to the system's own largest
     # singular value: for exactly parallel gradients the whole system is rounding noise of
     # size ~eps·max‖g_i‖, and a cut relative to that noise alone would invert it.
-    scale = math.sqrt(max(max(g.diagonal().tolist()), 0.0))
+    scale = math.sqrt(max(max(squared_norms), 0.0))
     rest = (reference @ torch.linalg.pinv(system, atol=rtol * scale, rtol=rtol)).tolist()
     return torch.tensor([1.0 - math.fsum(rest), *rest], dtype=torch.float64, device=g.device)
