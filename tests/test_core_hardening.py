@@ -260,6 +260,42 @@ def test_float64_weights_are_not_float32_weights_in_disguise(name):
     assert not torch.equal(weights, weights.float().double()), weights
 
 
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "imtl_g", "nash_mtl"])
+def test_steps_between_refreshes_reuse_the_float64_weights(name):
+    """With gram_dtype=float64, an update_every step applies the refresh step's float64
+    weights, not their float32 rounding (the kept weights were a float32 buffer)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 4).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+
+    def balancer():
+        return tb.create(
+            name,
+            num_tasks=2,
+            params=list(layer.parameters()),
+            gram_dtype=torch.float64,
+            update_every=2,
+            heads="weighted",
+        )
+
+    def losses():
+        z = layer(x)
+        return torch.stack([(z[:, :3] - 1).pow(2).mean(), (z[:, 1:] + 2).pow(2).mean()])
+
+    b = balancer()
+    b(losses()).backward()
+    refreshed = b.weights
+    assert refreshed.dtype == torch.float64
+    assert not torch.equal(refreshed, refreshed.float().double()), refreshed
+    reused = losses()
+    objective = b(reused)
+    assert torch.equal(b.weights, refreshed)
+    assert objective.item() == torch.dot(refreshed, reused.detach()).item()
+    restored = balancer()
+    restored.load_state_dict(b.state_dict())
+    assert torch.equal(restored.weights, refreshed)
+
+
 # ------------------------------------------------------------------------------------------
 # Item 8: messages.
 

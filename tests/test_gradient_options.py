@@ -191,7 +191,8 @@ def test_per_group_weights_and_gradients_match_each_groups_own_rule(name, aggreg
 
     torch.testing.assert_close(b.group_weights.double(), expected.double(), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(b.weights, b.group_weights.mean(0))
-    # The step applies the rule's float64 weights (b.group_weights keeps them in float32).
+    # The step applies the rule's float64 weights, which b.group_weights keeps.
+    assert b.group_weights.dtype == torch.float64
     for group, J, w in zip(groups, jacobians, expected, strict=True):
         got = torch.cat([p.grad.reshape(-1) for p in group])
         torch.testing.assert_close(got, J.T @ w.double(), rtol=1e-6, atol=1e-10)

@@ -133,7 +133,8 @@ class GradientBalancer(Balancer):
             (the Gramian is not even computed then). Nash-MTL's published speed-ups come from
             exactly this. 1 recomputes at every step. Steps are optimiser steps: with
             ``accumulation_steps``, windows of micro-batches.
-        gram_dtype: precision of the Gramian, ``torch.float32`` (default) or ``torch.float64``.
+        gram_dtype: precision of the Gramian, ``torch.float32`` (default) or ``torch.float64``;
+            with float64 the kept weights (``weights``, the state) are float64 too.
         heads: ``"weighted"`` (objective ``Σ w_k L_k``), ``"unweighted"`` (heads get their own
             unweighted gradients, the shared tensors ``Jᵀw``) or None for the method's
             ``default_heads``.
@@ -191,6 +192,10 @@ class GradientBalancer(Balancer):
                 f"gram_dtype: expected torch.float32 or torch.float64, got {gram_dtype}"
             )
         self.gram_dtype = gram_dtype
+        if gram_dtype == torch.float64:
+            # Steps that reuse the weights (update_every, accumulation, an absent task) apply
+            # the refresh step's float64 weights, not a float32 rounding of them.
+            self._last_weights = self._last_weights.double()
         chosen = self.default_heads if heads is None else heads
         self.heads = check_choice("heads", chosen, ("weighted", "unweighted"))
         self.normalization = check_choice("normalization", normalization, _NORMALIZATIONS)
@@ -225,7 +230,10 @@ class GradientBalancer(Balancer):
                 ]
             self._group_sizes = tuple(len(group) for _, group in groups)
             self.group_names = tuple(name for name, _ in groups)
-            self.register_buffer("_last_group_weights", torch.ones(len(groups), self.num_tasks))
+            self.register_buffer(
+                "_last_group_weights",
+                torch.ones(len(groups), self.num_tasks, dtype=self._last_weights.dtype),
+            )
         # None until the first call tells whether this graph supports the batched backward.
         self._batched_backward: bool | None = None
         # Refresh steps in a row skipped because a task was absent (a host counter for a
