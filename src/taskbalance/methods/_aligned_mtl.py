@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from taskbalance._registry import register
+from taskbalance._solvers._common import select_backend
+from taskbalance._solvers._spectral import PYTHON_MAX_K, eigh_py
 from taskbalance._validation import check_choice
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import SpectralGradientBalancer, spectral_cutoff
@@ -95,20 +97,46 @@ class AlignedMTL(SpectralGradientBalancer):
         return aligned_mtl_weights(gram, self.scale, self.rtol)
 
 
-def aligned_mtl_weights(gram: Tensor, scale: str = "min", rtol: float | None = None) -> Tensor:
-    """``w = B·1`` with ``B = s·V Λ^{-1/2} Vᵀ`` on the kept eigenpairs (float64 ``[K]``)."""
+def aligned_mtl_weights(
+    gram: Tensor, scale: str = "min", rtol: float | None = None, backend: str = "auto"
+) -> Tensor:
+    """``w = B·1`` with ``B = s·V Λ^{-1/2} Vᵀ`` on the kept eigenpairs (float64 ``[K]``).
+
+    ``backend``: ``"python"`` keeps the arithmetic in Python floats around one
+    eigendecomposition (none at K = 2), ``"torch"`` uses tensors; ``"auto"`` picks Python up
+    to :data:`~taskbalance._solvers._spectral.PYTHON_MAX_K` (see there for the measurements).
+    """
     num_tasks = gram.shape[0]
     rtol = spectral_cutoff(gram, rtol)
+    uniform = torch.ones(num_tasks, dtype=torch.float64, device=gram.device)
+    # B·1 = s·V Λ^{-1/2} (Vᵀ1), without forming B.
+    if select_backend(backend, gram, PYTHON_MAX_K) == "python":
+        rows = gram.detach().double().tolist()
+        tasks = range(num_tasks)
+        values, vectors = eigh_py([[0.5 * (rows[i][j] + rows[j][i]) for j in tasks] for i in tasks])
+        factors = _kept_factors(values, scale, rtol)
+        if factors is None:
+            return uniform
+        coefficients = {c: sum(row[c] for row in vectors) * f for c, f in factors.items()}
+        weights = [sum(row[c] * x for c, x in coefficients.items()) for row in vectors]
+        return torch.tensor(weights, dtype=torch.float64, device=gram.device)
     g = gram.detach().to(torch.float64)
-    g = 0.5 * (g + g.T)
-    eigenvalues, vectors = torch.linalg.eigh(g)
-    # The K eigenvalues and the decisions on them on the host; B·1 = s·V Λ^{-1/2} (Vᵀ1)
-    # without forming B.
-    values: list[float] = eigenvalues.tolist()
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (g + g.T))
+    factors = _kept_factors(eigenvalues.tolist(), scale, rtol)
+    if factors is None:
+        return uniform
+    kept = eigenvectors[:, list(factors)]
+    ratios = torch.tensor(list(factors.values()), dtype=torch.float64, device=gram.device)
+    return kept @ (kept.sum(dim=0) * ratios)
+
+
+def _kept_factors(values: list[float], scale: str, rtol: float) -> dict[int, float] | None:
+    """``s/σ_c`` for each kept eigenvalue ``σ_c²`` (by index), on the host; None when no
+    eigenvalue is kept (a zero Gramian)."""
     largest = max(values)
     keep = [i for i, value in enumerate(values) if value > rtol * largest]
     if not largest > 0 or not keep:
-        return torch.ones(num_tasks, dtype=torch.float64, device=g.device)
+        return None
     sigma = [math.sqrt(values[i]) for i in keep]
     if scale == "min":
         common = min(sigma)
@@ -116,6 +144,4 @@ def aligned_mtl_weights(gram: Tensor, scale: str = "min", rtol: float | None = N
         common = sorted(sigma)[(len(sigma) - 1) // 2]  # the lower middle value, as torch's
     else:
         common = math.sqrt(math.fsum(values[i] for i in keep) / len(keep))
-    kept = vectors[:, keep]
-    inverse_sigma = torch.tensor([common / value for value in sigma], dtype=torch.float64)
-    return kept @ (kept.sum(dim=0) * inverse_sigma.to(g.device))
+    return {i: common / value for i, value in zip(keep, sigma, strict=True)}

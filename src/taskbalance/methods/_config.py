@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from taskbalance._registry import register
+from taskbalance._solvers._common import select_backend
+from taskbalance._solvers._spectral import PYTHON_MAX_K, eigh_py
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import (
     SpectralGradientBalancer,
     inverse_gradient_norms,
+    inverse_norms,
     spectral_cutoff,
 )
 
@@ -87,13 +91,22 @@ class ConFIG(SpectralGradientBalancer):
         return config_weights(gram, self.rtol)
 
 
-def config_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
-    """``w = (1ᵀGc / cᵀGc)·c`` with ``c = D Ĝ⁺ 1`` (float64 ``[K]``)."""
+def config_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto") -> Tensor:
+    """``w = (1ᵀGc / cᵀGc)·c`` with ``c = D Ĝ⁺ 1`` (float64 ``[K]``).
+
+    ``backend``: ``"python"`` keeps the arithmetic in Python floats around one
+    eigendecomposition (none at K = 2), ``"torch"`` uses tensors; ``"auto"`` picks Python up
+    to :data:`~taskbalance._solvers._spectral.PYTHON_MAX_K` (see there for the measurements).
+    """
     num_tasks = gram.shape[0]
     rtol = spectral_cutoff(gram, rtol)
+    eps = torch.finfo(gram.dtype).eps
+    if select_backend(backend, gram, PYTHON_MAX_K) == "python":
+        weights = _config_py(gram.detach().double().tolist(), rtol, eps)
+        return torch.tensor(weights, dtype=torch.float64, device=gram.device)
     g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.T)
-    inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
+    inverse_norms = inverse_gradient_norms(g, eps)
     eigenvalues, vectors = torch.linalg.eigh(torch.outer(inverse_norms, inverse_norms) * g)
     # The K eigenvalues and the decisions on them on the host.
     values: list[float] = eigenvalues.tolist()
@@ -121,3 +134,38 @@ def config_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     if not squared_length > 0:
         return torch.zeros_like(inverse_norms)
     return (float(gc.sum()) / squared_length) * coefficients
+
+
+def _config_py(gram: list[list[float]], rtol: float, eps: float) -> list[float]:
+    """The torch path's arithmetic, step for step, in Python floats."""
+    num_tasks = len(gram)
+    tasks = range(num_tasks)
+    g = [[0.5 * (gram[i][j] + gram[j][i]) for j in tasks] for i in tasks]
+    inverse = inverse_norms([g[i][i] for i in tasks], eps)
+    values, vectors = eigh_py([[inverse[i] * inverse[j] * g[i][j] for j in tasks] for i in tasks])
+    largest = max(values)
+    keep = [i for i, value in enumerate(values) if value > rtol * max(largest, 0.0)]
+    zeros = [0.0] * num_tasks
+    if not largest > 0 or not keep:
+        return zeros
+    ones = [1.0 if value > 0 else 0.0 for value in inverse]
+    components = [sum(ones[i] * vectors[i][c] for i in tasks) for c in keep]
+    residual = math.sqrt(
+        sum(
+            (ones[i] - sum(vectors[i][c] * x for c, x in zip(keep, components, strict=True))) ** 2
+            for i in tasks
+        )
+    )
+    if residual / num_tasks**0.5 > rtol**0.5:
+        return zeros
+    ratios = [x / values[c] for c, x in zip(keep, components, strict=True)]
+    coefficients = [
+        inverse[i] * sum(vectors[i][c] * r for c, r in zip(keep, ratios, strict=True))
+        for i in tasks
+    ]
+    gc = [sum(g[i][j] * coefficients[j] for j in tasks) for i in tasks]
+    squared_length = sum(c * x for c, x in zip(coefficients, gc, strict=True))
+    if not squared_length > 0:
+        return zeros
+    factor = sum(gc) / squared_length
+    return [factor * c for c in coefficients]

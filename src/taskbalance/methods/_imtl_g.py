@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from taskbalance._registry import register
+from taskbalance._solvers._common import select_backend
+from taskbalance._solvers._spectral import PYTHON_MAX_K, pinv_apply_py
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import (
     SpectralGradientBalancer,
@@ -77,18 +79,25 @@ class IMTLG(SpectralGradientBalancer):
         return imtl_g_weights(gram, self.rtol)
 
 
-def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
-    """IMTL-G's α (float64 ``[K]``, sums to 1) from the Gramian, task 0 as the reference."""
+def imtl_g_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto") -> Tensor:
+    """IMTL-G's α (float64 ``[K]``, sums to 1) from the Gramian, task 0 as the reference.
+
+    ``backend``: ``"python"`` keeps the arithmetic in Python floats around one pseudo-inverse
+    call (none at K = 2), ``"torch"`` uses tensors; ``"auto"`` picks Python up to
+    :data:`~taskbalance._solvers._spectral.PYTHON_MAX_K` (see there for the measurements).
+    """
     num_tasks = gram.shape[0]
     rtol = spectral_cutoff(gram, rtol)
-    g = gram.detach().to(torch.float64)
+    eps = torch.finfo(gram.dtype).eps
     if num_tasks == 1:
-        return torch.ones(1, dtype=torch.float64, device=g.device)
+        return torch.ones(1, dtype=torch.float64, device=gram.device)
+    if select_backend(backend, gram, PYTHON_MAX_K) == "python":
+        weights = _imtl_g_py(gram.detach().double().tolist(), rtol, eps)
+        return torch.tensor(weights, dtype=torch.float64, device=gram.device)
+    g = gram.detach().to(torch.float64)
     squared_norms: list[float] = g.diagonal().tolist()
     n_diagonal = torch.tensor(  # N = diag(1/‖g_k‖)
-        inverse_norms(squared_norms, torch.finfo(gram.dtype).eps),
-        dtype=torch.float64,
-        device=g.device,
+        inverse_norms(squared_norms, eps), dtype=torch.float64, device=g.device
     )
     # With A = [1, −I] (task 0 minus each other task) and N = diag(1/‖g_k‖): the columns of
     # G N Aᵀ are (G N)[:, 0] − (G N)[:, k], and A G N Aᵀ takes row 0 minus each other row.
@@ -102,3 +111,17 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None) -> Tensor:
     scale = math.sqrt(max(max(squared_norms), 0.0))
     rest = (reference @ torch.linalg.pinv(system, atol=rtol * scale, rtol=rtol)).tolist()
     return torch.tensor([1.0 - math.fsum(rest), *rest], dtype=torch.float64, device=g.device)
+
+
+def _imtl_g_py(gram: list[list[float]], rtol: float, eps: float) -> list[float]:
+    """The torch path's arithmetic, term for term, in Python floats."""
+    num_tasks = len(gram)
+    squared_norms = [gram[i][i] for i in range(num_tasks)]
+    n_diagonal = inverse_norms(squared_norms, eps)
+    scaled = [[value * n for value, n in zip(row, n_diagonal, strict=True)] for row in gram]
+    right = [[row[0] - row[k] for k in range(1, num_tasks)] for row in scaled]
+    reference = right[0]
+    system = [[a - b for a, b in zip(reference, row, strict=True)] for row in right[1:]]
+    scale = math.sqrt(max(max(squared_norms), 0.0))
+    rest = pinv_apply_py(reference, system, atol=rtol * scale, rtol=rtol)
+    return [1.0 - math.fsum(rest), *rest]

@@ -1,0 +1,144 @@
+"""The spectral rules' plain-Python paths (ConFIG, Aligned-MTL, IMTL-G) and their kernels.
+
+Each rule runs its arithmetic in Python floats up to ``PYTHON_MAX_K`` and in tensors above;
+both paths must give the same weights on random and degenerate Gramians, and the host
+kernels must match LAPACK (numpy) and ``torch.linalg.pinv``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskbalance._solvers._spectral import PYTHON_MAX_K, eigh_py, pinv_apply_py
+from taskbalance.methods._aligned_mtl import aligned_mtl_weights
+from taskbalance.methods._config import config_weights
+from taskbalance.methods._imtl_g import imtl_g_weights
+
+RULES = {
+    "imtl_g": lambda G, backend: imtl_g_weights(G, backend=backend),
+    "config": lambda G, backend: config_weights(G, backend=backend),
+    "aligned_mtl/min": lambda G, backend: aligned_mtl_weights(G, "min", backend=backend),
+    "aligned_mtl/median": lambda G, backend: aligned_mtl_weights(G, "median", backend=backend),
+    "aligned_mtl/rmse": lambda G, backend: aligned_mtl_weights(G, "rmse", backend=backend),
+}
+
+
+def _jacobians(seed: int, count: int):
+    """Random and degenerate task Jacobians, K from 1 to past the crossover."""
+    generator = torch.Generator().manual_seed(seed)
+    kinds = ["full", "opposite", "parallel", "scaled", "zero", "duplicated", "rank_one"]
+    for index in range(count):
+        kind = kinds[index % len(kinds)]
+        K = 1 + index % (PYTHON_MAX_K + 3)
+        J = torch.randn(K, 12, generator=generator, dtype=torch.float64)
+        if kind == "opposite" and K > 1:
+            J[1] = -J[0]
+        if kind == "parallel" and K > 1:
+            J[1] = 2.5 * J[0]
+        if kind == "scaled":
+            J = J * torch.logspace(-6, 6, K, dtype=torch.float64)[:, None]
+        if kind == "zero":
+            J[0] = 0.0
+        if kind == "duplicated" and K > 2:
+            J[-1] = J[1]
+        if kind == "rank_one":
+            J = torch.randn(K, 1, generator=generator, dtype=torch.float64) * J[:1]
+        yield kind, J
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_python_and_torch_paths_agree(rule, dtype):
+    solve = RULES[rule]
+    for kind, J in _jacobians(7, 140):
+        gram = (J @ J.T).to(dtype)
+        on_host, with_tensors = solve(gram, "python"), solve(gram, "torch")
+        assert on_host.dtype == with_tensors.dtype == torch.float64
+        scale = max(float(with_tensors.abs().max()), 1.0)
+        torch.testing.assert_close(
+            on_host, with_tensors, rtol=0, atol=1e-12 * scale, msg=f"{kind}, K={len(J)}"
+        )
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_auto_picks_the_host_path_up_to_the_crossover(rule, monkeypatch):
+    """At K = 2 the host path makes no LAPACK call at all (one Jacobi rotation, a 1×1
+    pseudo-inverse); above the crossover the tensor path is taken."""
+    solve = RULES[rule]
+    small = torch.tensor([[2.0, -0.5], [-0.5, 1.0]])
+    big = torch.eye(PYTHON_MAX_K + 1) + 0.1
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a LAPACK call on the host path at K = 2")
+
+    expected = solve(small, "torch")
+    monkeypatch.setattr(torch.linalg, "eigh", refused)
+    monkeypatch.setattr(torch.linalg, "pinv", refused)
+    torch.testing.assert_close(solve(small, "auto"), expected, rtol=1e-15, atol=0)
+    with pytest.raises(AssertionError, match="LAPACK"):
+        solve(big, "auto")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.floats(-1e6, 1e6, allow_subnormal=False),
+    st.floats(-1e6, 1e6, allow_subnormal=False),
+    st.floats(-1e6, 1e6, allow_subnormal=False),
+)
+def test_eigh_2x2_matches_lapack(a, b, c):
+    values, vectors = eigh_py([[a, b], [b, c]])
+    reference = np.linalg.eigvalsh(np.array([[a, b], [b, c]]))
+    size = max(abs(a), abs(b), abs(c), 1e-300)
+    np.testing.assert_allclose(values, reference, rtol=0, atol=2e-15 * size)
+    assert values[0] <= values[1]
+    V = np.array(vectors)
+    np.testing.assert_allclose(V.T @ V, np.eye(2), atol=1e-15)  # orthonormal columns
+    A = np.array([[a, b], [b, c]])
+    np.testing.assert_allclose(A @ V, V * np.array(values), rtol=0, atol=4e-15 * size)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "expected"),
+    [
+        ([[3.0, 0.0], [0.0, 1.0]], [1.0, 3.0]),  # already diagonal, descending
+        ([[1.0, 2.0], [2.0, 4.0]], [0.0, 5.0]),  # rank one: an exact zero
+        ([[1.0, -1.0], [-1.0, 1.0]], [0.0, 2.0]),  # two opposite unit gradients
+        ([[1.0, 1e-300], [1e-300, 1.0 + 1e-15]], [1.0, 1.0 + 1e-15]),  # theta overflows
+    ],
+)
+def test_eigh_2x2_exact_cases(matrix, expected):
+    values, _ = eigh_py(matrix)
+    assert values == pytest.approx(expected, rel=0, abs=1e-15)
+
+
+def test_eigh_larger_matrices_are_lapacks():
+    A = np.random.default_rng(0).standard_normal((5, 5))
+    A = A @ A.T
+    values, vectors = eigh_py(A.tolist())
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(A), rtol=1e-13)
+    np.testing.assert_allclose(A @ np.array(vectors), np.array(vectors) * values, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_pinv_apply_matches_torch(size):
+    generator = torch.Generator().manual_seed(size)
+    matrix = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    vector = torch.randn(size, generator=generator, dtype=torch.float64)
+    for atol, rtol in [(0.0, 1e-12), (1e-3, 1e-12), (0.0, 0.5)]:
+        expected = vector @ torch.linalg.pinv(matrix, atol=atol, rtol=rtol)
+        got = pinv_apply_py(vector.tolist(), matrix.tolist(), atol=atol, rtol=rtol)
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected)
+
+
+@pytest.mark.parametrize("value", [0.0, 1e-9, -1e-9, 2e-9])
+def test_pinv_apply_scalar_cut_off(value):
+    """A 1×1 system at or below the absolute cut-off is rank zero, as torch.linalg.pinv says."""
+    got = pinv_apply_py([3.0], [[value]], atol=1e-9, rtol=1e-12)
+    expected = torch.tensor([3.0]).double() @ torch.linalg.pinv(
+        torch.tensor([[value]], dtype=torch.float64), atol=1e-9, rtol=1e-12
+    )
+    assert got == expected.tolist()
