@@ -15,6 +15,7 @@ being one Jacobi rotation.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -66,14 +67,23 @@ def _eigh_2x2(a: float, b: float, c: float) -> tuple[list[float], list[list[floa
 def pinv_apply_py(
     vector: list[float], matrix: list[list[float]], *, atol: float, rtol: float
 ) -> list[float]:
-    """``vector @ pinv(matrix)`` with ``torch.linalg.pinv``'s cut-off (singular values at or
-    below ``max(atol, rtol·σ_max)`` count as zero); one pinv call above size 1."""
+    """``vector @ pinv(matrix)`` with ``torch.linalg.pinv``'s cut-off: singular values at or
+    below ``max(atol, rtol·σ_max)`` count as zero. Size 1 in closed form; larger sizes make
+    one ``torch.linalg.svd`` call (``pinv`` would wrap it in half a dozen more)."""
     if len(matrix) == 1:
         value = matrix[0][0]
-        # One singular value |m|, kept when above the cut-off (rtol < 1 never removes it);
-        # the pseudo-inverse is then 1/m, exactly as sign(m)·(1/|m|) from the SVD.
+        # One singular value |m|, kept when above the cut-off; the pseudo-inverse is then
+        # 1/m, exactly as sign(m)·(1/|m|) from the SVD.
         kept = abs(value) > max(atol, rtol * abs(value))
         return [vector[0] * (1.0 / value)] if kept else [0.0]
-    inverse = torch.linalg.pinv(torch.tensor(matrix, dtype=F64), atol=atol, rtol=rtol).tolist()
-    size = len(matrix)
-    return [sum(vector[i] * inverse[i][j] for i in range(size)) for j in range(size)]
+    left, singular, right = torch.linalg.svd(torch.tensor(matrix, dtype=F64))
+    values: list[float] = singular.tolist()
+    cutoff = max(atol, rtol * values[0])  # descending: values[0] is σ_max
+    # x M⁺ = x V Σ⁺ Uᵀ: the coefficient of each left singular vector u_j is (x·v_j)/σ_j.
+    coefficients = [
+        (sum(map(operator.mul, vector, v)) / sigma, j)
+        for j, (sigma, v) in enumerate(zip(values, right.tolist(), strict=True))
+        if sigma > cutoff
+    ]
+    columns = left.tolist()
+    return [sum(c * row[j] for c, j in coefficients) for row in columns]

@@ -528,9 +528,16 @@ class GradientBalancer(Balancer):
         # never see it. The rows are scaled by a power of two: dividing the K shifts is exact.
         inner: Tensor | None = None
         per_tensor = self._tensor_weights(step, weights)
+        # One K-vector of shifts per weight vector and dtype, not per tensor: parameters mode
+        # lists every trunk tensor, and all of them share the weights (without groups).
+        shifts_of: dict[tuple[int, torch.dtype], Tensor] = {}
         for tensor, row, tensor_weights in zip(step.shared, step.rows, per_tensor, strict=True):
-            shifts = ((tensor_weights.detach() - 1) / step.row_scale).to(row.dtype)
-            term = _inner_product(tensor, shifts @ row)
+            key = (id(tensor_weights), row.dtype)
+            shifts = shifts_of.get(key)
+            if shifts is None:
+                shifts = ((tensor_weights.detach() - 1) / step.row_scale).to(row.dtype)
+                shifts_of[key] = shifts
+            term = _inner_product(tensor, torch.mv(row.T, shifts))
             inner = term if inner is None else inner + term
         assert inner is not None  # one term per shared tensor, and there is at least one
         return step.losses.sum() + (inner - inner.detach()).to(step.losses.dtype)
