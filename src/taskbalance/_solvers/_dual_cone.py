@@ -32,9 +32,12 @@ __all__ = ["dual_cone_weights", "nonneg_qp"]
 _NON_FINITE_PREFS = "dual_cone_weights: prefs contains non-finite values (nan or inf)"
 
 #: Largest K solved on the plain-Python path by ``backend="auto"``: one problem, and M problems
-#: (the Python path solves them one after another, the torch path all at once).
-PYTHON_MAX_K = 16
-PYTHON_MAX_K_BATCH = 6
+#: (the Python path solves them one after another, the torch path all at once). Measured inside
+#: the training loop of ``benchmarks/overhead.py`` (one thread; Python / torch, µs): DualProj's
+#: rule 376 / 575 at K = 32 and 534 / 655 at K = 40; UPGrad's K problems 434 / 532 at K = 8 and
+#: 1031 / 644 at K = 12.
+PYTHON_MAX_K = 40
+PYTHON_MAX_K_BATCH = 8
 
 # Eigenvalues of a unit-diagonal (Jacobi-scaled) PSD block below ``_RANK_RTOL * max(1, λ_max)``
 # are treated as exact zeros (duplicated / linearly dependent task gradients).
@@ -345,7 +348,7 @@ def nonneg_qp(
         b: Linear term ``[n]``.
         max_iter: Cap on face solves; exceeding it raises :class:`SolverError`.
         tol: Relative KKT tolerance.
-        backend: ``"auto"`` (plain Python for ``n <= 16``), ``"python"`` or ``"torch"``.
+        backend: ``"auto"`` (plain Python for ``n <= 40``), ``"python"`` or ``"torch"``.
 
     Returns:
         ``u*`` of shape ``[n]`` (dtype/device of ``Q``). Not unique when ``Q`` is singular; the
@@ -416,7 +419,7 @@ def dual_cone_weights(
         reg_eps: Ridge added to the trace-normalised Gramian (0: exact).
         max_iter: Cap per QP of the sequential active set (see :func:`nonneg_qp`).
         tol: Relative KKT tolerance of the QP.
-        backend: ``"auto"`` (plain Python for ``K <= 16`` with one row, ``K <= 6`` with
+        backend: ``"auto"`` (plain Python for ``K <= 40`` with one row, ``K <= 8`` with
             several), ``"python"`` or ``"torch"``.
 
     Returns:

@@ -43,8 +43,9 @@ class GradVac(GradientBalancer):
     ``‖g_j‖² = G_jj``; the adjustment adds ``a`` to ``c_i[j]``. So ``Σ_i g_i' = Jᵀ(Σ_i c_i)``
     and ``w = Σ_i c_i``.
 
-    Order: for each task i a fresh ``torch.randperm(K − 1, generator=g)`` of the other tasks
-    (in increasing index order), from the balancer's own generator (``seed``; identical on
+    Order: for each task i a fresh random permutation of the other tasks, row i of
+    ``torch.rand(K, K − 1, dtype=torch.float64, generator=g).argsort(dim=1)`` (indexing them in
+    increasing order), from the balancer's own generator (``seed``; identical on
     every rank; saved in ``state_dict`` with the targets, so a resumed run continues the same
     trajectory). LibMTL and the paper also visit the other tasks in random order.
 

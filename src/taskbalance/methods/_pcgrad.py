@@ -37,9 +37,9 @@ class PCGrad(GradientBalancer):
 
     Order: ``order="random"`` (default) follows the paper's Algorithm 1: for each task i a
     fresh random permutation of the other tasks (LibMTL shuffles all tasks, i included, where
-    projecting g_i' on g_i is a no-op unless it conflicts with itself), drawn as
-    ``torch.randperm(K − 1, generator=g)`` (i from 0 to K−1) from the balancer's own
-    generator (seeded with ``seed``, identical on every rank, saved in ``state_dict``). The
+    projecting g_i' on g_i is a no-op unless it conflicts with itself), drawn for all i at once
+    as the rows of ``torch.rand(K, K − 1, dtype=torch.float64, generator=g).argsort(dim=1)``
+    from the balancer's own generator (seeded with ``seed``, identical on every rank, saved in ``state_dict``). The
     official TensorFlow code shuffles the losses with ``tf.random.shuffle`` but discards the
     result, so in effect it projects in the fixed order ``0, …, K−1`` (including ``j = i``,
     a no-op unless ``g_i'·g_i < 0``); ``order="fixed"`` reproduces that. For K = 2 the
@@ -112,16 +112,18 @@ class PCGrad(GradientBalancer):
 def task_orders(num_tasks: int, order: str, generator: torch.Generator) -> list[list[int]]:
     """For each task i, the order in which the other tasks are visited.
 
-    ``"random"``: a fresh ``torch.randperm(K − 1, generator=generator)`` per task, indexing the
-    other tasks in increasing order. ``"fixed"``: ``0, …, K−1`` including i itself.
+    ``"random"``: row i of ``torch.rand(K, K − 1, dtype=torch.float64,
+    generator=generator).argsort(dim=1)``, a uniform random permutation indexing the other
+    tasks in increasing order. One draw for all K tasks: K ``randperm`` calls cost ~10 µs each
+    inside a training step, 0.4 ms at K = 40. (Ties, which argsort would break by index, have
+    probability ~K²·2⁻⁵³.) ``"fixed"``: ``0, …, K−1`` including i itself.
     """
+    if order == "fixed":
+        return [list(range(num_tasks)) for _ in range(num_tasks)]
+    keys = torch.rand(num_tasks, num_tasks - 1, dtype=torch.float64, generator=generator)
     orders = []
-    for i in range(num_tasks):
-        if order == "fixed":
-            orders.append(list(range(num_tasks)))
-            continue
+    for i, permutation in enumerate(keys.argsort(dim=1).tolist()):
         others = [j for j in range(num_tasks) if j != i]
-        permutation = torch.randperm(num_tasks - 1, generator=generator).tolist()
         orders.append([others[p] for p in permutation])
     return orders
 
