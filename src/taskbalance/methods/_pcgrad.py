@@ -39,11 +39,11 @@ class PCGrad(GradientBalancer):
     fresh random permutation of the other tasks (LibMTL shuffles all tasks, i included, where
     projecting g_i' on g_i is a no-op unless it conflicts with itself), drawn for all i at once
     as the rows of ``torch.rand(K, K − 1, dtype=torch.float64, generator=g).argsort(dim=1)``
-    from the balancer's own generator (seeded with ``seed``, identical on every rank, saved in ``state_dict``). The
-    official TensorFlow code shuffles the losses with ``tf.random.shuffle`` but discards the
-    result, so in effect it projects in the fixed order ``0, …, K−1`` (including ``j = i``,
-    a no-op unless ``g_i'·g_i < 0``); ``order="fixed"`` reproduces that. For K = 2 the
-    order does not matter.
+    from the balancer's own generator (seeded with ``seed``, identical on every rank, saved in
+    ``state_dict``). The official TensorFlow code shuffles the losses with
+    ``tf.random.shuffle`` but discards the result, so in effect it projects in the fixed order
+    ``0, …, K−1`` (including ``j = i``, a no-op unless ``g_i'·g_i < 0``); ``order="fixed"``
+    reproduces that. For K = 2 the order does not matter.
 
     Defaults: ``order="random"``, ``seed=0``.
 
@@ -144,11 +144,8 @@ def pcgrad_weights(gram: Tensor, orders: list[list[int]]) -> Tensor:
             if products[j] < 0.0 and squared_norm > negligible:
                 step = products[j] / squared_norm
                 coefficients[j] -= step
-                row = g[j]
-                for m in range(num_tasks):
-                    products[m] -= step * row[m]
-        for m in range(num_tasks):
-            total[m] += coefficients[m]
+                products = [p - step * r for p, r in zip(products, g[j], strict=True)]
+        total = [t + c for t, c in zip(total, coefficients, strict=True)]
     return torch.tensor(total, dtype=torch.float64)
 
 
