@@ -108,7 +108,6 @@ def aligned_mtl_weights(
     """
     num_tasks = gram.shape[0]
     rtol = spectral_cutoff(gram, rtol)
-    uniform = torch.ones(num_tasks, dtype=torch.float64, device=gram.device)
     # B·1 = s·V Λ^{-1/2} (Vᵀ1), without forming B.
     if select_backend(backend, gram, PYTHON_MAX_K) == "python":
         rows = gram.detach().double().tolist()
@@ -116,7 +115,7 @@ def aligned_mtl_weights(
         values, vectors = eigh_py([[0.5 * (rows[i][j] + rows[j][i]) for j in tasks] for i in tasks])
         factors = _kept_factors(values, scale, rtol)
         if factors is None:
-            return uniform
+            return _uniform(num_tasks, gram)
         coefficients = {c: sum(row[c] for row in vectors) * f for c, f in factors.items()}
         weights = [sum(row[c] * x for c, x in coefficients.items()) for row in vectors]
         return torch.tensor(weights, dtype=torch.float64, device=gram.device)
@@ -124,10 +123,15 @@ def aligned_mtl_weights(
     eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (g + g.T))
     factors = _kept_factors(eigenvalues.tolist(), scale, rtol)
     if factors is None:
-        return uniform
+        return _uniform(num_tasks, gram)
     kept = eigenvectors[:, list(factors)]
     ratios = torch.tensor(list(factors.values()), dtype=torch.float64, device=gram.device)
     return kept @ (kept.sum(dim=0) * ratios)
+
+
+def _uniform(num_tasks: int, gram: Tensor) -> Tensor:
+    """Equal weights, for a zero Gramian: no eigenvector to align (the direction is 0)."""
+    return torch.ones(num_tasks, dtype=torch.float64, device=gram.device)
 
 
 def _kept_factors(values: list[float], scale: str, rtol: float) -> dict[int, float] | None:
