@@ -13,6 +13,9 @@ that two methods share — live here, one module per problem:
   gradients (UPGrad, DualProj; CAGrad's degenerate case);
 * :mod:`._barrier` — damped Newton on a barrier potential (Nash-MTL, FairGrad);
 * :mod:`._cagrad` — CAGrad's one-dimensional root search over min-norm solves;
+* :mod:`._spectral` — eigendecomposition and pseudo-inverse of small matrices with the
+  arithmetic on the host (the plain-Python paths of ConFIG, Aligned-MTL and IMTL-G, whose
+  formulas live with those methods);
 * :mod:`._common` — errors, argument checks, the working Gramian, and :func:`select_backend`,
   the one place that picks a path.
 
