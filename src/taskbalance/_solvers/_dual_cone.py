@@ -165,8 +165,6 @@ def _nnqp_batched(Q: Tensor, B: Tensor, max_iter: int, tol: float, solver: str) 
     ``g ≥ −thr`` elsewhere), so it is solved. A row whose face is singular or badly conditioned
     (where Cholesky pivots are not bounded away from 0) or that is not settled within
     ``_PDAS_MAX_SWEEPS`` sweeps is solved by the sequential active set instead, exactly.
-    Sweeps after the first re-solve only the rows not yet settled (a settled row would
-    reproduce itself).
     """
     M, n = B.shape
     s, zero = _scaling(Q)
@@ -181,29 +179,24 @@ def _nnqp_batched(Q: Tensor, B: Tensor, max_iter: int, tol: float, solver: str) 
     free = live & (Bs < -base)  # the most negative gradients at u = 0 start free
     X = torch.zeros(M, n, dtype=F64)
     settled = torch.zeros(M, dtype=torch.bool)
-    rows = torch.arange(M)  # the rows still to solve: a settled row would reproduce itself
-    for sweep in range(_PDAS_MAX_SWEEPS):
-        # The first sweep takes every row as it is; later ones gather the unsettled rows
-        # (about half of them at K = 40): each row costs a Cholesky factorisation and solve.
-        row_free = free if sweep == 0 else free[rows]
-        row_b = Bs if sweep == 0 else Bs[rows]
-        Fm = row_free.to(F64)
+    for _ in range(_PDAS_MAX_SWEEPS):
+        # every row is re-solved at every sweep (a settled row reproduces itself): gathering the
+        # unsettled ones (about half after the first sweep) saved 0% of UPGrad's rule at K = 16
+        # and 4% at K = 40 inside a training step, for the one to three sweeps this usually takes
+        Fm = free.to(F64)
         A = Qs * (Fm[:, :, None] * Fm[:, None, :])
         A.diagonal(dim1=1, dim2=2).fill_(1.0)  # identity rows outside the free set
         L, info = torch.linalg.cholesky_ex(A)
-        row_x = torch.cholesky_solve((Fm * row_b).unsqueeze(2), L).squeeze(2).neg_()
-        g = torch.addmm(row_b, row_x, Qs)
-        thr = (base if sweep == 0 else base[rows]) + tol * row_x.abs().sum(dim=1, keepdim=True)
-        new = torch.where(row_free, row_x > 0, live & (g < -thr))
+        X = torch.cholesky_solve((Fm * Bs).unsqueeze(2), L).squeeze(2).neg_()
+        g = torch.addmm(Bs, X, Qs)
+        thr = base + tol * X.abs().sum(dim=1, keepdim=True)
+        new = torch.where(free, X > 0, live & (g < -thr))
         ok = (info == 0) & (L.diagonal(dim1=1, dim2=2).amin(dim=1) > 1e-4)
-        done = ok & (new == row_free).all(dim=1)
-        X[rows] = row_x
-        settled[rows] = done
-        all_settled, all_ok = torch.stack([done.all(), ok.all()]).tolist()
+        settled = ok & (new == free).all(dim=1)
+        all_settled, all_ok = torch.stack([settled.all(), ok.all()]).tolist()
         if all_settled or not all_ok:  # a singular face: the sequential method takes over
             break
-        free[rows] = new
-        rows = rows[~done]
+        free = new
     U, fallback = X, ~settled
     for m in torch.nonzero(fallback)[:, 0].tolist():
         # the sequential active set rescales by s itself: hand it the unscaled problem
