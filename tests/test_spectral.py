@@ -142,3 +142,21 @@ def test_pinv_apply_scalar_cut_off(value):
         torch.tensor([[value]], dtype=torch.float64), atol=1e-9, rtol=1e-12
     )
     assert got == expected.tolist()
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gramian_is_refused_on_both_paths(rule, backend, bad):
+    gram = torch.eye(2 if backend == "python" else PYTHON_MAX_K + 1)
+    gram[0, 0] = bad
+    with pytest.raises(
+        ValueError, match=r"_weights: gram has a nan or inf entry; expected a finite"
+    ):
+        RULES[rule](gram, backend)
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_backend_is_checked_at_every_k(rule):
+    with pytest.raises(ValueError, match=r"^backend: expected"):
+        RULES[rule](torch.eye(1), "bogus")

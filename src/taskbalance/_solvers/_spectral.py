@@ -18,13 +18,32 @@ import math
 import operator
 
 import torch
+from torch import Tensor
 
 from taskbalance._solvers._common import F64
 
-__all__ = ["PYTHON_MAX_K", "eigh_py", "pinv_apply_py"]
+__all__ = ["PYTHON_MAX_K", "check_finite", "eigh_py", "host_gram", "pinv_apply_py"]
 
 #: The largest K whose spectral rules (ConFIG, Aligned-MTL, IMTL-G) run on the host by default.
 PYTHON_MAX_K = 8
+
+
+def host_gram(gram: Tensor, function: str) -> list[list[float]]:
+    """The Gramian as nested lists of float64 values, refused when an entry is not finite."""
+    rows: list[list[float]] = gram.detach().double().tolist()
+    if not all(math.isfinite(value) for row in rows for value in row):
+        raise _nonfinite(function)
+    return rows
+
+
+def check_finite(gram: Tensor, function: str) -> None:
+    """The torch paths' version of :func:`host_gram`'s check."""
+    if not bool(torch.isfinite(gram).all()):
+        raise _nonfinite(function)
+
+
+def _nonfinite(function: str) -> ValueError:
+    return ValueError(f"{function}: gram has a nan or inf entry; expected a finite Gramian")
 
 
 def eigh_py(matrix: list[list[float]]) -> tuple[list[float], list[list[float]]]:

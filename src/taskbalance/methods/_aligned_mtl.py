@@ -10,7 +10,7 @@ from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._solvers._common import select_backend
-from taskbalance._solvers._spectral import PYTHON_MAX_K, eigh_py
+from taskbalance._solvers._spectral import PYTHON_MAX_K, check_finite, eigh_py, host_gram
 from taskbalance._validation import check_choice
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import SpectralGradientBalancer, spectral_cutoff
@@ -110,7 +110,7 @@ def aligned_mtl_weights(
     rtol = spectral_cutoff(gram, rtol)
     # B·1 = s·V Λ^{-1/2} (Vᵀ1), without forming B.
     if select_backend(backend, gram, PYTHON_MAX_K) == "python":
-        rows = gram.detach().double().tolist()
+        rows = host_gram(gram, "aligned_mtl_weights")
         tasks = range(num_tasks)
         values, vectors = eigh_py([[0.5 * (rows[i][j] + rows[j][i]) for j in tasks] for i in tasks])
         factors = _kept_factors(values, scale, rtol)
@@ -119,6 +119,7 @@ def aligned_mtl_weights(
         coefficients = {c: sum(row[c] for row in vectors) * f for c, f in factors.items()}
         weights = [sum(row[c] * x for c, x in coefficients.items()) for row in vectors]
         return torch.tensor(weights, dtype=torch.float64, device=gram.device)
+    check_finite(gram, "aligned_mtl_weights")
     g = gram.detach().to(torch.float64)
     eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (g + g.T))
     factors = _kept_factors(eigenvalues.tolist(), scale, rtol)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._solvers._common import select_backend
-from taskbalance._solvers._spectral import PYTHON_MAX_K, eigh_py
+from taskbalance._solvers._spectral import PYTHON_MAX_K, check_finite, eigh_py, host_gram
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import (
     SpectralGradientBalancer,
@@ -102,8 +102,9 @@ def config_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto
     rtol = spectral_cutoff(gram, rtol)
     eps = torch.finfo(gram.dtype).eps
     if select_backend(backend, gram, PYTHON_MAX_K) == "python":
-        weights = _config_py(gram.detach().double().tolist(), rtol, eps)
+        weights = _config_py(host_gram(gram, "config_weights"), rtol, eps)
         return torch.tensor(weights, dtype=torch.float64, device=gram.device)
+    check_finite(gram, "config_weights")
     g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.T)
     inverse_norms = inverse_gradient_norms(g, eps)

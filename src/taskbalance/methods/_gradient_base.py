@@ -194,7 +194,8 @@ class GradientBalancer(Balancer):
         self.gram_dtype = gram_dtype
         if gram_dtype == torch.float64:
             # Steps that reuse the weights (update_every, accumulation, an absent task) apply
-            # the refresh step's float64 weights, not a float32 rounding of them.
+            # the refresh step's float64 weights to float64 losses, not a float32 rounding of
+            # them (float32 losses get float32 weights at every step).
             self._last_weights = self._last_weights.double()
         chosen = self.default_heads if heads is None else heads
         self.heads = check_choice("heads", chosen, ("weighted", "unweighted"))
@@ -351,7 +352,11 @@ class GradientBalancer(Balancer):
         if step.group_weights is None or self._group_sizes is None:
             return [weights] * len(step.shared)
         per_group = step.group_weights.to(device=weights.device, dtype=weights.dtype)
-        return [per_group[g] for g, size in enumerate(self._group_sizes) for _ in range(size)]
+        # One view per group, listed once per tensor (the objective computes shifts per view).
+        views = [per_group[g] for g in range(len(self._group_sizes))]
+        return [
+            view for view, size in zip(views, self._group_sizes, strict=True) for _ in range(size)
+        ]
 
     @abstractmethod
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:

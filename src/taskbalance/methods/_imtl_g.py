@@ -10,7 +10,12 @@ from torch import Tensor
 
 from taskbalance._registry import register
 from taskbalance._solvers._common import select_backend
-from taskbalance._solvers._spectral import PYTHON_MAX_K, pinv_apply_py
+from taskbalance._solvers._spectral import (
+    PYTHON_MAX_K,
+    check_finite,
+    host_gram,
+    pinv_apply_py,
+)
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import (
     SpectralGradientBalancer,
@@ -89,11 +94,14 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto
     num_tasks = gram.shape[0]
     rtol = spectral_cutoff(gram, rtol)
     eps = torch.finfo(gram.dtype).eps
+    path = select_backend(backend, gram, PYTHON_MAX_K)
+    if path == "python":
+        rows = host_gram(gram, "imtl_g_weights")
+        weights = [1.0] if num_tasks == 1 else _imtl_g_py(rows, rtol, eps)
+        return torch.tensor(weights, dtype=torch.float64, device=gram.device)
+    check_finite(gram, "imtl_g_weights")
     if num_tasks == 1:
         return torch.ones(1, dtype=torch.float64, device=gram.device)
-    if select_backend(backend, gram, PYTHON_MAX_K) == "python":
-        weights = _imtl_g_py(gram.detach().double().tolist(), rtol, eps)
-        return torch.tensor(weights, dtype=torch.float64, device=gram.device)
     g = gram.detach().to(torch.float64)
     squared_norms: list[float] = g.diagonal().tolist()
     n_diagonal = torch.tensor(  # N = diag(1/‖g_k‖)

@@ -115,8 +115,8 @@ def task_orders(num_tasks: int, order: str, generator: torch.Generator) -> list[
     ``"random"``: row i of ``torch.rand(K, K − 1, dtype=torch.float64,
     generator=generator).argsort(dim=1)``, a uniform random permutation indexing the other
     tasks in increasing order. One draw for all K tasks: K ``randperm`` calls cost ~10 µs each
-    inside a training step, 0.4 ms at K = 40. (Ties, which argsort would break by index, have
-    probability ~K²·2⁻⁵³.) ``"fixed"``: ``0, …, K−1`` including i itself.
+    inside a training step, 0.4 ms at K = 40. (Ties, which argsort breaks arbitrarily, have
+    probability below K³·2⁻⁵³ per call.) ``"fixed"``: ``0, …, K−1`` including i itself.
     """
     if order == "fixed":
         return [list(range(num_tasks)) for _ in range(num_tasks)]
