@@ -4,7 +4,8 @@ One training step = zero_grad, forward (3×256 ReLU MLP trunk + K linear heads, 
 the balancer, one backward, an SGD step. Every variant (method × mode) trains its own copy of
 the same model on the same fixed batch; for each K the variants are run round-robin, one step
 each per round in a fresh random order, so load from other processes hits all of them alike;
-the median over the timed rounds is reported.
+the median over the timed rounds is reported. The references the ratios divide by (``ew`` and
+the lower bounds) run as three independent copies whose samples are pooled.
 
 Reported, for each K:
 
@@ -54,6 +55,10 @@ DIM_IN = 64
 WIDTH = 256
 BATCH = 256
 LR = 1e-3
+#: Independent copies of each reference variant (``ew`` and the lower bounds) run every round;
+#: their samples are pooled. A reference's error moves every ratio in its column at once, so
+#: its median is taken over three times as many samples as a method's.
+REFERENCE_COPIES = 3
 
 #: taskbalance name -> factory of the torchjd aggregator for the same method.
 TORCHJD_AGGREGATORS: dict[str, Callable[[int], object]] = {
@@ -248,25 +253,28 @@ def build_variants(K: int, methods: list[str], modes: list[str], torchjd_methods
         except Exception as error:  # a method that cannot be built is reported, not fatal
             variants.append(Variant(key, group, method, lambda: None, error=_short(error)))
 
+    def add_reference(key: str, group: str, factory: Callable[[], Callable[[], None]]) -> None:
+        add(key, group, key, factory)
+        for copy_index in range(2, REFERENCE_COPIES + 1):
+            add(f"{key}#{copy_index}", group, key, factory)
+
     add("plain", "base", "plain", lambda: make_plain_step(template, x, y))
-    add("ew", "base", "ew", lambda: make_balancer_step("ew", template, x, y, "loss"))
+    add_reference("ew", "base", lambda: make_balancer_step("ew", template, x, y, "loss"))
     gradient = [m for m in methods if tb.method_class(m).requires_gram]
     loss_based = [m for m in methods if not tb.method_class(m).requires_gram and m != "ew"]
     for name in loss_based:
         add(name, "loss", name, lambda n=name: make_balancer_step(n, template, x, y, "loss"))
     for mode in modes:
         if gradient and mode == "params":  # the brief's reference: batched, parameters mode
-            add(
+            add_reference(
                 f"lower_bound/{mode}",
                 "lower_bound",
-                f"lower_bound/{mode}",
                 lambda m=mode: make_lower_bound_step(template, x, y, m),
             )
         if gradient:
-            add(
+            add_reference(
                 f"lower_bound_loop/{mode}",
                 "lower_bound",
-                f"lower_bound_loop/{mode}",
                 lambda m=mode: make_loop_lower_bound_step(template, x, y, m),
             )
         for name in gradient:
@@ -286,6 +294,19 @@ def build_variants(K: int, methods: list[str], modes: list[str], torchjd_methods
                     lambda n=name: make_torchjd_step(n, template, x, y),
                 )
     return variants
+
+
+def pooled(variants: list[Variant]) -> dict[str, Variant]:
+    """The variants by key, each reference's copies (``key#2``, ...) merged into ``key``."""
+    by_key = {v.key: v for v in variants if "#" not in v.key}
+    for variant in variants:
+        base, copy_mark, _ = variant.key.partition("#")
+        if copy_mark:
+            reference = by_key[base]
+            reference.times.extend(variant.times)
+            reference.wall.extend(variant.wall)
+            reference.error = reference.error or variant.error
+    return by_key
 
 
 def run_rounds(variants: list[Variant], warmup: int, steps: int, seed: int, clock: str) -> None:
@@ -605,7 +626,7 @@ def main(argv: list[str] | None = None) -> None:
     for K in ks:
         variants = build_variants(K, methods, modes, torchjd_methods)
         run_rounds(variants, args.warmup, args.steps, args.seed + K, args.clock)
-        results[K] = {v.key: v for v in variants}
+        results[K] = pooled(variants)
         print(
             f"[K={K}: {len(variants)} variants, {time.perf_counter() - started:.0f} s]",
             file=sys.stderr,
