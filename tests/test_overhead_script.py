@@ -27,16 +27,48 @@ def test_tiny_run_reports_every_section_with_pooled_references(overhead, tmp_pat
     table = tmp_path / "overhead.csv"
     steps = 2
     overhead.main(
-        ["--ks", "2", "--methods", "mgda,uw", "--steps", str(steps), "--warmup", "1",
+        ["--ks", "2", "--methods", "mgda,upgrad,uw", "--steps", str(steps), "--warmup", "1",
          "--torchjd", "none", "--csv", str(table)]
     )  # fmt: skip
     report = capsys.readouterr().out
-    for heading in ("Loss-based methods", "features mode", "parameters mode"):
+    for heading in ("Loss-based methods", "features mode", "same heads", "parameters mode"):
         assert heading in report
     rows = {row["variant"]: row for row in csv.DictReader(table.open())}
     assert not [key for key in rows if "#" in key]  # the copies are merged, not listed
     copies = overhead.REFERENCE_COPIES
-    for reference in ("ew", "lower_bound_loop/features", "lower_bound/params"):
+    for reference in ("ew", "lower_bound_loop/features", overhead.UNWEIGHTED_LOWER_BOUND,
+                      "lower_bound/params"):  # fmt: skip
         assert int(rows[reference]["n"]) == copies * steps
     assert int(rows["mgda/features"]["n"]) == steps
     assert float(rows["mgda/features"]["median_ms"]) > 0
+
+
+def test_the_unweighted_heads_reference_gives_z_jtw_and_the_heads_their_own_gradients(
+    overhead, monkeypatch
+):
+    """Against the weighted loop (same fixed w = 1/K): the trunk's gradient is the same Jᵀw,
+    and each head's gradient is its own loss's, K times the weighted one."""
+    import copy
+
+    import torch
+
+    K = 3
+    torch.manual_seed(0)
+    template = overhead.MultiTaskMLP(K)
+    x, y = torch.randn(8, overhead.DIM_IN), torch.randn(8, K)
+    monkeypatch.setattr(overhead, "_fresh", lambda model: model)  # train the model passed in
+    grads = {}
+    for heads in ("weighted", "unweighted"):
+        model = copy.deepcopy(template)
+        overhead.make_loop_lower_bound_step(model, x, y, "features", heads)()
+        grads[heads] = (
+            [p.grad.clone() for p in model.trunk.parameters()],
+            [p.grad.clone() for p in model.heads.parameters()],
+        )
+    (trunk_w, heads_w), (trunk_u, heads_u) = grads["weighted"], grads["unweighted"]
+    for a, b in zip(trunk_w, trunk_u, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    for a, b in zip(heads_w, heads_u, strict=True):
+        torch.testing.assert_close(b, K * a, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="features-mode reference"):
+        overhead.make_loop_lower_bound_step(template, x, y, "params", "unweighted")

@@ -574,6 +574,27 @@ def test_property_dual_cone_non_conflicting(J):
 
 
 @settings(max_examples=60, deadline=None)
+@given(jacobians(), st.sampled_from(["python", "torch"]), st.sampled_from([0.0, 1e-4]))
+def test_property_dual_cone_sum_rows_is_the_float64_sum_of_the_rows(J, backend, eps):
+    G = J @ J.T
+    K = G.shape[0]
+    prefs = torch.eye(K, dtype=G.dtype) / K
+    rows = dual_cone_weights(G, prefs, norm_eps=eps, reg_eps=eps, backend=backend)
+    summed = dual_cone_weights(G, prefs, norm_eps=eps, reg_eps=eps, backend=backend, sum_rows=True)
+    assert summed.shape == (K,)
+    torch.testing.assert_close(
+        summed, rows.sum(0), rtol=1e-13, atol=1e-13 * float(rows.abs().max())
+    )
+    # float32 G: one rounding of the float64 sum, not a float32 sum of rounded rows
+    single = dual_cone_weights(G.float(), prefs, norm_eps=eps, reg_eps=eps, backend=backend,
+                               sum_rows=True)  # fmt: skip
+    assert single.dtype == torch.float32
+    exact = dual_cone_weights(G.float().double(), prefs, norm_eps=eps, reg_eps=eps,
+                              backend=backend).sum(0)  # fmt: skip
+    torch.testing.assert_close(single, exact.float(), rtol=0, atol=0)
+
+
+@settings(max_examples=60, deadline=None)
 @given(jacobians(), st.sampled_from([0.5, 1.0, 2.0]))
 def test_property_nash_fairgrad_positive(J, alpha):
     G = J @ J.T

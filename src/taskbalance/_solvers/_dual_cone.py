@@ -166,41 +166,52 @@ def _nnqp_batched(Q: Tensor, B: Tensor, max_iter: int, tol: float, solver: str) 
     (where Cholesky pivots are not bounded away from 0) or that is not settled within
     ``_PDAS_MAX_SWEEPS`` sweeps is solved by the sequential active set instead, exactly.
     """
+    # Inside a training step each call on these small tensors costs several times its isolated
+    # time, so a sweep is kept to ten tensor calls and one host transfer. A zero row of Q (a
+    # zero task gradient) has b_i = 0 and g_i = 0 exactly, so it never enters a free set.
     M, n = B.shape
-    s, zero = _scaling(Q)
-    bad = zero[None, :] & (B < 0)
-    if bool(bad.any()):
-        m, i = (int(v) for v in torch.nonzero(bad)[0])
-        raise _unbounded(solver, i, 0.0, float(B[m, i]))
-    Qs = s[:, None] * Q * s[None, :]
+    diag = Q.diagonal().tolist()
+    zero = [d <= 0 for d in diag]
+    if any(zero):
+        for row in B.tolist():
+            for i in range(n):
+                if zero[i] and row[i] < 0:
+                    raise _unbounded(solver, i, 0.0, row[i])
+    s = torch.tensor([0.0 if z else d**-0.5 for d, z in zip(diag, zero, strict=True)], dtype=F64)
+    Qs = Q * torch.outer(s, s)
+    # A = I on the bound indices and Qs (unit diagonal) on the free ones: I + (F ⊗ F) ∘ off
+    off_diagonal = Qs.clone()
+    off_diagonal.diagonal().zero_()
+    eye = torch.eye(n, dtype=F64)
     Bs = B * s
-    live = ~zero
-    base = tol * Bs.abs().amax(dim=1, keepdim=True)
-    free = live & (Bs < -base)  # the most negative gradients at u = 0 start free
+    neg_Bs = -Bs
+    base = tol * torch.linalg.vector_norm(Bs, float("inf"), dim=1, keepdim=True)
+    free = Bs < -base  # the most negative gradients at u = 0 start free
     X = torch.zeros(M, n, dtype=F64)
-    settled = torch.zeros(M, dtype=torch.bool)
+    settled = [False] * M
     for _ in range(_PDAS_MAX_SWEEPS):
         # every row is re-solved at every sweep (a settled row reproduces itself): gathering the
         # unsettled ones (about half after the first sweep) saved 0% of UPGrad's rule at K = 16
         # and 4% at K = 40 inside a training step, for the one to three sweeps this usually takes
         Fm = free.to(F64)
-        A = Qs * (Fm[:, :, None] * Fm[:, None, :])
-        A.diagonal(dim1=1, dim2=2).fill_(1.0)  # identity rows outside the free set
+        A = torch.addcmul(eye, Fm[:, :, None] * Fm[:, None, :], off_diagonal)
         L, info = torch.linalg.cholesky_ex(A)
-        X = torch.cholesky_solve((Fm * Bs).unsqueeze(2), L).squeeze(2).neg_()
+        X = torch.cholesky_solve((Fm * neg_Bs)[:, :, None], L)[:, :, 0]
         g = torch.addmm(Bs, X, Qs)
-        thr = base + tol * X.abs().sum(dim=1, keepdim=True)
-        new = torch.where(free, X > 0, live & (g < -thr))
-        ok = (info == 0) & (L.diagonal(dim1=1, dim2=2).amin(dim=1) > 1e-4)
-        settled = ok & (new == free).all(dim=1)
-        all_settled, all_ok = torch.stack([settled.all(), ok.all()]).tolist()
-        if all_settled or not all_ok:  # a singular face: the sequential method takes over
+        thr = torch.add(base, torch.linalg.vector_norm(X, 1, dim=1, keepdim=True), alpha=tol)
+        new = torch.where(free, X, -(g + thr)) > 0
+        pivots = L.diagonal(dim1=1, dim2=2).amin(dim=1)
+        changed = (new != free).any(dim=1)
+        failed, smallest, moved = info.tolist(), pivots.tolist(), changed.tolist()
+        ok = [f == 0 and p > 1e-4 for f, p in zip(failed, smallest, strict=True)]
+        settled = [o and not c for o, c in zip(ok, moved, strict=True)]
+        if all(settled) or not all(ok):  # a singular face: the sequential method takes over
             break
         free = new
-    U, fallback = X, ~settled
-    for m in torch.nonzero(fallback)[:, 0].tolist():
+    U = X
+    for m in (m for m in range(M) if not settled[m]):
         # the sequential active set rescales by s itself: hand it the unscaled problem
-        U[m] = _nnqp_torch(Q, B[m], max_iter, tol, solver) / torch.where(zero, 1.0, s)
+        U[m] = _nnqp_torch(Q, B[m], max_iter, tol, solver) / torch.where(s == 0, 1.0, s)
     return U * s
 
 
@@ -387,6 +398,7 @@ def dual_cone_weights(
     max_iter: int = 500,
     tol: float = 1e-12,
     backend: Backend = "auto",
+    sum_rows: bool = False,
 ) -> Tensor:
     r"""Weights of the projection of :math:`J^\top p` onto the dual cone of the rows of :math:`J`.
 
@@ -422,9 +434,12 @@ def dual_cone_weights(
         tol: Relative KKT tolerance of the QP.
         backend: ``"auto"`` (plain Python for ``K <= 40`` with one row, ``K <= 8`` with
             several), ``"python"`` or ``"torch"``.
+        sum_rows: Return the sum of the M weight vectors (``[K]``) instead of each of them,
+            summed in float64 before the cast to ``G``'s dtype (UPGrad's combination).
 
     Returns:
-        Weights ``p + u*`` with the shape of ``prefs``, dtype/device of ``G``.
+        Weights ``p + u*`` with the shape of ``prefs`` (``[K]`` with ``sum_rows``), dtype/device
+        of ``G``.
 
     Raises:
         SolverError: Invalid ``G``, non-finite ``prefs`` or a QP hit its cap.
@@ -447,29 +462,39 @@ def dual_cone_weights(
     if not isinstance(prefs, Tensor) or prefs.ndim not in (1, 2) or prefs.shape[-1] != K:
         shape = tuple(prefs.shape) if isinstance(prefs, Tensor) else type(prefs).__name__
         raise ValueError(f"prefs: expected shape [{K}] or [M, {K}], got {shape}")
+    out_shape = prefs.shape[-1:] if sum_rows else prefs.shape
+    # Without the regularisation the problem is invariant to the scale of G: dividing by the
+    # trace would change nothing but the rounding.
+    normalise = norm_eps > 0.0 or reg_eps > 0.0
     if work is not None:
         pref_rows: list[list[float]] = prefs.detach().reshape(-1, K).tolist()
         if not all(math.isfinite(v) for row in pref_rows for v in row):
             raise SolverError(_NON_FINITE_PREFS)
-        tr = sum(work[i][i] for i in range(K))
-        scale = 0.0 if (tr < norm_eps or tr == 0.0) else 1.0 / tr
-        Gl = [[v * scale for v in row] for row in work]
-        for i in range(K):
-            Gl[i][i] += reg_eps
+        Gl = work
+        if normalise:
+            tr = sum(work[i][i] for i in range(K))
+            scale = 0.0 if (tr < norm_eps or tr == 0.0) else 1.0 / tr
+            Gl = [[v * scale for v in row] for row in work]
+            for i in range(K):
+                Gl[i][i] += reg_eps
         rows = []
         scaling = _jacobi_scaling(Gl)
         for p in pref_rows:
             b = [sum(map(mul, row, p)) for row in Gl]
             u = _nnqp_py(Gl, b, max_iter, tol, "dual_cone_weights", scaling)
             rows.append([a + c for a, c in zip(p, u, strict=True)])
-        return to_output(rows, G).reshape(prefs.shape)
+        if sum_rows:
+            return to_output([math.fsum(column) for column in zip(*rows, strict=True)], G)
+        return to_output(rows, G).reshape(out_shape)
     assert Gw is not None
     P = prefs.detach().to(device="cpu", dtype=F64).reshape(-1, K)
     if not bool(torch.isfinite(P).all()):
         raise SolverError(_NON_FINITE_PREFS)
-    tr = float(Gw.diagonal().sum())
-    Gn = torch.zeros_like(Gw) if (tr < norm_eps or tr == 0.0) else Gw / tr
-    if reg_eps > 0.0:
-        Gn = Gn + reg_eps * torch.eye(K, dtype=F64)
-    U = _nnqp_batched(Gn, P @ Gn, max_iter, tol, "dual_cone_weights")
-    return to_output(P + U, G).reshape(prefs.shape)
+    Gn = Gw
+    if normalise:
+        tr = float(Gw.diagonal().sum())
+        Gn = torch.zeros_like(Gw) if (tr < norm_eps or tr == 0.0) else Gw / tr
+        if reg_eps > 0.0:
+            Gn = Gn + reg_eps * torch.eye(K, dtype=F64)
+    W = P + _nnqp_batched(Gn, P @ Gn, max_iter, tol, "dual_cone_weights")
+    return to_output(W.sum(dim=0) if sum_rows else W, G).reshape(out_shape)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from taskbalance._registry import register
@@ -99,7 +98,7 @@ class CAGrad(GradientBalancer):
         self.tol = check_positive("tol", tol)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        weights = cagrad_weights(
-            gram.double(), self.c, max_iter=self.max_iter, tol=self.tol, rescale=self.rescale
+        # float64 inside whatever the Gramian's dtype; returned in that dtype
+        return cagrad_weights(
+            gram, self.c, max_iter=self.max_iter, tol=self.tol, rescale=self.rescale
         )
-        return weights.to(torch.float64 if gram.dtype == torch.float64 else torch.float32)

@@ -95,6 +95,5 @@ class MGDA(GradientBalancer):
         self.tol = check_positive("tol", tol)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        return min_norm_weights(
-            gram.double(), max_iter=self.max_iter, tol=self.tol, method=self.solver
-        )
+        # float64 inside whatever the Gramian's dtype; returned in that dtype
+        return min_norm_weights(gram, max_iter=self.max_iter, tol=self.tol, method=self.solver)

@@ -66,11 +66,12 @@ class _DualConeBalancer(GradientBalancer):
         self.reg_eps = check_nonnegative("reg_eps", reg_eps)
         self.register_buffer("preferences", torch.tensor(values, dtype=torch.float64))
 
-    def _project(self, gram: Tensor, prefs: Tensor) -> Tensor:
-        weights = dual_cone_weights(
-            gram.double(), prefs, norm_eps=self.norm_eps, reg_eps=self.reg_eps
+    def _project(self, gram: Tensor, prefs: Tensor, *, sum_rows: bool = False) -> Tensor:
+        # The solver works in float64 whatever the Gramian's dtype and returns that dtype: the
+        # weights of a float64 Gramian are never rounded to float32.
+        return dual_cone_weights(
+            gram, prefs, norm_eps=self.norm_eps, reg_eps=self.reg_eps, sum_rows=sum_rows
         )
-        return weights.to(torch.float64 if gram.dtype == torch.float64 else torch.float32)
 
 
 @register("upgrad")
@@ -114,8 +115,7 @@ class UPGrad(_DualConeBalancer):
     """
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        rows = torch.diag(self.preferences)
-        return self._project(gram, rows).sum(dim=0)
+        return self._project(gram, torch.diag(self.preferences), sum_rows=True)
 
 
 @register("dualproj")
