@@ -10,7 +10,9 @@ the lower bounds) run as three independent copies whose samples are pooled.
 Reported, for each K:
 
 - loss-based methods relative to equal weighting (``ew``);
-- gradient methods in features mode relative to ``ew``;
+- gradient methods in features mode relative to the hand-written loop (K ``autograd.grad``
+  calls, ``G``, fixed weights, one backward, SGD step) and to ``ew``; the methods whose heads keep
+  their own gradients (``heads="unweighted"``) also relative to the same loop with those heads;
 - gradient methods in parameters mode (params = the whole trunk) relative to the hand-written
   batched-autograd lower bound (forward, one ``autograd.grad(..., is_grads_batched=True)``,
   ``G = Σ J Jᵀ``, fixed weights, one backward, SGD step) and to ``ew``;
@@ -59,6 +61,8 @@ LR = 1e-3
 #: their samples are pooled. A reference's error moves every ratio in its column at once, so
 #: its median is taken over three times as many samples as a method's.
 REFERENCE_COPIES = 3
+#: The features-mode hand-written loop whose heads keep their own gradients.
+UNWEIGHTED_LOWER_BOUND = "lower_bound_loop_unweighted/features"
 
 #: taskbalance name -> factory of the torchjd aggregator for the same method.
 TORCHJD_AGGREGATORS: dict[str, Callable[[int], object]] = {
@@ -191,14 +195,22 @@ def make_lower_bound_step(
 
 
 def make_loop_lower_bound_step(
-    template: MultiTaskMLP, x: Tensor, y: Tensor, mode: str
+    template: MultiTaskMLP, x: Tensor, y: Tensor, mode: str, heads: str = "weighted"
 ) -> Callable[[], None]:
-    """As the lower bound, with K separate ``autograd.grad`` calls on the un-stacked losses."""
+    """As the lower bound, with K separate ``autograd.grad`` calls on the un-stacked losses.
+
+    ``heads="unweighted"`` (features mode) is the same loop for the methods whose heads keep
+    their own gradients, as in their papers' and torchjd's ``mtl_backward``: ``z`` must receive
+    ``Jᵀw`` while the heads receive ``Σ ∇L_k``, which costs one pass over the K task-gradient
+    rows (``Σ_k (w_k − 1) ∇_z L_k``, handed to ``z`` beside the losses in one backward).
+    """
     model = _fresh(template)
     K = len(model.heads)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     trunk_params = list(model.trunk.parameters())
     w = torch.full((K,), 1.0 / K)
+    if heads == "unweighted" and mode != "features":
+        raise ValueError(f"heads='unweighted' is a features-mode reference, got mode={mode!r}")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -211,7 +223,11 @@ def make_loop_lower_bound_step(
         jac = torch.stack(rows)
         gram = jac @ jac.T
         del gram
-        (w * torch.stack(losses)).sum().backward()
+        if heads == "unweighted":
+            shift = torch.mv(jac.T, w - 1).reshape(z.shape)
+            torch.autograd.backward([torch.stack(losses).sum(), z], [None, shift])
+        else:
+            (w * torch.stack(losses)).sum().backward()
         optimizer.step()
 
     return step
@@ -277,6 +293,12 @@ def build_variants(K: int, methods: list[str], modes: list[str], torchjd_methods
                 "lower_bound",
                 lambda m=mode: make_loop_lower_bound_step(template, x, y, m),
             )
+        if mode == "features" and any(_unweighted_heads(name) for name in gradient):
+            add_reference(
+                UNWEIGHTED_LOWER_BOUND,
+                "lower_bound",
+                lambda: make_loop_lower_bound_step(template, x, y, "features", "unweighted"),
+            )
         for name in gradient:
             add(
                 f"{name}/{mode}",
@@ -294,6 +316,11 @@ def build_variants(K: int, methods: list[str], modes: list[str], torchjd_methods
                     lambda n=name: make_torchjd_step(n, template, x, y),
                 )
     return variants
+
+
+def _unweighted_heads(name: str) -> bool:
+    cls = tb.method_class(name)
+    return bool(cls.requires_gram) and getattr(cls, "default_heads", "weighted") == "unweighted"
 
 
 def pooled(variants: list[Variant]) -> dict[str, Variant]:
@@ -374,7 +401,12 @@ def report(results: dict[int, dict[str, Variant]], ks: list[int], methods: list[
         out.append(f"| {label} | " + " | ".join(cells) + " |")
 
     out += ["### Absolute step times (ms, median)", "", header, rule]
-    lower_bounds = ["lower_bound_loop/features", "lower_bound/params", "lower_bound_loop/params"]
+    lower_bounds = [
+        "lower_bound_loop/features",
+        UNWEIGHTED_LOWER_BOUND,
+        "lower_bound/params",
+        "lower_bound_loop/params",
+    ]
     for key in ("plain", "ew", *lower_bounds):
         if any(key in results[K] for K in ks):
             row(f"`{key}`", [_fmt(median_ms(results[K].get(key))) for K in ks])
@@ -416,6 +448,25 @@ def report(results: dict[int, dict[str, Variant]], ks: list[int], methods: list[
                 cells.append(f"{_fmt(lb, 1.15)} ({_fmt(ratio(K, f'{name}/features', 'ew'))})")
             row(f"`{name}`", cells)
         out.append("")
+        unweighted = [n for n in gradient if _unweighted_heads(n)]
+        if unweighted and any(UNWEIGHTED_LOWER_BOUND in results[K] for K in ks):
+            out += [
+                '### Methods whose heads keep their own gradients (`heads="unweighted"`), '
+                "features mode: step time / hand-written loop with the same heads",
+                "",
+                header,
+                rule,
+            ]
+            row(
+                "same-heads loop / weighted-heads loop",
+                [_fmt(ratio(K, UNWEIGHTED_LOWER_BOUND, "lower_bound_loop/features")) for K in ks],
+            )
+            for name in unweighted:
+                row(
+                    f"`{name}`",
+                    [_fmt(ratio(K, f"{name}/features", UNWEIGHTED_LOWER_BOUND), 1.15) for K in ks],
+                )
+            out.append("")
     if gradient and "params" in modes:
         out += [
             "### Gradient methods, parameters mode (whole trunk): step time / batched lower "
