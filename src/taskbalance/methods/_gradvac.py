@@ -159,15 +159,19 @@ def gradvac_weights(
     targets = [list(row) for row in targets]
     total = [0.0] * num_tasks
     for i in range(num_tasks):
-        coefficients = [0.0] * num_tasks
-        coefficients[i] = 1.0
-        products = list(g[i])  # (G c_i)_m = g_i'·g_m
-        squared_i = sum(map(mul, coefficients, products))
+        total[i] += 1.0  # c_i[i]
+        # c_i's non-zero entries so far; g_i'·g_j = (G c_i)_j is computed when task j comes,
+        # over those entries only, and ‖g_i'‖² updated by ‖g + s·h‖² = ‖g‖² + s(2 g·h + s‖h‖²):
+        # O(K·adjustments) per task, where keeping all K products up to date cost O(K²).
+        adjusted, coefficients = [i], [1.0]
+        squared_i = g[i][i]
         for j in orders[i]:
-            if squared_i <= negligible or g[j][j] <= negligible:
+            squared_j = g[j][j]
+            if squared_i <= negligible or squared_j <= negligible:
                 continue
-            norm_i, norm_j = math.sqrt(squared_i), math.sqrt(g[j][j])
-            cosine = min(max(products[j] / (norm_i * norm_j), -1.0), 1.0)
+            product = sum(map(mul, coefficients, map(g[j].__getitem__, adjusted)))
+            norm_i, norm_j = math.sqrt(squared_i), math.sqrt(squared_j)
+            cosine = min(max(product / (norm_i * norm_j), -1.0), 1.0)
             target = targets[i][j]
             if cosine < target:
                 target_sine = math.sqrt(max(1.0 - target * target, 0.0))
@@ -177,11 +181,10 @@ def gradvac_weights(
                     * (target * sine - cosine * target_sine)
                     / (norm_j * max(target_sine, _MIN_SINE))
                 )
-                coefficients[j] += step
-                products = [p + step * r for p, r in zip(products, g[j], strict=True)]
-                # ‖g_i'‖² changes only here: O(K) per adjustment, not per pair.
-                squared_i = sum(map(mul, coefficients, products))
+                adjusted.append(j)
+                coefficients.append(step)
+                squared_i = max(squared_i + step * (2.0 * product + step * squared_j), 0.0)
             targets[i][j] = (1.0 - beta) * target + beta * cosine
-        for m in range(num_tasks):
-            total[m] += coefficients[m]
+        for m, coefficient in zip(adjusted[1:], coefficients[1:], strict=True):
+            total[m] += coefficient
     return torch.tensor(total, dtype=torch.float64), targets

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import mul
 from typing import Any, ClassVar
 
 import torch
@@ -135,17 +136,23 @@ def pcgrad_weights(gram: Tensor, orders: list[list[int]]) -> Tensor:
     num_tasks = len(g)
     total = [0.0] * num_tasks
     for i in range(num_tasks):
-        coefficients = [0.0] * num_tasks
-        coefficients[i] = 1.0
-        # products[m] = g_i'·g_m = (G c_i)_m, kept up to date as c_i changes.
-        products = list(g[i])
+        total[i] += 1.0  # c_i[i]
+        # c_i's other entries: -step at each task projected out so far. g_i'·g_j = (G c_i)_j
+        # is computed when task j comes, over those entries only: O(K·projections) per task,
+        # where keeping all K products up to date cost O(K²) (0.5 ms of 1.4 at K = 40).
+        projected: list[int] = []
+        steps: list[float] = []
+        row_i = g[i]
         for j in orders[i]:
             squared_norm = g[j][j]
-            if products[j] < 0.0 and squared_norm > negligible:
-                step = products[j] / squared_norm
-                coefficients[j] -= step
-                products = [p - step * r for p, r in zip(products, g[j], strict=True)]
-        total = [t + c for t, c in zip(total, coefficients, strict=True)]
+            if squared_norm <= negligible:
+                continue
+            product = row_i[j] - sum(map(mul, steps, map(g[j].__getitem__, projected)))
+            if product < 0.0:
+                projected.append(j)
+                steps.append(product / squared_norm)
+        for j, step in zip(projected, steps, strict=True):
+            total[j] -= step
     return torch.tensor(total, dtype=torch.float64)
 
 
