@@ -91,6 +91,37 @@ def _mismatch(rank: int) -> dict:
     }
 
 
+def _refused(rank: int) -> dict:
+    """One rank's call fails its own checks: a loss <= 0 for GLS (it takes logs), a KPI
+    outside [0, 1] for DTP, a features= that does not require grad for UPGrad."""
+    out: dict = {}
+    gls = tb.create("gls", num_tasks=K)
+    losses = _losses(rank, 0)
+    if rank == 1:
+        losses[0] = -0.5
+    out["gls"] = _error(lambda: gls(losses.requires_grad_(True)))
+    dtp = tb.create("dtp", num_tasks=K)
+    kpis = torch.tensor([0.5, 1.5 if rank == 0 else 0.5, 0.5])
+    out["dtp"] = _error(lambda: dtp(_losses(rank, 0).requires_grad_(True), kpis=kpis))
+    upgrad = tb.create("upgrad", num_tasks=2)
+    z = torch.ones(3, requires_grad=True)
+    features = z if rank == 0 else z.detach()
+    out["upgrad"] = _error(lambda: upgrad(torch.stack([(z**2).sum(), z.sum()]), features=features))
+    mgda = tb.create("mgda", num_tasks=2)
+    gram = torch.tensor([[1.0, 0.5], [-0.5, 1.0]]) if rank == 0 else torch.eye(2)  # asymmetric
+    out["mgda"] = _error(lambda: mgda.compute_weights(torch.ones(2), gram=gram))
+    out["mgda_after"] = mgda.compute_weights(torch.ones(2), gram=torch.eye(2))
+    # Still in step afterwards, state unchanged by the refused call.
+    out["gls_after"] = gls(_losses(rank, 1).requires_grad_(True)).item()
+    out["gls_steps"] = int(gls.num_steps)
+    dtp(_losses(rank, 1).requires_grad_(True), kpis=torch.full((K,), 0.5))
+    out["dtp_after"] = dtp.weights  # the objective is local; the weights are the same
+    z = torch.ones(3, requires_grad=True)
+    out["upgrad_after"] = upgrad(torch.stack([(z**2).sum(), z.sum()]), features=z).item()
+    out["upgrad_steps"] = int(upgrad.num_steps)
+    return out
+
+
 def _worker(rank: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
@@ -100,6 +131,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
             "raise": _raise(rank),
             "present": _present(rank),
             "mismatch": _mismatch(rank),
+            "refused": _refused(rank),
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -160,3 +192,28 @@ def test_configuration_mismatch_raises_on_every_rank_naming_it(ranks, case, name
         message = rank["mismatch"][case]
         assert "DDP ranks disagree on" in message
         assert names in message
+
+
+@pytest.mark.parametrize(
+    ("name", "offender", "own_error"),
+    [
+        ("gls", 1, "losses[0]"),
+        ("dtp", 0, "kpis"),
+        ("upgrad", 1, "features"),
+        ("mgda", 0, "gram"),  # compute_weights
+    ],
+)
+def test_a_call_refused_on_one_rank_raises_on_every_rank_at_once(ranks, name, offender, own_error):
+    """Before, the other rank waited in the first all-reduce until the gloo timeout (this test
+    would hang); now it raises naming the offending rank, and both stay in step."""
+    assert own_error in ranks[offender]["refused"][name]
+    other = ranks[1 - offender]["refused"][name]
+    assert f"DDP rank {offender} refused its call" in other
+    for rank in ranks:
+        seen = rank["refused"]
+        assert math.isfinite(seen["gls_after"])
+        assert seen["gls_steps"] == 1
+        assert seen["upgrad_steps"] == 1
+        assert math.isfinite(seen["upgrad_after"])
+    for key in ("dtp_after", "mgda_after"):
+        assert torch.equal(ranks[0]["refused"][key], ranks[1]["refused"][key])

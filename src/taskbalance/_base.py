@@ -26,6 +26,7 @@ from taskbalance._distributed import (
     differing_entries,
     fingerprint_value,
     is_distributed,
+    rank,
     world_size,
 )
 from taskbalance._step import Step
@@ -45,6 +46,9 @@ PresentLike = Tensor | Sequence[bool] | None
 
 #: Constructor keywords every method accepts; the metaclass takes them off before ``__init__``.
 LOOP_OPTIONS: dict[str, Any] = {"accumulation_steps": 1, "on_nonfinite": "raise"}
+# The fingerprint entry by which a rank whose call failed its local checks tells the others
+# (its rank + 1; 0 on a rank whose call passed them).
+_REFUSED_BY = "refused_by"
 
 
 def constructor_defaults(cls: type) -> dict[str, Any]:
@@ -196,16 +200,17 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     in step. A rank whose batch has no labels may pass ``present=[False] * K``; the call is
     refused, on every rank, only when no rank has any task.
 
-    Which errors stay on one rank: the checks of a call's own arguments run before the first
-    all-reduce (losses, ``present=``, ``kpis=``, ``features=``, positive losses for the
-    methods that take logs) and raise on the offending rank alone, so the other ranks wait in
-    the first all-reduce until the process group's timeout, as they do for a rank that stops
-    calling altogether. Gradient methods take the task gradients after both all-reduces, on
-    their refresh steps: an error there on one rank only (typically a task loss that reaches
-    none of the shared tensors, such as a constant loss for a batch without that task's
-    labels) leaves the other ranks waiting in the Gramian's all-reduce until the timeout, so
-    mark such tasks absent with ``present=``. The weight rules read only reduced values, so
-    an error in a rule raises on every rank together.
+    The checks of a call's own arguments (losses, ``present=``, ``kpis=``, ``features=``,
+    positive losses for the methods that take logs) run before the first all-reduce; a rank
+    whose call fails them joins that all-reduce with a flag and raises its own error, and
+    every other rank raises a ValueError naming that rank, at once, with every state
+    unchanged. A rank that stops calling altogether leaves the others waiting in the first
+    all-reduce until the process group's timeout. Gradient methods take the task gradients
+    after both all-reduces, on their refresh steps: an error there on one rank only
+    (typically a task loss that reaches none of the shared tensors, such as a constant loss
+    for a batch without that task's labels) leaves the other ranks waiting in the Gramian's
+    all-reduce until the timeout, so mark such tasks absent with ``present=``. The weight
+    rules read only reduced values, so an error in a rule raises on every rank together.
 
     Loop options, keyword arguments of every method (and of :func:`taskbalance.create`):
 
@@ -306,17 +311,25 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         Returns:
             The 0-d objective, whose gradient with respect to ``losses[k]`` is ``weights[k]``.
         """
-        vector = as_loss_vector(losses, self.num_tasks)
-        mask = as_present_mask(
-            present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
-        )
         if not (self.training and torch.is_grad_enabled()):
+            vector = as_loss_vector(losses, self.num_tasks)
+            mask = as_present_mask(
+                present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
+            )
             return self._frozen_objective(vector, mask)
-        # Every local check runs before the first collective, so a bad input raises on its
-        # rank without leaving the other ranks waiting in a half-finished sequence of them.
-        values, nonfinite = self._checked_values(vector, mask)
-        local_kpis = self._checked_kpis(kpis, values.device)
-        shared = self._check_call_inputs(vector, features)
+        # Every local check runs before the first collective; a rank whose call is refused
+        # meets the other ranks there with the news, so every rank stops at once.
+        try:
+            vector = as_loss_vector(losses, self.num_tasks)
+            mask = as_present_mask(
+                present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
+            )
+            values, nonfinite = self._checked_values(vector, mask)
+            local_kpis = self._checked_kpis(kpis, values.device)
+            shared = self._check_call_inputs(vector, features)
+        except (ValueError, TypeError):
+            self._refuse_on_every_rank(losses)
+            raise
         step = self._step(vector, values, mask, local_kpis, nonfinite, shared)
         if step.nonfinite:
             return self._skipped_objective(vector, mask)
@@ -345,13 +358,17 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         Returns:
             The ``[K]`` weights of this step (detached), in float64 for a float64 Gramian.
         """
-        vector = as_loss_vector(losses, self.num_tasks).detach()
-        mask = as_present_mask(
-            present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
-        )
-        values, nonfinite = self._checked_values(vector, mask)
-        local_kpis = self._checked_kpis(kpis, values.device)
-        checked_gram = self._check_gram(gram) if self.requires_gram else None
+        try:
+            vector = as_loss_vector(losses, self.num_tasks).detach()
+            mask = as_present_mask(
+                present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
+            )
+            values, nonfinite = self._checked_values(vector, mask)
+            local_kpis = self._checked_kpis(kpis, values.device)
+            checked_gram = self._check_gram(gram) if self.requires_gram else None
+        except (ValueError, TypeError):
+            self._refuse_on_every_rank(losses)
+            raise
         step = self._step(vector, values, mask, local_kpis, nonfinite, None)
         if step.nonfinite:
             self._count_skipped_call()
@@ -514,11 +531,19 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     ) -> tuple[bool, Tensor, Tensor, bool, Tensor | None]:
         """Two all-reduces: the configuration fingerprint (fixed size, checked first), then
         loss sums and counts of the ranks that have each task, the non-finite flag and KPIs."""
-        differing = differing_entries(self._fingerprint(), values.device)
+        differing = differing_entries({**self._fingerprint(), _REFUSED_BY: 0}, values.device)
+        refused = differing.pop(_REFUSED_BY, None)
+        if refused is not None:
+            raise ValueError(
+                f"DDP rank {refused[1] - 1} refused its call to the balancer (its own error "
+                "says why, e.g. a loss or KPI value of that rank's batch); this rank's call is "
+                "refused with it rather than left waiting for that rank until the process "
+                "group's timeout. Every rank's state is unchanged"
+            )
         if differing:
             fields = self._fingerprint_fields()
             raise ValueError(
-                f"DDP ranks disagree on {differing}: on this rank "
+                f"DDP ranks disagree on {list(differing)}: on this rank "
                 + ", ".join(f"{name}={fields[name]!r}" for name in differing)
                 + ". Every rank must create the balancer with the same method, num_tasks and "
                 "hyperparameters (and load the same state), and call it at every step"
@@ -556,6 +581,18 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             all(count > 0 for count in host),
             reduced_kpis,
         )
+
+    def _refuse_on_every_rank(self, losses: object) -> None:
+        """Tell the other ranks, in the collective they wait in, that this rank's call failed.
+
+        They are in the first collective of the step (:meth:`_reduced`'s fingerprint): meeting
+        them there with a flag lets every rank raise at once. Outside a process group, nothing.
+        """
+        if not is_distributed():
+            return
+        first = losses[0] if isinstance(losses, Sequence) and losses else losses
+        device = first.device if isinstance(first, Tensor) else self._last_weights.device
+        differing_entries({**self._fingerprint(), _REFUSED_BY: rank() + 1}, device)
 
     def _advance(self, step: Step) -> Tensor:
         if step.advances:

@@ -24,6 +24,11 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def rank() -> int:
+    """This process's rank in the default process group (0 outside one)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
 def all_reduce_mean(tensor: Tensor) -> Tensor:
     """Mean of ``tensor`` over all ranks; returns ``tensor`` itself outside a process group.
 
@@ -59,8 +64,10 @@ def fingerprint_value(value: object) -> int:
     return zlib.crc32(repr(value).encode())
 
 
-def differing_entries(fingerprint: dict[str, int], device: torch.device) -> list[str]:
-    """The names of the ``fingerprint`` entries that differ between ranks.
+def differing_entries(
+    fingerprint: dict[str, int], device: torch.device
+) -> dict[str, tuple[int, int]]:
+    """The ``fingerprint`` entries that differ between ranks, with their lowest and highest value.
 
     One all-reduce (MAX) of ``[v, −v]``, int64, whose size depends only on how many entries
     there are, never on the data: ranks configured differently (another K, a method that
@@ -68,16 +75,18 @@ def differing_entries(fingerprint: dict[str, int], device: torch.device) -> list
     depends on the configuration. An entry agrees exactly when its max equals its min.
 
     Returns:
-        The same list on every rank; empty outside a process group.
+        The same ``{name: (lowest, highest)}`` on every rank; empty outside a process group.
     """
     if not is_distributed():
-        return []
+        return {}
     codes = torch.tensor(list(fingerprint.values()), dtype=torch.int64, device=device)
     packed = torch.cat([codes, -codes])
     dist.all_reduce(packed, op=dist.ReduceOp.MAX)
     count = len(fingerprint)
     highest = packed[:count].tolist()
     lowest = [-value for value in packed[count:].tolist()]
-    return [
-        name for name, high, low in zip(fingerprint, highest, lowest, strict=True) if high != low
-    ]
+    return {
+        name: (low, high)
+        for name, high, low in zip(fingerprint, highest, lowest, strict=True)
+        if high != low
+    }
