@@ -153,3 +153,16 @@ def test_compute_weights_ranks_agree(rank_results, name):
     rank0, rank1 = (results[name]["computed"] for results in rank_results)
     for step, (w0, w1) in enumerate(zip(rank0, rank1, strict=True)):
         torch.testing.assert_close(w0, w1, rtol=0, atol=0, msg=f"{name}, step {step}")
+
+
+def test_the_refusal_flag_goes_to_the_first_tensor_of_the_call():
+    """A refused call's flag must reach the device the other ranks reduce on (the losses')."""
+    from taskbalance._distributed import collective_device, first_tensor
+
+    loss = torch.ones(())
+    assert first_tensor([1.0, loss], None) is loss
+    assert first_tensor(None, (2.0, loss)) is loss
+    assert first_tensor("ab", 3.0) is None
+    meta = torch.empty((), device="meta")
+    assert collective_device(meta, torch.device("cpu")) == torch.device("meta")
+    assert collective_device(None, torch.device("cpu")) == torch.device("cpu")

@@ -111,6 +111,22 @@ def _refused(rank: int) -> dict:
     gram = torch.tensor([[1.0, 0.5], [-0.5, 1.0]]) if rank == 0 else torch.eye(2)  # asymmetric
     out["mgda"] = _error(lambda: mgda.compute_weights(torch.ones(2), gram=gram))
     out["mgda_after"] = mgda.compute_weights(torch.ones(2), gram=torch.eye(2))
+    ew = tb.create("ew", num_tasks=K)
+    listed = [1.0, *_losses(rank, 0).requires_grad_(True)] if rank == 0 else None
+    try:  # a float first in the list: a TypeError, and no tensor first to take the device from
+        ew(listed if listed is not None else _losses(rank, 0).requires_grad_(True))
+        out["ew"] = ""
+    except (TypeError, ValueError) as error:
+        out["ew"] = f"{type(error).__name__}: {error}"
+    out["ew_after"] = ew(_losses(rank, 1).requires_grad_(True)).item()
+    famo = tb.create("famo", num_tasks=K, delta="same_batch")
+    famo(_losses(rank, 0).requires_grad_(True))
+    after = _losses(rank, 1)
+    if rank == 1:
+        after[2] = math.nan
+    out["famo"] = _error(lambda: famo.update(after))
+    famo.update(_losses(rank, 1))
+    out["famo_after"] = famo.weights
     # Still in step afterwards, state unchanged by the refused call.
     out["gls_after"] = gls(_losses(rank, 1).requires_grad_(True)).item()
     out["gls_steps"] = int(gls.num_steps)
@@ -201,6 +217,7 @@ def test_configuration_mismatch_raises_on_every_rank_naming_it(ranks, case, name
         ("dtp", 0, "kpis"),
         ("upgrad", 1, "features"),
         ("mgda", 0, "gram"),  # compute_weights
+        ("ew", 0, "TypeError"),
     ],
 )
 def test_a_call_refused_on_one_rank_raises_on_every_rank_at_once(ranks, name, offender, own_error):
@@ -215,5 +232,14 @@ def test_a_call_refused_on_one_rank_raises_on_every_rank_at_once(ranks, name, of
         assert seen["gls_steps"] == 1
         assert seen["upgrad_steps"] == 1
         assert math.isfinite(seen["upgrad_after"])
-    for key in ("dtp_after", "mgda_after"):
+    for key in ("dtp_after", "mgda_after", "famo_after"):
         assert torch.equal(ranks[0]["refused"][key], ranks[1]["refused"][key])
+    for rank in ranks:
+        assert math.isfinite(rank["refused"]["ew_after"])
+
+
+def test_famo_update_refused_on_one_rank_raises_on_every_rank(ranks):
+    """FAMO.update() has its own all-reduce: the rank with a NaN loss joins it (with NaN) and
+    names its loss; the other rank raises too, and both update in step afterwards."""
+    assert "losses[2] is nan" in ranks[1]["refused"]["famo"]
+    assert "a loss on another DDP rank is not finite" in ranks[0]["refused"]["famo"]

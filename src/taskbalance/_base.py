@@ -23,8 +23,10 @@ from torch import Tensor, nn
 from taskbalance._distributed import (
     all_reduce_mean,
     all_reduce_sum,
+    collective_device,
     differing_entries,
     fingerprint_value,
+    first_tensor,
     is_distributed,
     rank,
     world_size,
@@ -327,8 +329,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             values, nonfinite = self._checked_values(vector, mask)
             local_kpis = self._checked_kpis(kpis, values.device)
             shared = self._check_call_inputs(vector, features)
-        except (ValueError, TypeError):
-            self._refuse_on_every_rank(losses)
+        except Exception:  # re-raised: the other ranks only learn that this call failed
+            self._refuse_on_every_rank(losses, kpis, features)
             raise
         step = self._step(vector, values, mask, local_kpis, nonfinite, shared)
         if step.nonfinite:
@@ -366,8 +368,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             values, nonfinite = self._checked_values(vector, mask)
             local_kpis = self._checked_kpis(kpis, values.device)
             checked_gram = self._check_gram(gram) if self.requires_gram else None
-        except (ValueError, TypeError):
-            self._refuse_on_every_rank(losses)
+        except Exception:  # re-raised: the other ranks only learn that this call failed
+            self._refuse_on_every_rank(losses, kpis, gram)
             raise
         step = self._step(vector, values, mask, local_kpis, nonfinite, None)
         if step.nonfinite:
@@ -582,16 +584,16 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             reduced_kpis,
         )
 
-    def _refuse_on_every_rank(self, losses: object) -> None:
+    def _refuse_on_every_rank(self, *arguments: object) -> None:
         """Tell the other ranks, in the collective they wait in, that this rank's call failed.
 
-        They are in the first collective of the step (:meth:`_reduced`'s fingerprint): meeting
-        them there with a flag lets every rank raise at once. Outside a process group, nothing.
+        They are in the first collective of the step (:meth:`_reduced`'s fingerprint), on the
+        losses' device: meeting them there with a flag lets every rank raise at once. Outside a
+        process group, nothing.
         """
         if not is_distributed():
             return
-        first = losses[0] if isinstance(losses, Sequence) and losses else losses
-        device = first.device if isinstance(first, Tensor) else self._last_weights.device
+        device = collective_device(first_tensor(*arguments), self._last_weights.device)
         differing_entries({**self._fingerprint(), _REFUSED_BY: rank() + 1}, device)
 
     def _advance(self, step: Step) -> Tensor:
@@ -636,11 +638,25 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         return losses.detach().to(dtype=torch.float32), nonfinite
 
     def _mean_over_ranks(self, vector: Tensor) -> Tensor:
-        """Checked, rank-averaged float32 values of ``vector`` on this module's device."""
-        values, nonfinite = self._checked_values(vector, None)
+        """Checked, rank-averaged float32 values of ``vector`` on this module's device.
+
+        A rank whose values fail the checks still joins the all-reduce, with NaN, so that every
+        rank raises at once instead of the others waiting there for it.
+        """
+        try:
+            values, nonfinite = self._checked_values(vector, None)
+        except Exception:  # re-raised after the collective the other ranks are waiting in
+            all_reduce_mean(torch.full((self.num_tasks,), math.nan, device=vector.device))
+            raise
+        reduced = all_reduce_mean(values).to(self._last_weights.device)
         for i, value in nonfinite.items():
             raise ValueError(f"losses[{i}] is {value}: every task loss must be finite")
-        return all_reduce_mean(values).to(self._last_weights.device)
+        if is_distributed() and not bool(torch.isfinite(reduced).all()):
+            raise ValueError(
+                "losses: a loss on another DDP rank is not finite or was refused there (its own "
+                "error says why); every rank's state is unchanged"
+            )
+        return reduced
 
     def _nonfinite_losses(self, nonfinite: dict[int, float]) -> None:
         """Raise in ``"raise"`` mode (every rank at once); nothing to do in ``"skip"`` mode."""

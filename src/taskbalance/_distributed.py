@@ -29,6 +29,29 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def first_tensor(*arguments: object) -> Tensor | None:
+    """The first tensor among ``arguments`` or inside the first sequence that holds one."""
+    for argument in arguments:
+        if isinstance(argument, Tensor):
+            return argument
+        if isinstance(argument, (list, tuple)):
+            for item in argument:
+                if isinstance(item, Tensor):
+                    return item
+    return None
+
+
+def collective_device(tensor: Tensor | None, fallback: torch.device) -> torch.device:
+    """The device a collective of a call runs on: that of ``tensor`` (the call's losses, where
+    the other ranks reduce), else the current CUDA device under NCCL, else ``fallback``."""
+    if tensor is not None:
+        return tensor.device
+    nccl = dist.is_available() and dist.is_initialized() and "nccl" in str(dist.get_backend())
+    if nccl and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback
+
+
 def all_reduce_mean(tensor: Tensor) -> Tensor:
     """Mean of ``tensor`` over all ranks; returns ``tensor`` itself outside a process group.
 
