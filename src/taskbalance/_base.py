@@ -313,19 +313,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         Returns:
             The 0-d objective, whose gradient with respect to ``losses[k]`` is ``weights[k]``.
         """
-        if not (self.training and torch.is_grad_enabled()):
-            vector = as_loss_vector(losses, self.num_tasks)
-            mask = as_present_mask(
-                present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
-            )
-            return self._frozen_objective(vector, mask)
-        # Every local check runs before the first collective; a rank whose call is refused
-        # meets the other ranks there with the news, so every rank stops at once.
+        if not (self.training and torch.is_grad_enabled()):  # no collective: no refusal
+            return self._frozen_objective(*self._loss_vector_and_mask(losses, present))
+        # Every local check runs before the first collective, which a refused call still joins.
         try:
-            vector = as_loss_vector(losses, self.num_tasks)
-            mask = as_present_mask(
-                present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
-            )
+            vector, mask = self._loss_vector_and_mask(losses, present)
             values, nonfinite = self._checked_values(vector, mask)
             local_kpis = self._checked_kpis(kpis, values.device)
             shared = self._check_call_inputs(vector, features)
@@ -361,10 +353,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             The ``[K]`` weights of this step (detached), in float64 for a float64 Gramian.
         """
         try:
-            vector = as_loss_vector(losses, self.num_tasks).detach()
-            mask = as_present_mask(
-                present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
-            )
+            vector, mask = self._loss_vector_and_mask(losses, present)
+            vector = vector.detach()
             values, nonfinite = self._checked_values(vector, mask)
             local_kpis = self._checked_kpis(kpis, values.device)
             checked_gram = self._check_gram(gram) if self.requires_gram else None
@@ -584,12 +574,22 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             reduced_kpis,
         )
 
+    def _loss_vector_and_mask(
+        self, losses: LossesLike, present: PresentLike
+    ) -> tuple[Tensor, Tensor | None]:
+        vector = as_loss_vector(losses, self.num_tasks)
+        mask = as_present_mask(
+            present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
+        )
+        return vector, mask
+
     def _refuse_on_every_rank(self, *arguments: object) -> None:
         """Tell the other ranks, in the collective they wait in, that this rank's call failed.
 
         They are in the first collective of the step (:meth:`_reduced`'s fingerprint), on the
-        losses' device: meeting them there with a flag lets every rank raise at once. Outside a
-        process group, nothing.
+        losses' device: meeting them there with a flag lets every rank raise at once. (A
+        try/except at the call site rather than a context manager: nothing on the hot path.)
+        Outside a process group, nothing.
         """
         if not is_distributed():
             return

@@ -171,14 +171,13 @@ def _nnqp_batched(Q: Tensor, B: Tensor, max_iter: int, tol: float, solver: str) 
     # host transfers, the decisions made on the host (it was about 35). A zero row of Q (a zero
     # task gradient) has b_i = 0 and g_i = 0 exactly, so it never enters a free set.
     M, n = B.shape
-    diag = Q.diagonal().tolist()
-    zero = [d <= 0 for d in diag]
+    factors, zero = _scale_factors(Q.diagonal().tolist())
     if any(zero):
         for row in B.tolist():
             for i in range(n):
                 if zero[i] and row[i] < 0:
                     raise _unbounded(solver, i, 0.0, row[i])
-    s = torch.tensor([0.0 if z else d**-0.5 for d, z in zip(diag, zero, strict=True)], dtype=F64)
+    s = torch.tensor(factors, dtype=F64)
     Qs = s[:, None] * Q * s[None, :]  # in this order: s_i·s_j alone overflows for G_ii < 1e-308
     # A = I on the bound indices and Qs (unit diagonal) on the free ones: I + (F ⊗ F) ∘ off
     off_diagonal = Qs.clone()
@@ -241,10 +240,15 @@ def _jacobi_scaling(Q: list[list[float]]) -> _Scaling:
     """``s = diag(Q)^{-1/2}`` (0 on zero rows), the zero rows, and the unit-diagonal
     ``Qs = S Q S``: what every QP on ``Q`` shares (UPGrad solves K of them)."""
     n = len(Q)
-    zero = [Q[i][i] <= 0 for i in range(n)]
-    s = [0.0 if zero[i] else Q[i][i] ** -0.5 for i in range(n)]
+    s, zero = _scale_factors([Q[i][i] for i in range(n)])
     Qs = [[s[i] * Q[i][k] * s[k] for k in range(n)] for i in range(n)]
     return s, zero, Qs
+
+
+def _scale_factors(diagonal: list[float]) -> tuple[list[float], list[bool]]:
+    """``s = diag^{-1/2}`` (0 on zero rows) and which rows are zero, in Python floats."""
+    zero = [d <= 0 for d in diagonal]
+    return [0.0 if z else d**-0.5 for d, z in zip(diagonal, zero, strict=True)], zero
 
 
 def _nnqp_py(
