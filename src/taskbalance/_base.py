@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from taskbalance._constants import constant
 from taskbalance._distributed import (
     all_reduce_mean,
     all_reduce_sum,
@@ -238,6 +239,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     #: answer (FAMO's ``min_losses=`` below 0, MGDA's loss normalisations) sets its own, so the
     #: attribute is per instance, not a ``ClassVar``.
     requires_positive_losses: bool = False
+    #: Appended to the error that refuses a loss <= 0: how this method could accept one.
+    positive_losses_hint: ClassVar[str] = ""
     #: True when the method reads per-task KPIs (``kpis=``).
     requires_kpis: ClassVar[bool] = False
     #: True when the weight rule needs the Gramian of the task gradients.
@@ -472,7 +475,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """Reduce the call's statistics over ranks (one all-reduce) and decide the step."""
         device = self._last_weights.device
         local_present = (
-            torch.ones(self.num_tasks, dtype=torch.bool, device=values.device)
+            constant(True, (self.num_tasks,), torch.bool, values.device)
             if mask is None
             else mask.to(values.device)
         )
@@ -601,7 +604,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             # The rule's arithmetic is the balancer's own: float32 or better, whatever autocast
             # the training step runs under.
             with _own_precision(step.mean_losses.device.type):
-                weights = self._update(step).detach()
+                weights = self._update(step)
+            if weights.requires_grad:  # a rule computed from learned parameters
+                weights = weights.detach()
             self._last_weights.copy_(weights)
             self._last_losses.copy_(step.mean_losses)
             self.num_steps.add_(1)
@@ -625,15 +630,15 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         Non-finite losses of present tasks are returned, not raised: whether to raise or skip
         is decided on every rank at once, after the all-reduce.
         """
-        host = losses.detach().tolist()
+        host = losses.tolist()
         present = [True] * self.num_tasks if mask is None else mask.tolist()
         nonfinite = {i: v for i, v in enumerate(host) if present[i] and not math.isfinite(v)}
         checked = [v if present[i] and i not in nonfinite else 1.0 for i, v in enumerate(host)]
-        # A method with lower bounds on the losses (FAMO's min_losses=) accepts losses <= 0
-        # once its bounds are set below them: say so where a loss is refused.
-        hint = "; or set min_losses= below the losses" if hasattr(self, "min_losses") else ""
         check_loss_values(
-            checked, positive=self.requires_positive_losses, method=self._method_name, hint=hint
+            checked,
+            positive=self.requires_positive_losses,
+            method=self._method_name,
+            hint=self.positive_losses_hint,
         )
         return losses.detach().to(dtype=torch.float32), nonfinite
 

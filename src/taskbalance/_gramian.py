@@ -80,6 +80,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
+from taskbalance._constants import constant
 from taskbalance._distributed import all_reduce_mean, all_reduce_sum, is_distributed, world_size
 from taskbalance._validation import as_loss_vector, check_tensor
 
@@ -164,7 +165,8 @@ class TaskGradients:
         scale: the power of two the backward passes were scaled by (see the module docstring).
         path: True for the batched backward, False for a loop over ``losses[k]``, None for
             the per-task loop over the stack's edges.
-        gram: the unscaled Gramian made by ``gramian_of`` (None when none was asked for).
+        gram: the unscaled Gramian made by ``gramian_of``, symmetrised (``(G + Gᵀ)/2``);
+            None when none was asked for.
         finite: whether the rows (with ``gramian_of``: the Gramian) are finite.
     """
 
@@ -235,7 +237,7 @@ def task_gradients(
                 # ~1e14 although the rows are finite: one pass over them is cheaper than K
                 # backward passes, and the reduced Gramian decides alike on every rank.
                 unscaled = unscaled_rows(rows, scale)
-                gram = gramian_of(unscaled)
+                gram = _unscaled_gram(gramian_of(unscaled), 1.0)
                 finite = _gram_finite(gram)
                 if finite:
                     rows, scale = unscaled, 1.0
@@ -328,7 +330,7 @@ def _rows_by_fastest_path(
     num_tasks = losses.shape[0]
     edges = _per_task_edges(losses, num_tasks)
     if not batched and edges is not None:
-        cotangent = torch.full(losses.shape[1:], scale, dtype=losses.dtype, device=losses.device)
+        cotangent = constant(scale, tuple(losses.shape[1:]), losses.dtype, losses.device)
         per_task = [
             _edge_grads(edge, cotangent, inputs) if wanted else None
             for edge, wanted in zip(edges, present, strict=True)
@@ -581,8 +583,12 @@ def _widened(row: Tensor) -> Tensor:
 
 
 def _unscaled_gram(gram: Tensor, scale: float) -> Tensor:
-    # Exact: a power of two (a Gramian of rows scaled by s is s² times theirs).
-    return gram if scale == 1.0 else gram / (scale * scale)
+    """``(G + Gᵀ)/2`` of the unscaled Gramian (one of rows scaled by s is s² times theirs).
+
+    Symmetric to the last bit whatever the matrix product's summation order; the factor is a
+    power of two, so the scaling is exact.
+    """
+    return torch.add(gram, gram.mT).mul_(0.5 / (scale * scale))
 
 
 def _retry_can_help(losses: Tensor, present: Sequence[bool], decided_globally: bool) -> bool:

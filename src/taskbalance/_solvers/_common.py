@@ -103,7 +103,7 @@ def work_tensor(G: object, solver: str) -> Tensor:
 
 def work_list(G: object, solver: str) -> list[list[float]]:
     """:func:`work_tensor` as a list of Python floats (same checks, same messages)."""
-    rows: list[list[float]] = _check_matrix(G, solver).detach().tolist()
+    rows: list[list[float]] = _check_matrix(G, solver).tolist()
     isfinite = math.isfinite
     for row in rows:
         if not all(map(isfinite, row)):

@@ -224,6 +224,11 @@ def _face_qp_py(
     Qs: list[list[float]], bs: list[float], F: list[int], x_cur: list[float]
 ) -> tuple[list[float], bool]:
     """:func:`_face_qp` on the face ``F`` of the unit-diagonal ``Qs``."""
+    if len(F) == 1:  # the entering index alone: chol_py and chol_solve_py's arithmetic, inline
+        pivot = Qs[F[0]][F[0]]
+        if pivot > 1e-8:
+            root = math.sqrt(pivot)
+            return [-(bs[F[0]] / root / root)], True
     A = [[Qs[i][k] for k in F] for i in F]
     c = [bs[i] for i in F]
     L = chol_py(A, 1e-8)
@@ -472,7 +477,8 @@ def dual_cone_weights(
     # trace would change nothing but the rounding.
     normalise = norm_eps > 0.0 or reg_eps > 0.0
     if work is not None:
-        pref_rows: list[list[float]] = prefs.detach().reshape(-1, K).tolist()
+        listed = prefs.tolist()
+        pref_rows: list[list[float]] = listed if prefs.ndim == 2 else [listed]
         if not all(math.isfinite(v) for row in pref_rows for v in row):
             raise SolverError(_NON_FINITE_PREFS)
         Gl = work

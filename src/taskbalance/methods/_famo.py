@@ -84,6 +84,8 @@ class FAMO(Balancer):
     )
 
     requires_positive_losses = True
+    # Losses <= 0 are accepted once the lower bounds are set below them.
+    positive_losses_hint = "; or set min_losses= below the losses"
 
     min_losses: Tensor
     logits: Tensor

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from taskbalance._base import Balancer
+from taskbalance._constants import constant
 from taskbalance._distributed import is_distributed
 from taskbalance._gramian import global_rows, gramian_from_rows, task_gradients, unscaled_rows
 from taskbalance._step import Step
@@ -418,8 +419,9 @@ class GradientBalancer(Balancer):
             self._last_group_weights.copy_(group_weights)
             step.group_weights = group_weights
         # Kept for log_dict's cosines, which are computed only when asked for (a plain
-        # attribute: nn.Module.__setattr__'s checks would cost more than the clone).
-        object.__setattr__(self, "_last_gram", total.detach().clone())
+        # attribute: nn.Module.__setattr__'s checks would cost more than the rest). No copy:
+        # step.gram is this call's own tensor (never the caller's), and no rule writes to it.
+        object.__setattr__(self, "_last_gram", total)
         return weights.to(device=step.mean_losses.device, dtype=gram.dtype)
 
     def _check_call_inputs(
@@ -520,7 +522,7 @@ class GradientBalancer(Balancer):
                     "on_nonfinite='skip' to skip such steps as GradScaler does"
                 )
             return
-        step.gram = (gram + gram.transpose(-2, -1)) / 2
+        step.gram = gram  # symmetrised by the engine
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         if step.direction is not None:
@@ -530,7 +532,7 @@ class GradientBalancer(Balancer):
         assert step.shared is not None  # _prepare took the task gradients
         assert step.rows is not None
         # ⟨x, v⟩ adds Σ_k (w_k − 1)·∇_x L_k to the shared tensor's gradient only: the heads
-        # never see it. The rows are scaled by a power of two: dividing the K shifts is exact.
+        # never see it. The rows are scaled by a power of two: dividing by it is exact.
         inner: Tensor | None = None
         per_tensor = self._tensor_weights(step, weights)
         # One K-vector of shifts per weight vector and dtype, not per tensor: parameters mode
@@ -540,9 +542,12 @@ class GradientBalancer(Balancer):
             key = (id(tensor_weights), row.dtype)
             shifts = shifts_of.get(key)
             if shifts is None:
-                shifts = ((tensor_weights.detach() - 1) / step.row_scale).to(row.dtype)
+                shifts = (tensor_weights - 1).to(row.dtype)
                 shifts_of[key] = shifts
-            term = _inner_product(tensor, torch.mv(row.T, shifts))
+            # Σ_k shifts_k·row_k / scale, the division folded into the product (exact).
+            zero = constant(0.0, (), row.dtype, row.device)
+            correction = torch.addmv(zero, row.T, shifts, beta=0, alpha=1 / step.row_scale)
+            term = _inner_product(tensor, correction)
             inner = term if inner is None else inner + term
         assert inner is not None  # one term per shared tensor, and there is at least one
         return step.losses.sum() + (inner - inner.detach()).to(step.losses.dtype)

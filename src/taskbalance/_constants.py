@@ -1,0 +1,37 @@
+"""Small read-only tensors that a training step would otherwise allocate at every call.
+
+Inside a training step each small tensor call costs two to three times its isolated time (the
+forward and backward passes have evicted the caches), so the constants a call needs (an
+all-True task mask, the engine's backward seed) are made once per value, shape, dtype and
+device, and shared.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_Key = tuple[float, tuple[int, ...], torch.dtype, torch.device]
+_SHARED: dict[_Key, Tensor] = {}
+#: Distinct constants kept; beyond that, new ones are made per call (never evicted).
+_MAX_SHARED = 256
+
+
+def constant(
+    value: float, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """A tensor of ``shape`` filled with ``value``, shared between calls: never modify it.
+
+    Made outside inference mode, so autograd may save it wherever it is read. Only plain
+    tensors are shared (one made under a fake-tensor or other dispatch mode is not kept).
+    """
+    key = (value, shape, dtype, device)
+    tensor = _SHARED.get(key)
+    if tensor is None:
+        with torch.inference_mode(False):
+            tensor = torch.full(shape, value, dtype=dtype, device=device)
+        # NaN is never equal to itself: each one would be a new key
+        keep = type(tensor) is Tensor and value == value and len(_SHARED) < _MAX_SHARED
+        if keep:
+            _SHARED[key] = tensor
+    return tensor
