@@ -42,9 +42,11 @@ class Step:
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
         all_present: True when every task is present (a host copy of ``present.all()``).
         global_rows: on refresh steps, for methods whose direction is computed from the rows,
-            the unscaled rows: of the global (rank-averaged) task gradients in parameters mode
-            under DDP (``rows`` stay local: the objective cancels this rank's own gradients),
-            of this rank's own otherwise (features are this rank's own samples).
+            the rows (times ``row_scale``, as ``rows``): of the global (rank-averaged) task
+            gradients in parameters mode under DDP (``rows`` stay local: the objective cancels
+            this rank's own gradients), of this rank's own otherwise (features are this rank's
+            own samples). Unscaling them would be a pass over K×P numbers: each method folds
+            ``1/row_scale`` into a K-vector instead.
         direction: the shared tensors' gradient, one flat tensor per tensor of ``shared``,
             when the method's ``_update`` sets one other than ``Jᵀw``; None for ``Jᵀw``.
         group_weights: with per-group aggregation, the ``[num_groups, K]`` weights of each

@@ -152,7 +152,14 @@ class DBMTL(GradientBalancer):
         count = int(self.ema_steps) + 1
         rows = step.global_rows
         weights, averages, direction = db_mtl_direction(
-            step.mean_losses, rows, self.grad_averages, count, self.beta, self.beta_sigma, self.eps
+            step.mean_losses,
+            rows,
+            self.grad_averages,
+            count,
+            self.beta,
+            self.beta_sigma,
+            self.eps,
+            row_scale=step.row_scale,
         )
         self.grad_averages.copy_(averages)
         self.ema_steps.fill_(count)
@@ -193,16 +200,19 @@ def db_mtl_direction(
     beta: float,
     beta_sigma: float,
     eps: float,
+    *,
+    row_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The paper's rule on gradient vectors: weights (float64), new EMA ``[K, P]``, ``d [P]``.
 
-    ``rows`` are the global task gradients, one ``[K, numel]`` block per listed parameter;
-    the inputs are untouched.
+    ``rows`` are the global task gradients times ``row_scale`` (a power of two), one
+    ``[K, numel]`` block per listed parameter; the inputs are untouched.
     """
     dtype = averages.dtype
     flat = torch.cat([row.to(dtype) for row in rows], dim=1)
     shifted = losses.detach().to(device=flat.device, dtype=torch.float64) + eps
-    log_grads = flat / shifted.to(dtype)[:, None]  # ∇ log(L_k + ε) = g_k / (L_k + ε)
+    # ∇ log(L_k + ε) = g_k / (L_k + ε); the rows' scale goes with the K divisors (exact)
+    log_grads = flat / (shifted * row_scale).to(dtype)[:, None]
     rate = beta / step**beta_sigma
     new = rate * averages.to(flat.device) + (1 - rate) * log_grads
     norms = torch.linalg.vector_norm(new, dim=1).to(torch.float64)

@@ -113,7 +113,12 @@ class GradDrop(GradientBalancer):
         saved = self.generator.get_state()
         try:
             weights, direction = graddrop_direction(
-                step.shared, step.global_rows, features_mode, self.leak, self.generator
+                step.shared,
+                step.global_rows,
+                features_mode,
+                self.leak,
+                self.generator,
+                row_scale=step.row_scale,
             )
         except BaseException:
             self.generator.set_state(saved)
@@ -131,12 +136,15 @@ def graddrop_direction(
     features_mode: bool,
     leak: float,
     generator: torch.Generator,
+    *,
+    row_scale: float = 1.0,
 ) -> tuple[Tensor, list[Tensor]]:
     """The kept shares ``w`` (float64 ``[K]``) and ``d``, one flat tensor per shared tensor.
 
     ``rows`` are this rank's rows in features mode (the masks come from the global sums) and
-    the global rows in parameters mode; one ``torch.rand`` per tensor is drawn from
-    ``generator``, in the order of ``shared``.
+    the global rows in parameters mode, times ``row_scale`` (a power of two: the masks and
+    shares do not depend on it, and ``d`` takes ``1/row_scale`` with the masks); one
+    ``torch.rand`` per tensor is drawn from ``generator``, in the order of ``shared``.
     """
     kept = torch.zeros(rows[0].shape[0], dtype=torch.float64, device=rows[0].device)
     total = torch.zeros_like(kept)
@@ -157,7 +165,7 @@ def graddrop_direction(
         squared = signed.square()
         kept += (keep * squared).sum(dim=1)
         total += squared.sum(dim=1)
-        masked = per_sample * keep.to(row.dtype)[:, None, :]
+        masked = per_sample * (keep / row_scale).to(row.dtype)[:, None, :]
         direction.append(masked.sum(dim=0).reshape(-1))
     weights = torch.where(total > 0, kept / total.clamp_min(1e-300), torch.full_like(kept, leak))
     return weights, direction

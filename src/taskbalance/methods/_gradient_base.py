@@ -15,7 +15,7 @@ from torch import Tensor
 from taskbalance._base import Balancer
 from taskbalance._constants import constant
 from taskbalance._distributed import is_distributed
-from taskbalance._gramian import global_rows, gramian_from_rows, task_gradients, unscaled_rows
+from taskbalance._gramian import global_rows, gramian_from_rows, task_gradients
 from taskbalance._step import Step
 from taskbalance._validation import (
     check_choice,
@@ -507,8 +507,8 @@ class GradientBalancer(Balancer):
         if not step.refresh:
             return
         if self._direction_from_rows():
-            rows = averaged[0] if averaged else grads.rows
-            step.global_rows = unscaled_rows(rows, grads.scale)
+            # Scaled as step.rows are: each rule folds 1/row_scale into its K-vectors.
+            step.global_rows = averaged[0] if averaged else grads.rows
         gram = grads.gram
         assert gram is not None  # gramian_of was given on a refresh step
         if not grads.finite:

@@ -149,6 +149,7 @@ class MoCo(GradientBalancer):
             self.beta / count**self.beta_sigma,
             self.gamma / count**self.gamma_sigma,
             self.rho,
+            row_scale=step.row_scale,
         )
         self.tracked.copy_(tracked)
         self.lambdas.copy_(lambdas)
@@ -164,14 +165,23 @@ class MoCo(GradientBalancer):
 
 
 def moco_update(
-    rows: list[Tensor], tracked: Tensor, lambdas: Tensor, beta: float, gamma: float, rho: float
+    rows: list[Tensor],
+    tracked: Tensor,
+    lambdas: Tensor,
+    beta: float,
+    gamma: float,
+    rho: float,
+    *,
+    row_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MoCo step: the new ``Y [K, P]``, ``λ [K]`` (float64) and ``d = Yᵀλ [P]``.
 
-    ``rows`` are the global task gradients, one ``[K, numel]`` block per listed parameter;
-    the inputs are untouched.
+    ``rows`` are the global task gradients times ``row_scale`` (a power of two), one
+    ``[K, numel]`` block per listed parameter; the inputs are untouched.
     """
-    flat = torch.cat([row.to(tracked.dtype) for row in rows], dim=1)
+    flat = torch.cat([row.to(tracked.dtype) for row in rows], dim=1)  # a new tensor
+    if row_scale != 1.0:
+        flat.div_(row_scale)
     new = tracked.to(flat.device)
     new = new - beta * (new - flat)
     wide = new.to(torch.float64)
