@@ -15,7 +15,7 @@ import math
 import numbers
 from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +94,10 @@ def _decoded(value: Any) -> Any:
         if isinstance(dtype, torch.dtype):
             return dtype
     return value
+
+
+#: The dtypes a step's objective and statistics keep (a narrower one is promoted to float32).
+_FULL_PRECISION = (torch.float32, torch.float64)
 
 
 def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -505,7 +509,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 nonfinite=True,
             )
         # float32 at least: a float16 objective overflows once a weight passes 65504.
-        losses = vector.to(torch.promote_types(vector.dtype, torch.float32))
+        losses = vector if vector.dtype in _FULL_PRECISION else vector.float()
         step = Step(
             losses=losses if mask is None else torch.where(local_present, losses, 0),
             mean_losses=mean,
@@ -581,6 +585,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         self, losses: LossesLike, present: PresentLike
     ) -> tuple[Tensor, Tensor | None]:
         vector = as_loss_vector(losses, self.num_tasks)
+        if present is None:  # every task present: the usual call
+            return vector, None
         mask = as_present_mask(
             present, self.num_tasks, vector.device, allow_all_absent=is_distributed()
         )
@@ -600,6 +606,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         differing_entries({**self._fingerprint(), _REFUSED_BY: rank() + 1}, device)
 
     def _advance(self, step: Step) -> Tensor:
+        # Reading a buffer as an attribute is a call to nn.Module.__getattr__: the dict instead
+        # (these buffers are registered in __init__, never None).
+        state = cast(dict[str, Tensor], self._buffers)
         if step.advances:
             # The rule's arithmetic is the balancer's own: float32 or better, whatever autocast
             # the training step runs under.
@@ -607,15 +616,15 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 weights = self._update(step)
             if weights.requires_grad:  # a rule computed from learned parameters
                 weights = weights.detach()
-            self._last_weights.copy_(weights)
-            self._last_losses.copy_(step.mean_losses)
-            self.num_steps.add_(1)
+            state["_last_weights"].copy_(weights)
+            state["_last_losses"].copy_(step.mean_losses)
+            state["num_steps"].add_(1)
             # Plain attributes: nn.Module.__setattr__'s checks cost more than the rest of a step.
             object.__setattr__(self, "_steps_taken", self._steps_taken + 1)
         else:
-            weights = self._last_weights.clone()
-        self._last_present.copy_(step.present)
-        self.num_calls.add_(1)
+            weights = state["_last_weights"].clone()
+        state["_last_present"].copy_(step.present)
+        state["num_calls"].add_(1)
         object.__setattr__(self, "_calls_taken", self._calls_taken + 1)
         if step.all_present:
             return weights
