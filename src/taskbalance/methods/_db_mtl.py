@@ -208,18 +208,24 @@ def db_mtl_direction(
     ``rows`` are the global task gradients times ``row_scale`` (a power of two), one
     ``[K, numel]`` block per listed parameter; the inputs are untouched.
     """
-    dtype = averages.dtype
-    flat = torch.cat([row.to(dtype) for row in rows], dim=1)
-    shifted = losses.detach().to(device=flat.device, dtype=torch.float64) + eps
-    # ∇ log(L_k + ε) = g_k / (L_k + ε); the rows' scale goes with the K divisors (exact)
-    log_grads = flat / (shifted * row_scale).to(dtype)[:, None]
+    dtype, device = averages.dtype, rows[0].device
+    shifted = losses.detach().to(device=device, dtype=torch.float64) + eps
     rate = beta / step**beta_sigma
-    new = rate * averages.to(flat.device) + (1 - rate) * log_grads
+    # new = rate·EMA + (1 − rate)·∇ log(L_k + ε), with ∇ log(L_k + ε) = g_k / (L_k + ε): the K
+    # divisors and the rows' scale go into one K-vector, and each block of rows is added in
+    # place (no K×P copy of the rows, no K×P temporaries).
+    coefficients = ((1 - rate) / (shifted * row_scale)).to(dtype)[:, None]
+    new = averages.to(device).mul(rate)
+    offset = 0
+    for row in rows:
+        width = row.shape[1]
+        new[:, offset : offset + width].addcmul_(row.to(dtype), coefficients)
+        offset += width
     norms = torch.linalg.vector_norm(new, dim=1).to(torch.float64)
     largest = norms.max()
     # A norm at most eps·max (eps of the EMA's dtype; zero included) counts as zero: α_k = 1.
     significant = norms > torch.finfo(dtype).eps * largest
     ratios = torch.where(significant, largest / norms.clamp_min(1e-300), torch.ones_like(norms))
-    direction = (ratios.to(dtype)[:, None] * new).sum(dim=0)
+    direction = torch.mv(new.T, ratios.to(dtype))
     weights = ratios / shifted
     return weights, new.to(averages.device), direction

@@ -44,7 +44,9 @@ class MoCo(GradientBalancer):
     meaning.
 
     Defaults: ``beta = 0.5``, ``beta_sigma = 0.5``, ``gamma = 0.1``, ``gamma_sigma = 0.5``,
-    ``rho = 0`` (LibMTL's ``MoCo_*`` flags, from the authors' code).
+    ``rho = 0`` (LibMTL's ``MoCo_*`` flags, from the authors' code). ``Y Yᵀ`` is accumulated
+    in ``gram_dtype`` (float32 unless asked otherwise), as every Gramian of the library; the
+    λ step is float64.
 
     Departures: none from the paper's Algorithm 1. LibMTL (after the authors' shared code)
     differs in two ways we do not follow: it rescales each task gradient to norm ``L_k``
@@ -150,6 +152,7 @@ class MoCo(GradientBalancer):
             self.gamma / count**self.gamma_sigma,
             self.rho,
             row_scale=step.row_scale,
+            gram_dtype=self.gram_dtype,
         )
         self.tracked.copy_(tracked)
         self.lambdas.copy_(lambdas)
@@ -173,20 +176,28 @@ def moco_update(
     rho: float,
     *,
     row_scale: float = 1.0,
+    gram_dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MoCo step: the new ``Y [K, P]``, ``λ [K]`` (float64) and ``d = Yᵀλ [P]``.
 
     ``rows`` are the global task gradients times ``row_scale`` (a power of two), one
-    ``[K, numel]`` block per listed parameter; the inputs are untouched.
+    ``[K, numel]`` block per listed parameter; ``Y Yᵀ`` is accumulated in ``gram_dtype``; the
+    inputs are untouched.
     """
-    flat = torch.cat([row.to(tracked.dtype) for row in rows], dim=1)  # a new tensor
-    if row_scale != 1.0:
-        flat.div_(row_scale)
-    new = tracked.to(flat.device)
-    new = new - beta * (new - flat)
-    wide = new.to(torch.float64)
-    lam = lambdas.to(device=flat.device, dtype=torch.float64)
-    hessian = wide @ wide.T + rho * torch.eye(lam.shape[0], dtype=torch.float64, device=lam.device)
+    # Y ← Y − β(Y − H) = (1 − β)·Y + β·H, each block of H added in place with the rows' scale
+    # folded into β (no K×P copy of the rows, no K×P temporaries).
+    new = tracked.to(rows[0].device).mul(1 - beta)
+    offset = 0
+    for row in rows:
+        width = row.shape[1]
+        new[:, offset : offset + width].add_(row.to(tracked.dtype), alpha=beta / row_scale)
+        offset += width
+    # Y Yᵀ is a Gramian: accumulated in gram_dtype, as every Gramian here (no K×P copy of Y
+    # when they agree); the K-vector arithmetic is float64.
+    accumulated = new.to(gram_dtype)
+    lam = lambdas.to(device=new.device, dtype=torch.float64)
+    identity = torch.eye(lam.shape[0], dtype=torch.float64, device=lam.device)
+    hessian = (accumulated @ accumulated.T).to(torch.float64) + rho * identity
     lam = project_simplex(lam - gamma * (hessian @ lam))
     direction = new.T @ lam.to(new.dtype)
     return new.to(tracked.device), lam.to(lambdas.device), direction
