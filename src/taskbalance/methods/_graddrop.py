@@ -146,8 +146,8 @@ def graddrop_direction(
     shares do not depend on it, and ``d`` takes ``1/row_scale`` with the masks); one
     ``torch.rand`` per tensor is drawn from ``generator``, in the order of ``shared``.
     """
-    kept = torch.zeros(rows[0].shape[0], dtype=torch.float64, device=rows[0].device)
-    total = torch.zeros_like(kept)
+    kept: Tensor | None = None  # Σ_c keep·G_k², summed over the shared tensors
+    total: Tensor | None = None  # Σ_c G_k²
     direction = []
     for tensor, row in zip(shared, rows, strict=True):
         num_tasks = row.shape[0]
@@ -160,19 +160,31 @@ def graddrop_direction(
             signed = all_reduce_sum(signed)
         else:
             signed = per_sample[:, 0].to(torch.float64)
-        mask = sign_dropout_mask(signed, generator)
-        keep = leak + (1 - leak) * mask  # [K, C]
-        squared = signed.square()
-        kept += (keep * squared).sum(dim=1)
-        total += squared.sum(dim=1)
-        masked = per_sample * (keep / row_scale).to(row.dtype)[:, None, :]
-        direction.append(masked.sum(dim=0).reshape(-1))
-    weights = torch.where(total > 0, kept / total.clamp_min(1e-300), torch.full_like(kept, leak))
+        # ℓ + (1 − ℓ)·M: 1 where the gradient passes, ℓ where it is dropped. In parameters mode
+        # these are K×P tensors: each temporary costs a pass over memory (and page faults),
+        # so there are few of them.
+        keep = sign_dropout_mask(signed, generator).to(torch.float64)
+        if leak:
+            keep.mul_(1 - leak).add_(leak)
+        tensor_kept = torch.linalg.vecdot(signed * keep, signed, dim=1)
+        tensor_total = torch.linalg.vecdot(signed, signed, dim=1)
+        kept = tensor_kept if kept is None else kept + tensor_kept
+        total = tensor_total if total is None else total + tensor_total
+        # d = Σ_k keep_k ⊙ g_k, accumulated in place; the rows' scale goes with the masks
+        # (exact: a power of two)
+        scaled_keep = keep.to(row.dtype).div_(row_scale)
+        shared_direction = per_sample[0] * scaled_keep[0]
+        for k in range(1, num_tasks):
+            shared_direction.addcmul_(per_sample[k], scaled_keep[k])
+        direction.append(shared_direction.reshape(-1))
+    assert kept is not None  # at least one shared tensor
+    assert total is not None
+    weights = torch.where(total > 0, kept / total.clamp_min(1e-300), leak)
     return weights, direction
 
 
 def sign_dropout_mask(signed: Tensor, generator: torch.Generator) -> Tensor:
-    """``M_k = [P > U]·[G_k > 0] + [P < U]·[G_k < 0]`` (float64 ``[K, C]``) for ``G = signed``.
+    """``M_k = [P > U]·[G_k > 0] + [P < U]·[G_k < 0]`` (bool ``[K, C]``) for ``G = signed``.
 
     ``P = ½(1 + Σ_k G_k / Σ_k |G_k|)``, ½ where every ``G_k`` is 0; ``U`` is one
     ``torch.rand(C)`` draw from ``generator``, shared by the tasks.
@@ -184,4 +196,4 @@ def sign_dropout_mask(signed: Tensor, generator: torch.Generator) -> Tensor:
     uniform = uniform.to(signed.device)
     positive = (purity > uniform) & (signed > 0)
     negative = (purity < uniform) & (signed < 0)
-    return (positive | negative).to(torch.float64)
+    return positive | negative

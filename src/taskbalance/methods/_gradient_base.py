@@ -559,14 +559,21 @@ class GradientBalancer(Balancer):
         gradients, which the objective's own backward produces and the shift cancels."""
         assert step.shared is not None  # _prepare took the task gradients
         assert step.rows is not None
-        unweighted = torch.ones_like(weights)
-        coefficients = weights.detach() if self.heads == "weighted" else unweighted
-        inner = step.losses.new_zeros(())
+        weighted = self.heads == "weighted"
+        inner: Tensor | None = None
         for tensor, row, target in zip(step.shared, step.rows, direction, strict=True):
-            own = (coefficients / step.row_scale).to(row.dtype) @ row
-            shift = target.to(row.dtype) - own
-            inner = inner + _inner_product(tensor, shift).to(inner.dtype)
-        return (coefficients * step.losses).sum() + (inner - inner.detach())
+            own = (
+                weights.to(row.dtype)
+                if weighted
+                else constant(1.0, (self.num_tasks,), row.dtype, row.device)
+            )
+            # d_x − Σ_k c_k ∇_x L_k in one call, the rows' scale folded into the product
+            shift = torch.addmv(target.to(row.dtype), row.T, own, alpha=-1 / step.row_scale)
+            term = _inner_product(tensor, shift)
+            inner = term if inner is None else inner + term
+        assert inner is not None  # one term per shared tensor, and there is at least one
+        objective = torch.dot(weights, step.losses) if weighted else step.losses.sum()
+        return objective + (inner - inner.detach()).to(objective.dtype)
 
     def extra_repr(self) -> str:
         mode = "features" if self.shared_params is None else "params"
