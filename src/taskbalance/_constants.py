@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 _Key = tuple[float, tuple[int, ...], torch.dtype, torch.device]
-_SHARED: dict[_Key, Tensor] = {}
+#: Each shared tensor with its version counter when it was made (see :func:`constant`).
+_SHARED: dict[_Key, tuple[Tensor, int]] = {}
 #: Distinct constants kept; beyond that, new ones are made per call (never evicted).
 _MAX_SHARED = 256
 
@@ -23,15 +24,18 @@ def constant(
     """A tensor of ``shape`` filled with ``value``, shared between calls: never modify it.
 
     Made outside inference mode, so autograd may save it wherever it is read. Only plain
-    tensors are shared (one made under a fake-tensor or other dispatch mode is not kept).
+    tensors are shared (one made under a fake-tensor or other dispatch mode is not kept). One
+    that was modified in place anyway (its version counter moved: e.g. a custom backward
+    that scales its incoming gradient in place) is replaced by a fresh one, so the damage
+    cannot outlive the call that did it.
     """
     key = (value, shape, dtype, device)
-    tensor = _SHARED.get(key)
-    if tensor is None:
-        with torch.inference_mode(False):
-            tensor = torch.full(shape, value, dtype=dtype, device=device)
-        # NaN is never equal to itself: each one would be a new key
-        keep = type(tensor) is Tensor and value == value and len(_SHARED) < _MAX_SHARED
-        if keep:
-            _SHARED[key] = tensor
+    shared = _SHARED.get(key)
+    if shared is not None and shared[0]._version == shared[1]:
+        return shared[0]
+    with torch.inference_mode(False):
+        tensor = torch.full(shape, value, dtype=dtype, device=device)
+    # NaN is never equal to itself: each one would be a new key
+    if type(tensor) is Tensor and value == value and (shared or len(_SHARED) < _MAX_SHARED):
+        _SHARED[key] = (tensor, tensor._version)
     return tensor

@@ -207,11 +207,12 @@ def task_gradients(
     ``[K]``, default all True) marks the tasks to differentiate; absent tasks get zero rows.
 
     ``gramian_of(rows)`` gives the Gramian of (scaled) rows, reduced over DDP ranks as the
-    caller needs; it is unscaled here. An overflow at the current scale shows in it as a
-    non-finite entry, so the retry is decided on those K² numbers rather than on a pass over
-    the rows. ``gramian_of`` must return the same Gramian on every rank (a reduced one, or the
-    one of rows that are themselves global): every rank then takes the same retries and issues
-    the same collectives. Without ``gramian_of`` a sum of each block decides, locally.
+    caller needs; it is unscaled and symmetrised here. An overflow at the current scale shows
+    in it as a non-finite entry, so the retry is decided on those K² numbers rather than on a
+    pass over the rows. ``gramian_of`` must return the same Gramian on every rank (a reduced
+    one, or the one of rows that are themselves global): every rank then takes the same
+    retries and issues the same collectives. Without ``gramian_of`` a sum of each block
+    decides, locally.
 
     Raises ``ValueError`` when an input or a present task is outside the graph (see the module
     docstring), and for sharded DTensor inputs.
@@ -331,10 +332,13 @@ def _rows_by_fastest_path(
     edges = _per_task_edges(losses, num_tasks)
     if not batched and edges is not None:
         cotangent = constant(scale, tuple(losses.shape[1:]), losses.dtype, losses.device)
+        version = cotangent._version
         per_task = [
             _edge_grads(edge, cotangent, inputs) if wanted else None
             for edge, wanted in zip(edges, present, strict=True)
         ]
+        if cotangent._version != version:  # the K tasks' seed: the later ones saw another
+            raise ValueError(_SEED_MODIFIED)
         reached = [[g is not None for g in grads] for grads in _filled(per_task, inputs)]
         return _stack_rows(per_task, inputs), None, reached
     if batched is None or batched:
@@ -475,6 +479,14 @@ _FEATURES_FIX = (
 )
 
 
+_SEED_MODIFIED = (
+    "losses: a backward function in the graph modified its incoming gradient in place (e.g. a "
+    "custom autograd.Function whose backward returns grad_output.mul_(2)); autograd shares "
+    "that tensor, so the task gradients cannot be trusted and the call is refused. Make that "
+    "backward return a new tensor (grad_output * 2)"
+)
+
+
 def _nothing_reached_message(names: Sequence[str]) -> str:
     if names[0].startswith("params"):
         return (
@@ -585,10 +597,12 @@ def _widened(row: Tensor) -> Tensor:
 def _unscaled_gram(gram: Tensor, scale: float) -> Tensor:
     """``(G + Gᵀ)/2`` of the unscaled Gramian (one of rows scaled by s is s² times theirs).
 
-    Symmetric to the last bit whatever the matrix product's summation order; the factor is a
-    power of two, so the scaling is exact.
+    Symmetric to the last bit whatever the matrix product's summation order. Halved and
+    unscaled before the sum (a power of two: exact), so entries up to the dtype's maximum
+    stay finite.
     """
-    return torch.add(gram, gram.mT).mul_(0.5 / (scale * scale))
+    half = gram * (0.5 / (scale * scale))
+    return torch.add(half, half.mT)
 
 
 def _retry_can_help(losses: Tensor, present: Sequence[bool], decided_globally: bool) -> bool:

@@ -166,8 +166,8 @@ def graddrop_direction(
         keep = sign_dropout_mask(signed, generator).to(torch.float64)
         if leak:
             keep.mul_(1 - leak).add_(leak)
-        tensor_kept = torch.linalg.vecdot(signed * keep, signed, dim=1)
-        tensor_total = torch.linalg.vecdot(signed, signed, dim=1)
+        squared = signed.square()
+        tensor_kept, tensor_total = torch.linalg.vecdot(keep, squared, dim=1), squared.sum(dim=1)
         kept = tensor_kept if kept is None else kept + tensor_kept
         total = tensor_total if total is None else total + tensor_total
         # d = Σ_k keep_k ⊙ g_k, accumulated in place; the rows' scale goes with the masks
