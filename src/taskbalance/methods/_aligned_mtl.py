@@ -50,7 +50,9 @@ class AlignedMTL(SpectralGradientBalancer):
 
     Departures: the default rank cut (above); eigenvalues computed in float64 with
     ``torch.linalg.eigh`` (the official code's ``torch.symeig`` no longer exists, which is why
-    LibMTL's copy crashes on current torch).
+    LibMTL's copy crashes on current torch); a component ``v_cᵀ·pref`` within the
+    eigenvectors' own rounding (``4K·eps·Σ_i |v_ic|``) counts as 0, so that exactly opposite
+    gradients give exactly ``d = 0`` at every scale rather than rounding noise at some.
 
     Args:
         num_tasks: K.
@@ -116,7 +118,7 @@ def aligned_mtl_weights(
         factors = _kept_factors(values, scale, rtol)
         if factors is None:
             return _uniform(num_tasks, gram)
-        coefficients = {c: sum(row[c] for row in vectors) * f for c, f in factors.items()}
+        coefficients = {c: _projection(vectors, c, num_tasks) * f for c, f in factors.items()}
         weights = [sum(row[c] * x for c, x in coefficients.items()) for row in vectors]
         return torch.tensor(weights, dtype=torch.float64, device=gram.device)
     check_finite(gram, "aligned_mtl_weights")
@@ -127,7 +129,23 @@ def aligned_mtl_weights(
         return _uniform(num_tasks, gram)
     kept = eigenvectors[:, list(factors)]
     ratios = torch.tensor(list(factors.values()), dtype=torch.float64, device=gram.device)
-    return kept @ (kept.sum(dim=0) * ratios)
+    sums = kept.sum(dim=0)
+    noise = kept.abs().sum(dim=0) * (_ROUNDING * num_tasks)
+    return kept @ (torch.where(sums.abs() <= noise, 0.0, sums) * ratios)
+
+
+#: A component ``v_cᵀ1`` within this many K·eps of ``Σ_i |v_ic|`` is rounding noise: the
+#: eigenvectors themselves carry errors of order K·eps.
+_ROUNDING = 4 * torch.finfo(torch.float64).eps
+
+
+def _projection(vectors: list[list[float]], column: int, num_tasks: int) -> float:
+    """``v_cᵀ1`` for eigenvector ``c``, exactly 0 when it is rounding noise (e.g. exactly
+    opposite gradients, whose eigenvector is orthogonal to 1: the direction is then exactly 0
+    at any scale, where the noise would give 1e-16 at one scale and 0 at another)."""
+    total = sum(row[column] for row in vectors)
+    noise = _ROUNDING * num_tasks * sum(abs(row[column]) for row in vectors)
+    return 0.0 if abs(total) <= noise else total
 
 
 def _uniform(num_tasks: int, gram: Tensor) -> Tensor:
