@@ -74,7 +74,9 @@ class AdamState(nn.Module):
         beta1, beta2 = self.betas
         original_dtype = param.dtype
         param = param.float()
-        grad = grad.float() + self.weight_decay * param
+        grad = grad.float()
+        if self.weight_decay != 0:  # as torch.optim.Adam: no add at all without decay
+            grad = grad + self.weight_decay * param
         if mask is not None:
             kept = (self.exp_avg.clone(), self.exp_avg_sq.clone())
         # lerp_, as torch.optim.Adam does, for the same rounding (it needs matching dtypes)

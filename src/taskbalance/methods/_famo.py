@@ -147,7 +147,7 @@ class FAMO(Balancer):
     def _shifted(self, losses: Tensor) -> Tensor:
         """``L − min_losses + eps``, checked to be > 0 (the method takes its log)."""
         shifted = losses - self.min_losses.to(device=losses.device, dtype=losses.dtype) + self.eps
-        if bool((shifted <= 0).any()):
+        if any(value <= 0 for value in shifted.tolist()):  # K numbers: decided on the host
             raise ValueError(
                 "losses: FAMO takes log(L − min_losses) with min_losses = "
                 f"{self.min_losses.tolist()}, so every loss must exceed its bound; "
@@ -189,9 +189,11 @@ class FAMO(Balancer):
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         losses = step.losses
         statistics = step.mean_losses
-        weighted = (weights.to(losses.dtype) * losses).sum()
-        # Shift the value to the paper's Σ (z/c)·log(L − min) without changing the gradient.
-        shifted = statistics.to(losses.dtype) - self.min_losses.to(statistics.device) + self.eps
-        scale = weights.to(losses.dtype) * shifted  # = z / c
-        shift = (scale * torch.log(shifted)).sum() - (weights * statistics).sum()
+        weights = weights.to(losses.dtype)
+        statistics = statistics.to(losses.dtype)
+        weighted = torch.dot(weights, losses)
+        # Shift the value to the paper's Σ (z/c)·log(L − min) without changing the gradient:
+        # with z/c = w ⊙ (L − min), the shift is Σ w ⊙ ((L − min)·log(L − min) − L).
+        shifted = statistics - self.min_losses.to(statistics.device) + self.eps
+        shift = torch.dot(weights, torch.xlogy(shifted, shifted) - statistics)
         return weighted + shift.detach()
