@@ -303,6 +303,18 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[object]
     return contextlib.nullcontext()
 
 
+def add_rows_(target: Tensor, rows: Sequence[Tensor], coefficients: Tensor) -> Tensor:
+    """``target[:, block] += coefficients ⊙ rows[block]`` for each block of columns, in place.
+
+    ``target`` is ``[K, P]``, ``rows`` its column blocks' ``[K, numel]`` (one per parameter)
+    and ``coefficients`` ``[K, 1]``: a K×P update without a K×P copy of the rows.
+    """
+    blocks = target.split([row.shape[1] for row in rows], dim=1)
+    for block, row in zip(blocks, rows, strict=True):
+        block.addcmul_(row.to(target.dtype), coefficients)
+    return target
+
+
 def global_rows(rows: Sequence[Tensor]) -> list[Tensor]:
     """Parameters mode: the rank-averaged rows (one all-reduce of K×P numbers under DDP).
 

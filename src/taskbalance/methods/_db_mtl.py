@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from taskbalance._gramian import add_rows_
 from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import check_in_range, check_nonnegative, check_positive
@@ -215,12 +216,7 @@ def db_mtl_direction(
     # divisors and the rows' scale go into one K-vector, and each block of rows is added in
     # place (no K×P copy of the rows, no K×P temporaries).
     coefficients = ((1 - rate) / (shifted * row_scale)).to(dtype)[:, None]
-    new = averages.to(device).mul(rate)
-    offset = 0
-    for row in rows:
-        width = row.shape[1]
-        new[:, offset : offset + width].addcmul_(row.to(dtype), coefficients)
-        offset += width
+    new = add_rows_(averages.to(device).mul(rate), rows, coefficients)
     norms = torch.linalg.vector_norm(new, dim=1).to(torch.float64)
     largest = norms.max()
     # A norm at most eps·max (eps of the EMA's dtype; zero included) counts as zero: α_k = 1.

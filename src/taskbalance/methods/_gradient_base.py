@@ -533,12 +533,12 @@ class GradientBalancer(Balancer):
         assert step.rows is not None
         # ⟨x, v⟩ adds Σ_k (w_k − 1)·∇_x L_k to the shared tensor's gradient only: the heads
         # never see it. The rows are scaled by a power of two: dividing by it is exact.
-        inner: Tensor | None = None
         per_tensor = self._tensor_weights(step, weights)
         # One K-vector of shifts per weight vector and dtype, not per tensor: parameters mode
         # lists every trunk tensor, and all of them share the weights (without groups).
         shifts_of: dict[tuple[int, torch.dtype], Tensor] = {}
-        for tensor, row, tensor_weights in zip(step.shared, step.rows, per_tensor, strict=True):
+        corrections = []
+        for row, tensor_weights in zip(step.rows, per_tensor, strict=True):
             key = (id(tensor_weights), row.dtype)
             shifts = shifts_of.get(key)
             if shifts is None:
@@ -546,11 +546,8 @@ class GradientBalancer(Balancer):
                 shifts_of[key] = shifts
             # Σ_k shifts_k·row_k / scale, the division folded into the product (exact).
             zero = constant(0.0, (), row.dtype, row.device)
-            correction = torch.addmv(zero, row.T, shifts, beta=0, alpha=1 / step.row_scale)
-            term = _inner_product(tensor, correction)
-            inner = term if inner is None else inner + term
-        assert inner is not None  # one term per shared tensor, and there is at least one
-        return step.losses.sum() + (inner - inner.detach()).to(step.losses.dtype)
+            corrections.append(torch.addmv(zero, row.T, shifts, beta=0, alpha=1 / step.row_scale))
+        return step.losses.sum() + _gradient_only(step.shared, corrections, step.losses.dtype)
 
     def _direction_objective(self, step: Step, weights: Tensor, direction: list[Tensor]) -> Tensor:
         """``Σ c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` (second factor detached), with
@@ -560,20 +557,17 @@ class GradientBalancer(Balancer):
         assert step.shared is not None  # _prepare took the task gradients
         assert step.rows is not None
         weighted = self.heads == "weighted"
-        inner: Tensor | None = None
-        for tensor, row, target in zip(step.shared, step.rows, direction, strict=True):
+        shifts = []
+        for row, target in zip(step.rows, direction, strict=True):
             own = (
                 weights.to(row.dtype)
                 if weighted
                 else constant(1.0, (self.num_tasks,), row.dtype, row.device)
             )
             # d_x − Σ_k c_k ∇_x L_k in one call, the rows' scale folded into the product
-            shift = torch.addmv(target.to(row.dtype), row.T, own, alpha=-1 / step.row_scale)
-            term = _inner_product(tensor, shift)
-            inner = term if inner is None else inner + term
-        assert inner is not None  # one term per shared tensor, and there is at least one
+            shifts.append(torch.addmv(target.to(row.dtype), row.T, own, alpha=-1 / step.row_scale))
         objective = torch.dot(weights, step.losses) if weighted else step.losses.sum()
-        return objective + (inner - inner.detach()).to(objective.dtype)
+        return objective + _gradient_only(step.shared, shifts, objective.dtype)
 
     def extra_repr(self) -> str:
         mode = "features" if self.shared_params is None else "params"
@@ -641,6 +635,19 @@ def _first_listed_ancestor(tensor: Tensor, nodes: dict[object, int], own: int) -
             seen.add(child)
             stack.append(child)
     return None
+
+
+def _gradient_only(
+    shared: Sequence[Tensor], corrections: Sequence[Tensor], dtype: torch.dtype
+) -> Tensor:
+    """``Σ_x ⟨x, c_x⟩`` minus its own detached value: 0, whose gradient is ``c_x`` at each
+    shared tensor x (the heads never see it), in ``dtype``."""
+    inner: Tensor | None = None
+    for tensor, correction in zip(shared, corrections, strict=True):
+        term = _inner_product(tensor, correction)
+        inner = term if inner is None else inner + term
+    assert inner is not None  # one term per shared tensor, and there is at least one
+    return (inner - inner.detach()).to(dtype)
 
 
 def _inner_product(tensor: Tensor, correction: Tensor) -> Tensor:

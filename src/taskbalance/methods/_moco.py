@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from taskbalance._gramian import add_rows_
 from taskbalance._registry import register
 from taskbalance._solvers import project_simplex
 from taskbalance._step import Step
@@ -187,11 +188,7 @@ def moco_update(
     # Y ← Y − β(Y − H) = (1 − β)·Y + β·H, each block of H added in place with the rows' scale
     # folded into β (no K×P copy of the rows, no K×P temporaries).
     new = tracked.to(rows[0].device).mul(1 - beta)
-    offset = 0
-    for row in rows:
-        width = row.shape[1]
-        new[:, offset : offset + width].add_(row.to(tracked.dtype), alpha=beta / row_scale)
-        offset += width
+    add_rows_(new, rows, new.new_full((1, 1), beta / row_scale))
     # Y Yᵀ is a Gramian: accumulated in gram_dtype, as every Gramian here (no K×P copy of Y
     # when they agree); the K-vector arithmetic is float64.
     accumulated = new.to(gram_dtype)
