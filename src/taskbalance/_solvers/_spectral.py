@@ -30,7 +30,7 @@ PYTHON_MAX_K = 8
 
 def host_gram(gram: Tensor, function: str) -> list[list[float]]:
     """The Gramian as nested lists of float64 values, refused when an entry is not finite."""
-    rows: list[list[float]] = gram.detach().tolist()  # exact: every float32 is a float64
+    rows: list[list[float]] = gram.tolist()  # exact: every float32 is a float64
     if not all(math.isfinite(value) for row in rows for value in row):
         raise _nonfinite(function)
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -180,17 +181,30 @@ def db_mtl_weights(
     beta_sigma: float,
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """DB-MTL's weights and the new norm averages (both float64); inputs are untouched."""
-    shifted = losses.detach().to(torch.float64) + eps
-    g = gram.detach().to(device=shifted.device, dtype=torch.float64)
-    log_norms = g.diagonal().clamp_min(0).sqrt() / shifted  # ‖∇ log(L_k + ε)‖
+    """DB-MTL's weights and the new norm averages (both float64); inputs are untouched.
+
+    K-vector arithmetic in Python floats (float64, each operation rounded as torch's
+    float64 kernels round it): inside a training step a dozen tensor calls on K numbers cost
+    more than the rest of the rule.
+    """
+    shifted = [value + eps for value in losses.tolist()]
+    rows = gram.tolist()
     rate = beta / step**beta_sigma
-    new = rate * averages.to(device=shifted.device, dtype=torch.float64) + (1 - rate) * log_norms
-    largest = new.max()
+    new = [
+        rate * average + (1 - rate) * (math.sqrt(max(rows[k][k], 0.0)) / shifted[k])
+        for k, average in enumerate(averages.tolist())
+    ]  # the EMA of ‖∇ log(L_k + ε)‖ = √G_kk / (L_k + ε)
+    largest = max(new)
     # A norm at most eps·max (eps of G's dtype; zero included) counts as zero: α_k = 1.
-    significant = new > torch.finfo(gram.dtype).eps * largest
-    ratios = torch.where(significant, largest / new.clamp_min(1e-300), torch.ones_like(new))
-    return ratios / shifted, new.to(averages.device)
+    negligible = torch.finfo(gram.dtype).eps * largest
+    weights = [
+        (largest / norm if norm > negligible else 1.0) / divisor
+        for norm, divisor in zip(new, shifted, strict=True)
+    ]
+    return (
+        torch.tensor(weights, dtype=torch.float64, device=losses.device),
+        torch.tensor(new, dtype=torch.float64, device=averages.device),
+    )
 
 
 def db_mtl_direction(

@@ -128,22 +128,21 @@ class GradNorm(GradientBalancer):
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         # float32 whatever dtype the buffer was cast to (a model's .half() reaches it).
         current = self.task_weights.to(torch.float32, copy=True)
-        values = losses.detach().to(device=current.device, dtype=torch.float64)
-        if bool(self.has_initial_losses):
-            initial = self.initial_loss_values.to(torch.float64)
-        else:
-            initial = values
-        norms = gram.detach().to(device=current.device, dtype=torch.float64)
-        norms = norms.diagonal().clamp_min(0).sqrt()
-        grad = gradnorm_weight_gradient(
-            current.to(torch.float64), norms, values, initial, self.alpha
-        )
+        # K-vector arithmetic in Python floats (float64): inside a training step a dozen
+        # tensor calls on K numbers cost more than the rest of the rule.
+        values = losses.tolist()
+        initial = self.initial_loss_values.tolist() if bool(self.has_initial_losses) else values
+        rows = gram.tolist()
+        norms = [math.sqrt(max(rows[k][k], 0.0)) for k in range(self.num_tasks)]
+        grad = gradnorm_weight_gradient(current.tolist(), norms, values, initial, self.alpha)
         # Nothing can fail from here on: commit.
-        updated = self.weight_optimiser.step(current, grad.to(current.dtype))
+        updated = self.weight_optimiser.step(
+            current, torch.tensor(grad, dtype=current.dtype, device=current.device)
+        )
         updated = updated.clamp_min(_MIN_WEIGHT)
         updated = self.num_tasks * updated / updated.sum()
         if not bool(self.has_initial_losses):
-            self.initial_loss_values.copy_(values.to(self.initial_loss_values.dtype))
+            self.initial_loss_values.copy_(torch.tensor(values, dtype=torch.float64))
             self.has_initial_losses.fill_(True)
         self.task_weights.copy_(updated)
         return current
@@ -156,15 +155,27 @@ class GradNorm(GradientBalancer):
 
 
 def gradnorm_weight_gradient(
-    weights: Tensor, norms: Tensor, losses: Tensor, initial: Tensor, alpha: float
-) -> Tensor:
-    """``∂L_grad/∂w_k = sign(w_k n_k − Ḡ r_k^α)·n_k`` with the targets held constant."""
-    weighted_norms = weights * norms
-    mean_norm = weighted_norms.mean()
-    inverse_rates = losses / initial
-    relative = inverse_rates / inverse_rates.mean()
-    targets = mean_norm * relative.pow(alpha)
-    return torch.sign(weighted_norms - targets) * norms
+    weights: list[float],
+    norms: list[float],
+    losses: list[float],
+    initial: list[float],
+    alpha: float,
+) -> list[float]:
+    """``∂L_grad/∂w_k = sign(w_k n_k − Ḡ r_k^α)·n_k`` with the targets held constant.
+
+    ``Ḡ`` is the mean of ``w_k n_k`` and ``r_k`` the inverse training rate ``(L_k/L_k(0))``
+    divided by its mean; positive losses and initial losses (the method requires them).
+    """
+    count = len(weights)
+    weighted_norms = [w * n for w, n in zip(weights, norms, strict=True)]
+    mean_norm = sum(weighted_norms) / count
+    inverse_rates = [value / start for value, start in zip(losses, initial, strict=True)]
+    mean_rate = sum(inverse_rates) / count
+    gradient = []
+    for weighted, rate, norm in zip(weighted_norms, inverse_rates, norms, strict=True):
+        gap = weighted - mean_norm * (rate / mean_rate) ** alpha
+        gradient.append(math.copysign(norm, gap) if gap != 0.0 else 0.0)
+    return gradient
 
 
 def _class_counts(num_classes: int | Sequence[int] | None, num_tasks: int) -> list[int]:

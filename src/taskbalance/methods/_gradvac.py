@@ -153,8 +153,8 @@ def gradvac_weights(
     gram: Tensor, orders: list[list[int]], targets: list[list[float]], beta: float
 ) -> tuple[Tensor, list[list[float]]]:
     """GradVac's ``w = Σ_i c_i`` and the updated targets (a new nested list; input untouched)."""
-    negligible = negligible_squared_norm(gram)
-    g = gram.detach().to(device="cpu", dtype=torch.float64).tolist()
+    g = gram.tolist()  # exact: float32 and float64 entries are Python floats
+    negligible = negligible_squared_norm(g, gram.dtype)
     num_tasks = len(g)
     targets = [list(row) for row in targets]
     total = [0.0] * num_tasks

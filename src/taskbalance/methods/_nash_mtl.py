@@ -108,7 +108,7 @@ def bargaining_weights(
     ``[K]``, float64 for a float64 Gramian, else float32.
     """
     # K×K numbers: on the host, where each is one float operation rather than a tensor call.
-    g: list[list[float]] = gram.detach().double().tolist()
+    g: list[list[float]] = gram.tolist()  # exact: float32 and float64 entries are floats
     K = len(g)
     squared_norms = [g[k][k] for k in range(K)]
     largest = max(squared_norms)

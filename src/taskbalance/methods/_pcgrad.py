@@ -117,10 +117,13 @@ def task_orders(num_tasks: int, order: str, generator: torch.Generator) -> list[
     generator=generator).argsort(dim=1)``, a uniform random permutation indexing the other
     tasks in increasing order. One draw for all K tasks: K ``randperm`` calls cost ~10 µs each
     inside a training step, 0.4 ms at K = 40. (Ties, which argsort breaks arbitrarily, have
-    probability below K³·2⁻⁵³ per call.) ``"fixed"``: ``0, …, K−1`` including i itself.
+    probability below K³·2⁻⁵³ per call.) At K ≤ 2 there is one order and nothing is drawn:
+    the generator does not advance. ``"fixed"``: ``0, …, K−1`` including i itself.
     """
     if order == "fixed":
         return [list(range(num_tasks)) for _ in range(num_tasks)]
+    if num_tasks <= 2:  # one other task (or none): a single order, nothing to draw
+        return [[j for j in range(num_tasks) if j != i] for i in range(num_tasks)]
     keys = torch.rand(num_tasks, num_tasks - 1, dtype=torch.float64, generator=generator)
     orders = []
     for i, permutation in enumerate(keys.argsort(dim=1).tolist()):
@@ -131,8 +134,8 @@ def task_orders(num_tasks: int, order: str, generator: torch.Generator) -> list[
 
 def pcgrad_weights(gram: Tensor, orders: list[list[int]]) -> Tensor:
     """``w = Σ_i c_i`` with ``g_i' = Jᵀc_i`` the projected gradients (float64 ``[K]``)."""
-    negligible = negligible_squared_norm(gram)
-    g = gram.detach().to(device="cpu", dtype=torch.float64).tolist()
+    g = gram.tolist()  # exact: float32 and float64 entries are Python floats
+    negligible = negligible_squared_norm(g, gram.dtype)
     num_tasks = len(g)
     total = [0.0] * num_tasks
     for i in range(num_tasks):
@@ -156,13 +159,13 @@ def pcgrad_weights(gram: Tensor, orders: list[list[int]]) -> Tensor:
     return torch.tensor(total, dtype=torch.float64)
 
 
-def negligible_squared_norm(gram: Tensor) -> float:
-    """``eps²·max_k G_kk`` (eps of G's dtype): task gradients this small are not targets.
+def negligible_squared_norm(gram: list[list[float]], dtype: torch.dtype) -> float:
+    """``eps²·max_k G_kk`` (eps of the Gramian's ``dtype``): task gradients this small are not
+    targets.
 
     Projecting onto a gradient ``g_j`` moves the direction by at most ``‖g_i‖``, but needs the
     coefficient ``g_i·g_j/‖g_j‖²``, up to ``‖g_i‖/‖g_j‖``: skipping ``‖g_j‖ ≤ eps·max‖g‖``
     keeps every weight below ``1/eps`` (finite in float32) at a negligible cost in direction.
     """
-    diagonal = gram.detach().diagonal().to(torch.float64)
-    largest = float(diagonal.max()) if diagonal.numel() else 0.0
-    return torch.finfo(gram.dtype).eps ** 2 * max(largest, 0.0)
+    largest = max((row[k] for k, row in enumerate(gram)), default=0.0)
+    return torch.finfo(dtype).eps ** 2 * max(largest, 0.0)
