@@ -7,15 +7,22 @@ kernels must match LAPACK (numpy) and ``torch.linalg.pinv``.
 
 from __future__ import annotations
 
+import mpmath
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taskbalance._solvers._spectral import PYTHON_MAX_K, eigh_py, pinv_apply_py
+from taskbalance._solvers._spectral import (
+    JACOBI_MAX_SIZE,
+    PYTHON_MAX_K,
+    eigh_py,
+    pinv_apply_py,
+)
 from taskbalance.methods._aligned_mtl import aligned_mtl_weights
 from taskbalance.methods._config import config_weights
+from taskbalance.methods._gradient_base import spectral_cutoff
 from taskbalance.methods._imtl_g import imtl_g_weights
 
 RULES = {
@@ -58,10 +65,50 @@ def test_python_and_torch_paths_agree(rule, dtype):
         gram = (J @ J.T).to(dtype)
         on_host, with_tensors = solve(gram, "python"), solve(gram, "torch")
         assert on_host.dtype == with_tensors.dtype == torch.float64
+        # Gradients scaled from 1e-6 to 1e6 give a graded Gramian (condition ~1e24): LAPACK's
+        # decompositions then lose up to ~1e-5 of the weights, the host path's Jacobi rotations
+        # keep them exact to rounding (checked against 60-digit references below).
+        jacobi = JACOBI_MAX_SIZE + (1 if rule == "imtl_g" else 0)  # IMTL-G's system is K−1
+        if kind == "scaled" and 3 <= len(J) <= jacobi:
+            continue
         scale = max(float(with_tensors.abs().max()), 1.0)
         torch.testing.assert_close(
             on_host, with_tensors, rtol=0, atol=1e-12 * scale, msg=f"{kind}, K={len(J)}"
         )
+
+
+def _aligned_mtl_exact(gram: torch.Tensor, scale: str, rtol: float) -> list[float]:
+    """Aligned-MTL's ``w = s·V Λ^{-1/2} Vᵀ1`` on the kept eigenpairs, in 60-digit arithmetic."""
+    mpmath.mp.dps = 60
+    values, vectors = mpmath.eigsy(mpmath.matrix(gram.tolist()))
+    K = len(gram)
+    kept = [c for c in range(K) if values[c] > rtol * max(values)]
+    sigma = sorted(mpmath.sqrt(values[c]) for c in kept)
+    common = {
+        "min": sigma[0],
+        "median": sigma[(len(sigma) - 1) // 2],
+        "rmse": mpmath.sqrt(sum(s * s for s in sigma) / len(sigma)),
+    }[scale]
+    weights = [mpmath.mpf(0)] * K
+    for c in kept:
+        projection = sum(vectors[i, c] for i in range(K))
+        for i in range(K):
+            weights[i] += common / mpmath.sqrt(values[c]) * vectors[i, c] * projection
+    return [float(w) for w in weights]
+
+
+@pytest.mark.parametrize("scale", ["min", "median", "rmse"])
+def test_aligned_mtl_host_path_is_exact_on_graded_gramians(scale):
+    """Where LAPACK's eigenvectors of a graded Gramian are off by up to 1e-5 in the weights."""
+    for kind, J in _jacobians(7, 140):
+        if kind != "scaled" or not 3 <= len(J) <= JACOBI_MAX_SIZE:
+            continue
+        gram = J @ J.T
+        got = aligned_mtl_weights(gram, scale, backend="python")
+        exact = _aligned_mtl_exact(gram, scale, spectral_cutoff(gram, None))
+        expected = torch.tensor(exact, dtype=torch.float64)
+        top = float(expected.abs().max())
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-14 * top)
 
 
 @pytest.mark.parametrize("rule", list(RULES))
@@ -115,23 +162,80 @@ def test_eigh_2x2_exact_cases(matrix, expected):
     assert values == pytest.approx(expected, rel=0, abs=1e-15)
 
 
-def test_eigh_larger_matrices_are_lapacks():
-    A = np.random.default_rng(0).standard_normal((5, 5))
-    A = A @ A.T
+def _check_eigh(A: np.ndarray) -> None:
+    """``eigh_py(A)``: LAPACK's eigenvalues to a few ulps of ‖A‖, orthonormal eigenvectors."""
     values, vectors = eigh_py(A.tolist())
-    np.testing.assert_allclose(values, np.linalg.eigvalsh(A), rtol=1e-13)
-    np.testing.assert_allclose(A @ np.array(vectors), np.array(vectors) * values, atol=1e-12)
+    size = max(float(np.abs(A).max()), 1e-300)
+    np.testing.assert_allclose(values, np.linalg.eigvalsh(A), rtol=0, atol=1e-14 * size)
+    assert values == sorted(values)
+    V = np.array(vectors)
+    np.testing.assert_allclose(V.T @ V, np.eye(len(A)), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(A @ V, V * np.array(values), rtol=0, atol=1e-14 * size)
 
 
-@pytest.mark.parametrize("size", [1, 2, 4])
-def test_pinv_apply_matches_torch(size):
+@pytest.mark.parametrize("size", [3, 4, JACOBI_MAX_SIZE + 1])
+def test_eigh_larger_matrices_match_lapack(size):
+    """Jacobi rotations up to JACOBI_MAX_SIZE, one LAPACK call above."""
+    rng = np.random.default_rng(size)
+    for rank in range(size + 1):  # full rank down to the zero matrix
+        factor = rng.standard_normal((size, rank)) * 10.0 ** rng.uniform(-8, 8)
+        _check_eigh(factor @ factor.T)
+    _check_eigh(np.diag(np.arange(size, 0, -1.0)))  # diagonal, descending: no rotation
+    _check_eigh(np.ones((size, size)))  # an eigenvalue of multiplicity size − 1
+    _check_eigh(np.eye(size) - 2.0 * np.eye(size)[::-1])  # opposite pairs, indefinite
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(3, JACOBI_MAX_SIZE),
+    st.lists(st.floats(-1e6, 1e6, allow_subnormal=False), min_size=16, max_size=16),
+)
+def test_jacobi_eigh_matches_lapack(size, entries):
+    A = np.array(entries[: size * size]).reshape(size, size)
+    _check_eigh(0.5 * (A + A.T))
+
+
+def test_jacobi_is_used_up_to_its_size(monkeypatch):
+    def refused(*args, **kwargs):
+        raise AssertionError("a LAPACK call below JACOBI_MAX_SIZE")
+
+    monkeypatch.setattr(torch.linalg, "eigh", refused)
+    monkeypatch.setattr(torch.linalg, "svd", refused)
+    eigh_py(np.eye(JACOBI_MAX_SIZE).tolist())
+    pinv_apply_py([1.0] * JACOBI_MAX_SIZE, np.eye(JACOBI_MAX_SIZE).tolist(), atol=0, rtol=0)
+    with pytest.raises(AssertionError, match="LAPACK"):
+        eigh_py(np.eye(JACOBI_MAX_SIZE + 1).tolist())
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, JACOBI_MAX_SIZE + 1])
+@pytest.mark.parametrize("rank", ["full", "deficient"])
+def test_pinv_apply_matches_torch(size, rank):
     generator = torch.Generator().manual_seed(size)
     matrix = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    if rank == "deficient":
+        matrix[-1] = 0.5 * matrix[0]
     vector = torch.randn(size, generator=generator, dtype=torch.float64)
     for atol, rtol in [(0.0, 1e-12), (1e-3, 1e-12), (0.0, 0.5)]:
         expected = vector @ torch.linalg.pinv(matrix, atol=atol, rtol=rtol)
         got = pinv_apply_py(vector.tolist(), matrix.tolist(), atol=atol, rtol=rtol)
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected)
+
+
+@pytest.mark.parametrize("size", range(2, JACOBI_MAX_SIZE + 1))
+def test_host_pseudo_inverse_is_exact_on_graded_matrices(size):
+    """Rows scaled from 1e-6 to 1e6 (what IMTL-G's system looks like when the task gradients'
+    norms differ by 1e12): the one-sided Jacobi SVD keeps the small singular values' relative
+    accuracy, so ``x M⁻¹`` matches a 60-digit solve to rounding, where LAPACK's SVD (through
+    ``torch.linalg.pinv``) is off by ~1e-8."""
+    mpmath.mp.dps = 60
+    rng = np.random.default_rng(size)
+    for _ in range(20):
+        matrix = rng.standard_normal((size, size)) * np.logspace(-6, 6, size)[:, None]
+        vector = rng.standard_normal(size)
+        exact = mpmath.matrix([vector.tolist()]) * mpmath.inverse(mpmath.matrix(matrix.tolist()))
+        expected = np.array([float(exact[0, j]) for j in range(size)])
+        got = pinv_apply_py(vector.tolist(), matrix.tolist(), atol=0.0, rtol=1e-15)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-14 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("value", [0.0, 1e-9, -1e-9, 2e-9])

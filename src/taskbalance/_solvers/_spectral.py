@@ -8,8 +8,17 @@ dispatcher's code and data from the caches between two calls. Measured inside th
 benchmark's training loop (one thread), ConFIG's rule took 243 / 200 / 236 µs at K = 2 / 4 /
 8 with torch code and 114 / 101 / 153 µs with its arithmetic in Python floats around the one
 LAPACK call, and 249 against 275 µs at K = 16. So the methods' plain-Python paths run up to
-``PYTHON_MAX_K``; a 2×2 (or 1×1) matrix needs no torch call at all, its eigendecomposition
-being one Jacobi rotation.
+``PYTHON_MAX_K``.
+
+Up to ``JACOBI_MAX_SIZE`` the decompositions make no LAPACK call either: Jacobi rotations in
+Python floats (one rotation for a 2×2 matrix). They are also the more exact: with the
+relative stopping test of Demmel & Veselić ("Jacobi's method is more accurate than QR", 1992)
+a positive definite matrix ``A = D H D`` (D diagonal, H well conditioned: graded scales)
+keeps the relative accuracy of its small eigenvalues and their eigenvectors, and the
+one-sided (Hestenes) SVD that of small singular values, where LAPACK's QR-based routines
+lose ``eps·‖A‖`` absolutely. On Gramians of gradients whose norms span 1e-6 to 1e6 that is
+the difference between weights exact to rounding and weights off by up to
+1e-5 (tests/test_spectral.py checks the host path against 60-digit references).
 """
 
 from __future__ import annotations
@@ -22,10 +31,25 @@ from torch import Tensor
 
 from taskbalance._solvers._common import F64
 
-__all__ = ["PYTHON_MAX_K", "check_finite", "eigh_py", "host_gram", "pinv_apply_py"]
+__all__ = [
+    "JACOBI_MAX_SIZE",
+    "PYTHON_MAX_K",
+    "check_finite",
+    "eigh_py",
+    "host_gram",
+    "pinv_apply_py",
+]
 
 #: The largest K whose spectral rules (ConFIG, Aligned-MTL, IMTL-G) run on the host by default.
 PYTHON_MAX_K = 8
+#: The largest matrix decomposed by Jacobi rotations in Python floats rather than one LAPACK
+#: call (see above). Inside a training step the LAPACK call is the dearer one up to here
+#: (IMTL-G's whole step 0.02 faster at K = 3 to 5 in the overhead benchmark's loop, ConFIG's
+#: and Aligned-MTL's 0 to 0.02 at K = 3 and 4, 0.01 slower at K = 6), although it is the
+#: cheaper one in a micro-benchmark (10 against 29 µs at 4×4).
+JACOBI_MAX_SIZE = 4
+_JACOBI_MAX_SWEEPS = 30
+_EPS = 2.0**-53
 
 
 def host_gram(gram: Tensor, function: str) -> list[list[float]]:
@@ -50,16 +74,64 @@ def eigh_py(matrix: list[list[float]]) -> tuple[list[float], list[list[float]]]:
     """Eigenvalues (ascending) and eigenvectors of a symmetric matrix given as nested lists.
 
     ``vectors[i][j]`` is entry ``i`` of the eigenvector of ``values[j]`` (the columns of the
-    eigenvector matrix, as ``torch.linalg.eigh`` returns them). Sizes 1 and 2 are solved in
-    closed form; larger ones make one ``torch.linalg.eigh`` call in float64.
+    eigenvector matrix, as ``torch.linalg.eigh`` returns them). Size 2 is one rotation in
+    closed form, sizes up to ``JACOBI_MAX_SIZE`` Jacobi rotations; larger ones make one
+    ``torch.linalg.eigh`` call in float64.
     """
     size = len(matrix)
     if size == 1:
         return [matrix[0][0]], [[1.0]]
     if size == 2:
         return _eigh_2x2(matrix[0][0], matrix[0][1], matrix[1][1])
+    if size <= JACOBI_MAX_SIZE:
+        converged = _jacobi_eigh(matrix)
+        if converged is not None:
+            return converged
     values, vectors = torch.linalg.eigh(torch.tensor(matrix, dtype=F64))
     return values.tolist(), vectors.tolist()
+
+
+def _jacobi_eigh(matrix: list[list[float]]) -> tuple[list[float], list[list[float]]] | None:
+    """:func:`eigh_py` by cyclic Jacobi rotations (None if it has not converged).
+
+    Each rotation is :func:`_eigh_2x2`'s on one off-diagonal pair. A pair is rotated while
+    ``|a_pq| > n·2⁻⁵³·√|a_pp·a_qq|`` (Demmel & Veselić's relative test) and the sweeps stop
+    once none is: eigenvalues to a few ulps of ``‖A‖`` at worst, as LAPACK's, and to a few ulps
+    of themselves on a positive definite matrix with graded scales; convergence is
+    quadratic (a handful of sweeps).
+    """
+    size = len(matrix)
+    a = [list(row) for row in matrix]
+    vectors = [[1.0 if i == j else 0.0 for j in range(size)] for i in range(size)]
+    pairs = [(p, q) for p in range(size - 1) for q in range(p + 1, size)]
+    tolerance = size * _EPS
+    for _ in range(_JACOBI_MAX_SWEEPS):
+        rotated = False
+        for p, q in pairs:
+            row_p, row_q = a[p], a[q]
+            off = row_p[q]
+            if abs(off) <= tolerance * math.sqrt(abs(row_p[p] * row_q[q])):
+                continue
+            rotated = True
+            theta = (row_q[q] - row_p[p]) / (2.0 * off)
+            tangent = math.copysign(1.0, theta) / (abs(theta) + math.hypot(theta, 1.0))
+            cosine = 1.0 / math.hypot(tangent, 1.0)
+            sine = tangent * cosine
+            for k in range(size):
+                if k != p and k != q:
+                    kp, kq = row_p[k], row_q[k]
+                    row_p[k] = a[k][p] = cosine * kp - sine * kq
+                    row_q[k] = a[k][q] = sine * kp + cosine * kq
+            row_p[p] -= tangent * off
+            row_q[q] += tangent * off
+            row_p[q] = row_q[p] = 0.0
+            for row in vectors:
+                vp, vq = row[p], row[q]
+                row[p], row[q] = cosine * vp - sine * vq, sine * vp + cosine * vq
+        if not rotated:
+            order = sorted(range(size), key=lambda i: a[i][i])
+            return [a[i][i] for i in order], [[row[i] for i in order] for row in vectors]
+    return None
 
 
 def _eigh_2x2(a: float, b: float, c: float) -> tuple[list[float], list[list[float]]]:
@@ -87,22 +159,70 @@ def pinv_apply_py(
     vector: list[float], matrix: list[list[float]], *, atol: float, rtol: float
 ) -> list[float]:
     """``vector @ pinv(matrix)`` with ``torch.linalg.pinv``'s cut-off: singular values at or
-    below ``max(atol, rtol·σ_max)`` count as zero. Size 1 in closed form; larger sizes make
-    one ``torch.linalg.svd`` call (``pinv`` would wrap it in half a dozen more)."""
+    below ``max(atol, rtol·σ_max)`` count as zero. Size 1 in closed form, sizes up to
+    ``JACOBI_MAX_SIZE`` a one-sided Jacobi SVD; larger sizes make one ``torch.linalg.svd``
+    call (``pinv`` would wrap it in half a dozen more)."""
     if len(matrix) == 1:
         value = matrix[0][0]
         # One singular value |m|, kept when above the cut-off; the pseudo-inverse is then
         # 1/m, exactly as sign(m)·(1/|m|) from the SVD.
         kept = abs(value) > max(atol, rtol * abs(value))
         return [vector[0] * (1.0 / value)] if kept else [0.0]
-    left, singular, right = torch.linalg.svd(torch.tensor(matrix, dtype=F64))
-    values: list[float] = singular.tolist()
-    cutoff = max(atol, rtol * values[0])  # descending: values[0] is σ_max
+    decomposed = _jacobi_svd(matrix) if len(matrix) <= JACOBI_MAX_SIZE else None
+    if decomposed is None:
+        left, singular, right = torch.linalg.svd(torch.tensor(matrix, dtype=F64))
+        decomposed = left.tolist(), singular.tolist(), right.tolist()
+    columns, values, right_rows = decomposed
+    cutoff = max(atol, rtol * max(values))  # σ_max
     # x M⁺ = x V Σ⁺ Uᵀ: the coefficient of each left singular vector u_j is (x·v_j)/σ_j.
     coefficients = [
         (sum(map(operator.mul, vector, v)) / sigma, j)
-        for j, (sigma, v) in enumerate(zip(values, right.tolist(), strict=True))
+        for j, (sigma, v) in enumerate(zip(values, right_rows, strict=True))
         if sigma > cutoff
     ]
-    columns = left.tolist()
     return [sum(c * row[j] for c, j in coefficients) for row in columns]
+
+
+def _jacobi_svd(
+    matrix: list[list[float]],
+) -> tuple[list[list[float]], list[float], list[list[float]]] | None:
+    """``M = U diag(σ) Vᵀ`` by one-sided Jacobi rotations (Hestenes), as ``torch.linalg.svd``
+    returns it (``U`` as rows, σ, ``Vᵀ`` as rows, σ unsorted), or None if not converged.
+
+    The columns of ``W = M V`` are rotated until every pair is orthogonal to rounding
+    (``|w_pᵀw_q| ≤ n·2⁻⁵³·‖w_p‖‖w_q‖``); then ``σ_j = ‖w_j‖`` and ``u_j = w_j/σ_j`` (0 where
+    ``σ_j = 0``). Singular values come out with a small relative error, a few ulps of σ_max
+    at worst, as LAPACK's.
+    """
+    size = len(matrix)
+    w = [list(row) for row in matrix]
+    v = [[1.0 if i == j else 0.0 for j in range(size)] for i in range(size)]
+    for _ in range(_JACOBI_MAX_SWEEPS):
+        rotated = False
+        for p in range(size - 1):
+            for q in range(p + 1, size):
+                alpha = sum(row[p] * row[p] for row in w)
+                beta = sum(row[q] * row[q] for row in w)
+                gamma = sum(row[p] * row[q] for row in w)
+                if abs(gamma) <= size * _EPS * math.sqrt(alpha * beta):
+                    continue
+                rotated = True
+                zeta = (beta - alpha) / (2.0 * gamma)
+                tangent = math.copysign(1.0, zeta) / (abs(zeta) + math.hypot(zeta, 1.0))
+                cosine = 1.0 / math.hypot(tangent, 1.0)
+                sine = tangent * cosine
+                for rows in (w, v):
+                    for row in rows:
+                        xp, xq = row[p], row[q]
+                        row[p], row[q] = cosine * xp - sine * xq, sine * xp + cosine * xq
+        if not rotated:
+            singular = [math.sqrt(sum(row[j] * row[j] for row in w)) for j in range(size)]
+            left = [
+                [
+                    value / sigma if sigma > 0 else 0.0
+                    for value, sigma in zip(row, singular, strict=True)
+                ]
+                for row in w
+            ]
+            return left, singular, [list(column) for column in zip(*v, strict=True)]
+    return None

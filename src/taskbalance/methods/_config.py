@@ -95,8 +95,9 @@ def config_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto
     """``w = (1ᵀGc / cᵀGc)·c`` with ``c = D Ĝ⁺ 1`` (float64 ``[K]``).
 
     ``backend``: ``"python"`` keeps the arithmetic in Python floats around one
-    eigendecomposition (none at K = 2), ``"torch"`` uses tensors; ``"auto"`` picks Python up
-    to :data:`~taskbalance._solvers._spectral.PYTHON_MAX_K` (see there for the measurements).
+    eigendecomposition (Jacobi rotations, no LAPACK call, up to K = 4), ``"torch"`` uses
+    tensors; ``"auto"`` picks Python up to
+    :data:`~taskbalance._solvers._spectral.PYTHON_MAX_K` (see there for the measurements).
     """
     num_tasks = gram.shape[0]
     rtol = spectral_cutoff(gram, rtol)

@@ -88,8 +88,9 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto
     """IMTL-G's α (float64 ``[K]``, sums to 1) from the Gramian, task 0 as the reference.
 
     ``backend``: ``"python"`` keeps the arithmetic in Python floats around one pseudo-inverse
-    call (none at K = 2), ``"torch"`` uses tensors; ``"auto"`` picks Python up to
-    :data:`~taskbalance._solvers._spectral.PYTHON_MAX_K` (see there for the measurements).
+    call (Jacobi rotations, no LAPACK call, up to K = 5), ``"torch"`` uses tensors;
+    ``"auto"`` picks Python up to :data:`~taskbalance._solvers._spectral.PYTHON_MAX_K` (see
+    there for the measurements).
     """
     num_tasks = gram.shape[0]
     rtol = spectral_cutoff(gram, rtol)
