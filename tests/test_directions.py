@@ -170,10 +170,13 @@ def _graddrop_reference(rows, signs, leak, generator):
     return d, shares.float()
 
 
+@pytest.mark.parametrize("heads_option", ["unweighted", "weighted"])
 @pytest.mark.parametrize("leak", [0.0, 0.3])
-def test_graddrop_features_mode_is_algorithm_1(leak):
+def test_graddrop_features_mode_is_algorithm_1(leak, heads_option):
+    """The shared features get d whatever the heads get: their own gradients (the default,
+    where the masks give the shift d − Σ_k ∇L_k directly) or the kept shares times them."""
     trunk, heads = _model(3)
-    b = tb.create("graddrop", num_tasks=K, leak=leak, seed=5)
+    b = tb.create("graddrop", num_tasks=K, leak=leak, seed=5, heads=heads_option)
     generator = torch.Generator().manual_seed(5)
     for step in range(4):
         z, losses = _losses(trunk, heads, step)
@@ -190,7 +193,8 @@ def test_graddrop_features_mode_is_algorithm_1(leak):
         torch.testing.assert_close(z_grad, d, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(b.weights, shares, rtol=1e-5, atol=0)
         for k in range(K):
-            torch.testing.assert_close(_grad_of(heads[k].parameters()), head_grads[k])
+            share = 1.0 if heads_option == "unweighted" else float(b.weights[k])
+            torch.testing.assert_close(_grad_of(heads[k].parameters()), share * head_grads[k])
     assert torch.equal(b.generator.get_state(), generator.get_state())
 
 

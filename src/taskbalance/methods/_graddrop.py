@@ -110,20 +110,28 @@ class GradDrop(GradientBalancer):
         if step.global_rows is None or step.shared is None:
             return self._gradient_weights(step.mean_losses, gram)
         features_mode = self.shared_params is None
+        # Unweighted heads get Σ_k ∇L_k from the objective's own backward: the masks then
+        # give the shift d − Σ_k ∇L_k directly, in the pass that would compute d. Not from
+        # rank-averaged rows (parameters mode under DDP): the shift cancels this rank's own.
+        unweighted = self.heads == "unweighted" and step.global_rows is step.rows
         saved = self.generator.get_state()
         try:
-            weights, direction = graddrop_direction(
+            weights, vectors = graddrop_direction(
                 step.shared,
                 step.global_rows,
                 features_mode,
                 self.leak,
                 self.generator,
                 row_scale=step.row_scale,
+                minus_sum=unweighted,
             )
         except BaseException:
             self.generator.set_state(saved)
             raise
-        step.direction = direction
+        if unweighted:
+            step.shift = vectors
+        else:
+            step.direction = vectors
         return weights
 
     def extra_repr(self) -> str:
@@ -138,6 +146,7 @@ def graddrop_direction(
     generator: torch.Generator,
     *,
     row_scale: float = 1.0,
+    minus_sum: bool = False,
 ) -> tuple[Tensor, list[Tensor]]:
     """The kept shares ``w`` (float64 ``[K]``) and ``d``, one flat tensor per shared tensor.
 
@@ -145,6 +154,8 @@ def graddrop_direction(
     the global rows in parameters mode, times ``row_scale`` (a power of two: the masks and
     shares do not depend on it, and ``d`` takes ``1/row_scale`` with the masks); one
     ``torch.rand`` per tensor is drawn from ``generator``, in the order of ``shared``.
+    ``minus_sum`` gives ``d − Σ_k g_k`` instead of ``d`` (``rows`` are then this rank's own),
+    in the same pass: the masks minus one weigh the rows.
     """
     kept: Tensor | None = None  # Σ_c keep·G_k², summed over the shared tensors
     total: Tensor | None = None  # Σ_c G_k²
@@ -170,9 +181,9 @@ def graddrop_direction(
         tensor_kept, tensor_total = torch.linalg.vecdot(keep, squared, dim=1), squared.sum(dim=1)
         kept = tensor_kept if kept is None else kept + tensor_kept
         total = tensor_total if total is None else total + tensor_total
-        # d = Σ_k keep_k ⊙ g_k, accumulated in place; the rows' scale goes with the masks
-        # (exact: a power of two)
-        scaled_keep = keep.to(row.dtype).div_(row_scale)
+        # d = Σ_k keep_k ⊙ g_k (or d − Σ_k g_k), accumulated in place; the rows' scale goes
+        # with the masks (exact: a power of two)
+        scaled_keep = (keep - 1 if minus_sum else keep).to(row.dtype).div_(row_scale)
         shared_direction = per_sample[0] * scaled_keep[0]
         for k in range(1, num_tasks):
             shared_direction.addcmul_(per_sample[k], scaled_keep[k])

@@ -80,7 +80,8 @@ class GradientBalancer(Balancer):
     tracked gradients, GradDrop's sign masks): its rule sets ``step.direction`` on refresh
     steps, and the objective becomes ``Σ_k c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` with
     the second factor detached and ``c = w`` (weighted heads) or 1, still one ordinary
-    backward: each shared tensor gets exactly ``d_x``, head k gets ``c_k ∇L_k``. In
+    backward: each shared tensor gets exactly ``d_x``, head k gets ``c_k ∇L_k``. (A rule that
+    computes the second factor itself more cheaply sets ``step.shift`` instead: GradDrop.) In
     parameters mode under DDP the rows are averaged over the ranks first (one all-reduce,
     which also gives the Gramian), so ``d`` is the global batch's on every rank; the
     objective's shift uses this rank's own rows, so DDP's own gradient average leaves ``d``
@@ -525,8 +526,8 @@ class GradientBalancer(Balancer):
         step.gram = gram  # symmetrised by the engine
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
-        if step.direction is not None:
-            return self._direction_objective(step, weights, step.direction)
+        if step.direction is not None or step.shift is not None:
+            return self._direction_objective(step, weights)
         if self.heads == "weighted":
             return super()._objective(step, weights)
         assert step.shared is not None  # _prepare took the task gradients
@@ -549,23 +550,29 @@ class GradientBalancer(Balancer):
             corrections.append(torch.addmv(zero, row.T, shifts, beta=0, alpha=1 / step.row_scale))
         return step.losses.sum() + _gradient_only(step.shared, corrections, step.losses.dtype)
 
-    def _direction_objective(self, step: Step, weights: Tensor, direction: list[Tensor]) -> Tensor:
+    def _direction_objective(self, step: Step, weights: Tensor) -> Tensor:
         """``Σ c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` (second factor detached), with
         ``c = w`` (weighted heads) or 1: the heads get ``c_k ∇L_k``, each shared tensor x
         exactly ``d_x``, still in one ordinary backward. ``step.rows`` are this rank's own
-        gradients, which the objective's own backward produces and the shift cancels."""
-        assert step.shared is not None  # _prepare took the task gradients
-        assert step.rows is not None
+        gradients, which the objective's own backward produces and the shift cancels; a
+        method that sets ``step.shift`` has computed the second factor itself."""
         weighted = self.heads == "weighted"
-        shifts = []
-        for row, target in zip(step.rows, direction, strict=True):
-            own = (
-                weights.to(row.dtype)
-                if weighted
-                else constant(1.0, (self.num_tasks,), row.dtype, row.device)
-            )
-            # d_x − Σ_k c_k ∇_x L_k in one call, the rows' scale folded into the product
-            shifts.append(torch.addmv(target.to(row.dtype), row.T, own, alpha=-1 / step.row_scale))
+        shifts = step.shift
+        if shifts is None:
+            assert step.direction is not None  # _objective calls this for one or the other
+            assert step.rows is not None  # _prepare took the task gradients
+            shifts = []
+            for row, target in zip(step.rows, step.direction, strict=True):
+                own = (
+                    weights.to(row.dtype)
+                    if weighted
+                    else constant(1.0, (self.num_tasks,), row.dtype, row.device)
+                )
+                # d_x − Σ_k c_k ∇_x L_k in one call, the rows' scale folded into the product
+                shifts.append(
+                    torch.addmv(target.to(row.dtype), row.T, own, alpha=-1 / step.row_scale)
+                )
+        assert step.shared is not None
         objective = torch.dot(weights, step.losses) if weighted else step.losses.sum()
         return objective + _gradient_only(step.shared, shifts, objective.dtype)
 
