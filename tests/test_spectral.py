@@ -183,6 +183,9 @@ def test_eigh_larger_matrices_match_lapack(size):
     _check_eigh(np.diag(np.arange(size, 0, -1.0)))  # diagonal, descending: no rotation
     _check_eigh(np.ones((size, size)))  # an eigenvalue of multiplicity size − 1
     _check_eigh(np.eye(size) - 2.0 * np.eye(size)[::-1])  # opposite pairs, indefinite
+    factor = rng.standard_normal((size, size))
+    for exponent in (-1000, 1000):  # products of such entries would underflow or overflow
+        _check_eigh(factor @ factor.T * 2.0**exponent)
 
 
 @settings(max_examples=200, deadline=None)
@@ -219,6 +222,19 @@ def test_pinv_apply_matches_torch(size, rank):
         expected = vector @ torch.linalg.pinv(matrix, atol=atol, rtol=rtol)
         got = pinv_apply_py(vector.tolist(), matrix.tolist(), atol=atol, rtol=rtol)
         torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected)
+
+
+@pytest.mark.parametrize("exponent", [-1000, 1000])
+@pytest.mark.parametrize("size", range(2, JACOBI_MAX_SIZE + 2))
+def test_pinv_apply_at_extreme_scales(size, exponent):
+    """Entries of 2^±1000, whose squares are outside float64's range: the result is the
+    pseudo-inverse of the unscaled matrix, rescaled."""
+    generator = torch.Generator().manual_seed(size)
+    matrix = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    vector = torch.randn(size, generator=generator, dtype=torch.float64)
+    expected = vector @ torch.linalg.pinv(matrix) * 2.0**-exponent
+    got = pinv_apply_py(vector.tolist(), (matrix * 2.0**exponent).tolist(), atol=0, rtol=1e-12)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), expected)
 
 
 @pytest.mark.parametrize("size", range(2, JACOBI_MAX_SIZE + 1))

@@ -101,7 +101,10 @@ def _jacobi_eigh(matrix: list[list[float]]) -> tuple[list[float], list[list[floa
     quadratic (a handful of sweeps).
     """
     size = len(matrix)
-    a = [list(row) for row in matrix]
+    # Scaled by a power of two (exact) to a largest entry in [1, 2): no product below
+    # overflows or underflows, whatever the Gramian's scale.
+    scale = _power_of_two_scale(matrix)
+    a = [[value / scale for value in row] for row in matrix]
     vectors = [[1.0 if i == j else 0.0 for j in range(size)] for i in range(size)]
     pairs = [(p, q) for p in range(size - 1) for q in range(p + 1, size)]
     tolerance = size * _EPS
@@ -130,8 +133,15 @@ def _jacobi_eigh(matrix: list[list[float]]) -> tuple[list[float], list[list[floa
                 row[p], row[q] = cosine * vp - sine * vq, sine * vp + cosine * vq
         if not rotated:
             order = sorted(range(size), key=lambda i: a[i][i])
-            return [a[i][i] for i in order], [[row[i] for i in order] for row in vectors]
+            values = [a[i][i] * scale for i in order]
+            return values, [[row[i] for i in order] for row in vectors]
     return None
+
+
+def _power_of_two_scale(matrix: list[list[float]]) -> float:
+    """The power of two at or below the largest ``|entry|`` (1.0 for a zero matrix)."""
+    largest = max(abs(value) for row in matrix for value in row)
+    return math.ldexp(1.0, math.frexp(largest)[1] - 1) if largest > 0 else 1.0
 
 
 def _eigh_2x2(a: float, b: float, c: float) -> tuple[list[float], list[list[float]]]:
@@ -195,7 +205,8 @@ def _jacobi_svd(
     at worst, as LAPACK's.
     """
     size = len(matrix)
-    w = [list(row) for row in matrix]
+    scale = _power_of_two_scale(matrix)  # as in _jacobi_eigh: exact, no overflow below
+    w = [[value / scale for value in row] for row in matrix]
     v = [[1.0 if i == j else 0.0 for j in range(size)] for i in range(size)]
     for _ in range(_JACOBI_MAX_SWEEPS):
         rotated = False
@@ -224,5 +235,6 @@ def _jacobi_svd(
                 ]
                 for row in w
             ]
-            return left, singular, [list(column) for column in zip(*v, strict=True)]
+            values = [sigma * scale for sigma in singular]
+            return left, values, [list(column) for column in zip(*v, strict=True)]
     return None
