@@ -11,14 +11,17 @@ LAPACK call, and 249 against 275 µs at K = 16. So the methods' plain-Python pat
 ``PYTHON_MAX_K``.
 
 Up to ``JACOBI_MAX_SIZE`` the decompositions make no LAPACK call either: Jacobi rotations in
-Python floats (one rotation for a 2×2 matrix). They are also the more exact: with the
-relative stopping test of Demmel & Veselić ("Jacobi's method is more accurate than QR", 1992)
-a positive definite matrix ``A = D H D`` (D diagonal, H well conditioned: graded scales)
-keeps the relative accuracy of its small eigenvalues and their eigenvectors, and the
-one-sided (Hestenes) SVD that of small singular values, where LAPACK's QR-based routines
-lose ``eps·‖A‖`` absolutely. On Gramians of gradients whose norms span 1e-6 to 1e6 that is
-the difference between weights exact to rounding and weights off by up to
-1e-5 (tests/test_spectral.py checks the host path against 60-digit references).
+Python floats (one rotation for a 2×2 matrix; should the rotations not converge within
+``_JACOBI_MAX_SWEEPS`` sweeps, which no test case comes near, one LAPACK call finishes). They
+are also the more exact: with the relative stopping test of Demmel & Veselić ("Jacobi's
+method is more accurate than QR", 1992) a positive definite matrix ``A = D H D`` (D
+diagonal, H well conditioned: graded scales) keeps the relative accuracy of its small
+eigenvalues and their eigenvectors, and the one-sided (Hestenes) SVD that of singular values
+down to ``n·eps·‖M‖_F``, where LAPACK's QR-based routines lose ``eps·‖A‖`` absolutely. On
+Gramians of gradients whose norms span 1e-6 to 1e6, LAPACK's decompositions move
+Aligned-MTL's weights by up to 6e-5 and IMTL-G's by up to 2e-9 of the largest weight, where
+the host paths are exact to rounding (tests/test_spectral.py checks both against 60-digit
+references).
 """
 
 from __future__ import annotations
@@ -200,22 +203,29 @@ def _jacobi_svd(
     returns it (``U`` as rows, σ, ``Vᵀ`` as rows, σ unsorted), or None if not converged.
 
     The columns of ``W = M V`` are rotated until every pair is orthogonal to rounding
-    (``|w_pᵀw_q| ≤ n·2⁻⁵³·‖w_p‖‖w_q‖``); then ``σ_j = ‖w_j‖`` and ``u_j = w_j/σ_j`` (0 where
-    ``σ_j = 0``). Singular values come out with a small relative error, a few ulps of σ_max
-    at worst, as LAPACK's.
+    (``|w_pᵀw_q| ≤ n·2⁻⁵³·‖w_p‖‖w_q‖``), or one of the two is negligible (``‖w‖ ≤
+    n·2⁻⁵³·‖M‖_F``: what is left of a repeated or dependent row, which lies in the span of
+    the others and would only shrink by an ulp per rotation); then ``σ_j = ‖w_j‖`` and
+    ``u_j = w_j/σ_j`` (0 where ``σ_j = 0``). Singular values come out with a small relative
+    error, a few ulps of σ_max at worst, as LAPACK's.
     """
     size = len(matrix)
     scale = _power_of_two_scale(matrix)  # as in _jacobi_eigh: exact, no overflow below
     w = [[value / scale for value in row] for row in matrix]
     v = [[1.0 if i == j else 0.0 for j in range(size)] for i in range(size)]
+    tolerance = size * _EPS
+    # ‖W‖_F is invariant under the rotations: one floor for every sweep
+    negligible = tolerance**2 * sum(value * value for row in w for value in row)
     for _ in range(_JACOBI_MAX_SWEEPS):
         rotated = False
         for p in range(size - 1):
             for q in range(p + 1, size):
                 alpha = sum(row[p] * row[p] for row in w)
                 beta = sum(row[q] * row[q] for row in w)
+                if alpha <= negligible or beta <= negligible:
+                    continue
                 gamma = sum(row[p] * row[q] for row in w)
-                if abs(gamma) <= size * _EPS * math.sqrt(alpha * beta):
+                if abs(gamma) <= tolerance * math.sqrt(alpha * beta):
                     continue
                 rotated = True
                 zeta = (beta - alpha) / (2.0 * gamma)
