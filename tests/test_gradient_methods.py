@@ -30,7 +30,7 @@ from conftest import applies_jtw
 from taskbalance.methods._aligned_mtl import AlignedMTL
 from taskbalance.methods._config import ConFIG
 from taskbalance.methods._db_mtl import DBMTL
-from taskbalance.methods._gradnorm import GradNorm
+from taskbalance.methods._gradnorm import GradNorm, gradnorm_weight_gradient
 from taskbalance.methods._gradvac import GradVac
 from taskbalance.methods._imtl_g import IMTLG
 from taskbalance.methods._pcgrad import PCGrad, task_orders
@@ -321,6 +321,41 @@ def test_gradnorm_hand_steps():
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 1e3), min_size=3, max_size=3),
+    st.lists(st.floats(1e-3, 1e3), min_size=3, max_size=3),
+    st.floats(0.0, 2000.0),
+)
+def test_gradnorm_weight_gradient_is_the_formula(norms, losses, alpha):
+    """The host arithmetic against the formula in float64 tensors, large alphas included
+    (where (r_k)^α overflows: inf, as torch's pow gives; a sign may differ only where the
+    gap ``w_k n_k − Ḡ r_k^α`` is within rounding of zero)."""
+    weights = [1.0, 0.5, 1.5]
+    got = gradnorm_weight_gradient(weights, norms, losses, [1.0, 2.0, 0.5], alpha)
+    w, n = torch.tensor(weights).double(), torch.tensor(norms).double()
+    rates = torch.tensor(losses).double() / torch.tensor([1.0, 2.0, 0.5]).double()
+    gap = w * n - (w * n).mean() * (rates / rates.mean()).pow(alpha)
+    expected = torch.sign(gap) * n
+    clear = gap.abs() > 1e-9 * (w * n).abs().max().clamp_min(1e-300)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64)[clear], expected[clear])
+
+
+def test_gradnorm_refuses_a_zero_initial_loss_without_changing_state():
+    b = tb.create("gradnorm", num_tasks=2)
+    b.compute_weights(torch.ones(2), gram=ORTHOGONAL)
+    b.initial_loss_values.zero_()  # as a loaded state, or a loss below float32's range
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(ValueError, match=r"initial_loss_values\[0\]: expected a positive"):
+        b.compute_weights(torch.ones(2), gram=ORTHOGONAL)
+    after = b.state_dict()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key], value), key
+        else:
+            assert after[key] == value, key
 
 
 def test_gradnorm_log_c_initial_losses():

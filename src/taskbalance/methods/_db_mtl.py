@@ -183,9 +183,10 @@ def db_mtl_weights(
 ) -> tuple[Tensor, Tensor]:
     """DB-MTL's weights and the new norm averages (both float64); inputs are untouched.
 
-    K-vector arithmetic in Python floats (float64, each operation rounded as torch's
-    float64 kernels round it): inside a training step a dozen tensor calls on K numbers cost
-    more than the rest of the rule.
+    K-vector arithmetic in Python floats (float64): inside a training step a dozen tensor
+    calls on K numbers cost more than the rest of the rule. ``math.sqrt`` is correctly
+    rounded; torch's vectorised float64 ``sqrt`` is not on every CPU build, so the weights may
+    differ from a tensor computation in the last bit.
     """
     shifted = [value + eps for value in losses.tolist()]
     rows = gram.tolist()

@@ -132,6 +132,14 @@ class GradNorm(GradientBalancer):
         # tensor calls on K numbers cost more than the rest of the rule.
         values = losses.tolist()
         initial = self.initial_loss_values.tolist() if bool(self.has_initial_losses) else values
+        for k, start in enumerate(initial):
+            if not start > 0:
+                raise ValueError(
+                    f"initial_loss_values[{k}]: expected a positive initial loss, got {start} "
+                    "(GradNorm divides by it: a first-step loss below float32's smallest "
+                    "positive value, or a loaded state); the call is rejected and the "
+                    "balancer's state is unchanged"
+                )
         rows = gram.tolist()
         norms = [math.sqrt(max(rows[k][k], 0.0)) for k in range(self.num_tasks)]
         grad = gradnorm_weight_gradient(current.tolist(), norms, values, initial, self.alpha)
@@ -173,7 +181,11 @@ def gradnorm_weight_gradient(
     mean_rate = sum(inverse_rates) / count
     gradient = []
     for weighted, rate, norm in zip(weighted_norms, inverse_rates, norms, strict=True):
-        gap = weighted - mean_norm * (rate / mean_rate) ** alpha
+        try:
+            growth = (rate / mean_rate) ** alpha
+        except OverflowError:  # a large alpha: torch's pow gives inf there, and so does this
+            growth = math.inf
+        gap = weighted - mean_norm * growth
         gradient.append(math.copysign(norm, gap) if gap != 0.0 else 0.0)
     return gradient
 
