@@ -558,6 +558,8 @@ class GradientBalancer(Balancer):
         method that sets ``step.shift`` has computed the second factor itself."""
         weighted = self.heads == "weighted"
         shifts = step.shift
+        # A rule's own shift is relative to the heads' Σ_k ∇L_k: unweighted heads only.
+        assert shifts is None or not weighted
         if shifts is None:
             assert step.direction is not None  # _objective calls this for one or the other
             assert step.rows is not None  # _prepare took the task gradients
