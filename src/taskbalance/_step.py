@@ -49,10 +49,10 @@ class Step:
             ``1/row_scale`` into a K-vector instead.
         direction: the shared tensors' gradient, one flat tensor per tensor of ``shared``,
             when the method's ``_update`` sets one other than ``Jᵀw``; None for ``Jᵀw``.
-        shift: instead of ``direction``, what it adds to the heads' own share of the shared
-            gradient, ``d_x − Σ_k c_k ∇_x L_k`` (``c_k = w_k`` with weighted heads, else 1),
-            for a method that computes it in the pass that computes ``d`` (GradDrop): the
-            objective then needs no pass over the rows of its own.
+        shift: instead of ``direction``, with unweighted heads, what it adds to the heads'
+            own share of the shared gradient, ``d_x − Σ_k ∇_x L_k``, for a method that
+            computes it in the pass that computes ``d`` (GradDrop): the objective then needs
+            no pass over the rows of its own.
         group_weights: with per-group aggregation, the ``[num_groups, K]`` weights of each
             parameter group's shared gradient (set by ``_prepare``, recomputed by ``_update``
             on refresh steps); None otherwise.

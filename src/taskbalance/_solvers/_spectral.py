@@ -119,10 +119,7 @@ def _jacobi_eigh(matrix: list[list[float]]) -> tuple[list[float], list[list[floa
             if abs(off) <= tolerance * math.sqrt(abs(row_p[p] * row_q[q])):
                 continue
             rotated = True
-            theta = (row_q[q] - row_p[p]) / (2.0 * off)
-            tangent = math.copysign(1.0, theta) / (abs(theta) + math.hypot(theta, 1.0))
-            cosine = 1.0 / math.hypot(tangent, 1.0)
-            sine = tangent * cosine
+            tangent, cosine, sine = _rotation(row_p[p], off, row_q[q])
             for k in range(size):
                 if k != p and k != q:
                     kp, kq = row_p[k], row_q[k]
@@ -157,15 +154,21 @@ def _eigh_2x2(a: float, b: float, c: float) -> tuple[list[float], list[list[floa
         if a <= c:
             return [a, c], [[1.0, 0.0], [0.0, 1.0]]
         return [c, a], [[0.0, 1.0], [1.0, 0.0]]
-    theta = (c - a) / (2.0 * b)
-    # hypot keeps theta² from overflowing; theta = ±inf (b tiny against c − a) gives t = 0.
-    tangent = math.copysign(1.0, theta) / (abs(theta) + math.hypot(theta, 1.0))
-    cosine = 1.0 / math.hypot(tangent, 1.0)
-    sine = tangent * cosine
+    tangent, cosine, sine = _rotation(a, b, c)
     first, second = a - tangent * b, c + tangent * b
     if first <= second:
         return [first, second], [[cosine, sine], [-sine, cosine]]
     return [second, first], [[sine, cosine], [cosine, -sine]]
+
+
+def _rotation(a: float, b: float, c: float) -> tuple[float, float, float]:
+    """Tangent, cosine and sine of the Jacobi rotation that zeroes ``b`` in ``[[a, b], [b, c]]``
+    (``b ≠ 0``), the smaller of the two angles (``|t| ≤ 1``)."""
+    theta = (c - a) / (2.0 * b)
+    # hypot keeps theta² from overflowing; theta = ±inf (b tiny against c − a) gives t = 0.
+    tangent = math.copysign(1.0, theta) / (abs(theta) + math.hypot(theta, 1.0))
+    cosine = 1.0 / math.hypot(tangent, 1.0)
+    return tangent, cosine, tangent * cosine
 
 
 def pinv_apply_py(
@@ -228,10 +231,7 @@ def _jacobi_svd(
                 if abs(gamma) <= tolerance * math.sqrt(alpha * beta):
                     continue
                 rotated = True
-                zeta = (beta - alpha) / (2.0 * gamma)
-                tangent = math.copysign(1.0, zeta) / (abs(zeta) + math.hypot(zeta, 1.0))
-                cosine = 1.0 / math.hypot(tangent, 1.0)
-                sine = tangent * cosine
+                _, cosine, sine = _rotation(alpha, gamma, beta)
                 for rows in (w, v):
                     for row in rows:
                         xp, xq = row[p], row[q]
