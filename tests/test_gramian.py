@@ -672,3 +672,49 @@ def test_gramian_rejects_malformed_losses_by_name(losses, error, match):
     z = torch.ones(2, 3, requires_grad=True)
     with pytest.raises(error, match=match):
         tb.gramian(losses, z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unscaling the Gramian: the host path (small K) and the tensor path agree to the last bit
+
+
+def _tensor_path_unscaled(raw: Tensor, scale: float) -> tuple[Tensor, bool]:
+    """The reference: ``(G/2s² + Gᵀ/2s²)`` in ``raw``'s own dtype, checked with torch."""
+    halved = raw * (0.5 / (scale * scale))
+    gram = halved + halved.mT
+    return gram, bool(torch.isfinite(gram).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 2, 3, 8])
+def test_host_unscaled_gram_is_the_tensor_paths_to_the_last_bit(dtype, K):
+    from taskbalance._gramian import _HOST_GRAM_MAX_K, _unscaled_gram
+
+    assert K <= _HOST_GRAM_MAX_K  # the host path is the one under test
+    generator = torch.Generator().manual_seed(K)
+    for trial in range(20):
+        rows = torch.randn(K, 7, generator=generator, dtype=dtype)
+        rows = rows * torch.logspace(-6, 6, K, dtype=dtype)[:, None]  # graded norms
+        # An unsymmetric product, as a summation order may give: the halves then differ.
+        raw = rows @ rows.T + 1e-3 * torch.randn(K, K, generator=generator, dtype=dtype)
+        scale = 2.0 ** (16 - 8 * (trial % 3))
+        got, finite = _unscaled_gram(raw, scale)
+        expected, expected_finite = _tensor_path_unscaled(raw, scale)
+        assert got.dtype == dtype
+        assert finite == expected_finite
+        assert torch.equal(got, expected)
+        assert torch.equal(got, got.T)
+
+
+def test_host_unscaled_gram_reports_a_float32_overflow():
+    from taskbalance._gramian import _unscaled_gram
+
+    big = torch.finfo(torch.float32).max
+    raw = torch.tensor([[1.0, big], [big, 1.0]], dtype=torch.float32)
+    got, finite = _unscaled_gram(raw, 0.5)  # (G + Gᵀ)·2 > float32's maximum off the diagonal
+    expected, _ = _tensor_path_unscaled(raw, 0.5)
+    assert not finite
+    assert torch.equal(got, expected)
+    assert got[0, 1] == float("inf")
+    nan = torch.tensor([[1.0, float("nan")], [0.0, 1.0]], dtype=torch.float64)
+    assert _unscaled_gram(nan, 1.0)[1] is False

@@ -96,6 +96,8 @@ except ImportError:  # pragma: no cover - torch built without distributed suppor
 # times smaller, down to 1 (a gradient that overflows unscaled is the user's own overflow).
 _INITIAL_SCALE = 2.0**16
 _BACKOFF = 2.0**8
+#: The largest K whose Gramian is unscaled on the host (see :func:`_unscaled_gram`).
+_HOST_GRAM_MAX_K = 8
 
 
 def gramian(
@@ -229,8 +231,10 @@ def task_gradients(
         rows, path, reached = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
         _check_reached(reached, inputs, features_mode, mask)
         while True:
-            gram = None if gramian_of is None else _unscaled_gram(gramian_of(rows), scale)
-            finite = _all_finite(rows) if gram is None else _gram_finite(gram)
+            if gramian_of is None:
+                gram, finite = None, _all_finite(rows)
+            else:
+                gram, finite = _unscaled_gram(gramian_of(rows), scale)
             if finite or scale == 1.0 or not _retry_can_help(losses, mask, gram is not None):
                 break
             if gramian_of is not None:
@@ -238,8 +242,7 @@ def task_gradients(
                 # ~1e14 although the rows are finite: one pass over them is cheaper than K
                 # backward passes, and the reduced Gramian decides alike on every rank.
                 unscaled = unscaled_rows(rows, scale)
-                gram = _unscaled_gram(gramian_of(unscaled), 1.0)
-                finite = _gram_finite(gram)
+                gram, finite = _unscaled_gram(gramian_of(unscaled), 1.0)
                 if finite:
                     rows, scale = unscaled, 1.0
                     break
@@ -591,11 +594,6 @@ def _all_finite(rows: Sequence[Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([row.sum() for row in rows])).all())
 
 
-def _gram_finite(gram: Tensor) -> bool:
-    # K² numbers: one host copy, checked there.
-    return all(map(math.isfinite, gram.reshape(-1).tolist()))
-
-
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -606,15 +604,33 @@ def _widened(row: Tensor) -> Tensor:
     return row.to(_wide_dtype(row.dtype))
 
 
-def _unscaled_gram(gram: Tensor, scale: float) -> Tensor:
-    """``(G + Gᵀ)/2`` of the unscaled Gramian (one of rows scaled by s is s² times theirs).
+def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool]:
+    """``(G + Gᵀ)/2`` of the unscaled Gramian (one of rows scaled by s is s² times theirs), and
+    whether it is finite.
 
     Symmetric to the last bit whatever the matrix product's summation order. Halved and
     unscaled before the sum (a power of two: exact), so entries up to the dtype's maximum
-    stay finite.
+    stay finite. Up to :data:`_HOST_GRAM_MAX_K` tasks this runs on one host copy of the K²
+    numbers, which the finite check reads anyway: inside a step, three small-tensor calls cost
+    more than K² Python products. The result is the same to the last bit (a float32 sum
+    rounded once from float64 is the correctly rounded float32 sum), except that an entry
+    below float32's normal range is not rounded twice.
     """
-    half = gram * (0.5 / (scale * scale))
-    return torch.add(half, half.mT)
+    half = 0.5 / (scale * scale)
+    K = gram.shape[-1]
+    if gram.ndim == 2 and K <= _HOST_GRAM_MAX_K:
+        raw = gram.tolist()
+        symmetric = [[raw[i][j] * half + raw[j][i] * half for j in range(K)] for i in range(K)]
+        gram = torch.tensor(symmetric, dtype=gram.dtype, device=gram.device)
+        if gram.dtype == torch.float64:
+            values = [value for row in symmetric for value in row]
+        else:  # an entry past float32's range is inf only once rounded
+            values = gram.reshape(-1).tolist()
+    else:
+        halved = gram * half
+        gram = torch.add(halved, halved.mT)
+        values = gram.reshape(-1).tolist()  # K² numbers: one host copy, checked there
+    return gram, all(map(math.isfinite, values))
 
 
 def _retry_can_help(losses: Tensor, present: Sequence[bool], decided_globally: bool) -> bool:
