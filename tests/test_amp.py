@@ -226,14 +226,25 @@ def test_fp16_autocast_gramian_within_one_percent_of_float64(mode):
 
 
 def _count_grad_calls(monkeypatch) -> list[int]:
+    """Counts the engine's backward passes, by either entry: ``torch.autograd.grad`` and the
+    direct engine call of the per-task loop."""
+    import taskbalance._gramian as engine
+
     calls: list[int] = []
     original = torch.autograd.grad
+    original_engine = engine._engine_backward
+    assert original_engine is not None
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
+    def counting_engine(*args):
+        calls.append(1)
+        return original_engine(*args)
+
     monkeypatch.setattr(torch.autograd, "grad", counting)
+    monkeypatch.setattr(engine, "_engine_backward", counting_engine)
     return calls
 
 

@@ -242,20 +242,30 @@ def test_batched_and_loop_agree(mode, K, source):
 @pytest.mark.parametrize("mode", ["features", "params"])
 def test_default_path_per_loss_source(monkeypatch, mode):
     """Stacked losses take the per-edge loop (one head per task); a vector the batched call."""
+    import taskbalance._gramian as engine
+
     calls: list[bool] = []
     original = torch.autograd.grad
+    original_engine = engine._engine_backward
+    assert original_engine is not None  # this torch has the engine's entry: the loop uses it
 
     def spy(*args, **kwargs):
         calls.append(bool(kwargs.get("is_grads_batched", False)))
         return original(*args, **kwargs)
+
+    def engine_spy(*args):
+        calls.append(False)  # the per-edge loop's direct engine call: one task, not batched
+        return original_engine(*args)
 
     model, x, y = mlp_problem(4)
     wrt_of = {"features": lambda z: z, "params": lambda z: list(model.trunk.parameters())}
     for source, expected in (("stack", [False] * 4), ("vector", [True])):
         losses, z = model.losses(x, y, source)
         monkeypatch.setattr(torch.autograd, "grad", spy)
+        monkeypatch.setattr(engine, "_engine_backward", engine_spy)
         gramian(losses, wrt_of[mode](z))
         monkeypatch.setattr(torch.autograd, "grad", original)
+        monkeypatch.setattr(engine, "_engine_backward", original_engine)
         assert calls == expected, source
         calls.clear()
 
@@ -718,3 +728,58 @@ def test_host_unscaled_gram_reports_a_float32_overflow():
     assert got[0, 1] == float("inf")
     nan = torch.tensor([[1.0, float("nan")], [0.0, 1.0]], dtype=torch.float64)
     assert _unscaled_gram(nan, 1.0)[1] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-edge loop calls autograd's engine directly: the same gradients as torch.autograd.grad
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_direct_engine_call_gives_autograd_grads_result(monkeypatch, mode, dtype):
+    import taskbalance._gramian as engine
+
+    model, x, y = mlp_problem(3, dtype=dtype)
+    losses, z = model.losses(x, y)
+    wrt = [z] if mode == "features" else list(model.trunk.parameters())
+    fast, _ = jacobian_rows(losses, wrt, batched=None)
+    monkeypatch.setattr(engine, "_engine_backward", None)  # the public function
+    public, _ = jacobian_rows(losses, wrt, batched=None)
+    assert all(torch.equal(a, b) for a, b in zip(fast, public, strict=True))
+
+
+def test_direct_engine_call_falls_back_once_on_a_changed_signature(monkeypatch):
+    """A torch whose private entry takes other arguments: the public function, from then on."""
+    import taskbalance._gramian as engine
+
+    def changed(*args):
+        raise TypeError("_engine_run_backward() takes 1 positional argument")
+
+    monkeypatch.setattr(engine, "_engine_backward", changed)
+    model, x, y = mlp_problem(2)
+    losses, z = model.losses(x, y)
+    assert_gram_close(
+        gramian(losses, z), reference_gramian(losses, [z]), torch.float32, torch.float32
+    )
+    assert engine._engine_backward is None
+
+
+def test_direct_engine_call_reraises_an_error_of_the_backward_itself(monkeypatch):
+    import taskbalance._gramian as engine
+
+    # The error also switches to the public function, which raises it again: restored after.
+    monkeypatch.setattr(engine, "_engine_backward", engine._engine_backward)
+
+    class Failing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise TypeError("a custom backward's own error")
+
+    z = torch.randn(4, 3, requires_grad=True)
+    losses = torch.stack([Failing.apply(z).sum(), (2 * z).sum()])
+    with pytest.raises(TypeError, match="a custom backward's own error"):
+        gramian(losses, z)

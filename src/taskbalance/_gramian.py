@@ -79,6 +79,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
+from torch.overrides import has_torch_function
 
 from taskbalance._constants import constant
 from taskbalance._distributed import all_reduce_mean, all_reduce_sum, is_distributed, world_size
@@ -98,6 +99,13 @@ _INITIAL_SCALE = 2.0**16
 _BACKOFF = 2.0**8
 #: The largest K whose Gramian is unscaled on the host (see :func:`_unscaled_gram`).
 _HOST_GRAM_MAX_K = 8
+#: The entry into autograd's engine that ``torch.autograd.grad`` ends in. The engine's loop
+#: calls it directly for plain tensors: the public function's argument normalisation (shape,
+#: dtype and subclass checks of arguments the engine builds itself) costs about a third of a
+#: small task's backward, K times per step. None (a torch without it): the public function.
+_engine_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
 
 
 def gramian(
@@ -420,6 +428,14 @@ def _edge_grads(
     """One task's gradients from its edge into the stack; ``cotangent`` is a 0-d tensor."""
     if edge is None:  # a loss that does not require grad (a constant)
         return (None,) * len(inputs)
+    global _engine_backward
+    if _engine_backward is not None and not has_torch_function(inputs):
+        try:  # retain_graph, no create_graph, allow_unused, no accumulation into .grad
+            return _engine_backward((edge,), (cotangent,), True, False, tuple(inputs), True, False)
+        except TypeError:
+            # A torch whose private entry takes other arguments: the public function from now
+            # on (a TypeError raised inside the backward itself is raised again by it).
+            _engine_backward = None
     return torch.autograd.grad(
         [edge], list(inputs), grad_outputs=[cotangent], retain_graph=True, allow_unused=True
     )
