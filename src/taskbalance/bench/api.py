@@ -29,8 +29,9 @@ Design (stable; the bundled benchmarks and any user's benchmark are built on it 
   :func:`classification_kpi`, :func:`binary_kpi` and, for regression, :func:`regression_kpi`.
 - **kind** is what uncertainty weighting is told (``"classification"`` or ``"regression"``).
 - **Registration**: :func:`register_benchmark` (name → factory); a factory takes keyword
-  arguments among ``small``, ``data_seed`` and ``data_root`` (only those it declares are
-  passed) and returns a :class:`Benchmark`. :func:`load_benchmark` builds by name, by
+  arguments among ``small``, ``data_seed``, ``data_root`` and ``model`` (only those it declares
+  are passed; ``model`` only when given, for benchmarks that offer several models) and returns
+  a :class:`Benchmark`. :func:`load_benchmark` builds by name, by
   ``path/to/file.py:function`` or by ``package.module:function``.
 
 Example:
@@ -456,7 +457,9 @@ class Benchmark:
         model: factory of a freshly initialised model (the harness seeds torch first):
             returns ``(trunk, heads)`` (a module and one module per task; the heads read the
             trunk's output) or a module whose ``forward(input)`` returns
-            ``(features, [output per task])``.
+            ``(features, [output per task])``. A module without a single shared feature
+            tensor (MTAN) returns None as ``features`` and names the submodule of its shared
+            parameters (``shared_submodule``, see :mod:`taskbalance.bench.models`).
         defaults: training budget and optimiser settings.
         description: one line.
         settings: what fixes the data (data seed, split sizes, generator parameters), written
@@ -569,7 +572,7 @@ class Benchmark:
 # ---------------------------------------------------------------------------------------------
 # Registration and loading.
 
-FACTORY_KEYWORDS = ("small", "data_seed", "data_root")
+FACTORY_KEYWORDS = ("small", "data_seed", "data_root", "model")
 
 
 @dataclass(frozen=True)
@@ -578,7 +581,7 @@ class BenchmarkEntry:
 
     Args:
         name: registry name.
-        factory: keyword arguments among ``small``, ``data_seed``, ``data_root`` → Benchmark.
+        factory: keyword arguments among :data:`FACTORY_KEYWORDS` → Benchmark.
         description: one line for ``taskbalance list``.
         tasks: a one-line summary per task (name, loss, metrics) for ``taskbalance list``.
         needs_data_root: True for benchmarks read from the user's files (``--data-root``).
@@ -607,7 +610,7 @@ def register_benchmark(
     Args:
         name: registry name (no ``:``).
         factory: returns a :class:`Benchmark`; takes keyword arguments among ``small``,
-            ``data_seed`` and ``data_root`` (only those it declares are passed).
+            ``data_seed``, ``data_root`` and ``model`` (only those it declares are passed).
         description: one line.
         tasks: a one-line summary per task, shown by ``taskbalance list``.
         needs_data_root: the benchmark reads the user's files from ``--data-root``.
@@ -699,7 +702,12 @@ def resolve_factory(spec: str) -> Callable[..., Benchmark]:
 
 
 def load_benchmark(
-    spec: str, *, small: bool = False, data_seed: int = 0, data_root: str | None = None
+    spec: str,
+    *,
+    small: bool = False,
+    data_seed: int = 0,
+    data_root: str | None = None,
+    model: str | None = None,
 ) -> Benchmark:
     """Build a benchmark by registered name, ``file.py:function`` or ``module:function``.
 
@@ -708,18 +716,23 @@ def load_benchmark(
         small: small splits, for smoke tests (passed when the factory accepts it).
         data_seed: seed of splits and generated data (passed when accepted).
         data_root: directory of the user's data files (passed when accepted).
+        model: which of the benchmark's models (``"segnet"`` or ``"mtan"`` for ``nyuv2``,
+            ``cityscapes`` and ``scenes``); None: the benchmark's default.
 
     Returns:
         The benchmark.
 
     Raises:
         BenchmarkError: unknown name, missing file or function, a factory returning something
-            other than a :class:`Benchmark`, ``data_root`` given to a factory without it, or
-            an ``OSError`` raised by the factory (missing data files). A factory that finds a
-            malformed data directory should raise :class:`BenchmarkError` itself.
+            other than a :class:`Benchmark`, ``data_root`` or ``model`` given to a factory
+            without it, or an ``OSError`` raised by the factory (missing data files). A factory
+            that finds a malformed data directory or an unknown model should raise
+            :class:`BenchmarkError` itself.
     """
     factory = resolve_factory(spec)
     offered: dict[str, Any] = {"small": small, "data_seed": data_seed, "data_root": data_root}
+    if model is not None:
+        offered["model"] = model
     parameters: Mapping[str, inspect.Parameter]
     try:
         parameters = inspect.signature(factory).parameters
@@ -729,6 +742,11 @@ def load_benchmark(
     accepted = {key: value for key, value in offered.items() if takes_all or key in parameters}
     if data_root is not None and "data_root" not in accepted:
         raise BenchmarkError(f"--data-root: benchmark {spec!r} does not read a data directory")
+    if model is not None and "model" not in accepted:
+        raise BenchmarkError(
+            f"--model {model}: benchmark {spec!r} has a single model (its factory takes no "
+            "model argument); --model is for nyuv2, cityscapes and scenes"
+        )
     try:
         built = factory(**accepted)
     except OSError as error:

@@ -103,6 +103,7 @@ def _benchmark(arguments: argparse.Namespace) -> Benchmark:
         small=arguments.small,
         data_seed=arguments.data_seed,
         data_root=arguments.data_root,
+        model=arguments.model,
     )
 
 
@@ -459,7 +460,7 @@ def command_compare(arguments: argparse.Namespace) -> int:
     if arguments.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {arguments.device}: no CUDA device is available")
     source = BenchmarkSource(
-        arguments.bench, arguments.small, arguments.data_seed, arguments.data_root
+        arguments.bench, arguments.small, arguments.data_seed, arguments.data_root, arguments.model
     )
     benchmark = _benchmark(arguments)
     out = prepare_output_directory(Path(arguments.out or f"runs/compare-{_slug(benchmark.name)}"))
@@ -549,6 +550,13 @@ def _add_benchmark_options(parser: argparse.ArgumentParser, default: str | None)
     parser.add_argument("--small", action="store_true", help="small data, for smoke tests")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the data and splits")
     parser.add_argument("--data-root", default=None, help="directory of your data files")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the model, for benchmarks that offer several: nyuv2, cityscapes (default mtan, "
+        "MTAN's attention network, as the published tables) and scenes (default segnet, the "
+        "split SegNet): segnet or mtan",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument(
         "--diagnostics-every",

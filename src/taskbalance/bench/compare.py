@@ -49,17 +49,23 @@ class BenchmarkSource:
         small: small splits.
         data_seed: data seed.
         data_root: the user's data directory, or None.
+        model: which of the benchmark's models (``--model``), or None for its default.
     """
 
     spec: str
     small: bool = False
     data_seed: int = 0
     data_root: str | None = None
+    model: str | None = None
 
     def build(self) -> Benchmark:
         """The benchmark."""
         return load_benchmark(
-            self.spec, small=self.small, data_seed=self.data_seed, data_root=self.data_root
+            self.spec,
+            small=self.small,
+            data_seed=self.data_seed,
+            data_root=self.data_root,
+            model=self.model,
         )
 
 
@@ -116,15 +122,26 @@ def plan_jobs(
     return jobs
 
 
-def _run_key(source: BenchmarkSource, job: Job, config: TrainConfig) -> dict[str, Any]:
-    return {
-        "benchmark": _plain(vars(source)),
+def _run_key(
+    source: BenchmarkSource, job: Job, config: TrainConfig, model: str | None = None
+) -> dict[str, Any]:
+    # The model that ran (settings["model"] of a benchmark that offers several) is part of the
+    # key, so a run of one default model is never resumed as the other's; benchmarks with one
+    # model keep the keys they had.
+    source_fields = {
+        key: value for key, value in vars(source).items() if key != "model" or value is not None
+    }
+    key = {
+        "benchmark": _plain(source_fields),
         "method": None if job.method is None else job.method.label,
         "hyperparameters": None if job.method is None else _plain(job.method.hyperparameters),
         "single_task": job.single_task,
         "seed": job.seed,
         "config": _plain({**vars(config), "seed": job.seed}),
     }
+    if model is not None:
+        key["model"] = model
+    return key
 
 
 def run_file(out: Path, benchmark: Benchmark, job: Job) -> Path:
@@ -226,7 +243,9 @@ def run_comparison(
     planned = plan_jobs(benchmark, methods, seeds)
     results: dict[int, RunResult] = {}
     pending: list[int] = []
-    keys = [_run_key(source, job, config) for job in planned]
+    model = benchmark.settings.get("model")
+    model_name = model if isinstance(model, str) else None
+    keys = [_run_key(source, job, config, model_name) for job in planned]
     for index, job in enumerate(planned):
         found = _load_finished(run_file(out, benchmark, job), keys[index])
         if found is not None:

@@ -5,8 +5,15 @@ losses, the balancer's objective, one backward, one optimiser step) that records
 comparison needs. The same loop trains the single-task baselines (one model per task, trained on
 that task alone with loss weight 1, same budget). It never branches on a method's name: what a
 method needs comes from its hyperparameters (``kinds``, ``seed``, ``params``), its class
-(``requires_kpis``) and, for required hyperparameters with no default, an example value
-(the class attribute ``required_hyperparameters``).
+(``requires_kpis``, ``requires_gram``) and, for required hyperparameters with no default, an
+example value (the class attribute ``required_hyperparameters``).
+
+Features or parameters: gradient methods run in features mode on the features the model returns,
+unless ``params`` names a submodule. A model with no single shared feature tensor (MTAN) returns
+None as its features and names its shared submodule
+(:func:`~taskbalance.bench.models.shared_submodule_name`): every gradient method then runs in
+parameters mode over exactly that submodule's parameters (``params=None``, features mode, is
+refused with a ValueError), and the diagnostics' Gramians are taken with respect to the same.
 
 Determinism: the model is initialised after ``torch.manual_seed(seed)`` and batches are drawn
 from a generator seeded with ``seed``, so a run is a function of (benchmark, method, hyper-
@@ -33,8 +40,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import taskbalance as tb
 from taskbalance._distributed import all_reduce_sum
-from taskbalance.bench.api import Benchmark, TrainingDefaults
+from taskbalance.bench.api import Benchmark, BenchmarkError, TrainingDefaults
 from taskbalance.bench.data import collate
+from taskbalance.bench.models import shared_submodule_name
 from taskbalance.methods._facts import method_facts
 
 #: Adam betas of the balancer's own parameters (UW's and IMTL-L's log-scales). Their first
@@ -187,8 +195,9 @@ class TrainConfig:
         lr: learning rate of the model.
         balancer_lr: Adam learning rate of the balancer's parameters.
         weight_capacity: most weight rows kept by the :class:`WeightRecorder`.
-        diagnostics_every: record the task-gradient Gramian w.r.t. the shared features every
-            this many steps; None: about :data:`DEFAULT_DIAGNOSTIC_POINTS` times per run; 0: off.
+        diagnostics_every: record the task-gradient Gramian w.r.t. the shared features (the
+            shared parameters for a model without them, MTAN) every this many steps; None:
+            about :data:`DEFAULT_DIAGNOSTIC_POINTS` times per run; 0: off.
         device: where the model trains (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     """
 
@@ -250,7 +259,8 @@ class RunResult:
         weight_steps: steps whose weights were kept.
         weight_rows: the kept ``[K]`` weights, one row per kept step.
         diagnostic_steps: steps at which the task-gradient Gramian was recorded.
-        diagnostic_grams: the recorded ``K×K`` Gramians (w.r.t. the shared features).
+        diagnostic_grams: the recorded ``K×K`` Gramians (w.r.t. the shared features, or the
+            shared parameters for a model without a single shared feature tensor, MTAN).
         learned_variances: ``e^{s_k}`` of uncertainty weighting at the end, else None.
         interrupted: True when Ctrl-C stopped the run early.
         failure: why training stopped (e.g. a non-finite loss), else None.
@@ -316,34 +326,86 @@ def example_hyperparameters(name: str, num_tasks: int) -> dict[str, Any]:
     return dict(method_facts(tb.method_class(name)).required_hyperparameters)
 
 
+def default_params(name: str, model: nn.Module | None = None) -> str | None:
+    """The submodule a method runs on in parameters mode when its ``params`` is not given.
+
+    A parameters-only method (MoCo) runs on the model's shared submodule (``trunk`` unless the
+    model names another); every gradient method does on a model that names a shared submodule
+    because it has no single shared feature tensor (MTAN).
+
+    Args:
+        name: the method's registry name.
+        model: the run's model; None: a model that returns its shared features.
+
+    Returns:
+        The submodule's name, or None (features mode, or a loss-based method).
+
+    Example:
+        >>> default_params("mgda") is None, default_params("moco"), default_params("ew")
+        (True, 'trunk', None)
+    """
+    cls = tb.method_class(name)
+    if not cls.requires_gram:
+        return None
+    shared = None if model is None else shared_submodule_name(model)
+    if method_facts(cls).requires_params:
+        return shared or "trunk"
+    return shared
+
+
+def _refuse_features_mode(method: Method, model: nn.Module) -> None:
+    """A gradient method asked for features mode (``params=None``) on a model without them."""
+    shared = shared_submodule_name(model)
+    if (
+        shared is None
+        or not tb.method_class(method.name).requires_gram
+        or "params" not in method.hyperparameters
+        or method.hyperparameters["params"] is not None
+    ):
+        return
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    raise ValueError(
+        f"params=None asks {method.name} for features mode, but the model "
+        f"({type(core).__name__}) has no single shared feature tensor: each task reads the "
+        "shared network at several levels, and those maps are computed from one another. "
+        "Gradient methods run on it in parameters mode over its shared parameters: leave "
+        f"params out (the default, the submodule {shared!r}) or pass params={shared}"
+    )
+
+
 def balancer_arguments(
     method: Method, benchmark: Benchmark, seed: int, model: nn.Module | None = None
 ) -> dict[str, Any]:
     """The keyword arguments the harness creates a balancer with.
 
     The method's hyperparameters win. Then, by what the method accepts: example values for
-    required hyperparameters without one, ``kinds`` from the tasks, ``seed`` from the run. A
-    ``params`` given as a submodule name becomes that submodule's parameters (parameters mode).
+    required hyperparameters without one, ``params`` from :func:`default_params`, ``kinds``
+    from the tasks, ``seed`` from the run. A ``params`` given as a submodule name becomes that
+    submodule's parameters (parameters mode).
 
     Args:
         method: the method and its hyperparameters.
         benchmark: the benchmark (K and the task kinds).
         seed: the run's seed.
-        model: the run's model, to resolve ``params="submodule"``; None leaves the name.
+        model: the run's model, to resolve ``params="submodule"`` and the model's shared
+            submodule; None leaves the names.
 
     Returns:
         The keyword arguments for :func:`taskbalance.create`.
 
     Raises:
-        ValueError: ``params`` names no submodule of the model.
+        ValueError: ``params`` names no submodule of the model, or is None (features mode) for
+            a gradient method on a model without a single shared feature tensor (MTAN).
     """
     accepted = tb.hyperparameters(method.name)
     arguments = dict(method.hyperparameters)
     for key, value in example_hyperparameters(method.name, benchmark.num_tasks).items():
         arguments.setdefault(key, value)
-    if method_facts(tb.method_class(method.name)).requires_params:
-        # A parameters-only method (MoCo) runs on the model's shared trunk.
-        arguments.setdefault("params", "trunk")
+    if model is not None:
+        _refuse_features_mode(method, model)
+    default = default_params(method.name, model)
+    if default is not None:
+        arguments.setdefault("params", default)
     if "kinds" in accepted:
         arguments.setdefault("kinds", [task.kind for task in benchmark.tasks])
     if "seed" in accepted:
@@ -576,6 +638,10 @@ def train_run(
         arguments = balancer_arguments(method, benchmark, config.seed, model)
         balancer = tb.create(method.name, num_tasks=num_tasks, **arguments).to(device)
     shown_arguments = dict(method.hyperparameters) if method is not None else {}
+    default = None if method is None else default_params(method.name, model)
+    if default is not None:
+        # Recorded by name, as a user's params=trunk is, not as a list of tensors.
+        shown_arguments.setdefault("params", default)
     for key, value in arguments.items():
         shown_arguments.setdefault(key, value)
     result = RunResult(
@@ -619,6 +685,10 @@ def train_run(
     if diagnostics_every is None:
         diagnostics_every = max(1, total_steps // DEFAULT_DIAGNOSTIC_POINTS)
     record_diagnostics = balancer is not None and num_tasks >= 2 and diagnostics_every > 0
+    shared_name = shared_submodule_name(model)
+    shared_parameters = (
+        None if shared_name is None else list(submodule(model, shared_name).parameters())
+    )
     recorder = WeightRecorder(config.weight_capacity)
 
     step = 0
@@ -647,8 +717,17 @@ def train_run(
                     # Measured here for gradient methods too, not read from the balancer: its
                     # log_dict() has cosines only (no norms), from its last refresh
                     # (update_every), in its gram_dtype, over all ranks under DDP, and w.r.t.
-                    # the parameters in parameters mode. ~50 Gramians per run cost little.
-                    gram = tb.gramian(losses, features, dtype=torch.float64)
+                    # the parameters in parameters mode. ~50 Gramians per run cost little. A
+                    # model without shared features (MTAN) is measured on its shared parameters.
+                    wrt = features if features is not None else shared_parameters
+                    if wrt is None:
+                        raise BenchmarkError(
+                            f"benchmark {benchmark.name!r}: the model returned None as its "
+                            "features but names no shared_submodule (the submodule holding "
+                            "exactly its shared parameters), so the task gradients cannot be "
+                            "measured; return the shared features or set shared_submodule"
+                        )
+                    gram = tb.gramian(losses, wrt, dtype=torch.float64)
                     result.diagnostic_steps.append(step)
                     result.diagnostic_grams.append(gram.cpu().tolist())
                 if balancer is None:

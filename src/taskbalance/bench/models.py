@@ -3,6 +3,12 @@
 Every model is a shared trunk followed by one small head per task. ``forward`` returns the trunk
 output (the *features* that gradient methods differentiate in features mode) together with the
 list of head outputs, so one training loop drives any balancer.
+
+A model whose heads do not all read one shared tensor (MTAN: each task's attention reads the
+shared network at every level) returns ``None`` as its features and names the submodule that
+holds exactly its shared parameters in the class attribute ``shared_submodule``
+(:func:`shared_submodule_name`); the harness then runs gradient methods in parameters mode over
+that submodule and measures its gradient diagnostics there.
 """
 
 from __future__ import annotations
@@ -127,3 +133,23 @@ def mlp_heads(feature_size: int, hidden_size: int, output_sizes: Sequence[int]) 
         nn.Sequential(nn.Linear(feature_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, size))
         for size in output_sizes
     ]
+
+
+def shared_submodule_name(model: nn.Module) -> str | None:
+    """The ``shared_submodule`` a model declares (unwrapping DDP), or None.
+
+    Args:
+        model: a benchmark model, possibly wrapped in ``DistributedDataParallel``.
+
+    Returns:
+        The name of the submodule holding exactly the shared parameters of a model without a
+        single shared feature tensor (``"trunk"`` for MTAN), or None for a model whose
+        ``forward`` returns its shared features.
+
+    Example:
+        >>> shared_submodule_name(MultiTaskModel(mlp_trunk(4, [8]), linear_heads(8, [1]))) is None
+        True
+    """
+    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    name = getattr(core, "shared_submodule", None)
+    return name if isinstance(name, str) else None

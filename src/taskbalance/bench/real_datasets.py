@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional
 from torch.utils.data import Dataset
 
@@ -55,8 +55,8 @@ from taskbalance.bench.api import (
     require_module,
 )
 from taskbalance.bench.dense import dense_tasks
-from taskbalance.bench.models import MultiTaskModel
-from taskbalance.bench.segnet import CPU_FILTERS, PAPER_FILTERS, segnet_model
+from taskbalance.bench.mtan import check_dense_model, dense_model
+from taskbalance.bench.segnet import CPU_FILTERS, PAPER_FILTERS
 
 #: MTAN's random scale-crop factors.
 SCALES = (1.0, 1.2, 1.5)
@@ -335,7 +335,7 @@ def dense_splits(
 # ---------------------------------------------------------------------------------------------
 # The benchmarks (``--bench nyuv2|cityscapes --data-root DIR``).
 
-#: Nash-MTL's NYUv2 settings (MTAN's SegNet): 200 epochs, batch 2, Adam 1e-4, halved at 100.
+#: Nash-MTL's NYUv2 settings: 200 epochs, batch 2, Adam 1e-4, halved at 100.
 NYUV2_DEFAULTS = TrainingDefaults(
     epochs=200,
     batch_size=2,
@@ -347,13 +347,23 @@ NYUV2_DEFAULTS = TrainingDefaults(
 )
 #: Nash-MTL's Cityscapes settings: as NYUv2 with batch 8.
 CITYSCAPES_DEFAULTS = replace(NYUV2_DEFAULTS, batch_size=8)
-#: ``--small``: the first few scenes of each split, a CPU-sized SegNet, 1 epoch (smoke tests).
+#: ``--small``: the first few scenes of each split, a CPU-sized model, 1 epoch (smoke tests).
 SMALL_SCENES = 8
+#: The model of the published NYUv2 / Cityscapes tables: MTAN's attention network, the default
+#: ``--model`` of Nash-MTL's trainers (``experiments/nyuv2/trainer.py``; FAMO's Cityscapes
+#: trainer likewise), on which CAGrad, Nash-MTL and FAMO report.
+DEFAULT_MODEL = "mtan"
 
 
 def _dense_benchmark(
-    dataset: str, data_root: str | None, small: bool, data_seed: int, num_classes: int
+    dataset: str,
+    data_root: str | None,
+    small: bool,
+    data_seed: int,
+    num_classes: int,
+    model: str,
 ) -> Benchmark:
+    model = check_dense_model(model)
     if data_root is None:
         raise DatasetLayoutError(
             f"--bench {dataset} reads your files: pass --data-root DIR with\n"
@@ -367,8 +377,9 @@ def _dense_benchmark(
     filters = CPU_FILTERS if small else PAPER_FILTERS
     out_channels = (num_classes, 1, 3) if normals else (num_classes, 1)
 
-    def model() -> MultiTaskModel:
-        return segnet_model(out_channels, (False, False, True)[: len(out_channels)], filters)
+    def build_model() -> nn.Module:
+        units = (False, False, True)[: len(out_channels)]
+        return dense_model(model, out_channels, units, filters)
 
     defaults = NYUV2_DEFAULTS if normals else CITYSCAPES_DEFAULTS
     if small:
@@ -380,7 +391,7 @@ def _dense_benchmark(
         train=train,
         validation=validation,
         test=test,
-        model=model,
+        model=build_model,
         defaults=defaults,
         description=NYUV2_DESCRIPTION if normals else CITYSCAPES_DESCRIPTION,
         settings={
@@ -391,46 +402,74 @@ def _dense_benchmark(
             "train_scenes": len(train),
             "test_scenes": len(test),
             "augment": True,
+            "model": model,
             "filters": list(filters),
         },
     )
 
 
-NYUV2_DESCRIPTION = "NYUv2 (your .npy files): 13-class segmentation, depth, normals; SegNet"
-CITYSCAPES_DESCRIPTION = "Cityscapes (your .npy files): 7-class segmentation, depth; SegNet"
+NYUV2_DESCRIPTION = (
+    "NYUv2 (your .npy files): 13-class segmentation, depth, normals; MTAN (--model segnet: "
+    "split SegNet)"
+)
+CITYSCAPES_DESCRIPTION = (
+    "Cityscapes (your .npy files): 7-class segmentation, depth; MTAN (--model segnet: split SegNet)"
+)
 
 
-def build_nyuv2(data_root: str | None = None, small: bool = False, data_seed: int = 0) -> Benchmark:
+def build_nyuv2(
+    data_root: str | None = None,
+    small: bool = False,
+    data_seed: int = 0,
+    model: str = DEFAULT_MODEL,
+) -> Benchmark:
     """Build ``nyuv2`` from MTAN's preprocessed files (795 train, 654 test scenes, 288×384).
 
-    Model: MTAN's SegNet (:data:`~taskbalance.bench.segnet.PAPER_FILTERS`); training: Nash-MTL's
-    settings (:data:`NYUV2_DEFAULTS`), augmentation on. Compare with the published tables using
-    ``--select mean-last-10`` (Nash-MTL, FAMO) or ``--select last``.
+    Model: by default MTAN's attention network on SegNet
+    (:class:`~taskbalance.bench.mtan.SegNetMTAN`, 44.2 M parameters), the model of the
+    published tables (CAGrad, Nash-MTL, FAMO; Nash-MTL's trainer defaults to it); ``"segnet"``
+    is MTAN's split SegNet (:func:`~taskbalance.bench.segnet.segnet_model`, 25 M), both at
+    :data:`~taskbalance.bench.segnet.PAPER_FILTERS`. The run's ``settings`` record ``model``.
+    Gradient methods run on MTAN in parameters mode over its shared parameters (``trunk``).
+    Training: Nash-MTL's settings (:data:`NYUV2_DEFAULTS`), augmentation on. Compare with the
+    published tables using ``--select mean-last-10`` (Nash-MTL, FAMO) or ``--select last``.
 
     Args:
         data_root: the directory with ``train/`` and ``val/`` (see :func:`layout_text`).
-        small: the first 8 scenes per split, a CPU-sized SegNet and 1 epoch (smoke tests).
+        small: the first 8 scenes per split, the CPU-sized model and 1 epoch (smoke tests).
         data_seed: seed of a held-out validation subset (unused with the papers' splits).
+        model: ``"mtan"`` (default) or ``"segnet"`` (``--model``).
 
     Returns:
         The benchmark.
 
     Raises:
         DatasetLayoutError: no ``data_root``, or a directory without the expected layout.
+        BenchmarkError: an unknown ``model``.
+
+    Example:
+        >>> try:
+        ...     build_nyuv2(model="resnet")
+        ... except BenchmarkError as error:
+        ...     print(error)
+        model (--model): expected one of ['segnet', 'mtan'], got 'resnet'
     """
-    return _dense_benchmark("nyuv2", data_root, small, data_seed, 13)
+    return _dense_benchmark("nyuv2", data_root, small, data_seed, 13, model)
 
 
 def build_cityscapes(
-    data_root: str | None = None, small: bool = False, data_seed: int = 0
+    data_root: str | None = None,
+    small: bool = False,
+    data_seed: int = 0,
+    model: str = DEFAULT_MODEL,
 ) -> Benchmark:
     """Build ``cityscapes`` (7 classes) from MTAN's preprocessed files (2975 / 500, 128×256).
 
-    Model: MTAN's SegNet with two heads; training: Nash-MTL's settings
-    (:data:`CITYSCAPES_DEFAULTS`), augmentation on. Arguments, result and errors as
-    :func:`build_nyuv2`.
+    Model: by default MTAN with two tasks (FAMO's and Nash-MTL's Cityscapes trainers default to
+    it), or ``model="segnet"``; training: Nash-MTL's settings (:data:`CITYSCAPES_DEFAULTS`),
+    augmentation on. Arguments, result and errors as :func:`build_nyuv2`.
     """
-    return _dense_benchmark("cityscapes", data_root, small, data_seed, 7)
+    return _dense_benchmark("cityscapes", data_root, small, data_seed, 7, model)
 
 
 register_benchmark(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 import taskbalance as tb
 from taskbalance.bench.api import Benchmark
@@ -29,6 +30,7 @@ from taskbalance.bench.harness import (
     RunResult,
     TrainConfig,
     _plain,
+    default_params,
     example_hyperparameters,
 )
 from taskbalance.bench.metrics import REFERENCE_METHOD, MethodSummary
@@ -356,12 +358,21 @@ def write_diagnostics_csv(runs: Sequence[RunResult], path: Path) -> None:
 # Metadata.
 
 
-def method_metadata(method: Method, benchmark: Benchmark) -> dict[str, Any]:
-    """Every hyperparameter of a method as it runs (defaults included), its mode and heads."""
+def method_metadata(
+    method: Method, benchmark: Benchmark, model: nn.Module | None = None
+) -> dict[str, Any]:
+    """Every hyperparameter of a method as it runs (defaults included), its mode and heads.
+
+    ``model`` (the benchmark's) fixes the default ``params`` of a model without a single shared
+    feature tensor (MTAN: parameters mode over ``trunk``); None takes features mode.
+    """
     values = dict(tb.hyperparameters(method.name))
     values.update(example_hyperparameters(method.name, benchmark.num_tasks))
     if "kinds" in values:
         values["kinds"] = [task.kind for task in benchmark.tasks]
+    default = default_params(method.name, model)
+    if default is not None:
+        values["params"] = default
     values.update(method.hyperparameters)
     cls = tb.method_class(method.name)
     params = values.get("params")
@@ -442,7 +453,7 @@ def run_metadata(
         ),
         "seeds": list(seeds),
         "selection": str(selection),
-        "methods": [method_metadata(method, benchmark) for method in methods],
+        "methods": [method_metadata(method, benchmark, model) for method in methods],
         "versions": {
             "taskbalance": tb.__version__,
             "torch": torch.__version__,

@@ -38,12 +38,13 @@ from functools import lru_cache
 from itertools import pairwise
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from taskbalance.bench.api import Benchmark, TrainingDefaults, register_benchmark
 from taskbalance.bench.dense import dense_tasks
 from taskbalance.bench.models import MultiTaskModel
+from taskbalance.bench.mtan import check_dense_model, dense_model
 from taskbalance.bench.segnet import CPU_FILTERS, segnet_model
 
 #: The 13 semantic classes (NYUv2's 13-class protocol has as many).
@@ -554,12 +555,18 @@ SMALL_DEFAULTS = TrainingDefaults(
 )
 
 
+#: ``scenes``' default model: the split SegNet, whose shared features make gradient methods
+#: cheap (features mode) on a CPU, and the model of the comparison in the docs;
+#: ``--model mtan`` runs MTAN's attention network at the same size (parameters mode).
+DEFAULT_MODEL = "segnet"
+
+
 def model() -> MultiTaskModel:
     """The CPU-sized SegNet (:data:`~taskbalance.bench.segnet.CPU_FILTERS`) with three heads."""
     return segnet_model((len(CLASSES), 1, 3), (False, False, True), filters=CPU_FILTERS)
 
 
-def build(small: bool = False, data_seed: int = 0) -> Benchmark:
+def build(small: bool = False, data_seed: int = 0, model: str = DEFAULT_MODEL) -> Benchmark:
     """Build ``scenes``: NYUv2's protocol on rendered rooms.
 
     The metrics are those of the NYUv2 tables accumulated over the split as LibMTL does
@@ -569,10 +576,25 @@ def build(small: bool = False, data_seed: int = 0) -> Benchmark:
     Args:
         small: 64/16/32 scenes and 3 epochs, for smoke tests.
         data_seed: seed of the rendered scenes.
+        model: ``"segnet"`` (default, the split SegNet) or ``"mtan"`` (MTAN's attention
+            network, :class:`~taskbalance.bench.mtan.SegNetMTAN`), both at
+            :data:`~taskbalance.bench.segnet.CPU_FILTERS`; recorded in ``settings``.
 
     Returns:
         The benchmark.
+
+    Raises:
+        BenchmarkError: an unknown ``model``.
+
+    Example:
+        >>> build(small=True, model="mtan").settings["model"]
+        'mtan'
     """
+    name = check_dense_model(model)
+
+    def build_model() -> nn.Module:
+        return dense_model(name, (len(CLASSES), 1, 3), (False, False, True), CPU_FILTERS)
+
     sizes = SMALL_SIZES if small else SIZES
     train, validation, test = scene_splits(sizes, data_seed)
     return Benchmark(
@@ -581,7 +603,7 @@ def build(small: bool = False, data_seed: int = 0) -> Benchmark:
         train=train,
         validation=validation,
         test=test,
-        model=model,
+        model=build_model,
         defaults=SMALL_DEFAULTS if small else DEFAULTS,
         description=DESCRIPTION,
         settings={
@@ -590,6 +612,7 @@ def build(small: bool = False, data_seed: int = 0) -> Benchmark:
             "scenes": list(sizes),
             "height": DEFAULT_HEIGHT,
             "width": DEFAULT_WIDTH,
+            "model": name,
             "filters": list(CPU_FILTERS),
         },
     )

@@ -17,7 +17,8 @@ the NYUv2 and Cityscapes tables of MTAN, CAGrad, Nash-MTL, FAMO and LibMTL):
 The papers' size is ``filters=(64, 128, 256, 512, 512)`` (about 25 M parameters, NYUv2 at
 288×384); :data:`CPU_FILTERS` is a three-level, 8/16/32-channel version for the bundled
 ``scenes`` benchmark on a laptop CPU. Input height and width must be divisible by
-``2 ** len(filters)``.
+``2 ** len(filters)``. MTAN's attention network on this SegNet, the model of the published
+tables, is :mod:`taskbalance.bench.mtan`.
 
 Departures: the segmentation head returns logits (MTAN returns ``log_softmax``; the
 cross-entropy and the arg-max are the same). The normal head divides by ``max(‖x‖, 1e-12)``,
@@ -47,6 +48,29 @@ def conv_layer(in_channels: int, out_channels: int) -> nn.Sequential:
         nn.BatchNorm2d(out_channels),
         nn.ReLU(inplace=True),
     )
+
+
+def check_image_size(images: Tensor, levels: int, model: str) -> None:
+    """Refuse anything but ``[N, C, H, W]`` images with H and W divisible by ``2 ** levels``.
+
+    Args:
+        images: the input batch.
+        levels: pooling levels of the network (``len(filters)``).
+        model: the network's name, for the message.
+
+    Raises:
+        ValueError: naming the shape and the divisor.
+
+    Example:
+        >>> import torch
+        >>> check_image_size(torch.zeros(1, 3, 8, 16), 3, "SegNetTrunk")
+    """
+    factor = 2**levels
+    if images.dim() != 4 or images.shape[-2] % factor or images.shape[-1] % factor:
+        raise ValueError(
+            f"{model} expects [N, C, H, W] images with H and W divisible by {factor}, "
+            f"got shape {tuple(images.shape)}"
+        )
 
 
 def _convs(in_channels: int, out_channels: int, count: int) -> nn.Sequential:
@@ -104,12 +128,7 @@ class SegNetTrunk(nn.Module):
         Returns:
             ``[N, filters[0], H, W]``.
         """
-        factor = 2 ** len(self.filters)
-        if images.dim() != 4 or images.shape[-2] % factor or images.shape[-1] % factor:
-            raise ValueError(
-                f"SegNetTrunk expects [N, C, H, W] images with H and W divisible by {factor}, "
-                f"got shape {tuple(images.shape)}"
-            )
+        check_image_size(images, len(self.filters), "SegNetTrunk")
         indices: list[Tensor] = []
         x = images
         for block in self.encoder:
@@ -151,6 +170,28 @@ class DenseHead(nn.Module):
         return output
 
 
+def task_outputs(
+    out_channels: Sequence[int], unit_outputs: Sequence[bool] | None, model: str
+) -> tuple[list[int], list[bool]]:
+    """Each task's output channels and whether its output is L2-normalised, checked.
+
+    Raises:
+        ValueError: no task, or ``unit_outputs`` of another length (the message names ``model``).
+
+    Example:
+        >>> task_outputs((13, 1, 3), None, "segnet_model")
+        ([13, 1, 3], [False, False, False])
+    """
+    channels = list(out_channels)
+    units = [False] * len(channels) if unit_outputs is None else list(unit_outputs)
+    if not channels or len(units) != len(channels):
+        raise ValueError(
+            f"{model}: out_channels must be non-empty and unit_outputs of the same length, "
+            f"got {len(channels)} and {len(units)}"
+        )
+    return channels, units
+
+
 def segnet_model(
     out_channels: Sequence[int],
     unit_outputs: Sequence[bool] | None = None,
@@ -177,13 +218,7 @@ def segnet_model(
         >>> tuple(seg.shape), tuple(depth.shape), tuple(normal.shape)
         ((1, 13, 8, 8), (1, 1, 8, 8), (1, 3, 8, 8))
     """
-    out_channels = list(out_channels)
-    units = [False] * len(out_channels) if unit_outputs is None else list(unit_outputs)
-    if not out_channels or len(units) != len(out_channels):
-        raise ValueError(
-            "segnet_model: out_channels must be non-empty and unit_outputs of the same length, "
-            f"got {len(out_channels)} and {len(units)}"
-        )
+    out_channels, units = task_outputs(out_channels, unit_outputs, "segnet_model")
     trunk = SegNetTrunk(in_channels, filters)
     heads = [
         DenseHead(trunk.filters[0], channels, unit)
