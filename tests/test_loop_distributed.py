@@ -73,6 +73,45 @@ def _present(rank: int) -> dict:
     return {"logged": b.log_dict(), "grad": losses.grad, "weights": b.weights}
 
 
+def _present_nan_under_ddp(rank: int) -> dict:
+    """DDP without find_unused_parameters, rank 1 without labels for task 1, whose loss is a
+    masked mean (0/0 = NaN, NaN backward), against the same loss written to be 0 there."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = torch.nn.Linear(4, 6)
+            self.heads = torch.nn.ModuleList([torch.nn.Linear(6, 1) for _ in range(2)])
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            z = torch.relu(self.trunk(x))
+            return [head(z).squeeze(1) for head in self.heads]
+
+    out: dict = {}
+    for safe in (True, False):
+        torch.manual_seed(0)
+        model = DistributedDataParallel(Model())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        b = tb.create("famo", num_tasks=2)
+        for step in range(3):  # DDP checks at each forward that the last reduction finished
+            x = torch.linspace(-1, 1, 12).reshape(3, 4) * (1 + rank + step)
+            y = torch.linspace(0, 1, 6).reshape(3, 2)
+            labelled = torch.tensor([[True, rank == 0 or step == 0]] * 3)
+            optimizer.zero_grad()
+            losses = []
+            for k, prediction in enumerate(model(x)):
+                mask = labelled[:, k].float()
+                count = mask.sum().clamp_min(1) if safe else mask.sum()
+                losses.append((mask * (prediction - y[:, k]) ** 2).sum() / count)
+            b(losses, present=labelled.any(0)).backward()
+            optimizer.step()
+        out["safe" if safe else "nan"] = {
+            name: parameter.detach().clone() for name, parameter in model.named_parameters()
+        }
+    return out
+
+
 def _mismatch(rank: int) -> dict:
     hyper = tb.create("dwa", num_tasks=K, temperature=2.0 if rank == 0 else 1.0)
     method = tb.create("ew" if rank == 0 else "gls", num_tasks=K)
@@ -146,6 +185,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
             "skip": _skip(rank),
             "raise": _raise(rank),
             "present": _present(rank),
+            "present_nan": _present_nan_under_ddp(rank),
             "mismatch": _mismatch(rank),
             "refused": _refused(rank),
         }
@@ -192,6 +232,18 @@ def test_present_masks_differing_by_rank(ranks):
         assert bool(torch.isfinite(rank["present"]["grad"]).all())
         assert rank["present"]["grad"][1 if r == 0 else 2] == 0
     assert torch.equal(ranks[0]["present"]["weights"], ranks[1]["present"]["weights"])
+
+
+def test_an_absent_tasks_nan_masked_mean_under_ddp_without_unused_parameters(ranks):
+    """The NaN loss passes no gradient, and its head an explicit zero one, so DDP's reducer
+    (find_unused_parameters=False) finishes every step; the model ends exactly where the same
+    training with the loss written to be 0 there ends, on both ranks."""
+    for rank in ranks:
+        for name, parameter in rank["present_nan"]["safe"].items():
+            assert bool(torch.isfinite(rank["present_nan"]["nan"][name]).all()), name
+            torch.testing.assert_close(rank["present_nan"]["nan"][name], parameter, msg=name)
+    for name, parameter in ranks[0]["present_nan"]["nan"].items():
+        assert torch.equal(parameter, ranks[1]["present_nan"]["nan"][name]), name
 
 
 @pytest.mark.parametrize(

@@ -176,6 +176,80 @@ def test_absent_task_gets_weight_zero_and_no_gradient(name):
     assert b.log_dict()["balancer/loss/1"] == pytest.approx(losses_for(1, K)[1].item())
 
 
+class _MaskedMeanModel(torch.nn.Module):
+    """A trunk and two heads whose losses are masked means: ``(m · err).sum() / m.sum()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Linear(6, 8)
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(8, 1) for _ in range(2)])
+
+    def losses(self, labelled: torch.Tensor, safe: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``safe``: divide by ``count.clamp_min(1)`` (0, with a finite backward, on a batch
+        without labels) rather than by the count (0/0 = NaN, and a NaN backward)."""
+        x, y = torch.linspace(-1, 1, 24).reshape(4, 6), torch.linspace(0, 1, 8).reshape(4, 2)
+        z = torch.relu(self.trunk(x))
+        losses = []
+        for k, head in enumerate(self.heads):
+            mask = labelled[:, k].to(z.dtype)
+            count = mask.sum().clamp_min(1) if safe else mask.sum()
+            losses.append((mask * (head(z).squeeze(1) - y[:, k]) ** 2).sum() / count)
+        return torch.stack(losses), z
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("ew", {}),
+        ("famo", {}),
+        ("uw", {}),
+        ("mgda", {}),
+        ("upgrad", {}),  # unweighted heads
+        ("graddrop", {}),  # the rule's own shift
+        ("upgrad", {"params": "trunk"}),
+        ("db_mtl", {"params": "trunk"}),  # its own direction, in parameters mode
+    ],
+)
+def test_an_absent_tasks_nan_masked_mean_passes_no_gradient(name, options):
+    """A masked mean over a batch without labels is 0/0 = NaN, and so is its backward for a
+    zero weight: the model must get exactly the gradients it gets from the same loss written
+    to be 0 there (the absent task contributes nothing either way), its head a zero one."""
+    labelled = torch.tensor([[True, False]] * 4)
+    present = torch.tensor([True, False])
+    grads = {}
+    for safe in (True, False):
+        model = _MaskedMeanModel()
+        if "params" in options:
+            b = tb.create(name, num_tasks=2, params=list(model.trunk.parameters()))
+        else:
+            b = tb.create(name, num_tasks=2)
+        for step in range(2):  # a first call with every task, then the absent one
+            model.zero_grad()
+            losses, z = model.losses(
+                torch.ones(4, 2, dtype=torch.bool) if step == 0 else labelled, safe
+            )
+            kwargs = {"features": z} if b.requires_gram and "params" not in options else {}
+            b(losses, present=None if step == 0 else present, **kwargs).backward()
+        assert math.isnan(losses[1].item()) != safe
+        grads[safe] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n, grad in grads[True].items():
+        assert bool(torch.isfinite(grads[False][n]).all()), n
+        torch.testing.assert_close(grads[False][n], grad, rtol=1e-6, atol=1e-7, msg=n)
+    assert torch.all(grads[False]["heads.1.weight"] == 0)
+    assert torch.all(grads[False]["heads.1.bias"] == 0)
+
+
+def test_an_absent_tasks_nan_loss_computed_in_one_piece_is_not_split():
+    """Not stacked from K losses: nothing to cut, the zero weight runs through the vector's
+    own backward (finite here: NaN put in by torch.where)."""
+    b = tb.create("ew", num_tasks=2)
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    losses = torch.where(torch.tensor([True, False]), x * 3, math.nan)
+    b(losses, present=torch.tensor([True, False])).backward()
+    assert x.grad.tolist() == [3.0, 0.0]
+
+
 @pytest.mark.parametrize("name", ["dwa", "gls", "si", "ew"])
 def test_absent_task_statistics_see_no_new_value(name):
     """A loss-based rule reads the absent task's last mean loss again. (FAMO goes further:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor, nn
 
+from taskbalance._absent import absent_losses_cut
 from taskbalance._constants import constant
 from taskbalance._distributed import (
     all_reduce_mean,
@@ -325,7 +326,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         # Every local check runs before the first collective, which a refused call still joins.
         try:
             vector, mask = self._loss_vector_and_mask(losses, present)
-            values, nonfinite = self._checked_values(vector, mask)
+            values, nonfinite, absent_nonfinite = self._checked_values(vector, mask)
             local_kpis = self._checked_kpis(kpis, values.device)
             shared = self._check_call_inputs(vector, features)
         except Exception:  # re-raised: the other ranks only learn that this call failed
@@ -339,7 +340,12 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             return self._skipped_objective(vector, mask)
         weights = self._advance(step).to(device=vector.device, dtype=step.losses.dtype)
         with _own_precision(vector.device.type):  # Jᵀw in full precision
-            return self._objective(step, weights)
+            objective = self._objective(step, weights)
+        if absent_nonfinite:  # (0 · NaN is NaN: see taskbalance._absent)
+            orphans = absent_losses_cut(vector, absent_nonfinite)
+            if orphans is not None:
+                objective = objective + orphans.to(objective.dtype)
+        return objective
 
     def compute_weights(
         self,
@@ -362,7 +368,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         try:
             vector, mask = self._loss_vector_and_mask(losses, present)
             vector = vector.detach()
-            values, nonfinite = self._checked_values(vector, mask)
+            values, nonfinite, _ = self._checked_values(vector, mask)
             local_kpis = self._checked_kpis(kpis, values.device)
             checked_gram = self._check_gram(gram) if self.requires_gram else None
         except Exception:  # re-raised: the other ranks only learn that this call failed
@@ -632,15 +638,22 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     def _checked_values(
         self, losses: Tensor, mask: Tensor | None
-    ) -> tuple[Tensor, dict[int, float]]:
-        """Detached float32 copy of the losses after the value checks, and the non-finite ones.
+    ) -> tuple[Tensor, dict[int, float], list[int]]:
+        """Detached float32 copy of the losses after the value checks, the non-finite ones of
+        present tasks, and the absent tasks whose loss is not finite.
 
         One host transfer of K numbers per step: it is what naming the offending task costs.
         Non-finite losses of present tasks are returned, not raised: whether to raise or skip
         is decided on every rank at once, after the all-reduce.
         """
         host = losses.tolist()
-        present = [True] * self.num_tasks if mask is None else mask.tolist()
+        if mask is None:
+            present, absent_nonfinite = [True] * self.num_tasks, []
+        else:
+            present = mask.tolist()
+            absent_nonfinite = [
+                i for i, v in enumerate(host) if not present[i] and not math.isfinite(v)
+            ]
         nonfinite = {i: v for i, v in enumerate(host) if present[i] and not math.isfinite(v)}
         checked = [v if present[i] and i not in nonfinite else 1.0 for i, v in enumerate(host)]
         check_loss_values(
@@ -649,7 +662,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             method=self._method_name,
             hint=self.positive_losses_hint,
         )
-        return losses.detach().to(dtype=torch.float32), nonfinite
+        return losses.detach().to(dtype=torch.float32), nonfinite, absent_nonfinite
 
     def _mean_over_ranks(self, vector: Tensor) -> Tensor:
         """Checked, rank-averaged float32 values of ``vector`` on this module's device.
@@ -658,7 +671,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         rank raises at once instead of the others waiting there for it.
         """
         try:
-            values, nonfinite = self._checked_values(vector, None)
+            values, nonfinite, _ = self._checked_values(vector, None)
         except Exception:  # re-raised after the collective the other ranks are waiting in
             all_reduce_mean(torch.full((self.num_tasks,), math.nan, device=vector.device))
             raise
