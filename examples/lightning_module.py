@@ -95,6 +95,11 @@ class MultiTaskModule(pl.LightningModule):
             )
         return torch.optim.Adam(groups)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # With Trainer(accumulate_grad_batches=N) and accumulation_steps=N, Lightning also
+        # steps on an epoch's last, shorter window: the balancer's next window starts afresh.
+        self.balancer.end_window()
+
 
 # --8<-- [end:module]
 

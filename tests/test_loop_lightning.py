@@ -50,6 +50,23 @@ class TwoTasks(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class ShortLastWindow(TwoTasks):
+    """Records the weights of each micro-batch, and ends the balancer's window at each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows: list[list[tuple[float, ...]]] = [[]]
+
+    def training_step(self, batch, batch_idx):
+        objective = self.balancer(self._losses(batch))
+        self.windows[-1].append(tuple(self.balancer.weights.tolist()))
+        return objective
+
+    def on_before_optimizer_step(self, optimizer):
+        self.balancer.end_window()
+        self.windows.append([])
+
+
 def _loader(seed: int, batches: int):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(8 * batches, 4, generator=generator)
@@ -76,3 +93,35 @@ def test_accumulate_grad_batches_steps_the_balancer_once_per_optimiser_step():
     assert int(model.balancer.num_steps) == BATCHES // ACCUMULATE
     assert model.validation_states
     assert all(state["unchanged"] for state in model.validation_states)
+
+
+def _trainer(epochs: int) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        accumulate_grad_batches=ACCUMULATE,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+
+
+def test_an_epochs_short_last_window_ends_the_balancers_window():
+    """7 batches, N = 3: Lightning steps after batches 3, 6 and 7 of each epoch. With
+    end_window() at each optimiser step, every step's micro-batches share one set of weights
+    and the balancer takes exactly one step per optimiser step, in every epoch."""
+    model = ShortLastWindow()
+    trainer = _trainer(epochs=3)
+    trainer.fit(model, _loader(0, 7))
+    windows = model.windows[:-1]  # the list opened after the last step stays empty
+    assert model.windows[-1] == []
+    assert [len(window) for window in windows] == [3, 3, 1] * 3
+    assert trainer.global_step == 9
+    assert int(model.balancer.num_steps) == 9
+    for window in windows:
+        assert len(set(window)) == 1, window
+    assert len({window[0] for window in windows}) == 9  # FAMO moved at every optimiser step

@@ -75,6 +75,54 @@ def test_accumulation_window_equals_one_step_per_window(loss_method, N):
     assert int(accumulated.num_calls) == 5 * N
 
 
+@pytest.mark.parametrize("loss_method", ["famo", "rlw", "dwa"])
+def test_end_window_starts_a_new_window_at_the_next_call(loss_method):
+    """Windows of 3, the optimiser stepping after 3, 3 and 1 calls with end_window() at each
+    step, are the windows of a balancer fed one call per window: the short window's call
+    computes new weights, and the next window starts afresh instead of sharing its weights."""
+    N = 3
+    ended = make_balancer(loss_method, K, accumulation_steps=N)
+    reference = make_balancer(loss_method, K)
+    calls = 0
+    for window, size in enumerate([3, 3, 1, 3, 1]):
+        for position in range(size):
+            call(ended, losses_for(window, K).requires_grad_(True), calls)
+            calls += 1
+            if position == 0:
+                call(reference, losses_for(window, K).requires_grad_(True), window)
+            torch.testing.assert_close(ended.weights, reference.weights)
+        ended.end_window()
+        assert int(ended.num_calls) % N == 0
+        assert int(ended.num_steps) == window + 1
+
+
+def test_end_window_after_a_full_window_or_without_accumulation_does_nothing():
+    b = tb.create("famo", num_tasks=2, accumulation_steps=2)
+    for _ in range(2):
+        b(torch.tensor([1.0, 2.0], requires_grad=True))
+    before = snapshot(b)
+    b.end_window()
+    assert_same_state(before, snapshot(b))
+    plain = tb.create("famo", num_tasks=2)
+    plain(torch.tensor([1.0, 2.0], requires_grad=True))
+    before = snapshot(plain)
+    plain.end_window()
+    assert_same_state(before, snapshot(plain))
+
+
+def test_end_window_is_saved_and_restored():
+    b = tb.create("famo", num_tasks=2, accumulation_steps=4)
+    b(torch.tensor([1.0, 2.0], requires_grad=True))
+    b.end_window()
+    restored = tb.create("famo", num_tasks=2, accumulation_steps=4)
+    restored.load_state_dict(b.state_dict())
+    for balancer in (b, restored):
+        before = balancer.weights
+        balancer(torch.tensor([3.0, 1.0], requires_grad=True))  # a new window: new weights
+        assert not torch.equal(balancer.weights, before)
+    torch.testing.assert_close(b.weights, restored.weights)
+
+
 def test_accumulation_resumes_mid_window():
     reference = tb.create("dwa", num_tasks=K, window=2, accumulation_steps=3)
     expected = _run(reference, range(14))

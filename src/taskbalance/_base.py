@@ -384,6 +384,29 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     def end_epoch(self) -> None:
         """Mark an epoch boundary. Methods with per-epoch statistics (DWA) override this."""
 
+    def end_window(self) -> None:
+        """End the current accumulation window: the next call starts a new one.
+
+        With ``accumulation_steps=N``, call it whenever the optimiser steps, or at least when
+        it steps on fewer than N calls: Lightning does at the end of each epoch whose batches
+        N does not divide (``on_before_optimizer_step`` is the place), as does a loop that
+        steps on an epoch's last micro-batches. The call counter skips the window's unused
+        places, so the next window starts with the next optimiser step instead of straddling
+        it. After a full window (or with ``accumulation_steps=1``) it does nothing.
+
+        Example:
+            >>> import torch, taskbalance as tb
+            >>> b = tb.create("rlw", num_tasks=2, accumulation_steps=4)
+            >>> _ = b(torch.ones(2, requires_grad=True))  # one call of a short last window
+            >>> b.end_window()
+            >>> int(b.num_calls), int(b.num_steps)
+            (4, 1)
+        """
+        unused = -self._calls_taken % self.accumulation_steps
+        if unused:
+            self.num_calls.add_(unused)
+            object.__setattr__(self, "_calls_taken", self._calls_taken + unused)
+
     def log_dict(self, prefix: str = "balancer/") -> dict[str, float]:
         """The last step's weights, mean losses and (gradient methods) task-gradient cosines.
 
