@@ -49,3 +49,37 @@ def test_compiled_step_does_not_recompile_after_warm_up(name):
         torch.testing.assert_close(balancer.weights, eager.weights)
     assert frames[-1] == frames[1], f"recompiled after warm-up: frames per step {frames}"
     assert int(balancer.num_steps) == 8
+
+
+def _aot_problem(name: str, mode: str):
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(4, 5)
+    heads = torch.nn.ModuleList([torch.nn.Linear(5, 1) for _ in range(K)])
+    params = {"params": list(trunk.parameters())} if mode == "params" else {}
+    balancer = make_balancer(name, K, **params)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        z = trunk(x)
+        losses = torch.stack([(head(z) ** 2).mean() + 0.1 for head in heads])
+        return balancer(losses, **({} if mode == "params" else {"features": z}))
+
+    return step, balancer, trunk
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad"])
+def test_compiled_step_through_aot_autograd(name):
+    """With AOTAutograd (what inductor compiles through), z and the losses are sibling outputs
+    of one compiled node: features mode is refused, saying why; parameters mode equals eager."""
+    torch._dynamo.reset()
+    step, _, _ = _aot_problem(name, "features")
+    with pytest.raises(ValueError, match=r"features: .*compiled training step.*params="):
+        torch.compile(step, backend="aot_eager")(torch.randn(6, 4))
+    eager_step, eager, eager_trunk = _aot_problem(name, "params")
+    step, balancer, trunk = _aot_problem(name, "params")
+    compiled = torch.compile(step, backend="aot_eager")
+    for i in range(3):
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(i))
+        compiled(x).backward()
+        eager_step(x).backward()
+        torch.testing.assert_close(balancer.weights, eager.weights)
+        torch.testing.assert_close(trunk.weight.grad, eager_trunk.weight.grad)

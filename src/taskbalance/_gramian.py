@@ -486,11 +486,12 @@ def _check_reached(
         return
     names = _input_names(inputs, features_mode)  # only to name what is wrong
     if len(unreached) == len(names):
-        raise ValueError(_nothing_reached_message(names))
+        raise ValueError(_nothing_reached_message(names) + _compiled_hint(inputs))
     # With absent tasks an input may be read only by them (a listed head parameter): only an
     # input that no task at all reaches is an error, which the present tasks cannot tell.
     if all(present) and unreached:
-        raise ValueError(_input_unreached_message(names[unreached[0]]))
+        hint = _compiled_hint([inputs[unreached[0]]])
+        raise ValueError(_input_unreached_message(names[unreached[0]]) + hint)
     for k in tasks:
         if not any(reached[k]):
             raise ValueError(_task_unreached_message(k, names))
@@ -508,6 +509,20 @@ _FEATURES_FIX = (
     "from the wrapped model's outputs; see examples/compile_model.py and "
     "examples/ddp_unused_parameters.py."
 )
+
+
+def _compiled_hint(inputs: Sequence[Tensor]) -> str:
+    """What to do when the unreached tensors are outputs of a graph compiled by AOTAutograd."""
+    if not any("CompiledFunction" in type(tensor.grad_fn).__name__ for tensor in inputs):
+        return ""
+    return (
+        " Here they are outputs of a torch.compile'd graph: when one compiled region computes "
+        "both these tensors and the losses (a compiled training step that calls the balancer, "
+        "or a whole compiled model), autograd sees the region as one node whose outputs are "
+        "siblings, with no path between them. Call a gradient method from a compiled step in "
+        "parameters mode (params=), or keep the step eager and compile the trunk and the "
+        "heads separately."
+    )
 
 
 _SEED_MODIFIED = (
