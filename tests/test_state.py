@@ -131,3 +131,37 @@ def test_state_dict_of_a_different_size_is_refused():
     b = tb.create("dwa", num_tasks=3)
     with pytest.raises(RuntimeError, match="saved with num_tasks=2"):
         b.load_state_dict(tb.create("dwa", num_tasks=2).state_dict())
+
+
+@pytest.mark.parametrize("name", ["upgrad", "gradvac", "pcgrad"])
+def test_params_may_change_on_resume_when_no_state_follows_them(name):
+    """params= is saved as shapes: after allow_changed_hyperparameters('params') a method whose
+    state does not depend on them loads, and continues exactly as the saved balancer."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5))
+    saved = tb.create(name, num_tasks=2, params=list(trunk[2].parameters()))
+    z = trunk(torch.randn(3, 4))
+    saved(torch.stack([(z**2).mean(), z.mean() ** 2])).backward()
+    resumed = tb.create(name, num_tasks=2, params=list(trunk.parameters()))
+    with pytest.raises(RuntimeError, match=r"allow_changed_hyperparameters\('params'\)"):
+        resumed.load_state_dict(saved.state_dict())
+    resumed.allow_changed_hyperparameters("params").load_state_dict(saved.state_dict())
+    assert torch.equal(resumed.weights, saved.weights)
+    assert int(resumed.num_steps) == int(saved.num_steps) == 1
+
+
+def test_params_change_is_refused_for_state_shaped_by_them():
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5))
+    saved = tb.create("db_mtl", num_tasks=2, params=list(trunk[2].parameters()))
+    resumed = tb.create("db_mtl", num_tasks=2, params=list(trunk.parameters()))
+    resumed.allow_changed_hyperparameters("params")
+    before = {
+        key: value.clone() for key, value in resumed.state_dict().items() if torch.is_tensor(value)
+    }
+    with pytest.raises(
+        RuntimeError,
+        match=r"'grad_averages' has shape \(2, 35\), expected \(2, 65\): its shape follows",
+    ):
+        resumed.load_state_dict(saved.state_dict())
+    after = resumed.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in before.items())

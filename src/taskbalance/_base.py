@@ -880,9 +880,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         the buffers that differ hold them (fixed weights, DTP's γ, FAMO's bounds, ...), and
         keep the new values rather than the checkpoint's.
         """
+        # params= is saved as its tensors' shapes, which no buffer holds as values (a buffer
+        # whose shape follows them was already refused by _check_loadable's shape check).
         changed = {
             key: _decoded(saved["hyperparameters"][key])
-            for key in self._allowed_changes
+            for key in self._allowed_changes - {"params"}
             if saved["hyperparameters"].get(key) != self.configuration.get(key)
         }
         if not changed:
@@ -927,9 +929,12 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             if not isinstance(given, Tensor):
                 raise TypeError(f"{what}: {full!r} is a {type(given).__name__}, not a tensor")
             if given.shape != current.shape:
+                # num_tasks matched (_check_extra_state): the shape follows another setting.
                 raise ValueError(
                     f"{what}: {full!r} has shape {tuple(given.shape)}, expected "
-                    f"{tuple(current.shape)} (a state saved with another num_tasks?)"
+                    f"{tuple(current.shape)}: its shape follows the configuration (such as "
+                    "the sizes of the params= tensors), so this state cannot be carried over "
+                    "to this one"
                 )
             if current.is_floating_point():
                 if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
