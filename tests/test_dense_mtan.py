@@ -257,6 +257,9 @@ def test_compare_keys_name_the_model_that_ran():
     assert _run_key(source, job, config, "mtan") != _run_key(source, job, config, "segnet")
     assert "model" not in _run_key(source, job, config)
     assert "model" not in _run_key(source, job, config)["benchmark"]
+    # --model segnet and the default (segnet on scenes) are the same runs.
+    named = BenchmarkSource("scenes", model="segnet")
+    assert _run_key(named, job, config, "segnet") == _run_key(source, job, config, "segnet")
 
 
 def _run(argv, capsys):

@@ -748,27 +748,36 @@ def test_direct_engine_call_gives_autograd_grads_result(monkeypatch, mode, dtype
     assert all(torch.equal(a, b) for a, b in zip(fast, public, strict=True))
 
 
-def test_direct_engine_call_falls_back_once_on_a_changed_signature(monkeypatch):
-    """A torch whose private entry takes other arguments: the public function, from then on."""
+def test_the_engine_entry_is_tried_once_and_refused_when_it_changed(monkeypatch):
+    """A torch whose private entry takes other arguments, or computes something else: the
+    public function, decided once at import rather than by catching errors at every call."""
     import taskbalance._gramian as engine
+
+    assert engine._checked_engine_entry() is torch.autograd.graph._engine_run_backward
 
     def changed(*args):
         raise TypeError("_engine_run_backward() takes 1 positional argument")
 
-    monkeypatch.setattr(engine, "_engine_backward", changed)
+    monkeypatch.setattr(torch.autograd.graph, "_engine_run_backward", changed)
+    assert engine._checked_engine_entry() is None
+    monkeypatch.setattr(torch.autograd.graph, "_engine_run_backward", lambda *args: (None,))
+    assert engine._checked_engine_entry() is None
+    monkeypatch.delattr(torch.autograd.graph, "_engine_run_backward")
+    assert engine._checked_engine_entry() is None
+    # Without it, the public function: the same Gramian.
+    monkeypatch.setattr(engine, "_engine_backward", None)
     model, x, y = mlp_problem(2)
     losses, z = model.losses(x, y)
     assert_gram_close(
         gramian(losses, z), reference_gramian(losses, [z]), torch.float32, torch.float32
     )
-    assert engine._engine_backward is None
 
 
-def test_direct_engine_call_reraises_an_error_of_the_backward_itself(monkeypatch):
+def test_direct_engine_call_raises_an_error_of_the_backward_itself_once():
     import taskbalance._gramian as engine
 
-    # The error also switches to the public function, which raises it again: restored after.
-    monkeypatch.setattr(engine, "_engine_backward", engine._engine_backward)
+    entry = engine._engine_backward
+    calls: list[int] = []
 
     class Failing(torch.autograd.Function):
         @staticmethod
@@ -777,9 +786,12 @@ def test_direct_engine_call_reraises_an_error_of_the_backward_itself(monkeypatch
 
         @staticmethod
         def backward(ctx, grad):
+            calls.append(1)
             raise TypeError("a custom backward's own error")
 
     z = torch.randn(4, 3, requires_grad=True)
     losses = torch.stack([Failing.apply(z).sum(), (2 * z).sum()])
     with pytest.raises(TypeError, match="a custom backward's own error"):
         gramian(losses, z)
+    assert calls == [1]  # run once, not retried
+    assert engine._engine_backward is entry  # and the direct call stays on

@@ -4,6 +4,7 @@ present masks and several shared tensors (issue 8 items 2, 3, 6, 8, 9)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -286,6 +287,44 @@ def test_an_absent_tasks_nan_masked_mean_passes_no_gradient(name, options):
         torch.testing.assert_close(grads[False][n], grad, rtol=1e-6, atol=1e-7, msg=n)
     assert torch.all(grads[False]["heads.1.weight"] == 0)
     assert torch.all(grads[False]["heads.1.bias"] == 0)
+
+
+def test_an_absent_tasks_nan_loss_in_eager_mode_warns_nothing():
+    model = _MaskedMeanModel()
+    losses, _ = model.losses(torch.tensor([[True, False]] * 4), safe=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tb.create("ew", num_tasks=2)(losses, present=torch.tensor([True, False])).backward()
+
+
+def test_an_absent_tasks_nan_loss_from_one_shared_node_warns():
+    """K losses split from one tensor (or a compiled region's outputs): the node that computes
+    them runs its whole backward, so the NaN cannot be kept out, and the call says so."""
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    per_task = (mask * x[:, None]).sum(0) / mask.sum(0)  # [K], NaN where no labels
+    with pytest.warns(RuntimeWarning, match=r"losses\[1\] is nan .* one graph node"):
+        tb.create("ew", num_tasks=2)(list(per_task), present=torch.tensor([True, False]))
+
+
+def test_an_absent_tasks_nan_loss_gives_sparse_and_complex_parameters_their_zero_gradient():
+    """What a finite loss gives: a sparse (empty) gradient to an embedding read with
+    sparse=True, which SparseAdam takes, and a complex zero to a complex parameter."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(3, 4)
+    table = torch.nn.Embedding(5, 4, sparse=True)  # task 1's own
+    rotation = torch.nn.Parameter(torch.randn(4, dtype=torch.complex64))  # task 1's own
+    z = trunk(torch.randn(6, 3))
+    labelled = torch.zeros(6)
+    own = table(torch.tensor([1, 2])).sum() + (rotation * z[0].to(torch.complex64)).real.sum()
+    losses = [(z**2).mean(), (labelled * own).sum() / labelled.sum()]  # 0/0 for task 1
+    tb.create("ew", num_tasks=2)(losses, present=[True, False]).backward()
+    assert table.weight.grad.is_sparse
+    assert table.weight.grad.coalesce().values().numel() == 0
+    torch.optim.SparseAdam(table.parameters()).step()
+    assert rotation.grad is not None
+    assert torch.all(rotation.grad == 0)
+    assert bool(torch.isfinite(trunk.weight.grad).all())
 
 
 def test_an_absent_tasks_nan_loss_computed_in_one_piece_is_not_split():

@@ -9,7 +9,10 @@ absent loss passes no gradient at all: a hook on the ``torch.stack`` node the K 
 stacked by (a list passed to a balancer is stacked the same way) drops those entries' gradients,
 and their graph is never run backward.
 
-A loss vector computed in one piece (not stacked from K losses) cannot be split: its backward
+This cannot keep out a loss that comes out of one graph node with the present tasks' losses:
+the outputs of a compiled region (AOTAutograd runs its whole backward, with a zero for a
+dropped output), or one loss tensor split into K. The call then warns (``RuntimeWarning``).
+A loss vector computed in one piece (not stacked from K losses) cannot be split either: its backward
 gets a zero for each absent entry, so an absent entry's formula must have a finite backward
 there (a masked sum divided by ``count.clamp_min(1)`` rather than by a zero count). A leaf
 vector, or NaN put in by ``torch.where(present, losses, nan)``, is harmless either way.
@@ -18,13 +21,15 @@ A parameter that only such losses reach (the absent task's head) would then get 
 (``.grad`` None), where a finite loss gives it a zero one, and optimisers tell the two apart
 (momentum and Adam's moments move on a zero gradient and skip a missing one): those parameters
 get an explicit zero gradient through ``0 · p``, which involves no term of the loss. So an
-absent task's parameters get the same zero gradient whatever its loss's value and formula.
+absent task's parameters get the zero gradient a finite loss would give them (sparse for an
+embedding read with ``sparse=True``), whatever its loss's value and formula.
 (DDP's reducer is satisfied either way: the engine still runs the dropped branch's nodes with
 undefined gradients, whose hooks mark the parameters ready.)
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -58,18 +63,26 @@ def absent_losses_cut(vector: Tensor, absent: Sequence[int]) -> Tensor | None:
     assert node is not None
     node.register_hook(drop)
     kept = [fn for k, fn in enumerate(inputs) if k not in dropped and fn is not None]
-    cut = [fn for k, fn in enumerate(inputs) if k in dropped and fn is not None]
     reached = _reachable(kept, set())
-    orphans = [
-        leaf
-        for leaf in _leaves(_reachable(cut, reached))
-        if leaf.requires_grad and leaf.is_floating_point()
-    ]
+    for k in sorted(dropped):
+        if inputs[k] is not None and _shares_its_loss_node(inputs[k], reached):
+            warnings.warn(
+                f"losses[{k}] is {vector[k].item()} for a task marked absent, but it comes out "
+                "of one graph node with the present tasks' losses (a compiled region that "
+                "computes the losses, or one tensor of losses split into K), so it cannot be "
+                "kept out of the backward: that node runs its whole backward, and a loss that "
+                "divides by a zero count gives NaN gradients (0 · ∞). Compute an absent task's "
+                "loss finitely (e.g. divide by count.clamp_min(1))",
+                RuntimeWarning,
+                stacklevel=6,  # the user's call: through forward, compiler.disable, nn.Module
+            )
+    cut = [fn for k, fn in enumerate(inputs) if k in dropped and fn is not None]
+    orphans = _orphan_leaves(cut, reached)
     if not orphans:
         return None
     zero = torch.zeros((), dtype=torch.float32, device=vector.device)
-    for leaf in orphans:
-        zero = zero + (leaf.reshape(-1)[:1].to(torch.float32) * 0).sum()
+    for leaf, sparse in orphans:  # (a model split over devices: each term joins the losses')
+        zero = zero + _zero_gradient_term(leaf, sparse).to(zero.device)
     return zero
 
 
@@ -84,6 +97,10 @@ def _stack_inputs(vector: Tensor) -> list[object | None] | None:
     return [fn for fn, _ in edges]
 
 
+def _children(node: object) -> list[object]:
+    return [child for child, _ in node.next_functions if child is not None]  # type: ignore[attr-defined]
+
+
 def _reachable(roots: Sequence[object], stop: set[object]) -> set[object]:
     """The nodes reachable from ``roots`` that are not in ``stop`` (nor below one)."""
     seen: set[object] = set()
@@ -93,17 +110,71 @@ def _reachable(roots: Sequence[object], stop: set[object]) -> set[object]:
         if node in seen:
             continue
         seen.add(node)
-        for child, _ in node.next_functions:  # type: ignore[attr-defined]
-            if child is not None and child not in seen and child not in stop:
-                pending.append(child)
+        pending.extend(child for child in _children(node) if child not in stop)
     return seen
 
 
-def _leaves(nodes: set[object]) -> list[Tensor]:
-    """The leaf tensors of the AccumulateGrad nodes among ``nodes``."""
-    leaves = []
-    for node in nodes:
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            leaves.append(variable)
-    return leaves
+#: Backward nodes that only move values (views, copies, dtype casts): no loss formula in them.
+_MOVES_VALUES = frozenset(
+    {
+        "AliasBackward0",
+        "AsStridedBackward0",
+        "CloneBackward0",
+        "ExpandBackward0",
+        "ReshapeAliasBackward0",
+        "SelectBackward0",
+        "SliceBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "ToCopyBackward0",
+        "UnsafeViewBackward0",
+        "UnsqueezeBackward0",
+        "ViewBackward0",
+    }
+)
+
+
+def _shares_its_loss_node(root: object, reached: set[object]) -> bool:
+    """Whether the dropped loss's own formula sits in a node the kept losses also run.
+
+    Past the nodes that only move values (the reshape of a list entry, the selection of one
+    entry of a loss tensor), the first node is where the loss was computed. Only this loss's
+    own (the kept losses do not reach it): dropping its gradient skips its backward. Reached by
+    the kept losses too (a compiled region's outputs, an unbind or a division of one loss
+    tensor): it runs the dropped loss's backward with a zero instead.
+    """
+    node: object | None = root
+    while node is not None:
+        if node in reached:
+            return not hasattr(node, "variable")  # a leaf (AccumulateGrad) has no formula
+        if type(node).__name__ not in _MOVES_VALUES:
+            return False
+        children = _children(node)
+        node = children[0] if len(children) == 1 else None
+    return False
+
+
+def _orphan_leaves(cut: Sequence[object], reached: set[object]) -> list[tuple[Tensor, bool]]:
+    """The leaves (with whether their gradient is sparse) that only the ``cut`` nodes reach."""
+    orphans: dict[int, tuple[Tensor, bool]] = {}
+    for node in _reachable(cut, reached):
+        sparse = bool(getattr(node, "_saved_sparse", False))  # embedding(..., sparse=True)
+        for child in _children(node):
+            leaf = getattr(child, "variable", None)
+            if child in reached or not isinstance(leaf, Tensor) or not leaf.requires_grad:
+                continue
+            if leaf.is_floating_point() or leaf.is_complex():
+                known = orphans.get(id(leaf))
+                orphans[id(leaf)] = (leaf, sparse or (known is not None and known[1]))
+    return list(orphans.values())
+
+
+def _zero_gradient_term(leaf: Tensor, sparse: bool) -> Tensor:
+    """A float32 0-d zero whose backward gives ``leaf`` a zero gradient of the kind a loss
+    would: sparse (no rows) for an embedding table read with ``sparse=True``."""
+    if sparse and leaf.dim() == 2:
+        no_rows = torch.zeros(0, dtype=torch.long, device=leaf.device)
+        term = torch.nn.functional.embedding(no_rows, leaf, sparse=True).sum()
+    else:
+        term = (leaf.reshape(-1)[:1] * 0).sum()
+    return (term.real if term.is_complex() else term).to(torch.float32)

@@ -99,13 +99,27 @@ _INITIAL_SCALE = 2.0**16
 _BACKOFF = 2.0**8
 #: The largest K whose Gramian is unscaled on the host (see :func:`_unscaled_gram`).
 _HOST_GRAM_MAX_K = 8
-#: The entry into autograd's engine that ``torch.autograd.grad`` ends in. The engine's loop
-#: calls it directly for plain tensors: the public function's argument normalisation (shape,
-#: dtype and subclass checks of arguments the engine builds itself) costs about a third of a
-#: small task's backward, K times per step. None (a torch without it): the public function.
-_engine_backward: Callable[..., tuple[Tensor | None, ...]] | None = getattr(
-    torch.autograd.graph, "_engine_run_backward", None
-)
+
+
+def _checked_engine_entry() -> Callable[..., tuple[Tensor | None, ...]] | None:
+    """The entry into autograd's engine that ``torch.autograd.grad`` ends in, if this torch
+    has it with the arguments the per-task loop passes (tried once, on a 0-d product)."""
+    entry = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if entry is None:
+        return None
+    with torch.enable_grad(), torch.inference_mode(False):
+        x = torch.ones((), requires_grad=True)
+        try:
+            (grad,) = entry((x * 3.0,), (torch.ones(()),), False, False, (x,), True, False)
+        except TypeError:  # another signature: the public function, same result
+            return None
+    return entry if isinstance(grad, Tensor) and grad.item() == 3.0 else None
+
+
+#: The engine's loop calls this directly for plain tensors: the public function's argument
+#: normalisation (shape, dtype and subclass checks of arguments the engine builds itself) costs
+#: about a third of a small task's backward, K times per step. None: the public function.
+_engine_backward = _checked_engine_entry()
 
 
 def gramian(
@@ -428,14 +442,9 @@ def _edge_grads(
     """One task's gradients from its edge into the stack; ``cotangent`` is a 0-d tensor."""
     if edge is None:  # a loss that does not require grad (a constant)
         return (None,) * len(inputs)
-    global _engine_backward
     if _engine_backward is not None and not has_torch_function(inputs):
-        try:  # retain_graph, no create_graph, allow_unused, no accumulation into .grad
-            return _engine_backward((edge,), (cotangent,), True, False, tuple(inputs), True, False)
-        except TypeError:
-            # A torch whose private entry takes other arguments: the public function from now
-            # on (a TypeError raised inside the backward itself is raised again by it).
-            _engine_backward = None
+        # retain_graph, no create_graph, allow_unused, no accumulation into .grad
+        return _engine_backward((edge,), (cotangent,), True, False, tuple(inputs), True, False)
     return torch.autograd.grad(
         [edge], list(inputs), grad_outputs=[cotangent], retain_graph=True, allow_unused=True
     )
@@ -643,9 +652,10 @@ def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool]:
     unscaled before the sum (a power of two: exact), so entries up to the dtype's maximum
     stay finite. Up to :data:`_HOST_GRAM_MAX_K` tasks this runs on one host copy of the K²
     numbers, which the finite check reads anyway: inside a step, three small-tensor calls cost
-    more than K² Python products. The result is the same to the last bit (a float32 sum
-    rounded once from float64 is the correctly rounded float32 sum), except that an entry
-    below float32's normal range is not rounded twice.
+    more than K² Python products. The result is the same to the last bit for float64, and for
+    float32 wherever the tensor path's halved entries are normal numbers (a float32 sum rounded
+    once from float64 is the correctly rounded float32 sum); near float32's subnormal range
+    the host path, which halves in float64, is the more exact.
     """
     half = 0.5 / (scale * scale)
     K = gram.shape[-1]

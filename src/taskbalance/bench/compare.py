@@ -126,11 +126,10 @@ def _run_key(
     source: BenchmarkSource, job: Job, config: TrainConfig, model: str | None = None
 ) -> dict[str, Any]:
     # The model that ran (settings["model"] of a benchmark that offers several) is part of the
-    # key, so a run of one default model is never resumed as the other's; benchmarks with one
-    # model keep the keys they had.
-    source_fields = {
-        key: value for key, value in vars(source).items() if key != "model" or value is not None
-    }
+    # key, so a run of one default model is never resumed as the other's, and the default
+    # and the same model named by --model share their runs; benchmarks with one model keep
+    # the keys they had.
+    source_fields = {key: value for key, value in vars(source).items() if key != "model"}
     key = {
         "benchmark": _plain(source_fields),
         "method": None if job.method is None else job.method.label,
