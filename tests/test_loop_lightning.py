@@ -74,28 +74,7 @@ def _loader(seed: int, batches: int):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
 
 
-def test_accumulate_grad_batches_steps_the_balancer_once_per_optimiser_step():
-    model = TwoTasks()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accumulate_grad_batches=ACCUMULATE,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(model, _loader(0, BATCHES), _loader(1, 2))
-    assert trainer.global_step == BATCHES // ACCUMULATE
-    assert int(model.balancer.num_calls) == BATCHES
-    assert int(model.balancer.num_steps) == BATCHES // ACCUMULATE
-    assert model.validation_states
-    assert all(state["unchanged"] for state in model.validation_states)
-
-
-def _trainer(epochs: int) -> pl.Trainer:
+def _trainer(epochs: int, **options) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
         accumulate_grad_batches=ACCUMULATE,
@@ -106,8 +85,19 @@ def _trainer(epochs: int) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **options,
     )
+
+
+def test_accumulate_grad_batches_steps_the_balancer_once_per_optimiser_step():
+    model = TwoTasks()
+    trainer = _trainer(epochs=1)
+    trainer.fit(model, _loader(0, BATCHES), _loader(1, 2))
+    assert trainer.global_step == BATCHES // ACCUMULATE
+    assert int(model.balancer.num_calls) == BATCHES
+    assert int(model.balancer.num_steps) == BATCHES // ACCUMULATE
+    assert model.validation_states
+    assert all(state["unchanged"] for state in model.validation_states)
 
 
 def test_an_epochs_short_last_window_ends_the_balancers_window():
@@ -115,7 +105,7 @@ def test_an_epochs_short_last_window_ends_the_balancers_window():
     end_window() at each optimiser step, every step's micro-batches share one set of weights
     and the balancer takes exactly one step per optimiser step, in every epoch."""
     model = ShortLastWindow()
-    trainer = _trainer(epochs=3)
+    trainer = _trainer(epochs=3, limit_val_batches=0)
     trainer.fit(model, _loader(0, 7))
     windows = model.windows[:-1]  # the list opened after the last step stays empty
     assert model.windows[-1] == []

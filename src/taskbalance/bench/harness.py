@@ -42,7 +42,7 @@ import taskbalance as tb
 from taskbalance._distributed import all_reduce_sum
 from taskbalance.bench.api import Benchmark, BenchmarkError, TrainingDefaults
 from taskbalance.bench.data import collate
-from taskbalance.bench.models import shared_submodule_name
+from taskbalance.bench.models import shared_submodule_name, unwrapped
 from taskbalance.methods._facts import method_facts
 
 #: Adam betas of the balancer's own parameters (UW's and IMTL-L's log-scales). Their first
@@ -363,11 +363,10 @@ def _refuse_features_mode(method: Method, model: nn.Module) -> None:
         or method.hyperparameters["params"] is not None
     ):
         return
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     raise ValueError(
         f"params=None asks {method.name} for features mode, but the model "
-        f"({type(core).__name__}) has no single shared feature tensor: each task reads the "
-        "shared network at several levels, and those maps are computed from one another. "
+        f"({type(unwrapped(model)).__name__}) has no single shared feature tensor: each task "
+        "reads the shared network at several levels, and those maps are computed from one another. "
         "Gradient methods run on it in parameters mode over its shared parameters: leave "
         f"params out (the default, the submodule {shared!r}) or pass params={shared}"
     )
@@ -418,7 +417,7 @@ def balancer_arguments(
 
 def submodule(model: nn.Module, name: str) -> nn.Module:
     """``model.get_submodule(name)`` with an error that lists the valid names."""
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    core = unwrapped(model)
     try:
         return core.get_submodule(name)
     except AttributeError:

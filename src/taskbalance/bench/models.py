@@ -135,6 +135,11 @@ def mlp_heads(feature_size: int, hidden_size: int, output_sizes: Sequence[int]) 
     ]
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` (the model itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def shared_submodule_name(model: nn.Module) -> str | None:
     """The ``shared_submodule`` a model declares (unwrapping DDP), or None.
 
@@ -150,6 +155,5 @@ def shared_submodule_name(model: nn.Module) -> str | None:
         >>> shared_submodule_name(MultiTaskModel(mlp_trunk(4, [8]), linear_heads(8, [1]))) is None
         True
     """
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    name = getattr(core, "shared_submodule", None)
+    name = getattr(unwrapped(model), "shared_submodule", None)
     return name if isinstance(name, str) else None

@@ -43,9 +43,8 @@ from torch.utils.data import Dataset
 
 from taskbalance.bench.api import Benchmark, TrainingDefaults, register_benchmark
 from taskbalance.bench.dense import dense_tasks
-from taskbalance.bench.models import MultiTaskModel
 from taskbalance.bench.mtan import check_dense_model, dense_model
-from taskbalance.bench.segnet import CPU_FILTERS, segnet_model
+from taskbalance.bench.segnet import CPU_FILTERS
 
 #: The 13 semantic classes (NYUv2's 13-class protocol has as many).
 CLASSES = (
@@ -559,11 +558,6 @@ SMALL_DEFAULTS = TrainingDefaults(
 #: cheap (features mode) on a CPU, and the model of the comparison in the docs;
 #: ``--model mtan`` runs MTAN's attention network at the same size (parameters mode).
 DEFAULT_MODEL = "segnet"
-
-
-def model() -> MultiTaskModel:
-    """The CPU-sized SegNet (:data:`~taskbalance.bench.segnet.CPU_FILTERS`) with three heads."""
-    return segnet_model((len(CLASSES), 1, 3), (False, False, True), filters=CPU_FILTERS)
 
 
 def build(small: bool = False, data_seed: int = 0, model: str = DEFAULT_MODEL) -> Benchmark:
