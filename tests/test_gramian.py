@@ -728,6 +728,14 @@ def test_host_unscaled_gram_reports_a_float32_overflow():
     assert got[0, 1] == float("inf")
     nan = torch.tensor([[1.0, float("nan")], [0.0, 1.0]], dtype=torch.float64)
     assert _unscaled_gram(nan, 1.0)[1] is False
+    # At the edge of float32's range: 2·(a + b) exactly halfway between its largest value and
+    # 2**128 rounds (ties to even) to inf; with b = 0 it is the largest value itself.
+    for b, overflows in ((2.0**102, True), (0.0, False)):
+        raw = torch.tensor([[1.0, 2.0**127 - 2.0**103], [b, 1.0]], dtype=torch.float32)
+        got, finite = _unscaled_gram(raw, 0.5)
+        expected, expected_finite = _tensor_path_unscaled(raw, 0.5)
+        assert finite is expected_finite is (not overflows)
+        assert torch.equal(got, expected)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,6 +99,9 @@ _INITIAL_SCALE = 2.0**16
 _BACKOFF = 2.0**8
 #: The largest K whose Gramian is unscaled on the host (see :func:`_unscaled_gram`).
 _HOST_GRAM_MAX_K = 8
+#: The smallest magnitude that rounds to inf in each dtype (round to nearest, ties to even:
+#: halfway between the largest finite value and the next power of two). NaN fails ``<`` too.
+_ROUNDS_TO_INF = {torch.float32: 2.0**128 - 2.0**103, torch.float64: math.inf}
 
 
 def _checked_engine_entry() -> Callable[..., tuple[Tensor | None, ...]] | None:
@@ -662,15 +665,14 @@ def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool]:
     if gram.ndim == 2 and K <= _HOST_GRAM_MAX_K:
         raw = gram.tolist()
         symmetric = [[raw[i][j] * half + raw[j][i] * half for j in range(K)] for i in range(K)]
-        gram = torch.tensor(symmetric, dtype=gram.dtype, device=gram.device)
-        if gram.dtype == torch.float64:
-            values = [value for row in symmetric for value in row]
-        else:  # an entry past float32's range is inf only once rounded
-            values = gram.reshape(-1).tolist()
-    else:
-        halved = gram * half
-        gram = torch.add(halved, halved.mT)
-        values = gram.reshape(-1).tolist()  # K² numbers: one host copy, checked there
+        # An entry past the dtype's range is inf once rounded to it: decided here on the
+        # float64 values, so the one host copy (a device sync on a GPU) stays the only one.
+        limit = _ROUNDS_TO_INF.get(gram.dtype, math.inf)
+        finite = all(abs(value) < limit for row in symmetric for value in row)
+        return torch.tensor(symmetric, dtype=gram.dtype, device=gram.device), finite
+    halved = gram * half
+    gram = torch.add(halved, halved.mT)
+    values = gram.reshape(-1).tolist()  # K² numbers: one host copy, checked there
     return gram, all(map(math.isfinite, values))
 
 
