@@ -305,6 +305,14 @@ def test_an_absent_tasks_nan_loss_from_one_shared_node_warns():
     per_task = (mask * x[:, None]).sum(0) / mask.sum(0)  # [K], NaN where no labels
     with pytest.warns(RuntimeWarning, match=r"losses\[1\] is nan .* one graph node"):
         tb.create("ew", num_tasks=2)(list(per_task), present=torch.tensor([True, False]))
+    # Turned into an error (-W error), it refuses the call before any state changes.
+    b = tb.create("famo", num_tasks=2)
+    before = snapshot(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="one graph node"):
+            b(list(per_task), present=torch.tensor([True, False]))
+    assert_same_state(before, snapshot(b))
 
 
 def test_an_absent_tasks_nan_loss_gives_sparse_and_complex_parameters_their_zero_gradient():

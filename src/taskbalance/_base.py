@@ -329,6 +329,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             values, nonfinite, absent_nonfinite = self._checked_values(vector, mask)
             local_kpis = self._checked_kpis(kpis, values.device)
             shared = self._check_call_inputs(vector, features)
+            # Before any state changes: its warning may be an error (-W error). (0 · NaN is
+            # NaN: see taskbalance._absent.)
+            orphans = absent_losses_cut(vector, absent_nonfinite) if absent_nonfinite else None
         except Exception:  # re-raised: the other ranks only learn that this call failed
             self._refuse_on_every_rank(losses, kpis, features)
             raise
@@ -341,10 +344,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         weights = self._advance(step).to(device=vector.device, dtype=step.losses.dtype)
         with _own_precision(vector.device.type):  # Jᵀw in full precision
             objective = self._objective(step, weights)
-        if absent_nonfinite:  # (0 · NaN is NaN: see taskbalance._absent)
-            orphans = absent_losses_cut(vector, absent_nonfinite)
-            if orphans is not None:
-                objective = objective + orphans.to(objective.dtype)
+        if orphans is not None:
+            objective = objective + orphans.to(objective.dtype)
         return objective
 
     def compute_weights(
