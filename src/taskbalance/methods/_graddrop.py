@@ -7,12 +7,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from taskbalance._constants import constant
 from taskbalance._distributed import all_reduce_sum, seeded_generator
 from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import check_in_range, check_seed
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
+
+#: Up to this many task-coordinate entries (features mode: K × the features' width) the
+#: masks are computed in the fewest tensor calls; above it, with the fewest float temporaries.
+_FEW_COORDINATES = 2**16
 
 
 @register("graddrop")
@@ -50,8 +55,9 @@ class GradDrop(GradientBalancer):
     - parameters mode (``params=``), which the paper does not define and LibMTL refuses,
       masks the parameter entries themselves: ``G_k`` is the (global) task gradient, with no
       ``sign(A)`` factor and no batch;
-    - P is exact (``P = ½`` where every ``G_k`` is 0, where no mask passes anyway); LibMTL adds
-      1e-7 to the denominator. One leak for all tasks (the paper allows one per task); the
+    - P is exact, compared with U without a division (``P > U`` as
+      ``Σ_k G_k + Σ_k |G_k| > 2U·Σ_k |G_k|``; where every ``G_k`` is 0 no mask passes); LibMTL
+      adds 1e-7 to the denominator. One leak for all tasks (the paper allows one per task); the
       paper's monotone transfer ``f(P)`` is the identity, as in its experiments;
     - ``compute_weights`` is refused (the masks need the gradients, not their Gramian); steps
       between ``update_every`` refreshes apply ``Jᵀw`` with the last weights, drawing nothing.
@@ -157,7 +163,7 @@ def graddrop_direction(
     ``minus_sum`` gives ``d − Σ_k g_k`` instead of ``d`` (``rows`` are then this rank's own),
     in the same pass: the masks minus one weigh the rows.
     """
-    kept: Tensor | None = None  # Σ_c keep·G_k², summed over the shared tensors
+    passed: Tensor | None = None  # Σ_c M_k·G_k², summed over the shared tensors
     total: Tensor | None = None  # Σ_c G_k²
     direction = []
     for tensor, row in zip(shared, rows, strict=True):
@@ -166,32 +172,47 @@ def graddrop_direction(
         samples = tensor.shape[0] if batched else 1
         per_sample = row.reshape(num_tasks, samples, -1)
         if features_mode:
-            signs = torch.sign(tensor.detach()).reshape(1, samples, -1).to(row.dtype)
-            signed = (per_sample * signs).sum(dim=1).to(torch.float64)
-            signed = all_reduce_sum(signed)
+            # sign(A) is 0 or ±1: the products are exact
+            signs = torch.sign(tensor.detach()).reshape(samples, -1)
+            signed = all_reduce_sum((per_sample * signs).sum(dim=1).to(torch.float64))
         else:
             signed = per_sample[:, 0].to(torch.float64)
-        # ℓ + (1 − ℓ)·M: 1 where the gradient passes, ℓ where it is dropped. In parameters mode
-        # these are K×P tensors: each temporary costs a pass over memory (and page faults),
-        # so there are few of them.
-        keep = sign_dropout_mask(signed, generator).to(torch.float64)
-        if leak:
-            keep.mul_(1 - leak).add_(leak)
-        squared = signed.square()
-        tensor_kept, tensor_total = torch.linalg.vecdot(keep, squared, dim=1), squared.sum(dim=1)
-        kept = tensor_kept if kept is None else kept + tensor_kept
+        # In parameters mode these are K×P tensors: each temporary costs a pass over memory
+        # (and page faults), so there are few of them.
+        passes = sign_dropout_mask(signed, generator)
+        tensor_passed = torch.linalg.vector_norm(signed * passes, dim=1).square_()
+        tensor_total = torch.linalg.vector_norm(signed, dim=1).square_()
+        passed = tensor_passed if passed is None else passed + tensor_passed
         total = tensor_total if total is None else total + tensor_total
-        # d = Σ_k keep_k ⊙ g_k (or d − Σ_k g_k), accumulated in place; the rows' scale goes
-        # with the masks (exact: a power of two)
-        scaled_keep = (keep - 1 if minus_sum else keep).to(row.dtype).div_(row_scale)
-        shared_direction = per_sample[0] * scaled_keep[0]
+        coefficients = _coefficients(passes, row.dtype, leak, minus_sum, row_scale)
+        shared_direction = per_sample[0] * coefficients[0]
         for k in range(1, num_tasks):
-            shared_direction.addcmul_(per_sample[k], scaled_keep[k])
+            shared_direction.addcmul_(per_sample[k], coefficients[k])
         direction.append(shared_direction.reshape(-1))
-    assert kept is not None  # at least one shared tensor
+    assert passed is not None  # at least one shared tensor
     assert total is not None
-    weights = torch.where(total > 0, kept / total.clamp_min(1e-300), leak)
+    # w_k = ℓ + (1 − ℓ)·Σ M_k G_k² / Σ G_k²: passed ≤ total, so the only non-number is 0/0
+    # (no gradient at all), which keeps ℓ
+    weights = torch.div(passed, total).nan_to_num_(nan=0.0)
+    if leak:
+        weights.mul_(1 - leak).add_(leak)
     return weights, direction
+
+
+def _coefficients(
+    passes: Tensor, dtype: torch.dtype, leak: float, minus_sum: bool, row_scale: float
+) -> Tensor:
+    """``ℓ + (1 − ℓ)·M_k`` (minus 1 for the shift) over the rows' scale, in ``dtype``."""
+    high = (0.0 if minus_sum else 1.0) / row_scale  # exact: the scale is a power of two
+    low = (leak - 1.0 if minus_sum else leak) / row_scale
+    if passes.numel() <= _FEW_COORDINATES:  # one call picks one of the two values per entry
+        return torch.where(
+            passes,
+            constant(high, (), dtype, passes.device),
+            constant(low, (), dtype, passes.device),
+        )
+    # where() broadcasting two scalars is slow per entry: two in-place passes instead
+    return passes.to(dtype).mul_(high - low).add_(low)
 
 
 def sign_dropout_mask(signed: Tensor, generator: torch.Generator) -> Tensor:
@@ -201,10 +222,17 @@ def sign_dropout_mask(signed: Tensor, generator: torch.Generator) -> Tensor:
     ``torch.rand(C)`` draw from ``generator``, shared by the tasks.
     """
     absolute = signed.abs().sum(dim=0)
-    ratio = torch.where(absolute > 0, signed.sum(dim=0) / absolute.clamp_min(1e-300), 0.0)
-    purity = 0.5 * (1 + ratio)
     uniform = torch.rand(signed.shape[1], generator=generator, dtype=torch.float64)
-    uniform = uniform.to(signed.device)
-    positive = (purity > uniform) & (signed > 0)
-    negative = (purity < uniform) & (signed < 0)
-    return positive | negative
+    # Where Σ_k |G_k| > 0: P > U ⟺ Σ_k G_k + Σ_k |G_k| − 2U·Σ_k |G_k| > 0 (and < for P < U),
+    # so M_k = [G_k·sign(t) > 0] with t that threshold; where every G_k is 0, no M_k passes.
+    threshold = torch.addcmul(
+        signed.sum(dim=0).add_(absolute), uniform.to(signed.device), absolute, value=-2
+    )
+    if signed.numel() <= _FEW_COORDINATES:
+        return (signed * threshold.sign_()) > 0
+    # Parameters mode: K×P float temporaries cost a pass over memory each (and page faults);
+    # boolean ones an eighth of that.
+    positive, negative = signed > 0, signed < 0
+    positive &= threshold > 0
+    negative &= threshold < 0
+    return positive.logical_or_(negative)
