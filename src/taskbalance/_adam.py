@@ -1,14 +1,16 @@
-"""A tensor-only Adam for the few balancers that learn their weights with their own optimiser.
+"""Adam on K numbers for the few balancers that learn their weights with their own optimiser.
 
 FAMO's task logits and GradNorm's weights are updated inside the balancer, not by the user's
 optimiser. Keeping Adam's moments as buffers makes them part of ``state_dict``, so a resumed run
-continues the same trajectory, and keeps the update free of Python loops over parameters.
+continues the same trajectory. The arithmetic runs on the host in Python floats: inside a
+training step each of the dozen tensor calls an Adam step takes on K numbers costs more than
+the whole step does on the host.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,11 +19,12 @@ from torch import Tensor, nn
 class AdamState(nn.Module):
     """Adam (Kingma & Ba, 2015) moments for one vector, updated out of place.
 
-    Matches ``torch.optim.Adam`` with L2 ``weight_decay`` added to the gradient.
+    Matches ``torch.optim.Adam`` with L2 ``weight_decay`` added to the gradient (to float32
+    rounding: the arithmetic runs in float64 on the host, the moments are stored in float32).
 
-    The moments stay float32 and the arithmetic runs in float32 whatever ``.half()``,
-    ``.to(torch.bfloat16)`` or autocast do to the enclosing model: in float16 ``eps = 1e-8``
-    rounds to 0 and the squared gradients underflow, which turns the first step into 0/0.
+    The moments stay float32 whatever ``.half()``, ``.to(torch.bfloat16)`` or autocast do to
+    the enclosing model: in float16 ``eps = 1e-8`` rounds to 0 and the squared gradients
+    underflow, which turns the first step into 0/0.
 
     Args:
         size: length of the vector being optimised.
@@ -64,36 +67,35 @@ class AdamState(nn.Module):
 
         return super()._apply(keep_float32, recurse)
 
-    def step(self, param: Tensor, grad: Tensor, mask: Tensor | None = None) -> Tensor:
+    def step(
+        self, param: Sequence[float], grad: Sequence[float], mask: Sequence[bool] | None = None
+    ) -> list[float]:
         """Advance the moments by ``grad`` and return the updated copy of ``param``.
 
-        The update is computed in float32 and returned in ``param``'s dtype. With a bool
-        ``mask``, only the entries where it is True move: the others keep their value and
-        their moments (as ``torch.optim.SparseAdam`` does; the step count is shared).
+        Computed in float64 on the host from the float32 moments, which are stored back
+        rounded to float32. With a ``mask``, only the entries where it is True move: the
+        others keep their value and their moments (as ``torch.optim.SparseAdam`` does; the step
+        count is shared).
         """
         beta1, beta2 = self.betas
-        original_dtype = param.dtype
-        param = param.float()
-        grad = grad.float()
-        if self.weight_decay != 0:  # as torch.optim.Adam: no add at all without decay
-            grad = grad + self.weight_decay * param
-        if mask is not None:
-            kept = (self.exp_avg.clone(), self.exp_avg_sq.clone())
-        # lerp_, as torch.optim.Adam does, for the same rounding (it needs matching dtypes)
-        self.exp_avg.lerp_(grad.to(self.exp_avg.dtype), 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        if mask is not None:
-            mask = mask.to(self.exp_avg.device)
-            self.exp_avg.copy_(torch.where(mask, self.exp_avg, kept[0]))
-            self.exp_avg_sq.copy_(torch.where(mask, self.exp_avg_sq, kept[1]))
-        self.step_count.add_(1)
-        # Bias corrections in double precision on the host, as torch.optim.Adam computes them:
-        # in float32, 1 − 0.999 carries a relative error of ~3e-5 that shows in the first steps.
-        step = int(self.step_count)
+        # one host transfer for both moments (a device sync on a GPU)
+        exp_avg, exp_avg_sq = torch.stack((self.exp_avg, self.exp_avg_sq)).tolist()
+        step = int(self.step_count) + 1
+        # Bias corrections in double precision, as torch.optim.Adam computes them.
         bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denominator = self.exp_avg_sq.sqrt() / math.sqrt(bias_correction2) + self.eps
-        updated = param.addcdiv(self.exp_avg, denominator, value=-self.lr / bias_correction1)
-        if mask is not None:
-            updated = torch.where(mask.to(updated.device), updated, param)
-        return updated.to(original_dtype)
+        root_bias_correction2 = math.sqrt(1 - beta2**step)
+        updated = list(param)
+        for k, (value, gradient) in enumerate(zip(param, grad, strict=True)):
+            if mask is not None and not mask[k]:
+                continue
+            if self.weight_decay:  # as torch.optim.Adam: L2 decay added to the gradient
+                gradient += self.weight_decay * value
+            exp_avg[k] += (1 - beta1) * (gradient - exp_avg[k])
+            exp_avg_sq[k] = beta2 * exp_avg_sq[k] + (1 - beta2) * gradient * gradient
+            denominator = math.sqrt(exp_avg_sq[k]) / root_bias_correction2 + self.eps
+            updated[k] = value - self.lr / bias_correction1 * exp_avg[k] / denominator
+        moments = torch.tensor((exp_avg, exp_avg_sq), dtype=torch.float32)
+        self.exp_avg.copy_(moments[0])
+        self.exp_avg_sq.copy_(moments[1])
+        self.step_count.fill_(step)
+        return updated

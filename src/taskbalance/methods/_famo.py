@@ -141,59 +141,91 @@ class FAMO(Balancer):
         vector = as_loss_vector(losses, self.num_tasks)
         statistics = self._mean_over_ranks(vector)
         # The tasks absent at that call (on every rank) learn nothing now either.
-        present = None if bool(self._last_present.all()) else self._last_present
-        self._learn_from(torch.log(self._shifted(statistics)), present)
+        present = None if bool(self._last_present.all()) else self._last_present.tolist()
+        log_losses = [math.log(value) for value in self._shifted(statistics.tolist())]
+        self._learn_from(log_losses, self.logits.tolist(), present)
 
-    def _shifted(self, losses: Tensor) -> Tensor:
+    # K-vector arithmetic in Python floats (float64) on the host: inside a training step the
+    # thirty-odd tensor calls it took on K numbers cost more than the rest of the step's work.
+
+    def _shifted(self, losses: list[float]) -> list[float]:
         """``L − min_losses + eps``, checked to be > 0 (the method takes its log)."""
-        shifted = losses - self.min_losses.to(device=losses.device, dtype=losses.dtype) + self.eps
-        if any(value <= 0 for value in shifted.tolist()):  # K numbers: decided on the host
+        bounds = self.min_losses.tolist()
+        shifted = [loss - bound + self.eps for loss, bound in zip(losses, bounds, strict=True)]
+        if any(not value > 0 for value in shifted):
             raise ValueError(
-                "losses: FAMO takes log(L − min_losses) with min_losses = "
-                f"{self.min_losses.tolist()}, so every loss must exceed its bound; "
-                f"got {losses.tolist()}"
+                f"losses: FAMO takes log(L − min_losses) with min_losses = {bounds}, so every "
+                f"loss must exceed its bound; got {losses}"
             )
         return shifted
 
-    def _learn_from(self, log_losses: Tensor, present: Tensor | None = None) -> None:
-        """One Adam step on the logits from the decrease since ``previous_log_losses``.
+    def _learn_from(
+        self, log_losses: list[float], logits: list[float], present: list[bool] | None
+    ) -> list[float]:
+        """One Adam step on the logits from the decrease since ``previous_log_losses``;
+        returns the new logits.
 
         With a ``present`` mask, only the present tasks' logits learn, through the softmax
         over the present tasks alone: an absent task's logit, moments and loss stay as they
         were (its δ would be 0, but the full softmax would still move its logit).
         """
-        # In float32 whatever dtype the buffers were cast to (a model's .half() reaches them).
-        decrease = self.previous_log_losses.float() - log_losses
-        logits = self.logits.float()
-        if present is None:
-            probabilities = torch.softmax(logits, dim=0)
-        else:
-            present = present.to(logits.device)
-            probabilities = torch.softmax(torch.where(present, logits, -math.inf), dim=0)
-            decrease = torch.where(present, decrease, 0)
-        # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ)
-        logit_grad = probabilities * (decrease - (probabilities * decrease).sum())
-        self.logits.copy_(self.logit_optimiser.step(logits, logit_grad, mask=present))
+        decrease = [
+            before - after
+            for before, after in zip(self.previous_log_losses.tolist(), log_losses, strict=True)
+        ]
+        probabilities = _softmax(logits, present)
+        # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ), over the present tasks (z is 0 elsewhere)
+        mean_decrease = math.fsum(
+            z * d for z, d in zip(probabilities, decrease, strict=True) if z > 0
+        )
+        logit_grad = [
+            z * (d - mean_decrease) if z > 0 else 0.0
+            for z, d in zip(probabilities, decrease, strict=True)
+        ]
+        self.logits.copy_(torch.tensor(self.logit_optimiser.step(logits, logit_grad, present)))
+        return self.logits.tolist()  # as stored: rounded to the buffer's precision
 
     def _update(self, step: Step) -> Tensor:
-        losses = step.mean_losses
-        shifted = self._shifted(losses)
-        log_losses = torch.log(shifted)
+        shifted = self._shifted(step.mean_losses.tolist())
+        log_losses = [math.log(value) for value in shifted]
+        logits = self.logits.tolist()
         if self.delta == "next_step" and self._steps_taken > 0:  # previous losses exist
-            self._learn_from(log_losses, None if step.all_present else step.present)
-        self.previous_log_losses.copy_(log_losses)
-        probabilities = torch.softmax(self.logits.float(), dim=0)
-        normaliser = (probabilities / shifted).sum()
-        return probabilities / (normaliser * shifted)
+            present = None if step.all_present else step.present.tolist()
+            logits = self._learn_from(log_losses, logits, present)
+        self.previous_log_losses.copy_(torch.tensor(log_losses))
+        # w_k = z_k / (c·L_k) with c = Σ_k z_k / L_k
+        ratios = [z / value for z, value in zip(_softmax(logits, None), shifted, strict=True)]
+        normaliser = math.fsum(ratios)
+        weights = [ratio / normaliser for ratio in ratios]
+        return torch.tensor(weights, dtype=torch.float32, device=step.mean_losses.device)
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
-        losses = step.losses
-        statistics = step.mean_losses
-        weights = weights.to(losses.dtype)
-        statistics = statistics.to(losses.dtype)
-        weighted = torch.dot(weights, losses)
         # Shift the value to the paper's Σ (z/c)·log(L − min) without changing the gradient:
-        # with z/c = w ⊙ (L − min), the shift is Σ w ⊙ ((L − min)·log(L − min) − L).
-        shifted = statistics - self.min_losses.to(statistics.device) + self.eps
-        shift = torch.dot(weights, torch.xlogy(shifted, shifted) - statistics)
-        return weighted + shift.detach()
+        # with z/c = w ⊙ (L − min), the shift is Σ w ⊙ ((L − min)·log(L − min) − L). Not
+        # checked here (_update has checked the refresh step's losses): a micro-batch's loss
+        # below its bound gives a NaN value, as torch.xlogy would, not a refused call.
+        values = step.mean_losses.tolist()
+        bounds = self.min_losses.tolist()
+        shift = sum(
+            w * (_x_log_x(value - bound + self.eps) - value)
+            for w, value, bound in zip(weights.tolist(), values, bounds, strict=True)
+        )
+        return torch.dot(weights.to(step.losses.dtype), step.losses) + shift
+
+
+def _x_log_x(x: float) -> float:
+    """``x·log(x)``, 0 at 0 and NaN below (``torch.xlogy(x, x)``)."""
+    if x > 0:
+        return x * math.log(x)
+    return 0.0 if x == 0 else math.nan
+
+
+def _softmax(logits: list[float], present: list[bool] | None) -> list[float]:
+    """``softmax(ξ)`` over the present tasks (all of them without a mask), 0 elsewhere."""
+    largest = max(v for k, v in enumerate(logits) if present is None or present[k])
+    exponentials = [
+        math.exp(v - largest) if present is None or present[k] else 0.0
+        for k, v in enumerate(logits)
+    ]
+    total = math.fsum(exponentials)
+    return [e / total for e in exponentials]

@@ -142,17 +142,16 @@ class GradNorm(GradientBalancer):
                 )
         rows = gram.tolist()
         norms = [math.sqrt(max(rows[k][k], 0.0)) for k in range(self.num_tasks)]
-        grad = gradnorm_weight_gradient(current.tolist(), norms, values, initial, self.alpha)
+        weights = current.tolist()
+        grad = gradnorm_weight_gradient(weights, norms, values, initial, self.alpha)
         # Nothing can fail from here on: commit.
-        updated = self.weight_optimiser.step(
-            current, torch.tensor(grad, dtype=current.dtype, device=current.device)
-        )
-        updated = updated.clamp_min(_MIN_WEIGHT)
-        updated = self.num_tasks * updated / updated.sum()
+        updated = [max(weight, _MIN_WEIGHT) for weight in self.weight_optimiser.step(weights, grad)]
+        total = math.fsum(updated)
+        updated = [self.num_tasks * weight / total for weight in updated]
         if not bool(self.has_initial_losses):
             self.initial_loss_values.copy_(torch.tensor(values, dtype=torch.float64))
             self.has_initial_losses.fill_(True)
-        self.task_weights.copy_(updated)
+        self.task_weights.copy_(torch.tensor(updated))
         return current
 
     def extra_repr(self) -> str:
