@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from operator import mul
+from operator import itemgetter, mul
 from typing import Any, ClassVar
 
 import torch
@@ -158,21 +158,28 @@ def gradvac_weights(
     num_tasks = len(g)
     targets = [list(row) for row in targets]
     total = [0.0] * num_tasks
+    norms = [math.sqrt(g[j][j]) for j in range(num_tasks)]
+    usable = [g[j][j] > negligible for j in range(num_tasks)]
     for i in range(num_tasks):
         total[i] += 1.0  # c_i[i]
         # c_i's non-zero entries so far; g_i'·g_j = (G c_i)_j is computed when task j comes,
         # over those entries only, and ‖g_i'‖² updated by ‖g + s·h‖² = ‖g‖² + s(2 g·h + s‖h‖²):
         # O(K·adjustments) per task, where keeping all K products up to date cost O(K²).
         adjusted, coefficients = [i], [1.0]
-        squared_i = g[i][i]
+        pick = itemgetter(i)  # c_i's entries of a row of G (a tuple once there are several)
+        squared_i, norm_i = g[i][i], norms[i]
+        row_targets = targets[i]
+        # ‖g_i'‖² only changes with an adjustment: once negligible, every later pair is skipped
+        if squared_i <= negligible:
+            continue
         for j in orders[i]:
-            squared_j = g[j][j]
-            if squared_i <= negligible or squared_j <= negligible:
+            if not usable[j]:
                 continue
-            product = sum(map(mul, coefficients, map(g[j].__getitem__, adjusted)))
-            norm_i, norm_j = math.sqrt(squared_i), math.sqrt(squared_j)
+            row = g[j]
+            product = row[i] if len(adjusted) == 1 else sum(map(mul, coefficients, pick(row)))
+            norm_j = norms[j]
             cosine = min(max(product / (norm_i * norm_j), -1.0), 1.0)
-            target = targets[i][j]
+            target = row_targets[j]
             if cosine < target:
                 target_sine = math.sqrt(max(1.0 - target * target, 0.0))
                 sine = math.sqrt(max(1.0 - cosine * cosine, 0.0))
@@ -183,8 +190,12 @@ def gradvac_weights(
                 )
                 adjusted.append(j)
                 coefficients.append(step)
-                squared_i = max(squared_i + step * (2.0 * product + step * squared_j), 0.0)
-            targets[i][j] = (1.0 - beta) * target + beta * cosine
+                pick = itemgetter(*adjusted)
+                squared_i = max(squared_i + step * (2.0 * product + step * g[j][j]), 0.0)
+                norm_i = math.sqrt(squared_i)
+            row_targets[j] = (1.0 - beta) * target + beta * cosine
+            if squared_i <= negligible:
+                break
         for m, coefficient in zip(adjusted[1:], coefficients[1:], strict=True):
             total[m] += coefficient
     return torch.tensor(total, dtype=torch.float64), targets
