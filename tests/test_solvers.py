@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scipy.optimize import least_squares, minimize, root
 
 from taskbalance._solvers import (
+    ActiveSets,
     SolverError,
     cagrad_weights,
     dual_cone_weights,
@@ -1142,6 +1143,32 @@ def test_property_dual_cone_kkt(J, backend):
         assert bool((w >= p - 1e-12).all())  # primal feasibility, w = p + u, u >= 0
         assert float(Gw.min()) >= -1e-9 * scale  # dual feasibility: non-conflicting
         assert abs(float((w - p) @ Gw)) <= 1e-9 * scale * float((w - p).abs().sum() + 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(jacobians(), jacobians(), st.integers(0, 2**16))
+def test_property_dual_cone_answer_does_not_depend_on_where_it_starts(J, other, seed):
+    """The torch path started from another problem's active sets, from random ones or from
+    sets of the wrong shape reaches the answer of a cold start; it keeps the solution's."""
+    G = J @ J.T
+    K = G.shape[0]
+    P = torch.eye(K, dtype=G.dtype) / K
+    cold = dual_cone_weights(G, P, backend="torch")
+    last = ActiveSets()
+    dual_cone_weights(other @ other.T, torch.eye(other.shape[0], dtype=G.dtype), backend="torch",
+                      start=last)  # fmt: skip
+    random_sets = ActiveSets()
+    random_sets.free = torch.rand(K, K, generator=torch.Generator().manual_seed(seed)) < 0.5
+    for start in (last, random_sets, ActiveSets()):
+        warm = dual_cone_weights(G, P, backend="torch", start=start)
+        scale = float(cold.abs().max()) + 1e-300
+        torch.testing.assert_close(warm, cold, rtol=1e-9, atol=1e-9 * scale)
+        if start.free is not None:  # kept where the batched iteration settled every row
+            assert start.free.shape == (K, K)
+            # a started solve from the kept sets confirms them in one sweep: same answer again
+            torch.testing.assert_close(
+                dual_cone_weights(G, P, backend="torch", start=start), warm, rtol=0, atol=0
+            )
 
 
 @settings(max_examples=40, deadline=None)

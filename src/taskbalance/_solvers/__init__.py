@@ -41,10 +41,11 @@ Numerical conventions shared by all solvers:
 from taskbalance._solvers._barrier import fairgrad_weights, nash_weights
 from taskbalance._solvers._cagrad import cagrad_weights
 from taskbalance._solvers._common import Backend, SolverError, select_backend
-from taskbalance._solvers._dual_cone import dual_cone_weights, nonneg_qp
+from taskbalance._solvers._dual_cone import ActiveSets, dual_cone_weights, nonneg_qp
 from taskbalance._solvers._min_norm import min_norm_weights, project_simplex
 
 __all__ = [
+    "ActiveSets",
     "Backend",
     "SolverError",
     "cagrad_weights",

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from taskbalance._registry import register
-from taskbalance._solvers import dual_cone_weights
+from taskbalance._solvers import ActiveSets, dual_cone_weights
 from taskbalance._validation import check_nonnegative, per_task_values
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
@@ -65,12 +65,20 @@ class _DualConeBalancer(GradientBalancer):
         self.norm_eps = check_nonnegative("norm_eps", norm_eps)
         self.reg_eps = check_nonnegative("reg_eps", reg_eps)
         self.register_buffer("preferences", torch.tensor(values, dtype=torch.float64))
+        # Where the solver starts: the last step's active sets (a start only, not state: the
+        # weights do not depend on it).
+        self._active_sets = ActiveSets()
 
     def _project(self, gram: Tensor, prefs: Tensor, *, sum_rows: bool = False) -> Tensor:
         # The solver works in float64 whatever the Gramian's dtype and returns that dtype: the
         # weights of a float64 Gramian are never rounded to float32.
         return dual_cone_weights(
-            gram, prefs, norm_eps=self.norm_eps, reg_eps=self.reg_eps, sum_rows=sum_rows
+            gram,
+            prefs,
+            norm_eps=self.norm_eps,
+            reg_eps=self.reg_eps,
+            sum_rows=sum_rows,
+            start=self._active_sets,
         )
 
 
