@@ -166,7 +166,8 @@ def gradvac_weights(
         # over those entries only, and ‖g_i'‖² updated by ‖g + s·h‖² = ‖g‖² + s(2 g·h + s‖h‖²):
         # O(K·adjustments) per task, where keeping all K products up to date cost O(K²).
         adjusted, coefficients = [i], [1.0]
-        pick = itemgetter(i)  # c_i's entries of a row of G (a tuple once there are several)
+        # c_i's entries of a row of G (a tuple once there are several)
+        pick: itemgetter[Any] = itemgetter(i)
         squared_i, norm_i = g[i][i], norms[i]
         row_targets = targets[i]
         # ‖g_i'‖² only changes with an adjustment: once negligible, every later pair is skipped
