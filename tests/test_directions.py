@@ -216,6 +216,37 @@ def test_graddrop_parameters_mode_masks_the_parameter_entries():
     torch.testing.assert_close(_grad_of(params), torch.cat(expected), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("coordinates", [300, 70_000])  # below and above _FEW_COORDINATES
+def test_graddrop_masks_and_coefficients_are_the_formulas_for_few_and_many_coordinates(
+    coordinates,
+):
+    """Both ways of computing the masks (fewest calls, fewest float temporaries) are
+    Algorithm 1's ``[P > U]·[G_k > 0] + [P < U]·[G_k < 0]``, zeros and exact ties included."""
+    from taskbalance.methods._graddrop import _coefficients, sign_dropout_mask
+
+    generator = torch.Generator().manual_seed(7)
+    signed = torch.randn(3, coordinates, generator=generator, dtype=torch.float64)
+    signed[:, :50] = 0.0  # no gradient at all: nothing passes
+    signed[1, 50:100] = 0.0  # one task without a gradient there
+    signed[:, 100:150] = torch.tensor([1.0, -1.0, 1.0])[:, None]  # P = 2/3
+    signed[:, 150:200] = torch.tensor([2.0, -1.0, -1.0])[:, None]  # P = 1/2
+    drawn = torch.Generator().manual_seed(3)
+    passes = sign_dropout_mask(signed, drawn)
+    U = torch.rand(coordinates, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    P = torch.nan_to_num(0.5 * (1 + signed.sum(0) / signed.abs().sum(0)), nan=0.5)
+    expected = ((P > U) & (signed > 0)) | ((P < U) & (signed < 0))
+    assert torch.equal(passes, expected)
+    assert not passes[:, :50].any()
+    for leak, minus_sum, scale in [(0.0, True, 2.0**16), (0.3, False, 1.0), (0.3, True, 4.0)]:
+        keep = leak + (1 - leak) * expected.double()
+        wanted = ((keep - 1) if minus_sum else keep) / scale
+        got = _coefficients(passes, torch.float32, leak, minus_sum, scale)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, wanted.float(), rtol=1e-7, atol=0)
+        if minus_sum:  # a passing gradient's shift is exactly 0
+            assert not got[passes].any()
+
+
 def test_graddrop_hand_computed_cases():
     z = torch.tensor([[1.0, -2.0, 0.5]], requires_grad=True)
     # task gradients at z: (1, 1, 2) and (3, -1, 0); sign(z) = (1, -1, 1)

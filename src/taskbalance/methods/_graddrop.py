@@ -191,9 +191,9 @@ def graddrop_direction(
         direction.append(shared_direction.reshape(-1))
     assert passed is not None  # at least one shared tensor
     assert total is not None
-    # w_k = ℓ + (1 − ℓ)·Σ M_k G_k² / Σ G_k²: passed ≤ total, so the only non-number is 0/0
-    # (no gradient at all), which keeps ℓ
-    weights = torch.div(passed, total).nan_to_num_(nan=0.0)
+    # w_k = ℓ + (1 − ℓ)·Σ M_k G_k² / Σ G_k²: passed ≤ total (to rounding, hence the clamp),
+    # so the only non-number is 0/0 (no gradient at all), which keeps ℓ
+    weights = torch.div(passed, total).nan_to_num_(nan=0.0).clamp_max_(1.0)
     if leak:
         weights.mul_(1 - leak).add_(leak)
     return weights, direction
