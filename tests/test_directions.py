@@ -230,21 +230,26 @@ def test_graddrop_masks_and_coefficients_are_the_formulas_for_few_and_many_coord
     signed[1, 50:100] = 0.0  # one task without a gradient there
     signed[:, 100:150] = torch.tensor([1.0, -1.0, 1.0])[:, None]  # P = 2/3
     signed[:, 150:200] = torch.tensor([2.0, -1.0, -1.0])[:, None]  # P = 1/2
-    drawn = torch.Generator().manual_seed(3)
-    passes = sign_dropout_mask(signed, drawn)
     U = torch.rand(coordinates, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    # P = U exactly (G = (U, U − 1, 0): P = ½(1 + (2U − 1)/1)): neither sign passes
+    signed[0, 200:250], signed[1, 200:250], signed[2, 200:250] = U[200:250], U[200:250] - 1, 0.0
+    passes = sign_dropout_mask(signed, torch.Generator().manual_seed(3))
     P = torch.nan_to_num(0.5 * (1 + signed.sum(0) / signed.abs().sum(0)), nan=0.5)
     expected = ((P > U) & (signed > 0)) | ((P < U) & (signed < 0))
     assert torch.equal(passes, expected)
     assert not passes[:, :50].any()
-    for leak, minus_sum, scale in [(0.0, True, 2.0**16), (0.3, False, 1.0), (0.3, True, 4.0)]:
-        keep = leak + (1 - leak) * expected.double()
-        wanted = ((keep - 1) if minus_sum else keep) / scale
-        got = _coefficients(passes, torch.float32, leak, minus_sum, scale)
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got, wanted.float(), rtol=1e-7, atol=0)
-        if minus_sum:  # a passing gradient's shift is exactly 0
-            assert not got[passes].any()
+    assert not passes[:, 200:250].any()
+    cases = [(leak, minus_sum, scale) for leak in (0.0, 0.3, 0.7) for minus_sum in (True, False)
+             for scale in (1.0, 2.0**16)]  # fmt: skip
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for leak, minus_sum, scale in cases:
+            keep = leak + (1 - leak) * expected.double()
+            wanted = ((keep - 1) if minus_sum else keep) / scale  # float64, then one rounding
+            got = _coefficients(passes, dtype, leak, minus_sum, scale)
+            assert got.dtype == dtype
+            assert torch.equal(got, wanted.to(dtype)), (dtype, leak, minus_sum, scale)
+            if minus_sum:  # a passing gradient's shift is exactly 0
+                assert not got[passes].any()
 
 
 def test_graddrop_hand_computed_cases():

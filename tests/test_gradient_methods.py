@@ -287,6 +287,13 @@ def test_imtl_g_opposite_gradients_give_zero_direction():
     assert float((J.T @ w.double()).norm()) < 1e-5
 
 
+def test_gradvac_skips_a_task_whose_given_gramian_diagonal_is_negative_by_rounding():
+    b = tb.create("gradvac", num_tasks=2)
+    gram = torch.tensor([[-1e-12, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    weights = b.compute_weights(torch.ones(2), gram=gram)
+    torch.testing.assert_close(weights, torch.ones(2, dtype=torch.float64))
+
+
 def test_gradvac_second_step_rotates_to_the_target_cosine():
     b = tb.create("gradvac", num_tasks=2, beta=0.01)
     b.compute_weights(torch.ones(2), gram=CONFLICT)

@@ -355,6 +355,18 @@ def test_famo_min_losses_shift():
         b(torch.tensor([0.4, 1.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_famo_logits_stay_put_while_the_losses_do_not_change(dtype):
+    """δ = 0 exactly for an unchanged loss: the current log-loss is rounded as the stored one
+    (Adam would turn a rounding-level δ into a full-size step)."""
+    b = tb.create("famo", num_tasks=3, weight_decay=0.0).to(dtype)
+    for _ in range(6):
+        b(torch.tensor([2.0, 5.0, 3.0], requires_grad=True))
+    assert torch.equal(b.logits, torch.zeros(3, dtype=b.logits.dtype))
+    b(torch.tensor([1.0, 5.0, 3.0], requires_grad=True))  # task 0 fell: it loses weight
+    assert b.logits[0] < b.logits[1]
+
+
 def test_famo_initial_weights_are_uniform():
     b = tb.create("famo", num_tasks=4)
     torch.testing.assert_close(b.weights, torch.full((4,), 0.25))

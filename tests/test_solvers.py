@@ -1145,6 +1145,20 @@ def test_property_dual_cone_kkt(J, backend):
         assert abs(float((w - p) @ Gw)) <= 1e-9 * scale * float((w - p).abs().sum() + 1)
 
 
+def test_dual_cone_start_on_a_problem_with_several_minimisers_gives_the_cold_answer():
+    """J = [[1], [−1], [−2]]: task 0's QP has a segment of minimisers. Started from {2} it
+    would settle at (1/3, 0, 1/6) where a cold start finds (1/3, 1/3, 0): the start is
+    dropped (index 1 is bound with a zero gradient) and the answer is the cold one."""
+    J = torch.tensor([[1.0], [-1.0], [-2.0]], dtype=torch.float64)
+    G, P = J @ J.T, torch.eye(3, dtype=torch.float64) / 3
+    cold = dual_cone_weights(G, P, backend="torch")
+    start = ActiveSets()
+    start.free = torch.tensor([[False, False, True], [True, False, False], [True, False, False]])
+    warm = dual_cone_weights(G, P, backend="torch", start=start)
+    torch.testing.assert_close(warm, cold, rtol=0, atol=1e-15)
+    torch.testing.assert_close(cold[0], torch.tensor([1 / 3, 1 / 3, 0.0], dtype=torch.float64))
+
+
 @settings(max_examples=40, deadline=None)
 @given(jacobians(), jacobians(), st.integers(0, 2**16))
 def test_property_dual_cone_answer_does_not_depend_on_where_it_starts(J, other, seed):

@@ -23,8 +23,7 @@ class AdamState(nn.Module):
     rounding: the arithmetic runs in float64 on the host, the moments are stored in float32).
 
     The moments stay float32 whatever ``.half()``, ``.to(torch.bfloat16)`` or autocast do to
-    the enclosing model: in float16 ``eps = 1e-8`` rounds to 0 and the squared gradients
-    underflow, which turns the first step into 0/0.
+    the enclosing model: stored in float16, the squared gradients would underflow to 0.
 
     Args:
         size: length of the vector being optimised.

@@ -54,9 +54,9 @@ class ActiveSets:
     little, so their QPs mostly share their active sets: started from the last ones, the
     primal-dual active-set iteration usually confirms them in one sweep instead of finding
     them in two (UPGrad at K = 16 inside a training step). The answer does not depend on the
-    start (to rounding, where a solution has several KKT free sets): each row is solved where
-    its free set no longer changes, by the same computation, and a start of the wrong shape is
-    ignored.
+    start, to rounding: a row settled from a start is kept only where its minimiser is unique
+    (strict complementarity on a well-conditioned face); otherwise the problem is solved cold,
+    as it is without a start. A start of the wrong shape is ignored.
     """
 
     def __init__(self) -> None:
@@ -211,10 +211,10 @@ def _nnqp_batched(
     Bs = B * s
     neg_Bs = -Bs
     base = tol * torch.linalg.vector_norm(Bs, float("inf"), dim=1, keepdim=True)
-    if start is not None and start.free is not None and start.free.shape == (M, n):
-        free = start.free
-    else:
-        free = Bs < -base  # the most negative gradients at u = 0 start free
+    given = None if start is None else start.free
+    started = given is not None and given.shape == (M, n)
+    # cold, the most negative gradients at u = 0 start free
+    free = given if given is not None and started else Bs < -base
     X = torch.zeros(M, n, dtype=F64)
     settled = [False] * M
     for _ in range(_PDAS_MAX_SWEEPS):
@@ -236,6 +236,16 @@ def _nnqp_batched(
         if all(settled) or not all(ok):  # a singular face: the sequential method takes over
             break
         free = new
+    if started and start is not None:
+        # A row settled with an index at its bound where the gradient is 0 too may have other
+        # minimisers (duplicated or collinear task gradients), and a cold start may settle on
+        # another one: such a start is dropped and the problem solved cold. Otherwise (strict
+        # complementarity, and the face's Cholesky pivots bounded away from 0) the minimiser
+        # is unique, whichever start found it.
+        strict = (free | (g > thr)).all(dim=1).tolist()
+        if not all(t for t, done in zip(strict, settled, strict=True) if done):
+            start.free = None
+            return _nnqp_batched(Q, B, max_iter, tol, solver, start)
     if start is not None:
         start.free = free if all(settled) else None
     U = X

@@ -125,8 +125,8 @@ class FAMO(Balancer):
 
         Pass the losses re-evaluated on the *same batch* after ``optimizer.step()`` (one extra
         forward pass, without grad); the logits learn from ``δ = log L(before) − log L(after)``.
-        Every loss must be finite; the logits of tasks absent at that call (``present=``) do
-        not learn, so any finite value will do for them.
+        Every loss must be finite and above its lower bound; the logits of tasks absent at
+        that call (``present=``) do not learn, so any such value will do for them.
 
         Args:
             losses: the K task losses after the parameter update.
@@ -142,7 +142,7 @@ class FAMO(Balancer):
         statistics = self._mean_over_ranks(vector)
         # The tasks absent at that call (on every rank) learn nothing now either.
         present = None if bool(self._last_present.all()) else self._last_present.tolist()
-        log_losses = [math.log(value) for value in self._shifted(statistics.tolist())]
+        log_losses = self._stored_log_losses(self._shifted(statistics.tolist())).tolist()
         self._learn_from(log_losses, self.logits.tolist(), present)
 
     # K-vector arithmetic in Python floats (float64) on the host: inside a training step the
@@ -158,6 +158,12 @@ class FAMO(Balancer):
                 f"loss must exceed its bound; got {losses}"
             )
         return shifted
+
+    def _stored_log_losses(self, shifted: list[float]) -> Tensor:
+        """``log(L − min_losses + eps)`` rounded as ``previous_log_losses`` stores it: both
+        sides of δ then have the same precision, and an unchanged loss gives δ = 0 exactly."""
+        logs = [math.log(value) for value in shifted]
+        return torch.tensor(logs, dtype=self.previous_log_losses.dtype)
 
     def _learn_from(
         self, log_losses: list[float], logits: list[float], present: list[bool] | None
@@ -187,12 +193,12 @@ class FAMO(Balancer):
 
     def _update(self, step: Step) -> Tensor:
         shifted = self._shifted(step.mean_losses.tolist())
-        log_losses = [math.log(value) for value in shifted]
+        log_losses = self._stored_log_losses(shifted)
         logits = self.logits.tolist()
         if self.delta == "next_step" and self._steps_taken > 0:  # previous losses exist
             present = None if step.all_present else step.present.tolist()
-            logits = self._learn_from(log_losses, logits, present)
-        self.previous_log_losses.copy_(torch.tensor(log_losses))
+            logits = self._learn_from(log_losses.tolist(), logits, present)
+        self.previous_log_losses.copy_(log_losses)
         # w_k = z_k / (c·L_k) with c = Σ_k z_k / L_k
         ratios = [z / value for z, value in zip(_softmax(logits, None), shifted, strict=True)]
         normaliser = math.fsum(ratios)

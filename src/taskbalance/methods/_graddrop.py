@@ -55,9 +55,9 @@ class GradDrop(GradientBalancer):
     - parameters mode (``params=``), which the paper does not define and LibMTL refuses,
       masks the parameter entries themselves: ``G_k`` is the (global) task gradient, with no
       ``sign(A)`` factor and no batch;
-    - P is exact, compared with U without a division (``P > U`` as
-      ``Σ_k G_k + Σ_k |G_k| > 2U·Σ_k |G_k|``; where every ``G_k`` is 0 no mask passes); LibMTL
-      adds 1e-7 to the denominator. One leak for all tasks (the paper allows one per task); the
+    - P is not formed: ``P > U`` is decided as ``Σ_k G_k + Σ_k |G_k| > 2U·Σ_k |G_k|``, with
+      no division and no epsilon (where every ``G_k`` is 0 no mask passes); LibMTL adds 1e-7
+      to P's denominator. One leak for all tasks (the paper allows one per task); the
       paper's monotone transfer ``f(P)`` is the identity, as in its experiments;
     - ``compute_weights`` is refused (the masks need the gradients, not their Gramian); steps
       between ``update_every`` refreshes apply ``Jᵀw`` with the last weights, drawing nothing.
@@ -172,9 +172,11 @@ def graddrop_direction(
         samples = tensor.shape[0] if batched else 1
         per_sample = row.reshape(num_tasks, samples, -1)
         if features_mode:
-            # sign(A) is 0 or ±1: the products are exact
+            # sign(A) is 0 or ±1: the products are exact; a half-precision batch sum would
+            # overflow (the rows carry the engine's 2**16 scale), so those sum in float32
             signs = torch.sign(tensor.detach()).reshape(samples, -1)
-            signed = all_reduce_sum((per_sample * signs).sum(dim=1).to(torch.float64))
+            summed = (per_sample * signs).sum(dim=1, dtype=_accumulation_dtype(row.dtype))
+            signed = all_reduce_sum(summed.to(torch.float64))
         else:
             signed = per_sample[:, 0].to(torch.float64)
         # In parameters mode these are K×P tensors: each temporary costs a pass over memory
@@ -192,11 +194,16 @@ def graddrop_direction(
     assert passed is not None  # at least one shared tensor
     assert total is not None
     # w_k = ℓ + (1 − ℓ)·Σ M_k G_k² / Σ G_k²: passed ≤ total (to rounding, hence the clamp),
-    # so the only non-number is 0/0 (no gradient at all), which keeps ℓ
+    # so the only non-number is 0/0 (no gradient at all), which keeps ℓ; an infinite total
+    # cannot come here: the Gramian of the same rows overflows first and refuses the call
     weights = torch.div(passed, total).nan_to_num_(nan=0.0).clamp_max_(1.0)
     if leak:
         weights.mul_(1 - leak).add_(leak)
     return weights, direction
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _coefficients(
@@ -205,14 +212,14 @@ def _coefficients(
     """``ℓ + (1 − ℓ)·M_k`` (minus 1 for the shift) over the rows' scale, in ``dtype``."""
     high = (0.0 if minus_sum else 1.0) / row_scale  # exact: the scale is a power of two
     low = (leak - 1.0 if minus_sum else leak) / row_scale
-    if passes.numel() <= _FEW_COORDINATES:  # one call picks one of the two values per entry
-        return torch.where(
-            passes,
-            constant(high, (), dtype, passes.device),
-            constant(low, (), dtype, passes.device),
-        )
-    # where() broadcasting two scalars is slow per entry: two in-place passes instead
-    return passes.to(dtype).mul_(high - low).add_(low)
+    # Without a leak, M·(high − low) + low is exact in any dtype (one of the two is 0, the
+    # other ±1/scale): two in-place passes, where() broadcasting two scalars being slow per
+    # entry for parameters mode's many coordinates
+    if passes.numel() > _FEW_COORDINATES and not leak:
+        return passes.to(dtype).mul_(high - low).add_(low)
+    return torch.where(
+        passes, constant(high, (), dtype, passes.device), constant(low, (), dtype, passes.device)
+    )
 
 
 def sign_dropout_mask(signed: Tensor, generator: torch.Generator) -> Tensor:

@@ -158,7 +158,8 @@ def gradvac_weights(
     num_tasks = len(g)
     targets = [list(row) for row in targets]
     total = [0.0] * num_tasks
-    norms = [math.sqrt(g[j][j]) for j in range(num_tasks)]
+    # the diagonal of a Gramian given to compute_weights may be negative by rounding
+    norms = [math.sqrt(max(g[j][j], 0.0)) for j in range(num_tasks)]
     usable = [g[j][j] > negligible for j in range(num_tasks)]
     for i in range(num_tasks):
         total[i] += 1.0  # c_i[i]

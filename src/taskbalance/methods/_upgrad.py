@@ -78,7 +78,8 @@ class _DualConeBalancer(GradientBalancer):
             norm_eps=self.norm_eps,
             reg_eps=self.reg_eps,
             sum_rows=sum_rows,
-            start=self._active_sets,
+            # each parameter group has its own problems: one start would serve them all badly
+            start=self._active_sets if self._group_sizes is None else None,
         )
 
 
