@@ -54,9 +54,9 @@ class ActiveSets:
     little, so their QPs mostly share their active sets: started from the last ones, the
     primal-dual active-set iteration usually confirms them in one sweep instead of finding
     them in two (UPGrad at K = 16 inside a training step). The answer does not depend on the
-    start, to rounding: a row settled from a start is kept only where its minimiser is unique
-    (strict complementarity on a well-conditioned face); otherwise the problem is solved cold,
-    as it is without a start. A start of the wrong shape is ignored.
+    start, to rounding: a solve from a start is kept only where every row settled with its
+    minimiser unique (strict complementarity on a well-conditioned face); otherwise the problem
+    is solved cold, as it is without a start. A start of the wrong shape is ignored.
     """
 
     def __init__(self) -> None:
@@ -236,16 +236,14 @@ def _nnqp_batched(
         if all(settled) or not all(ok):  # a singular face: the sequential method takes over
             break
         free = new
-    if started and start is not None:
-        # A row settled with an index at its bound where the gradient is 0 too may have other
-        # minimisers (duplicated or collinear task gradients), and a cold start may settle on
-        # another one: such a start is dropped and the problem solved cold. Otherwise (strict
-        # complementarity, and the face's Cholesky pivots bounded away from 0) the minimiser
-        # is unique, whichever start found it.
-        strict = (free | (g > thr)).all(dim=1).tolist()
-        if not all(t for t, done in zip(strict, settled, strict=True) if done):
-            start.free = None
-            return _nnqp_batched(Q, B, max_iter, tol, solver, start)
+    # A started solve is kept only where every row settled with its minimiser unique: strict
+    # complementarity (no index at its bound with a zero gradient) on a face whose Cholesky
+    # pivots are bounded away from 0. Otherwise (duplicated or collinear task gradients give a
+    # QP several minimisers) the rows that settled, or went to the sequential method, from this
+    # start may hold other minimisers than a cold start's: the problem is solved cold.
+    if started and start is not None and not (all(settled) and bool((free | (g > thr)).all())):
+        start.free = None
+        return _nnqp_batched(Q, B, max_iter, tol, solver, start)
     if start is not None:
         start.free = free if all(settled) else None
     U = X
