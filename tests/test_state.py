@@ -9,6 +9,7 @@ import torch
 
 import taskbalance as tb
 from conftest import LEARNED_METHODS, call, losses_for, make_balancer
+from taskbalance._solvers import _dual_cone as dual_cone
 
 K = 3
 
@@ -165,3 +166,35 @@ def test_params_change_is_refused_for_state_shaped_by_them():
         resumed.load_state_dict(saved.state_dict())
     after = resumed.state_dict()
     assert all(torch.equal(value, after[key]) for key, value in before.items())
+
+
+def test_upgrad_resumes_exactly_where_its_solver_starts_from_the_last_steps_active_sets(
+    monkeypatch,
+):
+    """At K = 12 UPGrad's K problems go to the batched solver, which starts each step from the
+    last one's active sets (not state): a resumed balancer starts cold, and must still give the
+    uninterrupted run's weights bit for bit."""
+    K12 = 12
+    generator = torch.Generator().manual_seed(0)
+    jacobian = torch.randn(K12, 30, generator=generator, dtype=torch.float64)
+    drift = torch.randn(20, K12, 30, generator=generator, dtype=torch.float64) * 0.05
+    grams = [(jacobian + drift[: t + 1].sum(0)) @ (jacobian + drift[: t + 1].sum(0)).T
+             for t in range(20)]  # fmt: skip
+    losses = torch.ones(K12)
+    solves = []
+    batched = dual_cone._nnqp_batched
+    monkeypatch.setattr(
+        dual_cone, "_nnqp_batched", lambda *args: solves.append(args[-1]) or batched(*args)
+    )
+    reference = tb.create("upgrad", num_tasks=K12)
+    expected = [reference.compute_weights(losses, gram=gram) for gram in grams]
+    # one batched solve per step, none started over cold: every started solve was kept
+    assert len(solves) == 20
+
+    first = tb.create("upgrad", num_tasks=K12)
+    got = [first.compute_weights(losses, gram=gram) for gram in grams[:10]]
+    resumed = tb.create("upgrad", num_tasks=K12)
+    resumed.load_state_dict(first.state_dict())
+    got += [resumed.compute_weights(losses, gram=gram) for gram in grams[10:]]
+    for step, (want, have) in enumerate(zip(expected, got, strict=True)):
+        assert torch.equal(have, want), step
