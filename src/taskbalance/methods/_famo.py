@@ -142,15 +142,23 @@ class FAMO(Balancer):
         statistics = self._mean_over_ranks(vector)
         # The tasks absent at that call (on every rank) learn nothing now either.
         present = None if bool(self._last_present.all()) else self._last_present.tolist()
-        log_losses = self._stored_log_losses(self._shifted(statistics.tolist())).tolist()
-        self._learn_from(log_losses, self.logits.tolist(), present)
+        values, bounds, logits, previous = self._on_host(statistics)
+        log_losses = self._stored_log_losses(self._shifted(values, bounds)).tolist()
+        self._learn_from(log_losses, previous, logits, present)
 
     # K-vector arithmetic in Python floats (float64) on the host: inside a training step the
     # thirty-odd tensor calls it took on K numbers cost more than the rest of the step's work.
 
-    def _shifted(self, losses: list[float]) -> list[float]:
+    def _on_host(self, values: Tensor) -> tuple[list[float], ...]:
+        """``values``, ``min_losses``, the logits and ``previous_log_losses`` as Python floats,
+        in one host transfer (one device sync on a GPU)."""
+        buffers = (self.min_losses, self.logits, self.previous_log_losses)
+        host = torch.cat((values, *buffers)).tolist()
+        K = self.num_tasks
+        return tuple(host[i * K : (i + 1) * K] for i in range(4))
+
+    def _shifted(self, losses: list[float], bounds: list[float]) -> list[float]:
         """``L − min_losses + eps``, checked to be > 0 (the method takes its log)."""
-        bounds = self.min_losses.tolist()
         shifted = [loss - bound + self.eps for loss, bound in zip(losses, bounds, strict=True)]
         if any(not value > 0 for value in shifted):
             raise ValueError(
@@ -166,19 +174,20 @@ class FAMO(Balancer):
         return torch.tensor(logs, dtype=self.previous_log_losses.dtype)
 
     def _learn_from(
-        self, log_losses: list[float], logits: list[float], present: list[bool] | None
+        self,
+        log_losses: list[float],
+        previous: list[float],
+        logits: list[float],
+        present: list[bool] | None,
     ) -> list[float]:
-        """One Adam step on the logits from the decrease since ``previous_log_losses``;
-        returns the new logits.
+        """One Adam step on the logits from the decrease since ``previous`` (the stored
+        ``previous_log_losses``); returns the new logits.
 
         With a ``present`` mask, only the present tasks' logits learn, through the softmax
         over the present tasks alone: an absent task's logit, moments and loss stay as they
         were (its δ would be 0, but the full softmax would still move its logit).
         """
-        decrease = [
-            before - after
-            for before, after in zip(self.previous_log_losses.tolist(), log_losses, strict=True)
-        ]
+        decrease = [before - after for before, after in zip(previous, log_losses, strict=True)]
         probabilities = _softmax(logits, present)
         # (∂softmax/∂ξ)ᵀ δ = z ⊙ (δ − zᵀδ), over the present tasks (z is 0 elsewhere)
         mean_decrease = math.fsum(
@@ -188,16 +197,19 @@ class FAMO(Balancer):
             z * (d - mean_decrease) if z > 0 else 0.0
             for z, d in zip(probabilities, decrease, strict=True)
         ]
-        self.logits.copy_(torch.tensor(self.logit_optimiser.step(logits, logit_grad, present)))
-        return self.logits.tolist()  # as stored: rounded to the buffer's precision
+        updated = self.logit_optimiser.step(logits, logit_grad, present)
+        # rounded as the buffer stores them, on the host: no read back from the device
+        stored = torch.tensor(updated, dtype=self.logits.dtype)
+        self.logits.copy_(stored)
+        return stored.tolist()
 
     def _update(self, step: Step) -> Tensor:
-        shifted = self._shifted(step.mean_losses.tolist())
+        values, bounds, logits, previous = self._on_host(step.mean_losses)
+        shifted = self._shifted(values, bounds)
         log_losses = self._stored_log_losses(shifted)
-        logits = self.logits.tolist()
         if self.delta == "next_step" and self._steps_taken > 0:  # previous losses exist
             present = None if step.all_present else step.present.tolist()
-            logits = self._learn_from(log_losses.tolist(), logits, present)
+            logits = self._learn_from(log_losses.tolist(), previous, logits, present)
         self.previous_log_losses.copy_(log_losses)
         # w_k = z_k / (c·L_k) with c = Σ_k z_k / L_k
         ratios = [z / value for z, value in zip(_softmax(logits, None), shifted, strict=True)]
@@ -210,11 +222,11 @@ class FAMO(Balancer):
         # with z/c = w ⊙ (L − min), the shift is Σ w ⊙ ((L − min)·log(L − min) − L). Not
         # checked here (_update has checked the refresh step's losses): a micro-batch's loss
         # below its bound gives a NaN value, as torch.xlogy would, not a refused call.
-        values = step.mean_losses.tolist()
-        bounds = self.min_losses.tolist()
+        K = self.num_tasks
+        host = torch.cat((weights, step.mean_losses, self.min_losses)).tolist()  # one transfer
         shift = sum(
             w * (_x_log_x(value - bound + self.eps) - value)
-            for w, value, bound in zip(weights.tolist(), values, bounds, strict=True)
+            for w, value, bound in zip(host[:K], host[K : 2 * K], host[2 * K :], strict=True)
         )
         return torch.dot(weights.to(step.losses.dtype), step.losses) + shift
 
