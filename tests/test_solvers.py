@@ -576,6 +576,12 @@ def test_property_dual_cone_non_conflicting(J):
 
 @settings(max_examples=60, deadline=None)
 @given(jacobians(), st.sampled_from(["python", "torch"]), st.sampled_from([0.0, 1e-4]))
+# found by hypothesis: G.float() has a negative eigenvalue with a non-negative eigenvector
+@example(
+    J=torch.tensor([[0, 0], [-1, 0], [0, 0], [0, 0], [0, 1], [1e-3, -6]], dtype=torch.float64),
+    backend="python",
+    eps=0.0,
+)
 def test_property_dual_cone_sum_rows_is_the_float64_sum_of_the_rows(J, backend, eps):
     G = J @ J.T
     K = G.shape[0]
@@ -1011,6 +1017,26 @@ def test_dual_cone_methods_never_conflict_by_default(name):
 
 
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_dual_cone_methods_train_through_a_float32_gramian_indefinite_by_rounding(name):
+    """In a training call (features mode, the default float32 Gramian) six tasks whose
+    gradients at a 2-d feature leave only 0 in their dual cone: the step goes through (UPGrad
+    raised SolverError before) and its direction conflicts with no task beyond the float32
+    Gramian's rounding (G₆₆ = 36.000001 is stored as 36), amplified by the weights."""
+    import taskbalance as tb
+
+    J = torch.tensor([[0, 0], [-1, 0], [0, 0], [0, 0], [0, 1], [1e-3, -6]])
+    z = torch.zeros(1, 2, requires_grad=True)
+    losses = torch.stack([(z * J[k]).sum() for k in range(6)]) + 1.0
+    b = tb.create(name, num_tasks=6)
+    (z_grad,) = torch.autograd.grad(b(losses, features=z), z)
+    weights = b.weights.double()
+    assert bool(torch.isfinite(weights).all())
+    d, row_norms = z_grad[0].double(), J.double().norm(dim=1)
+    terms = weights.abs() @ row_norms
+    assert bool((J.double() @ d >= -1e-4 * row_norms * terms).all()), J.double() @ d
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 def test_dual_cone_methods_reproduce_torchjd_with_its_eps(name):
     import taskbalance as tb
 
@@ -1143,6 +1169,30 @@ def test_property_dual_cone_kkt(J, backend):
         assert bool((w >= p - 1e-12).all())  # primal feasibility, w = p + u, u >= 0
         assert float(Gw.min()) >= -1e-9 * scale  # dual feasibility: non-conflicting
         assert abs(float((w - p) @ Gw)) <= 1e-9 * scale * float((w - p).abs().sum() + 1)
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_dual_cone_of_a_float32_gramian_indefinite_by_rounding_is_solved(backend):
+    """Found by hypothesis: the float32 Gramian of these nearly collinear, conflicting rows has
+    an eigenvalue of −2.7e-8 whose eigenvector is non-negative, so the QP on it as given has no
+    minimum ("unbounded below"). A Gramian is PSD: the QP is solved on the nearest PSD matrix,
+    and the projection of each row, whose dual cone is {0} here, is 0 to that rounding."""
+    J = torch.tensor([[0, 0], [-1, 0], [0, 0], [0, 0], [0, 1], [1e-3, -6]], dtype=torch.float64)
+    G = (J @ J.T).float()
+    assert float(torch.linalg.eigvalsh(G.double())[0]) < 0
+    P = torch.eye(6) / 6
+    W = dual_cone_weights(G, P, backend=backend)
+    assert bool(torch.isfinite(W).all())
+    assert bool((W >= P - 1e-7).all())
+    projections = W.double() @ J  # Jᵀw of each row: the dual cone of these rows is {0}
+    assert float(projections.abs().max()) < 1e-3 * float(W.abs().max())
+
+
+def test_dual_cone_of_a_matrix_that_is_not_psd_is_refused():
+    G = torch.tensor([[1.0, -2.0], [-2.0, 1.0]])  # eigenvalue −1 along (1, 1) ≥ 0
+    for backend in ("python", "torch"):
+        with pytest.raises(SolverError, match=r"G is not positive semi-definite \(smallest"):
+            dual_cone_weights(G, torch.eye(2) / 2, backend=backend)
 
 
 def test_dual_cone_start_on_a_problem_with_several_minimisers_gives_the_cold_answer():

@@ -6,6 +6,7 @@ all of its M problems (UPGrad: one per task, sharing one Gramian) together.
 
 from __future__ import annotations
 
+import functools
 import math
 from operator import mul
 
@@ -63,8 +64,12 @@ class ActiveSets:
         self.free: Tensor | None = None
 
 
+class _UnboundedError(SolverError):
+    """The QP is unbounded below: for :func:`dual_cone_weights`, a Gramian that is not PSD."""
+
+
 def _unbounded(solver: str, i: int, q: float, b: float) -> SolverError:
-    return SolverError(
+    return _UnboundedError(
         f"{solver}: objective unbounded below (Q[{i},{i}] = {q} and b[{i}] = {b:.3e})"
     )
 
@@ -149,7 +154,7 @@ def _nnqp_torch(Q: Tensor, b: Tensor, max_iter: int, tol: float, solver: str) ->
                 p = x
                 neg = p < 0
                 if not bool(neg.any()):
-                    raise SolverError(
+                    raise _UnboundedError(
                         f"{solver}: objective unbounded below along a non-negative direction "
                         f"of the null space of Q (after {it} iterations)"
                     )
@@ -352,7 +357,7 @@ def _nnqp_py(
                 p = x
                 neg = [pv < 0 for pv in p]
                 if not any(neg):
-                    raise SolverError(
+                    raise _UnboundedError(
                         f"{solver}: objective unbounded below along a non-negative direction "
                         f"of the null space of Q (after {it} iterations)"
                     )
@@ -474,6 +479,12 @@ def dual_cone_weights(
     The M rows of ``prefs`` share the Gramian; the torch path solves them together (one batched
     Cholesky solve per primal-dual active-set sweep), the plain-Python path one after another.
 
+    A Gramian is PSD, but its rounding need not be: the float32 Gramian of nearly collinear,
+    conflicting gradients can have a negative eigenvalue of rounding size along a non-negative
+    direction, where the QP as given has no minimum. It is then solved on the nearest PSD
+    matrix (the negative eigenvalues set to 0), within that rounding of ``G``; an eigenvalue
+    below ``−√ε·λ_max`` (ε of ``G``'s dtype) is not rounding, and is refused.
+
     Args:
         G: Gramian ``[K, K]``.
         prefs: Preference vectors ``[K]`` or ``[M, K]``.
@@ -493,7 +504,8 @@ def dual_cone_weights(
         of ``G``.
 
     Raises:
-        SolverError: Invalid ``G``, non-finite ``prefs`` or a QP hit its cap.
+        SolverError: Invalid ``G`` (not PSD beyond rounding included), non-finite ``prefs``
+            or a QP hit its cap.
         ValueError: Bad ``prefs`` shape or invalid keyword values.
 
     Example:
@@ -513,6 +525,60 @@ def dual_cone_weights(
     if not isinstance(prefs, Tensor) or prefs.ndim not in (1, 2) or prefs.shape[-1] != K:
         shape = tuple(prefs.shape) if isinstance(prefs, Tensor) else type(prefs).__name__
         raise ValueError(f"prefs: expected shape [{K}] or [M, {K}], got {shape}")
+    solve = functools.partial(
+        _dual_cone_solve,
+        G,
+        prefs,
+        norm_eps=norm_eps,
+        reg_eps=reg_eps,
+        max_iter=max_iter,
+        tol=tol,
+        sum_rows=sum_rows,
+        start=start,
+    )
+    try:
+        return solve(work, Gw)
+    except _UnboundedError:
+        # A Gramian is PSD: a direction of negative curvature along which the QP has no
+        # minimum is its rounding (a float32 Gramian of nearly collinear, conflicting
+        # gradients). Solved on the nearest PSD matrix, within that rounding of it.
+        repaired = _nearest_psd(torch.tensor(work, dtype=F64) if Gw is None else Gw, G.dtype)
+        if work is not None:
+            return solve(repaired.tolist(), None)
+        return solve(None, repaired)
+
+
+def _nearest_psd(Gw: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Gw`` with its negative eigenvalues set to 0, where they are within rounding of a
+    PSD matrix stored in ``dtype`` (``√ε·λ_max``: a Gramian accumulated over many coordinates
+    rounds well above ``ε``); a more negative eigenvalue is refused (not a Gramian)."""
+    eigenvalues, vectors = torch.linalg.eigh(Gw)
+    lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+    if lowest < -math.sqrt(torch.finfo(dtype).eps) * max(largest, 0.0):
+        raise SolverError(
+            f"dual_cone_weights: G is not positive semi-definite (smallest eigenvalue "
+            f"{lowest:.3e}, largest {largest:.3e}): a Gramian J Jᵀ is, to rounding"
+        )
+    repaired = (vectors * eigenvalues.clamp_min(0.0)) @ vectors.T
+    return 0.5 * (repaired + repaired.T)
+
+
+def _dual_cone_solve(
+    G: Tensor,
+    prefs: Tensor,
+    work: list[list[float]] | None,
+    Gw: Tensor | None,
+    *,
+    norm_eps: float,
+    reg_eps: float,
+    max_iter: int,
+    tol: float,
+    sum_rows: bool,
+    start: ActiveSets | None,
+) -> Tensor:
+    """:func:`dual_cone_weights` on the checked Gramian: ``work`` (plain-Python path) or
+    ``Gw`` (torch path)."""
+    K = len(work) if work is not None else int(prefs.shape[-1])
     out_shape = prefs.shape[-1:] if sum_rows else prefs.shape
     # Without the regularisation the problem is invariant to the scale of G: dividing by the
     # trace would change nothing but the rounding.
