@@ -1188,6 +1188,30 @@ def test_dual_cone_of_a_float32_gramian_indefinite_by_rounding_is_solved(backend
     assert float(projections.abs().max()) < 1e-3 * float(W.abs().max())
 
 
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_dual_cone_repair_keeps_the_weights_of_tasks_without_a_gradient(backend):
+    """Found by a fuzz run: rebuilt from all of G's eigenvectors, the zero rows of tasks 3-5
+    came back as rounding noise, which the Jacobi scaling blew up into weights far from p.
+    Only the rows with a gradient are rebuilt."""
+    rows = [
+        [-0.3186497986316681, -1.5997711420059204, 1.3623380661010742],
+        [2.1239399909973145, -1.1363130807876587, -0.10205785185098648],
+        [0.4685111343860626, 2.3532989025115967, -2.0057015419006348],
+        [0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0],
+        [-0.2575564682483673, -1.4422223567962646, 2.7210309505462646],
+        [0.2805713713169098, 0.004418996162712574, 0.016275977715849876],
+    ]
+    J = torch.tensor(rows, dtype=torch.float64)
+    G = (J @ J.T).float()
+    assert float(torch.linalg.eigvalsh(G.double())[0]) < 0
+    P = torch.eye(8) / 8
+    W = dual_cone_weights(G, P, backend=backend)
+    assert torch.equal(W[:, 3:6], P[:, 3:6])
+    assert bool(torch.isfinite(W).all())
+
+
 def test_dual_cone_of_a_matrix_that_is_not_psd_is_refused():
     G = torch.tensor([[1.0, -2.0], [-2.0, 1.0]])  # eigenvalue −1 along (1, 1) ≥ 0
     for backend in ("python", "torch"):

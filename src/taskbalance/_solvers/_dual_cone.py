@@ -482,8 +482,10 @@ def dual_cone_weights(
     A Gramian is PSD, but its rounding need not be: the float32 Gramian of nearly collinear,
     conflicting gradients can have a negative eigenvalue of rounding size along a non-negative
     direction, where the QP as given has no minimum. It is then solved on the nearest PSD
-    matrix (the negative eigenvalues set to 0), within that rounding of ``G``; an eigenvalue
-    below ``−√ε·λ_max`` (ε of ``G``'s dtype) is not rounding, and is refused.
+    matrix (the negative eigenvalues set to 0, the zero rows kept), within that rounding of
+    ``G``; where the eigenvalue is below ``−√ε·λ_max`` (ε of ``G``'s dtype) it is not rounding,
+    and the call is refused. (An indefinite matrix on which the QP has a minimum is solved as
+    given.)
 
     Args:
         G: Gramian ``[K, K]``.
@@ -551,16 +553,23 @@ def dual_cone_weights(
 def _nearest_psd(Gw: Tensor, dtype: torch.dtype) -> Tensor:
     """``Gw`` with its negative eigenvalues set to 0, where they are within rounding of a
     PSD matrix stored in ``dtype`` (``√ε·λ_max``: a Gramian accumulated over many coordinates
-    rounds well above ``ε``); a more negative eigenvalue is refused (not a Gramian)."""
-    eigenvalues, vectors = torch.linalg.eigh(Gw)
+    rounds well above ``ε``; plus K smallest normals, for subnormal entries); a more negative
+    eigenvalue is refused (not a Gramian). The zero
+    rows of ``Gw`` (tasks without a gradient) stay exactly 0: only the others are rebuilt."""
+    live = (Gw.diagonal() > 0).nonzero().flatten()
+    eigenvalues, vectors = torch.linalg.eigh(Gw[live][:, live])
     lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
-    if lowest < -math.sqrt(torch.finfo(dtype).eps) * max(largest, 0.0):
+    info = torch.finfo(dtype)
+    # relative rounding, and an absolute floor where the entries are subnormal (float16)
+    if lowest < -(math.sqrt(info.eps) * max(largest, 0.0) + len(live) * info.smallest_normal):
         raise SolverError(
             f"dual_cone_weights: G is not positive semi-definite (smallest eigenvalue "
             f"{lowest:.3e}, largest {largest:.3e}): a Gramian J Jᵀ is, to rounding"
         )
-    repaired = (vectors * eigenvalues.clamp_min(0.0)) @ vectors.T
-    return 0.5 * (repaired + repaired.T)
+    block = (vectors * eigenvalues.clamp_min(0.0)) @ vectors.T
+    repaired = torch.zeros_like(Gw)
+    repaired[live.unsqueeze(1), live] = 0.5 * (block + block.T)
+    return repaired
 
 
 def _dual_cone_solve(

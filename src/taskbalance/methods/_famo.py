@@ -223,7 +223,9 @@ class FAMO(Balancer):
         # checked here (_update has checked the refresh step's losses): a micro-batch's loss
         # below its bound gives a NaN value, as torch.xlogy would, not a refused call.
         K = self.num_tasks
-        host = torch.cat((weights, step.mean_losses, self.min_losses)).tolist()  # one transfer
+        # one transfer; the weights are on the losses' device, which may not be the module's
+        values = (weights.to(step.mean_losses.device), step.mean_losses, self.min_losses)
+        host = torch.cat(values).tolist()
         shift = sum(
             w * (_x_log_x(value - bound + self.eps) - value)
             for w, value, bound in zip(host[:K], host[K : 2 * K], host[2 * K :], strict=True)
