@@ -217,9 +217,10 @@ def _nnqp_batched(
     neg_Bs = -Bs
     base = tol * torch.linalg.vector_norm(Bs, float("inf"), dim=1, keepdim=True)
     given = None if start is None else start.free
-    started = given is not None and given.shape == (M, n)
+    if given is not None and given.shape != (M, n):
+        given = None  # another problem's start
     # cold, the most negative gradients at u = 0 start free
-    free = given if given is not None and started else Bs < -base
+    free = Bs < -base if given is None else given
     X = torch.zeros(M, n, dtype=F64)
     settled = [False] * M
     for _ in range(_PDAS_MAX_SWEEPS):
@@ -246,7 +247,11 @@ def _nnqp_batched(
     # pivots are bounded away from 0. Otherwise (duplicated or collinear task gradients give a
     # QP several minimisers) the rows that settled, or went to the sequential method, from this
     # start may hold other minimisers than a cold start's: the problem is solved cold.
-    if started and start is not None and not (all(settled) and bool((free | (g > thr)).all())):
+    if (
+        given is not None
+        and start is not None
+        and not (all(settled) and bool((free | (g > thr)).all()))
+    ):
         start.free = None
         return _nnqp_batched(Q, B, max_iter, tol, solver, start)
     if start is not None:
@@ -554,8 +559,8 @@ def _nearest_psd(Gw: Tensor, dtype: torch.dtype) -> Tensor:
     """``Gw`` with its negative eigenvalues set to 0, where they are within rounding of a
     PSD matrix stored in ``dtype`` (``√ε·λ_max``: a Gramian accumulated over many coordinates
     rounds well above ``ε``; plus K smallest normals, for subnormal entries); a more negative
-    eigenvalue is refused (not a Gramian). The zero
-    rows of ``Gw`` (tasks without a gradient) stay exactly 0: only the others are rebuilt."""
+    eigenvalue is refused (not a Gramian). The zero rows of ``Gw`` (tasks without a gradient)
+    stay exactly 0: only the others are rebuilt."""
     live = (Gw.diagonal() > 0).nonzero().flatten()
     eigenvalues, vectors = torch.linalg.eigh(Gw[live][:, live])
     lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
