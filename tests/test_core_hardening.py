@@ -260,6 +260,41 @@ def test_float64_weights_are_not_float32_weights_in_disguise(name):
     assert not torch.equal(weights, weights.float().double()), weights
 
 
+# The bfloat16 Gramian of five collinear gradients (one zero) is indefinite by its rounding:
+# eigenvalue −2e-2 for λ_max = 34. As float32, that was beyond float32's rounding, and UPGrad
+# and DualProj refused it ("not positive semi-definite") or hit their iteration cap.
+_COLLINEAR = [[-1.253854064937262], [0.0], [-0.3107709425987801], [1.660490043177783], [5.404297]]
+
+
+@pytest.mark.parametrize("name", [n for n in GRAM_METHODS if n != "graddrop"])
+def test_a_half_precision_gramian_indefinite_by_its_rounding_gives_weights(name):
+    J = torch.tensor(_COLLINEAR, dtype=torch.float64)
+    G = (J @ J.T).to(torch.bfloat16)
+    assert float(torch.linalg.eigvalsh(G.double())[0]) < -1e-3
+    b = make_balancer(name, 5)
+    weights = b.compute_weights(losses_for(0, 5), gram=G)
+    assert weights.dtype == torch.float32
+    assert bool(torch.isfinite(weights).all()), weights
+    if name in ("upgrad", "dualproj"):
+        # no conflict beyond bfloat16's rounding (√ε = 1/16) of the terms of d = Jᵀw (d is 0
+        # here: the dual cone of opposite gradients is {0})
+        w, norms = weights.double(), J.norm(dim=1)
+        products = J @ (J.T @ w)
+        assert float(products.min()) >= -(2**-4) * float(norms.max() * (w.abs() @ norms))
+
+
+def test_a_half_precision_matrix_that_is_no_gramian_is_refused_and_changes_nothing():
+    b = make_balancer("upgrad", 2)
+    before = snapshot(b)
+    for G, match in (
+        ([[1.0, 2.0], [2.0, 1.0]], r"smallest eigenvalue -1.000e\+00"),
+        ([[0.0, 1.0], [1.0, 0.0]], r"a row with a zero diagonal entry"),
+    ):
+        with pytest.raises(ValueError, match=rf"gram: G is not positive semi-definite \(.*{match}"):
+            b.compute_weights(losses_for(0, 2), gram=torch.tensor(G, dtype=torch.bfloat16))
+    assert_same_state(before, snapshot(b))
+
+
 @pytest.mark.parametrize("name", ["mgda", "upgrad", "imtl_g", "nash_mtl"])
 def test_steps_between_refreshes_reuse_the_float64_weights(name):
     """With gram_dtype=float64, an update_every step applies the refresh step's float64

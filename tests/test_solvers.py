@@ -23,6 +23,7 @@ from taskbalance._solvers import (
     nonneg_qp,
     project_simplex,
 )
+from taskbalance._solvers._min_norm import solve_min_norm
 
 KINDS = ["full", "rankdef", "dup", "scaled", "k1", "zero", "neg", "full", "scaled", "k64"]
 
@@ -1156,6 +1157,120 @@ def test_property_cagrad_optimal_vs_brute_force(rows, c, backend):
     assert (J @ d).min() >= values.max() - 1e-9 * scale
 
 
+# Found by a fuzz of CAGrad on float32 Gramians of degenerate Jacobians (zero, collinear and
+# nearly opposite rows): each killed the solve on the code before the fix, on the backend named.
+_CAGRAD_FLOAT32_CASES = {
+    # identical shifted rows: a rounding-level null component of the face won the face solve,
+    # whose weights then summed to ~0 (RuntimeError on an empty face)
+    "identical rows, torch": (
+        [[0.0], [0.0], [0.0], [1.6032443106096679], [2.0232004088045836], [0.0]],
+        0.4,
+        "torch",
+    ),
+    # 0 in the hull: the projection of g0 met a direction of negative curvature (unbounded)
+    "unbounded projection, python": (
+        [
+            [0.5204765768688866, 0.24368485674292795],
+            [0.0005204765768688866, 0.00024368485674292796],
+            [1.0791099538313154, -1.390229412585951],
+            [0.0, 0.0],
+            [-1.758770060079511, -0.8233648859353884],
+            [-0.5774886412656152, -0.2681699050845973],
+            [1.798532355450446, 0.029579364629633672],
+        ],
+        2.0,
+        "python",
+    ),
+    "unbounded projection, torch": (
+        [
+            [-1.606341617592505, 0.028603866728703967],
+            [-0.01606341617592505, 0.00028603866728703966],
+            [-1.924246287222187, -0.9240469781250786],
+            [4.74305314311959, -0.08382025417713358],
+            [0.005616336974670279, -0.00892312217020865],
+            [-0.7657575202751746, -0.36561538554650697],
+            [0.0, 0.0],
+            [-0.17020721872598685, -0.12869654615059467],
+        ],
+        2.0,
+        "torch",
+    ),
+    # rank 1: Wolfe's min-norm faces cycled until the iteration cap
+    "min-norm cycle, torch": (
+        [
+            [0.40462939690496186],
+            [0.41302427259513935],
+            [-0.6322711796728887],
+            [-1.4404947625478084],
+            [0.004046293969049619],
+            [-0.782206096239896],
+            [2.1630528923801213],
+        ],
+        1.0,
+        "torch",
+    ),
+    "min-norm cycle, python": (
+        [
+            [1.4961676501370267],
+            [-0.9908487047170575],
+            [-1.4648183931548742],
+            [-2.411606176970068],
+            [-0.392969586623503],
+            [0.0],
+        ],
+        1.0,
+        "python",
+    ),
+    # the projection's active set cycled until its cap
+    "projection cycle, torch": (
+        [
+            [0.43557000536535045, -1.1274017529721847],
+            [-1.0496885167016288, -0.32677542172511787],
+            [-1.6687286157328873, 2.7225110729913706],
+            [0.00043557000536535045, -0.0011274017529721847],
+            [0.0, 0.0],
+            [-0.6426047579806955, 1.6438291482641856],
+            [0.1287990808600797, 0.10281393442628109],
+        ],
+        2.0,
+        "torch",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_CAGRAD_FLOAT32_CASES))
+def test_cagrad_solves_float32_gramians_of_degenerate_jacobians(case):
+    rows, c, backend = _CAGRAD_FLOAT32_CASES[case]
+    J = np.array(rows, dtype=np.float64)
+    G = torch.from_numpy(J @ J.T)
+    w = cagrad_weights(G.float(), c, rescale=0, backend=backend).double().numpy()
+    exact = cagrad_weights(G, c, rescale=0, backend=backend).numpy()
+    d, d_exact = J.T @ w, J.T @ exact
+    g0 = J.mean(0)
+    # in the ball, and as good as the float64 Gramian's answer to the float32 Gramian's rounding
+    # amplified by these nearly singular problems (measured: at most 6e-6 of the scale)
+    assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) * (1 + 1e-6)
+    scale = np.abs(J).max() * np.linalg.norm(g0) * (1 + c)
+    assert (J @ d).min() >= (J @ d_exact).min() - 1e-4 * scale
+
+
+def test_min_norm_of_identical_vertices_is_a_point_of_the_simplex():
+    # Four identical vertices (CAGrad's shifted gradients of four tasks without a gradient),
+    # started on their face: every point of it is optimal, and the face solve returned a
+    # rounding-level null direction scaled up to ~1e16, whose weights summed to ~0.
+    for shift in (0.6, 0.7, 1.3):
+        v = torch.tensor([0, 0, 0, 1.6032443106096679, 2.0232004088045836, 0], dtype=torch.float64)
+        v = v + shift
+        G = torch.outer(v, v)
+        start = [0.25, 0.25, 0.25, 0.0, 0.0, 0.25]
+        for matrix in (G, G.tolist()):
+            w = torch.as_tensor(solve_min_norm(matrix, 250, 1e-12, start), dtype=torch.float64)
+            assert bool(torch.isfinite(w).all())
+            assert bool((w >= 0).all())
+            assert float(w.sum()) == pytest.approx(1.0, abs=1e-12)
+            assert float(w @ G @ w) == pytest.approx(float(G.min()), rel=1e-12)  # the minimum
+
+
 @settings(max_examples=40, deadline=None)
 @given(jacobians(), st.sampled_from(BACKENDS))
 def test_property_dual_cone_kkt(J, backend):
@@ -1210,6 +1325,22 @@ def test_dual_cone_repair_keeps_the_weights_of_tasks_without_a_gradient(backend)
     W = dual_cone_weights(G, P, backend=backend)
     assert torch.equal(W[:, 3:6], P[:, 3:6])
     assert bool(torch.isfinite(W).all())
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_dual_cone_of_a_half_precision_gramian_ends_where_its_active_set_would_cycle(backend):
+    """Found by a fuzz run: on this bfloat16 Gramian (indefinite by its rounding, though the QP
+    is bounded) the active set met the same free set again and again until its cap. A free set
+    met again can only come back through rounding: the solve ends there."""
+    J = torch.tensor([[-2.4503087749659853], [0.3443731495085143], [-1.16646823535387], [0.0]])
+    J = torch.cat([J, J[:1]]).double()
+    G = (J @ J.T).to(torch.bfloat16)
+    P = torch.eye(5) / 5
+    W = dual_cone_weights(G, P, backend=backend).double()
+    assert bool(torch.isfinite(W).all())
+    assert bool((W - P.double() >= -1e-2).all())
+    # the dual cone of these opposite rows is {0}: each projection Jᵀw is 0 to bf16's rounding
+    assert float((W @ J).abs().max()) <= 2**-4 * float(W.abs().max() * J.abs().max())
 
 
 def test_dual_cone_of_a_matrix_that_is_not_psd_is_refused():

@@ -33,6 +33,7 @@ from taskbalance._distributed import (
     rank,
     world_size,
 )
+from taskbalance._solvers._common import SolverError, nearest_psd
 from taskbalance._step import Step
 from taskbalance._validation import (
     as_kpi_vector,
@@ -770,7 +771,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """One rule for every method: a float, K×K, finite and symmetric Gramian.
 
         An asymmetry beyond rounding (``|G − Gᵀ| > 1e-5·max|G|``) is refused; rounding-level
-        asymmetry is removed by using ``(G + Gᵀ)/2``.
+        asymmetry is removed by using ``(G + Gᵀ)/2``. A float16 or bfloat16 Gramian is solved
+        in float32; its entries are known only to its own precision, at which the Gramian of
+        nearly collinear gradients is indefinite, so it is replaced by the nearest PSD matrix
+        when it is indefinite within that rounding (``√ε·λ_max``, ε of its dtype), and refused
+        beyond it.
         """
         if gram is None:
             raise ValueError(f"gram: {self._method_name} needs the K×K Gramian, got None")
@@ -782,6 +787,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         if tuple(gram.shape) != expected:
             raise ValueError(f"gram: expected shape {expected}, got {tuple(gram.shape)}")
         gram = gram.detach()
+        given_dtype = gram.dtype
         if gram.dtype not in (torch.float32, torch.float64):
             gram = gram.to(torch.float32)
         if not bool(torch.isfinite(gram).all()):
@@ -792,7 +798,18 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 f"gram: a Gramian G = J Jᵀ is symmetric; got max |G − Gᵀ| = {asymmetry:.3g} "
                 f"for max |G| = {float(gram.abs().max()):.3g}"
             )
-        return (gram + gram.T) / 2
+        symmetric = (gram + gram.T) / 2
+        if given_dtype == gram.dtype:
+            return symmetric
+        # The solvers' rounding tolerance is float32's, far below the given dtype's.
+        wide = symmetric.double()
+        if float(torch.linalg.eigvalsh(wide)[0]) >= 0:
+            return symmetric
+        try:
+            repaired = nearest_psd(wide, given_dtype, "gram")
+        except SolverError as error:
+            raise ValueError(f"{error} (of its dtype, {given_dtype})") from None
+        return repaired.to(torch.float32)
 
     @property
     def _method_name(self) -> str:

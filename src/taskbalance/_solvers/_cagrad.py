@@ -20,12 +20,13 @@ from taskbalance._solvers._common import (
     SolverError,
     chol_py,
     chol_solve_py,
+    nearest_psd,
     select_backend,
     to_output,
     work_list,
     work_tensor,
 )
-from taskbalance._solvers._dual_cone import _nnqp_py, _nnqp_torch
+from taskbalance._solvers._dual_cone import _nnqp_py, _nnqp_torch, _UnboundedError
 from taskbalance._solvers._min_norm import solve_min_norm
 from taskbalance._validation import check_nonnegative, check_positive_int
 
@@ -372,7 +373,14 @@ def cagrad_weights(
             return to_output([m / factor] * K, G)
         w_l, s_l, size_l = _root(_inner_py(Gl, bl, gg, r, inner_max_iter), smax, max_iter, tol)
         if s_l <= 1e-6 * size_l:  # g_{w*} = 0 to rounding: the maximiser nearest g0
-            u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+            try:
+                u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+            except _UnboundedError:
+                # as in dual_cone_weights: G is indefinite by its rounding, and the projection
+                # is solved on the nearest PSD matrix
+                Gl = nearest_psd(torch.tensor(Gl, dtype=F64), G.dtype, "cagrad_weights").tolist()
+                bl = [sum(row) * m for row in Gl]
+                u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
             return to_output([(m + v) / factor for v in u], G)
         return to_output([(m + (r / s_l) * v) / factor for v in w_l], G)
     Gw = work_tensor(G, "cagrad_weights")
@@ -386,6 +394,10 @@ def cagrad_weights(
         return to_output(mean / factor, G)
     w_t, s_t, size_t = _root(_inner_torch(Gw, b, gg, r, inner_max_iter), smax, max_iter, tol)
     if s_t <= 1e-6 * size_t:
-        u_t = _nnqp_torch(Gw, b, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+        try:
+            u_t = _nnqp_torch(Gw, b, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+        except _UnboundedError:  # as on the Python path
+            Gw = nearest_psd(Gw, G.dtype, "cagrad_weights")
+            u_t = _nnqp_torch(Gw, Gw @ mean, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
         return to_output((mean + u_t) / factor, G)
     return to_output((mean + (r / s_t) * w_t) / factor, G)

@@ -22,6 +22,8 @@ __all__ = [
     "cap_error",
     "chol_py",
     "chol_solve_py",
+    "corral_revisited",
+    "nearest_psd",
     "select_backend",
     "to_output",
     "work_list",
@@ -170,3 +172,56 @@ def chol_solve_py(L: list[list[float]], b: list[float]) -> list[float]:
             s -= L[k][i] * x[k]
         x[i] = s / L[i][i]
     return x
+
+
+def corral_revisited(visited: set[frozenset[int]], corral: list[int]) -> bool:
+    """Whether a major cycle of an active-set method meets ``corral`` again, recording it
+    otherwise.
+
+    An active-set method (Wolfe's min-norm point, Lawson-Hanson) lowers its objective strictly
+    from one major cycle to the next, so in exact arithmetic no corral (free set) comes back;
+    one that does has come back through rounding (a Gramian indefinite at its rounding level,
+    e.g. the float32 Gramian of collinear gradients, on which the faces' solves cycle), and its
+    point, the minimum on its face, is as low as the solve can resolve: the solve ends there
+    instead of cycling up to ``max_iter``.
+    """
+    key = frozenset(corral)
+    if key in visited:
+        return True
+    visited.add(key)
+    return False
+
+
+def nearest_psd(Gw: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    """``Gw`` with its negative eigenvalues set to 0, where they are within rounding of a
+    PSD matrix stored in ``dtype`` (``√ε·λ_max``: a Gramian accumulated over many coordinates
+    rounds well above ``ε``; plus K smallest normals, for subnormal entries); a more negative
+    eigenvalue is refused (not a Gramian). The zero rows of ``Gw`` (tasks without a gradient)
+    stay exactly 0: only the others are rebuilt. ``name`` names the caller in the refusal."""
+    diagonal = Gw.diagonal()
+    live = (diagonal > 0).nonzero().flatten()
+    info = torch.finfo(dtype)
+    # relative rounding, and an absolute floor where the entries are subnormal (float16)
+    rounding = math.sqrt(info.eps) * max(float(diagonal.max()), 0.0)
+    rounding += diagonal.numel() * info.smallest_normal
+    # A row whose squared norm G_ii is 0 has only zero inner products (Cauchy-Schwarz).
+    dead = Gw[diagonal <= 0]
+    if dead.numel() and float(dead.abs().max()) > rounding:
+        raise SolverError(
+            f"{name}: G is not positive semi-definite (a row with a zero diagonal entry has an "
+            f"off-diagonal entry of {float(dead.abs().max()):.3e}): a Gramian J Jᵀ is, to "
+            "rounding"
+        )
+    if not live.numel():
+        return torch.zeros_like(Gw)
+    eigenvalues, vectors = torch.linalg.eigh(Gw[live][:, live])
+    lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+    if lowest < -(math.sqrt(info.eps) * max(largest, 0.0) + len(live) * info.smallest_normal):
+        raise SolverError(
+            f"{name}: G is not positive semi-definite (smallest eigenvalue "
+            f"{lowest:.3e}, largest {largest:.3e}): a Gramian J Jᵀ is, to rounding"
+        )
+    block = (vectors * eigenvalues.clamp_min(0.0)) @ vectors.T
+    repaired = torch.zeros_like(Gw)
+    repaired[live.unsqueeze(1), live] = 0.5 * (block + block.T)
+    return repaired

@@ -21,6 +21,8 @@ from taskbalance._solvers._common import (
     cap_error,
     chol_py,
     chol_solve_py,
+    corral_revisited,
+    nearest_psd,
     select_backend,
     to_output,
     work_list,
@@ -125,7 +127,10 @@ def _nnqp_torch(Q: Tensor, b: Tensor, max_iter: int, tol: float, solver: str) ->
         return u
     F: list[int] = []
     it = 0
+    visited: set[frozenset[int]] = set()
     while True:
+        if corral_revisited(visited, F):
+            break
         g = Qs @ u + bs
         thr = tol * (bscale + float(u.abs().sum()))
         mask = ~zero
@@ -327,7 +332,10 @@ def _nnqp_py(
     F: list[int] = []
     it = 0
     inf = float("inf")
+    visited: set[frozenset[int]] = set()
     while True:
+        if corral_revisited(visited, F):
+            break
         thr = tol * (bscale + sum(abs(v) for v in u))
         inF = set(F)
         j, gj = -1, inf
@@ -411,7 +419,8 @@ def nonneg_qp(
     minimiser nearest to the current point is taken (exact, no ridge); if the face is unbounded
     the method follows the linear descent ray until a bound blocks it, and raises if none does.
     Converged when :math:`\min_i g_i \ge -` ``tol`` :math:`\cdot(\lVert \tilde b\rVert_\infty +
-    \lVert \tilde u\rVert_1)` in Jacobi-scaled variables.
+    \lVert \tilde u\rVert_1)` in Jacobi-scaled variables, or when a free set met before comes
+    back (only rounding brings one back: a ``Q`` indefinite at its rounding level).
 
     Args:
         Q: Symmetric PSD matrix ``[n, n]``.
@@ -549,32 +558,11 @@ def dual_cone_weights(
         # A Gramian is PSD: a direction of negative curvature along which the QP has no
         # minimum is its rounding (a float32 Gramian of nearly collinear, conflicting
         # gradients). Solved on the nearest PSD matrix, within that rounding of it.
-        repaired = _nearest_psd(torch.tensor(work, dtype=F64) if Gw is None else Gw, G.dtype)
+        Gw = torch.tensor(work, dtype=F64) if Gw is None else Gw
+        repaired = nearest_psd(Gw, G.dtype, "dual_cone_weights")
         if work is not None:
             return solve(repaired.tolist(), None)
         return solve(None, repaired)
-
-
-def _nearest_psd(Gw: Tensor, dtype: torch.dtype) -> Tensor:
-    """``Gw`` with its negative eigenvalues set to 0, where they are within rounding of a
-    PSD matrix stored in ``dtype`` (``√ε·λ_max``: a Gramian accumulated over many coordinates
-    rounds well above ``ε``; plus K smallest normals, for subnormal entries); a more negative
-    eigenvalue is refused (not a Gramian). The zero rows of ``Gw`` (tasks without a gradient)
-    stay exactly 0: only the others are rebuilt."""
-    live = (Gw.diagonal() > 0).nonzero().flatten()
-    eigenvalues, vectors = torch.linalg.eigh(Gw[live][:, live])
-    lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
-    info = torch.finfo(dtype)
-    # relative rounding, and an absolute floor where the entries are subnormal (float16)
-    if lowest < -(math.sqrt(info.eps) * max(largest, 0.0) + len(live) * info.smallest_normal):
-        raise SolverError(
-            f"dual_cone_weights: G is not positive semi-definite (smallest eigenvalue "
-            f"{lowest:.3e}, largest {largest:.3e}): a Gramian J Jᵀ is, to rounding"
-        )
-    block = (vectors * eigenvalues.clamp_min(0.0)) @ vectors.T
-    repaired = torch.zeros_like(Gw)
-    repaired[live.unsqueeze(1), live] = 0.5 * (block + block.T)
-    return repaired
 
 
 def _dual_cone_solve(

@@ -19,6 +19,7 @@ from taskbalance._solvers._common import (
     cap_error,
     chol_py,
     chol_solve_py,
+    corral_revisited,
     select_backend,
     to_output,
     work_list,
@@ -130,7 +131,10 @@ def _face_min_norm(Gs: Tensor, y_cur: Tensor) -> Tensor:
     cn = torch.where(null, cv, torch.zeros_like(cv))
     cn_norm2 = float(cn @ cn)
     candidates: list[Tensor] = []
-    if cn_norm2 > 0.0:
+    # A null component of c at eigh's rounding level (relative 8 n eps, as the eigenvalues
+    # above) is none: c_N / ‖c_N‖² would then be rounding noise scaled up to any size, whose
+    # value on A may still win (identical vertices: every point of the face has one value).
+    if cn_norm2 > (8.0 * n * EPS) ** 2 * float(cv @ cv):
         # value-0 candidate; keep the current point's component in N ∩ c_N^⊥ (flat directions)
         candidates.append(V @ (cn / cn_norm2 + cur_n - (cur_n @ cn) / cn_norm2 * cn))
     inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
@@ -209,9 +213,12 @@ def _active_set_torch(
         w = torch.zeros(K, dtype=F64)
         w[i0] = 1.0
     gap, thresh, j = float("inf"), 0.0, -1
+    visited: set[frozenset[int]] = set()
     while True:
         if y is None:  # major cycle: the vertex that violates optimality most enters
             if len(S) >= K:
+                break
+            if corral_revisited(visited, S):
                 break
             Gw = Gn @ w
             val = float(w @ Gw)
@@ -349,9 +356,10 @@ def _active_set_py(
     gap, thresh, j = float("inf"), 0.0, -1
     noise_c = 4.0 * K * EPS
     inf = float("inf")
+    visited: set[frozenset[int]] = set()
     while True:
         if y is None:
-            if len(S) >= K:
+            if len(S) >= K or corral_revisited(visited, S):
                 break
             Gw = [sum([row[k] * w[k] for k in S]) for row in Gn]
             val = sum(w[k] * Gw[k] for k in S)
@@ -446,10 +454,11 @@ def min_norm_weights(
     * ``method="active_set"`` (default): Wolfe's (1976) exact min-norm-point active-set method on
       Jacobi-scaled faces with an eigendecomposition, exact on singular faces. It stops when the
       Frank-Wolfe gap :math:`w^\top G w - \min_i (Gw)_i \le` ``tol`` :math:`\cdot w^\top G w` plus
-      the rounding level of the gap; each face solve counts as one iteration and reaching
-      ``max_iter`` raises :class:`SolverError`. When the face of all K vertices keeps at least
-      half of its weights positive the method starts from that face (top-down), so an interior
-      optimum costs one face solve rather than K.
+      the rounding level of the gap, or when a major cycle meets a corral it met before (only
+      rounding brings one back: a Gramian indefinite at its rounding level); each face solve
+      counts as one iteration and reaching ``max_iter`` raises :class:`SolverError`. When the
+      face of all K vertices keeps at least half of its weights positive the method starts from
+      that face (top-down), so an interior optimum costs one face solve rather than K.
     * ``method="frank_wolfe"``: the paper's Frank-Wolfe with exact line search, started from the
       best pair. It stops when the duality gap is ``<= tol * wᵀGw`` or after ``max_iter``
       iterations. Reaching the cap is **not** an error: Frank-Wolfe converges sublinearly and the
