@@ -374,13 +374,13 @@ def cagrad_weights(
         w_l, s_l, size_l = _root(_inner_py(Gl, bl, gg, r, inner_max_iter), smax, max_iter, tol)
         if s_l <= 1e-6 * size_l:  # g_{w*} = 0 to rounding: the maximiser nearest g0
             try:
-                u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+                u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", consistent=True)
             except _UnboundedError:
                 # as in dual_cone_weights: G is indefinite by its rounding, and the projection
                 # is solved on the nearest PSD matrix
                 Gl = nearest_psd(torch.tensor(Gl, dtype=F64), G.dtype, "cagrad_weights").tolist()
                 bl = [sum(row) * m for row in Gl]
-                u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+                u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", consistent=True)
             return to_output([(m + v) / factor for v in u], G)
         return to_output([(m + (r / s_l) * v) / factor for v in w_l], G)
     Gw = work_tensor(G, "cagrad_weights")
@@ -395,9 +395,9 @@ def cagrad_weights(
     w_t, s_t, size_t = _root(_inner_torch(Gw, b, gg, r, inner_max_iter), smax, max_iter, tol)
     if s_t <= 1e-6 * size_t:
         try:
-            u_t = _nnqp_torch(Gw, b, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+            u_t = _nnqp_torch(Gw, b, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", True)
         except _UnboundedError:  # as on the Python path
             Gw = nearest_psd(Gw, G.dtype, "cagrad_weights")
-            u_t = _nnqp_torch(Gw, Gw @ mean, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights")
+            u_t = _nnqp_torch(Gw, Gw @ mean, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", True)
         return to_output((mean + u_t) / factor, G)
     return to_output((mean + (r / s_t) * w_t) / factor, G)

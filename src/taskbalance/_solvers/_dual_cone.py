@@ -81,11 +81,26 @@ def _unbounded(solver: str, i: int, q: float, b: float) -> SolverError:
 # --------------------------------------------------------------------------------------------
 
 
-def _face_qp(A: Tensor, c: Tensor, x_cur: Tensor) -> tuple[Tensor, bool]:
+def _null_floor(bscale: float, consistent: bool) -> float:
+    """The least reference for a face's null component of the (Jacobi-scaled) linear term.
+
+    When ``b = Qp`` (the projections of :func:`dual_cone_weights` and CAGrad), ``b`` has no
+    component in ``Q``'s null space in exact arithmetic: what a face's null space catches of
+    it is rounding of the problem's scale, ``‖Jᵀp‖ ≥`` ``bscale`` (the largest scaled entry of
+    ``b``), which may be far above the face's own ``‖c‖`` (a face of nearly opposite gradients,
+    nearly orthogonal to ``Jᵀp``). Judged against the face's ``‖c‖`` alone, that rounding
+    read as a direction of unbounded descent and killed the solve. For a general ``b``
+    (``nonneg_qp``) the face's own ``‖c‖`` is the reference.
+    """
+    return bscale if consistent else 0.0
+
+
+def _face_qp(A: Tensor, c: Tensor, x_cur: Tensor, floor: float = 0.0) -> tuple[Tensor, bool]:
     """Minimiser of ``½xᵀAx + cᵀx`` (unit-diagonal PSD ``A``) nearest ``x_cur``.
 
     Returns ``(x, True)``, or ``(p, False)`` with a descent direction ``p`` along which the
-    objective decreases linearly without bound (``c`` has a significant null-space component).
+    objective decreases linearly without bound (``c`` has a significant null-space component:
+    above 1e-4 of ``max(‖c‖, floor)``).
     """
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0 and float(L.diagonal().min()) ** 2 > 1e-8:
@@ -97,7 +112,7 @@ def _face_qp(A: Tensor, c: Tensor, x_cur: Tensor) -> tuple[Tensor, bool]:
     cv = V.T @ c
     cn = torch.where(null, cv, torch.zeros_like(cv))
     # near-null directions of a consistent problem carry at most ~sqrt(rtol) of c
-    if float(cn.norm()) > 1e-4 * max(float(c.norm()), 1e-300):
+    if float(cn.norm()) > 1e-4 * max(float(c.norm()), floor, 1e-300):
         return -(V @ cn), False
     inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
     cur = V.T @ x_cur
@@ -112,8 +127,12 @@ def _scaling(Q: Tensor) -> tuple[Tensor, Tensor]:
     return s, zero
 
 
-def _nnqp_torch(Q: Tensor, b: Tensor, max_iter: int, tol: float, solver: str) -> Tensor:
-    """Lawson-Hanson style primal active set for ``min ½uᵀQu + bᵀu, u ≥ 0`` (float64 host)."""
+def _nnqp_torch(
+    Q: Tensor, b: Tensor, max_iter: int, tol: float, solver: str, consistent: bool = False
+) -> Tensor:
+    """Lawson-Hanson style primal active set for ``min ½uᵀQu + bᵀu, u ≥ 0`` (float64 host).
+
+    ``consistent``: ``b = Qp`` for some ``p`` (see :func:`_null_floor`)."""
     n = b.shape[0]
     s, zero = _scaling(Q)
     if bool((zero & (b < 0)).any()):
@@ -125,6 +144,7 @@ def _nnqp_torch(Q: Tensor, b: Tensor, max_iter: int, tol: float, solver: str) ->
     bscale = float(bs.abs().max())
     if bscale == 0.0:
         return u
+    floor = _null_floor(bscale, consistent)
     F: list[int] = []
     it = 0
     visited: set[frozenset[int]] = set()
@@ -147,7 +167,7 @@ def _nnqp_torch(Q: Tensor, b: Tensor, max_iter: int, tol: float, solver: str) ->
                 raise cap_error(solver, max_iter, worst, thr)
             idx = torch.tensor(F, dtype=torch.long)
             uF = u[idx]
-            x, bounded = _face_qp(Qs[idx][:, idx], bs[idx], uF)
+            x, bounded = _face_qp(Qs[idx][:, idx], bs[idx], uF, floor)
             if bounded and bool((x > 0).all()):
                 u = torch.zeros(n, dtype=F64)
                 u[idx] = x
@@ -188,8 +208,10 @@ def _nnqp_batched(
     tol: float,
     solver: str,
     start: ActiveSets | None = None,
+    consistent: bool = False,
 ) -> Tensor:
-    """Solves ``min ½uᵀQu + b_mᵀu, u ≥ 0`` for every row ``b_m`` of ``B`` together.
+    """Solves ``min ½uᵀQu + b_mᵀu, u ≥ 0`` for every row ``b_m`` of ``B`` together
+    (``consistent``: each ``b_m = Q p_m``, see :func:`_null_floor`).
 
     A primal-dual active-set iteration (Hintermüller, Ito & Kunisch 2002) run on all rows at
     once: with free sets ``F_m``, one batched Cholesky solve of the masked systems
@@ -258,13 +280,13 @@ def _nnqp_batched(
         and not (all(settled) and bool((free | (g > thr)).all()))
     ):
         start.free = None
-        return _nnqp_batched(Q, B, max_iter, tol, solver, start)
+        return _nnqp_batched(Q, B, max_iter, tol, solver, start, consistent)
     if start is not None:
         start.free = free if all(settled) else None
     U = X
     for m in (m for m in range(M) if not settled[m]):
         # the sequential active set rescales by s itself: hand it the unscaled problem
-        U[m] = _nnqp_torch(Q, B[m], max_iter, tol, solver) / torch.where(s == 0, 1.0, s)
+        U[m] = _nnqp_torch(Q, B[m], max_iter, tol, solver, consistent) / torch.where(s == 0, 1.0, s)
     return U * s
 
 
@@ -274,7 +296,7 @@ def _nnqp_batched(
 
 
 def _face_qp_py(
-    Qs: list[list[float]], bs: list[float], F: list[int], x_cur: list[float]
+    Qs: list[list[float]], bs: list[float], F: list[int], x_cur: list[float], floor: float = 0.0
 ) -> tuple[list[float], bool]:
     """:func:`_face_qp` on the face ``F`` of the unit-diagonal ``Qs``."""
     if len(F) == 1:  # the entering index alone: chol_py and chol_solve_py's arithmetic, inline
@@ -286,7 +308,7 @@ def _face_qp_py(
     c = [bs[i] for i in F]
     L = chol_py(A, 1e-8)
     if L is None:  # (nearly) singular face: the exact eigendecomposition path
-        x, bounded = _face_qp(as_f64(A), as_f64(c), as_f64(x_cur))
+        x, bounded = _face_qp(as_f64(A), as_f64(c), as_f64(x_cur), floor)
         return x.tolist(), bounded
     return [-v for v in chol_solve_py(L, c)], True
 
@@ -316,6 +338,7 @@ def _nnqp_py(
     tol: float,
     solver: str,
     scaling: _Scaling | None = None,
+    consistent: bool = False,
 ) -> list[float]:
     """:func:`_nnqp_torch` in Python floats (same iterates and stopping rule); ``scaling`` is
     :func:`_jacobi_scaling` of ``Q`` when the caller solves several QPs on it."""
@@ -329,6 +352,7 @@ def _nnqp_py(
     bscale = max(abs(v) for v in bs)
     if bscale == 0.0:
         return u
+    floor = _null_floor(bscale, consistent)
     F: list[int] = []
     it = 0
     inf = float("inf")
@@ -357,7 +381,7 @@ def _nnqp_py(
             if it > max_iter:
                 raise cap_error(solver, max_iter, worst, thr)
             uF = [u[k] for k in F]
-            x, bounded = _face_qp_py(Qs, bs, F, uF)
+            x, bounded = _face_qp_py(Qs, bs, F, uF, floor)
             if bounded and all(v > 0 for v in x):
                 u = [0.0] * n
                 for k, v in zip(F, x, strict=True):
@@ -601,7 +625,7 @@ def _dual_cone_solve(
         scaling = _jacobi_scaling(Gl)
         for p in pref_rows:
             b = [sum(map(mul, row, p)) for row in Gl]
-            u = _nnqp_py(Gl, b, max_iter, tol, "dual_cone_weights", scaling)
+            u = _nnqp_py(Gl, b, max_iter, tol, "dual_cone_weights", scaling, consistent=True)
             rows.append([a + c for a, c in zip(p, u, strict=True)])
         if sum_rows:
             return to_output([math.fsum(row[k] for row in rows) for k in range(K)], G)
@@ -616,5 +640,5 @@ def _dual_cone_solve(
         Gn = torch.zeros_like(Gw) if (tr < norm_eps or tr == 0.0) else Gw / tr
         if reg_eps > 0.0:
             Gn = Gn + reg_eps * torch.eye(K, dtype=F64)
-    W = P + _nnqp_batched(Gn, P @ Gn, max_iter, tol, "dual_cone_weights", start)
+    W = P + _nnqp_batched(Gn, P @ Gn, max_iter, tol, "dual_cone_weights", start, True)
     return to_output(W.sum(dim=0) if sum_rows else W, G).reshape(out_shape)
