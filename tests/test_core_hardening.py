@@ -322,15 +322,18 @@ def test_property_gramians_of_collinear_gradients_give_finite_weights(J, dtype):
         assert bool(torch.isfinite(weights).all()), (name, weights)
 
 
-def test_a_half_precision_matrix_that_is_no_gramian_is_refused_and_changes_nothing():
-    b = make_balancer("upgrad", 2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["upgrad", "mgda"])
+def test_a_matrix_that_is_no_gramian_is_refused_and_changes_nothing(name, dtype):
+    # UPGrad's closed form at K = 2 gave [[1, 2], [2, 1]] the weights (1/2, 1/2), silently
+    b = make_balancer(name, 2)
     before = snapshot(b)
     for G, match in (
         ([[1.0, 2.0], [2.0, 1.0]], r"smallest eigenvalue -1.000e\+00"),
         ([[0.0, 1.0], [1.0, 0.0]], r"a row with a zero diagonal entry"),
     ):
         with pytest.raises(ValueError, match=rf"gram: G is not positive semi-definite \(.*{match}"):
-            b.compute_weights(losses_for(0, 2), gram=torch.tensor(G, dtype=torch.bfloat16))
+            b.compute_weights(losses_for(0, 2), gram=torch.tensor(G, dtype=dtype))
     assert_same_state(before, snapshot(b))
 
 

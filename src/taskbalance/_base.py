@@ -360,7 +360,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
         Args:
             losses: the K task losses (values only are read).
-            gram: the K×K Gramian of the task gradients, for gradient methods.
+            gram: the K×K Gramian of the task gradients, for gradient methods: symmetric and
+                positive semi-definite to its dtype's rounding (else refused); a float16 or
+                bfloat16 one is solved in float32.
             kpis: per-task KPIs in [0, 1] for methods that read them.
             present: optional bool ``[K]`` mask of the tasks present in this batch.
 
@@ -771,11 +773,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """One rule for every method: a float, K×K, finite and symmetric Gramian.
 
         An asymmetry beyond rounding (``|G − Gᵀ| > 1e-5·max|G|``) is refused; rounding-level
-        asymmetry is removed by using ``(G + Gᵀ)/2``. A float16 or bfloat16 Gramian is solved
-        in float32; its entries are known only to its own precision, at which the Gramian of
-        nearly collinear gradients is indefinite, so it is replaced by the nearest PSD matrix
-        when it is indefinite within that rounding (``√ε·λ_max``, ε of its dtype), and refused
-        beyond it.
+        asymmetry is removed by using ``(G + Gᵀ)/2``. A Gramian is PSD: a matrix indefinite
+        beyond its dtype's rounding (an eigenvalue below ``−√ε·λ_max``) is refused. A float16
+        or bfloat16 Gramian is solved in float32; its entries are known only to its own
+        precision, at which the Gramian of nearly collinear gradients is indefinite, so such a
+        Gramian is replaced by its nearest PSD matrix.
         """
         if gram is None:
             raise ValueError(f"gram: {self._method_name} needs the K×K Gramian, got None")
@@ -799,9 +801,6 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 f"for max |G| = {float(gram.abs().max()):.3g}"
             )
         symmetric = (gram + gram.T) / 2
-        if given_dtype == gram.dtype:
-            return symmetric
-        # The solvers' rounding tolerance is float32's, far below the given dtype's.
         wide = symmetric.double()
         if float(torch.linalg.eigvalsh(wide)[0]) >= 0:
             return symmetric
@@ -809,6 +808,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             repaired = nearest_psd(wide, given_dtype, "gram")
         except SolverError as error:
             raise ValueError(f"{error} (of its dtype, {given_dtype})") from None
+        if given_dtype == gram.dtype:
+            return symmetric  # the solvers repair a float32 or float64 one themselves
+        # The solvers' rounding tolerance is float32's, far below the given dtype's.
         return repaired.to(torch.float32)
 
     @property
