@@ -287,7 +287,7 @@ def test_a_half_precision_gramian_indefinite_by_its_rounding_gives_weights(name)
 def _collinear_jacobians(draw):
     """Zero rows, and rows parallel or nearly opposite to the first (a 1e-3 part of another
     row added): the float32 Gramian of such rows is indefinite at its rounding level. Up to
-    K = 14, past the plain-Python paths (the solvers' torch paths start at K = 9 to 13)."""
+    K = 14: UPGrad's solver takes its torch path from K = 9 and CAGrad's from K = 13."""
     K = draw(st.integers(2, 14))
     n = draw(st.integers(1, 3))
     entry = st.floats(-3, 3, allow_nan=False)
@@ -322,6 +322,39 @@ def test_property_gramians_of_collinear_gradients_give_finite_weights(J, dtype):
         assert bool(torch.isfinite(weights).all()), (name, weights)
 
 
+@pytest.mark.parametrize(
+    ("computed", "given"), [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)]
+)
+def test_a_gramian_computed_in_a_coarser_precision_than_its_dtype_gives_weights(computed, given):
+    """A float32 Gramian cast to float64 (for float64 weights), or a bfloat16 one from autocast
+    cast to float32: indefinite beyond its dtype's rounding, within its own. Found by review:
+    the first version of the refusal took these for matrices that are no Gramians."""
+    generator = torch.Generator().manual_seed(1)
+    J = (torch.randn(8, 3, generator=generator) @ torch.randn(3, 4096, generator=generator)).to(
+        computed
+    )
+    G = (J @ J.T).to(given)  # rank 3 of 8
+    eigenvalues = torch.linalg.eigvalsh(G.double())
+    own = torch.finfo(given).eps ** 0.5 * float(eigenvalues[-1])
+    assert float(eigenvalues[0]) < -own  # beyond its dtype's rounding
+    for name in GRAM_METHODS:
+        weights = make_balancer(name, 8).compute_weights(losses_for(0, 8).to(given), gram=G)
+        assert weights.dtype == given
+        assert bool(torch.isfinite(weights).all()), (name, weights)
+
+
+def test_a_per_group_gramian_that_is_no_gramian_names_its_group():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    balancer = tb.create(
+        "upgrad", num_tasks=2, params={"trunk": [a], "head": [b]}, group_aggregation="per_group"
+    )
+    gram = torch.stack([torch.eye(2), torch.tensor([[1.0, 2.0], [2.0, 1.0]])])
+    with pytest.raises(
+        ValueError, match=r"not positive semi-definite .* \(the Gramian of group 'head'\)"
+    ):
+        balancer.compute_weights(losses_for(0, 2), gram=gram)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["upgrad", "mgda"])
 def test_a_matrix_that_is_no_gramian_is_refused_and_changes_nothing(name, dtype):
@@ -331,6 +364,7 @@ def test_a_matrix_that_is_no_gramian_is_refused_and_changes_nothing(name, dtype)
     for G, match in (
         ([[1.0, 2.0], [2.0, 1.0]], r"smallest eigenvalue -1.000e\+00"),
         ([[0.0, 1.0], [1.0, 0.0]], r"a row with a zero diagonal entry"),
+        ([[1.0, 0.0], [0.0, -1.0]], r"a diagonal entry, a squared norm, is -1.000e\+00"),
     ):
         with pytest.raises(ValueError, match=rf"gram: G is not positive semi-definite \(.*{match}"):
             b.compute_weights(losses_for(0, 2), gram=torch.tensor(G, dtype=dtype))

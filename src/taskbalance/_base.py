@@ -773,11 +773,12 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """One rule for every method: a float, K×K, finite and symmetric Gramian.
 
         An asymmetry beyond rounding (``|G − Gᵀ| > 1e-5·max|G|``) is refused; rounding-level
-        asymmetry is removed by using ``(G + Gᵀ)/2``. A Gramian is PSD: a matrix indefinite
-        beyond its dtype's rounding (an eigenvalue below ``−√ε·λ_max``) is refused. A float16
-        or bfloat16 Gramian is solved in float32; its entries are known only to its own
-        precision, at which the Gramian of nearly collinear gradients is indefinite, so such a
-        Gramian is replaced by its nearest PSD matrix.
+        asymmetry is removed by using ``(G + Gᵀ)/2``. A Gramian is PSD to the rounding of
+        the precision it was computed in, which may be coarser than its dtype (a float32
+        Gramian cast to float64, a bfloat16 one under autocast): one indefinite beyond
+        bfloat16's rounding (an eigenvalue below ``−√ε·λ_max``, ``√ε = 1/16``) is refused as
+        no Gramian, and one indefinite beyond its own dtype's (or a float16/bfloat16 one, which
+        is solved in float32) is replaced by its nearest PSD matrix.
         """
         if gram is None:
             raise ValueError(f"gram: {self._method_name} needs the K×K Gramian, got None")
@@ -802,16 +803,26 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             )
         symmetric = (gram + gram.T) / 2
         wide = symmetric.double()
-        if float(torch.linalg.eigvalsh(wide)[0]) >= 0:
+        eigenvalues = torch.linalg.eigvalsh(wide)
+        lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
+        if lowest >= 0:
             return symmetric
-        try:
-            repaired = nearest_psd(wide, given_dtype, "gram")
-        except SolverError as error:
-            raise ValueError(f"{error} (of its dtype, {given_dtype})") from None
-        if given_dtype == gram.dtype:
+        info = torch.finfo(given_dtype)
+        own_rounding = math.sqrt(info.eps) * max(largest, 0.0) + len(wide) * info.smallest_normal
+        if given_dtype == gram.dtype and lowest >= -own_rounding:
             return symmetric  # the solvers repair a float32 or float64 one themselves
-        # The solvers' rounding tolerance is float32's, far below the given dtype's.
-        return repaired.to(torch.float32)
+        # Computed in a coarser precision than its dtype says (a float32 Gramian cast to
+        # float64, a bfloat16 one under autocast cast to float32, or a half-precision one,
+        # solved in float32): the solvers would judge it by its dtype's rounding.
+        try:
+            repaired = nearest_psd(wide, torch.bfloat16, "gram")
+        except SolverError as error:
+            raise ValueError(
+                f"{error} of any floating precision, down to bfloat16's (√ε·λ_max = "
+                f"{math.sqrt(torch.finfo(torch.bfloat16).eps) * largest:.3e}): pass the "
+                "Gramian of the task gradients, G = J Jᵀ"
+            ) from None
+        return repaired.to(gram.dtype)
 
     @property
     def _method_name(self) -> str:

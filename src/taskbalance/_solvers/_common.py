@@ -204,13 +204,18 @@ def nearest_psd(Gw: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     # relative rounding, and an absolute floor where the entries are subnormal (float16)
     rounding = math.sqrt(info.eps) * max(float(diagonal.max()), 0.0)
     rounding += diagonal.numel() * info.smallest_normal
+    if float(diagonal.min()) < -rounding:
+        raise SolverError(
+            f"{name}: G is not positive semi-definite (a diagonal entry, a squared norm, is "
+            f"{float(diagonal.min()):.3e}): a Gramian J Jᵀ is, to rounding"
+        )
     # A row whose squared norm G_ii is 0 has only zero inner products (Cauchy-Schwarz).
-    dead = Gw[diagonal <= 0]
-    if dead.numel() and float(dead.abs().max()) > rounding:
+    off_diagonal = Gw.masked_fill(torch.eye(len(Gw), dtype=torch.bool), 0.0)[diagonal <= 0]
+    if off_diagonal.numel() and float(off_diagonal.abs().max()) > rounding:
         raise SolverError(
             f"{name}: G is not positive semi-definite (a row with a zero diagonal entry has an "
-            f"off-diagonal entry of {float(dead.abs().max()):.3e}): a Gramian J Jᵀ is, to "
-            "rounding"
+            f"off-diagonal entry of {float(off_diagonal.abs().max()):.3e}): a Gramian J Jᵀ "
+            "is, to rounding"
         )
     if not live.numel():
         return torch.zeros_like(Gw)

@@ -112,9 +112,11 @@ def _face_min_norm(Gs: Tensor, y_cur: Tensor) -> Tensor:
     ``1/(cᵀA⁺c)``) and, if ``c`` has a null component, ``ỹ = c_N / ‖c_N‖²`` (value 0). Both are
     feasible, so the one whose value ``ỹᵀAỹ``, evaluated directly on ``A``, is smaller is
     returned: a tiny but genuine eigenvalue (a nearly singular face, e.g. two almost
-    anti-parallel gradients and a tiny third one) is never mistaken for an exact zero, and a
-    rounding-level null component of ``c`` (huge ``ỹ``) is never preferred. Flat directions
-    (null space orthogonal to ``c``: affinely dependent vertices) keep ``y_cur``.
+    anti-parallel gradients and a tiny third one) is never mistaken for an exact zero. A null
+    component of ``c`` at eigh's rounding level (relative ``8 n eps``) is none: its huge ``ỹ``
+    usually has a large value on ``A``, but not on a face of identical vertices, where every
+    point has one value. Flat directions (null space orthogonal to ``c``: affinely dependent
+    vertices) keep ``y_cur``.
     """
     y = _face_min_norm_chol(Gs)
     if y is not None:
@@ -142,8 +144,8 @@ def _face_min_norm(Gs: Tensor, y_cur: Tensor) -> Tensor:
     denom = float(cv @ z)
     if denom > 0.0:
         candidates.append(V @ (z / denom + cur_n))
-    # a rounding-level null component of c gives a huge (even non-finite) candidate: its value,
-    # evaluated on A, is then large or nan, and it is never preferred
+    # a null component of c just above the rounding level gives a huge (even non-finite)
+    # candidate: its value, evaluated on A, is then large or nan, and it is not preferred
     best: Tensor | None = None
     best_val = math.inf
     for yt in candidates:

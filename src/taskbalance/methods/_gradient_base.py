@@ -286,8 +286,13 @@ class GradientBalancer(Balancer):
                 f"gram: with group_aggregation={self.group_aggregation!r}, expected one Gramian "
                 f"per group, shape {expected}, got {tuple(gram.shape)}"
             )
-        check = super()._check_gram  # (zero-argument super() does not work in a comprehension)
-        return torch.stack([check(block) for block in gram.unbind(0)])
+        blocks = []
+        for name, block in zip(self.group_names, gram.unbind(0), strict=True):
+            try:
+                blocks.append(super()._check_gram(block))
+            except ValueError as error:
+                raise ValueError(f"{error} (the Gramian of group {name!r})") from None
+        return torch.stack(blocks)
 
     def _weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         """The rule on ``G' = D G D`` (``normalization``), its weights mapped back to ``J``."""
