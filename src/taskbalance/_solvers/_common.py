@@ -183,8 +183,12 @@ def corral_revisited(visited: set[frozenset[int]], corral: list[int]) -> bool:
     one that does has come back through rounding (a Gramian indefinite at its rounding level,
     e.g. the float32 Gramian of collinear gradients, on which the faces' solves cycle), and its
     point, the minimum on its face, is as low as the solve can resolve: the solve ends there
-    instead of cycling up to ``max_iter``.
+    instead of cycling up to ``max_iter``. The empty free set (the non-negative QP's start,
+    ``u = 0``) never counts as met again: ending there would return no projection at all, so
+    a cycle through it alone runs to ``max_iter`` and raises.
     """
+    if not corral:
+        return False
     key = frozenset(corral)
     if key in visited:
         return True
