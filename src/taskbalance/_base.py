@@ -361,8 +361,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         Args:
             losses: the K task losses (values only are read).
             gram: the K×K Gramian of the task gradients, for gradient methods: symmetric and
-                positive semi-definite to its dtype's rounding (else refused); a float16 or
-                bfloat16 one is solved in float32.
+                positive semi-definite to the rounding of the precision it was computed in (one
+                indefinite beyond bfloat16's rounding is refused); a float16 or bfloat16 one is
+                solved in float32.
             kpis: per-task KPIs in [0, 1] for methods that read them.
             present: optional bool ``[K]`` mask of the tasks present in this batch.
 
