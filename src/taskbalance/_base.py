@@ -33,7 +33,7 @@ from taskbalance._distributed import (
     rank,
     world_size,
 )
-from taskbalance._solvers._common import SolverError, nearest_psd
+from taskbalance._solvers._common import SolverError, nearest_psd, psd_rounding
 from taskbalance._step import Step
 from taskbalance._validation import (
     as_kpi_vector,
@@ -808,9 +808,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
         if lowest >= 0:
             return symmetric
-        info = torch.finfo(given_dtype)
-        own_rounding = math.sqrt(info.eps) * max(largest, 0.0) + len(wide) * info.smallest_normal
-        if given_dtype == gram.dtype and lowest >= -own_rounding:
+        if given_dtype == gram.dtype and lowest >= -psd_rounding(given_dtype, largest, len(wide)):
             return symmetric  # the solvers repair a float32 or float64 one themselves
         # Computed in a coarser precision than its dtype says (a float32 Gramian cast to
         # float64, a bfloat16 one under autocast cast to float32, or a half-precision one,
@@ -820,7 +818,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         except SolverError as error:
             raise ValueError(
                 f"{error} of any floating precision, down to bfloat16's (√ε·λ_max = "
-                f"{math.sqrt(torch.finfo(torch.bfloat16).eps) * largest:.3e}): pass the "
+                f"{psd_rounding(torch.bfloat16, largest, len(wide)):.3e}): pass the "
                 "Gramian of the task gradients, G = J Jᵀ"
             ) from None
         return repaired.to(gram.dtype)

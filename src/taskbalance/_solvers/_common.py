@@ -24,6 +24,7 @@ __all__ = [
     "chol_solve_py",
     "corral_revisited",
     "nearest_psd",
+    "psd_rounding",
     "select_backend",
     "to_output",
     "work_list",
@@ -196,18 +197,22 @@ def corral_revisited(visited: set[frozenset[int]], corral: list[int]) -> bool:
     return False
 
 
+def psd_rounding(dtype: torch.dtype, largest: float, size: int) -> float:
+    """How far below 0 an eigenvalue (or entry) of a ``size``×``size`` PSD matrix stored in
+    ``dtype`` may fall by rounding: ``√ε·λ_max`` (a Gramian accumulated over many coordinates
+    rounds well above ``ε``), plus ``size`` smallest normals for subnormal entries (float16)."""
+    info = torch.finfo(dtype)
+    return math.sqrt(info.eps) * max(largest, 0.0) + size * info.smallest_normal
+
+
 def nearest_psd(Gw: Tensor, dtype: torch.dtype, name: str) -> Tensor:
     """``Gw`` with its negative eigenvalues set to 0, where they are within rounding of a
-    PSD matrix stored in ``dtype`` (``√ε·λ_max``: a Gramian accumulated over many coordinates
-    rounds well above ``ε``; plus K smallest normals, for subnormal entries); a more negative
-    eigenvalue is refused (not a Gramian). The zero rows of ``Gw`` (tasks without a gradient)
+    PSD matrix stored in ``dtype`` (:func:`psd_rounding`); a more negative eigenvalue is
+    refused (not a Gramian). The zero rows of ``Gw`` (tasks without a gradient)
     stay exactly 0: only the others are rebuilt. ``name`` names the caller in the refusal."""
     diagonal = Gw.diagonal()
     live = (diagonal > 0).nonzero().flatten()
-    info = torch.finfo(dtype)
-    # relative rounding, and an absolute floor where the entries are subnormal (float16)
-    rounding = math.sqrt(info.eps) * max(float(diagonal.max()), 0.0)
-    rounding += diagonal.numel() * info.smallest_normal
+    rounding = psd_rounding(dtype, float(diagonal.max()), diagonal.numel())
     if float(diagonal.min()) < -rounding:
         raise SolverError(
             f"{name}: G is not positive semi-definite (a diagonal entry, a squared norm, is "
@@ -225,7 +230,7 @@ def nearest_psd(Gw: Tensor, dtype: torch.dtype, name: str) -> Tensor:
         return torch.zeros_like(Gw)
     eigenvalues, vectors = torch.linalg.eigh(Gw[live][:, live])
     lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
-    if lowest < -(math.sqrt(info.eps) * max(largest, 0.0) + len(live) * info.smallest_normal):
+    if lowest < -psd_rounding(dtype, largest, len(live)):
         raise SolverError(
             f"{name}: G is not positive semi-definite (smallest eigenvalue "
             f"{lowest:.3e}, largest {largest:.3e}): a Gramian J Jᵀ is, to rounding"
