@@ -157,12 +157,13 @@ def test_db_mtl_parameters_mode_state_round_trip():
 # GradDrop: sign-purity dropout at the shared activations (features) or parameters
 
 
-def _graddrop_reference(rows, signs, leak, generator):
-    """Algorithm 1 written out with per-sample rows ``[K, B, C]`` and ``sign(A)`` ``[B, C]``."""
+def _graddrop_reference(rows, signs, leak, generator, uniform_dtype=torch.float64):
+    """Algorithm 1 written out with per-sample rows ``[K, B, C]`` and ``sign(A)`` ``[B, C]``;
+    ``U`` drawn in ``uniform_dtype`` (features mode: float64; parameters mode: the rows')."""
     G = (rows * signs).sum(1).double()  # [K, C]
     P = 0.5 * (1 + G.sum(0) / G.abs().sum(0))
     P = torch.nan_to_num(P, nan=0.5)
-    U = torch.rand(G.shape[1], generator=generator, dtype=torch.float64)
+    U = torch.rand(G.shape[1], generator=generator, dtype=uniform_dtype).double()
     M = ((P > U) & (G > 0)) | ((P < U) & (G < 0))
     keep = leak + (1 - leak) * M.double()
     d = (rows * keep[:, None, :].float()).sum(0)
@@ -209,11 +210,55 @@ def test_graddrop_parameters_mode_masks_the_parameter_entries():
     expected, offset = [], 0
     for p in params:
         block = J[:, offset : offset + p.numel()]
-        d, _ = _graddrop_reference(block[:, None, :], torch.ones(1, p.numel()), 0.0, generator)
+        d, _ = _graddrop_reference(
+            block[:, None, :], torch.ones(1, p.numel()), 0.0, generator, torch.float32
+        )
         expected.append(d.reshape(-1))
         offset += p.numel()
     b(losses).backward()
     torch.testing.assert_close(_grad_of(params), torch.cat(expected), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("row_scale", [1.0, 2.0**16])
+@pytest.mark.parametrize("minus_sum", [False, True])
+@pytest.mark.parametrize("leak", [0.0, 0.3])
+def test_graddrop_parameters_direction_is_algorithm_1_zeros_and_ties_included(
+    leak, minus_sum, row_scale
+):
+    """Parameters mode keeps, per entry, the gradients of one sign (``s·max(s·G_k, 0)``):
+    that is Algorithm 1's masks, where no gradient, one task's, and an exact tie P = U
+    included, with the kept shares, one float32 draw, and the rows' scale taken out."""
+    from taskbalance.methods._graddrop import _parameters_direction
+
+    num_tasks, entries = 3, 4000
+    G = torch.randn(num_tasks, entries, generator=torch.Generator().manual_seed(4))
+    G[:, :50] = 0.0  # no gradient at all: nothing passes
+    G[1, 50:100] = 0.0  # one task without a gradient there
+    G[:, 100:150] = torch.tensor([1.0, -1.0, 1.0])[:, None]  # P = 2/3
+    U = torch.rand(entries, generator=torch.Generator().manual_seed(9))  # the rule's draw
+    # P = U exactly: G = (U, U − 1, 0), exact in float32 (U is a multiple of 2**-24)
+    G[0, 150:200], G[1, 150:200], G[2, 150:200] = U[150:200], U[150:200] - 1, 0.0
+    generator = torch.Generator().manual_seed(9)
+    passed, total, d = _parameters_direction(G * row_scale, leak, generator, row_scale, minus_sum)
+
+    wide = G.double()
+    P = torch.nan_to_num(0.5 * (1 + wide.sum(0) / wide.abs().sum(0)), nan=0.5)
+    uniform = U.double()
+    M = ((uniform < P) & (wide > 0)) | ((uniform > P) & (wide < 0))
+    assert not M[:, :50].any()
+    assert not M[:, 150:200].any()
+    keep = leak + (1 - leak) * M.double()
+    expected = (keep * wide).sum(0) - (wide.sum(0) if minus_sum else 0.0)
+    torch.testing.assert_close(d.double(), expected, rtol=1e-6, atol=1e-6)
+    if not leak and not minus_sum:  # the dropped entries are exactly 0
+        assert not d[:50].any()
+        assert not d[150:200].any()
+    shares = (M.double() * wide**2).sum(1) / (wide**2).sum(1)
+    torch.testing.assert_close(passed / total, shares, rtol=1e-6, atol=0)
+    assert passed.dtype == total.dtype == torch.float64
+    reference = torch.Generator().manual_seed(9)
+    torch.rand(entries, generator=reference)
+    assert torch.equal(generator.get_state(), reference.get_state())
 
 
 @pytest.mark.parametrize("coordinates", [300, 70_000])  # below and above _FEW_COORDINATES

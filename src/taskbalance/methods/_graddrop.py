@@ -15,8 +15,8 @@ from taskbalance._validation import check_in_range, check_seed
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
-#: Up to this many task-coordinate entries (features mode: K × the features' width) the
-#: masks are computed in the fewest tensor calls; above it, with the fewest float temporaries.
+#: Up to this many task-coordinate entries (K × the features' width) the masks are computed
+#: in the fewest tensor calls; above it, with the fewest float temporaries.
 _FEW_COORDINATES = 2**16
 
 
@@ -56,9 +56,12 @@ class GradDrop(GradientBalancer):
       masks the parameter entries themselves: ``G_k`` is the (global) task gradient, with no
       ``sign(A)`` factor and no batch;
     - P is not formed: ``P > U`` is decided as ``Σ_k G_k + Σ_k |G_k| > 2U·Σ_k |G_k|``, with
-      no division and no epsilon (where every ``G_k`` is 0 no mask passes); LibMTL adds 1e-7
-      to P's denominator. One leak for all tasks (the paper allows one per task); the
-      paper's monotone transfer ``f(P)`` is the identity, as in its experiments;
+      no division and no epsilon (where every ``G_k`` is 0, or at an exact tie ``P = U``, no
+      mask passes); LibMTL adds 1e-7 to P's denominator. Features mode decides in float64;
+      parameters mode in the rows' dtype, with ``U`` drawn in it (float32 for float32
+      parameters: a float64 draw per parameter entry cost more than the rest of the rule).
+      One leak for all tasks (the paper allows one per task); the paper's monotone transfer
+      ``f(P)`` is the identity, as in its experiments;
     - ``compute_weights`` is refused (the masks need the gradients, not their Gramian); steps
       between ``update_every`` refreshes apply ``Jᵀw`` with the last weights, drawing nothing.
 
@@ -167,30 +170,17 @@ def graddrop_direction(
     total: Tensor | None = None  # Σ_c G_k²
     direction = []
     for tensor, row in zip(shared, rows, strict=True):
-        num_tasks = row.shape[0]
-        batched = features_mode and tensor.dim() >= 1
-        samples = tensor.shape[0] if batched else 1
-        per_sample = row.reshape(num_tasks, samples, -1)
         if features_mode:
-            # sign(A) is 0 or ±1: the products are exact; a half-precision batch sum would
-            # overflow (the rows carry the engine's 2**16 scale), so those sum in float32
-            signs = torch.sign(tensor.detach()).reshape(samples, -1)
-            summed = (per_sample * signs).sum(dim=1, dtype=_accumulation_dtype(row.dtype))
-            signed = all_reduce_sum(summed.to(torch.float64))
+            tensor_passed, tensor_total, shared_direction = _features_direction(
+                tensor, row, leak, generator, row_scale, minus_sum
+            )
         else:
-            signed = per_sample[:, 0].to(torch.float64)
-        # In parameters mode these are K×P tensors: each temporary costs a pass over memory
-        # (and page faults), so there are few of them.
-        passes = sign_dropout_mask(signed, generator)
-        tensor_passed = torch.linalg.vector_norm(signed * passes, dim=1).square_()
-        tensor_total = torch.linalg.vector_norm(signed, dim=1).square_()
+            tensor_passed, tensor_total, shared_direction = _parameters_direction(
+                row, leak, generator, row_scale, minus_sum
+            )
         passed = tensor_passed if passed is None else passed + tensor_passed
         total = tensor_total if total is None else total + tensor_total
-        coefficients = _coefficients(passes, row.dtype, leak, minus_sum, row_scale)
-        shared_direction = per_sample[0] * coefficients[0]
-        for k in range(1, num_tasks):
-            shared_direction.addcmul_(per_sample[k], coefficients[k])
-        direction.append(shared_direction.reshape(-1))
+        direction.append(shared_direction)
     assert passed is not None  # at least one shared tensor
     assert total is not None
     # w_k = ℓ + (1 − ℓ)·Σ M_k G_k² / Σ G_k²: passed ≤ total (to rounding, hence the clamp),
@@ -200,6 +190,71 @@ def graddrop_direction(
     if leak:
         weights.mul_(1 - leak).add_(leak)
     return weights, direction
+
+
+def _features_direction(
+    tensor: Tensor,
+    row: Tensor,
+    leak: float,
+    generator: torch.Generator,
+    row_scale: float,
+    minus_sum: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Features mode: ``Σ_c M_k G_k²``, ``Σ_c G_k²`` (float64 ``[K]``) and the flat ``d``.
+
+    The masks are decided per coordinate on the batch-summed ``G_k`` and applied to every
+    sample's gradient, so each task's coefficients weigh its own per-sample rows.
+    """
+    num_tasks = row.shape[0]
+    samples = tensor.shape[0] if tensor.dim() >= 1 else 1
+    per_sample = row.reshape(num_tasks, samples, -1)
+    # sign(A) is 0 or ±1: the products are exact; a half-precision batch sum would overflow
+    # (the rows carry the engine's 2**16 scale), so those sum in float32
+    signs = torch.sign(tensor.detach()).reshape(samples, -1)
+    summed = (per_sample * signs).sum(dim=1, dtype=_accumulation_dtype(row.dtype))
+    signed = all_reduce_sum(summed.to(torch.float64))
+    passes = sign_dropout_mask(signed, generator)
+    passed = torch.linalg.vector_norm(signed * passes, dim=1).square_()
+    total = torch.linalg.vector_norm(signed, dim=1).square_()
+    coefficients = _coefficients(passes, row.dtype, leak, minus_sum, row_scale)
+    direction = per_sample[0] * coefficients[0]
+    for k in range(1, num_tasks):
+        direction.addcmul_(per_sample[k], coefficients[k])
+    return passed, total, direction.reshape(-1)
+
+
+def _parameters_direction(
+    row: Tensor, leak: float, generator: torch.Generator, row_scale: float, minus_sum: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Parameters mode: ``Σ_c M_k G_k²``, ``Σ_c G_k²`` (float64 ``[K]``) and ``d``.
+
+    ``G_k`` are the rows themselves, so the gradients kept at a coordinate are those of one
+    sign ``s`` (+1, −1, or 0 for none): ``M_k G_k = s·max(s·G_k, 0)``. Each K×P temporary
+    costs a pass over memory, and there is one; ``U`` is drawn in the rows' dtype (the draw
+    is the largest part of the rule's cost, and a float64 one costs twice a float32 one).
+    """
+    # Sums over the tasks as matrix-vector products: reducing the first dimension of a K×P
+    # tensor with .sum(0) is measured two to three times slower
+    ones = constant(1.0, (row.shape[0],), row.dtype, row.device)
+    summed = torch.mv(row.T, ones)  # Σ_k G_k
+    kept = row.clamp_min(0)
+    positive = torch.mv(kept.T, ones)  # Σ_k max(G_k, 0)
+    uniform = torch.rand(row.shape[1], generator=generator, dtype=row.dtype, device=row.device)
+    # P = positive / Σ_k |G_k| with Σ_k |G_k| = 2·positive − Σ_k G_k, so P > U ⟺
+    # positive − U·Σ_k |G_k| > 0 (the sign of a difference is exact); 0 where every G_k is 0
+    threshold = uniform.mul_(positive.mul(2).sub_(summed))
+    sign = positive.sub_(threshold).sign_()
+    torch.mul(row, sign, out=kept).clamp_min_(0)  # |G_k|·M_k
+    passed = torch.linalg.vector_norm(kept, dim=1).to(torch.float64).square_()
+    total = torch.linalg.vector_norm(row, dim=1).to(torch.float64).square_()
+    direction = torch.mv(kept.T, ones).mul_(sign)  # Σ_k M_k G_k
+    if leak:
+        direction.mul_(1 - leak).add_(summed, alpha=leak)
+    if minus_sum:
+        direction.sub_(summed)
+    if row_scale != 1.0:
+        direction.mul_(1 / row_scale)  # exact: the scale is a power of two
+    return passed, total, direction
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -214,7 +269,7 @@ def _coefficients(
     low = (leak - 1.0 if minus_sum else leak) / row_scale
     # Without a leak, M·(high − low) + low is exact in any dtype (one of the two is 0, the
     # other ±1/scale): two in-place passes, where() broadcasting two scalars being slow per
-    # entry for parameters mode's many coordinates
+    # entry for wide features' many coordinates
     if passes.numel() > _FEW_COORDINATES and not leak:
         return passes.to(dtype).mul_(high - low).add_(low)
     return torch.where(
@@ -237,8 +292,8 @@ def sign_dropout_mask(signed: Tensor, generator: torch.Generator) -> Tensor:
     )
     if signed.numel() <= _FEW_COORDINATES:
         return (signed * threshold.sign_()) > 0
-    # Parameters mode: K×P float temporaries cost a pass over memory each (and page faults);
-    # boolean ones an eighth of that.
+    # Wide features: K×C float temporaries cost a pass over memory each; boolean ones an
+    # eighth of that.
     positive, negative = signed > 0, signed < 0
     positive &= threshold > 0
     negative &= threshold < 0
