@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import taskbalance as tb
@@ -259,6 +261,33 @@ def test_graddrop_parameters_direction_is_algorithm_1_zeros_and_ties_included(
     reference = torch.Generator().manual_seed(9)
     torch.rand(entries, generator=reference)
     assert torch.equal(generator.get_state(), reference.get_state())
+
+
+_SMALL_DYADICS = st.sampled_from([-3.0, -1.5, -1.0, -0.25, 0.0, 0.0, 0.5, 1.0, 2.0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 5).flatmap(
+        lambda tasks: st.lists(
+            st.lists(_SMALL_DYADICS, min_size=tasks, max_size=tasks), min_size=1, max_size=40
+        )
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_property_graddrop_parameters_direction_keeps_one_sign_per_entry(rows, seed):
+    """On small dyadic gradients (every sum exact), each entry of ``d`` is exactly the sum of
+    the kept tasks' gradients under Algorithm 1's masks for the drawn U: all the positive
+    ones, all the negative ones, or none (no gradient, or an exact tie)."""
+    from taskbalance.methods._graddrop import _parameters_direction
+
+    G = torch.tensor(rows).T.contiguous()  # [K, P]
+    _, _, d = _parameters_direction(G, 0.0, torch.Generator().manual_seed(seed), 1.0, False)
+    U = torch.rand(G.shape[1], generator=torch.Generator().manual_seed(seed)).double()
+    wide = G.double()
+    P = torch.nan_to_num(0.5 * (1 + wide.sum(0) / wide.abs().sum(0)), nan=0.5)
+    M = ((U < P) & (wide > 0)) | ((U > P) & (wide < 0))
+    assert torch.equal(d.double(), (M * wide).sum(0))
 
 
 @pytest.mark.parametrize("coordinates", [300, 70_000])  # below and above _FEW_COORDINATES
