@@ -263,6 +263,22 @@ def test_graddrop_parameters_direction_is_algorithm_1_zeros_and_ties_included(
     assert torch.equal(generator.get_state(), reference.get_state())
 
 
+def test_graddrop_parameters_mode_shares_of_gradients_a_float64_gramian_admits():
+    """Gradients of 1e29 overflow float32 squares; a float64 Gramian admits them, and their
+    kept shares are then summed in float64: the shares do not depend on the losses' scale."""
+    shares = []
+    for scale in (1.0, 1e30):
+        torch.manual_seed(0)
+        trunk, heads = nn.Linear(5, 8), [nn.Linear(8, 1) for _ in range(3)]
+        b = tb.create("graddrop", num_tasks=3, params=trunk.parameters(), gram_dtype=torch.float64)
+        z = trunk(torch.randn(16, 5))
+        b(torch.stack([(head(z) ** 2).mean() * scale for head in heads])).backward()
+        assert torch.isfinite(trunk.weight.grad).all()
+        shares.append(b.weights.clone())
+    assert (shares[0] > 0).all()
+    torch.testing.assert_close(shares[1], shares[0], rtol=1e-5, atol=0)
+
+
 _SMALL_DYADICS = st.sampled_from([-3.0, -1.5, -1.0, -0.25, 0.0, 0.0, 0.5, 1.0, 2.0])
 
 

@@ -133,6 +133,7 @@ class GradDrop(GradientBalancer):
                 self.generator,
                 row_scale=step.row_scale,
                 minus_sum=unweighted,
+                norm_dtype=self.gram_dtype,
             )
         except BaseException:
             self.generator.set_state(saved)
@@ -156,6 +157,7 @@ def graddrop_direction(
     *,
     row_scale: float = 1.0,
     minus_sum: bool = False,
+    norm_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, list[Tensor]]:
     """The kept shares ``w`` (float64 ``[K]``) and ``d``, one flat tensor per shared tensor.
 
@@ -164,7 +166,8 @@ def graddrop_direction(
     shares do not depend on it, and ``d`` takes ``1/row_scale`` with the masks); one
     ``torch.rand`` per tensor is drawn from ``generator``, in the order of ``shared``.
     ``minus_sum`` gives ``d − Σ_k g_k`` instead of ``d`` (``rows`` are then this rank's own),
-    in the same pass: the masks minus one weigh the rows.
+    in the same pass: the masks minus one weigh the rows. ``norm_dtype`` is the Gramian's
+    dtype, in which parameters mode sums the rows' squares (see :func:`_parameters_direction`).
     """
     passed: Tensor | None = None  # Σ_c M_k·G_k², summed over the shared tensors
     total: Tensor | None = None  # Σ_c G_k²
@@ -176,7 +179,7 @@ def graddrop_direction(
             )
         else:
             tensor_passed, tensor_total, shared_direction = _parameters_direction(
-                row, leak, generator, row_scale, minus_sum
+                row, leak, generator, row_scale, minus_sum, norm_dtype
             )
         passed = tensor_passed if passed is None else passed + tensor_passed
         total = tensor_total if total is None else total + tensor_total
@@ -224,7 +227,12 @@ def _features_direction(
 
 
 def _parameters_direction(
-    row: Tensor, leak: float, generator: torch.Generator, row_scale: float, minus_sum: bool
+    row: Tensor,
+    leak: float,
+    generator: torch.Generator,
+    row_scale: float,
+    minus_sum: bool,
+    norm_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Parameters mode: ``Σ_c M_k G_k²``, ``Σ_c G_k²`` (float64 ``[K]``) and ``d``.
 
@@ -232,6 +240,9 @@ def _parameters_direction(
     sign ``s`` (+1, −1, or 0 for none): ``M_k G_k = s·max(s·G_k, 0)``. Each K×P temporary
     costs a pass over memory, and there is one; ``U`` is drawn in the rows' dtype (the draw
     is the largest part of the rule's cost, and a float64 one costs twice a float32 one).
+    The squares are summed in ``norm_dtype``, the Gramian's: the engine hands on no rows whose
+    Gramian overflows, so a float32 sum of their squares is finite where the Gramian is
+    (a float64 one, three times dearer, is taken only with a float64 Gramian).
     """
     # Sums over the tasks as matrix-vector products: reducing the first dimension of a K×P
     # tensor with .sum(0) is measured two to three times slower
@@ -245,8 +256,9 @@ def _parameters_direction(
     threshold = uniform.mul_(positive.mul(2).sub_(summed))
     sign = positive.sub_(threshold).sign_()
     torch.mul(row, sign, out=kept).clamp_min_(0)  # |G_k|·M_k
-    passed = torch.linalg.vector_norm(kept, dim=1).to(torch.float64).square_()
-    total = torch.linalg.vector_norm(row, dim=1).to(torch.float64).square_()
+    wide = torch.float64 if norm_dtype == torch.float64 != row.dtype else None
+    passed = torch.linalg.vector_norm(kept, dim=1, dtype=wide).to(torch.float64).square_()
+    total = torch.linalg.vector_norm(row, dim=1, dtype=wide).to(torch.float64).square_()
     direction = torch.mv(kept.T, ones).mul_(sign)  # Σ_k M_k G_k
     if leak:
         direction.mul_(1 - leak).add_(summed, alpha=leak)
