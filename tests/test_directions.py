@@ -509,11 +509,15 @@ def _moco_reference(steps: int, beta, beta_sigma, gamma, gamma_sigma, rho):
     return out
 
 
+@pytest.mark.parametrize("python_max_k", [40, 0])  # λ's step in Python floats, or tensors
 @pytest.mark.parametrize(
     "hparams",
     [{}, {"beta": 0.9, "beta_sigma": 0.0, "gamma": 2.0, "gamma_sigma": 0.0, "rho": 0.5}],
 )
-def test_moco_is_algorithm_1(hparams):
+def test_moco_is_algorithm_1(hparams, python_max_k, monkeypatch):
+    from taskbalance.methods import _moco
+
+    monkeypatch.setattr(_moco, "_PYTHON_MAX_K", python_max_k)
     settings = {"beta": 0.5, "beta_sigma": 0.5, "gamma": 0.1, "gamma_sigma": 0.5, "rho": 0.0}
     settings.update(hparams)
     expected = _moco_reference(5, **settings)

@@ -23,7 +23,7 @@ from taskbalance._solvers import (
     nonneg_qp,
     project_simplex,
 )
-from taskbalance._solvers._min_norm import solve_min_norm
+from taskbalance._solvers._min_norm import project_simplex_py, solve_min_norm
 
 KINDS = ["full", "rankdef", "dup", "scaled", "k1", "zero", "neg", "full", "scaled", "k64"]
 
@@ -651,6 +651,8 @@ def test_property_project_simplex(v):
     assert bool((p >= 0).all())
     assert abs(float(p.sum()) - 1) < 1e-9
     torch.testing.assert_close(project_simplex(p), p, atol=1e-12, rtol=0)
+    # the plain-Python path (MoCo's step on λ up to K = 40) takes the same steps: equal bits
+    assert project_simplex_py(v) == p.tolist()
 
 
 # --------------------------------------------------------------------------------------------

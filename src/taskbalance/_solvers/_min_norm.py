@@ -27,7 +27,7 @@ from taskbalance._solvers._common import (
 )
 from taskbalance._validation import check_choice, check_nonnegative, check_positive_int
 
-__all__ = ["min_norm_weights", "project_simplex", "solve_min_norm"]
+__all__ = ["min_norm_weights", "project_simplex", "project_simplex_py", "solve_min_norm"]
 
 #: Largest K solved on the plain-Python path by ``backend="auto"``. Measured inside the training
 #: loop of ``benchmarks/overhead.py`` (one thread; MGDA's rule, Python / torch, µs): 369 / 426
@@ -68,6 +68,26 @@ def project_simplex(v: Tensor) -> Tensor:
     rho = cond.to(torch.int64).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
     tau = torch.gather(css, -1, rho) / (rho + 1).to(v.dtype)
     return torch.clamp(v - tau, min=0.0)
+
+
+def project_simplex_py(v: list[float]) -> list[float]:
+    """:func:`project_simplex` of one vector in Python floats, by the same steps (for small K,
+    where each of its dozen tensor calls costs more than the arithmetic).
+
+    Example:
+        >>> project_simplex_py([0.5, 0.5, 1.0])
+        [0.16666666666666669, 0.16666666666666669, 0.6666666666666667]
+    """
+    if not v:
+        raise ValueError("v: expected a non-empty list of floats, got []")
+    total = 0.0
+    tau = 0.0
+    for count, value in enumerate(sorted(v, reverse=True), start=1):
+        total += value
+        # u_ρ > (Σ_{i≤ρ} u_i − 1)/ρ holds for a prefix of the sorted values: the last ρ wins
+        if value - (total - 1.0) / count > 0:
+            tau = (total - 1.0) / count
+    return [max(value - tau, 0.0) for value in v]
 
 
 # --------------------------------------------------------------------------------------------
