@@ -59,7 +59,8 @@ class GradDrop(GradientBalancer):
       no division and no epsilon (where every ``G_k`` is 0, or at an exact tie ``P = U``, no
       mask passes); LibMTL adds 1e-7 to P's denominator. Features mode decides in float64;
       parameters mode in the rows' dtype, with ``U`` drawn in it (float32 for float32
-      parameters: a float64 draw per parameter entry cost more than the rest of the rule).
+      parameters: the draw, one per parameter entry, is the largest part of the rule's cost,
+      and a float64 one costs about twice a float32 one).
       One leak for all tasks (the paper allows one per task); the paper's monotone transfer
       ``f(P)`` is the identity, as in its experiments;
     - ``compute_weights`` is refused (the masks need the gradients, not their Gramian); steps
