@@ -221,11 +221,16 @@ def test_graddrop_parameters_mode_masks_the_parameter_entries():
     torch.testing.assert_close(_grad_of(params), torch.cat(expected), rtol=1e-5, atol=1e-7)
 
 
+# The balancer's generator lives on the host; on an accelerator the draw is moved to the rows.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("row_scale", [1.0, 2.0**16])
 @pytest.mark.parametrize("minus_sum", [False, True])
 @pytest.mark.parametrize("leak", [0.0, 0.3])
 def test_graddrop_parameters_direction_is_algorithm_1_zeros_and_ties_included(
-    leak, minus_sum, row_scale
+    leak, minus_sum, row_scale, device
 ):
     """Parameters mode keeps, per entry, the gradients of one sign (``s·max(s·G_k, 0)``):
     that is Algorithm 1's masks, where no gradient, one task's, and an exact tie P = U
@@ -241,7 +246,10 @@ def test_graddrop_parameters_direction_is_algorithm_1_zeros_and_ties_included(
     # P = U exactly: G = (U, U − 1, 0), exact in float32 (U is a multiple of 2**-24)
     G[0, 150:200], G[1, 150:200], G[2, 150:200] = U[150:200], U[150:200] - 1, 0.0
     generator = torch.Generator().manual_seed(9)
-    passed, total, d = _parameters_direction(G * row_scale, leak, generator, row_scale, minus_sum)
+    passed, total, d = _parameters_direction(
+        (G * row_scale).to(device), leak, generator, row_scale, minus_sum
+    )
+    passed, total, d = passed.cpu(), total.cpu(), d.cpu()
 
     wide = G.double()
     P = torch.nan_to_num(0.5 * (1 + wide.sum(0) / wide.abs().sum(0)), nan=0.5)
@@ -277,6 +285,17 @@ def test_graddrop_parameters_mode_shares_of_gradients_a_float64_gramian_admits()
         shares.append(b.weights.clone())
     assert (shares[0] > 0).all()
     torch.testing.assert_close(shares[1], shares[0], rtol=1e-5, atol=0)
+
+
+def test_graddrop_parameters_direction_decides_near_float32s_largest():
+    """Sums near float32's largest (which a float64 Gramian admits) decide without overflow:
+    P = 1 − 5e-42 keeps the positive gradient at every draw, P = ½ keeps either side whole."""
+    from taskbalance.methods._graddrop import _parameters_direction
+
+    G = torch.tensor([[2e38] * 300 + [3e38] * 300, [-1e-3] * 300 + [-3e38] * 300])
+    _, _, d = _parameters_direction(G, 0.0, torch.Generator().manual_seed(1), 1.0, False)
+    assert torch.equal(d[:300], G[0, :300])
+    assert set(d[300:].tolist()) == set(G[:, 300].tolist())
 
 
 _SMALL_DYADICS = st.sampled_from([-3.0, -1.5, -1.0, -0.25, 0.0, 0.0, 0.5, 1.0, 2.0])

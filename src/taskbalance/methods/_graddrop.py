@@ -58,9 +58,10 @@ class GradDrop(GradientBalancer):
     - P is not formed: ``P > U`` is decided as ``Σ_k G_k + Σ_k |G_k| > 2U·Σ_k |G_k|``, with
       no division and no epsilon (where every ``G_k`` is 0, or at an exact tie ``P = U``, no
       mask passes); LibMTL adds 1e-7 to P's denominator. Features mode decides in float64;
-      parameters mode in the rows' dtype, with ``U`` drawn in it (float32 for float32
-      parameters: the draw, one per parameter entry, is the largest part of the rule's cost,
-      and a float64 one costs about twice a float32 one).
+      parameters mode as ``(1 − U)·Σ_k max(G_k, 0) > U·Σ_k max(−G_k, 0)`` in the rows'
+      dtype, with ``U`` drawn in it (float32 for float32 parameters: the draw, one per
+      parameter entry, is the largest part of the rule's cost, and a float64 one costs about
+      twice a float32 one), exact to rounding where those sums are normal numbers;
       One leak for all tasks (the paper allows one per task); the paper's monotone transfer
       ``f(P)`` is the identity, as in its experiments;
     - ``compute_weights`` is refused (the masks need the gradients, not their Gramian); steps
@@ -251,13 +252,16 @@ def _parameters_direction(
     summed = torch.mv(row.T, ones)  # Σ_k G_k
     kept = row.clamp_min(0)
     positive = torch.mv(kept.T, ones)  # Σ_k max(G_k, 0)
-    uniform = torch.rand(row.shape[1], generator=generator, dtype=row.dtype, device=row.device)
-    # P = positive / Σ_k |G_k| with Σ_k |G_k| = 2·positive − Σ_k G_k, so P > U ⟺
-    # positive − U·Σ_k |G_k| > 0 (the sign of a difference is exact); 0 where every G_k is 0
-    threshold = uniform.mul_(positive.mul(2).sub_(summed))
-    sign = positive.sub_(threshold).sign_()
+    negative = positive - summed  # Σ_k max(−G_k, 0)
+    # Drawn where the generator lives (the balancer's own, on the host), then moved
+    uniform = torch.rand(row.shape[1], generator=generator, dtype=row.dtype).to(row.device)
+    # P = positive / (positive + negative), so P > U ⟺ (1 − U)·positive − U·negative > 0:
+    # neither product can overflow (1 − U is exact), and the sign of a difference is exact;
+    # 0 at a tie or where every G_k is 0
+    sign = torch.rsub(uniform, 1.0).mul_(positive).sub_(uniform.mul_(negative)).sign_()
     torch.mul(row, sign, out=kept).clamp_min_(0)  # |G_k|·M_k
-    wide = torch.float64 if norm_dtype == torch.float64 != row.dtype else None
+    widen = norm_dtype == torch.float64 and row.dtype != torch.float64
+    wide = torch.float64 if widen else None
     passed = torch.linalg.vector_norm(kept, dim=1, dtype=wide).to(torch.float64).square_()
     total = torch.linalg.vector_norm(row, dim=1, dtype=wide).to(torch.float64).square_()
     direction = torch.mv(kept.T, ones).mul_(sign)  # Σ_k M_k G_k
