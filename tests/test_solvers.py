@@ -644,7 +644,7 @@ def test_property_cagrad_in_ball(J, c):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=20))
+@given(st.lists(st.floats(-1e18, 1e18, allow_nan=False), min_size=1, max_size=20))
 def test_property_project_simplex(v):
     x = torch.tensor(v, dtype=torch.float64)
     p = project_simplex(x)
@@ -653,6 +653,18 @@ def test_property_project_simplex(v):
     torch.testing.assert_close(project_simplex(p), p, atol=1e-12, rtol=0)
     # the plain-Python path (MoCo's step on λ up to K = 40) takes the same steps: equal bits
     assert project_simplex_py(v) == p.tolist()
+
+
+@pytest.mark.parametrize(
+    ("v", "expected"),
+    [([1e17, 0.0], [1.0, 0.0]), ([2.0**53 + 2, 0.0], [1.0, 0.0]), ([-1e300], [1.0]),
+     ([1e300, 1e300], [0.5, 0.5]), ([-3.0, 5e20, -7e20], [0.0, 1.0, 0.0])],
+)  # fmt: skip
+def test_project_simplex_of_entries_beyond_2_53(v, expected):
+    """Past 2**53, u − (u − 1) rounds to 0: shifted by the largest entry first, the first
+    prefix still passes the sorting algorithm's test."""
+    assert project_simplex(torch.tensor(v, dtype=torch.float64)).tolist() == expected
+    assert project_simplex_py(v) == expected
 
 
 # --------------------------------------------------------------------------------------------

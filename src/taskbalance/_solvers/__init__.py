@@ -42,7 +42,7 @@ from taskbalance._solvers._barrier import fairgrad_weights, nash_weights
 from taskbalance._solvers._cagrad import cagrad_weights
 from taskbalance._solvers._common import Backend, SolverError, select_backend
 from taskbalance._solvers._dual_cone import ActiveSets, dual_cone_weights, nonneg_qp
-from taskbalance._solvers._min_norm import min_norm_weights, project_simplex
+from taskbalance._solvers._min_norm import min_norm_weights, project_simplex, project_simplex_py
 
 __all__ = [
     "ActiveSets",
@@ -55,5 +55,6 @@ __all__ = [
     "nash_weights",
     "nonneg_qp",
     "project_simplex",
+    "project_simplex_py",
     "select_backend",
 ]

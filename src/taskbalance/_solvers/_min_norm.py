@@ -61,13 +61,15 @@ def project_simplex(v: Tensor) -> Tensor:
     if not isinstance(v, Tensor) or not v.is_floating_point() or v.ndim == 0 or v.shape[-1] == 0:
         shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
         raise ValueError(f"v: expected a floating point tensor of shape [..., K], got {shape}")
-    u, _ = torch.sort(v, dim=-1, descending=True)
+    # Shifted by the largest entry (the projection of v − c·1 is that of v): the first prefix
+    # then always passes the test below, which rounding cannot break for entries beyond 2**53
+    u, _ = torch.sort(v - v.amax(dim=-1, keepdim=True), dim=-1, descending=True)
     css = torch.cumsum(u, dim=-1) - 1.0
     k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
     cond = u - css / k > 0
     rho = cond.to(torch.int64).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
     tau = torch.gather(css, -1, rho) / (rho + 1).to(v.dtype)
-    return torch.clamp(v - tau, min=0.0)
+    return torch.clamp(v - v.amax(dim=-1, keepdim=True) - tau, min=0.0)
 
 
 def project_simplex_py(v: list[float]) -> list[float]:
@@ -76,18 +78,20 @@ def project_simplex_py(v: list[float]) -> list[float]:
 
     Example:
         >>> project_simplex_py([0.5, 0.5, 1.0])
-        [0.16666666666666669, 0.16666666666666669, 0.6666666666666667]
+        [0.16666666666666663, 0.16666666666666663, 0.6666666666666666]
     """
     if not v:
         raise ValueError("v: expected a non-empty list of floats, got []")
+    largest = max(v)
+    shifted = [value - largest for value in v]
     total = 0.0
     tau = 0.0
-    for count, value in enumerate(sorted(v, reverse=True), start=1):
+    for count, value in enumerate(sorted(shifted, reverse=True), start=1):
         total += value
         # u_ρ > (Σ_{i≤ρ} u_i − 1)/ρ holds for a prefix of the sorted values: the last ρ wins
         if value - (total - 1.0) / count > 0:
             tau = (total - 1.0) / count
-    return [max(value - tau, 0.0) for value in v]
+    return [max(value - tau, 0.0) for value in shifted]
 
 
 # --------------------------------------------------------------------------------------------

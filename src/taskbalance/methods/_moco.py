@@ -10,14 +10,13 @@ from torch import Tensor
 
 from taskbalance._gramian import add_rows_
 from taskbalance._registry import register
-from taskbalance._solvers import project_simplex
-from taskbalance._solvers._min_norm import project_simplex_py
+from taskbalance._solvers import project_simplex, project_simplex_py
 from taskbalance._step import Step
 from taskbalance._validation import check_in_range, check_nonnegative, check_positive
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
-#: Up to this K the step on λ runs in Python floats. Inside the training loop of
+#: Up to this K the step on λ runs in Python floats, on the CPU. Inside the training loop of
 #: ``benchmarks/overhead.py`` (one thread) MoCo's rule took 678 µs with the tensor calls and
 #: 424 with Python floats at K = 2, and was no slower with Python floats at K = 16 and 40.
 _PYTHON_MAX_K = 40
@@ -200,9 +199,10 @@ def moco_update(
     # when they agree); the K-vector arithmetic is float64.
     accumulated = new.to(gram_dtype)
     gram = accumulated @ accumulated.T
-    if gram.shape[0] <= _PYTHON_MAX_K:
-        # The same float64 steps in Python floats: a dozen tensor calls on K numbers cost
-        # more than their arithmetic
+    if gram.shape[0] <= _PYTHON_MAX_K and gram.device.type == "cpu":
+        # The same float64 arithmetic in Python floats (equal to rounding, not bit for bit:
+        # the sums run in another order): a dozen tensor calls on K numbers cost more than
+        # their arithmetic. Not on an accelerator, where the host copies would each sync.
         previous = lambdas.tolist()
         moved = [
             value - gamma * (sum(map(mul, row, previous)) + rho * value)
