@@ -219,7 +219,8 @@ def nearest_psd(Gw: Tensor, dtype: torch.dtype, name: str) -> Tensor:
             f"{float(diagonal.min()):.3e}): a Gramian J Jᵀ is, to rounding"
         )
     # A row whose squared norm G_ii is 0 has only zero inner products (Cauchy-Schwarz).
-    off_diagonal = Gw.masked_fill(torch.eye(len(Gw), dtype=torch.bool), 0.0)[diagonal <= 0]
+    on_diagonal = torch.eye(len(Gw), dtype=torch.bool, device=Gw.device)
+    off_diagonal = Gw.masked_fill(on_diagonal, 0.0)[diagonal <= 0]
     if off_diagonal.numel() and float(off_diagonal.abs().max()) > rounding:
         raise SolverError(
             f"{name}: G is not positive semi-definite (a row with a zero diagonal entry has an "

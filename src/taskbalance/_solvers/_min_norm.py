@@ -63,13 +63,14 @@ def project_simplex(v: Tensor) -> Tensor:
         raise ValueError(f"v: expected a floating point tensor of shape [..., K], got {shape}")
     # Shifted by the largest entry (the projection of v − c·1 is that of v): the first prefix
     # then always passes the test below, which rounding cannot break for entries beyond 2**53
-    u, _ = torch.sort(v - v.amax(dim=-1, keepdim=True), dim=-1, descending=True)
+    shifted = v - v.amax(dim=-1, keepdim=True)
+    u, _ = torch.sort(shifted, dim=-1, descending=True)
     css = torch.cumsum(u, dim=-1) - 1.0
     k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
     cond = u - css / k > 0
     rho = cond.to(torch.int64).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
     tau = torch.gather(css, -1, rho) / (rho + 1).to(v.dtype)
-    return torch.clamp(v - v.amax(dim=-1, keepdim=True) - tau, min=0.0)
+    return torch.clamp(shifted - tau, min=0.0)
 
 
 def project_simplex_py(v: list[float]) -> list[float]:
