@@ -132,11 +132,19 @@ def _ridged(Gw: Tensor, eps: float, solver: str) -> tuple[Tensor, Tensor]:
     Gr = Gw + torch.diag(eps * r)
     # A Gramian accumulated in float32 can be indefinite by more than the ridge (an eigenvalue
     # of -1e-8 where two gradients are opposite); the barrier potential is then unbounded below.
-    # Only then, clamp the spectrum at 0 (restoring PSD) before adding the ridge.
-    if eps > 0 and float(torch.linalg.eigvalsh(Gr).min()) <= 0.0:
-        eigenvalues, eigenvectors = torch.linalg.eigh(Gw)
-        Gw = (eigenvectors * eigenvalues.clamp_min(0.0)) @ eigenvectors.T
-        Gr = 0.5 * (Gw + Gw.T) + torch.diag(eps * r)
+    # Only then, clamp the spectrum at 0 (restoring PSD) before adding the ridge. Decided and
+    # clamped on the Jacobi-scaled R^-1/2 G R^-1/2 (same inertia, by Sylvester's law; unit
+    # diagonal, where the ridge is eps·I): eigh's error is relative to the norm of the matrix
+    # it is given, which for the unscaled G exceeds whole entries of a task whose gradient is
+    # 1e4 times smaller than another's (the clamp then changed its weight by 20%).
+    if eps > 0:
+        inverse_root = r.rsqrt()
+        outer = inverse_root[:, None] * inverse_root[None, :]
+        scaled = Gw * outer
+        if float(torch.linalg.eigvalsh(scaled).min()) <= -eps:
+            eigenvalues, eigenvectors = torch.linalg.eigh(scaled)
+            clamped = (eigenvectors * eigenvalues.clamp_min(0.0)) @ eigenvectors.T
+            Gr = 0.5 * (clamped + clamped.T) / outer + torch.diag(eps * r)
     if bool((Gr.diagonal() <= 0).any()):
         raise SolverError(
             f"{solver}: G has a zero row and eps=0; the weights are unbounded (use eps > 0)"
