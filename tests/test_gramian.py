@@ -708,7 +708,7 @@ def test_host_unscaled_gram_is_the_tensor_paths_to_the_last_bit(dtype, K):
         # An unsymmetric product, as a summation order may give: the halves then differ.
         raw = rows @ rows.T + 1e-3 * torch.randn(K, K, generator=generator, dtype=dtype)
         scale = 2.0 ** (16 - 8 * (trial % 3))
-        got, finite = _unscaled_gram(raw, scale)
+        got, finite, _ = _unscaled_gram(raw, scale)
         expected, expected_finite = _tensor_path_unscaled(raw, scale)
         assert got.dtype == dtype
         assert finite == expected_finite
@@ -721,7 +721,7 @@ def test_host_unscaled_gram_reports_a_float32_overflow():
 
     big = torch.finfo(torch.float32).max
     raw = torch.tensor([[1.0, big], [big, 1.0]], dtype=torch.float32)
-    got, finite = _unscaled_gram(raw, 0.5)  # (G + Gᵀ)·2 > float32's maximum off the diagonal
+    got, finite, _ = _unscaled_gram(raw, 0.5)  # (G + Gᵀ)·2 > float32's maximum off the diagonal
     expected, _ = _tensor_path_unscaled(raw, 0.5)
     assert not finite
     assert torch.equal(got, expected)
@@ -732,7 +732,7 @@ def test_host_unscaled_gram_reports_a_float32_overflow():
     # 2**128 rounds (ties to even) to inf; with b = 0 it is the largest value itself.
     for b, overflows in ((2.0**102, True), (0.0, False)):
         raw = torch.tensor([[1.0, 2.0**127 - 2.0**103], [b, 1.0]], dtype=torch.float32)
-        got, finite = _unscaled_gram(raw, 0.5)
+        got, finite, _ = _unscaled_gram(raw, 0.5)
         expected, expected_finite = _tensor_path_unscaled(raw, 0.5)
         assert finite is expected_finite is (not overflows)
         assert torch.equal(got, expected)

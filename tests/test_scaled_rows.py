@@ -212,9 +212,6 @@ def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
 
 
 def test_ddp_overflow_on_one_rank_retries_on_every_rank(tmp_path):
-    import sys
-
-    sys.path.insert(0, "/work/main/tests")
     from conftest import run_ranks
 
     rank0, rank1 = run_ranks(_ddp_worker, tmp_path, 2)

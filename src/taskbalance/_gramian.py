@@ -54,7 +54,9 @@ both exact, so no pass over the K×numel rows unscales them. An overflow to inf 
 ``G`` (or, when no ``G`` is computed, in a sum of the rows): ``G`` of the unscaled rows is tried
 first (large float32 gradients overflow only the scaled ``G``), then the backward is retried at
 ``2**8``, then at 1. A backward hook registered on an intermediate tensor sees the scaled
-gradients of these passes.
+gradients of these passes. At the other end, a float32 ``G`` below float32's normal range
+(every task gradient's norm below ~1e-19) is recomputed in float64 rather than handed to the
+methods as rounding noise or zeros (see :func:`task_gradients`).
 
 DDP: in features mode each rank's ``G`` is a sum over its own samples, and the gradient of the
 rank-averaged loss with respect to rank r's features is ``1/R`` times the local one, so the
@@ -102,6 +104,8 @@ _HOST_GRAM_MAX_K = 8
 #: The smallest magnitude that rounds to inf in each dtype (round to nearest, ties to even:
 #: halfway between the largest finite value and the next power of two). NaN fails ``<`` too.
 _ROUNDS_TO_INF = {torch.float32: 2.0**128 - 2.0**103, torch.float64: math.inf}
+#: Float32's smallest normal number: below it an entry keeps fewer than float32's 24 bits.
+_FLOAT32_TINY = 2.0**-126
 
 
 def _checked_engine_entry() -> Callable[..., tuple[Tensor | None, ...]] | None:
@@ -148,7 +152,8 @@ def gramian(
 
     Returns:
         ``G`` of shape ``[K, K]``, symmetric positive semi-definite, detached. Under DDP it is
-        the Gramian of the global (rank-averaged) losses.
+        the Gramian of the global (rank-averaged) losses. A float32 ``G`` below float32's
+        normal range is the float64 one rounded to float32 (see :func:`task_gradients`).
 
     Raises:
         ValueError: naming ``features`` or ``params[i]`` when no loss reaches that tensor, or
@@ -175,10 +180,14 @@ def gramian(
         inputs,
         batched=batched,
         features_mode=features_mode,
-        gramian_of=lambda rows: gramian_from_rows(rows, features_mode=features_mode, dtype=dtype),
+        gramian_of=lambda rows, wide: gramian_from_rows(
+            rows, features_mode=features_mode, dtype=torch.float64 if wide else dtype
+        ),
     )
     assert grads.gram is not None  # gramian_of was given
-    return grads.gram
+    # The engine widens a float32 Gramian below float32's normal range: rounded back to the
+    # dtype asked for, each entry is then the correctly rounded one.
+    return grads.gram.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -193,7 +202,8 @@ class TaskGradients:
         path: True for the batched backward, False for a loop over ``losses[k]``, None for
             the per-task loop over the stack's edges.
         gram: the unscaled Gramian made by ``gramian_of``, symmetrised (``(G + Gᵀ)/2``);
-            None when none was asked for.
+            None when none was asked for. Float64 when a float32 one would have fallen below
+            float32's normal range (see :func:`task_gradients`).
         finite: whether the rows (with ``gramian_of``: the Gramian) are finite.
     """
 
@@ -218,7 +228,7 @@ def task_gradients(
     batched: bool | None,
     features_mode: bool | None = None,
     present: Tensor | Sequence[bool] | None = None,
-    gramian_of: Callable[[list[Tensor]], Tensor] | None = None,
+    gramian_of: Callable[[list[Tensor], bool], Tensor] | None = None,
 ) -> TaskGradients:
     """The K task gradients with respect to ``inputs``, and their Gramian when asked for.
 
@@ -233,13 +243,22 @@ def task_gradients(
     guesses it (parameters mode when every input is an ``nn.Parameter``). ``present`` (bool
     ``[K]``, default all True) marks the tasks to differentiate; absent tasks get zero rows.
 
-    ``gramian_of(rows)`` gives the Gramian of (scaled) rows, reduced over DDP ranks as the
-    caller needs; it is unscaled and symmetrised here. An overflow at the current scale shows
-    in it as a non-finite entry, so the retry is decided on those K² numbers rather than on a
-    pass over the rows. ``gramian_of`` must return the same Gramian on every rank (a reduced
-    one, or the one of rows that are themselves global): every rank then takes the same
-    retries and issues the same collectives. Without ``gramian_of`` a sum of each block
-    decides, locally.
+    ``gramian_of(rows, wide)`` gives the Gramian of (scaled) rows, reduced over DDP ranks as
+    the caller needs, in the caller's precision, or in float64 when ``wide``; it is unscaled
+    and symmetrised here. An overflow at the current scale shows in it as a non-finite entry,
+    so the retry is decided on those K² numbers rather than on a pass over the rows.
+    ``gramian_of`` must return the same Gramian on every rank (a reduced one, or the one of
+    rows that are themselves global): every rank then takes the same retries and issues the
+    same collectives. Without ``gramian_of`` a sum of each block decides, locally.
+
+    Underflow: a float32 Gramian whose largest diagonal entry (of some parameter group's
+    block) is below float32's smallest normal number, ``2**-126`` (every task gradient's norm
+    below ~1e-19), holds its entries only to an absolute ``2**-150``, not to ``2**-24`` of the
+    largest, and below ``2**-150`` they are zero: every method would then solve a matrix of
+    rounding noise, or of zeros, and return meaningless weights without a sign of it. Such a
+    Gramian is recomputed in float64 (``wide``), which holds the products of any float32 rows,
+    and returned in float64. A Gramian that is exactly zero (all task gradients zero) takes
+    the same second pass, since underflow cannot be told from it on the K² numbers.
 
     Raises ``ValueError`` when an input or a present task is outside the graph (see the module
     docstring), and for sharded DTensor inputs.
@@ -257,9 +276,9 @@ def task_gradients(
         _check_reached(reached, inputs, features_mode, mask)
         while True:
             if gramian_of is None:
-                gram, finite = None, _all_finite(rows)
+                gram, finite, normal = None, _all_finite(rows), True
             else:
-                gram, finite = _unscaled_gram(gramian_of(rows), scale)
+                gram, finite, normal = _unscaled_gram(gramian_of(rows, False), scale)
             if finite or scale == 1.0 or not _retry_can_help(losses, mask, gram is not None):
                 break
             if gramian_of is not None:
@@ -267,7 +286,7 @@ def task_gradients(
                 # ~1e14 although the rows are finite: one pass over them is cheaper than K
                 # backward passes, and the reduced Gramian decides alike on every rank.
                 unscaled = unscaled_rows(rows, scale)
-                gram, finite = _unscaled_gram(gramian_of(unscaled), 1.0)
+                gram, finite, normal = _unscaled_gram(gramian_of(unscaled, False), 1.0)
                 if finite:
                     rows, scale = unscaled, 1.0
                     break
@@ -275,6 +294,9 @@ def task_gradients(
             if path is not None:  # a fallback to the loop warned once: keep to the loop
                 batched = path
             rows, path, _ = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
+        if gramian_of is not None and finite and not normal:
+            # Decided on the (reduced) Gramian, so every rank takes this second pass alike.
+            gram, finite, _ = _unscaled_gram(gramian_of(rows, True), scale)
     finally:
         for tensor, grad in retained:
             tensor.grad = grad
@@ -647,9 +669,9 @@ def _widened(row: Tensor) -> Tensor:
     return row.to(_wide_dtype(row.dtype))
 
 
-def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool]:
-    """``(G + Gᵀ)/2`` of the unscaled Gramian (one of rows scaled by s is s² times theirs), and
-    whether it is finite.
+def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool, bool]:
+    """``(G + Gᵀ)/2`` of the unscaled Gramian (one of rows scaled by s is s² times theirs),
+    whether it is finite, and whether it is in float32's normal range (see below).
 
     Symmetric to the last bit whatever the matrix product's summation order. Halved and
     unscaled before the sum (a power of two: exact), so entries up to the dtype's maximum
@@ -659,9 +681,14 @@ def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool]:
     float32 wherever the tensor path's halved entries are normal numbers (a float32 sum rounded
     once from float64 is the correctly rounded float32 sum); near float32's subnormal range
     the host path, which halves in float64, is the more exact.
+
+    In the normal range: a float32 Gramian (each block of a stack) whose largest diagonal
+    entry is at least ``2**-126``, so that every entry is held to ``2**-24`` of the largest
+    (see :func:`task_gradients`); always True for float64. Read off the same host copy.
     """
     half = 0.5 / (scale * scale)
     K = gram.shape[-1]
+    narrow = gram.dtype == torch.float32
     if gram.ndim == 2 and K <= _HOST_GRAM_MAX_K:
         raw = gram.tolist()
         symmetric = [[raw[i][j] * half + raw[j][i] * half for j in range(K)] for i in range(K)]
@@ -669,11 +696,17 @@ def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool]:
         # float64 values, so the one host copy (a device sync on a GPU) stays the only one.
         limit = _ROUNDS_TO_INF.get(gram.dtype, math.inf)
         finite = all(abs(value) < limit for row in symmetric for value in row)
-        return torch.tensor(symmetric, dtype=gram.dtype, device=gram.device), finite
+        normal = not narrow or max(symmetric[i][i] for i in range(K)) >= _FLOAT32_TINY
+        return torch.tensor(symmetric, dtype=gram.dtype, device=gram.device), finite, normal
     halved = gram * half
     gram = torch.add(halved, halved.mT)
     values = gram.reshape(-1).tolist()  # K² numbers: one host copy, checked there
-    return gram, all(map(math.isfinite, values))
+    finite = all(map(math.isfinite, values))
+    blocks = range(0, len(values), K * K)
+    normal = not narrow or all(
+        max(values[start + i * (K + 1)] for i in range(K)) >= _FLOAT32_TINY for start in blocks
+    )
+    return gram, finite, normal
 
 
 def _retry_can_help(losses: Tensor, present: Sequence[bool], decided_globally: bool) -> bool:

@@ -135,7 +135,7 @@ class GradDrop(GradientBalancer):
                 self.generator,
                 row_scale=step.row_scale,
                 minus_sum=unweighted,
-                norm_dtype=self.gram_dtype,
+                norm_dtype=gram.dtype,  # float64 where the engine widened the Gramian
             )
         except BaseException:
             self.generator.set_state(saved)

@@ -136,7 +136,11 @@ class GradientBalancer(Balancer):
             exactly this. 1 recomputes at every step. Steps are optimiser steps: with
             ``accumulation_steps``, windows of micro-batches.
         gram_dtype: precision of the Gramian, ``torch.float32`` (default) or ``torch.float64``;
-            with float64 the kept weights (``weights``, the state) are float64 too.
+            with float64 the kept weights (``weights``, the state) are float64 too. A float32
+            Gramian that would fall below float32's normal range (every task gradient's norm
+            below ~1e-19) is computed in float64 for that step. Float64 weights that float32
+            losses or kept weights cannot hold (Nash-MTL's and FairGrad's grow as 1/‖g‖) are
+            refused with a ``ValueError``.
         heads: ``"weighted"`` (objective ``Σ w_k L_k``), ``"unweighted"`` (heads get their own
             unweighted gradients, the shared tensors ``Jᵀw``) or None for the method's
             ``default_heads``.
@@ -422,6 +426,10 @@ class GradientBalancer(Balancer):
                 device=step.mean_losses.device, dtype=gram.dtype
             )
             weights, total = group_weights.mean(0), gram.sum(0)
+        narrowest = min((self._last_weights.dtype, step.losses.dtype), key=_dtype_bits)
+        if _dtype_bits(gram.dtype) > _dtype_bits(narrowest):
+            self._check_weights_fit(group_weights if self._group_sizes else weights, narrowest)
+        if self._group_sizes is not None:
             self._last_group_weights.copy_(group_weights)
             step.group_weights = group_weights
         # Kept for log_dict's cosines, which are computed only when asked for (a plain
@@ -429,6 +437,21 @@ class GradientBalancer(Balancer):
         # step.gram is this call's own tensor (never the caller's), and no rule writes to it.
         object.__setattr__(self, "_last_gram", total)
         return weights.to(device=step.mean_losses.device, dtype=gram.dtype)
+
+    def _check_weights_fit(self, weights: Tensor, dtype: torch.dtype) -> None:
+        """Refuse float64 weights (of a float64 Gramian) that the kept float32 weights or the
+        float32 objective cannot hold: Nash-MTL's and FairGrad's grow as 1/‖g‖, past float32's
+        range once the task gradients are themselves below its normal range."""
+        largest = float(weights.abs().max())
+        if largest <= torch.finfo(dtype).max:
+            return
+        raise ValueError(
+            f"losses: {self._method_name}'s weights at this step reach {largest:.3g}, beyond "
+            f"{dtype}'s range: its weights grow as the task gradients shrink, "
+            "and theirs are below ~1e-38, where float32 holds the gradients themselves only as "
+            "subnormal numbers. The call is rejected and the balancer's state is unchanged; "
+            "scale the losses up (the weights scale down by the same factor)"
+        )
 
     def _check_call_inputs(
         self, losses: Tensor, features: Tensor | Sequence[Tensor] | None
@@ -477,21 +500,25 @@ class GradientBalancer(Balancer):
         reduce_rows = self._direction_from_rows() and not features_mode and is_distributed()
         averaged: list[list[Tensor]] = []
 
-        def gramian_of(rows: list[Tensor]) -> Tensor:
+        def gramian_of(rows: list[Tensor], wide: bool) -> Tensor:
+            # wide: float64 for this step only, where a float32 Gramian would underflow (the
+            # engine decides; the weights are then float64 too, and kept in gram_dtype).
+            dtype = torch.float64 if wide else self.gram_dtype
             if self._group_sizes is not None:
                 bounds = [0, *itertools.accumulate(self._group_sizes)]
                 return torch.stack(
                     [
-                        gramian_from_rows(rows[a:b], features_mode=False, dtype=self.gram_dtype)
+                        gramian_from_rows(rows[a:b], features_mode=False, dtype=dtype)
                         for a, b in itertools.pairwise(bounds)
                     ]
                 )
             if reduce_rows:
-                averaged[:] = [global_rows(rows)]
+                if not wide:  # the widening pass reuses the last call's rows, averaged there
+                    averaged[:] = [global_rows(rows)]
                 return gramian_from_rows(
-                    averaged[0], features_mode=False, dtype=self.gram_dtype, reduce=False
+                    averaged[0], features_mode=False, dtype=dtype, reduce=False
                 )
-            return gramian_from_rows(rows, features_mode=features_mode, dtype=self.gram_dtype)
+            return gramian_from_rows(rows, features_mode=features_mode, dtype=dtype)
 
         # Absent tasks are not differentiated (their loss may be NaN or a constant outside the
         # graph): the engine gives them zero rows instead of refusing them.
@@ -703,6 +730,10 @@ def _checked(params: Iterable[Tensor] | Tensor, name: str = "params") -> list[Te
 
 
 ParamGroups = Iterable[Tensor] | Tensor | Iterable[Iterable[Tensor]] | Mapping[str, Any]
+
+
+def _dtype_bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits
 
 
 def _checked_groups(params: ParamGroups) -> list[tuple[str, list[Tensor]]]:
