@@ -8,8 +8,10 @@ method's ``features=``) gets them here, so a method added to the registry only n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -240,6 +242,20 @@ def value_error_message(action: Any) -> str:
     except ValueError as error:
         return str(error)
     return ""
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, store: str, world_size: int = 2) -> Iterator[None]:
+    """Inside a :func:`run_ranks` worker: this process's gloo group (file:// rendezvous at
+    ``store``), one thread per process (the ranks share two cores), torn down on exit."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def run_ranks(worker: Any, tmp: Any, world_size: int = 2) -> list[Any]:

@@ -9,15 +9,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
-from conftest import run_ranks
+from conftest import gloo_group, run_ranks
 from taskbalance.bench.harness import _finite_on_every_rank
 
 
 def _worker(rank: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, store):
         finite = torch.tensor([1.0, 2.0])
         one_bad = torch.tensor([1.0, math.nan if rank == 1 else 2.0])
         result = {
@@ -28,8 +26,6 @@ def _worker(rank: int, store: str, out: str) -> None:
             ),
         }
         torch.save(result, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import taskbalance as tb
-from conftest import run_ranks
+from conftest import gloo_group, run_ranks
 from conftest import value_error_message as _error
 
 # --------------------------------------------------------------------------------------------
@@ -179,12 +178,8 @@ def _ddp_scenarios(rank: int) -> dict:
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, store):
         torch.save(_ddp_scenarios(rank), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import taskbalance as tb
+from conftest import gloo_group, run_ranks
 
 K = 3
 
@@ -448,24 +449,16 @@ def _ddp_run(name: str, mode: str, batches) -> list[torch.Tensor]:
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, store):
         results = {
             f"{name}-{mode}": _ddp_run(name, mode, lambda step: _ddp_batch(step, rank))
             for name, mode in DDP_CASES
         }
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory):
-    from conftest import run_ranks
-
     return run_ranks(_ddp_worker, tmp_path_factory.mktemp("directions_ddp"), 2)
 
 

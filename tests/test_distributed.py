@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import taskbalance as tb
 from conftest import (
@@ -21,6 +20,7 @@ from conftest import (
     LOSS_METHODS,
     coupling,
     directions_for,
+    gloo_group,
     kpis_for,
     loss_gradient,
     losses_for,
@@ -82,9 +82,7 @@ def _drive(name: str, local_losses, local_kpis, rank: int = 0):
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
-    try:
+    with gloo_group(rank, store, WORLD_SIZE):
         results = {
             name: _drive(
                 name,
@@ -104,8 +102,6 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
                     b.end_epoch()
             results[name]["computed"] = computed
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _mean_losses(step: int) -> torch.Tensor:

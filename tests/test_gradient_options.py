@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import taskbalance as tb
+from conftest import gloo_group, run_ranks
 from taskbalance.methods._facts import method_facts
 
 GRADIENT = [n for n in tb.available() if tb.method_class(n).requires_gram]
@@ -354,11 +355,7 @@ def test_a_per_group_balancer_resumes_with_a_changed_hyperparameter():
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, store):
         model = _Model()  # the same parameters on both ranks, other data (step = rank)
         b = tb.create(
             "upgrad",
@@ -376,14 +373,10 @@ def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
             {"group_weights": b.group_weights, "jacobians": jacobians, "losses": values},
             f"{out_dir}/rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_per_group_weights_under_ddp_are_those_of_the_rank_averaged_gradients(tmp_path):
-    from conftest import run_ranks
-
     rank0, rank1 = run_ranks(_ddp_worker, tmp_path)
     torch.testing.assert_close(rank0["group_weights"], rank1["group_weights"], rtol=0, atol=0)
     losses = (rank0["losses"] + rank1["losses"]) / 2

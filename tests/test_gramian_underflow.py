@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import taskbalance as tb
-from conftest import assert_same_state, run_ranks, shared_parameter, snapshot
+from conftest import assert_same_state, gloo_group, run_ranks, shared_parameter, snapshot
 from taskbalance._gramian import _HOST_GRAM_MAX_K, _unscaled_gram
 from taskbalance.methods._facts import SCALE_EQUIVARIANT, method_facts
 
@@ -209,11 +209,7 @@ def test_weights_beyond_float32s_range_are_refused_without_a_state_change(name, 
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, store):
         out = {}
         for mode in ("features", "params"):
             for gram_dtype in (torch.float32, torch.float64):
@@ -226,8 +222,6 @@ def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
                 b(losses, features=None if params else z).backward()
                 out[f"{mode}-{gram_dtype}"] = b.weights.double()
         torch.save(out, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_ranks_widen_alike(tmp_path):

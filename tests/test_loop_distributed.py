@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import taskbalance as tb
-from conftest import run_ranks
+from conftest import gloo_group, run_ranks
 from conftest import value_error_message as _error
 
 K = 3
@@ -178,9 +177,7 @@ def _refused(rank: int) -> dict:
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
-    try:
+    with gloo_group(rank, store, WORLD_SIZE):
         results = {
             "skip": _skip(rank),
             "raise": _raise(rank),
@@ -190,8 +187,6 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
             "refused": _refused(rank),
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

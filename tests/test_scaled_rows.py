@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 import taskbalance as tb
+from conftest import gloo_group, run_ranks
 from taskbalance.methods import _gradient_base as gradient_base
 from taskbalance.methods._gradient_base import GradientBalancer
 
@@ -174,11 +175,7 @@ def test_graddrop_features_direction_is_unscaled(fp16):
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, store):
         out = {}
         for mode in ("features", "params"):
             trunk, heads = _model()
@@ -207,13 +204,9 @@ def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
                 "grad": _flat(p.grad for p in params),
             }
         torch.save(out, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_overflow_on_one_rank_retries_on_every_rank(tmp_path):
-    from conftest import run_ranks
-
     rank0, rank1 = run_ranks(_ddp_worker, tmp_path, 2)
     for mode in ("features", "params"):
         assert rank0[mode]["scales"] == [2.0**8] == rank1[mode]["scales"]
