@@ -176,6 +176,8 @@ def call(
     gradient methods in features mode). The gradient of the result w.r.t. ``losses`` is still
     ``b.weights``: the features enter each loss with value zero."""
     kwargs: dict[str, Any] = {}
+    if isinstance(losses, torch.Tensor) and losses.is_floating_point() and not losses.requires_grad:
+        losses = losses.clone().requires_grad_()  # values from a table: a training call's losses
     if b.requires_kpis:
         kwargs["kpis"] = kpis if kpis is not None else kpis_for(step, b.num_tasks)
     if b.requires_gram and getattr(b, "shared_params", None) is None:

@@ -104,7 +104,7 @@ def test_params_names_a_submodule():
     import taskbalance as tb
 
     unit = tb.create("fixed", num_tasks=2, **balancer_arguments(Method("fixed"), benchmark, 0))
-    assert float(unit(torch.tensor([2.0, 3.0]))) == 5.0  # unit weights
+    assert float(unit(torch.tensor([2.0, 3.0], requires_grad=True))) == 5.0  # unit weights
     assert balancer_arguments(Method("fixed", {"weights": [2, 1]}), benchmark, 0)["weights"] == [
         2,
         1,

@@ -25,9 +25,11 @@ from conftest import (
     assert_same_state,
     call,
     compute,
+    kpis_for,
     loss_gradient,
     losses_for,
     make_balancer,
+    shared_features,
     snapshot,
 )
 
@@ -224,7 +226,7 @@ def test_property_dwa_window_sums_to_k(window, temperature, data):
     k, loss_steps, _ = data
     b = tb.create("dwa", num_tasks=k, temperature=temperature, window=window)
     for values in loss_steps:
-        b(torch.tensor(values))
+        b(torch.tensor(values, requires_grad=True))
         assert b.weights.sum().item() == pytest.approx(k, rel=1e-5)
         assert (b.weights >= 0).all()
 
@@ -276,6 +278,27 @@ def test_non_positive_loss_rejected_where_logs_or_ratios(name, bad):
 
 def test_methods_taking_logs_or_ratios_declare_it():
     assert set(POSITIVE_METHODS) >= {"gls", "si", "dwa", "famo"}
+
+
+def test_losses_without_grad_are_refused_in_a_training_call(loss_method):
+    # torch.tensor([l.item() for l in ...]) cuts the graph: UW would then train only its own
+    # scales and the model nothing, the others fail in backward() after the step was counted.
+    b = make_balancer(loss_method, K)
+    call(b, losses_for(0, K))
+    before = snapshot(b)
+    values = losses_for(1, K)
+    kwargs = {"kpis": kpis_for(1, K)} if b.requires_kpis else {}
+    if b.requires_gram:
+        kwargs["features"] = shared_features()
+    with pytest.raises(ValueError, match=r"^losses: the losses do not require grad.*\.item\(\)"):
+        b(values, **kwargs)
+    assert_same_state(before, snapshot(b))
+    # Evaluation needs no graph: under no_grad, or with the balancer in eval mode.
+    with torch.no_grad():
+        b(values, **kwargs)
+    b.eval()
+    b(values, **kwargs)
+    assert_same_state(before, snapshot(b))
 
 
 @pytest.mark.parametrize("name", sorted(set(tb.available()) - set(POSITIVE_METHODS)))
@@ -455,10 +478,10 @@ def test_rejected_call_leaves_state_unchanged(loss_method):
 def test_famo_below_min_losses_leaves_state_unchanged():
     b = tb.create("famo", num_tasks=2, min_losses=0.5)
     for step in range(3):
-        b(torch.tensor([1.0 + step, 2.0]))
+        b(torch.tensor([1.0 + step, 2.0], requires_grad=True))
     before = snapshot(b)
     with pytest.raises(ValueError, match=r"losses: FAMO takes log\(L − min_losses\)"):
-        b(torch.tensor([0.2, 2.0]))
+        b(torch.tensor([0.2, 2.0], requires_grad=True))
     assert_same_state(before, snapshot(b))
 
 
@@ -466,7 +489,7 @@ def test_rlw_rejected_call_does_not_draw():
     b = tb.create("rlw", num_tasks=3, seed=5)
     state = b.generator.get_state().clone()
     with pytest.raises(ValueError, match=r"losses\[0\]"):
-        b(torch.tensor([math.nan, 1.0, 1.0]))
+        b(torch.tensor([math.nan, 1.0, 1.0], requires_grad=True))
     assert torch.equal(b.generator.get_state(), state)
 
 

@@ -71,7 +71,8 @@ class _Net(torch.nn.Module):
 def _trained(name: str = "famo", K: int = 2) -> _Net:
     net = _Net(name, K)
     for step in range(3):
-        net.balancer(torch.rand(K, generator=torch.Generator().manual_seed(step)) + 0.5)
+        values = torch.rand(K, generator=torch.Generator().manual_seed(step)) + 0.5
+        net.balancer(values.requires_grad_())
     return net
 
 

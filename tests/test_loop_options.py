@@ -196,7 +196,7 @@ def test_skip_on_nonfinite_task_gradients(name):
 def test_raise_mode_still_names_the_task():
     b = tb.create("ew", num_tasks=3)
     with pytest.raises(ValueError, match=r"losses\[2\] is nan.*on_nonfinite='skip'"):
-        b(torch.tensor([1.0, 2.0, math.nan]))
+        b(torch.tensor([1.0, 2.0, math.nan], requires_grad=True))
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,8 +356,9 @@ def test_absent_task_statistics_see_no_new_value(name):
     losses = losses_for(2, K)
     carried = losses.clone()
     carried[1] = losses_for(1, K)[1]
-    masked(torch.tensor([losses[0], math.nan, losses[2]]), present=[True, False, True])
-    filled(carried)
+    absent = torch.tensor([losses[0], math.nan, losses[2]], requires_grad=True)
+    masked(absent, present=[True, False, True])
+    filled(carried.requires_grad_())
     expected = filled.weights
     expected[1] = 0
     torch.testing.assert_close(masked.weights, expected)

@@ -64,7 +64,7 @@ def test_dwa_per_epoch_over_three_epochs(T):
     seen = []
     for epoch in EPOCHS:
         for losses in epoch:
-            seen.append(b(torch.tensor(losses)).detach())
+            seen.append(b(torch.tensor(losses, requires_grad=True)).detach())
             seen[-1] = b.weights
         means.append([sum(col) / len(epoch) for col in zip(*epoch, strict=True)])
         b.end_epoch()
@@ -86,7 +86,7 @@ def test_dwa_window_mode():
     steps = [losses for epoch in EPOCHS[:3] for losses in epoch]  # 6 steps = 3 windows
     seen = []
     for losses in steps:
-        b(torch.tensor(losses))
+        b(torch.tensor(losses, requires_grad=True))
         seen.append(b.weights)
         b.end_epoch()  # a no-op in window mode
     weights7 = b.compute_weights(torch.tensor([1.0, 1.0, 1.0]))
@@ -103,10 +103,10 @@ def test_dwa_window_mode():
 
 def test_dwa_end_epoch_without_steps_does_not_open_a_period():
     b = tb.create("dwa", num_tasks=2)
-    b(torch.tensor([2.0, 1.0]))
+    b(torch.tensor([2.0, 1.0], requires_grad=True))
     b.end_epoch()
     b.end_epoch()  # empty period: ignored
-    b(torch.tensor([1.0, 1.0]))
+    b(torch.tensor([1.0, 1.0], requires_grad=True))
     b.end_epoch()
     torch.testing.assert_close(
         b.compute_weights(torch.tensor([1.0, 1.0])),
@@ -149,14 +149,14 @@ def test_dtp_from_given_kpis_with_per_task_gamma():
 
 def test_dtp_default_gamma_and_list_kpis():
     b = tb.create("dtp", num_tasks=2)
-    b(torch.tensor([1.0, 1.0]), kpis=[0.9, 0.5])
+    b(torch.tensor([1.0, 1.0], requires_grad=True), kpis=[0.9, 0.5])
     expected = [-(0.1**2) * math.log(0.9), -(0.5**2) * math.log(0.5)]
     torch.testing.assert_close(b.weights, torch.tensor(expected))
 
 
 def test_dtp_clamps_a_zero_kpi_with_eps():
     b = tb.create("dtp", num_tasks=2, gamma=2.0, eps=1e-4)
-    b(torch.tensor([1.0, 1.0]), kpis=torch.tensor([0.0, 1.0]))
+    b(torch.tensor([1.0, 1.0], requires_grad=True), kpis=torch.tensor([0.0, 1.0]))
     expected = [-((1 - 1e-4) ** 2) * math.log(1e-4), 0.0]
     torch.testing.assert_close(b.weights, torch.tensor(expected), rtol=1e-5, atol=1e-7)
     assert torch.isfinite(b.weights).all()
@@ -212,7 +212,7 @@ def test_uw_defaults_and_optimum():
     torch.testing.assert_close(b.weights, torch.tensor([0.5, 0.5]))  # ½·e^0 before any call
     # The regression optimum of ½e^{−s}L + ½s is e^s = L: the gradient wrt s vanishes there.
     _set_log_scales(b, [math.log(3.0), math.log(0.25)])
-    objective = b(torch.tensor([3.0, 0.25]))
+    objective = b(torch.tensor([3.0, 0.25], requires_grad=True))
     (grad_s,) = torch.autograd.grad(objective, b.log_scales)
     torch.testing.assert_close(grad_s, torch.zeros(2), atol=1e-6, rtol=0)
 
@@ -239,7 +239,7 @@ def test_imtl_l_objective_and_gradients_by_hand():
 def test_imtl_l_drives_scaled_losses_to_one():
     b = tb.create("imtl_l", num_tasks=3)
     opt = torch.optim.SGD(b.parameters(), lr=0.1)
-    L = torch.tensor([10.0, 1.0, 0.1])
+    L = torch.tensor([10.0, 1.0, 0.1], requires_grad=True)
     for _ in range(500):
         opt.zero_grad()
         b(L).backward()
@@ -293,7 +293,7 @@ def test_rlw_matches_seeded_softmax_of_normal_draws(seed):
     b = tb.create("rlw", num_tasks=K, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(5):
-        b(torch.ones(K))
+        b(torch.ones(K, requires_grad=True))
         expected = K * torch.softmax(torch.randn(K, generator=generator), dim=0)
         torch.testing.assert_close(b.weights, expected)
         assert b.weights.sum().item() == pytest.approx(K, rel=1e-6)
@@ -303,7 +303,7 @@ def test_rlw_matches_seeded_softmax_of_normal_draws(seed):
 def test_rlw_same_seed_same_draws_different_seed_different_draws():
     a, b, c = (tb.create("rlw", num_tasks=3, seed=s) for s in (3, 3, 4))
     for x in (a, b, c):
-        x(torch.ones(3))
+        x(torch.ones(3, requires_grad=True))
     assert torch.equal(a.weights, b.weights)
     assert not torch.equal(a.weights, c.weights)
 
@@ -347,12 +347,12 @@ def test_famo_weights_and_logit_update_by_hand():
 
 def test_famo_min_losses_shift():
     b = tb.create("famo", num_tasks=2, min_losses=0.5)
-    b(torch.tensor([1.5, 0.75]))
+    b(torch.tensor([1.5, 0.75], requires_grad=True))
     D = torch.tensor([1.0, 0.25]) + 1e-8
     z = torch.full((2,), 0.5)
     torch.testing.assert_close(b.weights, z / ((z / D).sum() * D))
     with pytest.raises(ValueError, match=r"min_losses"):
-        b(torch.tensor([0.4, 1.0]))
+        b(torch.tensor([0.4, 1.0], requires_grad=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -370,7 +370,7 @@ def test_famo_logits_stay_put_while_the_losses_do_not_change(dtype):
 def test_famo_initial_weights_are_uniform():
     b = tb.create("famo", num_tasks=4)
     torch.testing.assert_close(b.weights, torch.full((4,), 0.25))
-    b(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    b(torch.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True))
     torch.testing.assert_close(b.weights, torch.full((4,), 0.25))
 
 
@@ -378,7 +378,7 @@ def test_dwa_huge_loss_ratio_gives_finite_weights():
     # L̄(2)/L̄(1) = 1e30/1e-30 overflows float32: the weights must stay finite, not NaN.
     b = tb.create("dwa", num_tasks=3, temperature=0.5)
     for losses in ([1e-30, 1.0, 1.0], [1e30, 1.0, 1.0]):
-        b(torch.tensor(losses))
+        b(torch.tensor(losses, requires_grad=True))
         b.end_epoch()
     weights = b.compute_weights(torch.tensor([1.0, 1.0, 1.0]))
     assert torch.isfinite(weights).all(), weights
@@ -397,7 +397,7 @@ def test_famo_negative_lower_bounds_allow_negative_losses():
     (grad,) = torch.autograd.grad(objective, losses)
     torch.testing.assert_close(grad, expected)
     with pytest.raises(ValueError, match=r"FAMO takes log\(L − min_losses\)"):
-        b(torch.tensor([-6.0, 2.0]))
+        b(torch.tensor([-6.0, 2.0], requires_grad=True))
 
 
 def test_famo_same_batch_update_is_the_official_loop():

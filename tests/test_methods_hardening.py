@@ -14,7 +14,7 @@ from conftest import assert_same_state, call, losses_for, snapshot
 @pytest.mark.parametrize("name", ["si", "stch"])
 def test_loss_whose_inverse_overflows_float32_is_refused_without_state_change(name):
     b = tb.create(name, num_tasks=2)
-    b(torch.tensor([1.0, 2.0]))
+    b(torch.tensor([1.0, 2.0], requires_grad=True))
     before = snapshot(b)
     with pytest.raises(ValueError, match=r"losses\[1\] = 1e-40: .*1/L.*overflows float32"):
         b(torch.tensor([1.0, 1e-40]))
@@ -81,7 +81,7 @@ def test_extreme_accepted_init_gives_finite_nonzero_weights(name, init):
     b = tb.create(name, num_tasks=2, init=init)
     assert torch.isfinite(b.weights).all()
     assert (b.weights > 0).all()
-    objective = b(torch.tensor([1.0, 1.0]))
+    objective = b(torch.tensor([1.0, 1.0], requires_grad=True))
     assert math.isfinite(objective.item())
 
 

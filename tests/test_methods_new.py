@@ -23,8 +23,8 @@ def test_stch_warmup_is_the_log_loss_then_uses_the_last_warmup_epoch_mean():
     ]
     for epoch in epoch_losses:
         for losses in epoch:
-            b(losses)
-            torch.testing.assert_close(b.weights, 1.0 / losses)
+            b(losses.requires_grad_())
+            torch.testing.assert_close(b.weights, 1.0 / losses.detach())
         b.end_epoch()
     torch.testing.assert_close(b.nadir, torch.tensor([2.0, 4.0]))
     losses = torch.tensor([1.0, 8.0], requires_grad=True)
@@ -48,13 +48,13 @@ def test_stch_gradient_equals_autograd_of_the_reference_objective(mu):
     reference = mu * torch.log(torch.exp((logs - logs.max().detach()) / mu).sum()) * 3
     (expected,) = torch.autograd.grad(reference, values)
     b = tb.create("stch", num_tasks=3, mu=mu, nadir=nadir.tolist())
-    b(values.detach().float())
+    b(values.detach().float().requires_grad_())
     torch.testing.assert_close(b.weights.double(), expected, rtol=1e-5, atol=0)
 
 
 def test_stch_small_mu_approaches_the_tchebycheff_maximum():
     b = tb.create("stch", num_tasks=3, mu=1e-3, nadir=1.0)
-    objective = b(torch.tensor([1.0, 5.0, 2.0]))
+    objective = b(torch.tensor([1.0, 5.0, 2.0], requires_grad=True))
     # weight all on the task furthest above its reference: w = (0, 3/5, 0)
     torch.testing.assert_close(b.weights, torch.tensor([0.0, 0.6, 0.0]), rtol=0, atol=1e-6)
     assert objective.item() == pytest.approx(3 * math.log(5.0), rel=1e-3)
@@ -68,7 +68,7 @@ def test_stch_small_mu_approaches_the_tchebycheff_maximum():
 def test_stch_weighted_losses_sum_to_k(values, mu):
     K = len(values)
     b = tb.create("stch", num_tasks=K, mu=mu, nadir=[1.0 + k for k in range(K)])
-    losses = torch.tensor(values)
+    losses = torch.tensor(values, requires_grad=True)
     b(losses)
     assert float((b.weights.double() * losses.double()).sum()) == pytest.approx(K, rel=1e-5)
 
@@ -77,7 +77,7 @@ def test_stch_empty_measuring_epoch_waits_for_the_next():
     b = tb.create("stch", num_tasks=2, warmup_epochs=1)
     b.end_epoch()  # no call in this epoch: n not measured yet
     assert not bool(b.has_nadir)
-    b(torch.tensor([3.0, 1.0]))
+    b(torch.tensor([3.0, 1.0], requires_grad=True))
     b.end_epoch()
     torch.testing.assert_close(b.nadir, torch.tensor([3.0, 1.0]))
 

@@ -100,7 +100,7 @@ def test_dwa_window_resumes_mid_window():
     def run(b, steps):
         out = []
         for step in steps:
-            b(losses_for(step, K))
+            b(losses_for(step, K).requires_grad_())
             out.append(b.weights)
         return out
 
@@ -118,13 +118,13 @@ def test_dwa_window_resumes_mid_window():
 def test_rlw_state_dict_carries_the_generator():
     b = tb.create("rlw", num_tasks=4, seed=3)
     for _ in range(3):
-        b(torch.ones(4))
+        b(torch.ones(4, requires_grad=True))
     state = b.state_dict()
     assert "_extra_state" in state
     other = tb.create("rlw", num_tasks=4, seed=99)  # a different seed is overwritten by the state
     other.load_state_dict(state)
-    b(torch.ones(4))
-    other(torch.ones(4))
+    b(torch.ones(4, requires_grad=True))
+    other(torch.ones(4, requires_grad=True))
     assert torch.equal(b.weights, other.weights)
 
 

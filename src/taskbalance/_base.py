@@ -329,6 +329,16 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             vector, mask = self._loss_vector_and_mask(losses, present)
             values, nonfinite, absent_nonfinite = self._checked_values(vector, mask)
             local_kpis = self._checked_kpis(kpis, values.device)
+            if not vector.requires_grad:
+                # The objective would move no model parameter (a learned-weights method's own
+                # would still train): the loop would run and the model learn nothing.
+                raise ValueError(
+                    "losses: the losses do not require grad, so the objective would pass no "
+                    "gradient to the model; build them from the model's outputs without "
+                    ".item(), .detach() or torch.tensor([...]) (pass the list of loss tensors, "
+                    "or torch.stack it). To evaluate, call under torch.no_grad() or after "
+                    "b.eval()"
+                )
             shared = self._check_call_inputs(vector, features)
             # Before any state changes: its warning may be an error (-W error). (0 · NaN is
             # NaN: see taskbalance._absent.)

@@ -47,7 +47,7 @@ class DTP(Balancer):
     Example:
         >>> import torch, taskbalance as tb
         >>> b = tb.DTP(num_tasks=2, gamma=2.0)
-        >>> _ = b(torch.tensor([1.0, 1.0]), kpis=torch.tensor([0.9, 0.5]))
+        >>> _ = b(torch.ones(2, requires_grad=True), kpis=torch.tensor([0.9, 0.5]))
         >>> b.weights
         tensor([0.0011, 0.1733])
     """

@@ -44,7 +44,7 @@ class DWA(Balancer):
         >>> import torch, taskbalance as tb
         >>> b = tb.DWA(num_tasks=2)
         >>> for losses in ([4.0, 2.0], [2.0, 2.0]):
-        ...     _ = b(torch.tensor(losses)); b.end_epoch()
+        ...     _ = b(torch.tensor(losses, requires_grad=True)); b.end_epoch()
         >>> b.compute_weights(torch.tensor([1.0, 1.0]))
         tensor([0.8756, 1.1244])
     """

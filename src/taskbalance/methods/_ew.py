@@ -23,8 +23,8 @@ class EW(Balancer):
     Example:
         >>> import torch, taskbalance as tb
         >>> b = tb.EW(num_tasks=2)
-        >>> b(torch.tensor([1.0, 3.0]))
-        tensor(4.)
+        >>> b(torch.tensor([1.0, 3.0], requires_grad=True)).item()
+        4.0
     """
 
     def _update(self, step: Step) -> Tensor:

@@ -69,7 +69,7 @@ class FAMO(Balancer):
     Example:
         >>> import torch, taskbalance as tb
         >>> b = tb.FAMO(num_tasks=2)
-        >>> _ = b(torch.tensor([1.0, 4.0]))
+        >>> _ = b(torch.tensor([1.0, 4.0], requires_grad=True))
         >>> b.weights
         tensor([0.8000, 0.2000])
     """

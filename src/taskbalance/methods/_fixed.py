@@ -26,8 +26,8 @@ class Fixed(Balancer):
     Example:
         >>> import torch, taskbalance as tb
         >>> b = tb.create("fixed", num_tasks=2, weights=[1.0, 0.5])
-        >>> b(torch.tensor([2.0, 2.0]))
-        tensor(3.)
+        >>> b(torch.tensor([2.0, 2.0], requires_grad=True)).item()
+        3.0
     """
 
     required_hyperparameters: ClassVar[dict[str, Any]] = {"weights": 1.0}

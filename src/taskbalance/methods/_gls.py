@@ -33,8 +33,8 @@ class GLS(Balancer):
 
     Example:
         >>> import torch, taskbalance as tb
-        >>> tb.GLS(num_tasks=2)(torch.tensor([1.0, 4.0]))
-        tensor(2.)
+        >>> tb.GLS(num_tasks=2)(torch.tensor([1.0, 4.0], requires_grad=True)).item()
+        2.0
     """
 
     requires_positive_losses = True

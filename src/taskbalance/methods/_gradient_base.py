@@ -458,11 +458,6 @@ class GradientBalancer(Balancer):
     ) -> list[Tensor]:
         # Checked on every call, refresh step or not, so a wrong call fails at once rather than
         # only on the next refresh step, and before any DDP collective.
-        if not losses.requires_grad:
-            raise ValueError(
-                "losses: the losses do not require grad, so the task gradients cannot be "
-                "measured; compute them from the model's output without .detach()"
-            )
         if self.shared_params is not None:
             return self.shared_params
         if features is None:

@@ -33,7 +33,7 @@ class IMTLL(LearnedLogScales):
     Example:
         >>> import torch, taskbalance as tb
         >>> b = tb.IMTLL(num_tasks=2)
-        >>> b(torch.tensor([2.0, 3.0])).item()
+        >>> b(torch.tensor([2.0, 3.0], requires_grad=True)).item()
         5.0
     """
 

@@ -38,7 +38,7 @@ class RLW(Balancer):
     Example:
         >>> import torch, taskbalance as tb
         >>> b = tb.RLW(num_tasks=3, seed=0)
-        >>> _ = b(torch.tensor([1.0, 1.0, 1.0]))
+        >>> _ = b(torch.ones(3, requires_grad=True))
         >>> float(b.weights.sum())
         3.0
     """

@@ -30,7 +30,7 @@ class SI(Balancer):
     Example:
         >>> import torch, taskbalance as tb
         >>> b = tb.SI(num_tasks=2)
-        >>> round(b(torch.tensor([1.0, 2.0])).item(), 4)
+        >>> round(b(torch.tensor([1.0, 2.0], requires_grad=True)).item(), 4)
         0.6931
     """
 

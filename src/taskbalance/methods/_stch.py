@@ -60,7 +60,8 @@ class STCH(Balancer):
     Example:
         >>> import torch, taskbalance as tb
         >>> b = tb.create("stch", num_tasks=2, nadir=[1.0, 2.0])
-        >>> round(b(torch.tensor([1.0, 2.0])).item(), 4)  # 2·log(1/1 + 2/2)
+        >>> losses = torch.tensor([1.0, 2.0], requires_grad=True)  # from the model, in the graph
+        >>> round(b(losses).item(), 4)  # 2·log(1/1 + 2/2)
         1.3863
         >>> b.weights
         tensor([1.0000, 0.5000])

@@ -46,7 +46,7 @@ class UW(LearnedLogScales):
         >>> import torch, taskbalance as tb
         >>> b = tb.UW(num_tasks=2, kinds=["regression", "classification"])
         >>> optimiser = torch.optim.SGD(b.parameters(), lr=0.1)
-        >>> b(torch.tensor([1.0, 1.0])).item()
+        >>> b(torch.ones(2, requires_grad=True)).item()
         1.5
     """
 
