@@ -49,8 +49,12 @@ def test_unknown_method(capsys, monkeypatch, tmp_path):
     _no_training(monkeypatch)
     code, _, err = _run(["compare", "--methods", "ew,nope", "--out", str(tmp_path)], capsys)
     assert code == 2
-    assert "nope" in err
+    assert "error: --methods: unknown method 'nope'" in err
     assert "'dwa'" in err
+    argv = ["train", "--bench", "multidigits", "--method", "nash-mtl", "--out", str(tmp_path)]
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert "error: --method: unknown method 'nash-mtl' (did you mean 'nash_mtl'?)" in err
 
 
 @pytest.mark.parametrize(
@@ -212,3 +216,24 @@ def test_bad_benchmark_file_is_one_line(capsys, tmp_path):
     assert code == 2
     assert "no such file" in err
     assert "Traceback" not in err
+
+
+def test_train_refuses_a_missing_tensorboard_before_the_run(tmp_path, monkeypatch, capsys):
+    # Checked up front: on a long benchmark, a missing package found after training cost the
+    # whole run.
+    import importlib.util
+
+    from taskbalance.bench import tensorboard
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        tensorboard.importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "tensorboard" else real(name, *args),
+    )
+    out = tmp_path / "run"
+    arguments = ["train", "--bench", "noisy-regression", "--method", "uw", "--small", "--quiet"]
+    code = cli.main([*arguments, "--out", str(out), "--tensorboard", str(tmp_path / "board")])
+    assert code == 2
+    assert "--tensorboard: the 'tensorboard' package is not installed" in capsys.readouterr().err
+    assert not out.exists()  # no epoch ran, no file was written

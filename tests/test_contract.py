@@ -65,6 +65,9 @@ def test_create_is_the_same_as_the_class(loss_method):
 def test_create_unknown_method_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown method 'nope'.*'dwa'.*'ew'"):
         tb.create("nope", num_tasks=2)
+    for typo, name in (("nash-mtl", "nash_mtl"), ("MGDA", "mgda"), ("upgard", "upgrad")):
+        with pytest.raises(ValueError, match=rf"'{typo}' \(did you mean '{name}'\?\)"):
+            tb.create(typo, num_tasks=2)
 
 
 def test_create_unknown_hyperparameter(loss_method):
@@ -249,7 +252,7 @@ def test_malformed_losses(loss_method):
     b = make_balancer(loss_method, K)
     with pytest.raises(ValueError, match=r"losses: expected a 1-D tensor .* got shape \(3, 1\)"):
         call(b, torch.ones(3, 1))
-    with pytest.raises(TypeError, match=r"losses\[1\]: expected a tensor, got float"):
+    with pytest.raises(TypeError, match=r"losses\[1\]: expected a tensor, got float \(pass the"):
         call(b, [torch.tensor(1.0), 2.0, torch.tensor(3.0)])
     with pytest.raises(ValueError, match=r"losses\[2\]: expected a scalar \(0-d\) loss"):
         call(b, [torch.tensor(1.0), torch.tensor(2.0), torch.ones(2)])

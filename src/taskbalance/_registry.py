@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -47,8 +48,20 @@ def available() -> list[str]:
 def method_class(name: str) -> type[Balancer]:
     """The class registered under ``name``; a ValueError lists the valid names otherwise."""
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"name: unknown method {name!r}; expected one of {available()}")
+        raise ValueError(f"name: {unknown_method_message(name)}")
     return _REGISTRY[name]
+
+
+def unknown_method_message(name: object) -> str:
+    """``unknown method 'x'``, the nearest registered name if one is close (``nash-mtl``,
+    ``MGDA``), and the valid names."""
+    close = (
+        difflib.get_close_matches(name.strip().lower().replace("-", "_"), available(), n=1)
+        if isinstance(name, str)
+        else []
+    )
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown method {name!r}{hint}; expected one of {available()}"
 
 
 def hyperparameters(name: str) -> dict[str, Any]:

@@ -212,7 +212,14 @@ def as_loss_vector(losses: Tensor | Sequence[Tensor], num_tasks: int) -> Tensor:
         items = list(losses)
         for i, item in enumerate(items):
             if not isinstance(item, Tensor):
-                raise TypeError(f"losses[{i}]: expected a tensor, got {type(item).__name__}")
+                advice = (
+                    " (pass the loss tensors themselves, not their .item() values)"
+                    if isinstance(item, (int, float))
+                    else ""
+                )
+                raise TypeError(
+                    f"losses[{i}]: expected a tensor, got {type(item).__name__}{advice}"
+                )
             if item.numel() != 1:
                 raise ValueError(
                     f"losses[{i}]: expected a scalar (0-d) loss, got shape {tuple(item.shape)}"

@@ -49,6 +49,7 @@ from taskbalance.bench.harness import (
 )
 from taskbalance.bench.metrics import ZeroBaselineWarning
 from taskbalance.bench.selection import Selection, parse_selection
+from taskbalance.bench.tensorboard import require_tensorboard, write_run
 from taskbalance.bench.variants import parse_methods
 from taskbalance.methods._facts import method_facts
 
@@ -95,6 +96,16 @@ def _positive(option: str, value: int | None) -> None:
 def _log(arguments: argparse.Namespace, message: str) -> None:
     if not arguments.quiet:
         print(message, file=sys.stderr, flush=True)
+
+
+def _parsed_methods(text: str, assignments: Sequence[str], option: str) -> list[Method]:
+    """:func:`parse_methods`, its errors naming ``option`` (``--set`` ones name themselves)."""
+    try:
+        return parse_methods(text, assignments)
+    except ValueError as error:
+        message = str(error)
+        named = message if message.startswith("--") else f"{option}: {message}"
+        raise CommandError(named) from None
 
 
 def _benchmark(arguments: argparse.Namespace) -> Benchmark:
@@ -166,14 +177,13 @@ def _distributed_setup(device: str) -> bool:
 
 def command_train(arguments: argparse.Namespace) -> int:
     """``taskbalance train``: one run; per-task test metrics, final weights, files."""
-    try:
-        methods = parse_methods(arguments.method, arguments.set or [])
-    except ValueError as error:
-        raise CommandError(str(error)) from None
+    methods = _parsed_methods(arguments.method, arguments.set or [], "--method")
     if len(methods) != 1:
         raise CommandError(f"--method: expected one method, got {arguments.method!r}")
     method = methods[0]
     _positive("--epochs", arguments.epochs)
+    if arguments.tensorboard is not None:
+        require_tensorboard()
     slug = _slug(f"{arguments.bench}-{method.label}")
     out = Path(arguments.out or f"runs/train-{slug}-seed{arguments.seed}")
     if arguments.bench in TOYS:
@@ -207,8 +217,6 @@ def command_train(arguments: argparse.Namespace) -> int:
         if rank == 0:
             _report_train(benchmark, method, run, out, config)
             if arguments.tensorboard is not None:
-                from taskbalance.bench.tensorboard import write_run
-
                 written = write_run(run, benchmark, Path(arguments.tensorboard))
                 print(f"wrote TensorBoard scalars to {written} (tensorboard --logdir {written})")
     finally:
@@ -404,10 +412,7 @@ def command_toy(arguments: argparse.Namespace) -> int:
     """``taskbalance toy``: every method's trajectories on the toy-2d landscape, as a PNG."""
     from taskbalance.bench.toy import TOY_STARTS, TOY_STEPS, run_toy
 
-    try:
-        methods = parse_methods(arguments.methods)
-    except ValueError as error:
-        raise CommandError(f"--methods: {error}") from None
+    methods = _parsed_methods(arguments.methods, [], "--methods")
     steps = arguments.steps if arguments.steps is not None else TOY_STEPS
     _positive("--steps", steps)
     _positive("--jobs", arguments.jobs)
@@ -446,8 +451,8 @@ def command_compare(arguments: argparse.Namespace) -> int:
         raise CommandError(
             f"{arguments.bench} has no single-task baselines or Δm%; run `taskbalance toy`"
         )
+    methods = _parsed_methods(arguments.methods, arguments.set or [], "--methods")
     try:
-        methods = parse_methods(arguments.methods, arguments.set or [])
         selection = parse_selection(arguments.select)
     except ValueError as error:
         raise CommandError(str(error)) from None

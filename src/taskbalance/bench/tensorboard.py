@@ -24,6 +24,16 @@ from taskbalance.bench.api import Benchmark, MissingExtraError
 from taskbalance.bench.harness import RunResult
 
 
+def require_tensorboard() -> None:
+    """Raise :class:`MissingExtraError` unless the tensorboard package is installed: checked
+    before a run starts, so that a missing package does not cost the run."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise MissingExtraError(
+            "--tensorboard: the 'tensorboard' package is not installed: "
+            "pip install 'taskbalance[tensorboard]'"
+        )
+
+
 def write_run(run: RunResult, benchmark: Benchmark, directory: Path) -> Path:
     """Write ``run`` as TensorBoard scalars under ``directory``; returns the directory.
 
@@ -31,11 +41,7 @@ def write_run(run: RunResult, benchmark: Benchmark, directory: Path) -> Path:
         >>> from taskbalance.bench.tensorboard import write_run  # doctest: +SKIP
         >>> write_run(run, benchmark, Path("runs/tb"))  # doctest: +SKIP
     """
-    if importlib.util.find_spec("tensorboard") is None:
-        raise MissingExtraError(
-            "--tensorboard: the 'tensorboard' package is not installed: "
-            "pip install 'taskbalance[tensorboard]'"
-        )
+    require_tensorboard()
     from torch.utils.tensorboard import SummaryWriter
 
     directory.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 import taskbalance as tb
+from taskbalance._registry import unknown_method_message
 from taskbalance.bench.harness import Method
 
 _BRACKETS = {"[": "]", "(": ")", "{": "}"}
@@ -108,7 +109,7 @@ def parse_method(text: str) -> Method:
     name, bracket, rest = text.partition("[")
     name = name.strip()
     if name not in tb.available():
-        raise ValueError(f"unknown method {name!r}; expected one of {tb.available()}")
+        raise ValueError(unknown_method_message(name))
     settings: dict[str, Any] = {}
     if bracket:
         if not rest.endswith("]"):
