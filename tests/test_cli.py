@@ -237,3 +237,24 @@ def test_train_refuses_a_missing_tensorboard_before_the_run(tmp_path, monkeypatc
     assert code == 2
     assert "--tensorboard: the 'tensorboard' package is not installed" in capsys.readouterr().err
     assert not out.exists()  # no epoch ran, no file was written
+
+
+def test_readme_uncertainty_weighting_table(capsys, tmp_path):
+    # The README's console block: a full default run recovers the three noise variances.
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("$ taskbalance train --bench noisy-regression --method uw\n", 1)[1]
+    block = block.split("```", 1)[0]
+    rows = re.findall(r"^  (y\d) +([\d.]+) +([\d.]+) +(-?[\d.]+)%$", block, re.M)
+    assert [row[0] for row in rows] == ["y0", "y1", "y2"]
+    argv = ["train", "--bench", "noisy-regression", "--method", "uw", "--quiet"]
+    code, out, _ = _run([*argv, "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "recovered within 5%: yes" in out
+    assert "recovered within 5%: yes" in block
+    for task, true, learned, _ in rows:
+        got = re.search(rf"^  {task} +{re.escape(true)} +([\d.]+) ", out, re.M)
+        assert got is not None, out
+        assert float(got.group(1)) == pytest.approx(float(learned), rel=0.01)
