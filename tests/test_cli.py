@@ -258,3 +258,15 @@ def test_readme_uncertainty_weighting_table(capsys, tmp_path):
         got = re.search(rf"^  {task} +{re.escape(true)} +([\d.]+) ", out, re.M)
         assert got is not None, out
         assert float(got.group(1)) == pytest.approx(float(learned), rel=0.01)
+
+
+def test_set_errors_name_set_and_captions_count_epochs(capsys, monkeypatch, tmp_path):
+    _no_training(monkeypatch)
+    argv = ["train", "--bench", "multidigits", "--method", "mgda", "--out", str(tmp_path)]
+    code, _, err = _run([*argv, "--set", "update_every"], capsys)
+    assert code == 2
+    assert "error: --set update_every: 'update_every': expected key=value" in err
+    from taskbalance.bench.selection import parse_selection
+
+    assert parse_selection("mean-last-1").describe().endswith("over the last 1 epoch")
+    assert parse_selection("mean-last-3").describe().endswith("over the last 3 epochs")

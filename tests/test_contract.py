@@ -296,12 +296,25 @@ def test_losses_without_grad_are_refused_in_a_training_call(loss_method):
     with pytest.raises(ValueError, match=r"^losses: the losses do not require grad.*\.item\(\)"):
         b(values, **kwargs)
     assert_same_state(before, snapshot(b))
+    # One task's loss cut from the graph, in a list: refused unless that task is absent.
+    if not b.requires_gram:
+        attached = list(losses_for(1, K).requires_grad_())
+        with pytest.raises(ValueError, match=r"^losses\[1\]: this task's loss does not require"):
+            b([attached[0], values[1], attached[2]], **kwargs)
+        assert_same_state(before, snapshot(b))
     # Evaluation needs no graph: under no_grad, or with the balancer in eval mode.
     with torch.no_grad():
         b(values, **kwargs)
     b.eval()
     b(values, **kwargs)
     assert_same_state(before, snapshot(b))
+
+
+def test_a_cut_loss_of_an_absent_task_is_accepted():
+    b = tb.create("uw", num_tasks=2)
+    loss = torch.tensor(2.0, requires_grad=True)
+    b([loss, torch.tensor(float("nan"))], present=[True, False]).backward()
+    assert loss.grad is not None
 
 
 @pytest.mark.parametrize("name", sorted(set(tb.available()) - set(POSITIVE_METHODS)))

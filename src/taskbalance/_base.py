@@ -329,16 +329,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             vector, mask = self._loss_vector_and_mask(losses, present)
             values, nonfinite, absent_nonfinite = self._checked_values(vector, mask)
             local_kpis = self._checked_kpis(kpis, values.device)
-            if not vector.requires_grad:
-                # The objective would move no model parameter (a learned-weights method's own
-                # would still train): the loop would run and the model learn nothing.
-                raise ValueError(
-                    "losses: the losses do not require grad, so the objective would pass no "
-                    "gradient to the model; build them from the model's outputs without "
-                    ".item(), .detach() or torch.tensor([...]) (pass the list of loss tensors, "
-                    "or torch.stack it). To evaluate, call under torch.no_grad() or after "
-                    "b.eval()"
-                )
+            _refuse_losses_without_grad(losses, vector, mask)
             shared = self._check_call_inputs(vector, features)
             # Before any state changes: its warning may be an error (-W error). (0 · NaN is
             # NaN: see taskbalance._absent.)
@@ -1042,3 +1033,34 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         if generator is not None:
             # torch.load(map_location="cuda") moves every tensor; a generator's state is CPU.
             generator.set_state(state["generator"].cpu())
+
+
+def _refuse_losses_without_grad(losses: LossesLike, vector: Tensor, mask: Tensor | None) -> None:
+    """Refuse a training call whose losses (or a present task's loss) are outside the graph.
+
+    The objective would move no model parameter through them (a learned-weights method's own
+    would still train): the loop would run and the model, or that task's head, learn nothing.
+    The entries of one tensor share its graph; a list's are checked one by one (Python
+    attributes: nothing on the hot path unless one fails).
+    """
+    advice = (
+        "build them from the model's outputs without .item(), .detach() or torch.tensor([...]) "
+        "(pass the list of loss tensors, or torch.stack it)"
+    )
+    if not vector.requires_grad:
+        raise ValueError(
+            "losses: the losses do not require grad, so the objective would pass no gradient "
+            f"to the model; {advice}. To evaluate, call under torch.no_grad() or after "
+            "b.eval(); compute_weights takes plain values"
+        )
+    if isinstance(losses, Tensor):
+        return
+    cut = [i for i, loss in enumerate(losses) if not loss.requires_grad]
+    present = None if mask is None or not cut else mask.tolist()
+    cut = [i for i in cut if present is None or present[i]]
+    if cut:
+        raise ValueError(
+            f"losses[{cut[0]}]: this task's loss does not require grad, so the task would pass "
+            f"no gradient to the model; {advice}, or mark the task absent with present= if "
+            "it has no labels in this batch"
+        )

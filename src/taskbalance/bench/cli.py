@@ -48,7 +48,7 @@ from taskbalance.bench.harness import (
     train_run,
 )
 from taskbalance.bench.metrics import ZeroBaselineWarning
-from taskbalance.bench.selection import Selection, parse_selection
+from taskbalance.bench.selection import Selection, counted, parse_selection
 from taskbalance.bench.tensorboard import require_tensorboard, write_run
 from taskbalance.bench.variants import parse_methods
 from taskbalance.methods._facts import method_facts
@@ -182,13 +182,13 @@ def command_train(arguments: argparse.Namespace) -> int:
         raise CommandError(f"--method: expected one method, got {arguments.method!r}")
     method = methods[0]
     _positive("--epochs", arguments.epochs)
-    if arguments.tensorboard is not None:
-        require_tensorboard()
     slug = _slug(f"{arguments.bench}-{method.label}")
     out = Path(arguments.out or f"runs/train-{slug}-seed{arguments.seed}")
     if arguments.bench in TOYS:
         prepare_output_directory(out)
         return _train_toy(arguments, method, out)
+    if arguments.tensorboard is not None:
+        require_tensorboard()
     if arguments.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {arguments.device}: no CUDA device is available")
     distributed = _distributed_setup(arguments.device)
@@ -233,8 +233,9 @@ def _report_train(
 ) -> None:
     from taskbalance.bench import plots
 
+    epochs = counted(len(run.epochs), "epoch")
     print(
-        f"{benchmark.name} / {method.label} / seed {run.seed}: {len(run.epochs)} epoch(s), "
+        f"{benchmark.name} / {method.label} / seed {run.seed}: {epochs}, "
         f"{run.seconds_per_epoch:.3f} s per epoch"
     )
     if run.failure:

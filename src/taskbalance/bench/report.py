@@ -34,7 +34,7 @@ from taskbalance.bench.harness import (
     example_hyperparameters,
 )
 from taskbalance.bench.metrics import REFERENCE_METHOD, MethodSummary
-from taskbalance.bench.selection import Selection
+from taskbalance.bench.selection import Selection, counted
 from taskbalance.bench.stats import ALPHA
 
 
@@ -150,7 +150,7 @@ def caption(
         for metric, higher in zip(benchmark.metric_names, benchmark.directions, strict=True)
     )
     return (
-        f"Benchmark {name}: {_count(epochs, 'epoch')}, mean ± std over {seed_text}; "
+        f"Benchmark {name}: {counted(epochs, 'epoch')}, mean ± std over {seed_text}; "
         f"selection: {selection} ({selection.describe()}).\n"
         f"Metrics: {metrics}.\n"
         "Δm%: mean relative change of every metric against single-task models trained by the "
@@ -470,7 +470,7 @@ def write_json(data: Mapping[str, Any], path: Path) -> None:
 
 def comparison_title(benchmark: Benchmark, epochs: int, seeds: Sequence[int]) -> str:
     """``benchmark — N epochs, S seeds``, the title of every comparison plot."""
-    return f"{benchmark.name} — {_count(epochs, 'epoch')}, {len(seeds)} seed(s)"
+    return f"{benchmark.name} — {counted(epochs, 'epoch')}, {len(seeds)} seed(s)"
 
 
 def write_comparison(
@@ -558,7 +558,3 @@ def write_comparison(
         if draw(out / name):
             written.append(out / name)
     return written
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -47,7 +47,7 @@ class Selection:
         if self.rule == "best-val":
             return "test metrics at the epoch with the best validation Δm%"
         if self.rule == "mean-last":
-            return f"test metrics averaged over the last {self.k} epochs"
+            return f"test metrics averaged over the last {counted(self.k, 'epoch')}"
         return "test metrics after the last epoch"
 
 
@@ -117,3 +117,8 @@ def selected_test(
         best = min(finite)[1] if finite else len(run.epochs) - 1
         return list(run.epochs[best].test)
     return list(run.epochs[-1].test)
+
+
+def counted(number: int, noun: str) -> str:
+    """``"1 epoch"``, ``"3 epochs"``: captions and console lines."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -89,6 +89,14 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return key, parse_value(value)
 
 
+def _set_assignment(text: str) -> tuple[str, Any]:
+    """One ``--set`` value, its errors naming ``--set``."""
+    try:
+        return parse_assignment(text)
+    except ValueError as error:
+        raise ValueError(f"--set {text}: {error}") from None
+
+
 def _check_keys(name: str, settings: Mapping[str, Any], origin: str) -> None:
     accepted = tb.hyperparameters(name)
     for key in settings:
@@ -146,7 +154,7 @@ def parse_methods(text: str, assignments: Sequence[str] = ()) -> list[Method]:
         if not parts:
             raise ValueError("expected 'all' or a comma-separated list of methods")
         methods = [parse_method(part) for part in parts]
-    common = dict(parse_assignment(assignment) for assignment in assignments)
+    common = dict(_set_assignment(assignment) for assignment in assignments)
     used: set[str] = set()
     result = []
     for method in methods:
