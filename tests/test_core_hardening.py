@@ -169,6 +169,25 @@ def test_bad_params_are_refused_at_construction(params, error, match):
         tb.create("upgrad", num_tasks=2, params=params)
 
 
+def test_a_tied_weight_listed_twice_is_refused():
+    # [*enc.parameters(), *dec.parameters()] holds a tied weight twice: its gradient entered
+    # the Gramian and the update twice (UPGrad's weights 0.55/0.37/0.59 for 0.41/0.37/0.57).
+    enc, dec = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    dec.weight = enc.weight
+    listed = [*enc.parameters(), *dec.parameters()]
+    with pytest.raises(ValueError, match=r"^params\[2\]: the same tensor as params\[0\]"):
+        tb.create("upgrad", num_tasks=2, params=listed)
+    groups = {"enc": enc.parameters(), "dec": dec.parameters()}
+    with pytest.raises(
+        ValueError, match=r"^params\['dec'\]\[0\]: the same tensor as params\['enc'\]\[0\]"
+    ):
+        tb.create(
+            "upgrad", num_tasks=2, params=groups, heads="unweighted", group_aggregation="per_group"
+        )
+    # Listed once (model.parameters() deduplicates), it is accepted.
+    tb.create("upgrad", num_tasks=2, params=list(dict.fromkeys(listed)))
+
+
 def test_deepcopy_of_a_model_holding_a_parameters_mode_balancer_follows_the_copy():
     """Documented behaviour: a deep copy of a model that holds its balancer points the copy's
     balancer at the copied parameters (deepcopy's memo), so the copy trains on its own."""

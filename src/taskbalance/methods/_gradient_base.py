@@ -732,7 +732,26 @@ def _dtype_bits(dtype: torch.dtype) -> int:
 
 
 def _checked_groups(params: ParamGroups) -> list[tuple[str, list[Tensor]]]:
-    """``params=`` as named groups: a dict, a list of lists, or one group of tensors."""
+    """``params=`` as named groups (a dict, a list of lists, or one group of tensors), each
+    tensor listed once."""
+    groups = _groups(params)
+    seen: dict[int, str] = {}
+    for name, group in groups:
+        for index, tensor in enumerate(group):
+            where = f"params[{index}]" if len(groups) == 1 else f"params[{name!r}][{index}]"
+            first = seen.setdefault(id(tensor), where)
+            if first != where:
+                # Its gradient would enter the Gramian and the update once per listing.
+                raise ValueError(
+                    f"{where}: the same tensor as {first} (a tied weight listed through both "
+                    "modules?); list each shared parameter once, in one group: "
+                    "model.parameters() lists a tied weight once, and "
+                    "list(dict.fromkeys(params)) drops repeats"
+                )
+    return groups
+
+
+def _groups(params: ParamGroups) -> list[tuple[str, list[Tensor]]]:
     if isinstance(params, Mapping):
         if not params:
             raise ValueError("params: expected at least one parameter group, got an empty dict")
