@@ -74,3 +74,33 @@ def test_whole_model_compile_pitfall_raises_in_process():
             tb.gramian(losses, z, batched=batched)
     with pytest.raises(ValueError, match=r"torch\.compile"):
         tb.create("mgda", num_tasks=2)(losses, features=z)
+
+
+def _compiled_trunk_params_mode_weights() -> tuple[torch.Tensor, torch.Tensor]:
+    """UPGrad's weights in parameters mode on a compiled trunk, and eager mode's."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)])
+    x, y = torch.randn(10, 5), torch.randn(10, 3)
+    weights = []
+    for forward in (torch.compile(trunk), trunk):
+        b = tb.create("upgrad", num_tasks=3, params=list(trunk[2].parameters()))
+        z = forward(x)
+        losses = [nn.functional.mse_loss(heads[k](z).squeeze(1), y[:, k]) for k in range(3)]
+        b(losses).backward()
+        weights.append(b.weights)
+    return weights[0], weights[1]
+
+
+@pytest.mark.slow  # inductor: a C++ build on a fresh machine
+def test_parameters_mode_through_a_compiled_trunk_names_donated_buffers():
+    # The per-task passes run the compiled backward K times; with donated buffers (the
+    # default) torch refuses the second: the error says what to set.
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match=r"^params: .*donated_buffer = False"):
+        _compiled_trunk_params_mode_weights()
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(donated_buffer=False):
+        compiled, eager = _compiled_trunk_params_mode_weights()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

@@ -214,3 +214,37 @@ def test_ddp_overflow_on_one_rank_retries_on_every_rank(tmp_path):
         torch.testing.assert_close(rank0[mode]["weights"], rank1[mode]["weights"], rtol=0, atol=0)
         for rank in (rank0, rank1):
             assert torch.isfinite(rank[mode]["grad"]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient hooks on the shared tensors see each task's own gradient, not 2¹⁶ times it.
+
+
+def _clamp(grad: Tensor) -> Tensor:
+    return grad.clamp(-0.05, 0.05)
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+def test_a_clamp_hook_on_the_shared_tensors_acts_on_each_tasks_own_gradient(mode):
+    # A per-parameter clamp hook (or one on the features) saw 2**16 times each task's
+    # gradient: every entry was clamped, the Gramian collapsed to ~1e-8 and MGDA's weights
+    # were near-uniform, Nash-MTL's 10,000 times too large.
+    trunk, heads = _model()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+    params = list(trunk.parameters())
+    for parameter in params:
+        parameter.register_hook(_clamp)
+    z, losses = _forward(trunk, heads, x, (1.0, 3.0, 0.3), False, squared=True)
+    if mode == "features":
+        z.register_hook(_clamp)
+    shared = [z] if mode == "features" else params
+    # The reference: per-task autograd.grad, whose hooks see each task's own gradient.
+    J = torch.stack(
+        [_flat(torch.autograd.grad(losses[k], shared, retain_graph=True)) for k in range(K)]
+    )
+    reference = tb.create("mgda", num_tasks=K, gram_dtype=torch.float64)
+    expected = reference.compute_weights(losses.detach(), gram=J @ J.T)
+    b = tb.create("mgda", num_tasks=K, params=params if mode == "params" else None)
+    b(losses, features=z if mode == "features" else None).backward()
+    torch.testing.assert_close(b.weights.double(), expected, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(expected, torch.full((K,), 1 / K, dtype=torch.float64), atol=0.02)

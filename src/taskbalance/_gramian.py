@@ -51,12 +51,17 @@ subnormal, which then gains precision). The rows are widened to float32 (float64
 graphs) and keep the scale: ``G`` is accumulated from them with autocast disabled (in float32,
 or float64 as asked) and divided by the scale's square, and ``Jᵀw`` is taken as ``Jᵀ(w/s)``,
 both exact, so no pass over the K×numel rows unscales them. An overflow to inf or NaN shows in
-``G`` (or, when no ``G`` is computed, in a sum of the rows): ``G`` of the unscaled rows is tried
-first (large float32 gradients overflow only the scaled ``G``), then the backward is retried at
-``2**8``, then at 1. A backward hook registered on an intermediate tensor sees the scaled
-gradients of these passes. At the other end, a float32 ``G`` below float32's normal range
-(every task gradient's norm below ~1e-19) is recomputed in float64 rather than handed to the
-methods as rounding noise or zeros (see :func:`task_gradients`).
+``G`` (or, when no ``G`` is computed, in a sum of the rows): ``G`` of the unscaled rows is
+tried first (large float32 gradients overflow only the scaled ``G``), then the backward is
+retried at ``2**8``, then at 1. Where a listed parameter or the features tensor has a gradient
+hook (``register_hook``: a per-parameter clamp, say), the passes start at scale 1 instead, so
+the hook acts on each task's own gradient (float16 graphs then lose the scale's protection). A
+hook on a tensor between the losses and the shared tensors (a head's output) cannot be seen
+from here: it sees the scaled gradients, and one that is not linear in them (a clamp) makes the
+Gramian wrong; clip after the backward instead (``clip_grad_norm_`` on ``.grad``). At the other
+end, a float32 ``G`` below float32's normal range (every task gradient's norm below ~1e-19) is
+recomputed in float64 rather than handed to the methods as rounding noise or zeros (see
+:func:`task_gradients`).
 
 DDP: in features mode each rank's ``G`` is a sum over its own samples, and the gradient of the
 rank-averaged loss with respect to rank r's features is ``1/R`` times the local one, so the
@@ -271,7 +276,7 @@ def task_gradients(
     # ones as unusable vmap tensors): keep what the user had there and put it back afterwards.
     retained = [(tensor, tensor.grad) for tensor in inputs if tensor.retains_grad]
     try:
-        scale = min(_INITIAL_SCALE, _largest_power_of_two(losses.dtype))
+        scale = _initial_scale(losses.dtype, inputs)
         rows, path, reached = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
         _check_reached(reached, inputs, features_mode, mask)
         while True:
@@ -297,6 +302,10 @@ def task_gradients(
         if gramian_of is not None and finite and not normal:
             # Decided on the (reduced) Gramian, so every rank takes this second pass alike.
             gram, finite, _ = _unscaled_gram(gramian_of(rows, True), scale)
+    except RuntimeError as error:
+        if "donated buffers" in str(error):  # torch's own message, kept as the cause
+            raise RuntimeError(_DONATED_BUFFERS) from error
+        raise
     finally:
         for tensor, grad in retained:
             tensor.grad = grad
@@ -559,6 +568,14 @@ def _compiled_hint(inputs: Sequence[Tensor]) -> str:
     )
 
 
+_DONATED_BUFFERS = (
+    "params: the task gradients run one backward per task through a torch.compile'd graph "
+    "(retain_graph=True), and this graph's backward was compiled with donated buffers, which "
+    "lets it run once. Set torch._functorch.config.donated_buffer = False before the first "
+    "compiled call, or use features mode (features=z, the compiled trunk's output: the "
+    "per-task passes then stop at z); see docs/recipes/compile.md"
+)
+
 _SEED_MODIFIED = (
     "losses: a backward function in the graph modified its incoming gradient in place (e.g. a "
     "custom autograd.Function whose backward returns grad_output.mul_(2)); autograd shares "
@@ -644,6 +661,20 @@ def _present_list(present: Tensor | Sequence[bool] | None, num_tasks: int) -> li
     if len(values) != num_tasks:
         raise ValueError(f"present: expected {num_tasks} entries, got {len(values)}")
     return [bool(value) for value in values]
+
+
+def _initial_scale(dtype: torch.dtype, inputs: Sequence[Tensor]) -> float:
+    """The backward passes' first scale: ``2**16`` (less for float16 losses), or 1 where an
+    input has a gradient hook (``register_hook`` on a listed parameter or on the features).
+
+    A hook sees the gradients of these passes, and one that is not linear in them (a clamp)
+    would act on 2**16 times each task's gradient: unscaled, it acts on each task's own, as a
+    per-task ``torch.autograd.grad`` shows it. The hooks are registered alike on every rank
+    (the same code), so the ranks agree on the scale.
+    """
+    if any(tensor._backward_hooks for tensor in inputs):
+        return 1.0
+    return min(_INITIAL_SCALE, _largest_power_of_two(dtype))
 
 
 @functools.cache
