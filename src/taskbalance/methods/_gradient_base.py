@@ -426,9 +426,12 @@ class GradientBalancer(Balancer):
                 device=step.mean_losses.device, dtype=gram.dtype
             )
             weights, total = group_weights.mean(0), gram.sum(0)
-        narrowest = min((self._last_weights.dtype, step.losses.dtype), key=_dtype_bits)
-        if _dtype_bits(gram.dtype) > _dtype_bits(narrowest):
-            self._check_weights_fit(group_weights if self._group_sizes else weights, narrowest)
+        # Float64 weights (a float64 Gramian, widened or given) kept or applied in float32.
+        if gram.dtype == torch.float64 and torch.float32 in (
+            self._last_weights.dtype,
+            step.losses.dtype,
+        ):
+            self._check_weights_fit(group_weights if self._group_sizes else weights)
         if self._group_sizes is not None:
             self._last_group_weights.copy_(group_weights)
             step.group_weights = group_weights
@@ -438,16 +441,16 @@ class GradientBalancer(Balancer):
         object.__setattr__(self, "_last_gram", total)
         return weights.to(device=step.mean_losses.device, dtype=gram.dtype)
 
-    def _check_weights_fit(self, weights: Tensor, dtype: torch.dtype) -> None:
+    def _check_weights_fit(self, weights: Tensor) -> None:
         """Refuse float64 weights (of a float64 Gramian) that the kept float32 weights or the
         float32 objective cannot hold: Nash-MTL's and FairGrad's grow as 1/‖g‖, past float32's
         range once the task gradients are themselves below its normal range."""
         largest = float(weights.abs().max())
-        if largest <= torch.finfo(dtype).max:
+        if largest <= torch.finfo(torch.float32).max:
             return
         raise ValueError(
             f"losses: {self._method_name}'s weights at this step reach {largest:.3g}, beyond "
-            f"{dtype}'s range: its weights grow as the task gradients shrink, "
+            "torch.float32's range: its weights grow as the task gradients shrink, "
             "and theirs are below ~1e-38, where float32 holds the gradients themselves only as "
             "subnormal numbers. The call is rejected and the balancer's state is unchanged; "
             "scale the losses up (the weights scale down by the same factor)"
@@ -725,10 +728,6 @@ def _checked(params: Iterable[Tensor] | Tensor, name: str = "params") -> list[Te
 
 
 ParamGroups = Iterable[Tensor] | Tensor | Iterable[Iterable[Tensor]] | Mapping[str, Any]
-
-
-def _dtype_bits(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits
 
 
 def _checked_groups(params: ParamGroups) -> list[tuple[str, list[Tensor]]]:
