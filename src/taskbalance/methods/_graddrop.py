@@ -216,13 +216,20 @@ def _features_direction(
     # sign(A) is 0 or ±1: the products are exact; a half-precision batch sum would overflow
     # (the rows carry the engine's 2**16 scale), so those sum in float32
     signs = torch.sign(tensor.detach()).reshape(samples, -1)
-    summed = (per_sample * signs).sum(dim=1, dtype=_accumulation_dtype(row.dtype))
+    # One task at a time through one buffer, which then holds d: a K×S×C product would cost
+    # a fresh allocation (page faults on the host) and a pass over memory per step
+    buffer = torch.empty_like(per_sample[0])
+    summed = torch.empty(
+        num_tasks, buffer.shape[1], dtype=_accumulation_dtype(row.dtype), device=row.device
+    )
+    for k in range(num_tasks):
+        torch.sum(torch.mul(per_sample[k], signs, out=buffer), 0, dtype=summed.dtype, out=summed[k])
     signed = all_reduce_sum(summed.to(torch.float64))
     passes = sign_dropout_mask(signed, generator)
     passed = torch.linalg.vector_norm(signed * passes, dim=1).square_()
     total = torch.linalg.vector_norm(signed, dim=1).square_()
     coefficients = _coefficients(passes, row.dtype, leak, minus_sum, row_scale)
-    direction = per_sample[0] * coefficients[0]
+    direction = torch.mul(per_sample[0], coefficients[0], out=buffer)
     for k in range(1, num_tasks):
         direction.addcmul_(per_sample[k], coefficients[k])
     return passed, total, direction.reshape(-1)
