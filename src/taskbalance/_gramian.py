@@ -271,6 +271,7 @@ def task_gradients(
     inputs = list(inputs)
     num_tasks = losses.shape[0]
     _refuse_sharded(inputs, features_mode)
+    _refuse_complex(inputs, features_mode)
     mask = _present_list(present, num_tasks)
     # A non-leaf input with retain_grad() would receive these task gradients in .grad (batched
     # ones as unusable vmap tensors): keep what the user had there and put it back afterwards.
@@ -654,6 +655,24 @@ def _refuse_sharded(inputs: Sequence[Tensor], features_mode: bool | None) -> Non
             )
 
 
+def _refuse_complex(inputs: Sequence[Tensor], features_mode: bool | None) -> None:
+    # A Gramian of complex gradients needs the real inner product Re<g_i, g_j> on every path
+    # (rows, corrections, directions); cast to a real dtype, the imaginary parts were dropped.
+    if not any(tensor.is_complex() for tensor in inputs):
+        return
+    names = _input_names(inputs, features_mode)
+    for tensor, name in zip(inputs, names, strict=True):
+        if tensor.is_complex():
+            raise ValueError(
+                f"{name}: a complex tensor ({tensor.dtype}, shape {tuple(tensor.shape)}); "
+                "task gradients are measured on real tensors only. Fix: share its real view: "
+                "in features mode pass zr = torch.view_as_real(z) and let the heads read "
+                "torch.view_as_complex(zr); in parameters mode keep the parameter real with a "
+                "trailing dimension of 2 and use torch.view_as_complex(p) in forward (or list "
+                "only real parameters in params=)."
+            )
+
+
 def _present_list(present: Tensor | Sequence[bool] | None, num_tasks: int) -> list[bool]:
     if present is None:
         return [True] * num_tasks
@@ -790,7 +809,7 @@ def _stack_rows(
                 if zero is None:
                     zero = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
                 grad = zero
-            flat.append(grad.reshape(-1))
+            flat.append(_dense(grad).reshape(-1))
         rows.append(_widened(torch.stack(flat)))
     return rows
 
@@ -799,7 +818,12 @@ def _flat_rows(grad: Tensor | None, tensor: Tensor, num_tasks: int) -> Tensor:
     if grad is None:
         wide = _wide_dtype(tensor.dtype)
         return torch.zeros(num_tasks, tensor.numel(), dtype=wide, device=tensor.device)
-    return _widened(grad.reshape(num_tasks, -1))
+    return _widened(_dense(grad).reshape(num_tasks, -1))
+
+
+def _dense(grad: Tensor) -> Tensor:
+    """A sparse gradient (``nn.Embedding(sparse=True)``) as the dense tensor it stands for."""
+    return grad if grad.layout == torch.strided else grad.to_dense()
 
 
 def _loss_vector(losses: Tensor | Sequence[Tensor]) -> Tensor:

@@ -7,7 +7,7 @@ import math
 import warnings
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -724,7 +724,20 @@ def _checked(params: Iterable[Tensor] | Tensor, name: str = "params") -> list[Te
     if not listed:
         raise ValueError(f"{name}: expected at least one shared parameter, got an empty list")
     _check_tensors(name, listed, False, "no task gradient reaches it")
-    return listed  # type: ignore[return-value]  # _check_tensors checked every item
+    tensors = cast(list[Tensor], listed)  # _check_tensors checked every item
+    for index, tensor in enumerate(tensors):
+        if tensor.grad_fn is not None:
+            # A computed tensor belongs to the forward that made it; later forwards make new
+            # ones, so no later loss would reach it.
+            raise ValueError(
+                f"{name}[{index}]: a computed tensor (grad_fn {type(tensor.grad_fn).__name__}), "
+                "not a parameter: every forward computes a new one, which later losses reach "
+                "instead. A parametrized weight (weight_norm, spectral_norm, "
+                "torch.nn.utils.parametrize) is recomputed at every access: list the module's "
+                "parameters (layer.parameters() holds parametrizations.weight.original0/"
+                "original1)."
+            )
+    return tensors
 
 
 ParamGroups = Iterable[Tensor] | Tensor | Iterable[Iterable[Tensor]] | Mapping[str, Any]
