@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -99,6 +101,39 @@ def test_dwa_window_mode():
     torch.testing.assert_close(
         weights7, torch.tensor(_dwa_by_hand(means[2], means[1], 2.0)), rtol=1e-6, atol=1e-7
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "hyperparameters", "epoch_every", "expected"),
+    [
+        ("dwa", {}, None, "DWA: 5 training calls without end_epoch\\(\\); the weights stay 1"),
+        ("stch", {}, None, "STCH: 5 training calls without end_epoch\\(\\); the warm-up"),
+        ("dwa", {}, 4, None),
+        ("stch", {}, 4, None),
+        ("dwa", {"window": 3}, None, None),
+        ("stch", {"nadir": 1.0}, None, None),
+    ],
+)
+def test_a_method_that_waits_for_epochs_warns_once_when_none_end(
+    monkeypatch, name, hyperparameters, epoch_every, expected
+):
+    """The three-line recipe never calls end_epoch(): DWA kept weights 1 forever, silently."""
+    monkeypatch.setattr("taskbalance._base.EPOCHLESS_CALLS", 5)
+    b = tb.create(name, num_tasks=2, **hyperparameters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in range(1, 13):
+            b(torch.tensor([1.0 + call, 2.0], requires_grad=True))
+            if epoch_every is not None and call % epoch_every == 0:
+                b.end_epoch()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if expected is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1, messages
+        assert re.match(expected, messages[0]), messages
+        assert "end_epoch() at each epoch boundary" in messages[0]
+        assert {w.filename for w in caught} == {__file__}  # points at the user's call
 
 
 def test_dwa_end_epoch_without_steps_does_not_open_a_period():

@@ -13,6 +13,9 @@ import contextlib
 import inspect
 import math
 import numbers
+import os
+import sys
+import warnings
 from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, cast
@@ -100,6 +103,22 @@ def _decoded(value: Any) -> Any:
 
 #: The dtypes a step's objective and statistics keep (a narrower one is promoted to float32).
 _FULL_PRECISION = (torch.float32, torch.float64)
+
+#: Training calls in one epoch after which a method that waits for ``end_epoch()`` warns.
+EPOCHLESS_CALLS = 10_000
+
+
+#: Frames in these folders are not the user's: a warning points past them.
+_LIBRARY_FOLDERS = tuple(os.path.dirname(path) + os.sep for path in (str(torch.__file__), __file__))
+
+
+def _warn_at_callers_line(message: str) -> None:
+    """A RuntimeWarning attributed to the first frame outside taskbalance and torch (the
+    depth of the balancer's call varies: nn.Module's hooks, compiler.disable, DDP)."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -389,6 +408,17 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     def end_epoch(self) -> None:
         """Mark an epoch boundary. Methods with per-epoch statistics (DWA) override this."""
+
+    def _warn_if_no_epoch_ends(self, calls: int, consequence: str, alternative: str) -> None:
+        """Warns once, at the ``EPOCHLESS_CALLS``-th call of an epoch, that ``end_epoch()``
+        may never be called (the three-line recipe does not call it): ``consequence`` says
+        what the weights do meanwhile, ``alternative`` what else the user can pass."""
+        if calls == EPOCHLESS_CALLS:
+            _warn_at_callers_line(
+                f"{type(self).__name__}: {calls} training calls without end_epoch(); "
+                f"{consequence}. Call balancer.end_epoch() at each epoch boundary, or "
+                f"{alternative}."
+            )
 
     def end_window(self) -> None:
         """End the current accumulation window: the next call starts a new one.

@@ -25,7 +25,8 @@ class DWA(Balancer):
     where ``L̄_k(t)`` is the mean loss of task k over period t. A period is an epoch (the paper;
     call :meth:`end_epoch` at each epoch boundary) or, with ``window=N``, back-to-back blocks of
     N steps, useful when epochs are long. ``w = 1`` for the first two periods, when no ratio
-    exists yet.
+    exists yet (so a loop that never calls :meth:`end_epoch` trains with ``w = 1``: the
+    balancer warns once at the 10,000th call of a period).
 
     Defaults: ``T = 2`` (the paper), per-epoch periods.
 
@@ -88,8 +89,15 @@ class DWA(Balancer):
             weights = torch.ones_like(losses)
         self.period_sum.add_(losses)
         self.period_count.add_(1)
-        if self.window is not None and int(self.period_count) >= self.window:
-            self._close_period()
+        if self.window is not None:
+            if int(self.period_count) >= self.window:
+                self._close_period()
+        elif int(self.periods_done) < 2:
+            self._warn_if_no_epoch_ends(
+                int(self.period_count),
+                "the weights stay 1 until two epochs have ended",
+                "pass window=N for periods of N steps",
+            )
         return weights
 
     def end_epoch(self) -> None:
