@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -85,6 +87,55 @@ def test_unwritable_output_directory(capsys, monkeypatch, tmp_path):
     )
     assert code == 2
     assert "cannot write to output directory" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["compare", "--small", "--epochs", "2", "--select", "mean-last-9"],
+            "--select mean-last-9: averages the last 9 epochs, but each run trains 2 epochs",
+        ),
+        (
+            ["compare", "--small", "--diagnostics-every", "-5"],
+            "--diagnostics-every: expected an int >= 0 (0: off), got -5",
+        ),
+        (
+            ["train", "--bench", "multidigits", "--method", "ew", "--diagnostics-every", "-1"],
+            "--diagnostics-every: expected an int >= 0",
+        ),
+    ],
+)
+def test_options_that_cannot_mean_anything_are_refused_before_any_file(
+    capsys, monkeypatch, tmp_path, argv, expected
+):
+    """Before: mean-last-9 of 2 epochs averaged 2, and a negative interval turned diagnostics
+    off, silently."""
+    _no_training(monkeypatch)
+    out = tmp_path / "out"
+    code, _, err = _run([*argv, "--out", str(out)], capsys)
+    assert code == 2
+    assert expected in err
+    assert not out.exists()
+
+
+def test_list_into_a_closed_pipe_exits_quietly():
+    """``taskbalance list | head -1``: exit 141 as the shell reports SIGPIPE, no traceback."""
+    script = (
+        "import subprocess, sys;"
+        "p = subprocess.Popen([sys.executable, '-m', 'taskbalance.bench.cli', 'list'],"
+        " stdout=subprocess.PIPE, stderr=subprocess.PIPE);"
+        "p.stdout.close();"
+        "err = p.stderr.read().decode(); code = p.wait();"
+        "print(code); print(err)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    code, _, err = result.stdout.partition("\n")
+    assert code == str(cli.BROKEN_PIPE_EXIT_CODE)
+    assert "Traceback" not in err
+    assert "BrokenPipeError" not in err
 
 
 def test_compare_refuses_toy(capsys, tmp_path):

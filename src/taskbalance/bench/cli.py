@@ -63,6 +63,7 @@ TOYS = ("toy-2d",)
 TOY_STEPS_PER_EPOCH = 250
 #: Exit code after Ctrl-C (128 + SIGINT).
 INTERRUPTED_EXIT_CODE = 130
+BROKEN_PIPE_EXIT_CODE = 141
 USAGE_ERROR_EXIT_CODE = 2
 #: Relative error within which uncertainty weighting counts as having recovered σ².
 VARIANCE_TOLERANCE = 0.05
@@ -91,6 +92,14 @@ def prepare_output_directory(path: Path) -> Path:
 def _positive(option: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise CommandError(f"{option}: expected an int >= 1, got {value}")
+
+
+def _check_run_options(arguments: argparse.Namespace) -> None:
+    """The options ``train`` and ``compare`` share, checked before anything is written."""
+    _positive("--epochs", arguments.epochs)
+    every = arguments.diagnostics_every
+    if every is not None and every < 0:
+        raise CommandError(f"--diagnostics-every: expected an int >= 0 (0: off), got {every}")
 
 
 def _log(arguments: argparse.Namespace, message: str) -> None:
@@ -181,7 +190,7 @@ def command_train(arguments: argparse.Namespace) -> int:
     if len(methods) != 1:
         raise CommandError(f"--method: expected one method, got {arguments.method!r}")
     method = methods[0]
-    _positive("--epochs", arguments.epochs)
+    _check_run_options(arguments)
     slug = _slug(f"{arguments.bench}-{method.label}")
     out = Path(arguments.out or f"runs/train-{slug}-seed{arguments.seed}")
     if arguments.bench in TOYS:
@@ -457,23 +466,25 @@ def command_compare(arguments: argparse.Namespace) -> int:
         selection = parse_selection(arguments.select)
     except ValueError as error:
         raise CommandError(str(error)) from None
-    for option, value in (
-        ("--seeds", arguments.seeds),
-        ("--epochs", arguments.epochs),
-        ("--jobs", arguments.jobs),
-    ):
-        _positive(option, value)
+    _check_run_options(arguments)
+    _positive("--seeds", arguments.seeds)
+    _positive("--jobs", arguments.jobs)
     if arguments.device.startswith("cuda") and not torch.cuda.is_available():
         raise CommandError(f"--device {arguments.device}: no CUDA device is available")
     source = BenchmarkSource(
         arguments.bench, arguments.small, arguments.data_seed, arguments.data_root, arguments.model
     )
     benchmark = _benchmark(arguments)
+    epochs = arguments.epochs or benchmark.defaults.epochs
+    if selection.rule == "mean-last" and selection.k > epochs:
+        raise CommandError(
+            f"--select {arguments.select}: averages the last {selection.k} epochs, but each "
+            f"run trains {counted(epochs, 'epoch')}; expected K <= {epochs}"
+        )
     out = prepare_output_directory(Path(arguments.out or f"runs/compare-{_slug(benchmark.name)}"))
     require_module("matplotlib")
     seeds = list(range(arguments.seeds))
     config = _config(arguments)
-    epochs = arguments.epochs or benchmark.defaults.epochs
     planned_runs = len(seeds) * (benchmark.num_tasks + len(methods))
     per_run = epochs * steps_per_epoch(benchmark, arguments.batch_size)
     total = planned_runs * (per_run if arguments.jobs == 1 else 1)
@@ -658,7 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit code: 0 on success, 2 for a usage error, 130 after Ctrl-C.
+        The exit code: 0 on success, 2 for a usage error, 130 after Ctrl-C, 141 when the
+        reader of the output went away (``taskbalance list | head``).
     """
     parser = build_parser()
     arguments = parser.parse_args(argv)
@@ -670,13 +682,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if threads is not None:
             _positive("--threads", threads)
             torch.set_num_threads(threads)
-        return int(arguments.handler(arguments))
+        code = int(arguments.handler(arguments))
+        sys.stdout.flush()  # a reader that went away raises here, not at the exit's flush
+        return code
     except (CommandError, MissingExtraError, BenchmarkError) as error:
         print(f"taskbalance: error: {error}", file=sys.stderr)
         return USAGE_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         print("taskbalance: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    except BrokenPipeError:
+        # as the shell reports SIGPIPE; stdout points at /dev/null so that the interpreter's
+        # final flush at exit does not raise again (the recipe of Python's signal docs)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT_CODE
 
 
 if __name__ == "__main__":
