@@ -77,6 +77,19 @@ def test_imtl_g_opposite_gradients_give_the_zero_direction(dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_imtl_g_one_zero_gradient_takes_all_the_weight_and_the_direction_is_zero(dtype):
+    """The docstring's convention: g·u_3 = 0 forces every projection to 0."""
+    J = torch.tensor([[1.0, 0.3], [0.2, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    weights = tb.create("imtl_g", num_tasks=3).compute_weights(
+        torch.ones(3), gram=(J @ J.T).to(dtype)
+    )
+    torch.testing.assert_close(
+        weights.double(), torch.tensor([0.0, 0.0, 1.0]).double(), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(J.T @ weights.double(), torch.zeros(2).double(), rtol=0, atol=1e-6)
+
+
 def test_cagrad_one_huge_gradient_among_zeros():
     # Found by the permutation property test: the warm start of the inner min-norm solve was
     # the zero vector (no point of the simplex) and divided by its sum.

@@ -47,7 +47,10 @@ class IMTLG(SpectralGradientBalancer):
     ``rtol`` times the largest treated as zero. Unlike ``G⁺·diag(G)^{1/2}``, this keeps the
     equal-projection property where it is still solvable, e.g. for two opposite gradients
     (where it gives the zero direction). A task with a zero gradient has ``u_i = 0``, where
-    "zero" means ``‖g_i‖² ≤ eps²·max_k ‖g_k‖²`` (eps of the Gramian's dtype).
+    "zero" means ``‖g_i‖² ≤ eps²·max_k ‖g_k‖²`` (eps of the Gramian's dtype). Its
+    projection ``g·u_i = 0`` then forces every other projection to 0 as well, so the weights
+    go to the zero task (e.g. ``[0, 0, 1]`` for a zero third gradient) and the shared direction
+    is 0 for that step: the equal-projection rule, not a fallback.
 
     Defaults: ``rtol = 100·K·eps`` of the Gramian's dtype (above the Gramian's own rounding
     error, ≈ K·eps at P = 10⁴). The weights sum to 1 (the paper's
