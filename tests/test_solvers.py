@@ -395,6 +395,30 @@ def test_barrier_solvers_on_gradients_of_graded_scales(backend, alpha):
         assert np.abs(w**p * (_ridge(G) @ w) - 1).max() <= 1e-8
 
 
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_fairgrad_on_rank_deficient_gradients_spread_over_fourteen_orders(backend):
+    # Row norms 1e-7 .. 1e7 and rank < K: the iterate reaches the solution to rounding, where
+    # the residual of some task and the Newton decrement are rounding, which no step reduces.
+    # The exit required a decrement below tol as well; Newton then wandered at rounding until
+    # max_iter (2 of these 90 problems on each path, all alpha = 2). Accepted now with every
+    # residual at its rounding level, the decrement at its own and a relative step <= sqrt(tol).
+    rng = np.random.default_rng(1270)
+    for _ in range(30):
+        K = int(rng.integers(2, 9))
+        J = rng.standard_normal((K, int(rng.integers(1, K)))) * 10.0 ** rng.uniform(
+            -7, 7, size=(K, 1)
+        )
+        G = J @ J.T
+        Gr = _ridge(G)
+        for alpha in (0.5, 1.0, 2.0):
+            w = fairgrad_weights(torch.from_numpy(G), alpha, backend=backend).numpy()
+            assert np.all(w > 0)
+            assert np.all(np.isfinite(w))
+            wp = w ** (1 / alpha)
+            noise = 16 * K * 2.2e-16 * wp * (np.abs(Gr) @ w)  # rounding level of w^p (Gr w)
+            assert (np.abs(wp * (Gr @ w) - 1) - noise).max() <= 1e-8, (K, alpha)
+
+
 def test_fairgrad_alpha_one_is_nash():
     for _, G in gramians(17, 30):
         if not np.any(G):
@@ -747,6 +771,19 @@ def test_unbounded_problems_raise():
         nonneg_qp(G, torch.tensor([-1.0, -1.0], dtype=torch.float64))
     with pytest.raises(SolverError, match=r"nash_weights.*zero"):
         nash_weights(torch.zeros(2, 2))
+    # FairGrad on the same G has no solution either. alpha >= 1: unbounded below, as Nash's.
+    # alpha < 1: the potential decreases towards its infimum 0 as w = t·(1, 1), t -> inf, with a
+    # Newton decrement ~ t^(1 - 1/alpha) -> 0 but relative steps of alpha; at alpha = 0.05 the
+    # residual's rounding level passed 1 near t = 5 and w = (5, 5) was returned (residual 1).
+    for alpha in (0.05, 0.1, 0.5, 1.0, 2.0):
+        for backend in ("python", "torch"):
+            with pytest.raises(SolverError, match=r"fairgrad_weights.*did not converge"):
+                fairgrad_weights(G, alpha, eps=0.0, backend=backend)
+    # a singular G with a solution: w = 2^(-alpha/(alpha + 1)) (1, 1)
+    ones = torch.ones(2, 2, dtype=torch.float64)
+    for alpha in (0.05, 1.0, 2.0):
+        w = fairgrad_weights(ones, alpha, eps=0.0)
+        torch.testing.assert_close(w, torch.full_like(w, 2.0 ** (-alpha / (alpha + 1))))
 
 
 @pytest.mark.parametrize(

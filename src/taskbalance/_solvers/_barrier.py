@@ -48,8 +48,16 @@ def _barrier_newton(
 
     Convergence: ``max_i |w_i^p (Cw)_i − 1| <= tol`` above the rounding level of ``w^p (Cw)``.
     Where that rounding level is large (``(Cw)_i`` a tiny difference of large terms, e.g. an
-    exactly rank-deficient ``C`` plus a ridge) the residual is only accepted together with a
-    Newton decrement below both ``tol`` and the rounding level of the gradient. Armijo
+    exactly rank-deficient ``C`` plus a ridge, or task gradients spread over 14 orders of
+    magnitude, where the iterate solves the system to rounding and no step reduces the residual
+    or the decrement further) the residual of every task is accepted at its rounding level plus
+    ``tol`` together with a Newton decrement below the rounding level of the gradient and a
+    Newton step that moves no weight by more than ``sqrt(tol)`` relative. The step bound is what
+    refuses a problem without a solution: for ``p > 1`` the potential then decreases towards
+    its infimum as ``w → ∞`` along a null direction of ``C``, its decrement vanishes while each
+    step still grows ``w`` by a fixed fraction, so Newton hits its cap. (For ``p = 1`` a
+    decrement below ``tol`` bounds the relative step by ``sqrt(tol)``, since the Hessian is at
+    least ``diag(w^{-2})``; an unbounded log barrier keeps the decrement O(1).) Armijo
     backtracking with a fraction-to-the-boundary rule keeps ``w > 0``; the decrease
     ``f(w + t p) − f(w)`` is evaluated as ``t gᵀp + ½t² pᵀCp − Σ R_i`` with the second-order
     remainders ``R_i`` of ``φ`` computed by ``log1p``/``expm1``, so it is accurate even when
@@ -67,6 +75,7 @@ def _barrier_newton(
         q = 1.0 - p
         return x**q / q * (torch.expm1(q * torch.log1p(u)) - q * u)
 
+    step_tol = math.sqrt(tol)
     w = w0.clone()
     res = float("inf")
     for it in range(max_iter + 1):
@@ -92,9 +101,13 @@ def _barrier_newton(
         dec = -float(grad @ step)  # Newton decrement squared
         # rounding level of gᵀp: 4 K eps |p|ᵀ(|C| w + w^{-p})
         dec_noise = 4.0 * K * EPS * float(step.abs() @ (Cabs @ w + 1.0 / wp))
-        if float((err - noise).max()) <= tol and dec <= min(dec_noise, tol):
-            # the residual is at its (large) rounding level and Newton cannot improve f (the
-            # affine-invariant decrement bounds f - f*; an unbounded f keeps it O(1))
+        if (
+            float((err - noise).max()) <= tol
+            and dec <= dec_noise
+            and float((step.abs() / w).max()) <= step_tol
+        ):
+            # every residual is at its rounding level, the decrement is rounding and Newton
+            # would move no weight by more than sqrt(tol): w solves the system to rounding
             return w
         if it == max_iter:
             break
@@ -206,6 +219,7 @@ def _barrier_newton_py(
         return [sum(map(mul, row, v)) for row in M]
 
     nc = 4.0 * K * EPS
+    step_tol = math.sqrt(tol)
     w = list(w0)
     res = float("inf")
     for it in range(max_iter + 1):
@@ -234,8 +248,10 @@ def _barrier_newton_py(
             step = (-st * (V @ ((V.T @ (st * as_f64(grad))) / lam))).tolist()
         dec = -sum(map(mul, grad, step))
         dec_noise = nc * sum(abs(a) * (b + 1.0 / c) for a, b, c in zip(step, Caw, wp, strict=False))
-        if max(e - nz for e, nz in zip(err, noise, strict=False)) <= tol and dec <= min(
-            dec_noise, tol
+        if (
+            max(e - nz for e, nz in zip(err, noise, strict=False)) <= tol
+            and dec <= dec_noise
+            and max(abs(a) / b for a, b in zip(step, w, strict=False)) <= step_tol
         ):
             return w
         if it == max_iter:
