@@ -787,6 +787,22 @@ def test_unbounded_problems_raise():
 
 
 @pytest.mark.parametrize(
+    "J",
+    [
+        [[-28438657.322970327], [1.5780955530921922e-08]],
+        [[-7.2077645086840175e-06], [-11871263.0466422], [20777.54928714261], [7.76575e-09]],
+    ],
+)
+def test_fairgrad_iterates_beyond_float64_end_in_a_solver_error(J):
+    """alpha = 0.05 (w^20) on gradients 10^±8 apart: the plain-Python path's Newton iterates
+    leave float64's range, where Python floats raised OverflowError (the torch path's
+    infinities end in "did not converge", or, for the second, reach a solution)."""
+    G = torch.tensor(J, dtype=torch.float64) @ torch.tensor(J, dtype=torch.float64).T
+    with pytest.raises(SolverError, match=r"fairgrad_weights: damped Newton's iterates left"):
+        fairgrad_weights(G, 0.05, backend="python")
+
+
+@pytest.mark.parametrize(
     ("call", "arg"),
     [
         (lambda G: min_norm_weights(G, method="qp"), "method"),

@@ -202,6 +202,19 @@ def _barrier_newton_py(
     C: list[list[float]], w0: list[float], p: float, max_iter: int, tol: float, solver: str
 ) -> list[float]:
     """:func:`_barrier_newton` in Python floats."""
+    try:
+        return _barrier_newton_floats(C, w0, p, max_iter, tol, solver)
+    except OverflowError:
+        # Python floats raise where the torch path's infinities end in "did not converge"
+        raise SolverError(
+            f"{solver}: damped Newton's iterates left float64's range (w^p overflowed); "
+            "no finite weights were reached"
+        ) from None
+
+
+def _barrier_newton_floats(
+    C: list[list[float]], w0: list[float], p: float, max_iter: int, tol: float, solver: str
+) -> list[float]:
     K = len(C)
     Cabs = [[abs(v) for v in row] for row in C]
     q = 1.0 - p
