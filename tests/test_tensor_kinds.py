@@ -5,12 +5,10 @@ Gramian: the weights and the trunk's gradient equal those of the same model with
 embedding. A complex shared tensor (an FFT feature, a complex parameter) is refused: cast to a
 real dtype its imaginary part was dropped and the weights were silently wrong; the message
 names the real-view fix, which a test runs. A parametrized weight (``weight_norm``) listed
-in ``params=`` is a computed tensor that later forwards replace: refused at construction.
+in ``params=`` is a computed tensor that later forwards replace: its error says what to list.
 """
 
 from __future__ import annotations
-
-import re
 
 import pytest
 import torch
@@ -44,16 +42,25 @@ def test_gramian_of_a_sparse_gradient_equals_the_dense_one(batched):
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", ["mgda", "upgrad", "pcgrad", "nash_mtl", "db_mtl"])
+@pytest.mark.parametrize(
+    "name", ["mgda", "nash_mtl", "upgrad", "pcgrad", "db_mtl", "moco", "graddrop"]
+)
 def test_sparse_embedding_in_params_mode_trains_like_the_dense_one(name):
-    """Before: RuntimeError 'reshape is not implemented for sparse tensors'."""
+    """Weighted heads, unweighted heads (the ⟨x, c⟩ correction) and own directions: the same
+    weights and gradient as the dense table, and a sparse .grad that SparseAdam can step.
+    Before: RuntimeError 'reshape is not implemented for sparse tensors'; then a dense .grad
+    from the correction, which SparseAdam refuses."""
     results = []
     for sparse in (False, True):
         embedding, losses = embedding_problem(sparse)
         balancer = make_balancer(name, 3, params=[embedding.weight])
         balancer(losses).backward()
-        assert embedding.weight.grad is not None
-        results.append((balancer.weights.clone(), embedding.weight.grad.to_dense()))
+        grad = embedding.weight.grad
+        assert grad is not None
+        assert grad.is_sparse == sparse
+        if sparse:
+            torch.optim.SparseAdam([embedding.weight]).step()
+        results.append((balancer.weights.clone(), grad.to_dense()))
     (dense_weights, dense_grad), (sparse_weights, sparse_grad) = results
     torch.testing.assert_close(sparse_weights, dense_weights, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-7)
@@ -71,21 +78,31 @@ def complex_losses(z: torch.Tensor) -> torch.Tensor:
     return torch.stack([(z.real - 1).pow(2).mean(), (z.imag + 1).pow(2).mean()])
 
 
-@pytest.mark.parametrize("mode", ["features", "params"])
-def test_a_complex_shared_tensor_is_refused_and_changes_no_state(mode):
+def test_a_complex_parameter_is_refused_at_construction_naming_its_group():
     """Before: a torch warning, and weights computed from the real parts only."""
+    weight, _ = complex_problem()
+    real = nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=r"^params\[0\]: a complex tensor") as info:
+        make_balancer("mgda", 2, params=[weight])
+    assert "torch.view_as_real" in str(info.value)
+    with pytest.raises(ValueError, match=r"^params\['b'\]\[0\]: a complex tensor"):
+        make_balancer("mgda", 2, params={"a": [real], "b": [weight]})
+
+
+@pytest.mark.parametrize("present", [None, [True, False]])
+def test_complex_features_are_refused_on_every_call_and_change_no_state(present):
+    """Also on a call that computes no task gradient (one task absent: weighted heads)."""
     weight, signal = complex_problem()
     z = signal * weight
-    balancer = make_balancer("mgda", 2, **({"params": [weight]} if mode == "params" else {}))
+    balancer = make_balancer("mgda", 2)
     before = snapshot(balancer)
-    name = "params[0]" if mode == "params" else "features"
-    kwargs = {"features": z} if mode == "features" else {}
-    with pytest.raises(ValueError, match="^" + re.escape(name) + ": a complex tensor") as info:
-        balancer(complex_losses(z), **kwargs)
-    assert "torch.view_as_real" in str(info.value)
+    with pytest.raises(ValueError, match=r"^features: a complex tensor"):
+        balancer(complex_losses(z), features=z, present=present)
     assert_same_state(before, snapshot(balancer))
-    with pytest.raises(ValueError, match="a complex tensor"):
-        tb.gramian(complex_losses(signal * weight), [weight] if mode == "params" else z)
+    with pytest.raises(ValueError, match=r"^params\[0\]: a complex tensor"):
+        tb.gramian(complex_losses(signal * weight), [weight])
+    with pytest.raises(ValueError, match=r"^features\[1\]: a complex tensor"):
+        tb.gramian(complex_losses(z), features=[z.real, z])
 
 
 def test_the_real_view_the_message_suggests_gives_the_exact_weights():
@@ -107,17 +124,36 @@ def test_the_real_view_the_message_suggests_gives_the_exact_weights():
     assert 0.0 < float(weights[0]) < 1.0  # both tasks count: not a degenerate check
 
 
-def test_a_parametrized_weight_is_refused_naming_the_parameters_to_list():
-    """Before: accepted, then 'no task loss reaches this parameter' at the first call."""
+def test_a_parametrized_weight_in_params_is_refused_naming_the_parameters_to_list():
+    """A weight_norm weight is a computed tensor that the next forward replaces: the first
+    call finds no loss reaching it and says what to list instead (before: no hint)."""
     layer = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match=r"^params\[0\]: a computed tensor") as info:
-        tb.create("mgda", num_tasks=2, params=[layer.weight])
+    heads = [nn.Linear(4, 1) for _ in range(2)]
+    stale = tb.create("mgda", num_tasks=2, params=[layer.weight])
+    z = layer(torch.randn(3, 4))
+    losses = torch.stack([(head(z) - k).pow(2).mean() for k, head in enumerate(heads)])
+    with pytest.raises(ValueError, match=r"computed tensor \(grad_fn \w+\)") as info:
+        stale(losses)
     assert "layer.parameters()" in str(info.value)
     balancer = tb.create("mgda", num_tasks=2, params=layer.parameters())
-    heads = [nn.Linear(4, 1) for _ in range(2)]
-    z = layer(torch.randn(3, 4))
-    balancer(torch.stack([(head(z) - k).pow(2).mean() for k, head in enumerate(heads)])).backward()
+    balancer(losses).backward()
     original = layer.parametrizations.weight
     for tensor in (original.original0, original.original1):
         assert tensor.grad is not None
         assert bool(tensor.grad.abs().sum() > 0)
+
+
+def test_computed_weights_made_in_the_step_are_accepted():
+    """Fast weights (MAML's w - lr·g) or a hypernetwork's output, listed in a balancer made in
+    the same step, are the tensors the losses read: accepted."""
+    torch.manual_seed(0)
+    base = nn.Parameter(torch.randn(4, 4))
+    heads = [nn.Linear(4, 1) for _ in range(2)]
+    x = torch.randn(6, 4)
+    inner = (x @ base).pow(2).mean()
+    fast = base - 0.1 * torch.autograd.grad(inner, base, create_graph=True)[0]
+    z = x @ fast
+    losses = torch.stack([(head(z) - k).pow(2).mean() for k, head in enumerate(heads)])
+    tb.create("mgda", num_tasks=2, params=[fast])(losses).backward()
+    assert base.grad is not None
+    assert bool(base.grad.abs().sum() > 0)

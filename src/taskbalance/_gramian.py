@@ -210,6 +210,8 @@ class TaskGradients:
             None when none was asked for. Float64 when a float32 one would have fallen below
             float32's normal range (see :func:`task_gradients`).
         finite: whether the rows (with ``gramian_of``: the Gramian) are finite.
+        sparse: per input, whether autograd gave its task gradients as sparse tensors (an
+            ``nn.Embedding(sparse=True)`` weight); ``rows`` holds them densified.
     """
 
     rows: list[Tensor]
@@ -217,6 +219,7 @@ class TaskGradients:
     path: bool | None
     gram: Tensor | None
     finite: bool
+    sparse: tuple[bool, ...]
 
 
 def unscaled_rows(rows: Sequence[Tensor], scale: float) -> list[Tensor]:
@@ -278,7 +281,7 @@ def task_gradients(
     retained = [(tensor, tensor.grad) for tensor in inputs if tensor.retains_grad]
     try:
         scale = _initial_scale(losses.dtype, inputs)
-        rows, path, reached = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
+        rows, path, reached, sparse = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
         _check_reached(reached, inputs, features_mode, mask)
         while True:
             if gramian_of is None:
@@ -299,7 +302,7 @@ def task_gradients(
             scale = max(scale / _BACKOFF, 1.0)
             if path is not None:  # a fallback to the loop warned once: keep to the loop
                 batched = path
-            rows, path, _ = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
+            rows, path, _, sparse = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
         if gramian_of is not None and finite and not normal:
             # Decided on the (reduced) Gramian, so every rank takes this second pass alike.
             gram, finite, _ = _unscaled_gram(gramian_of(rows, True), scale)
@@ -310,7 +313,7 @@ def task_gradients(
     finally:
         for tensor, grad in retained:
             tensor.grad = grad
-    return TaskGradients(rows, scale, path, gram, finite)
+    return TaskGradients(rows, scale, path, gram, finite, sparse)
 
 
 def jacobian_rows(
@@ -399,7 +402,7 @@ def _rows_by_fastest_path(
     batched: bool | None,
     scale: float,
     present: Sequence[bool],
-) -> tuple[list[Tensor], bool | None, _Reached]:
+) -> tuple[list[Tensor], bool | None, _Reached, tuple[bool, ...]]:
     num_tasks = losses.shape[0]
     edges = _per_task_edges(losses, num_tasks)
     if not batched and edges is not None:
@@ -412,7 +415,8 @@ def _rows_by_fastest_path(
         if cotangent._version != version:  # the K tasks' seed: the later ones saw another
             raise ValueError(_SEED_MODIFIED)
         reached = [[g is not None for g in grads] for grads in _filled(per_task, inputs)]
-        return _stack_rows(per_task, inputs), None, reached
+        rows, sparse = _stack_rows(per_task, inputs)
+        return rows, None, reached, sparse
     if batched is None or batched:
         try:
             grads = _batched_grads(losses, inputs, scale, present)
@@ -433,15 +437,16 @@ def _rows_by_fastest_path(
                 for grad, tensor in zip(grads, inputs, strict=True)
             ]
             used = [grad is not None for grad in grads]
-            return rows, True, _confirm_reached(rows, used, edges, losses, inputs, present)
+            reached = _confirm_reached(rows, used, edges, losses, inputs, present)
+            return rows, True, reached, (False,) * len(inputs)  # vmap has no sparse backward
     per_task = [
         _looped_grads(losses[k], inputs, scale) if present[k] else None for k in range(num_tasks)
     ]
     used = [
         any(grads[i] is not None for grads in _filled(per_task, inputs)) for i in range(len(inputs))
     ]
-    rows = _stack_rows(per_task, inputs)
-    return rows, False, _confirm_reached(rows, used, edges, losses, inputs, present)
+    rows, sparse = _stack_rows(per_task, inputs)
+    return rows, False, _confirm_reached(rows, used, edges, losses, inputs, present), sparse
 
 
 def _batched_grads(
@@ -530,11 +535,17 @@ def _check_reached(
         return
     names = _input_names(inputs, features_mode)  # only to name what is wrong
     if len(unreached) == len(names):
-        raise ValueError(_nothing_reached_message(names) + _compiled_hint(inputs))
+        raise ValueError(
+            _nothing_reached_message(names)
+            + _compiled_hint(inputs)
+            + _computed_hint(inputs, features_mode)
+        )
     # With absent tasks an input may be read only by them (a listed head parameter): only an
     # input that no task at all reaches is an error, which the present tasks cannot tell.
     if all(present) and unreached:
-        hint = _compiled_hint([inputs[unreached[0]]])
+        hint = _compiled_hint([inputs[unreached[0]]]) + _computed_hint(
+            [inputs[unreached[0]]], features_mode
+        )
         raise ValueError(_input_unreached_message(names[unreached[0]]) + hint)
     for k in tasks:
         if not any(reached[k]):
@@ -566,6 +577,25 @@ def _compiled_hint(inputs: Sequence[Tensor]) -> str:
         "siblings, with no path between them. Call a gradient method from a compiled step in "
         "parameters mode (params=), or keep the step eager and compile the trunk and the "
         "heads separately."
+    )
+
+
+def _computed_hint(inputs: Sequence[Tensor], features_mode: bool | None) -> str:
+    """What to do when an unreached tensor of ``params=`` was computed by an earlier forward
+    (features are computed tensors by nature)."""
+    computed = [
+        tensor
+        for tensor in inputs
+        if tensor.grad_fn is not None and "CompiledFunction" not in type(tensor.grad_fn).__name__
+    ]
+    if features_mode is not False or not computed:
+        return ""
+    return (
+        f" It is a computed tensor (grad_fn {type(computed[0].grad_fn).__name__}), which a "
+        "later forward replaces with a new one: a parametrized weight (weight_norm, "
+        "spectral_norm, torch.nn.utils.parametrize) is recomputed at every access, so list "
+        "the module's parameters instead (layer.parameters() holds "
+        "parametrizations.weight.original0/original1)."
     )
 
 
@@ -656,21 +686,25 @@ def _refuse_sharded(inputs: Sequence[Tensor], features_mode: bool | None) -> Non
 
 
 def _refuse_complex(inputs: Sequence[Tensor], features_mode: bool | None) -> None:
-    # A Gramian of complex gradients needs the real inner product Re<g_i, g_j> on every path
-    # (rows, corrections, directions); cast to a real dtype, the imaginary parts were dropped.
     if not any(tensor.is_complex() for tensor in inputs):
         return
     names = _input_names(inputs, features_mode)
     for tensor, name in zip(inputs, names, strict=True):
         if tensor.is_complex():
-            raise ValueError(
-                f"{name}: a complex tensor ({tensor.dtype}, shape {tuple(tensor.shape)}); "
-                "task gradients are measured on real tensors only. Fix: share its real view: "
-                "in features mode pass zr = torch.view_as_real(z) and let the heads read "
-                "torch.view_as_complex(zr); in parameters mode keep the parameter real with a "
-                "trailing dimension of 2 and use torch.view_as_complex(p) in forward (or list "
-                "only real parameters in params=)."
-            )
+            raise ValueError(complex_tensor_message(name, tensor))
+
+
+def complex_tensor_message(name: str, tensor: Tensor) -> str:
+    """Why a complex shared tensor is refused, and the real-view fix."""
+    # A Gramian of complex gradients needs the real inner product Re<g_i, g_j> on every path
+    # (rows, corrections, directions); cast to a real dtype, the imaginary parts were dropped.
+    return (
+        f"{name}: a complex tensor ({tensor.dtype}, shape {tuple(tensor.shape)}); task "
+        "gradients are measured on real tensors only. Fix: share its real view: in features "
+        "mode pass zr = torch.view_as_real(z) and let the heads read torch.view_as_complex(zr); "
+        "in parameters mode keep the parameter real with a trailing dimension of 2 and use "
+        "torch.view_as_complex(p) in forward (or list only real parameters in params=)."
+    )
 
 
 def _present_list(present: Tensor | Sequence[bool] | None, num_tasks: int) -> list[bool]:
@@ -797,21 +831,26 @@ def _filled(
 
 def _stack_rows(
     per_task: Sequence[Sequence[Tensor | None] | None], inputs: Sequence[Tensor]
-) -> list[Tensor]:
+) -> tuple[list[Tensor], tuple[bool, ...]]:
+    """The rows of each input, and whether its task gradients were sparse (densified here)."""
     filled = _filled(per_task, inputs)
     rows = []
+    sparse = []
     for index, tensor in enumerate(inputs):
         flat: list[Tensor] = []
         zero: Tensor | None = None  # for a task that does not reach this input
+        any_sparse = False
         for task_grads in filled:
             grad = task_grads[index]
             if grad is None:
                 if zero is None:
                     zero = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
                 grad = zero
+            any_sparse = any_sparse or grad.layout != torch.strided
             flat.append(_dense(grad).reshape(-1))
         rows.append(_widened(torch.stack(flat)))
-    return rows
+        sparse.append(any_sparse)
+    return rows, tuple(sparse)
 
 
 def _flat_rows(grad: Tensor | None, tensor: Tensor, num_tasks: int) -> Tensor:

@@ -39,6 +39,8 @@ class Step:
             ``row_scale``: the engine's power-of-two scale is left in (see
             :class:`taskbalance._gramian.TaskGradients`), so use ``Jᵀ(w / row_scale)``.
         row_scale: the power of two ``rows`` are scaled by.
+        sparse_rows: per tensor of ``shared``, whether its task gradients were sparse (an
+            ``nn.Embedding(sparse=True)`` weight): its shared gradient is then kept sparse.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
         all_present: True when every task is present (a host copy of ``present.all()``).
         global_rows: on refresh steps, for methods whose direction is computed from the rows,
@@ -71,6 +73,7 @@ class Step:
     shared: list[Tensor] | None = None
     rows: list[Tensor] | None = None
     row_scale: float = 1.0
+    sparse_rows: tuple[bool, ...] = ()
     nonfinite: bool = False
     all_present: bool = True
     global_rows: list[Tensor] | None = None

@@ -7,7 +7,7 @@ import math
 import warnings
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -15,7 +15,12 @@ from torch import Tensor
 from taskbalance._base import Balancer
 from taskbalance._constants import constant
 from taskbalance._distributed import is_distributed
-from taskbalance._gramian import global_rows, gramian_from_rows, task_gradients
+from taskbalance._gramian import (
+    complex_tensor_message,
+    global_rows,
+    gramian_from_rows,
+    task_gradients,
+)
 from taskbalance._step import Step
 from taskbalance._validation import (
     check_choice,
@@ -532,6 +537,7 @@ class GradientBalancer(Balancer):
         if grads.path is False:
             self._batched_backward = False
         step.shared, step.rows, step.row_scale = step.features, grads.rows, grads.scale
+        step.sparse_rows = grads.sparse
         if self._group_sizes is not None:
             # Reused between refreshes (update_every, accumulation, absent tasks).
             step.group_weights = self._last_group_weights.clone()
@@ -578,7 +584,8 @@ class GradientBalancer(Balancer):
             # Σ_k shifts_k·row_k / scale, the division folded into the product (exact).
             zero = constant(0.0, (), row.dtype, row.device)
             corrections.append(torch.addmv(zero, row.T, shifts, beta=0, alpha=1 / step.row_scale))
-        return step.losses.sum() + _gradient_only(step.shared, corrections, step.losses.dtype)
+        correction = _gradient_only(step.shared, corrections, step.losses.dtype, step.sparse_rows)
+        return step.losses.sum() + correction
 
     def _direction_objective(self, step: Step, weights: Tensor) -> Tensor:
         """``Σ c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` (second factor detached), with
@@ -606,7 +613,7 @@ class GradientBalancer(Balancer):
                 )
         assert step.shared is not None
         objective = torch.dot(weights, step.losses) if weighted else step.losses.sum()
-        return objective + _gradient_only(step.shared, shifts, objective.dtype)
+        return objective + _gradient_only(step.shared, shifts, objective.dtype, step.sparse_rows)
 
     def extra_repr(self) -> str:
         mode = "features" if self.shared_params is None else "params"
@@ -677,13 +684,20 @@ def _first_listed_ancestor(tensor: Tensor, nodes: dict[object, int], own: int) -
 
 
 def _gradient_only(
-    shared: Sequence[Tensor], corrections: Sequence[Tensor], dtype: torch.dtype
+    shared: Sequence[Tensor],
+    corrections: Sequence[Tensor],
+    dtype: torch.dtype,
+    sparse: Sequence[bool] = (),
 ) -> Tensor:
     """``Σ_x ⟨x, c_x⟩`` minus its own detached value: 0, whose gradient is ``c_x`` at each
-    shared tensor x (the heads never see it), in ``dtype``."""
+    shared tensor x (the heads never see it), in ``dtype``; sparse at the tensors marked in
+    ``sparse`` (see :func:`_sparse_inner_product`)."""
     inner: Tensor | None = None
-    for tensor, correction in zip(shared, corrections, strict=True):
-        term = _inner_product(tensor, correction)
+    for index, (tensor, correction) in enumerate(zip(shared, corrections, strict=True)):
+        if index < len(sparse) and sparse[index] and tensor.dim() == 2:
+            term = _sparse_inner_product(tensor, correction)
+        else:
+            term = _inner_product(tensor, correction)
         inner = term if inner is None else inner + term
     assert inner is not None  # one term per shared tensor, and there is at least one
     return (inner - inner.detach()).to(dtype)
@@ -699,6 +713,17 @@ def _inner_product(tensor: Tensor, correction: Tensor) -> Tensor:
     return torch.dot(tensor.reshape(-1).to(correction.dtype), correction)
 
 
+def _sparse_inner_product(table: Tensor, correction: Tensor) -> Tensor:
+    """``⟨x, c⟩`` for an embedding table whose task gradients were sparse, with a sparse
+    gradient: over the rows where ``c`` is non-zero (the rows the batch read), gathered as
+    ``embedding(..., sparse=True)`` does, so ``.grad`` stays sparse for an optimiser that
+    needs it (``torch.optim.SparseAdam`` refuses a dense one)."""
+    values = correction.view(table.shape)
+    rows = values.abs().sum(dim=1).nonzero().squeeze(1)
+    gathered = torch.nn.functional.embedding(rows, table, sparse=True)
+    return (gathered.to(correction.dtype) * values[rows]).sum()
+
+
 def _check_tensors(name: str, tensors: Sequence[object], single: bool, advice: str) -> None:
     """Each of ``tensors`` is a tensor that requires grad; errors name ``name`` (and index)."""
     for index, tensor in enumerate(tensors):
@@ -709,6 +734,8 @@ def _check_tensors(name: str, tensors: Sequence[object], single: bool, advice: s
             raise ValueError(
                 f"{label}: the tensor does not require grad (shape {tuple(tensor.shape)}); {advice}"
             )
+        if tensor.is_complex():  # here too: a step that reuses its weights takes no gradient
+            raise ValueError(complex_tensor_message(label, tensor))
 
 
 def _checked(params: Iterable[Tensor] | Tensor, name: str = "params") -> list[Tensor]:
@@ -724,20 +751,7 @@ def _checked(params: Iterable[Tensor] | Tensor, name: str = "params") -> list[Te
     if not listed:
         raise ValueError(f"{name}: expected at least one shared parameter, got an empty list")
     _check_tensors(name, listed, False, "no task gradient reaches it")
-    tensors = cast(list[Tensor], listed)  # _check_tensors checked every item
-    for index, tensor in enumerate(tensors):
-        if tensor.grad_fn is not None:
-            # A computed tensor belongs to the forward that made it; later forwards make new
-            # ones, so no later loss would reach it.
-            raise ValueError(
-                f"{name}[{index}]: a computed tensor (grad_fn {type(tensor.grad_fn).__name__}), "
-                "not a parameter: every forward computes a new one, which later losses reach "
-                "instead. A parametrized weight (weight_norm, spectral_norm, "
-                "torch.nn.utils.parametrize) is recomputed at every access: list the module's "
-                "parameters (layer.parameters() holds parametrizations.weight.original0/"
-                "original1)."
-            )
-    return tensors
+    return listed  # type: ignore[return-value]  # _check_tensors checked every item
 
 
 ParamGroups = Iterable[Tensor] | Tensor | Iterable[Iterable[Tensor]] | Mapping[str, Any]
