@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 
 import pytest
@@ -104,36 +103,55 @@ def test_dwa_window_mode():
 
 
 @pytest.mark.parametrize(
-    ("name", "hyperparameters", "epoch_every", "expected"),
+    ("name", "hyperparameters", "epoch_every", "warns"),
     [
-        ("dwa", {}, None, "DWA: 5 training calls without end_epoch\\(\\); the weights stay 1"),
-        ("stch", {}, None, "STCH: 5 training calls without end_epoch\\(\\); the warm-up"),
-        ("dwa", {}, 4, None),
-        ("stch", {}, 4, None),
-        ("dwa", {"window": 3}, None, None),
-        ("stch", {"nadir": 1.0}, None, None),
+        ("dwa", {}, None, True),
+        ("stch", {}, None, True),
+        ("dwa", {}, 7, True),  # a first epoch longer than the threshold: once, not per epoch
+        ("stch", {}, 7, True),
+        ("dwa", {}, 4, False),
+        ("stch", {}, 4, False),
+        ("dwa", {"window": 3}, None, False),
+        ("stch", {"nadir": 1.0}, None, False),
     ],
 )
 def test_a_method_that_waits_for_epochs_warns_once_when_none_end(
-    monkeypatch, name, hyperparameters, epoch_every, expected
+    monkeypatch, name, hyperparameters, epoch_every, warns
 ):
     """The three-line recipe never calls end_epoch(): DWA kept weights 1 forever, silently."""
-    monkeypatch.setattr("taskbalance._base.EPOCHLESS_CALLS", 5)
+    monkeypatch.setattr("taskbalance._base.EPOCHLESS_STEPS", 5)
     b = tb.create(name, num_tasks=2, **hyperparameters)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for call in range(1, 13):
+        for call in range(1, 30):
             b(torch.tensor([1.0 + call, 2.0], requires_grad=True))
             if epoch_every is not None and call % epoch_every == 0:
                 b.end_epoch()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    if expected is None:
+    if not warns:
         assert messages == []
-    else:
-        assert len(messages) == 1, messages
-        assert re.match(expected, messages[0]), messages
-        assert "end_epoch() at each epoch boundary" in messages[0]
-        assert {w.filename for w in caught} == {__file__}  # points at the user's call
+        return
+    assert len(messages) == 1, messages
+    assert messages[0].startswith(f"{name.upper()}: 5 training steps and no end_epoch() yet; ")
+    assert "end_epoch() at each epoch boundary" in messages[0]
+    assert {w.filename for w in caught} == {__file__}  # points at the user's call
+
+
+@pytest.mark.parametrize("name", ["dwa", "stch"])
+def test_the_epoch_warning_as_an_error_changes_no_state(monkeypatch, name):
+    monkeypatch.setattr("taskbalance._base.EPOCHLESS_STEPS", 3)
+    b = tb.create(name, num_tasks=2, warmup_epochs=1) if name == "stch" else tb.create(name, 2)
+    for call in range(2):
+        b(torch.tensor([1.0 + call, 2.0], requires_grad=True))
+    before = {key: value.clone() for key, value in b.state_dict().items() if torch.is_tensor(value)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="no end_epoch"):
+            b(torch.tensor([5.0, 2.0], requires_grad=True))
+    after = {key: value for key, value in b.state_dict().items() if torch.is_tensor(value)}
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
 
 
 def test_dwa_end_epoch_without_steps_does_not_open_a_period():

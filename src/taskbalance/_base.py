@@ -104,8 +104,8 @@ def _decoded(value: Any) -> Any:
 #: The dtypes a step's objective and statistics keep (a narrower one is promoted to float32).
 _FULL_PRECISION = (torch.float32, torch.float64)
 
-#: Training calls in one epoch after which a method that waits for ``end_epoch()`` warns.
-EPOCHLESS_CALLS = 10_000
+#: Training steps without an ``end_epoch()`` after which a method that waits for one warns.
+EPOCHLESS_STEPS = 10_000
 
 
 #: Frames in these folders are not the user's: a warning points past them.
@@ -409,13 +409,15 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     def end_epoch(self) -> None:
         """Mark an epoch boundary. Methods with per-epoch statistics (DWA) override this."""
 
-    def _warn_if_no_epoch_ends(self, calls: int, consequence: str, alternative: str) -> None:
-        """Warns once, at the ``EPOCHLESS_CALLS``-th call of an epoch, that ``end_epoch()``
-        may never be called (the three-line recipe does not call it): ``consequence`` says
-        what the weights do meanwhile, ``alternative`` what else the user can pass."""
-        if calls == EPOCHLESS_CALLS:
+    def _warn_if_no_epoch_ends(self, steps: int, consequence: str, alternative: str) -> None:
+        """Warns once, at the ``EPOCHLESS_STEPS``-th step of a run in which no epoch has ended
+        yet (the three-line recipe never calls ``end_epoch()``): ``consequence`` says what the
+        weights do meanwhile, ``alternative`` what else the user can pass. Called before the
+        step changes any state, so a warning turned into an error (``-W error``) changes
+        none."""
+        if steps == EPOCHLESS_STEPS:
             _warn_at_callers_line(
-                f"{type(self).__name__}: {calls} training calls without end_epoch(); "
+                f"{type(self).__name__}: {steps} training steps and no end_epoch() yet; "
                 f"{consequence}. Call balancer.end_epoch() at each epoch boundary, or "
                 f"{alternative}."
             )

@@ -26,7 +26,7 @@ class DWA(Balancer):
     call :meth:`end_epoch` at each epoch boundary) or, with ``window=N``, back-to-back blocks of
     N steps, useful when epochs are long. ``w = 1`` for the first two periods, when no ratio
     exists yet (so a loop that never calls :meth:`end_epoch` trains with ``w = 1``: the
-    balancer warns once at the 10,000th call of a period).
+    balancer warns once, at the 10,000th step before the first :meth:`end_epoch`).
 
     Defaults: ``T = 2`` (the paper), per-epoch periods.
 
@@ -87,17 +87,16 @@ class DWA(Balancer):
             weights = self.num_tasks * torch.softmax(scaled, dim=0)
         else:
             weights = torch.ones_like(losses)
-        self.period_sum.add_(losses)
-        self.period_count.add_(1)
-        if self.window is not None:
-            if int(self.period_count) >= self.window:
-                self._close_period()
-        elif int(self.periods_done) < 2:
+        if self.window is None and int(self.periods_done) == 0:
             self._warn_if_no_epoch_ends(
-                int(self.period_count),
+                int(self.period_count) + 1,
                 "the weights stay 1 until two epochs have ended",
                 "pass window=N for periods of N steps",
             )
+        self.period_sum.add_(losses)
+        self.period_count.add_(1)
+        if self.window is not None and int(self.period_count) >= self.window:
+            self._close_period()
         return weights
 
     def end_epoch(self) -> None:

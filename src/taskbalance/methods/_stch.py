@@ -40,8 +40,8 @@ class STCH(Balancer):
     epochs train on ``Σ log L_k``; the mean loss of the last of them becomes ``n``; STCH
     starts with the next epoch. (LibMTL's ``STCH_warmup_epoch=4`` is ``warmup_epochs=5``
     here: its epochs 0–3 warm up and epoch 4 measures ``n``.) An epoch without a call does
-    not count towards measuring ``n``. Give ``nadir=`` to skip the warm-up. (A warm-up epoch
-    of 10,000 calls warns once: the loop probably never calls :meth:`end_epoch`.)
+    not count towards measuring ``n``. Give ``nadir=`` to skip the warm-up. (A first epoch of
+    10,000 steps warns once: the loop probably never calls :meth:`end_epoch`.)
 
     Defaults: ``mu = 1.0`` and ``warmup_epochs = 5`` (LibMTL's ``STCH_mu = 1`` and
     ``STCH_warmup_epoch = 4``). Losses must be positive (logs and ``1/L``), and at least
@@ -108,28 +108,28 @@ class STCH(Balancer):
         self.register_buffer("nadir_sum", torch.zeros(self.num_tasks))
         self.register_buffer("nadir_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
-        self._warmup_calls = 0  # of this epoch, for the missing end_epoch() warning only
+        self._first_epoch_steps = 0  # for the missing end_epoch() warning only
 
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
         if bool(self.has_nadir):
             return stch_weights(losses, self.nadir.float(), self.mu)
+        if int(self.epochs_done) == 0:
+            self._first_epoch_steps += 1
+            self._warn_if_no_epoch_ends(
+                self._first_epoch_steps,
+                f"the warm-up (Σ log L) lasts until {self.warmup_epochs} epochs have ended",
+                "pass nadir= to skip the warm-up",
+            )
         if int(self.epochs_done) >= self.warmup_epochs - 1:  # the epoch that measures n
             self.nadir_sum.add_(losses)
             self.nadir_count.add_(1)
-        self._warmup_calls += 1
-        self._warn_if_no_epoch_ends(
-            self._warmup_calls,
-            f"the warm-up (Σ log L) lasts until {self.warmup_epochs} epochs have ended",
-            "pass nadir= to skip the warm-up",
-        )
         return 1.0 / losses
 
     def end_epoch(self) -> None:
         """Count a warm-up epoch; after the last one, fix the reference losses ``n``."""
         if bool(self.has_nadir):
             return
-        self._warmup_calls = 0
         self.epochs_done.add_(1)
         if int(self.epochs_done) >= self.warmup_epochs and int(self.nadir_count) > 0:
             self.nadir.copy_(self.nadir_sum / self.nadir_count)
