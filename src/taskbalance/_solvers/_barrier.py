@@ -106,9 +106,12 @@ def _barrier_newton(
             and dec <= dec_noise
             and float((step.abs() / w).max()) <= step_tol
         ):
-            # every residual is at its rounding level, the decrement is rounding and Newton
-            # would move no weight by more than sqrt(tol): w solves the system to rounding
-            return w
+            # every residual is at its rounding level and the decrement is rounding, so the
+            # residual no longer measures progress; the pending step (at most sqrt(tol)
+            # relative) still does: taken, it brings 1e-5 errors down to 1e-8 where G's rows
+            # differ by 10^±8
+            ahead = w + step
+            return ahead if bool((ahead > 0).all()) else w
         if it == max_iter:
             break
         neg = step < 0
@@ -266,7 +269,8 @@ def _barrier_newton_floats(
             and dec <= dec_noise
             and max(abs(a) / b for a, b in zip(step, w, strict=False)) <= step_tol
         ):
-            return w
+            ahead = [a + b for a, b in zip(w, step, strict=False)]  # as on the torch path
+            return ahead if min(ahead) > 0 else w
         if it == max_iter:
             break
         tmax = min(
