@@ -138,6 +138,17 @@ def test_list_into_a_closed_pipe_exits_quietly():
     assert "BrokenPipeError" not in err
 
 
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch):
+    """A worker's pipe breaking is an error, not the reader of our output going away."""
+
+    def broken(arguments):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "command_list", broken)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["list"])
+
+
 def test_compare_refuses_toy(capsys, tmp_path):
     code, _, err = _run(["compare", "--bench", "toy-2d", "--out", str(tmp_path)], capsys)
     assert code == 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import select
 import sys
 import tempfile
 import warnings
@@ -63,6 +64,7 @@ TOYS = ("toy-2d",)
 TOY_STEPS_PER_EPOCH = 250
 #: Exit code after Ctrl-C (128 + SIGINT).
 INTERRUPTED_EXIT_CODE = 130
+#: As the shell reports a process ended by SIGPIPE (the reader of stdout went away).
 BROKEN_PIPE_EXIT_CODE = 141
 USAGE_ERROR_EXIT_CODE = 2
 #: Relative error within which uncertainty weighting counts as having recovered σ².
@@ -692,11 +694,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("taskbalance: interrupted", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe (a worker's): not the reader of our output going away
         # as the shell reports SIGPIPE; stdout points at /dev/null so that the interpreter's
         # final flush at exit does not raise again (the recipe of Python's signal docs)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return BROKEN_PIPE_EXIT_CODE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end was closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+    except AttributeError:  # pragma: no cover  # no poll() (Windows): cannot tell
+        return True
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":
