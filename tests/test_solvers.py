@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from taskbalance._solvers import (
     nonneg_qp,
     project_simplex,
 )
-from taskbalance._solvers._min_norm import project_simplex_py, solve_min_norm
+from taskbalance._solvers._min_norm import ShiftedMinNorm, project_simplex_py, solve_min_norm
 
 KINDS = ["full", "rankdef", "dup", "scaled", "k1", "zero", "neg", "full", "scaled", "k64"]
 
@@ -1250,6 +1251,208 @@ def test_property_cagrad_optimal_vs_brute_force(rows, c, backend):
     # the grid lies inside the ball, so no grid point may beat the exact maximiser
     scale = np.abs(J).max() * np.linalg.norm(g0) * (1 + c)
     assert (J @ d).min() >= values.max() - 1e-9 * scale
+
+
+def _cagrad_primal_reference(J: np.ndarray, c: float, starts: int = 8):
+    """CAGrad's optimal value from its primal, independently of the solvers.
+
+    ``max_{‖u‖ ≤ 1} min_i b_i + r g_iᵀu`` (``d = g0 + r u``) with ``b_i = g_iᵀg0`` exact
+    (fractions of J's entries), shifted by ``min b`` and divided by ``r`` so that a tiny radius
+    keeps its digits: ``f(u) = min_i a_i + g_iᵀu`` with ``a = (b − min b)/r``. SLSQP in
+    ``(u, z)`` from several starts; rows with ``a_i > 2 max‖g‖`` can never be the minimum and are
+    left out. Returns ``(f_ref, exact)``: the value at a feasible ``u`` (a lower bound of the
+    optimum ``f*``, so no answer can be below it unless it is suboptimal) and the exact
+    ``(J, g0, min b, r)`` that ``_cagrad_value`` needs.
+    """
+    K, n = J.shape
+    Jf = [[Fraction(float(x)) for x in row] for row in J]
+    g0 = [sum(Jf[i][j] for i in range(K)) / K for j in range(n)]
+    b = [sum(Jf[i][j] * g0[j] for j in range(n)) for i in range(K)]
+    r = c * math.sqrt(float(sum(x * x for x in g0)))
+    bmin = min(b)
+    a = np.array([float(bi - bmin) / r for bi in b])
+    keep = a <= 2 * np.linalg.norm(J, axis=1).max() + 1e-9
+    A, Jk = a[keep], J[keep]
+    below = {  # z <= a_i + g_iᵀu
+        "type": "ineq",
+        "fun": lambda x: A + Jk @ x[:-1] - x[-1],
+        "jac": lambda x: np.hstack([Jk, -np.ones((len(A), 1))]),
+    }
+    ball = {
+        "type": "ineq",
+        "fun": lambda x: 1.0 - x[:-1] @ x[:-1],
+        "jac": lambda x: np.r_[-2.0 * x[:-1], 0.0][None, :],
+    }
+    rng = np.random.default_rng(0)
+    best = -math.inf
+    for k in range(starts):
+        u0 = np.zeros(n) if k == 0 else rng.standard_normal(n) / math.sqrt(n)
+        res = minimize(
+            lambda x: -x[-1],
+            np.r_[u0, np.min(A + Jk @ u0)],
+            jac=lambda x: np.r_[np.zeros(n), -1.0],
+            constraints=[below, ball],
+            method="SLSQP",
+            options={"ftol": 1e-16, "maxiter": 1000},
+        )
+        u = res.x[:-1] / max(1.0, float(np.linalg.norm(res.x[:-1])))
+        best = max(best, float(np.min(A + Jk @ u)))
+    return best, (Jf, g0, bmin, r)
+
+
+def _cagrad_value(exact, w: np.ndarray) -> tuple[float, float]:
+    """``(‖d − g0‖/r, (min_i g_iᵀd − min b)/r)`` for ``d = Jᵀw``, both exact but the last
+    rounding (fractions of ``w``'s float entries)."""
+    Jf, g0, bmin, r = exact
+    wf = [Fraction(float(x)) for x in w]
+    d = [sum(row[j] * wi for row, wi in zip(Jf, wf, strict=True)) for j in range(len(g0))]
+    dist = math.sqrt(float(sum((x - y) ** 2 for x, y in zip(d, g0, strict=True))))
+    value = min(sum(x * y for x, y in zip(row, d, strict=True)) for row in Jf)
+    return dist / r, float(value - bmin) / r
+
+
+def _assert_cagrad_maximiser(J: np.ndarray, c: float, w: np.ndarray) -> None:
+    """``d = Jᵀw`` (``rescale=0``) lies in the ball and is as good as the primal reference, to
+    the rounding of ``b = G1/K`` from a float Gramian (``~K eps max‖g‖‖g0‖``, divided by the
+    scale ``r max‖g‖`` of the conflict-averse term) and of the float64 weights (``eps`` of
+    ``Σ|w_i|‖g_i‖``)."""
+    f_ref, exact = _cagrad_primal_reference(J, c)
+    dist, f = _cagrad_value(exact, w)
+    norms = np.linalg.norm(J, axis=1)
+    g0 = np.linalg.norm(J.mean(0))
+    eps = np.finfo(np.float64).eps
+    assert dist <= 1 + 1e-6 + 4 * eps * float(np.abs(w) @ norms) / (c * g0), dist
+    assert f >= f_ref - (1e-7 + 100 * len(J) * eps * norms.max() / (c * g0)) * norms.max(), (
+        f,
+        f_ref,
+    )
+
+
+def _shifted_problems():
+    """Dyadic Jacobians (G exact in float64) with opposite, duplicated and tiny rows; no zero
+    rows (the caller of the shifted solve leaves them out)."""
+    rng = np.random.default_rng(3)
+    for k in range(24):
+        K, n = int(rng.integers(3, 8)), int(rng.integers(1, 5))
+        J = np.round(rng.standard_normal((K, n)) * 8) / 8
+        if k % 3 == 0:
+            J[1] = -2 * J[0]  # 0 in the hull
+        if k % 4 == 1:
+            J[-1] = J[0]
+        if k % 5 == 2:
+            J[2] = J[2] / 1024
+        J[np.linalg.norm(J, axis=1) == 0, 0] = 0.5
+        yield J
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 1e4, 1e8, 1e12, 1e15])
+def test_shifted_min_norm_is_exact_at_any_shift(beta, backend):
+    # argmin_{w in the simplex} wᵀGw + 2β bᵀw, CAGrad's inner problem at β = t/r, i.e. the
+    # min-norm point of g_i + β g0. Solved on the Gramian of those shifted gradients, whose
+    # constant β²‖g0‖² swamps G once β ≳ 1e7, the faces' curvature was rounding: warm started at
+    # w(0), as CAGrad's root search does, the solve kept its start (11 of these 24 at β = 1e8,
+    # 22 at 1e15). The KKT certificate (h = Gw + βb, h_j >= wᵀh for all j), exact in fractions:
+    for J in _shifted_problems():
+        G = J @ J.T
+        b = G.mean(1)
+        if backend == "torch":
+            args: tuple = (torch.from_numpy(G), torch.from_numpy(b))
+        else:
+            args = (G.tolist(), b.tolist())
+        problem = ShiftedMinNorm(*args)
+        w0 = np.asarray(problem.solve(0.0, 250, 1e-12)[0], dtype=np.float64)
+        for start in (None, list(w0)):
+            w_any, w1 = problem.solve(beta, 250, 1e-12, start)
+            w = np.asarray(w_any, dtype=np.float64)
+            assert np.all(w >= 0)
+            assert abs(w.sum() - 1) <= 1e-12
+            Gf = [[Fraction(float(x)) for x in row] for row in G]
+            bf = [sum(row) / len(G) for row in Gf]
+            wf = [Fraction(float(x)) for x in w]
+            h = [sum(x * y for x, y in zip(row, wf, strict=True)) + Fraction(beta) * bi
+                 for row, bi in zip(Gf, bf, strict=True)]  # fmt: skip
+            wh = sum(x * y for x, y in zip(wf, h, strict=True))
+            scale = float(np.diag(G).max() + beta * np.abs(b).max())
+            assert float(min(h) - wh) >= -1e-10 * scale, (J.tolist(), start)
+            if w1 is not None and beta > 0:
+                # on the final face w(β) is affine, with slope w1
+                slope = np.asarray(w1, dtype=np.float64)
+                step = 1e-6 * beta
+                w_next = problem.solve(beta + step, 250, 1e-12, list(w))[0]
+                tol = 1e-9 + 1e-6 * step * np.abs(slope).max()  # slope's own rounding
+                np.testing.assert_allclose(np.asarray(w_next), w + step * slope, atol=tol)
+
+
+# hypothesis (test_property_cagrad_in_ball): 0 in the hull through a zero row and two opposite
+# rows; at a tiny radius the inner solves, on the shifted gradients' Gramian, kept their warm
+# start on the zero row, s* = 0 came out and the projection of g0 onto the dual cone was
+# returned, 0.125 from g0 for a ball of radius 2.8e-13
+_TINY_RADIUS_JACOBIANS = {
+    "zero row": [[0, 0.5, 0], [0, -1, 0], [0, 0, 1], [0, 0, 0]],
+    "two zero rows": [[0, 0, 0], [0, 0.5, 0], [0, -1, 0], [0, 0, 0], [0, 0, 1]],
+    "opposite rows": [[0, 0.5, 0], [0, -1, 0], [0, 0, 1]],
+    # fuzz: 0 in the hull of two nearly opposite rows, no zero row (the projection at c = 1e-12)
+    "near-opposite rows": [
+        [0.7813114007004275, 0.2644556303293035, -0.3139228145364278],
+        [-2.0737222219264195, -0.7019064573175312, 0.8332000734793836],
+        [1.31510376473437, 0.357380410658956, -1.2083186322821715],
+    ],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [1e-12, 1e-10, 1e-8, 1e-6, 1e-3])
+@pytest.mark.parametrize("case", list(_TINY_RADIUS_JACOBIANS))
+def test_cagrad_tiny_radius_with_zero_in_the_hull_gives_the_exact_maximiser(case, c, backend):
+    J = np.array(_TINY_RADIUS_JACOBIANS[case], dtype=np.float64)
+    w = cagrad_weights(torch.from_numpy(J @ J.T), c, rescale=0, backend=backend).numpy()
+    _assert_cagrad_maximiser(J, c, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("rows", "c"),
+    [
+        pytest.param([[1, 0.1], [-0.5, 0.3], [0, 0]], 0.4, id="conflict-c0.4"),
+        pytest.param([[1, 0.1], [-0.5, 0.3], [0, 0]], 1.0, id="conflict-c1"),
+        pytest.param([[0, 0, 0], [0, 0.5, 0], [0, -1, 0], [0, 0, 1]], 1.0, id="opposite-c1"),
+    ],
+)
+def test_cagrad_task_without_gradient_gets_the_projection_not_a_runaway_weight(rows, c, backend):
+    # A zero gradient puts 0 in the hull, so the best worst-case improvement is at most 0; with
+    # these radii it is 0 (F* = 0). As w(t) tends to the zero row, ‖g_w‖ and Σ w_i‖g_i‖ vanish
+    # together, the test ‖g_w*‖ <= 1e-6 Σ w_i‖g_i‖ missed it and g0 + r g_w/‖g_w‖ came out:
+    # weights up to 1.6e17 on the task without a gradient, and (third case) d conflicting with
+    # a task (g_2ᵀd = −0.15 where 0 is attainable). The answer is the projection of g0 onto the
+    # dual cone {d : Jd >= 0}, the maximiser nearest g0.
+    J = np.array(rows, dtype=np.float64)
+    K = len(J)
+    w = cagrad_weights(torch.from_numpy(J @ J.T), c, rescale=0, backend=backend).numpy()
+    _assert_cagrad_maximiser(J, c, w)
+    g0 = J.mean(0)
+    # independent projection: min ‖d − g0‖² s.t. Jd >= 0 (quadprog)
+    projection = quadprog.solve_qp(np.eye(J.shape[1]), g0, J.T, np.zeros(K))[0]
+    np.testing.assert_allclose(J.T @ w, projection, atol=1e-12)
+    assert w.max() <= 1.0  # 1/K plus the projection's multipliers, which are O(1) here
+    zero = np.linalg.norm(J, axis=1) == 0
+    np.testing.assert_allclose(w[zero], 1.0 / K, rtol=1e-15)  # no share of the correction
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    jacobians(),
+    st.integers(0, 2),
+    st.sampled_from([1e-12, 1e-10, 1e-8, 1e-6, 1e-3, 0.4, 1.0, 2.0]),
+    st.sampled_from(BACKENDS),
+)
+def test_property_cagrad_matches_its_primal_with_zero_rows_and_any_radius(J, zeros, c, backend):
+    J = torch.cat([J, torch.zeros(zeros, J.shape[1], dtype=J.dtype)]).numpy()
+    g0 = J.mean(0)
+    if np.linalg.norm(g0) <= 1e-3 * np.abs(J).max(initial=0.0):
+        return  # g0 ≈ 0: nothing to compare at the reference's resolution
+    w = cagrad_weights(torch.from_numpy(J @ J.T), c, rescale=0, backend=backend).numpy()
+    _assert_cagrad_maximiser(J, c, w)
 
 
 # Found by a fuzz of CAGrad on float32 Gramians of degenerate Jacobians (zero, collinear and

@@ -1,7 +1,9 @@
 """CAGrad's inner problem: a root search in one scalar over exact min-norm solves.
 
 Torch and plain-Python paths side by side: each evaluates ``t ↦ (w(t), ‖g_{w(t)}‖)`` and a
-predicted root on the current face; the root search itself (:func:`_root`) is shared.
+predicted root on the current face, by :class:`ShiftedMinNorm` (the min-norm point of the
+shifted gradients, solved on ``G`` and ``b`` themselves); the root search itself
+(:func:`_root`) is shared.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from taskbalance._solvers._common import (
     F64,
     Backend,
     SolverError,
-    chol_py,
-    chol_solve_py,
     nearest_psd,
     select_backend,
     to_output,
@@ -27,7 +27,7 @@ from taskbalance._solvers._common import (
     work_tensor,
 )
 from taskbalance._solvers._dual_cone import _nnqp_py, _nnqp_torch, _UnboundedError
-from taskbalance._solvers._min_norm import solve_min_norm
+from taskbalance._solvers._min_norm import ShiftedMinNorm
 from taskbalance._validation import check_nonnegative, check_positive_int
 
 __all__ = ["cagrad_weights"]
@@ -74,66 +74,30 @@ def _predicted_root(
 # --------------------------------------------------------------------------------------------
 
 
-def _inner_torch(G: Tensor, b: Tensor, gg: float, r: float, max_iter: int) -> Inner[Tensor]:
-    K = G.shape[0]
+def _inner_torch(G: Tensor, b: Tensor, r: float, max_iter: int) -> Inner[Tensor]:
     norms = G.diagonal().sqrt()
     prev: list[list[float] | None] = [None]  # the latest evaluation's weights
-
-    def face_solves(Gs: Tensor, S: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        # D (D Gs_S D)⁻¹ D [1, b_S] on a well-conditioned face S (None: all): the unnormalised
-        # face minimiser and its derivative in β, both from one Jacobi-scaled Cholesky factor
-        GS = Gs if S is None else Gs[S][:, S]
-        bS = b if S is None else b[S]
-        dS = GS.diagonal().clamp_min(1e-300).rsqrt()
-        L, info = torch.linalg.cholesky_ex(dS[:, None] * GS * dS[None, :])
-        if int(info) != 0 or float(L.diagonal().min()) ** 2 <= 1e-8:
-            return None  # singular face
-        av, ev = (dS[:, None] * torch.cholesky_solve(torch.stack([dS, dS * bS], 1), L)).unbind(1)
-        return av, ev
+    # min-norm point of the shifted gradients g_i + β g0, solved on G and b (not on their
+    # Gramian, whose constant β²‖g0‖² swamps G for large β)
+    problem = ShiftedMinNorm(G, b)
 
     def inner(t: float) -> tuple[Tensor, float, float, float | None]:
         beta = t / r
-        # Gramian of the shifted gradients g_i + β g0
-        Gs = G + beta * (b[:, None] + b[None, :]) + beta * beta * gg
-        Gs = 0.5 * (Gs + Gs.T)
-        # an interior min-norm point (all weights > 0 on the well-conditioned face of all
-        # vertices) is where the active set's top-down start stops at once: take it from the
-        # same factorisation that predicts the root
-        interior = prev[0] is None or all(v > 0 for v in prev[0])
-        full = None
-        if interior and K >= 3 and float(Gs.diagonal().min()) > 0:
-            full = face_solves(Gs, None)
-        S: Tensor | None = None
-        if full is not None and bool((full[0] > 0).all()):
-            w = full[0] / full[0].sum()
-            solves: tuple[Tensor, Tensor] | None = full
-        else:
-            # warm start from the previous evaluation's solution: t moves little, so does w
-            w_any = solve_min_norm(Gs, max_iter, 1e-12, prev[0])
-            assert isinstance(w_any, Tensor)
-            w = w_any
-            S = torch.nonzero(w > 0)[:, 0]
-            solves = face_solves(Gs, S) if S.numel() >= 2 else None
+        # warm started from the previous evaluation's solution: t moves little, so does w
+        w_any, w1_any = problem.solve(beta, max_iter, 1e-12, prev[0])
+        assert isinstance(w_any, Tensor)
+        w = w_any
         prev[0] = w.tolist()
         Gw = G @ w
         q = float(w @ Gw)
         st = math.sqrt(max(q, 0.0))
         size = float(w @ norms)
-        if solves is None:
+        if w1_any is None:
             return w, st, size, None
-        av, ev = solves
-        sa = float(av.sum())
-        if not sa > 0.0:
-            return w, st, size, None
+        assert isinstance(w1_any, Tensor)
         # on the face, w(β) = w + (β − β_c) w1
-        w1_face = av * (float(ev.sum()) / sa) - ev
-        if S is None:
-            w1 = w1_face
-        else:
-            w1 = torch.zeros(K, dtype=F64)
-            w1[S] = w1_face
-        Gw1 = G @ w1
-        return w, st, size, _predicted_root(q, float(w @ Gw1), float(w1 @ Gw1), r, beta, t)
+        Gw1 = G @ w1_any
+        return w, st, size, _predicted_root(q, float(w @ Gw1), float(w1_any @ Gw1), r, beta, t)
 
     return inner
 
@@ -143,42 +107,24 @@ def _inner_torch(G: Tensor, b: Tensor, gg: float, r: float, max_iter: int) -> In
 # --------------------------------------------------------------------------------------------
 
 
-def _inner_py(
-    G: list[list[float]], b: list[float], gg: float, r: float, max_iter: int
-) -> Inner[list[float]]:
+def _inner_py(G: list[list[float]], b: list[float], r: float, max_iter: int) -> Inner[list[float]]:
     K = len(G)
     norms = [math.sqrt(G[i][i]) for i in range(K)]
     prev: list[list[float] | None] = [None]  # the latest evaluation's weights
+    problem = ShiftedMinNorm(G, b)  # as on the torch path
 
     def inner(t: float) -> tuple[list[float], float, float, float | None]:
         beta = t / r
-        b2 = beta * beta * gg
-        Gs = [[v + beta * (b[i] + b[k]) + b2 for k, v in enumerate(row)] for i, row in enumerate(G)]
-        # warm start from the previous evaluation's solution: t moves little, so does w
-        w = solve_min_norm(Gs, max_iter, 1e-12, prev[0])
-        assert isinstance(w, list)
+        w, w1 = problem.solve(beta, max_iter, 1e-12, prev[0])
+        assert not isinstance(w, Tensor)
         prev[0] = w
         Gw = [sum(map(mul, row, w)) for row in G]
         q = sum(map(mul, w, Gw))
         st = math.sqrt(max(q, 0.0))
         size = sum(map(mul, w, norms))
-        S = [i for i in range(K) if w[i] > 0]
-        if len(S) < 2 or not all(Gs[i][i] > 0 for i in S):
+        if w1 is None:
             return w, st, size, None
-        dS = [Gs[i][i] ** -0.5 for i in S]
-        A = [[dS[a] * Gs[i][k] * dS[e] for e, k in enumerate(S)] for a, i in enumerate(S)]
-        L = chol_py(A, 1e-8)
-        if L is None:  # singular face: no prediction
-            return w, st, size, None
-        av = [x * y for x, y in zip(dS, chol_solve_py(L, dS), strict=True)]
-        bS = [dS[a] * b[i] for a, i in enumerate(S)]
-        ev = [x * y for x, y in zip(dS, chol_solve_py(L, bS), strict=True)]
-        sa, se = sum(av), sum(ev)
-        if not sa > 0.0:
-            return w, st, size, None
-        w1 = [0.0] * K
-        for a, i in enumerate(S):
-            w1[i] = av[a] * se / sa - ev[a]
+        assert not isinstance(w1, Tensor)
         Gw1 = [sum(map(mul, row, w1)) for row in G]
         q1, q2 = sum(map(mul, w, Gw1)), sum(map(mul, w1, Gw1))
         return w, st, size, _predicted_root(q, q1, q2, r, beta, t)
@@ -221,7 +167,8 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
     side = 0
     it = 0
     # near t = 0, w(t) -> w(0): below 1e-6 size(0) the result is declared degenerate anyway
-    # (size(0) = 0 where w(0) sits on zero gradients: then 1e-16 smax, ~53 bisections)
+    # (the caller leaves zero gradients out, so size(0) >= min_i ‖g_i‖ > 0; the 1e-9 smax
+    # guard, ~53 bisections, is for gradients tiny against the largest)
     floor = 1e-7 * max(size_lo, 1e-9 * smax)
     widths = [math.inf, math.inf]
     exact_try = True
@@ -314,22 +261,31 @@ def cagrad_weights(
     drop (they make the result scale dependent). Here :math:`F` is minimised exactly with
     :math:`\sqrt q = \min_{t>0} q/(2t) + t/2`: for fixed :math:`t`,
     :math:`\min_{w\in\Delta} b^\top w + \tfrac{r}{2t} w^\top G w` is the min-norm problem of the
-    shifted gradients :math:`g_i + (t/r) g_0` (exact active set) and the optimal :math:`t` is the
+    shifted gradients :math:`g_i + (t/r) g_0` (exact active set, on :math:`G` and :math:`b`
+    themselves: the shifted gradients' Gramian carries a constant :math:`(t/r)^2\lVert
+    g_0\rVert^2`, ~:math:`1/c^2` times :math:`G`, under whose rounding :math:`G` vanishes for
+    small :math:`c`) and the optimal :math:`t` is the
     root of :math:`t = \lVert g_{w(t)}\rVert`, found by safeguarded regula falsi (Illinois) to
     relative ``tol``, with trial points predicted exactly on the current face (there
     :math:`w(t)` is affine in :math:`t`): a handful of inner solves instead of ~17, on both
     backends, the same bracketing stopping rule.
 
-    Degenerate cases: :math:`g_0 = 0` or :math:`c = 0` give :math:`d = g_0`. If the optimum has
-    :math:`g_{w^\star} = 0` (0 is in the convex hull and :math:`F^\star = 0`, always the case
-    when it is and :math:`c \ge 1`; detected as :math:`\lVert g_{w^\star}\rVert \le 10^{-6}
-    \sum_i w^\star_i \lVert g_i\rVert`, above the rounding level of a norm computed from
-    :math:`G`), the best
-    worst-case improvement is 0 and every maximiser lies in the dual cone
-    :math:`\{d : Jd \ge 0\}`; the maximiser is then not unique in general, and we return the one
-    nearest the centre :math:`g_0`: the projection of :math:`g_0` onto the dual cone (it lies in
-    the ball), solved exactly as in :func:`dual_cone_weights`. E.g. :math:`J = [[2, 0], [-1, 0]]`,
-    :math:`c = 1` gives :math:`d = 0`. (The official code amplifies rounding noise there by
+    Degenerate cases: :math:`g_0 = 0` or :math:`c = 0` give :math:`d = g_0`; so does
+    :math:`c < 10^{-12}`, where :math:`d - g_0` (of norm :math:`r`) would be decided by
+    differences of :math:`b` at :math:`r\lVert g_i\rVert`, near the rounding of :math:`b`
+    computed from :math:`G`. A task without a gradient (:math:`G_{ii} = 0`) puts 0 in the hull:
+    :math:`F` is 1-homogeneous in :math:`g_w`, so :math:`F^\star` is the minimum over the other
+    tasks or 0, whichever is lower, and such a task's weight is :math:`1/K` (divided by the
+    factor). If the optimum has :math:`g_{w^\star} = 0` (0 is in the convex hull and
+    :math:`F^\star = 0`, always the case when it is and :math:`c \ge 1`; detected as
+    :math:`\lVert g_{w^\star}\rVert \le 10^{-6} \sum_i w^\star_i \lVert g_i\rVert`, above the
+    rounding level of a norm computed from :math:`G`, on the tasks with a gradient, or, where
+    some task has none, as :math:`F \ge 0` at the others' optimum), the best worst-case
+    improvement is 0 and every maximiser lies in the dual cone :math:`\{d : Jd \ge 0\}`; the
+    maximiser is then not unique in general, and we return the one nearest the centre
+    :math:`g_0`: the projection of :math:`g_0` onto the dual cone (it lies in the ball), solved
+    exactly as in :func:`dual_cone_weights`. E.g. :math:`J = [[2, 0], [-1, 0]]`, :math:`c = 1`
+    gives :math:`d = 0`. (The official code amplifies rounding noise there by
     ``c/(‖g_w‖+1e-8)``; returning :math:`g_0` would conflict with a task.)
 
     Args:
@@ -368,11 +324,24 @@ def cagrad_weights(
         gg = sum(bl) * m
         r = c * math.sqrt(max(gg, 0.0))
         smax = math.sqrt(max(Gl[i][i] for i in range(K)))
-        # c < 1e-12: the conflict-averse term is below rounding relative to g0, d = g0
+        # c < 1e-12: the conflict-averse term is decided near b's rounding, d = g0 (docstring)
         if c < 1e-12 or r <= 0.0 or gg <= 1e-300 * max(smax * smax, 1e-300):
             return to_output([m / factor] * K, G)
-        w_l, s_l, size_l = _root(_inner_py(Gl, bl, gg, r, inner_max_iter), smax, max_iter, tol)
-        if s_l <= 1e-6 * size_l:  # g_{w*} = 0 to rounding: the maximiser nearest g0
+        # tasks without a gradient are left out of the root search: they put 0 in the hull,
+        # where w(t) -> that vertex takes ‖g_w‖ and Σ w_i‖g_i‖ to 0 together, and F* is the
+        # others' optimum or 0 (1-homogeneity), the latter being the degenerate case
+        live = [i for i in range(K) if Gl[i][i] > 0]
+        if len(live) < K:
+            Gv = [[Gl[i][k] for k in live] for i in live]
+            bv = [bl[i] for i in live]
+        else:
+            Gv, bv = Gl, bl
+        wv, s_l, size_l = _root(_inner_py(Gv, bv, r, inner_max_iter), smax, max_iter, tol)
+        w_l = [0.0] * K
+        for i, v in zip(live, wv, strict=True):
+            w_l[i] = v
+        F_l = sum(map(mul, bv, wv)) + r * s_l  # F at the optimum over the live tasks
+        if s_l <= 1e-6 * size_l or (len(live) < K and F_l >= 0.0):
             try:
                 u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", consistent=True)
             except _UnboundedError:
@@ -392,8 +361,20 @@ def cagrad_weights(
     smax = math.sqrt(float(Gw.diagonal().max()))
     if c < 1e-12 or r <= 0.0 or gg <= 1e-300 * max(smax * smax, 1e-300):
         return to_output(mean / factor, G)
-    w_t, s_t, size_t = _root(_inner_torch(Gw, b, gg, r, inner_max_iter), smax, max_iter, tol)
-    if s_t <= 1e-6 * size_t:
+    live_t = torch.nonzero(Gw.diagonal() > 0)[:, 0]  # as on the Python path
+    nlive = int(live_t.numel())
+    if nlive < K:
+        Gv_t, bv_t = Gw[live_t][:, live_t], b[live_t]
+    else:
+        Gv_t, bv_t = Gw, b
+    wv_t, s_t, size_t = _root(_inner_torch(Gv_t, bv_t, r, inner_max_iter), smax, max_iter, tol)
+    if nlive < K:
+        w_t = torch.zeros(K, dtype=F64)
+        w_t[live_t] = wv_t
+    else:
+        w_t = wv_t
+    F_t = float(bv_t @ wv_t) + r * s_t
+    if s_t <= 1e-6 * size_t or (nlive < K and F_t >= 0.0):
         try:
             u_t = _nnqp_torch(Gw, b, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", True)
         except _UnboundedError:  # as on the Python path

@@ -7,6 +7,8 @@ faces) and plain Python (hand-written Cholesky, singular faces handed to the tor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,13 +29,21 @@ from taskbalance._solvers._common import (
 )
 from taskbalance._validation import check_choice, check_nonnegative, check_positive_int
 
-__all__ = ["min_norm_weights", "project_simplex", "project_simplex_py", "solve_min_norm"]
+__all__ = [
+    "ShiftedMinNorm",
+    "min_norm_weights",
+    "project_simplex",
+    "project_simplex_py",
+    "solve_min_norm",
+]
 
 #: Largest K solved on the plain-Python path by ``backend="auto"``. Measured inside the training
 #: loop of ``benchmarks/overhead.py`` (one thread; MGDA's rule, Python / torch, µs): 369 / 426
 #: at K = 24, 565 / 453 at K = 32.
 PYTHON_MAX_K = 24
 _SOLVER = "min_norm_weights(method='active_set')"
+#: dw/dβ of a face's minimiser, evaluated only for the final face
+Slope = Callable[[], Tensor]
 
 
 def project_simplex(v: Tensor) -> Tensor:
@@ -131,21 +141,31 @@ def _face_min_norm(Gs: Tensor, y_cur: Tensor) -> Tensor:
     """Minimiser of ``yᵀ Gs y`` subject to ``1ᵀ y = 1`` (no sign constraint), nearest ``y_cur``.
 
     Jacobi scaling ``y = D ỹ`` (``D = diag(Gs)^{-1/2}``) then, unless a Cholesky factorisation
-    has well-bounded pivots, an eigendecomposition of the unit-diagonal block ``A``. Eigenvalues
-    at the rounding level of ``eigh`` (``n eps λ_max``) are exact zeros. With ``c = D 1`` split
-    into range/null components there are two candidates: ``ỹ = A⁺c / (cᵀA⁺c)`` (value
-    ``1/(cᵀA⁺c)``) and, if ``c`` has a null component, ``ỹ = c_N / ‖c_N‖²`` (value 0). Both are
-    feasible, so the one whose value ``ỹᵀAỹ``, evaluated directly on ``A``, is smaller is
-    returned: a tiny but genuine eigenvalue (a nearly singular face, e.g. two almost
-    anti-parallel gradients and a tiny third one) is never mistaken for an exact zero. A null
-    component of ``c`` at eigh's rounding level (relative ``8 n eps``) is none: its huge ``ỹ``
-    usually has a large value on ``A``, but not on a face of identical vertices, where every
-    point has one value. Flat directions (null space orthogonal to ``c``: affinely dependent
-    vertices) keep ``y_cur``.
+    has well-bounded pivots, an eigendecomposition of the unit-diagonal block ``A``
+    (:func:`_face_min_norm_eigh`).
     """
     y = _face_min_norm_chol(Gs)
     if y is not None:
         return y
+    return _face_min_norm_eigh(Gs, y_cur, None)
+
+
+def _face_min_norm_eigh(Gs: Tensor, y_cur: Tensor, lin: tuple[Tensor, float] | None) -> Tensor:
+    """:func:`_face_min_norm` by an eigendecomposition of ``A = D Gs D`` (unit diagonal).
+
+    Eigenvalues at the rounding level of ``eigh`` (``n eps λ_max``) are exact zeros. With
+    ``c = D 1`` split into range/null components there are two candidates:
+    ``ỹ = A⁺c / (cᵀA⁺c)`` (value ``1/(cᵀA⁺c)``) and, if ``c`` has a null component,
+    ``ỹ = c_N / ‖c_N‖²`` (value 0). Both are feasible, so the one whose value ``ỹᵀAỹ``,
+    evaluated directly on ``A``, is smaller is returned: a tiny but genuine eigenvalue (a nearly
+    singular face, e.g. two almost anti-parallel gradients and a tiny third one) is never
+    mistaken for an exact zero. A null component of ``c`` at eigh's rounding level (relative
+    ``8 n eps``) is none: its huge ``ỹ`` usually has a large value on ``A``, but not on a face of
+    identical vertices, where every point has one value. Flat directions (null space orthogonal
+    to ``c``: affinely dependent vertices) keep ``y_cur``. With ``lin = (e, β)`` the candidates
+    are ``ỹ = λA⁺c − βA⁺ẽ`` (``ẽ = De``, ``λ`` from ``cᵀỹ = 1``) and ``−βA⁺ẽ`` completed along
+    ``c_N``, compared by ``ỹᵀAỹ + 2β ẽᵀỹ``.
+    """
     n = Gs.shape[0]
     d = Gs.diagonal().clamp_min(1e-300).rsqrt()
     A = d[:, None] * Gs * d[None, :]
@@ -157,30 +177,45 @@ def _face_min_norm(Gs: Tensor, y_cur: Tensor) -> Tensor:
     cur_n = torch.where(null, cur, torch.zeros_like(cur))
     cn = torch.where(null, cv, torch.zeros_like(cv))
     cn_norm2 = float(cn @ cn)
+    inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
+    # the linear term in A's eigenbasis, and the range part of the λ-free candidate
+    de = None if lin is None else d * lin[0]
+    ev = None if de is None else V.T @ de
+    beta = 0.0 if lin is None else lin[1]
+    xr = None if ev is None else -beta * (inv * ev)
     candidates: list[Tensor] = []
     # A null component of c at eigh's rounding level (relative 8 n eps, as the eigenvalues
     # above) is none: c_N / ‖c_N‖² would then be rounding noise scaled up to any size, whose
     # value on A may still win (identical vertices: every point of the face has one value).
     if cn_norm2 > (8.0 * n * EPS) ** 2 * float(cv @ cv):
         # value-0 candidate; keep the current point's component in N ∩ c_N^⊥ (flat directions)
-        candidates.append(V @ (cn / cn_norm2 + cur_n - (cur_n @ cn) / cn_norm2 * cn))
-    inv = torch.where(null, torch.zeros_like(lam), 1.0 / torch.where(null, 1.0, lam))
+        if xr is None:
+            candidates.append(V @ (cn / cn_norm2 + cur_n - (cur_n @ cn) / cn_norm2 * cn))
+        else:
+            along = (1.0 - float(cv @ xr)) / cn_norm2
+            candidates.append(V @ (xr + cur_n + (along - (cur_n @ cn) / cn_norm2) * cn))
     z = inv * cv
     denom = float(cv @ z)
     if denom > 0.0:
-        candidates.append(V @ (z / denom + cur_n))
+        if ev is None:
+            candidates.append(V @ (z / denom + cur_n))
+        else:
+            ze = inv * ev
+            candidates.append(V @ ((1.0 + beta * float(cv @ ze)) / denom * z - beta * ze + cur_n))
     # a null component of c just above the rounding level gives a huge (even non-finite)
     # candidate: its value, evaluated on A, is then large or nan, and it is not preferred
     best: Tensor | None = None
     best_val = math.inf
     for yt in candidates:
         val = float(yt @ A @ yt)
+        if de is not None:
+            val += 2.0 * beta * float(de @ yt)
         if math.isfinite(val) and val < best_val and bool(torch.isfinite(yt).all()):
             best, best_val = yt, val
     if best is None:  # c = D1 = 0 cannot happen (d > 0); keep the current point
         return y_cur / y_cur.sum()
     y = d * best
-    return y / y.sum()
+    return y / y.sum() if lin is None else _on_plane(y)
 
 
 def _face_min_norm_chol(Gs: Tensor) -> Tensor | None:
@@ -194,6 +229,34 @@ def _face_min_norm_chol(Gs: Tensor) -> Tensor | None:
     return y / y.sum()
 
 
+def _face_shifted_chol(A: Tensor, R: Tensor, beta: float) -> tuple[Tensor | None, Slope | None]:
+    """:func:`_face_min_norm` with ``lin = (e, β)`` on a well-conditioned face, from its
+    Jacobi-scaled ``A = D Gs D`` and ``R = [D1, De]``: ``y = a (1 + βΣv)/Σa − βv`` (``a = Gs⁻¹1``,
+    ``v = Gs⁻¹e``), affine in ``β`` with slope ``a Σv/Σa − v`` (returned unevaluated: only the
+    final face's is used); not normalised, as it may lie far outside the face (see
+    :func:`_on_plane`). ``(None, None)`` on a (nearly) singular face."""
+    if A.shape[0] == 1:  # a vertex does not move with β
+        return torch.ones(1, dtype=F64), lambda: torch.zeros(1, dtype=F64)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0 or float(L.diagonal().min()) ** 2 <= 1e-8:
+        return None, None
+    av = R[:, :1] * torch.cholesky_solve(R, L)
+    sa, sv = av.sum(0).tolist()
+    if not sa > 0.0:
+        return None, None
+    a, v = av.unbind(1)
+    return a * ((1.0 + beta * sv) / sa) - beta * v, lambda: a * (sv / sa) - v
+
+
+def _on_plane(y: Tensor) -> Tensor:
+    """``y`` moved onto ``1ᵀy = 1`` along ``1``: with a linear term the face's minimiser may lie
+    far outside the face (huge entries of both signs), where dividing by the computed sum, which
+    is then rounding, could flip or blow up the point. (A step towards such a point is cut at
+    the first weight to reach 0, long before that rounding shows; an accepted point, inside the
+    face, is normalised by its sum.)"""
+    return y - (y.sum() - 1.0) / y.shape[0]
+
+
 def _noise(sq: Tensor, w: Tensor, K: int) -> tuple[Tensor, float]:
     # rounding level of the gap val - (Gw)_j = (w - e_j)ᵀ G w, i.e. of both val and (Gw)_j:
     # K eps (Σ_k sqrt(G_kk) |w - e_j|_k) (Σ_k sqrt(G_kk) w_k)
@@ -202,8 +265,12 @@ def _noise(sq: Tensor, w: Tensor, K: int) -> tuple[Tensor, float]:
 
 
 def _active_set_torch(
-    G: Tensor, max_iter: int, tol: float, start: list[float] | None = None
-) -> Tensor:
+    G: Tensor,
+    max_iter: int,
+    tol: float,
+    start: list[float] | None = None,
+    lin: tuple[_ShiftedTorch, float] | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Wolfe's min-norm-point active-set method on a float64 host Gramian (no zero rows).
 
     Starts from the corral ``{i : start_i > 0}`` at ``start`` when given (a warm start: the
@@ -213,32 +280,67 @@ def _active_set_torch(
     gradients: one or a few face solves instead of K), else bottom-up from the shortest vertex.
     Every start is a feasible point in the relative interior of its corral, from which Wolfe's
     minor and major cycles reach the same minimum.
+
+    ``lin = (P, β)`` minimises ``wᵀGw + 2β bᵀw`` instead (:class:`ShiftedMinNorm`, whose
+    β-free parts ``P`` holds; ``G`` is then unused), by the same cycles. Returns ``(w, w1)``
+    with ``w1 = dw/dβ`` on the final face where its solve was well conditioned (0 at a vertex;
+    ``None`` on a singular face, and without ``lin``).
     """
     K = G.shape[0]
-    Gn = G / float(G.diagonal().max())
-    diag = Gn.diagonal()
-    sq = diag.sqrt()
+    if lin is None:
+        Gn = G / float(G.diagonal().max())
+        diag = Gn.diagonal()
+        sq = diag.sqrt()
+    else:
+        P, beta = lin
+        Gn, diag, sq = P.Gn, P.diag, P.sq
     it = 1
     y: Tensor | None
+    slope: Slope | None = None
     full: Tensor | None
+    c_noise = 4.0 * K * EPS
+    # the latest accepted face of the shifted problem and its slope (evaluated once, at the end)
+    last: tuple[Tensor, Slope] | None = None
+
+    def face(idx: Tensor, yc: Tensor) -> tuple[Tensor, Slope | None]:
+        if lin is None:
+            return _face_min_norm(Gn[idx][:, idx], yc), None
+        M = P.AR[idx]
+        ys, sl = _face_shifted_chol(M[:, idx], M[:, K:], beta)
+        if ys is not None:
+            return ys, sl
+        return _face_min_norm_eigh(Gn[idx][:, idx], yc, (P.bn[idx], beta)), None
+
+    def result(w: Tensor) -> tuple[Tensor, Tensor | None]:
+        if last is None:
+            return w, None
+        w1 = torch.zeros(K, dtype=F64)
+        w1[last[0]] = last[1]()
+        return w, w1
+
     # A zero start (e.g. a zero previous answer) is no point of the simplex: start afresh.
     if start is not None and sum(start) > 0:
         S = [i for i in range(K) if start[i] > 0]
         w = torch.tensor(start, dtype=F64)
         w = w / w.sum()
         idx = torch.tensor(S, dtype=torch.long)
-        y = _face_min_norm(Gn[idx][:, idx], w[idx])
+        y, slope = face(idx, w[idx])
         full = y
     else:
         w = torch.full((K,), 1.0 / K, dtype=F64)
-        full = _face_min_norm_chol(Gn)
+        if lin is None:
+            full = _face_min_norm_chol(Gn)
+        else:
+            full, slope = _face_shifted_chol(P.AR[:, :K], P.AR[:, K:], beta)
         y = full
         S = list(range(K))
     if full is None or (start is None and int((full > 0).sum()) * 2 < K):
-        i0 = int(torch.argmin(diag))
+        i0 = int(torch.argmin(diag if lin is None else diag + (2.0 * beta) * P.bn))
         S, y = [i0], None
         w = torch.zeros(K, dtype=F64)
         w[i0] = 1.0
+        if lin is not None:  # a vertex does not move with β
+            last = (torch.tensor([i0]), lambda: torch.zeros(1, dtype=F64))
     gap, thresh, j = float("inf"), 0.0, -1
     visited: set[frozenset[int]] = set()
     while True:
@@ -247,14 +349,27 @@ def _active_set_torch(
                 break
             if corral_revisited(visited, S):
                 break
-            Gw = Gn @ w
-            val = float(w @ Gw)
-            noise, _ = _noise(sq, w, K)
+            if lin is None:
+                Gw = Gn @ w
+                noise, _ = _noise(sq, w, K)
+                val = float(w @ Gw)
+                ref = val
+            else:
+                # the shifted problem's gap (Gs w)_j − wᵀGs w without its constant β²‖g0‖²;
+                # its rounding level is _noise's plus that of the linear terms
+                Gw = torch.addmv(P.bn, Gn, w, beta=beta)
+                m, lb, eb = (P.rows @ w).tolist()
+                lw = beta * lb
+                noise = torch.add(sq * (c_noise * m), P.noise_b, alpha=beta) + c_noise * (
+                    m * m + lw
+                )
+                val = float(w @ Gw)
+                ref = val - beta * eb + lw
             slack = Gw - val + noise
             slack[S] = float("inf")
             j = int(torch.argmin(slack))
             gap = val - float(Gw[j])
-            thresh = tol * val + float(noise[j])
+            thresh = tol * ref + float(noise[j])
             if gap <= thresh:
                 break
             S.append(j)
@@ -264,10 +379,11 @@ def _active_set_torch(
                 it += 1
                 if it > max_iter:
                     raise cap_error(_SOLVER, max_iter, gap, thresh)
-                y = _face_min_norm(Gn[idx][:, idx], w[idx])
+                y, slope = face(idx, w[idx])
             if bool((y > 0).all()):
                 w = torch.zeros(K, dtype=F64)
-                w[idx] = y
+                w[idx] = y if lin is None else y / y.sum()
+                last = None if slope is None else (idx, slope)
                 y = None
                 break
             wS = w[idx]
@@ -282,15 +398,16 @@ def _active_set_torch(
             block = int(torch.argmin(ratios))
             if S[block] == j and theta <= 0.0:
                 # the entering vertex is rejected at rounding level: KKT holds numerically
-                return w
+                return result(w)
             new = (wS + theta * (y - wS)).clamp_min(0.0)
             new[block] = 0.0
             w = torch.zeros(K, dtype=F64)
             w[idx] = new
             S = [S[k] for k in range(len(S)) if new[k] > 0]
             w = w / w.sum()
+            last = None
             y = None
-    return w
+    return result(w)
 
 
 def _frank_wolfe(G: Tensor, max_iter: int, tol: float) -> Tensor:
@@ -352,34 +469,91 @@ def _face_min_norm_py(Gn: list[list[float]], S: list[int], y_cur: list[float]) -
     return y
 
 
+def _face_shifted_py(
+    Gn: list[list[float]],
+    S: list[int],
+    y_cur: list[float],
+    bn: list[float],
+    beta: float,
+    eigh: bool = True,
+) -> tuple[list[float] | None, list[float] | None]:
+    """:func:`_face_shifted_chol` on the face ``S`` of ``Gn`` (``bn`` indexed as ``Gn``), the
+    slope evaluated; a (nearly) singular face goes to :func:`_face_min_norm_eigh` (``eigh``) or
+    gives ``(None, None)``."""
+    n = len(S)
+    if n == 1:  # a vertex does not move with β
+        return [1.0], [0.0]
+    d = [1.0 / math.sqrt(max(Gn[i][i], 1e-300)) for i in S]
+    A = [[d[a] * Gn[S[a]][S[b]] * d[b] for b in range(n)] for a in range(n)]
+    L = chol_py(A, 1e-8)
+    if L is not None:
+        za = chol_solve_py(L, d)
+        zv = chol_solve_py(L, [d[a] * bn[S[a]] for a in range(n)])
+        av = [d[a] * za[a] for a in range(n)]
+        v = [d[a] * zv[a] for a in range(n)]
+        sa, sv = sum(av), sum(v)
+        if sa > 0.0:
+            ca, cs = (1.0 + beta * sv) / sa, sv / sa
+            y = [x * ca - beta * z for x, z in zip(av, v, strict=True)]
+            return y, [x * cs - z for x, z in zip(av, v, strict=True)]
+    if not eigh:
+        return None, None
+    Gs = [[Gn[i][k] for k in S] for i in S]
+    lin = (as_f64([bn[i] for i in S]), beta)
+    return _face_min_norm_eigh(as_f64(Gs), as_f64(y_cur), lin).tolist(), None
+
+
 def _active_set_py(
-    G: list[list[float]], max_iter: int, tol: float, start: list[float] | None = None
-) -> list[float]:
+    G: list[list[float]],
+    max_iter: int,
+    tol: float,
+    start: list[float] | None = None,
+    lin: tuple[_ShiftedPy, float] | None = None,
+) -> tuple[list[float], list[float] | None]:
     """:func:`_active_set_torch` in Python floats (same starts, iterates and stopping rule)."""
     K = len(G)
-    scale = max(G[i][i] for i in range(K))
-    Gn = [[v / scale for v in row] for row in G]
-    diag = [Gn[i][i] for i in range(K)]
-    sq = [math.sqrt(v) for v in diag]
+    if lin is None:
+        scale = max(G[i][i] for i in range(K))
+        Gn = [[v / scale for v in row] for row in G]
+        diag = [Gn[i][i] for i in range(K)]
+        sq = [math.sqrt(v) for v in diag]
+        ell: list[float] = []
+        labs: list[float] = []
+    else:
+        P, beta = lin
+        Gn, diag, sq = P.Gn, P.diag, P.sq
+        ell = [beta * v for v in P.bn]
+        labs = [abs(v) for v in ell]
     it = 1
     y: list[float] | None
+    y1: list[float] | None = None
+    w1: list[float] | None = None  # dw/dβ on the latest accepted face of the shifted problem
     full: list[float] | None
     if start is not None and sum(start) > 0:
         S = [i for i in range(K) if start[i] > 0]
         tot = sum(start)
         w = [v / tot for v in start]
-        y = _face_min_norm_py(Gn, S, [w[i] for i in S])
+        if lin is None:
+            y = _face_min_norm_py(Gn, S, [w[i] for i in S])
+        else:
+            y, y1 = _face_shifted_py(Gn, S, [w[i] for i in S], P.bn, beta)
+            assert y is not None
         full = y
     else:
         w = [1.0 / K] * K
         S = list(range(K))
-        full = _face_min_norm_chol_py(Gn, S)
+        if lin is None:
+            full = _face_min_norm_chol_py(Gn, S)
+        else:
+            full, y1 = _face_shifted_py(Gn, S, w, P.bn, beta, eigh=False)
         y = full
     if full is None or (start is None and 2 * sum(1 for v in full if v > 0) < K):
-        i0 = diag.index(min(diag))
+        first = diag if lin is None else [v + 2.0 * e for v, e in zip(diag, ell, strict=True)]
+        i0 = first.index(min(first))
         S, y = [i0], None
         w = [0.0] * K
         w[i0] = 1.0
+        w1 = None if lin is None else [0.0] * K  # a vertex does not move with β
     gap, thresh, j = float("inf"), 0.0, -1
     noise_c = 4.0 * K * EPS
     inf = float("inf")
@@ -391,16 +565,28 @@ def _active_set_py(
             Gw = [sum([row[k] * w[k] for k in S]) for row in Gn]
             val = sum(w[k] * Gw[k] for k in S)
             m = sum(sq[k] * w[k] for k in S)
+            ref, lw = val, 0.0
+            if lin is not None:
+                # the shifted problem's gap (Gs w)_j − wᵀGs w without its constant β²‖g0‖²;
+                # its rounding level is that of the quadratic terms plus the linear ones'
+                lw = sum(labs[k] * w[k] for k in S)
+                Gw = [v + e for v, e in zip(Gw, ell, strict=True)]
+                ref = val + lw
+                val = sum(w[k] * Gw[k] for k in S)
             inS = set(S)
             j, best = -1, inf
             for i in range(K):
                 if i in inS:
                     continue
                 slack = Gw[i] - val + noise_c * m * (sq[i] + m)
+                if lin is not None:
+                    slack += noise_c * (labs[i] + lw)
                 if j < 0 or slack < best:
                     j, best = i, slack
             gap = val - Gw[j]
-            thresh = tol * val + noise_c * m * (sq[j] + m)
+            thresh = tol * ref + noise_c * m * (sq[j] + m)
+            if lin is not None:
+                thresh += noise_c * (labs[j] + lw)
             if gap <= thresh:
                 break
             S.append(j)
@@ -410,11 +596,24 @@ def _active_set_py(
                 it += 1
                 if it > max_iter:
                     raise cap_error(_SOLVER, max_iter, gap, thresh)
-                y = _face_min_norm_py(Gn, S, wS)
+                if lin is None:
+                    y = _face_min_norm_py(Gn, S, wS)
+                else:
+                    y, y1 = _face_shifted_py(Gn, S, wS, P.bn, beta)
+                    assert y is not None
             if all(v > 0 for v in y):
+                if lin is not None:  # the shifted problem's face solves are not normalised
+                    tot = sum(y)
+                    y = [v / tot for v in y]
                 w = [0.0] * K
                 for k, v in zip(S, y, strict=True):
                     w[k] = v
+                if y1 is None:
+                    w1 = None
+                else:
+                    w1 = [0.0] * K
+                    for k, v in zip(S, y1, strict=True):
+                        w1[k] = v
                 y = None
                 break
             ratios = [
@@ -424,7 +623,7 @@ def _active_set_py(
             theta = min(ratios)
             block = ratios.index(theta)
             if S[block] == j and theta <= 0.0:
-                return w
+                return w, w1
             new = [max(ws + theta * (yv - ws), 0.0) for ws, yv in zip(wS, y, strict=True)]
             new[block] = 0.0
             w = [0.0] * K
@@ -433,8 +632,9 @@ def _active_set_py(
             S = [S[k] for k in range(len(S)) if new[k] > 0]
             tot = sum(w)
             w = [v / tot for v in w]
+            w1 = None
             y = None
-    return w
+    return w, w1
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,9 +652,113 @@ def solve_min_norm(
         special = _special_case(G.diagonal().tolist(), float(G[0, 1]) if len(G) > 1 else 0.0)
         if special is not None:
             return torch.tensor(special, dtype=F64)
-        return _active_set_torch(G, max_iter, tol, start)
+        return _active_set_torch(G, max_iter, tol, start)[0]
     special = _special_case([G[i][i] for i in range(len(G))], G[0][1] if len(G) > 1 else 0.0)
-    return special if special is not None else _active_set_py(G, max_iter, tol, start)
+    return special if special is not None else _active_set_py(G, max_iter, tol, start)[0]
+
+
+class _ShiftedTorch(NamedTuple):
+    """:class:`ShiftedMinNorm`'s β-free parts on the torch path (``G`` scaled to a unit largest
+    diagonal entry, as :func:`_active_set_torch` scales it)."""
+
+    Gn: Tensor
+    diag: Tensor
+    sq: Tensor
+    bn: Tensor
+    AR: Tensor  # [D Gn D | D1 | D bn]: every face's Jacobi-scaled block and right-hand sides
+    rows: Tensor  # [√diag, |bn|, bn]: sizes of the terms, and bnᵀw, in one product
+    noise_b: Tensor  # 4 K eps |bn|: the rounding level of the linear terms (per unit β)
+
+
+class _ShiftedPy(NamedTuple):
+    """:class:`ShiftedMinNorm`'s β-free parts on the Python path."""
+
+    Gn: list[list[float]]
+    diag: list[float]
+    sq: list[float]
+    bn: list[float]
+
+
+class ShiftedMinNorm:
+    r"""Exact :math:`\operatorname{argmin}_{w\in\Delta} w^\top G w + 2\beta\, b^\top w` for one
+    validated working Gramian without zero rows and ``b = Gp`` for some ``p``, for any number of
+    ``β`` (:meth:`solve`): the min-norm point of the shifted gradients
+    :math:`g_i + \beta J^\top p`, CAGrad's inner problem, by :func:`_active_set_torch`'s cycles
+    on ``G`` and ``b`` themselves, on the path the type of ``G`` names.
+
+    The shifted gradients' Gramian :math:`G + \beta(b\mathbf 1^\top + \mathbf 1 b^\top) +
+    \beta^2 p^\top G p\, \mathbf 1\mathbf 1^\top` has the same minimiser, but its constant
+    swamps :math:`G` once :math:`\beta^2 p^\top G p \gtrsim \lVert G\rVert/\varepsilon`: the
+    faces' curvature is then below its rounding, and a solve on it keeps its start. The
+    β-free parts (``G`` scaled, every face's Jacobi-scaled block) are computed once, here.
+    """
+
+    def __init__(self, G: Tensor | list[list[float]], b: Tensor | list[float]) -> None:
+        K = len(G)
+        self.K = K
+        self._tensor = isinstance(G, Tensor)
+        self._torch: _ShiftedTorch | None = None
+        self._py: _ShiftedPy | None = None
+        if K <= 2:  # closed form
+            Gl = G.tolist() if isinstance(G, Tensor) else G
+            bl = b.tolist() if isinstance(b, Tensor) else b
+            self._G2, self._b2 = Gl, bl
+        elif isinstance(G, Tensor):
+            assert isinstance(b, Tensor)
+            scale = float(G.diagonal().max())
+            Gn, bn = G / scale, b / scale
+            diag = Gn.diagonal()
+            sq = diag.sqrt()
+            d = diag.clamp_min(1e-300).rsqrt()
+            AR = torch.cat([d[:, None] * Gn * d[None, :], d[:, None], (d * bn)[:, None]], 1)
+            babs = bn.abs()
+            rows = torch.stack([sq, babs, bn])
+            self._torch = _ShiftedTorch(Gn, diag, sq, bn, AR, rows, (4.0 * K * EPS) * babs)
+        else:
+            assert not isinstance(b, Tensor)
+            scale = max(G[i][i] for i in range(K))
+            Gl = [[v / scale for v in row] for row in G]
+            diag_l = [Gl[i][i] for i in range(K)]
+            sq_l = [math.sqrt(v) for v in diag_l]
+            self._py = _ShiftedPy(Gl, diag_l, sq_l, [v / scale for v in b])
+
+    def solve(
+        self, beta: float, max_iter: int, tol: float, start: list[float] | None = None
+    ) -> tuple[Tensor | list[float], Tensor | list[float] | None]:
+        """``(w, w1)`` at ``β``, warm started from simplex weights ``start``; ``w1 = dw/dβ`` on
+        the final face (affine in ``β`` there; 0 at a vertex), ``None`` where that face was
+        singular."""
+        if self.K <= 2:
+            if self.K == 1:
+                w_s, w1_s = [1.0], [0.0]
+            else:
+                w_s, w1_s = _two_shifted(self._G2, self._b2, beta)
+            if self._tensor:
+                return torch.tensor(w_s, dtype=F64), torch.tensor(w1_s, dtype=F64)
+            return w_s, w1_s
+        if self._torch is not None:
+            P = self._torch
+            return _active_set_torch(P.Gn, max_iter, tol, start, (P, beta))
+        assert self._py is not None
+        return _active_set_py(self._py.Gn, max_iter, tol, start, (self._py, beta))
+
+
+def _two_shifted(
+    G: list[list[float]], b: list[float], beta: float
+) -> tuple[list[float], list[float]]:
+    """:class:`ShiftedMinNorm` for K = 2 in closed form (Sener's Algorithm 1 on the
+    shifted Gramian, its constant cancelled): ``γ = clamp((G22 − G12 + β(b2 − b1))/‖g1 −
+    g2‖², 0, 1)``."""
+    den = G[0][0] + G[1][1] - 2.0 * G[0][1]
+    if not den > 0.0:  # identical rows (then b1 = b2): every point is optimal
+        return [0.5, 0.5], [0.0, 0.0]
+    slope = (b[1] - b[0]) / den
+    gamma = (G[1][1] - G[0][1]) / den + beta * slope
+    if gamma <= 0.0:  # a vertex, which does not move with β
+        return [0.0, 1.0], [0.0, 0.0]
+    if gamma >= 1.0:
+        return [1.0, 0.0], [0.0, 0.0]
+    return [gamma, 1.0 - gamma], [slope, -slope]
 
 
 def min_norm_weights(
