@@ -284,6 +284,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         self.on_nonfinite = "raise"
         self.configuration: dict[str, Any] = {}
         self._allowed_changes: frozenset[str] = frozenset()
+        self._steps_before_first_epoch = 0  # for the missing end_epoch() warning only
         self.register_buffer("_last_weights", torch.ones(self.num_tasks))
         self.register_buffer("_last_losses", torch.ones(self.num_tasks))
         self.register_buffer("_last_present", torch.ones(self.num_tasks, dtype=torch.bool))
@@ -409,12 +410,15 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     def end_epoch(self) -> None:
         """Mark an epoch boundary. Methods with per-epoch statistics (DWA) override this."""
 
-    def _warn_if_no_epoch_ends(self, steps: int, consequence: str, alternative: str) -> None:
-        """Warns once, at the ``EPOCHLESS_STEPS``-th step of a run in which no epoch has ended
-        yet (the three-line recipe never calls ``end_epoch()``): ``consequence`` says what the
-        weights do meanwhile, ``alternative`` what else the user can pass. Called before the
-        step changes any state, so a warning turned into an error (``-W error``) changes
-        none."""
+    def _count_step_before_first_epoch(self, consequence: str, alternative: str) -> None:
+        """For a method whose weights wait for ``end_epoch()``, called on each step while no
+        epoch has ended: warns once, at the ``EPOCHLESS_STEPS``-th (the three-line recipe never
+        calls it). ``consequence`` says what the weights do meanwhile, ``alternative`` what
+        else the user can pass. A host counter (no device read per step), not saved state;
+        called before the step changes any, so a warning turned into an error (``-W error``)
+        changes none."""
+        self._steps_before_first_epoch += 1
+        steps = self._steps_before_first_epoch
         if steps == EPOCHLESS_STEPS:
             _warn_at_callers_line(
                 f"{type(self).__name__}: {steps} training steps and no end_epoch() yet; "

@@ -82,6 +82,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -671,27 +672,37 @@ def _input_names(inputs: Sequence[Tensor], features_mode: bool | None) -> list[s
 def _refuse_sharded(inputs: Sequence[Tensor], features_mode: bool | None) -> None:
     if DTensor is None:  # pragma: no cover
         return
-    if not any(isinstance(tensor, DTensor) for tensor in inputs):
-        return
-    names = _input_names(inputs, features_mode)
-    for tensor, name in zip(inputs, names, strict=True):
-        if isinstance(tensor, DTensor):
-            raise ValueError(
-                f"{name}: a sharded DTensor (placements {tuple(tensor.placements)}, e.g. a "
-                "parameter of a module under FSDP2 fully_shard): the forward runs on gathered "
-                "copies, so autograd cannot give the task gradients with respect to the shards. "
-                "Use features mode instead (b(losses, features=z), the tensor the heads "
-                "consume), which works under FSDP2: see examples/fsdp.py."
-            )
+    _refuse_first(
+        inputs,
+        features_mode,
+        lambda tensor: isinstance(tensor, DTensor),
+        lambda name, tensor: (
+            f"{name}: a sharded DTensor (placements {tuple(tensor.placements)}, e.g. a "
+            "parameter of a module under FSDP2 fully_shard): the forward runs on gathered "
+            "copies, so autograd cannot give the task gradients with respect to the shards. "
+            "Use features mode instead (b(losses, features=z), the tensor the heads "
+            "consume), which works under FSDP2: see examples/fsdp.py."
+        ),
+    )
 
 
 def _refuse_complex(inputs: Sequence[Tensor], features_mode: bool | None) -> None:
-    if not any(tensor.is_complex() for tensor in inputs):
+    _refuse_first(inputs, features_mode, Tensor.is_complex, complex_tensor_message)
+
+
+def _refuse_first(
+    inputs: Sequence[Tensor],
+    features_mode: bool | None,
+    refused: Callable[[Tensor], bool],
+    message: Callable[[str, Any], str],
+) -> None:
+    """A ValueError ``message(name, tensor)`` for the first input that is ``refused``."""
+    if not any(refused(tensor) for tensor in inputs):  # names only on the error path
         return
     names = _input_names(inputs, features_mode)
     for tensor, name in zip(inputs, names, strict=True):
-        if tensor.is_complex():
-            raise ValueError(complex_tensor_message(name, tensor))
+        if refused(tensor):
+            raise ValueError(message(name, tensor))
 
 
 def complex_tensor_message(name: str, tensor: Tensor) -> str:
@@ -857,7 +868,7 @@ def _flat_rows(grad: Tensor | None, tensor: Tensor, num_tasks: int) -> Tensor:
     if grad is None:
         wide = _wide_dtype(tensor.dtype)
         return torch.zeros(num_tasks, tensor.numel(), dtype=wide, device=tensor.device)
-    return _widened(_dense(grad).reshape(num_tasks, -1))
+    return _widened(grad.reshape(num_tasks, -1))  # vmap has no sparse backward
 
 
 def _dense(grad: Tensor) -> Tensor:

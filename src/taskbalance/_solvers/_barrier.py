@@ -108,8 +108,7 @@ def _barrier_newton(
         ):
             # every residual is at its rounding level and the decrement is rounding, so the
             # residual no longer measures progress; the pending step (at most sqrt(tol)
-            # relative) still does: taken, it brings 1e-5 errors down to 1e-8 where G's rows
-            # differ by 10^±8
+            # relative) still does: taken, a case with rows 10^±8 apart went from 6e-6 to 2e-8
             ahead = w + step
             return ahead if bool((ahead > 0).all()) else w
         if it == max_iter:

@@ -709,7 +709,11 @@ def _stdout_reader_gone() -> bool:
         poller = select.poll()
     except AttributeError:  # pragma: no cover  # no poll() (Windows): cannot tell
         return True
-    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a notebook's stream: not a pipe
+        return False
+    poller.register(descriptor, select.POLLOUT)
     return any(events & select.POLLERR for _, events in poller.poll(0))
 
 

@@ -77,7 +77,8 @@ class DWA(Balancer):
 
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
-        if int(self.periods_done) >= 2:
+        periods_done = int(self.periods_done)
+        if periods_done >= 2:
             ratios = self.history[1] / self.history[0]
             # r/T overflows float32 when a mean loss grows ~1e38-fold between periods; an
             # infinite logit makes softmax NaN, so cap it at the largest finite float.
@@ -87,9 +88,8 @@ class DWA(Balancer):
             weights = self.num_tasks * torch.softmax(scaled, dim=0)
         else:
             weights = torch.ones_like(losses)
-        if self.window is None and int(self.periods_done) == 0:
-            self._warn_if_no_epoch_ends(
-                int(self.period_count) + 1,
+        if self.window is None and periods_done == 0:
+            self._count_step_before_first_epoch(
                 "the weights stay 1 until two epochs have ended",
                 "pass window=N for periods of N steps",
             )

@@ -687,14 +687,14 @@ def _gradient_only(
     shared: Sequence[Tensor],
     corrections: Sequence[Tensor],
     dtype: torch.dtype,
-    sparse: Sequence[bool] = (),
+    sparse: Sequence[bool],
 ) -> Tensor:
     """``Σ_x ⟨x, c_x⟩`` minus its own detached value: 0, whose gradient is ``c_x`` at each
     shared tensor x (the heads never see it), in ``dtype``; sparse at the tensors marked in
     ``sparse`` (see :func:`_sparse_inner_product`)."""
     inner: Tensor | None = None
-    for index, (tensor, correction) in enumerate(zip(shared, corrections, strict=True)):
-        if index < len(sparse) and sparse[index] and tensor.dim() == 2:
+    for tensor, correction, is_sparse in zip(shared, corrections, sparse, strict=True):
+        if is_sparse and tensor.dim() == 2:
             term = _sparse_inner_product(tensor, correction)
         else:
             term = _inner_product(tensor, correction)

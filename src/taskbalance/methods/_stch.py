@@ -108,20 +108,18 @@ class STCH(Balancer):
         self.register_buffer("nadir_sum", torch.zeros(self.num_tasks))
         self.register_buffer("nadir_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
-        self._first_epoch_steps = 0  # for the missing end_epoch() warning only
 
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
         if bool(self.has_nadir):
             return stch_weights(losses, self.nadir.float(), self.mu)
-        if int(self.epochs_done) == 0:
-            self._first_epoch_steps += 1
-            self._warn_if_no_epoch_ends(
-                self._first_epoch_steps,
+        epochs_done = int(self.epochs_done)
+        if epochs_done == 0:
+            self._count_step_before_first_epoch(
                 f"the warm-up (Σ log L) lasts until {self.warmup_epochs} epochs have ended",
                 "pass nadir= to skip the warm-up",
             )
-        if int(self.epochs_done) >= self.warmup_epochs - 1:  # the epoch that measures n
+        if epochs_done >= self.warmup_epochs - 1:  # the epoch that measures n
             self.nadir_sum.add_(losses)
             self.nadir_count.add_(1)
         return 1.0 / losses
