@@ -41,7 +41,8 @@ class GradVac(GradientBalancer):
     As ``Jᵀw``: each g_i' is g_i plus multiples of task gradients, ``g_i' = Jᵀc_i``. Every
     quantity above comes from G: ``g_i'·g_j = (G c_i)_j``, ``‖g_i'‖² = c_iᵀ G c_i``,
     ``‖g_j‖² = G_jj``; the adjustment adds ``a`` to ``c_i[j]``. So ``Σ_i g_i' = Jᵀ(Σ_i c_i)``
-    and ``w = Σ_i c_i``.
+    and ``w = Σ_i c_i``. (The pass itself runs on the cosines ``G_jm/(‖g_j‖‖g_m‖)``, with each
+    ``c_i`` kept in units of the task gradients' lengths: the same numbers, fewer operations.)
 
     Order: for each task i a fresh random permutation of the other tasks, row i of
     ``torch.rand(K, K − 1, dtype=torch.float64, generator=g).argsort(dim=1)`` (indexing them in
@@ -152,52 +153,68 @@ class GradVac(GradientBalancer):
 def gradvac_weights(
     gram: Tensor, orders: list[list[int]], targets: list[list[float]], beta: float
 ) -> tuple[Tensor, list[list[float]]]:
-    """GradVac's ``w = Σ_i c_i`` and the updated targets (a new nested list; input untouched)."""
+    """GradVac's ``w = Σ_i c_i`` and the updated targets (a new nested list; input untouched).
+
+    The pass runs on the task gradients' cosines ``R_jm = G_jm/(‖g_j‖‖g_m‖)``: with
+    ``u_m = g_m/‖g_m‖`` and ``g_i' = Σ_m e_m u_m`` (so ``c_i[m] = e_m/‖g_m‖``),
+    ``g_i'·u_j = Σ_m e_m R_jm``, an adjustment adds ``a·‖g_j‖`` to ``e_j`` and
+    ``‖g_i' + s·u_j‖² = ‖g_i'‖² + s(2 g_i'·u_j + s)``. It is plain Python: ~K² pairs one
+    after another (the paper's order), where a torch op per pair would cost more than the pair.
+    """
     g = gram.tolist()  # exact: float32 and float64 entries are Python floats
     negligible = negligible_squared_norm(g, gram.dtype)
     num_tasks = len(g)
     targets = [list(row) for row in targets]
-    total = [0.0] * num_tasks
-    # the diagonal of a Gramian given to compute_weights may be negative by rounding
-    norms = [math.sqrt(max(g[j][j], 0.0)) for j in range(num_tasks)]
     usable = [g[j][j] > negligible for j in range(num_tasks)]
+    inverse_norms = [1.0 / math.sqrt(g[j][j]) if usable[j] else 0.0 for j in range(num_tasks)]
+    cosines = [
+        [entry * inverse_j * inverse_m for entry, inverse_m in zip(row, inverse_norms, strict=True)]
+        for row, inverse_j in zip(g, inverse_norms, strict=True)
+    ]
+    keep = 1.0 - beta
+    total = [0.0] * num_tasks
     for i in range(num_tasks):
         total[i] += 1.0  # c_i[i]
-        # c_i's non-zero entries so far; g_i'·g_j = (G c_i)_j is computed when task j comes,
-        # over those entries only, and ‖g_i'‖² updated by ‖g + s·h‖² = ‖g‖² + s(2 g·h + s‖h‖²):
-        # O(K·adjustments) per task, where keeping all K products up to date cost O(K²).
-        adjusted, coefficients = [i], [1.0]
-        # c_i's entries of a row of G (a tuple once there are several)
-        pick: itemgetter[Any] = itemgetter(i)
-        squared_i, norm_i = g[i][i], norms[i]
-        row_targets = targets[i]
         # ‖g_i'‖² only changes with an adjustment: once negligible, every later pair is skipped
-        if squared_i <= negligible:
+        if not usable[i]:
             continue
+        squared_i = g[i][i]
+        norm_i = math.sqrt(squared_i)
+        row_targets = targets[i]
+        # e's non-zero entries; g_i'·u_j is computed when task j comes, over those entries only:
+        # O(K·adjustments) per task, where keeping all K products up to date costs O(K²)
+        adjusted, units = [i], [norm_i]
+        pick: itemgetter[Any] | None = None  # e's entries of a row of R, once adjusted
         for j in orders[i]:
             if not usable[j]:
                 continue
-            row = g[j]
-            product = row[i] if len(adjusted) == 1 else sum(map(mul, coefficients, pick(row)))
-            norm_j = norms[j]
-            cosine = min(max(product / (norm_i * norm_j), -1.0), 1.0)
+            if pick is None:  # g_i' = g_i
+                cosine = cosines[i][j]
+                product = cosine * norm_i
+            else:
+                product = sum(map(mul, units, pick(cosines[j])))
+                cosine = product / norm_i
+            # rounding can leave a cosine just outside [-1, 1]; inside it, 1 − cos² ≥ 0 exactly
+            if cosine > 1.0:
+                cosine = 1.0
+            elif cosine < -1.0:
+                cosine = -1.0
             target = row_targets[j]
+            row_targets[j] = keep * target + beta * cosine
             if cosine < target:
-                target_sine = math.sqrt(max(1.0 - target * target, 0.0))
-                sine = math.sqrt(max(1.0 - cosine * cosine, 0.0))
+                target_sine = math.sqrt(1.0 - target * target) if -1.0 < target < 1.0 else 0.0
                 step = (
                     norm_i
-                    * (target * sine - cosine * target_sine)
-                    / (norm_j * max(target_sine, _MIN_SINE))
+                    * (target * math.sqrt(1.0 - cosine * cosine) - cosine * target_sine)
+                    / (target_sine if target_sine > _MIN_SINE else _MIN_SINE)
                 )
                 adjusted.append(j)
-                coefficients.append(step)
+                units.append(step)
                 pick = itemgetter(*adjusted)
-                squared_i = max(squared_i + step * (2.0 * product + step * g[j][j]), 0.0)
+                squared_i += step * (2.0 * product + step)
+                if squared_i <= negligible:
+                    break
                 norm_i = math.sqrt(squared_i)
-            row_targets[j] = (1.0 - beta) * target + beta * cosine
-            if squared_i <= negligible:
-                break
-        for m, coefficient in zip(adjusted[1:], coefficients[1:], strict=True):
-            total[m] += coefficient
+        for m, unit in zip(adjusted[1:], units[1:], strict=True):
+            total[m] += unit * inverse_norms[m]
     return torch.tensor(total, dtype=torch.float64), targets

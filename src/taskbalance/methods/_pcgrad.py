@@ -125,10 +125,10 @@ def task_orders(num_tasks: int, order: str, generator: torch.Generator) -> list[
     if num_tasks <= 2:  # one other task (or none): a single order, nothing to draw
         return [[j for j in range(num_tasks) if j != i] for i in range(num_tasks)]
     keys = torch.rand(num_tasks, num_tasks - 1, dtype=torch.float64, generator=generator)
-    orders = []
-    for i, permutation in enumerate(keys.argsort(dim=1).tolist()):
-        others = [j for j in range(num_tasks) if j != i]
-        orders.append([others[p] for p in permutation])
+    permutations = keys.argsort(dim=1)
+    # position p among the other tasks of task i is task p, or p + 1 from i on
+    own = torch.arange(num_tasks).unsqueeze(1)
+    orders: list[list[int]] = (permutations + (permutations >= own)).tolist()
     return orders
 
 
