@@ -23,8 +23,10 @@ from taskbalance._solvers import (
     nash_weights,
     nonneg_qp,
     project_simplex,
+    project_simplex_py,
 )
-from taskbalance._solvers._min_norm import ShiftedMinNorm, project_simplex_py, solve_min_norm
+from taskbalance._solvers._min_norm import solve_min_norm
+from taskbalance._solvers._shifted_min_norm import ShiftedMinNorm
 
 KINDS = ["full", "rankdef", "dup", "scaled", "k1", "zero", "neg", "full", "scaled", "k64"]
 

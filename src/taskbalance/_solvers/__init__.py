@@ -7,8 +7,11 @@ and returns task weights ``w`` such that the combined direction is ``d = Jᵀ w`
 reusable numerical kernels — an optimisation problem that has a name outside any one paper, or
 that two methods share — live here, one module per problem:
 
-* :mod:`._min_norm` — min-norm point of the convex hull (MGDA; CAGrad's inner problem) and the
-  projection onto the simplex;
+* :mod:`._min_norm` — min-norm point of the convex hull (MGDA), by Wolfe's active-set cycles,
+  which also take a linear term;
+* :mod:`._shifted_min_norm` — CAGrad's inner problem (the min-norm point of the shifted
+  gradients) for many shifts on one Gramian, on those cycles;
+* :mod:`._simplex` — the Euclidean projection onto the simplex (MoCo);
 * :mod:`._dual_cone` — the non-negative QP and the projection onto the dual cone of the task
   gradients (UPGrad, DualProj; CAGrad's degenerate case);
 * :mod:`._barrier` — damped Newton on a barrier potential (Nash-MTL, FairGrad);
@@ -42,7 +45,8 @@ from taskbalance._solvers._barrier import fairgrad_weights, nash_weights
 from taskbalance._solvers._cagrad import cagrad_weights
 from taskbalance._solvers._common import Backend, SolverError, select_backend
 from taskbalance._solvers._dual_cone import ActiveSets, dual_cone_weights, nonneg_qp
-from taskbalance._solvers._min_norm import min_norm_weights, project_simplex, project_simplex_py
+from taskbalance._solvers._min_norm import min_norm_weights
+from taskbalance._solvers._simplex import project_simplex, project_simplex_py
 
 __all__ = [
     "ActiveSets",

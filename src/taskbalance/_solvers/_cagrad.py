@@ -27,7 +27,7 @@ from taskbalance._solvers._common import (
     work_tensor,
 )
 from taskbalance._solvers._dual_cone import _nnqp_py, _nnqp_torch, _UnboundedError
-from taskbalance._solvers._min_norm import ShiftedMinNorm
+from taskbalance._solvers._shifted_min_norm import ShiftedMinNorm
 from taskbalance._validation import check_nonnegative, check_positive_int
 
 __all__ = ["cagrad_weights"]

@@ -1,14 +1,15 @@
-"""Min-norm point of the convex hull (MGDA), and the Euclidean projection onto the simplex.
+"""Min-norm point of the convex hull (MGDA): Wolfe's active-set method, both paths side by side.
 
-Both paths of Wolfe's active-set method side by side: torch (eigendecomposition on singular
-faces) and plain Python (hand-written Cholesky, singular faces handed to the torch face solve).
+Torch (eigendecomposition on singular faces) and plain Python (hand-written Cholesky, singular
+faces handed to the torch face solve). The cycles also take a linear term ``2β bᵀw``: that is
+CAGrad's inner problem, whose set-up lives in :mod:`._shifted_min_norm`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -29,11 +30,13 @@ from taskbalance._solvers._common import (
 )
 from taskbalance._validation import check_choice, check_nonnegative, check_positive_int
 
+if TYPE_CHECKING:  # annotations only: that module builds on this one's cycles
+    from taskbalance._solvers._shifted_min_norm import ShiftedPyParts, ShiftedTorchParts
+
 __all__ = [
-    "ShiftedMinNorm",
+    "active_set_py",
+    "active_set_torch",
     "min_norm_weights",
-    "project_simplex",
-    "project_simplex_py",
     "solve_min_norm",
 ]
 
@@ -44,65 +47,6 @@ PYTHON_MAX_K = 24
 _SOLVER = "min_norm_weights(method='active_set')"
 #: dw/dβ of a face's minimiser, evaluated only for the final face
 Slope = Callable[[], Tensor]
-
-
-def project_simplex(v: Tensor) -> Tensor:
-    r"""Euclidean projection onto the probability simplex along the last dimension.
-
-    Solves :math:`\operatorname{argmin}_{w \ge 0,\ \mathbf 1^\top w = 1} \lVert w - v \rVert_2`
-    with the sorting algorithm (Held et al. 1974; Duchi et al. 2008):
-    :math:`w = \max(v - \tau, 0)` with :math:`\tau = (\sum_{i \le \rho} u_i - 1) / \rho`, where
-    :math:`u` is :math:`v` sorted decreasingly and :math:`\rho` the largest index with
-    :math:`u_\rho > (\sum_{i\le\rho} u_i - 1)/\rho`. Fully vectorised, no host synchronisation.
-
-    Args:
-        v: Tensor of shape ``[..., K]`` (floating point, finite).
-
-    Returns:
-        Tensor of the same shape, dtype and device, each row on the simplex.
-
-    Raises:
-        ValueError: If ``v`` is not a floating point tensor with at least one dimension.
-
-    Example:
-        >>> project_simplex(torch.tensor([0.5, 0.5, 1.0]))
-        tensor([0.1667, 0.1667, 0.6667])
-    """
-    if not isinstance(v, Tensor) or not v.is_floating_point() or v.ndim == 0 or v.shape[-1] == 0:
-        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-        raise ValueError(f"v: expected a floating point tensor of shape [..., K], got {shape}")
-    # Shifted by the largest entry (the projection of v − c·1 is that of v): the first prefix
-    # then always passes the test below, which rounding cannot break for entries beyond 2**53
-    shifted = v - v.amax(dim=-1, keepdim=True)
-    u, _ = torch.sort(shifted, dim=-1, descending=True)
-    css = torch.cumsum(u, dim=-1) - 1.0
-    k = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    cond = u - css / k > 0
-    rho = cond.to(torch.int64).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
-    tau = torch.gather(css, -1, rho) / (rho + 1).to(v.dtype)
-    return torch.clamp(shifted - tau, min=0.0)
-
-
-def project_simplex_py(v: list[float]) -> list[float]:
-    """:func:`project_simplex` of one vector in Python floats, by the same steps (for small K,
-    where each of its dozen tensor calls costs more than the arithmetic).
-
-    Example:
-        >>> project_simplex_py([0.5, 0.5, 1.0])
-        [0.16666666666666663, 0.16666666666666663, 0.6666666666666666]
-    """
-    if not v:
-        raise ValueError("v: expected a non-empty list of floats, got []")
-    largest = max(v)
-    shifted = [value - largest for value in v]
-    total = 0.0
-    tau = 0.0
-    for count, value in enumerate(sorted(shifted, reverse=True), start=1):
-        total += value
-        # u_ρ > (Σ_{i≤ρ} u_i − 1)/ρ holds for a prefix of the sorted values: the last ρ wins
-        if value - (total - 1.0) / count > 0:
-            tau = (total - 1.0) / count
-    return [max(value - tau, 0.0) for value in shifted]
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,12 +208,12 @@ def _noise(sq: Tensor, w: Tensor, K: int) -> tuple[Tensor, float]:
     return 4.0 * K * EPS * m * (sq + m), m
 
 
-def _active_set_torch(
+def active_set_torch(
     G: Tensor,
     max_iter: int,
     tol: float,
     start: list[float] | None = None,
-    lin: tuple[_ShiftedTorch, float] | None = None,
+    lin: tuple[ShiftedTorchParts, float] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Wolfe's min-norm-point active-set method on a float64 host Gramian (no zero rows).
 
@@ -503,14 +447,14 @@ def _face_shifted_py(
     return _face_min_norm_eigh(as_f64(Gs), as_f64(y_cur), lin).tolist(), None
 
 
-def _active_set_py(
+def active_set_py(
     G: list[list[float]],
     max_iter: int,
     tol: float,
     start: list[float] | None = None,
-    lin: tuple[_ShiftedPy, float] | None = None,
+    lin: tuple[ShiftedPyParts, float] | None = None,
 ) -> tuple[list[float], list[float] | None]:
-    """:func:`_active_set_torch` in Python floats (same starts, iterates and stopping rule)."""
+    """:func:`active_set_torch` in Python floats (same starts, iterates and stopping rule)."""
     K = len(G)
     if lin is None:
         scale = max(G[i][i] for i in range(K))
@@ -647,118 +591,14 @@ def solve_min_norm(
 ) -> Tensor | list[float]:
     """Exact min-norm weights of a validated working Gramian, on the path its type names
     (a float64 host tensor: torch; a list of Python floats: Python), optionally warm-started
-    from simplex weights ``start`` (see :func:`_active_set_torch`)."""
+    from simplex weights ``start`` (see :func:`active_set_torch`)."""
     if isinstance(G, Tensor):
         special = _special_case(G.diagonal().tolist(), float(G[0, 1]) if len(G) > 1 else 0.0)
         if special is not None:
             return torch.tensor(special, dtype=F64)
-        return _active_set_torch(G, max_iter, tol, start)[0]
+        return active_set_torch(G, max_iter, tol, start)[0]
     special = _special_case([G[i][i] for i in range(len(G))], G[0][1] if len(G) > 1 else 0.0)
-    return special if special is not None else _active_set_py(G, max_iter, tol, start)[0]
-
-
-class _ShiftedTorch(NamedTuple):
-    """:class:`ShiftedMinNorm`'s β-free parts on the torch path (``G`` scaled to a unit largest
-    diagonal entry, as :func:`_active_set_torch` scales it)."""
-
-    Gn: Tensor
-    diag: Tensor
-    sq: Tensor
-    bn: Tensor
-    AR: Tensor  # [D Gn D | D1 | D bn]: every face's Jacobi-scaled block and right-hand sides
-    rows: Tensor  # [√diag, |bn|, bn]: sizes of the terms, and bnᵀw, in one product
-    noise_b: Tensor  # 4 K eps |bn|: the rounding level of the linear terms (per unit β)
-
-
-class _ShiftedPy(NamedTuple):
-    """:class:`ShiftedMinNorm`'s β-free parts on the Python path."""
-
-    Gn: list[list[float]]
-    diag: list[float]
-    sq: list[float]
-    bn: list[float]
-
-
-class ShiftedMinNorm:
-    r"""Exact :math:`\operatorname{argmin}_{w\in\Delta} w^\top G w + 2\beta\, b^\top w` for one
-    validated working Gramian without zero rows and ``b = Gp`` for some ``p``, for any number of
-    ``β`` (:meth:`solve`): the min-norm point of the shifted gradients
-    :math:`g_i + \beta J^\top p`, CAGrad's inner problem, by :func:`_active_set_torch`'s cycles
-    on ``G`` and ``b`` themselves, on the path the type of ``G`` names.
-
-    The shifted gradients' Gramian :math:`G + \beta(b\mathbf 1^\top + \mathbf 1 b^\top) +
-    \beta^2 p^\top G p\, \mathbf 1\mathbf 1^\top` has the same minimiser, but its constant
-    swamps :math:`G` once :math:`\beta^2 p^\top G p \gtrsim \lVert G\rVert/\varepsilon`: the
-    faces' curvature is then below its rounding, and a solve on it keeps its start. The
-    β-free parts (``G`` scaled, every face's Jacobi-scaled block) are computed once, here.
-    """
-
-    def __init__(self, G: Tensor | list[list[float]], b: Tensor | list[float]) -> None:
-        K = len(G)
-        self.K = K
-        self._tensor = isinstance(G, Tensor)
-        self._torch: _ShiftedTorch | None = None
-        self._py: _ShiftedPy | None = None
-        if K <= 2:  # closed form
-            Gl = G.tolist() if isinstance(G, Tensor) else G
-            bl = b.tolist() if isinstance(b, Tensor) else b
-            self._G2, self._b2 = Gl, bl
-        elif isinstance(G, Tensor):
-            assert isinstance(b, Tensor)
-            scale = float(G.diagonal().max())
-            Gn, bn = G / scale, b / scale
-            diag = Gn.diagonal()
-            sq = diag.sqrt()
-            d = diag.clamp_min(1e-300).rsqrt()
-            AR = torch.cat([d[:, None] * Gn * d[None, :], d[:, None], (d * bn)[:, None]], 1)
-            babs = bn.abs()
-            rows = torch.stack([sq, babs, bn])
-            self._torch = _ShiftedTorch(Gn, diag, sq, bn, AR, rows, (4.0 * K * EPS) * babs)
-        else:
-            assert not isinstance(b, Tensor)
-            scale = max(G[i][i] for i in range(K))
-            Gl = [[v / scale for v in row] for row in G]
-            diag_l = [Gl[i][i] for i in range(K)]
-            sq_l = [math.sqrt(v) for v in diag_l]
-            self._py = _ShiftedPy(Gl, diag_l, sq_l, [v / scale for v in b])
-
-    def solve(
-        self, beta: float, max_iter: int, tol: float, start: list[float] | None = None
-    ) -> tuple[Tensor | list[float], Tensor | list[float] | None]:
-        """``(w, w1)`` at ``β``, warm started from simplex weights ``start``; ``w1 = dw/dβ`` on
-        the final face (affine in ``β`` there; 0 at a vertex), ``None`` where that face was
-        singular."""
-        if self.K <= 2:
-            if self.K == 1:
-                w_s, w1_s = [1.0], [0.0]
-            else:
-                w_s, w1_s = _two_shifted(self._G2, self._b2, beta)
-            if self._tensor:
-                return torch.tensor(w_s, dtype=F64), torch.tensor(w1_s, dtype=F64)
-            return w_s, w1_s
-        if self._torch is not None:
-            P = self._torch
-            return _active_set_torch(P.Gn, max_iter, tol, start, (P, beta))
-        assert self._py is not None
-        return _active_set_py(self._py.Gn, max_iter, tol, start, (self._py, beta))
-
-
-def _two_shifted(
-    G: list[list[float]], b: list[float], beta: float
-) -> tuple[list[float], list[float]]:
-    """:class:`ShiftedMinNorm` for K = 2 in closed form (Sener's Algorithm 1 on the
-    shifted Gramian, its constant cancelled): ``γ = clamp((G22 − G12 + β(b2 − b1))/‖g1 −
-    g2‖², 0, 1)``."""
-    den = G[0][0] + G[1][1] - 2.0 * G[0][1]
-    if not den > 0.0:  # identical rows (then b1 = b2): every point is optimal
-        return [0.5, 0.5], [0.0, 0.0]
-    slope = (b[1] - b[0]) / den
-    gamma = (G[1][1] - G[0][1]) / den + beta * slope
-    if gamma <= 0.0:  # a vertex, which does not move with β
-        return [0.0, 1.0], [0.0, 0.0]
-    if gamma >= 1.0:
-        return [1.0, 0.0], [0.0, 0.0]
-    return [gamma, 1.0 - gamma], [slope, -slope]
+    return special if special is not None else active_set_py(G, max_iter, tol, start)[0]
 
 
 def min_norm_weights(
