@@ -7,6 +7,7 @@ import math
 import torch
 
 import taskbalance as tb
+from taskbalance.methods._gradvac import gradvac_weights
 
 
 def test_targets_move_when_no_adjustment_is_made():
@@ -36,3 +37,49 @@ def test_targets_follow_the_cosine_observed_before_the_adjustment():
     off_diagonal = -beta / math.sqrt(2.0)
     expected = torch.tensor([[0.0, off_diagonal], [off_diagonal, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(balancer.target_cosines, expected)
+
+
+def test_identical_gradients_meet_a_target_of_one_without_adjustment():
+    # Identical rows have cosine exactly 1 (√(fl(x²)) = x), so a target of 1 leaves them alone.
+    # Computed as G_jm·(1/‖g_j‖)·(1/‖g_m‖) this x gave 1 − 2⁻⁵³, and the floored sine turned
+    # that rounding into weights of 3.1.
+    x = 1.0160481444332998
+    gram = torch.full((2, 2), x, dtype=torch.float64)
+    balancer = tb.create("gradvac", num_tasks=2, beta=0.5)
+    balancer.target_cosines.fill_(1.0)
+    weights = balancer.compute_weights(torch.ones(2), gram=gram)
+    torch.testing.assert_close(weights.double(), torch.ones(2, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_opposite_gradients_have_cosine_exactly_minus_one():
+    # Targets move by β·cos: for exactly opposite rows the observed cosine is −1 to the bit
+    # (this x gave −1 + 2⁻⁵³ through the inverse norms).
+    x = 7.755858880277834
+    gram = torch.tensor([[x, -x], [-x, x]], dtype=torch.float64)
+    balancer = tb.create("gradvac", num_tasks=2, beta=1.0)
+    balancer.compute_weights(torch.ones(2), gram=gram)
+    expected = torch.tensor([[0.0, -1.0], [-1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(balancer.target_cosines, expected, rtol=0, atol=0)
+
+
+def test_a_cancelled_gradient_is_zero_for_the_pairs_after_it():
+    # g_2 = −g_1: visiting task 2 first, g_1' = g_1 + a·g_2 cancels (to rounding: the step is
+    # ‖g_1‖·√(1−φ̂²)/√(1−φ̂²)). The pair (1, 3) that follows has no cosine, so its target stays
+    # put; the rounding residual's cosine with g_3 (here ±0.38) used to move it.
+    row_1 = [1.6500876972225647, -1.7420690656414446, 1.4470345342545599, 0.09401084335447547]
+    row_3 = [-0.44328643199805917, -0.7400246837578275, 1.291943213996394, 1.752282808054093]
+    jacobian = torch.tensor([row_1, [-v for v in row_1], row_3], dtype=torch.float64)
+    targets = [[0.0, -0.7799670666860893, 0.0], [0.0] * 3, [0.0] * 3]
+    weights, new_targets = gradvac_weights(
+        jacobian @ jacobian.T, [[1, 2], [0, 2], [0, 1]], targets, 0.5
+    )
+    assert new_targets[0][2] == 0.0
+    assert new_targets[0][1] == 0.5 * targets[0][1] - 0.5  # the cancelling pair itself moves
+    # Exactly: g_1' = g_1 + g_2 = 0 and g_2' = g_2 + g_1 = 0 (c = (1, 1, 0) each); g_3 is
+    # projected off g_1 (or, equivalently, off g_2 = −g_1): g_3' = g_3 − p·g_1.
+    p = float(jacobian[2] @ jacobian[0] / (jacobian[0] @ jacobian[0]))
+    expected = torch.tensor([2.0 - p, 2.0, 1.0], dtype=torch.float64)
+    if p < 0:  # cos(g_3, g_1) < 0: the adjustment is on c_3[1] instead (g_1 = −g_2)
+        expected = torch.tensor([2.0, 2.0 + p, 1.0], dtype=torch.float64)
+    direction = expected @ jacobian
+    torch.testing.assert_close(weights @ jacobian, direction, rtol=1e-12, atol=1e-12)

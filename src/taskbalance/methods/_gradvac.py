@@ -42,7 +42,8 @@ class GradVac(GradientBalancer):
     quantity above comes from G: ``g_i'·g_j = (G c_i)_j``, ``‖g_i'‖² = c_iᵀ G c_i``,
     ``‖g_j‖² = G_jj``; the adjustment adds ``a`` to ``c_i[j]``. So ``Σ_i g_i' = Jᵀ(Σ_i c_i)``
     and ``w = Σ_i c_i``. (The pass itself runs on the cosines ``G_jm/(‖g_j‖‖g_m‖)``, with each
-    ``c_i`` kept in units of the task gradients' lengths: the same numbers, fewer operations.)
+    ``c_i`` kept in units of the task gradients' lengths: the same numbers to rounding, fewer
+    operations.)
 
     Order: for each task i a fresh random permutation of the other tasks, row i of
     ``torch.rand(K, K − 1, dtype=torch.float64, generator=g).argsort(dim=1)`` (indexing them in
@@ -81,7 +82,9 @@ class GradVac(GradientBalancer):
       its own random order, as in the paper's pseudo-code (groups in the outer loop); LibMTL
       visits the tasks in one order for all groups.
     - A pair where ``g_i'`` or ``g_j`` is zero is skipped (no cosine exists; "zero" means
-      ``‖·‖² ≤ eps²·max_k ‖g_k‖²``, eps of the Gramian's dtype, as in PCGrad), and
+      ``‖·‖² ≤ eps²·max_k ‖g_k‖²``, eps of the Gramian's dtype, as in PCGrad; and once an
+      adjustment leaves ``‖g_i'‖² ≤ 4·eps·(Σ_m |e_m|)²``, within rounding of zero, where
+      ``g_i' = Σ_m e_m g_m/‖g_m‖``, as when exactly opposite gradients cancel), and
       ``√(1−φ̂²)`` is floored at 1e-8 in the denominator.
     - Weights and targets are computed in float64 on the CPU (K×K numbers).
 
@@ -163,13 +166,24 @@ def gradvac_weights(
     """
     g = gram.tolist()  # exact: float32 and float64 entries are Python floats
     negligible = negligible_squared_norm(g, gram.dtype)
+    eps = torch.finfo(gram.dtype).eps
     num_tasks = len(g)
     targets = [list(row) for row in targets]
     usable = [g[j][j] > negligible for j in range(num_tasks)]
     inverse_norms = [1.0 / math.sqrt(g[j][j]) if usable[j] else 0.0 for j in range(num_tasks)]
+    # R_jm = G_jm/√(G_jj·G_mm): exactly ±1 for identical or opposite rows (√(fl(x²)) = |x|),
+    # which a target of 1 needs to leave them alone (G_jm·(1/‖g_j‖)·(1/‖g_m‖) can be 1 − 2⁻⁵³).
+    # Scaled by a power of two (exact), no G_jj·G_mm over- or underflows; an unusable task's
+    # entries, never read, are 0 (its diagonal taken as infinite)
+    exponent = math.frexp(max(g[j][j] for j in range(num_tasks)))[1]
+    scale = math.ldexp(1.0, min(-exponent, 1000))  # 2**1074 would overflow (subnormal G_jj)
+    diagonal = [g[j][j] * scale if usable[j] else math.inf for j in range(num_tasks)]
     cosines = [
-        [entry * inverse_j * inverse_m for entry, inverse_m in zip(row, inverse_norms, strict=True)]
-        for row, inverse_j in zip(g, inverse_norms, strict=True)
+        [
+            entry * scale / math.sqrt(diagonal_j * diagonal_m)
+            for entry, diagonal_m in zip(row, diagonal, strict=True)
+        ]
+        for row, diagonal_j in zip(g, diagonal, strict=True)
     ]
     keep = 1.0 - beta
     total = [0.0] * num_tasks
@@ -184,6 +198,7 @@ def gradvac_weights(
         # e's non-zero entries; g_i'·u_j is computed when task j comes, over those entries only:
         # O(K·adjustments) per task, where keeping all K products up to date costs O(K²)
         adjusted, units = [i], [norm_i]
+        spread = norm_i  # Σ_m |e_m|: ‖g_i'‖² is known to ~eps·spread² (|R_jm| ≤ 1)
         pick: itemgetter[Any] | None = None  # e's entries of a row of R, once adjusted
         for j in orders[i]:
             if not usable[j]:
@@ -212,7 +227,9 @@ def gradvac_weights(
                 units.append(step)
                 pick = itemgetter(*adjusted)
                 squared_i += step * (2.0 * product + step)
-                if squared_i <= negligible:
+                spread += abs(step)
+                # within rounding of zero (opposite gradients cancel exactly): no cosine exists
+                if squared_i <= max(negligible, 4.0 * eps * spread * spread):
                     break
                 norm_i = math.sqrt(squared_i)
         for m, unit in zip(adjusted[1:], units[1:], strict=True):
