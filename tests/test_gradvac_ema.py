@@ -83,3 +83,17 @@ def test_a_cancelled_gradient_is_zero_for_the_pairs_after_it():
         expected = torch.tensor([2.0, 2.0 + p, 1.0], dtype=torch.float64)
     direction = expected @ jacobian
     torch.testing.assert_close(weights @ jacobian, direction, rtol=1e-12, atol=1e-12)
+
+
+def test_cosines_are_exact_where_the_diagonal_products_leave_the_float_range():
+    # G_jj·G_mm overflows at 1e300 and underflows at 1e-300: G is then scaled by a power of
+    # two first, and identical rows still have cosine exactly 1 (the target moves by β·1).
+    jacobian = torch.tensor(
+        [[1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [-1.0, 0.5, 3.0]], dtype=torch.float64
+    )
+    for factor in (1e300, 1e-300, 1.0):
+        gram = (jacobian @ jacobian.T) * factor
+        weights, targets = gradvac_weights(gram, [[1, 2], [0, 2], [0, 1]], [[0.0] * 3] * 3, 0.5)
+        assert targets[0][1] == targets[1][0] == 0.5, factor
+        assert targets[0][2] == targets[2][0] == 0.0, factor  # orthogonal rows: cosine 0
+        torch.testing.assert_close(weights, torch.ones(3, dtype=torch.float64), rtol=0, atol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from operator import itemgetter, mul
 from typing import Any, ClassVar
 
@@ -166,24 +167,30 @@ def gradvac_weights(
     """
     g = gram.tolist()  # exact: float32 and float64 entries are Python floats
     negligible = negligible_squared_norm(g, gram.dtype)
-    eps = torch.finfo(gram.dtype).eps
+    rounding = 4.0 * torch.finfo(gram.dtype).eps
     num_tasks = len(g)
     targets = [list(row) for row in targets]
     usable = [g[j][j] > negligible for j in range(num_tasks)]
     inverse_norms = [1.0 / math.sqrt(g[j][j]) if usable[j] else 0.0 for j in range(num_tasks)]
     # R_jm = G_jm/√(G_jj·G_mm): exactly ±1 for identical or opposite rows (√(fl(x²)) = |x|),
     # which a target of 1 needs to leave them alone (G_jm·(1/‖g_j‖)·(1/‖g_m‖) can be 1 − 2⁻⁵³).
-    # Scaled by a power of two (exact), no G_jj·G_mm over- or underflows; an unusable task's
-    # entries, never read, are 0 (its diagonal taken as infinite)
-    exponent = math.frexp(max(g[j][j] for j in range(num_tasks)))[1]
-    scale = math.ldexp(1.0, min(-exponent, 1000))  # 2**1074 would overflow (subnormal G_jj)
-    diagonal = [g[j][j] * scale if usable[j] else math.inf for j in range(num_tasks)]
+    # Where some G_jj·G_mm would over- or underflow, G is first scaled by a power of two
+    # (exact). An unusable task's entries, never read, are 0 (its diagonal taken as infinite).
+    entries = g
+    present = [g[j][j] for j in range(num_tasks) if usable[j]]
+    if present and not (
+        sys.float_info.min <= min(present) * min(present) and max(present) * max(present) < math.inf
+    ):
+        exponent = math.frexp(max(present))[1]
+        scale = math.ldexp(1.0, min(-exponent, 1000))  # 2**1074 would overflow (subnormal G_jj)
+        entries = [[entry * scale for entry in row] for row in g]
+    diagonal = [entries[j][j] if usable[j] else math.inf for j in range(num_tasks)]
     cosines = [
         [
-            entry * scale / math.sqrt(diagonal_j * diagonal_m)
+            entry / math.sqrt(diagonal_j * diagonal_m)
             for entry, diagonal_m in zip(row, diagonal, strict=True)
         ]
-        for row, diagonal_j in zip(g, diagonal, strict=True)
+        for row, diagonal_j in zip(entries, diagonal, strict=True)
     ]
     keep = 1.0 - beta
     total = [0.0] * num_tasks
@@ -229,7 +236,7 @@ def gradvac_weights(
                 squared_i += step * (2.0 * product + step)
                 spread += abs(step)
                 # within rounding of zero (opposite gradients cancel exactly): no cosine exists
-                if squared_i <= max(negligible, 4.0 * eps * spread * spread):
+                if squared_i <= negligible or squared_i <= rounding * spread * spread:
                     break
                 norm_i = math.sqrt(squared_i)
         for m, unit in zip(adjusted[1:], units[1:], strict=True):
