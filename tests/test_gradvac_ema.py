@@ -66,8 +66,10 @@ def test_a_cancelled_gradient_is_zero_for_the_pairs_after_it():
     # g_2 = −g_1: visiting task 2 first, g_1' = g_1 + a·g_2 cancels (to rounding: the step is
     # ‖g_1‖·√(1−φ̂²)/√(1−φ̂²)). The pair (1, 3) that follows has no cosine, so its target stays
     # put; the rounding residual's cosine with g_3 (here ±0.38) used to move it.
-    row_1 = [1.6500876972225647, -1.7420690656414446, 1.4470345342545599, 0.09401084335447547]
-    row_3 = [-0.44328643199805917, -0.7400246837578275, 1.291943213996394, 1.752282808054093]
+    row_1 = [1.6500876972225647, -1.7420690656414446, 1.4470345342545599]
+    row_1 += [0.09401084335447547, -1.6724024703465736]
+    row_3 = [-0.44328643199805917, -0.7400246837578275, 1.291943213996394]
+    row_3 += [1.752282808054093, -0.8666446997763193]
     jacobian = torch.tensor([row_1, [-v for v in row_1], row_3], dtype=torch.float64)
     targets = [[0.0, -0.7799670666860893, 0.0], [0.0] * 3, [0.0] * 3]
     weights, new_targets = gradvac_weights(
