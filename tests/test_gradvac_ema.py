@@ -99,3 +99,19 @@ def test_cosines_are_exact_where_the_diagonal_products_leave_the_float_range():
         assert targets[0][1] == targets[1][0] == 0.5, factor
         assert targets[0][2] == targets[2][0] == 0.0, factor  # orthogonal rows: cosine 0
         torch.testing.assert_close(weights, torch.ones(3, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_a_cosine_within_rounding_of_minus_one_cancels_exactly_at_any_target():
+    # From G, cos(g_1, −3·g_1) is −1 + 2⁻⁵³. Taken as it is, its sine is ~1.5e-8, and at a
+    # target of −0.97 the step leaves a residual of ~1e-8·‖g_2‖, whose cosine with g_3
+    # moved the target (1, 3) by β·0.86; as −1, the step cancels g_2 and the pair is skipped.
+    g_1 = [0.194, 1.112, -0.206, -0.926]
+    g_3 = [0.584, 0.583, -0.215, -0.783]
+    jacobian = torch.tensor([g_1, [-3 * v for v in g_1], g_3], dtype=torch.float64)
+    gram = jacobian @ jacobian.T
+    assert float(gram[0, 1] / (gram[0, 0] * gram[1, 1]).sqrt()) > -1.0  # the rounding
+    for target in (-0.9, -0.97, -0.999999):
+        targets = [[0.0, target, 0.0], [target, 0.0, 0.0], [0.0, 0.0, 0.0]]
+        _, new_targets = gradvac_weights(gram, [[1, 2], [0, 2], [0, 1]], targets, 0.5)
+        assert new_targets[1][2] == 0.0, target
+        assert new_targets[0][2] == 0.0, target

@@ -83,10 +83,14 @@ class GradVac(GradientBalancer):
       its own random order, as in the paper's pseudo-code (groups in the outer loop); LibMTL
       visits the tasks in one order for all groups.
     - A pair where ``g_i'`` or ``g_j`` is zero is skipped (no cosine exists; "zero" means
-      ``‖·‖² ≤ eps²·max_k ‖g_k‖²``, eps of the Gramian's dtype, as in PCGrad; and once an
-      adjustment leaves ``‖g_i'‖² ≤ 4·eps·(Σ_m |e_m|)²``, within rounding of zero, where
-      ``g_i' = Σ_m e_m g_m/‖g_m‖``, as when exactly opposite gradients cancel), and
-      ``√(1−φ̂²)`` is floored at 1e-8 in the denominator.
+      ``‖·‖² ≤ eps²·max_k ‖g_k‖²``, as in PCGrad; and once an adjustment leaves
+      ``‖g_i'‖² ≤ eps·(Σ_m |e_m|)²``, where ``g_i' = Σ_m e_m g_m/‖g_m‖``: its rounding
+      bound then exceeds it, as when exactly opposite gradients cancel). A cosine within
+      ``4·eps·Σ_m |e_m|/‖g_i'‖`` (its rounding) of ±1 is taken as ±1, so that parallel
+      gradients meet a target of 1 and opposite ones cancel exactly, where the sine's
+      rounding error, ~√eps, would be amplified by ``1/√(1−φ̂²)``. ``√(1−φ̂²)`` is floored
+      at 1e-8 in the denominator. eps is that of the Gramian's dtype (float32's for a
+      float16 or bfloat16 Gramian, which is solved in float32).
     - Weights and targets are computed in float64 on the CPU (K×K numbers).
 
     Args:
@@ -167,7 +171,7 @@ def gradvac_weights(
     """
     g = gram.tolist()  # exact: float32 and float64 entries are Python floats
     negligible = negligible_squared_norm(g, gram.dtype)
-    rounding = 4.0 * torch.finfo(gram.dtype).eps
+    eps = torch.finfo(gram.dtype).eps
     num_tasks = len(g)
     targets = [list(row) for row in targets]
     usable = [g[j][j] > negligible for j in range(num_tasks)]
@@ -205,7 +209,10 @@ def gradvac_weights(
         # e's non-zero entries; g_i'·u_j is computed when task j comes, over those entries only:
         # O(K·adjustments) per task, where keeping all K products up to date costs O(K²)
         adjusted, units = [i], [norm_i]
-        spread = norm_i  # Σ_m |e_m|: ‖g_i'‖² is known to ~eps·spread² (|R_jm| ≤ 1)
+        # Σ_m |e_m|: with R known to ~eps, ‖g_i'‖² = eᵀRe is known to eps·spread² and
+        # cos(g_i', g_j) to eps·spread/‖g_i'‖ (4× that is taken as its rounding)
+        spread = norm_i
+        near_one = 1.0 - 4.0 * eps
         pick: itemgetter[Any] | None = None  # e's entries of a row of R, once adjusted
         for j in orders[i]:
             if not usable[j]:
@@ -216,10 +223,12 @@ def gradvac_weights(
             else:
                 product = sum(map(mul, units, pick(cosines[j])))
                 cosine = product / norm_i
-            # rounding can leave a cosine just outside [-1, 1]; inside it, 1 − cos² ≥ 0 exactly
-            if cosine > 1.0:
+            # Within its rounding of ±1 (or outside [-1, 1]) a cosine is ±1: parallel rows then
+            # meet a target of 1, and opposite ones cancel exactly, where rounding would turn
+            # the sine's error, ~√eps, into a step of √eps/√(1 − φ̂²)
+            if cosine >= near_one:
                 cosine = 1.0
-            elif cosine < -1.0:
+            elif cosine <= -near_one:
                 cosine = -1.0
             target = row_targets[j]
             row_targets[j] = keep * target + beta * cosine
@@ -236,9 +245,10 @@ def gradvac_weights(
                 squared_i += step * (2.0 * product + step)
                 spread += abs(step)
                 # within rounding of zero (opposite gradients cancel exactly): no cosine exists
-                if squared_i <= negligible or squared_i <= rounding * spread * spread:
+                if squared_i <= negligible or squared_i <= eps * spread * spread:
                     break
                 norm_i = math.sqrt(squared_i)
+                near_one = 1.0 - 4.0 * eps * spread / norm_i
         for m, unit in zip(adjusted[1:], units[1:], strict=True):
             total[m] += unit * inverse_norms[m]
     return torch.tensor(total, dtype=torch.float64), targets
