@@ -247,6 +247,28 @@ def test_asymmetric_gramian_is_refused_by_every_method(name):
     assert_same_state(before, snapshot(b))
 
 
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_gramian_beyond_float64_headroom_is_refused(name):
+    # Entries past 2**1000: the rules' sums of entries would overflow float64 (at 1.7e308
+    # ConFIG returned w = 0 and Aligned-MTL equal weights, others NaN or no convergence).
+    b = make_balancer(name, K)
+    before = snapshot(b)
+    gram = gram_for(0, K).double() * 1e301
+    with pytest.raises(ValueError, match=r"gram: entries up to \d\.\d+e\+30[12] leave the weight"):
+        b.compute_weights(losses_for(0, K), gram=gram)
+    assert_same_state(before, snapshot(b))
+
+
+@pytest.mark.parametrize("name", ["mgda", "gradvac", "upgrad", "aligned_mtl", "config"])
+def test_float32_gramian_near_its_largest_value_is_symmetrised_without_overflow(name):
+    # (G + Gᵀ)/2 in float32 overflowed to inf for entries above 1.7e38 and the weights came out
+    # as if G were 1 (MGDA, GradVac: equal weights); a quarter of G has the same weights.
+    gram = torch.tensor([[3e38, -1e38], [-1e38, 2e38]], dtype=torch.float32)
+    near_max = make_balancer(name, 2).compute_weights(torch.ones(2), gram=gram)
+    quarter = make_balancer(name, 2).compute_weights(torch.ones(2), gram=gram / 4)
+    torch.testing.assert_close(near_max, quarter)
+
+
 @pytest.mark.parametrize("name", GRAM_METHODS)
 def test_rounding_asymmetry_is_symmetrised(name):
     gram = gram_for(0, K)

@@ -103,6 +103,9 @@ def _decoded(value: Any) -> Any:
 
 #: The dtypes a step's objective and statistics keep (a narrower one is promoted to float32).
 _FULL_PRECISION = (torch.float32, torch.float64)
+#: Largest |G_ij| a given Gramian may hold: 2**1000 leaves the rules' float64 sums and
+#: products of entries 2**23 of headroom (float32 Gramians never come near).
+_LARGEST_GRAM_ENTRY = 2.0**1000
 
 #: Training steps without an ``end_epoch()`` after which a method that waits for one warns.
 EPOCHLESS_STEPS = 10_000
@@ -383,8 +386,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             losses: the K task losses (values only are read).
             gram: the K×K Gramian of the task gradients, for gradient methods: symmetric and
                 positive semi-definite to the rounding of the precision it was computed in (one
-                indefinite beyond bfloat16's rounding is refused); a float16 or bfloat16 one is
-                solved in float32.
+                indefinite beyond bfloat16's rounding is refused), with no entry beyond
+                ``2**1000`` (≈ 1.07e301); a float16 or bfloat16 one is solved in float32.
             kpis: per-task KPIs in [0, 1] for methods that read them.
             present: optional bool ``[K]`` mask of the tasks present in this batch.
 
@@ -808,7 +811,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         return {key: fingerprint_value(v) for key, v in self._fingerprint_fields().items()}
 
     def _check_gram(self, gram: Tensor | None) -> Tensor:
-        """One rule for every method: a float, K×K, finite and symmetric Gramian.
+        """One rule for every method: a float, K×K, finite and symmetric Gramian, with no
+        entry beyond ``2**1000`` (float64 headroom for the rules).
 
         An asymmetry beyond rounding (``|G − Gᵀ| > 1e-5·max|G|``) is refused; rounding-level
         asymmetry is removed by using ``(G + Gᵀ)/2``. A Gramian is PSD to the rounding of
@@ -833,13 +837,25 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             gram = gram.to(torch.float32)
         if not bool(torch.isfinite(gram).all()):
             raise ValueError("gram: every entry of the Gramian must be finite")
+        peak = float(gram.abs().max())
+        if peak > _LARGEST_GRAM_ENTRY:
+            # The rules' sums and products of entries (K·max|G| and more) would overflow
+            # float64 and give wrong weights or none: refused, rather than scaled per method.
+            raise ValueError(
+                f"gram: entries up to {peak:.3e} leave the weight rules no headroom in float64 "
+                f"(expected at most 2**1000 ≈ {_LARGEST_GRAM_ENTRY:.3e}); scale the losses "
+                "down, which scales G by the square of the factor"
+            )
         asymmetry = float((gram - gram.T).abs().max())
-        if asymmetry > 1e-5 * float(gram.abs().max()):
+        if asymmetry > 1e-5 * peak:
             raise ValueError(
                 f"gram: a Gramian G = J Jᵀ is symmetric; got max |G − Gᵀ| = {asymmetry:.3g} "
-                f"for max |G| = {float(gram.abs().max()):.3g}"
+                f"for max |G| = {peak:.3g}"
             )
-        symmetric = (gram + gram.T) / 2
+        # (G + Gᵀ)/2 summed in float64 as halves, which no entry near the dtype's largest value
+        # overflows (a float32 entry halves exactly there)
+        halved = gram.double() * 0.5
+        symmetric = (halved + halved.T).to(gram.dtype)
         wide = symmetric.double()
         eigenvalues = torch.linalg.eigvalsh(wide)
         lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
