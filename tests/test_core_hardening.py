@@ -269,6 +269,39 @@ def test_float32_gramian_near_its_largest_value_is_symmetrised_without_overflow(
     torch.testing.assert_close(near_max, quarter)
 
 
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "mgda", "upgrad", "dualproj", "cagrad"])
+@pytest.mark.parametrize("normalization", ["loss", "loss+"])
+def test_normalised_gramian_beyond_the_dtype_range_keeps_the_weights(name, normalization):
+    # Losses of 2**-64 make G/(L_i·L_j) ~ 2**128, past float32: PCGrad and GradVac skipped
+    # every projection (comparisons with inf), the others raised about a non-finite G. The
+    # rules offered a normalisation have w(s²G) = w(G): the same weights as at 2**-8, which
+    # map back to J through the normalisers (×2**56 here; MGDA keeps the normalised ones).
+    gram = torch.tensor([[1.0, -1.0], [-1.0, 2.0]])
+    balancer = make_balancer(name, 2, normalization=normalization)
+    tiny = balancer.compute_weights(torch.full((2,), 2.0**-64), gram=gram)
+    moderate = make_balancer(name, 2, normalization=normalization).compute_weights(
+        torch.full((2,), 2.0**-8), gram=gram
+    )
+    mapped_back = 2.0**-56 if type(balancer).normalization_maps_back else 1.0
+    torch.testing.assert_close(tiny * mapped_back, moderate, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "exponent"), [("config", -1024), ("config", -1060), ("aligned_mtl", -1070)]
+)
+def test_subnormal_float64_gramian_gives_the_weights_of_its_scaled_copy(name, exponent):
+    # Products of inverse norms overflow below ~1e-308 (ConFIG returned w = 0) and subnormal
+    # entries lose bits (Aligned-MTL: [0.12, 0.32, 1.24] for [0.90, 0.67, -0.20]): a rule with
+    # w(s²G) = w(G) runs on the Gramian scaled by a power of two.
+    gram = torch.tensor([[5.0, -6.0, 2.0], [-6.0, 9.0, 2.0], [2.0, 2.0, 12.0]], dtype=torch.float64)
+    ones = torch.ones(3, dtype=torch.float64)
+    expected = make_balancer(name, 3).compute_weights(ones, gram=gram)
+    scaled = make_balancer(name, 3).compute_weights(
+        ones, gram=gram * 2.0 ** (exponent // 2) * 2.0 ** (exponent - exponent // 2)
+    )
+    torch.testing.assert_close(scaled, expected, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("name", GRAM_METHODS)
 def test_rounding_asymmetry_is_symmetrised(name):
     gram = gram_for(0, K)

@@ -27,6 +27,7 @@ from taskbalance._validation import (
     check_in_range,
     check_positive_int,
 )
+from taskbalance.methods._facts import SCALE_EQUIVARIANT
 
 #: Refresh steps in a row without every task after which a gradient method warns.
 _ABSENT_REFRESHES_WARNING = 100
@@ -306,11 +307,18 @@ class GradientBalancer(Balancer):
     def _weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         """The rule on ``G' = D G D`` (``normalization``), its weights mapped back to ``J``."""
         if self.normalization == "none":
-            return self._gradient_weights(losses, gram)
+            return self._gradient_weights(losses, self._within_range(gram))
         scale = gradient_normalisers(gram, losses, self.normalization)
         # The rule sees the dtype the Gramian was accumulated in: its rounding cut-offs
-        # (negligible norms, rank) are relative to that precision.
-        normalised = gram.double() * torch.outer(scale, scale)
+        # (negligible norms, rank) are relative to that precision. D G D is formed with D
+        # scaled by a power of two (exact) so that no product over- or underflows, then
+        # scaled back where it fits the dtype: only the methods with w(s²G) = w(G) offer a
+        # normalisation, and G' past the dtype's range would give them wrong weights or none.
+        exponent = math.frexp(float(scale.abs().max()))[1]
+        unit_scale = scale * math.ldexp(1.0, -exponent)
+        normalised = gram.double() * torch.outer(unit_scale, unit_scale)
+        shift = _range_shift(normalised, gram.dtype, 2 * exponent)
+        normalised = _times_power_of_two(normalised, shift)
         # Cauchy-Schwarz, |G'_ij| ≤ √(G'_ii·G'_jj), holds for every Gramian, but the scaling's
         # rounding may break it by an ulp (opposite unit gradients give 1 − 2⁻⁵³ on the diagonal
         # next to −1), and a QP solver then follows a negative curvature that does not exist.
@@ -324,6 +332,17 @@ class GradientBalancer(Balancer):
         if not self.normalization_maps_back:
             return weights
         return (weights.double() * scale.to(weights.device)).to(weights.dtype)
+
+    def _within_range(self, gram: Tensor) -> Tensor:
+        """``gram``, or for a rule with ``w(s²G) = w(G)`` a float64 one whose largest diagonal
+        entry is beyond ``2**±500`` scaled by a power of two (exact), as the rules' products of
+        inverse norms (``1/(‖g_i‖·‖g_j‖)``) overflow float64 below ~1e-308 and lose bits on
+        subnormal entries. A float32 Gramian's range cannot reach that."""
+        claimed: frozenset[str] = getattr(type(self), "claimed_properties", frozenset())
+        if gram.dtype != torch.float64 or SCALE_EQUIVARIANT not in claimed:
+            return gram
+        shift = _range_shift(gram, torch.float64, 0)
+        return gram if shift == 0 else _times_power_of_two(gram, shift)
 
     def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
         """As :meth:`torch.nn.Module.register_buffer`; a ``group_state`` buffer gets one copy
@@ -801,6 +820,34 @@ def _groups(params: ParamGroups) -> list[tuple[str, list[Tensor]]]:
 
 #: The gradient normalisations of MGDA's reference code (see "Gradient normalisation").
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+
+
+#: A Gramian whose largest diagonal entry lies within 2**±500 of 1 is left at its scale.
+_SAFE_EXPONENT = 500
+
+
+def _range_shift(gram: Tensor, dtype: torch.dtype, exponent: int) -> int:
+    """The power of two to scale ``gram`` by: ``exponent`` (its true scale is ``gram·2**exponent``)
+    where that puts its largest diagonal entry within the safe range of ``dtype``
+    (``2**±500`` for float64, float32's range less 2**24 either side), else the one that puts
+    it in [0.5, 1). An all-zero diagonal keeps ``exponent``."""
+    largest = float(gram.diagonal().max())
+    if largest <= 0:
+        return exponent
+    info = torch.finfo(dtype)
+    if dtype == torch.float64:
+        low, high = -_SAFE_EXPONENT, _SAFE_EXPONENT
+    else:
+        low = math.frexp(info.tiny)[1] + 24
+        high = math.frexp(info.max)[1] - 24
+    position = math.frexp(largest)[1] + exponent
+    return exponent if low <= position <= high else -math.frexp(largest)[1]
+
+
+def _times_power_of_two(tensor: Tensor, shift: int) -> Tensor:
+    """``tensor·2**shift``, exact, in two factors: one beyond ``2**±1023`` is not a float."""
+    half = shift // 2
+    return tensor * math.ldexp(1.0, half) * math.ldexp(1.0, shift - half)
 
 
 def gradient_normalisers(gram: Tensor, losses: Tensor, normalization: str) -> Tensor:
