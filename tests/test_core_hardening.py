@@ -302,6 +302,22 @@ def test_subnormal_float64_gramian_gives_the_weights_of_its_scaled_copy(name, ex
     torch.testing.assert_close(scaled, expected, rtol=1e-12, atol=0)
 
 
+def test_gradnorm_refuses_a_step_that_would_overflow_its_float32_adam_moments():
+    # Task gradients of norm ~1e21 square to ~1e42, past float32: the second moment was
+    # stored as inf and every later step moved the weights by m/inf = 0, for good.
+    gram = torch.tensor([[4.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    ones = torch.ones(2, dtype=torch.float64)
+    balancer = make_balancer("gradnorm", 2, gram_dtype=torch.float64)
+    balancer.compute_weights(ones, gram=gram)
+    before = snapshot(balancer)
+    with pytest.raises(ValueError, match=r"losses: the balancer's Adam moments would leave"):
+        balancer.compute_weights(ones, gram=gram * 2.0**140)
+    assert_same_state(before, snapshot(balancer))
+    first = balancer.compute_weights(ones, gram=gram)
+    second = balancer.compute_weights(ones, gram=gram)
+    assert not torch.equal(first, second)  # still learning
+
+
 @pytest.mark.parametrize("name", GRAM_METHODS)
 def test_rounding_asymmetry_is_symmetrised(name):
     gram = gram_for(0, K)

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 class AdamState(nn.Module):
     """Adam (Kingma & Ba, 2015) moments for one vector, updated out of place.
@@ -23,7 +25,9 @@ class AdamState(nn.Module):
     rounding: the arithmetic runs in float64 on the host, the moments are stored in float32).
 
     The moments stay float32 whatever ``.half()``, ``.to(torch.bfloat16)`` or autocast do to
-    the enclosing model: stored in float16, the squared gradients would underflow to 0.
+    the enclosing model: stored in float16, the squared gradients would underflow to 0. A step
+    whose moments would leave float32's range (gradients above ~1e19) is refused with a
+    ``ValueError`` before any state changes, where ``torch.optim.Adam`` would store inf.
 
     Args:
         size: length of the vector being optimised.
@@ -93,6 +97,15 @@ class AdamState(nn.Module):
             exp_avg_sq[k] = beta2 * exp_avg_sq[k] + (1 - beta2) * gradient * gradient
             denominator = math.sqrt(exp_avg_sq[k]) / root_bias_correction2 + self.eps
             updated[k] = value - self.lr / bias_correction1 * exp_avg[k] / denominator
+        # Stored past float32's range, a moment would be inf and every later step m/inf = 0
+        # (or NaN): refused before any state changes
+        if not all(abs(value) < _FLOAT32_MAX for value in (*exp_avg, *exp_avg_sq)):
+            raise ValueError(
+                f"losses: the balancer's Adam moments would leave float32's range at this step "
+                f"(gradients {[float(g) for g in grad]}, squared averages {exp_avg_sq}), "
+                "which would freeze its weights for good; the call is rejected and the "
+                "balancer's state is unchanged. Scale the losses down"
+            )
         moments = torch.tensor((exp_avg, exp_avg_sq), dtype=torch.float32)
         self.exp_avg.copy_(moments[0])
         self.exp_avg_sq.copy_(moments[1])
