@@ -88,14 +88,17 @@ def test_a_cancelled_gradient_is_zero_for_the_pairs_after_it():
 
 
 def test_cosines_are_exact_where_the_diagonal_products_leave_the_float_range():
-    # G_jj·G_mm overflows at 1e300 and underflows at 1e-300: G is then scaled by a power of
-    # two first, and identical rows still have cosine exactly 1 (the target moves by β·1).
+    # G_jj·G_mm overflows at 1e300 and underflows at 1e-300: the balancer hands the rule G
+    # scaled by a power of two, and identical rows still have cosine exactly 1 (the target
+    # moves by β·1). The rows are orthogonal or identical: any task order gives the same.
     jacobian = torch.tensor(
         [[1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [-1.0, 0.5, 3.0]], dtype=torch.float64
     )
     for factor in (1e300, 1e-300, 1.0):
         gram = (jacobian @ jacobian.T) * factor
-        weights, targets = gradvac_weights(gram, [[1, 2], [0, 2], [0, 1]], [[0.0] * 3] * 3, 0.5)
+        balancer = tb.create("gradvac", num_tasks=3, beta=0.5, gram_dtype=torch.float64)
+        weights = balancer.compute_weights(torch.ones(3, dtype=torch.float64), gram=gram)
+        targets = balancer.target_cosines.tolist()
         assert targets[0][1] == targets[1][0] == 0.5, factor
         assert targets[0][2] == targets[2][0] == 0.0, factor  # orthogonal rows: cosine 0
         torch.testing.assert_close(weights, torch.ones(3, dtype=torch.float64), rtol=0, atol=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from operator import itemgetter, mul
 from typing import Any, ClassVar
 
@@ -178,23 +177,16 @@ def gradvac_weights(
     inverse_norms = [1.0 / math.sqrt(g[j][j]) if usable[j] else 0.0 for j in range(num_tasks)]
     # R_jm = G_jm/√(G_jj·G_mm): exactly ±1 for identical or opposite rows (√(fl(x²)) = |x|),
     # which a target of 1 needs to leave them alone (G_jm·(1/‖g_j‖)·(1/‖g_m‖) can be 1 − 2⁻⁵³).
-    # Where some G_jj·G_mm would over- or underflow, G is first scaled by a power of two
-    # (exact). An unusable task's entries, never read, are 0 (its diagonal taken as infinite).
-    entries = g
-    present = [g[j][j] for j in range(num_tasks) if usable[j]]
-    if present and not (
-        sys.float_info.min <= min(present) * min(present) and max(present) * max(present) < math.inf
-    ):
-        exponent = math.frexp(max(present))[1]
-        scale = math.ldexp(1.0, min(-exponent, 1000))  # 2**1074 would overflow (subnormal G_jj)
-        entries = [[entry * scale for entry in row] for row in g]
-    diagonal = [entries[j][j] if usable[j] else math.inf for j in range(num_tasks)]
+    # No G_jj·G_mm over- or underflows: GradientBalancer._weights hands on a float64 Gramian
+    # within 2**±500, and float32's range is narrower. An unusable task's entries, never
+    # read, are 0 (its diagonal taken as infinite).
+    diagonal = [g[j][j] if usable[j] else math.inf for j in range(num_tasks)]
     cosines = [
         [
             entry / math.sqrt(diagonal_j * diagonal_m)
             for entry, diagonal_m in zip(row, diagonal, strict=True)
         ]
-        for row, diagonal_j in zip(entries, diagonal, strict=True)
+        for row, diagonal_j in zip(g, diagonal, strict=True)
     ]
     keep = 1.0 - beta
     total = [0.0] * num_tasks
