@@ -82,6 +82,38 @@ def test_stch_empty_measuring_epoch_waits_for_the_next():
     torch.testing.assert_close(b.nadir, torch.tensor([3.0, 1.0]))
 
 
+def test_stch_reference_losses_average_only_the_steps_each_task_was_present():
+    b = tb.create("stch", num_tasks=2, warmup_epochs=1)
+    # Task 1 absent for three steps, then 9.0: n = (mean of 0.5s, 9.0), not (0.5, (1+1+1+9)/4)
+    # from the placeholder 1.0 an absent task carries.
+    for present, loss in [(False, math.nan)] * 3 + [(True, 9.0)]:
+        b(torch.tensor([0.5, loss], requires_grad=True), present=[True, present])
+    b.end_epoch()
+    torch.testing.assert_close(b.nadir, torch.tensor([0.5, 9.0]))
+
+
+def test_stch_task_absent_through_the_measuring_epoch_extends_it():
+    b = tb.create("stch", num_tasks=2, warmup_epochs=1)
+    b(torch.tensor([0.5, math.nan], requires_grad=True), present=[True, False])
+    with pytest.warns(UserWarning, match=r"stch: tasks \[1\] were absent"):
+        b.end_epoch()
+    assert not bool(b.has_nadir)
+    b(torch.tensor([1.5, 4.0], requires_grad=True))
+    b.end_epoch()
+    torch.testing.assert_close(b.nadir, torch.tensor([1.0, 4.0]))
+
+
+def test_stch_loads_a_state_with_one_count_for_every_task():
+    b = tb.create("stch", num_tasks=2, warmup_epochs=1)
+    b(torch.tensor([3.0, 1.0], requires_grad=True))
+    state = b.state_dict()
+    state["nadir_count"] = torch.tensor(1)  # as saved before the count was per task
+    resumed = tb.create("stch", num_tasks=2, warmup_epochs=1)
+    resumed.load_state_dict(state)
+    resumed.end_epoch()
+    torch.testing.assert_close(resumed.nadir, torch.tensor([3.0, 1.0]))
+
+
 @pytest.mark.parametrize(
     ("hparams", "match"),
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -39,9 +40,12 @@ class STCH(Balancer):
     Warm-up: call :meth:`end_epoch` at every epoch boundary. The first ``warmup_epochs``
     epochs train on ``Σ log L_k``; the mean loss of the last of them becomes ``n``; STCH
     starts with the next epoch. (LibMTL's ``STCH_warmup_epoch=4`` is ``warmup_epochs=5``
-    here: its epochs 0–3 warm up and epoch 4 measures ``n``.) An epoch without a call does
-    not count towards measuring ``n``. Give ``nadir=`` to skip the warm-up. (A first epoch of
-    10,000 steps warns once: the loop probably never calls :meth:`end_epoch`.)
+    here: its epochs 0–3 warm up and epoch 4 measures ``n``.) Each ``n_k`` is the mean over
+    the steps where task k was present (``present=``); a task absent throughout that epoch
+    extends the measuring into the next ones (with a warning at each :meth:`end_epoch`) until
+    it has been seen. An epoch without a call does not count towards measuring ``n``. Give
+    ``nadir=`` to skip the warm-up. (A first epoch of 10,000 steps warns once: the loop
+    probably never calls :meth:`end_epoch`.)
 
     Defaults: ``mu = 1.0`` and ``warmup_epochs = 5`` (LibMTL's ``STCH_mu = 1`` and
     ``STCH_warmup_epoch = 4``). Losses must be positive (logs and ``1/L``), and at least
@@ -106,7 +110,8 @@ class STCH(Balancer):
         self.register_buffer("nadir", torch.tensor(given or [1.0] * self.num_tasks))
         self.register_buffer("has_nadir", torch.tensor(given is not None))
         self.register_buffer("nadir_sum", torch.zeros(self.num_tasks))
-        self.register_buffer("nadir_count", torch.zeros((), dtype=torch.long))
+        # Per task: an absent task's statistic is its last loss, not an observation.
+        self.register_buffer("nadir_count", torch.zeros(self.num_tasks, dtype=torch.long))
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
 
     def _update(self, step: Step) -> Tensor:
@@ -120,8 +125,9 @@ class STCH(Balancer):
                 "pass nadir= to skip the warm-up",
             )
         if epochs_done >= self.warmup_epochs - 1:  # the epoch that measures n
-            self.nadir_sum.add_(losses)
-            self.nadir_count.add_(1)
+            present = step.present.to(losses.device)
+            self.nadir_sum.add_(torch.where(present, losses, 0))
+            self.nadir_count.add_(present.to(self.nadir_count.device))
         return 1.0 / losses
 
     def end_epoch(self) -> None:
@@ -129,9 +135,26 @@ class STCH(Balancer):
         if bool(self.has_nadir):
             return
         self.epochs_done.add_(1)
-        if int(self.epochs_done) >= self.warmup_epochs and int(self.nadir_count) > 0:
-            self.nadir.copy_(self.nadir_sum / self.nadir_count)
-            self.has_nadir.fill_(True)
+        if int(self.epochs_done) < self.warmup_epochs or not bool(self.nadir_count.any()):
+            return
+        unseen = (self.nadir_count == 0).nonzero().flatten().tolist()
+        if unseen:
+            warnings.warn(
+                f"stch: tasks {unseen} were absent at every step of the epoch that measures "
+                "the reference losses n; the warm-up goes on until each was seen (or pass "
+                "nadir=)",
+                stacklevel=2,
+            )
+            return
+        self.nadir.copy_(self.nadir_sum / self.nadir_count)
+        self.has_nadir.fill_(True)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # Saved by an earlier release, one count served every task (a 0-d tensor): each gets it.
+        count = state_dict.get(prefix + "nadir_count")
+        if isinstance(count, Tensor) and count.dim() == 0:
+            state_dict[prefix + "nadir_count"] = count.expand(self.num_tasks).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         losses, statistics = step.losses, step.mean_losses
