@@ -7,6 +7,7 @@ rank saw (weights, objectives, error messages), and the tests compare the two ra
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def _skip(rank: int) -> dict:
     for name in ("famo", "rlw", "dwa"):
         b = tb.create(name, num_tasks=K, on_nonfinite="skip")
         b(_losses(rank, 0).requires_grad_(True))
-        before = b.state_dict()
+        before = copy.deepcopy(b.state_dict())  # state_dict() aliases the buffers
         losses = _losses(rank, 1)
         if rank == 1:
             losses[2] = math.inf
@@ -49,6 +50,25 @@ def _skip(rank: int) -> dict:
     z = torch.full((3,), float(rank), requires_grad=True)  # sqrt'(0) = inf on rank 0 only
     objective = b(torch.stack([torch.sqrt(z).sum() + 1.0, z.sum() + 1.0]), features=z)
     out["mgda"] = {"objective": objective.item(), "steps": int(b.num_steps)}
+    # The same between two refreshes (update_every=2), where only the heads' shift needs the
+    # rows (unweighted heads): skipped on every rank alike, or refused on every rank alike.
+    for mode in ("skip", "raise"):
+        b = tb.create("upgrad", num_tasks=2, update_every=2, on_nonfinite=mode)
+        z = torch.full((3,), 1.0 + rank, requires_grad=True)
+        b(torch.stack([(z**2).sum(), z.sum()]), features=z)
+        before = copy.deepcopy(b.state_dict())
+        z = torch.full((3,), float(rank), requires_grad=True)
+        losses = torch.stack([torch.sqrt(z).sum() + 1.0, z.sum() + 1.0])
+        try:
+            seen: object = b(losses, features=z).item()
+        except ValueError as error:
+            seen = str(error)
+        unchanged = all(
+            torch.equal(before[k], v)
+            for k, v in b.state_dict().items()
+            if isinstance(v, torch.Tensor)
+        )
+        out[f"between_refreshes_{mode}"] = {"seen": seen, "unchanged": unchanged}
     return out
 
 
@@ -207,6 +227,21 @@ def test_nonfinite_gradients_on_one_rank_skip_on_every_rank(ranks):
     for rank in ranks:
         assert math.isnan(rank["skip"]["mgda"]["objective"])
         assert rank["skip"]["mgda"]["steps"] == 1
+
+
+def test_nonfinite_gradients_between_refreshes_on_one_rank_skip_on_every_rank(ranks):
+    for rank in ranks:
+        seen = rank["skip"]["between_refreshes_skip"]
+        assert math.isnan(seen["seen"])
+        assert seen["unchanged"]
+
+
+def test_nonfinite_gradients_between_refreshes_on_one_rank_raise_on_every_rank(ranks):
+    for rank in ranks:
+        seen = rank["skip"]["between_refreshes_raise"]
+        assert "task gradients are not finite" in seen["seen"]
+        assert "on this or another DDP rank" in seen["seen"]
+        assert seen["unchanged"]
 
 
 def test_nonfinite_loss_in_raise_mode_raises_on_every_rank_in_step(ranks):

@@ -193,6 +193,26 @@ def test_skip_on_nonfinite_task_gradients(name):
     assert_same_state(before, snapshot(b))
 
 
+@pytest.mark.parametrize("name", FEATURE_METHODS)
+def test_skip_on_nonfinite_task_gradients_between_refreshes(name):
+    """With unweighted heads the rows are taken between refreshes too (for the heads' shift):
+    a non-finite one is skipped there as on a refresh step, so the refresh schedule does not
+    move (it did: num_steps counted the skipped step)."""
+    b = tb.create(name, num_tasks=2, update_every=2, heads="unweighted", on_nonfinite="skip")
+    z_good = torch.ones(3, requires_grad=True)
+    b(torch.stack([(z_good**2).sum(), z_good.sum()]), features=z_good)  # a refresh step
+    before = snapshot(b)
+    z = torch.zeros(3, requires_grad=True)
+    losses = torch.stack([torch.sqrt(z).sum() + 1.0, z.sum() + 1.0])  # d sqrt(z)/dz at 0 = inf
+    objective = b(losses, features=z)
+    assert math.isnan(objective.item())
+    assert_same_state(before, snapshot(b))
+    b.on_nonfinite = "raise"
+    with pytest.raises(ValueError, match=r"features: the task gradients are not finite"):
+        b(losses, features=z)
+    assert_same_state(before, snapshot(b))
+
+
 def test_raise_mode_still_names_the_task():
     b = tb.create("ew", num_tasks=3)
     with pytest.raises(ValueError, match=r"losses\[2\] is nan.*on_nonfinite='skip'"):

@@ -254,7 +254,10 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
       are not finite; ``"skip"`` returns a NaN objective instead (its backward gives NaN
       gradients, so GradScaler skips the step) and changes no state, on every rank (with
       ``accumulation_steps > 1`` the call still takes its place in its window, so the windows
-      stay aligned with the optimiser steps).
+      stay aligned with the optimiser steps). Gradient methods see the task gradients where
+      they take them: on refresh steps, and on every step with ``heads="unweighted"``;
+      between ``update_every`` refreshes with weighted heads none is taken, so a step whose
+      backward overflows there counts like any other (the loop's GradScaler skips it).
 
     Args:
         num_tasks: K, the number of task losses every call receives.

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from taskbalance._base import Balancer
 from taskbalance._constants import constant
-from taskbalance._distributed import is_distributed
+from taskbalance._distributed import all_reduce_sum, is_distributed
 from taskbalance._gramian import (
     complex_tensor_message,
     global_rows,
@@ -178,7 +178,6 @@ class GradientBalancer(Balancer):
     #: copy of under per-group aggregation (stacked along a leading group dimension; the rule
     #: sees one group's copy at a time).
     group_state: ClassVar[tuple[str, ...]] = ()
-
     _last_group_weights: Tensor
 
     def __init__(
@@ -561,6 +560,11 @@ class GradientBalancer(Balancer):
             # Reused between refreshes (update_every, accumulation, absent tasks).
             step.group_weights = self._last_group_weights.clone()
         if not step.refresh:
+            # Between refreshes the rows (unweighted heads) only make the heads' shift, but a
+            # non-finite one is the same overflow a refresh step refuses or skips: treated
+            # alike. Their check is this rank's own, so the ranks agree on it first.
+            if not _finite_on_every_rank(grads.finite, grads.rows[0].device):
+                self._nonfinite_gradients(step, features_mode, "the task gradients")
             return
         if self._direction_from_rows():
             # Scaled as step.rows are: each rule folds 1/row_scale into its K-vectors.
@@ -568,17 +572,22 @@ class GradientBalancer(Balancer):
         gram = grads.gram
         assert gram is not None  # gramian_of was given on a refresh step
         if not grads.finite:
-            step.nonfinite = True
-            if self.on_nonfinite == "raise":
-                source = "features" if features_mode else "params"
-                raise ValueError(
-                    f"{source}: the task gradients are not finite (the Gramian has nan or inf "
-                    "entries), so no weights can be computed; the call is rejected and the "
-                    "balancer's state is unchanged. Under AMP, create the balancer with "
-                    "on_nonfinite='skip' to skip such steps as GradScaler does"
-                )
+            self._nonfinite_gradients(step, features_mode, "the Gramian")
             return
         step.gram = gram  # symmetrised by the engine
+
+    def _nonfinite_gradients(self, step: Step, features_mode: bool, seen_in: str) -> None:
+        """Refuse the call (``on_nonfinite="raise"``) or mark the step skipped."""
+        step.nonfinite = True
+        if self.on_nonfinite == "raise":
+            source = "features" if features_mode else "params"
+            where = " on this or another DDP rank" if is_distributed() else ""
+            raise ValueError(
+                f"{source}: the task gradients are not finite ({seen_in} has nan or inf "
+                f"entries{where}); the call is rejected and the balancer's state is unchanged. "
+                "Under AMP, create the balancer with on_nonfinite='skip' to skip such steps as "
+                "GradScaler does"
+            )
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         if step.direction is not None or step.shift is not None:
@@ -700,6 +709,14 @@ def _first_listed_ancestor(tensor: Tensor, nodes: dict[object, int], own: int) -
             seen.add(child)
             stack.append(child)
     return None
+
+
+def _finite_on_every_rank(finite: bool, device: torch.device) -> bool:
+    """``finite`` on every rank (one all-reduce of a flag); ``finite`` outside a group."""
+    if not is_distributed():
+        return finite
+    flags = torch.tensor([0.0 if finite else 1.0], device=device)
+    return bool(all_reduce_sum(flags).item() == 0)
 
 
 def _gradient_only(
