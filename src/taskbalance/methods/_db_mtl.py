@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar
 
@@ -31,7 +32,8 @@ class DBMTL(GradientBalancer):
     Parameters mode (``params=``) follows the paper exactly: the balancer keeps the EMA
     ``ĝ_k`` of each task's log-loss gradient *vector* (a ``K×P`` buffer, P the number of
     listed parameter entries: K times the memory of those parameters' gradients, saved in
-    ``state_dict``) and sets the listed parameters' gradient to ``d = Σ_k α_k ĝ_k`` in the
+    ``state_dict``, kept in the rows' precision: float64 once a step's rows or a loaded
+    checkpoint are) and sets the listed parameters' gradient to ``d = Σ_k α_k ĝ_k`` in the
     one ordinary backward (see "shared direction" in :class:`GradientBalancer`); the task
     heads get their own unweighted gradients, as in LibMTL. Under DDP the rows are the global
     (rank-averaged) task gradients, all-reduced once, so every rank applies the same ``d``.
@@ -85,6 +87,7 @@ class DBMTL(GradientBalancer):
         "it already balances the gradient magnitudes, by the losses and by a max-norm"
     )
     per_group_refused = "its gradient averages are state carried across steps"
+    rows_state = ("grad_averages",)
 
     claimed_properties = frozenset({"permutation_invariant", "scale_equivariant"})
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
@@ -163,7 +166,7 @@ class DBMTL(GradientBalancer):
             self.eps,
             row_scale=step.row_scale,
         )
-        self.grad_averages.copy_(averages)
+        self._keep_rows_state("grad_averages", averages)
         self.ema_steps.fill_(count)
         step.direction = list(direction.split([row.shape[1] for row in rows]))
         return weights
@@ -224,14 +227,16 @@ def db_mtl_direction(
     ``rows`` are the global task gradients times ``row_scale`` (a power of two), one
     ``[K, numel]`` block per listed parameter; the inputs are untouched.
     """
-    dtype, device = averages.dtype, rows[0].device
+    # The wider of the EMA's and the rows' dtypes (see GradientBalancer.rows_state).
+    dtype = functools.reduce(torch.promote_types, (row.dtype for row in rows), averages.dtype)
+    device = rows[0].device
     shifted = losses.detach().to(device=device, dtype=torch.float64) + eps
     rate = beta / step**beta_sigma
     # new = rate·EMA + (1 − rate)·∇ log(L_k + ε), with ∇ log(L_k + ε) = g_k / (L_k + ε): the K
     # divisors and the rows' scale go into one K-vector, and each block of rows is added in
     # place (no K×P copy of the rows, no K×P temporaries).
     coefficients = ((1 - rate) / (shifted * row_scale)).to(dtype)[:, None]
-    new = add_rows_(averages.to(device).mul(rate), rows, coefficients)
+    new = add_rows_(averages.to(device=device, dtype=dtype).mul(rate), rows, coefficients)
     norms = torch.linalg.vector_norm(new, dim=1).to(torch.float64)
     largest = norms.max()
     # A norm at most eps·max (eps of the EMA's dtype; zero included) counts as zero: α_k = 1.

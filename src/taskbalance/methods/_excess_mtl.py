@@ -126,7 +126,7 @@ class ExcessMTL(GradientBalancer):
         self.squared_norm_sums.copy_(sums)
         self.initial_excess.copy_(reference)
         self.log_weights.copy_(log_weights)
-        return weights.float()
+        return weights  # float64: _update casts them to the Gramian's dtype
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step_size={self.step_size}, eps={self.eps}"

@@ -178,6 +178,13 @@ class GradientBalancer(Balancer):
     #: copy of under per-group aggregation (stacked along a leading group dimension; the rule
     #: sees one group's copy at a time).
     group_state: ClassVar[tuple[str, ...]] = ()
+    #: Buffers of task-gradient vectors (``[K, P]`` state) kept in the rows' precision: made
+    #: at construction in the listed parameters' dtype, widened by :meth:`_keep_rows_state`
+    #: when the rows are wider (a model made float64 after the balancer was built, or holding
+    #: it: ``.double()`` leaves a balancer's state dtypes alone) and by a checkpoint saved
+    #: wider; never narrowed.
+    rows_state: ClassVar[tuple[str, ...]] = ()
+
     _last_group_weights: Tensor
 
     def __init__(
@@ -575,6 +582,41 @@ class GradientBalancer(Balancer):
             self._nonfinite_gradients(step, features_mode, "the Gramian")
             return
         step.gram = gram  # symmetrised by the engine
+
+    def _keep_rows_state(self, name: str, value: Tensor) -> None:
+        """Store ``value`` in the :attr:`rows_state` buffer ``name``, taking its dtype where
+        it is wider (rules compute in the wider of the buffer's and the rows' dtypes)."""
+        buffer = self.get_buffer(name)
+        if value.dtype == buffer.dtype:
+            buffer.copy_(value)
+        else:
+            self._buffers[name] = value.to(device=buffer.device, copy=True)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        errors = len(error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if len(error_msgs) > errors:  # refused: nothing was loaded
+            return
+        for name in self.rows_state:
+            saved = state_dict.get(prefix + name)
+            buffer = self.get_buffer(name)
+            # Loaded by torch as a copy in the buffer's dtype: a wider one is kept instead.
+            if (
+                isinstance(saved, Tensor)
+                and saved.dtype == torch.promote_types(saved.dtype, buffer.dtype) != buffer.dtype
+            ):
+                self._keep_rows_state(name, saved)
 
     def _nonfinite_gradients(self, step: Step, features_mode: bool, seen_in: str) -> None:
         """Refuse the call (``on_nonfinite="raise"``) or mark the step skipped."""

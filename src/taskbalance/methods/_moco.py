@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from operator import mul
 from typing import Any, ClassVar
 
@@ -46,7 +47,9 @@ class MoCo(GradientBalancer):
     Parameters mode only: give ``params=`` (e.g. ``trunk[-1].parameters()``). ``Y`` is a
     ``K×P`` buffer (P the number of listed parameter entries), K times the memory of those
     parameters' gradients, and is saved in ``state_dict``: list the last shared layer rather
-    than the whole trunk when memory matters. Features mode is refused: the features are a
+    than the whole trunk when memory matters. It is kept in the rows' precision (float64
+    once a step's rows or a loaded checkpoint are, even for a balancer built before
+    ``model.double()``). Features mode is refused: the features are a
     new batch's activations at every step, so tracking their gradients over steps has no
     meaning.
 
@@ -90,6 +93,7 @@ class MoCo(GradientBalancer):
         "(applied to the Gramian) does not reach"
     )
     per_group_refused = "its state and direction are kept for the listed tensors as a whole"
+    rows_state = ("tracked",)
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
         {"beta": 0.9, "beta_sigma": 0.0},
         {"gamma": 0.5, "rho": 0.1},
@@ -161,11 +165,11 @@ class MoCo(GradientBalancer):
             row_scale=step.row_scale,
             gram_dtype=self.gram_dtype,
         )
-        self.tracked.copy_(tracked)
+        self._keep_rows_state("tracked", tracked)
         self.lambdas.copy_(lambdas)
         self.moco_steps.fill_(count)
         step.direction = list(direction.split([row.shape[1] for row in rows]))
-        return lambdas.to(torch.float32)
+        return lambdas  # float64: _update casts them to the Gramian's dtype
 
     def extra_repr(self) -> str:
         return (
@@ -193,7 +197,9 @@ def moco_update(
     """
     # Y ← Y − β(Y − H) = (1 − β)·Y + β·H, each block of H added in place with the rows' scale
     # folded into β (no K×P copy of the rows, no K×P temporaries).
-    new = tracked.to(rows[0].device).mul(1 - beta)
+    # In the wider of Y's and the rows' dtypes (see GradientBalancer.rows_state).
+    dtype = functools.reduce(torch.promote_types, (row.dtype for row in rows), tracked.dtype)
+    new = tracked.to(device=rows[0].device, dtype=dtype).mul(1 - beta)
     add_rows_(new, rows, new.new_full((1, 1), beta / row_scale))
     # Y Yᵀ is a Gramian: accumulated in gram_dtype, as every Gramian here (no K×P copy of Y
     # when they agree); the K-vector arithmetic is float64.
