@@ -761,3 +761,79 @@ def test_gradnorm_toy_weights_inverse_to_sigma_and_beats_equal_weights():
     assert correlation <= -0.9, (weights, correlation)
     assert gradnorm_score < equal_score, (gradnorm_score, equal_score)
     assert abs(float(weights.sum()) - len(sigmas)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of very different lengths are still projection targets.
+
+# ‖g_1‖/‖g_2‖ ≈ 5e7: beyond 1/eps of float32, where a cut-off of eps²·max‖g‖² skipped task 2
+# and the direction conflicted with it (J d = [1e16, -2e8]).
+DISPARATE_ROWS = [[1e8, 0.0], [-2.0, 0.4]]
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac"])
+@pytest.mark.parametrize("gram_dtype", [torch.float32, torch.float64])
+def test_a_gradient_1e7_times_shorter_is_still_projected_onto(name, gram_dtype):
+    J = torch.tensor(DISPARATE_ROWS, dtype=torch.float64)
+    b = tb.create(name, num_tasks=2, gram_dtype=gram_dtype)
+    w = b.compute_weights(torch.ones(2), gram=(J @ J.T).to(gram_dtype)).double()
+    # K = 2: one order, and GradVac's zero targets at its first step are PCGrad's projection
+    expected = ref_pcgrad(J, [[1], [0]])
+    torch.testing.assert_close(J.T @ w, expected, rtol=1e-6, atol=0)
+    assert float(J[1] @ (J.T @ w)) > 0  # no conflict left with the short gradient
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac"])
+def test_loss_normalisation_of_a_nearly_solved_task_keeps_the_other_one_a_target(name):
+    """``"loss"`` divides by L_k: a task at 1e-8 next to one at 0.5 makes the normalised
+    gradients 5e7 apart in length (both gradients themselves equally long)."""
+    raw = torch.tensor([[1.0, 0.0], [-1.0, 0.2]], dtype=torch.float64)
+    losses = torch.tensor([1e-8, 0.5], dtype=torch.float64)
+    normalised = raw / losses[:, None]
+    b = tb.create(name, num_tasks=2, normalization="loss")  # float32 Gramian
+    w = b.compute_weights(losses.float(), gram=(raw @ raw.T).float()).double()
+    direction = raw.T @ w  # weights mapped back to the raw gradients: w = w' / L
+    expected = ref_pcgrad(normalised, [[1], [0]])
+    torch.testing.assert_close(direction, expected, rtol=1e-6, atol=0)
+    assert float(raw[1] @ direction) > 0
+
+
+def test_pcgrad_skips_a_target_below_2_to_the_minus_64_of_the_largest():
+    """Where projecting would need coefficients past 2**64: skipped, weights stay finite."""
+    J = torch.tensor([[1.0, 0.0], [-1e-21, 1e-22]], dtype=torch.float64)
+    b = tb.create("pcgrad", num_tasks=2, gram_dtype=torch.float64)
+    w = b.compute_weights(torch.ones(2), gram=J @ J.T)
+    assert float(w[1]) == 1.0  # g_1 not projected onto g_2
+    assert bool(torch.isfinite(w).all())
+
+
+@pytest.mark.parametrize(
+    "name", ["nash_mtl", "fairgrad", "imtl_g", "config", "db_mtl", "pcgrad", "gradvac"]
+)
+def test_a_short_gradient_counts_alike_in_a_float32_and_a_float64_gramian(name):
+    """A gradient 1e8 times shorter than another is a task gradient, not rounding noise: the
+    float32 Gramian (the default) gives the float64 one's weights. With a cut-off at
+    eps(float32)²·max‖g‖², Nash-MTL, FairGrad and ConFIG gave it weight 0 and a direction
+    that conflicts with it (cos −0.45); IMTL-G's lost task 1 (cos 0); DB-MTL's α stayed 1."""
+    J = torch.tensor([[1e8, 0.0], [-0.5, 1.0]], dtype=torch.float64)
+    weights = {}
+    for dtype in (torch.float32, torch.float64):
+        b = tb.create(name, num_tasks=2, gram_dtype=dtype)
+        weights[dtype] = b.compute_weights(torch.ones(2), gram=(J @ J.T).to(dtype)).double()
+    torch.testing.assert_close(weights[torch.float32], weights[torch.float64], rtol=1e-5, atol=0)
+    direction = J.T @ weights[torch.float32]
+    # The short gradient's task does not ascend (PCGrad leaves it orthogonal to g_1': 0 up to
+    # the float32 weights' rounding).
+    cosine = float(J[1] @ direction) / float(J[1].norm() * direction.norm())
+    assert cosine >= -1e-6
+
+
+@pytest.mark.parametrize("name", ["upgrad", "mgda", "cagrad", "pcgrad"])
+def test_l2_normalisation_scales_a_short_gradient_up_rather_than_dropping_it(name):
+    J = torch.tensor([[1e8, 0.0], [-0.5, 1.0]], dtype=torch.float64)
+    weights = {}
+    for dtype in (torch.float32, torch.float64):
+        b = tb.create(name, num_tasks=2, gram_dtype=dtype, normalization="l2")
+        weights[dtype] = b.compute_weights(torch.ones(2), gram=(J @ J.T).to(dtype)).double()
+    torch.testing.assert_close(weights[torch.float32], weights[torch.float64], rtol=1e-5, atol=0)
+    assert float(weights[torch.float32][1]) > 0.1  # task 2 counts, at its unit length or more

@@ -49,8 +49,9 @@ class ConFIG(SpectralGradientBalancer):
 
     Degenerate cases: a task with a zero gradient has ``u_i = 0`` (as the official
     ``nan_to_num``), no equation and weight 0: it adds nothing to the direction either way.
-    "Zero" means ``‖g_i‖² ≤ eps²·max_k ‖g_k‖²`` (eps of the Gramian's dtype), which keeps
-    ``1/‖g_i‖`` finite. When every gradient is zero, the direction is zero and the weights
+    "Zero" means ``‖g_i‖ ≤ 2**-64·max_k ‖g_k‖`` (a bound on ``1/‖g_i‖``, not on rounding:
+    a short gradient is not noise of the long ones), which keeps ``1/‖g_i‖`` finite. When
+    every gradient is zero, the direction is zero and the weights
     are 0. When ``u_iᵀ g_v = 1`` has no solution (two opposite gradients; more tasks than
     independent gradients, with mixed signs), no direction makes equal angles with every task
     but 0, and the direction is 0: the system counts as unsolvable when the part of 1 outside
@@ -101,14 +102,13 @@ def config_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto
     """
     num_tasks = gram.shape[0]
     rtol = spectral_cutoff(gram, rtol)
-    eps = torch.finfo(gram.dtype).eps
     if select_backend(backend, gram, PYTHON_MAX_K) == "python":
-        weights = _config_py(host_gram(gram, "config_weights"), rtol, eps)
+        weights = _config_py(host_gram(gram, "config_weights"), rtol)
         return torch.tensor(weights, dtype=torch.float64, device=gram.device)
     check_finite(gram, "config_weights")
     g = gram.detach().to(torch.float64)
     g = 0.5 * (g + g.T)
-    inverse_norms = inverse_gradient_norms(g, eps)
+    inverse_norms = inverse_gradient_norms(g)
     eigenvalues, vectors = torch.linalg.eigh(torch.outer(inverse_norms, inverse_norms) * g)
     # The K eigenvalues and the decisions on them on the host.
     values: list[float] = eigenvalues.tolist()
@@ -138,12 +138,12 @@ def config_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto
     return (float(gc.sum()) / squared_length) * coefficients
 
 
-def _config_py(gram: list[list[float]], rtol: float, eps: float) -> list[float]:
+def _config_py(gram: list[list[float]], rtol: float) -> list[float]:
     """The torch path's arithmetic, step for step, in Python floats."""
     num_tasks = len(gram)
     tasks = range(num_tasks)
     g = [[0.5 * (gram[i][j] + gram[j][i]) for j in tasks] for i in tasks]
-    inverse = inverse_norms([g[i][i] for i in tasks], eps)
+    inverse = inverse_norms([g[i][i] for i in tasks])
     values, vectors = eigh_py([[inverse[i] * inverse[j] * g[i][j] for j in tasks] for i in tasks])
     largest = max(values)
     keep = [i for i, value in enumerate(values) if value > rtol * max(largest, 0.0)]

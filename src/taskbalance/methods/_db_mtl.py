@@ -14,7 +14,7 @@ from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import check_in_range, check_nonnegative, check_positive
 from taskbalance.methods._facts import BadHyperparameters
-from taskbalance.methods._gradient_base import GradientBalancer
+from taskbalance.methods._gradient_base import NEGLIGIBLE_SQUARED_RATIO, GradientBalancer
 
 
 @register("db_mtl")
@@ -57,8 +57,8 @@ class DBMTL(GradientBalancer):
     and its balancing ratios agree whenever the gradient directions are stable over the EMA
     window; since every ``n̂_k`` carries the same zero-initialisation bias, the update has its
     full magnitude from the first step). In both modes a task whose averaged norm is zero (at
-    most eps·max_i of them, eps of the dtype) gets ``α_k = 1``; LibMTL adds 1e-8 to the norm
-    instead.
+    most 2**-64·max_i of them: ``α_k`` is bounded by 2**64) gets ``α_k = 1``; LibMTL adds 1e-8
+    to the norm instead.
 
     Defaults: ``beta = 0.9``, ``beta_sigma = 0`` (LibMTL's ``DB_beta``/``DB_beta_sigma``
     defaults, the paper's setting), ``eps = 1e-8`` (LibMTL's ``log(L + 1e-8)``).
@@ -199,8 +199,8 @@ def db_mtl_weights(
         for k, average in enumerate(averages.tolist())
     ]  # the EMA of ‖∇ log(L_k + ε)‖ = √G_kk / (L_k + ε)
     largest = max(new)
-    # A norm at most eps·max (eps of G's dtype; zero included) counts as zero: α_k = 1.
-    negligible = torch.finfo(gram.dtype).eps * largest
+    # A norm at most 2**-64·max (zero included) counts as zero: α_k = 1.
+    negligible = math.sqrt(NEGLIGIBLE_SQUARED_RATIO) * largest
     weights = [
         (largest / norm if norm > negligible else 1.0) / divisor
         for norm, divisor in zip(new, shifted, strict=True)
@@ -239,8 +239,8 @@ def db_mtl_direction(
     new = add_rows_(averages.to(device=device, dtype=dtype).mul(rate), rows, coefficients)
     norms = torch.linalg.vector_norm(new, dim=1).to(torch.float64)
     largest = norms.max()
-    # A norm at most eps·max (eps of the EMA's dtype; zero included) counts as zero: α_k = 1.
-    significant = norms > torch.finfo(dtype).eps * largest
+    # A norm at most 2**-64·max (zero included) counts as zero: α_k = 1.
+    significant = norms > math.sqrt(NEGLIGIBLE_SQUARED_RATIO) * largest
     ratios = torch.where(significant, largest / norms.clamp_min(1e-300), torch.ones_like(norms))
     direction = torch.mv(new.T, ratios.to(dtype))
     weights = ratios / shifted

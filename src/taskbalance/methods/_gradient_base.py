@@ -101,8 +101,8 @@ class GradientBalancer(Balancer):
     method's rule runs, ``g'_k = g_k / n_k``, i.e. ``J' = D J`` with ``D = diag(1/n_k)``:
 
     - ``"none"``: ``n_k = 1`` (the default everywhere);
-    - ``"l2"``: ``n_k = ‖g_k‖`` (a negligible gradient, ``‖g_k‖² ≤ eps²·max_j ‖g_j‖²``, keeps
-      ``1/n_k = 0``: it stays zero rather than becoming an amplified rounding error);
+    - ``"l2"``: ``n_k = ‖g_k‖`` (a zero gradient, ``‖g_k‖ ≤ 2**-64·max_j ‖g_j‖``, keeps
+      ``1/n_k = 0``: it stays zero rather than becoming an unbounded one);
     - ``"loss"``: ``n_k = L_k``, the (rank-averaged) loss value, which must then be > 0;
     - ``"loss+"``: ``n_k = L_k·‖g_k‖``.
 
@@ -316,7 +316,7 @@ class GradientBalancer(Balancer):
             return self._gradient_weights(losses, self._within_range(gram))
         scale = gradient_normalisers(gram, losses, self.normalization)
         # The rule sees the dtype the Gramian was accumulated in: its rounding cut-offs
-        # (negligible norms, rank) are relative to that precision. D G D is formed with D
+        # (ranks, eigenvalues) are relative to that precision. D G D is formed with D
         # scaled by a power of two (exact) so that no product over- or underflows, then
         # scaled back where it fits the dtype: only the methods with w(s²G) = w(G) offer a
         # normalisation, and G' past the dtype's range would give them wrong weights or none.
@@ -921,27 +921,45 @@ def gradient_normalisers(gram: Tensor, losses: Tensor, normalization: str) -> Te
         return torch.ones(g.shape[0], dtype=torch.float64, device=g.device)
     if normalization == "loss":
         return 1.0 / losses.double().to(g.device)
-    inverse_norms = inverse_gradient_norms(g, torch.finfo(gram.dtype).eps)
+    inverse_norms = inverse_gradient_norms(g)
     if normalization == "l2":
         return inverse_norms
     return inverse_norms / losses.double().to(g.device)
 
 
-def inverse_gradient_norms(gram: Tensor, eps: float) -> Tensor:
+#: Squared-norm ratio below which a task gradient counts as zero: ``‖g_k‖ ≤ 2**-64·max_j
+#: ‖g_j‖`` (~5e-20). The bound is on the coefficients, not on rounding: each row is its own
+#: task's gradient, accurate relative to itself, so a short one is not rounding noise of the
+#: long ones, and leaving it out is not free (projecting onto it, normalising it or giving it
+#: its bargaining share changes the direction by up to the long gradients' length). An
+#: earlier ``eps²·max`` (eps of the Gramian's dtype) left out real gradients ~1e7 times
+#: shorter than the longest in float32 (a nearly solved task under ``"loss"``
+#: normalisation), and the direction then conflicted with them. The methods' coefficients
+#: grow like ``‖g_i‖/‖g_k‖``: bounded by 2**64, they stay finite in float32 with room for
+#: sums over tasks and the objective's products.
+NEGLIGIBLE_SQUARED_RATIO = 2.0**-128
+
+
+def negligible_squared_norm(squared_norms: Iterable[float]) -> float:
+    """``2**-128·max_k ‖g_k‖²`` (see :data:`NEGLIGIBLE_SQUARED_RATIO`): a gradient at or below
+    it counts as zero; 0 when every gradient is zero."""
+    return NEGLIGIBLE_SQUARED_RATIO * max(max(squared_norms, default=0.0), 0.0)
+
+
+def inverse_gradient_norms(gram: Tensor) -> Tensor:
     """``1/‖g_i‖`` from a float64 Gramian, for the methods that normalise task gradients.
 
-    A gradient with ``‖g_i‖² ≤ eps²·max_j ‖g_j‖²`` (``eps`` the machine epsilon of the dtype
-    the Gramian was accumulated in) is rounding noise: it counts as zero, with ``1/‖g_i‖ = 0``,
-    so the normalised Gramian stays bounded.
+    A gradient at or below :func:`negligible_squared_norm` counts as zero, with
+    ``1/‖g_i‖ = 0``, so the normalised Gramian stays bounded.
     """
     # K numbers: on the host, where each is one float operation rather than a tensor call.
-    inverse = inverse_norms(gram.diagonal().tolist(), eps)
+    inverse = inverse_norms(gram.diagonal().tolist())
     return torch.tensor(inverse, dtype=gram.dtype, device=gram.device)
 
 
-def inverse_norms(squared_norms: list[float], eps: float) -> list[float]:
+def inverse_norms(squared_norms: list[float]) -> list[float]:
     """:func:`inverse_gradient_norms` from the Gramian's diagonal, already on the host."""
-    negligible = eps**2 * max(max(squared_norms), 0.0)
+    negligible = negligible_squared_norm(squared_norms)
     return [
         1.0 / max(math.sqrt(max(value, 0.0)), 1e-300) if value > negligible else 0.0
         for value in squared_norms

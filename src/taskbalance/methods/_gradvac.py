@@ -13,8 +13,8 @@ from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
 from taskbalance._validation import check_in_range, check_seed
 from taskbalance.methods._facts import BadHyperparameters
-from taskbalance.methods._gradient_base import GradientBalancer
-from taskbalance.methods._pcgrad import negligible_squared_norm, task_orders
+from taskbalance.methods._gradient_base import GradientBalancer, negligible_squared_norm
+from taskbalance.methods._pcgrad import task_orders
 
 #: Floor on ``sqrt(1 − φ̂²)`` in the denominator of the adjustment (a target of ±1 would divide
 #: by zero; LibMTL adds 1e-8 to the same denominator).
@@ -82,7 +82,7 @@ class GradVac(GradientBalancer):
       its own random order, as in the paper's pseudo-code (groups in the outer loop); LibMTL
       visits the tasks in one order for all groups.
     - A pair where ``g_i'`` or ``g_j`` is zero is skipped (no cosine exists; "zero" means
-      ``‖·‖² ≤ eps²·max_k ‖g_k‖²``, as in PCGrad; and once an adjustment leaves
+      ``‖·‖ ≤ 2**-64·max_k ‖g_k‖``, as in PCGrad; and once an adjustment leaves
       ``‖g_i'‖² ≤ eps·(Σ_m |e_m|)²``, where ``g_i' = Σ_m e_m g_m/‖g_m‖``: its rounding
       bound then exceeds it, as when exactly opposite gradients cancel). A cosine within
       ``4·eps·Σ_m |e_m|/‖g_i'‖`` (its rounding) of ±1 is taken as ±1, so that parallel
@@ -169,7 +169,7 @@ def gradvac_weights(
     after another (the paper's order), where a torch op per pair would cost more than the pair.
     """
     g = gram.tolist()  # exact: float32 and float64 entries are Python floats
-    negligible = negligible_squared_norm(g, gram.dtype)
+    negligible = negligible_squared_norm(g[k][k] for k in range(len(g)))
     eps = torch.finfo(gram.dtype).eps
     num_tasks = len(g)
     targets = [list(row) for row in targets]

@@ -47,7 +47,7 @@ class IMTLG(SpectralGradientBalancer):
     ``rtol`` times the largest treated as zero. Unlike ``G⁺·diag(G)^{1/2}``, this keeps the
     equal-projection property where it is still solvable, e.g. for two opposite gradients
     (where it gives the zero direction). A task with a zero gradient has ``u_i = 0``, where
-    "zero" means ``‖g_i‖² ≤ eps²·max_k ‖g_k‖²`` (eps of the Gramian's dtype). Its
+    "zero" means ``‖g_i‖ ≤ 2**-64·max_k ‖g_k‖`` (a bound on ``1/‖g_i‖``). Its
     projection ``g·u_i = 0`` then forces every other projection to 0 as well, so the weights
     go to the zero task (e.g. ``[0, 0, 1]`` for a zero third gradient) and the shared direction
     is 0 for that step: the equal-projection rule, not a fallback.
@@ -97,11 +97,10 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto
     """
     num_tasks = gram.shape[0]
     rtol = spectral_cutoff(gram, rtol)
-    eps = torch.finfo(gram.dtype).eps
     path = select_backend(backend, gram, PYTHON_MAX_K)
     if path == "python":
         rows = host_gram(gram, "imtl_g_weights")
-        weights = [1.0] if num_tasks == 1 else _imtl_g_py(rows, rtol, eps)
+        weights = [1.0] if num_tasks == 1 else _imtl_g_py(rows, rtol)
         return torch.tensor(weights, dtype=torch.float64, device=gram.device)
     check_finite(gram, "imtl_g_weights")
     if num_tasks == 1:
@@ -109,7 +108,7 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto
     g = gram.detach().to(torch.float64)
     squared_norms: list[float] = g.diagonal().tolist()
     n_diagonal = torch.tensor(  # N = diag(1/‖g_k‖)
-        inverse_norms(squared_norms, eps), dtype=torch.float64, device=g.device
+        inverse_norms(squared_norms), dtype=torch.float64, device=g.device
     )
     # With A = [1, −I] (task 0 minus each other task) and N = diag(1/‖g_k‖): the columns of
     # G N Aᵀ are (G N)[:, 0] − (G N)[:, k], and A G N Aᵀ takes row 0 minus each other row.
@@ -125,11 +124,11 @@ def imtl_g_weights(gram: Tensor, rtol: float | None = None, backend: str = "auto
     return torch.tensor([1.0 - math.fsum(rest), *rest], dtype=torch.float64, device=g.device)
 
 
-def _imtl_g_py(gram: list[list[float]], rtol: float, eps: float) -> list[float]:
+def _imtl_g_py(gram: list[list[float]], rtol: float) -> list[float]:
     """The torch path's arithmetic, term for term, in Python floats."""
     num_tasks = len(gram)
     squared_norms = [gram[i][i] for i in range(num_tasks)]
-    n_diagonal = inverse_norms(squared_norms, eps)
+    n_diagonal = inverse_norms(squared_norms)
     scaled = [[value * n for value, n in zip(row, n_diagonal, strict=True)] for row in gram]
     right = [[row[0] - row[k] for k in range(1, num_tasks)] for row in scaled]
     reference = right[0]

@@ -13,7 +13,7 @@ from taskbalance._registry import register
 from taskbalance._solvers import nash_weights
 from taskbalance._validation import check_positive, check_positive_int
 from taskbalance.methods._facts import BadHyperparameters
-from taskbalance.methods._gradient_base import GradientBalancer
+from taskbalance.methods._gradient_base import GradientBalancer, negligible_squared_norm
 
 
 @register("nash_mtl")
@@ -103,8 +103,9 @@ def bargaining_weights(
     The system is homogeneous: ``w(s·G) = s^{−exponent}·w(G)``, so it is solved on ``G``
     divided by its largest diagonal entry (the solver's tolerances are then scale-free, and
     gradients of 1e-15 or 1e15 solve as well as gradients of 1) and scaled back. A task whose
-    gradient is zero (``‖g_k‖² ≤ eps²·max_j ‖g_j‖²``, eps of G's dtype) has no finite weight
-    (its utility ``g_kᵀd`` is 0 for every d): it is left out of the game with weight 0.
+    gradient is zero (``‖g_k‖ ≤ 2**-64·max_j ‖g_j‖``, see ``NEGLIGIBLE_SQUARED_RATIO``) has
+    no finite weight (its utility ``g_kᵀd`` is 0 for every d): it is left out of the game
+    with weight 0.
     ``[K]``, float64 for a float64 Gramian, else float32.
     """
     # K×K numbers: on the host, where each is one float operation rather than a tensor call.
@@ -115,7 +116,7 @@ def bargaining_weights(
     output = torch.float64 if gram.dtype == torch.float64 else torch.float32
     weights = [0.0] * K
     if largest > 0:
-        negligible = torch.finfo(gram.dtype).eps ** 2 * largest
+        negligible = negligible_squared_norm(squared_norms)
         active = [k for k in range(K) if squared_norms[k] > negligible]
         unit = [[0.5 * (g[i][j] + g[j][i]) / largest for j in active] for i in active]
         solved = solve(torch.tensor(unit, dtype=torch.float64, device=gram.device)).tolist()

@@ -12,7 +12,7 @@ from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
 from taskbalance._validation import check_choice, check_seed
 from taskbalance.methods._facts import BadHyperparameters
-from taskbalance.methods._gradient_base import GradientBalancer
+from taskbalance.methods._gradient_base import GradientBalancer, negligible_squared_norm
 
 _ORDERS = ("random", "fixed")
 
@@ -48,10 +48,11 @@ class PCGrad(GradientBalancer):
 
     Defaults: ``order="random"``, ``seed=0``.
 
-    Departures: a task gradient with zero (or negligible: ``‖g_j‖² ≤ eps²·max_k ‖g_k‖²``, eps
-    of the Gramian's dtype) norm is skipped as a projection target; the reference code divides
-    by zero there, and a near-zero g_j would need a coefficient up to ``‖g_i‖/‖g_j‖``. Weights
-    are computed in float64 on the CPU (K×K numbers).
+    Departures: a task gradient with zero (or negligible: ``‖g_j‖ ≤ 2**-64·max_k ‖g_k‖``,
+    ~5e-20 of the largest) norm is skipped as a projection target; the reference code divides
+    by zero there, and a near-zero g_j would need a coefficient up to ``‖g_i‖/‖g_j‖``, which
+    past 2**64 could overflow float32 weights. Weights are computed in float64 on the CPU
+    (K×K numbers).
 
     Args:
         num_tasks: K.
@@ -135,7 +136,7 @@ def task_orders(num_tasks: int, order: str, generator: torch.Generator) -> list[
 def pcgrad_weights(gram: Tensor, orders: list[list[int]]) -> Tensor:
     """``w = Σ_i c_i`` with ``g_i' = Jᵀc_i`` the projected gradients (float64 ``[K]``)."""
     g = gram.tolist()  # exact: float32 and float64 entries are Python floats
-    negligible = negligible_squared_norm(g, gram.dtype)
+    negligible = negligible_squared_norm(g[k][k] for k in range(len(g)))
     num_tasks = len(g)
     total = [0.0] * num_tasks
     for i in range(num_tasks):
@@ -157,15 +158,3 @@ def pcgrad_weights(gram: Tensor, orders: list[list[int]]) -> Tensor:
         for j, step in zip(projected, steps, strict=True):
             total[j] -= step
     return torch.tensor(total, dtype=torch.float64)
-
-
-def negligible_squared_norm(gram: list[list[float]], dtype: torch.dtype) -> float:
-    """``eps²·max_k G_kk`` (eps of the Gramian's ``dtype``): task gradients this small are not
-    targets.
-
-    Projecting onto a gradient ``g_j`` moves the direction by at most ``‖g_i‖``, but needs the
-    coefficient ``g_i·g_j/‖g_j‖²``, up to ``‖g_i‖/‖g_j‖``: skipping ``‖g_j‖ ≤ eps·max‖g‖``
-    keeps every weight below ``1/eps`` (finite in float32) at a negligible cost in direction.
-    """
-    largest = max((row[k] for k, row in enumerate(gram)), default=0.0)
-    return torch.finfo(dtype).eps ** 2 * max(largest, 0.0)
