@@ -837,3 +837,19 @@ def test_l2_normalisation_scales_a_short_gradient_up_rather_than_dropping_it(nam
         weights[dtype] = b.compute_weights(torch.ones(2), gram=(J @ J.T).to(dtype)).double()
     torch.testing.assert_close(weights[torch.float32], weights[torch.float64], rtol=1e-5, atol=0)
     assert float(weights[torch.float32][1]) > 0.1  # task 2 counts, at its unit length or more
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "cagrad"])
+def test_loss_normalisation_beyond_float32s_range_is_solved_in_float64(name):
+    """Losses 1e-30 and 0.5: the normalised gradients are ~1e30 apart in length, their squares
+    beyond what float32 holds at once. Cast back to float32, the short one underflowed to a
+    zero gradient and was left out (UPGrad's direction then conflicted with its task)."""
+    torch.manual_seed(0)
+    J = torch.randn(3, 4, dtype=torch.float64)
+    J[2] = -J[0] + 0.1 * torch.randn(4, dtype=torch.float64)
+    losses = torch.tensor([1e-30, 2e-30, 0.5])
+    weights = {}
+    for dtype in (torch.float32, torch.float64):
+        b = tb.create(name, num_tasks=3, gram_dtype=dtype, normalization="loss")
+        weights[dtype] = b.compute_weights(losses, gram=(J @ J.T).to(dtype)).double()
+    torch.testing.assert_close(weights[torch.float32], weights[torch.float64], rtol=1e-4, atol=0)

@@ -328,12 +328,19 @@ class GradientBalancer(Balancer):
         # Cauchy-Schwarz, |G'_ij| ≤ √(G'_ii·G'_jj), holds for every Gramian, but the scaling's
         # rounding may break it by an ulp (opposite unit gradients give 1 − 2⁻⁵³ on the diagonal
         # next to −1), and a QP solver then follows a negative curvature that does not exist.
-        # Off-diagonal entries are kept a few ulps (of the accumulation dtype) inside the bound.
+        # Off-diagonal entries are kept a few ulps (of the accumulation dtype) inside the
+        # bound. Those within the band move too, not only those past the bound: a rank-one G'
+        # (every entry at its bound up to rounding) then moves alike and stays positive
+        # semi-definite, where moving only some of its entries makes it indefinite.
         roots = normalised.diagonal().clamp_min(0).sqrt()
         bound = torch.outer(roots, roots) * (1 - 4 * torch.finfo(gram.dtype).eps)
         clamped = torch.minimum(torch.maximum(normalised, -bound), bound)
         off_diagonal = ~torch.eye(len(roots), dtype=torch.bool, device=roots.device)
-        normalised = torch.where(off_diagonal, clamped, normalised).to(gram.dtype)
+        # A float32 G' whose smallest non-zero norm would be subnormal or 0 there (losses ~1e30
+        # apart under "loss") stays float64, as the engine widens a Gramian that underflows:
+        # cast back, that task would count as a zero gradient and the rule would leave it out.
+        rule_dtype = gram.dtype if _holds_diagonal(normalised, gram.dtype) else torch.float64
+        normalised = torch.where(off_diagonal, clamped, normalised).to(rule_dtype)
         weights = self._gradient_weights(losses, normalised)
         if not self.normalization_maps_back:
             return weights
@@ -901,6 +908,15 @@ def _range_shift(gram: Tensor, dtype: torch.dtype, exponent: int) -> int:
         high = math.frexp(info.max)[1] - 24
     position = math.frexp(largest)[1] + exponent
     return exponent if low <= position <= high else -math.frexp(largest)[1]
+
+
+def _holds_diagonal(gram: Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds every non-zero diagonal entry of ``gram`` as a normal number
+    (``gram`` already scaled into ``dtype``'s range by :func:`_range_shift`)."""
+    if dtype == torch.float64:
+        return True
+    positive = [value for value in gram.diagonal().tolist() if value > 0]
+    return not positive or min(positive) >= torch.finfo(dtype).tiny
 
 
 def _times_power_of_two(tensor: Tensor, shift: int) -> Tensor:
