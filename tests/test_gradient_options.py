@@ -7,6 +7,8 @@ plain per-task ``torch.autograd.grad`` calls.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,51 @@ NORMALISING = [n for n in GRADIENT if method_facts(tb.method_class(n)).offers_no
 NOT_NORMALISING = [n for n in GRADIENT if n not in NORMALISING]
 PER_GROUP = [n for n in GRADIENT if method_facts(tb.method_class(n)).offers_per_group]
 NOT_PER_GROUP = [n for n in GRADIENT if n not in PER_GROUP]
+
+
+#: How the README names each gradient method in its lists of options.
+README_NAMES = {
+    "aligned_mtl": "Aligned-MTL",
+    "cagrad": "CAGrad",
+    "config": "ConFIG",
+    "db_mtl": "DB-MTL",
+    "dualproj": "DualProj",
+    "excess_mtl": "ExcessMTL",
+    "fairgrad": "FairGrad",
+    "graddrop": "GradDrop",
+    "gradnorm": "GradNorm",
+    "gradvac": "GradVac",
+    "imtl_g": "IMTL-G",
+    "mgda": "MGDA",
+    "moco": "MoCo",
+    "nash_mtl": "Nash-MTL",
+    "pcgrad": "PCGrad",
+    "upgrad": "UPGrad",
+}
+
+
+def _readme_names(before: str, after: str) -> set[str]:
+    """The comma/"and"-separated method names the README lists between two phrases."""
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    start = text.index(before) + len(before)
+    listed = text[start : text.index(after, start)]
+    return {name.strip() for name in re.split(r",| and ", listed) if name.strip()}
+
+
+def test_the_readme_lists_the_methods_each_option_applies_to():
+    assert set(README_NAMES) == set(GRADIENT)
+    per_group = _readme_names("the methods whose rule is one Gramian's (", ")")
+    assert per_group == {README_NAMES[n] for n in PER_GROUP}
+    refusing = _readme_names("pass it); ", " keep state or a direction")
+    assert refusing == {README_NAMES[n] for n in NOT_PER_GROUP}
+    normalising = _readme_names("where it is meaningful (", ";")
+    assert normalising == {README_NAMES[n] for n in NORMALISING}
+    unweighted = _readme_names('`"unweighted"` for ', " (every head")
+    weighted = _readme_names('`"weighted"` for ', " (backpropagate")
+    for name in GRADIENT:
+        default = tb.method_class(name).default_heads
+        assert README_NAMES[name] in (weighted if default == "weighted" else unweighted), name
+    assert len(weighted) + len(unweighted) == len(GRADIENT)
 
 
 def build(name: str, num_tasks: int, **hparams: Any) -> tb.Balancer:

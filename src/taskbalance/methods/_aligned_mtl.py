@@ -43,8 +43,9 @@ class AlignedMTL(SpectralGradientBalancer):
     direction exists; the weights are then ``pref`` (the shared direction is zero either way,
     and the task heads still get their gradients).
 
-    Defaults: ``pref = 1`` for every task (the official code sums the aligned gradients,
-    ``weights.sum(-1)``, as does LibMTL; torchjd uses the mean ``1/K``),
+    Defaults: preferences ``pref = 1`` for every task, fixed (not an argument: the official
+    code sums the aligned gradients, ``weights.sum(-1)``, as does LibMTL; torchjd uses the
+    mean ``1/K``),
     ``scale="min"`` (the paper's σ_min; the official code also offers ``"median"`` and
     ``"rmse"``: the median singular value and ``sqrt(mean λ)``).
 
