@@ -87,3 +87,19 @@ def test_float64_gramian_gives_float64_weights(method):
     assert weights.dtype == torch.float64
     # Not a float32 rounding: the weights carry float64 bits beyond float32's.
     assert not torch.equal(weights, weights.float().double())
+
+
+def test_moco_before_its_first_refresh_applies_its_starting_lambdas():
+    """A task absent at the first call: no refresh yet, so the present tasks get the weights
+    the balancer starts from, λ = 1/K for MoCo (they were 1, K times λ's scale)."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(3, 4)
+    b = tb.create("moco", num_tasks=2, params=list(trunk.parameters()))
+    assert torch.equal(b.weights, torch.full((2,), 0.5))
+    x = torch.randn(5, 3)
+    present_loss = trunk(x).pow(2).mean()
+    (expected,) = torch.autograd.grad(present_loss, trunk.weight)
+    losses = torch.stack([trunk(x).pow(2).mean(), torch.tensor(float("nan"))])
+    b(losses, present=[True, False]).backward()
+    assert torch.equal(b.weights, torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(trunk.weight.grad, 0.5 * expected)

@@ -140,6 +140,8 @@ class MoCo(GradientBalancer):
             "lambdas", torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64)
         )
         self.register_buffer("moco_steps", torch.zeros((), dtype=torch.long))
+        # Steps before the first refresh (a task absent at the first call) apply λ's start.
+        self._last_weights.fill_(1.0 / self.num_tasks)
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         raise ValueError(
