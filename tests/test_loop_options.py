@@ -213,6 +213,23 @@ def test_skip_on_nonfinite_task_gradients_between_refreshes(name):
     assert_same_state(before, snapshot(b))
 
 
+def test_finite_gradients_whose_float32_gramian_overflows_say_so():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    b = tb.create("upgrad", num_tasks=2, params=[p])
+    losses = torch.stack([(p * 1e20).sum(), (p * -3e20).sum()])
+    before = snapshot(b)
+    with pytest.raises(
+        ValueError,
+        match=r"params: the task gradients are finite but their torch.float32 Gramian "
+        r"overflows .* gram_dtype=torch.float64",
+    ):
+        b(losses)
+    assert_same_state(before, snapshot(b))
+    wide = tb.create("upgrad", num_tasks=2, params=[p], gram_dtype=torch.float64)
+    wide(losses).backward()
+    assert bool(torch.isfinite(p.grad).all())
+
+
 def test_raise_mode_still_names_the_task():
     b = tb.create("ew", num_tasks=3)
     with pytest.raises(ValueError, match=r"losses\[2\] is nan.*on_nonfinite='skip'"):

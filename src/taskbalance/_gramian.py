@@ -286,7 +286,7 @@ def task_gradients(
         _check_reached(reached, inputs, features_mode, mask)
         while True:
             if gramian_of is None:
-                gram, finite, normal = None, _all_finite(rows), True
+                gram, finite, normal = None, all_finite(rows), True
             else:
                 gram, finite, normal = _unscaled_gram(gramian_of(rows, False), scale)
             if finite or scale == 1.0 or not _retry_can_help(losses, mask, gram is not None):
@@ -747,7 +747,7 @@ def _largest_power_of_two(dtype: torch.dtype) -> float:
     return 2.0 ** (math.floor(math.log2(torch.finfo(dtype).max)) - 1)
 
 
-def _all_finite(rows: Sequence[Tensor]) -> bool:
+def all_finite(rows: Sequence[Tensor]) -> bool:
     # A sum is non-finite when any term is, and is 30× cheaper than isfinite().all(). The rows
     # are float32 at least (see _widened): a float32 sum that overflows on finite terms only
     # costs a needless retry at a smaller scale.

@@ -16,6 +16,7 @@ from taskbalance._base import Balancer
 from taskbalance._constants import constant
 from taskbalance._distributed import all_reduce_sum, is_distributed
 from taskbalance._gramian import (
+    all_finite,
     complex_tensor_message,
     global_rows,
     gramian_from_rows,
@@ -586,7 +587,7 @@ class GradientBalancer(Balancer):
         gram = grads.gram
         assert gram is not None  # gramian_of was given on a refresh step
         if not grads.finite:
-            self._nonfinite_gradients(step, features_mode, "the Gramian")
+            self._nonfinite_gradients(step, features_mode, "the Gramian", grads.rows, gram.dtype)
             return
         step.gram = gram  # symmetrised by the engine
 
@@ -625,18 +626,35 @@ class GradientBalancer(Balancer):
             ):
                 self._keep_rows_state(name, saved)
 
-    def _nonfinite_gradients(self, step: Step, features_mode: bool, seen_in: str) -> None:
-        """Refuse the call (``on_nonfinite="raise"``) or mark the step skipped."""
+    def _nonfinite_gradients(
+        self,
+        step: Step,
+        features_mode: bool,
+        seen_in: str,
+        rows: Sequence[Tensor] = (),
+        gram_dtype: torch.dtype = torch.float64,
+    ) -> None:
+        """Refuse the call (``on_nonfinite="raise"``) or mark the step skipped. ``rows`` and
+        ``gram_dtype``: those of a Gramian that was not finite, to tell an overflow of finite
+        gradients (outside DDP, where the rows are the Gramian's own) from non-finite ones."""
         step.nonfinite = True
-        if self.on_nonfinite == "raise":
-            source = "features" if features_mode else "params"
-            where = " on this or another DDP rank" if is_distributed() else ""
+        if self.on_nonfinite == "skip":
+            return
+        source = "features" if features_mode else "params"
+        if rows and gram_dtype != torch.float64 and not is_distributed() and all_finite(rows):
             raise ValueError(
-                f"{source}: the task gradients are not finite ({seen_in} has nan or inf "
-                f"entries{where}); the call is rejected and the balancer's state is unchanged. "
-                "Under AMP, create the balancer with on_nonfinite='skip' to skip such steps as "
-                "GradScaler does"
+                f"{source}: the task gradients are finite but their {gram_dtype} Gramian "
+                "overflows (a gradient norm past ~1.8e19); create the balancer with "
+                "gram_dtype=torch.float64, which holds it. The call is rejected and the "
+                "balancer's state is unchanged"
             )
+        where = " on this or another DDP rank" if is_distributed() else ""
+        raise ValueError(
+            f"{source}: the task gradients are not finite ({seen_in} has nan or inf "
+            f"entries{where}); the call is rejected and the balancer's state is unchanged. "
+            "Under AMP, create the balancer with on_nonfinite='skip' to skip such steps as "
+            "GradScaler does"
+        )
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         if step.direction is not None or step.shift is not None:
