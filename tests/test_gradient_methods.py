@@ -853,3 +853,37 @@ def test_loss_normalisation_beyond_float32s_range_is_solved_in_float64(name):
         b = tb.create(name, num_tasks=3, gram_dtype=dtype, normalization="loss")
         weights[dtype] = b.compute_weights(losses, gram=(J @ J.T).to(dtype)).double()
     torch.testing.assert_close(weights[torch.float32], weights[torch.float64], rtol=1e-4, atol=0)
+
+
+# A task gradient ~5e-23 long next to one of 1e-5 (a saturated logit, say): its squared norm is
+# a subnormal float32 number, held to a bit or two.
+SUBNORMAL_ROWS = (
+    [1e-5, 0.0, 0.0, 0.0],
+    [-0.9 * math.sqrt(2.1e-45), math.sqrt(0.19 * 2.1e-45), 0.0, 0.0],
+)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "nash_mtl", "db_mtl", "config", "upgrad"])
+def test_a_gradient_whose_float32_squared_norm_is_subnormal_is_taken_in_float64(name):
+    """The engine recomputes such a Gramian in float64, so the default float32 one gives the
+    float64 weights; counted from its 1–2 bits, the direction ascended task 1 (PCGrad, DB-MTL,
+    Nash-MTL) or vanished (ConFIG)."""
+    rows = torch.tensor(SUBNORMAL_ROWS, dtype=torch.float64)
+    weights = {}
+    for dtype in (torch.float32, torch.float64):
+        z = torch.zeros(4, requires_grad=True)
+        losses = torch.stack([(z * row.float()).sum() + 1.0 for row in rows])
+        b = tb.create(name, num_tasks=2, gram_dtype=dtype)
+        b(losses, features=z).backward()
+        weights[dtype] = b.weights.double()
+        assert float(rows[0] @ z.grad.double()) > 0  # task 1 descends
+    torch.testing.assert_close(weights[torch.float32], weights[torch.float64], rtol=1e-5, atol=0)
+
+
+def test_a_given_float32_gramian_with_a_subnormal_squared_norm_counts_it_as_zero():
+    rows = torch.tensor(SUBNORMAL_ROWS, dtype=torch.float64)
+    gram = (rows @ rows.T).float()
+    assert 0 < float(gram[1, 1]) < torch.finfo(torch.float32).tiny
+    w = tb.create("pcgrad", num_tasks=2).compute_weights(torch.ones(2), gram=gram)
+    # as for a zero gradient: task 1 is not projected onto it, task 2 keeps weight 1
+    assert w.tolist() == [1.0, 1.0]

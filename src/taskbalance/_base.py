@@ -823,7 +823,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         Gramian cast to float64, a bfloat16 one under autocast): one indefinite beyond
         bfloat16's rounding (an eigenvalue below ``−√ε·λ_max``, ``√ε = 1/16``) is refused as
         no Gramian, and one indefinite beyond its own dtype's (or a float16/bfloat16 one, which
-        is solved in float32) is replaced by its nearest PSD matrix.
+        is solved in float32) is replaced by its nearest PSD matrix. In a float32 one, a task
+        whose squared norm is a non-zero subnormal number next to normal ones counts as a zero
+        gradient (see :func:`_without_subnormal_norms`).
         """
         if gram is None:
             raise ValueError(f"gram: {self._method_name} needs the K×K Gramian, got None")
@@ -859,6 +861,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         # overflows (a float32 entry halves exactly there)
         halved = gram.double() * 0.5
         symmetric = (halved + halved.T).to(gram.dtype)
+        if symmetric.dtype == torch.float32:
+            symmetric = _without_subnormal_norms(symmetric)
         wide = symmetric.double()
         eigenvalues = torch.linalg.eigvalsh(wide)
         lowest, largest = float(eigenvalues[0]), float(eigenvalues[-1])
@@ -1119,3 +1123,21 @@ def _refuse_losses_without_grad(losses: LossesLike, vector: Tensor, mask: Tensor
             f"no gradient to the model; {advice}, or mark the task absent with present= if "
             "it has no labels in this batch"
         )
+
+
+def _without_subnormal_norms(gram: Tensor) -> Tensor:
+    """A float32 Gramian with the tasks whose squared norm is a non-zero subnormal number taken
+    as zero gradients (row and column zeroed), where the largest squared norm is normal.
+
+    Such a norm (a gradient below ~1e-19 next to larger ones) carries a few bits, and the rules
+    count any gradient above ``2**-64`` of the longest: they would weigh rounding noise. The
+    balancer's own Gramians are recomputed in float64 in that case instead (see
+    :func:`taskbalance._gramian.task_gradients`); a given one has lost the bits already.
+    """
+    diagonal = gram.diagonal()
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = (diagonal > 0) & (diagonal < tiny)
+    if not bool(subnormal.any()) or float(diagonal.max()) < tiny:
+        return gram
+    kept = (~subnormal).to(gram.dtype)
+    return gram * torch.outer(kept, kept)

@@ -264,8 +264,10 @@ def task_gradients(
     block) is below float32's smallest normal number, ``2**-126`` (every task gradient's norm
     below ~1e-19), holds its entries only to an absolute ``2**-150``, not to ``2**-24`` of the
     largest, and below ``2**-150`` they are zero: every method would then solve a matrix of
-    rounding noise, or of zeros, and return meaningless weights without a sign of it. Such a
-    Gramian is recomputed in float64 (``wide``), which holds the products of any float32 rows,
+    rounding noise, or of zeros, and return meaningless weights without a sign of it. The same
+    holds for one task whose gradient's norm is below ~1e-19 next to larger ones: its row
+    carries a few bits, and the methods count any gradient above ``2**-64`` of the longest. Such
+    a Gramian is recomputed in float64 (``wide``), which holds the products of any float32 rows,
     and returned in float64. A Gramian that is exactly zero (all task gradients zero) takes
     the same second pass, since underflow cannot be told from it on the K² numbers.
 
@@ -777,9 +779,9 @@ def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool, bool]:
     once from float64 is the correctly rounded float32 sum); near float32's subnormal range
     the host path, which halves in float64, is the more exact.
 
-    In the normal range: a float32 Gramian (each block of a stack) whose largest diagonal
-    entry is at least ``2**-126``, so that every entry is held to ``2**-24`` of the largest
-    (see :func:`task_gradients`); always True for float64. Read off the same host copy.
+    In the normal range: a float32 Gramian (each block of a stack) whose non-zero diagonal
+    entries are all at least ``2**-126`` (see :func:`_normal_diagonal` and
+    :func:`task_gradients`); always True for float64. Read off the same host copy.
     """
     half = 0.5 / (scale * scale)
     K = gram.shape[-1]
@@ -791,7 +793,7 @@ def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool, bool]:
         # float64 values, so the one host copy (a device sync on a GPU) stays the only one.
         limit = _ROUNDS_TO_INF.get(gram.dtype, math.inf)
         finite = all(abs(value) < limit for row in symmetric for value in row)
-        normal = not narrow or max(symmetric[i][i] for i in range(K)) >= _FLOAT32_TINY
+        normal = not narrow or _normal_diagonal([symmetric[i][i] for i in range(K)])
         return torch.tensor(symmetric, dtype=gram.dtype, device=gram.device), finite, normal
     halved = gram * half
     gram = torch.add(halved, halved.mT)
@@ -799,9 +801,19 @@ def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool, bool]:
     finite = all(map(math.isfinite, values))
     blocks = range(0, len(values), K * K)
     normal = not narrow or all(
-        max(values[start + i * (K + 1)] for i in range(K)) >= _FLOAT32_TINY for start in blocks
+        _normal_diagonal([values[start + i * (K + 1)] for i in range(K)]) for start in blocks
     )
     return gram, finite, normal
+
+
+def _normal_diagonal(diagonal: list[float]) -> bool:
+    """Whether a float32 Gramian's squared norms are held to ``2**-24`` of themselves: the
+    largest is a normal number and no other is a non-zero subnormal one (a gradient's norm
+    below ~1e-19 next to larger ones would carry a few bits, and counted as a task gradient
+    by the rules, give its task a direction of rounding noise)."""
+    return max(diagonal) >= _FLOAT32_TINY and not any(
+        0 < value < _FLOAT32_TINY for value in diagonal
+    )
 
 
 def _retry_can_help(losses: Tensor, present: Sequence[bool], decided_globally: bool) -> bool:
