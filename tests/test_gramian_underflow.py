@@ -76,13 +76,21 @@ def _weights(
 def test_unscaled_gram_flags_a_float32_gramian_below_the_normal_range(num_tasks):
     eye = torch.eye(num_tasks, dtype=torch.float64)
     scale = 2.0**16
-    for largest, normal in ((TINY, True), (TINY / 2, False), (0.0, False), (1.0, True)):
-        diagonal = torch.full((num_tasks,), largest / 4, dtype=torch.float64)
+    for others, largest, normal in (
+        (0.0, TINY, True),
+        (TINY, TINY, True),
+        (TINY / 4, TINY, False),  # a non-zero subnormal norm next to a normal one
+        (TINY / 4, 1.0, False),
+        (TINY / 8, TINY / 2, False),
+        (0.0, 0.0, False),
+        (0.25, 1.0, True),
+    ):
+        diagonal = torch.full((num_tasks,), others, dtype=torch.float64)
         diagonal[-1] = largest
         raw = (torch.diag(diagonal) * scale**2).float()
         gram, finite, got = _unscaled_gram(raw, scale)
         assert finite
-        assert got is normal, (largest, got)
+        assert got is normal, (others, largest, got)
         assert gram.dtype == torch.float32
         # Float64 holds far smaller entries: never flagged.
         assert _unscaled_gram(raw.double(), scale)[2] is True
