@@ -887,3 +887,30 @@ def test_a_given_float32_gramian_with_a_subnormal_squared_norm_counts_it_as_zero
     w = tb.create("pcgrad", num_tasks=2).compute_weights(torch.ones(2), gram=gram)
     # as for a zero gradient: task 1 is not projected onto it, task 2 keeps weight 1
     assert w.tolist() == [1.0, 1.0]
+
+
+def test_pcgrad_counts_a_target_at_1e_18_and_skips_one_below_2_to_the_minus_64():
+    for ratio, counted in ((1e-18, True), (2.0**-65, False)):
+        J = torch.tensor([[1.0, 0.0], [-ratio, 0.1 * ratio]], dtype=torch.float64)
+        b = tb.create("pcgrad", num_tasks=2, gram_dtype=torch.float64)
+        w = b.compute_weights(torch.ones(2), gram=J @ J.T).double()
+        assert bool(torch.isfinite(w).all())
+        expected = ref_pcgrad(J, [[1], [0]]) if counted else J.sum(0)
+        torch.testing.assert_close(J.T @ w, expected, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("exponent", [-100, -110, -127])
+def test_gradvac_cosines_of_two_short_gradients_in_a_tiny_float64_gramian(exponent):
+    """G_jj·G_mm of two gradients 2**exponent shorter than the longest, next to a longest at
+    2**-499, underflows float64: the cosine divided by 0 (ZeroDivisionError)."""
+    big = 2.0**-499
+    small = big * 2.0**exponent
+    gram = torch.diag(torch.tensor([big, small, small], dtype=torch.float64))
+    gram[1, 2] = gram[2, 1] = -0.5 * small  # cosine −1/2
+    weights = [
+        tb.create("gradvac", num_tasks=3, gram_dtype=torch.float64).compute_weights(
+            torch.ones(3), gram=matrix
+        )
+        for matrix in (gram, gram / small)  # the same cosines, in range
+    ]
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-12, atol=0)

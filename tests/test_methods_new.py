@@ -223,3 +223,15 @@ def test_excess_mtl_huge_ratios_do_not_overflow():
         w = b.compute_weights(torch.ones(2), gram=torch.diag(torch.tensor([1e30, 1.0])))
         assert torch.isfinite(w).all()
     torch.testing.assert_close(w, torch.tensor([2.0, 0.0]))
+
+
+def test_stch_warning_under_w_error_leaves_the_epoch_uncounted():
+    import warnings
+
+    b = tb.create("stch", num_tasks=2, warmup_epochs=1)
+    b(torch.tensor([0.5, math.nan], requires_grad=True), present=[True, False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="were absent"):
+            b.end_epoch()
+    assert int(b.epochs_done) == 0

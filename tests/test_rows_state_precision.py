@@ -103,3 +103,22 @@ def test_moco_before_its_first_refresh_applies_its_starting_lambdas():
     b(losses, present=[True, False]).backward()
     assert torch.equal(b.weights, torch.tensor([0.5, 0.0]))
     torch.testing.assert_close(trunk.weight.grad, 0.5 * expected)
+
+
+@pytest.mark.parametrize("mode", ["features", "params"])
+def test_db_mtl_refused_for_unfit_weights_changes_no_state(mode):
+    """Weights past float32's range (ε = 1e-30, a loss of 1e-39) are refused; the rule used
+    to store its EMA (and widen its buffer) before the refusal."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    params = {"params": [p]} if mode == "params" else {}
+    b = tb.create("db_mtl", num_tasks=2, gram_dtype=torch.float64, eps=1e-30, **params)
+    p.data = p.data.double()
+    before = {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, torch.Tensor)}
+    losses = torch.stack([1e-30 * (1 + 1e-10 * p.sum()), (p - 3).pow(2).sum()]).float()
+    features = {"features": p} if mode == "features" else {}
+    with pytest.raises(ValueError, match=r"db_mtl's weights at this step reach"):
+        b(losses, **features)
+    after = b.state_dict()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype, key
+        assert torch.equal(after[key], value), key

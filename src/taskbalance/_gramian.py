@@ -381,6 +381,15 @@ def add_rows_(target: Tensor, rows: Sequence[Tensor], coefficients: Tensor) -> T
     return target
 
 
+def widest_dtype(rows: Sequence[Tensor], state: Tensor) -> torch.dtype:
+    """The wider of ``state``'s dtype and the rows': a ``K×P`` state updated from the rows
+    (an EMA of them) is computed and kept in it, so that it keeps their precision."""
+    dtype = state.dtype
+    for row in rows:
+        dtype = torch.promote_types(dtype, row.dtype)
+    return dtype
+
+
 def global_rows(rows: Sequence[Tensor]) -> list[Tensor]:
     """Parameters mode: the rank-averaged rows (one all-reduce of K×P numbers under DDP).
 

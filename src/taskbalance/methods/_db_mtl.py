@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from taskbalance._gramian import add_rows_
+from taskbalance._gramian import add_rows_, widest_dtype
 from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import check_in_range, check_nonnegative, check_positive
 from taskbalance.methods._facts import BadHyperparameters
-from taskbalance.methods._gradient_base import NEGLIGIBLE_SQUARED_RATIO, GradientBalancer
+from taskbalance.methods._gradient_base import NEGLIGIBLE_RATIO, GradientBalancer
 
 
 @register("db_mtl")
@@ -134,10 +133,15 @@ class DBMTL(GradientBalancer):
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        return self._norm_rule(losses, gram, torch.float32)
+
+    def _norm_rule(self, losses: Tensor, gram: Tensor, losses_dtype: torch.dtype) -> Tensor:
+        """Features mode's rule (EMA of the norms); ``losses_dtype``: the objective's."""
         step = int(self.ema_steps) + 1
         weights, averages = db_mtl_weights(
             losses, gram, self.norm_averages, step, self.beta, self.beta_sigma, self.eps
         )
+        self._refuse_unfit_weights(weights, gram, losses_dtype)  # before any state changes
         self.norm_averages.copy_(averages)
         self.ema_steps.fill_(step)
         return weights
@@ -147,7 +151,7 @@ class DBMTL(GradientBalancer):
 
     def _rule(self, step: Step, gram: Tensor) -> Tensor:
         if self.shared_params is None:
-            return self._gradient_weights(step.mean_losses, gram)
+            return self._norm_rule(step.mean_losses, gram, step.losses.dtype)
         if step.global_rows is None:
             raise ValueError(
                 "gram: db_mtl in parameters mode keeps an EMA of the task gradient vectors, "
@@ -166,6 +170,7 @@ class DBMTL(GradientBalancer):
             self.eps,
             row_scale=step.row_scale,
         )
+        self._refuse_unfit_weights(weights, gram, step.losses.dtype)  # before any state changes
         self._keep_rows_state("grad_averages", averages)
         self.ema_steps.fill_(count)
         step.direction = list(direction.split([row.shape[1] for row in rows]))
@@ -200,7 +205,7 @@ def db_mtl_weights(
     ]  # the EMA of ‖∇ log(L_k + ε)‖ = √G_kk / (L_k + ε)
     largest = max(new)
     # A norm at most 2**-64·max (zero included) counts as zero: α_k = 1.
-    negligible = math.sqrt(NEGLIGIBLE_SQUARED_RATIO) * largest
+    negligible = NEGLIGIBLE_RATIO * largest
     weights = [
         (largest / norm if norm > negligible else 1.0) / divisor
         for norm, divisor in zip(new, shifted, strict=True)
@@ -227,8 +232,7 @@ def db_mtl_direction(
     ``rows`` are the global task gradients times ``row_scale`` (a power of two), one
     ``[K, numel]`` block per listed parameter; the inputs are untouched.
     """
-    # The wider of the EMA's and the rows' dtypes (see GradientBalancer.rows_state).
-    dtype = functools.reduce(torch.promote_types, (row.dtype for row in rows), averages.dtype)
+    dtype = widest_dtype(rows, averages)  # see GradientBalancer.rows_state
     device = rows[0].device
     shifted = losses.detach().to(device=device, dtype=torch.float64) + eps
     rate = beta / step**beta_sigma
@@ -240,7 +244,7 @@ def db_mtl_direction(
     norms = torch.linalg.vector_norm(new, dim=1).to(torch.float64)
     largest = norms.max()
     # A norm at most 2**-64·max (zero included) counts as zero: α_k = 1.
-    significant = norms > math.sqrt(NEGLIGIBLE_SQUARED_RATIO) * largest
+    significant = norms > NEGLIGIBLE_RATIO * largest
     ratios = torch.where(significant, largest / norms.clamp_min(1e-300), torch.ones_like(norms))
     direction = torch.mv(new.T, ratios.to(dtype))
     weights = ratios / shifted

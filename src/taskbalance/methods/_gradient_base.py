@@ -317,10 +317,12 @@ class GradientBalancer(Balancer):
             return self._gradient_weights(losses, self._within_range(gram))
         scale = gradient_normalisers(gram, losses, self.normalization)
         # The rule sees the dtype the Gramian was accumulated in: its rounding cut-offs
-        # (ranks, eigenvalues) are relative to that precision. D G D is formed with D
-        # scaled by a power of two (exact) so that no product over- or underflows, then
-        # scaled back where it fits the dtype: only the methods with w(s²G) = w(G) offer a
-        # normalisation, and G' past the dtype's range would give them wrong weights or none.
+        # (ranks, eigenvalues) are relative to that precision (except for a G' that float32
+        # cannot hold, below, whose float64 cut-offs are then finer than its data). D G D is
+        # formed with D scaled by a power of two (exact) so that no product over- or
+        # underflows, then scaled back where it fits the dtype: only the methods with
+        # w(s²G) = w(G) offer a normalisation, and G' past the dtype's range would give them
+        # wrong weights or none.
         exponent = math.frexp(float(scale.abs().max()))[1]
         unit_scale = scale * math.ldexp(1.0, -exponent)
         normalised = gram.double() * torch.outer(unit_scale, unit_scale)
@@ -464,12 +466,9 @@ class GradientBalancer(Balancer):
                 device=step.mean_losses.device, dtype=gram.dtype
             )
             weights, total = group_weights.mean(0), gram.sum(0)
-        # Float64 weights (a float64 Gramian, widened or given) kept or applied in float32.
-        if gram.dtype == torch.float64 and torch.float32 in (
-            self._last_weights.dtype,
-            step.losses.dtype,
-        ):
-            self._check_weights_fit(group_weights if self._group_sizes else weights)
+        self._refuse_unfit_weights(
+            group_weights if self._group_sizes else weights, gram, step.losses.dtype
+        )
         if self._group_sizes is not None:
             self._last_group_weights.copy_(group_weights)
             step.group_weights = group_weights
@@ -478,6 +477,18 @@ class GradientBalancer(Balancer):
         # step.gram is this call's own tensor (never the caller's), and no rule writes to it.
         object.__setattr__(self, "_last_gram", total)
         return weights.to(device=step.mean_losses.device, dtype=gram.dtype)
+
+    def _refuse_unfit_weights(
+        self, weights: Tensor, gram: Tensor, losses_dtype: torch.dtype
+    ) -> None:
+        """Float64 weights (of a float64 Gramian, widened or given) that are kept or applied
+        in float32 must fit it (:meth:`_check_weights_fit`). A rule with state calls this
+        before it commits, so that the refusal changes nothing."""
+        if gram.dtype == torch.float64 and torch.float32 in (
+            self._last_weights.dtype,
+            losses_dtype,
+        ):
+            self._check_weights_fit(weights)
 
     def _check_weights_fit(self, weights: Tensor) -> None:
         """Refuse float64 weights (of a float64 Gramian) that the kept float32 weights or the
@@ -579,7 +590,7 @@ class GradientBalancer(Balancer):
             # non-finite one is the same overflow a refresh step refuses or skips: treated
             # alike. Their check is this rank's own, so the ranks agree on it first.
             if not _finite_on_every_rank(grads.finite, grads.rows[0].device):
-                self._nonfinite_gradients(step, features_mode, "the task gradients")
+                self._nonfinite_gradients(step, features_mode, "the task gradients have")
             return
         if self._direction_from_rows():
             # Scaled as step.rows are: each rule folds 1/row_scale into its K-vectors.
@@ -587,7 +598,9 @@ class GradientBalancer(Balancer):
         gram = grads.gram
         assert gram is not None  # gramian_of was given on a refresh step
         if not grads.finite:
-            self._nonfinite_gradients(step, features_mode, "the Gramian", grads.rows, gram.dtype)
+            self._nonfinite_gradients(
+                step, features_mode, "the Gramian has", grads.rows, gram.dtype
+            )
             return
         step.gram = gram  # symmetrised by the engine
 
@@ -650,7 +663,7 @@ class GradientBalancer(Balancer):
             )
         where = " on this or another DDP rank" if is_distributed() else ""
         raise ValueError(
-            f"{source}: the task gradients are not finite ({seen_in} has nan or inf "
+            f"{source}: the task gradients are not finite ({seen_in} nan or inf "
             f"entries{where}); the call is rejected and the balancer's state is unchanged. "
             "Under AMP, create the balancer with on_nonfinite='skip' to skip such steps as "
             "GradScaler does"
@@ -972,6 +985,8 @@ def gradient_normalisers(gram: Tensor, losses: Tensor, normalization: str) -> Te
 #: grow like ``‖g_i‖/‖g_k‖``: bounded by 2**64, they stay finite in float32 with room for
 #: sums over tasks and the objective's products.
 NEGLIGIBLE_SQUARED_RATIO = 2.0**-128
+#: The same bound on norms: ``‖g_k‖ ≤ 2**-64·max_j ‖g_j‖``.
+NEGLIGIBLE_RATIO = 2.0**-64
 
 
 def negligible_squared_norm(squared_norms: Iterable[float]) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from operator import itemgetter, mul
 from typing import Any, ClassVar
 
@@ -13,7 +14,11 @@ from taskbalance._distributed import seeded_generator
 from taskbalance._registry import register
 from taskbalance._validation import check_in_range, check_seed
 from taskbalance.methods._facts import BadHyperparameters
-from taskbalance.methods._gradient_base import GradientBalancer, negligible_squared_norm
+from taskbalance.methods._gradient_base import (
+    GradientBalancer,
+    inverse_norms,
+    negligible_squared_norm,
+)
 from taskbalance.methods._pcgrad import task_orders
 
 #: Floor on ``sqrt(1 − φ̂²)`` in the denominator of the adjustment (a target of ±1 would divide
@@ -173,17 +178,19 @@ def gradvac_weights(
     eps = torch.finfo(gram.dtype).eps
     num_tasks = len(g)
     targets = [list(row) for row in targets]
-    usable = [g[j][j] > negligible for j in range(num_tasks)]
-    inverse_norms = [1.0 / math.sqrt(g[j][j]) if usable[j] else 0.0 for j in range(num_tasks)]
+    unit_scales = inverse_norms([g[j][j] for j in range(num_tasks)])  # 1/‖g_j‖, 0: unusable
+    usable = [scale > 0.0 for scale in unit_scales]
     # R_jm = G_jm/√(G_jj·G_mm): exactly ±1 for identical or opposite rows (√(fl(x²)) = |x|),
     # which a target of 1 needs to leave them alone (G_jm·(1/‖g_j‖)·(1/‖g_m‖) can be 1 − 2⁻⁵³).
-    # No G_jj·G_mm over- or underflows: GradientBalancer._weights hands on a float64 Gramian
-    # within 2**±500, and float32's range is narrower. An unusable task's entries, never
-    # read, are 0 (its diagonal taken as infinite).
+    # GradientBalancer._weights hands on a float64 Gramian whose largest diagonal entry is
+    # within 2**±500, but two gradients 2**-64 shorter than the longest can still take
+    # G_jj·G_mm below float64's range: there the roots are taken one by one (the ±1 snapping
+    # below absorbs their last-bit difference). An unusable task's entries, never read, are 0
+    # (its diagonal taken as infinite).
     diagonal = [g[j][j] if usable[j] else math.inf for j in range(num_tasks)]
     cosines = [
         [
-            entry / math.sqrt(diagonal_j * diagonal_m)
+            entry / _root_of_product(diagonal_j, diagonal_m)
             for entry, diagonal_m in zip(row, diagonal, strict=True)
         ]
         for row, diagonal_j in zip(g, diagonal, strict=True)
@@ -242,5 +249,13 @@ def gradvac_weights(
                 norm_i = math.sqrt(squared_i)
                 near_one = 1.0 - 4.0 * eps * spread / norm_i
         for m, unit in zip(adjusted[1:], units[1:], strict=True):
-            total[m] += unit * inverse_norms[m]
+            total[m] += unit * unit_scales[m]
     return torch.tensor(total, dtype=torch.float64), targets
+
+
+def _root_of_product(a: float, b: float) -> float:
+    """``√(a·b)`` for ``a, b > 0``, also where the product leaves float64's normal range."""
+    product = a * b
+    if sys.float_info.min <= product < math.inf:
+        return math.sqrt(product)
+    return math.sqrt(a) * math.sqrt(b)

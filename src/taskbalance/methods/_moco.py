@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 from operator import mul
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from taskbalance._gramian import add_rows_
+from taskbalance._gramian import add_rows_, widest_dtype
 from taskbalance._registry import register
 from taskbalance._solvers import project_simplex, project_simplex_py
 from taskbalance._step import Step
@@ -199,8 +198,7 @@ def moco_update(
     """
     # Y ← Y − β(Y − H) = (1 − β)·Y + β·H, each block of H added in place with the rows' scale
     # folded into β (no K×P copy of the rows, no K×P temporaries).
-    # In the wider of Y's and the rows' dtypes (see GradientBalancer.rows_state).
-    dtype = functools.reduce(torch.promote_types, (row.dtype for row in rows), tracked.dtype)
+    dtype = widest_dtype(rows, tracked)  # see GradientBalancer.rows_state
     new = tracked.to(device=rows[0].device, dtype=dtype).mul(1 - beta)
     add_rows_(new, rows, new.new_full((1, 1), beta / row_scale))
     # Y Yᵀ is a Gramian: accumulated in gram_dtype, as every Gramian here (no K×P copy of Y

@@ -50,9 +50,9 @@ class PCGrad(GradientBalancer):
 
     Departures: a task gradient with zero (or negligible: ``‖g_j‖ ≤ 2**-64·max_k ‖g_k‖``,
     ~5e-20 of the largest) norm is skipped as a projection target; the reference code divides
-    by zero there, and a near-zero g_j would need a coefficient up to ``‖g_i‖/‖g_j‖``, which
-    past 2**64 could overflow float32 weights. Weights are computed in float64 on the CPU
-    (K×K numbers).
+    by zero there, and a near-zero g_j would need a coefficient up to ``‖g_i‖/‖g_j‖``: 2**64
+    keeps the weights far inside float32's range (2**128). Weights are computed in float64 on
+    the CPU (K×K numbers).
 
     Args:
         num_tasks: K.

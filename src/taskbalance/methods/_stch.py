@@ -134,20 +134,20 @@ class STCH(Balancer):
         """Count a warm-up epoch; after the last one, fix the reference losses ``n``."""
         if bool(self.has_nadir):
             return
-        self.epochs_done.add_(1)
-        if int(self.epochs_done) < self.warmup_epochs or not bool(self.nadir_count.any()):
-            return
-        unseen = (self.nadir_count == 0).nonzero().flatten().tolist()
+        measured = int(self.epochs_done) + 1 >= self.warmup_epochs and bool(self.nadir_count.any())
+        unseen = (self.nadir_count == 0).nonzero().flatten().tolist() if measured else []
         if unseen:
+            # Before any state changes: under -W error the warning is the call's error.
             warnings.warn(
                 f"stch: tasks {unseen} were absent at every step of the epoch that measures "
                 "the reference losses n; the warm-up goes on until each was seen (or pass "
                 "nadir=)",
                 stacklevel=2,
             )
-            return
-        self.nadir.copy_(self.nadir_sum / self.nadir_count)
-        self.has_nadir.fill_(True)
+        self.epochs_done.add_(1)
+        if measured and not unseen:
+            self.nadir.copy_(self.nadir_sum / self.nadir_count)
+            self.has_nadir.fill_(True)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         # Saved by an earlier release, one count served every task (a 0-d tensor): each gets it.
