@@ -59,9 +59,9 @@ the hook acts on each task's own gradient (float16 graphs then lose the scale's 
 hook on a tensor between the losses and the shared tensors (a head's output) cannot be seen
 from here: it sees the scaled gradients, and one that is not linear in them (a clamp) makes the
 Gramian wrong; clip after the backward instead (``clip_grad_norm_`` on ``.grad``). At the other
-end, a float32 ``G`` below float32's normal range (every task gradient's norm below ~1e-19) is
-recomputed in float64 rather than handed to the methods as rounding noise or zeros (see
-:func:`task_gradients`).
+end, a float32 ``G`` below float32's normal range (every task gradient's norm below ~1e-19,
+or one task's next to larger ones) is recomputed in float64 rather than handed to the methods
+as rounding noise or zeros (see :func:`task_gradients`).
 
 DDP: in features mode each rank's ``G`` is a sum over its own samples, and the gradient of the
 rank-averaged loss with respect to rank r's features is ``1/R`` times the local one, so the
