@@ -100,6 +100,10 @@ class MultiTaskModule(pl.LightningModule):
         # steps on an epoch's last, shorter window: the balancer's next window starts afresh.
         self.balancer.end_window()
 
+    def on_train_epoch_end(self) -> None:
+        # DWA's per-epoch rates and STCH's warm-up count epochs; a no-op for other methods.
+        self.balancer.end_epoch()
+
 
 # --8<-- [end:module]
 

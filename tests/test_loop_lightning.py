@@ -74,10 +74,10 @@ def _loader(seed: int, batches: int):
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
 
 
-def _trainer(epochs: int, **options) -> pl.Trainer:
+def _trainer(epochs: int, accumulate: int = ACCUMULATE, **options) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
-        accumulate_grad_batches=ACCUMULATE,
+        accumulate_grad_batches=accumulate,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -115,3 +115,18 @@ def test_an_epochs_short_last_window_ends_the_balancers_window():
     for window in windows:
         assert len(set(window)) == 1, window
     assert len({window[0] for window in windows}) == 9  # FAMO moved at every optimiser step
+
+
+def test_the_recipes_module_ends_the_balancers_epochs(monkeypatch):
+    """docs/recipes/lightning.md's module calls end_epoch() at each epoch's end: STCH's
+    warm-up (and DWA's per-epoch rates) count epochs only there."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    from lightning_module import MultiTaskModule, make_data
+
+    model = MultiTaskModule("stch")
+    trainer = _trainer(epochs=2, accumulate=1)
+    trainer.fit(model, torch.utils.data.DataLoader(make_data(64), batch_size=16))
+    assert int(model.balancer.epochs_done) == 2
+    assert int(model.balancer.num_steps) == 8
