@@ -36,6 +36,7 @@ from taskbalance._distributed import (
     rank,
     world_size,
 )
+from taskbalance._gramian import has_subnormal_norm
 from taskbalance._solvers._common import SolverError, nearest_psd, psd_rounding
 from taskbalance._step import Step
 from taskbalance._validation import (
@@ -1126,18 +1127,17 @@ def _refuse_losses_without_grad(losses: LossesLike, vector: Tensor, mask: Tensor
 
 
 def _without_subnormal_norms(gram: Tensor) -> Tensor:
-    """A float32 Gramian with the tasks whose squared norm is a non-zero subnormal number taken
-    as zero gradients (row and column zeroed), where the largest squared norm is normal.
+    """A float32 Gramian with the tasks whose squared norm is subnormal
+    (:func:`~taskbalance._gramian.has_subnormal_norm`) taken as zero gradients (row and column
+    zeroed), where the largest squared norm is normal.
 
-    Such a norm (a gradient below ~1e-19 next to larger ones) carries a few bits, and the rules
-    count any gradient above ``2**-64`` of the longest: they would weigh rounding noise. The
-    balancer's own Gramians are recomputed in float64 in that case instead (see
+    The rules count any gradient above ``2**-64`` of the longest: they would weigh rounding
+    noise. The balancer's own Gramians are recomputed in float64 in that case instead (see
     :func:`taskbalance._gramian.task_gradients`); a given one has lost the bits already.
     """
-    diagonal = gram.diagonal()
-    tiny = torch.finfo(torch.float32).tiny
-    subnormal = (diagonal > 0) & (diagonal < tiny)
-    if not bool(subnormal.any()) or float(diagonal.max()) < tiny:
+    diagonal = gram.diagonal().tolist()  # K numbers: one host copy
+    if max(diagonal) < torch.finfo(torch.float32).tiny or not has_subnormal_norm(diagonal):
         return gram
-    kept = (~subnormal).to(gram.dtype)
-    return gram * torch.outer(kept, kept)
+    kept = [0.0 if has_subnormal_norm([value]) else 1.0 for value in diagonal]
+    mask = torch.tensor(kept, dtype=gram.dtype, device=gram.device)
+    return gram * torch.outer(mask, mask)

@@ -817,12 +817,15 @@ def _unscaled_gram(gram: Tensor, scale: float) -> tuple[Tensor, bool, bool]:
 
 def _normal_diagonal(diagonal: list[float]) -> bool:
     """Whether a float32 Gramian's squared norms are held to ``2**-24`` of themselves: the
-    largest is a normal number and no other is a non-zero subnormal one (a gradient's norm
-    below ~1e-19 next to larger ones would carry a few bits, and counted as a task gradient
-    by the rules, give its task a direction of rounding noise)."""
-    return max(diagonal) >= _FLOAT32_TINY and not any(
-        0 < value < _FLOAT32_TINY for value in diagonal
-    )
+    largest is a normal number and none is a subnormal one (see :func:`has_subnormal_norm`)."""
+    return max(diagonal) >= _FLOAT32_TINY and not has_subnormal_norm(diagonal)
+
+
+def has_subnormal_norm(squared_norms: Iterable[float]) -> bool:
+    """Whether a float32 Gramian's diagonal holds a non-zero squared norm below float32's
+    normal range (a gradient below ~1e-19): held to a bit or two, it would give its task,
+    counted as a gradient by the rules, a direction of rounding noise."""
+    return any(0 < value < _FLOAT32_TINY for value in squared_norms)
 
 
 def _retry_can_help(losses: Tensor, present: Sequence[bool], decided_globally: bool) -> bool:

@@ -20,6 +20,7 @@ from taskbalance._gramian import (
     complex_tensor_message,
     global_rows,
     gramian_from_rows,
+    has_subnormal_norm,
     task_gradients,
 )
 from taskbalance._step import Step
@@ -326,7 +327,8 @@ class GradientBalancer(Balancer):
         exponent = math.frexp(float(scale.abs().max()))[1]
         unit_scale = scale * math.ldexp(1.0, -exponent)
         normalised = gram.double() * torch.outer(unit_scale, unit_scale)
-        shift = _range_shift(normalised, gram.dtype, 2 * exponent)
+        diagonal = normalised.diagonal().tolist()  # one host copy: the range and the check
+        shift = _range_shift(max(diagonal), gram.dtype, 2 * exponent)
         normalised = _times_power_of_two(normalised, shift)
         # Cauchy-Schwarz, |G'_ij| ≤ √(G'_ii·G'_jj), holds for every Gramian, but the scaling's
         # rounding may break it by an ulp (opposite unit gradients give 1 − 2⁻⁵³ on the diagonal
@@ -342,7 +344,11 @@ class GradientBalancer(Balancer):
         # A float32 G' whose smallest non-zero norm would be subnormal or 0 there (losses ~1e30
         # apart under "loss") stays float64, as the engine widens a Gramian that underflows:
         # cast back, that task would count as a zero gradient and the rule would leave it out.
-        rule_dtype = gram.dtype if _holds_diagonal(normalised, gram.dtype) else torch.float64
+        narrow = gram.dtype != torch.float64 and has_subnormal_norm(
+            math.ldexp(value, shift)
+            for value in diagonal  # exact, as _times_power_of_two
+        )
+        rule_dtype = torch.float64 if narrow else gram.dtype
         normalised = torch.where(off_diagonal, clamped, normalised).to(rule_dtype)
         weights = self._gradient_weights(losses, normalised)
         if not self.normalization_maps_back:
@@ -357,7 +363,7 @@ class GradientBalancer(Balancer):
         claimed: frozenset[str] = getattr(type(self), "claimed_properties", frozenset())
         if gram.dtype != torch.float64 or SCALE_EQUIVARIANT not in claimed:
             return gram
-        shift = _range_shift(gram, torch.float64, 0)
+        shift = _range_shift(float(gram.diagonal().max()), torch.float64, 0)
         return gram if shift == 0 else _times_power_of_two(gram, shift)
 
     def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
@@ -923,12 +929,11 @@ _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 _SAFE_EXPONENT = 500
 
 
-def _range_shift(gram: Tensor, dtype: torch.dtype, exponent: int) -> int:
-    """The power of two to scale ``gram`` by: ``exponent`` (its true scale is ``gram·2**exponent``)
-    where that puts its largest diagonal entry within the safe range of ``dtype``
-    (``2**±500`` for float64, float32's range less 2**24 either side), else the one that puts
-    it in [0.5, 1). An all-zero diagonal keeps ``exponent``."""
-    largest = float(gram.diagonal().max())
+def _range_shift(largest: float, dtype: torch.dtype, exponent: int) -> int:
+    """The power of two to scale a Gramian by, given its largest diagonal entry: ``exponent``
+    (its true scale is ``gram·2**exponent``) where that puts ``largest`` within the safe range
+    of ``dtype`` (``2**±500`` for float64, float32's range less 2**24 either side), else the
+    one that puts it in [0.5, 1). An all-zero diagonal keeps ``exponent``."""
     if largest <= 0:
         return exponent
     info = torch.finfo(dtype)
@@ -939,15 +944,6 @@ def _range_shift(gram: Tensor, dtype: torch.dtype, exponent: int) -> int:
         high = math.frexp(info.max)[1] - 24
     position = math.frexp(largest)[1] + exponent
     return exponent if low <= position <= high else -math.frexp(largest)[1]
-
-
-def _holds_diagonal(gram: Tensor, dtype: torch.dtype) -> bool:
-    """Whether ``dtype`` holds every non-zero diagonal entry of ``gram`` as a normal number
-    (``gram`` already scaled into ``dtype``'s range by :func:`_range_shift`)."""
-    if dtype == torch.float64:
-        return True
-    positive = [value for value in gram.diagonal().tolist() if value > 0]
-    return not positive or min(positive) >= torch.finfo(dtype).tiny
 
 
 def _times_power_of_two(tensor: Tensor, shift: int) -> Tensor:
