@@ -217,7 +217,9 @@ def _features_direction(
     # (the rows carry the engine's 2**16 scale), so those sum in float32
     signs = torch.sign(tensor.detach()).reshape(samples, -1)
     # One task at a time through one buffer, which then holds d: a K×S×C product would cost
-    # a fresh allocation (page faults on the host) and a pass over memory per step
+    # a fresh allocation (page faults on the host) and a pass over memory per step (the
+    # product, measured in the step: 0.02 ms faster at K = 2 and 4, 0.06 and 0.36 ms slower
+    # at K = 8 and 16)
     buffer = torch.empty_like(per_sample[0])
     summed = torch.empty(
         num_tasks, buffer.shape[1], dtype=_accumulation_dtype(row.dtype), device=row.device
@@ -226,8 +228,10 @@ def _features_direction(
         torch.sum(torch.mul(per_sample[k], signs, out=buffer), 0, dtype=summed.dtype, out=summed[k])
     signed = all_reduce_sum(summed.to(torch.float64))
     passes = sign_dropout_mask(signed, generator)
-    passed = torch.linalg.vector_norm(signed * passes, dim=1).square_()
-    total = torch.linalg.vector_norm(signed, dim=1).square_()
+    # Σ_c G_k² summed directly: a norm's square root would only be squared back
+    squares = signed.square()
+    total = squares.sum(1)
+    passed = squares.mul_(passes).sum(1)
     coefficients = _coefficients(passes, row.dtype, leak, minus_sum, row_scale)
     direction = torch.mul(per_sample[0], coefficients[0], out=buffer)
     for k in range(1, num_tasks):
