@@ -52,6 +52,21 @@ def test_delta_m_three_metrics_by_hand():
     assert value == pytest.approx(-95 / 3)
 
 
+@pytest.mark.parametrize(
+    ("value", "baseline", "higher", "better"),
+    [(0.1, -0.2, True, True), (-0.5, -0.2, True, False), (-0.3, -0.2, False, True),
+     (0.3, 0.2, True, True), (-0.1, -0.2, False, False)],
+)  # fmt: skip
+def test_delta_m_reads_better_as_negative_whatever_the_baselines_sign(
+    value, baseline, higher, better
+):
+    """An R² or a log-likelihood can be negative: Δm% divides by |B|, so its sign still says
+    which model is better, and its size is the change relative to the baseline's size."""
+    result = delta_m([value], [baseline], [higher])
+    assert (result < 0) == better
+    assert abs(result) == pytest.approx(100 * abs(value - baseline) / abs(baseline))
+
+
 def test_delta_m_is_zero_for_the_baseline_itself():
     assert delta_m([0.7, 3.0], [0.7, 3.0], [True, False]) == 0.0
 

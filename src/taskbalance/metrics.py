@@ -662,8 +662,11 @@ def delta_m(
     tasks: LibMTL's ``Δp``, which is ``−Δm`` of that task-averaged form (LibMTL reports
     improvements, higher is better).
 
-    A baseline of exactly 0 leaves Δm% undefined (it divides by ``B_m``); no metric is dropped
-    and no ε is added, since either would change the number silently.
+    Each term is divided by ``|B_m|``: the published metrics are all positive, where the two
+    agree, but a negative baseline (an R², a log-likelihood) divided by itself would flip the
+    term's sign, so that a better model read as worse. A baseline of exactly 0 leaves Δm%
+    undefined; no metric is dropped and no ε is added, since either would change the number
+    silently.
 
     Args:
         values: the model's value of each metric.
@@ -689,6 +692,8 @@ def delta_m(
         27.5
         >>> delta_m([0.9, 2.0], [0.0, 1.0], [True, False], on_zero_baseline="nan")
         nan
+        >>> round(delta_m([0.1], [-0.2], ["higher"]), 6)  # an R² of 0.1 against -0.2: better
+        -150.0
     """
     if on_zero_baseline not in ("raise", "nan"):
         raise ValueError(
@@ -712,7 +717,7 @@ def delta_m(
             )
         return math.nan
     relative = [
-        (-1.0 if higher else 1.0) * (float(value) - float(baseline)) / float(baseline)
+        (-1.0 if higher else 1.0) * (float(value) - float(baseline)) / abs(float(baseline))
         for value, baseline, higher in zip(values, baselines, highers, strict=True)
     ]
     if tasks is None:
