@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import textwrap
 
 import pytest
@@ -180,6 +181,25 @@ def test_model_factory_returning_the_wrong_thing():
         not_a_model.build_model()
 
 
+def test_a_factory_handing_out_the_same_modules_again_is_refused():
+    """Modules built once and returned at every call would let each run go on training the
+    previous run's model (and single-task baselines learn the other tasks): refused."""
+    trunk, heads = nn.Linear(3, 4), [nn.Linear(4, 1), nn.Linear(4, 1)]
+    reused = _tiny(model=lambda: (trunk, heads))
+    reused.build_model()
+    with pytest.raises(BenchmarkError, match=r"parameter 'trunk.weight' of a model it built before"):
+        reused.build_model()
+    one_head_reused = _tiny(model=lambda: (nn.Linear(3, 4), [heads[0], nn.Linear(4, 1)]))
+    one_head_reused.build_model()
+    with pytest.raises(BenchmarkError, match=r"parameter 'heads.0.weight'"):
+        one_head_reused.build_model()
+    fresh = _tiny()
+    models = [fresh.build_model() for _ in range(3)]  # held: no id can be reused
+    assert len({id(p) for model in models for p in model.parameters()}) == 3 * 6
+    for _ in range(20):  # freed at once: new parameters may take the old ids
+        fresh.build_model()
+
+
 def _write(tmp_path, body: str):
     path = tmp_path / "my_bench.py"
     path.write_text(textwrap.dedent(body))
@@ -227,6 +247,33 @@ def test_load_from_file_and_module(tmp_path, monkeypatch):
     assert from_module.settings["data_seed"] == 0
     run = train_run(from_module, Method("ew"), config=TrainConfig(epochs=1))
     assert run.completed
+
+
+def test_a_bench_file_imports_the_modules_beside_it(tmp_path, monkeypatch):
+    """As under ``python my_bench.py``: a helper module next to the file imports by name."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # restored after the test
+    (tmp_path / "sibling_helper_xyz.py").write_text("SIZE = 6\n")
+    path = _write(
+        tmp_path,
+        """
+        from sibling_helper_xyz import SIZE
+        import torch
+        from torch import nn
+        from taskbalance.bench import (Benchmark, Task, TensorTaskDataset, TrainingDefaults,
+                                       mean_metric)
+        from taskbalance.bench.losses import mse
+
+        def make():
+            x = torch.randn(SIZE, 2)
+            data = TensorTaskDataset(x, [x[:, 0]])
+            task = Task("y", mse, (mean_metric("se", lambda o, t: (o.squeeze(1) - t) ** 2,
+                                               higher_is_better=False),))
+            return Benchmark("beside", (task,), data, data, data,
+                             model=lambda: (nn.Linear(2, 2), [nn.Linear(2, 1)]),
+                             defaults=TrainingDefaults(epochs=1, batch_size=4, lr=0.1))
+        """,
+    )
+    assert len(load_benchmark(f"{path}:make").train) == 6
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,53 @@ def test_resume_skips_finished_runs_and_fresh_restarts(tmp_path, monkeypatch):
     assert stored["key"]["config"]["epochs"] == 1
 
 
+_EDITABLE_BENCH = """
+import torch
+from torch import nn
+from taskbalance.bench import (Benchmark, Task, TensorTaskDataset, TrainingDefaults,
+                               mean_metric)
+from taskbalance.bench.losses import mse
+
+def make():
+    x = torch.randn(SIZE, 2, generator=torch.Generator().manual_seed(0))
+    data = TensorTaskDataset(x, [x[:, 0], x[:, 1]])
+    tasks = tuple(Task(name, mse, (mean_metric("se", lambda o, t: (o.squeeze(1) - t) ** 2,
+                                                 higher_is_better=False),))
+                  for name in ("a", "b"))
+    return Benchmark("editable", tasks, data, data, data,
+                     model=lambda: (nn.Linear(2, WIDTH), [nn.Linear(WIDTH, 1) for _ in "ab"]),
+                     defaults=TrainingDefaults(epochs=1, batch_size=4, lr=LR))
+"""
+
+
+@pytest.mark.parametrize(
+    "edit", [{"LR": 0.05}, {"SIZE": 12}, {"WIDTH": 5}], ids=["defaults", "split size", "model"]
+)
+def test_an_edit_of_the_benchmark_file_is_not_resumed_as_the_old_runs(tmp_path, edit):
+    """Runs are keyed on what the benchmark fixes (metadata.json's data, tasks, model and
+    training settings), not only on the command line: an edited bench file trains again."""
+    settings = {"SIZE": 8, "WIDTH": 3, "LR": 0.1}
+    path = tmp_path / "editable_bench.py"
+
+    def write(values):
+        header = "".join(f"{name} = {value!r}\n" for name, value in values.items())
+        path.write_text(header + _EDITABLE_BENCH)
+
+    def compare():
+        return run_comparison(
+            BenchmarkSource(f"{path}:make"), [Method("ew")], seeds=[0], out=tmp_path / "out"
+        )
+
+    write(settings)
+    first = compare()
+    assert first.resumed == 0 and len(first.runs) == 3
+    assert compare().resumed == 3  # unchanged: every run resumed
+    write({**settings, **edit})
+    edited = compare()
+    assert edited.resumed == 0
+    assert _per_run(edited) != _per_run(first)
+
+
 def test_custom_benchmark_example_runs():
     result = subprocess.run(
         [sys.executable, str(EXAMPLE)],

@@ -58,6 +58,7 @@ import importlib.util
 import inspect
 import math
 import sys
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -480,6 +481,11 @@ class Benchmark:
     settings: Mapping[str, Any] = field(default_factory=dict)
     noise_variances: tuple[float, ...] | None = None
     summary_name: str | None = None
+    # The parameters of every model built so far, by id (weakly: a finished run's model is
+    # freed): a factory that hands out the same modules again is refused.
+    _built: dict[int, weakref.ref[Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         tasks = tuple(self.tasks)
@@ -560,13 +566,32 @@ class Benchmark:
                     f"benchmark {self.name!r}: the model factory returned {len(heads)} head(s); "
                     f"expected {self.num_tasks} nn.Module heads, one per task"
                 )
-            return MultiTaskModel(trunk, heads)
-        if isinstance(built, nn.Module):
-            return built
-        raise BenchmarkError(
-            f"benchmark {self.name!r}: the model factory returned {type(built).__name__}; "
-            "expected (trunk, [head, ...]) or an nn.Module returning (features, outputs)"
-        )
+            model: nn.Module = MultiTaskModel(trunk, heads)
+        elif isinstance(built, nn.Module):
+            model = built
+        else:
+            raise BenchmarkError(
+                f"benchmark {self.name!r}: the model factory returned {type(built).__name__}; "
+                "expected (trunk, [head, ...]) or an nn.Module returning (features, outputs)"
+            )
+        self._check_fresh(model)
+        return model
+
+    def _check_fresh(self, model: nn.Module) -> None:
+        """Refuse a model sharing a parameter with one built before; then remember its own."""
+        for name, parameter in model.named_parameters():
+            earlier = self._built.get(id(parameter))
+            if earlier is not None and earlier() is parameter:
+                raise BenchmarkError(
+                    f"benchmark {self.name!r}: the model factory returned parameter {name!r} "
+                    "of a model it built before; it must build new modules at every call "
+                    "(each run would otherwise go on training the previous run's model), "
+                    "e.g. def make_model(): return nn.Sequential(...), [nn.Linear(...), ...]"
+                )
+        for key in [key for key, ref in self._built.items() if ref() is None]:
+            del self._built[key]
+        for parameter in model.parameters():
+            self._built[id(parameter)] = weakref.ref(parameter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,6 +703,10 @@ def resolve_factory(spec: str) -> Callable[..., Benchmark]:
         path = Path(source)
         if not path.is_file():
             raise BenchmarkError(f"--bench {spec!r}: no such file {str(path)!r}")
+        # As `python FILE.py` does: the modules beside the file import by their plain names
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         module_name = f"taskbalance_user_bench_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:

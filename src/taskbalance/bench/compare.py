@@ -35,6 +35,7 @@ from taskbalance.bench.harness import (
     train_run,
 )
 from taskbalance.bench.metrics import MethodSummary, summarise
+from taskbalance.bench.report import benchmark_metadata, training_metadata
 from taskbalance.bench.selection import Selection
 
 RUNS_DIRECTORY = "runs"
@@ -123,12 +124,17 @@ def plan_jobs(
 
 
 def _run_key(
-    source: BenchmarkSource, job: Job, config: TrainConfig, model: str | None = None
+    source: BenchmarkSource,
+    job: Job,
+    config: TrainConfig,
+    model: str | None = None,
+    content: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     # The model that ran (settings["model"] of a benchmark that offers several) is part of the
     # key, so a run of one default model is never resumed as the other's, and the default
-    # and the same model named by --model share their runs; benchmarks with one model keep
-    # the keys they had.
+    # and the same model named by --model share their runs. ``content`` is what the
+    # benchmark's own code fixes (see _benchmark_content): the command line alone would
+    # resume stale runs after an edit of the user's benchmark file.
     source_fields = {key: value for key, value in vars(source).items() if key != "model"}
     key = {
         "benchmark": _plain(source_fields),
@@ -140,7 +146,20 @@ def _run_key(
     }
     if model is not None:
         key["model"] = model
+    if content is not None:
+        key["content"] = content
     return key
+
+
+def _benchmark_content(benchmark: Benchmark, config: TrainConfig) -> dict[str, Any]:
+    """What a run's result depends on beyond the command line: the data's settings and split
+    sizes, the tasks and their metrics, the model's architecture and the resolved training
+    settings (the benchmark's defaults under the command line's overrides), as
+    ``metadata.json`` pins them; the description is left out, it changes no result."""
+    content = benchmark_metadata(benchmark, benchmark.build_model())
+    content["benchmark"].pop("description")
+    content["training"] = training_metadata(benchmark, config)
+    return content
 
 
 def run_file(out: Path, benchmark: Benchmark, job: Job) -> Path:
@@ -244,7 +263,8 @@ def run_comparison(
     pending: list[int] = []
     model = benchmark.settings.get("model")
     model_name = model if isinstance(model, str) else None
-    keys = [_run_key(source, job, config, model_name) for job in planned]
+    content = _benchmark_content(benchmark, config)
+    keys = [_run_key(source, job, config, model_name, content) for job in planned]
     for index, job in enumerate(planned):
         found = _load_finished(run_file(out, benchmark, job), keys[index])
         if found is not None:

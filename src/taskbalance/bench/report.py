@@ -398,30 +398,9 @@ def method_metadata(
     }
 
 
-def run_metadata(
-    benchmark: Benchmark,
-    methods: Sequence[Method],
-    *,
-    config: TrainConfig,
-    seeds: Sequence[int],
-    selection: Selection,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Everything that changes a result: data, model, optimiser, schedule, budget, methods.
-
-    Args:
-        benchmark: the benchmark.
-        methods: the compared methods.
-        config: the training overrides (epochs, batch size, learning rates, diagnostics).
-        seeds: the training seeds.
-        selection: the model-selection rule.
-        extra: anything else to pin (the command line, jobs, threads, device).
-
-    Returns:
-        A JSON-compatible dictionary.
-    """
-    torch.manual_seed(0)
-    model = benchmark.build_model()
+def benchmark_metadata(benchmark: Benchmark, model: nn.Module) -> dict[str, Any]:
+    """The benchmark's data, tasks and model, as ``metadata.json`` pins them (a finished run
+    is resumed only while these are unchanged): ``{"benchmark": ..., "model": ...}``."""
     return {
         "benchmark": {
             "name": benchmark.name,
@@ -448,9 +427,43 @@ def run_metadata(
             "architecture": str(model),
             "parameters": sum(parameter.numel() for parameter in model.parameters()),
         },
-        "training": _plain(
-            {k: v for k, v in config.resolved(benchmark.defaults).items() if k != "seed"}
-        ),
+    }
+
+
+def training_metadata(benchmark: Benchmark, config: TrainConfig) -> dict[str, Any]:
+    """The training settings every run shares: the benchmark's defaults under ``config``'s
+    overrides (the seed left out: each run has its own)."""
+    resolved = config.resolved(benchmark.defaults)
+    return _plain({key: value for key, value in resolved.items() if key != "seed"})
+
+
+def run_metadata(
+    benchmark: Benchmark,
+    methods: Sequence[Method],
+    *,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    selection: Selection,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything that changes a result: data, model, optimiser, schedule, budget, methods.
+
+    Args:
+        benchmark: the benchmark.
+        methods: the compared methods.
+        config: the training overrides (epochs, batch size, learning rates, diagnostics).
+        seeds: the training seeds.
+        selection: the model-selection rule.
+        extra: anything else to pin (the command line, jobs, threads, device).
+
+    Returns:
+        A JSON-compatible dictionary.
+    """
+    torch.manual_seed(0)
+    model = benchmark.build_model()
+    return {
+        **benchmark_metadata(benchmark, model),
+        "training": training_metadata(benchmark, config),
         "seeds": list(seeds),
         "selection": str(selection),
         "methods": [method_metadata(method, benchmark, model) for method in methods],
