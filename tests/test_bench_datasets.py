@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 pytest.importorskip("sklearn")
 
@@ -11,11 +13,19 @@ from taskbalance.bench import (
     BenchmarkError,
     TrainConfig,
     benchmark_names,
+    cli,
     load_benchmark,
     train_run,
 )
 from taskbalance.bench.gradnorm_toy import sigmas as gradnorm_sigmas
 from taskbalance.bench.multidigits import compose_pairs
+from taskbalance.bench.real_datasets import (
+    DatasetLayoutError,
+    NpyDenseDataset,
+    build_cityscapes,
+    dense_splits,
+)
+from test_dense_loaders import write_npy_layout
 
 DATA_BENCHMARKS = ["multidigits", "digits-mixed", "gradnorm-toy", "noisy-regression"]
 
@@ -137,3 +147,70 @@ def test_single_task_model_trains_one_task():
     assert not run.diagnostic_steps
     with pytest.raises(ValueError, match="single_task"):
         train_run(benchmark, None, config=TrainConfig(epochs=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# NYUv2 / Cityscapes in MTAN's .npy layout (tiny files): every scene's files are checked, not
+# only scene 0's, and the command line reads Cityscapes' 19-class labels.
+
+
+def test_a_wrong_shaped_training_file_after_the_first_is_named_not_stretched(tmp_path):
+    write_npy_layout(tmp_path, "nyuv2", sizes=(4, 3))  # 8×12 scenes
+    # A truncated normal map: the scale-crop would resize it back to 8×12 without a word.
+    np.save(tmp_path / "train" / "normal" / "2.npy", np.ones((6, 12, 3), np.float32))
+    train, _, _ = dense_splits(tmp_path, "nyuv2")  # only scene 0 is read up front
+    assert train.augment
+    torch.manual_seed(0)
+    train[1]  # the scenes around it still load
+    pattern = r"train/normal/2\.npy: shape \(6, 12, 3\); expected \(8, 12, 3\)"
+    with pytest.raises(DatasetLayoutError, match=pattern):
+        train[2]
+
+
+def test_a_channel_first_test_file_is_named_instead_of_a_stack_error(tmp_path):
+    write_npy_layout(tmp_path, "nyuv2", sizes=(2, 3))
+    np.save(tmp_path / "val" / "depth" / "1.npy", np.ones((1, 8, 12), np.float32))
+    test = NpyDenseDataset(tmp_path, "val", "nyuv2")
+    pattern = r"(?s)val/depth/1\.npy: shape \(1, 8, 12\); expected \(8, 12, 1\).*DATA_ROOT/"
+    with pytest.raises(DatasetLayoutError, match=pattern):
+        list(DataLoader(test, batch_size=3))
+
+
+def test_a_wrong_shaped_test_file_is_a_one_line_command_line_error(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_npy_layout(root, "cityscapes", sizes=(2, 2), label_folder="label_7", size=(32, 64))
+    np.save(root / "val" / "depth" / "1.npy", np.ones((1, 32, 64), np.float32))
+    argv = ["train", "--bench", "cityscapes", "--data-root", str(root), "--small", "--method"]
+    argv += ["ew", "--quiet", "--out", str(tmp_path / "out")]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "val/depth/1.npy: shape (1, 32, 64)" in err
+    assert "Traceback" not in err
+
+
+def test_a_file_that_is_not_numbers_is_named(tmp_path):
+    write_npy_layout(tmp_path, "nyuv2", sizes=(2, 2))
+    np.save(tmp_path / "val" / "label" / "1.npy", np.full((8, 12), "x"))
+    with pytest.raises(DatasetLayoutError, match=r"val/label/1\.npy: dtype <U1"):
+        NpyDenseDataset(tmp_path, "val", "nyuv2")[1]
+
+
+def test_cityscapes_command_line_reads_label_19_when_label_7_is_absent(tmp_path, capsys):
+    root = tmp_path / "c19"
+    write_npy_layout(root, "cityscapes", sizes=(2, 2), label_folder="label_19", size=(32, 64))
+    benchmark = load_benchmark("cityscapes", data_root=str(root), small=True)
+    assert benchmark.settings["num_classes"] == 19
+    assert "19-class" in benchmark.description
+    image, _ = benchmark.train[0]
+    _, outputs = benchmark.build_model()(image[None])
+    assert outputs[0].shape[1] == 19
+    argv = ["train", "--bench", "cityscapes", "--data-root", str(root), "--small", "--method"]
+    argv += ["ew", "--quiet", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    # Both label sets: the papers' 7 classes, unless the caller asks for 19.
+    write_npy_layout(root, "cityscapes", sizes=(2, 2), label_folder="label_7", size=(32, 64))
+    assert load_benchmark("cityscapes", data_root=str(root)).settings["num_classes"] == 7
+    assert build_cityscapes(str(root), num_classes=19).settings["num_classes"] == 19
+    with pytest.raises(ValueError, match="7 or 19"):
+        build_cityscapes(str(root), num_classes=20)

@@ -12,9 +12,14 @@ LibMTL)::
         normal/0.npy  288×384×3 (unit or 0)
       val/    (654 scenes, same folders)   val/    (500 scenes, same folders)
 
-Files are numbered ``0.npy … (n−1).npy`` in every folder of a split. Arrays are channel-last
-and are moved to ``[C, H, W]``; labels come back as int64 ``[H, W]`` (anything outside
-``[0, num_classes)``, e.g. ``−1`` or ``255``, is unlabelled for the losses and metrics).
+Files are numbered ``0.npy … (n−1).npy`` in every folder of a split, and every scene of a split
+has scene 0's shapes (each item is checked as it is read). Arrays are channel-last and are moved
+to ``[C, H, W]``; labels come back as int64 ``[H, W]`` (anything outside ``[0, num_classes)``,
+e.g. ``−1`` or ``255``, is unlabelled for the losses and metrics). Cityscapes' labels are the
+7-class ``label_7/`` of the published tables or the 19-class ``label_19/``: ``--bench
+cityscapes`` reads ``label_19/`` only when ``label_7/`` is absent (:func:`cityscapes_classes`);
+in Python, ``build_cityscapes(..., num_classes=19)`` or ``NpyDenseDataset(..., num_classes=19)``
+asks for it.
 
 Splits, as the papers: ``train/`` trains and ``val/`` is the reported test split. The papers
 select nothing on a separate validation split (MTAN, Nash-MTL and LibMTL print ``val/`` as
@@ -223,8 +228,10 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
         indices: use only these scene numbers (a held-out validation subset).
 
     Raises:
-        DatasetLayoutError: a missing folder, uneven or gapped numbering, or arrays of the wrong
-            shape; the message shows the expected tree.
+        DatasetLayoutError: a missing folder, uneven or gapped numbering, or scene 0's arrays of
+            the wrong shape or not numbers (here); a scene whose arrays do not have scene 0's
+            shapes (when the item is read, before augmentation). The message names the file and
+            shows the expected tree.
     """
 
     def __init__(
@@ -241,7 +248,7 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if dataset == "cityscapes" and num_classes not in (7, 19):
-            raise ValueError(f"Cityscapes num_classes must be 7 or 19, got {num_classes!r}")
+            raise ValueError(f"num_classes: expected 7 or 19 (Cityscapes), got {num_classes!r}")
         self.numpy: Any = require_module("numpy")
         self.root = Path(root)
         self.split = split
@@ -252,13 +259,24 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
         self.layout = layout_text(dataset, num_classes)
         count = _check_split(self.root, split, self.folders, self.layout)
         self.indices = list(range(count)) if indices is None else list(indices)
-        self._check_first_item()
+        #: Each folder's array shape (scene 0's), which every scene must have.
+        self.shapes = self._check_first_item()
+
+    def _path(self, folder: str, number: int) -> Path:
+        return self.root / self.split / folder / f"{number}.npy"
 
     def _load(self, folder: str, number: int) -> Tensor:
-        path = self.root / self.split / folder / f"{number}.npy"
-        return torch.from_numpy(self.numpy.load(path))
+        path = self._path(folder, number)
+        array = self.numpy.load(path)
+        # Strings, booleans or complex numbers would otherwise fail later in torch, unnamed.
+        if array.dtype.kind not in "fiu":
+            raise DatasetLayoutError(
+                f"{path}: dtype {array.dtype}; expected float or integer arrays, as:\n{self.layout}"
+            )
+        return torch.from_numpy(array)
 
-    def _check_first_item(self) -> None:
+    def _check_first_item(self) -> dict[str, tuple[int, ...]]:
+        """Check scene 0's arrays against each other (an early error); their shapes."""
         image, label, depth, *normal = (self._load(f, 0) for f in self.folders)
         height, width = label.shape[-2:] if label.dim() == 2 else (-1, -1)
         expected = {
@@ -270,9 +288,22 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
         for folder, array in zip(self.folders, (image, label, depth, *normal), strict=True):
             if label.dim() != 2 or tuple(array.shape) != expected[folder]:
                 raise DatasetLayoutError(
-                    f"{self.root / self.split / folder / '0.npy'}: shape {tuple(array.shape)}; "
+                    f"{self._path(folder, 0)}: shape {tuple(array.shape)}; "
                     f"expected H×W×3 images, H×W labels, H×W×1 depth and H×W×3 normals "
                     f"(channel last), as:\n{self.layout}"
+                )
+        return {folder: expected[folder] for folder in self.folders}
+
+    def _check_item(self, number: int, arrays: Sequence[Tensor]) -> None:
+        """Every scene must have scene 0's shapes: the scale-crop would silently stretch a
+        truncated array back to size, and batching fails on one, naming no file. Shape
+        comparisons only (reading every file up front would cost an epoch's worth of I/O)."""
+        for folder, array in zip(self.folders, arrays, strict=True):
+            if tuple(array.shape) != self.shapes[folder]:
+                raise DatasetLayoutError(
+                    f"{self._path(folder, number)}: shape {tuple(array.shape)}; expected "
+                    f"{self.shapes[folder]}, the shape of {folder}/0.npy (every scene of a "
+                    f"split has the same size, channel last), as:\n{self.layout}"
                 )
 
     def __len__(self) -> int:
@@ -281,6 +312,7 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
     def __getitem__(self, index: int) -> tuple[Tensor, tuple[Tensor, ...]]:
         number = self.indices[index]
         arrays = [self._load(folder, number) for folder in self.folders]
+        self._check_item(number, arrays)
         image = arrays[0].permute(2, 0, 1).float()
         label = arrays[1].round().long()
         depth = arrays[2].permute(2, 0, 1).float()
@@ -393,7 +425,7 @@ def _dense_benchmark(
         test=test,
         model=build_model,
         defaults=defaults,
-        description=NYUV2_DESCRIPTION if normals else CITYSCAPES_DESCRIPTION,
+        description=NYUV2_DESCRIPTION if normals else _cityscapes_description(num_classes),
         settings={
             "data_root": str(Path(data_root).resolve()),
             "small": small,
@@ -413,8 +445,36 @@ NYUV2_DESCRIPTION = (
     "split SegNet)"
 )
 CITYSCAPES_DESCRIPTION = (
-    "Cityscapes (your .npy files): 7-class segmentation, depth; MTAN (--model segnet: split SegNet)"
+    "Cityscapes (your .npy files): 7-class segmentation (19 from label_19/), depth; MTAN "
+    "(--model segnet: split SegNet)"
 )
+
+
+def cityscapes_classes(data_root: str | Path | None) -> int:
+    """The label set a Cityscapes data root offers: 7 (``label_7/``) unless only ``label_19/``.
+
+    The command line has no class option, so the folders decide; 7 when both exist, the set of
+    the published tables (MTAN, Nash-MTL, FAMO), and when neither does (the error then names
+    ``label_7/``).
+
+    Args:
+        data_root: the directory with ``train/`` and ``val/``, or None.
+
+    Returns:
+        7 or 19.
+    """
+    if data_root is None:
+        return 7
+    train = Path(data_root) / "train"
+    return 19 if (train / "label_19").is_dir() and not (train / "label_7").is_dir() else 7
+
+
+def _cityscapes_description(num_classes: int) -> str:
+    """The built benchmark's one line, with the label set it reads."""
+    return (
+        f"Cityscapes (your .npy files): {num_classes}-class segmentation, depth; MTAN "
+        "(--model segnet: split SegNet)"
+    )
 
 
 def build_nyuv2(
@@ -462,14 +522,37 @@ def build_cityscapes(
     small: bool = False,
     data_seed: int = 0,
     model: str = DEFAULT_MODEL,
+    num_classes: int | None = None,
 ) -> Benchmark:
-    """Build ``cityscapes`` (7 classes) from MTAN's preprocessed files (2975 / 500, 128×256).
+    """Build ``cityscapes`` from MTAN's preprocessed files (2975 / 500 scenes, 128×256).
 
     Model: by default MTAN with two tasks (FAMO's and Nash-MTL's Cityscapes trainers default to
     it), or ``model="segnet"``; training: Nash-MTL's settings (:data:`CITYSCAPES_DEFAULTS`),
-    augmentation on. Arguments, result and errors as :func:`build_nyuv2`.
+    augmentation on. Classes: 7 (``label_7/``, the published tables) or 19 (``label_19/``);
+    ``--bench cityscapes`` passes no ``num_classes``, so the folders decide
+    (:func:`cityscapes_classes`: 19 only when ``label_7/`` is absent). The run's ``settings``
+    record ``num_classes``.
+
+    Args:
+        data_root: the directory with ``train/`` and ``val/`` (see :func:`layout_text`).
+        small: the first 8 scenes per split, the CPU-sized model and 1 epoch (smoke tests).
+        data_seed: seed of a held-out validation subset (unused with the papers' splits).
+        model: ``"mtan"`` (default) or ``"segnet"`` (``--model``).
+        num_classes: 7 or 19, reading ``label_7/`` or ``label_19/``; None: as the folders say.
+
+    Returns:
+        The benchmark.
+
+    Raises:
+        DatasetLayoutError: no ``data_root``, or a directory without the expected layout.
+        BenchmarkError: an unknown ``model``.
+        ValueError: ``num_classes`` other than 7, 19 or None.
     """
-    return _dense_benchmark("cityscapes", data_root, small, data_seed, 7, model)
+    if num_classes is None:
+        num_classes = cityscapes_classes(data_root)
+    elif num_classes not in (7, 19):
+        raise ValueError(f"num_classes: expected 7 or 19 (Cityscapes), got {num_classes!r}")
+    return _dense_benchmark("cityscapes", data_root, small, data_seed, num_classes, model)
 
 
 register_benchmark(
