@@ -187,7 +187,7 @@ def test_a_factory_handing_out_the_same_modules_again_is_refused():
     trunk, heads = nn.Linear(3, 4), [nn.Linear(4, 1), nn.Linear(4, 1)]
     reused = _tiny(model=lambda: (trunk, heads))
     reused.build_model()
-    with pytest.raises(BenchmarkError, match=r"parameter 'trunk.weight' of a model it built before"):
+    with pytest.raises(BenchmarkError, match=r"parameter 'trunk.weight' of a model it built"):
         reused.build_model()
     one_head_reused = _tiny(model=lambda: (nn.Linear(3, 4), [heads[0], nn.Linear(4, 1)]))
     one_head_reused.build_model()
@@ -198,6 +198,92 @@ def test_a_factory_handing_out_the_same_modules_again_is_refused():
     assert len({id(p) for model in models for p in model.parameters()}) == 3 * 6
     for _ in range(20):  # freed at once: new parameters may take the old ids
         fresh.build_model()
+
+
+class _DictHeads(nn.Module):
+    """A model whose forward returns ``(features, {task: output})``."""
+
+    def __init__(self, names=("sum", "first")):
+        super().__init__()
+        self.trunk = nn.Linear(3, 4)
+        self.heads = nn.ModuleDict({name: nn.Linear(4, 1) for name in names})
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return z, {name: head(z) for name, head in self.heads.items()}
+
+
+def test_outputs_keyed_by_task_name_train_as_a_list_in_task_order():
+    def listed_model():  # the same modules (and initialisation), heads in a list
+        model = _DictHeads()
+        return model.trunk, [model.heads["sum"], model.heads["first"]]
+
+    torch.manual_seed(0)
+    listed = train_run(_tiny(model=listed_model), Method("ew"), config=TrainConfig(epochs=1))
+    assert listed.completed
+    torch.manual_seed(0)
+    keyed = train_run(_tiny(model=_DictHeads), Method("ew"), config=TrainConfig(epochs=1))
+    assert keyed.completed
+    assert keyed.failure is None
+    assert [e.test for e in keyed.epochs] == [e.test for e in listed.epochs]
+
+
+class _ReturnsDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def forward(self, x):
+        out = self.layer(x)
+        return {"sum": out[:, :1], "first": out[:, 1:]}
+
+
+class _OneTensor(_ReturnsDict):
+    def forward(self, x):
+        out = self.layer(x)
+        return out, out
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (_ReturnsDict, r"forward returned dict; expected \(features, outputs\)"),
+        (lambda: _DictHeads(("sum", "second")), r"no key\(s\) \['first'\]"),
+        (lambda: (nn.Linear(3, 4), nn.Linear(4, 2)), r"returned Linear as the heads; expected"),
+        (_OneTensor, r"outputs are Tensor; expected a list of 2"),
+    ],
+    ids=["dict without features", "a task's key missing", "one head module", "one tensor"],
+)
+def test_model_outputs_in_another_form_are_named(model, message):
+    with pytest.raises(BenchmarkError, match=message):
+        train_run(_tiny(model=model), Method("ew"), config=TrainConfig(epochs=1))
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(3), (torch.zeros(()), torch.zeros(()))
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        (_Stream(), r"train: _Stream has no len\(\); expected a map-style Dataset"),
+        (
+            torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4), torch.zeros(4)),
+            r"train: item 0 is 3; expected \(input, targets\)",
+        ),
+        (
+            torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4, 3)),
+            r"train: item 0's targets are Tensor; expected 2 \(one per task",
+        ),
+    ],
+    ids=["streamed", "three-item tuples", "one target for two tasks"],
+)
+def test_splits_the_harness_cannot_read_are_refused_when_built(split, message):
+    good = _tiny()
+    with pytest.raises(TypeError, match=message):
+        Benchmark("tiny", good.tasks, split, good.validation, good.test, model=good.model,
+                  defaults=good.defaults)  # fmt: skip
 
 
 def _write(tmp_path, body: str):

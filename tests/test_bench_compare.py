@@ -114,7 +114,8 @@ def test_an_edit_of_the_benchmark_file_is_not_resumed_as_the_old_runs(tmp_path, 
 
     write(settings)
     first = compare()
-    assert first.resumed == 0 and len(first.runs) == 3
+    assert first.resumed == 0
+    assert len(first.runs) == 3
     assert compare().resumed == 3  # unchanged: every run resumed
     write({**settings, **edit})
     edited = compare()

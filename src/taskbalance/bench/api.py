@@ -68,7 +68,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 TaskKind = Literal["classification", "regression"]
 LossFunction = Callable[[Tensor, Tensor], Tensor]
@@ -511,18 +511,52 @@ class Benchmark:
         if len(set(names)) != len(names):
             raise ValueError(f"Benchmark {self.name!r}: task names must differ, got {names}")
         for split in ("train", "validation", "test"):
-            data = getattr(self, split)
-            if not isinstance(data, Dataset):
-                raise TypeError(
-                    f"Benchmark {self.name!r}: {split}: expected a torch.utils.data.Dataset, "
-                    f"got {type(data).__name__}"
-                )
+            self._check_split(split, getattr(self, split))
         if not callable(self.model):
             raise TypeError(f"Benchmark {self.name!r}: model: expected a factory (a callable)")
         if not isinstance(self.defaults, TrainingDefaults):
             raise TypeError(
                 f"Benchmark {self.name!r}: defaults: expected TrainingDefaults, "
                 f"got {type(self.defaults).__name__}"
+            )
+
+    def _check_split(self, split: str, data: object) -> None:
+        """A map-style data set with a length whose first item is ``(input, targets)``."""
+        where = f"Benchmark {self.name!r}: {split}"
+        if not isinstance(data, Dataset):
+            raise TypeError(
+                f"{where}: expected a torch.utils.data.Dataset, got {type(data).__name__}"
+            )
+        if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
+            # The harness shuffles, slices batches across DDP ranks and counts steps per epoch
+            raise TypeError(
+                f"{where}: {type(data).__name__} has no len(); expected a map-style Dataset "
+                "(__getitem__ and __len__): streamed (IterableDataset) splits are not supported"
+            )
+        if len(data) == 0:
+            return
+        item = data[0]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            size = len(item) if isinstance(item, (tuple, list)) else type(item).__name__
+            raise TypeError(
+                f"{where}: item 0 is {size}; expected (input, targets), targets a tuple in "
+                f"task order, a dict keyed by task name{' or one tensor' * (len(self.tasks) == 1)}"
+            )
+        targets = item[1]
+        names = [task.name for task in self.tasks]
+        if isinstance(targets, Mapping):
+            missing = [name for name in names if name not in targets]
+            if missing:
+                raise TypeError(
+                    f"{where}: item 0's targets have no key(s) {missing}; got {list(targets)}"
+                )
+        elif not (isinstance(targets, Tensor) and len(names) == 1) and (
+            not isinstance(targets, (tuple, list)) or len(targets) != len(names)
+        ):
+            size = len(targets) if isinstance(targets, (tuple, list)) else type(targets).__name__
+            raise TypeError(
+                f"{where}: item 0's targets are {size}; expected {len(names)} (one per task "
+                f"{names}, in task order) or a dict keyed by task name"
             )
 
     @property
@@ -560,6 +594,12 @@ class Benchmark:
         built = self.model()
         if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
             trunk, heads = built
+            if not isinstance(heads, (list, tuple, nn.ModuleList)):
+                raise BenchmarkError(
+                    f"benchmark {self.name!r}: the model factory returned "
+                    f"{type(heads).__name__} as the heads; expected a list of "
+                    f"{self.num_tasks} nn.Module heads, one per task"
+                )
             heads = list(heads)
             if len(heads) != self.num_tasks or not all(isinstance(h, nn.Module) for h in heads):
                 raise BenchmarkError(

@@ -491,6 +491,35 @@ def _targets_in_order(targets: Any, benchmark: Benchmark) -> list[Any]:
     return list(targets)
 
 
+def _forward(model: nn.Module, inputs: Any, benchmark: Benchmark) -> tuple[Any, list[Any]]:
+    """The model's ``(features, [output per task])``; outputs keyed by task name are put in
+    task order. Anything else is refused here: unpacked as it came, a dict's keys would reach
+    the losses as their outputs."""
+    result = model(inputs)
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise BenchmarkError(
+            f"benchmark {benchmark.name!r}: the model's forward returned "
+            f"{type(result).__name__}; expected (features, outputs), outputs a list with one "
+            "output per task in task order or a dict keyed by task name"
+        )
+    features, outputs = result
+    if isinstance(outputs, Mapping):
+        missing = [task.name for task in benchmark.tasks if task.name not in outputs]
+        if missing:
+            raise BenchmarkError(
+                f"benchmark {benchmark.name!r}: the model's outputs have no key(s) {missing}; "
+                f"expected one output per task, keyed by task name, got keys {list(outputs)}"
+            )
+        return features, [outputs[task.name] for task in benchmark.tasks]
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != benchmark.num_tasks:
+        count = len(outputs) if isinstance(outputs, (tuple, list)) else type(outputs).__name__
+        raise BenchmarkError(
+            f"benchmark {benchmark.name!r}: the model's outputs are {count}; expected a list "
+            f"of {benchmark.num_tasks} (one per task, in task order) or a dict keyed by task name"
+        )
+    return features, list(outputs)
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, Tensor):
         return value.to(device, non_blocking=True)
@@ -535,7 +564,7 @@ def evaluate(
             metric.reset()
     target_device = torch.device(device)
     for inputs, targets in loader:
-        _, outputs = model(_to_device(inputs, target_device))
+        _, outputs = _forward(model, _to_device(inputs, target_device), benchmark)
         targets = _to_device(_targets_in_order(targets, benchmark), target_device)
         for task, output, target in zip(benchmark.tasks, outputs, targets, strict=True):
             for metric in task.metrics:
@@ -700,7 +729,7 @@ def train_run(
             for inputs, raw_targets in loader:
                 inputs = _to_device(inputs, device)
                 targets = _to_device(_targets_in_order(raw_targets, benchmark), device)
-                features, outputs = training_model(inputs)
+                features, outputs = _forward(training_model, inputs, benchmark)
                 losses = torch.stack(
                     [
                         task.loss(output, target)
