@@ -260,6 +260,41 @@ def test_compare_small_complete_with_variants(capsys, tmp_path):
     assert metadata["benchmark"]["settings"]["data_seed"] == 0
 
 
+def test_runs_csv_holds_the_numbers_the_table_took(capsys, tmp_path):
+    """Under ``--select mean-last-2`` each run reports the mean of its last two epochs: the
+    runs' rows of runs.csv average to the table's means (metrics.csv keeps every epoch)."""
+    argv = ["compare", "--methods", "ew,uw", "--seeds", "2", "--epochs", "2", "--small"]
+    argv += ["--select", "mean-last-2", "--quiet", "--out", str(tmp_path)]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    with (tmp_path / "runs.csv").open() as handle:
+        runs = list(csv.DictReader(handle))
+    with (tmp_path / "comparison.csv").open() as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    with (tmp_path / "metrics.csv").open() as handle:
+        epochs = list(csv.DictReader(handle))
+    columns = [name for name in runs[0] if name.startswith("test_")]
+    assert columns
+    assert {run["selection"] for run in runs} == {"mean-last-2"}
+    for method in ("ew", "uw"):
+        mine = [run for run in runs if run["method"] == method]
+        assert len(mine) == 2
+        for column in columns:
+            mean = sum(float(run[column]) for run in mine) / 2
+            assert mean == pytest.approx(float(rows[method][f"{column[5:]}_mean"]), rel=1e-12)
+    last = {  # the last epoch's test numbers, which the runs' must not simply be
+        (row["method"], row["seed"], "test_" + row["name"]): float(row["value"])
+        for row in epochs
+        if row["epoch"] == "2" and row["split"] == "test"
+    }
+    assert any(
+        float(run[column]) != last[run["method"], run["seed"], column]
+        for run in runs
+        if run["method"] == "ew"
+        for column in columns
+    )
+
+
 def test_train_on_a_benchmark_file(capsys, tmp_path):
     from pathlib import Path
 

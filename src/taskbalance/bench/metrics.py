@@ -160,6 +160,27 @@ def zero_baseline_note(
     )
 
 
+def reported_test_metrics(
+    runs: Sequence[RunResult], benchmark: Benchmark, selection: Selection
+) -> Callable[[RunResult], list[float]]:
+    """The test metrics each run reports under ``selection``, as the table takes them.
+
+    ``best-val`` judges a run's epochs against the single-task models' last validation
+    numbers (mean over seeds), a single-task model on its own task's numbers only.
+    """
+    slices = benchmark.metric_slices()
+    validation_reference = None
+    last_validation = _single_task_vectors(runs, slices, lambda run: run.epochs[-1].validation)
+    if last_validation:
+        validation_reference = _column_means(list(last_validation.values()))
+
+    def pick(run: RunResult) -> list[float]:
+        used = slices[run.single_task] if run.single_task is not None else None
+        return selected_test(run, selection, benchmark.directions, validation_reference, used)
+
+    return pick
+
+
 def summarise(
     runs: Sequence[RunResult],
     benchmark: Benchmark,
@@ -184,15 +205,7 @@ def summarise(
     selection = selection or Selection()
     directions = benchmark.directions
     slices = benchmark.metric_slices()
-    validation_reference = None
-    last_validation = _single_task_vectors(runs, slices, lambda run: run.epochs[-1].validation)
-    if last_validation:
-        validation_reference = _column_means(list(last_validation.values()))
-
-    def pick(run: RunResult) -> list[float]:
-        used = slices[run.single_task] if run.single_task is not None else None
-        return selected_test(run, selection, directions, validation_reference, used)
-
+    pick = reported_test_metrics(runs, benchmark, selection)
     per_seed_baselines = _single_task_vectors(runs, slices, pick)
     baseline = _column_means(list(per_seed_baselines.values())) if per_seed_baselines else None
     note = "" if baseline is None else zero_baseline_note(benchmark, per_seed_baselines, baseline)

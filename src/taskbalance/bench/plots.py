@@ -102,7 +102,11 @@ def plot_weights_over_time(
 def plot_task_metrics(
     rows: Sequence[MethodSummary], benchmark: Benchmark, path: Path, title: str = ""
 ) -> bool:
-    """Every metric number of every method: bars with ± one standard deviation over seeds."""
+    """Every metric number of every method: its mean over seeds, ± one standard deviation.
+
+    Points, not bars: each axis spans the values and their spreads, which are often close
+    together far from 0, and a bar's length from a cut-off axis would exaggerate them.
+    """
     plt = _pyplot()
     plotted = [row for row in rows if not math.isnan(row.metric_means[0])]
     if not plotted:
@@ -120,18 +124,25 @@ def plot_task_metrics(
     for index, (axis, name, higher) in enumerate(
         zip(axes.flat, names, benchmark.directions, strict=False)
     ):
-        means = [row.metric_means[index] for row in plotted]
-        errors = [row.metric_stds[index] for row in plotted]
-        colours = ["0.55" if row.method == SINGLE_TASK else "C0" for row in plotted]
-        axis.barh(positions, means, xerr=errors, color=colours, error_kw={"linewidth": 0.8})
+        ends: list[float] = []
+        for position, row in zip(positions, plotted, strict=True):
+            mean, spread = row.metric_means[index], row.metric_stds[index]
+            spread = 0.0 if math.isnan(spread) else spread  # one seed: no spread
+            colour = "0.45" if row.method == SINGLE_TASK else "C0"
+            axis.errorbar(
+                mean, position, xerr=spread, fmt="o", color=colour, markersize=4,
+                elinewidth=1.0, capsize=2,
+            )  # fmt: skip
+            if not math.isnan(mean):
+                ends += [mean - spread, mean + spread]
         axis.set_yticks(positions, labels if index % columns == 0 else [""] * len(labels))
-        axis.invert_yaxis()
+        axis.set_ylim(len(plotted) - 0.5, -0.5)  # first row on top
+        axis.grid(axis="x", linewidth=0.4, alpha=0.5)
         axis.tick_params(labelsize=8)
-        finite = [value for value in means if not math.isnan(value)]
-        if finite:  # a metric NaN in every row (e.g. empty classes) leaves the axis to matplotlib
-            low, high = min(finite), max(finite)
-            margin = max((high - low) * 0.6, abs(high) * 0.01, 1e-9)
-            axis.set_xlim(max(0.0, low - margin) if low >= 0 else low - margin, high + margin)
+        if ends:  # a metric NaN in every row (e.g. empty classes) leaves the axis to matplotlib
+            low, high = min(ends), max(ends)
+            margin = max((high - low) * 0.08, abs(high) * 0.005, 1e-9)
+            axis.set_xlim(low - margin, high + margin)
         axis.set_title(f"{name} ({'higher' if higher else 'lower'} is better)", fontsize=9)
     figure.suptitle(title or benchmark.name, fontsize=11)
     figure.tight_layout()

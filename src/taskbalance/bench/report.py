@@ -33,7 +33,7 @@ from taskbalance.bench.harness import (
     default_params,
     example_hyperparameters,
 )
-from taskbalance.bench.metrics import REFERENCE_METHOD, MethodSummary
+from taskbalance.bench.metrics import REFERENCE_METHOD, MethodSummary, reported_test_metrics
 from taskbalance.bench.selection import Selection, counted
 from taskbalance.bench.stats import ALPHA
 
@@ -278,8 +278,13 @@ def write_weights_csv(runs: Sequence[RunResult], path: Path) -> None:
                 writer.writerow([run.method, run.seed, step, *row])
 
 
-def write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
-    """One row per run: last-epoch test metrics, seconds per epoch, status."""
+def write_runs_csv(
+    runs: Sequence[RunResult], path: Path, benchmark: Benchmark, selection: Selection
+) -> None:
+    """One row per run: the test metrics the table took from it (under ``selection``, named
+    in the ``selection`` column; ``metrics.csv`` has every epoch's), seconds per epoch, status.
+    """
+    pick = reported_test_metrics(runs, benchmark, selection)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         metric_names = runs[0].metric_names if runs else []
@@ -289,6 +294,7 @@ def write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
                 "seed",
                 "single_task",
                 *(f"test_{name}" for name in metric_names),
+                "selection",
                 "seconds_per_epoch",
                 "epochs",
                 "status",
@@ -301,7 +307,8 @@ def write_runs_csv(runs: Sequence[RunResult], path: Path) -> None:
                     run.method,
                     run.seed,
                     _single_name(run),
-                    *run.final_test,
+                    *pick(run),
+                    str(selection),
                     run.seconds_per_epoch,
                     len(run.epochs),
                     status,
@@ -534,7 +541,7 @@ def write_comparison(
         benchmark, methods, config=config, seeds=seeds, selection=selection, extra=extra
     )
     write_json({**metadata, "delta_m_notes": notes}, target("metadata.json"))
-    write_runs_csv(runs, target("runs.csv"))
+    write_runs_csv(runs, target("runs.csv"), benchmark, selection)
     write_metrics_csv(runs, target("metrics.csv"))
     method_runs = [run for run in runs if run.single_task is None]
     write_weights_csv(method_runs, target("weights.csv"))
