@@ -25,6 +25,7 @@ from taskbalance.bench import (
     split_metric,
     train_run,
 )
+from taskbalance.bench.harness import GlobalBatchSampler, steps_per_epoch
 from taskbalance.bench.losses import mse
 
 
@@ -284,6 +285,40 @@ def test_splits_the_harness_cannot_read_are_refused_when_built(split, message):
     with pytest.raises(TypeError, match=message):
         Benchmark("tiny", good.tasks, split, good.validation, good.test, model=good.model,
                   defaults=good.defaults)  # fmt: skip
+
+
+def _batch_norm_model():
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), [nn.Linear(4, 1), nn.Linear(4, 1)]
+
+
+def test_drop_last_leaves_out_the_batch_of_one_a_batch_norm_cannot_train_on():
+    """13 examples in batches of 4: the last holds one, which BatchNorm1d refuses in training;
+    ``drop_last`` trains on the three full batches only."""
+    plain = _tiny(size=13, model=_batch_norm_model)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        train_run(plain, Method("ew"), config=TrainConfig(epochs=1, batch_size=4))
+    dropping = _tiny(size=13, model=_batch_norm_model)
+    dropping = Benchmark(
+        "tiny", dropping.tasks, dropping.train, dropping.validation, dropping.test,
+        model=_batch_norm_model,
+        defaults=TrainingDefaults(epochs=1, batch_size=4, lr=1e-2, drop_last=True),
+    )  # fmt: skip
+    assert steps_per_epoch(dropping) == 3
+    batches = list(GlobalBatchSampler(13, 4, seed=0, drop_last=True))
+    assert [len(batch) for batch in batches] == [4, 4, 4]
+    assert len({index for batch in batches for index in batch}) == 12  # one left out
+    assert [len(b) for b in GlobalBatchSampler(13, 4, seed=0)] == [4, 4, 4, 1]
+    run = train_run(dropping, Method("ew"), config=TrainConfig(epochs=1))
+    assert run.completed
+    with pytest.raises(TypeError, match=r"drop_last: expected a bool, got 1"):
+        TrainingDefaults(epochs=1, batch_size=4, lr=1e-2, drop_last=1)
+    too_few = Benchmark(
+        "tiny", dropping.tasks, dropping.train, dropping.validation, dropping.test,
+        model=_batch_norm_model,
+        defaults=TrainingDefaults(epochs=1, batch_size=20, lr=1e-2, drop_last=True),
+    )  # fmt: skip
+    with pytest.raises(BenchmarkError, match=r"drop_last with 13 training examples and batch_si"):
+        train_run(too_few, Method("ew"), config=TrainConfig(epochs=1))
 
 
 def _write(tmp_path, body: str):

@@ -404,6 +404,8 @@ class TrainingDefaults:
         eval_batch_size: batch size of evaluation; None: ``batch_size``.
         num_workers: ``DataLoader`` worker processes.
         pin_memory: ``DataLoader`` pin memory (for a CUDA device).
+        drop_last: leave out each epoch's last, smaller training batch (as ``DataLoader``'s
+            ``drop_last``): a ``BatchNorm1d`` cannot train on a batch of one example.
     """
 
     epochs: int
@@ -420,8 +422,11 @@ class TrainingDefaults:
     eval_batch_size: int | None = None
     num_workers: int = 0
     pin_memory: bool = False
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.drop_last, bool):
+            raise TypeError(f"TrainingDefaults.drop_last: expected a bool, got {self.drop_last!r}")
         for key in ("epochs", "batch_size", "step_epochs"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

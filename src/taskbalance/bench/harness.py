@@ -460,23 +460,31 @@ class GlobalBatchSampler(Sampler[list[int]]):
         seed: seed of the permutations (one drawn per epoch).
         rank: this process's rank.
         world_size: number of processes.
+        drop_last: leave out the last batch when it is smaller.
     """
 
     def __init__(
-        self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
     ) -> None:
         self.size = size
         self.batch_size = batch_size
         self.rng = torch.Generator().manual_seed(seed)
         self.rank = rank
         self.world_size = world_size
+        self.drop_last = drop_last
 
     def __len__(self) -> int:
-        return math.ceil(self.size / self.batch_size)
+        return batch_count(self.size, self.batch_size, self.drop_last)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.size, generator=self.rng)
-        for start in range(0, self.size, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             batch = order[start : start + self.batch_size]
             if batch.numel() < self.world_size:
                 continue
@@ -611,11 +619,27 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def batch_count(size: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in one pass over ``size`` examples (the last one smaller unless dropped)."""
+    return size // batch_size if drop_last else math.ceil(size / batch_size)
+
+
 def steps_per_epoch(benchmark: Benchmark, batch_size: int | None = None) -> int:
-    """Optimiser steps in one epoch of the training split."""
-    # torch's Dataset declares no __len__; every benchmark split is a sized map-style dataset.
+    """Optimiser steps in one epoch of the training split.
+
+    Raises:
+        BenchmarkError: ``drop_last`` with fewer training examples than one batch.
+    """
+    # Benchmark checks that every split is a sized map-style dataset.
     size = len(benchmark.train)  # type: ignore[arg-type]
-    return math.ceil(size / (batch_size or benchmark.defaults.batch_size))
+    batch_size = batch_size or benchmark.defaults.batch_size
+    steps = batch_count(size, batch_size, benchmark.defaults.drop_last)
+    if steps == 0:
+        raise BenchmarkError(
+            f"benchmark {benchmark.name!r}: drop_last with {size} training examples and "
+            f"batch_size {batch_size} leaves no batch; lower the batch size"
+        )
+    return steps
 
 
 def train_run(
@@ -706,6 +730,7 @@ def train_run(
         config.seed,
         rank,
         world_size,
+        drop_last=defaults.drop_last,
     )
     loader = _loader(benchmark.train, defaults, batch_sampler=sampler)
     needs_kpis = balancer is not None and type(balancer).requires_kpis
