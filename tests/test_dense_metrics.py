@@ -301,3 +301,43 @@ def test_bad_inputs_are_named():
         PixelAccuracy(2).update([0, 1], torch.tensor([0, 1]))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threshold"):
         NormalWithinAngle(0)
+
+
+def test_depth_errors_without_a_channel_axis_are_per_pixel() -> None:
+    # [N, H, W]: the old mask took axis 1 for channels, so the zero-depth pixel (0, 0) counted
+    # because (0, 1, 0) has depth, giving |1 − 0| / 0 = inf.
+    pred = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    target = torch.tensor([[[0.0, 2.0], [1.0, 4.0]]])
+    absolute, relative = DepthAbsError(), DepthRelError()
+    absolute.update(pred, target)
+    relative.update(pred, target)
+    assert absolute.compute() == pytest.approx((0 + 2 + 0) / 3)
+    assert relative.compute() == pytest.approx((0 + 2 / 1 + 0) / 3)
+    # Random [N, H, W] batches against numpy, by pixel and by batch; [N, 1, H, W] agrees.
+    generator = torch.Generator().manual_seed(2)
+    metrics = {
+        (name, reduction, shape): metric(reduction)
+        for name, metric in (("abs", DepthAbsError), ("rel", DepthRelError))
+        for reduction in ("pixel", "batch")
+        for shape in ("nhw", "n1hw")
+    }
+    errors: dict[str, list[np.ndarray]] = {"abs": [], "rel": []}
+    for _ in range(3):
+        target = torch.rand(2, 5, 4, generator=generator) * 10
+        target[torch.rand(target.shape, generator=generator) < 0.3] = 0
+        pred = torch.rand(2, 5, 4, generator=generator) * 10
+        for (_, _, shape), metric in metrics.items():
+            if shape == "nhw":
+                metric.update(pred, target)
+            else:
+                metric.update(pred.unsqueeze(1), target.unsqueeze(1))
+        p, t = pred.numpy().astype(np.float64), target.numpy().astype(np.float64)
+        errors["abs"].append(np.abs(p - t)[t != 0])
+        errors["rel"].append((np.abs(p - t) / np.where(t == 0, 1, t))[t != 0])
+    for (name, reduction, _), metric in metrics.items():
+        expected = (
+            np.concatenate(errors[name]).mean()
+            if reduction == "pixel"
+            else np.mean([batch.mean() for batch in errors[name]])
+        )
+        assert metric.compute() == pytest.approx(expected, rel=1e-12)

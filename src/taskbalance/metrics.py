@@ -29,9 +29,11 @@ conventions for invalid pixels:
 Fractions (mIoU, pixel accuracy, within-angle, F1) are in ``[0, 1]`` as the reference code
 returns them; the papers' tables print them ×100. Δm% is scale-free, so this does not change it.
 
-Departures: a ground-truth normal or depth is invalid when *every* channel is zero; the
-reference tests ``sum over channels == 0``, which also drops a valid normal whose components sum
-to exactly zero (e.g. ``(0.6, 0, −0.6)`` after normalisation). The prediction of the normal
+Departures: a ground-truth normal is invalid when *every* channel is zero; the reference tests
+``sum over channels == 0``, which also drops a valid normal whose components sum to exactly zero
+(e.g. ``(0.6, 0, −0.6)`` after normalisation). A depth value is invalid when it is zero, entry by
+entry, which for the reference's ``[N, 1, H, W]`` maps is its ``sum over channels == 0`` exactly
+and also holds for maps without a channel axis (``[N, H, W]``). The prediction of the normal
 metrics is divided by ``max(‖pred‖, 1e-12)`` rather than ``‖pred‖`` so a zero prediction gives
 a 90° error instead of NaN.
 
@@ -309,17 +311,19 @@ class _DepthError(_MaskedMean):
         """Add one batch.
 
         Args:
-            pred: predicted depth, ``[N, 1, H, W]`` (or any shape equal to ``target``'s).
-            target: ground-truth depth of the same shape; 0 marks a missing measurement.
+            pred: predicted depth, ``[N, 1, H, W]`` (or any shape equal to ``target``'s, e.g.
+                ``[N, H, W]``).
+            target: ground-truth depth of the same shape; 0 marks a missing measurement, entry
+                by entry.
         """
         _check_tensor(pred, "pred")
         _check_tensor(target, "target")
         _check_same_shape(pred, target, self.name)
-        if target.dim() < 2:
-            raise ValueError(f"{self.name}: expected [N, C, ...] tensors, got {target.dim()}-d")
         pred = pred.detach().double()
         target = target.detach().double()
-        valid = _channel_valid(target).unsqueeze(1).expand_as(target)
+        # Entry by entry, not "some channel non-zero": without a channel axis, axis 1 is an
+        # image axis, and a zero-depth pixel would count whenever its column had any depth.
+        valid = target != 0
         self._add(self._errors(pred[valid], target[valid]))
 
 
