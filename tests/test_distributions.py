@@ -202,3 +202,71 @@ def test_logits_type_errors() -> None:
 
 def test_module_doctests() -> None:
     assert doctest.testmod(distributions).failed == 0
+
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_low_precision_logits_draw_rare_categories_as_often_as_softmax(dtype: torch.dtype) -> None:
+    # P(category 1) = 1/(1 + e⁶) ≈ 0.00247 needs Gumbel noise differences above 6: with uniforms
+    # drawn in float16 (bfloat16) the noise stopped at 7.6 (5.5), and category 1 came 0.88×
+    # (0.54×) as often.
+    draws = 4_000_000
+    logits = torch.tensor([0.0, -6.0], dtype=dtype).expand(draws, 2)
+    probability = 1 / (1 + math.exp(6))
+    # Six binomial standard errors: a correct sampler fails with probability 2·10⁻⁹.
+    tolerance = 6 * math.sqrt(probability * (1 - probability) / draws)
+    indices = gumbel_max_sample(logits, generator=_generator(21))
+    assert abs((indices == 1).double().mean().item() - probability) < tolerance
+    hard = gumbel_softmax(logits, tau=0.5, hard=True, generator=_generator(22))
+    assert hard.dtype == dtype
+    assert abs(hard[:, 1].double().mean().item() - probability) < tolerance
+    soft = gumbel_softmax(logits[:4], tau=0.5, generator=_generator(23))
+    assert soft.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_low_precision_gumbel_samples_keep_the_upper_tail(dtype: torch.dtype) -> None:
+    loc = torch.tensor(0.0, dtype=dtype, requires_grad=True)
+    gumbel = Gumbel(loc, torch.tensor(1.0, dtype=dtype))
+    draws = 1_000_000
+    samples = gumbel.sample((draws,), generator=_generator(24))
+    assert samples.dtype == dtype
+    # A sample rounds above 8 exactly when it exceeds the midpoint to the next value of dtype.
+    threshold = torch.tensor(8.0, dtype=dtype)
+    midpoint = (8.0 + torch.nextafter(threshold, torch.tensor(math.inf, dtype=dtype)).item()) / 2
+    probability = scipy.stats.gumbel_r.sf(midpoint)  # 3.3·10⁻⁴; the old noise stopped at 7.6
+    tolerance = 6 * math.sqrt(probability * (1 - probability) / draws)
+    assert abs((samples > threshold).double().mean().item() - probability) < tolerance
+    rsample = gumbel.rsample((draws,), generator=_generator(25))
+    assert rsample.dtype == dtype
+    assert abs((rsample > threshold).double().mean().item() - probability) < tolerance
+    (grad,) = torch.autograd.grad(rsample[:256].sum(), loc)
+    assert grad.dtype == dtype
+    assert grad.item() == 256  # ∂(μ + β·g)/∂μ = 1 per sample
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gumbel_cdf_gradient_in_the_far_left_tail(dtype: torch.dtype) -> None:
+    loc, scale = 0.5, 2.0
+    points = [-2000.0, -200.0, -100.0, -30.0, -10.0, -3.0, 0.0, 5.0, 60.0]
+    x = torch.tensor(points, dtype=dtype, requires_grad=True)
+    gumbel = Gumbel(torch.tensor(loc, dtype=dtype), torch.tensor(scale, dtype=dtype))
+    cdf = gumbel.cdf(x)
+    (grad,) = torch.autograd.grad(cdf.sum(), x)
+    reference = scipy.stats.gumbel_r(loc=loc, scale=scale)
+    # e^{−z} overflowed at z = −100.25 (float32) and −1000.25 (float64): 0 · inf = NaN. The
+    # cdf and its derivative (the pdf) underflow to 0 there: below the dtype's least subnormal.
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    atol = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    with np.errstate(over="ignore"):  # scipy's own e^{−z} overflows to its correct limit 0
+        expected_cdf, expected_pdf = reference.cdf(points), reference.pdf(points)
+    np.testing.assert_allclose(cdf.detach().numpy(), expected_cdf, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(grad.numpy(), expected_pdf, rtol=rtol, atol=atol)
+    # At −inf the limits: cdf 0, derivative 0.
+    minus_infinity = torch.tensor(-math.inf, dtype=dtype, requires_grad=True)
+    at_minus_infinity = gumbel.cdf(minus_infinity)
+    (grad_at_minus_infinity,) = torch.autograd.grad(at_minus_infinity, minus_infinity)
+    assert at_minus_infinity.item() == 0.0
+    assert grad_at_minus_infinity.item() == 0.0

@@ -8,7 +8,9 @@ Concrete distribution (Jang, Gu & Poole, ICLR 2017; Maddison, Mnih & Teh, ICLR 2
 
 Every sampler takes an optional :class:`torch.Generator` so that draws are reproducible
 without touching the global random state. The generator must live on the device of the
-parameters.
+parameters. The noise is drawn (and added, and the argmax or softmax taken) in at least float32
+whatever the parameters' dtype: float16 and bfloat16 uniforms are too coarse near 1 and cut off
+the Gumbel upper tail. Samples are returned in the parameters' dtype.
 
 Example:
     >>> import torch
@@ -34,6 +36,19 @@ from taskbalance._validation import check_floating, check_positive
 
 __all__ = ["Gumbel", "gumbel_max_sample", "gumbel_softmax"]
 
+# Below z = -10 the Gumbel cdf exp(−e^{−z}) < exp(−22026) is 0 in every floating dtype.
+_CDF_Z_FLOOR = -10.0
+
+
+def _noise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to draw noise for ``dtype`` parameters in: at least float32.
+
+    ``torch.rand`` in float16 (bfloat16) has only 2¹¹ (2⁸) values below 1, the largest
+    ``1 − 2⁻¹¹`` (``1 − 2⁻⁸``), which cuts the Gumbel upper tail off at 7.6 (5.5): a category
+    with a logit 6 below the leader would then be drawn about half as often as it should be.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
 
 def _standard_gumbel(
     shape: torch.Size,
@@ -42,11 +57,12 @@ def _standard_gumbel(
     device: torch.device,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Standard Gumbel noise ``−log(−log U)``, ``U ~ Uniform(0, 1)``.
+    """Standard Gumbel noise ``−log(−log U)``, ``U ~ Uniform(0, 1)``, in ``dtype``.
 
     ``torch.rand`` can return exactly 0, where ``−log(−log 0) = −inf``; clamping ``U`` at the
     smallest normal number bounds the noise below by about ``−4.5`` (float32) instead. ``U < 1``
-    always, so the upper tail needs no guard.
+    always, so the upper tail needs no guard. Callers pass at least float32
+    (:func:`_noise_dtype`).
     """
     uniform = torch.rand(shape, dtype=dtype, device=device, generator=generator)
     uniform = uniform.clamp(min=torch.finfo(dtype).tiny)
@@ -129,12 +145,18 @@ class Gumbel(torch.distributions.Gumbel):
         sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size(),  # noqa: B008
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Reparameterised sample ``μ + β · g``, shape ``sample_shape + batch_shape``."""
+        """Reparameterised sample ``μ + β · g``, shape ``sample_shape + batch_shape``.
+
+        The noise ``g`` is drawn, and ``μ + β · g`` formed, in at least float32; the sample is
+        then rounded to the dtype of ``loc``.
+        """
         shape = self._extended_shape(torch.Size(sample_shape))
+        work_dtype = _noise_dtype(self.loc.dtype)
         noise = _standard_gumbel(
-            shape, dtype=self.loc.dtype, device=self.loc.device, generator=generator
+            shape, dtype=work_dtype, device=self.loc.device, generator=generator
         )
-        return self.loc + self.scale * noise
+        sample = self.loc.to(dtype=work_dtype) + self.scale.to(dtype=work_dtype) * noise
+        return sample.to(dtype=self.loc.dtype)
 
     def sample(
         self,
@@ -146,11 +168,16 @@ class Gumbel(torch.distributions.Gumbel):
             return self.rsample(sample_shape, generator=generator)
 
     def cdf(self, value: Tensor) -> Tensor:
-        """``exp(−e^{−z})``, for every real ``value``."""
+        """``exp(−e^{−z})``, for every real ``value``.
+
+        ``z`` is clamped at -10 first: the cdf and its derivative are already 0 there in every
+        dtype (``exp(−e¹⁰) ≈ 10⁻⁹⁵⁶⁶``), and without the clamp the derivative would be
+        ``0 · e^{−z} = 0 · inf = NaN`` once ``e^{−z}`` overflows (``z < −88.7`` in float32).
+        """
         if self._validate_args:
             self._validate_sample(value)
         z = (value - self.loc) / self.scale
-        return torch.exp(-torch.exp(-z))
+        return torch.exp(-torch.exp(-z.clamp(min=_CDF_Z_FLOOR)))
 
     def icdf(self, value: Tensor) -> Tensor:
         """``μ − β · ln(−ln y)`` for ``y ∈ [0, 1]`` (``−inf`` at 0, ``+inf`` at 1)."""
@@ -199,10 +226,12 @@ def gumbel_max_sample(logits: Tensor, generator: torch.Generator | None = None) 
         tensor([0, 1])
     """
     logits = _check_logits(logits)
+    work_dtype = _noise_dtype(logits.dtype)
     noise = _standard_gumbel(
-        logits.shape, dtype=logits.dtype, device=logits.device, generator=generator
+        logits.shape, dtype=work_dtype, device=logits.device, generator=generator
     )
-    return (logits.detach() + noise).argmax(dim=-1)
+    # The sum in float32 too: rounding it to float16 would create ties and shift the argmax.
+    return (logits.detach().to(dtype=work_dtype) + noise).argmax(dim=-1)
 
 
 def gumbel_softmax(
@@ -252,14 +281,16 @@ def gumbel_softmax(
     """
     logits = _check_logits(logits)
     check_positive("tau", tau)
+    work_dtype = _noise_dtype(logits.dtype)
     noise = _standard_gumbel(
-        logits.shape, dtype=logits.dtype, device=logits.device, generator=generator
+        logits.shape, dtype=work_dtype, device=logits.device, generator=generator
     )
-    soft = torch.softmax((logits + noise) / tau, dim=-1)
+    soft = torch.softmax((logits.to(dtype=work_dtype) + noise) / tau, dim=-1)
     if not hard:
-        return soft
+        return soft.to(dtype=logits.dtype)
+    # The argmax of the float32 sample: rounded to float16 it could tie and change category.
     index = soft.argmax(dim=-1, keepdim=True)
     one_hot = torch.zeros_like(soft).scatter_(-1, index, 1.0)
     # Straight-through: the value is one_hot (soft − soft.detach() is exactly 0), the gradient
     # is soft's.
-    return one_hot - soft.detach() + soft
+    return (one_hot - soft.detach() + soft).to(dtype=logits.dtype)
