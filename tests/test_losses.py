@@ -8,9 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import mpmath
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 import scipy.stats
 import torch
 from hypothesis import given, settings
@@ -1037,3 +1039,250 @@ def test_type_errors() -> None:
         losses.squared_error(torch.zeros(2), [0.0, 0.0])
     with pytest.raises(TypeError, match=r"target: expected integer class indices .* torch.bool"):
         losses.cross_entropy(torch.zeros(2, 3), torch.tensor([True, False]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions: half precision, integer index dtypes, degenerate shapes, module options
+# ---------------------------------------------------------------------------------------------
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    """The largest relative error of rounding a real number to ``dtype``."""
+    return torch.finfo(dtype).eps / 2
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_dice_half_precision_sums_in_float32(dtype: torch.dtype) -> None:
+    # Σp + Σg = 80000 exceeds float16's 65504: summed in float16 it was inf, and inf/inf NaN.
+    ones = torch.ones(1, 1, 200, 200, dtype=dtype)
+    loss = losses.dice_loss(ones, ones)
+    assert loss.dtype == dtype
+    assert loss.item() == 0.0
+    g = _generator(40)
+    p = torch.rand(2, 256, 256, generator=g).to(dtype)
+    mask = (torch.rand(2, 256, 256, generator=g) < 0.7).to(dtype)
+    ours = losses.dice_loss(p, mask, reduction="none")
+    assert ours.dtype == dtype
+    expected = _dice_numpy(p.double().numpy(), mask.double().numpy(), 1.0, (1, 2))
+    # Computed in float32 and rounded once: within the dtype's unit roundoff of float64.
+    np.testing.assert_allclose(ours.double().numpy(), expected, rtol=1.01 * _unit_roundoff(dtype))
+    logits = torch.randn(2, 3, 128, 128, generator=g).to(dtype)
+    labels = torch.randint(0, 3, (2, 128, 128), generator=g)
+    multi = losses.dice_loss(logits, labels, multiclass=True, from_logits=True, reduction="none")
+    assert multi.dtype == dtype
+    probabilities = scipy.special.softmax(logits.double().numpy(), axis=1)
+    one_hot = np.moveaxis(np.eye(3)[labels.numpy()], -1, 1)
+    expected = _dice_numpy(probabilities, one_hot, 1.0, (2, 3)).mean(1)
+    np.testing.assert_allclose(multi.double().numpy(), expected, rtol=1.01 * _unit_roundoff(dtype))
+
+
+def _precision_weighted_reference(
+    residual: np.ndarray, log_variance: np.ndarray, *, bbox: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``e^{−s} f(r) + s/2`` and its derivatives in μ (``r = y − μ``) and s, with 50 digits.
+
+    ``f`` is ``r²/2`` (Gaussian NLL) or smooth-L1 (KL box loss); mpmath has no overflow, so
+    this is exact to float64 rounding where ``e^{−s}`` overflows any float dtype.
+    """
+    value, grad_input, grad_log_variance = [], [], []
+    with mpmath.workdps(50):
+        for r_float, s_float in zip(residual.tolist(), log_variance.tolist(), strict=True):
+            r, s = mpmath.mpf(r_float), mpmath.mpf(s_float)
+            if bbox and abs(r) > 1:
+                f, slope = abs(r) - mpmath.mpf(0.5), mpmath.sign(r)
+            else:
+                f, slope = r * r / 2, r
+            precision = mpmath.exp(-s)
+            value.append(float(precision * f + s / 2))
+            grad_input.append(float(-precision * slope))
+            grad_log_variance.append(float(-precision * f + mpmath.mpf(0.5)))
+    return np.array(value), np.array(grad_input), np.array(grad_log_variance)
+
+
+# (residual, log-variance) pairs where e^{−s} overflows the dtype (or float32, for bfloat16).
+_OVERFLOWING_PRECISIONS = {
+    torch.float16: [(0.0, -12.0), (0.0, -30.0), (1e-3, -15.0), (-0.5, -9.0)],
+    torch.bfloat16: [(0.0, -89.0), (0.0, -170.0), (1e-20, -100.0)],
+    torch.float32: [(0.0, -89.0), (0.0, -1000.0), (1e-20, -100.0), (1e-36, -170.0)],
+    torch.float64: [(0.0, -800.0), (1e-160, -800.0)],
+}
+
+
+@pytest.mark.parametrize("bbox", [False, True], ids=["gaussian_nll", "bbox_kl"])
+@pytest.mark.parametrize("dtype", [*HALF_DTYPES, torch.float32, torch.float64])
+def test_precision_weighted_losses_stay_finite_where_exp_overflows(
+    dtype: torch.dtype, bbox: bool
+) -> None:
+    g = _generator(41)
+    extreme = torch.tensor(_OVERFLOWING_PRECISIONS[dtype], dtype=F64)
+    residual = torch.cat([0.5 * torch.randn(200, dtype=F64, generator=g), extreme[:, 0]])
+    log_variance = torch.cat([16 * torch.rand(200, dtype=F64, generator=g) - 8, extreme[:, 1]])
+    residual[:10] = 0.0  # zero residuals at moderate s too
+    target = torch.zeros_like(residual).to(dtype)
+    mu = (-residual).to(dtype).requires_grad_(True)  # r = y − μ, exactly representable
+    s = log_variance.to(dtype).requires_grad_(True)
+    function = losses.bbox_kl_loss if bbox else losses.gaussian_nll_loss
+    loss = function(mu, target, log_variance=s, reduction="none")
+    assert loss.dtype == dtype
+    grad_mu, grad_s = torch.autograd.grad(loss.sum(), (mu, s))
+    assert grad_mu.dtype == grad_s.dtype == dtype
+    r_exact = (target.double() - mu.detach().double()).numpy()
+    value, grad_input, grad_log_variance = _precision_weighted_reference(
+        r_exact, s.detach().double().numpy(), bbox=bbox
+    )
+    # Rounding to the dtype (at most the unit roundoff) plus float32 (or float64) arithmetic
+    # on terms as large as |e^{−s} f| and |s|/2, which the sum may cancel.
+    work_eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    weighted = value - 0.5 * s.detach().double().numpy()
+    for ours, reference, scale in (
+        (loss, value, np.abs(weighted) + np.abs(value - weighted)),
+        (grad_mu, grad_input, np.abs(grad_input)),
+        (grad_s, grad_log_variance, np.abs(weighted) + 0.5),
+    ):
+        ours_values = ours.detach().double().numpy()
+        assert np.isfinite(ours_values).all()
+        error = np.abs(ours_values - reference)
+        # ... and half the spacing of the dtype's subnormals, near 0.
+        bound = (
+            1.01 * _unit_roundoff(dtype) * np.abs(reference)
+            + 8 * work_eps * scale
+            + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps / 2
+        )
+        assert (error <= bound).all(), (ours_values[error > bound], reference[error > bound])
+    # The brief's reproducer: r = 0 gives L = s/2 and ∂L/∂s = ½ exactly.
+    zero = torch.zeros(2, dtype=dtype)
+    s_zero = torch.full((2,), _OVERFLOWING_PRECISIONS[dtype][0][1], dtype=dtype, requires_grad=True)
+    mean = function(zero, zero, log_variance=s_zero)
+    (grad_zero,) = torch.autograd.grad(mean, s_zero)
+    assert mean.item() == 0.5 * _OVERFLOWING_PRECISIONS[dtype][0][1]
+    assert grad_zero.tolist() == [0.25, 0.25]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_class_indices_of_every_integer_dtype(dtype: torch.dtype) -> None:
+    g = _generator(42)
+    logits = torch.randn(4, 3, 5, dtype=F64, generator=g)
+    labels = torch.randint(0, 3, (4, 5), generator=g)
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    ignoring = labels.clone()
+    if dtype.is_signed:
+        ignoring[0, :2] = -100  # torch's default ignore_index, representable in int8
+    for reduction in REDUCTIONS:
+        ours = losses.cross_entropy(
+            logits, ignoring.to(dtype), weight=weight, label_smoothing=0.1, reduction=reduction
+        )
+        expected = nn.functional.cross_entropy(
+            logits, ignoring, weight=weight, label_smoothing=0.1, reduction=reduction
+        )
+        torch.testing.assert_close(ours, expected)
+        # γ = 0 focal loss is the cross-entropy (torch's, with the ignored entries at 0).
+        focal = losses.focal_loss(logits, ignoring.to(dtype), gamma=0.0, reduction=reduction)
+        torch.testing.assert_close(
+            focal, nn.functional.cross_entropy(logits, ignoring, reduction=reduction)
+        )
+        torch.testing.assert_close(
+            losses.focal_loss(logits, labels.to(dtype), alpha=weight, reduction=reduction),
+            losses.focal_loss(logits, labels, alpha=weight, reduction=reduction),
+        )
+    dice = losses.dice_loss(
+        logits, labels.to(dtype), multiclass=True, from_logits=True, reduction="none"
+    )
+    one_hot = np.moveaxis(np.eye(3)[labels.numpy()], -1, 1)
+    expected_dice = _dice_numpy(logits.softmax(1).numpy(), one_hot, 1.0, (2,)).mean(1)
+    np.testing.assert_allclose(dice.numpy(), expected_dice)
+
+
+def test_uint8_labels_are_not_confused_with_a_wrapped_ignore_index() -> None:
+    # uint8(−100) is 156: compared in uint8, class 156 would be silently ignored.
+    logits = torch.randn(2, 200, dtype=F64, generator=_generator(43))
+    target = torch.tensor([156, 3], dtype=torch.uint8)
+    torch.testing.assert_close(
+        losses.cross_entropy(logits, target, reduction="none"),
+        nn.functional.cross_entropy(logits, target.long(), reduction="none"),
+    )
+    with pytest.raises(ValueError, match=r"target: expected probabilities in \[0, 1\], got 156"):
+        losses.focal_loss(torch.zeros(2), torch.tensor([156, 1], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_frechet_distance_half_precision(dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(44)
+    x = torch.from_numpy(rng.normal(size=(60, 4))).to(dtype).requires_grad_(True)
+    y = torch.from_numpy(rng.normal(0.5, 1.5, size=(50, 4))).to(dtype)
+    ours = losses.frechet_distance(x, y)
+    assert ours.dtype == dtype
+    expected = _frechet_numpy(x.detach().double().numpy(), y.double().numpy())
+    assert ours.item() == pytest.approx(expected, rel=1.01 * _unit_roundoff(dtype) + 1e-5)
+    (grad,) = torch.autograd.grad(ours, x)
+    assert grad.dtype == dtype
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("layers", [None, ["1", "2"]])
+def test_perceptual_loss_of_an_empty_batch_reduces_like_the_other_losses(
+    layers: list[str] | None,
+) -> None:
+    extractor = _perceptual_extractor(torch.float32)
+    empty = torch.zeros(0, 5, requires_grad=True)
+    per_sample = losses.perceptual_loss(
+        empty, empty.detach(), extractor=extractor, layers=layers, reduction="none"
+    )
+    assert per_sample.shape == (0,)
+    for reduction in ("mean", "sum"):
+        ours = losses.perceptual_loss(
+            empty, empty.detach(), extractor=extractor, layers=layers, reduction=reduction
+        )
+        # torch's own reduction of no elements: sum 0, mean NaN (as squared_error gives).
+        expected = nn.functional.mse_loss(empty, empty.detach(), reduction=reduction)
+        torch.testing.assert_close(ours, expected, equal_nan=True)
+        torch.testing.assert_close(
+            ours, losses.squared_error(empty, empty.detach(), reduction=reduction), equal_nan=True
+        )
+    (grad,) = torch.autograd.grad(
+        losses.perceptual_loss(empty, empty.detach(), extractor=extractor, reduction="sum"), empty
+    )
+    assert grad.shape == (0, 5)
+
+
+@pytest.mark.parametrize("mad_dim", [None, 0, -1])
+def test_tukey_mad_scaling_of_a_0d_input(mad_dim: int | None) -> None:
+    # The MAD of a single residual is 0, floored at tiny: a non-zero residual is an outlier
+    # (ρ = c²/6, zero gradient), a zero one costs 0, as for a batch of one along mad_dim=0.
+    for residual, expected in ((0.5, _regression.TUKEY_C**2 / 6), (0.0, 0.0)):
+        x = torch.tensor(residual, dtype=F64, requires_grad=True)
+        loss = losses.tukey_loss(x, torch.tensor(0.0), mad_scaling=True, mad_dim=mad_dim)
+        assert loss.shape == ()
+        assert loss.item() == pytest.approx(expected, rel=1e-15)
+        (grad,) = torch.autograd.grad(loss, x)
+        assert grad.item() == 0.0
+    with pytest.raises(
+        ValueError, match=r"mad_dim: expected None or in \[-1, 0\] for input of shape \(\), got 1"
+    ):
+        losses.tukey_loss(torch.tensor(0.5), torch.tensor(0.0), mad_scaling=True, mad_dim=1)
+
+
+def test_modules_check_input_independent_options_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"alpha: expected a number in \[0.0, 1.0\], got 1.5"):
+        losses.FocalLoss(alpha=1.5)
+    with pytest.raises(ValueError, match=r"alpha: expected shape \(C,\) .* got shape \(2, 2\)"):
+        losses.FocalLoss(alpha=torch.ones(2, 2))
+    with pytest.raises(TypeError, match=r"alpha: expected a floating-point tensor, .* torch.int64"):
+        losses.FocalLoss(alpha=torch.tensor([1, 2]))
+    with pytest.raises(
+        TypeError, match=r"weight: expected a floating-point tensor, .* torch.int64"
+    ):
+        losses.CrossEntropyLoss(weight=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(C,\) .* got shape \(\)"):
+        losses.CrossEntropyLoss(weight=torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(C,\) .* got shape \(1, 3\)"):
+        losses.DiceLoss(multiclass=True, weight=torch.ones(1, 3))
+    with pytest.raises(TypeError, match=r"pos_weight: expected a floating-point tensor"):
+        losses.BinaryCrossEntropyLoss(pos_weight=torch.tensor([2]))
+    with pytest.raises(TypeError, match=r"weight: expected a floating-point tensor"):
+        losses.BinaryCrossEntropyLoss(weight=torch.tensor([True]))
+    # Valid options still build (their shape against C is checked at forward).
+    losses.FocalLoss(alpha=0.25)
+    losses.FocalLoss(alpha=torch.tensor([0.25, 0.75]))
+    losses.CrossEntropyLoss(weight=torch.ones(3))

@@ -24,6 +24,7 @@ from taskbalance.losses._common import (
     check_index_target_shape,
     check_reduction,
     class_dim,
+    opmath_dtype,
     reduce,
     safe_log,
 )
@@ -182,7 +183,7 @@ def cross_entropy(
         return reduce(loss, reduction)
 
     check_index_target_shape("target", target, input)
-    valid = check_class_indices("target", target, num_classes, ignore_index)
+    target, valid = check_class_indices("target", target, num_classes, ignore_index)
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     log_q_target = log_q.gather(dim, safe_target.unsqueeze(dim)).squeeze(dim)
     target_weight = (
@@ -267,10 +268,13 @@ def focal_loss(
         raise ValueError("input: expected at least one dimension, got a 0-d tensor")
 
     if target.shape == input.shape:
+        # Integer labels are compared as torch.long: a uint8 target would wrap ignore_index=-100
+        # to 156.
+        comparable = target if target.is_floating_point() else target.to(dtype=torch.long)
         valid = (
             torch.ones_like(target, dtype=torch.bool)
             if ignore_index is None
-            else target != ignore_index
+            else comparable != ignore_index
         )
         labels = as_float_target(target, input)
         labels = torch.where(valid, labels, torch.zeros_like(labels))
@@ -295,7 +299,7 @@ def focal_loss(
         check_index_target_shape("target", target, input)
         dim = class_dim(input)
         num_classes = input.shape[dim]
-        valid = check_class_indices("target", target, num_classes, ignore_index)
+        target, valid = check_class_indices("target", target, num_classes, ignore_index)
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         log_p_t = torch.log_softmax(input, dim=dim).gather(dim, safe_target.unsqueeze(dim))
         log_p_t = log_p_t.squeeze(dim)
@@ -349,7 +353,9 @@ def dice_loss(
       a softmax over the class axis.
 
     A class absent from both prediction and ground truth (``Σ p + Σ g = 0``) is a perfect match:
-    its Dice is 1 (loss 0) even with ``smooth=0``, where the formula would be 0/0.
+    its Dice is 1 (loss 0) even with ``smooth=0``, where the formula would be 0/0. float16 and
+    bfloat16 inputs are computed in float32 (the sums over an image overflow float16) and the
+    result is rounded to ``input``'s dtype.
 
     Args:
         input: Probabilities, or logits when ``from_logits`` is true.
@@ -386,6 +392,7 @@ def dice_loss(
             "input: expected a batch axis and at least one more axis, shape (N, ...) or "
             f"(N, C, ...), got shape {tuple(input.shape)}"
         )
+    work_dtype = opmath_dtype(input.dtype)
 
     if multiclass:
         num_classes = input.shape[1]
@@ -396,11 +403,11 @@ def dice_loss(
             check_probabilities("target", ground_truth)
         else:
             check_index_target_shape("target", target, input)
-            check_class_indices("target", target, num_classes, ignore_index=None)
-            one_hot = functional.one_hot(target, num_classes).movedim(-1, 1)
+            indices, _ = check_class_indices("target", target, num_classes, ignore_index=None)
+            one_hot = functional.one_hot(indices, num_classes).movedim(-1, 1)
             ground_truth = one_hot.to(dtype=input.dtype)
         if from_logits:
-            probabilities = torch.softmax(input, dim=1)
+            probabilities = torch.softmax(input.to(dtype=work_dtype), dim=1)
         else:
             check_probabilities("input", input)
             probabilities = input
@@ -418,12 +425,16 @@ def dice_loss(
         ground_truth = as_float_target(target, input)
         check_probabilities("target", ground_truth)
         if from_logits:
-            probabilities = torch.sigmoid(input)
+            probabilities = torch.sigmoid(input.to(dtype=work_dtype))
         else:
             check_probabilities("input", input)
             probabilities = input
         sum_dims = tuple(range(1, input.dim()))
 
+    # Σp + Σg of a 181 × 181 all-ones mask already overflows float16 (65504), and bfloat16 keeps
+    # 8 bits of a sum over millions of pixels: sum (and divide) in float32.
+    probabilities = probabilities.to(dtype=work_dtype)
+    ground_truth = ground_truth.to(dtype=work_dtype)
     intersection = (
         (probabilities * ground_truth).sum(dim=sum_dims)
         if sum_dims
@@ -447,6 +458,6 @@ def dice_loss(
         if weight is None:
             loss = loss.mean(dim=1)
         else:
-            class_weight = weight.to(dtype=input.dtype)
+            class_weight = weight.to(dtype=work_dtype)
             loss = (loss * class_weight).sum(dim=1) / class_weight.sum()
-    return reduce(loss, reduction)
+    return reduce(loss, reduction).to(dtype=input.dtype)

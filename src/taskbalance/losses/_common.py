@@ -50,6 +50,16 @@ def as_float_target(target: Tensor, like: Tensor) -> Tensor:
     return target.to(dtype=like.dtype)
 
 
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute a ``dtype`` loss in: float32 for float16/bfloat16, else ``dtype``.
+
+    Half-precision sums over an image overflow float16 (65504) and lose bfloat16's 8-bit
+    mantissa, and ``exp`` overflows float16 at 11.1; like torch's own kernels ("opmath"), the
+    losses compute in float32 and round the result to the input's dtype once.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def safe_log(x: Tensor, floor: float | None = None) -> Tensor:
     """``log x`` with ``log 0 = -inf`` (or ``floor``) and no NaN in the backward pass.
 
@@ -70,8 +80,16 @@ def class_dim(input: Tensor) -> int:
 
 def check_class_indices(
     name: str, target: Tensor, num_classes: int, ignore_index: int | None
-) -> Tensor:
-    """Validates integer class indices and returns a mask of the entries that count.
+) -> tuple[Tensor, Tensor]:
+    """Validates integer class indices; returns them as ``torch.long`` and the entries that count.
+
+    Any integer dtype is accepted. The indices are converted to ``torch.long`` first: ``gather``,
+    ``one_hot`` and indexing need it, and comparing a ``uint8`` target with a negative
+    ``ignore_index`` would wrap the latter (``-100`` would match the class index 156).
+
+    Returns:
+        ``(indices, valid)``: the ``torch.long`` indices and a boolean mask of the entries that
+        are not ``ignore_index``.
 
     Raises:
         TypeError: If ``target`` is not an integer tensor.
@@ -81,6 +99,7 @@ def check_class_indices(
         raise TypeError(
             f"{name}: expected integer class indices (e.g. torch.long), got dtype {target.dtype}"
         )
+    target = target.to(dtype=torch.long)
     valid = (
         torch.ones_like(target, dtype=torch.bool)
         if ignore_index is None
@@ -96,7 +115,7 @@ def check_class_indices(
                     f"{name}: expected class indices in [0, {num_classes - 1}]{ignored} (input "
                     f"has {num_classes} classes), got {bad}"
                 )
-    return valid
+    return target, valid
 
 
 def check_index_target_shape(name: str, target: Tensor, input: Tensor) -> None:

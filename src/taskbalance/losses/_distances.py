@@ -21,6 +21,7 @@ from taskbalance.losses._common import (
     Reduction,
     as_float_target,
     check_reduction,
+    opmath_dtype,
     reduce,
 )
 
@@ -212,7 +213,9 @@ def frechet_distance(input: Tensor, target: Tensor, *, reduction: Reduction = "m
     (nuclear norm). This works on the data rather than the covariances (no squared condition
     number), cannot produce the small negative or complex eigenvalues that ``scipy.linalg.sqrtm``
     needs cleaning up for, and has a well-defined gradient (``U Vᵀ`` of the SVD) even for
-    repeated singular values. The result is clamped at 0 against rounding.
+    repeated singular values. The result is clamped at 0 against rounding. float16 and bfloat16
+    features are computed in float32 (torch has no half-precision QR or SVD) and the result is
+    rounded to ``input``'s dtype.
 
     Rows are samples. Leading axes are batch axes and ``reduction`` acts on them.
 
@@ -255,8 +258,10 @@ def frechet_distance(input: Tensor, target: Tensor, *, reduction: Reduction = "m
             "input, target: expected at least 2 samples (rows) each for a covariance, got input "
             f"shape {tuple(input.shape)} and target shape {tuple(target.shape)}"
         )
-    mean_input, trace_input, factor_input = _centred_factor(input)
-    mean_target, trace_target, factor_target = _centred_factor(target)
+    # torch has no half-precision QR or SVD, and float16 covariances overflow: float32 at least.
+    work_dtype = opmath_dtype(input.dtype)
+    mean_input, trace_input, factor_input = _centred_factor(input.to(dtype=work_dtype))
+    mean_target, trace_target, factor_target = _centred_factor(target.to(dtype=work_dtype))
     normaliser = math.sqrt((input.shape[-2] - 1) * (target.shape[-2] - 1))
     cross = factor_input @ factor_target.transpose(-2, -1)
     trace_sqrt = torch.linalg.svdvals(cross).sum(dim=-1) / normaliser
@@ -266,7 +271,7 @@ def frechet_distance(input: Tensor, target: Tensor, *, reduction: Reduction = "m
         + trace_target
         - 2.0 * trace_sqrt
     )
-    return reduce(distance.clamp(min=0.0), reduction)
+    return reduce(distance.clamp(min=0.0), reduction).to(dtype=input.dtype)
 
 
 def _as_feature_list(output: object, source: str) -> list[Tensor]:
@@ -349,7 +354,9 @@ def perceptual_loss(
     Features come either from the ``extractor``'s return value (a tensor, a sequence of tensors
     or a mapping of tensors), or, if ``layers`` is given, from forward hooks on the named
     submodules of an ``nn.Module`` extractor (names as in ``named_modules()``, e.g.
-    ``"features.8"``); the hooks are removed after the call.
+    ``"features.8"``); the hooks are removed after the call. An empty batch (``N = 0``, passed
+    through the extractor as well) gives no per-sample losses: ``"sum"`` is 0 and ``"mean"`` NaN,
+    as for the other losses.
 
     Args:
         input: Batch ``(N, ...)`` passed through the extractor.
@@ -404,6 +411,8 @@ def perceptual_loss(
             )
         difference = feature - reference
         elementwise = difference.square() if distance == "squared" else difference.abs()
-        per_sample = elementwise.reshape(feature.shape[0], -1).mean(dim=1)
+        # An explicit width: reshape(0, -1) of an empty batch is ambiguous and raises.
+        width = math.prod(feature.shape[1:])
+        per_sample = elementwise.reshape(feature.shape[0], width).mean(dim=1)
         total = total + weight * per_sample.to(dtype=input.dtype)
     return reduce(total, reduction)

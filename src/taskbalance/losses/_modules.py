@@ -12,7 +12,13 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from taskbalance._validation import check_choice, check_in_range, check_nonnegative, check_positive
+from taskbalance._validation import (
+    check_choice,
+    check_floating,
+    check_in_range,
+    check_nonnegative,
+    check_positive,
+)
 from taskbalance.losses._classification import (
     binary_cross_entropy,
     cross_entropy,
@@ -39,6 +45,17 @@ from taskbalance.losses._regression import (
     squared_error,
     tukey_loss,
 )
+
+
+def _check_class_vector(name: str, value: Tensor | None) -> None:
+    """A per-class tensor option: floating point and 1-D; its length ``C`` waits for the input."""
+    if value is None:
+        return
+    check_floating(name, value)
+    if value.dim() != 1:
+        raise ValueError(
+            f"{name}: expected shape (C,) (one entry per class), got shape {tuple(value.shape)}"
+        )
 
 
 class _Loss(nn.Module):
@@ -155,6 +172,10 @@ class BinaryCrossEntropyLoss(_Loss):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__(reduction)
+        if weight is not None:
+            check_floating("weight", weight)
+        if pos_weight is not None:
+            check_floating("pos_weight", pos_weight)
         self.from_logits = from_logits
         self.weight: Tensor | None
         self.pos_weight: Tensor | None
@@ -192,6 +213,7 @@ class CrossEntropyLoss(_Loss):
     ) -> None:
         super().__init__(reduction)
         check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
+        _check_class_vector("weight", weight)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.weight: Tensor | None
@@ -228,6 +250,11 @@ class FocalLoss(_Loss):
     ) -> None:
         super().__init__(reduction)
         check_nonnegative("gamma", gamma)
+        if isinstance(alpha, Tensor):
+            _check_class_vector("alpha", alpha)
+        elif alpha is not None:
+            # A float alpha is the binary form; only whether the input is binary must wait.
+            check_in_range("alpha", alpha, 0.0, 1.0)
         self.gamma = gamma
         self.ignore_index = ignore_index
         self.alpha: float | Tensor | None
@@ -270,6 +297,7 @@ class DiceLoss(_Loss):
         check_nonnegative("smooth", smooth)
         if weight is not None and not multiclass:
             raise ValueError("weight: expected None (per-class weights need multiclass=True)")
+        _check_class_vector("weight", weight)
         self.multiclass = multiclass
         self.from_logits = from_logits
         self.smooth = smooth

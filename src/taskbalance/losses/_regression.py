@@ -18,6 +18,7 @@ from taskbalance.losses._common import (
     as_float_target,
     check_broadcastable_to,
     check_reduction,
+    opmath_dtype,
     reduce,
 )
 
@@ -33,6 +34,19 @@ def _residual(input: Tensor, target: Tensor) -> Tensor:
     check_tensor("target", target)
     check_same_shape("input", input, "target", target)
     return input - as_float_target(target, input)
+
+
+def _precision_scale(residual: Tensor, log_variance: Tensor) -> Tensor:
+    """``e^{−s/2}`` for the precision-weighted terms, with ``s`` replaced by 0 where ``r = 0``.
+
+    ``e^{−s} · f(r)`` is evaluated as products with ``e^{−s/2}``, which stays finite down to
+    ``s ≈ −177.4`` (float32), twice the range of ``e^{−s}``. Where ``r = 0`` the term is 0 for
+    every ``s``, but ``e^{−s/2}`` may still overflow and ``0 · inf`` is NaN in the value and the
+    gradient; there ``s`` is replaced by 0, which leaves the term (0) and its gradients (0, the
+    exact derivatives at ``r = 0``) unchanged.
+    """
+    zero = torch.zeros((), dtype=log_variance.dtype, device=log_variance.device)
+    return torch.exp(-0.5 * torch.where(residual == 0, zero, log_variance))
 
 
 def squared_error(input: Tensor, target: Tensor, *, reduction: Reduction = "mean") -> Tensor:
@@ -166,8 +180,10 @@ def tukey_loss(
     multiple of a robust standard deviation. As in the paper the MAD is treated as a constant:
     it is computed from detached residuals, so no gradient flows through it. The paper computes
     one MAD per output coordinate over the mini-batch, which is ``mad_dim=0`` for ``(N, D)``
-    predictions; the default ``mad_dim=None`` pools all residuals. A MAD of 0 (e.g. more than
-    half the residuals equal) is floored at the dtype's ``tiny`` so the division stays finite.
+    predictions; the default ``mad_dim=None`` pools all residuals. A 0-d input has one axis, as
+    in torch (``mad_dim`` 0 or -1 names it), and its MAD is that of its single residual. A MAD
+    of 0 (e.g. more than half the residuals equal) is floored at the dtype's ``tiny`` so the
+    division stays finite.
 
     Args:
         input: Predictions, floating point.
@@ -193,11 +209,16 @@ def tukey_loss(
     check_positive("c", c)
     residual = _residual(input, target)
     if mad_scaling:
-        if mad_dim is not None and not -residual.dim() <= mad_dim < max(residual.dim(), 1):
+        # torch's convention: a 0-d tensor has one axis, which dim 0 and -1 both name.
+        axes = max(residual.dim(), 1)
+        if mad_dim is not None and not -axes <= mad_dim < axes:
             raise ValueError(
-                f"mad_dim: expected None or in [{-residual.dim()}, {residual.dim() - 1}] for input "
-                f"of shape {tuple(residual.shape)}, got {mad_dim}"
+                f"mad_dim: expected None or in [{-axes}, {axes - 1}] for input of shape "
+                f"{tuple(residual.shape)}, got {mad_dim}"
             )
+        if residual.dim() == 0:
+            # The MAD along the only axis of a single residual is the MAD over all residuals.
+            mad_dim = None
         if residual.numel() > 0:
             scale = MAD_TO_STD * median_absolute_deviation(residual.detach(), mad_dim)
             residual = residual / scale.clamp(min=torch.finfo(residual.dtype).tiny)
@@ -224,7 +245,12 @@ def gaussian_nll_loss(
         L = ½ · exp(−s) · (y − μ)² + ½ · s   [+ ½ · log 2π  if full]
 
     Predicting ``s`` rather than ``σ²`` keeps the loss finite and avoids a division by zero, so
-    (unlike :class:`torch.nn.GaussianNLLLoss`) no variance clamping is needed.
+    (unlike :class:`torch.nn.GaussianNLLLoss`) no variance clamping is needed. The first term is
+    evaluated as ``½ · (r · e^{−s/2})²`` with ``r = y − μ``, and as 0 where ``r = 0`` whatever
+    ``s``, so value and gradient are finite wherever the exact ones are, except for
+    ``s < −177.4`` with ``0 < |r| < 6·10⁻²⁰`` (float32; ``s < −1419`` in float64), where the term
+    is ``+inf``. float16 and bfloat16 inputs are computed in float32 and the result is rounded to
+    ``input``'s dtype (``e^{−s}`` alone overflows float16 for ``s < −11.1``).
 
     Args:
         input: Predicted means ``μ``, floating point.
@@ -248,11 +274,15 @@ def gaussian_nll_loss(
     residual = _residual(input, target)
     check_floating("log_variance", log_variance)
     check_broadcastable_to("log_variance", log_variance, "input", input.shape)
-    log_variance = log_variance.to(dtype=input.dtype)
-    loss = 0.5 * torch.exp(-log_variance) * residual.square() + 0.5 * log_variance
+    work_dtype = opmath_dtype(input.dtype)
+    residual = residual.to(dtype=work_dtype)
+    log_variance = log_variance.to(dtype=work_dtype)
+    # (r · e^{−s/2})² = e^{−s} · r², without overflowing e^{−s} or underflowing r² on the way.
+    scaled = residual * _precision_scale(residual, log_variance)
+    loss = 0.5 * scaled.square() + 0.5 * log_variance
     if full:
         loss = loss + 0.5 * math.log(2.0 * math.pi)
-    return reduce(loss, reduction)
+    return reduce(loss, reduction).to(dtype=input.dtype)
 
 
 def bbox_kl_loss(
@@ -272,7 +302,11 @@ def bbox_kl_loss(
             e^{−α} · (|x_g − x_e| − ½) + α / 2         otherwise
 
     i.e. ``e^{−α} · smoothL1(x_g − x_e) + α/2``; the constant ``½ log 2π`` and the entropy of the
-    Dirac ground truth are dropped as in the paper.
+    Dirac ground truth are dropped as in the paper. As in :func:`gaussian_nll_loss`, ``e^{−α}``
+    is applied as two factors ``e^{−α/2}`` and the first term is 0 where ``x_g = x_e`` whatever
+    ``α``, so value and gradient are finite wherever the exact ones are (except for
+    ``α < −177.4`` with a residual below ``6·10⁻²⁰`` in float32), and float16 and bfloat16 inputs
+    are computed in float32, the result rounded to ``input``'s dtype.
 
     Args:
         input: Predicted box coordinates ``x_e`` (any shape, e.g. ``(N, 4)``).
@@ -296,8 +330,16 @@ def bbox_kl_loss(
     residual = _residual(input, target)
     check_floating("log_variance", log_variance)
     check_broadcastable_to("log_variance", log_variance, "input", input.shape)
-    log_variance = log_variance.to(dtype=input.dtype)
+    work_dtype = opmath_dtype(input.dtype)
+    residual = residual.to(dtype=work_dtype)
+    log_variance = log_variance.to(dtype=work_dtype)
     absolute = residual.abs()
+    # smoothL1 = ½q² + l with q = min(|r|, 1), l = max(|r| − 1, 0) = |r| − q. l is not formed as
+    # |r| − q: for |r| < 1 its gradient would be e^{−α} · (1 − 1), NaN once e^{−α} overflows,
+    # while the clamp passes no gradient at all.
     quadratic = absolute.clamp(max=1.0)
-    smooth_l1 = 0.5 * quadratic.square() + (absolute - quadratic)
-    return reduce(torch.exp(-log_variance) * smooth_l1 + 0.5 * log_variance, reduction)
+    linear = (absolute - 1.0).clamp(min=0.0)
+    # e^{−α} · smoothL1 as ½ (q · e^{−α/2})² + (l · e^{−α/2}) · e^{−α/2}: see _precision_scale.
+    scale = _precision_scale(residual, log_variance)
+    weighted = 0.5 * (quadratic * scale).square() + (linear * scale) * scale
+    return reduce(weighted + 0.5 * log_variance, reduction).to(dtype=input.dtype)
