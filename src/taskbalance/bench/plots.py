@@ -383,17 +383,19 @@ def plot_gradient_cosines(
         axis.set_visible(False)
     image = None
     ticks = list(range(len(task_names)))
-    for axis, (label, matrix) in zip(axes.flat, matrices.items(), strict=False):
+    for index, (axis, (label, matrix)) in enumerate(zip(axes.flat, matrices.items(), strict=False)):
         image = axis.imshow(matrix.numpy(), vmin=-1, vmax=1, cmap="RdBu")
         axis.set_title(label, fontsize=9)
         axis.set_xticks(ticks, list(task_names), fontsize=7, rotation=90)
-        axis.set_yticks(ticks, list(task_names), fontsize=7)
+        # Task names on the first column only: beside the others they run into the panel left
+        row_labels = list(task_names) if index % columns == 0 else [""] * len(task_names)
+        axis.set_yticks(ticks, row_labels, fontsize=7)
         if len(task_names) <= 4:
             for i in ticks:
                 for j in ticks:
-                    axis.text(
-                        j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", fontsize=8
-                    )
+                    text = f"{float(matrix[i, j]):.2f}"
+                    text = "0.00" if text == "-0.00" else text  # a rounded tiny negative
+                    axis.text(j, i, text, ha="center", va="center", fontsize=8)
     figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="cosine")
     figure.suptitle(
         title or "task-gradient cosines w.r.t. the shared features (mean over training)",
