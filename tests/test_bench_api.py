@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import sys
 import textwrap
 
@@ -14,6 +15,7 @@ from taskbalance.bench import (
     Benchmark,
     BenchmarkError,
     Method,
+    SplitError,
     Task,
     TensorTaskDataset,
     TrainConfig,
@@ -260,31 +262,108 @@ def test_model_outputs_in_another_form_are_named(model, message):
         train_run(_tiny(model=model), Method("ew"), config=TrainConfig(epochs=1))
 
 
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
 class _Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         yield torch.zeros(3), (torch.zeros(()), torch.zeros(()))
 
 
+def test_a_streamed_split_is_refused_when_built_on_one_line():
+    good = _tiny()
+    with pytest.raises(SplitError, match=r"train: _Stream has no len\(\); expected a map-style"):
+        Benchmark("tiny", good.tasks, _Stream(), good.validation, good.test, model=good.model,
+                  defaults=good.defaults)  # fmt: skip
+    assert issubclass(SplitError, BenchmarkError)  # the command line prints it on one line
+    assert issubclass(SplitError, TypeError)
+
+
 @pytest.mark.parametrize(
     ("split", "message"),
     [
-        (_Stream(), r"train: _Stream has no len\(\); expected a map-style Dataset"),
         (
             torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4), torch.zeros(4)),
-            r"train: item 0 is 3; expected \(input, targets\)",
+            r"train: an item is 3; expected \(input, targets\)",
         ),
         (
-            torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4, 3)),
-            r"train: item 0's targets are Tensor; expected 2 \(one per task",
+            torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4, 2)),
+            r"train: the targets are Tensor; expected 2 \(one per task",
+        ),
+        (
+            _Items([(torch.zeros(3), {"sum": torch.zeros(())}) for _ in range(4)]),
+            r"train: the targets have no key\(s\) \['first'\]",
         ),
     ],
-    ids=["streamed", "three-item tuples", "one target for two tasks"],
+    ids=["three-item tuples", "one target tensor for two tasks", "a task's key missing"],
 )
-def test_splits_the_harness_cannot_read_are_refused_when_built(split, message):
+def test_items_the_harness_cannot_read_are_named_when_read(split, message):
+    """A two-column target tensor for two tasks would have been iterated over its batch
+    dimension: with a batch of two, silently, each task given one example's targets."""
     good = _tiny()
-    with pytest.raises(TypeError, match=message):
-        Benchmark("tiny", good.tasks, split, good.validation, good.test, model=good.model,
-                  defaults=good.defaults)  # fmt: skip
+    bad = Benchmark("tiny", good.tasks, split, good.validation, good.test, model=good.model,
+                    defaults=TrainingDefaults(epochs=1, batch_size=2, lr=1e-2))  # fmt: skip
+    with pytest.raises(BenchmarkError, match=message):
+        train_run(bad, Method("ew"), config=TrainConfig(epochs=1))
+
+
+class _LazyFile(torch.utils.data.Dataset):
+    """Opens its file at the first read, as h5py/LMDB datasets do for DataLoader workers."""
+
+    def __init__(self, size=6):
+        self.size, self.opened = size, False
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        self.opened = True
+        x = torch.full((3,), float(index))
+        return x, (x.sum(), x[0])
+
+
+def _two_linear_heads():
+    return nn.Linear(3, 4), [nn.Linear(4, 1), nn.Linear(4, 1)]
+
+
+def test_building_a_benchmark_reads_no_item_and_a_built_one_pickles():
+    metric = lambda: (mean_metric("mae", _absolute, higher_is_better=False),)  # noqa: E731
+    tasks = (Task("sum", mse, metric()), Task("first", mse, metric()))  # no KPI closures
+    lazy = _LazyFile()
+    built = Benchmark("tiny", tasks, lazy, lazy, lazy, model=_two_linear_heads,
+                      defaults=TrainingDefaults(epochs=1, batch_size=3, lr=1e-2))  # fmt: skip
+    assert not lazy.opened
+    built.build_model()  # records its parameters (weakly)
+    copied = pickle.loads(pickle.dumps(built))
+    copied.build_model()
+    assert train_run(copied, Method("ew"), config=TrainConfig(epochs=1)).completed
+
+
+def test_one_task_with_plain_number_targets_trains():
+    """torchvision's (image, int) items: one task, its target a number, collated to a tensor."""
+    data = _Items([(torch.randn(3), float(index % 3)) for index in range(6)])
+    task = Task("y", mse, (mean_metric("mae", _absolute, higher_is_better=False),))
+    single = Benchmark("one", (task,), data, data, data,
+                       model=lambda: (nn.Linear(3, 4), [nn.Linear(4, 1)]),
+                       defaults=TrainingDefaults(epochs=1, batch_size=4, lr=1e-2))  # fmt: skip
+    assert train_run(single, Method("ew"), config=TrainConfig(epochs=1)).completed
+
+
+def test_heads_in_any_iterable_are_taken():
+    generated = _tiny(model=lambda: (nn.Linear(3, 4), (nn.Linear(4, 1) for _ in range(2))))
+    sequential = _tiny(
+        model=lambda: (nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 1), nn.Linear(4, 1)))
+    )
+    assert len(list(generated.build_model().parameters())) == 6
+    assert len(list(sequential.build_model().parameters())) == 6
 
 
 def _batch_norm_model():

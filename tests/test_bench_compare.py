@@ -123,6 +123,57 @@ def test_an_edit_of_the_benchmark_file_is_not_resumed_as_the_old_runs(tmp_path, 
     assert _per_run(edited) != _per_run(first)
 
 
+_BENCH_WITH_OBJECTS = """
+import functools
+import torch
+from torch import nn
+from taskbalance.bench import (Benchmark, Task, TensorTaskDataset, TrainingDefaults,
+                               mean_metric)
+from taskbalance.bench.losses import mse
+
+class ScaledMSE:  # a callable-object loss: its repr carries a memory address
+    def __call__(self, output, target):
+        return 2.0 * mse(output, target)
+
+def make():
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    data = TensorTaskDataset(x, [x[:, 0], x[:, 1]])
+    metric = lambda: (mean_metric("se", lambda o, t: (o.squeeze(1) - t) ** 2,
+                                  higher_is_better=False),)
+    tasks = (Task("a", functools.partial(mse), metric()), Task("b", ScaledMSE(), metric()))
+    return Benchmark("objects", tasks, data, data, data,
+                     model=lambda: (nn.Linear(2, 3), [nn.Linear(3, 1) for _ in "ab"]),
+                     defaults=TrainingDefaults(epochs=1, batch_size=4, lr=0.1),
+                     settings={"activation": torch.relu, "missing": float("nan")})
+"""
+
+
+def test_a_second_process_resumes_runs_whose_benchmark_reprs_hold_addresses(tmp_path):
+    """A partial or callable-object loss, a function or a NaN among the settings: the stored
+    key must equal the one a new process computes, or every rerun trains everything again."""
+    path = tmp_path / "objects_bench.py"
+    path.write_text(_BENCH_WITH_OBJECTS)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from taskbalance.bench.compare import BenchmarkSource, run_comparison\n"
+        "from taskbalance.bench.harness import Method\n"
+        f"done = run_comparison(BenchmarkSource({str(path) + ':make'!r}), [Method('ew')], "
+        f"seeds=[0], out=Path({str(tmp_path / 'out')!r}))\n"
+        "print('resumed', done.resumed)\n"
+    )
+    environment = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    resumed = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+            env=environment, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        resumed.append(result.stdout.split()[-1])
+    assert resumed == ["0", "3"]
+
+
 def test_custom_benchmark_example_runs():
     result = subprocess.run(
         [sys.executable, str(EXAMPLE)],

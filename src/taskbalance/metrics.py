@@ -660,7 +660,7 @@ def delta_m(
 ) -> float:
     """Δm% (Maninis et al., CVPR 2019) of a model against single-task baselines; lower is better.
 
-    ``Δm = (1/M)·Σ_m (−1)^{δ_m}·(M_m − B_m)/B_m·100`` over all M metrics, ``δ_m = 1`` where
+    ``Δm = (1/M)·Σ_m (−1)^{δ_m}·(M_m − B_m)/|B_m|·100`` over all M metrics, ``δ_m = 1`` where
     higher is better: the formula of the MTAN, Nash-MTL, FAMO and Aligned-MTL tables. With
     ``tasks`` (one task label per metric) each task's metrics are averaged first and then the
     tasks: LibMTL's ``Δp``, which is ``−Δm`` of that task-averaged form (LibMTL reports

@@ -5,8 +5,8 @@ Design (stable; the bundled benchmarks and any user's benchmark are built on it 
     Benchmark(
         name, tasks=(Task, ...),
         train=Dataset, validation=Dataset, test=Dataset,   # each item: (input, targets)
-        model=factory,          # () -> (trunk, [head, ...])  or a module returning
-                                #       (features, [output, ...])
+        model=factory,          # () -> new (trunk, [head, ...])  or a new module returning
+                                #       (features, [output, ...] or {task name: output})
         defaults=TrainingDefaults(epochs, batch_size, lr, balancer_lr, optimizer, ...),
         description="", settings={...},   # data seed, split sizes...: pinned in the metadata
     )
@@ -53,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -83,6 +84,11 @@ class MissingExtraError(ImportError):
 
 class BenchmarkError(ValueError):
     """A benchmark that cannot be loaded or is malformed (names what and why)."""
+
+
+class SplitError(BenchmarkError, TypeError):
+    """A data split of the wrong type: a :class:`BenchmarkError` (the command line prints it
+    on one line) and a ``TypeError``."""
 
 
 def require_module(module_name: str) -> ModuleType:
@@ -460,16 +466,19 @@ class Benchmark:
         train: training data set; items ``(input, targets)``.
         validation: validation data set (model selection).
         test: test data set (the reported numbers).
-        model: factory of a freshly initialised model (the harness seeds torch first):
+        model: factory of a freshly initialised model (the harness seeds torch first), new
+            modules at every call (one handing out modules it returned before is refused):
             returns ``(trunk, heads)`` (a module and one module per task; the heads read the
             trunk's output) or a module whose ``forward(input)`` returns
-            ``(features, [output per task])``. A module without a single shared feature
+            ``(features, outputs)``, the outputs a list in task order or a dict keyed by task
+            name. A module without a single shared feature
             tensor (MTAN) returns None as ``features`` and names the submodule of its shared
             parameters (``shared_submodule``, see :mod:`taskbalance.bench.models`).
         defaults: training budget and optimiser settings.
         description: one line.
         settings: what fixes the data (data seed, split sizes, generator parameters), written
-            to the run's metadata.
+            to the run's metadata and part of a stored run's key (a run is resumed only while
+            they are unchanged): plain values (numbers, text, lists, dicts).
         noise_variances: the true noise variances σ_k² when known (``noisy-regression``).
         summary_name: name of the sum of all metric values, when that sum is the benchmark's
             headline number (``gradnorm-toy``), else None.
@@ -526,43 +535,31 @@ class Benchmark:
             )
 
     def _check_split(self, split: str, data: object) -> None:
-        """A map-style data set with a length whose first item is ``(input, targets)``."""
+        """A map-style data set with a length. Its items are checked batch by batch when
+        read (:func:`~taskbalance.bench.harness.train_run`): reading one here would open a
+        lazily opened file in this process, which DataLoader workers then cannot pickle."""
         where = f"Benchmark {self.name!r}: {split}"
         if not isinstance(data, Dataset):
-            raise TypeError(
+            raise SplitError(
                 f"{where}: expected a torch.utils.data.Dataset, got {type(data).__name__}"
             )
         if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
             # The harness shuffles, slices batches across DDP ranks and counts steps per epoch
-            raise TypeError(
+            raise SplitError(
                 f"{where}: {type(data).__name__} has no len(); expected a map-style Dataset "
                 "(__getitem__ and __len__): streamed (IterableDataset) splits are not supported"
             )
-        if len(data) == 0:
-            return
-        item = data[0]
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            size = len(item) if isinstance(item, (tuple, list)) else type(item).__name__
-            raise TypeError(
-                f"{where}: item 0 is {size}; expected (input, targets), targets a tuple in "
-                f"task order, a dict keyed by task name{' or one tensor' * (len(self.tasks) == 1)}"
-            )
-        targets = item[1]
-        names = [task.name for task in self.tasks]
-        if isinstance(targets, Mapping):
-            missing = [name for name in names if name not in targets]
-            if missing:
-                raise TypeError(
-                    f"{where}: item 0's targets have no key(s) {missing}; got {list(targets)}"
-                )
-        elif not (isinstance(targets, Tensor) and len(names) == 1) and (
-            not isinstance(targets, (tuple, list)) or len(targets) != len(names)
-        ):
-            size = len(targets) if isinstance(targets, (tuple, list)) else type(targets).__name__
-            raise TypeError(
-                f"{where}: item 0's targets are {size}; expected {len(names)} (one per task "
-                f"{names}, in task order) or a dict keyed by task name"
-            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The record of built models holds weak references, which do not pickle; a copy
+        # (pickled, or copy.copy) starts its own.
+        state = dict(self.__dict__)
+        state["_built"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
 
     @property
     def num_tasks(self) -> int:
@@ -589,17 +586,18 @@ class Benchmark:
         return slices
 
     def build_model(self) -> nn.Module:
-        """A fresh model whose ``forward`` returns ``(features, [output per task])``.
+        """A fresh model whose ``forward`` returns ``(features, outputs)``.
 
         Raises:
-            BenchmarkError: the factory returned something else.
+            BenchmarkError: the factory returned something else, or a parameter of a model
+                it built before.
         """
         from taskbalance.bench.models import MultiTaskModel
 
         built = self.model()
         if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
             trunk, heads = built
-            if not isinstance(heads, (list, tuple, nn.ModuleList)):
+            if not hasattr(heads, "__iter__"):  # one head module (not a ModuleList)
                 raise BenchmarkError(
                     f"benchmark {self.name!r}: the model factory returned "
                     f"{type(heads).__name__} as the heads; expected a list of "
@@ -752,7 +750,10 @@ def resolve_factory(spec: str) -> Callable[..., Benchmark]:
         folder = str(path.resolve().parent)
         if folder not in sys.path:
             sys.path.insert(0, folder)
-        module_name = f"taskbalance_user_bench_{abs(hash(str(path.resolve())))}"
+        # Named by a digest of the path, not hash(): str hashes differ between processes, and
+        # the name shows in the reprs a stored run's key compares
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        module_name = f"taskbalance_user_bench_{digest}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:
             raise BenchmarkError(f"--bench {spec!r}: cannot import {str(path)!r} as Python")

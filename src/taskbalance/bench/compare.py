@@ -175,7 +175,8 @@ def _load_finished(path: Path, key: dict[str, Any]) -> RunResult | None:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if stored.get("key") != json.loads(json.dumps(key)):
+    # Compared as JSON text: a NaN setting is equal to itself there, never as a float
+    if json.dumps(stored.get("key"), sort_keys=True) != json.dumps(key, sort_keys=True):
         return None
     run = RunResult.from_dict(stored["result"])
     return run if not run.interrupted else None

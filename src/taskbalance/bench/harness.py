@@ -28,6 +28,7 @@ size is the global one), so N processes see exactly the batches one process woul
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -491,12 +492,35 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield batch.tensor_split(self.world_size)[self.rank].tolist()
 
 
-def _targets_in_order(targets: Any, benchmark: Benchmark) -> list[Any]:
+def _unpack(batch: Any, benchmark: Benchmark, split: str) -> tuple[Any, list[Any]]:
+    """A collated batch's inputs and its targets in task order, or an error naming the form
+    expected: items ``(input, targets)``, ``targets`` a tuple in task order or a dict keyed
+    by task name (one task: its target alone)."""
+    where = f"benchmark {benchmark.name!r}: {split}"
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        size = len(batch) if isinstance(batch, (tuple, list)) else type(batch).__name__
+        raise BenchmarkError(
+            f"{where}: an item is {size}; expected (input, targets), targets a tuple in task "
+            "order or a dict keyed by task name"
+        )
+    inputs, targets = batch
+    names = [task.name for task in benchmark.tasks]
     if isinstance(targets, Mapping):
-        return [targets[task.name] for task in benchmark.tasks]
-    if isinstance(targets, Tensor) and benchmark.num_tasks == 1:
-        return [targets]
-    return list(targets)
+        missing = [name for name in names if name not in targets]
+        if missing:
+            raise BenchmarkError(
+                f"{where}: the targets have no key(s) {missing}; got keys {list(targets)}"
+            )
+        return inputs, [targets[name] for name in names]
+    if len(names) == 1 and not isinstance(targets, (tuple, list)):
+        return inputs, [targets]  # one task's target alone (a tensor, once collated)
+    if not isinstance(targets, (tuple, list)) or len(targets) != len(names):
+        size = len(targets) if isinstance(targets, (tuple, list)) else type(targets).__name__
+        raise BenchmarkError(
+            f"{where}: the targets are {size}; expected {len(names)} (one per task {names}, "
+            "in task order) or a dict keyed by task name"
+        )
+    return inputs, list(targets)
 
 
 def _forward(model: nn.Module, inputs: Any, benchmark: Benchmark) -> tuple[Any, list[Any]]:
@@ -571,9 +595,10 @@ def evaluate(
         for metric in task.metrics:
             metric.reset()
     target_device = torch.device(device)
-    for inputs, targets in loader:
+    for batch in loader:
+        inputs, targets = _unpack(batch, benchmark, "evaluation")
         _, outputs = _forward(model, _to_device(inputs, target_device), benchmark)
-        targets = _to_device(_targets_in_order(targets, benchmark), target_device)
+        targets = _to_device(targets, target_device)
         for task, output, target in zip(benchmark.tasks, outputs, targets, strict=True):
             for metric in task.metrics:
                 metric.update(output, target)
@@ -751,9 +776,10 @@ def train_run(
             batches = 0
             started = time.perf_counter()
             training_model.train()
-            for inputs, raw_targets in loader:
+            for batch in loader:
+                inputs, targets = _unpack(batch, benchmark, "train")
                 inputs = _to_device(inputs, device)
-                targets = _to_device(_targets_in_order(raw_targets, benchmark), device)
+                targets = _to_device(targets, device)
                 features, outputs = _forward(training_model, inputs, benchmark)
                 losses = torch.stack(
                     [
@@ -843,7 +869,11 @@ def train_run(
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-compatible form of a hyperparameter value (text for anything else)."""
+    """A JSON-compatible form of a hyperparameter value (text for anything else).
+
+    The text leaves out memory addresses (``<function f at 0x7f…>``): a stored run's key is
+    compared with this text in another process, where every address differs.
+    """
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
@@ -852,7 +882,12 @@ def _plain(value: Any) -> Any:
         return [_plain(item) for item in value]
     if isinstance(value, Mapping):
         return {str(key): _plain(item) for key, item in value.items()}
-    return str(value)
+    return without_addresses(str(value))
+
+
+def without_addresses(text: str) -> str:
+    """``text`` without the `` at 0x…`` of default reprs."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
 def _finite_on_every_rank(losses: Tensor) -> bool:

@@ -32,6 +32,7 @@ from taskbalance.bench.harness import (
     _plain,
     default_params,
     example_hyperparameters,
+    without_addresses,
 )
 from taskbalance.bench.metrics import REFERENCE_METHOD, MethodSummary, reported_test_metrics
 from taskbalance.bench.selection import Selection, counted
@@ -420,7 +421,8 @@ def benchmark_metadata(benchmark: Benchmark, model: nn.Module) -> dict[str, Any]
                 {
                     "name": task.name,
                     "kind": task.kind,
-                    "loss": getattr(task.loss, "__qualname__", repr(task.loss)),
+                    "loss": getattr(task.loss, "__qualname__", None)
+                    or without_addresses(repr(task.loss)),
                     "metrics": [
                         {"name": name, "higher_is_better": higher}
                         for name, higher in zip(task.metric_names, task.directions, strict=True)
