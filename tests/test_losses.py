@@ -1286,3 +1286,29 @@ def test_modules_check_input_independent_options_at_construction() -> None:
     losses.FocalLoss(alpha=0.25)
     losses.FocalLoss(alpha=torch.tensor([0.25, 0.75]))
     losses.CrossEntropyLoss(weight=torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda x, y: losses.gaussian_nll_loss(x, y, log_variance=0 * x, reduction="sum"),
+        lambda x, y: losses.bbox_kl_loss(x, y, log_variance=0 * x, reduction="sum"),
+        lambda x, y: losses.dice_loss(torch.sigmoid(x), (y > 0).to(x.dtype)),
+        lambda x, y: losses.frechet_distance(x.reshape(-1, 8), y.reshape(-1, 8)),
+    ],
+    ids=["gaussian_nll", "bbox_kl", "dice", "frechet"],
+)
+def test_losses_computed_in_float32_stay_float32_under_autocast(loss) -> None:
+    """As torch's own losses under autocast: a half input's loss is returned in float32 there,
+    not rounded down (a float16 sum over an image batch would overflow, and GradScaler skip
+    every step), and in the input's dtype outside autocast."""
+    generator = torch.Generator().manual_seed(0)
+    x = (300 * torch.randn(16, 1, 32, 32, generator=generator)).to(torch.bfloat16)
+    y = (300 * torch.randn(16, 1, 32, 32, generator=generator)).to(torch.bfloat16)
+    plain = loss(x, y)
+    assert plain.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loss(x, y)
+    assert inside.dtype == torch.float32
+    # The same value to bfloat16's precision (autocast runs some inner products in bfloat16)
+    torch.testing.assert_close(inside, plain.float(), rtol=2**-7, atol=0)

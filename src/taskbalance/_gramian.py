@@ -76,7 +76,6 @@ in parameters mode, since the forward runs on gathered copies that autograd cann
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import warnings
@@ -89,6 +88,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.overrides import has_torch_function
 
+from taskbalance._autocast import autocast_off
 from taskbalance._constants import constant
 from taskbalance._distributed import all_reduce_mean, all_reduce_sum, is_distributed, world_size
 from taskbalance._validation import as_loss_vector, check_tensor
@@ -343,7 +343,7 @@ def gramian_from_rows(
     ``reduce=False`` takes rows that are already the global ones (:func:`global_rows`).
     """
     device = rows[0].device
-    with _autocast_off(device.type):
+    with autocast_off(device.type):
         distributed = is_distributed()
         if not reduce:
             flat = torch.cat([row.to(dtype) for row in rows], dim=1)
@@ -360,13 +360,6 @@ def gramian_from_rows(
         if distributed:
             gram = all_reduce_sum(gram) / world_size() ** 2
         return gram
-
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[object]:
-    # Entering torch.autocast costs more than a small Gramian: only when it is on.
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def add_rows_(target: Tensor, rows: Sequence[Tensor], coefficients: Tensor) -> Tensor:

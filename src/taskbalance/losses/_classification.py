@@ -24,6 +24,7 @@ from taskbalance.losses._common import (
     check_index_target_shape,
     check_reduction,
     class_dim,
+    in_result_dtype,
     opmath_dtype,
     reduce,
     safe_log,
@@ -355,7 +356,7 @@ def dice_loss(
     A class absent from both prediction and ground truth (``Σ p + Σ g = 0``) is a perfect match:
     its Dice is 1 (loss 0) even with ``smooth=0``, where the formula would be 0/0. float16 and
     bfloat16 inputs are computed in float32 (the sums over an image overflow float16) and the
-    result is rounded to ``input``'s dtype.
+    result is rounded to ``input``'s dtype (kept in float32 under autocast).
 
     Args:
         input: Probabilities, or logits when ``from_logits`` is true.
@@ -460,4 +461,4 @@ def dice_loss(
         else:
             class_weight = weight.to(dtype=work_dtype)
             loss = (loss * class_weight).sum(dim=1) / class_weight.sum()
-    return reduce(loss, reduction).to(dtype=input.dtype)
+    return in_result_dtype(reduce(loss, reduction), input)

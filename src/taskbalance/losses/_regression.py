@@ -18,6 +18,7 @@ from taskbalance.losses._common import (
     as_float_target,
     check_broadcastable_to,
     check_reduction,
+    in_result_dtype,
     opmath_dtype,
     reduce,
 )
@@ -250,7 +251,8 @@ def gaussian_nll_loss(
     ``s``, so value and gradient are finite wherever the exact ones are, except for
     ``s < −177.4`` with ``0 < |r| < 6·10⁻²⁰`` (float32; ``s < −1419`` in float64), where the term
     is ``+inf``. float16 and bfloat16 inputs are computed in float32 and the result is rounded to
-    ``input``'s dtype (``e^{−s}`` alone overflows float16 for ``s < −11.1``).
+    ``input``'s dtype, kept in float32 under autocast (``e^{−s}`` alone overflows float16 for
+    ``s < −11.1``).
 
     Args:
         input: Predicted means ``μ``, floating point.
@@ -282,7 +284,7 @@ def gaussian_nll_loss(
     loss = 0.5 * scaled.square() + 0.5 * log_variance
     if full:
         loss = loss + 0.5 * math.log(2.0 * math.pi)
-    return reduce(loss, reduction).to(dtype=input.dtype)
+    return in_result_dtype(reduce(loss, reduction), input)
 
 
 def bbox_kl_loss(
@@ -306,7 +308,8 @@ def bbox_kl_loss(
     is applied as two factors ``e^{−α/2}`` and the first term is 0 where ``x_g = x_e`` whatever
     ``α``, so value and gradient are finite wherever the exact ones are (except for
     ``α < −177.4`` with a residual below ``6·10⁻²⁰`` in float32), and float16 and bfloat16 inputs
-    are computed in float32, the result rounded to ``input``'s dtype.
+    are computed in float32, the result rounded to ``input``'s dtype (kept in float32 under
+    autocast).
 
     Args:
         input: Predicted box coordinates ``x_e`` (any shape, e.g. ``(N, 4)``).
@@ -342,4 +345,4 @@ def bbox_kl_loss(
     # e^{−α} · smoothL1 as ½ (q · e^{−α/2})² + (l · e^{−α/2}) · e^{−α/2}: see _precision_scale.
     scale = _precision_scale(residual, log_variance)
     weighted = 0.5 * (quadratic * scale).square() + (linear * scale) * scale
-    return reduce(weighted + 0.5 * log_variance, reduction).to(dtype=input.dtype)
+    return in_result_dtype(reduce(weighted + 0.5 * log_variance, reduction), input)
