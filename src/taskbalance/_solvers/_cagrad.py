@@ -27,6 +27,7 @@ from taskbalance._solvers._common import (
     work_tensor,
 )
 from taskbalance._solvers._dual_cone import _nnqp_py, _nnqp_torch, _UnboundedError
+from taskbalance._solvers._min_norm import solve_min_norm
 from taskbalance._solvers._shifted_min_norm import ShiftedMinNorm
 from taskbalance._validation import check_nonnegative, check_positive_int
 
@@ -38,6 +39,27 @@ __all__ = ["cagrad_weights"]
 PYTHON_MAX_K = 12
 # Cap of the dual-cone projection used when the optimum is degenerate (see cagrad_weights).
 _PROJECTION_MAX_ITER = 500
+#: ‖g_w‖ / Σ w_i‖g_i‖ of the root search's optimum below which the hull's exact min-norm
+#: point decides degeneracy: the search approaches a zero min-norm point only to its tolerance
+#: (found: 1.18e-6 on a hull holding 0, whose weights r/‖g_w‖ then reached 9e6 and whose
+#: cancelling direction conflicted with a task).
+_SUSPECT_DEGENERATE = 1e-3
+_MIN_NORM_MAX_ITER = 500
+
+
+def _hull_holds_zero(G: Tensor | list[list[float]]) -> bool:
+    """Whether 0 is in the convex hull of the gradients, to the detection rule of
+    :func:`cagrad_weights` (``‖g_w‖ <= 1e-6 Σ w_i‖g_i‖``), at the exact min-norm point."""
+    w = solve_min_norm(G, _MIN_NORM_MAX_ITER, 1e-12)
+    if isinstance(G, Tensor):
+        assert isinstance(w, Tensor)
+        square, size = float(w @ G @ w), float(w @ G.diagonal().clamp(min=0).sqrt())
+    else:
+        assert not isinstance(w, Tensor)
+        square = sum(wi * sum(map(mul, row, w)) for wi, row in zip(w, G, strict=True))
+        size = sum(wi * math.sqrt(max(G[i][i], 0.0)) for i, wi in enumerate(w))
+    return math.sqrt(max(square, 0.0)) <= 1e-6 * size
+
 
 W = TypeVar("W", Tensor, list[float])
 # t -> (w(t), s(t) = ‖g_{w(t)}‖, Σ_i w_i ‖g_i‖, predicted root or None); the third is the size
@@ -279,8 +301,10 @@ def cagrad_weights(
     factor). If the optimum has :math:`g_{w^\star} = 0` (0 is in the convex hull and
     :math:`F^\star = 0`, always the case when it is and :math:`c \ge 1`; detected as
     :math:`\lVert g_{w^\star}\rVert \le 10^{-6} \sum_i w^\star_i \lVert g_i\rVert`, above the
-    rounding level of a norm computed from :math:`G`, on the tasks with a gradient, or, where
-    some task has none, as :math:`F \ge 0` at the others' optimum), the best worst-case
+    rounding level of a norm computed from :math:`G`, on the tasks with a gradient, at the root
+    search's optimum or, where that ratio is below :math:`10^{-3}`, at the hull's exact
+    min-norm point (the search approaches a zero one only to its tolerance); or, where some
+    task has no gradient, as :math:`F \ge 0` at the others' optimum), the best worst-case
     improvement is 0 and every maximiser lies in the dual cone :math:`\{d : Jd \ge 0\}`; the
     maximiser is then not unique in general, and we return the one nearest the centre
     :math:`g_0`: the projection of :math:`g_0` onto the dual cone (it lies in the ball), solved
@@ -341,7 +365,10 @@ def cagrad_weights(
         for i, v in zip(live, wv, strict=True):
             w_l[i] = v
         F_l = sum(map(mul, bv, wv)) + r * s_l  # F at the optimum over the live tasks
-        if s_l <= 1e-6 * size_l or (len(live) < K and F_l >= 0.0):
+        degenerate = s_l <= 1e-6 * size_l or (
+            s_l <= _SUSPECT_DEGENERATE * size_l and _hull_holds_zero(Gv)
+        )
+        if degenerate or (len(live) < K and F_l >= 0.0):
             try:
                 u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", consistent=True)
             except _UnboundedError:
@@ -374,7 +401,10 @@ def cagrad_weights(
     else:
         w_t = wv_t
     F_t = float(bv_t @ wv_t) + r * s_t
-    if s_t <= 1e-6 * size_t or (nlive < K and F_t >= 0.0):
+    degenerate_t = s_t <= 1e-6 * size_t or (
+        s_t <= _SUSPECT_DEGENERATE * size_t and _hull_holds_zero(Gv_t)
+    )
+    if degenerate_t or (nlive < K and F_t >= 0.0):
         try:
             u_t = _nnqp_torch(Gw, b, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", True)
         except _UnboundedError:  # as on the Python path
