@@ -303,7 +303,9 @@ def cagrad_weights(
     :math:`\lVert g_{w^\star}\rVert \le 10^{-6} \sum_i w^\star_i \lVert g_i\rVert`, above the
     rounding level of a norm computed from :math:`G`, on the tasks with a gradient, at the root
     search's optimum or, where that ratio is below :math:`10^{-3}`, at the hull's exact
-    min-norm point (the search approaches a zero one only to its tolerance); or, where some
+    min-norm point (the search approaches a zero one only to its tolerance) provided the
+    projection below lies in the ball (with :math:`c < 1` it may not, and :math:`F^\star < 0`
+    then); or, where some
     task has no gradient, as :math:`F \ge 0` at the others' optimum), the best worst-case
     improvement is 0 and every maximiser lies in the dual cone :math:`\{d : Jd \ge 0\}`; the
     maximiser is then not unique in general, and we return the one nearest the centre
@@ -365,10 +367,10 @@ def cagrad_weights(
         for i, v in zip(live, wv, strict=True):
             w_l[i] = v
         F_l = sum(map(mul, bv, wv)) + r * s_l  # F at the optimum over the live tasks
-        degenerate = s_l <= 1e-6 * size_l or (
-            s_l <= _SUSPECT_DEGENERATE * size_l and _hull_holds_zero(Gv)
-        )
-        if degenerate or (len(live) < K and F_l >= 0.0):
+        # 0 in the hull, which the search approached only to its tolerance: degenerate if the
+        # projection of g0 onto the dual cone lies in the ball (F* = 0), else the search's
+        suspect = 1e-6 * size_l < s_l <= _SUSPECT_DEGENERATE * size_l and _hull_holds_zero(Gv)
+        if s_l <= 1e-6 * size_l or (len(live) < K and F_l >= 0.0) or suspect:
             try:
                 u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", consistent=True)
             except _UnboundedError:
@@ -377,7 +379,11 @@ def cagrad_weights(
                 Gl = nearest_psd(torch.tensor(Gl, dtype=F64), G.dtype, "cagrad_weights").tolist()
                 bl = [sum(row) * m for row in Gl]
                 u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", consistent=True)
-            return to_output([(m + v) / factor for v in u], G)
+            # ‖Jᵀu‖ = ‖d − g0‖ for d = Jᵀ(1/K + u)
+            square = sum(v * sum(map(mul, row, u)) for v, row in zip(u, Gl, strict=True))
+            reach = math.sqrt(max(square, 0.0))
+            if not suspect or reach <= r * (1.0 + 1e-9):
+                return to_output([(m + v) / factor for v in u], G)
         return to_output([(m + (r / s_l) * v) / factor for v in w_l], G)
     Gw = work_tensor(G, "cagrad_weights")
     K = Gw.shape[0]
@@ -401,14 +407,14 @@ def cagrad_weights(
     else:
         w_t = wv_t
     F_t = float(bv_t @ wv_t) + r * s_t
-    degenerate_t = s_t <= 1e-6 * size_t or (
-        s_t <= _SUSPECT_DEGENERATE * size_t and _hull_holds_zero(Gv_t)
-    )
-    if degenerate_t or (nlive < K and F_t >= 0.0):
+    suspect_t = 1e-6 * size_t < s_t <= _SUSPECT_DEGENERATE * size_t and _hull_holds_zero(Gv_t)
+    if s_t <= 1e-6 * size_t or (nlive < K and F_t >= 0.0) or suspect_t:  # as on the Python path
         try:
             u_t = _nnqp_torch(Gw, b, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", True)
         except _UnboundedError:  # as on the Python path
             Gw = nearest_psd(Gw, G.dtype, "cagrad_weights")
             u_t = _nnqp_torch(Gw, Gw @ mean, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", True)
-        return to_output((mean + u_t) / factor, G)
+        reach_t = math.sqrt(max(float(u_t @ Gw @ u_t), 0.0))
+        if not suspect_t or reach_t <= r * (1.0 + 1e-9):
+            return to_output((mean + u_t) / factor, G)
     return to_output((mean + (r / s_t) * w_t) / factor, G)
