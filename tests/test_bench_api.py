@@ -99,23 +99,24 @@ def test_split_metric_sees_the_whole_split():
     assert seen == [10, 10]
 
 
-class _Dict(torch.utils.data.Dataset):
-    """Items with targets keyed by task name, through the DataLoader's default collate."""
-
-    def __init__(self, tensor_data):
-        self.data = tensor_data
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
 
     def __len__(self):
-        return len(self.data)
+        return len(self.items)
 
     def __getitem__(self, index):
-        x, (a, b) = self.data[index]
-        return x, {"first": b, "sum": a}
+        return self.items[index]
 
 
 def test_mapping_targets_and_plain_datasets_give_the_same_run():
     tensor_bench = _tiny(size=12)
-    dict_data = _Dict(tensor_bench.train)
+    plain = tensor_bench.train
+    # targets keyed by task name, through the DataLoader's default collate
+    dict_data = _Items(
+        [(x, {"first": b, "sum": a}) for x, (a, b) in (plain[i] for i in range(len(plain)))]
+    )
     dict_bench = Benchmark(
         "tiny",
         tensor_bench.tasks,
@@ -262,17 +263,6 @@ def test_model_outputs_in_another_form_are_named(model, message):
         train_run(_tiny(model=model), Method("ew"), config=TrainConfig(epochs=1))
 
 
-class _Items(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        return self.items[index]
-
-
 class _Stream(torch.utils.data.IterableDataset):
     def __iter__(self):
         yield torch.zeros(3), (torch.zeros(()), torch.zeros(()))
@@ -296,7 +286,7 @@ def test_a_streamed_split_is_refused_when_built_on_one_line():
         ),
         (
             torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4, 2)),
-            r"train: the targets are Tensor; expected 2 \(one per task",
+            r"train: the targets are Tensor; expected a list of 2 \(or a tuple: one per task",
         ),
         (
             _Items([(torch.zeros(3), {"sum": torch.zeros(())}) for _ in range(4)]),

@@ -492,6 +492,24 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield batch.tensor_split(self.world_size)[self.rank].tolist()
 
 
+def _in_task_order(values: Any, benchmark: Benchmark, what: str) -> list[Any]:
+    """``values`` as a list in task order: a list or tuple of one per task, or a dict keyed
+    by task name; anything else is an error naming ``what`` and the forms expected."""
+    names = [task.name for task in benchmark.tasks]
+    if isinstance(values, Mapping):
+        missing = [name for name in names if name not in values]
+        if missing:
+            raise BenchmarkError(f"{what} have no key(s) {missing}; got keys {list(values)}")
+        return [values[name] for name in names]
+    if not isinstance(values, (tuple, list)) or len(values) != len(names):
+        size = len(values) if isinstance(values, (tuple, list)) else type(values).__name__
+        raise BenchmarkError(
+            f"{what} are {size}; expected a list of {len(names)} (or a tuple: one per task "
+            f"{names}, in task order) or a dict keyed by task name"
+        )
+    return list(values)
+
+
 def _unpack(batch: Any, benchmark: Benchmark, split: str) -> tuple[Any, list[Any]]:
     """A collated batch's inputs and its targets in task order, or an error naming the form
     expected: items ``(input, targets)``, ``targets`` a tuple in task order or a dict keyed
@@ -504,23 +522,9 @@ def _unpack(batch: Any, benchmark: Benchmark, split: str) -> tuple[Any, list[Any
             "order or a dict keyed by task name"
         )
     inputs, targets = batch
-    names = [task.name for task in benchmark.tasks]
-    if isinstance(targets, Mapping):
-        missing = [name for name in names if name not in targets]
-        if missing:
-            raise BenchmarkError(
-                f"{where}: the targets have no key(s) {missing}; got keys {list(targets)}"
-            )
-        return inputs, [targets[name] for name in names]
-    if len(names) == 1 and not isinstance(targets, (tuple, list)):
+    if benchmark.num_tasks == 1 and not isinstance(targets, (tuple, list, Mapping)):
         return inputs, [targets]  # one task's target alone (a tensor, once collated)
-    if not isinstance(targets, (tuple, list)) or len(targets) != len(names):
-        size = len(targets) if isinstance(targets, (tuple, list)) else type(targets).__name__
-        raise BenchmarkError(
-            f"{where}: the targets are {size}; expected {len(names)} (one per task {names}, "
-            "in task order) or a dict keyed by task name"
-        )
-    return inputs, list(targets)
+    return inputs, _in_task_order(targets, benchmark, f"{where}: the targets")
 
 
 def _forward(model: nn.Module, inputs: Any, benchmark: Benchmark) -> tuple[Any, list[Any]]:
@@ -535,21 +539,9 @@ def _forward(model: nn.Module, inputs: Any, benchmark: Benchmark) -> tuple[Any, 
             "output per task in task order or a dict keyed by task name"
         )
     features, outputs = result
-    if isinstance(outputs, Mapping):
-        missing = [task.name for task in benchmark.tasks if task.name not in outputs]
-        if missing:
-            raise BenchmarkError(
-                f"benchmark {benchmark.name!r}: the model's outputs have no key(s) {missing}; "
-                f"expected one output per task, keyed by task name, got keys {list(outputs)}"
-            )
-        return features, [outputs[task.name] for task in benchmark.tasks]
-    if not isinstance(outputs, (tuple, list)) or len(outputs) != benchmark.num_tasks:
-        count = len(outputs) if isinstance(outputs, (tuple, list)) else type(outputs).__name__
-        raise BenchmarkError(
-            f"benchmark {benchmark.name!r}: the model's outputs are {count}; expected a list "
-            f"of {benchmark.num_tasks} (one per task, in task order) or a dict keyed by task name"
-        )
-    return features, list(outputs)
+    return features, _in_task_order(
+        outputs, benchmark, f"benchmark {benchmark.name!r}: the model's outputs"
+    )
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
