@@ -88,9 +88,9 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.overrides import has_torch_function
 
-from taskbalance._autocast import autocast_off
 from taskbalance._constants import constant
 from taskbalance._distributed import all_reduce_mean, all_reduce_sum, is_distributed, world_size
+from taskbalance._precision import autocast_off
 from taskbalance._validation import as_loss_vector, check_tensor
 
 try:

@@ -32,22 +32,13 @@ import torch
 from torch import Tensor
 from torch.distributions.utils import broadcast_all
 
+from taskbalance._precision import opmath_dtype
 from taskbalance._validation import check_floating, check_positive
 
 __all__ = ["Gumbel", "gumbel_max_sample", "gumbel_softmax"]
 
 # Below z = -10 the Gumbel cdf exp(−e^{−z}) < exp(−22026) is 0 in every floating dtype.
 _CDF_Z_FLOOR = -10.0
-
-
-def _noise_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to draw noise for ``dtype`` parameters in: at least float32.
-
-    ``torch.rand`` in float16 (bfloat16) has only 2¹¹ (2⁸) values below 1, the largest
-    ``1 − 2⁻¹¹`` (``1 − 2⁻⁸``), which cuts the Gumbel upper tail off at 7.6 (5.5): a category
-    with a logit 6 below the leader would then be drawn about half as often as it should be.
-    """
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _standard_gumbel(
@@ -62,7 +53,7 @@ def _standard_gumbel(
     ``torch.rand`` can return exactly 0, where ``−log(−log 0) = −inf``; clamping ``U`` at the
     smallest normal number bounds the noise below by about ``−4.5`` (float32) instead. ``U < 1``
     always, so the upper tail needs no guard. Callers pass at least float32
-    (:func:`_noise_dtype`).
+    (:func:`~taskbalance._precision.opmath_dtype`).
     """
     uniform = torch.rand(shape, dtype=dtype, device=device, generator=generator)
     uniform = uniform.clamp(min=torch.finfo(dtype).tiny)
@@ -151,7 +142,7 @@ class Gumbel(torch.distributions.Gumbel):
         then rounded to the dtype of ``loc``.
         """
         shape = self._extended_shape(torch.Size(sample_shape))
-        work_dtype = _noise_dtype(self.loc.dtype)
+        work_dtype = opmath_dtype(self.loc.dtype)
         noise = _standard_gumbel(
             shape, dtype=work_dtype, device=self.loc.device, generator=generator
         )
@@ -226,7 +217,7 @@ def gumbel_max_sample(logits: Tensor, generator: torch.Generator | None = None) 
         tensor([0, 1])
     """
     logits = _check_logits(logits)
-    work_dtype = _noise_dtype(logits.dtype)
+    work_dtype = opmath_dtype(logits.dtype)
     noise = _standard_gumbel(
         logits.shape, dtype=work_dtype, device=logits.device, generator=generator
     )
@@ -281,7 +272,7 @@ def gumbel_softmax(
     """
     logits = _check_logits(logits)
     check_positive("tau", tau)
-    work_dtype = _noise_dtype(logits.dtype)
+    work_dtype = opmath_dtype(logits.dtype)
     noise = _standard_gumbel(
         logits.shape, dtype=work_dtype, device=logits.device, generator=generator
     )

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
+from taskbalance._precision import opmath_dtype
 from taskbalance._validation import (
     check_distribution,
     check_floating,
@@ -25,7 +26,6 @@ from taskbalance.losses._common import (
     check_reduction,
     class_dim,
     in_result_dtype,
-    opmath_dtype,
     reduce,
     safe_log,
 )

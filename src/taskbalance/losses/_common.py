@@ -50,22 +50,11 @@ def as_float_target(target: Tensor, like: Tensor) -> Tensor:
     return target.to(dtype=like.dtype)
 
 
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to compute a ``dtype`` loss in: float32 for float16/bfloat16, else ``dtype``.
-
-    Half-precision sums over an image overflow float16 (65504) and lose bfloat16's 8-bit
-    mantissa, and ``exp`` overflows float16 at 11.1; like torch's own kernels ("opmath"), the
-    losses compute in float32 and round the result to the input's dtype once (see
-    :func:`in_result_dtype` for autocast).
-    """
-    return torch.promote_types(dtype, torch.float32)
-
-
 def in_result_dtype(loss: Tensor, input: Tensor) -> Tensor:
-    """``loss`` (computed in :func:`opmath_dtype`) in the dtype a caller gets: ``input``'s,
-    except under autocast, where it stays float32 as torch's own losses (run in float32 by
-    autocast) return it: rounded to float16, a loss summed over an image batch overflows and
-    GradScaler would skip every step."""
+    """``loss`` (computed in :func:`~taskbalance._precision.opmath_dtype`) in the dtype a
+    caller gets: ``input``'s, except under autocast, where it stays float32 as torch's own
+    losses (run in float32 by autocast) return it: rounded to float16, a loss summed over an
+    image batch overflows and GradScaler would skip every step."""
     if torch.is_autocast_enabled(input.device.type):
         return loss
     return loss.to(dtype=input.dtype)

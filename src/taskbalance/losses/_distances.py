@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from taskbalance._autocast import autocast_off
+from taskbalance._precision import autocast_off, opmath_dtype
 from taskbalance._validation import (
     check_axis,
     check_choice,
@@ -23,7 +23,6 @@ from taskbalance.losses._common import (
     as_float_target,
     check_reduction,
     in_result_dtype,
-    opmath_dtype,
     reduce,
 )
 

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from taskbalance._precision import opmath_dtype
 from taskbalance._validation import (
     check_floating,
     check_positive,
@@ -19,7 +20,6 @@ from taskbalance.losses._common import (
     check_broadcastable_to,
     check_reduction,
     in_result_dtype,
-    opmath_dtype,
     reduce,
 )
 
