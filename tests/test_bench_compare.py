@@ -85,7 +85,10 @@ from taskbalance.bench.losses import mse
 def make():
     x = torch.randn(SIZE, 2, generator=torch.Generator().manual_seed(0))
     data = TensorTaskDataset(x, [x[:, 0], x[:, 1]])
-    tasks = tuple(Task(name, mse, (mean_metric("se", lambda o, t: (o.squeeze(1) - t) ** 2,
+    def loss(output, target):
+        return SCALE * mse(output, target)
+
+    tasks = tuple(Task(name, loss, (mean_metric("se", lambda o, t: (o.squeeze(1) - t) ** 2,
                                                  higher_is_better=False),))
                   for name in ("a", "b"))
     return Benchmark("editable", tasks, data, data, data,
@@ -95,12 +98,15 @@ def make():
 
 
 @pytest.mark.parametrize(
-    "edit", [{"LR": 0.05}, {"SIZE": 12}, {"WIDTH": 5}], ids=["defaults", "split size", "model"]
+    "edit",
+    [{"LR": 0.05}, {"SIZE": 12}, {"WIDTH": 5}, {"SCALE": 3.0}],
+    ids=["defaults", "split size", "model", "loss code"],
 )
 def test_an_edit_of_the_benchmark_file_is_not_resumed_as_the_old_runs(tmp_path, edit):
     """Runs are keyed on what the benchmark fixes (metadata.json's data, tasks, model and
-    training settings), not only on the command line: an edited bench file trains again."""
-    settings = {"SIZE": 8, "WIDTH": 3, "LR": 0.1}
+    training settings) and on the bench file's text, not only on the command line: an edited
+    bench file trains again, even where the edit is inside a loss metadata only names."""
+    settings = {"SIZE": 8, "WIDTH": 3, "LR": 0.1, "SCALE": 1.0}
     path = tmp_path / "editable_bench.py"
 
     def write(values):

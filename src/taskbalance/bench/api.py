@@ -724,6 +724,30 @@ def benchmark_entry(name: str) -> BenchmarkEntry:
     return _BENCHMARKS[name]
 
 
+def _names_a_file(source: str) -> bool:
+    """Whether the part of a spec before ``:`` is a file path rather than a module name."""
+    return source.endswith(".py") or "/" in source or "\\" in source
+
+
+def factory_source_file(spec: str) -> Path | None:
+    """The file whose code defines the factory that ``spec`` names, found without running it.
+
+    None for a module that has no source file. Raises :class:`BenchmarkError` as
+    :func:`resolve_factory` does for an unknown registered name.
+    """
+    if ":" not in spec:
+        found = inspect.getsourcefile(benchmark_entry(spec).factory)
+        return None if found is None else Path(found)
+    source = spec.rpartition(":")[0]
+    if _names_a_file(source):
+        return Path(source)
+    module_spec = importlib.util.find_spec(source)
+    if module_spec is None or module_spec.origin is None:
+        return None
+    origin = Path(module_spec.origin)
+    return origin if origin.is_file() else None
+
+
 def resolve_factory(spec: str) -> Callable[..., Benchmark]:
     """The benchmark factory named by ``spec``.
 
@@ -742,7 +766,7 @@ def resolve_factory(spec: str) -> Callable[..., Benchmark]:
     if not source or not function_name:
         raise BenchmarkError(f"--bench {spec!r}: expected FILE.py:FUNCTION or module:function")
     module: ModuleType
-    if source.endswith(".py") or "/" in source or "\\" in source:
+    if _names_a_file(source):
         path = Path(source)
         if not path.is_file():
             raise BenchmarkError(f"--bench {spec!r}: no such file {str(path)!r}")

@@ -11,6 +11,7 @@ same settings loads those instead of training again (``fresh=True`` starts over)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -24,7 +25,8 @@ from typing import Any
 
 import torch
 
-from taskbalance.bench.api import Benchmark, load_benchmark
+import taskbalance
+from taskbalance.bench.api import Benchmark, factory_source_file, load_benchmark
 from taskbalance.bench.harness import (
     Method,
     ProgressBar,
@@ -151,14 +153,29 @@ def _run_key(
     return key
 
 
-def _benchmark_content(benchmark: Benchmark, config: TrainConfig) -> dict[str, Any]:
+def _benchmark_content(
+    benchmark: Benchmark, config: TrainConfig, source: BenchmarkSource
+) -> dict[str, Any]:
     """What a run's result depends on beyond the command line: the data's settings and split
     sizes, the tasks and their metrics, the model's architecture and the resolved training
     settings (the benchmark's defaults under the command line's overrides), as
-    ``metadata.json`` pins them; the description is left out, it changes no result."""
+    ``metadata.json`` pins them; the description is left out, it changes no result.
+
+    Also the code: the SHA-256 of the file that defines the factory and the library's
+    version. The metadata names a loss or a forward pass but does not see an edit of its body
+    (a loss scaled by 2 keeps its name), which would otherwise resume the old runs. Edits of
+    other modules that file imports are not seen: ``--fresh`` retrains.
+    """
     content = benchmark_metadata(benchmark, benchmark.build_model())
     content["benchmark"].pop("description")
     content["training"] = training_metadata(benchmark, config)
+    defining_file = factory_source_file(source.spec)
+    content["code"] = {
+        "taskbalance": taskbalance.__version__,
+        "benchmark_file_sha256": None
+        if defining_file is None
+        else hashlib.sha256(defining_file.read_bytes()).hexdigest(),
+    }
     return content
 
 
@@ -264,7 +281,7 @@ def run_comparison(
     pending: list[int] = []
     model = benchmark.settings.get("model")
     model_name = model if isinstance(model, str) else None
-    content = _benchmark_content(benchmark, config)
+    content = _benchmark_content(benchmark, config, source)
     keys = [_run_key(source, job, config, model_name, content) for job in planned]
     for index, job in enumerate(planned):
         found = _load_finished(run_file(out, benchmark, job), keys[index])
