@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import warnings
@@ -139,6 +140,18 @@ def test_summarise_uses_seed_mean_baseline_and_ranks():
     assert "| 1 | good |" in text
     assert "1 failed" in text
     assert csv_table(rows, FAKE).splitlines()[0].startswith("rank,method,a/accuracy_mean")
+
+
+def test_csv_sums_the_metrics_only_where_the_benchmark_names_that_sum():
+    """An accuracy plus an error means nothing: FAKE names no sum, so the CSV has none; a
+    benchmark whose metrics add up (``summary_name``) gets the per-seed sums' mean."""
+    runs = [_run("ew", 0, [0.5, 1.0]), _run("ew", 1, [0.7, 2.0])]
+    plain = csv_table(summarise(runs, FAKE), FAKE)
+    assert "sum_of_metrics" not in plain
+    summed = dataclasses.replace(FAKE, summary_name="Σ")
+    (row,) = csv.DictReader(io.StringIO(csv_table(summarise(runs, summed), summed)))
+    assert float(row["sum_of_metrics_mean"]) == pytest.approx((1.5 + 2.7) / 2)
+    assert (row["method"], row["seeds"]) == ("ew", "2")  # the columns after it still line up
 
 
 def test_summarise_without_baselines_has_no_delta_m():

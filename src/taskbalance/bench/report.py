@@ -182,15 +182,20 @@ def text_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
 
 
 def csv_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
-    """The comparison table as CSV with raw numbers, one column pair per metric number."""
+    """The comparison table as CSV with raw numbers, one column pair per metric number.
+
+    The sum of the metric numbers (``sum_of_metrics_*``) is written only for a benchmark that
+    names it (``summary_name``), as the text table shows it: elsewhere it adds metrics of
+    opposite directions (an mIoU to a depth error) and means nothing.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     header = ["rank", "method"]
     for name in benchmark.metric_names:
         header += [f"{name}_mean", f"{name}_std"]
+    if benchmark.summary_name:
+        header += ["sum_of_metrics_mean", "sum_of_metrics_std"]
     header += [
-        "sum_of_metrics_mean",
-        "sum_of_metrics_std",
         "delta_m_percent_mean",
         "delta_m_percent_std",
         f"wins_vs_{REFERENCE_METHOD}",
@@ -210,7 +215,9 @@ def csv_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
         for mean, std in zip(row.metric_means, row.metric_stds, strict=True):
             line += [mean, std]
         comparison = row.versus_reference
-        line += [row.summary_mean, row.summary_std, row.delta_m_mean, row.delta_m_std]
+        if benchmark.summary_name:
+            line += [row.summary_mean, row.summary_std]
+        line += [row.delta_m_mean, row.delta_m_std]
         if comparison is None:
             line += ["", "", "", "", ""]
         else:
