@@ -98,3 +98,33 @@ def test_cagrad_one_huge_gradient_among_zeros():
     weights = tb.create("cagrad", num_tasks=5).compute_weights(torch.ones(5), gram=J @ J.T)
     assert bool(torch.isfinite(weights).all())
     assert float((J.T @ weights).squeeze()) > 0  # the one task with a gradient descends
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_dual_cone_weights_where_only_zero_conflicts_with_no_task_are_the_least_the_cone_needs(
+    name,
+):
+    """The docstrings' example: the dual cone of these rows is {0}, so each projection is 0
+    and its multipliers are a w ≥ p with Jᵀw = 0. Those w are t·n, n = (4e-3, 1, 5e-7) spanning
+    the null space of Jᵀ, and w ≥ p forces t ≥ max_i p_i / n_i: for the third task's
+    preference alone, w_2 ≥ (1/3) / 5e-7 = 6.7e5. The weights are the least such (DualProj: one
+    projection of p; UPGrad: the sum of the K projections of p_i·e_i), checked by the closed
+    form and by scipy's linear program (minimise w_2 subject to Jᵀw = 0, w ≥ the preference)."""
+    linprog = pytest.importorskip("scipy.optimize").linprog
+    J = torch.tensor([[0.0, 1.0], [1e-6, -4e-3], [-2.0, 0.0]], dtype=torch.float64)
+    null = torch.tensor([4e-3, 1.0, 5e-7], dtype=torch.float64)
+    assert float((J.T @ null).norm()) == 0.0
+    third = torch.full((3,), 1 / 3, dtype=torch.float64)
+    preferences = torch.diag(third) if name == "upgrad" else third[None]
+    least = sum(float((row / null).max()) for row in preferences)
+    for row in preferences:
+        program = linprog(
+            c=[0.0, 1.0, 0.0], A_eq=J.T.numpy(), b_eq=[0.0, 0.0],
+            bounds=[(float(v), None) for v in row],
+        )  # fmt: skip
+        assert program.status == 0
+        assert program.fun == pytest.approx(float((row / null).max()), rel=1e-6)
+    w = tb.create(name, 3).compute_weights(torch.ones(3), gram=J @ J.T)
+    assert least >= 2e6 / 3
+    assert torch.allclose(w, least * null, rtol=1e-7, atol=0.0)  # w_2 = w_3 / 5e-7: rounding × 2e6
+    assert float((J.T @ w).norm()) <= 1e-12 * float(w.norm())

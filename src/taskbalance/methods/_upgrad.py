@@ -102,6 +102,12 @@ class UPGrad(_DualConeBalancer):
 
     Defaults: uniform preferences; the exact projection (``norm_eps = reg_eps = 0``).
 
+    Large weights are the formula's, not rounding's: when no direction but 0 conflicts with no
+    task, ``d = 0`` and ``w`` is some ``w ≥ p`` with ``Jᵀw = 0``, which may have to be large:
+    for ``J = [[0, 1], [1e-6, −4e-3], [−2, 0]]`` every such ``w`` has ``w_2 ≥ 6.7e5`` (the third
+    task's projection alone needs it). With ``heads="weighted"`` the heads' gradients are scaled
+    by these weights; with the default (unweighted) heads nothing is.
+
     Departures: torchjd solves the QPs with quadprog on ``G/tr(G) + reg_eps·I`` (zero in place
     of ``G/tr(G)`` when ``tr(G) < norm_eps``) with ``norm_eps = reg_eps = 1e-4``; its direction
     can then conflict with a task (the guarantee holds for the regularised Gramian only).
@@ -137,6 +143,9 @@ class DualProj(_DualConeBalancer):
     defaults, no task is made worse to first order.
 
     Defaults: uniform preferences ``p = 1/K``; the exact projection (``norm_eps = reg_eps = 0``).
+
+    Large weights where only ``d = 0`` conflicts with no task: as :class:`UPGrad`'s (the same
+    ``J`` needs ``w_2 ≥ 6.7e5`` here).
 
     Departures: as :class:`UPGrad`, torchjd regularises the Gramian (``norm_eps = reg_eps =
     1e-4``, which these arguments reproduce); the QP is solved exactly in pure torch.
