@@ -1771,3 +1771,43 @@ def test_property_min_norm_optimal_vs_brute_force(J, backend):
     grid = grid[grid[:, 2] >= 0]
     values = np.einsum("ni,ij,nj->n", grid, G, grid)
     assert w @ G @ w <= values.min() + 1e-12 * (1 + np.trace(G))
+
+
+def _exact_two_task_weights(J: list[list[float]]) -> tuple[Fraction, Fraction]:
+    """Sener's K = 2 min-norm weights in fractions, each from its own numerator."""
+    rows = [[Fraction(x) for x in row] for row in J]
+    g11, g12, g22 = (
+        sum(a * b for a, b in zip(rows[i], rows[j], strict=True))
+        for i, j in ((0, 0), (0, 1), (1, 1))
+    )
+    den = g11 + g22 - 2 * g12
+    return (g22 - g12) / den, (g11 - g12) / den
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_two_task_min_norm_keeps_a_weight_below_epsilon(backend):
+    """g1 = (1e-3, 0), g2 = (−1e9, 1e12): the exact weights are (1 − 1e-18, 1e-18). As
+    ``1 − γ`` the second rounded to 0, and d = g1 conflicted with task 2 (g2·d = −1e6) where
+    the exact d conflicts with neither (g1·d = g2·d ≈ 1e-6): each weight has its own
+    numerator now, and d is exact."""
+    J = [[1e-3, 0.0], [-1e9, 1e12]]
+    G = torch.tensor(J, dtype=torch.float64) @ torch.tensor(J, dtype=torch.float64).T
+    w = min_norm_weights(G, backend=backend).tolist()
+    exact = _exact_two_task_weights(J)
+    assert w[1] == pytest.approx(float(exact[1]), rel=1e-12)
+    direction = [sum(Fraction(w[k]) * Fraction(J[k][c]) for k in range(2)) for c in range(2)]
+    for row in J:
+        assert sum(Fraction(x) * d for x, d in zip(row, direction, strict=True)) > 0
+
+
+@pytest.mark.parametrize("tensor", [False, True])
+def test_two_task_shifted_min_norm_keeps_a_weight_below_epsilon(tensor):
+    """CAGrad's K = 2 closed form at a shift β had the same ``1 − γ`` cancellation."""
+    J = [[1e-3, 0.0], [-1e9, 1e12]]
+    G = np.asarray(J) @ np.asarray(J).T
+    b = [1e-7, 1e-7]  # b1 = b2: the shift does not move γ, and the answer is Sener's
+    args: tuple = (torch.from_numpy(G), torch.tensor(b)) if tensor else (G.tolist(), b)
+    w, _ = ShiftedMinNorm(*args).solve(5.0, 250, 1e-12)
+    exact = _exact_two_task_weights(J)
+    assert [float(v) for v in w] == pytest.approx([float(v) for v in exact], rel=1e-12)
+    assert float(w[1]) > 0

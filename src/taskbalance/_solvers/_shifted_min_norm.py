@@ -110,7 +110,8 @@ def _two_shifted(
 ) -> tuple[list[float], list[float]]:
     """:class:`ShiftedMinNorm` for K = 2 in closed form (Sener's Algorithm 1 on the
     shifted Gramian, its constant cancelled): ``γ = clamp((G22 − G12 + β(b2 − b1))/‖g1 −
-    g2‖², 0, 1)``."""
+    g2‖², 0, 1)``, the second weight computed as such, not as ``1 − γ`` (which cancels where
+    it is below ε, see :func:`._min_norm._special_case`)."""
     den = G[0][0] + G[1][1] - 2.0 * G[0][1]
     if not den > 0.0:  # identical rows (then b1 = b2): every point is optimal
         return [0.5, 0.5], [0.0, 0.0]
@@ -118,6 +119,7 @@ def _two_shifted(
     gamma = (G[1][1] - G[0][1]) / den + beta * slope
     if gamma <= 0.0:  # a vertex, which does not move with β
         return [0.0, 1.0], [0.0, 0.0]
-    if gamma >= 1.0:
+    other = (G[0][0] - G[0][1]) / den - beta * slope
+    if other <= 0.0:
         return [1.0, 0.0], [0.0, 0.0]
-    return [gamma, 1.0 - gamma], [slope, -slope]
+    return [gamma, other], [slope, -slope]
