@@ -516,6 +516,10 @@ class GradientBalancer(Balancer):
     ) -> list[Tensor]:
         # Checked on every call, refresh step or not, so a wrong call fails at once rather than
         # only on the next refresh step, and before any DDP collective.
+        if self._calls_taken == 0 and is_distributed():
+            # A walk of the losses' graph in Python: at the first call, which is DDP's first
+            # iteration, the only one whose graph holds the node it looks for.
+            _refuse_static_graph_ddp(losses)
         if self.shared_params is not None:
             return self.shared_params
         if features is None:
@@ -768,6 +772,39 @@ def _check_disjoint(tensors: Sequence[Tensor], *, walk_graph: bool) -> None:
                 "separate tensors (e.g. two encoders' outputs), only the outermost one (the "
                 "heads' common input), or use parameters mode (params=)"
             )
+
+
+def _refuse_static_graph_ddp(losses: Tensor) -> None:
+    """Refuse losses computed through ``DistributedDataParallel(static_graph=True)``.
+
+    On its first iteration such a DDP routes its outputs through a node whose backward queues
+    the one all-reduce of that step on the first backward pass that reaches it. Here that is
+    the balancer's first per-task pass, which runs before any ``.grad`` exists: the all-reduce
+    then averages nothing, DDP records the wrong static graph, and at every later step each
+    rank keeps its own gradient, silently (the ranks drift apart).
+    """
+    start = losses.grad_fn
+    if start is None:
+        return
+    seen = {start}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        owner = getattr(node, "ddp_weakref", None)
+        ddp = owner() if callable(owner) else None
+        if getattr(ddp, "static_graph", False):
+            raise ValueError(
+                "losses: computed through DistributedDataParallel(static_graph=True), whose "
+                "first-iteration all-reduce would run at the balancer's first per-task "
+                "backward pass, before any gradient exists, and leave every rank's gradients "
+                "un-averaged at every step; create the DDP module with static_graph=False "
+                "(the default), or call the balancer inside the DDP module's forward (as "
+                "Lightning's training_step does)"
+            )
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
 
 
 def _graph_node(tensor: Tensor) -> object:
