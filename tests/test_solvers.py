@@ -1837,3 +1837,50 @@ def test_min_norm_tries_the_next_violator_after_a_rejection_at_rounding_level(ba
     size = sum(wk * n for wk, n in zip(w, norms, strict=True))
     for row, n in zip(rows, norms, strict=True):
         assert float(sum(a * b for a, b in zip(row, d, strict=True)) - norm2) >= -1e-12 * n * size
+
+
+_CAGRAD_SPREAD_CASES = {
+    # c < 1, norms 1e-7 … 1e5: ‖g_w‖ = 1.7e-7 Σ w_i‖g_i‖ read as degenerate, and the
+    # projection of g0 onto the dual cone, 1.9 r from g0, was returned outside the ball
+    "outside the ball": (
+        0.5245029074895969,
+        [
+            [-0.0010760856504201026, 0.010629446623099868],
+            [-1.995247779108485e-07, -5.4795407601779e-07],
+            [-1.7482141625913344e-06, -3.750402436909296e-07],
+            [90159.8538770532, 48527.14037946088],
+        ],
+    ),
+    # c ≥ 1 with 0 in the hull, norms 5e-10 … 7e5: F* = 0 at the feasible d = 0, but the root
+    # search ended at t = 1e-10 with an unresolved inner solve, and d conflicted at −4e10
+    "zero in the hull": (
+        1.2332789607137191,
+        [
+            [2.289699188602505, -2.583197067709251],
+            [669009.2151707406, -261443.65831232138],
+            [-4.3981792505623437e-10, 3.565248122968807e-10],
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+@pytest.mark.parametrize("case", sorted(_CAGRAD_SPREAD_CASES))
+def test_cagrad_with_gradient_norms_spanning_many_orders_stays_in_the_ball(case, backend):
+    """Found by the adversarial audit: the direction must lie in the ball ‖d − g0‖ <= r and
+    improve the worst task as the optimum does, to the problem's rounding; where 0 is in the
+    hull and the ball holds 0, the optimum F* = 0 (weak duality, Σ w_i g_i = 0), so no task
+    may be made worse beyond rounding."""
+    c, J = _CAGRAD_SPREAD_CASES[case]
+    Jn = np.asarray(J)
+    w = cagrad_weights(torch.from_numpy(Jn @ Jn.T), c, rescale=0, backend=backend).numpy()
+    d = Jn.T @ w
+    g0 = Jn.mean(0)
+    r = c * np.linalg.norm(g0)
+    scale = np.linalg.norm(Jn, axis=1).max() * (np.linalg.norm(g0) + r)
+    assert np.linalg.norm(d - g0) <= r * (1 + 1e-6)
+    worst = float((Jn @ d).min())
+    if case == "zero in the hull":
+        assert worst >= -1e-12 * scale
+    else:
+        assert worst >= -1e-9 * scale

@@ -45,6 +45,23 @@ _PROJECTION_MAX_ITER = 500
 #: cancelling direction conflicted with a task).
 _SUSPECT_DEGENERATE = 1e-3
 _MIN_NORM_MAX_ITER = 500
+#: Duality gap ``F(w) − min_i g_iᵀd`` of the search's point, relative to ``max_i‖g_i‖·(‖g0‖ +
+#: r)``, above which its inner solves did not resolve the optimum and 0 in the hull is checked
+#: exactly (0 at the optimum, rounding elsewhere: gradient norms spanning 1e15 gave a root of
+#: ``s(t) = t`` at t = 1e-10 whose direction conflicted at −4e10 where d = 0 was feasible).
+_DUALITY_GAP = 1e-6
+# _BALL: every degenerate verdict (‖g_w‖ at rounding level, a task without a gradient, or a
+# suspect optimum) is kept only where the projection of g0 onto the dual cone lies in the
+# ball (to _ball_rtol), or where the search has no point to offer (‖g_w‖ = 0). Where F* = 0
+# some maximiser is in both, so the nearest point of the cone is too; outside, F* < 0 and the
+# verdict was the search's tolerance (gradient norms spanning ~1e10: ‖g_w‖ = 1.7e-7 Σ
+# w_i‖g_i‖ at F* = −0.02, whose projection lay 1.9 r from g0).
+
+
+def _ball_rtol(G: Tensor) -> float:
+    """How far outside the ball a projection may lie by the rounding of ``G``: √ε of its
+    dtype (a float32 Gramian's repaired projection was measured 2.3e-5 outside)."""
+    return math.sqrt(torch.finfo(G.dtype).eps)
 
 
 def _hull_holds_zero(G: Tensor | list[list[float]]) -> bool:
@@ -159,8 +176,9 @@ def _inner_py(G: list[list[float]], b: list[float], r: float, max_iter: int) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, float, float]:
-    """Root of ``h(t) = s(t) − t`` on ``[0, smax]``; returns ``(w*, s*, size*)``.
+def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, float, float, bool]:
+    """Root of ``h(t) = s(t) − t`` on ``[0, smax]``; returns ``(w*, s*, size*, floored)``,
+    ``floored`` where the search stopped at its floor near ``t = 0`` rather than at a root.
 
     ``inner(t)`` returns ``(w(t), s(t), size(t), t_pred)`` with an optional predicted root
     ``t_pred``. ``h`` changes sign once, from + to − (``h ∝ −Ψ'`` with ``Ψ(t) = min_w bᵀw +
@@ -195,6 +213,7 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
     widths = [math.inf, math.inf]
     exact_try = True
     pred_used: float | None = None
+    floored = False
     while True:
         it += 1
         if it > max_iter:
@@ -202,7 +221,10 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
                 f"cagrad_weights: root finding did not converge within max_iter={max_iter} "
                 f"iterations (bracket [{lo:.3e}, {hi:.3e}], residual {h_hi})"
             )
-        if hi - lo <= tol * hi or hi <= floor:
+        if hi - lo <= tol * hi:
+            break
+        if hi <= floor:
+            floored = True
             break
         t: float | None = None
         if pred is not None and hi - lo <= 0.5 * widths[-2]:
@@ -244,11 +266,12 @@ def _root(inner: Inner[W], smax: float, max_iter: int, tol: float) -> tuple[W, f
     if best is None:
         if lo == 0.0:  # never below the root: evaluate the upper end after all
             w_hi, s_hi, size_hi, _ = inner(hi)
-            return w_hi, s_hi, size_hi
-        return w_lo, s_lo, size_lo
+            return w_hi, s_hi, size_hi, floored
+        return w_lo, s_lo, size_lo, floored
     if lo > 0.0 and s_lo > 0.0 and abs(s_lo - lo) < abs(best[1] - hi):
-        return w_lo, s_lo, size_lo
-    return best
+        return w_lo, s_lo, size_lo, floored
+    w_best, s_best, size_best = best
+    return w_best, s_best, size_best, floored
 
 
 def cagrad_weights(
@@ -302,11 +325,13 @@ def cagrad_weights(
     :math:`F^\star = 0`, always the case when it is and :math:`c \ge 1`; detected as
     :math:`\lVert g_{w^\star}\rVert \le 10^{-6} \sum_i w^\star_i \lVert g_i\rVert`, above the
     rounding level of a norm computed from :math:`G`, on the tasks with a gradient, at the root
-    search's optimum or, where that ratio is below :math:`10^{-3}`, at the hull's exact
-    min-norm point (the search approaches a zero one only to its tolerance) provided the
-    projection below lies in the ball (with :math:`c < 1` it may not, and :math:`F^\star < 0`
-    then); or, where some
-    task has no gradient, as :math:`F \ge 0` at the others' optimum), the best worst-case
+    search's optimum or, where that ratio is below :math:`10^{-3}`, the search stopped at its
+    floor near :math:`t = 0`, or its point's duality gap exceeds :math:`10^{-6}\max_i\lVert
+    g_i\rVert(\lVert g_0\rVert + r)` (inner solves unresolved on gradient norms spanning
+    ~1e15), at the hull's exact min-norm point; or, where some task has no gradient, as
+    :math:`F \ge 0` at the others' optimum; each verdict is kept only where the projection
+    below lies in the ball, to :math:`\sqrt{\varepsilon}` of ``G``'s dtype: with :math:`c < 1`
+    it may not, and :math:`F^\star < 0` then), the best worst-case
     improvement is 0 and every maximiser lies in the dual cone :math:`\{d : Jd \ge 0\}`; the
     maximiser is then not unique in general, and we return the one nearest the centre
     :math:`g_0`: the projection of :math:`g_0` onto the dual cone (it lies in the ball), solved
@@ -362,14 +387,22 @@ def cagrad_weights(
             bv = [bl[i] for i in live]
         else:
             Gv, bv = Gl, bl
-        wv, s_l, size_l = _root(_inner_py(Gv, bv, r, inner_max_iter), smax, max_iter, tol)
+        wv, s_l, size_l, floored = _root(_inner_py(Gv, bv, r, inner_max_iter), smax, max_iter, tol)
         w_l = [0.0] * K
         for i, v in zip(live, wv, strict=True):
             w_l[i] = v
         F_l = sum(map(mul, bv, wv)) + r * s_l  # F at the optimum over the live tasks
-        # 0 in the hull, which the search approached only to its tolerance: degenerate if the
-        # projection of g0 onto the dual cone lies in the ball (F* = 0), else the search's
-        suspect = 1e-6 * size_l < s_l <= _SUSPECT_DEGENERATE * size_l and _hull_holds_zero(Gv)
+        # 0 in the hull, which the search approached only to its tolerance (or stopped short
+        # of, at its floor): degenerate if the projection of g0 onto the dual cone lies in the
+        # ball (F* = 0), else the search's
+        near_zero = 1e-6 * size_l < s_l <= _SUSPECT_DEGENERATE * size_l
+        gap = False  # see _DUALITY_GAP
+        if s_l > 0.0:
+            primal = min(
+                sum(g * (m + (r / s_l) * v) for g, v in zip(row, w_l, strict=True)) for row in Gl
+            )
+            gap = F_l - primal > _DUALITY_GAP * smax * (math.sqrt(gg) + r)
+        suspect = (near_zero or floored or gap) and _hull_holds_zero(Gv)
         if s_l <= 1e-6 * size_l or (len(live) < K and F_l >= 0.0) or suspect:
             try:
                 u = _nnqp_py(Gl, bl, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", consistent=True)
@@ -382,7 +415,9 @@ def cagrad_weights(
             # ‖Jᵀu‖ = ‖d − g0‖ for d = Jᵀ(1/K + u)
             square = sum(v * sum(map(mul, row, u)) for v, row in zip(u, Gl, strict=True))
             reach = math.sqrt(max(square, 0.0))
-            if not suspect or reach <= r * (1.0 + 1e-9):
+            # F* = 0 puts a maximiser, so the projection, in the ball: outside it, F* < 0
+            # and the search's point is the answer (see _BALL)
+            if reach <= r * (1.0 + _ball_rtol(G)) or s_l == 0.0:
                 return to_output([(m + v) / factor for v in u], G)
         return to_output([(m + (r / s_l) * v) / factor for v in w_l], G)
     Gw = work_tensor(G, "cagrad_weights")
@@ -400,14 +435,20 @@ def cagrad_weights(
         Gv_t, bv_t = Gw[live_t][:, live_t], b[live_t]
     else:
         Gv_t, bv_t = Gw, b
-    wv_t, s_t, size_t = _root(_inner_torch(Gv_t, bv_t, r, inner_max_iter), smax, max_iter, tol)
+    search = _root(_inner_torch(Gv_t, bv_t, r, inner_max_iter), smax, max_iter, tol)
+    wv_t, s_t, size_t, floored_t = search
     if nlive < K:
         w_t = torch.zeros(K, dtype=F64)
         w_t[live_t] = wv_t
     else:
         w_t = wv_t
     F_t = float(bv_t @ wv_t) + r * s_t
-    suspect_t = 1e-6 * size_t < s_t <= _SUSPECT_DEGENERATE * size_t and _hull_holds_zero(Gv_t)
+    near_zero_t = 1e-6 * size_t < s_t <= _SUSPECT_DEGENERATE * size_t
+    gap_t = False  # as on the Python path
+    if s_t > 0.0:
+        primal_t = float((Gw @ torch.add(mean, w_t, alpha=r / s_t)).min())
+        gap_t = F_t - primal_t > _DUALITY_GAP * smax * (math.sqrt(gg) + r)
+    suspect_t = (near_zero_t or floored_t or gap_t) and _hull_holds_zero(Gv_t)
     if s_t <= 1e-6 * size_t or (nlive < K and F_t >= 0.0) or suspect_t:  # as on the Python path
         try:
             u_t = _nnqp_torch(Gw, b, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", True)
@@ -415,6 +456,6 @@ def cagrad_weights(
             Gw = nearest_psd(Gw, G.dtype, "cagrad_weights")
             u_t = _nnqp_torch(Gw, Gw @ mean, _PROJECTION_MAX_ITER, 1e-12, "cagrad_weights", True)
         reach_t = math.sqrt(max(float(u_t @ Gw @ u_t), 0.0))
-        if not suspect_t or reach_t <= r * (1.0 + 1e-9):
+        if reach_t <= r * (1.0 + _ball_rtol(G)) or s_t == 0.0:
             return to_output((mean + u_t) / factor, G)
     return to_output((mean + (r / s_t) * w_t) / factor, G)
