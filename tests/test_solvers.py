@@ -1884,3 +1884,17 @@ def test_cagrad_with_gradient_norms_spanning_many_orders_stays_in_the_ball(case,
         assert worst >= -1e-12 * scale
     else:
         assert worst >= -1e-9 * scale
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_barrier_newton_leaving_float64s_range_raises_a_solver_error_on_both_backends(backend):
+    """eps = 0 on six nearly (anti)collinear float32 gradients: no finite weights exist to
+    float64's range. The Python path raised SolverError; the torch path let w^{-p-1}
+    overflow into its Hessian and raised torch's LinAlgError from eigh."""
+    first = [2.769347047433257e-4, -3.0776692437939346e-4]
+    rest = [-3.0776692437939346e-4, 3.420318244025111e-4]
+    G = torch.tensor([first + [first[1]] * 4] + [rest + [rest[1]] * 4] * 5, dtype=torch.float32)
+    G[0, 2] = G[2, 0] = -3.077669534832239e-4
+    G[1, 2] = G[2, 1] = G[2, 2] = 3.420318535063416e-4
+    with pytest.raises(SolverError, match="left float64's range"):
+        fairgrad_weights(G, 0.5, eps=0.0, backend=backend)

@@ -87,6 +87,8 @@ def _barrier_newton(
         res = float((err - noise.clamp_max(1e-2)).max())
         if res <= tol:
             return w
+        if not math.isfinite(res):  # before eigh meets the infinities (a LinAlgError)
+            raise _left_range(solver)
         grad = Cw - 1.0 / wp
         H = C + torch.diag(p * w ** (-p - 1.0))
         s = H.diagonal().rsqrt()
@@ -95,6 +97,8 @@ def _barrier_newton(
         if int(info) == 0:
             step = -s * torch.cholesky_solve((s * grad)[:, None], L)[:, 0]
         else:  # PD in exact arithmetic; rounding made it indefinite: clamp the spectrum
+            if not bool(torch.isfinite(Hs).all()):  # w^{-p-1} overflowed as w went to 0
+                raise _left_range(solver)
             lam, V = torch.linalg.eigh(Hs)
             lam = lam.clamp_min(EPS * float(lam[-1].clamp_min(1.0)))
             step = -s * (V @ ((V.T @ (s * grad)) / lam))
@@ -207,11 +211,14 @@ def _barrier_newton_py(
     try:
         return _barrier_newton_floats(C, w0, p, max_iter, tol, solver)
     except OverflowError:
-        # Python floats raise where the torch path's infinities end in "did not converge"
-        raise SolverError(
-            f"{solver}: damped Newton's iterates left float64's range (w^p overflowed); "
-            "no finite weights were reached"
-        ) from None
+        raise _left_range(solver) from None
+
+
+def _left_range(solver: str) -> SolverError:
+    return SolverError(
+        f"{solver}: damped Newton's iterates left float64's range (a power of w "
+        "overflowed); no finite weights were reached"
+    )
 
 
 def _barrier_newton_floats(
