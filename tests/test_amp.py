@@ -303,3 +303,49 @@ def test_scaling_changes_no_bit_in_float32(batched):
     )
     assert rows[0].dtype == torch.float32
     assert torch.equal(rows[0], expected)
+
+
+def _scaler_run(name: str, batches: list[int], overflow_at: int | None, restore: bool):
+    """A GradScaler loop; at batch ``overflow_at`` the trunk's backward overflows (finite
+    losses: the balancer cannot see it). ``restore``: the AMP recipe's state restore."""
+    import copy
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+    heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)])
+    balancer = tb.create(name, num_tasks=3)
+    optimizer = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for batch in batches:
+        generator = torch.Generator().manual_seed(batch)
+        x, y = torch.randn(8, 4, generator=generator), torch.rand(8, 3, generator=generator)
+        optimizer.zero_grad()
+        z = trunk(x)
+        if batch == overflow_at:
+            z.register_hook(lambda grad: grad * float("inf"))
+        losses = torch.stack(
+            [((head(z).squeeze(1) - y[:, k]) ** 2).mean() for k, head in enumerate(heads)]
+        )
+        saved = copy.deepcopy(balancer.state_dict()) if restore else None
+        scale = scaler.get_scale()
+        scaler.scale(balancer(losses)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if saved is not None and scaler.get_scale() < scale:  # the step was skipped
+            balancer.load_state_dict(saved)
+    return balancer.state_dict(), [p.detach().clone() for p in trunk.parameters()]
+
+
+@pytest.mark.parametrize("name", ["dwa", "famo", "uw"])
+def test_amp_recipe_restores_the_state_of_a_step_gradscaler_skipped(name):
+    """docs/recipes/amp.md: a backward that overflows below the losses is skipped by GradScaler
+    but not by the balancer, whose state advances; restored as the recipe says, the run equals
+    one that never saw the batch (and, without the restore, it does not)."""
+    skipped, skipped_trunk = _scaler_run(name, [0, 1, 2, 3, 4], overflow_at=2, restore=True)
+    unseen, unseen_trunk = _scaler_run(name, [0, 1, 3, 4], overflow_at=None, restore=False)
+    drifted, _ = _scaler_run(name, [0, 1, 2, 3, 4], overflow_at=2, restore=False)
+    tensors = [key for key, value in unseen.items() if torch.is_tensor(value)]
+    assert all(torch.equal(skipped[key], unseen[key]) for key in tensors)
+    # the scale halved at the skip: a power of two, so the unscaled steps are the same bits
+    assert all(torch.equal(a, b) for a, b in zip(skipped_trunk, unseen_trunk, strict=True))
+    assert not all(torch.equal(drifted[key], unseen[key]) for key in tensors)
