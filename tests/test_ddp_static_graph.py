@@ -10,6 +10,7 @@ balancer's passes do not reach that node and the gradients are averaged.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -54,7 +55,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     with gloo_group(rank, store):
         x, y = _batch(rank)
         balancer = tb.create("mgda", num_tasks=K)
-        before = balancer.state_dict()
+        before = copy.deepcopy(balancer.state_dict())  # state_dict() shares the buffers
         net = _Net()
         outside = parallel(net, static_graph=True)
         (losses,) = outside(x, y)

@@ -49,13 +49,6 @@ _SOLVER = "min_norm_weights(method='active_set')"
 Slope = Callable[[], Tensor]
 
 
-# _REJECTED: an entering vertex whose face solve gives it no weight (y_j <= 0 from w_j = 0) is
-# rejected at rounding level. That says nothing of the other violators: with gradients of
-# norms 1e-10 and 1e4, the huge vertex that violates most in absolute terms is rejected while
-# a tiny one still violates by far more than its own rounding (its direction conflicted, cos
-# -0.44). The rejected vertex is set aside until w next changes, and the next violator tried;
-# the solve ends when none is left above its threshold.
-
 # --------------------------------------------------------------------------------------------
 # closed forms (shared by both paths)
 # --------------------------------------------------------------------------------------------
@@ -303,14 +296,11 @@ def active_set_torch(
             last = (torch.tensor([i0]), lambda: torch.zeros(1, dtype=F64))
     gap, thresh, j = float("inf"), 0.0, -1
     visited: set[frozenset[int]] = set()
-    # Vertices whose entry the current point rejected at rounding level (see _REJECTED).
-    rejected: list[int] = []
     while True:
         if y is None:  # major cycle: the vertex that violates optimality most enters
             if len(S) >= K:
                 break
-            # after a rejection the corral is the one this cycle met already, and w with it
-            if not rejected and corral_revisited(visited, S):
+            if corral_revisited(visited, S):
                 break
             if lin is None:
                 Gw = Gn @ w
@@ -329,10 +319,8 @@ def active_set_torch(
                 val = float(w @ Gw)
                 ref = val - beta * eb + lw
             slack = Gw - val + noise
-            slack[S + rejected] = float("inf")
+            slack[S] = float("inf")
             j = int(torch.argmin(slack))
-            if slack[j] == float("inf"):  # every vertex outside S was rejected
-                break
             gap = val - float(Gw[j])
             thresh = tol * ref + float(noise[j])
             if gap <= thresh:
@@ -350,7 +338,6 @@ def active_set_torch(
                 w[idx] = y if lin is None else y / y.sum()
                 last = None if slope is None else (idx, slope)
                 y = None
-                rejected = []
                 break
             wS = w[idx]
             neg = y <= 0
@@ -363,13 +350,8 @@ def active_set_torch(
             theta = float(ratios.min())
             block = int(torch.argmin(ratios))
             if S[block] == j and theta <= 0.0:
-                # the entering vertex is rejected at rounding level: w stays, and the next
-                # violator, if any, is tried (see _REJECTED)
-                S.pop()
-                rejected.append(j)
-                y = None
-                break
-            rejected = []
+                # the entering vertex is rejected at rounding level: KKT holds numerically
+                return result(w)
             new = (wS + theta * (y - wS)).clamp_min(0.0)
             new[block] = 0.0
             w = torch.zeros(K, dtype=F64)
@@ -529,10 +511,9 @@ def active_set_py(
     noise_c = 4.0 * K * EPS
     inf = float("inf")
     visited: set[frozenset[int]] = set()
-    rejected: list[int] = []  # see _REJECTED
     while True:
         if y is None:
-            if len(S) >= K or (not rejected and corral_revisited(visited, S)):
+            if len(S) >= K or corral_revisited(visited, S):
                 break
             Gw = [sum([row[k] * w[k] for k in S]) for row in Gn]
             val = sum(w[k] * Gw[k] for k in S)
@@ -545,7 +526,7 @@ def active_set_py(
                 Gw = [v + e for v, e in zip(Gw, ell, strict=True)]
                 ref = val + lw
                 val = sum(w[k] * Gw[k] for k in S)
-            inS = set(S + rejected)
+            inS = set(S)
             j, best = -1, inf
             for i in range(K):
                 if i in inS:
@@ -555,8 +536,6 @@ def active_set_py(
                     slack += noise_c * (labs[i] + lw)
                 if j < 0 or slack < best:
                     j, best = i, slack
-            if j < 0:  # every vertex outside S was rejected
-                break
             gap = val - Gw[j]
             thresh = tol * ref + noise_c * m * (sq[j] + m)
             if lin is not None:
@@ -589,7 +568,6 @@ def active_set_py(
                     for k, v in zip(S, y1, strict=True):
                         w1[k] = v
                 y = None
-                rejected = []
                 break
             ratios = [
                 (ws / max(ws - yv, 1e-300) if ws > 0 else 0.0) if yv <= 0 else inf
@@ -598,11 +576,7 @@ def active_set_py(
             theta = min(ratios)
             block = ratios.index(theta)
             if S[block] == j and theta <= 0.0:
-                S.pop()
-                rejected.append(j)
-                y = None
-                break
-            rejected = []
+                return w, w1
             new = [max(ws + theta * (yv - ws), 0.0) for ws, yv in zip(wS, y, strict=True)]
             new[block] = 0.0
             w = [0.0] * K

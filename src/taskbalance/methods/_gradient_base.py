@@ -201,6 +201,8 @@ class GradientBalancer(Balancer):
         group_aggregation: str = "joint",
     ) -> None:
         super().__init__(num_tasks)
+        # Not state: a resumed balancer walks the new DDP's first graph as well.
+        self._static_graph_checked = False
         groups = None if params is None else _checked_groups(params)
         # A plain list, so the model's parameters do not become this module's parameters.
         self.shared_params: list[Tensor] | None = (
@@ -516,10 +518,12 @@ class GradientBalancer(Balancer):
     ) -> list[Tensor]:
         # Checked on every call, refresh step or not, so a wrong call fails at once rather than
         # only on the next refresh step, and before any DDP collective.
-        if self._calls_taken == 0 and is_distributed():
-            # A walk of the losses' graph in Python: at the first call, which is DDP's first
-            # iteration, the only one whose graph holds the node it looks for.
+        if not self._static_graph_checked and is_distributed():
+            # A walk of the losses' graph in Python: at this object's first call, which is
+            # DDP's first iteration (the only one whose graph holds the node it looks for),
+            # also after a resume (num_calls then counts the earlier run's calls).
             _refuse_static_graph_ddp(losses)
+            self._static_graph_checked = True
         if self.shared_params is not None:
             return self.shared_params
         if features is None:
