@@ -730,7 +730,8 @@ def _names_a_file(source: str) -> bool:
 
 
 def factory_source_file(spec: str) -> Path | None:
-    """The file whose code defines the factory that ``spec`` names, found without running it.
+    """The file ``spec`` names (for a registered name, the module defining its factory), found
+    without running it: a factory that file only imports from elsewhere is not followed.
 
     None for a module that has no source file. Raises :class:`BenchmarkError` as
     :func:`resolve_factory` does for an unknown registered name.

@@ -161,10 +161,11 @@ def _benchmark_content(
     settings (the benchmark's defaults under the command line's overrides), as
     ``metadata.json`` pins them; the description is left out, it changes no result.
 
-    Also the code: the SHA-256 of the file that defines the factory and the library's
-    version. The metadata names a loss or a forward pass but does not see an edit of its body
-    (a loss scaled by 2 keeps its name), which would otherwise resume the old runs. Edits of
-    other modules that file imports are not seen: ``--fresh`` retrains.
+    Also the code: the SHA-256 of the file the spec names (see
+    :func:`~taskbalance.bench.api.factory_source_file`) and the library's version. The
+    metadata names a loss or a forward pass but does not see an edit of its body (a loss
+    scaled by 2 keeps its name), which would otherwise resume the old runs. Edits of other
+    modules that file imports are not seen: ``--fresh`` retrains.
     """
     content = benchmark_metadata(benchmark, benchmark.build_model())
     content["benchmark"].pop("description")
