@@ -18,7 +18,11 @@ Design (stable; the bundled benchmarks and any user's benchmark are built on it 
   ``DataLoader`` (batch size, workers and pin memory from :class:`TrainingDefaults`), so data
   need not fit in memory.
 - **A loss** is any callable ``(output, target) -> 0-d tensor`` (e.g. from
-  :mod:`taskbalance.losses`), averaged over the batch.
+  :mod:`taskbalance.losses`), averaged over the batch, or None for a batch in which the task
+  has no labels (partially labelled data): the harness then passes ``present=`` to the
+  balancer, which gives the task weight 0 for that step (see :class:`Task`). Metrics receive
+  every batch's ``(output, target)``: a metric on partially labelled data must itself leave
+  out the unlabelled samples.
 - **A metric** is accumulated over a whole split, never averaged per batch: a :class:`Metric`
   has ``names`` and ``higher_is_better`` (one entry per number it reports) and ``reset()``,
   ``update(output, target)``, ``compute() -> sequence of floats``. :func:`mean_metric` wraps a
@@ -72,7 +76,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
 TaskKind = Literal["classification", "regression"]
-LossFunction = Callable[[Tensor, Tensor], Tensor]
+#: ``(output, target) -> 0-d tensor``, or None for a batch without the task's labels.
+LossFunction = Callable[[Tensor, Tensor], Tensor | None]
 KPIFunction = Callable[[Tensor, Tensor, Tensor], float]
 
 BENCH_EXTRA_HINT = "pip install 'taskbalance[bench]'"
@@ -328,13 +333,27 @@ def reference_loss(target: Tensor) -> float:
 class Task:
     """One task: its loss, its metrics, its kind and (for DTP) its KPI.
 
+    Partially labelled data: ``loss`` may return None for a batch in which the task has no
+    labels (say, no image of the batch carries this attribute). The harness
+    (:func:`~taskbalance.bench.harness.train_run`) then calls the balancer with ``present=``
+    marking the task absent: weight 0, no gradient, its statistics not updated; the task's
+    ``kpi`` is not called for that batch; its mean training loss averages over the batches
+    where it had labels; a single-task model of that task skips the batch (no optimiser step);
+    a batch without labels for any task trains nothing. In a batch where only some samples
+    have labels, the loss itself averages over those samples. A return value that is neither
+    None nor a 0-d tensor is an error naming the task. Metrics receive every batch's
+    ``(output, target)`` as they are: a metric on partially labelled data must itself leave
+    out the unlabelled samples.
+
     Args:
         name: short task name (unique in the benchmark).
-        loss: ``(output, target) -> 0-d tensor``, the batch mean.
+        loss: ``(output, target) -> 0-d tensor``, the batch mean, or None for a batch without
+            this task's labels.
         metrics: one or more :class:`Metric`, accumulated over a split.
         kind: ``"classification"`` or ``"regression"`` (what uncertainty weighting is told).
         kpi: ``(output, target, loss) -> float in [0, 1]`` on a batch, for methods that read
-            KPIs (DTP); None when the task has none (such methods are then refused).
+            KPIs (DTP); None when the task has none (such methods are then refused). Called
+            only for batches where ``loss`` returned a tensor.
         description: one line for ``taskbalance list``.
     """
 

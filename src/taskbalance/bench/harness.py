@@ -23,6 +23,16 @@ starts from the same initial weights.
 Distributed: when ``torch.distributed`` is initialised, the model is wrapped in
 ``DistributedDataParallel`` and every rank takes its slice of the same global batch (the batch
 size is the global one), so N processes see exactly the batches one process would.
+
+Partially labelled data: a task's loss returns None for a batch without its labels. The
+balancer is then called with ``present=`` (only then: a run where every loss is a tensor calls
+it as it always did), the absent entry of the losses is an exact zero that reaches every
+parameter with a zero gradient, the task's KPI is not read (methods that read KPIs get
+:data:`ABSENT_TASK_KPI`), its mean training loss averages over the batches that had its
+labels, and no diagnostics are recorded at that step. A batch without labels for the trained
+tasks (any task; a single-task model's own) trains nothing, and still counts as a step for the
+schedule and the step numbers. Under DDP every such decision is taken from all ranks' labels
+together, the same on every rank.
 """
 
 from __future__ import annotations
@@ -31,7 +41,8 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
@@ -40,8 +51,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import taskbalance as tb
-from taskbalance._distributed import all_reduce_sum
-from taskbalance.bench.api import Benchmark, BenchmarkError, TrainingDefaults
+from taskbalance._distributed import all_reduce_sum, is_distributed
+from taskbalance.bench.api import Benchmark, BenchmarkError, Task, TrainingDefaults
 from taskbalance.bench.data import collate
 from taskbalance.bench.models import shared_submodule_name, unwrapped
 from taskbalance.methods._facts import method_facts
@@ -68,6 +79,12 @@ DEFAULT_WEIGHT_CAPACITY = 2048
 
 #: Gradient-conflict diagnostics recorded per run when no interval is given.
 DEFAULT_DIAGNOSTIC_POINTS = 50
+
+#: The KPI passed for a task without labels in a batch, to methods that read KPIs (DTP). A
+#: balancer ignores an absent task's KPI (DTP keeps that task's moving average), but checks
+#: that every KPI is in [0, 1]; at a balancer's very first call DTP starts its average from
+#: the KPIs given, and 1.0 is the value that average holds before any KPI.
+ABSENT_TASK_KPI = 1.0
 
 
 class ProgressBar(Protocol):
@@ -678,10 +695,13 @@ def train_run(
 
     Returns:
         The run's record. Ctrl-C during training returns the epochs finished so far with
-        ``interrupted=True``; a non-finite loss stops the run with ``failure`` set.
+        ``interrupted=True``; a non-finite loss of a task with labels stops the run with
+        ``failure`` set. A task whose loss returns None for a batch (no labels there) is
+        marked absent for that step (see the module docstring).
 
     Raises:
         ValueError: unknown method or bad hyperparameters (before any training).
+        BenchmarkError: a task's loss returned something other than a 0-d tensor or None.
     """
     if isinstance(method, str):
         method = Method(method)
@@ -760,12 +780,18 @@ def train_run(
         None if shared_name is None else list(submodule(model, shared_name).parameters())
     )
     recorder = WeightRecorder(config.weight_capacity)
+    # The tasks whose labels let a step train: a single-task model's own, else any task.
+    trained_tasks = (
+        [single_task] if balancer is None and single_task is not None else list(range(num_tasks))
+    )
 
     step = 0
     try:
         for epoch in range(1, defaults.epochs + 1):
             loss_sums = torch.zeros(num_tasks, device=device)
             batches = 0
+            # Per task, the batches in which it had labels (its loss was not None).
+            labelled = [0] * num_tasks
             started = time.perf_counter()
             training_model.train()
             for batch in loader:
@@ -773,23 +799,37 @@ def train_run(
                 inputs = _to_device(inputs, device)
                 targets = _to_device(targets, device)
                 features, outputs = _forward(training_model, inputs, benchmark)
-                losses = torch.stack(
-                    [
-                        task.loss(output, target)
-                        for task, output, target in zip(
-                            benchmark.tasks, outputs, targets, strict=True
-                        )
+                task_losses = [
+                    _task_loss(benchmark, task, output, target)
+                    for task, output, target in zip(benchmark.tasks, outputs, targets, strict=True)
+                ]
+                present = [loss is not None for loss in task_losses]
+                all_present = all(present)
+                if all_present:
+                    # Every task labelled: the loop as it always was, bit for bit.
+                    losses = torch.stack(task_losses)  # type: ignore[arg-type]  # no None here
+                else:
+                    losses = _with_absent_filled(task_losses, model, device)
+                finite, ranks_with = _checked_on_every_rank(losses, present)
+                if not finite:
+                    shown = [
+                        value if here else None
+                        for value, here in zip(losses.tolist(), present, strict=True)
                     ]
-                )
-                if not _finite_on_every_rank(losses):
-                    result.failure = f"non-finite loss at step {step}: {losses.tolist()}"
+                    result.failure = f"non-finite loss at step {step}: {shown}"
                     break
-                if record_diagnostics and step % diagnostics_every == 0:
+                # Same on every rank (reduced): a rank that skipped a collective (the Gramian's,
+                # the balancer's, DDP's backward) would leave the others waiting in it.
+                trains = any(ranks_with[k] > 0 for k in trained_tasks)
+                labelled_everywhere = all(count == world_size for count in ranks_with)
+                if record_diagnostics and step % diagnostics_every == 0 and labelled_everywhere:
                     # Measured here for gradient methods too, not read from the balancer: its
                     # log_dict() has cosines only (no norms), from its last refresh
                     # (update_every), in its gram_dtype, over all ranks under DDP, and w.r.t.
                     # the parameters in parameters mode. ~50 Gramians per run cost little. A
                     # model without shared features (MTAN) is measured on its shared parameters.
+                    # tb.gramian takes no present=: a step where some task has no labels on
+                    # some rank records no Gramian (an absent task has no gradient to measure).
                     wrt = features if features is not None else shared_parameters
                     if wrt is None:
                         raise BenchmarkError(
@@ -801,7 +841,14 @@ def train_run(
                     gram = tb.gramian(losses, wrt, dtype=torch.float64)
                     result.diagnostic_steps.append(step)
                     result.diagnostic_grams.append(gram.cpu().tolist())
-                if balancer is None:
+                objective: Tensor | None = None
+                if not trains:
+                    # No labels for the trained task(s) on any rank: no balancer call (it refuses
+                    # a step without any task) and no backward or optimiser step. A
+                    # single-task model whose task is absent skips the batch the same way.
+                    pass
+                elif balancer is None:
+                    # Under DDP a rank without the task backs its zero fill (present elsewhere).
                     objective = losses[single_task]
                 else:
                     kpis = None
@@ -809,26 +856,42 @@ def train_run(
                         kpis = [
                             # check_method refused a KPI method on a task without a kpi.
                             task.kpi(output, target, loss)  # type: ignore[misc]
-                            for task, output, target, loss in zip(
-                                benchmark.tasks, outputs, targets, losses, strict=True
+                            if here
+                            # No labels, no KPI: a value in [0, 1] that the balancer ignores.
+                            else ABSENT_TASK_KPI
+                            for task, output, target, loss, here in zip(
+                                benchmark.tasks, outputs, targets, losses, present, strict=True
                             )
                         ]
                     try:
-                        objective = balancer(losses, kpis=kpis, features=features)
+                        if all_present:
+                            objective = balancer(losses, kpis=kpis, features=features)
+                        else:
+                            objective = balancer(
+                                losses, present=present, kpis=kpis, features=features
+                            )
                     except BALANCER_FAILURES as error:
                         result.failure = f"step {step}: {type(error).__name__}: {error}"
                         break
                     recorder.record(step, balancer.weights)
-                for optimiser in optimisers:
-                    optimiser.zero_grad(set_to_none=True)
-                objective.backward()
-                if defaults.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), defaults.grad_clip)
-                for optimiser in optimisers:
-                    optimiser.step()
-                for scheduler in schedulers:
-                    scheduler.step()
-                loss_sums += losses.detach()
+                if objective is not None:
+                    for optimiser in optimisers:
+                        optimiser.zero_grad(set_to_none=True)
+                    objective.backward()
+                    if defaults.grad_clip is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), defaults.grad_clip)
+                    for optimiser in optimisers:
+                        optimiser.step()
+                # A skipped batch still counts as a step: the schedule, the step numbers of
+                # the weights and diagnostics, and the progress bar follow the batches, the
+                # same for every method and single-task model on the same data.
+                _step_schedulers(schedulers, stepped=objective is not None)
+                if all_present:
+                    loss_sums += losses.detach()
+                else:
+                    mask = torch.tensor(present, device=losses.device)
+                    loss_sums += torch.where(mask, losses.detach(), 0)
+                labelled = [count + here for count, here in zip(labelled, present, strict=True)]
                 batches += 1
                 step += 1
                 progress.update(1)
@@ -838,14 +901,21 @@ def train_run(
                 balancer.end_epoch()
             seconds = time.perf_counter() - started
             if world_size > 1:
-                # Each rank averaged its slice of every batch; report the global mean.
+                # Each rank averaged its slice of every batch; report the global mean (per task
+                # over the rank slices that had its labels).
                 torch.distributed.all_reduce(loss_sums)
                 loss_sums /= world_size
+                labelled = [
+                    round(count)
+                    for count in all_reduce_sum(
+                        torch.tensor(labelled, dtype=torch.float64, device=device)
+                    ).tolist()
+                ]
             result.epochs.append(
                 EpochRecord(
                     epoch=epoch,
                     seconds=seconds,
-                    train_losses=(loss_sums / max(batches, 1)).tolist(),
+                    train_losses=_mean_train_losses(loss_sums, labelled, batches, world_size),
                     validation=evaluate(benchmark, model, benchmark.validation, device),
                     test=evaluate(benchmark, model, benchmark.test, device),
                 )
@@ -882,8 +952,122 @@ def without_addresses(text: str) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
-def _finite_on_every_rank(losses: Tensor) -> bool:
-    """Whether every rank's losses are finite: under DDP the ranks stop together, or one would
-    wait alone in the next collective (DDP's backward, the balancer's) until the timeout."""
-    local_nonfinite = (~torch.isfinite(losses.detach())).any().to(torch.float32).reshape(1)
-    return float(all_reduce_sum(local_nonfinite)) == 0.0
+def _task_loss(benchmark: Benchmark, task: Task, output: Any, target: Any) -> Tensor | None:
+    """``task.loss`` on a batch: a 0-d tensor, or None for a batch without the task's labels.
+
+    Raises:
+        BenchmarkError: the loss returned anything else (naming the task and the value).
+    """
+    value: object = task.loss(output, target)
+    if value is None or (isinstance(value, Tensor) and value.dim() == 0):
+        return value
+    if isinstance(value, Tensor):
+        shown = f"a tensor of shape {tuple(value.shape)}"
+    else:
+        text = repr(value)
+        shown = f"{text if len(text) <= 80 else text[:77] + '...'} ({type(value).__name__})"
+    raise BenchmarkError(
+        f"benchmark {benchmark.name!r}: task {task.name!r}: its loss returned {shown}; expected "
+        "a 0-d tensor (the batch mean, in the graph), or None for a batch without this "
+        "task's labels"
+    )
+
+
+def _with_absent_filled(
+    task_losses: list[Tensor | None], model: nn.Module, device: torch.device
+) -> Tensor:
+    """The ``[K]`` losses, each absent task's entry (None) an exact zero.
+
+    The zero is ``Σ 0·p`` over the model's trainable parameters, not a constant: it reaches
+    every parameter, with a zero gradient, whatever weight the balancer gives it (0 for an
+    absent task). A constant would leave the absent task's head out of the backward: under
+    DDP that head's gradient would never be ready (DDP raises at the next step), and a rank
+    without any task's labels would give the balancer losses that do not require grad, which
+    it refuses. So the head gets the zero gradient that ``present=`` gives a user's own
+    finite absent loss (an optimiser with momentum moves on it, as on any zero gradient).
+    """
+    given = [loss for loss in task_losses if loss is not None]
+    where = given[0].device if given else device
+    zero = torch.zeros((), dtype=torch.float32, device=where)
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.numel() > 0:
+            term = (parameter.reshape(-1)[:1] * 0).sum()
+            # A model split over devices: each term joins the losses' device.
+            zero = zero + (term.real if term.is_complex() else term).to(where, torch.float32)
+    if given:
+        zero = zero.to(given[0].dtype)
+    return torch.stack([zero if loss is None else loss for loss in task_losses])
+
+
+def _checked_on_every_rank(losses: Tensor, present: Sequence[bool]) -> tuple[bool, list[int]]:
+    """Whether every rank's present losses are finite, and on how many ranks each task is
+    present (one all-reduce under DDP).
+
+    Every rank takes the same decisions from these (stop the run, skip a step without labels,
+    skip the diagnostics): a rank that decided alone would wait in the next collective (DDP's
+    backward, the balancer's, the Gramian's) until the timeout.
+    """
+    finite = torch.isfinite(losses.detach())
+    if not all(present):
+        finite = finite | ~torch.tensor(list(present), device=finite.device)
+    if not is_distributed():
+        return bool(finite.all()), [int(here) for here in present]
+    flags = torch.cat(
+        [
+            (~finite).any().to(torch.float32).reshape(1),
+            torch.tensor([float(here) for here in present], device=finite.device),
+        ]
+    )
+    reduced = all_reduce_sum(flags).tolist()
+    return reduced[0] == 0.0, [round(count) for count in reduced[1:]]
+
+
+def _finite_on_every_rank(losses: Tensor, present: Sequence[bool] | None = None) -> bool:
+    """Whether every rank's present losses are finite: under DDP the ranks stop together, or
+    one would wait alone in the next collective (DDP's backward, the balancer's) until the
+    timeout."""
+    mask = [True] * losses.shape[0] if present is None else present
+    return _checked_on_every_rank(losses, mask)[0]
+
+
+def _step_schedulers(schedulers: Sequence[Any], *, stepped: bool) -> None:
+    """Advance the learning-rate schedules by one batch, whether the optimisers stepped or not
+    (a batch without labels for the trained tasks)."""
+    if stepped:
+        for scheduler in schedulers:
+            scheduler.step()
+        return
+    with warnings.catch_warnings():
+        # Torch warns when a schedule advances before the first optimiser step; here that is
+        # a first batch without labels, and the schedule is meant to follow the batches.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Detected call of `lr_scheduler\.step\(\)` before",
+            category=UserWarning,
+        )
+        for scheduler in schedulers:
+            scheduler.step()
+
+
+def _mean_train_losses(
+    sums: Tensor, labelled: Sequence[int], batches: int, world_size: int
+) -> list[float]:
+    """Each task's mean training loss over the epoch's batches in which it had labels.
+
+    Args:
+        sums: per task, the sum of its batch losses (under DDP: summed over the ranks and
+            divided by the number of ranks).
+        labelled: per task, the batches (under DDP: rank slices) in which it had labels.
+        batches: the epoch's batches (the same on every rank).
+        world_size: the number of ranks.
+
+    Returns:
+        The means; NaN for a task without labels in any batch of the epoch.
+    """
+    if all(count == batches * world_size for count in labelled):
+        # Every task labelled in every batch: the mean as it always was, bit for bit.
+        return (sums / max(batches, 1)).tolist()
+    return [
+        total * world_size / count if count else math.nan
+        for total, count in zip(sums.tolist(), labelled, strict=True)
+    ]
