@@ -129,6 +129,70 @@ def test_an_edit_of_the_benchmark_file_is_not_resumed_as_the_old_runs(tmp_path, 
     assert _per_run(edited) != _per_run(first)
 
 
+_IMPORTED_LOSS = """
+import torch
+from taskbalance.bench.losses import mse
+
+def loss(output, target):
+    return SCALE * mse(output, target)
+"""
+
+_BENCH_USING_IMPORTED_LOSS = """
+import torch
+from torch import nn
+from taskbalance.bench import (Benchmark, Task, TensorTaskDataset, TrainingDefaults,
+                               mean_metric)
+from scaled_losses import loss
+
+def make():
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    data = TensorTaskDataset(x, [x[:, 0], NOISE * x[:, 1]])
+    tasks = tuple(Task(name, loss, (mean_metric("se", lambda o, t: (o.squeeze(1) - t) ** 2,
+                                                 higher_is_better=False),))
+                  for name in ("a", "b"))
+    return Benchmark("imported", tasks, data, data, data,
+                     model=lambda: (nn.Linear(2, 3), [nn.Linear(3, 1) for _ in "ab"]),
+                     defaults=TrainingDefaults(epochs=1, batch_size=4, lr=0.1))
+"""
+
+
+@pytest.mark.parametrize("edited", ["scaled_losses", "real_bench"])
+def test_an_edit_of_an_imported_loss_or_a_reexported_factory_is_not_resumed(
+    tmp_path, monkeypatch, edited
+):
+    """The bench file the spec names only re-exports the factory, which imports its loss from
+    a third module: an edit of either of those files trains again (before, only the named
+    file's text was keyed, and both edits resumed the old runs)."""
+    values = {"scaled_losses": {"SCALE": 1.0}, "real_bench": {"NOISE": 1.0}}
+    bodies = {"scaled_losses": _IMPORTED_LOSS, "real_bench": _BENCH_USING_IMPORTED_LOSS}
+
+    def write(name):
+        header = "".join(f"{key} = {value!r}\n" for key, value in values[name].items())
+        (tmp_path / f"{name}.py").write_text(header + bodies[name])
+
+    for name in bodies:
+        write(name)
+    named = tmp_path / "reexport_bench.py"
+    named.write_text("from real_bench import make\n")
+
+    def compare():
+        # Each `taskbalance compare` is a new process that imports the edited modules afresh.
+        for name in bodies:
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        return run_comparison(
+            BenchmarkSource(f"{named}:make"), [Method("ew")], seeds=[0], out=tmp_path / "out"
+        )
+
+    first = compare()
+    assert first.resumed == 0
+    assert compare().resumed == 3  # unchanged: every run resumed
+    values[edited] = {key: 3.0 for key in values[edited]}
+    write(edited)
+    edited_runs = compare()
+    assert edited_runs.resumed == 0
+    assert _per_run(edited_runs) != _per_run(first)
+
+
 _BENCH_WITH_OBJECTS = """
 import functools
 import torch

@@ -57,12 +57,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
 import inspect
 import math
 import sys
+import sysconfig
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -743,6 +745,17 @@ def benchmark_entry(name: str) -> BenchmarkEntry:
     return _BENCHMARKS[name]
 
 
+#: Where the standard library and installed packages live: their files change with their
+#: versions, not with the user's edits, and are left out of a run's code.
+_INSTALLED_ROOTS = tuple(
+    {
+        Path(root).resolve()
+        for name in ("stdlib", "platstdlib", "purelib", "platlib")
+        if (root := sysconfig.get_paths().get(name))
+    }
+)
+
+
 def _names_a_file(source: str) -> bool:
     """Whether the part of a spec before ``:`` is a file path rather than a module name."""
     return source.endswith(".py") or "/" in source or "\\" in source
@@ -750,7 +763,8 @@ def _names_a_file(source: str) -> bool:
 
 def factory_source_file(spec: str) -> Path | None:
     """The file ``spec`` names (for a registered name, the module defining its factory), found
-    without running it: a factory that file only imports from elsewhere is not followed.
+    without running it: a factory that file only imports from elsewhere is not followed (see
+    :func:`benchmark_code_files`, which follows it once the benchmark is loaded).
 
     None for a module that has no source file. Raises :class:`BenchmarkError` as
     :func:`resolve_factory` does for an unknown registered name.
@@ -766,6 +780,73 @@ def factory_source_file(spec: str) -> Path | None:
         return None
     origin = Path(module_spec.origin)
     return origin if origin.is_file() else None
+
+
+def benchmark_code_files(spec: str, benchmark: Benchmark, model: nn.Module) -> list[Path]:
+    """The source files of the code a run of ``benchmark`` (loaded from ``spec``) executes.
+
+    The file ``spec`` names, and the files defining its factory, the model factory, every
+    module class of ``model``, the data sets' classes, each task's loss, KPI and metrics (with
+    the callables a metric holds, such as :func:`mean_metric`'s function), wherever they were
+    imported from: a loss a benchmark file imports from a module beside it, or a factory it
+    re-exports, is found in its own file. Files of the standard library and of installed
+    packages are left out (their versions change them, not the user). Call it after
+    :func:`load_benchmark` (a file spec's module is then loaded and is not run again).
+
+    Returns:
+        The files, sorted and without repeats.
+    """
+    objects: list[object] = [
+        _loaded_factory(spec),
+        benchmark.model,
+        type(benchmark.train),
+        type(benchmark.validation),
+        type(benchmark.test),
+    ]
+    objects += [type(module) for module in model.modules()]
+    for task in benchmark.tasks:
+        objects += [task.loss, task.kpi]
+        for metric in task.metrics:
+            objects.append(type(metric))
+            objects += [value for value in vars(metric).values() if callable(value)]
+    files = {path for path in map(_defining_file, objects) if path is not None}
+    named = factory_source_file(spec)
+    if named is not None and named.is_file():
+        files.add(named.resolve())
+    return sorted(files)
+
+
+def _loaded_factory(spec: str) -> object:
+    """The factory ``spec`` names, taken from the module :func:`resolve_factory` loaded."""
+    if ":" not in spec:
+        return benchmark_entry(spec).factory
+    source, _, function_name = spec.rpartition(":")
+    if _names_a_file(source):
+        module = sys.modules.get(_user_module_name(Path(source)))
+    else:
+        module = sys.modules.get(source)
+    return None if module is None else getattr(module, function_name, None)
+
+
+def _defining_file(value: object) -> Path | None:
+    """The user source file defining ``value`` (a function, class or callable object), or None
+    for a built-in, the standard library and installed packages."""
+    while isinstance(value, functools.partial):
+        value = value.func
+    value = getattr(value, "__func__", value)  # a bound method: its function
+    if value is None:
+        return None
+    if not (inspect.isfunction(value) or inspect.isclass(value)):
+        value = type(value)  # a callable object: its class's file
+    try:
+        found = inspect.getsourcefile(value)
+    except TypeError:  # built-in (a C function or class): no source file
+        return None
+    if found is None:
+        return None
+    path = Path(found).resolve()
+    installed = any(path.is_relative_to(root) for root in _INSTALLED_ROOTS)
+    return None if installed or not path.is_file() else path
 
 
 def resolve_factory(spec: str) -> Callable[..., Benchmark]:
@@ -794,10 +875,7 @@ def resolve_factory(spec: str) -> Callable[..., Benchmark]:
         folder = str(path.resolve().parent)
         if folder not in sys.path:
             sys.path.insert(0, folder)
-        # Named by a digest of the path, not hash(): str hashes differ between processes, and
-        # the name shows in the reprs a stored run's key compares
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-        module_name = f"taskbalance_user_bench_{digest}"
+        module_name = _user_module_name(path)
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         if module_spec is None or module_spec.loader is None:
             raise BenchmarkError(f"--bench {spec!r}: cannot import {str(path)!r} as Python")
@@ -818,6 +896,14 @@ def resolve_factory(spec: str) -> Callable[..., Benchmark]:
     if not callable(factory):
         raise BenchmarkError(f"--bench {spec!r}: {function_name!r} is not callable")
     return factory
+
+
+def _user_module_name(path: Path) -> str:
+    """The module name a benchmark file is loaded under: named by a digest of the path, not
+    hash() (str hashes differ between processes, and the name shows in the reprs a stored
+    run's key compares)."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return f"taskbalance_user_bench_{digest}"
 
 
 def load_benchmark(

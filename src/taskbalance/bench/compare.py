@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import taskbalance
-from taskbalance.bench.api import Benchmark, factory_source_file, load_benchmark
+from taskbalance.bench.api import Benchmark, benchmark_code_files, load_benchmark
 from taskbalance.bench.harness import (
     Method,
     ProgressBar,
@@ -161,22 +161,26 @@ def _benchmark_content(
     settings (the benchmark's defaults under the command line's overrides), as
     ``metadata.json`` pins them; the description is left out, it changes no result.
 
-    Also the code: the SHA-256 of the file the spec names (see
-    :func:`~taskbalance.bench.api.factory_source_file`) and the library's version. The
-    metadata names a loss or a forward pass but does not see an edit of its body (a loss
-    scaled by 2 keeps its name), which would otherwise resume the old runs. Edits of other
-    modules that file imports are not seen: ``--fresh`` retrains.
+    Also the code: the SHA-256 of each source file a run executes (see
+    :func:`~taskbalance.bench.api.benchmark_code_files`: the file the spec names, and the files
+    defining the factory, the model's modules, the data sets, the losses, KPIs and metrics,
+    wherever they were imported from) and the library's version. The metadata names a loss or
+    a forward pass but does not see an edit of its body (a loss scaled by 2 keeps its name),
+    which would otherwise resume the old runs. Code those files reach only through other
+    modules (a helper function a loss calls) is not seen: ``--fresh`` retrains.
     """
-    content = benchmark_metadata(benchmark, benchmark.build_model())
+    model = benchmark.build_model()
+    content = benchmark_metadata(benchmark, model)
     content["benchmark"].pop("description")
     content["training"] = training_metadata(benchmark, config)
-    defining_file = factory_source_file(source.spec)
-    content["code"] = {
-        "taskbalance": taskbalance.__version__,
-        "benchmark_file_sha256": None
-        if defining_file is None
-        else hashlib.sha256(defining_file.read_bytes()).hexdigest(),
-    }
+    # The digests alone, sorted: the key stays the same wherever the files are checked out.
+    digests = sorted(
+        {
+            hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in benchmark_code_files(source.spec, benchmark, model)
+        }
+    )
+    content["code"] = {"taskbalance": taskbalance.__version__, "source_sha256": digests}
     return content
 
 
