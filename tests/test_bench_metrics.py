@@ -13,6 +13,7 @@ import torch
 
 from taskbalance.bench import (
     Benchmark,
+    NanMetricWarning,
     Task,
     TensorTaskDataset,
     TrainingDefaults,
@@ -304,7 +305,8 @@ def test_a_nan_metric_at_one_seed_unranks_only_that_row():
         _run("odd", 0, [0.8, 1.0]),
         _run("odd", 1, [math.nan, 1.0]),
     ]
-    rows = {row.method: row for row in summarise(runs, FAKE)}
+    with pytest.warns(NanMetricWarning, match=r"a/accuracy in 1 run\(s\): odd seed 1\)"):
+        rows = {row.method: row for row in summarise(runs, FAKE)}
     odd = rows["odd"]
     assert math.isnan(odd.metric_means[0])
     assert math.isnan(odd.metric_stds[0])
@@ -313,7 +315,9 @@ def test_a_nan_metric_at_one_seed_unranks_only_that_row():
     assert math.isnan(odd.delta_m_by_seed[1])
     assert math.isnan(odd.delta_m_mean)
     assert odd.rank is None
-    assert odd.delta_m_note == ""
+    # The row whose Δm% the NaN leaves undefined says why; the others' notes stay empty.
+    assert "a reported test metric is NaN (a/accuracy in 1 run(s): odd seed 1)" in odd.delta_m_note
+    assert rows["ew"].delta_m_note == ""
     assert rows["ew"].rank == 1
     # The paired test uses the one seed both rows have a Δm% for: too few for a verdict.
     assert (odd.versus_reference.seeds, odd.versus_reference.wins) == (1, 1)

@@ -4,6 +4,7 @@ labels, and the balancer is told with ``present=``."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Any
 
@@ -312,6 +313,104 @@ def test_a_loss_of_the_wrong_type_is_an_error_naming_the_task(value, shown):
     benchmark = _benchmark(second_loss=_Returns(value))
     with pytest.raises(BenchmarkError, match=rf"task 'second': its loss returned {shown}; "):
         train_run(benchmark, "ew", config=TrainConfig(seed=0))
+
+
+class _NanWithoutLabels(MaskedLoss):
+    """The beginner's masked mean: NaN (a mean over no samples) instead of None."""
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        loss = super().__call__(output, target)
+        return output.sum() * math.nan if loss is None else loss
+
+
+def test_a_nan_loss_stops_the_run_naming_the_task_and_the_none_contract():
+    benchmark = _benchmark(second_loss=_NanWithoutLabels())
+    run = train_run(benchmark, "ew", config=TrainConfig(seed=0))
+    assert run.failure is not None
+    assert "'second' = nan" in run.failure
+    assert "its loss should return None there" in run.failure
+    assert "'first' =" not in run.failure  # the finite task is not blamed
+
+
+def test_a_single_task_model_ignores_another_tasks_nan_loss():
+    """The single-task model of task "first" trains on its own loss: task "second"'s NaN
+    (which stops a multi-task run, above) must not stop it."""
+    benchmark = _benchmark(second_loss=_NanWithoutLabels())
+    run = train_run(benchmark, None, single_task=0, config=TrainConfig(seed=0))
+    assert run.failure is None
+    assert run.completed
+    own = train_run(benchmark, None, single_task=1, config=TrainConfig(seed=0))
+    assert own.failure is not None
+    assert "'second' = nan" in own.failure
+
+
+_BENCH_FILE = """
+import math
+import torch
+from torch import nn
+from taskbalance.bench import Benchmark, Task, TensorTaskDataset, TrainingDefaults, mean_metric
+
+def loss(output, target):
+    labelled = ~target.isnan()
+    if not bool(labelled.any()):
+        return NONE_OR_NAN
+    return ((output.squeeze(1) - target)[labelled] ** 2).mean()
+
+def error(output, target):
+    return (output.squeeze(1) - target).abs()[KEPT]
+
+def make():
+    x = torch.randn(24, 3, generator=torch.Generator().manual_seed(0))
+    second = torch.where(torch.arange(24) >= 18, x.sum(dim=1), math.nan)
+    data = TensorTaskDataset(x, [x[:, 0], second])
+    tasks = tuple(Task(name, loss, (mean_metric("mae", error, higher_is_better=False),))
+                  for name in ("first", "second"))
+    return Benchmark("cli-partial", tasks, data, data, data,
+                     model=lambda: (nn.Linear(3, 4), [nn.Linear(4, 1) for _ in "ab"]),
+                     defaults=TrainingDefaults(epochs=1, batch_size=3, lr=0.01))
+"""
+
+
+def _cli(tmp_path, capsys, command: str, none_or_nan: str, kept: str) -> tuple[int, str, str]:
+    from taskbalance.bench.cli import main
+
+    path = tmp_path / "bench.py"
+    body = _BENCH_FILE.replace("NONE_OR_NAN", none_or_nan).replace("KEPT", kept)
+    path.write_text(body)
+    arguments = [command, "--bench", f"{path}:make", "--quiet", "--out", str(tmp_path / "out")]
+    if command == "compare":
+        arguments += ["--methods", "ew,uw", "--seeds", "1"]
+    else:
+        arguments += ["--method", "ew"]
+    code = main(arguments)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_a_nan_loss_fails_every_method_run_with_exit_code_one(tmp_path, capsys):
+    code, out, err = _cli(tmp_path, capsys, "compare", "output.sum() * math.nan", "~target.isnan()")
+    assert code == 1
+    assert "every method's run failed" in err
+    assert re.search(r"failed: ew seed 0: non-finite loss at step \d+: 'second' = nan", out)
+    assert "its loss should return None there" in out
+    # The single-task model of "first" trains; "second"'s is named as such when it stops.
+    assert "failed: single-task second seed 0:" in out
+    assert "failed: single-task first" not in out
+    code, out, _ = _cli(tmp_path, capsys, "train", "output.sum() * math.nan", "~target.isnan()")
+    assert code == 1
+    assert "training stopped: non-finite loss" in out
+
+
+def test_cli_a_metric_that_keeps_unlabelled_samples_is_named_in_a_warning(tmp_path, capsys):
+    code, _, err = _cli(tmp_path, capsys, "compare", "None", "...")
+    assert code == 0
+    assert "taskbalance: warning: benchmark 'cli-partial': a reported test metric is NaN" in err
+    assert "second/mae in 3 run(s): single-task seed 0, ew seed 0, uw seed 0" in err
+    assert "must leave out the samples without labels" in err
+    # The metric that drops them gives a ranked table and no such warning.
+    code, _, err = _cli(tmp_path, capsys, "compare", "None", "~target.isnan()")
+    assert code == 0
+    assert "metric is NaN" not in err
 
 
 def test_a_run_with_every_label_calls_the_balancer_as_before(balancer_calls):

@@ -50,7 +50,7 @@ from taskbalance.bench.harness import (
     evaluate,
     train_run,
 )
-from taskbalance.bench.metrics import ZeroBaselineWarning, delta_m, summarise
+from taskbalance.bench.metrics import NanMetricWarning, ZeroBaselineWarning, delta_m, summarise
 from taskbalance.bench.models import MultiTaskModel
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "Metric",
     "MissingExtraError",
     "MultiTaskModel",
+    "NanMetricWarning",
     "RunResult",
     "SplitError",
     "SplitMetric",

@@ -48,7 +48,7 @@ from taskbalance.bench.harness import (
     steps_per_epoch,
     train_run,
 )
-from taskbalance.bench.metrics import ZeroBaselineWarning
+from taskbalance.bench.metrics import NanMetricWarning, ZeroBaselineWarning
 from taskbalance.bench.selection import Selection, counted, parse_selection
 from taskbalance.bench.tensorboard import require_tensorboard, write_run
 from taskbalance.bench.variants import parse_methods
@@ -67,6 +67,8 @@ INTERRUPTED_EXIT_CODE = 130
 #: As the shell reports a process ended by SIGPIPE (the reader of stdout went away).
 BROKEN_PIPE_EXIT_CODE = 141
 USAGE_ERROR_EXIT_CODE = 2
+#: A run that stopped (a non-finite loss, a solver that failed), or every run of a comparison.
+FAILED_RUNS_EXIT_CODE = 1
 #: Relative error within which uncertainty weighting counts as having recovered σ².
 VARIANCE_TOLERANCE = 0.05
 
@@ -236,7 +238,7 @@ def command_train(arguments: argparse.Namespace) -> int:
     if run.interrupted:
         print("interrupted: wrote the epochs finished so far", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
-    return 0
+    return FAILED_RUNS_EXIT_CODE if run.failure else 0
 
 
 def _report_train(
@@ -496,6 +498,7 @@ def command_compare(arguments: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             # Printed below as one plain line, after the table it explains.
             warnings.simplefilter("ignore", ZeroBaselineWarning)
+            warnings.simplefilter("ignore", NanMetricWarning)
             comparison = run_comparison(
                 source,
                 methods,
@@ -539,7 +542,12 @@ def command_compare(arguments: argparse.Namespace) -> int:
     )
     for run in comparison.runs:
         if run.failure:
-            print(f"failed: {run.method} seed {run.seed}: {run.failure}")
+            model = (
+                f"single-task {benchmark.tasks[run.single_task].name}"
+                if run.single_task is not None
+                else run.method
+            )
+            print(f"failed: {model} seed {run.seed}: {run.failure}")
     resumed = f" ({comparison.resumed} resumed)" if comparison.resumed else ""
     print(f"\n{len(comparison.runs)} run(s){resumed} in {comparison.seconds:.1f} s")
     print("wrote:")
@@ -549,6 +557,11 @@ def command_compare(arguments: argparse.Namespace) -> int:
     if comparison.interrupted:
         print("interrupted: wrote the runs finished so far; rerun to resume", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    method_runs = [run for run in comparison.runs if run.single_task is None]
+    if method_runs and all(run.failure for run in method_runs):
+        # A table without a method is no result: a script running it should see it failed.
+        print("taskbalance: error: every method's run failed (see above)", file=sys.stderr)
+        return FAILED_RUNS_EXIT_CODE
     return 0
 
 

@@ -810,13 +810,12 @@ def train_run(
                     losses = torch.stack(task_losses)  # type: ignore[arg-type]  # no None here
                 else:
                     losses = _with_absent_filled(task_losses, model, device)
-                finite, ranks_with = _checked_on_every_rank(losses, present)
+                # A single-task model trains on its own task's loss only: another task's
+                # non-finite loss does not stop it.
+                checked = [here and k in trained_tasks for k, here in enumerate(present)]
+                finite, ranks_with = _checked_on_every_rank(losses, present, checked)
                 if not finite:
-                    shown = [
-                        value if here else None
-                        for value, here in zip(losses.tolist(), present, strict=True)
-                    ]
-                    result.failure = f"non-finite loss at step {step}: {shown}"
+                    result.failure = _nonfinite_failure(benchmark, step, losses, present, checked)
                     break
                 # Same on every rank (reduced): a rank that skipped a collective (the Gramian's,
                 # the balancer's, DDP's backward) would leave the others waiting in it.
@@ -848,8 +847,20 @@ def train_run(
                     # single-task model whose task is absent skips the batch the same way.
                     pass
                 elif balancer is None:
-                    # Under DDP a rank without the task backs its zero fill (present elsewhere).
-                    objective = losses[single_task]
+                    assert single_task is not None  # checked before training: one or other
+                    own = task_losses[single_task]
+                    if own is None:
+                        # Under DDP a rank without the task backs its zero fill (it is
+                        # present on another rank).
+                        objective = losses[single_task]
+                    elif world_size > 1:
+                        # DDP waits for every parameter's gradient, the other heads' too
+                        objective = own + _exact_zero(model, own, device)
+                    else:
+                        # Its own loss alone, not the stack's entry: the stack's backward
+                        # runs every task's graph with a zero gradient, and 0·NaN from
+                        # another task's NaN loss would reach the shared parameters.
+                        objective = own
                 else:
                     kpis = None
                     if needs_kpis:
@@ -976,40 +987,72 @@ def _task_loss(benchmark: Benchmark, task: Task, output: Any, target: Any) -> Te
 def _with_absent_filled(
     task_losses: list[Tensor | None], model: nn.Module, device: torch.device
 ) -> Tensor:
-    """The ``[K]`` losses, each absent task's entry (None) an exact zero.
-
-    The zero is ``Σ 0·p`` over the model's trainable parameters, not a constant: it reaches
-    every parameter, with a zero gradient, whatever weight the balancer gives it (0 for an
-    absent task). A constant would leave the absent task's head out of the backward: under
-    DDP that head's gradient would never be ready (DDP raises at the next step), and a rank
-    without any task's labels would give the balancer losses that do not require grad, which
-    it refuses. So the head gets the zero gradient that ``present=`` gives a user's own
-    finite absent loss (an optimiser with momentum moves on it, as on any zero gradient).
+    """The ``[K]`` losses, each absent task's entry (None) an exact zero from
+    :func:`_exact_zero`: it reaches every parameter, with a zero gradient, whatever weight the
+    balancer gives it (0 for an absent task). A constant would leave the absent task's head
+    out of the backward: under DDP that head's gradient would never be ready (DDP raises at
+    the next step), and a rank without any task's labels would give the balancer losses that
+    do not require grad, which it refuses. So the head gets the zero gradient that
+    ``present=`` gives a user's own finite absent loss (an optimiser with momentum moves on
+    it, as on any zero gradient).
     """
     given = [loss for loss in task_losses if loss is not None]
-    where = given[0].device if given else device
+    zero = _exact_zero(model, given[0] if given else None, device)
+    return torch.stack([zero if loss is None else loss for loss in task_losses])
+
+
+def _exact_zero(model: nn.Module, like: Tensor | None, device: torch.device) -> Tensor:
+    """``Σ 0·p`` over the model's trainable parameters (one entry of each): exactly 0, in the
+    graph of every parameter, on ``like``'s device and in its dtype (float32 on ``device``
+    without one)."""
+    where = device if like is None else like.device
     zero = torch.zeros((), dtype=torch.float32, device=where)
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.numel() > 0:
             term = (parameter.reshape(-1)[:1] * 0).sum()
             # A model split over devices: each term joins the losses' device.
             zero = zero + (term.real if term.is_complex() else term).to(where, torch.float32)
-    if given:
-        zero = zero.to(given[0].dtype)
-    return torch.stack([zero if loss is None else loss for loss in task_losses])
+    return zero if like is None else zero.to(like.dtype)
 
 
-def _checked_on_every_rank(losses: Tensor, present: Sequence[bool]) -> tuple[bool, list[int]]:
-    """Whether every rank's present losses are finite, and on how many ranks each task is
-    present (one all-reduce under DDP).
+def _nonfinite_failure(
+    benchmark: Benchmark,
+    step: int,
+    losses: Tensor,
+    present: Sequence[bool],
+    checked: Sequence[bool],
+) -> str:
+    """A run's failure message for a non-finite loss: the losses (None where absent), the
+    tasks whose loss is not finite on this rank, and what a NaN usually means."""
+    values = losses.tolist()
+    shown = [value if here else None for value, here in zip(values, present, strict=True)]
+    bad = [k for k, value in enumerate(values) if checked[k] and not math.isfinite(value)]
+    if not bad:  # this rank's checked losses are finite: another rank's were not
+        return f"non-finite loss at step {step} on another rank (this rank's: {shown})"
+    names = ", ".join(f"{benchmark.tasks[k].name!r} = {values[k]}" for k in bad)
+    message = f"non-finite loss at step {step}: {names} (losses: {shown})"
+    if any(math.isnan(values[k]) for k in bad):
+        message += (
+            "; a mean over a batch without that task's labels is NaN: its loss should "
+            "return None there (see 'Tasks without labels in some batches' in the docs)"
+        )
+    return message
+
+
+def _checked_on_every_rank(
+    losses: Tensor, present: Sequence[bool], checked: Sequence[bool] | None = None
+) -> tuple[bool, list[int]]:
+    """Whether every rank's ``checked`` losses (default: the present ones) are finite, and on
+    how many ranks each task is present (one all-reduce under DDP).
 
     Every rank takes the same decisions from these (stop the run, skip a step without labels,
     skip the diagnostics): a rank that decided alone would wait in the next collective (DDP's
     backward, the balancer's, the Gramian's) until the timeout.
     """
     finite = torch.isfinite(losses.detach())
-    if not all(present):
-        finite = finite | ~torch.tensor(list(present), device=finite.device)
+    checked = present if checked is None else checked
+    if not all(checked):
+        finite = finite | ~torch.tensor(list(checked), device=finite.device)
     if not is_distributed():
         return bool(finite.all()), [int(here) for here in present]
     flags = torch.cat(

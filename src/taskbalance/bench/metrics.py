@@ -15,7 +15,10 @@ data) leaves Δm% undefined, since it divides by the baseline. A comparison is n
 that: every row's Δm% is NaN (``n/a`` in the tables, unranked, left out of the Δm% plot), each
 row's :attr:`MethodSummary.delta_m_note` says which metric was 0, and :func:`summarise` emits
 one :class:`ZeroBaselineWarning` naming the benchmark, the metric and each seed's baseline.
-A NaN metric (a failed metric, an empty class) likewise gives a NaN mean, std and Δm%.
+A NaN metric (a failed metric, an empty class, a metric that averaged over unlabelled
+samples) likewise gives a NaN mean, std and Δm%: :func:`summarise` then emits one
+:class:`NanMetricWarning` naming each such metric and the runs where it is NaN, and the rows
+whose Δm% it leaves undefined carry that sentence as their note.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ REFERENCE_METHOD = "ew"
 
 class ZeroBaselineWarning(UserWarning):
     """A single-task baseline metric is exactly 0, so Δm% (which divides by it) is undefined."""
+
+
+class NanMetricWarning(UserWarning):
+    """A reported test metric is NaN in some run, so Δm% is undefined where it enters."""
 
 
 def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
@@ -82,7 +89,8 @@ class MethodSummary:
         delta_m_by_seed: ``{seed: Δm%}``.
         versus_reference: paired comparison with the reference method (equal weights).
         tied_with_best: the paired test cannot tell this row from rank 1 (p ≥ 0.05).
-        delta_m_note: why Δm% is undefined (a zero single-task baseline), else ``""``.
+        delta_m_note: why Δm% is undefined (a zero single-task baseline, or a NaN metric),
+            else ``""``.
     """
 
     method: str
@@ -160,6 +168,39 @@ def zero_baseline_note(
     )
 
 
+def nan_metric_note(benchmark: Benchmark, vectors: Mapping[str, Sequence[float]]) -> str:
+    """The sentence naming the reported metrics that are NaN, and in which runs, or ``""``.
+
+    Args:
+        benchmark: the benchmark (its name and metric names).
+        vectors: ``{run label: reported test metrics}`` (a single-task baseline's own task's
+            numbers in place, NaN elsewhere is not passed here).
+
+    Returns:
+        One sentence naming the benchmark, each NaN metric and up to three of its runs.
+    """
+    names = benchmark.metric_names
+    runs_of: dict[int, list[str]] = {}
+    for label, vector in vectors.items():
+        for index, value in enumerate(vector):
+            if math.isnan(value):
+                runs_of.setdefault(index, []).append(label)
+    if not runs_of:
+        return ""
+
+    def listed(labels: list[str]) -> str:
+        shown = ", ".join(labels[:3])
+        return f"{len(labels)} run(s): {shown}{', ...' if len(labels) > 3 else ''}"
+
+    metrics = "; ".join(f"{names[index]} in {listed(runs_of[index])}" for index in sorted(runs_of))
+    return (
+        f"benchmark {benchmark.name!r}: a reported test metric is NaN ({metrics}), and Δm% "
+        "is n/a wherever it enters (every row, for a single-task baseline's). A metric must "
+        "leave out the samples without labels (partially labelled data) and must not divide "
+        "by an empty count"
+    )
+
+
 def reported_test_metrics(
     runs: Sequence[RunResult], benchmark: Benchmark, selection: Selection
 ) -> Callable[[RunResult], list[float]]:
@@ -212,6 +253,16 @@ def summarise(
     if note:
         warnings.warn(note, ZeroBaselineWarning, stacklevel=2)
 
+    picked = {
+        f"{run.method} seed {run.seed}": pick(run)
+        for run in runs
+        if run.single_task is None and run.completed
+    }
+    single_task_labels = {f"{SINGLE_TASK} seed {seed}": v for seed, v in per_seed_baselines.items()}
+    nan_note = nan_metric_note(benchmark, {**single_task_labels, **picked})
+    if nan_note:
+        warnings.warn(nan_note, NanMetricWarning, stacklevel=2)
+
     rows: list[MethodSummary] = []
     if per_seed_baselines:
         single_runs = [run for run in runs if run.single_task is not None and run.completed]
@@ -224,6 +275,7 @@ def summarise(
                 seconds=statistics.fmean(run.seconds_per_epoch for run in single_runs),
                 failures=0,
                 note=note,
+                nan_note=nan_note,
             )
         )
     labels: list[str] = []
@@ -249,6 +301,7 @@ def summarise(
                 seconds=seconds,
                 failures=failures,
                 note=note,
+                nan_note=nan_note,
             )
         )
     ranked = sorted(
@@ -277,6 +330,7 @@ def _summary_row(
     seconds: float,
     failures: int,
     note: str,
+    nan_note: str = "",
 ) -> MethodSummary:
     vectors = list(vectors_by_seed.values())
     count = len(directions)
@@ -291,6 +345,8 @@ def _summary_row(
         else {}
     )
     delta_mean, delta_std = mean_and_std(list(deltas.values()))
+    if not note and deltas and math.isnan(delta_mean):
+        note = nan_note  # Δm% of finished runs undefined: a NaN metric, named there
     summary_mean, summary_std = mean_and_std([sum(vector) for vector in vectors])
     return MethodSummary(
         method=method,
