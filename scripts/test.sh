@@ -20,6 +20,7 @@ VENV="${VENV:-.venv}"
 SITE="$(mktemp -d)"
 NO_MKDOCS_2_WARNING=1 "$VENV/bin/python" -m mkdocs build --strict --site-dir "$SITE"
 rm -rf "$SITE"
-# One worker per core (PYTEST_WORKERS=0 runs in this process), each taking whole files: a
-# file's module-scoped fixtures (the DDP runs most of all) then run once, not once per worker.
-"$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist loadfile "$@"
+# One worker per core, at most 8 (each imports torch; PYTEST_WORKERS=0 runs in this process),
+# each taking whole files: a file's module-scoped fixtures (the DDP runs most of all) then run
+# once, not once per worker.
+"$VENV/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-auto}" --maxprocesses 8 --dist loadfile "$@"
