@@ -500,3 +500,20 @@ def test_ddp_ranks_with_different_labels_train_together(tmp_path):
         assert len(zero["weight_steps"]) == len(steps) - len(skipped)
     for rank in results:
         assert rank["single"]["failure"] is None
+
+
+def test_the_weights_plot_averages_every_step_of_a_window():
+    """500 steps drawn as at most 80 points: windows of 7 steps. A task absent at one step in
+    7 (weight 0 there) shows as 6/7 in every full window; every 7th step alone would miss
+    each of those steps (they are not at a window's start) and draw a flat 1."""
+    from taskbalance.bench.plots import MAX_CURVE_POINTS, window_means
+
+    steps = list(range(500))
+    rows = [[1.0, 0.0 if step % 7 == 3 else 1.0] for step in steps]
+    drawn_steps, drawn = window_means(steps, rows, MAX_CURVE_POINTS)
+    assert len(drawn) == math.ceil(500 / 7) <= MAX_CURVE_POINTS
+    assert drawn_steps[0] == 3.0  # the mean of steps 0..6
+    full = drawn[: 500 // 7]
+    assert all(row[0] == 1.0 for row in drawn)
+    assert all(row[1] == pytest.approx(6 / 7) for row in full)
+    assert [row[1] for row in rows[::7]] == [1.0] * len(rows[::7])

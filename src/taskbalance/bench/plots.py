@@ -8,6 +8,7 @@ into a grid with one shared legend.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -44,10 +45,36 @@ def _grid(count: int, columns: int) -> tuple[int, int]:
     return math.ceil(count / columns), columns
 
 
+def window_means(
+    steps: Sequence[int], rows: Sequence[Sequence[float]], points: int
+) -> tuple[list[float], list[list[float]]]:
+    """At most ``points`` points: the mean step and mean row of each window of consecutive
+    entries (all of equal length but the last), or the entries themselves when they fit.
+
+    Example:
+        >>> window_means([0, 1, 2, 3, 4], [[1.0], [0.0], [1.0], [1.0], [0.5]], 3)
+        ([0.5, 2.5, 4.0], [[0.5], [1.0], [0.5]])
+    """
+    size = max(1, math.ceil(len(steps) / points))
+    if size == 1:
+        return [float(step) for step in steps], [list(row) for row in rows]
+    mean_steps, mean_rows = [], []
+    for start in range(0, len(steps), size):
+        window = rows[start : start + size]
+        mean_steps.append(statistics.fmean(steps[start : start + size]))
+        mean_rows.append([statistics.fmean(column) for column in zip(*window, strict=True)])
+    return mean_steps, mean_rows
+
+
 def plot_weights_over_time(
     runs: Mapping[str, RunResult], task_names: Sequence[str], path: Path, title: str = ""
 ) -> bool:
     """One panel per method: each task's weight against the training step, shared legend.
+
+    Past :data:`MAX_CURVE_POINTS` recorded steps, each point is the mean over a window of
+    consecutive steps (see :func:`window_means`), so every step counts: a weight that drops to
+    0 at the steps without a task's labels, or that jumps at random (RLW), shows as its mean
+    rather than as every n-th step.
 
     Args:
         runs: one run per method (e.g. seed 0), by label.
@@ -71,9 +98,7 @@ def plot_weights_over_time(
     lines = []
     for axis, name in zip(axes.flat, names, strict=False):
         run = runs[name]
-        stride = max(1, math.ceil(len(run.weight_steps) / MAX_CURVE_POINTS))
-        steps = run.weight_steps[::stride]
-        drawn = run.weight_rows[::stride]
+        steps, drawn = window_means(run.weight_steps, run.weight_rows, MAX_CURVE_POINTS)
         lines = [
             axis.plot(steps, [row[k] for row in drawn], linewidth=1.1, color=f"C{k % 10}")[0]
             for k in range(len(task_names))
