@@ -13,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import least_squares, minimize, root
 
+import taskbalance as tb
 from taskbalance._solvers import (
     ActiveSets,
     SolverError,
@@ -1872,3 +1873,60 @@ def test_barrier_newton_leaving_float64s_range_raises_a_solver_error_on_both_bac
     G[1, 2] = G[2, 1] = G[2, 2] = 3.420318535063416e-4
     with pytest.raises(SolverError, match="left float64's range"):
         fairgrad_weights(G, 0.5, eps=0.0, backend=backend)
+
+
+def _near_parallel_pairs(count: int) -> list[list[list[float]]]:
+    """Two-task Jacobians whose rows are parallel up to a relative 1e-17…1e-9 (so that
+    ‖g1 − g2‖² is at or near the rounding level of G): every other pair of equal length (an
+    interior optimum, where the rounding shows), the others of random lengths."""
+    generator = torch.Generator().manual_seed(11)
+    pairs = []
+    for index in range(count):
+        u = torch.randn(4, generator=generator, dtype=torch.float64)
+        drawn = 10 ** (4 * torch.rand((), generator=generator, dtype=torch.float64) - 2)
+        length = 1.0 if index % 2 else float(drawn)
+        noise = 10 ** float(8 * torch.rand((), generator=generator, dtype=torch.float64) - 17)
+        v = length * u + noise * torch.randn(4, generator=generator, dtype=torch.float64)
+        pairs.append([u.tolist(), v.tolist()])
+    return pairs
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_two_task_min_norm_weights_stay_on_the_simplex_for_near_parallel_gradients(backend):
+    """Each weight's numerator over the separately rounded ‖g1 − g2‖² left the simplex where
+    that is at rounding level: two equal unit rows (MGDA's "loss+" of g1 = (0, 1, 0) and
+    g2 = (0, 5, 0), found by the property test under another seed) gave (0.625, 0.5), whose
+    direction is 1.125 times the min-norm point. Over the numerators' own sum they add to 1."""
+    b = tb.create("mgda", num_tasks=2, normalization="loss+", gram_dtype=torch.float64)
+    J = torch.tensor([[0.0, 1.0, 0.0], [0.0, 5.0, 0.0]], dtype=torch.float64)
+    w = b.compute_weights(torch.ones(2), gram=J @ J.T).double()
+    assert float(w.sum()) == pytest.approx(1.0, abs=4e-16)
+    for rows in _near_parallel_pairs(300):
+        J = torch.tensor(rows, dtype=torch.float64)
+        w = min_norm_weights(J @ J.T, backend=backend).tolist()
+        assert min(w) >= 0.0
+        assert sum(w) == pytest.approx(1.0, abs=4e-16), (rows, w)
+
+
+@pytest.mark.parametrize("tensor", [False, True])
+def test_two_task_shifted_min_norm_weights_stay_on_the_simplex(tensor):
+    """CAGrad's K = 2 closed form had the same denominator (see the test above): on two unit
+    rows whose Gramian is rounded as a normalisation leaves it (G12 a few ulps inside its
+    Cauchy-Schwarz bound, G22 an ulp off 1) it gave (0.625, 0.5); and random near-parallel
+    pairs, at β = 0 and at a small shift."""
+    eps = 2.0**-52
+    grams = []
+    for g22 in (1.0 + eps, 1.0 + 2 * eps, 1.0 - eps / 2):
+        g12 = (1 - 4 * eps) * math.sqrt(g22)
+        grams.append(([[1.0, g12], [g12, g22]], [0.3, 0.3]))
+    for rows in _near_parallel_pairs(300):
+        G = np.asarray(rows) @ np.asarray(rows).T
+        grams.append((G.tolist(), (G.sum(axis=1) / 2).tolist()))
+    for G, b in grams:
+        for beta in (0.0, 1e-3):
+            args: tuple = (torch.tensor(G), torch.tensor(b)) if tensor else (G, b)
+            w, slope = ShiftedMinNorm(*args).solve(beta, 250, 1e-12)
+            weights = [float(v) for v in w]
+            assert min(weights) >= 0.0
+            assert sum(weights) == pytest.approx(1.0, abs=4e-16), (G, beta, weights)
+            assert float(sum(slope)) == 0.0

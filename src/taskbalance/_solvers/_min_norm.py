@@ -58,10 +58,13 @@ def _special_case(diag: list[float], g12: float) -> list[float] | None:
     """The closed-form cases (``None`` if none applies); ``g12 = G[0, 1]`` is read for K = 2.
 
     ``G = 0``: uniform. A zero row has value 0: the weight is spread over the zero rows.
-    ``K = 2``: Sener's Algorithm 1, ``γ = clamp((G22 − G12)/(G11 + G22 − 2G12), 0, 1)``, the
-    second weight ``(G11 − G12)/(G11 + G22 − 2G12)`` computed as such: ``1 − γ`` cancels to 0
-    where it is below ε (``g1 = (1e-3, 0)``, ``g2 = (−1e9, 1e12)``: 1e-18), and ``d = g1``
-    then conflicts with task 2 where the exact ``d`` conflicts with neither.
+    ``K = 2``: Sener's Algorithm 1, ``γ = clamp((G22 − G12)/(G11 + G22 − 2G12), 0, 1)``, each
+    weight from its own numerator, ``a = G22 − G12`` and ``c = G11 − G12``, over their sum:
+    ``(a, c)/(a + c)``. As ``(γ, 1 − γ)`` a weight below ε cancelled to 0 (``g1 = (1e-3, 0)``,
+    ``g2 = (−1e9, 1e12)``: 1e-18), and ``d = g1`` then conflicted with task 2 where the exact
+    ``d`` conflicts with neither; over the separately rounded ``G11 + G22 − 2G12`` the two
+    left the simplex where it is at rounding level (near-parallel gradients: ``(0.625, 0.5)``
+    for two equal unit rows), as their sum does not.
     """
     K = len(diag)
     if max(diag) <= 0.0:
@@ -73,15 +76,15 @@ def _special_case(diag: list[float], g12: float) -> list[float] | None:
         return [1.0]
     if K == 2:
         g11, g22 = diag
-        den = g11 + g22 - 2.0 * g12
-        if den <= 0:
+        first, second = g22 - g12, g11 - g12  # ‖g1 − g2‖² times each weight
+        if first <= 0 and second <= 0:  # equal gradients (to rounding): every point is optimal
             return [0.5, 0.5]
-        first, second = (g22 - g12) / den, (g11 - g12) / den
         if first <= 0:
             return [0.0, 1.0]
         if second <= 0:
             return [1.0, 0.0]
-        return [first, second]
+        total = first + second
+        return [first / total, second / total]
     return None
 
 
@@ -628,9 +631,9 @@ def min_norm_weights(
 
     * ``K = 1``: ``[1]``. ``K = 2``: closed form (Sener's Algorithm 1),
       :math:`\gamma = \operatorname{clamp}\big((G_{22} - G_{12}) / (G_{11} + G_{22} - 2G_{12}),
-      0, 1\big)`, :math:`w = (\gamma, 1 - \gamma)` (``0.5`` if both gradients are equal), the
-      second weight from its own numerator :math:`G_{11} - G_{12}` (``1 − γ`` rounds a weight
-      below ε to 0).
+      0, 1\big)`, :math:`w = (\gamma, 1 - \gamma)` (``0.5`` if both gradients are equal),
+      computed as :math:`(a, c) / (a + c)` with :math:`a = G_{22} - G_{12}`,
+      :math:`c = G_{11} - G_{12}` (``1 − γ`` rounds a weight below ε to 0).
     * ``G = 0``: every simplex point is optimal; the uniform ``1/K`` is returned. Zero rows
       (:math:`G_{ii} = 0`) give value 0: the weight is spread uniformly over them.
     * ``method="active_set"`` (default): Wolfe's (1976) exact min-norm-point active-set method on

@@ -110,16 +110,20 @@ def _two_shifted(
 ) -> tuple[list[float], list[float]]:
     """:class:`ShiftedMinNorm` for K = 2 in closed form (Sener's Algorithm 1 on the
     shifted Gramian, its constant cancelled): ``γ = clamp((G22 − G12 + β(b2 − b1))/‖g1 −
-    g2‖², 0, 1)``, the second weight computed as such, not as ``1 − γ`` (which cancels where
-    it is below ε, see :func:`._min_norm._special_case`)."""
-    den = G[0][0] + G[1][1] - 2.0 * G[0][1]
+    g2‖², 0, 1)``, each weight from its own numerator over their sum, as in
+    :func:`._min_norm._special_case` (not ``1 − γ``, which cancels where it is below ε, nor
+    over a separately rounded ``‖g1 − g2‖²``, which leaves the simplex where that is at
+    rounding level)."""
+    first, second = G[1][1] - G[0][1], G[0][0] - G[0][1]  # ‖g1 − g2‖² times each weight at β = 0
+    den = first + second
     if not den > 0.0:  # identical rows (then b1 = b2): every point is optimal
         return [0.5, 0.5], [0.0, 0.0]
-    slope = (b[1] - b[0]) / den
-    gamma = (G[1][1] - G[0][1]) / den + beta * slope
-    if gamma <= 0.0:  # a vertex, which does not move with β
+    shift = beta * (b[1] - b[0])
+    first, second = first + shift, second - shift
+    if first <= 0.0:  # a vertex, which does not move with β
         return [0.0, 1.0], [0.0, 0.0]
-    other = (G[0][0] - G[0][1]) / den - beta * slope
-    if other <= 0.0:
+    if second <= 0.0:
         return [1.0, 0.0], [0.0, 0.0]
-    return [gamma, other], [slope, -slope]
+    total = first + second
+    slope = (b[1] - b[0]) / total
+    return [first / total, second / total], [slope, -slope]
