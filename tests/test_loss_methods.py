@@ -207,6 +207,27 @@ def test_dtp_default_gamma_and_list_kpis():
     torch.testing.assert_close(b.weights, torch.tensor(expected))
 
 
+def test_dtp_starts_a_tasks_average_at_its_first_present_kpi():
+    """Task 1 is absent at the first two calls (its KPI there, 1.0 and 0.0, is no
+    observation): its κ̄ starts at the KPI of its first present call, 0.3, and then averages
+    as the others do; task 0's average runs from the first call."""
+    b = tb.create("dtp", num_tasks=2, gamma=2.0, smoothing=0.1)
+    losses = torch.tensor([1.0, 1.0], requires_grad=True)
+    b(losses, kpis=[0.5, 1.0], present=[True, False])
+    b(losses, kpis=[0.5, 0.0], present=[True, False])
+    assert b.weights[1] == 0
+    b(losses, kpis=[0.5, 0.3], present=[True, True])
+    torch.testing.assert_close(b.smoothed_kpis, torch.tensor([0.5, 0.3]))
+    expected = [-(0.5**2) * math.log(0.5), -(0.7**2) * math.log(0.3)]
+    torch.testing.assert_close(b.weights, torch.tensor(expected))
+    b(losses, kpis=[0.5, 0.5], present=[True, True])
+    torch.testing.assert_close(b.smoothed_kpis, torch.tensor([0.5, 0.1 * 0.5 + 0.9 * 0.3]))
+    # The state carries which tasks have an average: a resumed copy continues alike.
+    copy = tb.create("dtp", num_tasks=2, gamma=2.0, smoothing=0.1)
+    copy.load_state_dict(b.state_dict())
+    assert copy.has_kpis.tolist() == [True, True]
+
+
 def test_dtp_clamps_a_zero_kpi_with_eps():
     b = tb.create("dtp", num_tasks=2, gamma=2.0, eps=1e-4)
     b(torch.tensor([1.0, 1.0], requires_grad=True), kpis=torch.tensor([0.0, 1.0]))

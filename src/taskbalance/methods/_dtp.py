@@ -35,8 +35,9 @@ class DTP(Balancer):
     Departures: the paper leaves α open; 0.1 averages over roughly the last 10 steps, which
     steadies per-batch KPIs. The paper also prioritises examples within a task with the focal
     loss: use :func:`taskbalance.losses.focal_loss` for that part. With ``present=``, an
-    absent task's κ̄ keeps its value (at the very first call it starts from the KPI given);
-    under DDP each KPI averages over the ranks that have the task, as the losses do.
+    absent task's KPI is not an observation: its κ̄ keeps its value, or, before the task's
+    first present call, starts at the KPI of that call; under DDP each KPI averages over the
+    ranks that have the task, as the losses do.
 
     Args:
         num_tasks: K.
@@ -83,18 +84,20 @@ class DTP(Balancer):
         self.eps = check_in_range("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
         self.register_buffer("gamma", torch.tensor(gammas))
         self.register_buffer("smoothed_kpis", torch.ones(self.num_tasks))
-        self.register_buffer("has_kpis", torch.zeros((), dtype=torch.bool))
+        # Per task: whether κ̄ holds an observed KPI (a task absent so far has none).
+        self.register_buffer("has_kpis", torch.zeros(self.num_tasks, dtype=torch.bool))
 
     def _update(self, step: Step) -> Tensor:
         kpis = step.kpis
         assert kpis is not None  # the base class has checked them
-        if bool(self.has_kpis):
-            smoothed = self.smoothing * kpis + (1 - self.smoothing) * self.smoothed_kpis
-            if not step.all_present:  # an absent task's KPI is not a new observation
-                smoothed = torch.where(step.present, smoothed, self.smoothed_kpis)
+        smoothed = self.smoothing * kpis + (1 - self.smoothing) * self.smoothed_kpis
+        if not bool(self.has_kpis.all()):  # a task's κ̄ starts at its first observed KPI
+            smoothed = torch.where(self.has_kpis, smoothed, kpis)
+        if not step.all_present:  # an absent task's KPI is not a new observation
+            smoothed = torch.where(step.present, smoothed, self.smoothed_kpis)
+            self.has_kpis |= step.present
         else:
-            smoothed = kpis.clone()
+            self.has_kpis.fill_(True)
         self.smoothed_kpis.copy_(smoothed)
-        self.has_kpis.fill_(True)
         clamped = smoothed.clamp(min=self.eps, max=1.0)
         return -((1 - clamped) ** self.gamma) * torch.log(clamped)
