@@ -102,10 +102,13 @@ def make():
     [{"LR": 0.05}, {"SIZE": 12}, {"WIDTH": 5}, {"SCALE": 3.0}],
     ids=["defaults", "split size", "model", "loss code"],
 )
-def test_an_edit_of_the_benchmark_file_is_not_resumed_as_the_old_runs(tmp_path, edit):
+def test_an_edit_of_the_benchmark_file_is_not_resumed_as_the_old_runs(tmp_path, monkeypatch, edit):
     """Runs are keyed on what the benchmark fixes (metadata.json's data, tasks, model and
     training settings) and on the bench file's text, not only on the command line: an edited
     bench file trains again, even where the edit is inside a loss metadata only names."""
+    # An edit within the second of the last write, at the same size, would import the stale
+    # bytecode: none is written (each `taskbalance compare` of a user recompiles an edit).
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
     settings = {"SIZE": 8, "WIDTH": 3, "LR": 0.1, "SCALE": 1.0}
     path = tmp_path / "editable_bench.py"
 
@@ -163,6 +166,7 @@ def test_an_edit_of_an_imported_loss_or_a_reexported_factory_is_not_resumed(
     """The bench file the spec names only re-exports the factory, which imports its loss from
     a third module: an edit of either of those files trains again (before, only the named
     file's text was keyed, and both edits resumed the old runs)."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # as in the test above
     values = {"scaled_losses": {"SCALE": 1.0}, "real_bench": {"NOISE": 1.0}}
     bodies = {"scaled_losses": _IMPORTED_LOSS, "real_bench": _BENCH_USING_IMPORTED_LOSS}
 
@@ -191,6 +195,102 @@ def test_an_edit_of_an_imported_loss_or_a_reexported_factory_is_not_resumed(
     edited_runs = compare()
     assert edited_runs.resumed == 0
     assert _per_run(edited_runs) != _per_run(first)
+
+
+_WRAPPED_DATA = """
+import torch
+from torch.utils.data import Dataset
+
+class Readings(Dataset):
+    def __init__(self):
+        self.x = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        x = self.x[index]
+        return x, (FACTOR * x[0], x[1])
+"""
+
+_BENCH_OF_SUBSETS = """
+from torch import nn
+from torch.utils.data import Subset
+from taskbalance.bench import Benchmark, Task, TrainingDefaults, mean_metric
+from taskbalance.bench.losses import mse
+from readings import Readings
+
+def make():
+    data = Readings()
+    train, rest = Subset(data, range(8)), Subset(data, range(8, 12))
+    tasks = tuple(Task(name, mse, (mean_metric("se", lambda o, t: (o.squeeze(1) - t) ** 2,
+                                                 higher_is_better=False),))
+                  for name in ("a", "b"))
+    return Benchmark("subsets", tasks, train, rest, rest,
+                     model=lambda: (nn.Linear(2, 3), [nn.Linear(3, 1) for _ in "ab"]),
+                     defaults=TrainingDefaults(epochs=1, batch_size=4, lr=0.1))
+"""
+
+
+def test_an_edit_of_a_data_set_behind_a_subset_is_not_resumed(tmp_path, monkeypatch):
+    """The splits are torch Subsets of the user's data set class: its module is keyed too."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # as in the tests above
+    data_file = tmp_path / "readings.py"
+    named = tmp_path / "subsets_bench.py"
+    named.write_text(_BENCH_OF_SUBSETS)
+
+    def compare(factor):
+        data_file.write_text(f"FACTOR = {factor!r}\n" + _WRAPPED_DATA)
+        monkeypatch.delitem(sys.modules, "readings", raising=False)  # a new process's import
+        return run_comparison(
+            BenchmarkSource(f"{named}:make"), [Method("ew")], seeds=[0], out=tmp_path / "out"
+        )
+
+    assert compare(1.0).resumed == 0
+    assert compare(1.0).resumed == 3
+    assert compare(10.0).resumed == 0
+
+
+def test_a_class_defined_without_a_source_file_is_left_out_of_the_key(tmp_path):
+    """A data set class defined in ``python -c`` (or a notebook cell) has no file to hash;
+    the comparison runs, and a second one resumes it."""
+    script = f"""
+from pathlib import Path
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from taskbalance.bench import Benchmark, Task, TrainingDefaults, mean_metric
+from taskbalance.bench.api import register_benchmark
+from taskbalance.bench.compare import BenchmarkSource, run_comparison
+from taskbalance.bench.harness import Method
+from taskbalance.bench.losses import mse
+
+class Readings(Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, index):
+        x = torch.full((2,), float(index))
+        return x, (x[0], x[1])
+
+def make():
+    tasks = tuple(Task(name, mse, (mean_metric("se", lambda o, t: (o.squeeze(1) - t) ** 2,
+                                                 higher_is_better=False),))
+                  for name in ("a", "b"))
+    return Benchmark("inline", tasks, Readings(), Readings(), Readings(),
+                     model=lambda: (nn.Linear(2, 3), [nn.Linear(3, 1) for _ in "ab"]),
+                     defaults=TrainingDefaults(epochs=1, batch_size=4, lr=0.01))
+
+register_benchmark("inline", make, description="inline")
+for _ in range(2):
+    result = run_comparison(BenchmarkSource("inline"), [Method("ew")], seeds=[0],
+                            out=Path({str(tmp_path / "out")!r}))
+    print("resumed", result.resumed)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["resumed", "0", "resumed", "3"]
 
 
 _BENCH_WITH_OBJECTS = """

@@ -517,3 +517,40 @@ def test_the_weights_plot_averages_every_step_of_a_window():
     assert all(row[0] == 1.0 for row in drawn)
     assert all(row[1] == pytest.approx(6 / 7) for row in full)
     assert [row[1] for row in rows[::7]] == [1.0] * len(rows[::7])
+
+
+class _BagTrunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(10, 4, sparse=True, mode="mean")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bag(x)
+
+
+@pytest.mark.parametrize("method", ["ew", "mgda", None])
+def test_a_sparse_embedding_trains_through_batches_without_labels(method):
+    """The absent task's zero fill gives a table read with sparse=True a sparse zero
+    gradient: a dense one made SGD raise "add(sparse, dense) is not supported"."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 10, (SIZE, 3), generator=generator)
+    index = torch.arange(SIZE)
+    second = torch.where(index >= SIZE - SIZE // 4, tokens.sum(dim=1).float(), math.nan)
+    data = TensorTaskDataset(tokens, [tokens[:, 0].float(), second])
+    tasks = tuple(
+        Task(name, MaskedLoss(), (mean_metric("mae", _masked_error, higher_is_better=False),))
+        for name in ("first", "second")
+    )
+    benchmark = Benchmark(
+        "sparse",
+        tasks,
+        data,
+        data,
+        data,
+        model=lambda: (_BagTrunk(), [nn.Linear(4, 1), nn.Linear(4, 1)]),
+        defaults=TrainingDefaults(epochs=1, batch_size=BATCH, lr=1e-2, optimizer="sgd"),
+    )
+    run = train_run(benchmark, method, single_task=None if method else 1, config=TrainConfig())
+    assert run.failure is None
+    assert run.completed
+    assert not all(tasks[1].loss.present)  # some batches did lack the second task's labels

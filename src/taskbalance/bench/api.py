@@ -63,6 +63,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import site
 import sys
 import sysconfig
 import weakref
@@ -750,8 +751,13 @@ def benchmark_entry(name: str) -> BenchmarkEntry:
 _INSTALLED_ROOTS = tuple(
     {
         Path(root).resolve()
-        for name in ("stdlib", "platstdlib", "purelib", "platlib")
-        if (root := sysconfig.get_paths().get(name))
+        for root in [
+            *(sysconfig.get_paths().get(name) for name in ("stdlib", "platstdlib", "purelib")),
+            sysconfig.get_paths().get("platlib"),
+            *site.getsitepackages(),  # Debian's dist-packages too
+            site.getusersitepackages(),  # pip install --user
+        ]
+        if root
     }
 )
 
@@ -786,23 +792,22 @@ def benchmark_code_files(spec: str, benchmark: Benchmark, model: nn.Module) -> l
     """The source files of the code a run of ``benchmark`` (loaded from ``spec``) executes.
 
     The file ``spec`` names, and the files defining its factory, the model factory, every
-    module class of ``model``, the data sets' classes, each task's loss, KPI and metrics (with
+    module class of ``model``, the data sets' classes (and those of the data sets a
+    ``Subset`` or ``ConcatDataset`` wraps), each task's loss, KPI and metrics (with
     the callables a metric holds, such as :func:`mean_metric`'s function), wherever they were
     imported from: a loss a benchmark file imports from a module beside it, or a factory it
     re-exports, is found in its own file. Files of the standard library and of installed
-    packages are left out (their versions change them, not the user). Call it after
-    :func:`load_benchmark` (a file spec's module is then loaded and is not run again).
+    packages are left out (their versions change them, not the user), and so is code reached
+    only through further calls (a helper function a loss calls, a data set's transform
+    defined in another module). Call it after :func:`load_benchmark` (a file spec's module is
+    then loaded and is not run again).
 
     Returns:
         The files, sorted and without repeats.
     """
-    objects: list[object] = [
-        _loaded_factory(spec),
-        benchmark.model,
-        type(benchmark.train),
-        type(benchmark.validation),
-        type(benchmark.test),
-    ]
+    objects: list[object] = [_loaded_factory(spec), benchmark.model]
+    for split in (benchmark.train, benchmark.validation, benchmark.test):
+        objects += _data_set_classes(split)
     objects += [type(module) for module in model.modules()]
     for task in benchmark.tasks:
         objects += [task.loss, task.kpi]
@@ -814,6 +819,21 @@ def benchmark_code_files(spec: str, benchmark: Benchmark, model: nn.Module) -> l
     if named is not None and named.is_file():
         files.add(named.resolve())
     return sorted(files)
+
+
+def _data_set_classes(data: object) -> list[type]:
+    """The classes of a data set and of the data sets it wraps (``Subset.dataset``,
+    ``ConcatDataset.datasets``, as ``random_split`` returns them), depth first."""
+    classes = [type(data)]
+    inner = getattr(data, "datasets", None)
+    wrapped = list(inner) if isinstance(inner, Sequence) else []
+    single = getattr(data, "dataset", None)
+    if isinstance(single, Dataset):
+        wrapped.append(single)
+    for dataset in wrapped:
+        if isinstance(dataset, Dataset) and dataset is not data:
+            classes += _data_set_classes(dataset)
+    return classes
 
 
 def _loaded_factory(spec: str) -> object:
@@ -840,7 +860,7 @@ def _defining_file(value: object) -> Path | None:
         value = type(value)  # a callable object: its class's file
     try:
         found = inspect.getsourcefile(value)
-    except TypeError:  # built-in (a C function or class): no source file
+    except (TypeError, OSError):  # built-in (no file), or defined in __main__ without one
         return None
     if found is None:
         return None

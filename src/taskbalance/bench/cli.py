@@ -578,7 +578,12 @@ def _add_benchmark_options(parser: argparse.ArgumentParser, default: str | None)
     )
     parser.add_argument("--epochs", type=int, default=None, help="default: the benchmark's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the benchmark's")
-    parser.add_argument("--out", default=None, help="output directory")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: runs/compare-BENCHMARK or runs/train-...-seedN, "
+        "under the current directory)",
+    )
     parser.add_argument("--small", action="store_true", help="small data, for smoke tests")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the data and splits")
     parser.add_argument("--data-root", default=None, help="directory of your data files")

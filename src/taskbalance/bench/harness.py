@@ -22,7 +22,9 @@ starts from the same initial weights.
 
 Distributed: when ``torch.distributed`` is initialised, the model is wrapped in
 ``DistributedDataParallel`` and every rank takes its slice of the same global batch (the batch
-size is the global one), so N processes see exactly the batches one process would.
+size is the global one), so N processes see exactly the batches one process would (and, with
+every label present, train alike; with partial labels a task labelled on c of the N ranks
+reaches the model with c/N of its ranks' mean gradient, as DDP averages over all ranks).
 
 Partially labelled data: a task's loss returns None for a batch without its labels. The
 balancer is then called with ``present=`` (only then: a run where every loss is a tensor calls
@@ -51,6 +53,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import taskbalance as tb
+from taskbalance._absent import _zero_gradient_term
 from taskbalance._distributed import all_reduce_sum, is_distributed
 from taskbalance.bench.api import Benchmark, BenchmarkError, Task, TrainingDefaults
 from taskbalance.bench.data import collate
@@ -80,10 +83,10 @@ DEFAULT_WEIGHT_CAPACITY = 2048
 #: Gradient-conflict diagnostics recorded per run when no interval is given.
 DEFAULT_DIAGNOSTIC_POINTS = 50
 
-#: The KPI passed for a task without labels in a batch, to methods that read KPIs (DTP). A
-#: balancer ignores an absent task's KPI (DTP keeps that task's moving average), but checks
-#: that every KPI is in [0, 1]; at a balancer's very first call DTP starts its average from
-#: the KPIs given, and 1.0 is the value that average holds before any KPI.
+#: The KPI passed for a task without labels in a batch, to methods that read KPIs (DTP): any
+#: value in [0, 1] (which the balancer checks) does, since the balancer ignores an absent
+#: task's KPI (DTP's average for the task keeps its value, or starts at its first present
+#: call).
 ABSENT_TASK_KPI = 1.0
 
 
@@ -1002,16 +1005,22 @@ def _with_absent_filled(
 
 
 def _exact_zero(model: nn.Module, like: Tensor | None, device: torch.device) -> Tensor:
-    """``Σ 0·p`` over the model's trainable parameters (one entry of each): exactly 0, in the
-    graph of every parameter, on ``like``'s device and in its dtype (float32 on ``device``
-    without one)."""
+    """``Σ 0·p`` over the model's trainable parameters (one entry of each; no rows of a table
+    that an ``nn.Embedding(sparse=True)`` reads, whose gradient must stay sparse): exactly 0,
+    in the graph of every parameter, on ``like``'s device and in its dtype (float32 on
+    ``device`` without one)."""
     where = device if like is None else like.device
+    sparse_tables = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse
+    }
     zero = torch.zeros((), dtype=torch.float32, device=where)
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.numel() > 0:
-            term = (parameter.reshape(-1)[:1] * 0).sum()
+            term = _zero_gradient_term(parameter, id(parameter) in sparse_tables)
             # A model split over devices: each term joins the losses' device.
-            zero = zero + (term.real if term.is_complex() else term).to(where, torch.float32)
+            zero = zero + term.to(where)
     return zero if like is None else zero.to(like.dtype)
 
 
