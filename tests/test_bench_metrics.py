@@ -340,3 +340,20 @@ def test_delta_m_plot_lists_the_rows_it_leaves_out(tmp_path):
         unranked = summarise([*_single_task_runs([0.0, 0.0]), _run("ew", 0, [0.8, 2.0])], FAKE)
     assert not plots.plot_delta_m_ranking(unranked, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_the_caption_warns_that_two_seeds_rank_nothing():
+    """With 2 seeds the paired t-test has 1 degree of freedom (a verdict needs t > 12.7):
+    the caption says so; with 3 seeds or more it does not, and 1 seed has no test at all."""
+    from taskbalance.bench.report import caption
+
+    def text(seeds):
+        return caption(FAKE, epochs=1, seeds=seeds, selection=Selection())
+
+    assert "with 2 seeds the paired t-test has 1 degree of freedom" in text([0, 1])
+    assert "t > 12.7" in text([0, 1])
+    assert "degree of freedom" not in text([0, 1, 2])
+    assert "with 1 seed there is no paired test" in text([0])
+    # The threshold the note quotes: the two-sided 5% point of Student's t with 1 dof.
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert scipy_stats.t.ppf(0.975, 1) == pytest.approx(12.706, abs=1e-3)

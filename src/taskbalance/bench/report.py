@@ -159,7 +159,21 @@ def caption(
         f"vs {REFERENCE_METHOD}: per seed, is the method's Δm% lower (W) or higher (L) than "
         f"{REFERENCE_METHOD}'s; p: paired t-test over seeds; better/worse when p < {ALPHA}, "
         "else tie (within seed noise). ≈: rank not distinguishable from rank 1."
-    ) + "".join(f"\nNote: {note}." for note in notes)
+    ) + "".join(f"\nNote: {note}." for note in [*_few_seeds_notes(seeds), *notes])
+
+
+def _few_seeds_notes(seeds: Sequence[int]) -> list[str]:
+    """A note where too few seeds leave the paired test without power, or without a verdict."""
+    if len(seeds) >= 3:
+        return []
+    if len(seeds) == 2:
+        return [
+            "with 2 seeds the paired t-test has 1 degree of freedom: a difference reads as "
+            "better or worse only where the two seeds' differences agree to within ~16% of "
+            "their mean (t > 12.7), so most rows read as ties, and ≈ best, whatever their "
+            "Δm%; rank methods with 5 seeds (the default)"
+        ]
+    return ["with 1 seed there is no paired test: every verdict is n/a"]
 
 
 def markdown_table(rows: Sequence[MethodSummary], benchmark: Benchmark) -> str:
