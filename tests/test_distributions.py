@@ -270,3 +270,10 @@ def test_gumbel_cdf_gradient_in_the_far_left_tail(dtype: torch.dtype) -> None:
     (grad_at_minus_infinity,) = torch.autograd.grad(at_minus_infinity, minus_infinity)
     assert at_minus_infinity.item() == 0.0
     assert grad_at_minus_infinity.item() == 0.0
+
+
+def test_an_integer_location_is_refused_by_name():
+    """torch.finfo failed on it later, without naming the argument."""
+    with pytest.raises(TypeError, match=r"loc must be floating point, got dtype torch.int64"):
+        Gumbel(torch.tensor(1), torch.tensor(1.0))
+    assert float(Gumbel(1, 2.0).mean) == pytest.approx(1 + 2 * 0.5772156649, rel=1e-6)

@@ -1312,3 +1312,58 @@ def test_losses_computed_in_float32_stay_float32_under_autocast(loss) -> None:
     assert inside.dtype == torch.float32
     # The same value to bfloat16's precision (autocast runs some inner products in bfloat16)
     torch.testing.assert_close(inside, plain.float(), rtol=2**-7, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by an audit against torch/scipy (session 19)
+
+
+@pytest.mark.parametrize(
+    ("values", "kwargs"),
+    [
+        ([[5.0, -0.3, 12.0]], {"mad_scaling": True, "mad_dim": 0}),  # a batch of one: MAD 0
+        ([0.0, 0.0, 0.0, 10.0], {"mad_scaling": True}),  # most residuals equal: MAD 0
+        ([math.inf, 1.0], {}),  # an infinite residual, no scaling
+    ],
+)
+def test_tukey_passes_back_zero_beyond_c_even_for_huge_residuals(values, kwargs):
+    """Beyond c the loss is the constant c²/6 and its gradient exactly 0. Squaring before
+    the clamp passed back 2·inf·0 = NaN where the residual (over a MAD floored at tiny) was
+    infinite."""
+    x = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    loss = losses.tukey_loss(x, torch.zeros_like(x), reduction="none", **kwargs)
+    loss.sum().backward()
+    assert x.grad is not None
+    assert torch.isfinite(x.grad).all()
+    beyond = loss.detach() == 4.685**2 / 6
+    assert bool(beyond.any())
+    assert torch.equal(x.grad[beyond], torch.zeros_like(x.grad[beyond]))
+    if not kwargs:  # the finite residual keeps its textbook gradient r·(1 − (r/c)²)²
+        assert float(x.grad[1]) == pytest.approx((1 - (1 / 4.685) ** 2) ** 2)
+
+
+def test_wasserstein_in_half_precision_counts_past_65504():
+    """float16 counts and weight sums overflowed past 65504 (NaN): computed in float32."""
+    generator = torch.Generator().manual_seed(0)
+    u = torch.randn(70000, generator=generator).half()
+    v = (torch.randn(70000, generator=generator) + 0.5).half()
+    got = losses.wasserstein_1d(u, v)
+    assert got.dtype == torch.float16
+    want = scipy.stats.wasserstein_distance(u.float().numpy(), v.float().numpy())
+    assert float(got) == pytest.approx(want, rel=2e-3)
+    weighted = losses.wasserstein_1d(
+        torch.tensor([0.0, 1.0]).half(),
+        torch.tensor([0.0, 1.0]).half(),
+        input_weights=torch.tensor([4e4, 4e4]).half(),
+        target_weights=torch.tensor([1.0, 3.0]).half(),
+    )
+    assert float(weighted) == 0.25  # scipy: 0.25
+
+
+def test_an_empty_class_or_outcome_axis_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"input: expected at least one class along dim 1"):
+        losses.cross_entropy(torch.zeros(2, 0), torch.zeros(2, 0))
+    with pytest.raises(ValueError, match=r"target: expected a probability distribution with at"):
+        losses.kl_divergence(torch.zeros(2, 0), torch.zeros(2, 0), reduction="none")
+    # An empty batch (not an empty distribution) is still fine.
+    assert losses.cross_entropy(torch.zeros(0, 3), torch.zeros(0, 3), reduction="sum") == 0

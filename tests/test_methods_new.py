@@ -70,7 +70,8 @@ def test_stch_weighted_losses_sum_to_k(values, mu):
     b = tb.create("stch", num_tasks=K, mu=mu, nadir=[1.0 + k for k in range(K)])
     losses = torch.tensor(values, requires_grad=True)
     b(losses)
-    assert float((b.weights.double() * losses.detach().double()).sum()) == pytest.approx(K, rel=1e-5)
+    weighted = b.weights.double() * losses.detach().double()
+    assert float(weighted.sum()) == pytest.approx(K, rel=1e-5)
 
 
 def test_stch_empty_measuring_epoch_waits_for_the_next():

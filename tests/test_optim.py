@@ -147,3 +147,27 @@ def test_stop_gradient_keeps_a_term_out_of_backward() -> None:
 
 def test_module_doctests() -> None:
     assert doctest.testmod(optim).failed == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"lr": None}, TypeError, r"lr: expected a number or a mapping"),
+        ({"lr": -0.1}, ValueError, r"lr: expected a number >= 0, got -0.1"),
+        ({"lr": float("nan")}, ValueError, r"lr: expected a finite number"),
+        ({"lr": "0.1"}, TypeError, r"lr: expected a real number, got '0.1'"),
+        ({"lr": [0.1, 0.2]}, TypeError, r"lr: expected a real number"),
+        ({"lr": {"shared": "fast", "a": 0.1}}, TypeError, r"lr\['shared'\]: expected a real"),
+        ({"lr": 0.1, "weight_decay": -1.0}, ValueError, r"weight_decay: expected a number >= 0"),
+    ],
+)
+def test_bad_learning_rates_and_decays_are_refused_by_name(kwargs, error, message):
+    """torch.optim checks a group's lr only where it builds the default: these reached the
+    optimiser (a negative or NaN lr) or failed with an unnamed KeyError/ValueError."""
+    with pytest.raises(error, match=message):
+        task_param_groups(nn.Linear(2, 2), {"a": nn.Linear(2, 1)}, **kwargs)
+
+
+def test_tasks_must_be_a_mapping():
+    with pytest.raises(TypeError, match=r"tasks: expected a mapping task name -> module"):
+        task_param_groups(nn.Linear(2, 2), [nn.Linear(2, 1)], lr=0.1)  # type: ignore[arg-type]

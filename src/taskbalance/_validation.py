@@ -150,7 +150,13 @@ _SUM_TOLERANCE = 1e-4
 
 
 def check_distribution(name: str, value: Tensor, dim: int) -> None:
-    """Check that ``value`` is non-negative and sums to 1 along ``dim`` (to a tolerance)."""
+    """Check that ``value`` is non-negative and sums to 1 along ``dim`` (to a tolerance), an
+    axis with at least one outcome (an empty batch is fine; an empty distribution is none)."""
+    if value.dim() > 0 and value.shape[dim] == 0:
+        raise ValueError(
+            f"{name}: expected a probability distribution with at least one outcome along "
+            f"dim {dim}, got shape {tuple(value.shape)}"
+        )
     if value.numel() == 0:
         return
     with torch.no_grad():

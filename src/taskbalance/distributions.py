@@ -113,9 +113,11 @@ class Gumbel(torch.distributions.Gumbel):
         scale: Tensor | float,
         validate_args: bool | None = None,
     ) -> None:
-        _, checked = broadcast_all(loc, scale)
+        location, checked = broadcast_all(loc, scale)
         if not checked.is_floating_point():
             raise TypeError(f"scale must be floating point, got dtype {checked.dtype}")
+        if not location.is_floating_point():  # torch.finfo would fail on it, unnamed
+            raise TypeError(f"loc must be floating point, got dtype {location.dtype}")
         with torch.no_grad():
             not_positive = ~(checked > 0)
             if bool(not_positive.any()):

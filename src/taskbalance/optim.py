@@ -41,7 +41,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from taskbalance._validation import check_tensor
+from taskbalance._validation import check_nonnegative, check_tensor
 
 __all__ = ["SHARED_GROUP", "stop_gradient", "task_param_groups"]
 
@@ -98,11 +98,14 @@ def _named_trainable(source: ParameterSource, group: str) -> list[tuple[str, nn.
 def _per_group_values(
     value: float | Mapping[str, float] | None, groups: list[str], argument: str, required: bool
 ) -> dict[str, float]:
-    """Expands a scalar or checks a mapping of per-group values."""
+    """Expands a scalar or checks a mapping of per-group values, each a finite number >= 0
+    (``torch.optim`` checks a group's ``lr`` and ``weight_decay`` only at construction)."""
     if value is None:
+        if required:
+            raise TypeError(f"{argument}: expected a number or a mapping group -> number, got None")
         return {}
     if not isinstance(value, Mapping):
-        return dict.fromkeys(groups, float(value))
+        return dict.fromkeys(groups, check_nonnegative(argument, value))
     unknown = sorted(set(value) - set(groups))
     if unknown:
         raise ValueError(
@@ -114,7 +117,11 @@ def _per_group_values(
             f"{argument}: expected one key per group {groups} (or a single float for all), got "
             f"no entry for groups {missing}"
         )
-    return {group: float(value[group]) for group in groups if group in value}
+    return {
+        group: check_nonnegative(f"{argument}[{group!r}]", value[group])
+        for group in groups
+        if group in value
+    }
 
 
 def task_param_groups(
@@ -131,7 +138,9 @@ def task_param_groups(
     parameters, without affecting the gradient the trunk receives. Each returned group is a
     dict ``{"name": ..., "params": [...], "lr": ..., ["weight_decay": ...]}`` accepted by any
     :class:`torch.optim.Optimizer`; ``"name"`` is kept by the optimiser, so
-    ``optimizer.param_groups`` can be looked up (or schedulers adjusted) by name.
+    ``optimizer.param_groups`` can be looked up (or schedulers adjusted) by name. Loading an
+    optimiser's ``state_dict`` matches groups by position, not by name (torch's rule): build
+    the groups with the tasks in the same order when resuming.
 
     Only parameters with ``requires_grad=True`` are included. The shared group is named
     ``"shared"`` and comes first; task groups follow in the order of ``tasks``. Groups with no
@@ -153,8 +162,10 @@ def task_param_groups(
     Raises:
         ValueError: If a parameter is in two groups, a trainable parameter of ``model`` is in
             none (or a group has one that ``model`` lacks), a task is called ``"shared"``, or
-            ``lr``/``weight_decay`` name unknown groups or ``lr`` misses one.
-        TypeError: If a group is neither a module nor an iterable of tensors.
+            ``lr``/``weight_decay`` name unknown groups, ``lr`` misses one, or a value is
+            negative or not finite.
+        TypeError: If ``tasks`` is not a mapping, ``lr`` is None, a value is not a number,
+            or a group is neither a module nor an iterable of tensors.
 
     Example:
         >>> import torch
@@ -164,6 +175,11 @@ def task_param_groups(
         >>> [(group["name"], group["lr"]) for group in optimizer.param_groups]
         [('shared', 0.1), ('depth', 0.5)]
     """
+    if not isinstance(tasks, Mapping):
+        raise TypeError(
+            f"tasks: expected a mapping task name -> module (or parameters), got "
+            f"{type(tasks).__name__}"
+        )
     if SHARED_GROUP in tasks:
         raise ValueError(
             f"tasks: expected task names other than {SHARED_GROUP!r} (reserved for the shared "

@@ -150,8 +150,9 @@ def cross_entropy(
 
     Raises:
         TypeError: If ``input`` is not floating point.
-        ValueError: On a shape mismatch, a class index out of range, probability targets that
-            are not distributions, or ``label_smoothing`` outside ``[0, 1]``.
+        ValueError: On a shape mismatch, no class (C = 0), a class index out of range,
+            probability targets that are not distributions, or ``label_smoothing`` outside
+            ``[0, 1]``.
 
     Example:
         >>> import torch
@@ -170,6 +171,10 @@ def cross_entropy(
     check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
     dim = class_dim(input)
     num_classes = input.shape[dim]
+    if num_classes == 0:
+        raise ValueError(
+            f"input: expected at least one class along dim {dim}, got shape {tuple(input.shape)}"
+        )
     check_class_weight("weight", weight, num_classes)
     log_q = torch.log_softmax(input, dim=dim)
     weight_view = None if weight is None else _class_weight_view(weight, input, dim)

@@ -139,7 +139,9 @@ def wasserstein_1d(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(...)``).
 
     Returns:
-        The reduced distance, in ``input``'s dtype and device.
+        The reduced distance, in ``input``'s dtype and device (computed in float32 for
+        float16 and bfloat16 input, whose counts and weight sums overflow past 65504; kept in
+        float32 under autocast).
 
     Raises:
         ValueError: On mismatched batch axes, empty samples or invalid weights.
@@ -168,14 +170,24 @@ def wasserstein_1d(
     if target_weights is not None:
         target_weights = _check_sample_weights("target_weights", target_weights, "target", target)
 
-    sorted_input, input_order = input.sort(dim=-1)
-    sorted_target, target_order = target.sort(dim=-1)
-    merged = torch.cat([sorted_input, sorted_target], dim=-1).sort(dim=-1).values
-    gaps = merged.diff(dim=-1)
-    points = merged[..., :-1]
-    input_cdf = _empirical_cdf(sorted_input, input_order, input_weights, points)
-    target_cdf = _empirical_cdf(sorted_target, target_order, target_weights, points)
-    return reduce(((input_cdf - target_cdf).abs() * gaps).sum(dim=-1), reduction)
+    # Half-precision counts and weight sums overflow past 65504 (n > 65504 samples gave NaN):
+    # computed in float32 at least, as the other distances, and returned in input's dtype.
+    work_dtype = opmath_dtype(input.dtype)
+    values, others = input.to(dtype=work_dtype), target.to(dtype=work_dtype)
+    if input_weights is not None:
+        input_weights = input_weights.to(dtype=work_dtype)
+    if target_weights is not None:
+        target_weights = target_weights.to(dtype=work_dtype)
+    with autocast_off(input.device.type):
+        sorted_input, input_order = values.sort(dim=-1)
+        sorted_target, target_order = others.sort(dim=-1)
+        merged = torch.cat([sorted_input, sorted_target], dim=-1).sort(dim=-1).values
+        gaps = merged.diff(dim=-1)
+        points = merged[..., :-1]
+        input_cdf = _empirical_cdf(sorted_input, input_order, input_weights, points)
+        target_cdf = _empirical_cdf(sorted_target, target_order, target_weights, points)
+        distance = ((input_cdf - target_cdf).abs() * gaps).sum(dim=-1)
+    return in_result_dtype(reduce(distance, reduction), input)
 
 
 def _centred_factor(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:

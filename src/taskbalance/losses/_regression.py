@@ -183,8 +183,9 @@ def tukey_loss(
     one MAD per output coordinate over the mini-batch, which is ``mad_dim=0`` for ``(N, D)``
     predictions; the default ``mad_dim=None`` pools all residuals. A 0-d input has one axis, as
     in torch (``mad_dim`` 0 or -1 names it), and its MAD is that of its single residual. A MAD
-    of 0 (e.g. more than half the residuals equal) is floored at the dtype's ``tiny`` so the
-    division stays finite.
+    of 0 (e.g. more than half the residuals equal, or a batch of one with ``mad_dim=0``) is
+    floored at the dtype's ``tiny`` so the division stays finite: every nonzero residual then
+    lies beyond ``c``, an outlier with the constant loss and a zero gradient.
 
     Args:
         input: Predictions, floating point.
@@ -226,7 +227,9 @@ def tukey_loss(
     # With u = min((r/c)², 1): 1 − (1 − u)³ = u·(3 − 3u + u²), which avoids the cancellation of
     # the textbook form for small residuals; clamping u at 1 gives the constant c²/6 (and zero
     # gradient) beyond c without a branch.
-    u = (residual / c).square().clamp(max=1.0)
+    # Clamped before squaring: a residual beyond c then passes back exactly 0, also where it
+    # is huge or infinite (a MAD floored at tiny), whose square would pass back 2·inf·0 = NaN.
+    u = (residual / c).clamp(-1.0, 1.0).square()
     return reduce((c * c / 6.0) * u * (3.0 - 3.0 * u + u.square()), reduction)
 
 
