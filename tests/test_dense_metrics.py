@@ -341,3 +341,26 @@ def test_depth_errors_without_a_channel_axis_are_per_pixel() -> None:
             else np.mean([batch.mean() for batch in errors[name]])
         )
         assert metric.compute() == pytest.approx(expected, rel=1e-12)
+
+
+def test_binary_counts_refuse_other_shapes_and_a_changed_column_count_by_name():
+    """A 0-d prediction raised an IndexError from inside the count, and a batch with another
+    number of attribute columns a raw broadcasting RuntimeError; the state is unchanged."""
+    from taskbalance.metrics import BinaryF1
+
+    f1 = BinaryF1()
+    with pytest.raises(ValueError, match=r"pred: expected shape \[N\] or \[N, A\]"):
+        f1.update(torch.tensor(1.0), torch.tensor(1.0))
+    f1.update(torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 1.0]]))
+    before = f1.compute()
+    with pytest.raises(ValueError, match=r"expected 2 attribute column\(s\)"):
+        f1.update(torch.tensor([[2.0, -1.0, 1.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    assert f1.compute() == before
+
+
+def test_normal_within_angle_refuses_a_bool_threshold():
+    from taskbalance.metrics import NormalWithinAngle
+
+    with pytest.raises(ValueError, match=r"threshold must be an angle in \(0, 180\]"):
+        NormalWithinAngle(True)  # type: ignore[arg-type]
+    assert NormalWithinAngle(30).threshold == 30.0

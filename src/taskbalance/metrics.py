@@ -508,7 +508,11 @@ class NormalWithinAngle(_NormalMetric):
     direction: Direction = "higher"
 
     def __init__(self, threshold: float, reduction: Reduction = "pixel") -> None:
-        if not isinstance(threshold, (int, float)) or not 0 < threshold <= 180:
+        if (
+            isinstance(threshold, bool)  # True is an int: it would pass as 1 degree
+            or not isinstance(threshold, (int, float))
+            or not 0 < threshold <= 180
+        ):
             raise ValueError(f"threshold must be an angle in (0, 180] degrees, got {threshold!r}")
         self.threshold = float(threshold)
         self.name = f"normal_within_{threshold:g}"
@@ -543,6 +547,16 @@ class _BinaryCounts(Accumulator):
         _check_tensor(pred, "pred")
         _check_tensor(target, "target")
         _check_same_shape(pred, target, self.name)
+        if pred.dim() not in (1, 2):
+            raise ValueError(
+                f"pred: expected shape [N] or [N, A] (A attributes), got {tuple(pred.shape)}"
+            )
+        columns = 1 if pred.dim() == 1 else pred.shape[1]
+        if self._counts is not None and self._counts.shape[1] != columns:
+            raise ValueError(
+                f"pred: expected {self._counts.shape[1]} attribute column(s), as in the "
+                f"earlier batches of this split, got shape {tuple(pred.shape)}"
+            )
         positive = pred.detach() > (0.0 if self.logits else 0.5)
         truth = target.detach() > 0.5
         if positive.dim() == 1:
