@@ -1367,3 +1367,17 @@ def test_an_empty_class_or_outcome_axis_is_refused_by_name():
         losses.kl_divergence(torch.zeros(2, 0), torch.zeros(2, 0), reduction="none")
     # An empty batch (not an empty distribution) is still fine.
     assert losses.cross_entropy(torch.zeros(0, 3), torch.zeros(0, 3), reduction="sum") == 0
+
+
+def test_wasserstein_half_input_keeps_float32_weights_past_65504():
+    """The weights were cast to the input's float16 first: 1e5 became inf, the result NaN."""
+    x = torch.arange(4.0)
+    got = losses.wasserstein_1d(x.half(), x.half() + 1, input_weights=torch.full((4,), 1e5))
+    assert float(got) == 1.0
+
+
+def test_entropy_of_logits_over_no_outcome_is_refused():
+    from taskbalance import info
+
+    with pytest.raises(ValueError, match=r"p: expected logits of at least one outcome"):
+        info.entropy(torch.empty(4, 0), from_logits=True)

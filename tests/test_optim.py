@@ -171,3 +171,16 @@ def test_bad_learning_rates_and_decays_are_refused_by_name(kwargs, error, messag
 def test_tasks_must_be_a_mapping():
     with pytest.raises(TypeError, match=r"tasks: expected a mapping task name -> module"):
         task_param_groups(nn.Linear(2, 2), [nn.Linear(2, 1)], lr=0.1)  # type: ignore[arg-type]
+
+
+def test_numpy_scalars_and_one_element_tensors_are_learning_rates():
+    """As torch.optim takes them (a review found the first checks refused them)."""
+    np = pytest.importorskip("numpy")
+    for lr in (torch.tensor(0.25), np.float32(0.25), np.int64(1)):
+        groups = task_param_groups(nn.Linear(2, 2), {"a": nn.Linear(2, 1)}, lr=lr)
+        assert [group["lr"] for group in groups] == [float(lr)] * 2
+    mixed = {"shared": np.float64(0.5), "a": torch.tensor(0.125)}
+    groups = task_param_groups(nn.Linear(2, 2), {"a": nn.Linear(2, 1)}, lr=mixed)
+    assert [group["lr"] for group in groups] == [0.5, 0.125]
+    with pytest.raises(TypeError, match=r"lr: expected a real number"):
+        task_param_groups(nn.Linear(2, 2), {"a": nn.Linear(2, 1)}, lr=torch.tensor(True))

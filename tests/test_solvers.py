@@ -1930,3 +1930,13 @@ def test_two_task_shifted_min_norm_weights_stay_on_the_simplex(tensor):
             assert min(weights) >= 0.0
             assert sum(weights) == pytest.approx(1.0, abs=4e-16), (G, beta, weights)
             assert float(sum(slope)) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_two_task_weights_where_the_numerators_sum_overflows(backend):
+    """G near the float's limit: a + c overflowed to inf and both weights became 0 (a review
+    found it); the answer is that of G / 1e300, (1/2, 1/2)."""
+    G = torch.tensor([[0.85e308, -0.8e308], [-0.8e308, 0.85e308]], dtype=torch.float64)
+    assert min_norm_weights(G, backend=backend).tolist() == [0.5, 0.5]
+    w, _ = ShiftedMinNorm(G.tolist(), [0.0, 0.0]).solve(0.0, 250, 1e-12)
+    assert [float(v) for v in w] == [0.5, 0.5]

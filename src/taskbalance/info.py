@@ -55,6 +55,11 @@ def _probabilities_and_logs(
     turn the zero gradient of the masked branch into NaN).
     """
     if from_logits:
+        if x.dim() > 0 and x.shape[dim] == 0:  # as check_distribution refuses probabilities
+            raise ValueError(
+                f"{name}: expected logits of at least one outcome along dim {dim}, got shape "
+                f"{tuple(x.shape)}"
+            )
         log_x = torch.log_softmax(x, dim=dim)
         return log_x.exp(), log_x
     check_distribution(name, x, dim)

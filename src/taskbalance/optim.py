@@ -36,9 +36,11 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from taskbalance._validation import check_nonnegative, check_tensor
@@ -105,7 +107,7 @@ def _per_group_values(
             raise TypeError(f"{argument}: expected a number or a mapping group -> number, got None")
         return {}
     if not isinstance(value, Mapping):
-        return dict.fromkeys(groups, check_nonnegative(argument, value))
+        return dict.fromkeys(groups, check_nonnegative(argument, _plain_number(value)))
     unknown = sorted(set(value) - set(groups))
     if unknown:
         raise ValueError(
@@ -118,10 +120,25 @@ def _per_group_values(
             f"no entry for groups {missing}"
         )
     return {
-        group: check_nonnegative(f"{argument}[{group!r}]", value[group])
+        group: check_nonnegative(f"{argument}[{group!r}]", _plain_number(value[group]))
         for group in groups
         if group in value
     }
+
+
+def _plain_number(value: object) -> object:
+    """A real number as a float (numpy scalars, a one-element real tensor, as torch.optim
+    takes them); anything else (a bool, a string, None) unchanged, for the check to name."""
+    if (
+        isinstance(value, Tensor)
+        and value.numel() == 1
+        and not value.is_complex()
+        and value.dtype != torch.bool
+    ):
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def task_param_groups(

@@ -83,6 +83,8 @@ def _special_case(diag: list[float], g12: float) -> list[float] | None:
             return [0.0, 1.0]
         if second <= 0:
             return [1.0, 0.0]
+        if not math.isfinite(first + second):  # both near the float's limit: halve first
+            first, second = 0.5 * first, 0.5 * second
         total = first + second
         return [first / total, second / total]
     return None

@@ -124,6 +124,8 @@ def _two_shifted(
         return [0.0, 1.0], [0.0, 0.0]
     if second <= 0.0:
         return [1.0, 0.0], [0.0, 0.0]
+    if not math.isfinite(first + second):  # both near the float's limit: halve first
+        first, second = 0.5 * first, 0.5 * second
     total = first + second
     slope = (b[1] - b[0]) / total
     return [first / total, second / total], [slope, -slope]

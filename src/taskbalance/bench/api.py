@@ -754,7 +754,9 @@ _INSTALLED_ROOTS = tuple(
         for root in [
             *(sysconfig.get_paths().get(name) for name in ("stdlib", "platstdlib", "purelib")),
             sysconfig.get_paths().get("platlib"),
-            *site.getsitepackages(),  # Debian's dist-packages too
+            # Debian's dist-packages too; not the prefix itself, which Windows lists (a venv
+            # made in the project folder would hold the user's benchmark files)
+            *(root for root in site.getsitepackages() if Path(root).name.endswith("-packages")),
             site.getusersitepackages(),  # pip install --user
         ]
         if root

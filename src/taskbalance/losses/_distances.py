@@ -84,7 +84,8 @@ def kl_divergence(
 def _check_sample_weights(name: str, weights: Tensor, values_name: str, values: Tensor) -> Tensor:
     check_floating(name, weights)
     check_same_shape(values_name, values, name, weights)
-    weights = weights.to(dtype=values.dtype)
+    # In the dtype the distance is computed in: half-precision weights past 65504 are inf.
+    weights = weights.to(dtype=opmath_dtype(values.dtype))
     with torch.no_grad():
         if bool((weights < 0).any()) or bool(torch.isnan(weights).any()):
             raise ValueError(
