@@ -357,3 +357,18 @@ def test_the_caption_warns_that_two_seeds_rank_nothing():
     # The threshold the note quotes: the two-sided 5% point of Student's t with 1 dof.
     scipy_stats = pytest.importorskip("scipy.stats")
     assert scipy_stats.t.ppf(0.975, 1) == pytest.approx(12.706, abs=1e-3)
+
+
+def test_train_reports_the_last_epochs_mean_weights_beside_the_last_steps():
+    """Two epochs of 4 steps: the last epoch is steps 4–7, whose weights average to (0.5, 0.5)
+    while the last step alone reads (1, 0) (a task without labels there, or one RLW draw)."""
+    import dataclasses
+
+    from taskbalance.bench.cli import _last_epoch_mean_weights
+
+    run = _run("rlw", 0, [0.9, 0.1], history=[([0.9, 0.1], [0.9, 0.1])])
+    rows = [[0.9, 0.1]] * 4 + [[0.0, 1.0], [0.5, 0.5], [0.5, 0.5], [1.0, 0.0]]
+    run = dataclasses.replace(run, weight_steps=list(range(8)), weight_rows=rows)
+    assert run.final_weights == [1.0, 0.0]
+    assert _last_epoch_mean_weights(run) == [0.5, 0.5]
+    assert _last_epoch_mean_weights(dataclasses.replace(run, weight_rows=[], weight_steps=[])) == []

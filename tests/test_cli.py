@@ -179,6 +179,7 @@ def test_train_one_epoch_on_each_benchmark(capsys, tmp_path, bench, method):
     elif bench != "toy-2d":
         assert "test metrics" in out
         assert "final weights" in out
+        assert "mean weights over the last epoch" in out
         metadata = json.loads((tmp_path / "metadata.json").read_text())
         assert metadata["methods"][0]["label"] == method
         assert metadata["versions"]["torch"]

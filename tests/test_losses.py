@@ -1381,3 +1381,11 @@ def test_entropy_of_logits_over_no_outcome_is_refused():
 
     with pytest.raises(ValueError, match=r"p: expected logits of at least one outcome"):
         info.entropy(torch.empty(4, 0), from_logits=True)
+
+
+def test_frechet_distance_refuses_non_finite_features_by_name():
+    features = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    bad = features.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ValueError, match=r"target: expected finite features"):
+        losses.frechet_distance(features, bad)

@@ -18,6 +18,7 @@ import argparse
 import csv
 import os
 import select
+import statistics
 import sys
 import tempfile
 import warnings
@@ -41,6 +42,7 @@ from taskbalance.bench.api import (
 from taskbalance.bench.compare import BenchmarkSource, run_comparison
 from taskbalance.bench.harness import (
     Method,
+    RunResult,
     TrainConfig,
     check_method,
     example_hyperparameters,
@@ -265,7 +267,15 @@ def _report_train(
         f"{name}={value:.4g}"
         for name, value in zip(run.task_names, run.final_weights, strict=False)
     )
-    print(f"final weights: {weights}")
+    print(f"final weights (the last step's): {weights}")
+    last_epoch = _last_epoch_mean_weights(run)
+    if last_epoch:
+        means = ", ".join(
+            f"{name}={value:.4g}" for name, value in zip(run.task_names, last_epoch, strict=False)
+        )
+        # One step's weights are one draw of a random or noisy rule (RLW, FAMO), and 0 for a
+        # task without labels in that batch: the epoch's mean is what the run applied.
+        print(f"mean weights over the last epoch: {means}")
     if run.learned_variances is not None and benchmark.noise_variances is not None:
         _print_variance_recovery(run.task_names, benchmark.noise_variances, run.learned_variances)
     files = [
@@ -296,6 +306,17 @@ def _report_train(
         if draw(out / name):
             files.append(out / name)
     print("wrote " + ", ".join(str(path) for path in files))
+
+
+def _last_epoch_mean_weights(run: RunResult) -> list[float]:
+    """Each task's mean recorded weight over the last epoch's steps (empty without weights)."""
+    if not run.weight_rows or not run.epochs:
+        return []
+    per_epoch = (run.weight_steps[-1] + 1) / len(run.epochs)
+    first = run.weight_steps[-1] + 1 - per_epoch
+    recorded = zip(run.weight_steps, run.weight_rows, strict=True)
+    rows = [row for step, row in recorded if step >= first]
+    return [statistics.fmean(column) for column in zip(*rows, strict=True)]
 
 
 def _print_variance_recovery(

@@ -242,7 +242,8 @@ def frechet_distance(input: Tensor, target: Tensor, *, reduction: Reduction = "m
         The squared Fréchet distance (what FID reports), in ``input``'s dtype and device.
 
     Raises:
-        ValueError: On mismatched feature dimensions or batch axes, or fewer than 2 samples.
+        ValueError: On mismatched feature dimensions or batch axes, fewer than 2 samples, or
+            non-finite features.
 
     Example:
         >>> import torch
@@ -272,6 +273,10 @@ def frechet_distance(input: Tensor, target: Tensor, *, reduction: Reduction = "m
             "input, target: expected at least 2 samples (rows) each for a covariance, got input "
             f"shape {tuple(input.shape)} and target shape {tuple(target.shape)}"
         )
+    with torch.no_grad():  # torch's SVD would fail on them, as an unnamed LinAlgError
+        for name, features in (("input", input), ("target", target)):
+            if not bool(torch.isfinite(features).all()):
+                raise ValueError(f"{name}: expected finite features, got NaN or inf entries")
     # torch has no half-precision QR or SVD, and float16 covariances overflow: float32 at least,
     # autocast off (its half-precision products lose the traces' difference: 97% off, measured)
     work_dtype = opmath_dtype(input.dtype)
