@@ -372,3 +372,12 @@ def test_train_reports_the_last_epochs_mean_weights_beside_the_last_steps():
     assert run.final_weights == [1.0, 0.0]
     assert _last_epoch_mean_weights(run) == [0.5, 0.5]
     assert _last_epoch_mean_weights(dataclasses.replace(run, weight_rows=[], weight_steps=[])) == []
+
+
+def test_one_seed_marks_no_row_as_tied_with_the_best():
+    """With one seed there is no paired test: every other row read "≈" (a new user's find)."""
+    runs = [*_single_task_runs([2.0, 2.0]), _run("ew", 0, [0.8, 2.0]), _run("odd", 0, [0.7, 3.0])]
+    rows = {row.method: row for row in summarise(runs, FAKE)}
+    ranked = sorted((row for row in rows.values() if row.rank), key=lambda row: row.rank)
+    assert ranked[0].tied_with_best
+    assert not ranked[1].tied_with_best

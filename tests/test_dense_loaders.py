@@ -152,6 +152,33 @@ def test_gaps_uneven_counts_and_wrong_shapes_are_named(tmp_path):
         NpyDenseDataset(tmp_path, "train", "nyuv2")
 
 
+def test_labels_outside_the_classes_and_8_bit_images_are_named(tmp_path):
+    """Labels 0 … C−1, -1 and 255 are read; any other value was taken as unlabelled, so
+    classes numbered from 1 or another class set trained silently on the wrong classes.
+    8-bit images reached the model as 0 … 255."""
+    write_npy_layout(tmp_path, "cityscapes", label_folder="label_7")
+    label = np.full((H, W), 3, np.float32)
+    label[0, 0], label[0, 1] = -1, 255  # both unlabelled
+    np.save(tmp_path / "val" / "label_7" / "1.npy", label)
+    data = NpyDenseDataset(tmp_path, "val", "cityscapes")
+    assert int(data[1][1][0][0, 1]) == 255
+    label[2, 2] = 7  # a class past label_7's 0 … 6
+    np.save(tmp_path / "val" / "label_7" / "1.npy", label)
+    with pytest.raises(DatasetLayoutError, match=r"1\.npy: label 7; expected classes 0 … 6"):
+        data[1]
+    data[0]  # the other scenes still read
+    np.save(tmp_path / "train" / "image" / "0.npy", np.zeros((H, W, 3), np.uint8))
+    with pytest.raises(DatasetLayoutError, match=r"dtype torch.uint8; expected float images"):
+        NpyDenseDataset(tmp_path, "train", "cityscapes")
+
+
+def test_an_image_of_another_size_than_its_label_names_both(tmp_path):
+    write_npy_layout(tmp_path, "nyuv2")
+    np.save(tmp_path / "val" / "image" / "0.npy", np.zeros((H + 2, W, 3), np.float32))
+    with pytest.raises(DatasetLayoutError, match=r"shape \(10, 12, 3\); expected \(8, 12, 3\)"):
+        NpyDenseDataset(tmp_path, "val", "nyuv2")
+
+
 ATTRIBUTES = [f"Attr_{k}" for k in range(40)]
 
 

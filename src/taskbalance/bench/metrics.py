@@ -88,7 +88,8 @@ class MethodSummary:
         summary_std: its sample standard deviation.
         delta_m_by_seed: ``{seed: Δm%}``.
         versus_reference: paired comparison with the reference method (equal weights).
-        tied_with_best: the paired test cannot tell this row from rank 1 (p ≥ 0.05).
+        tied_with_best: the paired test cannot tell this row from rank 1 (p ≥ 0.05); False
+            where there is no test (fewer than 2 seeds shared with rank 1).
         delta_m_note: why Δm% is undefined (a zero single-task baseline, or a NaN metric),
             else ``""``.
     """
@@ -317,7 +318,8 @@ def summarise(
             row.versus_reference = paired_comparison(row.delta_m_by_seed, reference.delta_m_by_seed)
         if best is not None and row.rank is not None:
             versus_best = paired_comparison(row.delta_m_by_seed, best.delta_m_by_seed)
-            row.tied_with_best = row is best or versus_best.verdict in ("tie", "n/a")
+            # n/a (fewer than 2 paired seeds) is no test at all: no "≈" (the caption says so)
+            row.tied_with_best = row is best or versus_best.verdict == "tie"
     return rows + ranked
 
 

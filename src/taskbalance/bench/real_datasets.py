@@ -77,6 +77,12 @@ class DatasetLayoutError(BenchmarkError):
     """A data directory that is missing or does not have the expected layout (a ValueError)."""
 
 
+#: NYUv2's segmentation classes in MTAN's preprocessing.
+NYUV2_CLASSES = 13
+#: The other label value read as unlabelled beside -1 (Cityscapes' ignore value elsewhere).
+UNLABELLED_255 = 255
+
+
 def layout_text(dataset: str, num_classes: int = 7) -> str:
     """The expected directory tree of ``"nyuv2"`` or ``"cityscapes"``, for error messages.
 
@@ -254,6 +260,7 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
         self.split = split
         self.dataset = dataset
         self.augment = augment
+        self.num_classes = NYUV2_CLASSES if dataset == "nyuv2" else num_classes
         label_folder = "label" if dataset == "nyuv2" else f"label_{num_classes}"
         self.folders = ["image", label_folder, "depth"] + (["normal"] if dataset == "nyuv2" else [])
         self.layout = layout_text(dataset, num_classes)
@@ -285,13 +292,30 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
             "depth": (height, width, 1),
             "normal": (height, width, 3),
         }
+        channels = (
+            "H×W×3 images, H×W labels, H×W×1 depth and H×W×3 normals"
+            if self.dataset == "nyuv2"
+            else "H×W×3 images, H×W labels and H×W×1 depth"
+        )
         for folder, array in zip(self.folders, (image, label, depth, *normal), strict=True):
-            if label.dim() != 2 or tuple(array.shape) != expected[folder]:
+            if label.dim() != 2:
                 raise DatasetLayoutError(
-                    f"{self._path(folder, 0)}: shape {tuple(array.shape)}; "
-                    f"expected H×W×3 images, H×W labels, H×W×1 depth and H×W×3 normals "
-                    f"(channel last), as:\n{self.layout}"
+                    f"{self._path(self.folders[1], 0)}: shape {tuple(label.shape)}; expected "
+                    f"{channels} (channel last), as:\n{self.layout}"
                 )
+            if tuple(array.shape) != expected[folder]:
+                raise DatasetLayoutError(
+                    f"{self._path(folder, 0)}: shape {tuple(array.shape)}; expected "
+                    f"{expected[folder]}, from the H×W = {height}×{width} of "
+                    f"{self.folders[1]}/0.npy ({channels}, channel last), as:\n{self.layout}"
+                )
+        # MTAN's images are floats in [0, 1]: 8-bit ones would reach the model as 0…255
+        if not image.is_floating_point():
+            raise DatasetLayoutError(
+                f"{self._path('image', 0)}: dtype {image.dtype}; expected float images in "
+                f"[0, 1] as MTAN's preprocessing writes them (divide 8-bit images by 255), "
+                f"as:\n{self.layout}"
+            )
         return {folder: expected[folder] for folder in self.folders}
 
     def _check_item(self, number: int, arrays: Sequence[Tensor]) -> None:
@@ -306,6 +330,20 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
                     f"split has the same size, channel last), as:\n{self.layout}"
                 )
 
+    def _check_label_values(self, number: int, label: Tensor) -> None:
+        """Labels are classes ``0 … C−1``, or ``−1``/``255`` for unlabelled pixels. Any other
+        value would be read as unlabelled too, silently: classes numbered from 1, or 19-class
+        labels in ``label_7/``, would train on the wrong classes."""
+        outside = (label >= self.num_classes) & (label != UNLABELLED_255)
+        outside |= label < -1
+        if bool(outside.any()):
+            value = int(label[outside][0])
+            raise DatasetLayoutError(
+                f"{self._path(self.folders[1], number)}: label {value}; expected classes "
+                f"0 … {self.num_classes - 1}, or -1 or 255 for unlabelled pixels (classes "
+                f"numbered from 1, or labels of another class set?), as:\n{self.layout}"
+            )
+
     def __len__(self) -> int:
         return len(self.indices)
 
@@ -315,6 +353,7 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
         self._check_item(number, arrays)
         image = arrays[0].permute(2, 0, 1).float()
         label = arrays[1].round().long()
+        self._check_label_values(number, label)
         depth = arrays[2].permute(2, 0, 1).float()
         normal = arrays[3].permute(2, 0, 1).float() if len(arrays) == 4 else None
         if self.augment:
@@ -514,7 +553,7 @@ def build_nyuv2(
         ...     print(error)
         model (--model): expected one of ['segnet', 'mtan'], got 'resnet'
     """
-    return _dense_benchmark("nyuv2", data_root, small, data_seed, 13, model)
+    return _dense_benchmark("nyuv2", data_root, small, data_seed, NYUV2_CLASSES, model)
 
 
 def build_cityscapes(
