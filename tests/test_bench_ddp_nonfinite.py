@@ -11,7 +11,11 @@ import math
 import torch
 
 from conftest import gloo_group, run_ranks
-from taskbalance.bench.harness import _finite_on_every_rank
+from taskbalance.bench.harness import _checked_on_every_rank
+
+
+def _finite_on_every_rank(losses: torch.Tensor) -> bool:
+    return _checked_on_every_rank(losses, [True] * losses.shape[0])[0]
 
 
 def _worker(rank: int, store: str, out: str) -> None:

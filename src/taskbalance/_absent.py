@@ -80,9 +80,15 @@ def absent_losses_cut(vector: Tensor, absent: Sequence[int]) -> Tensor | None:
     orphans = _orphan_leaves(cut, reached)
     if not orphans:
         return None
-    zero = torch.zeros((), dtype=torch.float32, device=vector.device)
-    for leaf, sparse in orphans:  # (a model split over devices: each term joins the losses')
-        zero = zero + _zero_gradient_term(leaf, sparse).to(zero.device)
+    return zero_through(orphans, vector.device)
+
+
+def zero_through(leaves: Sequence[tuple[Tensor, bool]], device: torch.device) -> Tensor:
+    """A float32 0-d exact zero on ``device`` whose backward gives each ``(leaf, sparse)`` a
+    zero gradient of the kind a loss would (see :func:`_zero_gradient_term`)."""
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    for leaf, sparse in leaves:  # (a model split over devices: each term joins the losses')
+        zero = zero + _zero_gradient_term(leaf, sparse).to(device)
     return zero
 
 

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import taskbalance as tb
-from taskbalance._absent import _zero_gradient_term
+from taskbalance._absent import zero_through
 from taskbalance._distributed import all_reduce_sum, is_distributed
 from taskbalance.bench.api import Benchmark, BenchmarkError, Task, TrainingDefaults
 from taskbalance.bench.data import collate
@@ -783,6 +783,8 @@ def train_run(
         None if shared_name is None else list(submodule(model, shared_name).parameters())
     )
     recorder = WeightRecorder(config.weight_capacity)
+    # What the exact zero of an absent task's loss reaches (found once, not at every step).
+    zero_leaves = _zero_gradient_leaves(model)
     # The tasks whose labels let a step train: a single-task model's own, else any task.
     trained_tasks = (
         [single_task] if balancer is None and single_task is not None else list(range(num_tasks))
@@ -812,7 +814,7 @@ def train_run(
                     # Every task labelled: the loop as it always was, bit for bit.
                     losses = torch.stack(task_losses)  # type: ignore[arg-type]  # no None here
                 else:
-                    losses = _with_absent_filled(task_losses, model, device)
+                    losses = _with_absent_filled(task_losses, zero_leaves, device)
                 # A single-task model trains on its own task's loss only: another task's
                 # non-finite loss does not stop it.
                 checked = [here and k in trained_tasks for k, here in enumerate(present)]
@@ -858,7 +860,7 @@ def train_run(
                         objective = losses[single_task]
                     elif world_size > 1:
                         # DDP waits for every parameter's gradient, the other heads' too
-                        objective = own + _exact_zero(model, own, device)
+                        objective = own + _exact_zero(zero_leaves, own, device)
                     else:
                         # Its own loss alone, not the stack's entry: the stack's backward
                         # runs every task's graph with a zero gradient, and 0·NaN from
@@ -988,7 +990,7 @@ def _task_loss(benchmark: Benchmark, task: Task, output: Any, target: Any) -> Te
 
 
 def _with_absent_filled(
-    task_losses: list[Tensor | None], model: nn.Module, device: torch.device
+    task_losses: list[Tensor | None], leaves: Sequence[tuple[Tensor, bool]], device: torch.device
 ) -> Tensor:
     """The ``[K]`` losses, each absent task's entry (None) an exact zero from
     :func:`_exact_zero`: it reaches every parameter, with a zero gradient, whatever weight the
@@ -1000,27 +1002,31 @@ def _with_absent_filled(
     it, as on any zero gradient).
     """
     given = [loss for loss in task_losses if loss is not None]
-    zero = _exact_zero(model, given[0] if given else None, device)
+    zero = _exact_zero(leaves, given[0] if given else None, device)
     return torch.stack([zero if loss is None else loss for loss in task_losses])
 
 
-def _exact_zero(model: nn.Module, like: Tensor | None, device: torch.device) -> Tensor:
-    """``Σ 0·p`` over the model's trainable parameters (one entry of each; no rows of a table
-    that an ``nn.Embedding(sparse=True)`` reads, whose gradient must stay sparse): exactly 0,
-    in the graph of every parameter, on ``like``'s device and in its dtype (float32 on
-    ``device`` without one)."""
-    where = device if like is None else like.device
+def _zero_gradient_leaves(model: nn.Module) -> list[tuple[Tensor, bool]]:
+    """The model's trainable parameters, each with whether its gradient is sparse (a table an
+    ``nn.Embedding(sparse=True)`` reads, whose zero gradient must stay sparse)."""
     sparse_tables = {
         id(module.weight)
         for module in model.modules()
         if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse
     }
-    zero = torch.zeros((), dtype=torch.float32, device=where)
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.numel() > 0:
-            term = _zero_gradient_term(parameter, id(parameter) in sparse_tables)
-            # A model split over devices: each term joins the losses' device.
-            zero = zero + term.to(where)
+    return [
+        (parameter, id(parameter) in sparse_tables)
+        for parameter in model.parameters()
+        if parameter.requires_grad and parameter.numel() > 0
+    ]
+
+
+def _exact_zero(
+    leaves: Sequence[tuple[Tensor, bool]], like: Tensor | None, device: torch.device
+) -> Tensor:
+    """``Σ 0·p`` over ``leaves`` (:func:`_zero_gradient_leaves`): exactly 0, in the graph of
+    every parameter, on ``like``'s device and in its dtype (float32 on ``device`` without)."""
+    zero = zero_through(leaves, device if like is None else like.device)
     return zero if like is None else zero.to(like.dtype)
 
 
@@ -1072,14 +1078,6 @@ def _checked_on_every_rank(
     )
     reduced = all_reduce_sum(flags).tolist()
     return reduced[0] == 0.0, [round(count) for count in reduced[1:]]
-
-
-def _finite_on_every_rank(losses: Tensor, present: Sequence[bool] | None = None) -> bool:
-    """Whether every rank's present losses are finite: under DDP the ranks stop together, or
-    one would wait alone in the next collective (DDP's backward, the balancer's) until the
-    timeout."""
-    mask = [True] * losses.shape[0] if present is None else present
-    return _checked_on_every_rank(losses, mask)[0]
 
 
 def _step_schedulers(schedulers: Sequence[Any], *, stepped: bool) -> None:
