@@ -91,8 +91,8 @@ class DTP(Balancer):
         kpis = step.kpis
         assert kpis is not None  # the base class has checked them
         smoothed = self.smoothing * kpis + (1 - self.smoothing) * self.smoothed_kpis
-        if not bool(self.has_kpis.all()):  # a task's κ̄ starts at its first observed KPI
-            smoothed = torch.where(self.has_kpis, smoothed, kpis)
+        # A task's κ̄ starts at its first observed KPI; decided on the device (no host read).
+        smoothed = torch.where(self.has_kpis, smoothed, kpis)
         if not step.all_present:  # an absent task's KPI is not a new observation
             smoothed = torch.where(step.present, smoothed, self.smoothed_kpis)
             self.has_kpis |= step.present
