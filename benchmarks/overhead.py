@@ -57,6 +57,8 @@ DIM_IN = 64
 WIDTH = 256
 BATCH = 256
 LR = 1e-3
+#: Parameters mode with ``reuse_rows=True`` (timed beside torchjd, which works that way).
+REUSE_MODE = "params+reuse"
 #: Independent copies of each reference variant (``ew`` and the lower bounds) run every round;
 #: their samples are pooled. A reference's error moves every ratio in its column at once, so
 #: its median is taken over three times as many samples as a method's.
@@ -131,8 +133,9 @@ def make_balancer_step(
     model = _fresh(template)
     cls = tb.method_class(name)
     hparams = dict(method_facts(cls).required_hyperparameters)
-    if mode == "params":
+    if mode in ("params", REUSE_MODE):
         hparams["params"] = list(model.trunk.parameters())
+        hparams["reuse_rows"] = mode == REUSE_MODE
     balancer = tb.create(name, num_tasks=K, **hparams)
     optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=LR)
     kpis = torch.linspace(0.3, 0.8, K) if cls.requires_kpis else None
@@ -314,6 +317,13 @@ def build_variants(K: int, methods: list[str], modes: list[str], torchjd_methods
                     "torchjd",
                     name,
                     lambda n=name: make_torchjd_step(n, template, x, y),
+                )
+                # torchjd's own way: the listed parameters' gradient from the rows
+                add(
+                    f"{name}/{REUSE_MODE}",
+                    REUSE_MODE,
+                    name,
+                    lambda n=name: make_balancer_step(n, template, x, y, REUSE_MODE),
                 )
     return variants
 
@@ -500,12 +510,13 @@ def report(results: dict[int, dict[str, Variant]], ks: list[int], methods: list[
                 rule,
             ]
             for name in with_jd:
-                cells = []
-                for K in ks:
-                    ours = ratio(K, f"{name}/params", f"torchjd:{name}")
-                    theirs = ratio(K, f"torchjd:{name}", "ew")
-                    cells.append(f"{_fmt(ours, 1.0 if K >= 4 else None)} ({_fmt(theirs)})")
-                row(f"`{name}`", cells)
+                for mode, label in (("params", f"`{name}`"), (REUSE_MODE, "`reuse_rows=True`")):
+                    cells = []
+                    for K in ks:
+                        ours = ratio(K, f"{name}/{mode}", f"torchjd:{name}")
+                        theirs = ratio(K, f"torchjd:{name}", "ew")
+                        cells.append(f"{_fmt(ours, 1.0 if K >= 4 else None)} ({_fmt(theirs)})")
+                    row(label, cells)
             out.append("")
     errors = sorted(
         {(v.key, v.error) for K in ks for v in results[K].values() if v.error is not None}

@@ -375,7 +375,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             objective = self._objective(step, weights)
         if orphans is not None:
             objective = objective + orphans.to(objective.dtype)
-        return objective
+        return self._finish_objective(step, weights, objective)
 
     def compute_weights(
         self,
@@ -531,6 +531,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         """The objective to backward: ``Σ w_k L_k`` unless the method defines its own."""
         return torch.dot(weights, step.losses)
+
+    def _finish_objective(self, step: Step, weights: Tensor, objective: Tensor) -> Tensor:
+        """The objective handed back, built from the complete ``objective`` (absent tasks'
+        zeros included): itself, unless a method changes how its backward runs."""
+        return objective
 
     def _check_call_inputs(
         self, losses: Tensor, features: Tensor | Sequence[Tensor] | None

@@ -23,6 +23,7 @@ from taskbalance._gramian import (
     has_subnormal_norm,
     task_gradients,
 )
+from taskbalance._reuse_rows import SharedGradient, objective_from_rows
 from taskbalance._step import Step
 from taskbalance._validation import (
     check_choice,
@@ -154,6 +155,18 @@ class GradientBalancer(Balancer):
             ``default_heads``.
         normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (see above).
         group_aggregation: ``"joint"``, ``"per_group"`` or ``"per_tensor"`` (see above).
+        reuse_rows: parameters mode only. True gives the listed parameters their gradient
+            straight from the task-gradient rows the engine has computed (``Jᵀw``, or the
+            method's direction), as torchjd's ``jac_to_grad`` does, instead of a second
+            backward through them: the objective's backward then runs only through the rest
+            of the graph (the heads, parameters left out of ``params``), so a step listing the
+            whole trunk costs K backward passes through it instead of K + 1. The gradients are
+            the same (to rounding). Not the default because the backward differs from an
+            ordinary one: hooks inside the listed region never see the final gradient, the
+            graph is freed by the first backward whatever ``retain_graph`` says (a second one
+            is refused), a term added to the objective that reaches the listed region (an
+            auxiliary loss on the model's outputs) fails in the backward, and
+            ``create_graph=True`` is refused. See :mod:`taskbalance._reuse_rows`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -199,6 +212,7 @@ class GradientBalancer(Balancer):
         heads: str | None = None,
         normalization: str = "none",
         group_aggregation: str = "joint",
+        reuse_rows: bool = False,
     ) -> None:
         super().__init__(num_tasks)
         # Not state: a resumed balancer walks the new DDP's first graph as well.
@@ -257,6 +271,15 @@ class GradientBalancer(Balancer):
                 "_last_group_weights",
                 torch.ones(len(groups), self.num_tasks, dtype=self._last_weights.dtype),
             )
+        if not isinstance(reuse_rows, bool):
+            raise TypeError(f"reuse_rows: expected True or False, got {reuse_rows!r}")
+        if reuse_rows and groups is None:
+            raise ValueError(
+                "reuse_rows=True needs parameters mode (params=): in features mode the "
+                "objective's backward is the only one through the trunk, so there is no second "
+                "pass to save"
+            )
+        self.reuse_rows = reuse_rows
         # None until the first call tells whether this graph supports the batched backward.
         self._batched_backward: bool | None = None
         # Refresh steps in a row skipped because a task was absent (a host counter for a
@@ -294,6 +317,8 @@ class GradientBalancer(Balancer):
 
     def _record_configuration(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super()._record_configuration(args, kwargs)
+        # How the backward runs, not what it computes: a checkpoint loads either way.
+        self.configuration.pop("reuse_rows", None)
         if self._group_shapes is not None:
             self.configuration["params"] = self._group_shapes
 
@@ -683,7 +708,19 @@ class GradientBalancer(Balancer):
             "GradScaler does"
         )
 
+    def _reuses_rows(self, step: Step) -> bool:
+        """Whether this call's listed parameters take their gradient from the rows
+        (``reuse_rows``): only where the call took them (every call with unweighted heads,
+        refresh steps with weighted ones); otherwise the objective's backward is the only one."""
+        return self.reuse_rows and step.rows is not None and step.shared is not None
+
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
+        if self._reuses_rows(step):
+            # The shared gradient comes from the rows (_finish_objective): what is left to
+            # backpropagate is the heads' share, Σ_k c_k L_k.
+            return (
+                torch.dot(weights, step.losses) if self.heads == "weighted" else step.losses.sum()
+            )
         if step.direction is not None or step.shift is not None:
             return self._direction_objective(step, weights)
         if self.heads == "weighted":
@@ -737,6 +774,27 @@ class GradientBalancer(Balancer):
         objective = torch.dot(weights, step.losses) if weighted else step.losses.sum()
         return objective + _gradient_only(step.shared, shifts, objective.dtype, step.sparse_rows)
 
+    def _finish_objective(self, step: Step, weights: Tensor, objective: Tensor) -> Tensor:
+        if not self._reuses_rows(step):
+            return objective
+        assert step.shared is not None  # _reuses_rows checked both
+        assert step.rows is not None
+        shared = []
+        per_tensor = self._tensor_weights(step, weights)
+        for index, (parameter, row) in enumerate(zip(step.shared, step.rows, strict=True)):
+            sparse = step.sparse_rows[index] if step.sparse_rows else False
+            if step.direction is not None:
+                entry = SharedGradient(parameter, step.direction[index], None, None, sparse)
+            else:
+                # Jᵀw, or a rule's shift plus the heads' own Σ_k ∇L_k (GradDrop); the rows'
+                # power-of-two scale is folded into the K coefficients (exact).
+                own = per_tensor[index] if step.shift is None else torch.ones_like(weights)
+                base = None if step.shift is None else step.shift[index]
+                coefficients = own.to(row.dtype) / step.row_scale
+                entry = SharedGradient(parameter, base, row, coefficients, sparse)
+            shared.append(entry)
+        return objective_from_rows(objective, shared)
+
     def extra_repr(self) -> str:
         mode = "features" if self.shared_params is None else "params"
         text = (
@@ -747,6 +805,8 @@ class GradientBalancer(Balancer):
             text += f", normalization={self.normalization}"
         if self._group_sizes is not None:
             text += f", group_aggregation={self.group_aggregation}, groups={len(self.group_names)}"
+        if self.reuse_rows:
+            text += ", reuse_rows=True"
         return text
 
 
