@@ -271,6 +271,35 @@ def test_a_sparse_embedding_keeps_a_sparse_gradient():
     _assert_same(grads[0], grads[1])
 
 
+def test_a_row_read_with_a_zero_gradient_stays_in_the_sparse_gradient():
+    """A token masked out (padding-like) is read by the batch with a zero gradient: it stays
+    in ``.grad``'s indices, as the table's own backward keeps it, so SparseAdam moves it."""
+    indices = []
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        table = torch.nn.Embedding(10, 4, sparse=True).double()
+        heads = [torch.nn.Linear(4, 1).double() for _ in range(2)]
+        balancer = tb.create("upgrad", num_tasks=2, params=[table.weight], reuse_rows=reuse)
+        masked = table(torch.tensor([[3, 7]] * 4)) * torch.tensor([1.0, 0.0]).view(1, 2, 1)
+        z = masked.sum(1)
+        balancer([(head(z) ** 2).mean() for head in heads]).backward()
+        indices.append(table.weight.grad.coalesce().indices()[0].tolist())
+    assert indices == [[3, 7], [3, 7]]
+
+
+def test_a_listed_non_leaf_and_a_hooked_parameter_are_refused():
+    raw = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"params\[0\]: with reuse_rows=True .* TBackward0"):
+        tb.create("upgrad", num_tasks=2, params=[raw.t()], reuse_rows=True)
+    model, balancer, _, losses = _reusing_step()
+    model.trunk[2].weight.register_hook(lambda grad: grad.clamp(-1, 1))
+    before = {k: v.clone() for k, v in balancer.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match=r"params\[2\]: has a gradient hook .* state is unchanged"):
+        balancer(losses)
+    after = balancer.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
+
+
 def test_compiled_trunk():
     results = []
     for reuse in (False, True):

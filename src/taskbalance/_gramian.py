@@ -213,6 +213,8 @@ class TaskGradients:
         finite: whether the rows (with ``gramian_of``: the Gramian) are finite.
         sparse: per input, whether autograd gave its task gradients as sparse tensors (an
             ``nn.Embedding(sparse=True)`` weight); ``rows`` holds them densified.
+        read_rows: per input with sparse task gradients, the sorted indices of the table rows
+            they cover (the rows the batch read, a zero gradient included), else None.
     """
 
     rows: list[Tensor]
@@ -221,6 +223,7 @@ class TaskGradients:
     gram: Tensor | None
     finite: bool
     sparse: tuple[bool, ...]
+    read_rows: tuple[Tensor | None, ...] = ()
 
 
 def unscaled_rows(rows: Sequence[Tensor], scale: float) -> list[Tensor]:
@@ -284,7 +287,9 @@ def task_gradients(
     retained = [(tensor, tensor.grad) for tensor in inputs if tensor.retains_grad]
     try:
         scale = _initial_scale(losses.dtype, inputs)
-        rows, path, reached, sparse = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
+        rows, path, reached, sparse, read = _rows_by_fastest_path(
+            losses, inputs, batched, scale, mask
+        )
         _check_reached(reached, inputs, features_mode, mask)
         while True:
             if gramian_of is None:
@@ -305,7 +310,9 @@ def task_gradients(
             scale = max(scale / _BACKOFF, 1.0)
             if path is not None:  # a fallback to the loop warned once: keep to the loop
                 batched = path
-            rows, path, _, sparse = _rows_by_fastest_path(losses, inputs, batched, scale, mask)
+            rows, path, _, sparse, read = _rows_by_fastest_path(
+                losses, inputs, batched, scale, mask
+            )
         if gramian_of is not None and finite and not normal:
             # Decided on the (reduced) Gramian, so every rank takes this second pass alike.
             gram, finite, _ = _unscaled_gram(gramian_of(rows, True), scale)
@@ -316,7 +323,7 @@ def task_gradients(
     finally:
         for tensor, grad in retained:
             tensor.grad = grad
-    return TaskGradients(rows, scale, path, gram, finite, sparse)
+    return TaskGradients(rows, scale, path, gram, finite, sparse, read)
 
 
 def jacobian_rows(
@@ -407,7 +414,7 @@ def _rows_by_fastest_path(
     batched: bool | None,
     scale: float,
     present: Sequence[bool],
-) -> tuple[list[Tensor], bool | None, _Reached, tuple[bool, ...]]:
+) -> tuple[list[Tensor], bool | None, _Reached, tuple[bool, ...], tuple[Tensor | None, ...]]:
     num_tasks = losses.shape[0]
     edges = _per_task_edges(losses, num_tasks)
     if not batched and edges is not None:
@@ -420,8 +427,8 @@ def _rows_by_fastest_path(
         if cotangent._version != version:  # the K tasks' seed: the later ones saw another
             raise ValueError(_SEED_MODIFIED)
         reached = [[g is not None for g in grads] for grads in _filled(per_task, inputs)]
-        rows, sparse = _stack_rows(per_task, inputs)
-        return rows, None, reached, sparse
+        rows, sparse, read = _stack_rows(per_task, inputs)
+        return rows, None, reached, sparse, read
     if batched is None or batched:
         try:
             grads = _batched_grads(losses, inputs, scale, present)
@@ -443,15 +450,17 @@ def _rows_by_fastest_path(
             ]
             used = [grad is not None for grad in grads]
             reached = _confirm_reached(rows, used, edges, losses, inputs, present)
-            return rows, True, reached, (False,) * len(inputs)  # vmap has no sparse backward
+            dense = (False,) * len(inputs)  # vmap has no sparse backward
+            return rows, True, reached, dense, (None,) * len(inputs)
     per_task = [
         _looped_grads(losses[k], inputs, scale) if present[k] else None for k in range(num_tasks)
     ]
     used = [
         any(grads[i] is not None for grads in _filled(per_task, inputs)) for i in range(len(inputs))
     ]
-    rows, sparse = _stack_rows(per_task, inputs)
-    return rows, False, _confirm_reached(rows, used, edges, losses, inputs, present), sparse
+    rows, sparse, read = _stack_rows(per_task, inputs)
+    reached = _confirm_reached(rows, used, edges, losses, inputs, present)
+    return rows, False, reached, sparse, read
 
 
 def _batched_grads(
@@ -859,14 +868,17 @@ def _filled(
 
 def _stack_rows(
     per_task: Sequence[Sequence[Tensor | None] | None], inputs: Sequence[Tensor]
-) -> tuple[list[Tensor], tuple[bool, ...]]:
-    """The rows of each input, and whether its task gradients were sparse (densified here)."""
+) -> tuple[list[Tensor], tuple[bool, ...], tuple[Tensor | None, ...]]:
+    """The rows of each input, whether its task gradients were sparse (densified here), and
+    for those the table rows they cover (:attr:`TaskGradients.read_rows`)."""
     filled = _filled(per_task, inputs)
     rows = []
     sparse = []
+    read: list[Tensor | None] = []
     for index, tensor in enumerate(inputs):
         flat: list[Tensor] = []
         zero: Tensor | None = None  # for a task that does not reach this input
+        covered: list[Tensor] = []
         any_sparse = False
         for task_grads in filled:
             grad = task_grads[index]
@@ -875,10 +887,13 @@ def _stack_rows(
                     zero = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
                 grad = zero
             any_sparse = any_sparse or grad.layout != torch.strided
+            if grad.layout == torch.sparse_coo and tensor.dim() == 2:
+                covered.append(grad._indices()[0])
             flat.append(_dense(grad).reshape(-1))
         rows.append(_widened(torch.stack(flat)))
         sparse.append(any_sparse)
-    return rows, tuple(sparse)
+        read.append(torch.unique(torch.cat(covered)) if covered else None)
+    return rows, tuple(sparse), tuple(read)
 
 
 def _flat_rows(grad: Tensor | None, tensor: Tensor, num_tasks: int) -> Tensor:

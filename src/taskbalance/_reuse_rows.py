@@ -18,14 +18,21 @@ Both reach the parameters through one autograd node of the objective, so ``.grad
 accumulation, DDP's gradient hooks, GradScaler and ``torch.autograd.grad(objective, ...)``
 see an ordinary backward. What differs from one (the reasons the option is not the default):
 
-- hooks on tensors and modules *inside* the listed region see the per-task passes' gradients
-  only (scaled by the engine's power of two), never the final one, and ``retain_grad()`` on
-  such a tensor keeps no gradient;
+- a hook on a tensor inside the listed region (``z.register_hook`` on the trunk's output) is
+  called with the engine's per-task gradients (scaled by its power of two) and then, in the
+  objective's backward, with None (the cut gradient), never with the final gradient; so it
+  must accept None. ``retain_grad()`` on such a tensor keeps no gradient, and a module backward
+  hook on a head whose input comes from the region sees a zero gradient for that input. A
+  gradient hook on a listed parameter itself is refused at the call (it would run on the
+  shared gradient twice), and every listed tensor must be a leaf (refused at construction);
 - the inner backward frees the graph whatever ``retain_graph`` the outer one was given: a
   second backward of the objective is refused, and a term added to the objective that also
-  reaches the listed region (an auxiliary loss on the model's outputs) fails in the backward
-  with torch's "backward through the graph a second time" (a regulariser on the parameters
-  themselves, ``λ·‖θ‖²``, reaches no node of the region and is fine);
+  reaches the listed region (an auxiliary loss on the model's outputs, another balancer's
+  objective on the same graph) fails in the backward with torch's "backward through the graph
+  a second time" (a regulariser on the parameters themselves, ``λ·‖θ‖²``, reaches no node of
+  the region and is fine);
+- the objective's gradient is defined for the graph's leaves only: ``torch.autograd.grad(
+  objective, z)`` for an activation ``z`` is refused by autograd;
 - ``create_graph=True`` (a gradient penalty through the objective) is refused: the rows are
   constants.
 
@@ -52,13 +59,15 @@ __all__ = ["SharedGradient", "objective_from_rows"]
 @dataclass
 class SharedGradient:
     """A listed parameter's gradient per unit of the objective's incoming gradient:
-    ``base + rowsᵀ·coefficients`` (flat), either term optional."""
+    ``base + rowsᵀ·coefficients`` (flat), either term optional; sparse over ``read_rows``
+    (an embedding table's rows the batch read) where given, as the table's own backward
+    gives it."""
 
     parameter: Tensor
     base: Tensor | None
     rows: Tensor | None
     coefficients: Tensor | None
-    sparse: bool
+    read_rows: Tensor | None
 
     def times(self, incoming: Tensor) -> Tensor:
         flat: Tensor | None = None
@@ -74,9 +83,12 @@ class SharedGradient:
             )
         assert flat is not None
         gradient = flat.view(self.parameter.shape).to(self.parameter.dtype)
-        if self.sparse and gradient.dim() == 2:
-            return _sparse_rows(gradient)
-        return gradient
+        if self.read_rows is None:
+            return gradient
+        rows = self.read_rows  # sorted and distinct
+        return torch.sparse_coo_tensor(
+            rows[None], gradient[rows], gradient.shape, check_invariants=False, is_coalesced=True
+        )
 
 
 class _Plan:
@@ -227,12 +239,3 @@ def _region_cuts(
         if edges:
             cuts.append((node, edges))
     return leaves, cuts, reaches[root] == _LISTED
-
-
-def _sparse_rows(gradient: Tensor) -> Tensor:
-    """An embedding table's gradient kept sparse over the rows it touches, as
-    ``embedding(..., sparse=True)`` gives it."""
-    rows = gradient.abs().sum(dim=1).nonzero().squeeze(1)  # sorted and distinct
-    return torch.sparse_coo_tensor(
-        rows[None], gradient[rows], gradient.shape, check_invariants=False, is_coalesced=True
-    )

@@ -41,6 +41,8 @@ class Step:
         row_scale: the power of two ``rows`` are scaled by.
         sparse_rows: per tensor of ``shared``, whether its task gradients were sparse (an
             ``nn.Embedding(sparse=True)`` weight): its shared gradient is then kept sparse.
+        read_rows: per tensor of ``shared`` with sparse task gradients, the table rows they
+            cover (a zero gradient included), else None; empty where unknown.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
         all_present: True when every task is present (a host copy of ``present.all()``).
         global_rows: on refresh steps, for methods whose direction is computed from the rows,
@@ -74,6 +76,7 @@ class Step:
     rows: list[Tensor] | None = None
     row_scale: float = 1.0
     sparse_rows: tuple[bool, ...] = ()
+    read_rows: tuple[Tensor | None, ...] = ()
     nonfinite: bool = False
     all_present: bool = True
     global_rows: list[Tensor] | None = None

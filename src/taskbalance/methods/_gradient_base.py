@@ -162,11 +162,13 @@ class GradientBalancer(Balancer):
             of the graph (the heads, parameters left out of ``params``), so a step listing the
             whole trunk costs K backward passes through it instead of K + 1. The gradients are
             the same (to rounding). Not the default because the backward differs from an
-            ordinary one: hooks inside the listed region never see the final gradient, the
-            graph is freed by the first backward whatever ``retain_graph`` says (a second one
-            is refused), a term added to the objective that reaches the listed region (an
-            auxiliary loss on the model's outputs) fails in the backward, and
-            ``create_graph=True`` is refused. See :mod:`taskbalance._reuse_rows`.
+            ordinary one: hooks on tensors inside the listed region never see the final
+            gradient (they are called with None instead), hooks on the listed parameters and
+            listed non-leaf tensors are refused, the graph is freed by the first backward
+            whatever ``retain_graph`` says (a second one is refused), a term added to the
+            objective that reaches the listed region (an auxiliary loss on the model's
+            outputs) fails in the backward, and ``create_graph=True`` is refused. See
+            :mod:`taskbalance._reuse_rows`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -279,6 +281,17 @@ class GradientBalancer(Balancer):
                 "objective's backward is the only one through the trunk, so there is no second "
                 "pass to save"
             )
+        if reuse_rows:
+            assert self.shared_params is not None  # groups is not None
+            for index, tensor in enumerate(self.shared_params):
+                if not tensor.is_leaf:
+                    raise ValueError(
+                        f"params[{index}]: with reuse_rows=True every listed tensor must be a "
+                        f"leaf (a parameter), got one computed by {type(tensor.grad_fn).__name__} "
+                        f"(shape {tuple(tensor.shape)}): its gradient would pass on to the "
+                        "tensors it is computed from as well. List the parameters themselves, "
+                        "or use reuse_rows=False"
+                    )
         self.reuse_rows = reuse_rows
         # None until the first call tells whether this graph supports the batched backward.
         self._batched_backward: bool | None = None
@@ -550,6 +563,8 @@ class GradientBalancer(Balancer):
             _refuse_static_graph_ddp(losses)
             self._static_graph_checked = True
         if self.shared_params is not None:
+            if self.reuse_rows:
+                _refuse_hooked_parameters(self.shared_params)
             return self.shared_params
         if features is None:
             raise ValueError(
@@ -620,7 +635,7 @@ class GradientBalancer(Balancer):
         if grads.path is False:
             self._batched_backward = False
         step.shared, step.rows, step.row_scale = step.features, grads.rows, grads.scale
-        step.sparse_rows = grads.sparse
+        step.sparse_rows, step.read_rows = grads.sparse, grads.read_rows
         if self._group_sizes is not None:
             # Reused between refreshes (update_every, accumulation, absent tasks).
             step.group_weights = self._last_group_weights.clone()
@@ -782,16 +797,16 @@ class GradientBalancer(Balancer):
         shared = []
         per_tensor = self._tensor_weights(step, weights)
         for index, (parameter, row) in enumerate(zip(step.shared, step.rows, strict=True)):
-            sparse = step.sparse_rows[index] if step.sparse_rows else False
+            read = step.read_rows[index] if step.read_rows else None
             if step.direction is not None:
-                entry = SharedGradient(parameter, step.direction[index], None, None, sparse)
+                entry = SharedGradient(parameter, step.direction[index], None, None, read)
             else:
                 # Jᵀw, or a rule's shift plus the heads' own Σ_k ∇L_k (GradDrop); the rows'
                 # power-of-two scale is folded into the K coefficients (exact).
                 own = per_tensor[index] if step.shift is None else torch.ones_like(weights)
                 base = None if step.shift is None else step.shift[index]
                 coefficients = own.to(row.dtype) / step.row_scale
-                entry = SharedGradient(parameter, base, row, coefficients, sparse)
+                entry = SharedGradient(parameter, base, row, coefficients, read)
             shared.append(entry)
         return objective_from_rows(objective, shared)
 
@@ -808,6 +823,21 @@ class GradientBalancer(Balancer):
         if self.reuse_rows:
             text += ", reuse_rows=True"
         return text
+
+
+def _refuse_hooked_parameters(params: Sequence[Tensor]) -> None:
+    """``reuse_rows=True`` refuses a listed parameter with a gradient hook (``register_hook``):
+    the objective's backward would call it with no gradient (the cut edges) and then again on
+    ``Jᵀw``, which the engine's rows had already passed through it."""
+    for index, tensor in enumerate(params):
+        if tensor._backward_hooks:
+            raise ValueError(
+                f"params[{index}]: has a gradient hook (register_hook; shape "
+                f"{tuple(tensor.shape)}), which reuse_rows=True would run twice on the shared "
+                "gradient; remove it (clip .grad after the backward instead) or create the "
+                "balancer with reuse_rows=False. The call is rejected and the balancer's state "
+                "is unchanged"
+            )
 
 
 def _check_disjoint(tensors: Sequence[Tensor], *, walk_graph: bool) -> None:
