@@ -287,6 +287,42 @@ def test_a_row_read_with_a_zero_gradient_stays_in_the_sparse_gradient():
     assert indices == [[3, 7], [3, 7]]
 
 
+def _sparse_table_gradients(name: str, reuse: bool, tied: bool) -> list[torch.Tensor]:
+    """``.grad`` of a listed sparse table over three steps that read different rows; with
+    ``tied``, task 1 also reads the table densely (a tied output layer)."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(20, 8, sparse=True).double()
+    heads = [torch.nn.Linear(8, 1).double() for _ in range(2)]
+    balancer = tb.create(name, num_tasks=2, params=[table.weight], reuse_rows=reuse)
+    gradients = []
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, 20, (16, 2), generator=generator)
+        y = torch.randn(16, 2, generator=generator, dtype=torch.float64)
+        z = torch.tanh(table(ids).mean(1))
+        losses = [((head(z).squeeze(1) - y[:, k]) ** 2).mean() for k, head in enumerate(heads)]
+        if tied:
+            losses[1] = losses[1] + torch.nn.functional.cross_entropy(z @ table.weight.T, ids[:, 0])
+        balancer(losses).backward()
+        gradients.append(table.weight.grad)
+        table.weight.grad = None
+    return gradients
+
+
+@pytest.mark.parametrize(("name", "tied"), [("upgrad", True), ("db_mtl", False), ("moco", False)])
+def test_a_sparse_table_read_densely_too_or_under_a_carried_direction(name, tied):
+    """A table one task also reads densely gets its whole gradient (dense, as the default
+    gives it); DB-MTL's and MoCo's averaged directions keep the rows earlier batches read."""
+    expected = _sparse_table_gradients(name, False, tied)
+    actual = _sparse_table_gradients(name, True, tied)
+    for default, reused in zip(expected, actual, strict=True):
+        assert default.layout == reused.layout
+        if default.is_sparse:
+            indices = [g.coalesce().indices()[0].tolist() for g in (default, reused)]
+            assert indices[0] == indices[1]
+    _assert_same(expected, actual)
+
+
 def test_a_listed_non_leaf_and_a_hooked_parameter_are_refused():
     raw = torch.nn.Parameter(torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"params\[0\]: with reuse_rows=True .* TBackward0"):

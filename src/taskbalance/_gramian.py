@@ -213,8 +213,9 @@ class TaskGradients:
         finite: whether the rows (with ``gramian_of``: the Gramian) are finite.
         sparse: per input, whether autograd gave its task gradients as sparse tensors (an
             ``nn.Embedding(sparse=True)`` weight); ``rows`` holds them densified.
-        read_rows: per input with sparse task gradients, the sorted indices of the table rows
-            they cover (the rows the batch read, a zero gradient included), else None.
+        read_rows: per input whose task gradients were all sparse (an embedding table read
+            only through its lookup), the sorted indices of the table rows they cover (the
+            rows the batch read, a zero gradient included), else None.
     """
 
     rows: list[Tensor]
@@ -892,7 +893,10 @@ def _stack_rows(
             flat.append(_dense(grad).reshape(-1))
         rows.append(_widened(torch.stack(flat)))
         sparse.append(any_sparse)
-        read.append(torch.unique(torch.cat(covered)) if covered else None)
+        # Only where every task's gradient was sparse: a dense one (a tied output layer, a
+        # penalty on the table) may reach every row.
+        all_sparse = len(covered) == len(filled)
+        read.append(torch.unique(torch.cat(covered)) if all_sparse else None)
     return rows, tuple(sparse), tuple(read)
 
 

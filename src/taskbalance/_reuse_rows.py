@@ -21,8 +21,10 @@ see an ordinary backward. What differs from one (the reasons the option is not t
 - a hook on a tensor inside the listed region (``z.register_hook`` on the trunk's output) is
   called with the engine's per-task gradients (scaled by its power of two) and then, in the
   objective's backward, with None (the cut gradient), never with the final gradient; so it
-  must accept None. ``retain_grad()`` on such a tensor keeps no gradient, and a module backward
-  hook on a head whose input comes from the region sees a zero gradient for that input. A
+  must accept None; so must a custom ``autograd.Function`` there that turns off
+  ``ctx.set_materialize_grads`` (its ``backward`` is handed None). ``retain_grad()`` on such a
+  tensor keeps no gradient, and a module backward hook on a head whose input comes from the
+  region sees a zero gradient for that input. A
   gradient hook on a listed parameter itself is refused at the call (it would run on the
   shared gradient twice), and every listed tensor must be a leaf (refused at construction);
 - the inner backward frees the graph whatever ``retain_graph`` the outer one was given: a
@@ -86,6 +88,11 @@ class SharedGradient:
         if self.read_rows is None:
             return gradient
         rows = self.read_rows  # sorted and distinct
+        if self.base is not None:
+            # A direction carried across steps (DB-MTL's, MoCo's averages) also reaches rows
+            # earlier batches read.
+            nonzero = gradient.abs().sum(dim=1).nonzero().squeeze(1)
+            rows = torch.unique(torch.cat([rows, nonzero]))
         return torch.sparse_coo_tensor(
             rows[None], gradient[rows], gradient.shape, check_invariants=False, is_coalesced=True
         )
@@ -121,7 +128,7 @@ class _Plan:
                 "parameters' gradients come from the task-gradient rows, which are constants; "
                 "create the balancer with reuse_rows=False for a higher-order gradient"
             )
-        root, self.root = self.root, None
+        root = self.root
         task: list[int] = []  # the inner backward's graph task, set by its first node's hook
 
         def note_task(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...] | None:
@@ -146,6 +153,7 @@ class _Plan:
         finally:
             for handle in handles:
                 handle.remove()
+        self.root = None  # only once it ran: a failed backward reports its own error again
         result: list[Tensor | None] = []
         for leaf, gradient in zip(self.leaves, inner, strict=True):
             shared = self.shared.get(id(leaf))
