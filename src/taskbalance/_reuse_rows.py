@@ -209,7 +209,9 @@ def _region_cuts(
 
     The region: the nodes from which listed parameters, and nothing else, can be reached.
     One post-order walk (a node is left on the stack until its children are done), which runs
-    at every call: the graph is the step's own.
+    at every call: the graph is the step's own. It costs about 0.7 µs per node in Python
+    (measured on one CPU thread: 0.6 ms for the 826 nodes of a 100-layer, width-64 MLP whose
+    backward alone takes 5 ms), well below the backward pass it saves.
     """
     reaches: dict[Any, int] = {}
     children_of: dict[Any, tuple[Any, ...]] = {}
