@@ -658,7 +658,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine", action="store_true", help="also time batched vs loop rows")
     parser.add_argument("--csv", type=Path, default=None, help="also write raw medians here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the round-robin order")
+    parser.add_argument("--width", type=int, default=WIDTH, help=f"trunk width (default {WIDTH})")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
     args = parser.parse_args(argv)
+    # The model's size is read by every step factory: set once, before any is built.
+    globals().update(WIDTH=args.width, BATCH=args.batch)
 
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: use --threads 1 or --clock wall")

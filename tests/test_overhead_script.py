@@ -72,3 +72,18 @@ def test_the_unweighted_heads_reference_gives_z_jtw_and_the_heads_their_own_grad
         torch.testing.assert_close(b, K * a, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="features-mode reference"):
         overhead.make_loop_lower_bound_step(template, x, y, "params", "unweighted")
+
+
+def test_width_and_batch_set_the_model_and_reuse_rows_rows_are_reported(overhead, capsys):
+    pytest.importorskip("torchjd")
+    widths = (overhead.WIDTH, overhead.BATCH)
+    try:
+        overhead.main(
+            ["--ks", "4", "--methods", "mgda", "--modes", "params", "--steps", "1",
+             "--warmup", "0", "--torchjd", "mgda", "--width", "16", "--batch", "8"]
+        )  # fmt: skip
+    finally:
+        overhead.WIDTH, overhead.BATCH = widths  # the module is shared with the other tests
+    report = capsys.readouterr().out
+    assert "3×16 ReLU, batch 8" in report
+    assert "| `reuse_rows=True` |" in report

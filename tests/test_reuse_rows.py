@@ -243,10 +243,19 @@ def test_create_graph_is_refused():
         objective.backward(create_graph=True)
 
 
-def test_an_auxiliary_loss_through_the_trunk_fails_loudly():
-    _, balancer, z, losses = _reusing_step()
-    with pytest.raises(RuntimeError, match="second time"):
+def test_an_auxiliary_loss_through_the_trunk_is_refused_by_name():
+    model, balancer, z, losses = _reusing_step()
+    refused = r"added to the objective also runs backward through the listed.*reuse_rows=False"
+    with pytest.raises(RuntimeError, match=refused):
         (balancer(losses) + 0.1 * z.pow(2).mean()).backward()
+    # Refused before anything was freed: an ordinary backward of the same losses still runs.
+    losses.sum().backward()
+    assert all(p.grad is not None for p in model.trunk.parameters())
+    # Two balancers' objectives on one graph: the second to run finds it freed.
+    _, first, _, losses = _reusing_step()
+    second = tb.create("mgda", num_tasks=K, params=first.shared_params, reuse_rows=True)
+    with pytest.raises(RuntimeError, match=r"already freed by another backward.*reuse_rows=False"):
+        (first(losses) + second(losses)).backward()
 
 
 def test_a_sparse_embedding_keeps_a_sparse_gradient():

@@ -30,9 +30,9 @@ see an ordinary backward. What differs from one (the reasons the option is not t
 - the inner backward frees the graph whatever ``retain_graph`` the outer one was given: a
   second backward of the objective is refused, and a term added to the objective that also
   reaches the listed region (an auxiliary loss on the model's outputs, another balancer's
-  objective on the same graph) fails in the backward with torch's "backward through the graph
-  a second time" (a regulariser on the parameters themselves, ``λ·‖θ‖²``, reaches no node of
-  the region and is fine);
+  objective on the same graph) is refused in the backward, with a ``RuntimeError`` that says
+  so (a regulariser on the parameters themselves, ``λ·‖θ‖²``, reaches no node of the region and
+  is fine);
 - the objective's gradient is defined for the graph's leaves only: ``torch.autograd.grad(
   objective, z)`` for an activation ``z`` is refused by autograd;
 - ``create_graph=True`` (a gradient penalty through the objective) is refused: the rows are
@@ -128,6 +128,24 @@ class _Plan:
                 "parameters' gradients come from the task-gradient rows, which are constants; "
                 "create the balancer with reuse_rows=False for a higher-order gradient"
             )
+        # The region is this backward's to free: a term added to the objective that runs
+        # through it (an auxiliary loss on the outputs) would meet a freed graph in torch's
+        # own words; say why instead, before anything is freed.
+        for node, edges in self.cuts:
+            for index in edges:
+                child = node.next_functions[index][0]
+                if type(child) is not _ACCUMULATE_GRAD and torch._C._will_engine_execute_node(
+                    child
+                ):
+                    raise RuntimeError(
+                        "objective: something added to the objective also runs backward "
+                        f"through the listed parameters' part of the graph ({type(child).__name__}"
+                        "; an auxiliary loss on the model's outputs, or another balancer's "
+                        "objective on the same graph). With reuse_rows=True the objective's "
+                        "backward frees that part without running it, so it cannot serve both: "
+                        "add the term as a task of the balancer, or create the balancer with "
+                        "reuse_rows=False"
+                    )
         root = self.root
         task: list[int] = []  # the inner backward's graph task, set by its first node's hook
 
@@ -150,6 +168,16 @@ class _Plan:
             inner = torch.autograd.grad(
                 root, self.leaves, incoming.to(root.dtype), allow_unused=True
             )
+        except RuntimeError as error:
+            if "second time" not in str(error):
+                raise
+            raise RuntimeError(
+                "objective: the step's graph was already freed by another backward through "
+                "it (another balancer's objective on the same graph, or a backward of the "
+                "losses before this one). With reuse_rows=True the objective's backward needs "
+                "the graph it was made from, once: backward each graph once, or create the "
+                "balancer with reuse_rows=False"
+            ) from error
         finally:
             for handle in handles:
                 handle.remove()

@@ -167,7 +167,9 @@ class GradientBalancer(Balancer):
             listed non-leaf tensors are refused, the graph is freed by the first backward
             whatever ``retain_graph`` says (a second one is refused), a term added to the
             objective that reaches the listed region (an auxiliary loss on the model's
-            outputs) fails in the backward, and ``create_graph=True`` is refused. See
+            outputs) is refused in the backward, and ``create_graph=True`` is refused. It
+            adds a fixed cost per call (a walk of the graph in Python, one more autograd node),
+            so on a trunk whose backward costs less than that it is slower. See
             :mod:`taskbalance._reuse_rows`.
 
     Example:
@@ -827,16 +829,18 @@ class GradientBalancer(Balancer):
 
 def _refuse_hooked_parameters(params: Sequence[Tensor]) -> None:
     """``reuse_rows=True`` refuses a listed parameter with a gradient hook (``register_hook``):
-    the objective's backward would call it with no gradient (the cut edges) and then again on
-    ``Jᵀw``, which the engine's rows had already passed through it."""
+    the engine's per-task passes run it on each task's gradient, and the rows it returns make
+    ``Jᵀw``, which the objective's backward would pass through it a second time (and call it
+    with None for the cut edges)."""
     for index, tensor in enumerate(params):
         if tensor._backward_hooks:
             raise ValueError(
                 f"params[{index}]: has a gradient hook (register_hook; shape "
-                f"{tuple(tensor.shape)}), which reuse_rows=True would run twice on the shared "
-                "gradient; remove it (clip .grad after the backward instead) or create the "
-                "balancer with reuse_rows=False. The call is rejected and the balancer's state "
-                "is unchanged"
+                f"{tuple(tensor.shape)}). With reuse_rows=True its gradient is built from the "
+                "task gradients the hook already changed, and would go through the hook again: "
+                "use register_post_accumulate_grad_hook (it sees the final .grad once) or clip "
+                ".grad after the backward, or create the balancer with reuse_rows=False. The "
+                "call is rejected and the balancer's state is unchanged"
             )
 
 
