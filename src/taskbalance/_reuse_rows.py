@@ -71,17 +71,23 @@ class SharedGradient:
     coefficients: Tensor | None
     read_rows: Tensor | None
 
-    def times(self, incoming: Tensor) -> Tensor:
+    def times(self, incoming: Tensor, scaled_of: dict[int, Tensor]) -> Tensor:
+        """The gradient for the objective's ``incoming`` gradient; ``scaled_of`` keeps each
+        coefficient vector times ``incoming`` (one per vector: the listed tensors share one
+        unless each group has its own weights)."""
         flat: Tensor | None = None
         if self.base is not None:
             flat = self.base * incoming.to(self.base.dtype)
         if self.rows is not None:
-            assert self.coefficients is not None
-            scaled = self.coefficients * incoming.to(self.coefficients.dtype)
+            assert self.coefficients is not None  # made in the rows' dtype
+            scaled = scaled_of.get(id(self.coefficients))
+            if scaled is None:
+                scaled = self.coefficients * incoming.to(self.coefficients.dtype)
+                scaled_of[id(self.coefficients)] = scaled
             flat = (
-                torch.mv(self.rows.T, scaled.to(self.rows.dtype))
+                torch.mv(self.rows.T, scaled)
                 if flat is None
-                else torch.addmv(flat, self.rows.T, scaled.to(self.rows.dtype))
+                else torch.addmv(flat, self.rows.T, scaled)
             )
         assert flat is not None
         gradient = flat.view(self.parameter.shape).to(self.parameter.dtype)
@@ -183,6 +189,7 @@ class _Plan:
                 handle.remove()
         self.root = None  # only once it ran: a failed backward reports its own error again
         result: list[Tensor | None] = []
+        scaled_of: dict[int, Tensor] = {}
         for leaf, gradient in zip(self.leaves, inner, strict=True):
             shared = self.shared.get(id(leaf))
             if shared is None:
@@ -190,7 +197,7 @@ class _Plan:
                 continue
             # A listed parameter gets nothing through the region but undefined gradients; a
             # compiled or custom region turns them into zeros, which change nothing.
-            own = shared.times(incoming)
+            own = shared.times(incoming, scaled_of)
             result.append(own if gradient is None else own + gradient)
         # Nothing of the step outlives its backward: the rows and the graph's nodes go.
         self.shared, self.cuts = {}, []

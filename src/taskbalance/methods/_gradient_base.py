@@ -798,6 +798,8 @@ class GradientBalancer(Balancer):
         assert step.rows is not None
         shared = []
         per_tensor = self._tensor_weights(step, weights)
+        # One coefficient vector per weight vector and dtype, not per tensor (as _objective).
+        coefficients_of: dict[tuple[int, torch.dtype], Tensor] = {}
         for index, (parameter, row) in enumerate(zip(step.shared, step.rows, strict=True)):
             read = step.read_rows[index] if step.read_rows else None
             if step.direction is not None:
@@ -805,9 +807,17 @@ class GradientBalancer(Balancer):
             else:
                 # Jᵀw, or a rule's shift plus the heads' own Σ_k ∇L_k (GradDrop); the rows'
                 # power-of-two scale is folded into the K coefficients (exact).
-                own = per_tensor[index] if step.shift is None else torch.ones_like(weights)
+                own = per_tensor[index] if step.shift is None else weights
                 base = None if step.shift is None else step.shift[index]
-                coefficients = own.to(row.dtype) / step.row_scale
+                key = (id(own), row.dtype)
+                coefficients = coefficients_of.get(key)
+                if coefficients is None:
+                    coefficients = (
+                        own.to(row.dtype) / step.row_scale
+                        if step.shift is None
+                        else torch.full_like(own, 1 / step.row_scale, dtype=row.dtype)
+                    )
+                    coefficients_of[key] = coefficients
                 entry = SharedGradient(parameter, base, row, coefficients, read)
             shared.append(entry)
         return objective_from_rows(objective, shared)
