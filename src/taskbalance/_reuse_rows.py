@@ -24,9 +24,9 @@ see an ordinary backward. What differs from one (the reasons the option is not t
   must accept None; so must a custom ``autograd.Function`` there that turns off
   ``ctx.set_materialize_grads`` (its ``backward`` is handed None). ``retain_grad()`` on such a
   tensor keeps no gradient, and a module backward hook on a head whose input comes from the
-  region sees a zero gradient for that input. A
-  gradient hook on a listed parameter itself is refused at the call (it would run on the
-  shared gradient twice), and every listed tensor must be a leaf (refused at construction);
+  region sees a zero gradient for that input. A gradient hook on a listed parameter itself is
+  refused at the call (it would run on the shared gradient twice), and every listed tensor
+  must be a leaf (refused at construction);
 - the inner backward frees the graph whatever ``retain_graph`` the outer one was given: a
   second backward of the objective is refused, and a term added to the objective that also
   reaches the listed region (an auxiliary loss on the model's outputs, another balancer's

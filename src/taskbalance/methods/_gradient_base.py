@@ -277,14 +277,13 @@ class GradientBalancer(Balancer):
             )
         if not isinstance(reuse_rows, bool):
             raise TypeError(f"reuse_rows: expected True or False, got {reuse_rows!r}")
-        if reuse_rows and groups is None:
-            raise ValueError(
-                "reuse_rows=True needs parameters mode (params=): in features mode the "
-                "objective's backward is the only one through the trunk, so there is no second "
-                "pass to save"
-            )
         if reuse_rows:
-            assert self.shared_params is not None  # groups is not None
+            if self.shared_params is None:
+                raise ValueError(
+                    "reuse_rows=True needs parameters mode (params=): in features mode the "
+                    "objective's backward is the only one through the trunk, so there is no "
+                    "second pass to save"
+                )
             for index, tensor in enumerate(self.shared_params):
                 if not tensor.is_leaf:
                     raise ValueError(
@@ -735,9 +734,7 @@ class GradientBalancer(Balancer):
         if self._reuses_rows(step):
             # The shared gradient comes from the rows (_finish_objective): what is left to
             # backpropagate is the heads' share, Σ_k c_k L_k.
-            return (
-                torch.dot(weights, step.losses) if self.heads == "weighted" else step.losses.sum()
-            )
+            return self._heads_objective(step, weights)
         if step.direction is not None or step.shift is not None:
             return self._direction_objective(step, weights)
         if self.heads == "weighted":
@@ -788,8 +785,12 @@ class GradientBalancer(Balancer):
                     torch.addmv(target.to(row.dtype), row.T, own, alpha=-1 / step.row_scale)
                 )
         assert step.shared is not None
-        objective = torch.dot(weights, step.losses) if weighted else step.losses.sum()
+        objective = self._heads_objective(step, weights)
         return objective + _gradient_only(step.shared, shifts, objective.dtype, step.sparse_rows)
+
+    def _heads_objective(self, step: Step, weights: Tensor) -> Tensor:
+        """``Σ_k c_k L_k``, ``c = w`` (weighted heads) or 1: what the heads backpropagate."""
+        return torch.dot(weights, step.losses) if self.heads == "weighted" else step.losses.sum()
 
     def _finish_objective(self, step: Step, weights: Tensor, objective: Tensor) -> Tensor:
         if not self._reuses_rows(step):
