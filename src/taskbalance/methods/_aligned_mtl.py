@@ -59,8 +59,10 @@ class AlignedMTL(SpectralGradientBalancer):
         num_tasks: K.
         scale: ``"min"``, ``"median"`` or ``"rmse"``: the common singular value s.
         rtol: relative eigenvalue cut-off; None for ``100·K·eps`` of the Gramian's dtype.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``
+            (``"none"`` only), ``group_aggregation``, ``reuse_rows``: see
+            :class:`GradientBalancer`; the loop options ``accumulation_steps``, ``on_nonfinite``:
+            see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

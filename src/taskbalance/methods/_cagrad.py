@@ -54,8 +54,9 @@ class CAGrad(GradientBalancer):
         max_iter: iteration cap of the search for the step radius (each iteration is one
             exact min-norm solve).
         tol: relative tolerance of that search.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``,
+            ``group_aggregation``, ``reuse_rows``: see :class:`GradientBalancer`; the loop options
+            ``accumulation_steps``, ``on_nonfinite``: see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

@@ -67,8 +67,10 @@ class DBMTL(GradientBalancer):
         beta: EMA rate β of the gradient vectors (parameters mode) or norms, in [0, 1].
         beta_sigma: σ ≥ 0 in ``β_t = β / t^σ``.
         eps: ε added to each loss before the log.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``
+            (``"none"`` only), ``group_aggregation`` (``"joint"`` only), ``reuse_rows``: see
+            :class:`GradientBalancer`; the loop options ``accumulation_steps``, ``on_nonfinite``:
+            see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

@@ -39,6 +39,9 @@ class DTP(Balancer):
     first present call, starts at the KPI of that call; under DDP each KPI averages over the
     ranks that have the task, as the losses do.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
         gamma: the focusing parameter γ, for all tasks or one per task (≥ 0).

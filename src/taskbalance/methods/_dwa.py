@@ -36,6 +36,9 @@ class DWA(Balancer):
     and a resumed run needs no buffer of past losses. Losses must be positive (the rule takes
     ratios).
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
         temperature: T; larger T gives more even weights.

@@ -17,6 +17,9 @@ class EW(Balancer):
     The baseline every other method is measured against. Note that the objective is the sum,
     not the mean, of the losses; divide your learning rate by K to reproduce a mean.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
 

@@ -58,8 +58,10 @@ class ExcessMTL(GradientBalancer):
         num_tasks: K.
         step_size: η, the mirror-ascent step of the weights.
         eps: added to the accumulated squared gradient norm under the square root.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``
+            (``"none"`` only), ``group_aggregation`` (``"joint"`` only), ``reuse_rows``: see
+            :class:`GradientBalancer`; the loop options ``accumulation_steps``, ``on_nonfinite``:
+            see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

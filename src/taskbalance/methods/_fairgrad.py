@@ -56,8 +56,10 @@ class FairGrad(GradientBalancer):
         alpha: the fairness parameter α, in [0.05, 20].
         max_iter: Newton iteration cap.
         tol: tolerance on the scale-free residual ``max_k |w_k^{1/α}·(Gw)_k − 1|``.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``
+            (``"none"`` only), ``group_aggregation``, ``reuse_rows``: see
+            :class:`GradientBalancer`; the loop options ``accumulation_steps``, ``on_nonfinite``:
+            see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

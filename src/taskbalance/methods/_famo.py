@@ -55,6 +55,9 @@ class FAMO(Balancer):
     the present tasks, their Adam moments moving alone); an absent task's logit, moments and
     last loss are left as they were, and its δ spans the steps since it was last present.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
         lr: Adam learning rate of the logits.

@@ -19,6 +19,9 @@ from taskbalance.methods._facts import BadHyperparameters
 class Fixed(Balancer):
     """Constant weights chosen by the user: objective ``Σ_k w_k L_k``.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
         weights: K non-negative weights (a hand-tuned grid search result, say).

@@ -28,6 +28,9 @@ class GLS(Balancer):
     Departures: none. Under DDP the weights use the rank-averaged losses, which makes the
     summed gradient exactly that of the geometric mean of the global losses.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
 

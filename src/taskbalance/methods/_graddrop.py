@@ -71,8 +71,10 @@ class GradDrop(GradientBalancer):
         num_tasks: K.
         leak: ℓ in [0, 1], the share of each dropped gradient that still passes.
         seed: seed of the balancer's own random generator.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``
+            (``"none"`` only), ``group_aggregation`` (``"joint"`` only), ``reuse_rows``: see
+            :class:`GradientBalancer`; the loop options ``accumulation_steps``, ``on_nonfinite``:
+            see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

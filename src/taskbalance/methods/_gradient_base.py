@@ -137,6 +137,9 @@ class GradientBalancer(Balancer):
     ``per_group_refused``). Under DDP in parameters mode the engine all-reduces each group's
     Jacobian block separately.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
         params: shared parameters for parameters mode; None for features mode.

@@ -61,8 +61,10 @@ class GradNorm(GradientBalancer):
         lr: Adam learning rate of the weights.
         initial_losses: ``"first"`` or ``"log_c"``.
         num_classes: ``C_k`` per task (or one int for all) when ``initial_losses="log_c"``.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``
+            (``"none"`` only), ``group_aggregation`` (``"joint"`` only), ``reuse_rows``: see
+            :class:`GradientBalancer`; the loop options ``accumulation_steps``, ``on_nonfinite``:
+            see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

@@ -101,8 +101,9 @@ class GradVac(GradientBalancer):
         num_tasks: K.
         beta: EMA rate β of the targets, in [0, 1].
         seed: seed of the balancer's own random generator.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``,
-            ``normalization``, ``group_aggregation``: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``,
+            ``group_aggregation``, ``reuse_rows``: see :class:`GradientBalancer`; the loop options
+            ``accumulation_steps``, ``on_nonfinite``: see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

@@ -62,8 +62,10 @@ class IMTLG(SpectralGradientBalancer):
     Args:
         num_tasks: K.
         rtol: relative cut-off of the pseudo-inverse; None for ``100·K·eps`` of G's dtype.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``
+            (``"none"`` only), ``group_aggregation``, ``reuse_rows``: see
+            :class:`GradientBalancer`; the loop options ``accumulation_steps``, ``on_nonfinite``:
+            see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

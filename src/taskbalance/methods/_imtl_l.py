@@ -26,6 +26,9 @@ class IMTLL(LearnedLogScales):
 
     Departures: none.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
         init: initial ``s`` for every task.

@@ -48,9 +48,9 @@ class MGDA(GradientBalancer):
         solver: ``"active_set"`` (exact) or ``"frank_wolfe"`` (the paper's).
         max_iter: iteration cap of the solver.
         tol: solver tolerance.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``,
-            ``normalization`` (``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"``),
-            ``group_aggregation``: see :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``,
+            ``group_aggregation``, ``reuse_rows``: see :class:`GradientBalancer`; the loop options
+            ``accumulation_steps``, ``on_nonfinite``: see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

@@ -71,8 +71,10 @@ class MoCo(GradientBalancer):
         gamma: step size γ > 0 of the λ update.
         gamma_sigma: σ_γ ≥ 0 in ``γ_t = γ / t^{σ_γ}``.
         rho: ρ ≥ 0, the ℓ2 regularisation of the λ update.
-        **options: ``params`` (required), ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params`` (required), ``update_every``, ``gram_dtype``, ``heads``,
+            ``normalization`` (``"none"`` only), ``group_aggregation`` (``"joint"`` only),
+            ``reuse_rows``: see :class:`GradientBalancer`; the loop options ``accumulation_steps``,
+            ``on_nonfinite``: see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

@@ -52,8 +52,10 @@ class NashMTL(GradientBalancer):
         num_tasks: K.
         max_iter: Newton iteration cap.
         tol: tolerance on the scale-free residual ``max_k |α_k·(Gα)_k − 1|``.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``
+            (``"none"`` only), ``group_aggregation``, ``reuse_rows``: see
+            :class:`GradientBalancer`; the loop options ``accumulation_steps``, ``on_nonfinite``:
+            see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

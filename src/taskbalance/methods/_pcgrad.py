@@ -58,8 +58,9 @@ class PCGrad(GradientBalancer):
         num_tasks: K.
         order: ``"random"`` (paper, LibMTL) or ``"fixed"`` (what the official code does).
         seed: seed of the balancer's own random generator.
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``,
+            ``group_aggregation``, ``reuse_rows``: see :class:`GradientBalancer`; the loop options
+            ``accumulation_steps``, ``on_nonfinite``: see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

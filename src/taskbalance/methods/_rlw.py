@@ -31,6 +31,9 @@ class RLW(Balancer):
     come from a generator owned by the balancer, seeded identically on every rank, so DDP ranks
     agree; its state is saved in ``state_dict`` so a resumed run draws the same sequence.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
         seed: seed of the balancer's own random generator.

@@ -24,6 +24,9 @@ class SI(Balancer):
 
     Departures: none.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
 

@@ -55,6 +55,9 @@ class STCH(Balancer):
     (a loss that small is refused instead, as :class:`~taskbalance.SI` does). Under DDP ``n``
     and the weights use the rank-averaged losses, so every rank agrees.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
         mu: smoothing μ > 0 (smaller: closer to the hard maximum).

@@ -119,8 +119,9 @@ class UPGrad(_DualConeBalancer):
         pref: non-negative preference weights, one per task (default ``1/K`` each).
         norm_eps: Gramians with trace below this are treated as zero (torchjd: 1e-4).
         reg_eps: ridge added to the trace-normalised Gramian (torchjd: 1e-4).
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``,
+            ``group_aggregation``, ``reuse_rows``: see :class:`GradientBalancer`; the loop options
+            ``accumulation_steps``, ``on_nonfinite``: see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb
@@ -155,8 +156,9 @@ class DualProj(_DualConeBalancer):
         pref: non-negative preference weights, one per task (default ``1/K`` each).
         norm_eps: Gramians with trace below this are treated as zero (torchjd: 1e-4).
         reg_eps: ridge added to the trace-normalised Gramian (torchjd: 1e-4).
-        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``: see
-            :class:`GradientBalancer`.
+        **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``,
+            ``group_aggregation``, ``reuse_rows``: see :class:`GradientBalancer`; the loop options
+            ``accumulation_steps``, ``on_nonfinite``: see :class:`Balancer`.
 
     Example:
         >>> import torch, taskbalance as tb

@@ -37,6 +37,9 @@ class UW(LearnedLogScales):
     that ``e^{s}`` estimates σ² directly. ``s`` is learned by *your* optimiser: pass
     ``balancer.parameters()`` to it.
 
+    The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
+    :class:`Balancer`.
+
     Args:
         num_tasks: K.
         kinds: ``"regression"`` or ``"classification"``, for all tasks or one per task.
