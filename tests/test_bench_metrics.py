@@ -21,11 +21,17 @@ from taskbalance.bench import (
     accuracy,
     mean_absolute_error,
 )
+from taskbalance.bench.compare import BenchmarkSource, run_comparison
 from taskbalance.bench.harness import EpochRecord, RunResult, WeightRecorder
 from taskbalance.bench.losses import cross_entropy, mse
 from taskbalance.bench.metrics import SINGLE_TASK, delta_m, mean_and_std, summarise
 from taskbalance.bench.report import csv_table, delta_m_notes, markdown_table, text_table
-from taskbalance.bench.selection import Selection, parse_selection
+from taskbalance.bench.selection import (
+    Selection,
+    check_selection,
+    parse_selection,
+    selected_test,
+)
 
 _DATA = TensorTaskDataset(torch.zeros(4, 2), [torch.zeros(4, dtype=torch.long), torch.zeros(4)])
 FAKE = Benchmark(
@@ -381,3 +387,53 @@ def test_one_seed_marks_no_row_as_tied_with_the_best():
     ranked = sorted((row for row in rows.values() if row.rank), key=lambda row: row.rank)
     assert ranked[0].tied_with_best
     assert not ranked[1].tied_with_best
+
+
+def _epochs(validations, tests):
+    records = [
+        EpochRecord(epoch=i + 1, seconds=0.5, train_losses=[0.0, 0.0], validation=v, test=t)
+        for i, (v, t) in enumerate(zip(validations, tests, strict=True))
+    ]
+    return RunResult(
+        benchmark="f1s",
+        method="m",
+        seed=0,
+        task_names=["a", "b"],
+        metric_names=["a/f1", "b/f1"],
+        epochs=records,
+    )
+
+
+def test_best_val_mean_is_famos_rule_where_best_val_differs():
+    """FAMO's CelebA trainer keeps the epoch of highest mean validation F1 (first at a tie);
+    best-val's relative change weighs each metric by 1/baseline and picks another epoch."""
+    run = _epochs(
+        validations=[[0.90, 0.12], [0.95, 0.10], [0.95, 0.10]],  # means 0.51, 0.525, 0.525
+        tests=[[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]],
+    )
+    both_higher = [True, True]
+    assert selected_test(run, parse_selection("best-val-mean"), both_higher) == [0.2, 0.2]
+    assert selected_test(run, parse_selection("best-val"), both_higher, [0.9, 0.1]) == [0.1, 0.1]
+    # a single-task model is judged on its own metric only; lower-is-better metrics: lowest
+    assert selected_test(run, Selection("best-val-mean"), both_higher, used=slice(1, 2)) == [
+        0.1,
+        0.1,
+    ]
+    assert selected_test(run, Selection("best-val-mean"), [False, False]) == [0.1, 0.1]
+    assert "best mean validation metric" in parse_selection("best-val-mean").describe()
+
+
+def test_best_val_mean_refuses_mixed_directions_before_training(tmp_path):
+    with pytest.raises(ValueError, match="best-val-mean: the mean of metrics"):
+        check_selection(Selection("best-val-mean"), FAKE.directions)
+    check_selection(Selection("best-val"), FAKE.directions)  # scored per metric: accepted
+    with pytest.raises(ValueError, match="best-val-mean: the mean of metrics"):
+        run_comparison(
+            BenchmarkSource("fake"),
+            ["ew"],
+            seeds=[0],
+            out=tmp_path,
+            selection=Selection("best-val-mean"),
+            benchmark=FAKE,
+        )
+    assert not (tmp_path / "runs").exists()  # refused before any run was planned

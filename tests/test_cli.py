@@ -368,3 +368,22 @@ def test_set_errors_name_set_and_captions_count_epochs(capsys, monkeypatch, tmp_
 
     assert parse_selection("mean-last-1").describe().endswith("over the last 1 epoch")
     assert parse_selection("mean-last-3").describe().endswith("over the last 3 epochs")
+
+
+def test_compare_best_val_mean_runs_on_one_direction_and_is_refused_on_mixed(
+    capsys, tmp_path, monkeypatch
+):
+    argv = ["compare", "--methods", "ew", "--seeds", "1", "--epochs", "2", "--small", "--quiet"]
+    select = ["--select", "best-val-mean"]
+    code, _, _ = _run([*argv, "--bench", "multidigits", *select, "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "best mean validation metric" in (tmp_path / "comparison.md").read_text()
+    assert json.loads((tmp_path / "metadata.json").read_text())["selection"] == "best-val-mean"
+    _no_training(monkeypatch)  # digits-mixed: accuracy ↑ beside mae ↓
+    code, _, err = _run(
+        [*argv, "--bench", "digits-mixed", *select, "--out", str(tmp_path / "mixed")], capsys
+    )
+    assert code == 2
+    assert "best-val-mean: the mean of metrics" in err
+    assert "digits-mixed" in err
+    assert not (tmp_path / "mixed").exists()

@@ -239,7 +239,8 @@ def build(data_root: str | None = None, small: bool = False) -> Benchmark:
 
     Every task is binary cross-entropy on a logit with the split's F1 as metric; Δm% averages
     the 40 F1 scores' relative changes. FAMO selects the epoch of best validation mean F1:
-    ``--select best-val``.
+    ``--select best-val-mean`` (``best-val`` scores each F1's change relative to the
+    single-task model's, which weighs a rare attribute's F1 more and can pick another epoch).
 
     Args:
         data_root: the CelebA directory (official or flat layout, see :data:`LAYOUT`).

@@ -51,7 +51,12 @@ from taskbalance.bench.harness import (
     train_run,
 )
 from taskbalance.bench.metrics import NanMetricWarning, ZeroBaselineWarning
-from taskbalance.bench.selection import Selection, counted, parse_selection
+from taskbalance.bench.selection import (
+    Selection,
+    check_selection,
+    counted,
+    parse_selection,
+)
 from taskbalance.bench.tensorboard import require_tensorboard, write_run
 from taskbalance.bench.variants import parse_methods
 from taskbalance.methods._facts import method_facts
@@ -506,6 +511,10 @@ def command_compare(arguments: argparse.Namespace) -> int:
             f"--select {arguments.select}: averages the last {selection.k} epochs, but each "
             f"run trains {counted(epochs, 'epoch')}; expected K <= {epochs}"
         )
+    try:
+        check_selection(selection, benchmark.directions)
+    except ValueError as error:
+        raise CommandError(f"{error} (benchmark {benchmark.name!r})") from None
     out = prepare_output_directory(Path(arguments.out or f"runs/compare-{_slug(benchmark.name)}"))
     require_module("matplotlib")
     seeds = list(range(arguments.seeds))
@@ -680,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--select",
         default="last",
-        help="model selection: last (default), best-val or mean-last-K",
+        help="model selection: last (default), best-val, best-val-mean or mean-last-K",
     )
     compare.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     compare.add_argument(

@@ -38,7 +38,7 @@ from taskbalance.bench.harness import (
 )
 from taskbalance.bench.metrics import MethodSummary, summarise
 from taskbalance.bench.report import benchmark_metadata, training_metadata
-from taskbalance.bench.selection import Selection
+from taskbalance.bench.selection import Selection, check_selection
 
 RUNS_DIRECTORY = "runs"
 
@@ -268,12 +268,14 @@ def run_comparison(
         The comparison (summary rows, runs, what was resumed, whether it was interrupted).
 
     Raises:
-        ValueError: a method that cannot be created for this benchmark (before training).
+        ValueError: a method that cannot be created for this benchmark, or a selection rule its
+            metrics cannot be judged by (before training).
     """
     started = time.perf_counter()
     benchmark = benchmark or source.build()
     config = config or TrainConfig()
     selection = selection or Selection()
+    check_selection(selection, benchmark.directions)
     for method in methods:
         check_method(method, benchmark)
     runs_directory = out / RUNS_DIRECTORY
