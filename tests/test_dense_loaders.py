@@ -179,6 +179,65 @@ def test_an_image_of_another_size_than_its_label_names_both(tmp_path):
         NpyDenseDataset(tmp_path, "val", "nyuv2")
 
 
+def test_unreadable_and_zero_padded_files_are_named(tmp_path):
+    """A truncated or empty file failed with numpy's message and no file name; a zero-padded
+    name (0001.npy) passed the numbering check and failed as a missing 1.npy."""
+    write_npy_layout(tmp_path, "nyuv2")
+    depth = tmp_path / "val" / "depth" / "2.npy"
+    depth.write_bytes(depth.read_bytes()[:100])
+    data = NpyDenseDataset(tmp_path, "val", "nyuv2")  # scene 0 is fine
+    with pytest.raises(DatasetLayoutError, match=r"depth/2\.npy: cannot be read as a \.npy"):
+        data[2]
+    depth.write_bytes(b"")
+    with pytest.raises(DatasetLayoutError, match=r"depth/2\.npy: cannot be read.*EOFError"):
+        data[2]
+    (tmp_path / "train" / "label" / "1.npy").rename(tmp_path / "train" / "label" / "01.npy")
+    with pytest.raises(DatasetLayoutError, match=r"unpadded numbers.*\['01\.npy'\]"):
+        NpyDenseDataset(tmp_path, "train", "nyuv2")
+
+
+@pytest.mark.parametrize(
+    ("folder", "change", "message"),
+    [
+        ("image", lambda a: a * 255, r"image/0\.npy: values in \[.*expected floats in \[0, 1\]"),
+        ("depth", lambda a: np.where(a > 2, np.nan, a), r"depth/0\.npy: NaN or infinite"),
+        ("depth", lambda a: a - 1, r"depth/0\.npy: negative depth"),
+        ("normal", lambda a: (a + 1) / 2, r"normal/0\.npy: normals of lengths.*unit vectors"),
+        ("normal", lambda a: 2 * a, r"normal/0\.npy: normals of lengths.*normalise them"),
+    ],
+)
+def test_wrongly_encoded_values_of_scene_0_are_named(tmp_path, folder, change, message):
+    """Images in 0 … 255, normals stored as an RGB map (n + 1)/2 and NaN depth trained
+    without complaint; the normal metrics normalise only the prediction."""
+    arrays = write_npy_layout(tmp_path, "nyuv2")
+    NpyDenseDataset(tmp_path, "train", "nyuv2")  # as written: accepted
+    source = arrays[("train", 0)][folder]
+    changed = change(source)
+    if folder == "normal":
+        changed[0, :3] = 0  # missing normals stay 0
+    np.save(tmp_path / "train" / folder / "0.npy", changed.astype(np.float32))
+    with pytest.raises(DatasetLayoutError, match=message):
+        NpyDenseDataset(tmp_path, "train", "nyuv2")
+
+
+def test_the_benchmark_refuses_a_size_the_model_cannot_take_and_averages_per_batch(tmp_path):
+    from taskbalance.bench.real_datasets import METRIC_REDUCTION, build_nyuv2
+
+    write_npy_layout(tmp_path / "odd", "nyuv2")  # 8×12: 12 is not a multiple of 8
+    with pytest.raises(DatasetLayoutError, match=r"8×12; the model \(3 levels\).*by 8 \(by 32"):
+        build_nyuv2(str(tmp_path / "odd"), small=True)
+    write_npy_layout(tmp_path / "even", "nyuv2", size=(8, 16))
+    benchmark = build_nyuv2(str(tmp_path / "even"), small=True)
+    assert benchmark.settings["metric_reduction"] == METRIC_REDUCTION == "batch"
+    # Nash-MTL's test loader takes the training batch size: the batches the errors average over
+    assert benchmark.defaults.eval_batch_size is None
+    for task in benchmark.tasks[1:]:  # depth and normals
+        (metrics,) = task.metrics
+        assert [accumulator.reduction for accumulator in metrics.accumulators] == ["batch"] * len(
+            metrics.accumulators
+        )
+
+
 ATTRIBUTES = [f"Attr_{k}" for k in range(40)]
 
 
@@ -250,6 +309,13 @@ def test_celeba_bad_layouts_are_named(tmp_path):
         CelebADataset(tmp_path / "reordered")
     with pytest.raises(ValueError, match="split"):
         CelebADataset(tmp_path, "validation")
+
+
+def test_celeba_torchvision_root_is_read(tmp_path):
+    """torchvision.datasets.CelebA(root) keeps the flat layout in root/celeba/."""
+    values = write_celeba(tmp_path / "celeba", official=False)
+    _, _, _, labels, _ = read_celeba_lists(tmp_path)
+    np.testing.assert_array_equal(labels.numpy(), (values == 1).astype(np.float32))
 
 
 def test_celeba_model_gives_a_logit_per_attribute():

@@ -64,7 +64,8 @@ NUM_ATTRIBUTES = 40
 LAYOUT = """DATA_ROOT/  (official layout)          or  DATA_ROOT/  (flat, as torchvision)
   Img/img_align_celeba/000001.jpg ...          img_align_celeba/000001.jpg ...
   Anno/list_attr_celeba.txt                    list_attr_celeba.txt
-  Eval/list_eval_partition.txt                 list_eval_partition.txt"""
+  Eval/list_eval_partition.txt                 list_eval_partition.txt
+(torchvision's own root, whose celeba/ folder holds the flat layout, is read too)"""
 
 
 def _find(root: Path, candidates: tuple[str, ...], is_dir: bool) -> Path:
@@ -94,6 +95,9 @@ def read_celeba_lists(root: str | Path) -> tuple[Path, list[str], list[str], Ten
     root = Path(root)
     if not root.is_dir():
         raise DatasetLayoutError(f"data root {str(root)!r} is not a directory; expected:\n{LAYOUT}")
+    unpacked_here = any((root / name).exists() for name in ("Img", "img_align_celeba"))
+    if not unpacked_here and (root / "celeba").is_dir():
+        root = root / "celeba"  # torchvision.datasets.CelebA(root) keeps the flat layout there
     images = _find(root, ("Img/img_align_celeba", "img_align_celeba"), is_dir=True)
     attr_file = _find(root, ("Anno/list_attr_celeba.txt", "list_attr_celeba.txt"), is_dir=False)
     split_file = _find(

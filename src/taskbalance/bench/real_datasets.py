@@ -62,6 +62,7 @@ from taskbalance.bench.api import (
 from taskbalance.bench.dense import dense_tasks
 from taskbalance.bench.mtan import check_dense_model, dense_model
 from taskbalance.bench.segnet import CPU_FILTERS, PAPER_FILTERS
+from taskbalance.metrics import Reduction
 
 #: MTAN's random scale-crop factors.
 SCALES = (1.0, 1.2, 1.5)
@@ -71,6 +72,11 @@ NYUV2_SIZE = (288, 384)
 CITYSCAPES_SIZE = (128, 256)
 
 _NUMBERED = re.compile(r"^(\d+)\.npy$")
+#: Rounding allowed beyond [0, 1] in the images of scene 0.
+_RANGE_SLACK = 1e-3
+#: How far from 1 the lengths of scene 0's normals may be, in the median (stored normals are
+#: unit to a few per cent; an RGB-encoded map's lengths spread over 0.37…1.37).
+_NORMAL_NORM_SLACK = 0.05
 
 
 class DatasetLayoutError(BenchmarkError):
@@ -116,12 +122,22 @@ def layout_text(dataset: str, num_classes: int = 7) -> str:
 
 
 def _numbered_files(folder: Path) -> int:
-    """How many files ``0.npy … (n−1).npy`` a folder holds; raises if numbering has gaps."""
-    numbers = sorted(
-        int(match.group(1))
-        for match in map(_NUMBERED.match, (p.name for p in folder.iterdir()))
+    """How many files ``0.npy … (n−1).npy`` a folder holds; raises if numbering has gaps, or
+    on a zero-padded name (``0001.npy``), which the papers' loaders (``'{:d}.npy'``) and this
+    one would never open."""
+    names = [
+        (match.group(1), name)
+        for match, name in ((_NUMBERED.match(p.name), p.name) for p in folder.iterdir())
         if match
-    )
+    ]
+    padded = sorted(name for digits, name in names if digits != str(int(digits)))
+    if padded:
+        raise DatasetLayoutError(
+            f"{folder}: file names must be unpadded numbers, 0.npy, 1.npy, … (MTAN's "
+            f"preprocessing writes them so, and its loaders read '{{:d}}.npy'); found "
+            f"{padded[:5]}{' …' if len(padded) > 5 else ''}"
+        )
+    numbers = sorted(int(digits) for digits, _ in names)
     if numbers != list(range(len(numbers))):
         missing = sorted(set(range(len(numbers))) - set(numbers))[:5]
         raise DatasetLayoutError(
@@ -234,10 +250,12 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
         indices: use only these scene numbers (a held-out validation subset).
 
     Raises:
-        DatasetLayoutError: a missing folder, uneven or gapped numbering, or scene 0's arrays of
-            the wrong shape or not numbers (here); a scene whose arrays do not have scene 0's
-            shapes (when the item is read, before augmentation). The message names the file and
-            shows the expected tree.
+        DatasetLayoutError: a missing folder, uneven, gapped or zero-padded numbering, scene
+            0's arrays of the wrong shape, not numbers, or of the wrong values (images outside
+            [0, 1], NaN or infinite values, negative depth, normals that are not unit vectors)
+            (here); a file that cannot be read, or a scene whose arrays do not have scene 0's
+            shapes (when the item is read, before augmentation). The message names the file
+            and shows the expected tree.
     """
 
     def __init__(
@@ -274,7 +292,13 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
 
     def _load(self, folder: str, number: int) -> Tensor:
         path = self._path(folder, number)
-        array = self.numpy.load(path)
+        try:
+            array = self.numpy.load(path)
+        except (OSError, EOFError, ValueError) as error:  # truncated, empty, pickled, not .npy
+            raise DatasetLayoutError(
+                f"{path}: cannot be read as a .npy array ({type(error).__name__}: {error}); "
+                f"expected numeric arrays, as:\n{self.layout}"
+            ) from error
         # Strings, booleans or complex numbers would otherwise fail later in torch, unnamed.
         if array.dtype.kind not in "fiu":
             raise DatasetLayoutError(
@@ -316,7 +340,49 @@ class NpyDenseDataset(Dataset[tuple[Tensor, tuple[Tensor, ...]]]):
                 f"[0, 1] as MTAN's preprocessing writes them (divide 8-bit images by 255), "
                 f"as:\n{self.layout}"
             )
+        self._check_values(image, depth, normal[0] if normal else None)
         return {folder: expected[folder] for folder in self.folders}
+
+    def _check_values(self, image: Tensor, depth: Tensor, normal: Tensor | None) -> None:
+        """Scene 0's values: what a wrong encoding would otherwise train on silently (images
+        in 0…255, normals stored as an RGB map ``(n + 1)/2``, NaN depth)."""
+        for folder, array in (("image", image), ("depth", depth), ("normal", normal)):
+            if array is not None and not bool(torch.isfinite(array).all()):
+                raise DatasetLayoutError(
+                    f"{self._path(folder, 0)}: NaN or infinite values; expected finite "
+                    f"numbers (0 marks a missing depth or normal), as:\n{self.layout}"
+                )
+        low, high = float(image.min()), float(image.max())
+        if low < -_RANGE_SLACK or high > 1 + _RANGE_SLACK:
+            raise DatasetLayoutError(
+                f"{self._path('image', 0)}: values in [{low:g}, {high:g}]; expected floats in "
+                f"[0, 1] as MTAN's preprocessing writes them (divide 0…255 values by 255; "
+                f"undo any mean/std normalisation), as:\n{self.layout}"
+            )
+        if float(depth.min()) < 0:
+            raise DatasetLayoutError(
+                f"{self._path('depth', 0)}: negative depth {float(depth.min()):g}; expected "
+                f"depth ≥ 0 (0 where missing), as:\n{self.layout}"
+            )
+        if normal is None:
+            return
+        vectors = normal.reshape(-1, 3).double()
+        vectors = vectors[(vectors != 0).any(dim=1)]
+        if not len(vectors):
+            return
+        lengths = vectors.norm(dim=1)
+        if float((lengths - 1).abs().median()) > _NORMAL_NORM_SLACK:
+            hint = (
+                "every component is ≥ 0, as in an RGB normal map (n + 1)/2: store 2·x − 1"
+                if bool((vectors >= 0).all())
+                else "normalise them"
+            )
+            raise DatasetLayoutError(
+                f"{self._path('normal', 0)}: normals of lengths {float(lengths.min()):.3g} … "
+                f"{float(lengths.max()):.3g}, median {float(lengths.median()):.3g} ({hint}); "
+                f"expected unit vectors with components in [-1, 1] (0 where missing), as the "
+                f"papers' normal metrics and loss assume, as:\n{self.layout}"
+            )
 
     def _check_item(self, number: int, arrays: Sequence[Tensor]) -> None:
         """Every scene must have scene 0's shapes: the scale-crop would silently stretch a
@@ -406,7 +472,9 @@ def dense_splits(
 # ---------------------------------------------------------------------------------------------
 # The benchmarks (``--bench nyuv2|cityscapes --data-root DIR``).
 
-#: Nash-MTL's NYUv2 settings: 200 epochs, batch 2, Adam 1e-4, halved at 100.
+#: Nash-MTL's NYUv2 settings: 200 epochs, batch 2, Adam 1e-4, halved at 100; its test loader
+#: takes the training batch size, which sets the batches its depth and normal errors average
+#: over (:data:`METRIC_REDUCTION`), so the evaluation batch is left to follow it.
 NYUV2_DEFAULTS = TrainingDefaults(
     epochs=200,
     batch_size=2,
@@ -414,8 +482,10 @@ NYUV2_DEFAULTS = TrainingDefaults(
     schedule="step",
     step_epochs=100,
     gamma=0.5,
-    eval_batch_size=8,
 )
+#: How depth and normal errors are averaged: per test batch, then over the batches, as MTAN's,
+#: CAGrad's, Nash-MTL's and FAMO's trainers do (LibMTL averages over every valid pixel).
+METRIC_REDUCTION: Reduction = "batch"
 #: Nash-MTL's Cityscapes settings: as NYUv2 with batch 8.
 CITYSCAPES_DEFAULTS = replace(NYUV2_DEFAULTS, batch_size=8)
 #: ``--small``: the first few scenes of each split, a CPU-sized model, 1 epoch (smoke tests).
@@ -446,6 +516,7 @@ def _dense_benchmark(
         for split in {id(s): s for s in (train, validation, test)}.values():
             split.indices = split.indices[:SMALL_SCENES]
     filters = CPU_FILTERS if small else PAPER_FILTERS
+    _check_divisible(train, test, filters)
     out_channels = (num_classes, 1, 3) if normals else (num_classes, 1)
 
     def build_model() -> nn.Module:
@@ -457,8 +528,7 @@ def _dense_benchmark(
         defaults = replace(defaults, epochs=1)
     return Benchmark(
         name=dataset,
-        # MTAN and Nash-MTL average depth and normal errors per batch; LibMTL over pixels.
-        tasks=dense_tasks(num_classes, normals=normals),
+        tasks=dense_tasks(num_classes, normals=normals, reduction=METRIC_REDUCTION),
         train=train,
         validation=validation,
         test=test,
@@ -473,10 +543,26 @@ def _dense_benchmark(
             "train_scenes": len(train),
             "test_scenes": len(test),
             "augment": True,
+            "metric_reduction": METRIC_REDUCTION,
             "model": model,
             "filters": list(filters),
         },
     )
+
+
+def _check_divisible(train: NpyDenseDataset, test: NpyDenseDataset, filters: Sequence[int]) -> None:
+    """The encoder halves H and W once per level: refuse, before any training, a size the
+    model would reject at its first forward (``--small``'s model has fewer levels than the
+    papers', so a size it accepts may still fail the full run: that is named too)."""
+    factor, full = 2 ** len(filters), 2 ** len(PAPER_FILTERS)
+    for split in (train, test):
+        height, width, _ = split.shapes["image"]
+        if height % factor or width % factor:
+            raise DatasetLayoutError(
+                f"{split.root / split.split / 'image'}: images of {height}×{width}; the model "
+                f"({len(filters)} levels) needs H and W divisible by {factor} (by {full} at "
+                f"the papers' size, without --small), as:\n{split.layout}"
+            )
 
 
 NYUV2_DESCRIPTION = (
@@ -530,8 +616,10 @@ def build_nyuv2(
     is MTAN's split SegNet (:func:`~taskbalance.bench.segnet.segnet_model`, 25 M), both at
     :data:`~taskbalance.bench.segnet.PAPER_FILTERS`. The run's ``settings`` record ``model``.
     Gradient methods run on MTAN in parameters mode over its shared parameters (``trunk``).
-    Training: Nash-MTL's settings (:data:`NYUV2_DEFAULTS`), augmentation on. Compare with the
-    published tables using ``--select mean-last-10`` (Nash-MTL, FAMO) or ``--select last``.
+    Training: Nash-MTL's settings (:data:`NYUV2_DEFAULTS`), augmentation on; evaluation as
+    its trainer: depth and normal errors averaged per test batch of the training batch size
+    (:data:`METRIC_REDUCTION`, recorded as ``metric_reduction``). Compare with the published
+    tables using ``--select mean-last-10`` (Nash-MTL, FAMO) or ``--select last``.
 
     Args:
         data_root: the directory with ``train/`` and ``val/`` (see :func:`layout_text`).
