@@ -1772,6 +1772,30 @@ def test_property_min_norm_optimal_vs_brute_force(J, backend):
     grid = grid[grid[:, 2] >= 0]
     values = np.einsum("ni,ij,nj->n", grid, G, grid)
     assert w @ G @ w <= values.min() + 1e-12 * (1 + np.trace(G))
+    assert (w >= 0).all()  # a point of the simplex
+    assert abs(w.sum() - 1) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_min_norm_with_a_gradient_156_decades_shorter_is_exact(backend):
+    """Found by the property test above: rows (0, 1), (1, 1), (−3.3e-156, 0). A diagonal floor
+    of 1e-300 mis-scaled the 1.1e-311 diagonal, and the face solve's D² (1e310) overflowed:
+    the torch path crashed on an empty face, the Python one returned [0, 0, 0]. The exact
+    minimum lies on the edge of the last two: w = (0, t, 1 − t), t ≈ 1.66e-156."""
+    J = torch.tensor([[0.0, 1.0], [1.0, 1.0], [-3.3186284881481737e-156, 0.0]], dtype=torch.float64)
+    G = J @ J.T
+    w = min_norm_weights(G, backend=backend)
+    g3 = -3.3186284881481737e-156
+    exact_w2 = (
+        -g3 * (1 - g3) / ((1 - g3) ** 2 + 1)
+    )  # the edge's minimiser, t = −g3·(g2 − g3)/‖g2 − g3‖²
+    assert w[0] == 0.0
+    assert float(w[1]) == pytest.approx(exact_w2, rel=1e-12)
+    assert float(w.sum()) == 1.0
+    d = J.T @ w
+    # MGDA's direction conflicts with no task: gᵢ·d ≥ ‖d‖², to rounding of gᵢ·d
+    for row in J:
+        assert float(row @ d) >= float(d @ d) - 1e-15 * float(row.norm() * d.norm())
 
 
 def _exact_two_task_weights(J: list[list[float]]) -> tuple[Fraction, Fraction]:

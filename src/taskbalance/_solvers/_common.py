@@ -16,6 +16,7 @@ from taskbalance._validation import check_choice
 __all__ = [
     "EPS",
     "F64",
+    "TINY",
     "Backend",
     "SolverError",
     "as_f64",
@@ -33,6 +34,10 @@ __all__ = [
 
 F64 = torch.float64
 EPS = torch.finfo(torch.float64).eps
+#: The smallest positive float64 (a subnormal): the floor that keeps a Jacobi scaling
+#: ``1/√G_ii`` finite without changing any positive diagonal, however small (a floor of
+#: 1e-300 rescaled a 1e-311 diagonal wrongly, and the face solves failed).
+TINY = math.ulp(0.0)
 
 #: ``"auto"`` picks the plain-Python path up to a per-problem K and torch above it; ``"python"``
 #: and ``"torch"`` force one path (as ``foreach=`` / ``fused=`` do in ``torch.optim``).

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from taskbalance._solvers._common import (
     F64,
+    TINY,
     Backend,
     SolverError,
     as_f64,
@@ -123,7 +124,7 @@ def _face_qp(A: Tensor, c: Tensor, x_cur: Tensor, floor: float = 0.0) -> tuple[T
 def _scaling(Q: Tensor) -> tuple[Tensor, Tensor]:
     d = Q.diagonal()
     zero = d <= 0
-    s = torch.where(zero, torch.zeros_like(d), d.clamp_min(1e-300).rsqrt())
+    s = torch.where(zero, torch.zeros_like(d), d.clamp_min(TINY).rsqrt())
     return s, zero
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 from taskbalance._solvers._common import (
     EPS,
     F64,
+    TINY,
     Backend,
     as_f64,
     cap_error,
@@ -125,13 +126,17 @@ def _face_min_norm_eigh(Gs: Tensor, y_cur: Tensor, lin: tuple[Tensor, float] | N
     ``c_N``, compared by ``ỹᵀAỹ + 2β ẽᵀỹ``.
     """
     n = Gs.shape[0]
-    d = Gs.diagonal().clamp_min(1e-300).rsqrt()
+    d = Gs.diagonal().clamp_min(TINY).rsqrt()
     A = d[:, None] * Gs * d[None, :]
     lam, V = torch.linalg.eigh(A)
     lam_max = float(lam[-1].clamp_min(1.0))
     null = lam <= 8.0 * n * EPS * lam_max
-    cv = V.T @ d
-    cur = V.T @ (y_cur / d)
+    # Without the linear term y matters only up to its sum: c = D1 and ỹ are taken over
+    # max(D) (ỹ then times it), so cᵀA⁺c cannot overflow on a face whose diagonal spans over
+    # 308 decades; the shifted problem keeps its scale (its β term is not homogeneous).
+    scale = float(d.max()) if lin is None else 1.0
+    cv = V.T @ (d / scale)
+    cur = V.T @ (y_cur / d) * scale
     cur_n = torch.where(null, cur, torch.zeros_like(cur))
     cn = torch.where(null, cv, torch.zeros_like(cv))
     cn_norm2 = float(cn @ cn)
@@ -179,11 +184,14 @@ def _face_min_norm_eigh(Gs: Tensor, y_cur: Tensor, lin: tuple[Tensor, float] | N
 def _face_min_norm_chol(Gs: Tensor) -> Tensor | None:
     """:func:`_face_min_norm` on a well-conditioned face (Cholesky pivots bounded away from 0):
     ``y ∝ G⁻¹1``, computed as ``D (DGD)⁻¹ D 1``; ``None`` on a (nearly) singular face."""
-    d = Gs.diagonal().clamp_min(1e-300).rsqrt()
+    d = Gs.diagonal().clamp_min(TINY).rsqrt()
     L, info = torch.linalg.cholesky_ex(d[:, None] * Gs * d[None, :])
     if int(info) != 0 or float(L.diagonal().min()) ** 2 <= 1e-8:
         return None
-    y = d * torch.cholesky_solve(d[:, None], L)[:, 0]
+    # D/max(D) on both sides: y only up to its sum, and D² overflows on a face whose diagonal
+    # spans over 308 decades (a gradient 1e-156 times another's)
+    unit = d / d.max()
+    y = unit * torch.cholesky_solve(unit[:, None], L)[:, 0]
     return y / y.sum()
 
 
@@ -406,14 +414,16 @@ def _frank_wolfe(G: Tensor, max_iter: int, tol: float) -> Tensor:
 
 def _face_min_norm_chol_py(Gn: list[list[float]], S: list[int]) -> list[float] | None:
     """:func:`_face_min_norm_chol` on the face ``S`` of ``Gn``."""
-    d = [1.0 / math.sqrt(max(Gn[i][i], 1e-300)) for i in S]
+    d = [1.0 / math.sqrt(max(Gn[i][i], TINY)) for i in S]
     n = len(S)
     A = [[d[a] * Gn[S[a]][S[b]] * d[b] for b in range(n)] for a in range(n)]
     L = chol_py(A, 1e-8)
     if L is None:
         return None
-    z = chol_solve_py(L, d)
-    y = [d[a] * z[a] for a in range(n)]
+    largest = max(d)
+    unit = [v / largest for v in d]  # as the torch path: no D² overflow
+    z = chol_solve_py(L, unit)
+    y = [unit[a] * z[a] for a in range(n)]
     tot = sum(y)
     return [v / tot for v in y]
 
@@ -441,7 +451,7 @@ def _face_shifted_py(
     n = len(S)
     if n == 1:  # a vertex does not move with β
         return [1.0], [0.0]
-    d = [1.0 / math.sqrt(max(Gn[i][i], 1e-300)) for i in S]
+    d = [1.0 / math.sqrt(max(Gn[i][i], TINY)) for i in S]
     A = [[d[a] * Gn[S[a]][S[b]] * d[b] for b in range(n)] for a in range(n)]
     L = chol_py(A, 1e-8)
     if L is not None:
