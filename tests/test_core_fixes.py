@@ -57,6 +57,48 @@ def test_famo_present_tasks_learn_through_the_softmax_over_present_tasks():
     assert three.logits[1] == 0
 
 
+@pytest.mark.parametrize("name", ["famo", "gls"])
+@pytest.mark.parametrize("scale", [1e-2, 1.0, 1e2])
+def test_a_task_not_yet_present_does_not_rescale_the_others(name, scale):
+    """Its carried loss was a placeholder 1: at losses ~100 FAMO's present weights came out
+    68× too small, at ~0.01 too large (found by a new user). Until the task has a loss, the
+    rule runs over the tasks that have one: here the 2-task method's weights."""
+    three = tb.create(name, num_tasks=3)
+    two = tb.create(name, num_tasks=2)
+    for step in range(3):
+        values = [2.0 * scale * (1 - 0.1 * step), 1.0 * scale * (1 - 0.2 * step)]
+        three(torch.tensor([values[0], math.nan, values[1]], requires_grad=True),
+              present=[True, False, True])  # fmt: skip
+        two(torch.tensor(values, requires_grad=True))
+        torch.testing.assert_close(three.weights[[0, 2]], two.weights)
+        assert three.weights[1] == 0
+
+
+def test_famo_learns_no_delta_at_a_tasks_first_presence():
+    """The previous loss of a task never present was the placeholder: at its first presence
+    its logit learned from δ = log 1 − log L, a fall or rise that never happened."""
+    b = tb.create("famo", num_tasks=3, weight_decay=0.0)
+    for values in ([2.0, 1.5], [1.8, 1.4]):
+        b(torch.tensor([values[0], math.nan, values[1]], requires_grad=True),
+          present=[True, False, True])  # fmt: skip
+    assert b.logits[1] == 0
+    assert b.has_previous_loss.tolist() == [True, False, True]
+    b(torch.tensor([1.7, 100.0, 1.3], requires_grad=True))  # task 1's first loss
+    assert b.logits[1] == 0  # nothing to learn from yet; the others did learn
+    assert b.logits[0] != 0
+    b(torch.tensor([1.6, 50.0, 1.2], requires_grad=True))
+    assert b.logits[1] < 0  # its loss halved, faster than the others: it gives up weight
+
+
+def test_famo_a_task_not_yet_present_passes_no_bound_check():
+    """min_losses above the placeholder 1 refused the call of a task that was not there."""
+    b = tb.create("famo", num_tasks=2, min_losses=5.0)
+    b(torch.tensor([7.0, math.nan], requires_grad=True), present=[True, False]).backward()
+    assert b.weights.tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="must exceed its bound"):
+        b(torch.tensor([7.0, 4.0], requires_grad=True))  # a present loss is still checked
+
+
 # --------------------------------------------------------------------------------------------
 # loading through a parent module
 

@@ -196,8 +196,10 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
       KPIs (DTP), so one training loop can drive any method. ``present=`` is a bool ``[K]``
       mask of the tasks with labels in this batch: an absent task gets weight 0 and no
       gradient (its loss may be NaN), and its statistics see no new value: loss-based rules
-      read its last mean loss again, and gradient methods reuse the last weights for the
-      present tasks (they need every task's gradient to recompute). Under DDP a task is
+      read its last mean loss again (FAMO and GLS, whose weights are coupled through the
+      losses, run over the tasks that have one until a task is first present), and gradient
+      methods reuse the last weights for the present tasks (they need every task's gradient
+      to recompute). Under DDP a task is
       present where any rank has it, and its mean loss averages over the ranks that have it.
     - In ``eval()`` mode or under ``torch.no_grad()`` a call returns ``Σ w_k L_k`` with the
       current weights and changes no state (no collective either).

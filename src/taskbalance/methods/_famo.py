@@ -51,9 +51,14 @@ class FAMO(Balancer):
     training loop also clips the shared gradient to norm 1 (``max_norm``): clipping is the
     loop's business, do it with ``torch.nn.utils.clip_grad_norm_`` to reproduce the paper's
     runs. Under DDP δ uses the rank-averaged losses, so every rank's logits agree. With
-    ``present=``, only the present tasks' logits learn at that step (through the softmax over
-    the present tasks, their Adam moments moving alone); an absent task's logit, moments and
-    last loss are left as they were, and its δ spans the steps since it was last present.
+    ``present=``, an absent task's weight is 0 and the others' are the rule's with its last
+    loss read again (as every loss-based rule does); a task not yet present at any step has
+    no loss to read, so the softmax and ``c`` run over the tasks that have one (a placeholder
+    would rescale the others' weights by its ratio to their losses). Only the present tasks'
+    logits learn at a step (through the softmax over them, their Adam moments moving alone);
+    an absent task's logit, moments and last loss are left as they were, and its δ spans the
+    steps since it was last present. A task has no δ at its first presence (no earlier loss
+    of its own): it learns from the next one.
 
     The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
     :class:`Balancer`.
@@ -93,6 +98,7 @@ class FAMO(Balancer):
     min_losses: Tensor
     logits: Tensor
     previous_log_losses: Tensor
+    has_previous_loss: Tensor
 
     def __init__(
         self,
@@ -116,6 +122,8 @@ class FAMO(Balancer):
         self.requires_positive_losses = min(lower_bounds) >= 0
         self.register_buffer("logits", torch.zeros(self.num_tasks))
         self.register_buffer("previous_log_losses", torch.zeros(self.num_tasks))
+        # Which tasks' entry above is a loss of theirs (the others have not been present yet)
+        self.register_buffer("has_previous_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
         self._last_weights.fill_(1.0 / self.num_tasks)
 
     @property
@@ -143,10 +151,11 @@ class FAMO(Balancer):
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
         vector = as_loss_vector(losses, self.num_tasks)
         statistics = self._mean_over_ranks(vector)
-        # The tasks absent at that call (on every rank) learn nothing now either.
+        # The tasks absent at that call (on every rank) learn nothing now either; that call
+        # recorded every present task's loss before the step.
         present = None if bool(self._last_present.all()) else self._last_present.tolist()
         values, bounds, logits, previous = self._on_host(statistics)
-        log_losses = self._stored_log_losses(self._shifted(values, bounds)).tolist()
+        log_losses = self._stored_log_losses(self._shifted(values, bounds, present)).tolist()
         self._learn_from(log_losses, previous, logits, present)
 
     # K-vector arithmetic in Python floats (float64) on the host: inside a training step the
@@ -160,9 +169,19 @@ class FAMO(Balancer):
         K = self.num_tasks
         return tuple(host[i * K : (i + 1) * K] for i in range(4))
 
-    def _shifted(self, losses: list[float], bounds: list[float]) -> list[float]:
-        """``L − min_losses + eps``, checked to be > 0 (the method takes its log)."""
-        shifted = [loss - bound + self.eps for loss, bound in zip(losses, bounds, strict=True)]
+    def _shifted(
+        self, losses: list[float], bounds: list[float], present: list[bool] | None = None
+    ) -> list[float]:
+        """``L − min_losses + eps``, checked to be > 0 (the method takes its log) for the
+        present tasks. An absent task's entry is its carried last loss's, which passed the
+        check when it was recorded; one not > 0 (the placeholder of a task not yet present,
+        which no rule reads) is 1."""
+        shifted = [
+            value if present is None or present[k] or value > 0 else 1.0
+            for k, value in enumerate(
+                loss - bound + self.eps for loss, bound in zip(losses, bounds, strict=True)
+            )
+        ]
         if any(not value > 0 for value in shifted):
             raise ValueError(
                 f"losses: FAMO takes log(L − min_losses) with min_losses = {bounds}, so every "
@@ -208,14 +227,30 @@ class FAMO(Balancer):
 
     def _update(self, step: Step) -> Tensor:
         values, bounds, logits, previous = self._on_host(step.mean_losses)
-        shifted = self._shifted(values, bounds)
+        present = None if step.all_present else step.present.tolist()
+        shifted = self._shifted(values, bounds, present)
         log_losses = self._stored_log_losses(shifted)
-        if self.delta == "next_step" and self._steps_taken > 0:  # previous losses exist
-            present = None if step.all_present else step.present.tolist()
-            logits = self._learn_from(log_losses.tolist(), previous, logits, present)
-        self.previous_log_losses.copy_(log_losses)
-        # w_k = z_k / (c·L_k) with c = Σ_k z_k / L_k
-        ratios = [z / value for z, value in zip(_softmax(logits, None), shifted, strict=True)]
+        recorded = self.has_previous_loss.tolist()
+        if self.delta == "next_step" and any(recorded):  # some task has an earlier loss
+            # δ needs the task now and an earlier loss of its own
+            learning = [
+                recorded[k] and (present is None or present[k]) for k in range(self.num_tasks)
+            ]
+            if any(learning):
+                logits = self._learn_from(
+                    log_losses.tolist(), previous, logits, None if all(learning) else learning
+                )
+        if present is None:
+            self.previous_log_losses.copy_(log_losses)
+            self.has_previous_loss.fill_(True)
+            known = None
+        else:  # an absent task keeps its last loss (or none)
+            mask = step.present.to(self.previous_log_losses.device)
+            self.previous_log_losses.copy_(torch.where(mask, log_losses, self.previous_log_losses))
+            self.has_previous_loss.logical_or_(mask)
+            known = [p or r for p, r in zip(present, recorded, strict=True)]
+        # w_k = z_k / (c·L_k) with c = Σ_k z_k / L_k, over the tasks that have a loss
+        ratios = [z / value for z, value in zip(_softmax(logits, known), shifted, strict=True)]
         normaliser = math.fsum(ratios)
         weights = [ratio / normaliser for ratio in ratios]
         return torch.tensor(weights, dtype=torch.float32, device=step.mean_losses.device)
@@ -232,6 +267,7 @@ class FAMO(Balancer):
         shift = sum(
             w * (_x_log_x(value - bound + self.eps) - value)
             for w, value, bound in zip(host[:K], host[K : 2 * K], host[2 * K :], strict=True)
+            if w != 0  # an absent task's loss is not checked against its bound
         )
         return torch.dot(weights.to(step.losses.dtype), step.losses) + shift
 

@@ -26,7 +26,11 @@ class GLS(Balancer):
     Defaults: none to set (the method has no hyperparameters).
 
     Departures: none. Under DDP the weights use the rank-averaged losses, which makes the
-    summed gradient exactly that of the geometric mean of the global losses.
+    summed gradient exactly that of the geometric mean of the global losses. With
+    ``present=`` (the paper has every task in every batch), an absent task's weight is 0 and
+    its last loss is read again in the mean, as every loss-based rule does; a task not yet
+    present at any step has no loss to read, so the mean runs over the ``n`` tasks that have
+    one, ``w_k = (Π L)^{1/n} / (n·L_k)`` (a placeholder would rescale the others' weights).
 
     The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
     :class:`Balancer`.
@@ -42,7 +46,23 @@ class GLS(Balancer):
 
     requires_positive_losses = True
 
+    has_loss: Tensor
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(num_tasks)
+        # Which tasks have been present at some step (the others' carried loss is a placeholder)
+        self.register_buffer("has_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
+
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
-        geometric_mean = torch.exp(torch.log(losses).mean())
-        return geometric_mean / (self.num_tasks * losses)
+        if step.all_present:
+            self.has_loss.fill_(True)
+            geometric_mean = torch.exp(torch.log(losses).mean())
+            return geometric_mean / (self.num_tasks * losses)
+        known = step.present.to(losses.device) | self.has_loss
+        self.has_loss.copy_(self.has_loss | step.present.to(self.has_loss.device))
+        # a placeholder's entry set to 1 (log 0): the sum of logs runs over the known tasks
+        log_losses = torch.log(torch.where(known, losses, 1.0))
+        count = known.sum()
+        geometric_mean = torch.exp(log_losses.sum() / count)
+        return torch.where(known, geometric_mean / (count * losses), 0.0)
