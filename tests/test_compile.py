@@ -120,3 +120,22 @@ def test_parameters_mode_through_a_compiled_trunk_without_donated_buffers_is_eag
         compiled, eager = _compiled_trunk_params_mode_weights()
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_the_donated_buffers_fix_runs_as_written_in_a_fresh_interpreter():
+    """A new user's `torch._functorch.config.donated_buffer = False` after `import torch`
+    raised AttributeError: the submodule must be imported first, as the message now says."""
+    import subprocess
+    import sys
+
+    from taskbalance._gramian import _DONATED_BUFFERS
+
+    statement = _DONATED_BUFFERS.split("Run `")[1].split("`")[0]
+    assignment = "torch._functorch.config.donated_buffer = False"
+    assert assignment in _DONATED_BUFFERS
+    code = f"import torch\n{statement}\n{assignment}\nprint(torch._functorch.config.donated_buffer)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

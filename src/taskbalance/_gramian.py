@@ -617,8 +617,9 @@ def _computed_hint(inputs: Sequence[Tensor], features_mode: bool | None) -> str:
 _DONATED_BUFFERS = (
     "params: the task gradients run one backward per task through a torch.compile'd graph "
     "(retain_graph=True), and this graph's backward was compiled with donated buffers, which "
-    "lets it run once. Set torch._functorch.config.donated_buffer = False before the first "
-    "compiled call, or use features mode (features=z, the compiled trunk's output: the "
+    "lets it run once. Run `import torch._functorch.config` and set "
+    "torch._functorch.config.donated_buffer = False before the first compiled call, or use "
+    "features mode (features=z, the compiled trunk's output: the "
     "per-task passes then stop at z); see docs/recipes/compile.md"
 )
 
