@@ -90,6 +90,41 @@ def test_famo_learns_no_delta_at_a_tasks_first_presence():
     assert b.logits[1] < 0  # its loss halved, faster than the others: it gives up weight
 
 
+@pytest.mark.parametrize("scale", [1e-2, 50.0])
+@pytest.mark.parametrize("window", [2, None])
+def test_dwa_a_task_not_yet_present_makes_no_ratio_of_a_placeholder(scale, window):
+    """A task absent for the whole first period got period mean 1 (the placeholder): its
+    ratio to its real loss then switched the other task off ([4.6e-11, 2.0] at loss 50)
+    or skewed the weights ([1.24, 0.76] at 0.01) though no loss ever changed (new user)."""
+    b = tb.create("dwa", num_tasks=2, window=window)
+    for period in range(4):  # task 1 absent from the first period only
+        for _ in range(2):
+            present = torch.tensor([True, period >= 1])
+            b(torch.tensor([2.0, scale], requires_grad=True), present=present)
+            if period >= 2:  # the ratios exist: every loss constant, every ratio 1
+                torch.testing.assert_close(b.weights, torch.ones(2))
+        if window is None:
+            b.end_epoch()
+    # once both periods have its own mean, its real ratio counts: its loss halves
+    for _ in range(2):
+        b(torch.tensor([2.0, scale / 2], requires_grad=True))
+    if window is None:
+        b.end_epoch()
+    b(torch.tensor([2.0, scale / 2], requires_grad=True))
+    assert b.weights[1] < b.weights[0]
+
+
+def test_famo_same_batch_update_learns_no_delta_for_a_task_never_recorded():
+    """With accumulation the last micro-batch's presence is not the recording call's: a task
+    absent when the losses were recorded learned from δ = log 1 − log L (review)."""
+    b = tb.create("famo", num_tasks=2, delta="same_batch", accumulation_steps=2, weight_decay=0.0)
+    b(torch.tensor([2.0, math.nan], requires_grad=True), present=[True, False])
+    b(torch.tensor([2.0, 3.0], requires_grad=True))  # the window's second micro-batch
+    b.update(torch.tensor([1.9, 3.0]))
+    assert b.logits[1] == 0
+    assert b.logits[0] == 0  # one task learning alone: the softmax over it has no gradient
+
+
 def test_famo_a_task_not_yet_present_passes_no_bound_check():
     """min_losses above the placeholder 1 refused the call of a task that was not there."""
     b = tb.create("famo", num_tasks=2, min_losses=5.0)

@@ -326,3 +326,26 @@ def test_celeba_model_gives_a_logit_per_attribute():
     assert heads[0](features).shape == (2, 1)
     paper_trunk, _ = celeba_model()
     assert sum(p.numel() for p in paper_trunk.parameters()) > 4_000_000
+
+
+def test_the_evaluation_batch_follows_a_batch_size_override(tmp_path, monkeypatch):
+    """Per-batch errors depend on the evaluation batch, which Nash-MTL's trainer takes from
+    the training batch size: a --batch-size override must reach it (review)."""
+    from taskbalance.bench import harness
+    from taskbalance.bench.harness import TrainConfig, train_run
+    from taskbalance.bench.real_datasets import build_nyuv2
+
+    write_npy_layout(tmp_path, "nyuv2", sizes=(3, 3), size=(8, 16))
+    benchmark = build_nyuv2(str(tmp_path), small=True)
+    sizes = []
+    real_loader = harness._loader
+
+    def spy(data, defaults, **options):
+        sizes.append(options.get("batch_size"))
+        return real_loader(data, defaults, **options)
+
+    monkeypatch.setattr(harness, "_loader", spy)
+    train_run(benchmark, "ew", config=TrainConfig(batch_size=3, epochs=1))
+    evaluation = [size for size in sizes if size is not None]  # training's takes the default
+    assert len(evaluation) >= 2  # validation and test
+    assert set(evaluation) == {3}

@@ -1964,3 +1964,15 @@ def test_two_task_weights_where_the_numerators_sum_overflows(backend):
     assert min_norm_weights(G, backend=backend).tolist() == [0.5, 0.5]
     w, _ = ShiftedMinNorm(G.tolist(), [0.0, 0.0]).solve(0.0, 250, 1e-12)
     assert [float(v) for v in w] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("backend", ["python", "torch"])
+def test_cagrad_keeps_its_floor_on_rows_150_decades_apart(backend):
+    """The min-norm face solves' smaller diagonal floor, carried into CAGrad's shifted faces
+    (which keep their scale), let D² overflow there: an empty face and a crash (review)."""
+    J = torch.tensor(
+        [[1.01, 1.33], [0.0256, -2.48], [-8.78e-158, 6.9e-158], [-2.04e-150, -5.32e-151]],
+        dtype=torch.float64,
+    )
+    w = cagrad_weights(J @ J.T, 0.4, backend=backend)
+    assert bool(torch.isfinite(w).all())

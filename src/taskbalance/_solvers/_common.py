@@ -16,6 +16,7 @@ from taskbalance._validation import check_choice
 __all__ = [
     "EPS",
     "F64",
+    "SHIFTED_FLOOR",
     "TINY",
     "Backend",
     "SolverError",
@@ -38,6 +39,9 @@ EPS = torch.finfo(torch.float64).eps
 #: ``1/√G_ii`` finite without changing any positive diagonal, however small (a floor of
 #: 1e-300 rescaled a 1e-311 diagonal wrongly, and the face solves failed).
 TINY = math.ulp(0.0)
+#: The diagonal floor of the shifted (CAGrad) face solves, which keep their scale: there
+#: ``D²`` must stay finite, so the floor stays above 1e-308.
+SHIFTED_FLOOR = 1e-300
 
 #: ``"auto"`` picks the plain-Python path up to a per-problem K and torch above it; ``"python"``
 #: and ``"torch"`` force one path (as ``foreach=`` / ``fused=`` do in ``torch.optim``).

@@ -17,6 +17,7 @@ from torch import Tensor
 from taskbalance._solvers._common import (
     EPS,
     F64,
+    SHIFTED_FLOOR,
     TINY,
     Backend,
     as_f64,
@@ -126,7 +127,7 @@ def _face_min_norm_eigh(Gs: Tensor, y_cur: Tensor, lin: tuple[Tensor, float] | N
     ``c_N``, compared by ``ỹᵀAỹ + 2β ẽᵀỹ``.
     """
     n = Gs.shape[0]
-    d = Gs.diagonal().clamp_min(TINY).rsqrt()
+    d = Gs.diagonal().clamp_min(TINY if lin is None else SHIFTED_FLOOR).rsqrt()
     A = d[:, None] * Gs * d[None, :]
     lam, V = torch.linalg.eigh(A)
     lam_max = float(lam[-1].clamp_min(1.0))
@@ -451,7 +452,9 @@ def _face_shifted_py(
     n = len(S)
     if n == 1:  # a vertex does not move with β
         return [1.0], [0.0]
-    d = [1.0 / math.sqrt(max(Gn[i][i], TINY)) for i in S]
+    # the shifted problem keeps its scale (no D/max(D)): a floor below 1e-300 would let D²
+    # overflow there
+    d = [1.0 / math.sqrt(max(Gn[i][i], SHIFTED_FLOOR)) for i in S]
     A = [[d[a] * Gn[S[a]][S[b]] * d[b] for b in range(n)] for a in range(n)]
     L = chol_py(A, 1e-8)
     if L is not None:

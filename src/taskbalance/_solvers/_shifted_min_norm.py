@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from taskbalance._solvers._common import EPS, F64, TINY
+from taskbalance._solvers._common import EPS, F64, SHIFTED_FLOOR
 from taskbalance._solvers._min_norm import active_set_py, active_set_torch
 
 __all__ = ["ShiftedMinNorm", "ShiftedPyParts", "ShiftedTorchParts"]
@@ -71,7 +71,7 @@ class ShiftedMinNorm:
             Gn, bn = G / scale, b / scale
             diag = Gn.diagonal()
             sq = diag.sqrt()
-            d = diag.clamp_min(TINY).rsqrt()
+            d = diag.clamp_min(SHIFTED_FLOOR).rsqrt()
             AR = torch.cat([d[:, None] * Gn * d[None, :], d[:, None], (d * bn)[:, None]], 1)
             babs = bn.abs()
             rows = torch.stack([sq, babs, bn])

@@ -586,7 +586,11 @@ def _loader(data: Dataset[Any], defaults: TrainingDefaults, **options: Any) -> D
 
 @torch.no_grad()
 def evaluate(
-    benchmark: Benchmark, model: nn.Module, data: Dataset[Any], device: str | torch.device = "cpu"
+    benchmark: Benchmark,
+    model: nn.Module,
+    data: Dataset[Any],
+    device: str | torch.device = "cpu",
+    defaults: TrainingDefaults | None = None,
 ) -> list[float]:
     """Every metric number (``benchmark.metric_names``) accumulated over a whole split.
 
@@ -595,11 +599,13 @@ def evaluate(
         model: the model (put in eval mode for the duration).
         data: the split.
         device: where the model is.
+        defaults: the run's resolved settings (its batch sizes under the command line's
+            overrides); None: the benchmark's own.
 
     Returns:
         The numbers, in ``benchmark.metric_names`` order.
     """
-    defaults = benchmark.defaults
+    defaults = defaults or benchmark.defaults
     loader = _loader(data, defaults, batch_size=defaults.eval_batch_size or defaults.batch_size)
     was_training = model.training
     model.eval()
@@ -932,8 +938,8 @@ def train_run(
                     epoch=epoch,
                     seconds=seconds,
                     train_losses=_mean_train_losses(loss_sums, labelled, batches, world_size),
-                    validation=evaluate(benchmark, model, benchmark.validation, device),
-                    test=evaluate(benchmark, model, benchmark.test, device),
+                    validation=evaluate(benchmark, model, benchmark.validation, device, defaults),
+                    test=evaluate(benchmark, model, benchmark.test, device, defaults),
                 )
             )
     except KeyboardInterrupt:

@@ -34,7 +34,10 @@ class DWA(Balancer):
     base's iteration variant: that code keeps a sliding buffer of the last 2N steps and
     recomputes every step; ours uses consecutive blocks, so the weights change once per block
     and a resumed run needs no buffer of past losses. Losses must be positive (the rule takes
-    ratios).
+    ratios). With ``present=``, an absent task's last loss is read again (as every loss-based
+    rule does); a task not yet present at any step has none, so its steps count in no period
+    mean, and its ratio is 1 until two periods have a mean of its own (a placeholder loss
+    would make a ratio of it and switch the other tasks off).
 
     The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
     :class:`Balancer`.
@@ -67,6 +70,9 @@ class DWA(Balancer):
     period_count: Tensor
     history: Tensor
     periods_done: Tensor
+    has_loss: Tensor
+    period_known: Tensor
+    history_known: Tensor
 
     def __init__(self, num_tasks: int, *, temperature: float = 2.0, window: int | None = None):
         super().__init__(num_tasks)
@@ -77,12 +83,19 @@ class DWA(Balancer):
         # history[0] = L̄(t−2), history[1] = L̄(t−1)
         self.register_buffer("history", torch.ones(2, self.num_tasks))
         self.register_buffer("periods_done", torch.zeros((), dtype=torch.long))
+        # Tasks not yet present have no loss: which have one, how many of this period's steps
+        # had it, and which history entries are a mean of their own
+        self.register_buffer("has_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
+        self.register_buffer("period_known", torch.zeros(self.num_tasks, dtype=torch.long))
+        self.register_buffer("history_known", torch.zeros(2, self.num_tasks, dtype=torch.bool))
 
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
         periods_done = int(self.periods_done)
         if periods_done >= 2:
             ratios = self.history[1] / self.history[0]
+            if not bool(self.history_known.all()):
+                ratios = torch.where(self.history_known.all(dim=0), ratios, 1.0)
             # r/T overflows float32 when a mean loss grows ~1e38-fold between periods; an
             # infinite logit makes softmax NaN, so cap it at the largest finite float.
             scaled = torch.nan_to_num(
@@ -96,7 +109,13 @@ class DWA(Balancer):
                 "the weights stay 1 until two epochs have ended",
                 "pass window=N for periods of N steps",
             )
-        self.period_sum.add_(losses)
+        if step.all_present:
+            self.has_loss.fill_(True)
+        else:
+            self.has_loss.logical_or_(step.present.to(self.has_loss.device))
+        known = self.has_loss.to(losses.device)
+        self.period_sum.add_(torch.where(known, losses, 0.0))
+        self.period_known.add_(self.has_loss)
         self.period_count.add_(1)
         if self.window is not None and int(self.period_count) >= self.window:
             self._close_period()
@@ -108,12 +127,16 @@ class DWA(Balancer):
             self._close_period()
 
     def _close_period(self) -> None:
-        mean = self.period_sum / self.period_count
+        counted = self.period_known > 0
+        mean = torch.where(counted, self.period_sum / self.period_known.clamp_min(1), 1.0)
         self.history[0] = self.history[1]
         self.history[1] = mean
+        self.history_known[0] = self.history_known[1]
+        self.history_known[1] = counted
         self.periods_done.add_(1)
         self.period_sum.zero_()
         self.period_count.zero_()
+        self.period_known.zero_()
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, temperature={self.temperature}, window={self.window}"

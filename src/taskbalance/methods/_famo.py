@@ -151,9 +151,10 @@ class FAMO(Balancer):
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
         vector = as_loss_vector(losses, self.num_tasks)
         statistics = self._mean_over_ranks(vector)
-        # The tasks absent at that call (on every rank) learn nothing now either; that call
-        # recorded every present task's loss before the step.
-        present = None if bool(self._last_present.all()) else self._last_present.tolist()
+        # The tasks absent at the last call (on every rank) learn nothing now either, nor do
+        # tasks whose loss no call has recorded (no "before" of their own)
+        learning = self._last_present & self.has_previous_loss
+        present = None if bool(learning.all()) else learning.tolist()
         values, bounds, logits, previous = self._on_host(statistics)
         log_losses = self._stored_log_losses(self._shifted(values, bounds, present)).tolist()
         self._learn_from(log_losses, previous, logits, present)
