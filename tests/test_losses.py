@@ -1389,3 +1389,39 @@ def test_frechet_distance_refuses_non_finite_features_by_name():
     bad[2, 1] = math.nan
     with pytest.raises(ValueError, match=r"target: expected finite features"):
         losses.frechet_distance(features, bad)
+
+
+def test_under_float16_autocast_the_losses_run_in_float32_as_torchs():
+    """Under autocast torch runs its own losses in float32; ours stayed float16, and a sum over
+    a batch overflowed to inf where torch's was finite (new user's trial)."""
+    import taskbalance.losses as tl
+
+    torch.manual_seed(0)
+    functional = torch.nn.functional
+    with torch.autocast("cpu", dtype=torch.float16):
+        z = torch.nn.Linear(8, 8)(torch.randn(20000, 8))
+        assert z.dtype == torch.float16
+        y = torch.randn(20000, 8) * 3
+        classes = torch.randint(0, 8, (20000,))
+        pairs = [
+            (tl.squared_error(z, y, reduction="sum"), functional.mse_loss(z, y, reduction="sum")),
+            (tl.absolute_error(z, y, reduction="sum"), functional.l1_loss(z, y, reduction="sum")),
+            (
+                tl.cross_entropy(z, classes, reduction="sum"),
+                functional.cross_entropy(z, classes, reduction="sum"),
+            ),
+            (
+                tl.binary_cross_entropy(z, (y > 0).float(), from_logits=True, reduction="sum"),
+                functional.binary_cross_entropy_with_logits(z, (y > 0).float(), reduction="sum"),
+            ),
+        ]
+        for ours, theirs in pairs:
+            assert ours.dtype == theirs.dtype == torch.float32
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+        for name in ("huber_loss", "tukey_loss"):
+            value = getattr(tl, name)(z, y, reduction="sum")
+            assert value.dtype == torch.float32
+            assert bool(torch.isfinite(value))
+    # outside autocast a float16 input keeps its dtype, as with torch's losses
+    half = torch.randn(4, dtype=torch.float16)
+    assert tl.squared_error(half, half * 2).dtype == torch.float16

@@ -19,6 +19,7 @@ from taskbalance._validation import (
 from taskbalance.losses._common import (
     Reduction,
     as_float_target,
+    autocast_float32,
     check_broadcastable_to,
     check_class_indices,
     check_class_weight,
@@ -88,6 +89,7 @@ def binary_cross_entropy(
     """
     check_reduction(reduction)
     check_floating("input", input)
+    input = autocast_float32(input)
     check_tensor("target", target)
     check_same_shape("input", input, "target", target)
     target = as_float_target(target, input)
@@ -163,6 +165,7 @@ def cross_entropy(
     """
     check_reduction(reduction)
     check_floating("input", input)
+    input = autocast_float32(input)
     check_tensor("target", target)
     if input.dim() == 0:
         raise ValueError(
@@ -268,6 +271,7 @@ def focal_loss(
     """
     check_reduction(reduction)
     check_floating("input", input)
+    input = autocast_float32(input)
     check_tensor("target", target)
     check_nonnegative("gamma", gamma)
     if input.dim() == 0:

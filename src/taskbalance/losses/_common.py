@@ -50,6 +50,17 @@ def as_float_target(target: Tensor, like: Tensor) -> Tensor:
     return target.to(dtype=like.dtype)
 
 
+def autocast_float32(input: Tensor) -> Tensor:
+    """A half-precision ``input`` in float32 under autocast, as autocast runs torch's own losses
+    (its float32 list): in float16 a loss summed over a batch overflows to inf. Unchanged
+    otherwise (outside autocast a float16 input keeps its dtype, as with torch's losses)."""
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+        input.device.type
+    ):
+        return input.float()
+    return input
+
+
 def in_result_dtype(loss: Tensor, input: Tensor) -> Tensor:
     """``loss`` (computed in :func:`~taskbalance._precision.opmath_dtype`) in the dtype a
     caller gets: ``input``'s, except under autocast, where it stays float32 as torch's own

@@ -21,6 +21,7 @@ from taskbalance.info import _expected_log_ratio, _probabilities_and_logs
 from taskbalance.losses._common import (
     Reduction,
     as_float_target,
+    autocast_float32,
     check_reduction,
     in_result_dtype,
     reduce,
@@ -74,6 +75,7 @@ def kl_divergence(
     check_floating("input", input)
     check_tensor("target", target)
     check_same_shape("input", input, "target", target)
+    input = autocast_float32(input)
     target = as_float_target(target, input)
     dim = check_axis("input", input, dim)
     p, log_p = _probabilities_and_logs(target, "target", dim, from_logits=False)

@@ -17,6 +17,7 @@ from taskbalance._validation import (
 from taskbalance.losses._common import (
     Reduction,
     as_float_target,
+    autocast_float32,
     check_broadcastable_to,
     check_reduction,
     in_result_dtype,
@@ -34,6 +35,7 @@ def _residual(input: Tensor, target: Tensor) -> Tensor:
     check_floating("input", input)
     check_tensor("target", target)
     check_same_shape("input", input, "target", target)
+    input = autocast_float32(input)
     return input - as_float_target(target, input)
 
 
