@@ -1425,3 +1425,17 @@ def test_under_float16_autocast_the_losses_run_in_float32_as_torchs():
     # outside autocast a float16 input keeps its dtype, as with torch's losses
     half = torch.randn(4, dtype=torch.float16)
     assert tl.squared_error(half, half * 2).dtype == torch.float16
+
+
+def test_focal_per_class_alpha_negative_or_infinite_is_refused():
+    """A negative per-class alpha flipped the loss's sign; only the binary float alpha was
+    checked (new user). Per-class weights above 1 stay allowed (class weights)."""
+    from taskbalance.losses import FocalLoss, focal_loss
+
+    logits, target = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    for alpha in (torch.tensor([0.5, -1.0]), torch.tensor([math.inf, 0.5])):
+        with pytest.raises(ValueError, match=r"alpha: expected finite weights >= 0"):
+            focal_loss(logits, target, alpha=alpha)
+        with pytest.raises(ValueError, match=r"alpha: expected finite weights >= 0"):
+            FocalLoss(alpha=alpha)
+    assert bool(torch.isfinite(focal_loss(logits, target, alpha=torch.tensor([0.25, 0.75]))))

@@ -117,6 +117,16 @@ def check_probabilities(name: str, value: Tensor) -> None:
             raise ValueError(f"{name}: expected probabilities in [0, 1], got {bad:.6g}")
 
 
+def check_nonnegative_entries(name: str, value: Tensor) -> None:
+    """Check that every entry of ``value`` is a finite number ≥ 0 (a weight)."""
+    with torch.no_grad():
+        bad = ~(torch.isfinite(value) & (value >= 0))
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name}: expected finite weights >= 0, got {value[bad][0].item():.6g}"
+            )
+
+
 def check_same_shape(first_name: str, first: Tensor, second_name: str, second: Tensor) -> None:
     """Check that two tensors have the same shape, naming both shapes otherwise.
 

@@ -12,6 +12,7 @@ from taskbalance._validation import (
     check_floating,
     check_in_range,
     check_nonnegative,
+    check_nonnegative_entries,
     check_probabilities,
     check_same_shape,
     check_tensor,
@@ -256,8 +257,9 @@ def focal_loss(
         The reduced loss, in ``input``'s dtype and device.
 
     Raises:
-        ValueError: On a shape mismatch, ``gamma < 0``, an ``alpha`` outside ``[0, 1]`` or of the
-            wrong shape, or a class index out of range.
+        ValueError: On a shape mismatch, ``gamma < 0``, a float ``alpha`` outside ``[0, 1]``,
+            a per-class ``alpha`` with a negative or non-finite entry or of the wrong shape,
+            or a class index out of range.
 
     Example:
         >>> import torch
@@ -321,6 +323,7 @@ def focal_loss(
                     f"multi-class focal loss, got {alpha!r}"
                 )
             check_class_weight("alpha", alpha, num_classes)
+            check_nonnegative_entries("alpha", alpha)  # a negative one flips the loss
             alpha_t = alpha.to(dtype=input.dtype)[safe_target]
         else:
             alpha_t = None

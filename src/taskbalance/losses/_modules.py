@@ -17,6 +17,7 @@ from taskbalance._validation import (
     check_floating,
     check_in_range,
     check_nonnegative,
+    check_nonnegative_entries,
     check_positive,
 )
 from taskbalance.losses._classification import (
@@ -252,6 +253,7 @@ class FocalLoss(_Loss):
         check_nonnegative("gamma", gamma)
         if isinstance(alpha, Tensor):
             _check_class_vector("alpha", alpha)
+            check_nonnegative_entries("alpha", alpha)
         elif alpha is not None:
             # A float alpha is the binary form; only whether the input is binary must wait.
             check_in_range("alpha", alpha, 0.0, 1.0)
