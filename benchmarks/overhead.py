@@ -598,7 +598,8 @@ def report(results: dict[int, dict[str, Variant]], ks: list[int], methods: list[
         out += [
             "### GradDrop, whose rule does more than `Jᵀw`: step time / the paper's rule written "
             "by hand in plain torch (same rows, no checks); in brackets: the hand-written rule "
-            "/ the hand-written loop the tables above divide by",
+            "/ the reference the tables above divide by in that mode (features: the same-heads "
+            "loop; parameters: the batched lower bound)",
             "",
             header,
             rule,
