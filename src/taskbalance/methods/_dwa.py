@@ -93,9 +93,10 @@ class DWA(Balancer):
         losses = step.mean_losses
         periods_done = int(self.periods_done)
         if periods_done >= 2:
-            ratios = self.history[1] / self.history[0]
-            if not bool(self.history_known.all()):
-                ratios = torch.where(self.history_known.all(dim=0), ratios, 1.0)
+            # 1 where either period has no mean of the task's own (no host sync to ask first)
+            ratios = torch.where(
+                self.history_known.all(dim=0), self.history[1] / self.history[0], 1.0
+            )
             # r/T overflows float32 when a mean loss grows ~1e38-fold between periods; an
             # infinite logit makes softmax NaN, so cap it at the largest finite float.
             scaled = torch.nan_to_num(
@@ -111,11 +112,12 @@ class DWA(Balancer):
             )
         if step.all_present:
             self.has_loss.fill_(True)
+            self.period_sum.add_(losses)
+            self.period_known.add_(1)
         else:
             self.has_loss.logical_or_(step.present.to(self.has_loss.device))
-        known = self.has_loss.to(losses.device)
-        self.period_sum.add_(torch.where(known, losses, 0.0))
-        self.period_known.add_(self.has_loss)
+            self.period_sum.add_(torch.where(self.has_loss.to(losses.device), losses, 0.0))
+            self.period_known.add_(self.has_loss)
         self.period_count.add_(1)
         if self.window is not None and int(self.period_count) >= self.window:
             self._close_period()

@@ -151,11 +151,14 @@ class FAMO(Balancer):
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
         vector = as_loss_vector(losses, self.num_tasks)
         statistics = self._mean_over_ranks(vector)
+        values, bounds, logits, previous, recorded = self._on_host(statistics)
         # The tasks absent at the last call (on every rank) learn nothing now either, nor do
         # tasks whose loss no call has recorded (no "before" of their own)
-        learning = self._last_present & self.has_previous_loss
-        present = None if bool(learning.all()) else learning.tolist()
-        values, bounds, logits, previous = self._on_host(statistics)
+        learning = [
+            bool(last and had)
+            for last, had in zip(self._last_present.tolist(), recorded, strict=True)
+        ]
+        present = None if all(learning) else learning
         log_losses = self._stored_log_losses(self._shifted(values, bounds, present)).tolist()
         self._learn_from(log_losses, previous, logits, present)
 
@@ -163,12 +166,14 @@ class FAMO(Balancer):
     # thirty-odd tensor calls it took on K numbers cost more than the rest of the step's work.
 
     def _on_host(self, values: Tensor) -> tuple[list[float], ...]:
-        """``values``, ``min_losses``, the logits and ``previous_log_losses`` as Python floats,
-        in one host transfer (one device sync on a GPU)."""
-        buffers = (self.min_losses, self.logits, self.previous_log_losses)
+        """``values``, ``min_losses``, the logits, ``previous_log_losses`` and
+        ``has_previous_loss`` (as 0/1) as Python floats, in one host transfer (one device
+        sync on a GPU)."""
+        recorded = self.has_previous_loss.to(self.previous_log_losses.dtype)
+        buffers = (self.min_losses, self.logits, self.previous_log_losses, recorded)
         host = torch.cat((values, *buffers)).tolist()
         K = self.num_tasks
-        return tuple(host[i * K : (i + 1) * K] for i in range(4))
+        return tuple(host[i * K : (i + 1) * K] for i in range(5))
 
     def _shifted(
         self, losses: list[float], bounds: list[float], present: list[bool] | None = None
@@ -227,11 +232,11 @@ class FAMO(Balancer):
         return stored.tolist()
 
     def _update(self, step: Step) -> Tensor:
-        values, bounds, logits, previous = self._on_host(step.mean_losses)
+        values, bounds, logits, previous, recorded_flags = self._on_host(step.mean_losses)
+        recorded = [flag > 0 for flag in recorded_flags]
         present = None if step.all_present else step.present.tolist()
         shifted = self._shifted(values, bounds, present)
         log_losses = self._stored_log_losses(shifted)
-        recorded = self.has_previous_loss.tolist()
         if self.delta == "next_step" and any(recorded):  # some task has an earlier loss
             # δ needs the task now and an earlier loss of its own
             learning = [
@@ -243,7 +248,8 @@ class FAMO(Balancer):
                 )
         if present is None:
             self.previous_log_losses.copy_(log_losses)
-            self.has_previous_loss.fill_(True)
+            if not all(recorded):
+                self.has_previous_loss.fill_(True)
             known = None
         else:  # an absent task keeps its last loss (or none)
             mask = step.present.to(self.previous_log_losses.device)
