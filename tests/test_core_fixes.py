@@ -13,6 +13,7 @@ import torch
 import taskbalance as tb
 from conftest import gloo_group, run_ranks
 from conftest import value_error_message as _error
+from taskbalance.methods._facts import method_facts
 
 # --------------------------------------------------------------------------------------------
 # present= and learned parameters
@@ -57,21 +58,95 @@ def test_famo_present_tasks_learn_through_the_softmax_over_present_tasks():
     assert three.logits[1] == 0
 
 
-@pytest.mark.parametrize("name", ["famo", "gls"])
+#: Loss-based methods (and hyperparameters) whose rule couples the tasks through the losses or
+#: reads each task's own: all but RLW, whose weights are a draw over all K tasks, not a rule of
+#: the losses. STCH with nadir= runs its coupled rule from the first step.
+NOT_YET_PRESENT_CASES = [
+    (name, hyperparameters)
+    for name in tb.available()
+    if not tb.method_class(name).requires_gram and name != "rlw"
+    for hyperparameters in (
+        [dict(method_facts(tb.method_class(name)).required_hyperparameters)]
+        + ([{"nadir": 0.5}] if name == "stch" else [])
+    )
+]
+
+
+def test_the_not_yet_present_cases_cover_every_loss_based_method_but_rlw():
+    loss_based = {name for name in tb.available() if not tb.method_class(name).requires_gram}
+    assert {name for name, _ in NOT_YET_PRESENT_CASES} == loss_based - {"rlw"}
+
+
+@pytest.mark.parametrize(("name", "hyperparameters"), NOT_YET_PRESENT_CASES)
 @pytest.mark.parametrize("scale", [1e-2, 1.0, 1e2])
-def test_a_task_not_yet_present_does_not_rescale_the_others(name, scale):
+def test_a_task_not_yet_present_does_not_rescale_the_others(name, hyperparameters, scale):
     """Its carried loss was a placeholder 1: at losses ~100 FAMO's present weights came out
-    68× too small, at ~0.01 too large (found by a new user). Until the task has a loss, the
-    rule runs over the tasks that have one: here the 2-task method's weights."""
-    three = tb.create(name, num_tasks=3)
-    two = tb.create(name, num_tasks=2)
+    68× too small, at ~0.01 too large (found by a new user), and STCH's (nadir=) 14× too
+    small at losses ~0.02. Until the task has a loss, the rule runs over the tasks that have
+    one: here the 2-task method's weights, objective value and gradient."""
+    three = tb.create(name, num_tasks=3, **hyperparameters)
+    two = tb.create(name, num_tasks=2, **hyperparameters)
+    needs_kpis = tb.method_class(name).requires_kpis
     for step in range(3):
         values = [2.0 * scale * (1 - 0.1 * step), 1.0 * scale * (1 - 0.2 * step)]
-        three(torch.tensor([values[0], math.nan, values[1]], requires_grad=True),
-              present=[True, False, True])  # fmt: skip
-        two(torch.tensor(values, requires_grad=True))
+        losses = torch.tensor([values[0], math.nan, values[1]], requires_grad=True)
+        kpis = {"kpis": torch.tensor([0.3, 0.5, 0.6])} if needs_kpis else {}
+        objective = three(losses, present=[True, False, True], **kpis)
+        pair = torch.tensor(values, requires_grad=True)
+        expected = two(pair, **({"kpis": torch.tensor([0.3, 0.6])} if needs_kpis else {}))
         torch.testing.assert_close(three.weights[[0, 2]], two.weights)
         assert three.weights[1] == 0
+        torch.testing.assert_close(objective, expected)
+        objective.backward()
+        expected.backward()
+        torch.testing.assert_close(losses.grad[[0, 2]], pair.grad)
+        assert losses.grad[1] == 0
+    assert three.has_loss.tolist() == [True, False, True]
+    assert math.isnan(three.log_dict()["balancer/loss/1"])  # not the placeholder 1.0
+    assert three.log_dict()["balancer/loss/0"] == pytest.approx(values[0])
+
+
+def _of_format_1(state: dict) -> dict:
+    """``state`` as a release before ``has_loss`` saved it."""
+    state = dict(state)
+    extra = dict(state["_extra_state"])
+    del extra["state_format"]
+    state["_extra_state"] = extra
+    return state
+
+
+def test_has_loss_of_a_state_saved_before_it_existed():
+    """Such a release read every task's carried loss once a step was taken: the loaded state
+    goes on doing so (FAMO's own copy, saved under another name, is read back). A state of
+    the current format without has_loss is incomplete, and refused."""
+    fresh = tb.create("ew", num_tasks=2)
+    stepped = tb.create("ew", num_tasks=2)
+    stepped(torch.tensor([1.0, math.nan], requires_grad=True), present=[True, False])
+    for source, expected in ((fresh, [False, False]), (stepped, [True, True])):
+        state = _of_format_1(source.state_dict())
+        del state["has_loss"]
+        loaded = tb.create("ew", num_tasks=2)
+        loaded.load_state_dict(state)
+        assert loaded.has_loss.tolist() == expected
+    state = stepped.state_dict()
+    del state["has_loss"]
+    with pytest.raises(RuntimeError, match=r"the state lacks the keys \['has_loss'\]"):
+        tb.create("ew", num_tasks=2).load_state_dict(state)
+    famo = tb.create("famo", num_tasks=3)
+    famo(torch.tensor([1.0, math.nan, 2.0], requires_grad=True), present=[True, False, True])
+    state = _of_format_1(famo.state_dict())
+    state["has_previous_loss"] = state.pop("has_loss")
+    loaded = tb.create("famo", num_tasks=3)
+    loaded.load_state_dict(state)
+    assert loaded.has_loss.tolist() == [True, False, True]
+    gls = tb.create("gls", num_tasks=3)
+    gls(torch.tensor([1.0, math.nan, 2.0], requires_grad=True), present=[True, False, True])
+    loaded = tb.create("gls", num_tasks=3)
+    loaded(torch.tensor([1.0, 2.0, 3.0], requires_grad=True))  # every task has a loss here
+    loaded.load_state_dict(gls.state_dict())
+    # ...but not in the loaded state: the next call leaves task 1 out of the geometric mean
+    loaded(torch.tensor([1.0, math.nan, 4.0], requires_grad=True), present=[True, False, True])
+    torch.testing.assert_close(loaded.weights, torch.tensor([1.0, 0.0, 0.25]))
 
 
 def test_famo_learns_no_delta_at_a_tasks_first_presence():
@@ -82,7 +157,7 @@ def test_famo_learns_no_delta_at_a_tasks_first_presence():
         b(torch.tensor([values[0], math.nan, values[1]], requires_grad=True),
           present=[True, False, True])  # fmt: skip
     assert b.logits[1] == 0
-    assert b.has_previous_loss.tolist() == [True, False, True]
+    assert b.has_loss.tolist() == [True, False, True]
     b(torch.tensor([1.7, 100.0, 1.3], requires_grad=True))  # task 1's first loss
     assert b.logits[1] == 0  # nothing to learn from yet; the others did learn
     assert b.logits[0] != 0

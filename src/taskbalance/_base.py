@@ -196,10 +196,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
       KPIs (DTP), so one training loop can drive any method. ``present=`` is a bool ``[K]``
       mask of the tasks with labels in this batch: an absent task gets weight 0 and no
       gradient (its loss may be NaN), and its statistics see no new value: loss-based rules
-      read its last mean loss again (FAMO and GLS, whose weights are coupled through the
-      losses, run over the tasks that have one until a task is first present), and gradient
-      methods reuse the last weights for the present tasks (they need every task's gradient
-      to recompute). Under DDP a task is
+      read its last mean loss again, and gradient methods reuse the last weights for the
+      present tasks (they need every task's gradient to recompute). A task that has not been
+      present at any step yet has no loss to read: ``has_loss`` (a bool ``[K]`` buffer)
+      marks the tasks that have one, and the rules that couple the tasks through their losses
+      (FAMO, GLS, DWA, STCH) run over those until it is first present. Under DDP a task is
       present where any rank has it, and its mean loss averages over the ranks that have it.
     - In ``eval()`` mode or under ``torch.no_grad()`` a call returns ``Σ w_k L_k`` with the
       current weights and changes no state (no collective either).
@@ -283,6 +284,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     _last_weights: Tensor
     _last_losses: Tensor
     _last_present: Tensor
+    has_loss: Tensor
     num_steps: Tensor
     num_calls: Tensor
 
@@ -297,11 +299,15 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         self.register_buffer("_last_weights", torch.ones(self.num_tasks))
         self.register_buffer("_last_losses", torch.ones(self.num_tasks))
         self.register_buffer("_last_present", torch.ones(self.num_tasks, dtype=torch.bool))
+        # Which tasks have been present at some step: the others' entry of _last_losses is a
+        # placeholder, which no rule may read as a loss (see Step.known).
+        self.register_buffer("has_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_calls", torch.zeros((), dtype=torch.long))
         # Host copies of the counters, so the per-call branches on them need no device sync.
         self._steps_taken = 0
         self._calls_taken = 0
+        self._every_task_has_loss = False  # host copy of has_loss.all()
 
     def _record_configuration(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The method's hyperparameters as given, defaults filled in (stored in the state)."""
@@ -476,10 +482,10 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
         logged = {f"{prefix}weight/{k}": w for k, w in enumerate(self.weights.tolist())}
-        # Before the first step no loss was observed: NaN, not the buffers' placeholder 1.0
-        # (the keys stay the same from the first log on).
-        observed = self._steps_taken > 0
-        for k, value in enumerate(self._last_losses.tolist()):
+        # A task not present at any step yet has no loss: NaN, not the buffer's placeholder
+        # 1.0 (the keys stay the same from the first log on).
+        losses = self._last_losses.tolist()
+        for k, (value, observed) in enumerate(zip(losses, self.has_loss.tolist(), strict=True)):
             logged[f"{prefix}loss/{k}"] = value if observed else math.nan
         gram = getattr(self, "_last_gram", None)  # gradient methods, once they refreshed
         cosines = None
@@ -579,6 +585,10 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             if not all_present:
                 mean = torch.where(present, mean, self._last_losses)
             kpis = None if kpis is None else kpis.to(device)
+        # None where every task has a loss of its own in `mean` (the usual call: no tensor op)
+        known = None
+        if not all_present and not self._every_task_has_loss:
+            known = present.to(device) | self.has_loss
         if any_nonfinite:
             self._nonfinite_losses(nonfinite)
             return Step(
@@ -606,6 +616,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             graph_losses=vector,
             local_present=None if mask is None else local_present,
             all_present=all_present,
+            known=known,
         )
         step.refresh = step.advances and self._refreshes(step)
         return step
@@ -703,6 +714,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 weights = weights.detach()
             state["_last_weights"].copy_(weights)
             state["_last_losses"].copy_(step.mean_losses)
+            if not self._every_task_has_loss:
+                self._record_tasks_with_loss(state["has_loss"], step.known)
             state["num_steps"].add_(1)
             # Plain attributes: nn.Module.__setattr__'s checks cost more than the rest of a step.
             object.__setattr__(self, "_steps_taken", self._steps_taken + 1)
@@ -714,6 +727,16 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         if step.all_present:
             return weights
         return torch.where(step.present.to(weights.device), weights, 0)
+
+    def _record_tasks_with_loss(self, has_loss: Tensor, known: Tensor | None) -> None:
+        """``has_loss`` after an advancing step: ``known``, or every task (``None``)."""
+        if known is None:
+            has_loss.fill_(True)
+            every = True
+        else:
+            has_loss.copy_(known)
+            every = bool(known.all())  # only until every task has been present once
+        object.__setattr__(self, "_every_task_has_loss", every)
 
     def _checked_values(
         self, losses: Tensor, mask: Tensor | None
@@ -941,6 +964,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         # balancer, its submodules included, is copied.
         # A checkpoint without this balancer (a backbone's) misses every key: missing keys.
         # One that has some of them is this balancer's state, and must be whole and fit.
+        _add_has_loss_of_older_state(state_dict, prefix, self.num_tasks)
         expected = [prefix + key for key in self.state_dict()]
         missing = [key for key in expected if key not in state_dict]
         kept: dict[str, Tensor] = {}
@@ -970,6 +994,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             self.get_buffer(name).copy_(value)
         self._steps_taken = int(self.num_steps)
         self._calls_taken = int(self.num_calls)
+        self._every_task_has_loss = bool(self.has_loss.all())
 
     def _hyperparameter_buffers(self, saved: dict[str, Any]) -> dict[str, Tensor]:
         """This balancer's buffers that hold a hyperparameter allowed to change on resume.
@@ -1089,6 +1114,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             "method": self._method_name,
             "num_tasks": self.num_tasks,
             "hyperparameters": dict(self.configuration),
+            # 2: has_loss. A state without the field is of format 1, and loads (see
+            # _add_has_loss_of_older_state)
+            "state_format": 2,
         }
         generator = getattr(self, "generator", None)
         if generator is not None:
@@ -1148,3 +1176,21 @@ def _without_subnormal_norms(gram: Tensor) -> Tensor:
     kept = [0.0 if has_subnormal_norm([value]) else 1.0 for value in diagonal]
     mask = torch.tensor(kept, dtype=gram.dtype, device=gram.device)
     return gram * torch.outer(mask, mask)
+
+
+def saved_before_has_loss(state_dict: Any, prefix: str) -> bool:
+    """Whether ``state_dict`` holds a balancer state of format 1 (no ``has_loss`` buffer)."""
+    extra = state_dict.get(prefix + "_extra_state")
+    return isinstance(extra, dict) and "state_format" not in extra
+
+
+def _add_has_loss_of_older_state(state_dict: Any, prefix: str, num_tasks: int) -> None:
+    """Give a state of format 1 the ``has_loss`` its release acted on: every task counted as
+    having a loss once a step was taken (the placeholder was read as one). A state of the
+    current format without it is incomplete, and refused as such."""
+    steps = state_dict.get(prefix + "num_steps")
+    key = prefix + "has_loss"
+    if key in state_dict or not isinstance(steps, Tensor):
+        return
+    if saved_before_has_loss(state_dict, prefix):
+        state_dict[key] = torch.full((num_tasks,), bool(steps > 0), dtype=torch.bool)

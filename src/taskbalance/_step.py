@@ -45,6 +45,10 @@ class Step:
             cover (a zero gradient included), else None; empty where unknown.
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
         all_present: True when every task is present (a host copy of ``present.all()``).
+        known: bool ``[K]`` on the module's device, True where ``mean_losses`` holds a loss of
+            the task's own (present now or at an earlier step); an entry of a task never
+            present yet is a placeholder, which a rule that couples the tasks through their
+            losses must leave out. None when every task has one (the usual call).
         global_rows: on refresh steps, for methods whose direction is computed from the rows,
             the rows (times ``row_scale``, as ``rows``): of the global (rank-averaged) task
             gradients in parameters mode under DDP (``rows`` stay local: the objective cancels
@@ -79,6 +83,7 @@ class Step:
     read_rows: tuple[Tensor | None, ...] = ()
     nonfinite: bool = False
     all_present: bool = True
+    known: Tensor | None = None
     global_rows: list[Tensor] | None = None
     direction: list[Tensor] | None = None
     shift: list[Tensor] | None = None

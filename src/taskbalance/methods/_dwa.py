@@ -70,7 +70,6 @@ class DWA(Balancer):
     period_count: Tensor
     history: Tensor
     periods_done: Tensor
-    has_loss: Tensor
     period_known: Tensor
     history_known: Tensor
 
@@ -83,9 +82,8 @@ class DWA(Balancer):
         # history[0] = L̄(t−2), history[1] = L̄(t−1)
         self.register_buffer("history", torch.ones(2, self.num_tasks))
         self.register_buffer("periods_done", torch.zeros((), dtype=torch.long))
-        # Tasks not yet present have no loss: which have one, how many of this period's steps
-        # had it, and which history entries are a mean of their own
-        self.register_buffer("has_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
+        # Tasks not yet present have no loss (Step.known): how many of this period's steps
+        # had one, and which history entries are a mean of their own
         self.register_buffer("period_known", torch.zeros(self.num_tasks, dtype=torch.long))
         self.register_buffer("history_known", torch.zeros(2, self.num_tasks, dtype=torch.bool))
 
@@ -110,14 +108,12 @@ class DWA(Balancer):
                 "the weights stay 1 until two epochs have ended",
                 "pass window=N for periods of N steps",
             )
-        if step.all_present:
-            self.has_loss.fill_(True)
+        if step.known is None:
             self.period_sum.add_(losses)
             self.period_known.add_(1)
         else:
-            self.has_loss.logical_or_(step.present.to(self.has_loss.device))
-            self.period_sum.add_(torch.where(self.has_loss.to(losses.device), losses, 0.0))
-            self.period_known.add_(self.has_loss)
+            self.period_sum.add_(torch.where(step.known, losses, 0.0))
+            self.period_known.add_(step.known.to(self.period_known.device))
         self.period_count.add_(1)
         if self.window is not None and int(self.period_count) >= self.window:
             self._close_period()

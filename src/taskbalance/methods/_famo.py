@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from taskbalance._adam import AdamState
-from taskbalance._base import Balancer, LossesLike
+from taskbalance._base import Balancer, LossesLike, saved_before_has_loss
 from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import (
@@ -98,7 +98,6 @@ class FAMO(Balancer):
     min_losses: Tensor
     logits: Tensor
     previous_log_losses: Tensor
-    has_previous_loss: Tensor
 
     def __init__(
         self,
@@ -121,9 +120,8 @@ class FAMO(Balancer):
         # With a negative lower bound a loss may itself be <= 0; _update checks L > min_losses.
         self.requires_positive_losses = min(lower_bounds) >= 0
         self.register_buffer("logits", torch.zeros(self.num_tasks))
+        # A task's entry is a loss of its own once it has been present (the base's has_loss)
         self.register_buffer("previous_log_losses", torch.zeros(self.num_tasks))
-        # Which tasks' entry above is a loss of theirs (the others have not been present yet)
-        self.register_buffer("has_previous_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
         self._last_weights.fill_(1.0 / self.num_tasks)
 
     @property
@@ -166,10 +164,9 @@ class FAMO(Balancer):
     # thirty-odd tensor calls it took on K numbers cost more than the rest of the step's work.
 
     def _on_host(self, values: Tensor) -> tuple[list[float], ...]:
-        """``values``, ``min_losses``, the logits, ``previous_log_losses`` and
-        ``has_previous_loss`` (as 0/1) as Python floats, in one host transfer (one device
-        sync on a GPU)."""
-        recorded = self.has_previous_loss.to(self.previous_log_losses.dtype)
+        """``values``, ``min_losses``, the logits, ``previous_log_losses`` and ``has_loss``
+        (as 0/1) as Python floats, in one host transfer (one device sync on a GPU)."""
+        recorded = self.has_loss.to(self.previous_log_losses.dtype)
         buffers = (self.min_losses, self.logits, self.previous_log_losses, recorded)
         host = torch.cat((values, *buffers)).tolist()
         K = self.num_tasks
@@ -248,19 +245,23 @@ class FAMO(Balancer):
                 )
         if present is None:
             self.previous_log_losses.copy_(log_losses)
-            if not all(recorded):
-                self.has_previous_loss.fill_(True)
             known = None
         else:  # an absent task keeps its last loss (or none)
             mask = step.present.to(self.previous_log_losses.device)
             self.previous_log_losses.copy_(torch.where(mask, log_losses, self.previous_log_losses))
-            self.has_previous_loss.logical_or_(mask)
             known = [p or r for p, r in zip(present, recorded, strict=True)]
         # w_k = z_k / (c·L_k) with c = Σ_k z_k / L_k, over the tasks that have a loss
         ratios = [z / value for z, value in zip(_softmax(logits, known), shifted, strict=True)]
         normaliser = math.fsum(ratios)
         weights = [ratio / normaliser for ratio in ratios]
         return torch.tensor(weights, dtype=torch.float32, device=step.mean_losses.device)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # A state of format 1 may hold FAMO's own copy of has_loss, under this name.
+        legacy = prefix + "has_previous_loss"
+        if saved_before_has_loss(state_dict, prefix) and legacy in state_dict:
+            state_dict.setdefault(prefix + "has_loss", state_dict.pop(legacy))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         # Shift the value to the paper's Σ (z/c)·log(L − min) without changing the gradient:

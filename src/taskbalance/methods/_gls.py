@@ -46,21 +46,12 @@ class GLS(Balancer):
 
     requires_positive_losses = True
 
-    has_loss: Tensor
-
-    def __init__(self, num_tasks: int) -> None:
-        super().__init__(num_tasks)
-        # Which tasks have been present at some step (the others' carried loss is a placeholder)
-        self.register_buffer("has_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
-
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
-        if step.all_present:
-            self.has_loss.fill_(True)
+        known = step.known
+        if known is None:
             geometric_mean = torch.exp(torch.log(losses).mean())
             return geometric_mean / (self.num_tasks * losses)
-        known = step.present.to(losses.device) | self.has_loss
-        self.has_loss.copy_(self.has_loss | step.present.to(self.has_loss.device))
         # a placeholder's entry set to 1 (log 0): the sum of logs runs over the known tasks
         log_losses = torch.log(torch.where(known, losses, 1.0))
         count = known.sum()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -53,7 +54,11 @@ class STCH(Balancer):
 
     Departures: none in the rule. The reference code adds ``1e-20`` inside each log; we do not
     (a loss that small is refused instead, as :class:`~taskbalance.SI` does). Under DDP ``n``
-    and the weights use the rank-averaged losses, so every rank agrees.
+    and the weights use the rank-averaged losses, so every rank agrees. With ``present=``
+    (the paper has every task in every batch) an absent task's weight is 0 and its last loss
+    is read again, as every loss-based rule does; a task not present at any step yet has no
+    loss to read, so the softmax and K run over the ``m`` tasks that have one (a placeholder
+    would take a share of the softmax from the others).
 
     The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
     :class:`Balancer`.
@@ -120,7 +125,7 @@ class STCH(Balancer):
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
         if bool(self.has_nadir):
-            return stch_weights(losses, self.nadir.float(), self.mu)
+            return stch_weights(losses, self.nadir.float(), self.mu, step.known)
         epochs_done = int(self.epochs_done)
         if epochs_done == 0:
             self._count_step_before_first_epoch(
@@ -167,7 +172,11 @@ class STCH(Balancer):
         values = statistics.double()
         if bool(self.has_nadir):
             ratios = torch.log(values / self.nadir.to(values.device).double()) / self.mu
-            value = self.num_tasks * self.mu * torch.logsumexp(ratios, dim=0)
+            count: int | Tensor = self.num_tasks
+            if step.known is not None:  # over the tasks that have a loss, as the weights
+                ratios = torch.where(step.known.to(values.device), ratios, -math.inf)
+                count = step.known.sum()
+            value = count * self.mu * torch.logsumexp(ratios, dim=0)
         else:
             value = torch.log(values).sum()
         shift = value - (weights.double() * values).sum()
@@ -180,10 +189,17 @@ class STCH(Balancer):
         )
 
 
-def stch_weights(losses: Tensor, nadir: Tensor, mu: float) -> Tensor:
+def stch_weights(losses: Tensor, nadir: Tensor, mu: float, known: Tensor | None = None) -> Tensor:
     """``w_k = K·softmax_k(log(L_k/n_k)/μ) / L_k``, in float64 so that a small μ cannot
-    overflow the softmax's logits; returned in the losses' dtype."""
+    overflow the softmax's logits; returned in the losses' dtype. With ``known`` (bool
+    ``[K]``), over those tasks only (K their count; 0 elsewhere): the others' entries are
+    placeholders, not losses."""
     values = losses.double()
     logits = torch.log(values / nadir.to(values.device).double()) / mu
-    weights = losses.shape[0] * torch.softmax(logits, dim=0) / values
+    if known is None:
+        weights = losses.shape[0] * torch.softmax(logits, dim=0) / values
+    else:
+        known = known.to(values.device)
+        shares = torch.softmax(torch.where(known, logits, -math.inf), dim=0)
+        weights = torch.where(known, known.sum() * shares / values, 0.0)
     return weights.to(losses.dtype)
