@@ -541,6 +541,27 @@ def test_bbox_kl_loss_closed_forms() -> None:
     )
 
 
+@pytest.mark.parametrize("alpha", [-200.0, -300.0])
+def test_bbox_kl_loss_is_inf_not_nan_where_the_exact_value_overflows(alpha: float) -> None:
+    """e^{−α}·r²/2 at α = −200, r = 0.5 is ~1e86: +inf in float32, as gaussian_nll_loss gives.
+    The linear term's 0 (|r| ≤ 1) times the overflowed scale made it NaN (review)."""
+    residuals = torch.tensor([0.5, 3.0, 0.0])
+    log_variance = torch.full((3,), alpha)
+    value = losses.bbox_kl_loss(
+        residuals, torch.zeros(3), log_variance=log_variance, reduction="none"
+    )
+    assert value.tolist() == [math.inf, math.inf, alpha / 2]  # r = 0: no term, whatever α
+    # in float64 the same inputs are finite, and match the paper's piecewise formula
+    wide = losses.bbox_kl_loss(
+        residuals.double(),
+        torch.zeros(3, dtype=F64),
+        log_variance=torch.full((3,), alpha, dtype=F64),
+        reduction="none",
+    )
+    expected = [math.exp(-alpha) * 0.125 + alpha / 2, math.exp(-alpha) * 2.5 + alpha / 2, alpha / 2]
+    np.testing.assert_allclose(wide.numpy(), expected, rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Classification and segmentation losses
 # ---------------------------------------------------------------------------------------------
@@ -712,6 +733,24 @@ def test_dice_multiclass_matches_formula_with_weights() -> None:
         ours.mean(),
     )
     assert losses.dice_loss(one_hot, labels, multiclass=True, smooth=0.0).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        ([0.0, 0.0, 0.0], r"weight: expected a positive, finite sum .* got 0"),
+        ([1.0, -1.0, 1.0], r"weight: expected finite weights >= 0, got -1"),
+        ([1.0, math.inf, 1.0], r"weight: expected finite weights >= 0, got inf"),
+        ([3e38, 3e38, 1.0], r"weight: expected a positive, finite sum .* got inf"),
+    ],
+)
+def test_dice_refuses_class_weights_without_an_average(weight, message) -> None:
+    """All-zero class weights averaged 0/0: a NaN loss, not an error (review)."""
+    labels = torch.tensor([[0, 1], [2, 1]]).unsqueeze(0)
+    with pytest.raises(ValueError, match=message):
+        losses.dice_loss(
+            torch.zeros(1, 3, 2, 2), labels, multiclass=True, weight=torch.tensor(weight)
+        )
 
 
 def test_dice_empty_masks_are_defined() -> None:
@@ -1024,10 +1063,17 @@ def test_invalid_probabilities() -> None:
         losses.kl_divergence(torch.tensor([[0.9, 0.9]]), torch.tensor([[0.5, 0.5]]))
     with pytest.raises(ValueError, match=r"non-negative entries, got a minimum of -0.5"):
         losses.kl_divergence(torch.tensor([[1.5, -0.5]]), torch.tensor([[0.5, 0.5]]))
-    with pytest.raises(ValueError, match=r"input_weights: expected non-negative weights"):
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"input_weights: expected finite weights >= 0"):
+            losses.wasserstein_1d(
+                torch.zeros(2), torch.zeros(2), input_weights=torch.tensor([1.0, bad])
+            )
+    with pytest.raises(ValueError, match=r"target_weights: expected a positive, finite sum .* inf"):
         losses.wasserstein_1d(
-            torch.zeros(2), torch.zeros(2), input_weights=torch.tensor([1.0, -1.0])
+            torch.zeros(2), torch.zeros(2), target_weights=torch.tensor([3e38, 3e38])
         )
+    with pytest.raises(ValueError, match=r"target_weights: expected a positive, finite sum .* 0"):
+        losses.wasserstein_1d(torch.zeros(2), torch.zeros(2), target_weights=torch.zeros(2))
 
 
 def test_type_errors() -> None:

@@ -9,6 +9,7 @@ call without reading our source. A ``TypeError`` means the wrong kind of object,
 from __future__ import annotations
 
 import math
+import numbers
 import struct
 from collections.abc import Sequence
 
@@ -72,6 +73,39 @@ def check_positive_int(name: str, value: object) -> int:
         raise TypeError(f"{name}: expected an int >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: object) -> int:
+    """Return ``value`` as an int after checking it is an integer (NumPy's too), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_optional_int(name: str, value: object) -> int | None:
+    """Return ``value`` after checking it is None or an int (see :func:`check_int`)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected None or an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` after checking it is True or False: a flag given as a string
+    (``"False"`` from a configuration file) would otherwise count as true."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_generator(name: str, value: object) -> torch.Generator | None:
+    """Return ``value`` after checking it is None or a ``torch.Generator``."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(
+            f"{name}: expected None or a torch.Generator, got {type(value).__name__} {value!r}"
+        )
     return value
 
 
@@ -142,6 +176,7 @@ def check_same_shape(first_name: str, first: Tensor, second_name: str, second: T
 
 def check_axis(name: str, value: Tensor, dim: int) -> int:
     """Return ``dim`` as a non-negative axis of ``value``; a 0-d tensor has no axis."""
+    dim = check_int("dim", dim)
     if value.dim() == 0:
         raise ValueError(
             f"{name}: expected at least one dimension (the distribution axis), got a 0-d tensor"
@@ -204,7 +239,8 @@ def per_task_values(
 
 
 def _as_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: NumPy's scalars too (a value read from an array), not bool or a tensor
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {value!r}")
     number = float(value)
     if not math.isfinite(number):

@@ -33,7 +33,12 @@ from torch import Tensor
 from torch.distributions.utils import broadcast_all
 
 from taskbalance._precision import opmath_dtype
-from taskbalance._validation import check_floating, check_positive
+from taskbalance._validation import (
+    check_bool,
+    check_floating,
+    check_generator,
+    check_positive,
+)
 
 __all__ = ["Gumbel", "gumbel_max_sample", "gumbel_softmax"]
 
@@ -55,6 +60,7 @@ def _standard_gumbel(
     always, so the upper tail needs no guard. Callers pass at least float32
     (:func:`~taskbalance._precision.opmath_dtype`).
     """
+    check_generator("generator", generator)
     uniform = torch.rand(shape, dtype=dtype, device=device, generator=generator)
     uniform = uniform.clamp(min=torch.finfo(dtype).tiny)
     return -torch.log(-torch.log(uniform))
@@ -273,6 +279,7 @@ def gumbel_softmax(
         True
     """
     logits = _check_logits(logits)
+    hard = check_bool("hard", hard)
     check_positive("tau", tau)
     work_dtype = opmath_dtype(logits.dtype)
     noise = _standard_gumbel(

@@ -36,8 +36,10 @@ from torch import Tensor
 
 from taskbalance._validation import (
     check_axis,
+    check_bool,
     check_distribution,
     check_floating,
+    check_int,
     check_probabilities,
     check_same_shape,
 )
@@ -107,6 +109,8 @@ def self_information(p: Tensor, *, dim: int = -1, from_logits: bool = False) -> 
         tensor([0.6931, 1.3863, -0.0000])
     """
     check_floating("p", p)
+    check_int("dim", dim)  # read only with from_logits, checked alike
+    from_logits = check_bool("from_logits", from_logits)
     if from_logits:
         return -torch.log_softmax(p, dim=check_axis("p", p, dim))
     check_probabilities("p", p)
@@ -140,6 +144,8 @@ def entropy(
         tensor([0.6931, 0.0000])
     """
     check_floating("p", p)
+    from_logits = check_bool("from_logits", from_logits)
+    keepdim = check_bool("keepdim", keepdim)
     dim = check_axis("p", p, dim)
     probabilities, log_p = _probabilities_and_logs(p, "p", dim, from_logits)
     has_mass = probabilities > 0
@@ -179,6 +185,8 @@ def cross_entropy(
         0.6931
     """
     check_floating("p", p)
+    from_logits = check_bool("from_logits", from_logits)
+    keepdim = check_bool("keepdim", keepdim)
     check_floating("q", q)
     check_same_shape("p", p, "q", q)
     dim = check_axis("p", p, dim)
@@ -225,6 +233,8 @@ def kl_divergence(
         tensor(inf)
     """
     check_floating("p", p)
+    from_logits = check_bool("from_logits", from_logits)
+    keepdim = check_bool("keepdim", keepdim)
     check_floating("q", q)
     check_same_shape("p", p, "q", q)
     dim = check_axis("p", p, dim)

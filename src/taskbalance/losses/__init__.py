@@ -4,7 +4,10 @@ Every function takes ``(input, target)`` in that order, like :mod:`torch.nn.func
 any extra tensors (log-variances, sample weights) and options by keyword. All accept
 ``reduction="mean" | "sum" | "none"``, are differentiable, keep the dtype and device of
 ``input`` (targets are cast to ``input``'s dtype), and never broadcast ``input`` against
-``target``: mismatched shapes raise a ``ValueError`` that names both shapes.
+``target``: mismatched shapes raise a ``ValueError`` that names both shapes. Flags must be
+``True``/``False`` and integer options ints (NumPy's too): a flag given as the string
+``"False"`` raises a ``TypeError`` naming it instead of counting as true. The modules check
+their options when constructed.
 
 =====================  ===========================  ==========================================
 function               module                       reference

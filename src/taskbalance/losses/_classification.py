@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn import functional
 
 from taskbalance._precision import opmath_dtype
 from taskbalance._validation import (
+    check_bool,
     check_distribution,
     check_floating,
     check_in_range,
+    check_int,
     check_nonnegative,
     check_nonnegative_entries,
+    check_optional_int,
     check_probabilities,
     check_same_shape,
     check_tensor,
@@ -89,6 +94,7 @@ def binary_cross_entropy(
         True
     """
     check_reduction(reduction)
+    from_logits = check_bool("from_logits", from_logits)
     check_floating("input", input)
     input = autocast_float32(input)
     check_tensor("target", target)
@@ -165,6 +171,7 @@ def cross_entropy(
         True
     """
     check_reduction(reduction)
+    ignore_index = check_int("ignore_index", ignore_index)
     check_floating("input", input)
     input = autocast_float32(input)
     check_tensor("target", target)
@@ -272,6 +279,7 @@ def focal_loss(
         True
     """
     check_reduction(reduction)
+    ignore_index = check_optional_int("ignore_index", ignore_index)
     check_floating("input", input)
     input = autocast_float32(input)
     check_tensor("target", target)
@@ -340,6 +348,18 @@ def focal_loss(
     return reduce(loss, reduction)
 
 
+def check_dice_weight(weight: Tensor, dtype: torch.dtype) -> None:
+    """Dice's class weights: finite, >= 0 and with a positive sum in ``dtype`` (the classes'
+    weighted average divides by it: all-zero weights made it 0/0, a NaN loss)."""
+    check_nonnegative_entries("weight", weight)
+    weight_sum = float(weight.to(dtype=dtype).sum())
+    if not 0 < weight_sum < math.inf:
+        raise ValueError(
+            "weight: expected a positive, finite sum (the classes' weighted average divides by "
+            f"it), got {weight_sum:.6g}"
+        )
+
+
 def dice_loss(
     input: Tensor,
     target: Tensor,
@@ -376,7 +396,8 @@ def dice_loss(
         multiclass: Treat axis 1 as the class axis.
         from_logits: Apply sigmoid (binary) or softmax (multi-class) to ``input`` first.
         smooth: ``s ≥ 0``, added to numerator and denominator.
-        weight: Optional per-class weights ``(C,)``; multi-class only.
+        weight: Optional per-class weights ``(C,)``, finite and >= 0 with a positive sum;
+            multi-class only.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample losses, shape ``(N,)``).
 
     Returns:
@@ -397,6 +418,8 @@ def dice_loss(
         tensor(0.)
     """
     check_reduction(reduction)
+    multiclass = check_bool("multiclass", multiclass)
+    from_logits = check_bool("from_logits", from_logits)
     check_floating("input", input)
     check_tensor("target", target)
     check_nonnegative("smooth", smooth)
@@ -410,6 +433,8 @@ def dice_loss(
     if multiclass:
         num_classes = input.shape[1]
         check_class_weight("weight", weight, num_classes)
+        if weight is not None:
+            check_dice_weight(weight, work_dtype)
         if target.is_floating_point():
             check_same_shape("input", input, "target", target)
             ground_truth = as_float_target(target, input)

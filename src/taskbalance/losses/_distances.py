@@ -12,8 +12,10 @@ from torch import Tensor, nn
 from taskbalance._precision import autocast_off, opmath_dtype
 from taskbalance._validation import (
     check_axis,
+    check_bool,
     check_choice,
     check_floating,
+    check_nonnegative_entries,
     check_same_shape,
     check_tensor,
 )
@@ -72,6 +74,7 @@ def kl_divergence(
         0.1438
     """
     check_reduction(reduction)
+    from_logits = check_bool("from_logits", from_logits)
     check_floating("input", input)
     check_tensor("target", target)
     check_same_shape("input", input, "target", target)
@@ -88,13 +91,16 @@ def _check_sample_weights(name: str, weights: Tensor, values_name: str, values: 
     check_same_shape(values_name, values, name, weights)
     # In the dtype the distance is computed in: half-precision weights past 65504 are inf.
     weights = weights.to(dtype=opmath_dtype(values.dtype))
+    # An infinite weight made the CDF inf/inf: a NaN distance, not an error
+    check_nonnegative_entries(name, weights)
     with torch.no_grad():
-        if bool((weights < 0).any()) or bool(torch.isnan(weights).any()):
+        sums = weights.sum(dim=-1)
+        bad = ~((sums > 0) & torch.isfinite(sums))
+        if bool(bad.any()):
             raise ValueError(
-                f"{name}: expected non-negative weights, got a minimum of {weights.min():.6g}"
+                f"{name}: expected a positive, finite sum along the last axis, got "
+                f"{sums[bad].reshape(-1)[0].item():.6g}"
             )
-        if bool((weights.sum(dim=-1) <= 0).any()):
-            raise ValueError(f"{name}: expected a positive sum along the last axis, got 0")
     return weights
 
 

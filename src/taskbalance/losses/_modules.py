@@ -12,16 +12,21 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from taskbalance._precision import opmath_dtype
 from taskbalance._validation import (
+    check_bool,
     check_choice,
     check_floating,
     check_in_range,
+    check_int,
     check_nonnegative,
     check_nonnegative_entries,
+    check_optional_int,
     check_positive,
 )
 from taskbalance.losses._classification import (
     binary_cross_entropy,
+    check_dice_weight,
     cross_entropy,
     dice_loss,
     focal_loss,
@@ -140,8 +145,8 @@ class TukeyLoss(_Loss):
         super().__init__(reduction)
         check_positive("c", c)
         self.c = c
-        self.mad_scaling = mad_scaling
-        self.mad_dim = mad_dim
+        self.mad_scaling = check_bool("mad_scaling", mad_scaling)
+        self.mad_dim = check_optional_int("mad_dim", mad_dim)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return tukey_loss(
@@ -177,7 +182,7 @@ class BinaryCrossEntropyLoss(_Loss):
             check_floating("weight", weight)
         if pos_weight is not None:
             check_floating("pos_weight", pos_weight)
-        self.from_logits = from_logits
+        self.from_logits = check_bool("from_logits", from_logits)
         self.weight: Tensor | None
         self.pos_weight: Tensor | None
         self.register_buffer("weight", weight)
@@ -215,7 +220,7 @@ class CrossEntropyLoss(_Loss):
         super().__init__(reduction)
         check_in_range("label_smoothing", label_smoothing, 0.0, 1.0)
         _check_class_vector("weight", weight)
-        self.ignore_index = ignore_index
+        self.ignore_index = check_int("ignore_index", ignore_index)
         self.label_smoothing = label_smoothing
         self.weight: Tensor | None
         self.register_buffer("weight", weight)
@@ -258,7 +263,7 @@ class FocalLoss(_Loss):
             # A float alpha is the binary form; only whether the input is binary must wait.
             check_in_range("alpha", alpha, 0.0, 1.0)
         self.gamma = gamma
-        self.ignore_index = ignore_index
+        self.ignore_index = check_optional_int("ignore_index", ignore_index)
         self.alpha: float | Tensor | None
         if isinstance(alpha, Tensor):
             self.register_buffer("alpha", alpha)
@@ -296,12 +301,14 @@ class DiceLoss(_Loss):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__(reduction)
+        self.multiclass = check_bool("multiclass", multiclass)
+        self.from_logits = check_bool("from_logits", from_logits)
         check_nonnegative("smooth", smooth)
         if weight is not None and not multiclass:
             raise ValueError("weight: expected None (per-class weights need multiclass=True)")
         _check_class_vector("weight", weight)
-        self.multiclass = multiclass
-        self.from_logits = from_logits
+        if weight is not None:
+            check_dice_weight(weight, opmath_dtype(weight.dtype))
         self.smooth = smooth
         self.weight: Tensor | None
         self.register_buffer("weight", weight)
@@ -377,7 +384,7 @@ class GaussianNLLLoss(_Loss):
 
     def __init__(self, *, full: bool = False, reduction: Reduction = "mean") -> None:
         super().__init__(reduction)
-        self.full = full
+        self.full = check_bool("full", full)
 
     def forward(self, input: Tensor, target: Tensor, *, log_variance: Tensor) -> Tensor:
         return gaussian_nll_loss(
@@ -415,8 +422,8 @@ class KLDivergenceLoss(_Loss):
         self, *, from_logits: bool = False, dim: int = -1, reduction: Reduction = "mean"
     ) -> None:
         super().__init__(reduction)
-        self.from_logits = from_logits
-        self.dim = dim
+        self.from_logits = check_bool("from_logits", from_logits)
+        self.dim = check_int("dim", dim)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return kl_divergence(

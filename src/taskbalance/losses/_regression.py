@@ -9,7 +9,9 @@ from torch import Tensor
 
 from taskbalance._precision import opmath_dtype
 from taskbalance._validation import (
+    check_bool,
     check_floating,
+    check_optional_int,
     check_positive,
     check_same_shape,
     check_tensor,
@@ -210,6 +212,8 @@ def tukey_loss(
         True
     """
     check_reduction(reduction)
+    mad_scaling = check_bool("mad_scaling", mad_scaling)
+    mad_dim = check_optional_int("mad_dim", mad_dim)
     check_positive("c", c)
     residual = _residual(input, target)
     if mad_scaling:
@@ -278,6 +282,7 @@ def gaussian_nll_loss(
         tensor(0.5000)
     """
     check_reduction(reduction)
+    full = check_bool("full", full)
     residual = _residual(input, target)
     check_floating("log_variance", log_variance)
     check_broadcastable_to("log_variance", log_variance, "input", input.shape)
@@ -348,6 +353,9 @@ def bbox_kl_loss(
     quadratic = absolute.clamp(max=1.0)
     linear = (absolute - 1.0).clamp(min=0.0)
     # e^{−α} · smoothL1 as ½ (q · e^{−α/2})² + (l · e^{−α/2}) · e^{−α/2}: see _precision_scale.
+    # Each term takes the scale of its own factor: with the residual's, l = 0 (|r| ≤ 1) times
+    # an overflowed e^{−α/2} made the value NaN where it is +inf (α = −200, r = 0.5).
     scale = _precision_scale(residual, log_variance)
-    weighted = 0.5 * (quadratic * scale).square() + (linear * scale) * scale
+    linear_scale = _precision_scale(linear, log_variance)
+    weighted = 0.5 * (quadratic * scale).square() + (linear * linear_scale) * linear_scale
     return in_result_dtype(reduce(weighted + 0.5 * log_variance, reduction), input)
