@@ -327,6 +327,19 @@ def _ddp_scenarios(rank: int) -> dict:
     kpis = torch.tensor([0.2, 0.4]) if rank == 0 else torch.tensor([0.6, 0.9])
     dtp(torch.ones(2, requires_grad=True), kpis=kpis, present=[True, rank == 0])
     out["dtp_kpis"] = dtp.smoothed_kpis.clone()
+    # FAMO's same-batch update with partial labels: each task's mean over the ranks that have
+    # it, as at the call (rank 1 lacks task 1 and passes NaN for it)
+    famo = tb.create("famo", num_tasks=2, delta="same_batch", weight_decay=0.0)
+    present = [True, rank == 0]
+    before = torch.tensor([2.0, 5.0]) if rank == 0 else torch.tensor([4.0, math.nan])
+    after = torch.tensor([1.5, 4.0]) if rank == 0 else torch.tensor([3.5, math.nan])
+    famo(before.requires_grad_(True), present=present)
+    famo.update(after, present=present)
+    out["famo_logits"] = famo.logits.clone()
+    # A rank whose update is refused (a present loss is NaN): every rank raises, logits kept
+    bad = torch.tensor([math.nan, 4.0]) if rank == 1 else torch.tensor([1.0, 3.0])
+    out["famo_refused"] = _error(lambda: famo.update(bad, present=[True, True]))
+    out["famo_logits_kept"] = famo.logits.clone()
     return out
 
 
@@ -338,6 +351,35 @@ def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_ranks(tmp_path_factory: pytest.TempPathFactory) -> list:
     return run_ranks(_ddp_worker, tmp_path_factory.mktemp("core_fixes_ddp"))
+
+
+def test_ddp_famo_same_batch_update_averages_over_the_ranks_that_have_the_task(ddp_ranks):
+    """Without present=, rank 1 had to pass some value for a task it lacks, which entered the
+    task's mean: δ then came from a loss no batch had (known limit, fixed)."""
+    alone = tb.create("famo", num_tasks=2, delta="same_batch", weight_decay=0.0)
+    alone(torch.tensor([3.0, 5.0], requires_grad=True))  # the means at the call
+    alone.update(torch.tensor([2.5, 4.0]))  # task 1: rank 0's alone
+    assert alone.logits[0] != 0
+    for rank, seen in enumerate(ddp_ranks):
+        torch.testing.assert_close(seen["famo_logits"], alone.logits)
+        expected = "losses[0] is nan" if rank == 1 else "a loss on another DDP rank is not finite"
+        assert expected in seen["famo_refused"]
+        assert torch.equal(seen["famo_logits_kept"], seen["famo_logits"])
+
+
+def test_famo_same_batch_update_reads_no_absent_entry():
+    b = tb.create("famo", num_tasks=3, delta="same_batch", weight_decay=0.0)
+    two = tb.create("famo", num_tasks=2, delta="same_batch", weight_decay=0.0)
+    b(torch.tensor([2.0, 5.0, 3.0], requires_grad=True))
+    two(torch.tensor([2.0, 3.0], requires_grad=True))
+    b.update(torch.tensor([1.5, math.nan, 2.0]), present=[True, False, True])
+    two.update(torch.tensor([1.5, 2.0]))
+    torch.testing.assert_close(b.logits[[0, 2]], two.logits)
+    assert b.logits[1] == 0
+    with pytest.raises(ValueError, match=r"losses\[1\] is nan"):
+        b.update(torch.tensor([1.5, math.nan, 2.0]))  # without present=, every entry is read
+    with pytest.raises(ValueError, match=r"present: expected shape \(3,\)"):
+        b.update(torch.tensor([1.5, 4.0, 2.0]), present=[True, False])
 
 
 def test_ddp_other_num_tasks_raises_clearly_on_every_rank(ddp_ranks):

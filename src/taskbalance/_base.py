@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from taskbalance._absent import absent_losses_cut
 from taskbalance._constants import constant
 from taskbalance._distributed import (
-    all_reduce_mean,
     all_reduce_sum,
     collective_device,
     differing_entries,
@@ -766,26 +765,39 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         )
         return losses.detach().to(dtype=torch.float32), nonfinite, absent_nonfinite
 
-    def _mean_over_ranks(self, vector: Tensor) -> Tensor:
-        """Checked, rank-averaged float32 values of ``vector`` on this module's device.
+    def _mean_over_ranks(
+        self, losses: LossesLike, present: PresentLike = None
+    ) -> tuple[Tensor, Tensor]:
+        """Checked float32 values of ``losses`` on this module's device, each task's averaged
+        over the ranks that have it (``present``: this rank's mask; None: every task), and
+        where some rank has it (bool ``[K]``). A task no rank has keeps its last mean loss.
 
-        A rank whose values fail the checks still joins the all-reduce, with NaN, so that every
-        rank raises at once instead of the others waiting there for it.
+        A rank whose arguments fail the checks still joins the all-reduce, with NaN, so that
+        every rank raises at once instead of the others waiting there for it.
         """
+        K = self.num_tasks
         try:
-            values, nonfinite, _ = self._checked_values(vector, None)
+            vector, mask = self._loss_vector_and_mask(losses, present)
+            values, nonfinite, _ = self._checked_values(vector.detach(), mask)
         except Exception:  # re-raised after the collective the other ranks are waiting in
-            all_reduce_mean(torch.full((self.num_tasks,), math.nan, device=vector.device))
+            if is_distributed():
+                device = collective_device(first_tensor(losses, present), self._last_weights.device)
+                all_reduce_sum(torch.full((2 * K,), math.nan, device=device))
             raise
-        reduced = all_reduce_mean(values).to(self._last_weights.device)
+        here = torch.ones(K, device=values.device) if mask is None else mask.to(values.dtype)
+        # An absent task's value may be NaN: where(), not a product, leaves it out
+        payload = torch.cat([torch.where(here > 0, values, 0.0), here])
+        summed = all_reduce_sum(payload).to(self._last_weights.device)
         for i, value in nonfinite.items():
             raise ValueError(f"losses[{i}] is {value}: every task loss must be finite")
-        if is_distributed() and not bool(torch.isfinite(reduced).all()):
+        if is_distributed() and not bool(torch.isfinite(summed).all()):
             raise ValueError(
                 "losses: a loss on another DDP rank is not finite or was refused there (its own "
                 "error says why); every rank's state is unchanged"
             )
-        return reduced
+        sums, counts = summed[:K], summed[K:]
+        anywhere = counts > 0
+        return torch.where(anywhere, sums / counts.clamp_min(1), self._last_losses), anywhere
 
     def _nonfinite_losses(self, nonfinite: dict[int, float]) -> None:
         """Raise in ``"raise"`` mode (every rank at once); nothing to do in ``"skip"`` mode."""

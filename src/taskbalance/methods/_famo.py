@@ -10,11 +10,10 @@ import torch
 from torch import Tensor
 
 from taskbalance._adam import AdamState
-from taskbalance._base import Balancer, LossesLike, saved_before_has_loss
+from taskbalance._base import Balancer, LossesLike, PresentLike, saved_before_has_loss
 from taskbalance._registry import register
 from taskbalance._step import Step
 from taskbalance._validation import (
-    as_loss_vector,
     check_choice,
     check_nonnegative,
     check_positive,
@@ -58,7 +57,9 @@ class FAMO(Balancer):
     logits learn at a step (through the softmax over them, their Adam moments moving alone);
     an absent task's logit, moments and last loss are left as they were, and its δ spans the
     steps since it was last present. A task has no δ at its first presence (no earlier loss
-    of its own): it learns from the next one.
+    of its own): it learns from the next one. With ``delta="same_batch"`` pass the call's
+    ``present=`` to :meth:`update` too (under DDP each task's loss after the step is then
+    averaged over the ranks that have it, as at the call).
 
     The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
     :class:`Balancer`.
@@ -129,16 +130,21 @@ class FAMO(Balancer):
         """``z = softmax(ξ)``, the share of attention each task gets (detached)."""
         return torch.softmax(self.logits, dim=0)
 
-    def update(self, losses: LossesLike) -> None:
+    def update(self, losses: LossesLike, *, present: PresentLike = None) -> None:
         """The official code's logit update (``delta="same_batch"``): call after the step.
 
         Pass the losses re-evaluated on the *same batch* after ``optimizer.step()`` (one extra
         forward pass, without grad); the logits learn from ``δ = log L(before) − log L(after)``.
-        Every loss must be finite and above its lower bound; the logits of tasks absent at
-        that call (``present=``) do not learn, so any such value will do for them.
+        Every present loss must be finite and above its lower bound. With partial labels pass
+        the call's ``present=`` again: an absent task's entry is not read (NaN will do), and
+        under DDP each task's loss is averaged over the ranks that have it, as at the call
+        (without it, a rank's value for a task it lacks would enter the task's mean). The
+        logits of tasks absent at the call (on every rank) do not learn.
 
         Args:
             losses: the K task losses after the parameter update.
+            present: this rank's bool ``[K]`` mask of the tasks with labels in the batch, as
+                given to the call; None: every task.
         """
         if self.delta != "same_batch":
             raise ValueError(
@@ -147,18 +153,21 @@ class FAMO(Balancer):
             )
         if self._steps_taken == 0:
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
-        vector = as_loss_vector(losses, self.num_tasks)
-        statistics = self._mean_over_ranks(vector)
+        statistics, anywhere = self._mean_over_ranks(losses, present)
         values, bounds, logits, previous, recorded = self._on_host(statistics)
-        # The tasks absent at the last call (on every rank) learn nothing now either, nor do
-        # tasks whose loss no call has recorded (no "before" of their own)
+        # The tasks absent at the last call (on every rank) or now learn nothing, nor do tasks
+        # whose loss no call has recorded (no "before" of their own)
         learning = [
-            bool(last and had)
-            for last, had in zip(self._last_present.tolist(), recorded, strict=True)
+            bool(last and now and had)
+            for last, now, had in zip(
+                self._last_present.tolist(), anywhere.tolist(), recorded, strict=True
+            )
         ]
-        present = None if all(learning) else learning
-        log_losses = self._stored_log_losses(self._shifted(values, bounds, present)).tolist()
-        self._learn_from(log_losses, previous, logits, present)
+        if not any(learning):
+            return
+        mask = None if all(learning) else learning
+        log_losses = self._stored_log_losses(self._shifted(values, bounds, mask)).tolist()
+        self._learn_from(log_losses, previous, logits, mask)
 
     # K-vector arithmetic in Python floats (float64) on the host: inside a training step the
     # thirty-odd tensor calls it took on K numbers cost more than the rest of the step's work.
