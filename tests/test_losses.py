@@ -601,6 +601,35 @@ def test_binary_cross_entropy_extremes_are_finite() -> None:
     assert torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize(("p", "y"), [(0.0, 1.0), (1.0, 0.0), (0.0, 0.5), (1.0, 0.25)])
+def test_binary_cross_entropy_gradient_points_to_the_label_at_the_boundary(p, y) -> None:
+    """At a probability of exactly 0 or 1 the floored log passed no gradient: a confident
+    wrong p = 0 (y = 1) got none, and p = 0, y = ½ only the other term's, +½, which steps
+    away from the label (found in review). The gradient is now BCELoss's there."""
+    ours = torch.tensor([p], requires_grad=True)
+    theirs = torch.tensor([p], requires_grad=True)
+    losses.binary_cross_entropy(ours, torch.tensor([y])).backward()
+    nn.BCELoss()(theirs, torch.tensor([y])).backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=0.0)
+    assert abs(ours.grad.item()) > 1e11
+
+
+def test_binary_cross_entropy_gradients_are_exact_inside_and_at_a_matching_boundary() -> None:
+    g = _generator(21)
+    p = torch.rand(50, dtype=F64, generator=g).clamp(1e-6, 1 - 1e-6).requires_grad_(True)
+    y = torch.rand(50, dtype=F64, generator=g)
+    (grad,) = torch.autograd.grad(
+        losses.binary_cross_entropy(p, y, reduction="sum"), p, create_graph=True
+    )
+    torch.testing.assert_close(grad, (p - y) / (p * (1 - p)))  # −y/p + (1 − y)/(1 − p)
+    (second,) = torch.autograd.grad(grad.sum(), p)
+    torch.testing.assert_close(second, y / p**2 + (1 - y) / (1 - p) ** 2)
+    # p = y ∈ {0, 1}: the exact ±1 (BCELoss gives 0 there)
+    edge = torch.tensor([0.0, 1.0], requires_grad=True)
+    losses.binary_cross_entropy(edge, torch.tensor([0.0, 1.0]), reduction="sum").backward()
+    assert edge.grad.tolist() == [1.0, -1.0]
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
 @pytest.mark.parametrize("weighted", [False, True])

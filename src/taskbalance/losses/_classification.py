@@ -42,6 +42,23 @@ from taskbalance.losses._common import (
 _BCE_LOG_FLOOR = -100.0
 
 
+def _bce_log(x: Tensor) -> Tensor:
+    """``max(log x, −100)`` (as :class:`torch.nn.BCELoss`), whose gradient is ``1/max(x, ε)``.
+
+    ``ε = 1e-12`` (or the dtype's smallest normal number, if larger): where ``x > ε`` this is
+    ``torch.log`` itself, every derivative exact. At or below it the value is floored as
+    ``BCELoss``'s and the gradient is ``1/ε``, as large as ``BCELoss``'s there (it floors
+    ``p(1 − p)`` at 1e-12) and of the right sign: the floor's own derivative, 0, left a
+    confident wrong probability (p = 0, y = 1) with no gradient, and at p = 0, y = ½ with the
+    other term's alone, a step away from the label.
+    """
+    eps = max(1e-12, torch.finfo(x.dtype).tiny)
+    interior = x > eps
+    inside = torch.log(torch.where(interior, x, torch.ones_like(x)))
+    floored = safe_log(x.detach(), floor=_BCE_LOG_FLOOR) + (x - x.detach()) / eps
+    return torch.where(interior, inside, floored)
+
+
 def _class_weight_view(weight: Tensor, input: Tensor, dim: int) -> Tensor:
     """Reshapes a ``(C,)`` weight so that it broadcasts along the class axis ``dim`` of input."""
     return weight.to(dtype=input.dtype).reshape((-1,) + (1,) * (input.dim() - dim - 1))
@@ -66,7 +83,11 @@ def binary_cross_entropy(
     With logits, ``log p = logsigmoid(x)`` and ``log(1 − p) = logsigmoid(−x)`` are evaluated
     without forming ``p``, which is stable for large ``|x|`` (as
     :class:`torch.nn.BCEWithLogitsLoss`). With probabilities the logarithms are floored at -100
-    as in :class:`torch.nn.BCELoss`, so ``p ∈ {0, 1}`` gives a large but finite loss.
+    as in :class:`torch.nn.BCELoss`, so ``p ∈ {0, 1}`` gives a large but finite loss, and
+    their gradient ``1/p`` is taken as ``1/max(p, 1e-12)`` (likewise for ``1 − p``): exact
+    inside, large and towards the label at the boundary, as ``BCELoss``'s (which floors
+    ``p(1 − p)`` at 1e-12 instead, and so gives 0 at ``p = y ∈ {0, 1}``, where this gives the
+    exact ±1).
 
     Args:
         input: Probabilities in ``[0, 1]``, or logits when ``from_logits`` is true.
@@ -106,8 +127,8 @@ def binary_cross_entropy(
         log_one_minus_p = functional.logsigmoid(-input)
     else:
         check_probabilities("input", input)
-        log_p = safe_log(input, floor=_BCE_LOG_FLOOR)
-        log_one_minus_p = safe_log(1.0 - input, floor=_BCE_LOG_FLOOR)
+        log_p = _bce_log(input)
+        log_one_minus_p = _bce_log(1.0 - input)
     positive_term = target * log_p
     if pos_weight is not None:
         check_floating("pos_weight", pos_weight)
