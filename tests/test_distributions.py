@@ -277,3 +277,22 @@ def test_an_integer_location_is_refused_by_name():
     with pytest.raises(TypeError, match=r"loc must be floating point, got dtype torch.int64"):
         Gumbel(torch.tensor(1), torch.tensor(1.0))
     assert float(Gumbel(1, 2.0).mean) == pytest.approx(1 + 2 * 0.5772156649, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("logits", "message"),
+    [
+        ([[0.0, math.nan, 1.0]], "NaN entries"),
+        ([[0.0, 1.0], [-math.inf, -math.inf]], "a row whose every logit is -inf"),
+    ],
+)
+def test_gumbel_max_sample_refuses_what_has_no_category_to_draw(logits, message) -> None:
+    """argmax returned the NaN's index, or 0 for a row with no possible category (review)."""
+    with pytest.raises(ValueError, match=rf"^logits: expected a distribution .* got {message}"):
+        gumbel_max_sample(torch.tensor(logits))
+    # -inf for some categories is fine: they are never drawn
+    draws = gumbel_max_sample(
+        torch.tensor([[-math.inf, 0.0, -math.inf]]).expand(200, 3),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert draws.eq(1).all()

@@ -209,7 +209,8 @@ def gumbel_max_sample(logits: Tensor, generator: torch.Generator | None = None) 
         k = argmax_i (logits_i + g_i)  ~  Categorical(softmax(logits))
 
     ``logits`` may be unnormalised (any additive constant cancels) and may contain ``-inf`` for
-    impossible categories.
+    impossible categories, but not NaN, nor a row of ``-inf`` only (no category to draw):
+    those raise rather than return an index.
 
     Args:
         logits: Log-probabilities up to a constant, categories along the last axis.
@@ -218,6 +219,9 @@ def gumbel_max_sample(logits: Tensor, generator: torch.Generator | None = None) 
     Returns:
         ``torch.long`` indices of shape ``logits.shape[:-1]``.
 
+    Raises:
+        ValueError: If ``logits`` has NaN entries or a row whose every entry is ``-inf``.
+
     Example:
         >>> import torch
         >>> logits = torch.tensor([[0.0, -torch.inf], [-torch.inf, 0.0]])
@@ -225,6 +229,13 @@ def gumbel_max_sample(logits: Tensor, generator: torch.Generator | None = None) 
         tensor([0, 1])
     """
     logits = _check_logits(logits)
+    with torch.no_grad():
+        # argmax would still return an index: of the NaN, or 0 from a row with no category
+        nan = torch.isnan(logits).any()
+        empty = (logits == -torch.inf).all(dim=-1).any()
+        if bool(nan | empty):
+            what = "NaN entries" if bool(nan) else "a row whose every logit is -inf"
+            raise ValueError(f"logits: expected a distribution to sample from, got {what}")
     work_dtype = opmath_dtype(logits.dtype)
     noise = _standard_gumbel(
         logits.shape, dtype=work_dtype, device=logits.device, generator=generator
