@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 import taskbalance as tb
 from conftest import gloo_group, run_ranks
@@ -68,6 +69,7 @@ NOT_YET_PRESENT_CASES = [
     for hyperparameters in (
         [dict(method_facts(tb.method_class(name)).required_hyperparameters)]
         + ([{"nadir": 0.5}] if name == "stch" else [])
+        + ([{"window": 1, "temperature": 0.5}] if name == "dwa" else [])  # ratios from step 3
     )
 ]
 
@@ -87,7 +89,7 @@ def test_a_task_not_yet_present_does_not_rescale_the_others(name, hyperparameter
     three = tb.create(name, num_tasks=3, **hyperparameters)
     two = tb.create(name, num_tasks=2, **hyperparameters)
     needs_kpis = tb.method_class(name).requires_kpis
-    for step in range(3):
+    for step in range(4):
         values = [2.0 * scale * (1 - 0.1 * step), 1.0 * scale * (1 - 0.2 * step)]
         losses = torch.tensor([values[0], math.nan, values[1]], requires_grad=True)
         kpis = {"kpis": torch.tensor([0.3, 0.5, 0.6])} if needs_kpis else {}
@@ -104,6 +106,56 @@ def test_a_task_not_yet_present_does_not_rescale_the_others(name, hyperparameter
     assert three.has_loss.tolist() == [True, False, True]
     assert math.isnan(three.log_dict()["balancer/loss/1"])  # not the placeholder 1.0
     assert three.log_dict()["balancer/loss/0"] == pytest.approx(values[0])
+
+
+@pytest.mark.parametrize(("name", "hyperparameters"), NOT_YET_PRESENT_CASES)
+def test_a_task_labelled_only_in_a_windows_later_micro_batch_still_trains(name, hyperparameters):
+    """With accumulation the weights are decided at a window's first micro-batch: a task only
+    labelled in its second got weight 0 there, and since only that first call recorded
+    presence, for good (GLS, FAMO; STCH too once it left the placeholder out). Every call now
+    records its present tasks' losses: such a task has its rule's weight from the next window
+    on (review)."""
+    b = tb.create(name, num_tasks=2, accumulation_steps=2, **hyperparameters)
+    head = torch.ones(2, requires_grad=True)  # one parameter per task: its loss is head[k]·x
+    needs_kpis = tb.method_class(name).requires_kpis
+    trained = []
+    for window in range(4):
+        head.grad = None
+        for k, x in ((0, 2.0 - 0.1 * window), (1, 3.0 - 0.2 * window)):  # task k in micro-batch k
+            present = [k == 0, k == 1]
+            losses = torch.stack([head[0] * x if k == 0 else head[0] * math.nan,
+                                  head[1] * x if k == 1 else head[1] * math.nan])  # fmt: skip
+            kpis = {"kpis": torch.tensor([0.4, 0.6])} if needs_kpis else {}
+            b(losses, present=present, **kpis).backward()
+        trained.append(head.grad[1].item())
+        if name in ("dwa", "stch") and "window" not in hyperparameters:
+            b.end_epoch()
+    assert b.has_loss.tolist() == [True, True]
+    assert all(gradient > 0 for gradient in trained[1:]), trained
+
+
+def test_famo_update_reads_the_presence_of_the_recording_call_under_accumulation():
+    """update() read the window's last micro-batch's presence, not the first's, which recorded
+    the "before" losses: a task absent from the last micro-batch learned nothing (review)."""
+
+    def run(second_present: list[bool] | None) -> Tensor:
+        b = tb.create(
+            "famo", num_tasks=3, delta="same_batch", weight_decay=0.0,
+            accumulation_steps=1 if second_present is None else 2,
+        )  # fmt: skip
+        b(torch.tensor([2.0, 5.0, math.nan], requires_grad=True), present=[True, True, False])
+        if second_present is not None:
+            values = [
+                v if p else math.nan for v, p in zip([2.1, 4.9, 3.0], second_present, strict=True)
+            ]
+            b(torch.tensor(values, requires_grad=True), present=second_present)
+        b.update(torch.tensor([1.5, 4.0, math.nan]), present=[True, True, False])
+        return b.logits
+
+    alone = run(None)
+    assert alone[0] != 0
+    for second in ([True, True, True], [True, False, True], [False, False, True]):
+        torch.testing.assert_close(run(second), alone)
 
 
 def _of_format_1(state: dict) -> dict:
@@ -132,13 +184,15 @@ def test_has_loss_of_a_state_saved_before_it_existed():
     del state["has_loss"]
     with pytest.raises(RuntimeError, match=r"the state lacks the keys \['has_loss'\]"):
         tb.create("ew", num_tasks=2).load_state_dict(state)
-    famo = tb.create("famo", num_tasks=3)
+    famo = tb.create("famo", num_tasks=3, delta="same_batch")
     famo(torch.tensor([1.0, math.nan, 2.0], requires_grad=True), present=[True, False, True])
     state = _of_format_1(famo.state_dict())
-    state["has_previous_loss"] = state.pop("has_loss")
-    loaded = tb.create("famo", num_tasks=3)
+    del state["has_loss"]
+    del state["recorded_present"]
+    loaded = tb.create("famo", num_tasks=3, delta="same_batch")
     loaded.load_state_dict(state)
-    assert loaded.has_loss.tolist() == [True, False, True]
+    assert loaded.has_loss.tolist() == [True, False, True]  # FAMO's own record, not all
+    assert loaded.recorded_present.tolist() == [True, False, True]  # the last call's presence
     gls = tb.create("gls", num_tasks=3)
     gls(torch.tensor([1.0, math.nan, 2.0], requires_grad=True), present=[True, False, True])
     loaded = tb.create("gls", num_tasks=3)
@@ -157,7 +211,7 @@ def test_famo_learns_no_delta_at_a_tasks_first_presence():
         b(torch.tensor([values[0], math.nan, values[1]], requires_grad=True),
           present=[True, False, True])  # fmt: skip
     assert b.logits[1] == 0
-    assert b.has_loss.tolist() == [True, False, True]
+    assert b.has_previous_loss.tolist() == [True, False, True]
     b(torch.tensor([1.7, 100.0, 1.3], requires_grad=True))  # task 1's first loss
     assert b.logits[1] == 0  # nothing to learn from yet; the others did learn
     assert b.logits[0] != 0

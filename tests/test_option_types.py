@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import taskbalance as tb
 from taskbalance import distributions, info, losses
 
 X = torch.zeros(2, 3)
@@ -151,7 +152,7 @@ CASES: list[tuple[str, str, str, Callable[..., object]]] = [
 
 #: Values of the option's type that are accepted, and values of other types that are refused.
 GOOD: dict[str, list[object]] = {
-    "bool": [True, False],
+    "bool": [True, False, np.True_, np.False_],
     "int": [-1, np.int64(-1)],
     "int?": [None, 0, np.int64(0)],
     "generator": [None, torch.Generator().manual_seed(0)],
@@ -208,3 +209,12 @@ def _annotated_options() -> set[tuple[str, str]]:
 
 def test_the_table_covers_every_flag_int_and_generator_option() -> None:
     assert {(owner, option) for owner, option, _, _ in CASES} == _annotated_options()
+
+
+def test_numpy_scalars_are_numbers_for_every_real_hyperparameter() -> None:
+    """np.float32 passed the scalar checks but not the per-task ones (review)."""
+    famo = tb.create("famo", num_tasks=2, lr=np.float32(0.5), min_losses=np.float32(0.0))
+    assert famo.min_losses.tolist() == [0.0, 0.0]
+    stch = tb.create("stch", num_tasks=2, nadir=np.float32(0.5))
+    assert stch.nadir.tolist() == [0.5, 0.5]
+    assert losses.binary_cross_entropy(P[0], P[0], from_logits=np.True_).item() > 0

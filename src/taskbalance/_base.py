@@ -197,9 +197,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
       gradient (its loss may be NaN), and its statistics see no new value: loss-based rules
       read its last mean loss again, and gradient methods reuse the last weights for the
       present tasks (they need every task's gradient to recompute). A task that has not been
-      present at any step yet has no loss to read: ``has_loss`` (a bool ``[K]`` buffer)
+      present at any call yet has no loss to read: ``has_loss`` (a bool ``[K]`` buffer)
       marks the tasks that have one, and the rules that couple the tasks through their losses
-      (FAMO, GLS, DWA, STCH) run over those until it is first present. Under DDP a task is
+      (FAMO, GLS, DWA, STCH) run over those until it is first present. Every call records
+      its present tasks' losses, an accumulation window's later calls included (whose weights
+      stay the window's). Under DDP a task is
       present where any rank has it, and its mean loss averages over the ranks that have it.
     - In ``eval()`` mode or under ``torch.no_grad()`` a call returns ``Σ w_k L_k`` with the
       current weights and changes no state (no collective either).
@@ -464,12 +466,13 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             object.__setattr__(self, "_calls_taken", self._calls_taken + unused)
 
     def log_dict(self, prefix: str = "balancer/") -> dict[str, float]:
-        """The last step's weights, mean losses and (gradient methods) task-gradient cosines.
+        """The last step's weights, each task's latest mean loss and (gradient methods) the
+        task-gradient cosines of the last Gramian.
 
         A flat ``{name: float}`` dict for Lightning's ``self.log_dict`` or TensorBoard's
         ``add_scalars``: ``{prefix}weight/{k}``, ``{prefix}loss/{k}`` and, once a Gramian was
-        computed, ``{prefix}cos/{i}_{j}`` for ``i < j``. Before the first step the losses
-        are NaN (none was observed yet) and there are no cosines.
+        computed, ``{prefix}cos/{i}_{j}`` for ``i < j``. A task's loss is NaN until it has
+        been present at a call (none was observed yet); before a Gramian, no cosines.
 
         Example:
             >>> import torch, taskbalance as tb
@@ -531,6 +534,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         Reads ``step.mean_losses`` (detached float32, on this module's device, averaged over
         ranks), ``step.kpis`` and, for gradient methods, ``step.gram`` (float32 or float64).
         """
+
+    def _observe(self, step: Step) -> None:
+        """At a call that does not advance (a window's later micro-batch): record what it
+        observed of tasks the window's first call lacked (DTP's KPIs). The weights stay the
+        window's; the base records every call's losses itself."""
 
     def _prepare(self, step: Step) -> None:
         """Gradient methods take the task gradients here; loss-based methods need nothing."""
@@ -712,14 +720,18 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             if weights.requires_grad:  # a rule computed from learned parameters
                 weights = weights.detach()
             state["_last_weights"].copy_(weights)
-            state["_last_losses"].copy_(step.mean_losses)
-            if not self._every_task_has_loss:
-                self._record_tasks_with_loss(state["has_loss"], step.known)
             state["num_steps"].add_(1)
             # Plain attributes: nn.Module.__setattr__'s checks cost more than the rest of a step.
             object.__setattr__(self, "_steps_taken", self._steps_taken + 1)
         else:
             weights = state["_last_weights"].clone()
+            self._observe(step)
+        # At every call, the window's later micro-batches included: a task first present in
+        # one of them then has a loss for the next window's rule (its weight in this window
+        # was decided without it), and an absent task's carried loss is its latest.
+        state["_last_losses"].copy_(step.mean_losses)
+        if not self._every_task_has_loss:
+            self._record_tasks_with_loss(state["has_loss"], step.known)
         state["_last_present"].copy_(step.present)
         state["num_calls"].add_(1)
         object.__setattr__(self, "_calls_taken", self._calls_taken + 1)

@@ -29,7 +29,9 @@ class Step:
             no ``present=`` mask was given (every task present).
         features: the shared tensors of features mode (a list), or None.
         advances: True when the state advances at this call: the first call of an
-            accumulation window. Otherwise the window's weights are reused and nothing changes.
+            accumulation window. Otherwise the window's weights are reused and the rule's
+            state does not change (the base records the call's losses, a method what it
+            observes of tasks the window's first call lacked: ``Balancer._observe``).
         refresh: True when the update rule runs (``advances``, and for gradient methods also
             an ``update_every`` refresh step with every task present).
         gram: the ``[K, K]`` Gramian, set by gradient methods' ``_prepare`` on refresh steps
@@ -46,9 +48,10 @@ class Step:
         nonfinite: set by ``_prepare`` when the task gradients are not finite (skip mode).
         all_present: True when every task is present (a host copy of ``present.all()``).
         known: bool ``[K]`` on the module's device, True where ``mean_losses`` holds a loss of
-            the task's own (present now or at an earlier step); an entry of a task never
-            present yet is a placeholder, which a rule that couples the tasks through their
-            losses must leave out. None when every task has one (the usual call).
+            the task's own (present now or at an earlier call, a window's later micro-batches
+            included); an entry of a task never present yet is a placeholder, which a rule
+            that couples the tasks through their losses must leave out. None when every task
+            has one (the usual call).
         global_rows: on refresh steps, for methods whose direction is computed from the rows,
             the rows (times ``row_scale``, as ``rows``): of the global (rank-averaged) task
             gradients in parameters mode under DDP (``rows`` stay local: the objective cancels

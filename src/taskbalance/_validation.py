@@ -93,11 +93,14 @@ def check_optional_int(name: str, value: object) -> int | None:
 
 
 def check_bool(name: str, value: object) -> bool:
-    """Return ``value`` after checking it is True or False: a flag given as a string
-    (``"False"`` from a configuration file) would otherwise count as true."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
-    return value
+    """Return ``value`` as a bool after checking it is True or False (NumPy's too): a flag
+    given as a string (``"False"`` from a configuration file) would otherwise count as true."""
+    if isinstance(value, bool):
+        return value
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # np.True_, np.False_
+        return bool(value)
+    raise TypeError(f"{name}: expected True or False, got {kind.__name__} {value!r}")
 
 
 def check_generator(name: str, value: object) -> torch.Generator | None:
@@ -228,7 +231,7 @@ def per_task_values(
     """Broadcast a scalar, or check a length-``num_tasks`` sequence, into a list of floats."""
     if isinstance(value, Tensor):
         value = value.detach().item() if value.dim() == 0 else value.detach().flatten().tolist()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return [_as_real(name, value)] * num_tasks
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{name}: expected a number or {num_tasks} numbers, got {value!r}")

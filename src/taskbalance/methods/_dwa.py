@@ -36,8 +36,9 @@ class DWA(Balancer):
     and a resumed run needs no buffer of past losses. Losses must be positive (the rule takes
     ratios). With ``present=``, an absent task's last loss is read again (as every loss-based
     rule does); a task not yet present at any step has none, so its steps count in no period
-    mean, and its ratio is 1 until two periods have a mean of its own (a placeholder loss
-    would make a ratio of it and switch the other tasks off).
+    mean and the softmax and K run over the tasks that have one (weight 0 for it: a
+    placeholder would take a share from the others, or make a ratio that switches them off);
+    once present, its ratio is 1 until two periods have a mean of its own.
 
     The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
     :class:`Balancer`.
@@ -100,7 +101,12 @@ class DWA(Balancer):
             scaled = torch.nan_to_num(
                 ratios / self.temperature, posinf=torch.finfo(ratios.dtype).max
             )
-            weights = self.num_tasks * torch.softmax(scaled, dim=0)
+            if step.known is None:
+                weights = self.num_tasks * torch.softmax(scaled, dim=0)
+            else:  # over the tasks that have a loss: a task never present takes no share
+                known = step.known.to(scaled.device)
+                shares = torch.softmax(torch.where(known, scaled, -torch.inf), dim=0)
+                weights = torch.where(known, known.sum() * shares, 0.0)
         else:
             weights = torch.ones_like(losses)
         if self.window is None and periods_done == 0:

@@ -99,6 +99,8 @@ class FAMO(Balancer):
     min_losses: Tensor
     logits: Tensor
     previous_log_losses: Tensor
+    has_previous_loss: Tensor
+    recorded_present: Tensor
 
     def __init__(
         self,
@@ -121,8 +123,12 @@ class FAMO(Balancer):
         # With a negative lower bound a loss may itself be <= 0; _update checks L > min_losses.
         self.requires_positive_losses = min(lower_bounds) >= 0
         self.register_buffer("logits", torch.zeros(self.num_tasks))
-        # A task's entry is a loss of its own once it has been present (the base's has_loss)
         self.register_buffer("previous_log_losses", torch.zeros(self.num_tasks))
+        # Which tasks' entry above is a loss of their own, written at an advancing call (the
+        # base's has_loss also counts a window's later micro-batches, which FAMO's δ does not
+        # see), and which were written at the last one: the "before" of update()
+        self.register_buffer("has_previous_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
+        self.register_buffer("recorded_present", torch.zeros(self.num_tasks, dtype=torch.bool))
         self._last_weights.fill_(1.0 / self.num_tasks)
 
     @property
@@ -139,7 +145,8 @@ class FAMO(Balancer):
         the call's ``present=`` again: an absent task's entry is not read (NaN will do), and
         under DDP each task's loss is averaged over the ranks that have it, as at the call
         (without it, a rank's value for a task it lacks would enter the task's mean). The
-        logits of tasks absent at the call (on every rank) do not learn.
+        logits of tasks absent (on every rank) at the call that recorded the losses before,
+        the window's first with ``accumulation_steps``, do not learn.
 
         Args:
             losses: the K task losses after the parameter update.
@@ -154,14 +161,12 @@ class FAMO(Balancer):
         if self._steps_taken == 0:
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
         statistics, anywhere = self._mean_over_ranks(losses, present)
-        values, bounds, logits, previous, recorded = self._on_host(statistics)
-        # The tasks absent at the last call (on every rank) or now learn nothing, nor do tasks
-        # whose loss no call has recorded (no "before" of their own)
+        values, bounds, logits, previous, _ = self._on_host(statistics)
+        # Only the tasks whose "before" was recorded at the last advancing call (the window's
+        # first micro-batch with accumulation: not the last call's) and that are present now
         learning = [
-            bool(last and now and had)
-            for last, now, had in zip(
-                self._last_present.tolist(), anywhere.tolist(), recorded, strict=True
-            )
+            bool(before and now)
+            for before, now in zip(self.recorded_present.tolist(), anywhere.tolist(), strict=True)
         ]
         if not any(learning):
             return
@@ -173,9 +178,10 @@ class FAMO(Balancer):
     # thirty-odd tensor calls it took on K numbers cost more than the rest of the step's work.
 
     def _on_host(self, values: Tensor) -> tuple[list[float], ...]:
-        """``values``, ``min_losses``, the logits, ``previous_log_losses`` and ``has_loss``
-        (as 0/1) as Python floats, in one host transfer (one device sync on a GPU)."""
-        recorded = self.has_loss.to(self.previous_log_losses.dtype)
+        """``values``, ``min_losses``, the logits, ``previous_log_losses`` and
+        ``has_previous_loss`` (as 0/1) as Python floats, in one host transfer (one device
+        sync on a GPU)."""
+        recorded = self.has_previous_loss.to(self.previous_log_losses.dtype)
         buffers = (self.min_losses, self.logits, self.previous_log_losses, recorded)
         host = torch.cat((values, *buffers)).tolist()
         K = self.num_tasks
@@ -254,11 +260,17 @@ class FAMO(Balancer):
                 )
         if present is None:
             self.previous_log_losses.copy_(log_losses)
-            known = None
+            if not all(recorded):
+                self.has_previous_loss.fill_(True)
+            if self.delta == "same_batch":
+                self.recorded_present.fill_(True)
         else:  # an absent task keeps its last loss (or none)
             mask = step.present.to(self.previous_log_losses.device)
             self.previous_log_losses.copy_(torch.where(mask, log_losses, self.previous_log_losses))
-            known = [p or r for p, r in zip(present, recorded, strict=True)]
+            self.has_previous_loss.logical_or_(mask)
+            if self.delta == "same_batch":
+                self.recorded_present.copy_(mask)
+        known = None if step.known is None else step.known.tolist()
         # w_k = z_k / (c·L_k) with c = Σ_k z_k / L_k, over the tasks that have a loss
         ratios = [z / value for z, value in zip(_softmax(logits, known), shifted, strict=True)]
         normaliser = math.fsum(ratios)
@@ -266,10 +278,17 @@ class FAMO(Balancer):
         return torch.tensor(weights, dtype=torch.float32, device=step.mean_losses.device)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
-        # A state of format 1 may hold FAMO's own copy of has_loss, under this name.
-        legacy = prefix + "has_previous_loss"
-        if saved_before_has_loss(state_dict, prefix) and legacy in state_dict:
-            state_dict.setdefault(prefix + "has_loss", state_dict.pop(legacy))
+        # A state of format 1 has no recorded_present (its release read the last call's
+        # presence, _last_present, in update()), and its has_previous_loss is what it knew of
+        # which tasks have a loss (the base's has_loss).
+        if saved_before_has_loss(state_dict, prefix):
+            for key, source in (
+                ("recorded_present", "_last_present"),
+                ("has_loss", "has_previous_loss"),
+            ):
+                given = state_dict.get(prefix + source)
+                if prefix + key not in state_dict and isinstance(given, Tensor):
+                    state_dict[prefix + key] = given.clone()
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
