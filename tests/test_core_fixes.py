@@ -158,6 +158,73 @@ def test_famo_update_reads_the_presence_of_the_recording_call_under_accumulation
         torch.testing.assert_close(run(second), alone)
 
 
+#: Presence per call of a 3-task loop with windows of 3 calls: tasks new to a window's later
+#: calls, absent from its first, and windows with every task.
+_PATTERN = [
+    [True, False, False], [False, True, True], [True, False, True],
+    [True, True, False], [False, True, False], [True, True, True],
+    [False, False, True], [True, False, False], [False, True, True],
+]  # fmt: skip
+
+
+def _pattern_call(b: tb.Balancer, i: int) -> Tensor:
+    present = _PATTERN[i % len(_PATTERN)]
+    values = [1.0 + 0.3 * k + 0.1 * i if present[k] else math.nan for k in range(3)]
+    kpis = {"kpis": torch.tensor([0.3 + 0.1 * k + 0.02 * i for k in range(3)])}
+    b(torch.tensor(values, requires_grad=True), present=present,
+      **(kpis if b.requires_kpis else {})).backward()  # fmt: skip
+    return b.weights.clone()
+
+
+@pytest.mark.parametrize(("name", "hyperparameters"), NOT_YET_PRESENT_CASES)
+def test_a_checkpoint_inside_a_window_resumes_exactly(name, hyperparameters):
+    """What a window's later calls observe is state: DTP kept which tasks the window had seen
+    in a plain attribute, so a resume mid-window observed a task twice, or never (review)."""
+
+    def make() -> tb.Balancer:
+        return tb.create(name, num_tasks=3, accumulation_steps=3, **hyperparameters)
+
+    reference = make()
+    expected = [_pattern_call(reference, i) for i in range(9)]
+    for cut in range(1, 9):
+        resumed = make()
+        seen = [_pattern_call(resumed, i) for i in range(cut)]
+        fresh = make()
+        fresh.load_state_dict(resumed.state_dict())
+        seen += [_pattern_call(fresh, i) for i in range(cut, 9)]
+        for before, after in zip(expected, seen, strict=True):
+            assert torch.equal(before, after), cut
+        for key, value in reference.state_dict().items():
+            if isinstance(value, Tensor):
+                assert torch.equal(value, fresh.state_dict()[key]), (cut, key)
+
+
+def test_stch_warmup_counts_a_task_labelled_only_in_a_windows_later_calls():
+    """Its reference loss was measured at windows' first calls only: the warm-up never ended
+    (review). Each window counts a task's first presence in it."""
+    b = tb.create("stch", num_tasks=2, warmup_epochs=1, accumulation_steps=2)
+    for _ in range(3):
+        b(torch.tensor([2.0, math.nan], requires_grad=True), present=[True, False])
+        b(torch.tensor([math.nan, 4.0], requires_grad=True), present=[False, True])
+    b.end_epoch()
+    assert b.nadir_count.tolist() == [3, 3]
+    assert b.nadir.tolist() == [2.0, 4.0]
+    assert bool(b.has_nadir)
+
+
+def test_famo_checks_a_later_calls_losses_against_their_bounds():
+    """A window's later calls record their losses, which a later window reads for an absent
+    task: one below its bound was read as L − min = 1 (review). Refused, state unchanged."""
+    b = tb.create("famo", num_tasks=2, min_losses=[0.0, 0.5], accumulation_steps=2)
+    b(torch.tensor([2.0, math.nan], requires_grad=True), present=[True, False])
+    before = {k: v.clone() for k, v in b.state_dict().items() if isinstance(v, Tensor)}
+    with pytest.raises(ValueError, match="every loss must exceed its bound"):
+        b(torch.tensor([math.nan, 0.3], requires_grad=True), present=[False, True])
+    for key, value in b.state_dict().items():
+        if isinstance(value, Tensor):
+            assert torch.equal(value, before[key]), key
+
+
 def _of_format_1(state: dict) -> dict:
     """``state`` as a release before ``has_loss`` saved it."""
     state = dict(state)
@@ -177,9 +244,11 @@ def test_has_loss_of_a_state_saved_before_it_existed():
     for source, expected in ((fresh, [False, False]), (stepped, [True, True])):
         state = _of_format_1(source.state_dict())
         del state["has_loss"]
+        del state["window_present"]
         loaded = tb.create("ew", num_tasks=2)
         loaded.load_state_dict(state)
         assert loaded.has_loss.tolist() == expected
+        assert loaded.window_present.tolist() == [True, True]  # nothing left to observe
     state = stepped.state_dict()
     del state["has_loss"]
     with pytest.raises(RuntimeError, match=r"the state lacks the keys \['has_loss'\]"):
@@ -187,12 +256,20 @@ def test_has_loss_of_a_state_saved_before_it_existed():
     famo = tb.create("famo", num_tasks=3, delta="same_batch")
     famo(torch.tensor([1.0, math.nan, 2.0], requires_grad=True), present=[True, False, True])
     state = _of_format_1(famo.state_dict())
-    del state["has_loss"]
-    del state["recorded_present"]
+    for key in ("has_loss", "recorded_present", "window_present"):
+        del state[key]
     loaded = tb.create("famo", num_tasks=3, delta="same_batch")
     loaded.load_state_dict(state)
     assert loaded.has_loss.tolist() == [True, False, True]  # FAMO's own record, not all
     assert loaded.recorded_present.tolist() == [True, False, True]  # the last call's presence
+    # ...and a recorded loss, as that release's update() required (review): a task present
+    # at the last call but never at an advancing one has no "before" to learn from
+    state = _of_format_1(famo.state_dict())
+    for key in ("has_loss", "recorded_present", "window_present"):
+        del state[key]
+    state["_last_present"] = torch.tensor([False, True, True])
+    loaded.load_state_dict(state)
+    assert loaded.recorded_present.tolist() == [False, False, True]
     gls = tb.create("gls", num_tasks=3)
     gls(torch.tensor([1.0, math.nan, 2.0], requires_grad=True), present=[True, False, True])
     loaded = tb.create("gls", num_tasks=3)

@@ -252,9 +252,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     - ``accumulation_steps``: with gradient accumulation over N micro-batches, N: the weights
       are computed at the first call of each window of N calls (from that call's losses and,
-      for gradient methods, its Gramian) and reused for the other N − 1, which change no
-      state, so every statistic (``num_steps``, ``update_every``, DWA's periods, FAMO's loss
-      differences, RLW's draws) counts optimiser steps, not micro-batches.
+      for gradient methods, its Gramian) and reused for the other N − 1, which do not step
+      the rule, so every statistic (``num_steps``, ``update_every``, DWA's periods, FAMO's
+      loss differences, RLW's draws) counts optimiser steps, not micro-batches. Those N − 1
+      calls record their present tasks' losses, and a task's first presence in the window
+      when the first call lacked it (``window_present``; DTP's KPI, STCH's reference loss).
     - ``on_nonfinite``: ``"raise"`` (default) refuses a call whose losses or task gradients
       are not finite; ``"skip"`` returns a NaN objective instead (its backward gives NaN
       gradients, so GradScaler skips the step) and changes no state, on every rank (with
@@ -286,6 +288,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     _last_losses: Tensor
     _last_present: Tensor
     has_loss: Tensor
+    window_present: Tensor
     num_steps: Tensor
     num_calls: Tensor
 
@@ -303,12 +306,16 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         # Which tasks have been present at some step: the others' entry of _last_losses is a
         # placeholder, which no rule may read as a loss (see Step.known).
         self.register_buffer("has_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
+        # The tasks present at some call of the current accumulation window (see _observe);
+        # True before the first call: nothing to observe
+        self.register_buffer("window_present", torch.ones(self.num_tasks, dtype=torch.bool))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("num_calls", torch.zeros((), dtype=torch.long))
         # Host copies of the counters, so the per-call branches on them need no device sync.
         self._steps_taken = 0
         self._calls_taken = 0
         self._every_task_has_loss = False  # host copy of has_loss.all()
+        self._window_complete = True  # host copy of window_present.all()
 
     def _record_configuration(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """The method's hyperparameters as given, defaults filled in (stored in the state)."""
@@ -535,10 +542,13 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         ranks), ``step.kpis`` and, for gradient methods, ``step.gram`` (float32 or float64).
         """
 
-    def _observe(self, step: Step) -> None:
-        """At a call that does not advance (a window's later micro-batch): record what it
-        observed of tasks the window's first call lacked (DTP's KPIs). The weights stay the
-        window's; the base records every call's losses itself."""
+    def _observe(self, step: Step, new: Tensor) -> None:
+        """At a call that does not advance (a window's later micro-batch) with a task present
+        that no earlier call of the window had (``new``, bool ``[K]``): record that task's
+        first observation of the window, as a window's first call records its present ones
+        (DTP's KPIs, STCH's reference losses). Also told when ``new`` has none, to check the
+        call's values (FAMO's bounds). The weights stay the window's; the base records every
+        call's losses itself. Raising here leaves the state unchanged."""
 
     def _prepare(self, step: Step) -> None:
         """Gradient methods take the task gradients here; loss-based methods need nothing."""
@@ -720,12 +730,21 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             if weights.requires_grad:  # a rule computed from learned parameters
                 weights = weights.detach()
             state["_last_weights"].copy_(weights)
+            self._start_window(state["window_present"], step)
             state["num_steps"].add_(1)
             # Plain attributes: nn.Module.__setattr__'s checks cost more than the rest of a step.
             object.__setattr__(self, "_steps_taken", self._steps_taken + 1)
         else:
             weights = state["_last_weights"].clone()
-            self._observe(step)
+            if self._window_complete:
+                self._observe(
+                    step, constant(False, (self.num_tasks,), torch.bool, step.present.device)
+                )
+            else:
+                seen = state["window_present"]
+                new = step.present.to(seen.device) & ~seen
+                self._observe(step, new)
+                seen |= new
         # At every call, the window's later micro-batches included: a task first present in
         # one of them then has a loss for the next window's rule (its weight in this window
         # was decided without it), and an absent task's carried loss is its latest.
@@ -739,8 +758,18 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             return weights
         return torch.where(step.present.to(weights.device), weights, 0)
 
+    def _start_window(self, window_present: Tensor, step: Step) -> None:
+        """At an advancing call: the window's present tasks so far are this call's."""
+        if step.all_present:
+            if not self._window_complete:
+                window_present.fill_(True)
+                object.__setattr__(self, "_window_complete", True)
+        else:
+            window_present.copy_(step.present)
+            object.__setattr__(self, "_window_complete", False)
+
     def _record_tasks_with_loss(self, has_loss: Tensor, known: Tensor | None) -> None:
-        """``has_loss`` after an advancing step: ``known``, or every task (``None``)."""
+        """``has_loss`` after a call: ``known``, or every task (``None``)."""
         if known is None:
             has_loss.fill_(True)
             every = True
@@ -1019,6 +1048,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         self._steps_taken = int(self.num_steps)
         self._calls_taken = int(self.num_calls)
         self._every_task_has_loss = bool(self.has_loss.all())
+        self._window_complete = bool(self.window_present.all())
 
     def _hyperparameter_buffers(self, saved: dict[str, Any]) -> dict[str, Tensor]:
         """This balancer's buffers that hold a hyperparameter allowed to change on resume.
@@ -1209,12 +1239,14 @@ def saved_before_has_loss(state_dict: Any, prefix: str) -> bool:
 
 
 def _add_has_loss_of_older_state(state_dict: Any, prefix: str, num_tasks: int) -> None:
-    """Give a state of format 1 the ``has_loss`` its release acted on: every task counted as
-    having a loss once a step was taken (the placeholder was read as one). A state of the
-    current format without it is incomplete, and refused as such."""
+    """Give a state of format 1 the ``has_loss`` and ``window_present`` its release acted on:
+    every task counted as having a loss once a step was taken (the placeholder was read as
+    one), and a window's later calls observed nothing. A state of the current format
+    without them is incomplete, and refused as such."""
     steps = state_dict.get(prefix + "num_steps")
-    key = prefix + "has_loss"
-    if key in state_dict or not isinstance(steps, Tensor):
+    if not isinstance(steps, Tensor) or not saved_before_has_loss(state_dict, prefix):
         return
-    if saved_before_has_loss(state_dict, prefix):
-        state_dict[key] = torch.full((num_tasks,), bool(steps > 0), dtype=torch.bool)
+    state_dict.setdefault(
+        prefix + "has_loss", torch.full((num_tasks,), bool(steps > 0), dtype=torch.bool)
+    )
+    state_dict.setdefault(prefix + "window_present", torch.ones(num_tasks, dtype=torch.bool))

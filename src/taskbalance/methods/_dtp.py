@@ -90,7 +90,6 @@ class DTP(Balancer):
         self.register_buffer("smoothed_kpis", torch.ones(self.num_tasks))
         # Per task: whether κ̄ holds an observed KPI (a task absent so far has none).
         self.register_buffer("has_kpis", torch.zeros(self.num_tasks, dtype=torch.bool))
-        self._observed_in_window: Tensor | None = None  # see _update
 
     def _update(self, step: Step) -> Tensor:
         kpis = step.kpis
@@ -101,27 +100,19 @@ class DTP(Balancer):
         if not step.all_present:  # an absent task's KPI is not a new observation
             smoothed = torch.where(step.present, smoothed, self.smoothed_kpis)
             self.has_kpis |= step.present
-            observed: Tensor | None = step.present.clone()
         else:
             self.has_kpis.fill_(True)
-            observed = None
-        # Which tasks this window has observed (None: all); a plain attribute, as the window
-        # it describes is not carried over a checkpoint
-        object.__setattr__(self, "_observed_in_window", observed)
         self.smoothed_kpis.copy_(smoothed)
         clamped = smoothed.clamp(min=self.eps, max=1.0)
         return -((1 - clamped) ** self.gamma) * torch.log(clamped)
 
-    def _observe(self, step: Step) -> None:
+    def _observe(self, step: Step, new: Tensor) -> None:
         # A task absent from the window's first micro-batch is observed at its first presence
         # in a later one, once per window as at a first call: without it, a task only
         # labelled in later micro-batches would keep κ̄ = 1 (weight 0) for good.
-        observed = self._observed_in_window
-        if observed is None or step.kpis is None:
+        if step.kpis is None:
             return
-        new = step.present.to(observed.device) & ~observed
         smoothed = self.smoothing * step.kpis + (1 - self.smoothing) * self.smoothed_kpis
         smoothed = torch.where(self.has_kpis, smoothed, step.kpis)
         self.smoothed_kpis.copy_(torch.where(new, smoothed, self.smoothed_kpis))
         self.has_kpis |= new
-        observed |= new

@@ -277,25 +277,30 @@ class FAMO(Balancer):
         weights = [ratio / normaliser for ratio in ratios]
         return torch.tensor(weights, dtype=torch.float32, device=step.mean_losses.device)
 
+    def _observe(self, step: Step, new: Tensor) -> None:
+        # A window's later calls record their present losses (the base), which a later
+        # window's rule may read as an absent task's: checked against the bounds as at a
+        # window's first call, before anything is recorded
+        K = self.num_tasks
+        host = torch.cat((step.mean_losses, self.min_losses)).tolist()
+        self._shifted(host[:K], host[K:], None if step.all_present else step.present.tolist())
+
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
-        # A state of format 1 has no recorded_present (its release read the last call's
-        # presence, _last_present, in update()), and its has_previous_loss is what it knew of
-        # which tasks have a loss (the base's has_loss).
-        if saved_before_has_loss(state_dict, prefix):
-            for key, source in (
-                ("recorded_present", "_last_present"),
-                ("has_loss", "has_previous_loss"),
-            ):
-                given = state_dict.get(prefix + source)
-                if prefix + key not in state_dict and isinstance(given, Tensor):
-                    state_dict[prefix + key] = given.clone()
+        # A state of format 1 has no recorded_present (its release's update() read the last
+        # call's presence, _last_present, and a recorded loss, has_previous_loss), and its
+        # has_previous_loss is what it knew of which tasks have a loss (the base's has_loss).
+        last = state_dict.get(prefix + "_last_present")
+        had = state_dict.get(prefix + "has_previous_loss")
+        if saved_before_has_loss(state_dict, prefix) and isinstance(had, Tensor):
+            state_dict.setdefault(prefix + "has_loss", had.clone())
+            if isinstance(last, Tensor):
+                state_dict.setdefault(prefix + "recorded_present", last & had)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         # Shift the value to the paper's Σ (z/c)·log(L − min) without changing the gradient:
         # with z/c = w ⊙ (L − min), the shift is Σ w ⊙ ((L − min)·log(L − min) − L). Not
-        # checked here (_update has checked the refresh step's losses): a micro-batch's loss
-        # below its bound gives a NaN value, as torch.xlogy would, not a refused call.
+        # checked here: _update (a window's first call) or _observe (its later ones) has.
         K = self.num_tasks
         # one transfer; the weights are on the losses' device, which may not be the module's
         values = (weights.to(step.mean_losses.device), step.mean_losses, self.min_losses)

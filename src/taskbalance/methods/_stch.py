@@ -42,7 +42,8 @@ class STCH(Balancer):
     epochs train on ``Σ log L_k``; the mean loss of the last of them becomes ``n``; STCH
     starts with the next epoch. (LibMTL's ``STCH_warmup_epoch=4`` is ``warmup_epochs=5``
     here: its epochs 0–3 warm up and epoch 4 measures ``n``.) Each ``n_k`` is the mean over
-    the steps where task k was present (``present=``); a task absent throughout that epoch
+    the steps where task k was present (``present=``; with ``accumulation_steps``, a window
+    counts a task's first presence in it); a task absent throughout that epoch
     extends the measuring into the next ones (with a warning at each :meth:`end_epoch`) until
     it has been seen. An epoch without a call does not count towards measuring ``n``. Give
     ``nadir=`` to skip the warm-up. (A first epoch of 10,000 steps warns once: the loop
@@ -133,10 +134,20 @@ class STCH(Balancer):
                 "pass nadir= to skip the warm-up",
             )
         if epochs_done >= self.warmup_epochs - 1:  # the epoch that measures n
-            present = step.present.to(losses.device)
-            self.nadir_sum.add_(torch.where(present, losses, 0))
-            self.nadir_count.add_(present.to(self.nadir_count.device))
+            self._measure(step.present, losses)
         return 1.0 / losses
+
+    def _measure(self, present: Tensor, losses: Tensor) -> None:
+        present = present.to(losses.device)
+        self.nadir_sum.add_(torch.where(present, losses, 0))
+        self.nadir_count.add_(present.to(self.nadir_count.device))
+
+    def _observe(self, step: Step, new: Tensor) -> None:
+        # A task absent from the window's first micro-batch counts at its first presence in a
+        # later one, once per window: else a task labelled only there never ends the warm-up
+        measuring = int(self.epochs_done) >= self.warmup_epochs - 1
+        if not bool(self.has_nadir) and measuring:
+            self._measure(new, step.mean_losses)
 
     def end_epoch(self) -> None:
         """Count a warm-up epoch; after the last one, fix the reference losses ``n``."""
