@@ -542,13 +542,14 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         ranks), ``step.kpis`` and, for gradient methods, ``step.gram`` (float32 or float64).
         """
 
-    def _observe(self, step: Step, new: Tensor) -> None:
-        """At a call that does not advance (a window's later micro-batch) with a task present
-        that no earlier call of the window had (``new``, bool ``[K]``): record that task's
-        first observation of the window, as a window's first call records its present ones
-        (DTP's KPIs, STCH's reference losses). Also told when ``new`` has none, to check the
-        call's values (FAMO's bounds). The weights stay the window's; the base records every
-        call's losses itself. Raising here leaves the state unchanged."""
+    def _observe(self, step: Step, new: Tensor | None) -> None:
+        """At a call that does not advance (a window's later micro-batch): ``new`` (bool
+        ``[K]``) marks the present tasks that no earlier call of the window had, whose first
+        observation of the window a method records as a window's first call records its
+        present ones (DTP's KPIs, STCH's reference losses); None when the window has had
+        every task. Also a place to check the call's values (FAMO's bounds). The weights stay
+        the window's; the base records every call's losses itself. Raising here leaves the
+        state unchanged."""
 
     def _prepare(self, step: Step) -> None:
         """Gradient methods take the task gradients here; loss-based methods need nothing."""
@@ -737,9 +738,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         else:
             weights = state["_last_weights"].clone()
             if self._window_complete:
-                self._observe(
-                    step, constant(False, (self.num_tasks,), torch.bool, step.present.device)
-                )
+                self._observe(step, None)
             else:
                 seen = state["window_present"]
                 new = step.present.to(seen.device) & ~seen

@@ -94,9 +94,7 @@ class DTP(Balancer):
     def _update(self, step: Step) -> Tensor:
         kpis = step.kpis
         assert kpis is not None  # the base class has checked them
-        smoothed = self.smoothing * kpis + (1 - self.smoothing) * self.smoothed_kpis
-        # A task's κ̄ starts at its first observed KPI; decided on the device (no host read).
-        smoothed = torch.where(self.has_kpis, smoothed, kpis)
+        smoothed = self._smoothed(kpis)
         if not step.all_present:  # an absent task's KPI is not a new observation
             smoothed = torch.where(step.present, smoothed, self.smoothed_kpis)
             self.has_kpis |= step.present
@@ -106,13 +104,17 @@ class DTP(Balancer):
         clamped = smoothed.clamp(min=self.eps, max=1.0)
         return -((1 - clamped) ** self.gamma) * torch.log(clamped)
 
-    def _observe(self, step: Step, new: Tensor) -> None:
+    def _smoothed(self, kpis: Tensor) -> Tensor:
+        """``α·κ + (1 − α)·κ̄``; a task's κ̄ starts at its first observed KPI (decided on the
+        device: no host read)."""
+        smoothed = self.smoothing * kpis + (1 - self.smoothing) * self.smoothed_kpis
+        return torch.where(self.has_kpis, smoothed, kpis)
+
+    def _observe(self, step: Step, new: Tensor | None) -> None:
         # A task absent from the window's first micro-batch is observed at its first presence
         # in a later one, once per window as at a first call: without it, a task only
         # labelled in later micro-batches would keep κ̄ = 1 (weight 0) for good.
-        if step.kpis is None:
+        if new is None or step.kpis is None:
             return
-        smoothed = self.smoothing * step.kpis + (1 - self.smoothing) * self.smoothed_kpis
-        smoothed = torch.where(self.has_kpis, smoothed, step.kpis)
-        self.smoothed_kpis.copy_(torch.where(new, smoothed, self.smoothed_kpis))
+        self.smoothed_kpis.copy_(torch.where(new, self._smoothed(step.kpis), self.smoothed_kpis))
         self.has_kpis |= new

@@ -120,6 +120,8 @@ class FAMO(Balancer):
         self.eps = check_nonnegative("eps", eps)
         self.logit_optimiser = AdamState(self.num_tasks, lr=self.lr, weight_decay=self.weight_decay)
         self.register_buffer("min_losses", torch.tensor(lower_bounds))
+        # With every bound 0, the base's check of positive losses is FAMO's (see _observe)
+        self._bounded = any(bound != 0 for bound in lower_bounds)
         # With a negative lower bound a loss may itself be <= 0; _update checks L > min_losses.
         self.requires_positive_losses = min(lower_bounds) >= 0
         self.register_buffer("logits", torch.zeros(self.num_tasks))
@@ -277,10 +279,13 @@ class FAMO(Balancer):
         weights = [ratio / normaliser for ratio in ratios]
         return torch.tensor(weights, dtype=torch.float32, device=step.mean_losses.device)
 
-    def _observe(self, step: Step, new: Tensor) -> None:
+    def _observe(self, step: Step, new: Tensor | None) -> None:
         # A window's later calls record their present losses (the base), which a later
         # window's rule may read as an absent task's: checked against the bounds as at a
-        # window's first call, before anything is recorded
+        # window's first call, before anything is recorded (one host transfer, only when a
+        # bound is not 0: L > 0 is checked for every call already)
+        if not self._bounded:
+            return
         K = self.num_tasks
         host = torch.cat((step.mean_losses, self.min_losses)).tolist()
         self._shifted(host[:K], host[K:], None if step.all_present else step.present.tolist())

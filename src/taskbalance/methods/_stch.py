@@ -142,11 +142,12 @@ class STCH(Balancer):
         self.nadir_sum.add_(torch.where(present, losses, 0))
         self.nadir_count.add_(present.to(self.nadir_count.device))
 
-    def _observe(self, step: Step, new: Tensor) -> None:
+    def _observe(self, step: Step, new: Tensor | None) -> None:
         # A task absent from the window's first micro-batch counts at its first presence in a
         # later one, once per window: else a task labelled only there never ends the warm-up
-        measuring = int(self.epochs_done) >= self.warmup_epochs - 1
-        if not bool(self.has_nadir) and measuring:
+        if new is None or bool(self.has_nadir):
+            return
+        if int(self.epochs_done) >= self.warmup_epochs - 1:
             self._measure(new, step.mean_losses)
 
     def end_epoch(self) -> None:
