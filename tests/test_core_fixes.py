@@ -212,6 +212,20 @@ def test_stch_warmup_counts_a_task_labelled_only_in_a_windows_later_calls():
     assert bool(b.has_nadir)
 
 
+@pytest.mark.parametrize("before", [[True, True], [True, False], [False, True]])
+def test_a_window_whose_first_call_is_skipped_observes_each_task_at_its_first_presence(before):
+    """The skipped first call left the previous window's record: in one call with both tasks
+    present, only the task absent from the previous window was counted (third review)."""
+    b = tb.create("stch", num_tasks=2, warmup_epochs=1, accumulation_steps=2, on_nonfinite="skip")
+    for _ in range(2):  # window 1: presence `before`
+        values = [2.0 if before[0] else math.nan, 4.0 if before[1] else math.nan]
+        b(torch.tensor(values, requires_grad=True), present=before).backward()
+    counted = b.nadir_count.clone()
+    b(torch.tensor([math.inf, 4.0], requires_grad=True))  # window 2's first call: skipped
+    b(torch.tensor([2.0, 4.0], requires_grad=True)).backward()  # both tasks, first time here
+    assert (b.nadir_count - counted).tolist() == [1, 1]
+
+
 def test_famo_checks_a_later_calls_losses_against_their_bounds():
     """A window's later calls record their losses, which a later window reads for an absent
     task: one below its bound was read as L − min = 1 (review). Refused, state unchanged."""

@@ -871,8 +871,13 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     def _count_skipped_call(self) -> None:
         """With accumulation, a skipped call still takes its place in the window (nothing else
-        changes), so the windows stay aligned with the optimiser steps of the user's loop."""
+        changes), so the windows stay aligned with the optimiser steps of the user's loop. A
+        window whose first call is skipped has seen no task yet: its later calls observe each
+        at its first presence (not against the previous window's record)."""
         if self.accumulation_steps > 1:
+            if self._calls_taken % self.accumulation_steps == 0:
+                self.window_present.fill_(False)
+                object.__setattr__(self, "_window_complete", False)
             self.num_calls.add_(1)
             object.__setattr__(self, "_calls_taken", self._calls_taken + 1)
 
