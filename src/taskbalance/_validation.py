@@ -12,6 +12,7 @@ import math
 import numbers
 import struct
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
@@ -78,7 +79,7 @@ def check_positive_int(name: str, value: object) -> int:
 
 def check_int(name: str, value: object) -> int:
     """Return ``value`` as an int after checking it is an integer (NumPy's too), not a bool."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not _is_int(value):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     return int(value)
 
@@ -87,9 +88,14 @@ def check_optional_int(name: str, value: object) -> int | None:
     """Return ``value`` after checking it is None or an int (see :func:`check_int`)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not _is_int(value):
         raise TypeError(f"{name}: expected None or an int, got {type(value).__name__} {value!r}")
     return int(value)
+
+
+def _is_int(value: object) -> TypeGuard[numbers.Integral]:
+    # bool is an Integral too, but True given for a count is a mistake, not the number 1
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 
 def check_bool(name: str, value: object) -> bool:
