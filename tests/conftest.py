@@ -189,10 +189,13 @@ def call(
 
 
 def loss_gradient(b: tb.Balancer) -> torch.Tensor:
-    """The gradient of ``b``'s last objective with respect to each loss: ``b.weights``, or ones
+    """The gradient of ``b``'s last objective with respect to each loss: ``b.weights``, or,
     for a gradient method whose heads take unweighted gradients (its weights then act on the
-    shared tensors only)."""
+    shared tensors only), ones: DB-MTL's heads train on ``log(L_k + ε)``, as LibMTL's, whose
+    derivative is ``1/(L_k + ε)`` at the last call's (rank-averaged) losses."""
     if getattr(b, "heads", "weighted") == "unweighted":
+        if isinstance(b, tb.DBMTL):
+            return (1 / (b._last_losses.double() + b.eps)).to(b.weights.dtype)
         return torch.ones_like(b.weights)
     return b.weights
 

@@ -67,8 +67,9 @@ def _db_mtl_reference(steps: int, beta: float, beta_sigma: float, heads_weighted
         alpha = norms.max() / norms
         d = (alpha[:, None] * ema).sum(0)
         weights = alpha / (losses.detach() + 1e-8)
-        scale = weights if heads_weighted else torch.ones(K)
-        head_grads = [scale[k] * _flat_grads(losses[k], heads[k].parameters()) for k in range(K)]
+        # LibMTL backpropagates each log-loss, so unweighted heads get ∇ log(L_k + ε)
+        head_losses = weights * losses if heads_weighted else log_losses
+        head_grads = [_flat_grads(head_losses[k], heads[k].parameters()) for k in range(K)]
         out.append((d, head_grads, weights))
         with torch.no_grad():  # move the trunk along d so the steps differ
             offset = 0
@@ -122,6 +123,35 @@ def test_db_mtl_features_mode_is_unchanged_jtw():
     (z_grad,) = torch.autograd.grad(b(losses, features=z), z)
     torch.testing.assert_close(z_grad.reshape(-1), Jz.T @ b.weights, rtol=1e-5, atol=1e-7)
     assert b.grad_averages.shape == (K, 0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "reuse_rows"), [("features", False), ("params", False), ("params", True)]
+)
+def test_db_mtl_heads_train_on_their_log_losses(mode, reuse_rows):
+    """LibMTL's DB_MTL backpropagates log(L_k + 1e-8) for each task, so head k gets
+    ∇L_k / (L_k + 1e-8); an absent task's head gets nothing; the objective's value is still
+    Σ L_k over the present tasks, as every unweighted-heads method's."""
+    trunk, heads = _model(3)
+    params = list(trunk.parameters())
+    options = {"params": params, "reuse_rows": reuse_rows} if mode == "params" else {}
+    b = tb.create("db_mtl", num_tasks=K, **options)
+    for t, present in enumerate([None, torch.tensor([True, False, True])]):
+        trunk.zero_grad()
+        heads.zero_grad(set_to_none=True)
+        z, losses = _losses(trunk, heads, t)
+        objective = b(losses, features=z, present=present)
+        objective.backward()
+        _, reference = _losses(trunk, heads, t)
+        shown = [k for k in range(K) if present is None or present[k]]
+        torch.testing.assert_close(objective.detach(), reference[shown].sum().detach())
+        for k in range(K):
+            got = [p.grad for p in heads[k].parameters()]
+            if k not in shown:
+                assert all(g is None or not g.any() for g in got)
+                continue
+            expected = _flat_grads(torch.log(reference[k] + 1e-8), heads[k].parameters())
+            torch.testing.assert_close(torch.cat([g.reshape(-1) for g in got]), expected)
 
 
 def test_db_mtl_parameters_mode_refuses_compute_weights_without_changing_state():
@@ -409,6 +439,7 @@ def test_graddrop_refuses_compute_weights_and_draws_nothing():
 
 DDP_CASES = [
     ("db_mtl", "params"),
+    ("db_mtl", "features"),
     ("graddrop", "params"),
     ("graddrop", "features"),
     ("moco", "params"),
@@ -422,14 +453,16 @@ def _ddp_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(BATCH, 4, generator=generator), torch.randn(BATCH, K, generator=generator)
 
 
-def _ddp_run(name: str, mode: str, batches) -> list[torch.Tensor]:
-    """Trunk gradients per step, averaged over ranks as DDP would (identity in one process)."""
+def _ddp_run(name: str, mode: str, batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Trunk gradients per step (this rank's, and averaged over ranks as DDP would: identity
+    in one process), and the heads' gradients averaged over ranks."""
     from taskbalance._distributed import all_reduce_mean
 
     trunk, heads = _model(7)
     params = list(trunk.parameters())
     b = tb.create(name, num_tasks=K, **({"params": params} if mode == "params" else {}))
     grads = []
+    head_grads = []
     for step in range(DDP_STEPS):
         x, y = batches(step)
         z = trunk(x)
@@ -437,15 +470,17 @@ def _ddp_run(name: str, mode: str, batches) -> list[torch.Tensor]:
             [((head(z).squeeze(1) - y[:, k]) ** 2).mean() for k, head in enumerate(heads)]
         )
         trunk.zero_grad()
+        heads.zero_grad()
         b(losses, features=z).backward()
         local = _grad_of(params)
         grads.append(torch.stack([local, all_reduce_mean(local)]))
+        head_grads.append(all_reduce_mean(_grad_of(heads.parameters())))
         with torch.no_grad():  # the same step on every rank, from the averaged gradient
             offset = 0
             for p in params:
                 p -= 0.1 * grads[-1][1][offset : offset + p.numel()].view_as(p)
                 offset += p.numel()
-    return grads
+    return grads, head_grads
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
@@ -470,11 +505,14 @@ def _whole_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(("name", "mode"), DDP_CASES)
 def test_ddp_direction_is_the_global_batchs(ddp_results, name, mode):
     """Two ranks with different batches apply the direction of one process that sees both
-    batches (equal sizes: the mean loss over the union is the mean of the ranks' losses)."""
+    batches (equal sizes: the mean loss over the union is the mean of the ranks' losses), and
+    the heads get that process's gradients too (DB-MTL's: of the union's log-loss)."""
     key = f"{name}-{mode}"
-    reference = _ddp_run(name, mode, _whole_batch)
-    rank0, rank1 = (results[key] for results in ddp_results)
+    reference, reference_heads = _ddp_run(name, mode, _whole_batch)
+    (rank0, heads0), (rank1, heads1) = (results[key] for results in ddp_results)
     for step in range(DDP_STEPS):
+        torch.testing.assert_close(heads0[step], heads1[step], rtol=0, atol=0)
+        torch.testing.assert_close(heads0[step], reference_heads[step], rtol=1e-5, atol=1e-7)
         averaged = rank0[step][1]
         torch.testing.assert_close(rank1[step][1], averaged, rtol=0, atol=0)
         torch.testing.assert_close(averaged, reference[step][0], rtol=1e-4, atol=1e-6)

@@ -150,8 +150,10 @@ def test_db_mtl_parameters_direction_is_unscaled(monkeypatch, fp16, heads_mode, 
     tolerance = 2e-2 if fp16 else 1e-5
     got = _flat(p.grad for p in params)
     assert _relative(got, J.T @ w) < tolerance, _relative(got, J.T @ w)
+    # unweighted: the heads train on log(L_k + ε), as LibMTL's DB-MTL
+    log_derivative = 1 / (losses.detach().double() + 1e-8)
     for k in range(K):
-        expected = own[k] * (w[k] if heads_mode == "weighted" else 1.0)
+        expected = own[k] * (w[k] if heads_mode == "weighted" else log_derivative[k])
         assert _relative(_flat(p.grad for p in heads[k].parameters()), expected) < tolerance
     assert recorded[0] in (2.0**8, 2.0**16)
 

@@ -33,9 +33,9 @@ class DBMTL(GradientBalancer):
     listed parameter entries: K times the memory of those parameters' gradients, saved in
     ``state_dict``, kept in the rows' precision: float64 once a step's rows or a loaded
     checkpoint are) and sets the listed parameters' gradient to ``d = Σ_k α_k ĝ_k`` in the
-    one ordinary backward (see "shared direction" in :class:`GradientBalancer`); the task
-    heads get their own unweighted gradients, as in LibMTL. Under DDP the rows are the global
-    (rank-averaged) task gradients, all-reduced once, so every rank applies the same ``d``.
+    one ordinary backward (see "shared direction" in :class:`GradientBalancer`). Under DDP
+    the rows are the global (rank-averaged) task gradients, all-reduced once, so every rank
+    applies the same ``d``.
     ``b.weights`` are then ``w_k = α_k / (L_k + ε)``: the weights that give ``d = Jᵀw`` when
     β = 0 (ĝ_k = g̃_k); for β > 0, ``d`` is not ``Jᵀw`` of the current step. Like the paper
     and LibMTL, ĝ starts at zero without bias correction, so the first update is ``(1 − β)``
@@ -50,6 +50,14 @@ class DBMTL(GradientBalancer):
     the *current* log-loss gradients, ``Σ_k α_k g̃_k = Jᵀw`` with
 
     ``w_k = (max_i n̂_i / n̂_k) / (L_k + ε)``.
+
+    Task heads (both modes): LibMTL and the official code backpropagate each task's
+    ``log(L_k + ε)``, so with the default ``heads="unweighted"`` head k gets the gradient of
+    its own log-loss, ``∇L_k / (L_k + ε)``: the loss-scale balancing reaches the heads too.
+    (``L_k`` is the rank-averaged loss under DDP, so the ranks' averaged head gradients are
+    those of the global batch's log-loss.) The objective's value stays ``Σ_k L_k``, the
+    gradient of the objective with respect to ``L_k`` is ``1 / (L_k + ε)``.
+    ``heads="weighted"`` gives head k ``w_k ∇L_k`` instead.
 
     Departures: in features mode (and in ``compute_weights``) the EMA is of gradient *norms*
     applied to the current gradients, as above (it agrees with the paper exactly when β = 0,
@@ -150,6 +158,11 @@ class DBMTL(GradientBalancer):
 
     def _direction_from_rows(self) -> bool:
         return self.shared_params is not None
+
+    def _head_coefficients(self, step: Step) -> Tensor:
+        # The heads train on log(L_k + ε): ∇ log(L_k + ε) = ∇L_k / (L_k + ε), of the global
+        # batch's loss under DDP (rank-averaged), so the ranks' averaged head gradients are it
+        return torch.reciprocal(step.mean_losses.to(torch.float64) + self.eps)
 
     def _rule(self, step: Step, gram: Tensor) -> Tensor:
         if self.shared_params is None:

@@ -72,6 +72,8 @@ class GradientBalancer(Balancer):
     - ``heads="unweighted"``: only the shared gradient becomes ``Jᵀw``; every head gets its own
       unweighted ``∇L_k`` — what the reference code of PCGrad, GradVac, IMTL-G, CAGrad,
       DB-MTL, Aligned-MTL, ConFIG and FairGrad, LibMTL and torchjd's ``mtl_backward`` do.
+      DB-MTL's reference trains on ``log(L_k + ε)``: its heads get that log-loss's gradient,
+      ``∇L_k / (L_k + ε)`` (a method's ``c_k`` below, ``_head_coefficients``).
       Still one ordinary backward: the objective is ``Σ_k L_k + Σ_x ⟨x, Σ_k (w_k − 1)·∇_x L_k⟩``
       over the shared tensors x (the features z, or the listed parameters) with the second
       factor detached. Its value is ``Σ L_k``; its gradient at x is ``Σ_k w_k ∇_x L_k``, so the
@@ -82,7 +84,8 @@ class GradientBalancer(Balancer):
       The task gradients are then needed at every step, ``update_every`` steps included.
 
     ``b.weights`` are the weights of the shared direction in both cases; the gradient of the
-    objective with respect to ``losses[k]`` is ``w_k`` (weighted) or 1 (unweighted).
+    objective with respect to ``losses[k]`` is ``w_k`` (weighted) or 1 (unweighted; DB-MTL:
+    ``1 / (L_k + ε)``).
 
     Shared direction: a method may instead set the shared tensors' gradient to any direction
     ``d`` it computes from the task gradients (DB-MTL's EMA of gradient vectors, MoCo's
@@ -734,17 +737,18 @@ class GradientBalancer(Balancer):
         return self.reuse_rows and step.rows is not None and step.shared is not None
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
+        own = None if self.heads == "weighted" else self._head_coefficients(step)
         if self._reuses_rows(step):
             # The shared gradient comes from the rows (_finish_objective): what is left to
             # backpropagate is the heads' share, Σ_k c_k L_k.
-            return self._heads_objective(step, weights)
+            return self._heads_objective(step, weights, own)
         if step.direction is not None or step.shift is not None:
-            return self._direction_objective(step, weights)
+            return self._direction_objective(step, weights, own)
         if self.heads == "weighted":
             return super()._objective(step, weights)
         assert step.shared is not None  # _prepare took the task gradients
         assert step.rows is not None
-        # ⟨x, v⟩ adds Σ_k (w_k − 1)·∇_x L_k to the shared tensor's gradient only: the heads
+        # ⟨x, v⟩ adds Σ_k (w_k − c_k)·∇_x L_k to the shared tensor's gradient only: the heads
         # never see it. The rows are scaled by a power of two: dividing by it is exact.
         per_tensor = self._tensor_weights(step, weights)
         # One K-vector of shifts per weight vector and dtype, not per tensor: parameters mode
@@ -755,45 +759,65 @@ class GradientBalancer(Balancer):
             key = (id(tensor_weights), row.dtype)
             shifts = shifts_of.get(key)
             if shifts is None:
-                shifts = (tensor_weights - 1).to(row.dtype)
+                shifts = (tensor_weights - (1 if own is None else own)).to(row.dtype)
                 shifts_of[key] = shifts
             # Σ_k shifts_k·row_k / scale, the division folded into the product (exact).
             zero = constant(0.0, (), row.dtype, row.device)
             corrections.append(torch.addmv(zero, row.T, shifts, beta=0, alpha=1 / step.row_scale))
         correction = _gradient_only(step.shared, corrections, step.losses.dtype, step.sparse_rows)
-        return step.losses.sum() + correction
+        return self._heads_objective(step, weights, own) + correction
 
-    def _direction_objective(self, step: Step, weights: Tensor) -> Tensor:
+    def _head_coefficients(self, step: Step) -> Tensor | None:
+        """With unweighted heads, ``c`` in head k's gradient ``c_k ∇L_k`` (``[K]``, any float
+        dtype, on the module's device), or None for ``c = 1``: the heads train on the losses
+        as given. A method whose reference trains its heads on transformed losses gives the
+        transform's derivative here (DB-MTL: ``log(L_k + ε)``); a rule that sets
+        ``step.shift`` must keep ``c = 1``, which its shift is relative to."""
+        return None
+
+    def _direction_objective(self, step: Step, weights: Tensor, own: Tensor | None) -> Tensor:
         """``Σ c_k L_k + Σ_x ⟨x, d_x − Σ_k c_k ∇_x L_k⟩`` (second factor detached), with
-        ``c = w`` (weighted heads) or 1: the heads get ``c_k ∇L_k``, each shared tensor x
-        exactly ``d_x``, still in one ordinary backward. ``step.rows`` are this rank's own
-        gradients, which the objective's own backward produces and the shift cancels; a
-        method that sets ``step.shift`` has computed the second factor itself."""
+        ``c = w`` (weighted heads) or ``own`` (unweighted heads; None: 1): the heads get
+        ``c_k ∇L_k``, each shared tensor x exactly ``d_x``, still in one ordinary backward.
+        ``step.rows`` are this rank's own gradients, which the objective's own backward
+        produces and the shift cancels; a method that sets ``step.shift`` has computed the
+        second factor itself."""
         weighted = self.heads == "weighted"
         shifts = step.shift
-        # A rule's own shift is relative to the heads' Σ_k ∇L_k: unweighted heads only.
-        assert shifts is None or not weighted
+        # A rule's own shift is relative to the heads' Σ_k ∇L_k: unweighted heads, c = 1.
+        assert shifts is None or (not weighted and own is None)
         if shifts is None:
             assert step.direction is not None  # _objective calls this for one or the other
             assert step.rows is not None  # _prepare took the task gradients
             shifts = []
             for row, target in zip(step.rows, step.direction, strict=True):
-                own = (
-                    weights.to(row.dtype)
-                    if weighted
-                    else constant(1.0, (self.num_tasks,), row.dtype, row.device)
-                )
+                if weighted:
+                    coefficients = weights.to(row.dtype)
+                elif own is None:
+                    coefficients = constant(1.0, (self.num_tasks,), row.dtype, row.device)
+                else:
+                    coefficients = own.to(device=row.device, dtype=row.dtype)
                 # d_x − Σ_k c_k ∇_x L_k in one call, the rows' scale folded into the product
                 shifts.append(
-                    torch.addmv(target.to(row.dtype), row.T, own, alpha=-1 / step.row_scale)
+                    torch.addmv(
+                        target.to(row.dtype), row.T, coefficients, alpha=-1 / step.row_scale
+                    )
                 )
         assert step.shared is not None
-        objective = self._heads_objective(step, weights)
+        objective = self._heads_objective(step, weights, own)
         return objective + _gradient_only(step.shared, shifts, objective.dtype, step.sparse_rows)
 
-    def _heads_objective(self, step: Step, weights: Tensor) -> Tensor:
-        """``Σ_k c_k L_k``, ``c = w`` (weighted heads) or 1: what the heads backpropagate."""
-        return torch.dot(weights, step.losses) if self.heads == "weighted" else step.losses.sum()
+    def _heads_objective(self, step: Step, weights: Tensor, own: Tensor | None) -> Tensor:
+        """``Σ_k c_k L_k``, ``c = w`` (weighted heads) or ``own`` (None: 1): what the heads
+        backpropagate. With unweighted heads its value is ``Σ_k L_k`` whatever ``own`` is."""
+        if self.heads == "weighted":
+            return torch.dot(weights, step.losses)
+        if own is None:
+            return step.losses.sum()
+        scaled = torch.dot(own.to(device=step.losses.device, dtype=step.losses.dtype), step.losses)
+        # the value of Σ L_k (what the unweighted heads' objective reports), the gradient of
+        # Σ c_k L_k: a constant added to the value changes no gradient
+        return scaled + (step.losses.detach().sum() - scaled.detach())
 
     def _finish_objective(self, step: Step, weights: Tensor, objective: Tensor) -> Tensor:
         if not self._reuses_rows(step):
