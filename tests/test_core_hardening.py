@@ -602,6 +602,37 @@ def test_an_allowed_hyperparameter_change_takes_the_new_value(name, key, old, ne
     assert int(b.num_steps) == 3
 
 
+def test_fixed_reports_its_new_weights_at_once_after_a_changed_resume():
+    saved = tb.create("fixed", num_tasks=K, weights=[1.0, 2.0, 3.0])
+    _good(saved, 0)
+    b = tb.create("fixed", num_tasks=K, weights=[3.0, 2.0, 1.0])
+    b.allow_changed_hyperparameters("weights").load_state_dict(saved.state_dict())
+    assert b.weights.tolist() == [3.0, 2.0, 1.0]
+    with torch.no_grad():  # an eval call uses the reported weights
+        assert b(torch.tensor([1.0, 0.0, 0.0])).item() == 3.0
+
+
+@pytest.mark.parametrize("name", ["uw", "imtl_l"])
+def test_a_changed_init_keeps_the_learned_scales_weights(name):
+    """init only sets the first log-scales, which the checkpoint replaces: the weights reported
+    (and used by eval calls) stay those of the learned scales, not f(new init)."""
+    saved = tb.create(name, num_tasks=K)
+    optimiser = torch.optim.SGD(saved.parameters(), lr=0.5)
+    for step in range(4):
+        optimiser.zero_grad()
+        _good(saved, step)
+        optimiser.step()
+    _good(saved, 4)  # weights of the current scales
+    b = tb.create(name, num_tasks=K, init=0.5)
+    b.allow_changed_hyperparameters("init").load_state_dict(saved.state_dict())
+    assert torch.equal(b.log_scales.detach(), saved.log_scales.detach())
+    assert torch.equal(b.weights, saved.weights)
+    torch.testing.assert_close(b.weights, b.loss_factors(b.log_scales.detach()))
+    losses = losses_for(5, K)
+    with torch.no_grad():
+        assert torch.equal(b(losses), saved(losses))
+
+
 @pytest.mark.parametrize("name", ["pcgrad", "mgda"])
 def test_two_threads_sharing_a_balancer_keep_their_calls_apart(name):
     """Item 9: per-call tensors live in the call's Step, not on the module, so concurrent calls

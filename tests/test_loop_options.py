@@ -136,6 +136,36 @@ def test_accumulation_resumes_mid_window():
         assert torch.equal(want, have)
 
 
+def test_changed_accumulation_steps_on_resume_starts_a_new_window():
+    # Saved after two windows of 4 calls, resumed with windows of 3: each optimiser step's
+    # micro-batches (3 calls) share one weight vector, set by the window's first call.
+    first = tb.create("rlw", num_tasks=K, accumulation_steps=4, seed=0)
+    _run(first, range(8))
+    resumed = tb.create("rlw", num_tasks=K, accumulation_steps=3, seed=0)
+    resumed.allow_changed_hyperparameters("accumulation_steps").load_state_dict(first.state_dict())
+    assert int(resumed.num_calls) == 9
+    assert int(resumed.num_steps) == 2
+    for window in range(3):
+        weights = _run(resumed, range(8 + 3 * window, 11 + 3 * window))
+        assert all(torch.equal(w, weights[0]) for w in weights)
+        assert int(resumed.num_steps) == 3 + window
+
+
+def test_changed_accumulation_steps_is_refused_mid_window():
+    first = tb.create("rlw", num_tasks=K, accumulation_steps=4, seed=0)
+    _run(first, range(6))  # the second window holds 2 of its 4 calls
+    resumed = tb.create("rlw", num_tasks=K, accumulation_steps=3, seed=0)
+    before = snapshot(resumed)
+    with pytest.raises(RuntimeError, match=r"middle of an accumulation window \(call 2 of "):
+        resumed.allow_changed_hyperparameters("accumulation_steps").load_state_dict(
+            first.state_dict()
+        )
+    assert_same_state(before, snapshot(resumed))
+    first.end_window()  # the remedy the message names
+    resumed.load_state_dict(first.state_dict())
+    assert int(resumed.num_calls) == 9
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_accumulation_steps(bad):
     error = TypeError if isinstance(bad, (bool, float)) else ValueError

@@ -92,6 +92,11 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def _saved_accumulation_steps(extra_state: dict[str, Any]) -> int:
+    """The ``accumulation_steps`` a checked state was saved with (1 before the option)."""
+    return int(extra_state["hyperparameters"].get("accumulation_steps", 1))
+
+
 def _decoded(value: Any) -> Any:
     """A constructor argument from its :func:`_canonical` form (a dtype was saved as its str)."""
     if isinstance(value, str) and value.startswith("torch."):
@@ -514,6 +519,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         Loading refuses a state whose hyperparameters differ from this balancer's; to change
         one on resume, create the balancer with the new value and call this first. The
         balancer keeps its own (new) values; the learned state comes from the checkpoint.
+        A new ``accumulation_steps`` needs a state saved at an optimiser step (a window's
+        end); the next call then starts a window of the new length.
 
         Example:
             >>> import taskbalance as tb
@@ -572,6 +579,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     def _refreshes(self, step: Step) -> bool:
         """Whether the rule runs at a step that advances (gradient methods: ``update_every``)."""
         return True
+
+    def _weights_of_hyperparameters(self) -> Tensor | None:
+        """The weights a method's hyperparameters alone set (``fixed``), which a resume with
+        changed values must report at once; None where the weights are learned state."""
+        return None
 
     # ----------------------------------------------------------------------------------------
     # Shared machinery.
@@ -1049,10 +1061,20 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         )
         for name, value in kept.items():
             self.get_buffer(name).copy_(value)
+        if kept:
+            weights = self._weights_of_hyperparameters()
+            if weights is not None:
+                self._last_weights.copy_(weights)
         self._steps_taken = int(self.num_steps)
         self._calls_taken = int(self.num_calls)
         self._every_task_has_loss = bool(self.has_loss.all())
         self._window_complete = bool(self.window_present.all())
+        if _saved_accumulation_steps(state_dict[prefix + "_extra_state"]) != (
+            self.accumulation_steps
+        ):
+            # Saved at an optimiser step (_check_loadable): the next call starts a window of
+            # the new length, as it would have started one of the old.
+            self.end_window()
 
     def _hyperparameter_buffers(self, saved: dict[str, Any]) -> dict[str, Tensor]:
         """This balancer's buffers that hold a hyperparameter allowed to change on resume.
@@ -1084,10 +1106,14 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 f"{changed} to tell which buffers hold them: {error}"
             ) from error
         saved_buffers = dict(fresh_saved.named_buffers(recurse=False))
+        # The reported weights are learned state even where the initial ones follow a
+        # hyperparameter (UW's init): the checkpoint's stay, unless they are the
+        # hyperparameter itself (_weights_of_hyperparameters).
         return {
             name: buffer.detach().clone()
             for name, buffer in fresh_new.named_buffers(recurse=False)
-            if not torch.equal(buffer, saved_buffers[name])
+            if name != "_last_weights"
+            and not torch.equal(buffer, saved_buffers[name])
             and torch.equal(buffer, self.get_buffer(name))
         }
 
@@ -1124,6 +1150,15 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 raise ValueError(f"{what}: {full!r}: expected integers, got {given}")
             elif current.dtype != torch.bool and bool((given < 0).any()):
                 raise ValueError(f"{what}: {full!r} counts something, got {given}")
+        saved_steps = _saved_accumulation_steps(state_dict[extra])
+        calls = int(state_dict[prefix + "num_calls"])
+        if saved_steps != self.accumulation_steps and calls % saved_steps:
+            raise ValueError(
+                f"{what}: the state was saved in the middle of an accumulation window (call "
+                f"{calls % saved_steps} of accumulation_steps={saved_steps}), so it cannot "
+                f"go on with accumulation_steps={self.accumulation_steps}: save it right "
+                "after an optimiser step (or call b.end_window() before saving)"
+            )
 
     def _check_extra_state(self, state: Any, what: str) -> None:
         if not isinstance(state, dict) or "method" not in state:

@@ -52,3 +52,6 @@ class Fixed(Balancer):
 
     def _update(self, step: Step) -> Tensor:
         return self.fixed_weights.clone()
+
+    def _weights_of_hyperparameters(self) -> Tensor:
+        return self.fixed_weights.clone()
