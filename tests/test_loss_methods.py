@@ -496,6 +496,25 @@ def test_famo_same_batch_update_is_the_official_loop():
         torch.testing.assert_close(b.logits, logits.detach(), rtol=0, atol=1e-7)
 
 
+def test_famo_update_learns_once_per_recorded_before():
+    """A "before" is spent by its update(): a second update, or one after a call that the
+    non-finite skip left unrecorded (GradScaler skipped its step), learns nothing."""
+    b = tb.create("famo", num_tasks=2, delta="same_batch", lr=0.3, on_nonfinite="skip")
+    b(torch.tensor([1.0, 1.0], requires_grad=True))
+    b.update(torch.tensor([0.5, 0.9]))
+    learned = b.logits.clone()
+    assert not torch.equal(learned, torch.zeros(2))
+    b.update(torch.tensor([0.4, 0.9]))
+    assert torch.equal(b.logits, learned)
+    skipped = b(torch.tensor([math.inf, 0.8], requires_grad=True))
+    assert math.isnan(skipped.item())
+    b.update(torch.tensor([0.6, 0.8]))
+    assert torch.equal(b.logits, learned)
+    b(torch.tensor([0.6, 0.8], requires_grad=True))  # a recorded step learns again
+    b.update(torch.tensor([0.3, 0.8]))
+    assert not torch.equal(b.logits, learned)
+
+
 def test_famo_update_is_refused_in_next_step_mode_and_before_a_call():
     with pytest.raises(ValueError, match=r"delta: FAMO.update\(\) is the same-batch update"):
         tb.create("famo", num_tasks=2).update(torch.ones(2))

@@ -148,7 +148,9 @@ class FAMO(Balancer):
         under DDP each task's loss is averaged over the ranks that have it, as at the call
         (without it, a rank's value for a task it lacks would enter the task's mean). The
         logits of tasks absent (on every rank) at the call that recorded the losses before,
-        the window's first with ``accumulation_steps``, do not learn.
+        the window's first with ``accumulation_steps``, do not learn. Each recorded "before"
+        is used once: a second update, or one after a skipped call (``on_nonfinite="skip"``,
+        whose step GradScaler skipped), learns nothing.
 
         Args:
             losses: the K task losses after the parameter update.
@@ -170,11 +172,13 @@ class FAMO(Balancer):
             bool(before and now)
             for before, now in zip(self.recorded_present.tolist(), anywhere.tolist(), strict=True)
         ]
-        if not any(learning):
-            return
-        mask = None if all(learning) else learning
-        log_losses = self._stored_log_losses(self._shifted(values, bounds, mask)).tolist()
-        self._learn_from(log_losses, previous, logits, mask)
+        if any(learning):
+            mask = None if all(learning) else learning
+            log_losses = self._stored_log_losses(self._shifted(values, bounds, mask)).tolist()
+            self._learn_from(log_losses, previous, logits, mask)
+        # The "before" is spent: a second update(), or one after a call that GradScaler's
+        # skip (on_nonfinite="skip") left unrecorded, has no new step to learn from
+        self.recorded_present.fill_(False)
 
     # K-vector arithmetic in Python floats (float64) on the host: inside a training step the
     # thirty-odd tensor calls it took on K numbers cost more than the rest of the step's work.
