@@ -75,6 +75,16 @@ def test_create_unknown_hyperparameter(loss_method):
         make_balancer(loss_method, K, colour=1.0)
 
 
+def test_create_names_a_missing_required_hyperparameter_with_an_example():
+    with pytest.raises(
+        TypeError,
+        match=r"fixed: missing the required hyperparameter\(s\) \['weights'\], e\.g\. "
+        r"tb\.create\('fixed', num_tasks=3, weights=1\.0\)",
+    ):
+        tb.create("fixed", num_tasks=3)
+    assert tb.create("fixed", num_tasks=3, weights=1.0).weights.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_dwa_unknown_hyperparameter_lists_accepted_ones():
     with pytest.raises(TypeError, match=r"\['tempreature'\].*'temperature', 'window'\]"):
         tb.create("dwa", num_tasks=2, tempreature=2.0)

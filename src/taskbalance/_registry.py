@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -93,5 +94,21 @@ def create(name: str, num_tasks: int, **hparams: Any) -> Balancer:
     if unknown:
         raise TypeError(
             f"{name}: unknown hyperparameter(s) {unknown}; expected some of {sorted(accepted)}"
+        )
+    missing = [
+        key
+        for key, default in accepted.items()
+        if default is inspect.Parameter.empty and key not in hparams
+    ]
+    if missing:
+        examples_of = getattr(cls, "required_hyperparameters", {})
+        examples = ", ".join(f"{key}={examples_of[key]!r}" for key in missing if key in examples_of)
+        raise TypeError(
+            f"{name}: missing the required hyperparameter(s) {missing}"
+            + (
+                f", e.g. tb.create({name!r}, num_tasks={num_tasks!r}, {examples})"
+                if examples
+                else ""
+            )
         )
     return cls(num_tasks, **hparams)
