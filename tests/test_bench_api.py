@@ -499,6 +499,18 @@ def test_data_root_refused_by_a_benchmark_without_one():
         load_benchmark("noisy-regression", small=True, data_root="/tmp")
 
 
+def test_a_plug_in_that_requires_data_root_is_named_without_one(tmp_path):
+    _write(
+        tmp_path,
+        """
+        def needs_files(data_root):
+            raise AssertionError("not reached without --data-root")
+        """,
+    )
+    with pytest.raises(BenchmarkError, match=r"--data-root: benchmark .*needs_files' reads a data"):
+        load_benchmark(f"{tmp_path}/my_bench.py:needs_files")
+
+
 def test_regression_kpi_and_kpi_required_by_dtp():
     kpi = regression_kpi(2.0)
     assert kpi(None, None, torch.tensor(0.0)) == 1.0

@@ -969,6 +969,14 @@ def load_benchmark(
     accepted = {key: value for key, value in offered.items() if takes_all or key in parameters}
     if data_root is not None and "data_root" not in accepted:
         raise BenchmarkError(f"--data-root: benchmark {spec!r} does not read a data directory")
+    required = (
+        "data_root" in parameters and parameters["data_root"].default is inspect.Parameter.empty
+    )
+    if data_root is None and required:
+        raise BenchmarkError(
+            f"--data-root: benchmark {spec!r} reads a data directory (its factory's data_root "
+            "has no default); pass --data-root DIR (data_root= in Python)"
+        )
     if model is not None and "model" not in accepted:
         raise BenchmarkError(
             f"--model {model}: benchmark {spec!r} has a single model (its factory takes no "
