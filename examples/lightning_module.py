@@ -11,6 +11,8 @@ re-running the script). ``"ddp_spawn"`` pickles the module into the new processe
 cannot yet send a ``torch.Generator`` that way (pytorch/pytorch#146828): it fails for the
 methods that own one (``rlw``, ``pcgrad``, ``gradvac``, ...).
 
+Needs ``pip install pytorch-lightning`` (2.4 or later; not a dependency of taskbalance).
+
 Run as a script, it checks what a user relies on, on two CPU processes (DDP, gloo):
 training two epochs in one go and training one epoch, stopping, and resuming from the
 Lightning checkpoint for the second give the same balancer state, bit for bit, and the same

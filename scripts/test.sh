@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: builds a virtual environment from scratch if needed, installs the CPU build of
-# torch 2.13.0 FIRST (so no later requirement can pull CUDA wheels), then the package with its dev
-# and docs extras, then runs ruff, mypy, the strict documentation build and pytest (the packaging test
+# The test command: builds a virtual environment from scratch if needed, installs torch 2.13.0
+# FIRST (the CPU build on the CI machine, whose index serves it from local disk; pinned first so
+# that no later requirement can pull another torch with its CUDA wheels), then the package with
+# its dev and docs extras, then runs ruff, mypy, the strict documentation build and pytest (the packaging test
 # inside it builds the wheel and sdist, runs twine check and installs the wheel into a clean venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -196,18 +196,19 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     - ``objective = b(losses, kpis=None, features=None, present=None)`` returns the 0-d
       objective to backward. ``features=`` (a tensor or a list of tensors) is read by gradient
-      methods in features mode and ignored by the others, and ``kpis=`` by methods that read
-      KPIs (DTP), so one training loop can drive any method. ``present=`` is a bool ``[K]``
-      mask of the tasks with labels in this batch: an absent task gets weight 0 and no
-      gradient (its loss may be NaN), and its statistics see no new value: loss-based rules
-      read its last mean loss again, and gradient methods reuse the last weights for the
+      methods in features mode and ignored by the others (loss-based methods, and gradient
+      methods in parameters mode, whose Gramian is of ``params=``), and ``kpis=`` by methods
+      that read KPIs (DTP), so one training loop can drive any method in any mode. ``present=``
+      is a bool ``[K]`` mask of the tasks with labels in this batch: an absent task gets weight
+      0 and no gradient (its loss may be NaN), and its statistics see no new value: loss-based
+      rules read its last mean loss again, and gradient methods reuse the last weights for the
       present tasks (they need every task's gradient to recompute). A task that has not been
-      present at any call yet has no loss to read: ``has_loss`` (a bool ``[K]`` buffer)
-      marks the tasks that have one, and the rules that couple the tasks through their losses
-      (FAMO, GLS, DWA, STCH) run over those until it is first present. Every call records
-      its present tasks' losses, an accumulation window's later calls included (whose weights
-      stay the window's). Under DDP a task is
-      present where any rank has it, and its mean loss averages over the ranks that have it.
+      present at any call yet has no loss to read: ``has_loss`` (a bool ``[K]`` buffer) marks
+      the tasks that have one, and the rules that couple the tasks through their losses (FAMO,
+      GLS, DWA, STCH) run over those until it is first present. Every call records its present
+      tasks' losses, an accumulation window's later calls included (whose weights stay the
+      window's). Under DDP a task is present where any rank has it, and its mean loss averages
+      over the ranks that have it.
     - In ``eval()`` mode or under ``torch.no_grad()`` a call returns ``Σ w_k L_k`` with the
       current weights and changes no state (no collective either).
     - ``b.weights`` is the detached ``[K]`` weight vector of the last call.
