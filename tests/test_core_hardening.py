@@ -633,6 +633,21 @@ def test_a_changed_init_keeps_the_learned_scales_weights(name):
         assert torch.equal(b(losses), saved(losses))
 
 
+def test_uw_with_changed_kinds_reports_the_new_factors_on_the_loaded_scales():
+    saved = tb.create("uw", num_tasks=K, kinds="regression")
+    optimiser = torch.optim.SGD(saved.parameters(), lr=0.5)
+    for step in range(3):
+        optimiser.zero_grad()
+        _good(saved, step)
+        optimiser.step()
+    b = tb.create("uw", num_tasks=K, kinds="classification")
+    b.allow_changed_hyperparameters("kinds").load_state_dict(saved.state_dict())
+    expected = torch.exp(-saved.log_scales.detach())  # factor 1 for classification
+    torch.testing.assert_close(b.weights, expected)
+    _good(b, 3)  # the next call's weights are the same
+    torch.testing.assert_close(b.weights, expected)
+
+
 @pytest.mark.parametrize("name", ["pcgrad", "mgda"])
 def test_two_threads_sharing_a_balancer_keep_their_calls_apart(name):
     """Item 9: per-call tensors live in the call's Step, not on the module, so concurrent calls

@@ -581,9 +581,10 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """Whether the rule runs at a step that advances (gradient methods: ``update_every``)."""
         return True
 
-    def _weights_of_hyperparameters(self) -> Tensor | None:
-        """The weights a method's hyperparameters alone set (``fixed``), which a resume with
-        changed values must report at once; None where the weights are learned state."""
+    def _weights_after_changed_hyperparameters(self) -> Tensor | None:
+        """The weights to report after a resume whose new hyperparameter values replaced
+        some buffers (``fixed``'s weights, UW's factors on the loaded log-scales): those the
+        next call uses. None keeps the checkpoint's, where the weights are learned state."""
         return None
 
     # ----------------------------------------------------------------------------------------
@@ -1063,7 +1064,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         for name, value in kept.items():
             self.get_buffer(name).copy_(value)
         if kept:
-            weights = self._weights_of_hyperparameters()
+            weights = self._weights_after_changed_hyperparameters()
             if weights is not None:
                 self._last_weights.copy_(weights)
         self._steps_taken = int(self.num_steps)
@@ -1108,8 +1109,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             ) from error
         saved_buffers = dict(fresh_saved.named_buffers(recurse=False))
         # The reported weights are learned state even where the initial ones follow a
-        # hyperparameter (UW's init): the checkpoint's stay, unless they are the
-        # hyperparameter itself (_weights_of_hyperparameters).
+        # hyperparameter (UW's init): the checkpoint's stay, unless the method derives them
+        # from the new values (_weights_after_changed_hyperparameters).
         return {
             name: buffer.detach().clone()
             for name, buffer in fresh_new.named_buffers(recurse=False)

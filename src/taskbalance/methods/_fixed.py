@@ -53,5 +53,5 @@ class Fixed(Balancer):
     def _update(self, step: Step) -> Tensor:
         return self.fixed_weights.clone()
 
-    def _weights_of_hyperparameters(self) -> Tensor:
+    def _weights_after_changed_hyperparameters(self) -> Tensor:
         return self.fixed_weights.clone()

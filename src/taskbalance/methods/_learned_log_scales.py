@@ -41,6 +41,10 @@ class LearnedLogScales(Balancer):
         """Report ``f(s_init)`` as the weights before the first call; subclasses call it last."""
         self._last_weights.copy_(self.loss_factors(self.log_scales.detach()))
 
+    def _weights_after_changed_hyperparameters(self) -> Tensor:
+        # A changed buffer (UW's factors for new kinds) with the loaded log-scales
+        return self.loss_factors(self.log_scales.detach()).to(self._last_weights.dtype)
+
     @abstractmethod
     def loss_factors(self, log_scales: Tensor) -> Tensor:
         """``f(s)``: the factor each task loss is multiplied by."""
