@@ -515,6 +515,25 @@ def test_famo_update_learns_once_per_recorded_before():
     assert not torch.equal(b.logits, learned)
 
 
+def test_famo_update_learns_nothing_after_a_skipped_micro_batch():
+    b = tb.create(
+        "famo",
+        num_tasks=2,
+        delta="same_batch",
+        lr=0.3,
+        on_nonfinite="skip",
+        accumulation_steps=2,
+    )
+    b(torch.tensor([1.0, 1.0], requires_grad=True))  # the window's first call records
+    assert math.isnan(b(torch.tensor([math.inf, 0.8], requires_grad=True)).item())
+    b.update(torch.tensor([0.5, 0.9]))  # GradScaler skipped the window's optimiser step
+    assert torch.equal(b.logits, torch.zeros(2))
+    b(torch.tensor([1.0, 1.0], requires_grad=True))  # the next window learns again
+    b(torch.tensor([0.9, 1.0], requires_grad=True))
+    b.update(torch.tensor([0.5, 0.9]))
+    assert not torch.equal(b.logits, torch.zeros(2))
+
+
 def test_famo_update_is_refused_in_next_step_mode_and_before_a_call():
     with pytest.raises(ValueError, match=r"delta: FAMO.update\(\) is the same-batch update"):
         tb.create("famo", num_tasks=2).update(torch.ones(2))

@@ -150,7 +150,8 @@ class FAMO(Balancer):
         logits of tasks absent (on every rank) at the call that recorded the losses before,
         the window's first with ``accumulation_steps``, do not learn. Each recorded "before"
         is used once: a second update, or one after a skipped call (``on_nonfinite="skip"``,
-        whose step GradScaler skipped), learns nothing.
+        whose step GradScaler skipped, a later micro-batch of the window included), learns
+        nothing.
 
         Args:
             losses: the K task losses after the parameter update.
@@ -282,6 +283,13 @@ class FAMO(Balancer):
         normaliser = math.fsum(ratios)
         weights = [ratio / normaliser for ratio in ratios]
         return torch.tensor(weights, dtype=torch.float32, device=step.mean_losses.device)
+
+    def _count_skipped_call(self) -> None:
+        super()._count_skipped_call()
+        if self.delta == "same_batch":
+            # GradScaler skips the optimiser step this call (a window's first or a later
+            # micro-batch) belongs to: update() then has no parameter update to learn from
+            self.recorded_present.fill_(False)
 
     def _observe(self, step: Step, new: Tensor | None) -> None:
         # A window's later calls record their present losses (the base), which a later
