@@ -85,6 +85,22 @@ def test_create_names_a_missing_required_hyperparameter_with_an_example():
     assert tb.create("fixed", num_tasks=3, weights=1.0).weights.tolist() == [1.0, 1.0, 1.0]
 
 
+def test_create_builds_a_subclass_that_supplies_its_bases_required_hyperparameter(
+    monkeypatch,
+):
+    from taskbalance import _registry
+    from taskbalance.methods._fixed import Fixed
+
+    class HalfFixed(Fixed):
+        name = "half_fixed"
+
+        def __init__(self, num_tasks: int, **options):
+            super().__init__(num_tasks, weights=0.5, **options)
+
+    monkeypatch.setitem(_registry._REGISTRY, "half_fixed", HalfFixed)
+    assert tb.create("half_fixed", num_tasks=2).weights.tolist() == [0.5, 0.5]
+
+
 def test_dwa_unknown_hyperparameter_lists_accepted_ones():
     with pytest.raises(TypeError, match=r"\['tempreature'\].*'temperature', 'window'\]"):
         tb.create("dwa", num_tasks=2, tempreature=2.0)

@@ -95,10 +95,14 @@ def create(name: str, num_tasks: int, **hparams: Any) -> Balancer:
         raise TypeError(
             f"{name}: unknown hyperparameter(s) {unknown}; expected some of {sorted(accepted)}"
         )
+    # Required by the class's own __init__: a subclass may supply its base's through **options
+    own_init = next(vars(klass)["__init__"] for klass in cls.__mro__ if "__init__" in vars(klass))
     missing = [
         key
-        for key, default in accepted.items()
-        if default is inspect.Parameter.empty and key not in hparams
+        for key, parameter in inspect.signature(own_init).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY
+        and parameter.default is parameter.empty
+        and key not in hparams
     ]
     if missing:
         examples_of = getattr(cls, "required_hyperparameters", {})
