@@ -511,6 +511,18 @@ def test_a_plug_in_that_requires_data_root_is_named_without_one(tmp_path):
         load_benchmark(f"{tmp_path}/my_bench.py:needs_files")
 
 
+def test_a_plug_in_with_positional_only_factory_keywords_is_named(tmp_path):
+    _write(
+        tmp_path,
+        """
+        def positional(data_root, small=False, /):
+            raise AssertionError("not reached")
+        """,
+    )
+    with pytest.raises(BenchmarkError, match=r"\['small', 'data_root'\] are positional-only"):
+        load_benchmark(f"{tmp_path}/my_bench.py:positional", data_root="/tmp")
+
+
 def test_regression_kpi_and_kpi_required_by_dtp():
     kpi = regression_kpi(2.0)
     assert kpi(None, None, torch.tensor(0.0)) == 1.0

@@ -966,6 +966,16 @@ def load_benchmark(
     except (TypeError, ValueError):
         parameters = {}
     takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    positional = [
+        key
+        for key in offered
+        if key in parameters and parameters[key].kind is inspect.Parameter.POSITIONAL_ONLY
+    ]
+    if positional:
+        raise BenchmarkError(
+            f"--bench {spec!r}: the factory's {positional} are positional-only; the harness "
+            "passes them by name, so make them ordinary (keyword) parameters"
+        )
     accepted = {key: value for key, value in offered.items() if takes_all or key in parameters}
     if data_root is not None and "data_root" not in accepted:
         raise BenchmarkError(f"--data-root: benchmark {spec!r} does not read a data directory")
