@@ -648,6 +648,16 @@ def test_uw_with_changed_kinds_reports_the_new_factors_on_the_loaded_scales():
     torch.testing.assert_close(b.weights, expected)
 
 
+def test_dtp_with_a_changed_gamma_reports_the_new_rule_on_the_loaded_kpis():
+    saved = tb.create("dtp", num_tasks=K, gamma=2.0)
+    for step in range(3):
+        _good(saved, step)
+    b = tb.create("dtp", num_tasks=K, gamma=1.0)
+    b.allow_changed_hyperparameters("gamma").load_state_dict(saved.state_dict())
+    smoothed = saved.smoothed_kpis.clamp(min=b.eps, max=1.0)
+    torch.testing.assert_close(b.weights, -(1 - smoothed) * torch.log(smoothed))
+
+
 @pytest.mark.parametrize("name", ["pcgrad", "mgda"])
 def test_two_threads_sharing_a_balancer_keep_their_calls_apart(name):
     """Item 9: per-call tensors live in the call's Step, not on the module, so concurrent calls

@@ -1087,10 +1087,13 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """
         # params= is saved as its tensors' shapes, which no buffer holds as values (a buffer
         # whose shape follows them was already refused by _check_loadable's shape check).
+        # A key the state lacks (an option newer than the state) has no saved value to
+        # rebuild with: the new value stands, as for a changed one.
         changed = {
             key: _decoded(saved["hyperparameters"][key])
             for key in self._allowed_changes - {"params"}
-            if saved["hyperparameters"].get(key) != self.configuration.get(key)
+            if key in saved["hyperparameters"]
+            and saved["hyperparameters"][key] != self.configuration.get(key)
         }
         if not changed:
             return {}

@@ -101,8 +101,16 @@ class DTP(Balancer):
         else:
             self.has_kpis.fill_(True)
         self.smoothed_kpis.copy_(smoothed)
+        return self._focal_weights(smoothed)
+
+    def _focal_weights(self, smoothed: Tensor) -> Tensor:
+        """``w_k = −(1 − κ̄_k)^γ_k log κ̄_k``, with κ̄ clamped to ``[eps, 1]``."""
         clamped = smoothed.clamp(min=self.eps, max=1.0)
         return -((1 - clamped) ** self.gamma) * torch.log(clamped)
+
+    def _weights_after_changed_hyperparameters(self) -> Tensor:
+        # A new γ on the loaded κ̄: the weights the next call starts from
+        return self._focal_weights(self.smoothed_kpis).to(self._last_weights.dtype)
 
     def _smoothed(self, kpis: Tensor) -> Tensor:
         """``α·κ + (1 − α)·κ̄``; a task's κ̄ starts at its first observed KPI (decided on the
