@@ -100,6 +100,17 @@ def test_create_builds_a_subclass_that_supplies_its_bases_required_hyperparamete
     monkeypatch.setitem(_registry._REGISTRY, "half_fixed", HalfFixed)
     assert tb.create("half_fixed", num_tasks=2).weights.tolist() == [0.5, 0.5]
 
+    class PositionalFixed(Fixed):
+        name = "positional_fixed"
+
+        def __init__(self, num_tasks: int, scale: float, **options):
+            super().__init__(num_tasks, weights=scale, **options)
+
+    monkeypatch.setitem(_registry._REGISTRY, "positional_fixed", PositionalFixed)
+    with pytest.raises(TypeError, match=r"positional_fixed: missing the required .*\['scale'\]"):
+        tb.create("positional_fixed", num_tasks=2)
+    assert tb.create("positional_fixed", num_tasks=2, scale=2.0).weights.tolist() == [2.0, 2.0]
+
 
 def test_dwa_unknown_hyperparameter_lists_accepted_ones():
     with pytest.raises(TypeError, match=r"\['tempreature'\].*'temperature', 'window'\]"):

@@ -658,6 +658,19 @@ def test_dtp_with_a_changed_gamma_reports_the_new_rule_on_the_loaded_kpis():
     torch.testing.assert_close(b.weights, -(1 - smoothed) * torch.log(smoothed))
 
 
+def test_dtp_with_a_changed_eps_or_before_a_call_reports_what_the_next_call_uses():
+    saved = tb.create("dtp", num_tasks=2)
+    saved(torch.ones(2, requires_grad=True), kpis=torch.tensor([0.0, 0.5]))
+    b = tb.create("dtp", num_tasks=2, eps=1e-2)  # eps is no buffer: the rule reads it
+    b.allow_changed_hyperparameters("eps").load_state_dict(saved.state_dict())
+    expected = -((1 - torch.tensor([1e-2, 0.5])) ** 2) * torch.log(torch.tensor([1e-2, 0.5]))
+    torch.testing.assert_close(b.weights, expected)
+    unused = tb.create("dtp", num_tasks=2)  # saved before its first call: initial weights
+    b = tb.create("dtp", num_tasks=2, gamma=1.0)
+    b.allow_changed_hyperparameters("gamma").load_state_dict(unused.state_dict())
+    assert b.weights.tolist() == [1.0, 1.0]
+
+
 @pytest.mark.parametrize("name", ["pcgrad", "mgda"])
 def test_two_threads_sharing_a_balancer_keep_their_calls_apart(name):
     """Item 9: per-call tensors live in the call's Step, not on the module, so concurrent calls

@@ -167,14 +167,17 @@ def test_changed_accumulation_steps_is_refused_mid_window():
 
 
 def test_a_state_without_a_newer_option_loads_when_the_option_may_change():
-    """A state saved before an option existed has no value for it: with the change allowed
-    it loads (the new value stands, windows of 1 call before the option), not a KeyError."""
+    """A state saved before an option existed has no value for it: it counts as the
+    option's default (windows of 1 call before accumulation_steps), not a KeyError."""
     first = tb.create("rlw", num_tasks=K, seed=0)
     _run(first, range(3))
     state = first.state_dict()
     del state["_extra_state"]["hyperparameters"]["accumulation_steps"]
+    same = tb.create("rlw", num_tasks=K, seed=0)
+    same.load_state_dict(state)
+    assert int(same.num_calls) == 3
     resumed = tb.create("rlw", num_tasks=K, seed=0, accumulation_steps=2)
-    with pytest.raises(RuntimeError, match=r"accumulation_steps: saved None, here 2"):
+    with pytest.raises(RuntimeError, match=r"accumulation_steps: saved 1, here 2"):
         resumed.load_state_dict(state)
     resumed.allow_changed_hyperparameters("accumulation_steps").load_state_dict(state)
     assert int(resumed.num_calls) == 4

@@ -534,6 +534,14 @@ def test_famo_update_learns_nothing_after_a_skipped_micro_batch():
     assert not torch.equal(b.logits, torch.zeros(2))
 
 
+def test_famo_update_after_a_skipped_first_call_learns_nothing():
+    """A GradScaler loop whose very first step overflows still calls update()."""
+    b = tb.create("famo", num_tasks=2, delta="same_batch", on_nonfinite="skip")
+    assert math.isnan(b(torch.tensor([math.inf, 0.8], requires_grad=True)).item())
+    b.update(torch.tensor([0.5, 0.9]))
+    assert torch.equal(b.logits, torch.zeros(2))
+
+
 def test_famo_update_is_refused_in_next_step_mode_and_before_a_call():
     with pytest.raises(ValueError, match=r"delta: FAMO.update\(\) is the same-batch update"):
         tb.create("famo", num_tasks=2).update(torch.ones(2))

@@ -92,11 +92,6 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def _saved_accumulation_steps(extra_state: dict[str, Any]) -> int:
-    """The ``accumulation_steps`` a checked state was saved with (1 before the option)."""
-    return int(extra_state["hyperparameters"].get("accumulation_steps", 1))
-
-
 def _decoded(value: Any) -> Any:
     """A constructor argument from its :func:`_canonical` form (a dtype was saved as its str)."""
     if isinstance(value, str) and value.startswith("torch."):
@@ -582,9 +577,10 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         return True
 
     def _weights_after_changed_hyperparameters(self) -> Tensor | None:
-        """The weights to report after a resume whose new hyperparameter values replaced
-        some buffers (``fixed``'s weights, UW's factors on the loaded log-scales): those the
-        next call uses. None keeps the checkpoint's, where the weights are learned state."""
+        """The weights to report after a resume with changed hyperparameters (``fixed``'s
+        new weights, UW's factors on the loaded log-scales, DTP's rule on its loaded KPI
+        averages): those the next call starts from. None keeps the checkpoint's, where the
+        weights are the last step's result of a rule on that step's inputs."""
         return None
 
     # ----------------------------------------------------------------------------------------
@@ -1039,6 +1035,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         expected = [prefix + key for key in self.state_dict()]
         missing = [key for key in expected if key not in state_dict]
         kept: dict[str, Tensor] = {}
+        changed: dict[str, Any] = {}
         refused = bool(missing)
         if len(missing) == len(expected):
             # Our own keys are reported here, the submodules' by the submodules themselves.
@@ -1046,7 +1043,8 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         else:
             try:
                 self._check_loadable(state_dict, prefix, missing)
-                kept = self._hyperparameter_buffers(state_dict[prefix + "_extra_state"])
+                changed = self._changed_hyperparameters(state_dict[prefix + "_extra_state"])
+                kept = self._hyperparameter_buffers(changed)
             except (TypeError, ValueError) as error:
                 error_msgs.append(str(error))
                 refused = True
@@ -1063,22 +1061,40 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         )
         for name, value in kept.items():
             self.get_buffer(name).copy_(value)
-        if kept:
-            weights = self._weights_after_changed_hyperparameters()
-            if weights is not None:
-                self._last_weights.copy_(weights)
         self._steps_taken = int(self.num_steps)
         self._calls_taken = int(self.num_calls)
         self._every_task_has_loss = bool(self.has_loss.all())
         self._window_complete = bool(self.window_present.all())
-        if _saved_accumulation_steps(state_dict[prefix + "_extra_state"]) != (
-            self.accumulation_steps
-        ):
+        if changed:
+            weights = self._weights_after_changed_hyperparameters()
+            if weights is not None:
+                self._last_weights.copy_(weights)
+        if "accumulation_steps" in changed:
             # Saved at an optimiser step (_check_loadable): the next call starts a window of
             # the new length, as it would have started one of the old.
             self.end_window()
 
-    def _hyperparameter_buffers(self, saved: dict[str, Any]) -> dict[str, Tensor]:
+    def _saved_hyperparameters(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A checked state's hyperparameters; one it lacks (an option newer than the state)
+        has its default, the behaviour before the option existed."""
+        defaults = {
+            key: _canonical(value)
+            for key, value in constructor_defaults(type(self)).items()
+            if value is not inspect.Parameter.empty and key in self.configuration
+        }
+        return {**defaults, **state.get("hyperparameters", {})}
+
+    def _changed_hyperparameters(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The allowed hyperparameters whose saved values differ from this balancer's,
+        with the saved values (as constructor arguments)."""
+        saved = self._saved_hyperparameters(state)
+        return {
+            key: _decoded(saved[key])
+            for key in self._allowed_changes
+            if saved.get(key) != self.configuration.get(key)
+        }
+
+    def _hyperparameter_buffers(self, changed: dict[str, Any]) -> dict[str, Tensor]:
         """This balancer's buffers that hold a hyperparameter allowed to change on resume.
 
         They are found by building the method twice, with the saved and with the new values:
@@ -1087,14 +1103,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """
         # params= is saved as its tensors' shapes, which no buffer holds as values (a buffer
         # whose shape follows them was already refused by _check_loadable's shape check).
-        # A key the state lacks (an option newer than the state) has no saved value to
-        # rebuild with: the new value stands, as for a changed one.
-        changed = {
-            key: _decoded(saved["hyperparameters"][key])
-            for key in self._allowed_changes - {"params"}
-            if key in saved["hyperparameters"]
-            and saved["hyperparameters"][key] != self.configuration.get(key)
-        }
+        changed = {key: value for key, value in changed.items() if key != "params"}
         if not changed:
             return {}
         args, kwargs = getattr(self, "_init_arguments", ((), {}))
@@ -1111,15 +1120,16 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 f"{changed} to tell which buffers hold them: {error}"
             ) from error
         saved_buffers = dict(fresh_saved.named_buffers(recurse=False))
-        # The reported weights are learned state even where the initial ones follow a
-        # hyperparameter (UW's init): the checkpoint's stay, unless the method derives them
-        # from the new values (_weights_after_changed_hyperparameters).
+        # The reported weights are state even where the initial ones follow a hyperparameter
+        # (UW's init): the method derives them from the new values and the loaded state
+        # (_weights_after_changed_hyperparameters), or the checkpoint's stay.
         return {
             name: buffer.detach().clone()
             for name, buffer in fresh_new.named_buffers(recurse=False)
             if name != "_last_weights"
             and not torch.equal(buffer, saved_buffers[name])
-            and torch.equal(buffer, self.get_buffer(name))
+            # this balancer may live on another device (the rebuilt ones are on the host)
+            and torch.equal(buffer, self.get_buffer(name).to(buffer.device))
         }
 
     def _check_loadable(self, state_dict: Any, prefix: str, missing: Sequence[str]) -> None:
@@ -1155,7 +1165,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
                 raise ValueError(f"{what}: {full!r}: expected integers, got {given}")
             elif current.dtype != torch.bool and bool((given < 0).any()):
                 raise ValueError(f"{what}: {full!r} counts something, got {given}")
-        saved_steps = _saved_accumulation_steps(state_dict[extra])
+        saved_steps = int(self._saved_hyperparameters(state_dict[extra])["accumulation_steps"])
         calls = int(state_dict[prefix + "num_calls"])
         if saved_steps != self.accumulation_steps and calls % saved_steps:
             raise ValueError(
@@ -1175,7 +1185,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             raise ValueError(f"{what}: the state was saved by method {state['method']!r}")
         if state.get("num_tasks") != self.num_tasks:
             raise ValueError(f"{what}: the state was saved with num_tasks={state.get('num_tasks')}")
-        saved = state.get("hyperparameters", {})
+        saved = self._saved_hyperparameters(state)
         # The seed only sets the generator's first state, which the saved state replaces.
         allowed = self._allowed_changes | {"seed"}
         differing = sorted(

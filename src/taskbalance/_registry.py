@@ -100,9 +100,9 @@ def create(name: str, num_tasks: int, **hparams: Any) -> Balancer:
     missing = [
         key
         for key, parameter in inspect.signature(own_init).parameters.items()
-        if parameter.kind is parameter.KEYWORD_ONLY
+        if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
         and parameter.default is parameter.empty
-        and key not in hparams
+        and key not in ("self", "num_tasks", *hparams)
     ]
     if missing:
         examples_of = getattr(cls, "required_hyperparameters", {})

@@ -108,8 +108,11 @@ class DTP(Balancer):
         clamped = smoothed.clamp(min=self.eps, max=1.0)
         return -((1 - clamped) ** self.gamma) * torch.log(clamped)
 
-    def _weights_after_changed_hyperparameters(self) -> Tensor:
-        # A new γ on the loaded κ̄: the weights the next call starts from
+    def _weights_after_changed_hyperparameters(self) -> Tensor | None:
+        # The new γ and eps on the loaded κ̄; before a first call there is no κ̄ (the weights
+        # are the initial ones)
+        if self._steps_taken == 0:
+            return None
         return self._focal_weights(self.smoothed_kpis).to(self._last_weights.dtype)
 
     def _smoothed(self, kpis: Tensor) -> Tensor:

@@ -132,6 +132,7 @@ class FAMO(Balancer):
         self.register_buffer("has_previous_loss", torch.zeros(self.num_tasks, dtype=torch.bool))
         self.register_buffer("recorded_present", torch.zeros(self.num_tasks, dtype=torch.bool))
         self._last_weights.fill_(1.0 / self.num_tasks)
+        self._skipped_a_call = False
 
     @property
     def task_probabilities(self) -> Tensor:
@@ -163,7 +164,7 @@ class FAMO(Balancer):
                 "delta: FAMO.update() is the same-batch update of delta='same_batch'; this "
                 "balancer was created with delta='next_step', which updates at the next call"
             )
-        if self._steps_taken == 0:
+        if self._steps_taken == 0 and not self._skipped_a_call:
             raise ValueError("losses: FAMO.update() needs a call first (the losses before)")
         statistics, anywhere = self._mean_over_ranks(losses, present)
         values, bounds, logits, previous, _ = self._on_host(statistics)
@@ -286,6 +287,8 @@ class FAMO(Balancer):
 
     def _count_skipped_call(self) -> None:
         super()._count_skipped_call()
+        # A loop whose first step was skipped still calls update(): it learns nothing
+        self._skipped_a_call = True
         if self.delta == "same_batch":
             # GradScaler skips the optimiser step this call (a window's first or a later
             # micro-batch) belongs to: update() then has no parameter update to learn from
