@@ -130,3 +130,32 @@ def test_the_recipes_module_ends_the_balancers_epochs(monkeypatch):
     trainer.fit(model, torch.utils.data.DataLoader(make_data(64), batch_size=16))
     assert int(model.balancer.epochs_done) == 2
     assert int(model.balancer.num_steps) == 8
+
+
+class ChangedAccumulation(ShortLastWindow):
+    """Resumed with another ``accumulate_grad_batches``: the balancer is created with the new
+    value and allowed to load a state saved with the old one (docs/recipes/checkpoint.md)."""
+
+    def __init__(self, accumulation: int) -> None:
+        super().__init__()
+        self.balancer = tb.create("famo", num_tasks=2, accumulation_steps=accumulation)
+        self.balancer.allow_changed_hyperparameters("accumulation_steps")
+
+
+def test_a_resume_with_another_accumulate_grad_batches(tmp_path):
+    """8 batches at N = 3 (steps after 3, 6, 8: 9 calls with end_window), resumed at N = 4:
+    each of the next epoch's two optimiser steps has one set of weights for its 4 calls."""
+    first = ChangedAccumulation(ACCUMULATE)
+    trainer = _trainer(epochs=1, limit_val_batches=0)
+    trainer.fit(first, _loader(0, 8))
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    assert int(first.balancer.num_calls) == 9
+    assert int(first.balancer.num_steps) == 3
+
+    resumed = ChangedAccumulation(4)
+    trainer = _trainer(epochs=2, accumulate=4, limit_val_batches=0)
+    trainer.fit(resumed, _loader(0, 8), ckpt_path=tmp_path / "first.ckpt")
+    windows = resumed.windows[:-1]
+    assert [len(window) for window in windows] == [4, 4]
+    assert all(len(set(window)) == 1 for window in windows), windows
+    assert int(resumed.balancer.num_steps) == 3 + 2
