@@ -167,7 +167,7 @@ def test_changed_accumulation_steps_is_refused_mid_window():
 
 
 def test_a_state_without_a_newer_option_loads_when_the_option_may_change():
-    """A state saved before an option existed has no value for it: it counts as the
+    """A state saved before a loop option existed has no value for it: it counts as the
     option's default (windows of 1 call before accumulation_steps), not a KeyError."""
     first = tb.create("rlw", num_tasks=K, seed=0)
     _run(first, range(3))
@@ -182,6 +182,25 @@ def test_a_state_without_a_newer_option_loads_when_the_option_may_change():
     resumed.allow_changed_hyperparameters("accumulation_steps").load_state_dict(state)
     assert int(resumed.num_calls) == 4
     assert int(resumed.num_steps) == 3
+
+
+def test_a_state_without_a_newer_method_option_is_refused_unless_allowed():
+    """A method option's default need not be how the method acted before the option existed
+    (UPGrad regularised its Gramian before norm_eps, whose default is now exact): a state
+    without it is refused by name, and loads once the change is allowed."""
+    saved = make_balancer("upgrad", K)
+    _run(saved, range(2))
+    state = saved.state_dict()
+    del state["_extra_state"]["hyperparameters"]["norm_eps"]
+    resumed = make_balancer("upgrad", K)
+    before = snapshot(resumed)
+    with pytest.raises(
+        RuntimeError, match=r"norm_eps: not in the state \(saved before the option existed\)"
+    ):
+        resumed.load_state_dict(state)
+    assert_same_state(before, snapshot(resumed))
+    resumed.allow_changed_hyperparameters("norm_eps").load_state_dict(state)
+    assert int(resumed.num_steps) == 2
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])

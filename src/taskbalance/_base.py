@@ -92,6 +92,10 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+#: The saved value of a hyperparameter that a state (older than the option) does not hold.
+_UNSAVED: Any = object()
+
+
 def _decoded(value: Any) -> Any:
     """A constructor argument from its :func:`_canonical` form (a dtype was saved as its str)."""
     if isinstance(value, str) and value.startswith("torch."):
@@ -1075,23 +1079,19 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             self.end_window()
 
     def _saved_hyperparameters(self, state: dict[str, Any]) -> dict[str, Any]:
-        """A checked state's hyperparameters; one it lacks (an option newer than the state)
-        has its default, the behaviour before the option existed."""
-        defaults = {
-            key: _canonical(value)
-            for key, value in constructor_defaults(type(self)).items()
-            if value is not inspect.Parameter.empty and key in self.configuration
-        }
-        return {**defaults, **state.get("hyperparameters", {})}
+        """A checked state's hyperparameters. One it lacks (an option newer than the state) is
+        absent, except the loop options, whose defaults are how every call acted before them
+        (a method option's default may not be: UPGrad regularised before ``norm_eps``)."""
+        return {**LOOP_OPTIONS, **state.get("hyperparameters", {})}
 
     def _changed_hyperparameters(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The allowed hyperparameters whose saved values differ from this balancer's,
-        with the saved values (as constructor arguments)."""
+        """The allowed hyperparameters whose saved values differ from this balancer's, with
+        the saved values (as constructor arguments; ``_UNSAVED`` for one the state lacks)."""
         saved = self._saved_hyperparameters(state)
         return {
-            key: _decoded(saved[key])
+            key: _decoded(saved[key]) if key in saved else _UNSAVED
             for key in self._allowed_changes
-            if saved.get(key) != self.configuration.get(key)
+            if saved.get(key, _UNSAVED) != self.configuration.get(key)
         }
 
     def _hyperparameter_buffers(self, changed: dict[str, Any]) -> dict[str, Tensor]:
@@ -1103,7 +1103,12 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """
         # params= is saved as its tensors' shapes, which no buffer holds as values (a buffer
         # whose shape follows them was already refused by _check_loadable's shape check).
-        changed = {key: value for key, value in changed.items() if key != "params"}
+        # A value the state lacks cannot be rebuilt with: the new one stands.
+        changed = {
+            key: value
+            for key, value in changed.items()
+            if key != "params" and value is not _UNSAVED
+        }
         if not changed:
             return {}
         args, kwargs = getattr(self, "_init_arguments", ((), {}))
@@ -1191,11 +1196,16 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         differing = sorted(
             key
             for key in set(saved) | set(self.configuration)
-            if key not in allowed and saved.get(key) != self.configuration.get(key)
+            if key not in allowed and saved.get(key, _UNSAVED) != self.configuration.get(key)
         )
         if differing:
             detail = ", ".join(
-                f"{key}: saved {saved.get(key)!r}, here {self.configuration.get(key)!r}"
+                (
+                    f"{key}: saved {saved[key]!r}"
+                    if key in saved
+                    else f"{key}: not in the state (saved before the option existed)"
+                )
+                + f", here {self.configuration.get(key)!r}"
                 for key in differing
             )
             raise ValueError(
