@@ -113,7 +113,7 @@ class DTP(Balancer):
         # are the initial ones)
         if self._steps_taken == 0:
             return None
-        return self._focal_weights(self.smoothed_kpis).to(self._last_weights.dtype)
+        return self._focal_weights(self.smoothed_kpis)
 
     def _smoothed(self, kpis: Tensor) -> Tensor:
         """``α·κ + (1 − α)·κ̄``; a task's κ̄ starts at its first observed KPI (decided on the

@@ -37,13 +37,17 @@ class LearnedLogScales(Balancer):
         init = check_in_range("init", init, -round(bound - 0.05, 1), round(bound - 0.05, 1))
         self.log_scales = nn.Parameter(torch.full((self.num_tasks,), init))
 
+    def _current_factors(self) -> Tensor:
+        """``f(s)`` of the current log-scales (detached): the weights a call reports."""
+        return self.loss_factors(self.log_scales.detach())
+
     def _set_initial_weights(self) -> None:
         """Report ``f(s_init)`` as the weights before the first call; subclasses call it last."""
-        self._last_weights.copy_(self.loss_factors(self.log_scales.detach()))
+        self._last_weights.copy_(self._current_factors())
 
     def _weights_after_changed_hyperparameters(self) -> Tensor:
-        # A changed buffer (UW's factors for new kinds) with the loaded log-scales
-        return self.loss_factors(self.log_scales.detach()).to(self._last_weights.dtype)
+        # The new hyperparameters (UW's kinds) on the loaded log-scales
+        return self._current_factors()
 
     @abstractmethod
     def loss_factors(self, log_scales: Tensor) -> Tensor:
@@ -54,8 +58,7 @@ class LearnedLogScales(Balancer):
         """``r(s)``, per task: what stops the factors collapsing to zero."""
 
     def _update(self, step: Step) -> Tensor:
-        losses = step.mean_losses
-        return self.loss_factors(self.log_scales.detach()).to(losses.dtype)
+        return self._current_factors().to(step.mean_losses.dtype)
 
     def _objective(self, step: Step, weights: Tensor) -> Tensor:
         losses = step.losses
