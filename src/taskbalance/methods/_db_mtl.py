@@ -20,7 +20,8 @@ from taskbalance.methods._gradient_base import NEGLIGIBLE_RATIO, GradientBalance
 class DBMTL(GradientBalancer):
     """DB-MTL: balance loss scales with a log transform and gradient magnitudes with a max-norm.
 
-    Lin, Ye, Xu, Shi & Zhang, "Dual-Balancing for Multi-Task Learning", 2023, Algorithm 1:
+    Lin, Jiang, Ye, Zhang, Chen, Chen, Liu, Tsang & Kwok, "Dual-Balancing for Multi-Task
+    Learning", 2023, Algorithm 1:
 
     - loss-scale balancing: train on ``log(L_k + ε)``, whose gradient is
       ``g̃_k = g_k / (L_k + ε)``;

@@ -32,13 +32,14 @@ class DWA(Balancer):
 
     Departures: none in per-epoch mode. ``window=N`` is our adaptation of the Nash-MTL code
     base's iteration variant: that code keeps a sliding buffer of the last 2N steps and
-    recomputes every step; ours uses consecutive blocks, so the weights change once per block
-    and a resumed run needs no buffer of past losses. Losses must be positive (the rule takes
-    ratios). With ``present=``, an absent task's last loss is read again (as every loss-based
-    rule does); a task not yet present at any step has none, so its steps count in no period
-    mean and the softmax and K run over the tasks that have one (weight 0 for it: a
-    placeholder would take a share from the others, or make a ratio that switches them off);
-    once present, its ratio is 1 until two periods have a mean of its own.
+    recomputes every step, and backpropagates the mean ``Σ w_k L_k / K`` (weights summing to 1);
+    ours uses consecutive blocks, so the weights change once per block and a resumed run needs
+    no buffer of past losses, and keeps the paper's scale (weights summing to K). Losses must be
+    positive (the rule takes ratios). With ``present=``, an absent task's last loss is read
+    again (as every loss-based rule does); a task not yet present at any step has none, so its
+    steps count in no period mean and the softmax and K run over the tasks that have one (weight
+    0 for it: a placeholder would take a share from the others, or make a ratio that switches
+    them off); once present, its ratio is 1 until two periods have a mean of its own.
 
     The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
     :class:`Balancer`.

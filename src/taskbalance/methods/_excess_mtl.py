@@ -1,4 +1,4 @@
-"""ExcessMTL: robust multi-task learning with excess risks (He, Zhou, Zhao & Yuan, ICML 2024)."""
+"""ExcessMTL: robust multi-task learning with excess risks (He et al., ICML 2024)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from taskbalance.methods._gradient_base import GradientBalancer
 class ExcessMTL(GradientBalancer):
     """ExcessMTL: give more weight to the tasks whose excess risk has fallen least.
 
-    He, Zhou, Zhao & Yuan, "Robust Multi-Task Learning with Excess Risks", ICML 2024. The
-    excess risk of task k (its loss above its own optimum, unknown) is estimated with a
-    second-order approximation ``½·g_kᵀ H_k⁻¹ g_k``, ``H_k`` the AdaGrad preconditioner of the
-    task's gradient history; relative to the first step's estimate it drives an
-    exponentiated-gradient (mirror ascent) step on the weights, normalised to sum K:
+    He, Zhou, Zhang, Yun, Xu, Zeng, Chilimbi & Zhao, "Robust Multi-Task Learning with Excess
+    Risks", ICML 2024. The excess risk of task k (its loss above its own optimum, unknown) is
+    estimated with a second-order approximation ``½·g_kᵀ H_k⁻¹ g_k``, ``H_k`` the AdaGrad
+    preconditioner of the task's gradient history; relative to the first step's estimate it
+    drives an exponentiated-gradient (mirror ascent) step on the weights, normalised to sum K:
 
     ``e_k(t) = g_kᵀ H_k⁻¹ g_k``,  ``r_k = e_k(t)/e_k(1)``,  ``λ_k ← λ_k·exp(η·r_k)``,
     ``λ ← K·λ/Σλ``,  direction ``Jᵀλ``.
@@ -52,7 +52,10 @@ class ExcessMTL(GradientBalancer):
     Departures: the scalar (AdaGrad-norm) preconditioner above instead of the diagonal one;
     in features mode ``g_k`` is the gradient with respect to the whole features tensor (LibMTL
     sums the representation gradient over the batch first); λ is kept as log-weights, which
-    is the same update without overflow of ``exp(η·r)``.
+    is the same update without overflow of ``exp(η·r)``. The paper's experiments (Appendix
+    C.1, as torchjd's ``n_warmup_steps`` documents it) take ``e_k(1)`` as the average excess
+    over a 3-epoch warm-up with uniform weights; we follow the official code and LibMTL, whose
+    reference is the first step's estimate.
 
     Args:
         num_tasks: K.

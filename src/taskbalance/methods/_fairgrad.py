@@ -46,10 +46,12 @@ class FairGrad(GradientBalancer):
     weights 0.
 
     Departures: the zero-gradient rule above; otherwise none in the rule; the solver differs
-    as above and raises on failure. The
-    official training loops also clip the shared gradient to norm 1 (``max_norm``); clipping
-    is the loop's business, do it with ``torch.nn.utils.clip_grad_norm_`` to reproduce the
-    paper's runs.
+    as above and raises on failure. The official code multiplies the shared direction by K
+    ("to match the sum loss"; LibMTL does not) and its training loops then clip the shared
+    gradient to norm 1 (``max_norm``); we apply ``Jᵀw`` as LibMTL does. Clipping is the loop's
+    business: do it with ``torch.nn.utils.clip_grad_norm_`` to reproduce the paper's runs
+    (at ``α = 1``, ``‖Jᵀw‖² = wᵀGw = K ≥ 1``, so after that clip the factor K changes
+    nothing).
 
     Args:
         num_tasks: K.

@@ -26,7 +26,7 @@ from taskbalance.methods._facts import BadHyperparameters
 class FAMO(Balancer):
     """FAMO: decrease all task losses at an equal rate, in O(1) time and memory per step.
 
-    Liu, Liu, Jin, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
+    Liu, Feng, Stone & Liu, "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023,
     Algorithm 1. Task logits ``ξ`` give ``z = softmax(ξ)``; the update direction is the
     gradient of ``Σ_k (z_k / c)·log L_k`` with ``c = Σ_k z_k / L_k``, so
 

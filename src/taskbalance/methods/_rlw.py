@@ -19,7 +19,7 @@ from taskbalance.methods._facts import BadHyperparameters
 class RLW(Balancer):
     """Random loss weighting: fresh random weights every step.
 
-    Lin, Ye, Xu, Shi & Zhang, "Reasonable Effectiveness of Random Weighting: A Litmus Test for
+    Lin, Ye, Zhang & Tsang, "Reasonable Effectiveness of Random Weighting: A Litmus Test for
     Multi-Task Learning", TMLR 2022: ``z ~ N(0, I)``, ``w = softmax(z)``; here ``w = K·softmax(z)``
     (so ``Σ w = K``, see Departures).
 

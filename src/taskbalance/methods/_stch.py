@@ -1,4 +1,4 @@
-"""STCH: smooth Tchebycheff scalarisation (Lin, Zhang, Zhang, Zhang & Yang, ICML 2024)."""
+"""STCH: smooth Tchebycheff scalarisation (Lin, Zhang, Yang, Liu, Wang & Zhang, ICML 2024)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from taskbalance.methods._facts import BadHyperparameters
 class STCH(Balancer):
     """STCH: minimise a smooth maximum of the normalised log-losses.
 
-    Lin, Zhang, Zhang, Zhang & Yang, "Smooth Tchebycheff Scalarization for Multi-Objective
+    Lin, Zhang, Yang, Liu, Wang & Zhang, "Smooth Tchebycheff Scalarization for Multi-Objective
     Optimization", ICML 2024. The Tchebycheff scalarisation ``max_k λ_k (f_k − z_k)`` is
     smoothed into
 
