@@ -54,6 +54,41 @@ def test_eval_and_no_grad_calls_change_no_state(loss_method):
     assert_same_state(before, snapshot(b))
 
 
+def test_a_backward_through_an_eval_mode_objective_warns():
+    """model.eval() (to freeze BatchNorm, say) also puts a balancer the model holds in eval
+    mode, whose calls then train on fixed weights without advancing. Only a backward tells
+    that from a validation call: it warns there, and validation calls stay silent."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict(
+        {"trunk": torch.nn.Linear(4, 3), "balancer": tb.create("mgda", num_tasks=2)}
+    )
+    balancer = model["balancer"]
+    x = torch.randn(8, 4)
+
+    def losses_and_features() -> tuple[torch.Tensor, torch.Tensor]:
+        z = model["trunk"](x)
+        return torch.stack([z[:, 0].pow(2).mean(), (z[:, 1] - 1).pow(2).mean()]), z
+
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses, z = losses_and_features()
+        balancer(losses, features=z)  # validation with autograd on, no backward
+        with torch.no_grad():
+            balancer(*losses_and_features()[:1])
+    losses, z = losses_and_features()
+    objective = balancer(losses, features=z)
+    with pytest.warns(UserWarning, match=r"mgda: an objective the balancer returned in eval"):
+        objective.backward()
+    assert int(balancer.num_steps) == 0
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses, z = losses_and_features()
+        balancer(losses, features=z).backward()
+    assert int(balancer.num_steps) == 1
+
+
 # ------------------------------------------------------------------------------------------
 # Item 2: accumulation_steps.
 
@@ -520,6 +555,35 @@ def test_features_list_with_a_detached_tensor_names_it():
     z = torch.ones(2, requires_grad=True)
     with pytest.raises(ValueError, match=r"features\[1\]: the tensor does not require grad"):
         b(torch.stack([z.sum(), (2 * z).sum()]), features=[z, z.detach()])
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "pcgrad"])
+def test_tasks_that_share_no_listed_tensor_are_refused_in_features_mode(name):
+    """Each task's batch through the trunk on its own (features=[za, zb], task k reading only
+    its own): the Gramian's cross entry is 0 by construction, which would erase every
+    conflict (PCGrad and UPGrad become a plain sum). Refused, naming both tasks, with no
+    state change; the Gramian itself, a measurement, is still given, and a task absent from
+    the batch does not count."""
+    torch.manual_seed(0)
+    trunk, head_a, head_b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    z_a, z_b = trunk(torch.randn(8, 4)), trunk(torch.randn(8, 4))
+    losses = torch.stack([head_a(z_a).pow(2).mean(), head_b(z_b).pow(2).mean()])
+    gram = tb.gramian(losses, features=[z_a, z_b])
+    assert gram[0, 1] == 0
+    assert bool((gram.diagonal() > 0).all())
+    b = tb.create(name, num_tasks=2)
+    before = snapshot(b)
+    with pytest.raises(
+        ValueError,
+        match=r"losses\[0\] and losses\[1\] reach no shared tensor in common \(losses\[0\]: "
+        r"features\[0\]; losses\[1\]: features\[1\]\).*parameters mode",
+    ):
+        b(losses, features=[z_a, z_b])
+    assert_same_state(before, snapshot(b))
+    b(losses, features=[z_a, z_b], present=[True, False]).backward(retain_graph=True)
+    # One tensor both read is enough: task 0 also reads z_b.
+    both = torch.stack([losses[0] + head_b(z_b).mean(), losses[1]])
+    tb.create(name, num_tasks=2)(both, features=[z_a, z_b]).backward()
 
 
 def test_a_skipped_micro_batch_keeps_the_windows_aligned():

@@ -371,7 +371,12 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             The 0-d objective, whose gradient with respect to ``losses[k]`` is ``weights[k]``.
         """
         if not (self.training and torch.is_grad_enabled()):  # no collective: no refusal
-            return self._frozen_objective(*self._loss_vector_and_mask(losses, present))
+            objective = self._frozen_objective(*self._loss_vector_and_mask(losses, present))
+            if objective.requires_grad:
+                # Eval mode with autograd on: a validation call, or a training step run in
+                # eval mode (model.eval() to freeze BatchNorm), which only a backward tells
+                objective.register_hook(self._warn_backward_in_eval_mode)
+            return objective
         # Every local check runs before the first collective, which a refused call still joins.
         try:
             vector, mask = self._loss_vector_and_mask(losses, present)
@@ -874,6 +879,18 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         if not self.requires_kpis:
             return None
         return as_kpi_vector(kpis, self.num_tasks, self._method_name).to(device)
+
+    def _warn_backward_in_eval_mode(self, grad: Tensor) -> None:
+        warnings.warn(
+            f"{self._method_name}: an objective the balancer returned in eval mode is being "
+            "backpropagated. In eval mode (b.training is False, which model.eval() sets on "
+            "every submodule) a call returns Σ w_k L_k with the last weights and its state "
+            "does not advance, so this training step uses fixed weights. Call b.train() for "
+            "training steps (e.g. after model.eval() to freeze BatchNorm); to train with "
+            "fixed weights on purpose, use tb.create('fixed', ...).",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _frozen_objective(self, vector: Tensor, mask: Tensor | None) -> Tensor:
         """``Σ w_k L_k`` with the current weights: eval calls and calls under no_grad."""

@@ -242,6 +242,7 @@ def task_gradients(
     features_mode: bool | None = None,
     present: Tensor | Sequence[bool] | None = None,
     gramian_of: Callable[[list[Tensor], bool], Tensor] | None = None,
+    refuse_disjoint_tasks: bool = False,
 ) -> TaskGradients:
     """The K task gradients with respect to ``inputs``, and their Gramian when asked for.
 
@@ -276,7 +277,9 @@ def task_gradients(
     the same second pass, since underflow cannot be told from it on the K² numbers.
 
     Raises ``ValueError`` when an input or a present task is outside the graph (see the module
-    docstring), and for sharded DTensor inputs.
+    docstring), and for sharded DTensor inputs. With ``refuse_disjoint_tasks`` (a balancer in
+    features mode), also when two present tasks reach no input in common, where known (the
+    per-task passes): their Gramian entry is then 0 by construction, not a measured angle.
     """
     inputs = list(inputs)
     num_tasks = losses.shape[0]
@@ -291,7 +294,7 @@ def task_gradients(
         rows, path, reached, sparse, read = _rows_by_fastest_path(
             losses, inputs, batched, scale, mask
         )
-        _check_reached(reached, inputs, features_mode, mask)
+        _check_reached(reached, inputs, features_mode, mask, tasks_must_meet=refuse_disjoint_tasks)
         while True:
             if gramian_of is None:
                 gram, finite, normal = None, all_finite(rows), True
@@ -541,13 +544,32 @@ def _check_reached(
     inputs: Sequence[Tensor],
     features_mode: bool | None,
     present: Sequence[bool],
+    *,
+    tasks_must_meet: bool = False,
 ) -> None:
     tasks = [k for k, wanted in enumerate(present) if wanted]
     if not tasks:
         return
     unreached = [i for i in range(len(inputs)) if not any(reached[k][i] for k in tasks)]
-    if not unreached and all(any(reached[k]) for k in tasks):
-        return
+    if unreached or not all(any(reached[k]) for k in tasks):
+        _refuse_unreached(reached, inputs, features_mode, present, tasks, unreached)
+    if tasks_must_meet and len(inputs) > 1:
+        for position, first in enumerate(tasks):
+            for second in tasks[position + 1 :]:
+                if not any(a and b for a, b in zip(reached[first], reached[second], strict=True)):
+                    raise ValueError(
+                        _disjoint_tasks_message(first, second, reached, inputs, features_mode)
+                    )
+
+
+def _refuse_unreached(
+    reached: _Reached,
+    inputs: Sequence[Tensor],
+    features_mode: bool | None,
+    present: Sequence[bool],
+    tasks: Sequence[int],
+    unreached: Sequence[int],
+) -> None:
     names = _input_names(inputs, features_mode)  # only to name what is wrong
     if len(unreached) == len(names):
         raise ValueError(
@@ -565,6 +587,26 @@ def _check_reached(
     for k in tasks:
         if not any(reached[k]):
             raise ValueError(_task_unreached_message(k, names))
+
+
+def _disjoint_tasks_message(
+    first: int, second: int, reached: _Reached, inputs: Sequence[Tensor], features_mode: bool | None
+) -> str:
+    names = _input_names(inputs, features_mode)
+    read = [
+        ", ".join(name for name, hit in zip(names, reached[task], strict=True) if hit)
+        for task in (first, second)
+    ]
+    return (
+        f"losses[{first}] and losses[{second}] reach no shared tensor in common "
+        f"(losses[{first}]: {read[0]}; losses[{second}]: {read[1]}): autograd finds no path "
+        "from either loss to the other's tensors, so their Gramian entry would be exactly 0 "
+        "by construction, not a measured angle, and every conflict between them would vanish "
+        "from the weights. Features mode needs the tasks to read the same shared tensor, "
+        "computed on the same samples: for tasks on separate batches or separate encoders, "
+        "list the tensor they all read from, or use parameters mode (params=, the shared "
+        "trunk's parameters)."
+    )
 
 
 _CAUSES = (

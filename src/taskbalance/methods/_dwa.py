@@ -41,6 +41,10 @@ class DWA(Balancer):
     0 for it: a placeholder would take a share from the others, or make a ratio that switches
     them off); once present, its ratio is 1 until two periods have a mean of its own.
 
+    With ``accumulation_steps=N`` a window counts as one step of the period, with the losses of
+    its first micro-batch (where the window's weights are decided): the period mean then reads
+    one micro-batch in N, where the paper's epoch mean reads every batch.
+
     The loop options every method takes, ``accumulation_steps`` and ``on_nonfinite``: see
     :class:`Balancer`.
 

@@ -588,7 +588,11 @@ class GradientBalancer(Balancer):
             raise TypeError(
                 f"features: expected a tensor or a non-empty list of tensors, got {features!r}"
             )
-        advice = "pass the shared representation the task heads consume (not a detached copy)"
+        advice = (
+            "pass the shared representation the task heads consume (not a detached copy; a "
+            "trunk under torch.utils.checkpoint(..., use_reentrant=True) whose input does not "
+            "require grad gives an output without grad: pass use_reentrant=False)"
+        )
         _check_tensors("features", tensors, isinstance(features, Tensor), advice)
         if len(tensors) > 1:
             # The graph walk costs a pass over the trunk's graph in Python: done at the first
@@ -637,6 +641,7 @@ class GradientBalancer(Balancer):
             features_mode=features_mode,
             present=step.local_present,
             gramian_of=gramian_of if step.refresh else None,
+            refuse_disjoint_tasks=features_mode,
         )
         # Once a graph needed the loop (path False), stop retrying the batched backward.
         if grads.path is False:
