@@ -523,6 +523,37 @@ def test_a_plug_in_with_positional_only_factory_keywords_is_named(tmp_path):
         load_benchmark(f"{tmp_path}/my_bench.py:positional", data_root="/tmp")
 
 
+def test_a_plug_in_whose_factory_requires_other_arguments_is_named(tmp_path):
+    _write(
+        tmp_path,
+        """
+        def needs_arg(foo, small=False):
+            raise AssertionError("not reached")
+        """,
+    )
+    with pytest.raises(BenchmarkError, match=r"needs_arg': the factory requires \['foo'\]"):
+        load_benchmark(f"{tmp_path}/my_bench.py:needs_arg")
+
+
+def test_small_and_a_data_seed_are_refused_by_a_factory_that_ignores_them(tmp_path):
+    """Before: --data-seed 3 trained on the same data as seed 0, with no word."""
+    _write(
+        tmp_path,
+        """
+        from taskbalance.bench import load_benchmark
+
+        def fixed_data():
+            return load_benchmark("noisy-regression", small=True)
+        """,
+    )
+    spec = f"{tmp_path}/my_bench.py:fixed_data"
+    with pytest.raises(BenchmarkError, match=r"--small: benchmark .* has no small variant"):
+        load_benchmark(spec, small=True)
+    with pytest.raises(BenchmarkError, match=r"--data-seed 3: benchmark .* takes no data seed"):
+        load_benchmark(spec, data_seed=3)
+    assert load_benchmark(spec).name == "noisy-regression"
+
+
 def test_regression_kpi_and_kpi_required_by_dtp():
     kpi = regression_kpi(2.0)
     assert kpi(None, None, torch.tensor(0.0)) == 1.0

@@ -104,6 +104,11 @@ def test_unwritable_output_directory(capsys, monkeypatch, tmp_path):
             ["train", "--bench", "multidigits", "--method", "ew", "--diagnostics-every", "-1"],
             "--diagnostics-every: expected an int >= 0",
         ),
+        (["compare", "--small", "--device", "gpu"], "--device: expected cpu, cuda or cuda:N"),
+        (
+            ["train", "--bench", "multidigits", "--method", "ew", "--device", "gpu"],
+            "--device: expected cpu, cuda or cuda:N, got 'gpu'",
+        ),
     ],
 )
 def test_options_that_cannot_mean_anything_are_refused_before_any_file(
@@ -117,6 +122,29 @@ def test_options_that_cannot_mean_anything_are_refused_before_any_file(
     assert code == 2
     assert expected in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["--methods", "mgda,nash_mtl[update_every=0]"],
+            "error: nash_mtl[update_every=0]: update_every: expected an int >= 1, got 0",
+        ),
+        (
+            ["--methods", "uw,mgda", "--set", "update_every=0"],
+            "error: mgda[update_every=0]: update_every: expected an int >= 1, got 0",
+        ),
+    ],
+)
+def test_compare_names_the_method_whose_setting_is_bad(
+    capsys, monkeypatch, tmp_path, argv, expected
+):
+    """Before: 'update_every: expected an int >= 1, got 0', of which listed method unsaid."""
+    _no_training(monkeypatch)
+    code, _, err = _run(["compare", "--small", *argv, "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert expected in err
 
 
 def test_list_into_a_closed_pipe_exits_quietly():

@@ -140,7 +140,11 @@ def test_missing_root_split_or_folder_shows_the_expected_layout(tmp_path):
 def test_gaps_uneven_counts_and_wrong_shapes_are_named(tmp_path):
     write_npy_layout(tmp_path, "nyuv2")
     (tmp_path / "train" / "depth" / "1.npy").unlink()
-    with pytest.raises(DatasetLayoutError, match=r"missing \['1\.npy'\]"):
+    files = len(list((tmp_path / "train" / "image").iterdir()))
+    last = f"{files - 1}.npy"  # the range is the highest file's, not one short of it
+    with pytest.raises(
+        DatasetLayoutError, match=rf"0\.npy … {last} without gaps; missing \['1\.npy'\]"
+    ):
         NpyDenseDataset(tmp_path, "train", "nyuv2")
     np.save(tmp_path / "train" / "depth" / "1.npy", np.ones((H, W, 1), np.float32))
     np.save(tmp_path / "train" / "depth" / "4.npy", np.ones((H, W, 1), np.float32))

@@ -977,6 +977,30 @@ def load_benchmark(
             "passes them by name, so make them ordinary (keyword) parameters"
         )
     accepted = {key: value for key, value in offered.items() if takes_all or key in parameters}
+    unmet = [
+        name
+        for name, parameter in parameters.items()
+        if name not in accepted
+        and parameter.default is inspect.Parameter.empty
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    ]
+    if unmet:
+        raise BenchmarkError(
+            f"--bench {spec!r}: the factory requires {unmet}, which the harness cannot give: "
+            "it passes only small, data_seed, data_root and model, by name, to a factory that "
+            "declares them; give the others defaults"
+        )
+    # A non-default value the factory would never see: refused, as --data-root is below
+    if small and "small" not in accepted:
+        raise BenchmarkError(
+            f"--small: benchmark {spec!r} has no small variant (its factory "
+            "takes no small argument)"
+        )
+    if data_seed != 0 and "data_seed" not in accepted:
+        raise BenchmarkError(
+            f"--data-seed {data_seed}: benchmark {spec!r} takes no data seed (its factory has "
+            "no data_seed argument), so every seed would give the same data"
+        )
     if data_root is not None and "data_root" not in accepted:
         raise BenchmarkError(f"--data-root: benchmark {spec!r} does not read a data directory")
     required = (

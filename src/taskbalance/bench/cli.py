@@ -105,6 +105,15 @@ def _positive(option: str, value: int | None) -> None:
         raise CommandError(f"{option}: expected an int >= 1, got {value}")
 
 
+def _check_device(device: str) -> None:
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise CommandError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: no CUDA device is available")
+
+
 def _check_run_options(arguments: argparse.Namespace) -> None:
     """The options ``train`` and ``compare`` share, checked before anything is written."""
     _positive("--epochs", arguments.epochs)
@@ -209,8 +218,7 @@ def command_train(arguments: argparse.Namespace) -> int:
         return _train_toy(arguments, method, out)
     if arguments.tensorboard is not None:
         require_tensorboard()
-    if arguments.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {arguments.device}: no CUDA device is available")
+    _check_device(arguments.device)
     distributed = _distributed_setup(arguments.device)
     rank = torch.distributed.get_rank() if distributed else 0
     if distributed and arguments.device == "cuda":
@@ -499,8 +507,7 @@ def command_compare(arguments: argparse.Namespace) -> int:
     _check_run_options(arguments)
     _positive("--seeds", arguments.seeds)
     _positive("--jobs", arguments.jobs)
-    if arguments.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {arguments.device}: no CUDA device is available")
+    _check_device(arguments.device)
     source = BenchmarkSource(
         arguments.bench, arguments.small, arguments.data_seed, arguments.data_root, arguments.model
     )

@@ -462,11 +462,17 @@ def check_method(method: Method, benchmark: Benchmark) -> None:
         if missing:
             raise ValueError(f"{method.label}: reads KPIs, but task(s) {missing} have no kpi")
     model = benchmark.build_model()
-    tb.create(
-        method.name,
-        num_tasks=benchmark.num_tasks,
-        **balancer_arguments(method, benchmark, seed=0, model=model),
-    )
+    try:
+        tb.create(
+            method.name,
+            num_tasks=benchmark.num_tasks,
+            **balancer_arguments(method, benchmark, seed=0, model=model),
+        )
+    except (TypeError, ValueError) as error:
+        # Which of the listed methods (and its settings) the message is about
+        if str(error).startswith(method.label):
+            raise
+        raise type(error)(f"{method.label}: {error}") from None
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

@@ -139,10 +139,11 @@ def _numbered_files(folder: Path) -> int:
         )
     numbers = sorted(int(digits) for digits, _ in names)
     if numbers != list(range(len(numbers))):
-        missing = sorted(set(range(len(numbers))) - set(numbers))[:5]
+        # The range the highest file implies: with 15 of 0 … 15 present, 16 files are meant
+        missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))[:5]
         raise DatasetLayoutError(
-            f"{folder}: files must be numbered 0.npy … {len(numbers) - 1}.npy; missing "
-            f"{[f'{n}.npy' for n in missing]}"
+            f"{folder}: files must be numbered 0.npy … {numbers[-1]}.npy without gaps; "
+            f"missing {[f'{n}.npy' for n in missing]}"
         )
     return len(numbers)
 
