@@ -78,7 +78,7 @@ def test_a_backward_through_an_eval_mode_objective_warns():
             balancer(*losses_and_features()[:1])
     losses, z = losses_and_features()
     objective = balancer(losses, features=z)
-    with pytest.warns(UserWarning, match=r"mgda: an objective the balancer returned in eval"):
+    with pytest.warns(RuntimeWarning, match=r"mgda: an objective the balancer returned in eval"):
         objective.backward()
     assert int(balancer.num_steps) == 0
     model.train()

@@ -881,15 +881,13 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         return as_kpi_vector(kpis, self.num_tasks, self._method_name).to(device)
 
     def _warn_backward_in_eval_mode(self, grad: Tensor) -> None:
-        warnings.warn(
+        _warn_at_callers_line(
             f"{self._method_name}: an objective the balancer returned in eval mode is being "
             "backpropagated. In eval mode (b.training is False, which model.eval() sets on "
             "every submodule) a call returns Σ w_k L_k with the last weights and its state "
             "does not advance, so this training step uses fixed weights. Call b.train() for "
             "training steps (e.g. after model.eval() to freeze BatchNorm); to train with "
-            "fixed weights on purpose, use tb.create('fixed', ...).",
-            UserWarning,
-            stacklevel=2,
+            "fixed weights on purpose, use tb.create('fixed', ...)."
         )
 
     def _frozen_objective(self, vector: Tensor, mask: Tensor | None) -> Tensor:
