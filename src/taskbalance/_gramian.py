@@ -680,7 +680,9 @@ def _nothing_reached_message(names: Sequence[str]) -> str:
             "finds them outside the graph of every loss (not a zero gradient), so the Gramian "
             "would be exactly zero and the weights meaningless. List the shared parameters "
             "the losses are computed with (e.g. trunk[-1].parameters()) and check that the "
-            "losses come from this forward pass without .detach()."
+            "losses come from this forward pass without .detach() (a trunk under "
+            "torch.utils.checkpoint(..., use_reentrant=True) hides its parameters from the "
+            "task gradients: pass use_reentrant=False)."
         )
     what = "features" if len(names) == 1 else "features (every tensor listed)"
     return (
