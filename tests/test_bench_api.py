@@ -554,6 +554,14 @@ def test_small_and_a_data_seed_are_refused_by_a_factory_that_ignores_them(tmp_pa
     assert load_benchmark(spec).name == "noisy-regression"
 
 
+def test_the_module_form_of_a_file_in_this_folder_names_the_file_form(tmp_path, monkeypatch):
+    """The console script does not put the working folder on sys.path."""
+    _write(tmp_path, "def make():\n    raise AssertionError('not reached')\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BenchmarkError, match=r"for the file 'my_bench.py', write my_bench.py:make"):
+        load_benchmark("my_bench:make")
+
+
 def test_regression_kpi_and_kpi_required_by_dtp():
     kpi = regression_kpi(2.0)
     assert kpi(None, None, torch.tensor(0.0)) == 1.0

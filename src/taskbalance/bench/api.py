@@ -908,7 +908,12 @@ def resolve_factory(spec: str) -> Callable[..., Benchmark]:
         try:
             module = importlib.import_module(source)
         except ModuleNotFoundError as error:
-            raise BenchmarkError(f"--bench {spec!r}: no module {source!r} ({error})") from None
+            file = Path(*source.split(".")).with_suffix(".py")
+            hint = f"; for the file {str(file)!r}, write {file}:{function_name}"
+            raise BenchmarkError(
+                f"--bench {spec!r}: no module {source!r} ({error})"
+                + (hint if file.is_file() else "")
+            ) from None
     factory = getattr(module, function_name, None)
     if factory is None:
         public = sorted(name for name in vars(module) if not name.startswith("_"))
