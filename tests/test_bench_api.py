@@ -556,10 +556,23 @@ def test_small_and_a_data_seed_are_refused_by_a_factory_that_ignores_them(tmp_pa
 
 def test_the_module_form_of_a_file_in_this_folder_names_the_file_form(tmp_path, monkeypatch):
     """The console script does not put the working folder on sys.path."""
-    _write(tmp_path, "def make():\n    raise AssertionError('not reached')\n")
+    (tmp_path / "bench_in_folder.py").write_text("def make():\n    pass\n")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(BenchmarkError, match=r"for the file 'my_bench.py', write my_bench.py:make"):
-        load_benchmark("my_bench:make")
+    with pytest.raises(BenchmarkError, match=r"file 'bench_in_folder.py', write bench_in_folder"):
+        load_benchmark("bench_in_folder:make")
+
+
+def test_a_module_whose_import_fails_is_not_called_missing(tmp_path, monkeypatch):
+    (tmp_path / "bench_needing_more.py").write_text("import a_package_nobody_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BenchmarkError, match=r"importing 'bench_needing_more': No module named"):
+        load_benchmark("bench_needing_more:make")
+
+
+def test_a_factory_that_requires_a_model_name_asks_for_model(tmp_path):
+    _write(tmp_path, "def make(model, small=False):\n    raise AssertionError('not reached')\n")
+    with pytest.raises(BenchmarkError, match=r"--model: benchmark .* requires a model name"):
+        load_benchmark(f"{tmp_path}/my_bench.py:make")
 
 
 def test_regression_kpi_and_kpi_required_by_dtp():

@@ -119,13 +119,23 @@ EPOCHLESS_STEPS = 10_000
 _LIBRARY_FOLDERS = tuple(os.path.dirname(path) + os.sep for path in (str(torch.__file__), __file__))
 
 
-def _warn_at_callers_line(message: str) -> None:
+def warn_at_callers_line(message: str) -> None:
     """A RuntimeWarning attributed to the first frame outside taskbalance and torch (the
     depth of the balancer's call varies: nn.Module's hooks, compiler.disable, DDP)."""
     frame, level = sys._getframe(1), 2
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+def _callers_location() -> tuple[str, int, dict[str, Any]]:
+    """File, line and module globals of the first frame outside taskbalance and torch, for a
+    warning issued later from elsewhere (an autograd hook, which on a GPU runs on autograd's
+    own thread, with no frame of the user's above it)."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
+        frame = frame.f_back
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_globals
 
 
 def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -288,6 +298,9 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     requires_kpis: ClassVar[bool] = False
     #: True when the weight rule needs the Gramian of the task gradients.
     requires_gram: ClassVar[bool] = False
+    #: False for a method whose weights never change (``ew``, ``fixed``): a training step in
+    #: eval mode then trains on its own weights, and a backward there needs no warning.
+    weights_change: ClassVar[bool] = True
 
     _last_weights: Tensor
     _last_losses: Tensor
@@ -372,10 +385,11 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         """
         if not (self.training and torch.is_grad_enabled()):  # no collective: no refusal
             objective = self._frozen_objective(*self._loss_vector_and_mask(losses, present))
-            if objective.requires_grad:
+            if objective.requires_grad and self.weights_change:
                 # Eval mode with autograd on: a validation call, or a training step run in
                 # eval mode (model.eval() to freeze BatchNorm), which only a backward tells
-                objective.register_hook(self._warn_backward_in_eval_mode)
+                location = _callers_location()
+                objective.register_hook(lambda grad: self._warn_backward_in_eval_mode(location))
             return objective
         # Every local check runs before the first collective, which a refused call still joins.
         try:
@@ -453,7 +467,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
         self._steps_before_first_epoch += 1
         steps = self._steps_before_first_epoch
         if steps == EPOCHLESS_STEPS:
-            _warn_at_callers_line(
+            warn_at_callers_line(
                 f"{type(self).__name__}: {steps} training steps and no end_epoch() yet; "
                 f"{consequence}. Call balancer.end_epoch() at each epoch boundary, or "
                 f"{alternative}."
@@ -880,14 +894,22 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             return None
         return as_kpi_vector(kpis, self.num_tasks, self._method_name).to(device)
 
-    def _warn_backward_in_eval_mode(self, grad: Tensor) -> None:
-        _warn_at_callers_line(
+    def _warn_backward_in_eval_mode(self, location: tuple[str, int, dict[str, Any]]) -> None:
+        """At the call that returned the objective (see :func:`_callers_location`)."""
+        filename, line, module_globals = location
+        warnings.warn_explicit(
             f"{self._method_name}: an objective the balancer returned in eval mode is being "
             "backpropagated. In eval mode (b.training is False, which model.eval() sets on "
             "every submodule) a call returns Σ w_k L_k with the last weights and its state "
             "does not advance, so this training step uses fixed weights. Call b.train() for "
             "training steps (e.g. after model.eval() to freeze BatchNorm); to train with "
-            "fixed weights on purpose, use tb.create('fixed', ...)."
+            "fixed weights on purpose, use tb.create('fixed', ...).",
+            RuntimeWarning,
+            filename,
+            line,
+            module=module_globals.get("__name__"),
+            registry=module_globals.setdefault("__warningregistry__", {}),
+            module_globals=module_globals,
         )
 
     def _frozen_objective(self, vector: Tensor, mask: Tensor | None) -> Tensor:

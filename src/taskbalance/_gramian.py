@@ -216,6 +216,9 @@ class TaskGradients:
         read_rows: per input whose task gradients were all sparse (an embedding table read
             only through its lookup), the sorted indices of the table rows they cover (the
             rows the batch read, a zero gradient included), else None.
+        tasks_apart: with several inputs, where the passes tell each task's reach (losses
+            stacked): a message naming two present tasks that reach no input in common, whose
+            Gramian entry is then 0 whatever their gradients; else None.
     """
 
     rows: list[Tensor]
@@ -225,6 +228,7 @@ class TaskGradients:
     finite: bool
     sparse: tuple[bool, ...]
     read_rows: tuple[Tensor | None, ...] = ()
+    tasks_apart: str | None = None
 
 
 def unscaled_rows(rows: Sequence[Tensor], scale: float) -> list[Tensor]:
@@ -242,7 +246,6 @@ def task_gradients(
     features_mode: bool | None = None,
     present: Tensor | Sequence[bool] | None = None,
     gramian_of: Callable[[list[Tensor], bool], Tensor] | None = None,
-    refuse_disjoint_tasks: bool = False,
 ) -> TaskGradients:
     """The K task gradients with respect to ``inputs``, and their Gramian when asked for.
 
@@ -277,9 +280,7 @@ def task_gradients(
     the same second pass, since underflow cannot be told from it on the K² numbers.
 
     Raises ``ValueError`` when an input or a present task is outside the graph (see the module
-    docstring), and for sharded DTensor inputs. With ``refuse_disjoint_tasks`` (a balancer in
-    features mode), also when two present tasks reach no input in common, where known (the
-    per-task passes): their Gramian entry is then 0 by construction, not a measured angle.
+    docstring), and for sharded DTensor inputs.
     """
     inputs = list(inputs)
     num_tasks = losses.shape[0]
@@ -294,7 +295,17 @@ def task_gradients(
         rows, path, reached, sparse, read = _rows_by_fastest_path(
             losses, inputs, batched, scale, mask
         )
-        _check_reached(reached, inputs, features_mode, mask, tasks_must_meet=refuse_disjoint_tasks)
+        _check_reached(reached, inputs, features_mode, mask)
+        apart = _tasks_apart(reached, mask) if len(inputs) > 1 else None
+        if apart is not None:
+            names = _input_names(inputs, features_mode)
+            reads = [
+                ", ".join(name for name, hit in zip(names, reached[k], strict=True) if hit)
+                for k in apart
+            ]
+            apart_message: str | None = tasks_apart_message(apart, reads)
+        else:
+            apart_message = None
         while True:
             if gramian_of is None:
                 gram, finite, normal = None, all_finite(rows), True
@@ -327,7 +338,7 @@ def task_gradients(
     finally:
         for tensor, grad in retained:
             tensor.grad = grad
-    return TaskGradients(rows, scale, path, gram, finite, sparse, read)
+    return TaskGradients(rows, scale, path, gram, finite, sparse, read, apart_message)
 
 
 def jacobian_rows(
@@ -544,8 +555,6 @@ def _check_reached(
     inputs: Sequence[Tensor],
     features_mode: bool | None,
     present: Sequence[bool],
-    *,
-    tasks_must_meet: bool = False,
 ) -> None:
     tasks = [k for k, wanted in enumerate(present) if wanted]
     if not tasks:
@@ -553,13 +562,17 @@ def _check_reached(
     unreached = [i for i in range(len(inputs)) if not any(reached[k][i] for k in tasks)]
     if unreached or not all(any(reached[k]) for k in tasks):
         _refuse_unreached(reached, inputs, features_mode, present, tasks, unreached)
-    if tasks_must_meet and len(inputs) > 1:
-        for position, first in enumerate(tasks):
-            for second in tasks[position + 1 :]:
-                if not any(a and b for a, b in zip(reached[first], reached[second], strict=True)):
-                    raise ValueError(
-                        _disjoint_tasks_message(first, second, reached, inputs, features_mode)
-                    )
+
+
+def _tasks_apart(reached: _Reached, present: Sequence[bool]) -> tuple[int, int] | None:
+    """The first two present tasks that reach no input in common (their Gramian entry is 0
+    whatever the gradients), where the passes tell each task's reach; else None."""
+    tasks = [k for k, wanted in enumerate(present) if wanted]
+    for position, first in enumerate(tasks):
+        for second in tasks[position + 1 :]:
+            if not any(a and b for a, b in zip(reached[first], reached[second], strict=True)):
+                return first, second
+    return None
 
 
 def _refuse_unreached(
@@ -589,23 +602,17 @@ def _refuse_unreached(
             raise ValueError(_task_unreached_message(k, names))
 
 
-def _disjoint_tasks_message(
-    first: int, second: int, reached: _Reached, inputs: Sequence[Tensor], features_mode: bool | None
-) -> str:
-    names = _input_names(inputs, features_mode)
-    read = [
-        ", ".join(name for name, hit in zip(names, reached[task], strict=True) if hit)
-        for task in (first, second)
-    ]
+def tasks_apart_message(pair: tuple[int, int], names: Sequence[str]) -> str:
+    """What a balancer says when two tasks reach no listed tensor in common (``names``: the
+    listed tensors each of the two reaches)."""
+    first, second = pair
     return (
-        f"losses[{first}] and losses[{second}] reach no shared tensor in common "
-        f"(losses[{first}]: {read[0]}; losses[{second}]: {read[1]}): autograd finds no path "
-        "from either loss to the other's tensors, so their Gramian entry would be exactly 0 "
-        "by construction, not a measured angle, and every conflict between them would vanish "
-        "from the weights. Features mode needs the tasks to read the same shared tensor, "
-        "computed on the same samples: for tasks on separate batches or separate encoders, "
-        "list the tensor they all read from, or use parameters mode (params=, the shared "
-        "trunk's parameters)."
+        f"losses[{first}] and losses[{second}] reach no listed tensor in common "
+        f"(losses[{first}]: {names[0]}; losses[{second}]: {names[1]}), so their Gramian entry "
+        "is exactly 0 and the method sees no conflict between them. That is right where those "
+        "tensors share no parameters (separate encoders); where they come from one trunk on "
+        "different samples (a batch per task), the conflict lies in the trunk, which features "
+        "mode does not see: use parameters mode (params=, the trunk's parameters) there."
     )
 
 

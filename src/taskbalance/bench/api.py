@@ -908,7 +908,11 @@ def resolve_factory(spec: str) -> Callable[..., Benchmark]:
         try:
             module = importlib.import_module(source)
         except ModuleNotFoundError as error:
-            file = Path(*source.split(".")).with_suffix(".py")
+            parts = source.split(".")
+            if error.name not in {".".join(parts[:end]) for end in range(1, len(parts) + 1)}:
+                # The module was found; something it imports was not
+                raise BenchmarkError(f"--bench {spec!r}: importing {source!r}: {error}") from None
+            file = Path(*parts).with_suffix(".py")
             hint = f"; for the file {str(file)!r}, write {file}:{function_name}"
             raise BenchmarkError(
                 f"--bench {spec!r}: no module {source!r} ({error})"
@@ -989,6 +993,11 @@ def load_benchmark(
         and parameter.default is inspect.Parameter.empty
         and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
     ]
+    if "model" in unmet:
+        raise BenchmarkError(
+            f"--model: benchmark {spec!r} requires a model name (its factory's model has no "
+            "default); pass --model NAME (model= in Python)"
+        )
     if unmet:
         raise BenchmarkError(
             f"--bench {spec!r}: the factory requires {unmet}, which the harness cannot give: "

@@ -26,8 +26,14 @@ DPI = 90
 TOY_DPI = 70
 #: Most points drawn per curve (the PNG's size grows with them).
 MAX_CURVE_POINTS = 80
-#: The weights figure has one panel per method (25 and counting): drawn a little smaller.
+#: The weights figure has one panel per method (25 and counting): past a few panels it is
+#: drawn a little smaller, which keeps the full comparison's PNG small.
 WEIGHTS_DPI = 64
+#: Up to this many panels the weights figure has larger panels, at :data:`DPI`.
+FEW_PANELS = 4
+#: Line styles of the tasks' curves, after their colours: equal weights (``ew``) draw the
+#: same line K times, which dashes of different lengths keep apart.
+TASK_LINESTYLES = ("-", (0, (6, 3)), (0, (2, 2)), (0, (6, 2, 1, 2)))
 #: Columns of the per-method grids.
 GRID_COLUMNS = 5
 #: Time bins of the conflicts heatmap.
@@ -90,8 +96,10 @@ def plot_weights_over_time(
     if not names:
         return False
     rows, columns = _grid(len(names), GRID_COLUMNS)
+    few = len(names) <= FEW_PANELS
+    width, height = (4.2, 2.8) if few else (2.9, 2.0)
     figure, axes = plt.subplots(
-        rows, columns, figsize=(2.9 * columns, 2.0 * rows + 0.9), squeeze=False, sharex=True
+        rows, columns, figsize=(width * columns, height * rows + 0.9), squeeze=False, sharex=True
     )
     for axis in axes.flat[len(names) :]:
         axis.set_visible(False)
@@ -100,7 +108,13 @@ def plot_weights_over_time(
         run = runs[name]
         steps, drawn = window_means(run.weight_steps, run.weight_rows, MAX_CURVE_POINTS)
         lines = [
-            axis.plot(steps, [row[k] for row in drawn], linewidth=1.1, color=f"C{k % 10}")[0]
+            axis.plot(
+                steps,
+                [row[k] for row in drawn],
+                linewidth=1.1,
+                color=f"C{k % 10}",
+                linestyle=TASK_LINESTYLES[k % len(TASK_LINESTYLES)],
+            )[0]
             for k in range(len(task_names))
         ]
         axis.set_title(name, fontsize=10)
@@ -112,14 +126,14 @@ def plot_weights_over_time(
         loc="upper center",
         ncol=min(len(task_names), 8),
         fontsize=9,
-        bbox_to_anchor=(0.5, 1.0 - 0.3 / (2.0 * rows + 0.9)),
+        bbox_to_anchor=(0.5, 1.0 - 0.3 / (height * rows + 0.9)),
         frameon=False,
     )
     figure.supxlabel("training step", fontsize=10)
     figure.supylabel("task weight", fontsize=10)
     figure.suptitle(title or "task weights during training", fontsize=11, y=0.995)
-    figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.6 / (2.0 * rows + 0.9)))
-    figure.savefig(path, dpi=WEIGHTS_DPI)
+    figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.6 / (height * rows + 0.9)))
+    figure.savefig(path, dpi=DPI if few else WEIGHTS_DPI)
     plt.close(figure)
     return True
 
@@ -309,8 +323,17 @@ def plot_pareto(
             markersize=4,
             linewidth=0.8,
         )
-        if on_front or row.method in (SINGLE_TASK, REFERENCE_METHOD):
-            axis.annotate(row.method, (x, y), fontsize=9, xytext=(4, 4), textcoords="offset points")
+    labelled = [
+        (row.method, x, y)
+        for row, x, y in shown
+        if row.method in front or row.method in (SINGLE_TASK, REFERENCE_METHOD)
+    ]
+    (x_low, x_high), (y_low, y_high) = axis.get_xlim(), axis.get_ylim()
+    placed: list[tuple[float, float, float]] = []  # each label's left, bottom, right
+    for method, x, y in sorted(labelled, key=lambda item: (-item[2], item[1])):
+        where = ((x - x_low) / (x_high - x_low), (y - y_low) / (y_high - y_low))
+        offset = _free_label_offset(method, where, placed)
+        axis.annotate(method, (x, y), fontsize=9, xytext=offset, textcoords="offset points")
     line = sorted((x, y) for row, x, y in shown if row.method in front)
     if len(line) > 1:
         axis.plot(*zip(*line, strict=True), color="C1", linewidth=1.0, label="non-dominated")
@@ -330,6 +353,32 @@ def plot_pareto(
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
     return True
+
+
+#: The Pareto axes' size in inches (the 7 × 5.5 in figure less its labels), and a 9 pt
+#: label's character width and line height in inches: enough to keep labels apart.
+_PARETO_AXES = (6.0, 4.6)
+_LABEL_CHAR, _LABEL_LINE = 0.07, 0.16
+
+
+def _free_label_offset(
+    text: str, where: tuple[float, float], placed: list[tuple[float, float, float]]
+) -> tuple[int, int]:
+    """An offset in points for a label at ``where`` (axes fraction): above-right of the point
+    unless a label placed before would overlap it there, then below-right, further down, or
+    higher up; ``placed`` (left, bottom, right in axes fraction) gets the chosen box."""
+    width = _LABEL_CHAR * len(text) / _PARETO_AXES[0]
+    height = _LABEL_LINE / _PARETO_AXES[1]
+    for offset in ((4, 4), (4, -12), (4, -24), (4, 16)):
+        left = where[0] + offset[0] / 72 / _PARETO_AXES[0]
+        bottom = where[1] + offset[1] / 72 / _PARETO_AXES[1]
+        if all(
+            left >= right or left + width <= other_left or abs(bottom - other_bottom) >= height
+            for other_left, other_bottom, right in placed
+        ):
+            placed.append((left, bottom, left + width))
+            return offset
+    return (4, 4)  # crowded all round: the default place
 
 
 def plot_training_curves(run: RunResult, path: Path) -> bool:

@@ -30,6 +30,8 @@ class EW(Balancer):
         4.0
     """
 
+    weights_change = False
+
     def _update(self, step: Step) -> Tensor:
         losses = step.mean_losses
         return torch.ones_like(losses)

@@ -33,6 +33,8 @@ class Fixed(Balancer):
         3.0
     """
 
+    weights_change = False
+
     required_hyperparameters: ClassVar[dict[str, Any]] = {"weights": 1.0}
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = ({"weights": 2.0},)
     bad_hyperparameters: ClassVar[BadHyperparameters] = (

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from taskbalance._base import Balancer
+from taskbalance._base import Balancer, warn_at_callers_line
 from taskbalance._constants import constant
 from taskbalance._distributed import all_reduce_sum, is_distributed
 from taskbalance._gramian import (
@@ -302,6 +302,7 @@ class GradientBalancer(Balancer):
         self.reuse_rows = reuse_rows
         # None until the first call tells whether this graph supports the batched backward.
         self._batched_backward: bool | None = None
+        self._warned_tasks_apart = False
         # Refresh steps in a row skipped because a task was absent (a host counter for a
         # warning; not part of the state).
         self._absent_refreshes = 0
@@ -641,8 +642,10 @@ class GradientBalancer(Balancer):
             features_mode=features_mode,
             present=step.local_present,
             gramian_of=gramian_of if step.refresh else None,
-            refuse_disjoint_tasks=features_mode,
         )
+        if features_mode and grads.tasks_apart is not None and not self._warned_tasks_apart:
+            self._warned_tasks_apart = True  # once per balancer
+            warn_at_callers_line(f"{self._method_name}: {grads.tasks_apart}")
         # Once a graph needed the loop (path False), stop retrying the batched backward.
         if grads.path is False:
             self._batched_backward = False
