@@ -203,6 +203,50 @@ def test_excess_mtl_hand_values():
     torch.testing.assert_close(second, torch.tensor([2 / (1 + ratio), 2 * ratio / (1 + ratio)]))
 
 
+def test_excess_mtl_warmup_keeps_the_weights_and_averages_the_reference():
+    """The paper's Appendix C.1: uniform weights during the warm-up, whose mean estimate is
+    the reference e(1); the AdaGrad history counts the warm-up's steps too."""
+    b = tb.create("excess_mtl", num_tasks=2, step_size=1.0, eps=0.0, warmup_steps=3)
+    for squared in ([1.0, 1.0], [4.0, 1.0], [1.0, 4.0]):
+        w = b.compute_weights(torch.ones(2), gram=torch.diag(torch.tensor(squared)))
+        torch.testing.assert_close(w, torch.ones(2))
+    # sums (1, 1), (5, 2), (6, 6): estimates (1, 1), (4/√5, 1/√2), (1/√6, 4/√6)
+    reference = [
+        (1 + 4 / math.sqrt(5) + 1 / math.sqrt(6)) / 3,
+        (1 + 1 / math.sqrt(2) + 4 / math.sqrt(6)) / 3,
+    ]
+    w = b.compute_weights(torch.ones(2), gram=torch.eye(2))  # sums (7, 7): e = 1/√7 each
+    ratios = torch.tensor([1 / math.sqrt(7) / value for value in reference], dtype=torch.float64)
+    torch.testing.assert_close(w, (2 * torch.softmax(ratios, 0)).float())
+
+
+def test_excess_mtl_state_saved_before_the_warmup_option_continues_alike():
+    """A state without warmup_steps and warmup_seen (saved before they existed) acted with
+    a warm-up of one step: it loads as that and continues the same trajectory."""
+    uninterrupted = tb.create("excess_mtl", num_tasks=2, step_size=1.0)
+    grams = [torch.diag(torch.tensor([1.0 + k, 2.0 - 0.3 * k])) for k in range(5)]
+    for gram in grams[:2]:
+        uninterrupted.compute_weights(torch.ones(2), gram=gram)
+    old = uninterrupted.state_dict()
+    del old["warmup_seen"]
+    old["_extra_state"] = {
+        **old["_extra_state"],
+        "hyperparameters": {
+            key: value
+            for key, value in old["_extra_state"]["hyperparameters"].items()
+            if key != "warmup_steps"
+        },
+    }
+    resumed = tb.create("excess_mtl", num_tasks=2, step_size=1.0)
+    resumed.load_state_dict(old)
+    assert int(resumed.warmup_seen) == 1
+    for gram in grams[2:]:
+        expected = uninterrupted.compute_weights(torch.ones(2), gram=gram)
+        torch.testing.assert_close(resumed.compute_weights(torch.ones(2), gram=gram), expected)
+    with pytest.raises(RuntimeError, match=r"warmup_steps: saved 1, here 3"):
+        tb.create("excess_mtl", num_tasks=2, step_size=1.0, warmup_steps=3).load_state_dict(old)
+
+
 def test_excess_mtl_zero_first_gradient_takes_the_first_nonzero_as_reference():
     b = tb.create("excess_mtl", num_tasks=2, step_size=1.0, eps=0.0)
     b.compute_weights(torch.ones(2), gram=torch.diag(torch.tensor([1.0, 0.0])))

@@ -301,6 +301,10 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
     #: False for a method whose weights never change (``ew``, ``fixed``): a training step in
     #: eval mode then trains on its own weights, and a backward there needs no warning.
     weights_change: ClassVar[bool] = True
+    #: Method options added after states were saved without them, each with the value every
+    #: call acted with before it existed: such a state loads as having that value. (Not a
+    #: default for every new option: UPGrad regularised before ``norm_eps`` existed.)
+    options_acting_before_they_existed: ClassVar[dict[str, Any]] = {}
 
     _last_weights: Tensor
     _last_losses: Tensor
@@ -1117,9 +1121,13 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
 
     def _saved_hyperparameters(self, state: dict[str, Any]) -> dict[str, Any]:
         """A checked state's hyperparameters. One it lacks (an option newer than the state) is
-        absent, except the loop options, whose defaults are how every call acted before them
-        (a method option's default may not be: UPGrad regularised before ``norm_eps``)."""
-        return {**LOOP_OPTIONS, **state.get("hyperparameters", {})}
+        absent, except the loop options, whose defaults are how every call acted before them,
+        and the method's ``options_acting_before_they_existed`` (a method option's default
+        may not be how it acted: UPGrad regularised before ``norm_eps``)."""
+        older = {
+            key: _canonical(value) for key, value in self.options_acting_before_they_existed.items()
+        }
+        return {**LOOP_OPTIONS, **older, **state.get("hyperparameters", {})}
 
     def _changed_hyperparameters(self, state: dict[str, Any]) -> dict[str, Any]:
         """The allowed hyperparameters whose saved values differ from this balancer's, with

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from taskbalance._registry import register
-from taskbalance._validation import check_nonnegative, check_positive
+from taskbalance._validation import check_nonnegative, check_positive, check_positive_int
 from taskbalance.methods._facts import BadHyperparameters
 from taskbalance.methods._gradient_base import GradientBalancer
 
@@ -40,27 +40,31 @@ class ExcessMTL(GradientBalancer):
     shared coordinate; otherwise the scalar form weighs all coordinates by their common
     history instead of each one's own.
 
-    Steps: the first call measures ``e_k(1)`` and returns ``λ = 1``; every later call updates
-    λ as above and returns the updated weights (as the reference code). A task whose first
-    excess is 0 (a zero gradient) takes its first non-zero one as reference, with ``r_k = 0``
-    until then (the reference code divides by zero there). With ``update_every = N`` the
-    history sums only the steps that refresh the weights.
+    Steps: the first ``warmup_steps`` calls return ``λ = 1`` and measure the reference
+    ``e_k(1)``, the mean of their estimates (the AdaGrad history sums them too); every later
+    call updates λ as above and returns the updated weights. ``warmup_steps = 1`` (the
+    default) is the official code and LibMTL: the first call's estimate is the reference. The
+    paper's experiments (Appendix C.1) warm up for 3 epochs: ``warmup_steps = 3 *
+    len(loader)``. A task whose reference is 0 (a zero gradient) takes its first non-zero
+    estimate after the warm-up instead, with ``r_k = 0`` until then (the reference code
+    divides by zero there). With ``update_every = N`` the history and the warm-up count only
+    the steps that refresh the weights.
 
     Defaults: ``step_size = 0.01`` (η, LibMTL's ``robust_step_size``), ``eps = 1e-7``
-    (LibMTL's), ``heads="weighted"``: the reference code backpropagates ``Σ λ_k L_k``.
+    (LibMTL's), ``warmup_steps = 1``, ``heads="weighted"``: the reference code backpropagates
+    ``Σ λ_k L_k``.
 
     Departures: the scalar (AdaGrad-norm) preconditioner above instead of the diagonal one;
     in features mode ``g_k`` is the gradient with respect to the whole features tensor (LibMTL
     sums the representation gradient over the batch first); λ is kept as log-weights, which
-    is the same update without overflow of ``exp(η·r)``. The paper's experiments (Appendix
-    C.1, as torchjd's ``n_warmup_steps`` documents it) take ``e_k(1)`` as the average excess
-    over a 3-epoch warm-up with uniform weights; we follow the official code and LibMTL, whose
-    reference is the first step's estimate.
+    is the same update without overflow of ``exp(η·r)``.
 
     Args:
         num_tasks: K.
         step_size: η, the mirror-ascent step of the weights.
         eps: added to the accumulated squared gradient norm under the square root.
+        warmup_steps: refresh steps that keep ``λ = 1`` and average their estimates into the
+            reference ``e_k(1)``, ≥ 1.
         **options: ``params``, ``update_every``, ``gram_dtype``, ``heads``, ``normalization``
             (``"none"`` only), ``group_aggregation`` (``"joint"`` only), ``reuse_rows``: see
             :class:`GradientBalancer`; the loop options ``accumulation_steps``, ``on_nonfinite``:
@@ -84,19 +88,24 @@ class ExcessMTL(GradientBalancer):
     example_hyperparameters: ClassVar[tuple[dict[str, Any], ...]] = (
         {"step_size": 0.5},
         {"eps": 1e3},
+        {"warmup_steps": 3, "step_size": 0.5},
     )
     bad_hyperparameters: ClassVar[BadHyperparameters] = (
         ({"group_aggregation": "per_tensor"}, ValueError, r"does not offer per-group"),
         ({"normalization": "l2"}, ValueError, r"normalization: \S+ does not offer gradient"),
         ({"step_size": 0.0}, ValueError, r"step_size: expected a number > 0"),
         ({"eps": -1.0}, ValueError, r"eps: expected a number >= 0"),
+        ({"warmup_steps": 0}, ValueError, r"warmup_steps: expected an int >= 1"),
     )
+    # A state saved before warmup_steps existed acted with one (its warmup_seen: see below)
+    options_acting_before_they_existed: ClassVar[dict[str, Any]] = {"warmup_steps": 1}
 
     default_heads = "weighted"
 
     squared_norm_sums: Tensor
     initial_excess: Tensor
     log_weights: Tensor
+    warmup_seen: Tensor
 
     def __init__(
         self,
@@ -104,25 +113,35 @@ class ExcessMTL(GradientBalancer):
         *,
         step_size: float = 0.01,
         eps: float = 1e-7,
+        warmup_steps: int = 1,
         **options: Any,
     ) -> None:
         super().__init__(num_tasks, **options)
         self.step_size = check_positive("step_size", step_size)
         self.eps = check_nonnegative("eps", eps)
+        self.warmup_steps = check_positive_int("warmup_steps", warmup_steps)
         self.register_buffer("squared_norm_sums", torch.zeros(self.num_tasks, dtype=torch.float64))
         self.register_buffer("initial_excess", torch.zeros(self.num_tasks, dtype=torch.float64))
         self.register_buffer("log_weights", torch.zeros(self.num_tasks, dtype=torch.float64))
+        # Refresh steps of the warm-up so far (at most warmup_steps); initial_excess holds the
+        # mean of their estimates
+        self.register_buffer("warmup_seen", torch.zeros((), dtype=torch.long))
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         squared_norms = gram.detach().double().diagonal().clamp_min(0)
         sums = self.squared_norm_sums.double() + squared_norms
         denominator = (sums + self.eps).sqrt()
         excess = torch.where(denominator > 0, squared_norms / denominator, 0.0)
-        first = self._steps_taken == 0
+        seen = int(self.warmup_seen)
         initial = self.initial_excess.double()
-        reference = torch.where(initial > 0, initial, excess)
         log_weights = self.log_weights.double()
-        if not first:
+        if seen < self.warmup_steps:
+            # The running mean of the warm-up's estimates: a resume with another warmup_steps
+            # then ends the warm-up with the mean of the steps seen
+            seen += 1
+            reference = initial + (excess - initial) / seen
+        else:
+            reference = torch.where(initial > 0, initial, excess)
             ratios = torch.where(reference > 0, excess / reference.clamp_min(1e-300), 0.0)
             log_weights = log_weights + self.step_size * ratios
             log_weights = log_weights - log_weights.max()  # same weights, bounded logs
@@ -131,7 +150,23 @@ class ExcessMTL(GradientBalancer):
         self.squared_norm_sums.copy_(sums)
         self.initial_excess.copy_(reference)
         self.log_weights.copy_(log_weights)
+        self.warmup_seen.fill_(seen)
         return weights  # float64: _update casts them to the Gramian's dtype
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # A state saved before the warm-up existed had one step of it, done once it had taken
+        # a step (its reference was then the first estimate)
+        # (only such a state: one that names warmup_steps and lacks the count is refused)
+        steps = state_dict.get(prefix + "num_steps")
+        extra = state_dict.get(prefix + "_extra_state")
+        saved = extra.get("hyperparameters") if isinstance(extra, dict) else None
+        older = isinstance(saved, dict) and "warmup_steps" not in saved
+        if older and prefix + "warmup_seen" not in state_dict and isinstance(steps, Tensor):
+            state_dict[prefix + "warmup_seen"] = (steps > 0).long()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, step_size={self.step_size}, eps={self.eps}"
+        return (
+            f"{super().extra_repr()}, step_size={self.step_size}, eps={self.eps}, "
+            f"warmup_steps={self.warmup_steps}"
+        )
