@@ -568,9 +568,16 @@ def _tasks_apart(reached: _Reached, present: Sequence[bool]) -> tuple[int, int] 
     """The first two present tasks that reach no input in common (their Gramian entry is 0
     whatever the gradients), where the passes tell each task's reach; else None."""
     tasks = [k for k, wanted in enumerate(present) if wanted]
+    # Each task's reach as bits; one input that every task reaches (the usual case) settles it
+    reach = [sum(1 << i for i, hit in enumerate(reached[k]) if hit) for k in tasks]
+    every = ~0
+    for bits in reach:
+        every &= bits
+    if every:
+        return None
     for position, first in enumerate(tasks):
-        for second in tasks[position + 1 :]:
-            if not any(a and b for a, b in zip(reached[first], reached[second], strict=True)):
+        for offset, second in enumerate(tasks[position + 1 :], start=position + 1):
+            if not reach[position] & reach[offset]:
                 return first, second
     return None
 
