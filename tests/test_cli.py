@@ -415,3 +415,18 @@ def test_compare_best_val_mean_runs_on_one_direction_and_is_refused_on_mixed(
     assert "best-val-mean: the mean of metrics" in err
     assert "digits-mixed" in err
     assert not (tmp_path / "mixed").exists()
+
+
+def test_a_comparison_without_ew_says_why_its_vs_ew_columns_are_empty(capsys, tmp_path):
+    argv = ["compare", "--bench", "noisy-regression", "--small", "--epochs", "1", "--seeds", "1"]
+    code, out, _ = _run([*argv, "--methods", "uw", "--out", str(tmp_path / "a")], capsys)
+    assert code == 0
+    note = (
+        "Note: ew was not among the methods, so the vs ew columns are empty: add ew to "
+        "--methods to test each method against it."
+    )
+    assert note in out
+    assert note in (tmp_path / "a" / "comparison.md").read_text()
+    code, out, _ = _run([*argv, "--methods", "ew,uw", "--out", str(tmp_path / "b")], capsys)
+    assert code == 0
+    assert "ew was not among the methods" not in out

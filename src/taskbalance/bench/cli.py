@@ -556,7 +556,10 @@ def command_compare(arguments: argparse.Namespace) -> int:
         bar.close()
 
     notes = report.delta_m_notes(comparison.rows)
-    print(report.caption(benchmark, epochs=epochs, seeds=seeds, selection=selection, notes=notes))
+    everything = [*notes, *report.reference_notes(comparison.rows)]
+    print(
+        report.caption(benchmark, epochs=epochs, seeds=seeds, selection=selection, notes=everything)
+    )
     print()
     print(report.text_table(comparison.rows, benchmark))
     for note in notes:

@@ -68,6 +68,16 @@ def delta_m_notes(rows: Sequence[MethodSummary]) -> list[str]:
     return list(dict.fromkeys(row.delta_m_note for row in rows if row.delta_m_note))
 
 
+def reference_notes(rows: Sequence[MethodSummary]) -> list[str]:
+    """A note when the comparison has no ``ew`` row, which the ``vs ew`` columns need."""
+    if any(row.method == REFERENCE_METHOD for row in rows):
+        return []
+    return [
+        f"{REFERENCE_METHOD} was not among the methods, so the vs {REFERENCE_METHOD} columns "
+        f"are empty: add {REFERENCE_METHOD} to --methods to test each method against it"
+    ]
+
+
 def metric_header(name: str, higher_is_better: bool) -> str:
     """Column header of a metric number, with its direction arrow."""
     return f"{name} {'↑' if higher_is_better else '↓'}"
@@ -556,7 +566,12 @@ def write_comparison(
 
     notes = delta_m_notes(rows)
     header = caption(
-        benchmark, epochs=epochs, seeds=seeds, selection=selection, markdown=True, notes=notes
+        benchmark,
+        epochs=epochs,
+        seeds=seeds,
+        selection=selection,
+        markdown=True,
+        notes=[*notes, *reference_notes(rows)],
     )
     target("comparison.md").write_text(header + "\n\n" + markdown_table(rows, benchmark))
     target("comparison.csv").write_text(csv_table(rows, benchmark))
