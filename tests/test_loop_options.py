@@ -471,14 +471,44 @@ def test_an_absent_tasks_nan_loss_gives_sparse_and_complex_parameters_their_zero
     assert bool(torch.isfinite(trunk.weight.grad).all())
 
 
+def test_an_absent_tasks_nan_loss_behind_entrywise_ops_on_the_stack_is_cut():
+    """torch.where(present, stacked, nan), .float() under AMP, a constant scale: the K losses'
+    stack is still found behind them and the absent 0/0 loss passes no gradient."""
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(3, 4)
+    present = torch.tensor([True, False])
+    for wrap in (
+        lambda stacked: torch.where(present, stacked, math.nan),
+        lambda stacked: stacked.half().float(),
+        lambda stacked: stacked * torch.tensor([2.0, 3.0]),
+    ):
+        trunk.zero_grad()
+        z = trunk(torch.randn(6, 3))
+        none = torch.zeros(6)
+        stacked = torch.stack([(z**2).mean(), (none * z.sum(1)).sum() / none.sum()])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tb.create("ew", num_tasks=2)(wrap(stacked), present=present).backward()
+        assert bool(torch.isfinite(trunk.weight.grad).all())
+
+
 def test_an_absent_tasks_nan_loss_computed_in_one_piece_is_not_split():
     """Not stacked from K losses: nothing to cut, the zero weight runs through the vector's
-    own backward (finite here: NaN put in by torch.where)."""
+    own backward, finite here (NaN put in by torch.where), NaN for a masked mean over no
+    labels: the call warns, at the user's line, as it cannot tell the two apart."""
     b = tb.create("ew", num_tasks=2)
     x = torch.tensor([1.0, 2.0], requires_grad=True)
     losses = torch.where(torch.tensor([True, False]), x * 3, math.nan)
-    b(losses, present=torch.tensor([True, False])).backward()
+    with pytest.warns(RuntimeWarning, match=r"losses\[1\] is nan .* computed as one tensor"):
+        b(losses, present=torch.tensor([True, False])).backward()
     assert x.grad.tolist() == [3.0, 0.0]
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    x.grad = None
+    masked_means = (mask * x[:, None]).sum(0) / mask.sum(0)  # the molecule loop's [K] losses
+    with pytest.warns(RuntimeWarning, match=r"clamp_min\(1\)") as record:
+        b(masked_means, present=torch.tensor([True, False])).backward()
+    assert record[0].filename == __file__
+    assert not bool(torch.isfinite(x.grad).all())  # what the warning is about
 
 
 @pytest.mark.parametrize("name", ["dwa", "gls", "si", "ew"])

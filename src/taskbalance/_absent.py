@@ -6,16 +6,17 @@ it by whatever its formula holds. A loss written as a masked mean, ``(mask * err
 mask.sum()``, is 0/0 = NaN on a batch without labels, and its backward gives 0 · (1/0) = NaN:
 every parameter the loss reaches (its head, the whole trunk) would get NaN. So a non-finite
 absent loss passes no gradient at all: a hook on the ``torch.stack`` node the K losses were
-stacked by (a list passed to a balancer is stacked the same way) drops those entries' gradients,
-and their graph is never run backward.
+stacked by (a list passed to a balancer is stacked the same way; the stack is also found
+behind entry-wise ops with constants, ``torch.where(present, losses, nan)``, ``.float()``)
+drops those entries' gradients, and their graph is never run backward.
 
 This cannot keep out a loss that comes out of one graph node with the present tasks' losses:
 the outputs of a compiled region (AOTAutograd runs its whole backward, with a zero for a
 dropped output), or one loss tensor split into K. The call then warns (``RuntimeWarning``).
 A loss vector computed in one piece (not stacked from K losses) cannot be split either: its backward
 gets a zero for each absent entry, so an absent entry's formula must have a finite backward
-there (a masked sum divided by ``count.clamp_min(1)`` rather than by a zero count). A leaf
-vector, or NaN put in by ``torch.where(present, losses, nan)``, is harmless either way.
+there (a masked sum divided by ``count.clamp_min(1)`` rather than by a zero count); a
+non-finite absent entry of such a vector warns too. A leaf vector is harmless.
 
 A parameter that only such losses reach (the absent task's head) would then get no gradient
 (``.grad`` None), where a finite loss gives it a zero one, and optimisers tell the two apart
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,16 +53,17 @@ def absent_losses_cut(vector: Tensor, absent: Sequence[int]) -> Tensor | None:
         ``vector`` was not stacked from K losses (its entries then share one backward, which
         gets a zero for each absent entry: see the module docstring).
     """
-    inputs = _stack_inputs(vector)
-    if inputs is None:
+    found = _stack_of(vector)
+    if found is None:
+        if vector.grad_fn is not None:  # a leaf vector passes its gradient to nothing else
+            _warn_one_piece(vector, absent)
         return None
+    node, inputs = found
     dropped = frozenset(absent)
 
     def drop(grad_inputs: tuple[Tensor | None, ...], _: object) -> tuple[Tensor | None, ...]:
         return tuple(None if k in dropped else g for k, g in enumerate(grad_inputs))
 
-    node = vector.grad_fn
-    assert node is not None
     node.register_hook(drop)
     kept = [fn for k, fn in enumerate(inputs) if k not in dropped and fn is not None]
     reached = _reachable(kept, set())
@@ -83,6 +86,20 @@ def absent_losses_cut(vector: Tensor, absent: Sequence[int]) -> Tensor | None:
     return zero_through(orphans, vector.device)
 
 
+def _warn_one_piece(vector: Tensor, absent: Sequence[int]) -> None:
+    first = absent[0]
+    warnings.warn(
+        f"losses[{first}] is {vector[first].item()} for a task marked absent, but the K losses "
+        "were computed as one tensor (not a list or a torch.stack of K losses), so its entry "
+        "cannot be kept out of the backward: that tensor's backward runs with a zero for it, "
+        "and a loss that divides by a zero count gives NaN gradients (0 · ∞) to every "
+        "parameter it reaches. Compute an absent task's loss finitely (divide by "
+        "count.clamp_min(1)), or pass the K losses as a list",
+        RuntimeWarning,
+        stacklevel=7,  # the user's call: through absent_losses_cut, forward, nn.Module
+    )
+
+
 def zero_through(leaves: Sequence[tuple[Tensor, bool]], device: torch.device) -> Tensor:
     """A float32 0-d exact zero on ``device`` whose backward gives each ``(leaf, sparse)`` a
     zero gradient of the kind a loss would (see :func:`_zero_gradient_term`)."""
@@ -92,15 +109,35 @@ def zero_through(leaves: Sequence[tuple[Tensor, bool]], device: torch.device) ->
     return zero
 
 
-def _stack_inputs(vector: Tensor) -> list[object | None] | None:
-    """The K nodes stacked into ``vector`` (None for a constant), or None if not a stack."""
-    node = vector.grad_fn
+#: Backward nodes of an entry-wise op with constants (``torch.where(present, losses, nan)``,
+#: ``losses.float()`` under AMP, ``losses * c``): the K losses' stack may lie behind a chain of
+#: them, each of whose entries reads only the same entry of the stack.
+_ENTRYWISE = frozenset(
+    {
+        "CloneBackward0",
+        "DivBackward0",
+        "DivBackward1",
+        "MulBackward0",
+        "MulBackward1",
+        "ToCopyBackward0",
+        "WhereBackward0",
+    }
+)
+
+
+def _stack_of(vector: Tensor) -> tuple[Any, list[object | None]] | None:
+    """The stack node the K losses of ``vector`` were stacked by, and its K inputs (None for a
+    constant), past a chain of entry-wise ops with constants; None if there is none."""
+    node: Any = vector.grad_fn
+    while node is not None and type(node).__name__ in _ENTRYWISE:
+        children = _children(node)
+        node = children[0] if len(children) == 1 else None  # a second operand in the graph
     if node is None or type(node).__name__ != "StackBackward0":
         return None
     edges = node.next_functions
     if len(edges) != vector.shape[0]:
         return None
-    return [fn for fn, _ in edges]
+    return node, [fn for fn, _ in edges]
 
 
 def _children(node: object) -> list[object]:
