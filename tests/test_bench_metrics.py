@@ -437,3 +437,29 @@ def test_best_val_mean_refuses_mixed_directions_before_training(tmp_path):
             benchmark=FAKE,
         )
     assert not (tmp_path / "runs").exists()  # refused before any run was planned
+
+
+def test_pareto_plot_lists_a_point_with_an_infinite_metric(tmp_path, monkeypatch):
+    """A diverged run's infinite mean cannot be drawn: it is named under the axes, as the
+    far outliers are, instead of vanishing from the figure."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from taskbalance.bench import plots
+
+    runs = [
+        *_single_task_runs([0.9, 0.5]),
+        _run("ew", 0, [0.8, 0.6]),
+        _run("uw", 0, [0.85, 0.55]),
+        _run("blown", 0, [0.7, math.inf]),
+    ]
+    rows = summarise(runs, FAKE)
+    notes: list[str] = []
+    real_text = Figure.text
+    monkeypatch.setattr(
+        Figure,
+        "text",
+        lambda self, x, y, s, *a, **k: notes.append(s) or real_text(self, x, y, s, *a, **k),
+    )
+    assert plots.plot_pareto(rows, FAKE, tmp_path / "pareto.png")
+    assert any("blown (0.7, inf)" in note for note in notes)

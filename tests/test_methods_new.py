@@ -221,14 +221,14 @@ def test_excess_mtl_warmup_keeps_the_weights_and_averages_the_reference():
 
 
 def test_excess_mtl_state_saved_before_the_warmup_option_continues_alike():
-    """A state without warmup_steps and warmup_seen (saved before they existed) acted with
+    """A state without warmup_steps and refreshes (saved before they existed) acted with
     a warm-up of one step: it loads as that and continues the same trajectory."""
     uninterrupted = tb.create("excess_mtl", num_tasks=2, step_size=1.0)
     grams = [torch.diag(torch.tensor([1.0 + k, 2.0 - 0.3 * k])) for k in range(5)]
     for gram in grams[:2]:
         uninterrupted.compute_weights(torch.ones(2), gram=gram)
     old = uninterrupted.state_dict()
-    del old["warmup_seen"]
+    del old["refreshes"]
     old["_extra_state"] = {
         **old["_extra_state"],
         "hyperparameters": {
@@ -239,7 +239,7 @@ def test_excess_mtl_state_saved_before_the_warmup_option_continues_alike():
     }
     resumed = tb.create("excess_mtl", num_tasks=2, step_size=1.0)
     resumed.load_state_dict(old)
-    assert int(resumed.warmup_seen) == 1
+    assert int(resumed.refreshes) == 1
     for gram in grams[2:]:
         expected = uninterrupted.compute_weights(torch.ones(2), gram=gram)
         torch.testing.assert_close(resumed.compute_weights(torch.ones(2), gram=gram), expected)

@@ -6,9 +6,8 @@ it by whatever its formula holds. A loss written as a masked mean, ``(mask * err
 mask.sum()``, is 0/0 = NaN on a batch without labels, and its backward gives 0 · (1/0) = NaN:
 every parameter the loss reaches (its head, the whole trunk) would get NaN. So a non-finite
 absent loss passes no gradient at all: a hook on the ``torch.stack`` node the K losses were
-stacked by (a list passed to a balancer is stacked the same way; the stack is also found
-behind entry-wise ops with constants, ``torch.where(present, losses, nan)``, ``.float()``)
-drops those entries' gradients, and their graph is never run backward.
+stacked by (a list passed to a balancer is stacked the same way) drops those entries'
+gradients, and their graph is never run backward.
 
 This cannot keep out a loss that comes out of one graph node with the present tasks' losses:
 the outputs of a compiled region (AOTAutograd runs its whole backward, with a zero for a
@@ -88,13 +87,14 @@ def absent_losses_cut(vector: Tensor, absent: Sequence[int]) -> Tensor | None:
 
 def _warn_one_piece(vector: Tensor, absent: Sequence[int]) -> None:
     first = absent[0]
+    made_by = type(vector.grad_fn).__name__.removesuffix("Backward0")
     warnings.warn(
-        f"losses[{first}] is {vector[first].item()} for a task marked absent, but the K losses "
-        "were computed as one tensor (not a list or a torch.stack of K losses), so its entry "
-        "cannot be kept out of the backward: that tensor's backward runs with a zero for it, "
-        "and a loss that divides by a zero count gives NaN gradients (0 · ∞) to every "
-        "parameter it reaches. Compute an absent task's loss finitely (divide by "
-        "count.clamp_min(1)), or pass the K losses as a list",
+        f"losses[{first}] is {vector[first].item()} for a task marked absent, and the loss "
+        f"vector is the output of {made_by} (not a list or a bare torch.stack of K losses), "
+        "so its entry cannot be kept out of the backward: that op's backward runs with a zero "
+        "for it, and where the absent loss divides by a zero count (a masked mean over no "
+        "labels) every parameter it reaches gets NaN (0 · ∞). Compute an absent task's loss "
+        "finitely (divide by count.clamp_min(1)), or pass the K losses as a list",
         RuntimeWarning,
         stacklevel=7,  # the user's call: through absent_losses_cut, forward, nn.Module
     )
@@ -109,29 +109,12 @@ def zero_through(leaves: Sequence[tuple[Tensor, bool]], device: torch.device) ->
     return zero
 
 
-#: Backward nodes of an entry-wise op with constants (``torch.where(present, losses, nan)``,
-#: ``losses.float()`` under AMP, ``losses * c``): the K losses' stack may lie behind a chain of
-#: them, each of whose entries reads only the same entry of the stack.
-_ENTRYWISE = frozenset(
-    {
-        "CloneBackward0",
-        "DivBackward0",
-        "DivBackward1",
-        "MulBackward0",
-        "MulBackward1",
-        "ToCopyBackward0",
-        "WhereBackward0",
-    }
-)
-
-
 def _stack_of(vector: Tensor) -> tuple[Any, list[object | None]] | None:
-    """The stack node the K losses of ``vector`` were stacked by, and its K inputs (None for a
-    constant), past a chain of entry-wise ops with constants; None if there is none."""
+    """The stack node ``vector`` is the output of, and its K inputs (None for a constant);
+    None if ``vector`` is not a stack of K losses. Only the bare stack: behind another op
+    (``torch.where(present, stacked, nan)``) the stack's entry may be finite and have other
+    uses, whose gradients a hook there would drop too."""
     node: Any = vector.grad_fn
-    while node is not None and type(node).__name__ in _ENTRYWISE:
-        children = _children(node)
-        node = children[0] if len(children) == 1 else None  # a second operand in the graph
     if node is None or type(node).__name__ != "StackBackward0":
         return None
     edges = node.next_functions

@@ -286,7 +286,13 @@ def plot_pareto(
     points = [
         (row, row.metric_means[first], row.metric_means[second])
         for row in rows
-        if not math.isnan(row.metric_means[first]) and not math.isnan(row.metric_means[second])
+        if math.isfinite(row.metric_means[first]) and math.isfinite(row.metric_means[second])
+    ]
+    # An infinite mean (a diverged run) cannot be drawn: listed under the axes, as outliers are
+    unplottable = [
+        (row, row.metric_means[first], row.metric_means[second])
+        for row in rows
+        if any(math.isinf(row.metric_means[index]) for index in (first, second))
     ]
     if not points:
         return False
@@ -297,7 +303,7 @@ def plot_pareto(
         for p in points
         if p[0].method == SINGLE_TASK or (x_low <= p[1] <= x_high and y_low <= p[2] <= y_high)
     ]
-    hidden = [p for p in points if p not in shown]
+    hidden = [p for p in points if p not in shown] + unplottable
     sign_x = 1.0 if directions[first] else -1.0
     sign_y = 1.0 if directions[second] else -1.0
     methods = [(row, x, y) for row, x, y in points if row.method != SINGLE_TASK]

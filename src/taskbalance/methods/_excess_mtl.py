@@ -48,7 +48,10 @@ class ExcessMTL(GradientBalancer):
     len(loader)``. A task whose reference is 0 (a zero gradient) takes its first non-zero
     estimate after the warm-up instead, with ``r_k = 0`` until then (the reference code
     divides by zero there). With ``update_every = N`` the history and the warm-up count only
-    the steps that refresh the weights.
+    the steps that refresh the weights. A resume that changes ``warmup_steps`` (on request)
+    ends a running warm-up at once if it has had as many steps, with the mean so far; an
+    ended one resumes only for a value above the refresh steps taken (the weights then hold
+    as they are, and the reference averages the steps since too).
 
     Defaults: ``step_size = 0.01`` (η, LibMTL's ``robust_step_size``), ``eps = 1e-7``
     (LibMTL's), ``warmup_steps = 1``, ``heads="weighted"``: the reference code backpropagates
@@ -97,7 +100,7 @@ class ExcessMTL(GradientBalancer):
         ({"eps": -1.0}, ValueError, r"eps: expected a number >= 0"),
         ({"warmup_steps": 0}, ValueError, r"warmup_steps: expected an int >= 1"),
     )
-    # A state saved before warmup_steps existed acted with one (its warmup_seen: see below)
+    # A state saved before warmup_steps existed acted with one (its refreshes: see below)
     options_acting_before_they_existed: ClassVar[dict[str, Any]] = {"warmup_steps": 1}
 
     default_heads = "weighted"
@@ -105,7 +108,7 @@ class ExcessMTL(GradientBalancer):
     squared_norm_sums: Tensor
     initial_excess: Tensor
     log_weights: Tensor
-    warmup_seen: Tensor
+    refreshes: Tensor
 
     def __init__(
         self,
@@ -123,22 +126,22 @@ class ExcessMTL(GradientBalancer):
         self.register_buffer("squared_norm_sums", torch.zeros(self.num_tasks, dtype=torch.float64))
         self.register_buffer("initial_excess", torch.zeros(self.num_tasks, dtype=torch.float64))
         self.register_buffer("log_weights", torch.zeros(self.num_tasks, dtype=torch.float64))
-        # Refresh steps of the warm-up so far (at most warmup_steps); initial_excess holds the
-        # mean of their estimates
-        self.register_buffer("warmup_seen", torch.zeros((), dtype=torch.long))
+        # Refresh steps so far: the first warmup_steps of them are the warm-up, whose estimates'
+        # mean initial_excess holds (counted on past it: a resume that raises warmup_steps
+        # restarts an ended warm-up only beyond the refreshes already taken)
+        self.register_buffer("refreshes", torch.zeros((), dtype=torch.long))
 
     def _gradient_weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         squared_norms = gram.detach().double().diagonal().clamp_min(0)
         sums = self.squared_norm_sums.double() + squared_norms
         denominator = (sums + self.eps).sqrt()
         excess = torch.where(denominator > 0, squared_norms / denominator, 0.0)
-        seen = int(self.warmup_seen)
+        seen = int(self.refreshes) + 1
         initial = self.initial_excess.double()
         log_weights = self.log_weights.double()
-        if seen < self.warmup_steps:
-            # The running mean of the warm-up's estimates: a resume with another warmup_steps
+        if seen <= self.warmup_steps:
+            # The running mean of the warm-up's estimates: a resume that lowers warmup_steps
             # then ends the warm-up with the mean of the steps seen
-            seen += 1
             reference = initial + (excess - initial) / seen
         else:
             reference = torch.where(initial > 0, initial, excess)
@@ -150,19 +153,19 @@ class ExcessMTL(GradientBalancer):
         self.squared_norm_sums.copy_(sums)
         self.initial_excess.copy_(reference)
         self.log_weights.copy_(log_weights)
-        self.warmup_seen.fill_(seen)
+        self.refreshes.fill_(seen)
         return weights  # float64: _update casts them to the Gramian's dtype
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         # A state saved before the warm-up existed had one step of it, done once it had taken
-        # a step (its reference was then the first estimate)
+        # a step (its reference was then the first estimate): one refresh stands for them
         # (only such a state: one that names warmup_steps and lacks the count is refused)
         steps = state_dict.get(prefix + "num_steps")
         extra = state_dict.get(prefix + "_extra_state")
         saved = extra.get("hyperparameters") if isinstance(extra, dict) else None
         older = isinstance(saved, dict) and "warmup_steps" not in saved
-        if older and prefix + "warmup_seen" not in state_dict and isinstance(steps, Tensor):
-            state_dict[prefix + "warmup_seen"] = (steps > 0).long()
+        if older and prefix + "refreshes" not in state_dict and isinstance(steps, Tensor):
+            state_dict[prefix + "refreshes"] = (steps > 0).long()
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:

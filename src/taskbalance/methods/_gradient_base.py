@@ -644,8 +644,9 @@ class GradientBalancer(Balancer):
             gramian_of=gramian_of if step.refresh else None,
         )
         if features_mode and grads.tasks_apart is not None and not self._warned_tasks_apart:
-            self._warned_tasks_apart = True  # once per balancer
             warn_at_callers_line(f"{self._method_name}: {grads.tasks_apart}")
+            # Once per balancer; after the warning, which -W error turns into the call's error
+            self._warned_tasks_apart = True
         # Once a graph needed the loop (path False), stop retrying the batched backward.
         if grads.path is False:
             self._batched_backward = False
