@@ -29,12 +29,13 @@ undefined gradients, whose hooks mark the parameters ready.)
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from taskbalance._warnings import warn_at_callers_line
 
 __all__ = ["absent_losses_cut"]
 
@@ -68,15 +69,13 @@ def absent_losses_cut(vector: Tensor, absent: Sequence[int]) -> Tensor | None:
     reached = _reachable(kept, set())
     for k in sorted(dropped):
         if inputs[k] is not None and _shares_its_loss_node(inputs[k], reached):
-            warnings.warn(
+            warn_at_callers_line(
                 f"losses[{k}] is {vector[k].item()} for a task marked absent, but it comes out "
                 "of one graph node with the present tasks' losses (a compiled region that "
                 "computes the losses, or one tensor of losses split into K), so it cannot be "
                 "kept out of the backward: that node runs its whole backward, and a loss that "
                 "divides by a zero count gives NaN gradients (0 · ∞). Compute an absent task's "
-                "loss finitely (e.g. divide by count.clamp_min(1))",
-                RuntimeWarning,
-                stacklevel=6,  # the user's call: through forward, compiler.disable, nn.Module
+                "loss finitely (e.g. divide by count.clamp_min(1))"
             )
     cut = [fn for k, fn in enumerate(inputs) if k in dropped and fn is not None]
     orphans = _orphan_leaves(cut, reached)
@@ -88,15 +87,13 @@ def absent_losses_cut(vector: Tensor, absent: Sequence[int]) -> Tensor | None:
 def _warn_one_piece(vector: Tensor, absent: Sequence[int]) -> None:
     first = absent[0]
     made_by = type(vector.grad_fn).__name__.removesuffix("Backward0")
-    warnings.warn(
+    warn_at_callers_line(
         f"losses[{first}] is {vector[first].item()} for a task marked absent, and the loss "
         f"vector is the output of {made_by} (not a list or a bare torch.stack of K losses), "
         "so its entry cannot be kept out of the backward: that op's backward runs with a zero "
         "for it, and where the absent loss divides by a zero count (a masked mean over no "
         "labels) every parameter it reaches gets NaN (0 · ∞). Compute an absent task's loss "
-        "finitely (divide by count.clamp_min(1)), or pass the K losses as a list",
-        RuntimeWarning,
-        stacklevel=7,  # the user's call: through absent_losses_cut, forward, nn.Module
+        "finitely (divide by count.clamp_min(1)), or pass the K losses as a list"
     )
 
 

@@ -13,9 +13,6 @@ import contextlib
 import inspect
 import math
 import numbers
-import os
-import sys
-import warnings
 from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, cast
@@ -47,6 +44,7 @@ from taskbalance._validation import (
     check_num_tasks,
     check_positive_int,
 )
+from taskbalance._warnings import Location, callers_location, warn_at, warn_at_callers_line
 
 LossesLike = Tensor | Sequence[Tensor]
 KpisLike = Tensor | Sequence[float] | None
@@ -113,29 +111,6 @@ _LARGEST_GRAM_ENTRY = 2.0**1000
 
 #: Training steps without an ``end_epoch()`` after which a method that waits for one warns.
 EPOCHLESS_STEPS = 10_000
-
-
-#: Frames in these folders are not the user's: a warning points past them.
-_LIBRARY_FOLDERS = tuple(os.path.dirname(path) + os.sep for path in (str(torch.__file__), __file__))
-
-
-def warn_at_callers_line(message: str) -> None:
-    """A RuntimeWarning attributed to the first frame outside taskbalance and torch (the
-    depth of the balancer's call varies: nn.Module's hooks, compiler.disable, DDP)."""
-    frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=level)
-
-
-def _callers_location() -> tuple[str, int, dict[str, Any]]:
-    """File, line and module globals of the first frame outside taskbalance and torch, for a
-    warning issued later from elsewhere (an autograd hook, which on a GPU runs on autograd's
-    own thread, with no frame of the user's above it)."""
-    frame = sys._getframe(1)
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
-        frame = frame.f_back
-    return frame.f_code.co_filename, frame.f_lineno, frame.f_globals
 
 
 def _own_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -392,7 +367,7 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             if objective.requires_grad and self.weights_change:
                 # Eval mode with autograd on: a validation call, or a training step run in
                 # eval mode (model.eval() to freeze BatchNorm), which only a backward tells
-                location = _callers_location()
+                location = callers_location()
                 objective.register_hook(lambda grad: self._warn_backward_in_eval_mode(location))
             return objective
         # Every local check runs before the first collective, which a refused call still joins.
@@ -898,22 +873,16 @@ class Balancer(nn.Module, ABC, metaclass=_BalancerMeta):
             return None
         return as_kpi_vector(kpis, self.num_tasks, self._method_name).to(device)
 
-    def _warn_backward_in_eval_mode(self, location: tuple[str, int, dict[str, Any]]) -> None:
-        """At the call that returned the objective (see :func:`_callers_location`)."""
-        filename, line, module_globals = location
-        warnings.warn_explicit(
+    def _warn_backward_in_eval_mode(self, location: Location) -> None:
+        """At the call that returned the objective: a hook has no frame of the user's."""
+        warn_at(
+            location,
             f"{self._method_name}: an objective the balancer returned in eval mode is being "
             "backpropagated. In eval mode (b.training is False, which model.eval() sets on "
             "every submodule) a call returns Σ w_k L_k with the last weights and its state "
             "does not advance, so this training step uses fixed weights. Call b.train() for "
             "training steps (e.g. after model.eval() to freeze BatchNorm); to train with "
             "fixed weights on purpose, use tb.create('fixed', ...).",
-            RuntimeWarning,
-            filename,
-            line,
-            module=module_globals.get("__name__"),
-            registry=module_globals.setdefault("__warningregistry__", {}),
-            module_globals=module_globals,
         )
 
     def _frozen_objective(self, vector: Tensor, mask: Tensor | None) -> Tensor:

@@ -136,24 +136,25 @@ class ExcessMTL(GradientBalancer):
         sums = self.squared_norm_sums.double() + squared_norms
         denominator = (sums + self.eps).sqrt()
         excess = torch.where(denominator > 0, squared_norms / denominator, 0.0)
-        seen = int(self.refreshes) + 1
+        # On the device, with no host read of the count: the warm-up decided per entry
+        seen = self.refreshes + 1
+        warming = seen <= self.warmup_steps
         initial = self.initial_excess.double()
-        log_weights = self.log_weights.double()
-        if seen <= self.warmup_steps:
-            # The running mean of the warm-up's estimates: a resume that lowers warmup_steps
-            # then ends the warm-up with the mean of the steps seen
-            reference = initial + (excess - initial) / seen
-        else:
-            reference = torch.where(initial > 0, initial, excess)
-            ratios = torch.where(reference > 0, excess / reference.clamp_min(1e-300), 0.0)
-            log_weights = log_weights + self.step_size * ratios
-            log_weights = log_weights - log_weights.max()  # same weights, bounded logs
+        # During the warm-up the running mean of its estimates (a resume that lowers
+        # warmup_steps then ends it with the mean of the steps seen), after it the reference
+        reference = torch.where(
+            warming, initial + (excess - initial) / seen, torch.where(initial > 0, initial, excess)
+        )
+        ratios = torch.where(reference > 0, excess / reference.clamp_min(1e-300), 0.0)
+        stepped = self.log_weights.double() + self.step_size * ratios
+        stepped = stepped - stepped.max()  # same weights, bounded logs
+        log_weights = torch.where(warming, self.log_weights.double(), stepped)
         weights = self.num_tasks * torch.softmax(log_weights, dim=0)
         # Nothing can fail from here on: commit.
         self.squared_norm_sums.copy_(sums)
         self.initial_excess.copy_(reference)
         self.log_weights.copy_(log_weights)
-        self.refreshes.fill_(seen)
+        self.refreshes.copy_(seen)
         return weights  # float64: _update casts them to the Gramian's dtype
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:

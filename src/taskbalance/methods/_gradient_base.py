@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from taskbalance._base import Balancer, warn_at_callers_line
+from taskbalance._base import Balancer
 from taskbalance._constants import constant
 from taskbalance._distributed import all_reduce_sum, is_distributed
 from taskbalance._gramian import (
@@ -30,6 +30,7 @@ from taskbalance._validation import (
     check_in_range,
     check_positive_int,
 )
+from taskbalance._warnings import warn_at_callers_line
 from taskbalance.methods._facts import SCALE_EQUIVARIANT
 
 #: Refresh steps in a row without every task after which a gradient method warns.
